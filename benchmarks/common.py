@@ -1,0 +1,109 @@
+"""Shared pieces of the NumPyro benchmarks: Gaussian-target and digits-BNN fits."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+from numpyro.infer import SVI, Predictive, Trace_ELBO
+from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from numpyro.infer.initialization import init_to_value
+
+from numpyro_psvi import ProximalScoreVI
+from numpyro_psvi.models import gaussian_target, mlp_classifier, mlp_init_values
+from psvi.datasets import load_digits
+from psvi.metrics import classification_report, gaussian_kl
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    """A one-line description of the machine the numbers come from."""
+    return f"{platform.machine()} CPU, {jax.device_count()} JAX device(s), {platform.processor() or 'cpu'}"
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+    return path
+
+
+def make_engine(kind: str, model, guide, lr: float, num_particles: int, **options):
+    """``"psvi"`` (ProximalScoreVI) or ``"advi"`` (SVI with Trace_ELBO), Adam(lr)."""
+    optim = numpyro.optim.Adam(lr)
+    if kind == "advi":
+        return SVI(model, guide, optim, Trace_ELBO(num_particles=num_particles))
+    return ProximalScoreVI(model, guide, optim, num_particles=num_particles, **options)
+
+
+def gaussian_calls_to_kl(
+    mean: np.ndarray,
+    cov: np.ndarray,
+    make: Callable,
+    num_particles: int,
+    max_calls: int,
+    thresholds: tuple[float, ...] = (0.1, 0.01),
+    check_every: int = 25,
+    seed: int = 1,
+) -> dict:
+    """Score calls until forward KL(target || q) first drops below each threshold.
+
+    The guide is AutoMultivariateNormal started at N(0, 0.1^2 I).
+    """
+    dim = len(mean)
+    model = gaussian_target(mean, cov)
+    guide = AutoMultivariateNormal(
+        model, init_loc_fn=init_to_value(values={"x": jnp.zeros(dim)}), init_scale=0.1
+    )
+    engine = make(model, guide)
+    state = engine.init(jax.random.PRNGKey(seed))
+    update = jax.jit(engine.update)
+    hits: dict[str, int | None] = {str(t): None for t in thresholds}
+    kl = float("nan")
+    start = time.perf_counter()
+    for step in range(1, max_calls // num_particles + 1):
+        state, _ = update(state)
+        if step % check_every:
+            continue
+        params = engine.get_params(state)
+        tril = np.asarray(params["auto_scale_tril"], np.float64)
+        kl = gaussian_kl(mean, cov, np.asarray(params["auto_loc"]), tril @ tril.T)
+        if not np.isfinite(kl):
+            break
+        for t in thresholds:
+            if hits[str(t)] is None and kl < t:
+                hits[str(t)] = step * num_particles
+        if hits[str(min(thresholds))] is not None:
+            break
+    return {"calls_to_kl": hits, "final_kl": kl, "seconds": time.perf_counter() - start}
+
+
+def digits_fit(make: Callable, num_calls: int, num_particles: int, batch: int = 64, seed: int = 0):
+    """Fit the digits MLP (AutoNormal, init scale 0.01); test accuracy, NLL, ECE."""
+    data = load_digits()
+    x_train, y_train, x_test, y_test = map(jnp.asarray, data)
+    model = partial(mlp_classifier, subsample_size=batch)
+    guide = AutoNormal(
+        model, init_loc_fn=init_to_value(values=mlp_init_values(x_train.shape[1])), init_scale=0.01
+    )
+    engine = make(model, guide)
+    start = time.perf_counter()
+    result = engine.run(
+        jax.random.PRNGKey(seed), num_calls // num_particles, x_train, y_train, progress_bar=False
+    )
+    seconds = time.perf_counter() - start
+    predictive = Predictive(
+        mlp_classifier, guide=guide, params=result.params, num_samples=200, return_sites=["probs"]
+    )
+    probs = predictive(jax.random.PRNGKey(seed + 1), x_test)["probs"]
+    report = classification_report(np.asarray(probs), np.asarray(y_test))
+    return {**report, "seconds": seconds}

@@ -1,0 +1,14 @@
+"""NumPyro backend of psvi: proximal score-based variational inference."""
+
+from numpyro_psvi.engine import ProximalScoreVI, PSVIState
+from numpyro_psvi.guides import GuideDensity, guide_density
+from numpyro_psvi.objective import proximal_objective, weighted_fisher
+
+__all__ = [
+    "GuideDensity",
+    "PSVIState",
+    "ProximalScoreVI",
+    "guide_density",
+    "proximal_objective",
+    "weighted_fisher",
+]

@@ -1,0 +1,383 @@
+"""``ProximalScoreVI``: a drop-in replacement for :class:`numpyro.infer.SVI`.
+
+The engine is a thin wrapper over two pure functions in the style of NumPyro's
+``SVI``: :meth:`ProximalScoreVI.init` builds a :class:`PSVIState` and
+:meth:`ProximalScoreVI.update` maps a state to the next one. One update draws
+``num_particles`` particles from the current guide ``q_t``, evaluates their
+mini-batch model scores in one vectorized pass, takes ``inner_steps`` optimizer
+steps on the proximal score-matching objective, and pulls the result back toward
+``q_t`` until ``KL(q_t || q_new) <= trust_region * D`` (halving the step). A step
+whose scores, objective or parameters are not finite is rejected: the previous
+parameters and optimizer state are kept and ``PSVIState.num_rejected`` counts it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import tqdm
+from jax import lax, random
+from jax.example_libraries import optimizers
+from jax.flatten_util import ravel_pytree
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
+from numpyro.handlers import seed, substitute, trace
+from numpyro.infer.autoguide import AutoLowRankMultivariateNormal
+from numpyro.infer.svi import SVIRunResult
+from numpyro.infer.util import helpful_support_errors, transform_fn
+from numpyro.optim import _NumPyroOptim, optax_to_numpyro
+
+from numpyro_psvi.guides import check_guide_supported, guide_density
+from numpyro_psvi.objective import (
+    WEIGHTINGS,
+    lerp_tree,
+    proximal_objective,
+    trust_region_fraction,
+    weighted_fisher,
+)
+from numpyro_psvi.scores import check_model, make_score_fn
+
+
+class PSVIState(NamedTuple):
+    """State of :class:`ProximalScoreVI`.
+
+    Attributes
+    ----------
+    optim_state
+        The optimizer's state; it holds the unconstrained guide params.
+    rng_key : jax.Array
+        Key for the next update.
+    num_score_calls : jax.Array
+        Model score evaluations made so far (``num_particles`` per update).
+    num_rejected : jax.Array
+        Updates rejected because a score, the objective or the new parameters were
+        not finite (the state was left as it was).
+    """
+
+    optim_state: Any
+    rng_key: jax.Array
+    num_score_calls: jax.Array
+    num_rejected: jax.Array
+
+
+def as_numpyro_optim(optim: Any) -> _NumPyroOptim:
+    """Accept what ``SVI`` accepts: a NumPyro optimizer, a jax optimizer or an optax one."""
+    if isinstance(optim, _NumPyroOptim):
+        return optim
+    if isinstance(optim, optimizers.Optimizer):
+        return _NumPyroOptim(lambda *args: args, *optim)
+    try:
+        import optax
+    except ImportError as err:  # pragma: no cover - optax is a dependency
+        raise TypeError(
+            f"Expected a numpyro.optim optimizer or an optax GradientTransformation, got "
+            f"{type(optim).__name__}."
+        ) from err
+    if isinstance(optim, optax.GradientTransformation):
+        return optax_to_numpyro(optim)
+    raise TypeError(
+        "Expected a numpyro.optim optimizer (e.g. numpyro.optim.Adam(1e-2)), a "
+        "jax.example_libraries.optimizers.Optimizer or an optax.GradientTransformation; "
+        f"got {type(optim).__name__}."
+    )
+
+
+def _break_zero_cov_factor(guide, params: dict, init_params: dict | None, rng_key) -> dict:
+    """Replace NumPyro's all-zero initial ``cov_factor`` by a small random one.
+
+    The guide's score depends on the factor ``W`` only through ``W W'``, so
+    ``W = 0`` is a stationary point of the score-matching objective: a zero factor
+    would never move (the ELBO's reparameterized gradient escapes it; this objective
+    does not). Pyro initializes the factor randomly; so do we, with
+    ``N(0, 0.25 / rank)`` entries.
+    """
+    name = f"{guide.prefix}_cov_factor"
+    if (init_params and name in init_params) or bool(jnp.any(params[name] != 0)):
+        return params
+    rank = params[name].shape[-1]
+    noise = random.normal(random.fold_in(rng_key, 1), params[name].shape, params[name].dtype)
+    return {**params, name: 0.5 / rank**0.5 * noise}
+
+
+class ProximalScoreVI:
+    """Proximal score-based variational inference (Kim, arXiv:2602.05873).
+
+    Use it where you would use ``SVI(model, guide, optim, Trace_ELBO())``::
+
+        svi = ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2))
+        result = svi.run(random.PRNGKey(0), 2000, X, y)
+        guide.sample_posterior(random.PRNGKey(1), result.params, sample_shape=(100,))
+
+    Parameters
+    ----------
+    model : callable
+        A NumPyro model. Mini-batches come from its own
+        ``numpyro.plate(..., subsample_size=B)``; the plate's ``N/B`` scale makes the
+        scores unbiased.
+    guide : numpyro.infer.autoguide.AutoGuide
+        AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
+        AutoLowRankMultivariateNormal (closed-form scores), or any AutoContinuous
+        guide with a tractable density (nested autodiff).
+    optim
+        A ``numpyro.optim`` optimizer or an optax ``GradientTransformation``.
+    num_particles : int
+        Particles ``S`` per update, hence score calls per update.
+    inner_steps : int
+        Optimizer steps ``K`` on each proximal objective (they cost no score calls).
+    prox_weight : float
+        Weight ``1/eta`` of ``KL(q_t || q)`` in the objective.
+    weighting : {"covariance", "identity"}
+        Residual weighting ``W_t``: the covariance of ``q_t`` (scale-free, the
+        default) or the identity (the plain score-matching loss).
+    trust_region : float or None
+        Per-dimension KL budget: each update is pulled back toward ``q_t`` until
+        ``KL(q_t || q_new) <= trust_region * D``; ``None`` turns it off.
+    score_method : {"closed_form", "autodiff"}
+        How the guide's score is computed for Gaussian guides.
+    num_kl_draws : int
+        Draws for the Monte Carlo KL of guides without a closed form.
+    max_halvings : int
+        Trust-region halvings before the step is rejected.
+    **static_kwargs
+        Static keyword arguments for the model and guide, as in ``SVI``.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Any,
+        optim: Any,
+        *,
+        num_particles: int = 4,
+        inner_steps: int = 20,
+        prox_weight: float = 10.0,
+        weighting: str = "covariance",
+        trust_region: float | None = 0.5,
+        score_method: str = "closed_form",
+        num_kl_draws: int = 256,
+        max_halvings: int = 12,
+        **static_kwargs: Any,
+    ) -> None:
+        if int(num_particles) < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {num_particles}.")
+        if int(inner_steps) < 1:
+            raise ValueError(f"inner_steps must be a positive integer, got {inner_steps}.")
+        if not prox_weight >= 0:
+            raise ValueError(f"prox_weight (1/eta) must be >= 0, got {prox_weight}.")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
+        if trust_region is not None and not trust_region > 0:
+            raise ValueError(f"trust_region must be positive or None, got {trust_region}.")
+        check_guide_supported(guide)
+        self.model = model
+        self.guide = guide
+        self.optim = as_numpyro_optim(optim)
+        self.num_particles = int(num_particles)
+        self.inner_steps = int(inner_steps)
+        self.prox_weight = float(prox_weight)
+        self.weighting = weighting
+        self.trust_region = trust_region
+        self.score_method = score_method
+        self.num_kl_draws = int(num_kl_draws)
+        self.max_halvings = int(max_halvings)
+        self.static_kwargs = static_kwargs
+        self.constrain_fn: Callable | None = None
+        self.density = None
+
+    # ------------------------------------------------------------------ init
+    def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
+        """Return the initial :class:`PSVIState` (runs the guide once to set it up).
+
+        Parameters
+        ----------
+        rng_key : jax.Array
+            Random key.
+        *args, **kwargs
+            Model and guide arguments.
+        init_params : dict, optional
+            Constrained initial values for some guide params, as in ``SVI.init``.
+        """
+        kwargs = {**kwargs, **self.static_kwargs}
+        rng_key, model_seed, guide_seed = random.split(rng_key, 3)
+        check_model(self.model, model_seed, args, kwargs)
+        guide_init = seed(self.guide, guide_seed)
+        if init_params is not None:
+            guide_init = substitute(guide_init, init_params)
+        guide_trace = trace(guide_init).get_trace(*args, **kwargs)
+        params, inv_transforms = {}, {}
+        for name, site in guide_trace.items():
+            if site["type"] != "param":
+                continue
+            constraint = site["kwargs"].get("constraint", constraints.real)
+            with helpful_support_errors(site):
+                transform = biject_to(constraint)
+            inv_transforms[name] = transform
+            value = init_params[name] if init_params and name in init_params else site["value"]
+            params[name] = transform.inv(value)
+        if isinstance(self.guide, AutoLowRankMultivariateNormal):
+            params = _break_zero_cov_factor(self.guide, params, init_params, guide_seed)
+        self.constrain_fn = partial(transform_fn, inv_transforms)
+        self.density = guide_density(self.guide, self.score_method, self.num_kl_draws)
+        params = jax.tree.map(lambda x: lax.convert_element_type(x, jnp.result_type(x)), params)
+        zero = jnp.zeros((), jnp.int32)
+        return PSVIState(self.optim.init(params), rng_key, zero, zero)
+
+    def get_params(self, state: PSVIState) -> dict:
+        """Constrained guide params, exactly as ``SVI.get_params`` returns them."""
+        self._check_initialized()
+        return self.constrain_fn(self.optim.get_params(state.optim_state))
+
+    # ---------------------------------------------------------------- update
+    def update(self, state: PSVIState, *args: Any, **kwargs: Any) -> tuple[PSVIState, jax.Array]:
+        """One iteration: ``S`` score calls and ``K`` inner optimizer steps (pure, jittable).
+
+        Returns
+        -------
+        (PSVIState, jax.Array)
+            The next state and the loss: the covariance-weighted Fisher divergence
+            ``(1/S) sum_s r_s' W_t r_s`` of ``q_t`` on this iteration's particles and
+            mini-batch (zero exactly when the guide's score matches the model's);
+            NaN when the step was rejected.
+        """
+        self._check_initialized()
+        kwargs = {**kwargs, **self.static_kwargs}
+        density = self.density
+        rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
+        unconstrained_t = self.optim.get_params(state.optim_state)
+        params_t = self.constrain_fn(unconstrained_t)
+        particles = lax.stop_gradient(density.sample(params_t, key_particles, self.num_particles))
+        score_fn = make_score_fn(self.model, density.unpack, args, kwargs)
+        log_joints, model_scores = score_fn(particles, key_batch)
+        loss = weighted_fisher(density, params_t, params_t, particles, model_scores, self.weighting)
+
+        def objective(unconstrained):
+            return proximal_objective(
+                density,
+                self.constrain_fn(unconstrained),
+                params_t,
+                particles,
+                model_scores,
+                key_kl,
+                prox_weight=self.prox_weight,
+                weighting=self.weighting,
+            )
+
+        def inner_step(_, optim_state):
+            return self.optim.eval_and_update(objective, optim_state)[1]
+
+        optim_state = lax.fori_loop(0, self.inner_steps, inner_step, state.optim_state)
+        unconstrained_new = self.optim.get_params(optim_state)
+
+        def kl_at(frac):
+            moved = lerp_tree(unconstrained_t, unconstrained_new, frac)
+            return density.kl(params_t, self.constrain_fn(moved), key_kl)
+
+        if self.trust_region is None:
+            finite_kl = jnp.isfinite(kl_at(jnp.asarray(1.0)))
+            frac = jnp.where(finite_kl, 1.0, 0.0)
+        else:
+            max_kl = self.trust_region * density.latent_dim
+            frac, _ = trust_region_fraction(kl_at, max_kl, self.max_halvings)
+        accept = (frac > 0) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(log_joints))
+        accept &= jnp.all(jnp.isfinite(ravel_pytree(unconstrained_new)[0]))
+        candidate = lerp_tree(state.optim_state, optim_state, frac)
+        optim_state = jax.tree.map(
+            lambda old, new: jnp.where(accept, new, old), state.optim_state, candidate
+        )
+        new_state = PSVIState(
+            optim_state,
+            rng_key,
+            state.num_score_calls + self.num_particles,
+            state.num_rejected + (~accept).astype(jnp.int32),
+        )
+        # As SVI.stable_update does, a rejected step reports a NaN loss.
+        return new_state, jnp.where(accept, loss, jnp.nan)
+
+    def evaluate(self, state: PSVIState, *args: Any, **kwargs: Any) -> jax.Array:
+        """Covariance-weighted Fisher divergence of the current guide on fresh particles.
+
+        Uses the key that the next :meth:`update` would use, as ``SVI.evaluate`` does;
+        costs ``num_particles`` score calls (not counted in the state).
+        """
+        self._check_initialized()
+        kwargs = {**kwargs, **self.static_kwargs}
+        _, key_particles, key_batch, _ = random.split(state.rng_key, 4)
+        params = self.get_params(state)
+        particles = self.density.sample(params, key_particles, self.num_particles)
+        score_fn = make_score_fn(self.model, self.density.unpack, args, kwargs)
+        _, model_scores = score_fn(particles, key_batch)
+        return weighted_fisher(self.density, params, params, particles, model_scores, "covariance")
+
+    # ------------------------------------------------------------------- run
+    def run(
+        self,
+        rng_key: jax.Array,
+        num_steps: int,
+        *args: Any,
+        progress_bar: bool = True,
+        init_state: PSVIState | None = None,
+        init_params: dict | None = None,
+        **kwargs: Any,
+    ) -> SVIRunResult:
+        """Run ``num_steps`` updates, like ``SVI.run``.
+
+        With ``progress_bar=True`` a jitted update runs in a Python loop under tqdm
+        (losses fetched from the device in chunks); otherwise the loop is one
+        ``lax.scan``.
+
+        Returns
+        -------
+        numpyro.infer.svi.SVIRunResult
+            ``params`` (constrained), the final ``state`` (a :class:`PSVIState`, with
+            ``num_score_calls``) and the per-step ``losses``.
+        """
+        if num_steps < 1:
+            raise ValueError("num_steps must be a positive integer.")
+        if init_state is None:
+            state = self.init(rng_key, *args, init_params=init_params, **kwargs)
+        else:
+            state = init_state
+
+        def body_fn(state, _):
+            return self.update(state, *args, **kwargs)
+
+        if progress_bar:
+            jitted_body = jax.jit(body_fn)
+            losses = []
+            chunk = max(num_steps // 20, 1)
+            with tqdm.trange(1, num_steps + 1) as bar:
+                for i in bar:
+                    state, loss = jitted_body(state, None)
+                    losses.append(loss)
+                    if i % chunk == 0:
+                        losses[i - chunk :] = jax.device_get(losses[i - chunk :])
+                        recent = [x for x in losses[i - chunk :] if x == x]
+                        avg = sum(recent) / len(recent) if recent else float("nan")
+                        bar.set_postfix_str(
+                            f"init loss: {float(losses[0]):.4f}, avg. loss [{i - chunk + 1}-{i}]: "
+                            f"{avg:.4f}",
+                            refresh=False,
+                        )
+            losses = jnp.stack(losses)
+        else:
+            state, losses = jax.jit(lambda s: lax.scan(body_fn, s, None, length=num_steps))(state)
+        rejected = int(state.num_rejected)
+        if rejected:
+            warnings.warn(
+                f"ProximalScoreVI rejected {rejected} update(s) with non-finite scores, "
+                "objective or parameters (or a trust-region step that could not be made "
+                "small enough); the parameters were kept as they were. Likely causes: a "
+                "learning rate too large, a model returning -inf, or badly scaled data.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return SVIRunResult(self.get_params(state), state, losses)
+
+    def _check_initialized(self) -> None:
+        if self.constrain_fn is None:
+            raise RuntimeError("Call ProximalScoreVI.init(rng_key, *args) (or run) first.")

@@ -1,0 +1,422 @@
+"""Guide densities over the flat unconstrained latent vector.
+
+A :class:`GuideDensity` turns an autoguide into the handful of pure functions the
+proximal score-matching objective needs: draw particles, evaluate the log density
+and its score in ``u`` (unconstrained coordinates), the KL divergence between two
+parameter values, and the covariance quadratic form ``r' Cov(q) r`` used to weight
+residuals. Every function takes the guide's *constrained* params, as
+``SVI.get_params`` returns them.
+
+Gaussian guides get closed-form scores and KL divergences; any other guide whose
+``get_posterior`` has a tractable ``log_prob`` uses nested autodiff for the score
+and a Monte Carlo KL on extra draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jax.scipy.linalg import cho_solve, solve_triangular
+from numpyro.infer import autoguide
+
+Params = dict[str, Any]
+
+SCORE_METHODS = ("closed_form", "autodiff")
+
+_UNSUPPORTED_GUIDES: dict[type, str] = {
+    autoguide.AutoLaplaceApproximation: (
+        "it is a point mass while it is fitted (its covariance comes from the Hessian "
+        "afterwards), so it has no density to match scores with. Use "
+        "AutoMultivariateNormal instead."
+    ),
+    autoguide.AutoDelta: (
+        "it is a point mass and has no density to match scores with. Use AutoNormal "
+        "(mean field) or AutoMultivariateNormal instead; for a MAP estimate keep SVI "
+        "with Trace_ELBO."
+    ),
+    autoguide.AutoBNAFNormal: (
+        "block neural autoregressive flows have no inverse, so the guide density "
+        "cannot be evaluated at the particles. Use AutoIAFNormal or "
+        "AutoMultivariateNormal instead."
+    ),
+}
+
+
+class GuideDensity(NamedTuple):
+    """Pure functions of a guide's density over the flat unconstrained latent.
+
+    Attributes
+    ----------
+    latent_dim : int
+        Length ``D`` of the flat unconstrained latent vector.
+    sample : callable
+        ``sample(params, rng_key, num) -> (num, D)`` draws from the guide.
+    log_prob : callable
+        ``log_prob(params, u) -> ()`` for one flat latent ``u`` of shape ``(D,)``.
+    score : callable
+        ``score(params, u) -> (D,)``, the gradient of ``log_prob`` in ``u``.
+    kl : callable
+        ``kl(params_from, params_to, rng_key) -> ()``, ``KL(q_from || q_to)``;
+        exact for Gaussian guides (the key is then unused), else a Monte Carlo
+        estimate on fresh draws from ``q_from``.
+    cov_quad : callable
+        ``cov_quad(params, r) -> ()``, ``r' Cov(q) r`` for a residual ``r`` of shape
+        ``(D,)``: the covariance weighting of ALGORITHM.md section 4.
+    unpack : callable
+        Maps a flat latent ``(D,)`` to the dict of unconstrained site values.
+    closed_form : bool
+        Whether ``score`` and ``kl`` are closed form.
+    """
+
+    latent_dim: int
+    sample: Callable[[Params, jax.Array, int], jax.Array]
+    log_prob: Callable[[Params, jax.Array], jax.Array]
+    score: Callable[[Params, jax.Array], jax.Array]
+    kl: Callable[[Params, Params, jax.Array], jax.Array]
+    cov_quad: Callable[[Params, jax.Array], jax.Array]
+    unpack: Callable[[jax.Array], dict[str, jax.Array]]
+    closed_form: bool
+
+
+# ---------------------------------------------------------------------------
+# Gaussian building blocks (closed form)
+# ---------------------------------------------------------------------------
+
+
+def _diag_log_prob(loc: jax.Array, scale: jax.Array, u: jax.Array) -> jax.Array:
+    z = (u - loc) / scale
+    return jnp.sum(-0.5 * z**2 - jnp.log(scale)) - 0.5 * loc.size * jnp.log(2 * jnp.pi)
+
+
+def _diag_kl(loc0, scale0, loc1, scale1) -> jax.Array:
+    ratio = (scale0 / scale1) ** 2
+    return 0.5 * jnp.sum(ratio + ((loc1 - loc0) / scale1) ** 2 - 1.0 - jnp.log(ratio))
+
+
+def _tril_log_prob(loc: jax.Array, tril: jax.Array, u: jax.Array) -> jax.Array:
+    z = solve_triangular(tril, u - loc, lower=True)
+    half_logdet = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(tril))))
+    return -0.5 * jnp.sum(z**2) - half_logdet - 0.5 * loc.size * jnp.log(2 * jnp.pi)
+
+
+def _tril_score(loc: jax.Array, tril: jax.Array, u: jax.Array) -> jax.Array:
+    return -cho_solve((tril, True), u - loc)
+
+
+def _tril_kl(loc0, tril0, loc1, tril1) -> jax.Array:
+    m = solve_triangular(tril1, tril0, lower=True)
+    z = solve_triangular(tril1, loc1 - loc0, lower=True)
+    logdet_ratio = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(tril1)))) - jnp.sum(
+        jnp.log(jnp.abs(jnp.diagonal(tril0)))
+    )
+    return 0.5 * (jnp.sum(m**2) + jnp.sum(z**2) - loc0.size) + logdet_ratio
+
+
+class _LowRank(NamedTuple):
+    """``Cov = W W' + diag(d)`` with its Woodbury pieces."""
+
+    loc: jax.Array
+    factor: jax.Array  # (D, K)
+    diag: jax.Array  # (D,)
+    capacitance_tril: jax.Array  # chol(I + W' D^-1 W), (K, K)
+
+    @classmethod
+    def build(cls, loc, factor, diag) -> _LowRank:
+        wt_dinv = factor.T / diag
+        capacitance = jnp.eye(factor.shape[-1]) + wt_dinv @ factor
+        return cls(loc, factor, diag, jnp.linalg.cholesky(capacitance))
+
+    def precision_matvec(self, v: jax.Array) -> jax.Array:
+        """``Cov^{-1} v`` for ``v`` of shape ``(D,)`` or ``(D, n)``."""
+        dinv_v = v / (self.diag if v.ndim == 1 else self.diag[:, None])
+        inner = cho_solve((self.capacitance_tril, True), self.factor.T @ dinv_v)
+        correction = self.factor @ inner
+        return dinv_v - correction / (self.diag if v.ndim == 1 else self.diag[:, None])
+
+    def logdet(self) -> jax.Array:
+        return 2 * jnp.sum(jnp.log(jnp.diagonal(self.capacitance_tril))) + jnp.sum(
+            jnp.log(self.diag)
+        )
+
+    def precision_diag(self) -> jax.Array:
+        a = solve_triangular(self.capacitance_tril, self.factor.T / self.diag, lower=True)
+        return 1.0 / self.diag - jnp.sum(a**2, axis=0)
+
+
+def _lowrank_log_prob(q: _LowRank, u: jax.Array) -> jax.Array:
+    r = u - q.loc
+    return -0.5 * (r @ q.precision_matvec(r) + q.logdet() + q.loc.size * jnp.log(2 * jnp.pi))
+
+
+def _lowrank_kl(q0: _LowRank, q1: _LowRank) -> jax.Array:
+    delta = q1.loc - q0.loc
+    trace = jnp.sum(q1.precision_diag() * q0.diag) + jnp.sum(
+        q0.factor * q1.precision_matvec(q0.factor)
+    )
+    return 0.5 * (trace + delta @ q1.precision_matvec(delta) - q0.loc.size + q1.logdet() - q0.logdet())
+
+
+# ---------------------------------------------------------------------------
+# Adapters per autoguide
+# ---------------------------------------------------------------------------
+
+
+def _autodiff_score(log_prob: Callable[[Params, jax.Array], jax.Array]):
+    return jax.grad(log_prob, argnums=1)
+
+
+def _finish(
+    *,
+    latent_dim: int,
+    sample,
+    log_prob,
+    score,
+    kl,
+    cov_quad,
+    unpack,
+    score_method: str,
+) -> GuideDensity:
+    closed = score_method == "closed_form"
+    return GuideDensity(
+        latent_dim=latent_dim,
+        sample=sample,
+        log_prob=log_prob,
+        score=score if closed else _autodiff_score(log_prob),
+        kl=kl,
+        cov_quad=cov_quad,
+        unpack=unpack,
+        closed_form=closed,
+    )
+
+
+def _diagonal_density(get_loc_scale, unpack, latent_dim: int, score_method: str) -> GuideDensity:
+    def sample(params, rng_key, num):
+        loc, scale = get_loc_scale(params)
+        return loc + scale * jax.random.normal(rng_key, (num, latent_dim), loc.dtype)
+
+    def log_prob(params, u):
+        return _diag_log_prob(*get_loc_scale(params), u)
+
+    def score(params, u):
+        loc, scale = get_loc_scale(params)
+        return -(u - loc) / scale**2
+
+    def kl(params0, params1, rng_key=None):
+        return _diag_kl(*get_loc_scale(params0), *get_loc_scale(params1))
+
+    def cov_quad(params, r):
+        return jnp.sum((get_loc_scale(params)[1] * r) ** 2)
+
+    return _finish(
+        latent_dim=latent_dim,
+        sample=sample,
+        log_prob=log_prob,
+        score=score,
+        kl=kl,
+        cov_quad=cov_quad,
+        unpack=unpack,
+        score_method=score_method,
+    )
+
+
+def _auto_normal(guide: autoguide.AutoNormal, score_method: str) -> GuideDensity:
+    names = list(guide._init_locs)
+    template = {k: guide._init_locs[k] for k in names}
+    flat0, unravel = ravel_pytree(template)
+    prefix = guide.prefix
+
+    def get_loc_scale(params):
+        loc = ravel_pytree({k: params[f"{k}_{prefix}_loc"] for k in names})[0]
+        scale = ravel_pytree({k: params[f"{k}_{prefix}_scale"] for k in names})[0]
+        return loc, scale
+
+    return _diagonal_density(get_loc_scale, unravel, flat0.size, score_method)
+
+
+def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, score_method: str) -> GuideDensity:
+    prefix = guide.prefix
+
+    def get_loc_scale(params):
+        return params[f"{prefix}_loc"], params[f"{prefix}_scale"]
+
+    return _diagonal_density(get_loc_scale, guide._unpack_latent, guide.latent_dim, score_method)
+
+
+def _auto_mvn(guide: autoguide.AutoMultivariateNormal, score_method: str) -> GuideDensity:
+    prefix = guide.prefix
+    dim = guide.latent_dim
+
+    def get(params):
+        return params[f"{prefix}_loc"], params[f"{prefix}_scale_tril"]
+
+    def sample(params, rng_key, num):
+        loc, tril = get(params)
+        return loc + jax.random.normal(rng_key, (num, dim), loc.dtype) @ tril.T
+
+    def log_prob(params, u):
+        return _tril_log_prob(*get(params), u)
+
+    def score(params, u):
+        return _tril_score(*get(params), u)
+
+    def kl(params0, params1, rng_key=None):
+        return _tril_kl(*get(params0), *get(params1))
+
+    def cov_quad(params, r):
+        return jnp.sum((r @ get(params)[1]) ** 2)
+
+    return _finish(
+        latent_dim=dim,
+        sample=sample,
+        log_prob=log_prob,
+        score=score,
+        kl=kl,
+        cov_quad=cov_quad,
+        unpack=guide._unpack_latent,
+        score_method=score_method,
+    )
+
+
+def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, score_method: str):
+    prefix = guide.prefix
+    dim = guide.latent_dim
+
+    def pieces(params):
+        # As NumPyro's guide: Cov = (F s)(F s)' + diag(s^2), F the raw cov_factor.
+        scale = params[f"{prefix}_scale"]
+        return params[f"{prefix}_loc"], params[f"{prefix}_cov_factor"] * scale[:, None], scale
+
+    def get(params) -> _LowRank:
+        loc, factor, scale = pieces(params)
+        return _LowRank.build(loc, factor, scale**2)
+
+    def sample(params, rng_key, num):
+        loc, factor, scale = pieces(params)
+        k1, k2 = jax.random.split(rng_key)
+        eps_w = jax.random.normal(k1, (num, factor.shape[-1]), loc.dtype)
+        eps_d = jax.random.normal(k2, (num, dim), loc.dtype)
+        return loc + eps_w @ factor.T + eps_d * scale
+
+    def log_prob(params, u):
+        return _lowrank_log_prob(get(params), u)
+
+    def score(params, u):
+        q = get(params)
+        return -q.precision_matvec(u - q.loc)
+
+    def kl(params0, params1, rng_key=None):
+        return _lowrank_kl(get(params0), get(params1))
+
+    def cov_quad(params, r):
+        _, factor, scale = pieces(params)
+        return jnp.sum((r @ factor) ** 2) + jnp.sum((scale * r) ** 2)
+
+    return _finish(
+        latent_dim=dim,
+        sample=sample,
+        log_prob=log_prob,
+        score=score,
+        kl=kl,
+        cov_quad=cov_quad,
+        unpack=guide._unpack_latent,
+        score_method=score_method,
+    )
+
+
+def _auto_continuous(guide: autoguide.AutoContinuous, num_kl_draws: int) -> GuideDensity:
+    """Any AutoContinuous guide whose ``get_posterior`` has a ``log_prob``."""
+    dim = guide.latent_dim
+
+    def sample(params, rng_key, num):
+        return guide.get_posterior(params).sample(rng_key, (num,))
+
+    def log_prob(params, u):
+        return jnp.sum(guide.get_posterior(params).log_prob(u))
+
+    def kl(params0, params1, rng_key):
+        # Fresh draws from q_from (they cost no score calls); never the S particles,
+        # whose sample KL is unbounded below (ALGORITHM.md section 4).
+        draws = jax.lax.stop_gradient(sample(params0, rng_key, num_kl_draws))
+        lp0 = jax.vmap(log_prob, (None, 0))(params0, draws)
+        lp1 = jax.vmap(log_prob, (None, 0))(params1, draws)
+        return jnp.mean(lp0 - lp1)
+
+    def cov_quad(params, r):
+        # Diagonal of the covariance, estimated on fixed-seed draws.
+        draws = sample(params, jax.random.PRNGKey(0), num_kl_draws)
+        return jnp.sum(jnp.var(draws, axis=0) * r**2)
+
+    return GuideDensity(
+        latent_dim=dim,
+        sample=sample,
+        log_prob=log_prob,
+        score=_autodiff_score(log_prob),
+        kl=kl,
+        cov_quad=cov_quad,
+        unpack=guide._unpack_latent,
+        closed_form=False,
+    )
+
+
+def guide_density(guide: Any, score_method: str = "closed_form", num_kl_draws: int = 256):
+    """Build the :class:`GuideDensity` of a set-up autoguide.
+
+    Parameters
+    ----------
+    guide : numpyro.infer.autoguide.AutoGuide
+        An autoguide whose prototype has been set up (it has been run once).
+    score_method : {"closed_form", "autodiff"}
+        ``"closed_form"`` uses the analytic Gaussian score; ``"autodiff"`` takes
+        ``jax.grad`` of the guide's log density (the generic nested-autodiff path).
+        Guides without a closed form always use autodiff.
+    num_kl_draws : int
+        Draws for the Monte Carlo KL of guides without a closed-form KL.
+
+    Returns
+    -------
+    GuideDensity
+    """
+    if score_method not in SCORE_METHODS:
+        raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}.")
+    check_guide_supported(guide)
+    # Batched variants subclass the plain ones but lay their params out differently.
+    if isinstance(guide, autoguide.AutoBatchedMixin):
+        return _auto_continuous(guide, num_kl_draws)
+    if isinstance(guide, autoguide.AutoNormal):
+        return _auto_normal(guide, score_method)
+    if isinstance(guide, autoguide.AutoDiagonalNormal):
+        return _auto_diagonal(guide, score_method)
+    if isinstance(guide, autoguide.AutoMultivariateNormal):
+        return _auto_mvn(guide, score_method)
+    if isinstance(guide, autoguide.AutoLowRankMultivariateNormal):
+        return _auto_lowrank(guide, score_method)
+    return _auto_continuous(guide, num_kl_draws)
+
+
+def check_guide_supported(guide: Any) -> None:
+    """Raise a ``TypeError`` naming the reason and the fix for an unusable guide."""
+    for cls, why in _UNSUPPORTED_GUIDES.items():
+        if isinstance(guide, cls):
+            raise TypeError(f"ProximalScoreVI cannot fit {type(guide).__name__}: {why}")
+    if isinstance(guide, autoguide.AutoGuideList):
+        raise TypeError(
+            "ProximalScoreVI does not support AutoGuideList yet: use one autoguide over "
+            "all latent sites (e.g. AutoNormal or AutoMultivariateNormal)."
+        )
+    if isinstance(guide, autoguide.AutoDAIS | autoguide.AutoSemiDAIS):
+        raise TypeError(
+            f"ProximalScoreVI cannot fit {type(guide).__name__}: its density is defined "
+            "through an annealed importance sampler and is not tractable. Use "
+            "AutoMultivariateNormal or AutoIAFNormal instead."
+        )
+    if not isinstance(guide, autoguide.AutoNormal | autoguide.AutoContinuous):
+        raise TypeError(
+            f"ProximalScoreVI needs the guide's density, got {type(guide).__name__}. "
+            "Supported: AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, "
+            "AutoLowRankMultivariateNormal and AutoContinuous guides with a tractable "
+            "log density (e.g. AutoIAFNormal)."
+        )

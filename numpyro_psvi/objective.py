@@ -1,0 +1,102 @@
+"""The proximal score-matching objective (ALGORITHM.md section 2).
+
+For particles ``u_s ~ q_t`` with model scores ``g_s``::
+
+    L_t(lam) = (1/S) sum_s r_s' W_t r_s + prox_weight * KL(q_t || q_lam),
+    r_s = grad_u log q_lam(u_s) - g_s,
+
+with ``W_t = Cov(q_t)`` (``weighting="covariance"``) or ``I``
+(``weighting="identity"``); ``prox_weight`` is the paper's ``1/eta``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from numpyro_psvi.guides import GuideDensity, Params
+
+WEIGHTINGS = ("covariance", "identity")
+
+
+def weighted_fisher(
+    density: GuideDensity,
+    params: Params,
+    params_t: Params,
+    particles: jax.Array,
+    model_scores: jax.Array,
+    weighting: str,
+) -> jax.Array:
+    """Mean over particles of ``r' W_t r`` with ``r = grad log q_params - g``.
+
+    Parameters
+    ----------
+    density : GuideDensity
+    params, params_t : dict
+        Constrained guide params being fitted, and those the particles came from
+        (the latter define ``W_t``; they are treated as constants).
+    particles, model_scores : jax.Array
+        Shape ``(S, D)`` each.
+    weighting : {"covariance", "identity"}
+    """
+    residuals = jax.vmap(density.score, (None, 0))(params, particles) - model_scores
+    if weighting == "covariance":
+        quad = jax.vmap(density.cov_quad, (None, 0))(params_t, residuals)
+    else:
+        quad = jnp.sum(residuals**2, axis=-1)
+    return jnp.mean(quad)
+
+
+def proximal_objective(
+    density: GuideDensity,
+    params: Params,
+    params_t: Params,
+    particles: jax.Array,
+    model_scores: jax.Array,
+    kl_key: jax.Array,
+    *,
+    prox_weight: float,
+    weighting: str,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """``L_t(params)`` and its two terms (``fisher``, ``kl``) as auxiliary output."""
+    params_t = jax.lax.stop_gradient(params_t)
+    fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting)
+    kl = density.kl(params_t, params, kl_key)
+    return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
+
+
+def lerp_tree(tree_from: Any, tree_to: Any, frac: jax.Array) -> Any:
+    """Move floating leaves a fraction ``frac`` of the way; other leaves take ``tree_to``."""
+
+    def lerp(a, b):
+        if jnp.issubdtype(jnp.result_type(b), jnp.inexact):
+            return a + frac * (b - a)
+        return b
+
+    return jax.tree.map(lerp, tree_from, tree_to)
+
+
+def trust_region_fraction(
+    kl_at: Any, max_kl: jax.Array | float, max_halvings: int
+) -> tuple[jax.Array, jax.Array]:
+    """Largest ``frac`` in ``{1, 1/2, ..., 2^-max_halvings}`` with ``kl_at(frac) <= max_kl``.
+
+    Returns ``(frac, kl)``; ``frac`` is 0 when no fraction qualifies (or the KL is not
+    finite), which rejects the step.
+    """
+
+    def cond(carry):
+        frac, kl, n = carry
+        return ((kl > max_kl) | ~jnp.isfinite(kl)) & (n < max_halvings)
+
+    def body(carry):
+        frac, _, n = carry
+        frac = frac / 2
+        return frac, kl_at(frac), n + 1
+
+    one = jnp.asarray(1.0)
+    frac, kl, _ = jax.lax.while_loop(cond, body, (one, kl_at(one), 0))
+    ok = (kl <= max_kl) & jnp.isfinite(kl)
+    return jnp.where(ok, frac, 0.0), jnp.where(ok, kl, 0.0)
