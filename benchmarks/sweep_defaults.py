@@ -17,16 +17,18 @@ from psvi.targets import ill_conditioned_gaussian
 jax.config.update("jax_enable_x64", False)
 
 CONFIGS = [
-    # (S, K, prox_weight, trust_region, weighting)
-    (4, 10, 10.0, 0.5, "covariance"),
+    # (S, K, prox_weight, trust_region, weighting); the first row is the default.
     (4, 20, 10.0, 0.5, "covariance"),
-    (4, 10, 3.0, 0.1, "covariance"),
+    (4, 10, 10.0, 0.5, "covariance"),
+    (4, 5, 10.0, 0.5, "covariance"),
+    (4, 20, 10.0, 0.05, "covariance"),
+    (4, 20, 10.0, None, "covariance"),
+    (4, 20, 3.0, 0.1, "covariance"),
     (4, 10, 1.0, 0.1, "covariance"),
     (4, 5, 1.0, 0.1, "covariance"),
-    (4, 10, 1.0, None, "covariance"),
-    (4, 10, 3.0, 0.1, "identity"),
-    (2, 10, 3.0, 0.1, "covariance"),
-    (8, 10, 3.0, 0.1, "covariance"),
+    (4, 20, 10.0, 0.5, "identity"),
+    (2, 20, 10.0, 0.5, "covariance"),
+    (8, 20, 10.0, 0.5, "covariance"),
 ]
 
 

@@ -27,7 +27,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
-from numpyro.infer.autoguide import AutoLowRankMultivariateNormal
+from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal
 from numpyro.infer.svi import SVIRunResult
 from numpyro.infer.util import helpful_support_errors, transform_fn
 from numpyro.optim import _NumPyroOptim, optax_to_numpyro
@@ -223,6 +223,16 @@ class ProximalScoreVI:
             params = _break_zero_cov_factor(self.guide, params, init_params, guide_seed)
         self.constrain_fn = partial(transform_fn, inv_transforms)
         self.density = guide_density(self.guide, self.score_method, self.num_kl_draws)
+        dim = self.density.latent_dim
+        if isinstance(self.guide, AutoMultivariateNormal) and dim > 16 * self.num_particles:
+            warnings.warn(
+                f"Full-covariance guide with D={dim} latent dimensions and only "
+                f"num_particles={self.num_particles}: such fits diverged at Adam(1e-2) and "
+                "converged at Adam(3e-3) or with more particles (docs/gaussian_targets.md). "
+                f"Use a smaller step size or num_particles >= {-(-dim // 8)}.",
+                UserWarning,
+                stacklevel=2,
+            )
         params = jax.tree.map(lambda x: lax.convert_element_type(x, jnp.result_type(x)), params)
         zero = jnp.zeros((), jnp.int32)
         return PSVIState(self.optim.init(params), rng_key, zero, zero)

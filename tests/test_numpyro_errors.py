@@ -118,3 +118,14 @@ def test_bad_optimizer_and_uninitialized_use():
     svi = ProximalScoreVI(gaussian_model, AutoNormal(gaussian_model), adam())
     with pytest.raises(RuntimeError, match="init"):
         svi.get_params(None)
+
+
+def test_full_covariance_with_too_few_particles_warns():
+    from numpyro.infer.autoguide import AutoMultivariateNormal
+
+    def model():
+        numpyro.sample("x", dist.Normal(jnp.zeros(100), 1.0).to_event(1))
+
+    svi = ProximalScoreVI(model, AutoMultivariateNormal(model), adam(), num_particles=4)
+    with pytest.warns(UserWarning, match="num_particles >= 13"):
+        svi.init(jax.random.PRNGKey(0))
