@@ -249,8 +249,9 @@ class ProximalScoreVI:
         Returns
         -------
         (PSVIState, jax.Array)
-            The next state and the loss: the covariance-weighted Fisher divergence
-            ``(1/S) sum_s r_s' W_t r_s`` of ``q_t`` on this iteration's particles and
+            The next state and the loss: the weighted Fisher divergence
+            ``(1/S) sum_s r_s' W_t r_s`` (``W_t`` as ``weighting`` says) of ``q_t``
+            on this iteration's particles and
             mini-batch (zero exactly when the guide's score matches the model's);
             NaN when the step was rejected.
         """
@@ -292,7 +293,7 @@ class ProximalScoreVI:
             frac = jnp.where(finite_kl, 1.0, 0.0)
         else:
             max_kl = self.trust_region * density.latent_dim
-            frac, _ = trust_region_fraction(kl_at, max_kl, self.max_halvings)
+            frac = trust_region_fraction(kl_at, max_kl, self.max_halvings)
         accept = (frac > 0) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(log_joints))
         accept &= jnp.all(jnp.isfinite(ravel_pytree(unconstrained_new)[0]))
         candidate = lerp_tree(state.optim_state, optim_state, frac)

@@ -78,18 +78,19 @@ def lerp_tree(tree_from: Any, tree_to: Any, frac: jax.Array) -> Any:
     return jax.tree.map(lerp, tree_from, tree_to)
 
 
-def trust_region_fraction(
-    kl_at: Any, max_kl: jax.Array | float, max_halvings: int
-) -> tuple[jax.Array, jax.Array]:
+def trust_region_fraction(kl_at: Any, max_kl: jax.Array | float, max_halvings: int) -> jax.Array:
     """Largest ``frac`` in ``{1, 1/2, ..., 2^-max_halvings}`` with ``kl_at(frac) <= max_kl``.
 
-    Returns ``(frac, kl)``; ``frac`` is 0 when no fraction qualifies (or the KL is not
-    finite), which rejects the step.
+    ``frac`` is 0 when no fraction qualifies (or the KL is not finite), which rejects
+    the step.
     """
 
+    def too_far(kl):
+        return (kl > max_kl) | ~jnp.isfinite(kl)
+
     def cond(carry):
-        frac, kl, n = carry
-        return ((kl > max_kl) | ~jnp.isfinite(kl)) & (n < max_halvings)
+        _, kl, n = carry
+        return too_far(kl) & (n < max_halvings)
 
     def body(carry):
         frac, _, n = carry
@@ -98,5 +99,4 @@ def trust_region_fraction(
 
     one = jnp.asarray(1.0)
     frac, kl, _ = jax.lax.while_loop(cond, body, (one, kl_at(one), 0))
-    ok = (kl <= max_kl) & jnp.isfinite(kl)
-    return jnp.where(ok, frac, 0.0), jnp.where(ok, kl, 0.0)
+    return jnp.where(too_far(kl), 0.0, frac)
