@@ -15,22 +15,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import tqdm
 from jax import lax, random
-from jax.example_libraries import optimizers
 from jax.flatten_util import ravel_pytree
-from numpyro.distributions import constraints
-from numpyro.distributions.transforms import biject_to
-from numpyro.handlers import seed, substitute, trace
+from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal
 from numpyro.infer.svi import SVIRunResult
-from numpyro.infer.util import helpful_support_errors, transform_fn
-from numpyro.optim import _NumPyroOptim, optax_to_numpyro
 
 from numpyro_psvi.guides import check_guide_supported, guide_density
 from numpyro_psvi.objective import (
@@ -63,28 +57,6 @@ class PSVIState(NamedTuple):
     rng_key: jax.Array
     num_score_calls: jax.Array
     num_rejected: jax.Array
-
-
-def as_numpyro_optim(optim: Any) -> _NumPyroOptim:
-    """Accept what ``SVI`` accepts: a NumPyro optimizer, a jax optimizer or an optax one."""
-    if isinstance(optim, _NumPyroOptim):
-        return optim
-    if isinstance(optim, optimizers.Optimizer):
-        return _NumPyroOptim(lambda *args: args, *optim)
-    try:
-        import optax
-    except ImportError as err:  # pragma: no cover - optax is a dependency
-        raise TypeError(
-            f"Expected a numpyro.optim optimizer or an optax GradientTransformation, got "
-            f"{type(optim).__name__}."
-        ) from err
-    if isinstance(optim, optax.GradientTransformation):
-        return optax_to_numpyro(optim)
-    raise TypeError(
-        "Expected a numpyro.optim optimizer (e.g. numpyro.optim.Adam(1e-2)), a "
-        "jax.example_libraries.optimizers.Optimizer or an optax.GradientTransformation; "
-        f"got {type(optim).__name__}."
-    )
 
 
 def _break_zero_cov_factor(guide, params: dict, init_params: dict | None, rng_key) -> dict:
@@ -176,7 +148,10 @@ class ProximalScoreVI:
         check_guide_supported(guide)
         self.model = model
         self.guide = guide
-        self.optim = as_numpyro_optim(optim)
+        # NumPyro's SVI converts the optimizer (numpyro.optim, jax or optax) and later
+        # collects the guide params in init; ProximalScoreVI reuses both.
+        self._svi = SVI(model, guide, optim, Trace_ELBO(), **static_kwargs)
+        self.optim = self._svi.optim
         self.num_particles = int(num_particles)
         self.inner_steps = int(inner_steps)
         self.prox_weight = float(prox_weight)
@@ -202,26 +177,18 @@ class ProximalScoreVI:
         init_params : dict, optional
             Constrained initial values for some guide params, as in ``SVI.init``.
         """
-        kwargs = {**kwargs, **self.static_kwargs}
-        rng_key, model_seed, guide_seed = random.split(rng_key, 3)
-        check_model(self.model, model_seed, args, kwargs)
-        guide_init = seed(self.guide, guide_seed)
-        if init_params is not None:
-            guide_init = substitute(guide_init, init_params)
-        guide_trace = trace(guide_init).get_trace(*args, **kwargs)
-        params, inv_transforms = {}, {}
-        for name, site in guide_trace.items():
-            if site["type"] != "param":
-                continue
-            constraint = site["kwargs"].get("constraint", constraints.real)
-            with helpful_support_errors(site):
-                transform = biject_to(constraint)
-            inv_transforms[name] = transform
-            value = init_params[name] if init_params and name in init_params else site["value"]
-            params[name] = transform.inv(value)
+        _, model_seed, guide_seed = random.split(rng_key, 3)  # the split SVI.init makes
+        check_model(self.model, model_seed, args, {**kwargs, **self.static_kwargs})
+        # SVI.init collects the guide params and their constraints, so get_params
+        # returns exactly what SVI.get_params would.
+        svi_state = self._svi.init(rng_key, *args, init_params=init_params, **kwargs)
+        self.constrain_fn = self._svi.constrain_fn
+        optim_state, rng_key = svi_state.optim_state, svi_state.rng_key
         if isinstance(self.guide, AutoLowRankMultivariateNormal):
-            params = _break_zero_cov_factor(self.guide, params, init_params, guide_seed)
-        self.constrain_fn = partial(transform_fn, inv_transforms)
+            params = _break_zero_cov_factor(
+                self.guide, self.optim.get_params(optim_state), init_params, guide_seed
+            )
+            optim_state = self.optim.init(params)
         self.density = guide_density(self.guide, self.score_method, self.num_kl_draws)
         dim = self.density.latent_dim
         if isinstance(self.guide, AutoMultivariateNormal) and dim > 16 * self.num_particles:
@@ -233,9 +200,8 @@ class ProximalScoreVI:
                 UserWarning,
                 stacklevel=2,
             )
-        params = jax.tree.map(lambda x: lax.convert_element_type(x, jnp.result_type(x)), params)
         zero = jnp.zeros((), jnp.int32)
-        return PSVIState(self.optim.init(params), rng_key, zero, zero)
+        return PSVIState(optim_state, rng_key, zero, zero)
 
     def get_params(self, state: PSVIState) -> dict:
         """Constrained guide params, exactly as ``SVI.get_params`` returns them."""
@@ -261,9 +227,9 @@ class ProximalScoreVI:
         rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
         unconstrained_t = self.optim.get_params(state.optim_state)
         params_t = self.constrain_fn(unconstrained_t)
-        particles = lax.stop_gradient(density.sample(params_t, key_particles, self.num_particles))
-        score_fn = make_score_fn(self.model, density.unpack, args, kwargs)
-        log_joints, model_scores = score_fn(particles, key_batch)
+        particles, log_joints, model_scores = self._particles_and_scores(
+            params_t, key_particles, key_batch, args, kwargs
+        )
         loss = weighted_fisher(density, params_t, params_t, particles, model_scores, self.weighting)
 
         def objective(unconstrained):
@@ -319,9 +285,9 @@ class ProximalScoreVI:
         kwargs = {**kwargs, **self.static_kwargs}
         _, key_particles, key_batch, _ = random.split(state.rng_key, 4)
         params = self.get_params(state)
-        particles = self.density.sample(params, key_particles, self.num_particles)
-        score_fn = make_score_fn(self.model, self.density.unpack, args, kwargs)
-        _, model_scores = score_fn(particles, key_batch)
+        particles, _, model_scores = self._particles_and_scores(
+            params, key_particles, key_batch, args, kwargs
+        )
         return weighted_fisher(self.density, params, params, particles, model_scores, "covariance")
 
     # ------------------------------------------------------------------- run
@@ -388,6 +354,14 @@ class ProximalScoreVI:
                 stacklevel=2,
             )
         return SVIRunResult(self.get_params(state), state, losses)
+
+    def _particles_and_scores(self, params, key_particles, key_batch, args, kwargs):
+        """``S`` particles from the guide at ``params`` (constants), and their mini-batch
+        log joints and scores from one vectorized pass sharing the batch of ``key_batch``."""
+        particles = lax.stop_gradient(self.density.sample(params, key_particles, self.num_particles))
+        score_fn = make_score_fn(self.model, self.density.unpack, args, kwargs)
+        log_joints, model_scores = score_fn(particles, key_batch)
+        return particles, log_joints, model_scores
 
     def _check_initialized(self) -> None:
         if self.constrain_fn is None:
