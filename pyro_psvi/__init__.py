@@ -1,5 +1,15 @@
-"""Pyro backend of psvi (proximal score-based VI).
+"""Pyro backend of psvi: proximal score-based variational inference."""
 
-The Pyro engine (``pyro_psvi.ProximalScoreVI``) mirrors ``numpyro_psvi`` module by
-module; it is not implemented yet (see the project's issue on the Pyro engine).
-"""
+from pyro_psvi.engine import ProximalScoreVI
+from pyro_psvi.guides import GuideDensity, guide_density
+from pyro_psvi.models import bayesian_module
+from pyro_psvi.objective import proximal_objective, weighted_fisher
+
+__all__ = [
+    "GuideDensity",
+    "ProximalScoreVI",
+    "bayesian_module",
+    "guide_density",
+    "proximal_objective",
+    "weighted_fisher",
+]

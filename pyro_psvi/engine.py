@@ -1,0 +1,344 @@
+"""``ProximalScoreVI``: a drop-in replacement for :class:`pyro.infer.SVI`.
+
+One :meth:`ProximalScoreVI.step` draws ``num_particles`` particles from the current
+guide ``q_t``, evaluates their mini-batch model scores (one vectorized pass, or one
+model call each), takes ``inner_steps`` steps of the Pyro optimizer on the proximal
+score-matching objective, and pulls the result back toward ``q_t`` until
+``KL(q_t || q_new) <= trust_region * D`` (halving the step). A step whose scores,
+objective or parameters are not finite is rejected: the previous parameters are
+kept and :attr:`ProximalScoreVI.num_rejected` counts it. Parameters live in Pyro's
+param store, so ``guide.median()``, ``guide.quantiles()`` and ``Predictive`` work as
+after ``SVI``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import autoguide
+from pyro.optim import PyroOptim
+from torch.distributions import transform_to
+
+from pyro_psvi.guides import GuideDensity, Params, check_guide_supported, guide_density
+from pyro_psvi.objective import (
+    WEIGHTINGS,
+    proximal_objective,
+    trust_region_fraction,
+    weighted_fisher,
+)
+from pyro_psvi.scores import (
+    check_model,
+    guess_max_plate_nesting,
+    log_joints,
+    model_scores,
+)
+
+_REJECTED_MESSAGE = (
+    "ProximalScoreVI rejected {n} update(s) with non-finite scores, objective or "
+    "parameters (or a trust-region step that could not be made small enough); the "
+    "parameters were kept as they were. Likely causes: a learning rate too large, a "
+    "model returning -inf, or badly scaled data."
+)
+
+
+class ProximalScoreVI:
+    """Proximal score-based variational inference (Kim, arXiv:2602.05873).
+
+    Use it where you would use ``SVI(model, guide, optim, Trace_ELBO())``::
+
+        svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
+        for step in range(2000):
+            loss = svi.step(X, y)
+        guide.median()
+
+    Parameters
+    ----------
+    model : callable
+        A Pyro model. Mini-batches come from its own ``pyro.plate(...,
+        subsample_size=B)`` (or ``subsample=``); the plate's ``N/B`` scale makes the
+        scores unbiased.
+    guide : pyro.infer.autoguide.AutoGuide
+        AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal or
+        AutoLowRankMultivariateNormal.
+    optim : pyro.optim.PyroOptim
+        Any Pyro optimizer (Adam, ClippedAdam, the LR schedulers).
+    num_particles : int
+        Particles ``S`` per step, hence model score calls per step.
+    inner_steps : int
+        Optimizer steps ``K`` on each proximal objective (they cost no score calls).
+    prox_weight : float
+        Weight ``1/eta`` of ``KL(q_t || q)`` in the objective.
+    weighting : {"covariance", "identity"}
+        Residual weighting ``W_t``: the covariance of ``q_t`` (scale-free, the
+        default) or the identity (the plain score-matching loss).
+    trust_region : float or None
+        Per-dimension KL budget: each step is pulled back toward ``q_t`` until
+        ``KL(q_t || q_new) <= trust_region * D``; ``None`` turns it off.
+    vectorize_particles : bool
+        Evaluate all particles in one model pass under an outer plate (the model
+        must be broadcast-safe, as for ``Trace_ELBO(vectorize_particles=True)``).
+        A model that cannot be vectorized is detected on the first step and then
+        evaluated one particle at a time, with a warning.
+    max_plate_nesting : int, optional
+        The model's plate nesting; guessed from a model trace when omitted.
+    score_method : {"closed_form", "autodiff"}
+        How the guide's score is computed for Gaussian guides.
+    max_halvings : int
+        Trust-region halvings before the step is rejected.
+
+    Notes
+    -----
+    A rejected step restores the parameters but not the optimizer's moments; those
+    stay finite because non-finite gradients are zeroed before the optimizer sees
+    them.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: autoguide.AutoGuide,
+        optim: PyroOptim,
+        *,
+        num_particles: int = 4,
+        inner_steps: int = 20,
+        prox_weight: float = 10.0,
+        weighting: str = "covariance",
+        trust_region: float | None = 0.5,
+        vectorize_particles: bool = True,
+        max_plate_nesting: int | None = None,
+        score_method: str = "closed_form",
+        max_halvings: int = 12,
+    ) -> None:
+        if int(num_particles) < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {num_particles}.")
+        if int(inner_steps) < 1:
+            raise ValueError(f"inner_steps must be a positive integer, got {inner_steps}.")
+        if not prox_weight >= 0:
+            raise ValueError(f"prox_weight (1/eta) must be >= 0, got {prox_weight}.")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
+        if trust_region is not None and not trust_region > 0:
+            raise ValueError(f"trust_region must be positive or None, got {trust_region}.")
+        if not isinstance(optim, PyroOptim):
+            raise TypeError(
+                f"optim must be a pyro.optim optimizer (e.g. pyro.optim.Adam({{'lr': 1e-2}})), "
+                f"got {type(optim).__name__}; wrap torch optimizers with pyro.optim.PyroOptim."
+            )
+        check_guide_supported(guide)
+        self.model = model
+        self.guide = guide
+        self.optim = optim
+        self.num_particles = int(num_particles)
+        self.inner_steps = int(inner_steps)
+        self.prox_weight = float(prox_weight)
+        self.weighting = weighting
+        self.trust_region = trust_region
+        self.vectorize_particles = bool(vectorize_particles)
+        self.max_plate_nesting = max_plate_nesting
+        self.score_method = score_method
+        self.max_halvings = int(max_halvings)
+        self.num_score_calls = 0
+        self.density: GuideDensity | None = None
+        self._transforms: dict[str, Any] = {}
+        self._num_rejected: torch.Tensor | int = 0
+
+    @property
+    def num_rejected(self) -> int:
+        """Steps rejected so far (reading it synchronises with the device)."""
+        return int(self._num_rejected)
+
+    # ----------------------------------------------------------------- set-up
+    def _setup(self, args: tuple, kwargs: dict) -> None:
+        model_trace = check_model(self.model, args, kwargs)
+        with poutine.block():
+            self.guide(*args, **kwargs)  # sets up the prototype and creates the params
+        density = guide_density(self.guide, self.score_method)
+        constraints = pyro.get_param_store().get_state()["constraints"]
+        missing = [name for name in density.param_names if name not in constraints]
+        if missing:
+            raise RuntimeError(
+                f"The guide's params {missing} are not in Pyro's param store; was the "
+                "param store cleared after the guide was built? Build a fresh guide."
+            )
+        self._transforms = {name: transform_to(constraints[name]) for name in density.param_names}
+        if self.max_plate_nesting is None:
+            self.max_plate_nesting = guess_max_plate_nesting(model_trace)
+        self.density = density
+        if isinstance(self.guide, autoguide.AutoMultivariateNormal):
+            dim = density.latent_dim
+            if dim > 16 * self.num_particles:
+                warnings.warn(
+                    f"Full-covariance guide with D={dim} latent dimensions and only "
+                    f"num_particles={self.num_particles}: such fits diverged at lr 1e-2 and "
+                    "converged at 3e-3 or with more particles (docs/gaussian_targets.md). "
+                    f"Use a smaller step size or num_particles >= {-(-dim // 8)}.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        if self.vectorize_particles:
+            self.vectorize_particles = self._can_vectorize(args, kwargs)
+
+    def _can_vectorize(self, args: tuple, kwargs: dict) -> bool:
+        """Probe the vectorized pass once against one-particle-at-a-time passes."""
+        if self.num_particles == 1:
+            return False
+        with torch.no_grad():
+            particles = self.density.sample(self._constrain(self._leaves()), self.num_particles)
+            subsample: dict[str, torch.Tensor] = {}
+            common = dict(subsample=subsample, max_plate_nesting=self.max_plate_nesting)
+            try:
+                vectorized = log_joints(
+                    self.model, self.density, particles, args, kwargs,
+                    vectorize=True, check_shapes=True, **common,
+                )  # fmt: skip
+            # Model code may fail in any way under the extra particle dimension; the
+            # sequential pass below then runs the model as written.
+            except Exception as error:  # noqa: BLE001
+                reason = f"{type(error).__name__}: {error}"
+            else:
+                one_at_a_time = log_joints(
+                    self.model, self.density, particles, args, kwargs, vectorize=False, **common
+                )
+                scale = one_at_a_time.abs().max().clamp(min=1.0)
+                if torch.allclose(vectorized, one_at_a_time, rtol=1e-4, atol=1e-4 * float(scale)):
+                    return True
+                reason = (
+                    f"its vectorized log joints {vectorized.tolist()} differ from those of "
+                    f"one particle at a time {one_at_a_time.tolist()}"
+                )
+        warnings.warn(
+            f"ProximalScoreVI cannot evaluate this model's particles in one vectorized pass "
+            f"({reason}). It evaluates them one model call at a time instead. To vectorize, "
+            "write the model broadcast-safe, as for Trace_ELBO(vectorize_particles=True): "
+            "latents get leading particle dims, e.g. `(x * w).sum(-1)` rather than "
+            "`x @ w`; to silence this, pass vectorize_particles=False.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return False
+
+    def _leaves(self) -> dict[str, torch.Tensor]:
+        """The guide's unconstrained param tensors, fetched from the param store."""
+        store = pyro.get_param_store()
+        return {name: store.get_param(name).unconstrained() for name in self.density.param_names}
+
+    def _constrain(self, unconstrained: dict[str, torch.Tensor]) -> Params:
+        return {name: self._transforms[name](value) for name, value in unconstrained.items()}
+
+    # ------------------------------------------------------------------ steps
+    def step(self, *args: Any, **kwargs: Any) -> float:
+        """One update: ``S`` score calls and ``K`` optimizer steps.
+
+        Returns
+        -------
+        float
+            The covariance-weighted Fisher divergence of ``q_t`` on this step's
+            particles and mini-batch (zero exactly when the guide's score matches the
+            model's); NaN when the step was rejected.
+        """
+        loss = float(self.update(*args, **kwargs))
+        if loss != loss:
+            warnings.warn(_REJECTED_MESSAGE.format(n=1), RuntimeWarning, stacklevel=2)
+        return loss
+
+    def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """As :meth:`step`, but returns the loss as a 0-dim tensor on the params' device,
+        without synchronising with it."""
+        if self.density is None:
+            self._setup(args, kwargs)
+        density = self.density
+        leaves = self._leaves()
+        with torch.no_grad():
+            start = {name: leaf.detach().clone() for name, leaf in leaves.items()}
+            params_t = self._constrain(start)
+            particles = density.sample(params_t, self.num_particles)
+        log_joint, scores = model_scores(
+            self.model, density, particles, args, kwargs,
+            max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,
+        )  # fmt: skip
+        scores_ok = torch.isfinite(log_joint).all() & torch.isfinite(scores).all()
+        scores = torch.where(scores_ok, scores, torch.zeros_like(scores))
+        with torch.no_grad():
+            loss = weighted_fisher(density, params_t, params_t, particles, scores, self.weighting)
+
+        leaf_list = list(leaves.values())
+        for _ in range(self.inner_steps):
+            objective, _ = proximal_objective(
+                density, self._constrain(leaves), params_t, particles, scores,
+                prox_weight=self.prox_weight, weighting=self.weighting,
+            )  # fmt: skip
+            grads = torch.autograd.grad(objective, leaf_list)
+            # A non-finite objective must not reach the optimizer's moments: zero it.
+            finite = torch.isfinite(objective)
+            for leaf, grad in zip(leaf_list, grads, strict=True):
+                leaf.grad = torch.where(finite, grad, torch.zeros_like(grad))
+            self.optim(leaf_list)
+            for leaf in leaf_list:
+                leaf.grad = None
+
+        with torch.no_grad():
+            end = {name: leaf.detach().clone() for name, leaf in leaves.items()}
+
+            def lerp(frac: float) -> dict[str, torch.Tensor]:
+                return {name: torch.lerp(start[name], end[name], frac) for name in start}
+
+            def kl_at(frac: float) -> torch.Tensor:
+                return density.kl(params_t, self._constrain(lerp(frac)))
+
+            lazy = particles.device.type == "cpu"
+            if self.trust_region is None:
+                frac = torch.isfinite(kl_at(1.0)).to(particles.dtype)
+            else:
+                max_kl = self.trust_region * density.latent_dim
+                frac = trust_region_fraction(kl_at, max_kl, self.max_halvings, lazy=lazy)
+            frac = frac.to(particles.device)
+            accept = (frac > 0) & scores_ok & torch.isfinite(loss)
+            for value in end.values():
+                accept &= torch.isfinite(value).all()
+            for name, leaf in leaves.items():
+                leaf.copy_(torch.where(accept, torch.lerp(start[name], end[name], frac), start[name]))
+        self._num_rejected = self._num_rejected + (~accept).to(torch.int64)
+        self.num_score_calls += self.num_particles
+        return torch.where(accept, loss, torch.full_like(loss, float("nan")))
+
+    def run(self, num_steps: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Take ``num_steps`` steps, reading nothing from the device until the end.
+
+        Returns
+        -------
+        torch.Tensor
+            The per-step losses, shape ``(num_steps,)`` (NaN where rejected).
+        """
+        if num_steps < 1:
+            raise ValueError("num_steps must be a positive integer.")
+        rejected_before = self.num_rejected
+        losses = torch.stack([self.update(*args, **kwargs) for _ in range(num_steps)])
+        rejected = self.num_rejected - rejected_before
+        if rejected:
+            warnings.warn(_REJECTED_MESSAGE.format(n=rejected), RuntimeWarning, stacklevel=2)
+        return losses
+
+    def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
+        """Covariance-weighted Fisher divergence of the current guide on fresh particles.
+
+        Costs ``num_particles`` score calls (not counted in ``num_score_calls``) and
+        changes no parameter.
+        """
+        if self.density is None:
+            self._setup(args, kwargs)
+        with torch.no_grad():
+            params = self._constrain({k: v.detach() for k, v in self._leaves().items()})
+            particles = self.density.sample(params, self.num_particles)
+        _, scores = model_scores(
+            self.model, self.density, particles, args, kwargs,
+            max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,
+        )  # fmt: skip
+        with torch.no_grad():
+            return float(
+                weighted_fisher(self.density, params, params, particles, scores, "covariance")
+            )

@@ -1,0 +1,394 @@
+"""Guide densities over the flat unconstrained latent vector.
+
+A :class:`GuideDensity` turns a set-up Pyro autoguide into the handful of functions
+the proximal score-matching objective needs: draw particles, evaluate the log
+density and its score in ``u`` (unconstrained coordinates), the KL divergence
+between two parameter values, and the covariance quadratic form ``r' Cov(q) r``
+used to weight residuals. Every function takes the guide's *constrained* params as
+a dict keyed by their param-store names (what ``pyro.param(name)`` returns), and is
+batched over a leading particle dimension: ``u`` and ``r`` have shape ``(S, D)``.
+
+Gaussian guides get closed-form scores and KL divergences; ``score_method="autodiff"``
+differentiates the log density instead (the generic nested-autograd path). Flow
+guides (AutoIAFNormal, AutoNormalizingFlow) are not supported by this backend yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from pyro.infer import autoguide
+from torch.distributions import biject_to
+
+Params = dict[str, torch.Tensor]
+
+SCORE_METHODS = ("closed_form", "autodiff")
+
+_UNSUPPORTED_GUIDES: dict[type, str] = {
+    autoguide.AutoLaplaceApproximation: (
+        "it is a point mass while it is fitted (its covariance comes from the Hessian "
+        "afterwards), so it has no density to match scores with. Use "
+        "AutoMultivariateNormal instead."
+    ),
+    autoguide.AutoDelta: (
+        "it is a point mass and has no density to match scores with. Use AutoNormal "
+        "(mean field) or AutoMultivariateNormal instead; for a MAP estimate keep SVI "
+        "with Trace_ELBO."
+    ),
+}
+
+
+_GAUSSIAN_GUIDES = (
+    autoguide.AutoNormal,
+    autoguide.AutoDiagonalNormal,
+    autoguide.AutoMultivariateNormal,
+    autoguide.AutoLowRankMultivariateNormal,
+)
+
+
+class LatentSite(NamedTuple):
+    """One latent site's block of the flat unconstrained vector.
+
+    Attributes
+    ----------
+    name : str
+        The model's sample-site name.
+    shape : torch.Size
+        Shape of the site's unconstrained value (one particle).
+    event_dim : int
+        Event dimensions of the unconstrained value (the rest are plate dims).
+    """
+
+    name: str
+    shape: torch.Size
+    event_dim: int
+
+
+class GuideDensity(NamedTuple):
+    """Batched functions of a guide's density over the flat unconstrained latent.
+
+    Attributes
+    ----------
+    latent_dim : int
+        Length ``D`` of the flat unconstrained latent vector.
+    sites : tuple of LatentSite
+        The latent sites in the order they occupy the flat vector.
+    param_names : tuple of str
+        Param-store names of the guide's params (the keys of ``params``).
+    sample : callable
+        ``sample(params, num) -> (num, D)`` draws from the guide (torch's RNG).
+    log_prob : callable
+        ``log_prob(params, u) -> (S,)`` for flat latents ``u`` of shape ``(S, D)``.
+    score : callable
+        ``score(params, u) -> (S, D)``, the gradient of ``log_prob`` in ``u``.
+    kl : callable
+        ``kl(params_from, params_to) -> ()``, ``KL(q_from || q_to)``.
+    cov_quad : callable
+        ``cov_quad(params, r) -> (S,)``, ``r' Cov(q) r`` for residuals ``(S, D)``:
+        the covariance weighting of ALGORITHM.md section 4.
+    closed_form : bool
+        Whether ``score`` is closed form.
+    """
+
+    latent_dim: int
+    sites: tuple[LatentSite, ...]
+    param_names: tuple[str, ...]
+    sample: Callable[[Params, int], torch.Tensor]
+    log_prob: Callable[[Params, torch.Tensor], torch.Tensor]
+    score: Callable[[Params, torch.Tensor], torch.Tensor]
+    kl: Callable[[Params, Params], torch.Tensor]
+    cov_quad: Callable[[Params, torch.Tensor], torch.Tensor]
+    closed_form: bool
+
+    def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split flat latents ``(..., D)`` into unconstrained site values ``(..., *shape)``."""
+        values, pos = {}, 0
+        for site in self.sites:
+            size = math.prod(site.shape)
+            values[site.name] = u[..., pos : pos + size].reshape(u.shape[:-1] + site.shape)
+            pos += size
+        return values
+
+
+# ---------------------------------------------------------------------------
+# Gaussian building blocks (closed form, batched over the leading dim of u)
+# ---------------------------------------------------------------------------
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _diag_kl(loc0, scale0, loc1, scale1) -> torch.Tensor:
+    ratio = (scale0 / scale1) ** 2
+    return 0.5 * torch.sum(ratio + ((loc1 - loc0) / scale1) ** 2 - 1.0 - torch.log(ratio), dim=-1)
+
+
+def _tril_solve(tril: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``L^{-1} v`` for a batch of row vectors ``v`` of shape ``(S, D)``."""
+    return torch.linalg.solve_triangular(tril, v.mT, upper=False).mT
+
+
+def _tril_kl(loc0, tril0, loc1, tril1) -> torch.Tensor:
+    m = torch.linalg.solve_triangular(tril1, tril0, upper=False)
+    z = torch.linalg.solve_triangular(tril1, (loc1 - loc0).unsqueeze(-1), upper=False)
+    logdet_ratio = torch.log(torch.diagonal(tril1, dim1=-2, dim2=-1).abs()).sum(-1) - torch.log(
+        torch.diagonal(tril0, dim1=-2, dim2=-1).abs()
+    ).sum(-1)
+    return 0.5 * (m.pow(2).sum((-2, -1)) + z.pow(2).sum((-2, -1)) - loc0.shape[-1]) + logdet_ratio
+
+
+class _LowRank(NamedTuple):
+    """``Cov = W W' + diag(d)`` with its Woodbury pieces."""
+
+    loc: torch.Tensor
+    factor: torch.Tensor  # (D, K)
+    diag: torch.Tensor  # (D,)
+    capacitance_tril: torch.Tensor  # chol(I + W' D^-1 W), (K, K)
+
+    @classmethod
+    def build(cls, loc, factor, diag) -> _LowRank:
+        capacitance = torch.eye(factor.shape[-1], dtype=loc.dtype, device=loc.device)
+        capacitance = capacitance + (factor.mT / diag) @ factor
+        return cls(loc, factor, diag, torch.linalg.cholesky(capacitance))
+
+    def precision_rows(self, v: torch.Tensor) -> torch.Tensor:
+        """``v Cov^{-1}`` for row vectors ``v`` of shape ``(S, D)`` (Cov is symmetric)."""
+        dinv_v = v / self.diag
+        inner = torch.cholesky_solve((dinv_v @ self.factor).mT, self.capacitance_tril).mT
+        return dinv_v - (inner @ self.factor.mT) / self.diag
+
+    def logdet(self) -> torch.Tensor:
+        half = torch.log(torch.diagonal(self.capacitance_tril)).sum()
+        return 2 * half + torch.log(self.diag).sum()
+
+    def precision_diag(self) -> torch.Tensor:
+        a = torch.linalg.solve_triangular(
+            self.capacitance_tril, self.factor.mT / self.diag, upper=False
+        )
+        return 1.0 / self.diag - a.pow(2).sum(0)
+
+
+def _lowrank_kl(q0: _LowRank, q1: _LowRank) -> torch.Tensor:
+    delta = (q1.loc - q0.loc).unsqueeze(0)
+    trace = torch.sum(q1.precision_diag() * q0.diag) + torch.sum(
+        q0.factor.mT * q1.precision_rows(q0.factor.mT)
+    )
+    mahalanobis = torch.sum(delta * q1.precision_rows(delta))
+    return 0.5 * (trace + mahalanobis - q0.loc.shape[-1] + q1.logdet() - q0.logdet())
+
+
+# ---------------------------------------------------------------------------
+# Adapters per autoguide
+# ---------------------------------------------------------------------------
+
+
+def _autodiff_score(log_prob: Callable[[Params, torch.Tensor], torch.Tensor]):
+    """Score by autograd, keeping the graph so the objective can be differentiated in params."""
+
+    def score(params: Params, u: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            u = u.detach().requires_grad_(True)
+            return torch.autograd.grad(log_prob(params, u).sum(), u, create_graph=True)[0]
+
+    return score
+
+
+def _latent_sites(guide: autoguide.AutoGuide) -> tuple[LatentSite, ...]:
+    """The latent sites of the guide's prototype trace, in flat-vector order."""
+    sites = []
+    for name, site in guide.prototype_trace.iter_stochastic_nodes():
+        value = site["value"].detach()
+        shape = biject_to(site["fn"].support).inv(value).shape
+        sites.append(LatentSite(name, shape, site["fn"].event_dim + len(shape) - value.dim()))
+    return tuple(sites)
+
+
+def _diagonal_density(get_loc_scale, sites, names, score_method: str) -> GuideDensity:
+    dim = sum(math.prod(s.shape) for s in sites)
+
+    def sample(params, num):
+        loc, scale = get_loc_scale(params)
+        return loc + scale * torch.randn((num, dim), dtype=loc.dtype, device=loc.device)
+
+    def log_prob(params, u):
+        loc, scale = get_loc_scale(params)
+        z = (u - loc) / scale
+        return torch.sum(-0.5 * z**2 - torch.log(scale), dim=-1) - dim * _HALF_LOG_2PI
+
+    def score(params, u):
+        loc, scale = get_loc_scale(params)
+        return -(u - loc) / scale**2
+
+    def kl(params0, params1):
+        return _diag_kl(*get_loc_scale(params0), *get_loc_scale(params1))
+
+    def cov_quad(params, r):
+        return torch.sum((get_loc_scale(params)[1] * r) ** 2, dim=-1)
+
+    closed = score_method == "closed_form"
+    return GuideDensity(
+        dim, sites, names, sample, log_prob, score if closed else _autodiff_score(log_prob),
+        kl, cov_quad, closed,
+    )  # fmt: skip
+
+
+def _auto_normal(guide: autoguide.AutoNormal, score_method: str) -> GuideDensity:
+    sites = _latent_sites(guide)
+    prefix = guide._pyro_name
+    loc_names = [f"{prefix}.locs.{s.name}" for s in sites]
+    scale_names = [f"{prefix}.scales.{s.name}" for s in sites]
+
+    def get_loc_scale(params):
+        loc = torch.cat([params[n].reshape(-1) for n in loc_names])
+        scale = torch.cat([params[n].reshape(-1) for n in scale_names])
+        return loc, scale
+
+    return _diagonal_density(get_loc_scale, sites, tuple(loc_names + scale_names), score_method)
+
+
+def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, score_method: str) -> GuideDensity:
+    names = (f"{guide._pyro_name}.loc", f"{guide._pyro_name}.scale")
+
+    def get_loc_scale(params):
+        return params[names[0]], params[names[1]]
+
+    return _diagonal_density(get_loc_scale, _latent_sites(guide), names, score_method)
+
+
+def _auto_mvn(guide: autoguide.AutoMultivariateNormal, score_method: str) -> GuideDensity:
+    sites = _latent_sites(guide)
+    names = tuple(f"{guide._pyro_name}.{p}" for p in ("loc", "scale", "scale_tril"))
+    dim = guide.latent_dim
+
+    def get(params):
+        # As Pyro's guide: L = diag(scale) @ scale_tril, scale_tril unit lower triangular.
+        return params[names[0]], params[names[1]][..., None] * params[names[2]]
+
+    def sample(params, num):
+        loc, tril = get(params)
+        return loc + torch.randn((num, dim), dtype=loc.dtype, device=loc.device) @ tril.mT
+
+    def log_prob(params, u):
+        loc, tril = get(params)
+        z = _tril_solve(tril, u - loc)
+        half_logdet = torch.log(torch.diagonal(tril).abs()).sum()
+        return -0.5 * z.pow(2).sum(-1) - half_logdet - dim * _HALF_LOG_2PI
+
+    def score(params, u):
+        loc, tril = get(params)
+        return -torch.cholesky_solve((u - loc).mT, tril).mT
+
+    def kl(params0, params1):
+        return _tril_kl(*get(params0), *get(params1))
+
+    def cov_quad(params, r):
+        return torch.sum((r @ get(params)[1]) ** 2, dim=-1)
+
+    closed = score_method == "closed_form"
+    return GuideDensity(
+        dim, sites, names, sample, log_prob, score if closed else _autodiff_score(log_prob),
+        kl, cov_quad, closed,
+    )  # fmt: skip
+
+
+def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, score_method: str):
+    sites = _latent_sites(guide)
+    names = tuple(f"{guide._pyro_name}.{p}" for p in ("loc", "scale", "cov_factor"))
+    dim = guide.latent_dim
+
+    def pieces(params):
+        # As Pyro's guide: Cov = (F s)(F s)' + diag(s^2), F the raw cov_factor.
+        loc, scale, factor = (params[n] for n in names)
+        return loc, factor * scale[:, None], scale
+
+    def get(params) -> _LowRank:
+        loc, factor, scale = pieces(params)
+        return _LowRank.build(loc, factor, scale**2)
+
+    def sample(params, num):
+        loc, factor, scale = pieces(params)
+        eps_w = torch.randn((num, factor.shape[-1]), dtype=loc.dtype, device=loc.device)
+        eps_d = torch.randn((num, dim), dtype=loc.dtype, device=loc.device)
+        return loc + eps_w @ factor.mT + eps_d * scale
+
+    def log_prob(params, u):
+        q = get(params)
+        r = u - q.loc
+        quad = torch.sum(r * q.precision_rows(r), dim=-1)
+        return -0.5 * (quad + q.logdet()) - dim * _HALF_LOG_2PI
+
+    def score(params, u):
+        q = get(params)
+        return -q.precision_rows(u - q.loc)
+
+    def kl(params0, params1):
+        return _lowrank_kl(get(params0), get(params1))
+
+    def cov_quad(params, r):
+        _, factor, scale = pieces(params)
+        return torch.sum((r @ factor) ** 2, dim=-1) + torch.sum((scale * r) ** 2, dim=-1)
+
+    closed = score_method == "closed_form"
+    return GuideDensity(
+        dim, sites, names, sample, log_prob, score if closed else _autodiff_score(log_prob),
+        kl, cov_quad, closed,
+    )  # fmt: skip
+
+
+def guide_density(guide: autoguide.AutoGuide, score_method: str = "closed_form") -> GuideDensity:
+    """Build the :class:`GuideDensity` of a set-up autoguide.
+
+    Parameters
+    ----------
+    guide : pyro.infer.autoguide.AutoGuide
+        An autoguide that has been run once (so its prototype and params exist).
+    score_method : {"closed_form", "autodiff"}
+        ``"closed_form"`` uses the analytic Gaussian score; ``"autodiff"`` takes the
+        autograd gradient of the guide's log density (the generic path).
+    """
+    if score_method not in SCORE_METHODS:
+        raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}.")
+    check_guide_supported(guide)
+    if guide.prototype_trace is None:
+        raise RuntimeError("Run the guide once (guide(*args)) before building its density.")
+    if isinstance(guide, autoguide.AutoNormal):
+        return _auto_normal(guide, score_method)
+    if isinstance(guide, autoguide.AutoDiagonalNormal):
+        return _auto_diagonal(guide, score_method)
+    if isinstance(guide, autoguide.AutoMultivariateNormal):
+        return _auto_mvn(guide, score_method)
+    return _auto_lowrank(guide, score_method)
+
+
+def check_guide_supported(guide: object) -> None:
+    """Raise a ``TypeError`` naming the reason and the fix for an unusable guide."""
+    for cls, why in _UNSUPPORTED_GUIDES.items():
+        if isinstance(guide, cls):
+            raise TypeError(f"ProximalScoreVI cannot fit {type(guide).__name__}: {why}")
+    if isinstance(guide, autoguide.AutoGuideList):
+        raise TypeError(
+            "ProximalScoreVI does not support AutoGuideList yet: use one autoguide over "
+            "all latent sites (e.g. AutoNormal or AutoMultivariateNormal)."
+        )
+    if isinstance(guide, autoguide.AutoNormalizingFlow):
+        flows = getattr(guide, "_init_transform_fn", None)
+        if "block_autoregressive" in repr(flows) or "BlockAutoregressive" in repr(flows):
+            raise TypeError(
+                "ProximalScoreVI cannot fit a block-autoregressive flow: it has no inverse, "
+                "so the guide density cannot be evaluated at the particles. Use "
+                "AutoMultivariateNormal (or, with NumPyro, AutoIAFNormal) instead."
+            )
+        raise NotImplementedError(
+            f"The Pyro engine does not fit {type(guide).__name__} yet (normalizing-flow "
+            "guides need their density at given params; planned with the richer-guides "
+            "work). Use AutoMultivariateNormal or AutoLowRankMultivariateNormal, or "
+            "numpyro_psvi with AutoIAFNormal."
+        )
+    if not isinstance(guide, _GAUSSIAN_GUIDES):
+        raise TypeError(
+            f"ProximalScoreVI needs the guide's density, got {type(guide).__name__}. "
+            "Supported: AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal and "
+            "AutoLowRankMultivariateNormal."
+        )

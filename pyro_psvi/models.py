@@ -1,0 +1,156 @@
+"""Ready-made Pyro models used by the examples, benchmarks and tests, and
+:func:`bayesian_module`, which puts priors on a ``torch.nn.Module``'s parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroSample
+from pyro.nn.module import to_pyro_module_
+from torch import nn
+
+
+def gaussian_target(mean: np.ndarray, cov: np.ndarray):
+    """A model whose posterior is exactly ``N(mean, cov)`` (one latent site ``x``)."""
+    mean = torch.as_tensor(mean, dtype=torch.get_default_dtype())
+    cov = torch.as_tensor(cov, dtype=torch.get_default_dtype())
+
+    def model():
+        pyro.sample("x", dist.MultivariateNormal(mean, cov))
+
+    return model
+
+
+def linear_regression(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    prior_scale: float = 1.0,
+    noise_scale: float = 1.0,
+    subsample_size: int | None = None,
+) -> None:
+    """Bayesian linear regression ``y ~ N(x @ w, noise_scale^2)``, ``w ~ N(0, prior_scale^2)``.
+
+    Broadcast-safe: ``w`` may carry leading particle dimensions.
+    """
+    w = pyro.sample("w", dist.Normal(x.new_zeros(x.shape[1]), prior_scale).to_event(1))
+    with pyro.plate("data", x.shape[0], subsample_size=subsample_size, device=x.device) as idx:
+        mean = (x[idx] * w).sum(-1)  # w: (..., 1, D) under a particle plate
+        pyro.sample("y", dist.Normal(mean, noise_scale), obs=None if y is None else y[idx])
+
+
+def mlp_classifier(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    hidden: int = 50,
+    num_classes: int = 10,
+    prior_scale: float = 1.0,
+    subsample_size: int | None = None,
+) -> None:
+    """One-hidden-layer tanh MLP with ``N(0, prior_scale^2)`` priors on all weights.
+
+    The twin of ``numpyro_psvi.models.mlp_classifier``; broadcast-safe (weights may
+    carry leading particle dimensions), so its particles vectorize.
+    """
+    num_inputs = x.shape[1]
+
+    def weight(name, shape):
+        return pyro.sample(name, dist.Normal(x.new_zeros(shape), prior_scale).to_event(len(shape)))
+
+    w1, b1 = weight("w1", (num_inputs, hidden)), weight("b1", (hidden,))
+    w2, b2 = weight("w2", (hidden, num_classes)), weight("b2", (num_classes,))
+    with pyro.plate("data", x.shape[0], subsample_size=subsample_size, device=x.device) as idx:
+        hidden_units = torch.tanh(_linear(x[idx], w1) + b1)
+        logits = _linear(hidden_units, w2) + b2
+        pyro.deterministic("probs", torch.softmax(logits, -1))
+        pyro.sample("y", dist.Categorical(logits=logits), obs=None if y is None else y[idx])
+
+
+def _linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``h @ w`` for one plate dim: ``h (..., B, i)``, ``w (i, o)`` or ``(P, 1, i, o)``
+    (a latent under a particle plate, its plate slot of size 1) -> ``(..., B, o)``."""
+    if w.dim() == 2:
+        return h @ w
+    return (h.unsqueeze(-3) @ w).squeeze(-3)
+
+
+def mlp_init_values(num_inputs: int, hidden: int = 50, num_classes: int = 10, seed: int = 0):
+    """Glorot-uniform initial weights for :func:`mlp_classifier` (for ``init_to_value``)."""
+    rng = np.random.default_rng(seed)
+
+    def glorot(fan_in, fan_out):
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        return torch.as_tensor(rng.uniform(-limit, limit, (fan_in, fan_out)), dtype=torch.float32)
+
+    return {
+        "w1": glorot(num_inputs, hidden),
+        "b1": torch.zeros(hidden),
+        "w2": glorot(hidden, num_classes),
+        "b2": torch.zeros(num_classes),
+    }
+
+
+def bayesian_module(
+    module: nn.Module,
+    prior: float | Callable[[str, torch.Tensor], dist.Distribution] = 1.0,
+    *,
+    include: Callable[[str], bool] | None = None,
+) -> PyroModule:
+    """Turn ``module`` (in place) into a PyroModule with priors on its parameters.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The network, already on its device (priors are built there).
+    prior : float or callable
+        A scale ``s`` for ``Normal(0, s)`` priors on every weight, or
+        ``prior(name, param) -> Distribution`` whose event shape is ``param.shape``.
+    include : callable, optional
+        ``include(name) -> bool`` selects the parameters (dotted names, as in
+        ``module.named_parameters()``) that get priors; the others stay
+        ``nn.Parameter`` (``ProximalScoreVI`` then refuses the model until they are
+        fixed or given priors).
+
+    Returns
+    -------
+    pyro.nn.PyroModule
+        The same object: its sample sites are named like its parameters
+        (``"fc1.weight"``), so its current weights make a natural
+        ``init_to_value(values=...)`` for an autoguide.
+    """
+    to_pyro_module_(module)
+    for module_name, submodule in list(module.named_modules()):
+        for param_name, param in list(submodule.named_parameters(recurse=False)):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if include is not None and not include(name):
+                continue
+            if callable(prior):
+                site_prior = prior(name, param)
+            else:
+                site_prior = dist.Normal(torch.zeros_like(param.detach()), prior).to_event(param.dim())
+            setattr(submodule, param_name, PyroSample(site_prior))
+    return module
+
+
+def module_classifier(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    subsample_size: int | None = None,
+) -> None:
+    """Categorical likelihood on the logits of ``net`` (e.g. a :func:`bayesian_module`).
+
+    The network runs outside the data plate: its weights are global latents.
+    """
+    data = pyro.plate("data", x.shape[0], subsample_size=subsample_size, device=x.device)
+    idx = data.indices
+    logits = net(x[idx])
+    with data:
+        pyro.deterministic("probs", torch.softmax(logits, -1))
+        pyro.sample("y", dist.Categorical(logits=logits), obs=None if y is None else y[idx])

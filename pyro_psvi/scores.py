@@ -1,0 +1,310 @@
+"""Model scores through Pyro's own tracing and plate subsampling.
+
+The score at a particle ``u`` (flat, unconstrained) is the gradient of
+
+    log p(T(u)) + (N/B) sum_{i in batch} log p(y_i | T(u)) + log|det J_T(u)|
+
+where the N/B scale and the mini-batch come from the model's own
+``pyro.plate(..., subsample_size=B)``. Two effect handlers do the work, one thing
+each: :class:`SharedSubsample` draws each subsampled plate's indices once per
+iteration and replays them, so all particles see one mini-batch (Pyro's
+``initialize_model`` refuses subsample sites, so the score path does not use it);
+:class:`UnconstrainedValues` puts ``T(u) = biject_to(support)(u)`` at each latent
+site, with the support the site has when it is sampled (dependent supports work),
+and records ``log|det J|``.
+
+Particles are evaluated in one pass under an outer particle plate (as
+``Trace_ELBO(vectorize_particles=True)`` does) or one model call each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import site_is_subsample
+
+from pyro_psvi.guides import GuideDensity
+
+PARTICLE_PLATE = "_psvi_particles"
+
+
+class VectorizationError(ValueError):
+    """The model cannot be evaluated for all particles in one vectorized pass."""
+
+
+class SharedSubsample(Messenger):
+    """Draw each subsampled plate's indices once and replay them on later passes.
+
+    Parameters
+    ----------
+    indices : dict
+        Filled with ``{plate name: indices}`` on first use; pass the same dict to
+        every pass that must see the same mini-batch.
+    """
+
+    def __init__(self, indices: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.indices = indices
+
+    def _pyro_sample(self, msg) -> None:
+        if isinstance(msg["fn"], _Subsample) and msg["value"] is None:
+            msg["value"] = self.indices.get(msg["name"])
+
+    def _pyro_post_sample(self, msg) -> None:
+        if isinstance(msg["fn"], _Subsample):
+            self.indices.setdefault(msg["name"], msg["value"])
+
+
+class UnconstrainedValues(Messenger):
+    """Set each latent site to ``biject_to(site support)(u)`` and record ``log|det J|``.
+
+    Parameters
+    ----------
+    values : dict
+        Unconstrained values by site name.
+    """
+
+    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.values = values
+        self.log_abs_det_jacobians: dict[str, torch.Tensor] = {}
+
+    def _pyro_sample(self, msg) -> None:
+        name = msg["name"]
+        if msg["is_observed"] or name not in self.values:
+            return
+        unconstrained = self.values[name]
+        transform = torch.distributions.biject_to(msg["fn"].support)
+        msg["value"] = transform(unconstrained)
+        self.log_abs_det_jacobians[name] = transform.log_abs_det_jacobian(
+            unconstrained, msg["value"]
+        )
+
+
+def _site_log_probs(model_trace) -> dict[str, torch.Tensor]:
+    """Scaled and masked ``log_prob`` of every sample site (plate indices excluded)."""
+    out = {}
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            out[name] = scale_and_mask(log_prob, site["scale"], site["mask"])
+    return out
+
+
+def _per_particle(name: str, term: torch.Tensor, num: int, particle_dim: int) -> torch.Tensor:
+    """Sum ``term`` over all dims but the particle dim; shape ``(num,)``."""
+    if not torch.is_tensor(term) or term.dim() < -particle_dim:
+        return torch.as_tensor(term).sum().expand(num)  # does not vary over particles
+    k = term.dim() + particle_dim
+    if any(size != 1 for size in term.shape[:k]) or term.shape[k] not in (1, num):
+        raise VectorizationError(
+            f"Site {name!r} has log-density shape {tuple(term.shape)} under the particle "
+            f"plate of size {num} at dim {particle_dim}: the model broadcasts a latent's "
+            "particle dimension against data or another latent (e.g. `x @ W` or adding a "
+            "bias of shape (P, 1, H)), which would count the data once per particle pair."
+        )
+    per = term.sum(dim=tuple(range(k + 1, term.dim()))) if term.dim() > k + 1 else term
+    return per.reshape(-1).expand(num)
+
+
+def _check_plate_shape(name: str, site, log_prob: torch.Tensor, particle_dim: int) -> None:
+    """Each batch dim right of the particle dim is 1 or the size of the plate at that dim."""
+    sizes = {f.dim: f.size for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None}
+    for dim in range(particle_dim + 1, 0):
+        if -dim > log_prob.dim():
+            break
+        if log_prob.shape[dim] not in (1, sizes.get(dim, 1)):
+            raise VectorizationError(
+                f"Site {name!r} has log-density shape {tuple(log_prob.shape)}: its dim {dim} "
+                f"should be 1 or the size of the plate there ({sizes.get(dim, 1)})."
+            )
+
+
+def log_joints(
+    model: Callable,
+    density: GuideDensity,
+    u: torch.Tensor,
+    args: tuple,
+    kwargs: dict[str, Any],
+    *,
+    subsample: dict[str, torch.Tensor],
+    max_plate_nesting: int,
+    vectorize: bool,
+    check_shapes: bool = False,
+) -> torch.Tensor:
+    """Mini-batch log joints in unconstrained space, shape ``(S,)``, for flat latents ``u (S, D)``.
+
+    Parameters
+    ----------
+    model : callable
+        The Pyro model.
+    density : GuideDensity
+        Gives the site layout of the flat latent.
+    u : torch.Tensor
+        Flat unconstrained latents, shape ``(S, D)``.
+    args, kwargs
+        Model arguments.
+    subsample : dict
+        Plate indices shared across passes (see :class:`SharedSubsample`).
+    max_plate_nesting : int
+        The model's plate nesting; the particle plate goes at ``-(max_plate_nesting + 1)``.
+    vectorize : bool
+        One pass under a particle plate, or one model call per particle.
+    check_shapes : bool
+        Check every site's log-density shape against its plates (vectorized only).
+    """
+    num = u.shape[0]
+    if not vectorize:
+        return torch.stack(
+            [
+                _log_joint_once(model, density.unpack(u[i]), args, kwargs, subsample)
+                for i in range(num)
+            ]
+        )
+    particle_dim = -(max_plate_nesting + 1)
+    values = {}
+    for site, value in zip(density.sites, density.unpack(u).values(), strict=True):
+        batch_ndim = len(site.shape) - site.event_dim
+        if batch_ndim > max_plate_nesting:
+            raise VectorizationError(
+                f"Latent site {site.name!r} has {batch_ndim} batch dims but the model nests "
+                f"{max_plate_nesting} plates; pass max_plate_nesting."
+            )
+        values[site.name] = value.reshape((num,) + (1,) * (max_plate_nesting - batch_ndim) + site.shape)
+    handler = UnconstrainedValues(values)
+    with SharedSubsample(subsample), handler:
+        with poutine.trace() as tracer, pyro.plate(PARTICLE_PLATE, num, dim=particle_dim):
+            model(*args, **kwargs)
+    model_trace = tracer.trace
+    total = u.new_zeros(num)
+    for name, term in _site_log_probs(model_trace).items():
+        if check_shapes:
+            _check_plate_shape(name, model_trace.nodes[name], term, particle_dim)
+        total = total + _per_particle(name, term, num, particle_dim)
+    for name, term in handler.log_abs_det_jacobians.items():
+        total = total + _per_particle(name, term, num, particle_dim)
+    return total
+
+
+def _log_joint_once(model, values, args, kwargs, subsample) -> torch.Tensor:
+    handler = UnconstrainedValues(values)
+    with SharedSubsample(subsample), handler, poutine.trace() as tracer:
+        model(*args, **kwargs)
+    terms = list(_site_log_probs(tracer.trace).values())
+    terms += list(handler.log_abs_det_jacobians.values())
+    return sum(torch.as_tensor(t).sum() for t in terms)
+
+
+def model_scores(
+    model: Callable,
+    density: GuideDensity,
+    particles: torch.Tensor,
+    args: tuple,
+    kwargs: dict[str, Any],
+    *,
+    max_plate_nesting: int,
+    vectorize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_joints (S,), scores (S, D))`` at ``particles``, all on one fresh mini-batch."""
+    with torch.enable_grad():
+        u = particles.detach().requires_grad_(True)
+        values = log_joints(
+            model, density, u, args, kwargs,
+            subsample={}, max_plate_nesting=max_plate_nesting, vectorize=vectorize,
+        )  # fmt: skip
+        (scores,) = torch.autograd.grad(values.sum(), u)
+    return values.detach(), scores
+
+
+def _same_support(a, b) -> bool:
+    """Whether two constraints are the same, tensor-valued bounds included."""
+    if type(a) is not type(b):
+        return False
+    for key, value in vars(a).items():
+        other = vars(b).get(key)
+        if torch.is_tensor(value):
+            if not (torch.is_tensor(other) and value.shape == other.shape and torch.equal(value, other)):
+                return False
+        elif hasattr(value, "check") and not _same_support(value, other):
+            return False
+    return True
+
+
+def guess_max_plate_nesting(model_trace) -> int:
+    """Deepest vectorized plate dim used by any site of a model trace."""
+    dims = [
+        -frame.dim
+        for site in model_trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.dim is not None
+    ]
+    return max(dims, default=0)
+
+
+def check_model(model: Callable, args: tuple, kwargs: dict):
+    """Raise a clear error for models ProximalScoreVI cannot fit; return a prior trace.
+
+    Checks: at least one latent site; no discrete latent site; no support that
+    depends on other latents (two prior draws are compared); no ``pyro.param`` site
+    in the model; no latent site inside a subsampled plate; finite data.
+    """
+    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
+        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+        other_trace = poutine.trace(model).get_trace(*args, **kwargs)
+    latents = []
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "param":
+            raise NotImplementedError(
+                f"The model has a learnable parameter pyro.param({name!r}) (a PyroModule "
+                "parameter without a prior is one too); ProximalScoreVI fits latent sample "
+                "sites only. Give it a prior (pyro.sample, or PyroSample on the module; "
+                "pyro_psvi.bayesian_module does it for a whole nn.Module) or fix it with "
+                "poutine.condition."
+            )
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        if site["fn"].support.is_discrete:
+            raise ValueError(
+                f"Latent site {name!r} is discrete ({type(site['fn']).__name__}); score-based "
+                "VI needs a differentiable log density in every latent. Marginalize it out "
+                "in the model (e.g. a mixture via MixtureSameFamily) or use "
+                "pyro.infer.TraceEnum_ELBO with SVI."
+            )
+        if not _same_support(site["fn"].support, other_trace.nodes[name]["fn"].support):
+            raise NotImplementedError(
+                f"Latent site {name!r} has a support that depends on other latents "
+                f"({site['fn'].support}); Pyro's autoguides fix each site's support when they "
+                "are set up, so their samples would leave it. Reparameterize (e.g. "
+                "x = s * v with v ~ Uniform(-1, 1) instead of x ~ Uniform(-s, s)), or use "
+                "numpyro_psvi, whose guides follow dependent supports."
+            )
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.size != frame.full_size:
+                raise NotImplementedError(
+                    f"Latent site {name!r} is local to the subsampled plate {frame.name!r}; "
+                    "ProximalScoreVI supports global latents with subsampled likelihoods. "
+                    "Use the full plate for local latents, or marginalize them."
+                )
+        latents.append(name)
+    if not latents:
+        raise ValueError(
+            "The model has no latent sample sites: there is no posterior to fit. "
+            "Check that the observed sites carry obs= and that some site has none."
+        )
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
+            value = site["value"]
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(
+                    f"Observed site {name!r} holds non-finite values (NaN or inf); remove or "
+                    "impute them before fitting (or mask them with poutine.mask)."
+                )
+    return model_trace

@@ -1,0 +1,124 @@
+"""Clear errors for what ProximalScoreVI cannot fit (Pyro)."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoLaplaceApproximation,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
+
+from pyro_psvi import ProximalScoreVI
+
+
+@pytest.fixture(autouse=True)
+def fresh_pyro():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def gaussian_model():
+    pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+def adam():
+    return pyro.optim.Adam({"lr": 1e-2})
+
+
+@pytest.mark.parametrize("guide_cls", [AutoDelta, AutoLaplaceApproximation])
+def test_point_mass_guides_are_refused(guide_cls):
+    with pytest.raises(TypeError, match="point mass.*instead"):
+        ProximalScoreVI(gaussian_model, guide_cls(gaussian_model), adam())
+
+
+def test_non_autoguide_is_refused():
+    def guide():
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    with pytest.raises(TypeError, match="Supported: AutoNormal"):
+        ProximalScoreVI(gaussian_model, guide, adam())
+
+
+def test_discrete_latent_is_refused():
+    def model():
+        z = pyro.sample("z", dist.Bernoulli(0.5))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.3))
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    svi = ProximalScoreVI(model, AutoNormal(model), adam())
+    with pytest.raises(ValueError, match="'z' is discrete.*Marginalize"):
+        svi.step()
+
+
+def test_model_param_is_refused():
+    def model():
+        loc = pyro.param("loc", torch.zeros(()))
+        pyro.sample("x", dist.Normal(loc, 1.0))
+
+    svi = ProximalScoreVI(model, AutoNormal(model), adam())
+    with pytest.raises(NotImplementedError, match=r"pyro.param\('loc'\).*prior"):
+        svi.step()
+
+
+def test_local_latent_in_subsampled_plate_is_refused():
+    def model():
+        with pyro.plate("data", 100, subsample_size=10):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    svi = ProximalScoreVI(model, AutoNormal(model), adam())
+    with pytest.raises(NotImplementedError, match="local to the subsampled plate 'data'"):
+        svi.step()
+
+
+def test_dependent_support_is_refused():
+    def model():
+        s = pyro.sample("s", dist.Exponential(1.0))
+        pyro.sample("x", dist.Uniform(-s, s))
+
+    svi = ProximalScoreVI(model, AutoMultivariateNormal(model), adam())
+    with pytest.raises(NotImplementedError, match="'x' has a support that depends.*Reparameterize"):
+        svi.step()
+
+
+def test_no_latent_and_bad_data_are_refused():
+    def observed_only():
+        pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+    with pytest.raises(ValueError, match="no latent sample sites"):
+        ProximalScoreVI(observed_only, AutoNormal(observed_only), adam()).step()
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="'y' holds non-finite values"):
+        ProximalScoreVI(model, AutoNormal(model), adam()).step(torch.tensor([0.0, float("nan")]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"num_particles": 0}, "num_particles"),
+        ({"inner_steps": 0}, "inner_steps"),
+        ({"prox_weight": -1.0}, "prox_weight"),
+        ({"weighting": "fisher"}, "weighting"),
+        ({"trust_region": 0.0}, "trust_region"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        ProximalScoreVI(gaussian_model, AutoNormal(gaussian_model), adam(), **kwargs)
+
+
+def test_full_covariance_with_few_particles_warns():
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(80), 1.0).to_event(1))
+
+    svi = ProximalScoreVI(model, AutoMultivariateNormal(model), adam(), num_particles=4)
+    with pytest.warns(UserWarning, match="num_particles >= 10"):
+        svi.step()
