@@ -304,3 +304,24 @@ def test_non_finite_step_is_rejected():
     for optimizer in svi.optim.optim_objs.values():  # the optimizer saw no NaN
         for state in optimizer.state.values():
             assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
+
+
+def test_user_given_subsample_indices():
+    """`pyro.plate(..., subsample=idx)`: the likelihood of the given rows, scaled by N/B."""
+    x, y = regression_data(n=40)
+    idx = torch.arange(0, 40, 4)
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", len(x), subsample=idx) as rows:
+            pyro.sample("y", dist.Normal((x[rows] * w).sum(-1), 1.0), obs=y[rows])
+
+    svi = ProximalScoreVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 1e-2}))
+    svi.step(x, y)
+    assert svi.vectorize_particles
+    u = torch.randn(3, 3)
+    got = log_joints(model, svi.density, u, (x, y), {}, subsample={}, max_plate_nesting=1,
+                     vectorize=True)
+    prior = dist.Normal(0.0, 1.0).log_prob(u).sum(-1)
+    likelihood = dist.Normal(u @ x[idx].T, 1.0).log_prob(y[idx]).sum(-1)
+    torch.testing.assert_close(got, prior + 4.0 * likelihood)
