@@ -237,9 +237,10 @@ class ProximalScoreVI:
         Returns
         -------
         float
-            The covariance-weighted Fisher divergence of ``q_t`` on this step's
-            particles and mini-batch (zero exactly when the guide's score matches the
-            model's); NaN when the step was rejected.
+            The weighted Fisher divergence ``(1/S) sum_s r_s' W_t r_s`` (``W_t`` as
+            ``weighting`` says) of ``q_t`` on this step's particles and mini-batch
+            (zero exactly when the guide's score matches the model's); NaN when the
+            step was rejected.
         """
         loss = float(self.update(*args, **kwargs))
         if loss != loss:
