@@ -1,10 +1,14 @@
 """NumPyro backend of psvi: proximal score-based variational inference."""
 
+from numpyro_psvi.baselines import GSM, BaM, bam_schedule
 from numpyro_psvi.engine import ProximalScoreVI, PSVIState
 from numpyro_psvi.guides import GuideDensity, guide_density
 from numpyro_psvi.objective import proximal_objective, weighted_fisher
 
 __all__ = [
+    "GSM",
+    "BaM",
+    "bam_schedule",
     "GuideDensity",
     "PSVIState",
     "ProximalScoreVI",
