@@ -1,11 +1,15 @@
 """Pyro backend of psvi: proximal score-based variational inference."""
 
+from pyro_psvi.baselines import GSM, BaM, bam_schedule
 from pyro_psvi.engine import ProximalScoreVI
 from pyro_psvi.guides import GuideDensity, guide_density
 from pyro_psvi.models import bayesian_module
 from pyro_psvi.objective import proximal_objective, weighted_fisher
 
 __all__ = [
+    "GSM",
+    "BaM",
+    "bam_schedule",
     "GuideDensity",
     "ProximalScoreVI",
     "bayesian_module",

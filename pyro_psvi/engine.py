@@ -39,14 +39,179 @@ from pyro_psvi.scores import (
 )
 
 _REJECTED_MESSAGE = (
-    "ProximalScoreVI rejected {n} update(s) with non-finite scores, objective or "
-    "parameters (or a trust-region step that could not be made small enough); the "
-    "parameters were kept as they were. Likely causes: a learning rate too large, a "
-    "model returning -inf, or badly scaled data."
+    "{engine} rejected {n} update(s) (non-finite scores, objective or parameters, a "
+    "covariance that is not positive definite, or a trust-region step that could not be "
+    "made small enough); the parameters were kept as they were. Likely causes: a "
+    "learning rate too large, a model returning -inf, or badly scaled data."
 )
 
 
-class ProximalScoreVI:
+class ScoreEngine:
+    """What every engine fitting a Pyro autoguide from model scores shares.
+
+    Set-up on the first call (model checks, the guide's params and density, the
+    particle-vectorization probe), the guide's params read from and written to Pyro's
+    param store, :meth:`step` / :meth:`run` over a subclass's :meth:`update`, and
+    :meth:`evaluate_loss`. Subclasses: :class:`ProximalScoreVI` and the baselines in
+    :mod:`pyro_psvi.baselines`.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: autoguide.AutoGuide,
+        *,
+        num_particles: int,
+        vectorize_particles: bool = True,
+        max_plate_nesting: int | None = None,
+        score_method: str = "closed_form",
+    ) -> None:
+        if int(num_particles) < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {num_particles}.")
+        check_guide_supported(guide)
+        self.model = model
+        self.guide = guide
+        self.num_particles = int(num_particles)
+        self.vectorize_particles = bool(vectorize_particles)
+        self.max_plate_nesting = max_plate_nesting
+        self.score_method = score_method
+        self.num_score_calls = 0
+        self.density: GuideDensity | None = None
+        self._transforms: dict[str, Any] = {}
+        self._num_rejected: torch.Tensor | int = 0
+
+    @property
+    def num_rejected(self) -> int:
+        """Steps rejected so far (reading it synchronises with the device)."""
+        return int(self._num_rejected)
+
+    # ----------------------------------------------------------------- set-up
+    def _setup(self, args: tuple, kwargs: dict) -> None:
+        model_trace = check_model(self.model, args, kwargs)
+        with poutine.block():
+            self.guide(*args, **kwargs)  # sets up the prototype and creates the params
+        density = guide_density(self.guide, self.score_method)
+        constraints = pyro.get_param_store().get_state()["constraints"]
+        missing = [name for name in density.param_names if name not in constraints]
+        if missing:
+            raise RuntimeError(
+                f"The guide's params {missing} are not in Pyro's param store; was the "
+                "param store cleared after the guide was built? Build a fresh guide."
+            )
+        self._transforms = {name: transform_to(constraints[name]) for name in density.param_names}
+        if self.max_plate_nesting is None:
+            self.max_plate_nesting = guess_max_plate_nesting(model_trace)
+        self.density = density
+        if self.vectorize_particles:
+            self.vectorize_particles = self._can_vectorize(args, kwargs)
+
+    def _can_vectorize(self, args: tuple, kwargs: dict) -> bool:
+        """Probe the vectorized pass once against one-particle-at-a-time passes."""
+        if self.num_particles == 1:
+            return False
+        with torch.no_grad():
+            particles = self.density.sample(self._constrain(self._leaves()), self.num_particles)
+            subsample: dict[str, torch.Tensor] = {}
+            common = dict(subsample=subsample, max_plate_nesting=self.max_plate_nesting)
+            try:
+                vectorized = log_joints(
+                    self.model, self.density, particles, args, kwargs,
+                    vectorize=True, check_shapes=True, **common,
+                )  # fmt: skip
+            # Model code may fail in any way under the extra particle dimension; the
+            # sequential pass below then runs the model as written.
+            except Exception as error:  # noqa: BLE001
+                reason = f"{type(error).__name__}: {error}"
+            else:
+                one_at_a_time = log_joints(
+                    self.model, self.density, particles, args, kwargs, vectorize=False, **common
+                )
+                scale = one_at_a_time.abs().max().clamp(min=1.0)
+                if torch.allclose(vectorized, one_at_a_time, rtol=1e-4, atol=1e-4 * float(scale)):
+                    return True
+                reason = (
+                    f"its vectorized log joints {vectorized.tolist()} differ from those of "
+                    f"one particle at a time {one_at_a_time.tolist()}"
+                )
+        warnings.warn(
+            f"ProximalScoreVI cannot evaluate this model's particles in one vectorized pass "
+            f"({reason}). It evaluates them one model call at a time instead. To vectorize, "
+            "write the model broadcast-safe, as for Trace_ELBO(vectorize_particles=True): "
+            "latents get leading particle dims, e.g. `(x * w).sum(-1)` rather than "
+            "`x @ w`; to silence this, pass vectorize_particles=False.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return False
+
+    def _leaves(self) -> dict[str, torch.Tensor]:
+        """The guide's unconstrained param tensors, fetched from the param store."""
+        store = pyro.get_param_store()
+        return {name: store.get_param(name).unconstrained() for name in self.density.param_names}
+
+    def _constrain(self, unconstrained: dict[str, torch.Tensor]) -> Params:
+        return {name: self._transforms[name](value) for name, value in unconstrained.items()}
+
+    def _particles_and_scores(self, params: Params, args: tuple, kwargs: dict):
+        """``S`` particles from the guide at ``params`` and their mini-batch log joints
+        and scores (one fresh mini-batch shared by the particles)."""
+        with torch.no_grad():
+            particles = self.density.sample(params, self.num_particles)
+        log_joint, scores = model_scores(
+            self.model, self.density, particles, args, kwargs,
+            max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,
+        )  # fmt: skip
+        return particles, log_joint, scores
+
+    # ------------------------------------------------------------------ steps
+    def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One step; returns its loss as a 0-dim tensor without a host sync."""
+        raise NotImplementedError
+
+    def step(self, *args: Any, **kwargs: Any) -> float:
+        """One step (:meth:`update`), its loss read as a float; NaN when rejected."""
+        loss = float(self.update(*args, **kwargs))
+        if loss != loss:
+            message = _REJECTED_MESSAGE.format(engine=type(self).__name__, n=1)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return loss
+
+    def run(self, num_steps: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Take ``num_steps`` steps, reading nothing from the device until the end.
+
+        Returns
+        -------
+        torch.Tensor
+            The per-step losses, shape ``(num_steps,)`` (NaN where rejected).
+        """
+        if num_steps < 1:
+            raise ValueError("num_steps must be a positive integer.")
+        rejected_before = self.num_rejected
+        losses = torch.stack([self.update(*args, **kwargs) for _ in range(num_steps)])
+        rejected = self.num_rejected - rejected_before
+        if rejected:
+            message = _REJECTED_MESSAGE.format(engine=type(self).__name__, n=rejected)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return losses
+
+    def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
+        """Covariance-weighted Fisher divergence of the current guide on fresh particles.
+
+        Costs ``num_particles`` score calls (not counted in ``num_score_calls``) and
+        changes no parameter.
+        """
+        if self.density is None:
+            self._setup(args, kwargs)
+        with torch.no_grad():
+            params = self._constrain({k: v.detach() for k, v in self._leaves().items()})
+        particles, _, scores = self._particles_and_scores(params, args, kwargs)
+        with torch.no_grad():
+            return float(
+                weighted_fisher(self.density, params, params, particles, scores, "covariance")
+            )
+
+
+class ProximalScoreVI(ScoreEngine):
     """Proximal score-based variational inference (Kim, arXiv:2602.05873).
 
     Use it where you would use ``SVI(model, guide, optim, Trace_ELBO())``::
@@ -114,8 +279,6 @@ class ProximalScoreVI:
         score_method: str = "closed_form",
         max_halvings: int = 12,
     ) -> None:
-        if int(num_particles) < 1:
-            raise ValueError(f"num_particles must be a positive integer, got {num_particles}.")
         if int(inner_steps) < 1:
             raise ValueError(f"inner_steps must be a positive integer, got {inner_steps}.")
         if not prox_weight >= 0:
@@ -129,48 +292,21 @@ class ProximalScoreVI:
                 f"optim must be a pyro.optim optimizer (e.g. pyro.optim.Adam({{'lr': 1e-2}})), "
                 f"got {type(optim).__name__}; wrap torch optimizers with pyro.optim.PyroOptim."
             )
-        check_guide_supported(guide)
-        self.model = model
-        self.guide = guide
+        super().__init__(
+            model, guide, num_particles=num_particles, vectorize_particles=vectorize_particles,
+            max_plate_nesting=max_plate_nesting, score_method=score_method,
+        )  # fmt: skip
         self.optim = optim
-        self.num_particles = int(num_particles)
         self.inner_steps = int(inner_steps)
         self.prox_weight = float(prox_weight)
         self.weighting = weighting
         self.trust_region = trust_region
-        self.vectorize_particles = bool(vectorize_particles)
-        self.max_plate_nesting = max_plate_nesting
-        self.score_method = score_method
         self.max_halvings = int(max_halvings)
-        self.num_score_calls = 0
-        self.density: GuideDensity | None = None
-        self._transforms: dict[str, Any] = {}
-        self._num_rejected: torch.Tensor | int = 0
 
-    @property
-    def num_rejected(self) -> int:
-        """Steps rejected so far (reading it synchronises with the device)."""
-        return int(self._num_rejected)
-
-    # ----------------------------------------------------------------- set-up
     def _setup(self, args: tuple, kwargs: dict) -> None:
-        model_trace = check_model(self.model, args, kwargs)
-        with poutine.block():
-            self.guide(*args, **kwargs)  # sets up the prototype and creates the params
-        density = guide_density(self.guide, self.score_method)
-        constraints = pyro.get_param_store().get_state()["constraints"]
-        missing = [name for name in density.param_names if name not in constraints]
-        if missing:
-            raise RuntimeError(
-                f"The guide's params {missing} are not in Pyro's param store; was the "
-                "param store cleared after the guide was built? Build a fresh guide."
-            )
-        self._transforms = {name: transform_to(constraints[name]) for name in density.param_names}
-        if self.max_plate_nesting is None:
-            self.max_plate_nesting = guess_max_plate_nesting(model_trace)
-        self.density = density
+        super()._setup(args, kwargs)
         if isinstance(self.guide, autoguide.AutoMultivariateNormal):
-            dim = density.latent_dim
+            dim = self.density.latent_dim
             if dim > 16 * self.num_particles:
                 warnings.warn(
                     f"Full-covariance guide with D={dim} latent dimensions and only "
@@ -178,78 +314,20 @@ class ProximalScoreVI:
                     "converged at 3e-3 or with more particles (docs/gaussian_targets.md). "
                     f"Use a smaller step size or num_particles >= {-(-dim // 8)}.",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-        if self.vectorize_particles:
-            self.vectorize_particles = self._can_vectorize(args, kwargs)
 
-    def _can_vectorize(self, args: tuple, kwargs: dict) -> bool:
-        """Probe the vectorized pass once against one-particle-at-a-time passes."""
-        if self.num_particles == 1:
-            return False
-        with torch.no_grad():
-            particles = self.density.sample(self._constrain(self._leaves()), self.num_particles)
-            subsample: dict[str, torch.Tensor] = {}
-            common = dict(subsample=subsample, max_plate_nesting=self.max_plate_nesting)
-            try:
-                vectorized = log_joints(
-                    self.model, self.density, particles, args, kwargs,
-                    vectorize=True, check_shapes=True, **common,
-                )  # fmt: skip
-            # Model code may fail in any way under the extra particle dimension; the
-            # sequential pass below then runs the model as written.
-            except Exception as error:  # noqa: BLE001
-                reason = f"{type(error).__name__}: {error}"
-            else:
-                one_at_a_time = log_joints(
-                    self.model, self.density, particles, args, kwargs, vectorize=False, **common
-                )
-                scale = one_at_a_time.abs().max().clamp(min=1.0)
-                if torch.allclose(vectorized, one_at_a_time, rtol=1e-4, atol=1e-4 * float(scale)):
-                    return True
-                reason = (
-                    f"its vectorized log joints {vectorized.tolist()} differ from those of "
-                    f"one particle at a time {one_at_a_time.tolist()}"
-                )
-        warnings.warn(
-            f"ProximalScoreVI cannot evaluate this model's particles in one vectorized pass "
-            f"({reason}). It evaluates them one model call at a time instead. To vectorize, "
-            "write the model broadcast-safe, as for Trace_ELBO(vectorize_particles=True): "
-            "latents get leading particle dims, e.g. `(x * w).sum(-1)` rather than "
-            "`x @ w`; to silence this, pass vectorize_particles=False.",
-            UserWarning,
-            stacklevel=4,
-        )
-        return False
-
-    def _leaves(self) -> dict[str, torch.Tensor]:
-        """The guide's unconstrained param tensors, fetched from the param store."""
-        store = pyro.get_param_store()
-        return {name: store.get_param(name).unconstrained() for name in self.density.param_names}
-
-    def _constrain(self, unconstrained: dict[str, torch.Tensor]) -> Params:
-        return {name: self._transforms[name](value) for name, value in unconstrained.items()}
-
-    # ------------------------------------------------------------------ steps
-    def step(self, *args: Any, **kwargs: Any) -> float:
+    def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """One update: ``S`` score calls and ``K`` optimizer steps.
 
         Returns
         -------
-        float
-            The weighted Fisher divergence ``(1/S) sum_s r_s' W_t r_s`` (``W_t`` as
-            ``weighting`` says) of ``q_t`` on this step's particles and mini-batch
-            (zero exactly when the guide's score matches the model's); NaN when the
-            step was rejected.
+        torch.Tensor
+            0-dim, on the params' device (no host sync): the weighted Fisher divergence
+            ``(1/S) sum_s r_s' W_t r_s`` (``W_t`` as ``weighting`` says) of ``q_t`` on
+            this step's particles and mini-batch (zero exactly when the guide's score
+            matches the model's); NaN when the step was rejected.
         """
-        loss = float(self.update(*args, **kwargs))
-        if loss != loss:
-            warnings.warn(_REJECTED_MESSAGE.format(n=1), RuntimeWarning, stacklevel=2)
-        return loss
-
-    def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """As :meth:`step`, but returns the loss as a 0-dim tensor on the params' device,
-        without synchronising with it."""
         if self.density is None:
             self._setup(args, kwargs)
         density = self.density
@@ -257,11 +335,7 @@ class ProximalScoreVI:
         with torch.no_grad():
             start = {name: leaf.detach().clone() for name, leaf in leaves.items()}
             params_t = self._constrain(start)
-            particles = density.sample(params_t, self.num_particles)
-        log_joint, scores = model_scores(
-            self.model, density, particles, args, kwargs,
-            max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,
-        )  # fmt: skip
+        particles, log_joint, scores = self._particles_and_scores(params_t, args, kwargs)
         scores_ok = torch.isfinite(log_joint).all() & torch.isfinite(scores).all()
         scores = torch.where(scores_ok, scores, torch.zeros_like(scores))
         with torch.no_grad():
@@ -307,39 +381,3 @@ class ProximalScoreVI:
         self.num_score_calls += self.num_particles
         return torch.where(accept, loss, torch.full_like(loss, float("nan")))
 
-    def run(self, num_steps: int, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Take ``num_steps`` steps, reading nothing from the device until the end.
-
-        Returns
-        -------
-        torch.Tensor
-            The per-step losses, shape ``(num_steps,)`` (NaN where rejected).
-        """
-        if num_steps < 1:
-            raise ValueError("num_steps must be a positive integer.")
-        rejected_before = self.num_rejected
-        losses = torch.stack([self.update(*args, **kwargs) for _ in range(num_steps)])
-        rejected = self.num_rejected - rejected_before
-        if rejected:
-            warnings.warn(_REJECTED_MESSAGE.format(n=rejected), RuntimeWarning, stacklevel=2)
-        return losses
-
-    def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
-        """Covariance-weighted Fisher divergence of the current guide on fresh particles.
-
-        Costs ``num_particles`` score calls (not counted in ``num_score_calls``) and
-        changes no parameter.
-        """
-        if self.density is None:
-            self._setup(args, kwargs)
-        with torch.no_grad():
-            params = self._constrain({k: v.detach() for k, v in self._leaves().items()})
-            particles = self.density.sample(params, self.num_particles)
-        _, scores = model_scores(
-            self.model, self.density, particles, args, kwargs,
-            max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,
-        )  # fmt: skip
-        with torch.no_grad():
-            return float(
-                weighted_fisher(self.density, params, params, particles, scores, "covariance")
-            )

@@ -1,0 +1,181 @@
+"""GSM and BaM: closed-form score-based baselines (``../shared/docs/BASELINES.md``).
+
+Both fit an ``AutoMultivariateNormal`` guide with closed-form updates (no
+optimizer) from ``num_particles`` particles and their model scores, computed by the
+same machinery as :class:`~pyro_psvi.ProximalScoreVI` (plates, constraints and
+mini-batches behave the same). The guide's params stay in Pyro's param store. An
+update whose covariance is not positive definite, or whose scores are not finite,
+is rejected: the parameters are kept and ``num_rejected`` counts it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pyro.infer.autoguide import AutoMultivariateNormal
+
+from pyro_psvi.engine import ScoreEngine
+from pyro_psvi.objective import weighted_fisher
+
+
+def gsm_step(
+    loc: torch.Tensor, cov: torch.Tensor, particles: torch.Tensor, scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch GSM update (Modi et al. 2023): the new ``(loc, cov)``."""
+    eps = scores @ cov + particles - loc  # cov is symmetric
+    diff = loc - particles
+    diff_g = (diff * scores).sum(-1)
+    gamma = ((scores @ cov) * scores).sum(-1) + diff_g**2
+    rho = 0.5 * torch.sqrt(1 + 4 * gamma) - 0.5
+    g_eps = (scores * eps).sum(-1)
+    dmu = (eps - diff * (g_eps / (1 + rho + diff_g))[:, None]) / (1 + rho)[:, None]
+    new_diff = loc + dmu - particles
+    num = particles.shape[0]
+    dcov = diff.T @ diff / num - new_diff.T @ new_diff / num
+    return loc + dmu.mean(0), cov + dcov
+
+
+def bam_step(
+    loc: torch.Tensor,
+    cov: torch.Tensor,
+    particles: torch.Tensor,
+    scores: torch.Tensor,
+    learning_rate: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One BaM update (Cai et al. 2024) with learning rate ``l``: the new ``(loc, cov)``.
+
+    ``S U S + S = V`` is solved as ``S = 2 L (I + M^{1/2})^{-1} L'`` with ``V = L L'`` and
+    ``M = I + 4 L' U L`` (symmetric), which equals BASELINES.md's
+    ``2 V (I + (I + 4 U V)^{1/2})^{-1}`` and is symmetric positive definite by construction.
+    """
+    num = particles.shape[0]
+    zbar, gbar = particles.mean(0), scores.mean(0)
+    c = (particles - zbar).T @ (particles - zbar) / num
+    gamma = (scores - gbar).T @ (scores - gbar) / num
+    frac = learning_rate / (1 + learning_rate)
+    u = learning_rate * gamma + frac * torch.outer(gbar, gbar)
+    v = cov + learning_rate * c + frac * torch.outer(loc - zbar, loc - zbar)
+    v_tril = torch.linalg.cholesky(v)
+    eye = torch.eye(len(loc), dtype=loc.dtype, device=loc.device)
+    evals, evecs = torch.linalg.eigh(eye + 4 * v_tril.T @ u @ v_tril)
+    inv_term = (evecs / (1 + torch.sqrt(evals.clamp(min=0.0)))) @ evecs.T
+    new_cov = 2 * v_tril @ inv_term @ v_tril.T
+    new_cov = 0.5 * (new_cov + new_cov.T)
+    new_loc = loc / (1 + learning_rate) + frac * (new_cov @ gbar + zbar)
+    return new_loc, new_cov
+
+
+class _GaussianBaseline(ScoreEngine):
+    """Shared ``step`` of the closed-form baselines over an AutoMultivariateNormal guide."""
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: AutoMultivariateNormal,
+        *,
+        num_particles: int,
+        vectorize_particles: bool = True,
+        max_plate_nesting: int | None = None,
+    ) -> None:
+        if not isinstance(guide, AutoMultivariateNormal):
+            raise TypeError(
+                f"{type(self).__name__} fits a full-covariance Gaussian: pass an "
+                f"AutoMultivariateNormal guide, got {type(guide).__name__}."
+            )
+        super().__init__(
+            model, guide, num_particles=num_particles, vectorize_particles=vectorize_particles,
+            max_plate_nesting=max_plate_nesting,
+        )  # fmt: skip
+        self.num_updates = 0
+
+    def _closed_form(self, loc, cov, particles, scores):
+        raise NotImplementedError
+
+    def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One closed-form update from ``num_particles`` score calls.
+
+        Returns the covariance-weighted Fisher divergence of the current guide on this
+        update's particles, as a 0-dim tensor (no host sync); NaN when rejected.
+        """
+        if self.density is None:
+            self._setup(args, kwargs)
+        leaves = self._leaves()
+        loc_name, scale_name, tril_name = self.density.param_names
+        with torch.no_grad():
+            params = self._constrain({k: v.detach() for k, v in leaves.items()})
+        particles, log_joint, scores = self._particles_and_scores(params, args, kwargs)
+        with torch.no_grad():
+            loss = weighted_fisher(self.density, params, params, particles, scores, "covariance")
+            tril = params[scale_name][:, None] * params[tril_name]
+            new_loc, new_cov = self._closed_form(params[loc_name], tril @ tril.T, particles, scores)
+            new_tril, info = torch.linalg.cholesky_ex(new_cov)
+            accept = (info == 0) & torch.isfinite(new_tril).all() & torch.isfinite(new_loc).all()
+            accept &= torch.isfinite(log_joint).all() & torch.isfinite(scores).all()
+            # Back to Pyro's parameterization: L = diag(scale) @ unit lower triangular.
+            scale = torch.diagonal(new_tril).clamp(min=torch.finfo(new_tril.dtype).tiny)
+            new_params = {loc_name: new_loc, scale_name: scale, tril_name: new_tril / scale[:, None]}
+            for name, leaf in leaves.items():
+                candidate = self._transforms[name].inv(new_params[name])
+                leaf.copy_(torch.where(accept, candidate, leaf))
+        self._num_rejected = self._num_rejected + (~accept).to(torch.int64)
+        self.num_score_calls += self.num_particles
+        self.num_updates += 1
+        return torch.where(accept, loss, torch.full_like(loss, float("nan")))
+
+
+class GSM(_GaussianBaseline):
+    """Gaussian score matching VI (Modi et al., NeurIPS 2023), ``num_particles`` per step."""
+
+    def __init__(self, model: Callable, guide: AutoMultivariateNormal, *, num_particles: int = 2,
+                 **options: Any) -> None:  # fmt: skip
+        super().__init__(model, guide, num_particles=num_particles, **options)
+
+    def _closed_form(self, loc, cov, particles, scores):
+        return gsm_step(loc, cov, particles, scores)
+
+
+class BaM(_GaussianBaseline):
+    """Batch and match VI (Cai et al., ICML 2024).
+
+    Parameters
+    ----------
+    learning_rate : float or callable
+        A constant ``l`` or a schedule ``l(t)`` of the update count ``t = 0, 1, ...``
+        (see :func:`bam_schedule`).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: AutoMultivariateNormal,
+        *,
+        num_particles: int = 2,
+        learning_rate: float | Callable[[int], float] = 1.0,
+        **options: Any,
+    ) -> None:
+        if num_particles < 2:
+            raise ValueError("BaM needs num_particles >= 2 (batch covariances).")
+        super().__init__(model, guide, num_particles=num_particles, **options)
+        self.learning_rate = learning_rate
+
+    def _closed_form(self, loc, cov, particles, scores):
+        rate = self.learning_rate
+        rate = rate(self.num_updates) if callable(rate) else rate
+        return bam_step(loc, cov, particles, scores, float(rate))
+
+
+def bam_schedule(kind: str, l0: float = 1.0, *, batch: int = 1, dim: int = 1) -> Callable[[int], float]:
+    """BaM's learning-rate schedules: ``"constant"`` (``l0``), ``"bd"`` (``B D / (t + 1)``),
+    ``"inverse"`` (``l0 / (t + 1)``), ``"inverse_sqrt"`` (``l0 / sqrt(t + 1)``)."""
+    schedules = {
+        "constant": lambda t: l0,
+        "bd": lambda t: batch * dim / (t + 1.0),
+        "inverse": lambda t: l0 / (t + 1.0),
+        "inverse_sqrt": lambda t: l0 / math.sqrt(t + 1.0),
+    }
+    if kind not in schedules:
+        raise ValueError(f"kind must be one of {sorted(schedules)}, got {kind!r}.")
+    return schedules[kind]
