@@ -129,7 +129,7 @@ class ProximalScoreVI:
         inner_steps: int = 20,
         prox_weight: float = 10.0,
         weighting: str = "covariance",
-        trust_region: float | None = 0.5,
+        trust_region: float | None = 0.02,
         score_method: str = "closed_form",
         num_kl_draws: int = 256,
         max_halvings: int = 12,

@@ -273,7 +273,7 @@ class ProximalScoreVI(ScoreEngine):
         inner_steps: int = 20,
         prox_weight: float = 10.0,
         weighting: str = "covariance",
-        trust_region: float | None = 0.5,
+        trust_region: float | None = 0.02,
         vectorize_particles: bool = True,
         max_plate_nesting: int | None = None,
         score_method: str = "closed_form",
