@@ -1,7 +1,7 @@
 """NumPyro backend of psvi: proximal score-based variational inference."""
 
 from numpyro_psvi.baselines import GSM, BaM, bam_schedule
-from numpyro_psvi.engine import ProximalScoreVI, PSVIState
+from numpyro_psvi.engine import ProximalScoreVI, PSVIState, load_state, save_state
 from numpyro_psvi.guides import GuideDensity, guide_density
 from numpyro_psvi.objective import proximal_objective, weighted_fisher
 
@@ -13,6 +13,8 @@ __all__ = [
     "PSVIState",
     "ProximalScoreVI",
     "guide_density",
+    "load_state",
     "proximal_objective",
+    "save_state",
     "weighted_fisher",
 ]

@@ -21,18 +21,21 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoMultivariateNormal
 from numpyro.infer.svi import SVIRunResult
 
+from numpyro_psvi.engine import check_rejection_streak
 from numpyro_psvi.guides import guide_density
 from numpyro_psvi.objective import weighted_fisher
 from numpyro_psvi.scores import check_model, make_score_fn
 
 
 class BaselineState(NamedTuple):
-    """State of :class:`GSM` and :class:`BaM`: constrained guide params and counters."""
+    """State of :class:`GSM` and :class:`BaM`: constrained guide params and counters
+    (as in :class:`~numpyro_psvi.PSVIState`; ``step`` counts updates, for schedules)."""
 
     params: dict
     rng_key: jax.Array
     num_score_calls: jax.Array
     num_rejected: jax.Array
+    consecutive_rejected: jax.Array
     step: jax.Array
 
 
@@ -78,7 +81,15 @@ def bam_step(loc, cov, particles, scores, learning_rate):
 class _GaussianBaseline:
     """Shared ``init / update / run / get_params`` of the closed-form baselines."""
 
-    def __init__(self, model: Callable, guide: Any, *, num_particles: int, **static_kwargs: Any):
+    def __init__(
+        self,
+        model: Callable,
+        guide: Any,
+        *,
+        num_particles: int,
+        max_consecutive_rejections: int | None = 20,
+        **static_kwargs: Any,
+    ):
         if not isinstance(guide, AutoMultivariateNormal):
             raise TypeError(
                 f"{type(self).__name__} fits a full-covariance Gaussian: pass an "
@@ -89,6 +100,7 @@ class _GaussianBaseline:
         self.model = model
         self.guide = guide
         self.num_particles = int(num_particles)
+        self.max_consecutive_rejections = max_consecutive_rejections
         self.static_kwargs = static_kwargs
         # SVI collects the guide's params (the optimizer is never stepped).
         self._svi = SVI(model, guide, numpyro.optim.SGD(0.0), Trace_ELBO(), **static_kwargs)
@@ -103,7 +115,8 @@ class _GaussianBaseline:
         svi_state = self._svi.init(rng_key, *args, init_params=init_params, **kwargs)
         self.density = guide_density(self.guide)
         zero = jnp.zeros((), jnp.int32)
-        return BaselineState(self._svi.get_params(svi_state), svi_state.rng_key, zero, zero, zero)
+        params = self._svi.get_params(svi_state)
+        return BaselineState(params, svi_state.rng_key, zero, zero, zero, zero)
 
     def get_params(self, state: BaselineState) -> dict:
         """Constrained guide params, as ``SVI.get_params`` returns them."""
@@ -140,16 +153,22 @@ class _GaussianBaseline:
             rng_key,
             state.num_score_calls + self.num_particles,
             state.num_rejected + (~accept).astype(jnp.int32),
+            jnp.where(accept, 0, state.consecutive_rejected + 1),
             state.step + 1,
         )
         return new_state, jnp.where(accept, loss, jnp.nan)
 
     def run(self, rng_key: jax.Array, num_steps: int, *args: Any, init_state=None, **kwargs: Any):
-        """``num_steps`` updates in one ``lax.scan``; returns NumPyro's ``SVIRunResult``."""
+        """``num_steps`` updates in one ``lax.scan``; returns NumPyro's ``SVIRunResult``.
+
+        Raises ``RuntimeError`` when the last ``max_consecutive_rejections`` updates
+        were all rejected.
+        """
         state = self.init(rng_key, *args, **kwargs) if init_state is None else init_state
         state, losses = jax.jit(
             lambda s: lax.scan(lambda s, _: self.update(s, *args, **kwargs), s, None, length=num_steps)
         )(state)
+        check_rejection_streak(type(self).__name__, state, self.max_consecutive_rejections)
         return SVIRunResult(self.get_params(state), state, losses)
 
 

@@ -13,12 +13,15 @@ parameters and optimizer state are kept and ``PSVIState.num_rejected`` counts it
 
 from __future__ import annotations
 
+import os
+import pickle
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tqdm
 from jax import lax, random
 from jax.flatten_util import ravel_pytree
@@ -34,7 +37,8 @@ from numpyro_psvi.objective import (
     trust_region_fraction,
     weighted_fisher,
 )
-from numpyro_psvi.scores import check_model, make_score_fn
+from numpyro_psvi.scores import check_model, latent_shapes, make_score_fn
+from psvi.checks import check_latents_match
 
 
 class PSVIState(NamedTuple):
@@ -51,12 +55,15 @@ class PSVIState(NamedTuple):
     num_rejected : jax.Array
         Updates rejected because a score, the objective or the new parameters were
         not finite (the state was left as it was).
+    consecutive_rejected : jax.Array
+        Length of the current run of rejected updates (0 after an accepted one).
     """
 
     optim_state: Any
     rng_key: jax.Array
     num_score_calls: jax.Array
     num_rejected: jax.Array
+    consecutive_rejected: jax.Array
 
 
 def _break_zero_cov_factor(guide, params: dict, init_params: dict | None, rng_key) -> dict:
@@ -115,6 +122,9 @@ class ProximalScoreVI:
         Draws for the Monte Carlo KL of guides without a closed form.
     max_halvings : int
         Trust-region halvings before the step is rejected.
+    max_consecutive_rejections : int or None
+        :meth:`run` raises once this many updates in a row were rejected (``None``:
+        never); it checks at the end of each progress-bar chunk, or at the end.
     **static_kwargs
         Static keyword arguments for the model and guide, as in ``SVI``.
     """
@@ -133,6 +143,7 @@ class ProximalScoreVI:
         score_method: str = "closed_form",
         num_kl_draws: int = 256,
         max_halvings: int = 12,
+        max_consecutive_rejections: int | None = 20,
         **static_kwargs: Any,
     ) -> None:
         if int(num_particles) < 1:
@@ -160,9 +171,11 @@ class ProximalScoreVI:
         self.score_method = score_method
         self.num_kl_draws = int(num_kl_draws)
         self.max_halvings = int(max_halvings)
+        self.max_consecutive_rejections = max_consecutive_rejections
         self.static_kwargs = static_kwargs
         self.constrain_fn: Callable | None = None
         self.density = None
+        self._latent_shapes: dict | None = None
 
     # ------------------------------------------------------------------ init
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
@@ -183,6 +196,17 @@ class ProximalScoreVI:
         # returns exactly what SVI.get_params would.
         svi_state = self._svi.init(rng_key, *args, init_params=init_params, **kwargs)
         self.constrain_fn = self._svi.constrain_fn
+        self._latent_shapes = latent_shapes(self.model, args, {**kwargs, **self.static_kwargs})
+        guide_shapes = {
+            name: tuple(jnp.shape(site["value"]))
+            for name, site in self.guide.prototype_trace.items()
+            if site["type"] == "sample" and not site["is_observed"]
+        }
+        check_latents_match(
+            guide_shapes, self._latent_shapes,
+            "The guide was built for another model: its latent sites differ from this model's",
+            "Build the guide from the model you fit, e.g. AutoNormal(model).",
+        )  # fmt: skip
         optim_state, rng_key = svi_state.optim_state, svi_state.rng_key
         if isinstance(self.guide, AutoLowRankMultivariateNormal):
             params = _break_zero_cov_factor(
@@ -201,7 +225,7 @@ class ProximalScoreVI:
                 stacklevel=2,
             )
         zero = jnp.zeros((), jnp.int32)
-        return PSVIState(optim_state, rng_key, zero, zero)
+        return PSVIState(optim_state, rng_key, zero, zero, zero)
 
     def get_params(self, state: PSVIState) -> dict:
         """Constrained guide params, exactly as ``SVI.get_params`` returns them."""
@@ -223,6 +247,11 @@ class ProximalScoreVI:
         """
         self._check_initialized()
         kwargs = {**kwargs, **self.static_kwargs}
+        check_latents_match(
+            self._latent_shapes, latent_shapes(self.model, args, kwargs),
+            "With these arguments the model's latent sites differ from those at init",
+            "Call init again with the new arguments: the guide's shapes are fixed there.",
+        )  # fmt: skip
         density = self.density
         rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
         unconstrained_t = self.optim.get_params(state.optim_state)
@@ -271,6 +300,7 @@ class ProximalScoreVI:
             rng_key,
             state.num_score_calls + self.num_particles,
             state.num_rejected + (~accept).astype(jnp.int32),
+            jnp.where(accept, 0, state.consecutive_rejected + 1),
         )
         # As SVI.stable_update does, a rejected step reports a NaN loss.
         return new_state, jnp.where(accept, loss, jnp.nan)
@@ -332,6 +362,7 @@ class ProximalScoreVI:
                     state, loss = jitted_body(state, None)
                     losses.append(loss)
                     if i % chunk == 0:
+                        self._check_rejection_streak(state)
                         losses[i - chunk :] = jax.device_get(losses[i - chunk :])
                         recent = [x for x in losses[i - chunk :] if x == x]
                         avg = sum(recent) / len(recent) if recent else float("nan")
@@ -343,6 +374,7 @@ class ProximalScoreVI:
             losses = jnp.stack(losses)
         else:
             state, losses = jax.jit(lambda s: lax.scan(body_fn, s, None, length=num_steps))(state)
+        self._check_rejection_streak(state)
         rejected = int(state.num_rejected)
         if rejected:
             warnings.warn(
@@ -363,6 +395,57 @@ class ProximalScoreVI:
         log_joints, model_scores = score_fn(particles, key_batch)
         return particles, log_joints, model_scores
 
+    def _check_rejection_streak(self, state: PSVIState) -> None:
+        check_rejection_streak(type(self).__name__, state, self.max_consecutive_rejections)
+
     def _check_initialized(self) -> None:
         if self.constrain_fn is None:
             raise RuntimeError("Call ProximalScoreVI.init(rng_key, *args) (or run) first.")
+
+
+def check_rejection_streak(engine: str, state: Any, limit: int | None) -> None:
+    """Raise once ``state.consecutive_rejected`` reaches ``limit`` (``None``: never)."""
+    if limit is not None and int(state.consecutive_rejected) >= limit:
+        raise RuntimeError(
+            f"{engine} rejected the last {int(state.consecutive_rejected)} updates in a row "
+            f"(max_consecutive_rejections={limit}): the fit is stuck. Likely causes: a "
+            "learning rate too large, a model returning -inf or NaN where the guide puts "
+            "mass, or badly scaled data. The state before them is intact."
+        )
+
+
+def save_state(path: str | os.PathLike, state: Any) -> None:
+    """Write an engine state (:class:`PSVIState` or a baseline's) to ``path``.
+
+    Everything a resumed run needs is in the state (params, optimizer state, key,
+    counters), so ``engine.run(..., init_state=load_state(path))`` continues exactly
+    where the saved run stopped.
+    """
+
+    def to_host(leaf):
+        if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+            return _TypedKey(np.asarray(random.key_data(leaf)), str(random.key_impl(leaf)))
+        return np.asarray(leaf)
+
+    with open(path, "wb") as f:
+        pickle.dump(jax.tree.map(to_host, state), f)
+
+
+def load_state(path: str | os.PathLike) -> Any:
+    """Read a state written by :func:`save_state`."""
+    with open(path, "rb") as f:
+        state = pickle.load(f)
+
+    def to_device(leaf):
+        if isinstance(leaf, _TypedKey):
+            return random.wrap_key_data(jnp.asarray(leaf.data), impl=leaf.impl)
+        return jnp.asarray(leaf)
+
+    return jax.tree.map(to_device, state, is_leaf=lambda x: isinstance(x, _TypedKey))
+
+
+class _TypedKey(NamedTuple):
+    """A new-style JAX key as raw data and the name of its implementation."""
+
+    data: np.ndarray
+    impl: str

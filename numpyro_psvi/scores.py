@@ -63,13 +63,38 @@ def make_score_fn(
     return jax.vmap(value_and_score, in_axes=(0, None))
 
 
+def latent_shapes(model: Callable, args: tuple, kwargs: dict) -> dict[str, tuple[int, ...]]:
+    """``{site name: shape}`` of the model's latent sample sites, traced abstractly
+    (``jax.eval_shape``: nothing is computed)."""
+
+    def latent_values():
+        model_trace = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+        return {
+            name: site["value"]
+            for name, site in model_trace.items()
+            if site["type"] == "sample" and not site["is_observed"]
+        }
+
+    return {name: tuple(value.shape) for name, value in jax.eval_shape(latent_values).items()}
+
+
 def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) -> None:
     """Raise a clear error for models ProximalScoreVI cannot fit.
 
     Checks: at least one latent site; no discrete latent site; no ``numpyro.param``
-    site in the model; no latent site inside a subsampled plate.
+    site in the model; no latent site inside a subsampled plate; no plate whose
+    ``subsample_size`` exceeds its size; finite observed data.
     """
     model_trace = trace(seed(model, rng_key)).get_trace(*args, **kwargs)
+    for name, site in model_trace.items():
+        if site["type"] == "plate":
+            size, subsample_size = site["args"][:2]
+            if subsample_size is not None and subsample_size > size:
+                raise ValueError(
+                    f"Plate {name!r} has subsample_size={subsample_size} larger than its "
+                    f"size {size}: the N/B scale would be wrong. Use subsample_size <= {size} "
+                    "(or None for the full data)."
+                )
     latents = []
     for name, site in model_trace.items():
         if site["type"] == "param":

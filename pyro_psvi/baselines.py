@@ -79,6 +79,7 @@ class _GaussianBaseline(ScoreEngine):
         num_particles: int,
         vectorize_particles: bool = True,
         max_plate_nesting: int | None = None,
+        max_consecutive_rejections: int | None = 20,
     ) -> None:
         if not isinstance(guide, AutoMultivariateNormal):
             raise TypeError(
@@ -88,11 +89,18 @@ class _GaussianBaseline(ScoreEngine):
         super().__init__(
             model, guide, num_particles=num_particles, vectorize_particles=vectorize_particles,
             max_plate_nesting=max_plate_nesting,
+            max_consecutive_rejections=max_consecutive_rejections,
         )  # fmt: skip
         self.num_updates = 0
 
     def _closed_form(self, loc, cov, particles, scores):
         raise NotImplementedError
+
+    def _checkpoint_extra(self) -> dict:
+        return {"num_updates": self.num_updates}
+
+    def _load_checkpoint_extra(self, extra: dict) -> None:
+        self.num_updates = extra["num_updates"]
 
     def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """One closed-form update from ``num_particles`` score calls.
@@ -100,8 +108,7 @@ class _GaussianBaseline(ScoreEngine):
         Returns the covariance-weighted Fisher divergence of the current guide on this
         update's particles, as a 0-dim tensor (no host sync); NaN when rejected.
         """
-        if self.density is None:
-            self._setup(args, kwargs)
+        self._prepare(args, kwargs)
         leaves = self._leaves()
         loc_name, scale_name, tril_name = self.density.param_names
         with torch.no_grad():
@@ -120,8 +127,7 @@ class _GaussianBaseline(ScoreEngine):
             for name, leaf in leaves.items():
                 candidate = self._transforms[name].inv(new_params[name])
                 leaf.copy_(torch.where(accept, candidate, leaf))
-        self._num_rejected = self._num_rejected + (~accept).to(torch.int64)
-        self.num_score_calls += self.num_particles
+        self._record(accept)
         self.num_updates += 1
         return torch.where(accept, loss, torch.full_like(loss, float("nan")))
 

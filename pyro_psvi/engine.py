@@ -13,6 +13,7 @@ after ``SVI``.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ from pyro.infer import autoguide
 from pyro.optim import PyroOptim
 from torch.distributions import transform_to
 
+from psvi.checks import check_latents_match
 from pyro_psvi.guides import GuideDensity, Params, check_guide_supported, guide_density
 from pyro_psvi.objective import (
     WEIGHTINGS,
@@ -34,6 +36,7 @@ from pyro_psvi.objective import (
 from pyro_psvi.scores import (
     check_model,
     guess_max_plate_nesting,
+    latent_shapes,
     log_joints,
     model_scores,
 )
@@ -65,6 +68,7 @@ class ScoreEngine:
         vectorize_particles: bool = True,
         max_plate_nesting: int | None = None,
         score_method: str = "closed_form",
+        max_consecutive_rejections: int | None = 20,
     ) -> None:
         if int(num_particles) < 1:
             raise ValueError(f"num_particles must be a positive integer, got {num_particles}.")
@@ -75,10 +79,14 @@ class ScoreEngine:
         self.vectorize_particles = bool(vectorize_particles)
         self.max_plate_nesting = max_plate_nesting
         self.score_method = score_method
+        self.max_consecutive_rejections = max_consecutive_rejections
         self.num_score_calls = 0
         self.density: GuideDensity | None = None
         self._transforms: dict[str, Any] = {}
         self._num_rejected: torch.Tensor | int = 0
+        self._consecutive_rejected: torch.Tensor | int = 0
+        self._latent_shapes: dict[str, tuple[int, ...]] = {}
+        self._arg_signature: Any = None
 
     @property
     def num_rejected(self) -> int:
@@ -87,9 +95,18 @@ class ScoreEngine:
 
     # ----------------------------------------------------------------- set-up
     def _setup(self, args: tuple, kwargs: dict) -> None:
+        _check_devices(None, args, kwargs)
         model_trace = check_model(self.model, args, kwargs)
-        with poutine.block():
+        self._latent_shapes = latent_shapes(model_trace)
+        self._arg_signature = _signature(args, kwargs)
+        # Set-up draws no random numbers from the run's stream (a resumed run matches).
+        with poutine.block(), torch.random.fork_rng(devices=_cuda_devices(args, kwargs)):
             self.guide(*args, **kwargs)  # sets up the prototype and creates the params
+        check_latents_match(
+            latent_shapes(self.guide.prototype_trace), self._latent_shapes,
+            "The guide was built for another model: its latent sites differ from this model's",
+            "Build the guide from the model you fit, e.g. AutoNormal(model).",
+        )  # fmt: skip
         density = guide_density(self.guide, self.score_method)
         constraints = pyro.get_param_store().get_state()["constraints"]
         missing = [name for name in density.param_names if name not in constraints]
@@ -102,8 +119,28 @@ class ScoreEngine:
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(model_trace)
         self.density = density
+        _check_devices(self._leaves(), args, kwargs)
         if self.vectorize_particles:
-            self.vectorize_particles = self._can_vectorize(args, kwargs)
+            with torch.random.fork_rng(devices=_cuda_devices(args, kwargs)):
+                self.vectorize_particles = self._can_vectorize(args, kwargs)
+
+    def _prepare(self, args: tuple, kwargs: dict) -> None:
+        """Set up on the first call; later, re-check the model when the argument shapes change."""
+        if self.density is None:
+            self._setup(args, kwargs)
+            return
+        signature = _signature(args, kwargs)
+        if signature != self._arg_signature:
+            with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
+                model_trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+            check_latents_match(
+                self._latent_shapes, latent_shapes(model_trace),
+                "With these arguments the model's latent sites differ from those of the "
+                "first step",
+                "Build a new guide and engine for the new arguments: the guide's shapes are "
+                "fixed at its first step.",
+            )  # fmt: skip
+            self._arg_signature = signature
 
     def _can_vectorize(self, args: tuple, kwargs: dict) -> bool:
         """Probe the vectorized pass once against one-particle-at-a-time passes."""
@@ -174,7 +211,68 @@ class ScoreEngine:
         if loss != loss:
             message = _REJECTED_MESSAGE.format(engine=type(self).__name__, n=1)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+            self._check_rejection_streak()
         return loss
+
+    def _record(self, accept: torch.Tensor) -> None:
+        """Count one step (on the device: no sync)."""
+        rejected = (~accept).to(torch.int64)
+        self._num_rejected = self._num_rejected + rejected
+        self._consecutive_rejected = (self._consecutive_rejected + rejected) * rejected
+        self.num_score_calls += self.num_particles
+
+    def _check_rejection_streak(self) -> None:
+        limit = self.max_consecutive_rejections
+        streak = int(self._consecutive_rejected)
+        if limit is not None and streak >= limit:
+            raise RuntimeError(
+                f"{type(self).__name__} rejected the last {streak} steps in a row "
+                f"(max_consecutive_rejections={limit}): the fit is stuck. Likely causes: a "
+                "learning rate too large, a model returning -inf or NaN where the guide puts "
+                "mass, or badly scaled data. The parameters before them are intact."
+            )
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, path: str | os.PathLike) -> None:
+        """Write everything a resumed run needs: the param store, the optimizer's state,
+        torch's and Pyro's RNG state and the counters (``torch.save``)."""
+        if self.density is None:
+            raise RuntimeError("Nothing to save before the first step.")
+        optim = getattr(self, "optim", None)
+        torch.save(
+            {
+                "param_store": pyro.get_param_store().get_state(),
+                "optim": None if optim is None else optim.get_state(),
+                "rng": pyro.util.get_rng_state(),
+                "num_score_calls": self.num_score_calls,
+                "num_rejected": self.num_rejected,
+                "consecutive_rejected": int(self._consecutive_rejected),
+                "extra": self._checkpoint_extra(),
+            },
+            path,
+        )
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save` into this engine (build it with the
+        same model, guide class and options); the next step continues the saved run."""
+        checkpoint = torch.load(path, weights_only=False)
+        pyro.get_param_store().set_state(checkpoint["param_store"])
+        optim = getattr(self, "optim", None)
+        if optim is not None and checkpoint["optim"] is not None:
+            optim.set_state(checkpoint["optim"])
+        self.num_score_calls = checkpoint["num_score_calls"]
+        self._num_rejected = checkpoint["num_rejected"]
+        self._consecutive_rejected = checkpoint["consecutive_rejected"]
+        self._load_checkpoint_extra(checkpoint["extra"])
+        # Set-up draws no random numbers from the run's stream, so this is where the
+        # saved run stood.
+        pyro.util.set_rng_state(checkpoint["rng"])
+
+    def _checkpoint_extra(self) -> dict:
+        return {}
+
+    def _load_checkpoint_extra(self, extra: dict) -> None:
+        pass
 
     def run(self, num_steps: int, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Take ``num_steps`` steps, reading nothing from the device until the end.
@@ -189,6 +287,7 @@ class ScoreEngine:
         rejected_before = self.num_rejected
         losses = torch.stack([self.update(*args, **kwargs) for _ in range(num_steps)])
         rejected = self.num_rejected - rejected_before
+        self._check_rejection_streak()
         if rejected:
             message = _REJECTED_MESSAGE.format(engine=type(self).__name__, n=rejected)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
@@ -200,8 +299,7 @@ class ScoreEngine:
         Costs ``num_particles`` score calls (not counted in ``num_score_calls``) and
         changes no parameter.
         """
-        if self.density is None:
-            self._setup(args, kwargs)
+        self._prepare(args, kwargs)
         with torch.no_grad():
             params = self._constrain({k: v.detach() for k, v in self._leaves().items()})
         particles, _, scores = self._particles_and_scores(params, args, kwargs)
@@ -256,11 +354,14 @@ class ProximalScoreVI(ScoreEngine):
     max_halvings : int
         Trust-region halvings before the step is rejected.
 
+    max_consecutive_rejections : int or None
+        :meth:`step` raises once this many steps in a row were rejected (``None``:
+        never); :meth:`run` checks at its end.
+
     Notes
     -----
-    A rejected step restores the parameters but not the optimizer's moments; those
-    stay finite because non-finite gradients are zeroed before the optimizer sees
-    them.
+    A rejected step restores the parameters and the optimizer's state (a copy of the
+    optimizer's state is taken each step for that).
     """
 
     def __init__(
@@ -278,6 +379,7 @@ class ProximalScoreVI(ScoreEngine):
         max_plate_nesting: int | None = None,
         score_method: str = "closed_form",
         max_halvings: int = 12,
+        max_consecutive_rejections: int | None = 20,
     ) -> None:
         if int(inner_steps) < 1:
             raise ValueError(f"inner_steps must be a positive integer, got {inner_steps}.")
@@ -295,6 +397,7 @@ class ProximalScoreVI(ScoreEngine):
         super().__init__(
             model, guide, num_particles=num_particles, vectorize_particles=vectorize_particles,
             max_plate_nesting=max_plate_nesting, score_method=score_method,
+            max_consecutive_rejections=max_consecutive_rejections,
         )  # fmt: skip
         self.optim = optim
         self.inner_steps = int(inner_steps)
@@ -328,8 +431,7 @@ class ProximalScoreVI(ScoreEngine):
             this step's particles and mini-batch (zero exactly when the guide's score
             matches the model's); NaN when the step was rejected.
         """
-        if self.density is None:
-            self._setup(args, kwargs)
+        self._prepare(args, kwargs)
         density = self.density
         leaves = self._leaves()
         with torch.no_grad():
@@ -342,6 +444,8 @@ class ProximalScoreVI(ScoreEngine):
             loss = weighted_fisher(density, params_t, params_t, particles, scores, self.weighting)
 
         leaf_list = list(leaves.values())
+        optimizer_state = self._optimizer_state(leaf_list)
+        saved_optimizer_state = [{k: v.clone() for k, v in st.items()} for st in optimizer_state]
         for _ in range(self.inner_steps):
             objective, _ = proximal_objective(
                 density, self._constrain(leaves), params_t, particles, scores,
@@ -377,7 +481,58 @@ class ProximalScoreVI(ScoreEngine):
                 accept &= torch.isfinite(value).all()
             for name, leaf in leaves.items():
                 leaf.copy_(torch.where(accept, torch.lerp(start[name], end[name], frac), start[name]))
-        self._num_rejected = self._num_rejected + (~accept).to(torch.int64)
-        self.num_score_calls += self.num_particles
+            # A rejected step also leaves the optimizer as it was (state created by this
+            # step goes back to zeros, i.e. a fresh optimizer).
+            for before, after in zip(saved_optimizer_state, self._optimizer_state(leaf_list), strict=True):
+                for key, value in after.items():
+                    old = before.get(key, torch.zeros_like(value))
+                    value.copy_(torch.where(accept.to(value.device), value, old))
+        self._record(accept)
         return torch.where(accept, loss, torch.full_like(loss, float("nan")))
 
+    def _optimizer_state(self, leaves: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The tensors of the torch optimizer state of each leaf (empty before its first step)."""
+        states = []
+        for leaf in leaves:
+            optimizer = self.optim.optim_objs.get(leaf)
+            optimizer = getattr(optimizer, "optimizer", optimizer)  # LR schedulers wrap one
+            state = {} if optimizer is None else optimizer.state.get(leaf, {})
+            states.append({k: v for k, v in state.items() if torch.is_tensor(v)})
+        return states
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Tensors among the arguments (top level and inside lists, tuples and dicts)."""
+    found = []
+    for item in (*args, *kwargs.values()):
+        if torch.is_tensor(item):
+            found.append(item)
+        elif isinstance(item, list | tuple):
+            found.extend(_tensors(tuple(item), {}))
+        elif isinstance(item, dict):
+            found.extend(_tensors((), item))
+    return found
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """Shapes and dtypes of the tensor arguments: a change means re-checking the model."""
+    return tuple((tuple(t.shape), t.dtype) for t in _tensors(args, kwargs))
+
+
+def _cuda_devices(args: tuple, kwargs: dict) -> list[torch.device]:
+    return sorted({t.device for t in _tensors(args, kwargs) if t.device.type == "cuda"}, key=str)
+
+
+def _check_devices(leaves: dict[str, torch.Tensor] | None, args: tuple, kwargs: dict) -> None:
+    """The model's tensors must share one device, that of the guide's params (``leaves``)."""
+    tensors = [t for t in _tensors(args, kwargs) if t.numel() > 0]
+    devices = {t.device for t in tensors}
+    if leaves is not None:
+        devices |= {leaf.device for leaf in leaves.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{tuple(t.shape)} on {t.device}" for t in tensors)
+        params = "" if leaves is None else f"; the guide's params are on {next(iter(leaves.values())).device}"
+        raise ValueError(
+            f"The model's tensors are on different devices ({where}{params}). Move the data "
+            "and the model to one device before the first step (the guide follows them)."
+        )

@@ -237,6 +237,15 @@ def _same_support(a, b) -> bool:
     return True
 
 
+def latent_shapes(model_trace) -> dict[str, tuple[int, ...]]:
+    """``{site name: shape}`` of the latent sample sites of a trace (plate indices excluded)."""
+    return {
+        name: tuple(site["value"].shape)
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    }
+
+
 def guess_max_plate_nesting(model_trace) -> int:
     """Deepest vectorized plate dim used by any site of a model trace."""
     dims = [
@@ -254,11 +263,21 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
 
     Checks: at least one latent site; no discrete latent site; no support that
     depends on other latents (two prior draws are compared); no ``pyro.param`` site
-    in the model; no latent site inside a subsampled plate; finite data.
+    in the model; no latent site inside a subsampled plate; no plate whose
+    ``subsample_size`` exceeds its size; finite data.
     """
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
         other_trace = poutine.trace(model).get_trace(*args, **kwargs)
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and site_is_subsample(site):
+            size, subsample_size = site["fn"].size, site["fn"].subsample_size
+            if subsample_size is not None and subsample_size > size:
+                raise ValueError(
+                    f"Plate {name!r} has subsample_size={subsample_size} larger than its "
+                    f"size {size}: the N/B scale would be wrong. Use subsample_size <= {size} "
+                    "(or None for the full data)."
+                )
     latents = []
     for name, site in model_trace.nodes.items():
         if site["type"] == "param":
