@@ -1,4 +1,6 @@
-"""Evaluation metrics (NumPy only): Gaussian KL, classification NLL, accuracy, ECE."""
+"""Evaluation metrics (NumPy only): Gaussian KL; classification NLL, accuracy, ECE,
+reliability bins, Brier score; regression RMSE and test log-likelihood; CRPS and
+interval coverage for forecasts (CRPS via ``scoringrules``)."""
 
 from __future__ import annotations
 
@@ -37,19 +39,70 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=-1) == np.asarray(labels)))
 
 
-def ece(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
-    """Expected calibration error with ``num_bins`` equal-width confidence bins."""
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> dict:
+    """Per equal-width confidence bin: ``count``, mean ``confidence`` and ``accuracy``
+    (NaN for empty bins) and the bin ``edges``; what ECE and a reliability diagram use."""
     probs = np.asarray(probs, np.float64)
     confidence = probs.max(axis=-1)
     correct = np.argmax(probs, axis=-1) == np.asarray(labels)
     edges = np.linspace(0.0, 1.0, num_bins + 1)
     bins = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, num_bins - 1)
-    total = 0.0
-    for b in range(num_bins):
-        in_bin = bins == b
-        if in_bin.any():
-            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total)
+    count = np.bincount(bins, minlength=num_bins)
+    with np.errstate(invalid="ignore"):
+        mean_conf = np.bincount(bins, confidence, num_bins) / count
+        mean_acc = np.bincount(bins, correct.astype(np.float64), num_bins) / count
+    return {"edges": edges, "count": count, "confidence": mean_conf, "accuracy": mean_acc}
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
+    """Expected calibration error with ``num_bins`` equal-width confidence bins."""
+    bins = reliability_bins(probs, labels, num_bins)
+    weight = bins["count"] / bins["count"].sum()
+    gap = np.nan_to_num(np.abs(bins["accuracy"] - bins["confidence"]))
+    return float(np.sum(weight * gap))
+
+
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over points of ``sum_k (p_k - 1[y = k])^2``."""
+    probs = np.asarray(probs, np.float64)
+    onehot = np.eye(probs.shape[-1])[np.asarray(labels)]
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=-1)))
+
+
+def rmse(sample_means: np.ndarray, targets: np.ndarray) -> float:
+    """Root mean squared error of the posterior predictive mean (draws on axis 0)."""
+    prediction = np.mean(np.asarray(sample_means, np.float64), axis=0)
+    return float(np.sqrt(np.mean((prediction - np.asarray(targets, np.float64)) ** 2)))
+
+
+def gaussian_test_log_likelihood(
+    sample_means: np.ndarray, sample_scales: np.ndarray | float, targets: np.ndarray
+) -> float:
+    """Mean over points of ``log (1/S) sum_s N(y | mean_s, scale_s^2)`` (draws on axis 0)."""
+    means = np.asarray(sample_means, np.float64)
+    scales = np.broadcast_to(np.asarray(sample_scales, np.float64), means.shape)
+    z = (np.asarray(targets, np.float64) - means) / scales
+    log_dens = -0.5 * z**2 - np.log(scales) - 0.5 * np.log(2 * np.pi)
+    top = log_dens.max(axis=0)
+    log_mean = top + np.log(np.mean(np.exp(log_dens - top), axis=0))
+    return float(np.mean(log_mean))
+
+
+def crps(samples: np.ndarray, targets: np.ndarray) -> float:
+    """Mean CRPS of ensemble forecasts (draws on axis 0): ``scoringrules.crps_ensemble``,
+    whose default equals the plug-in form ``E|X - y| - E|X - X'| / 2``."""
+    import scoringrules
+
+    samples = np.asarray(samples, np.float64)
+    return float(np.mean(scoringrules.crps_ensemble(np.asarray(targets, np.float64), samples, m_axis=0)))
+
+
+def interval_coverage(samples: np.ndarray, targets: np.ndarray, level: float = 0.9) -> float:
+    """Fraction of targets inside the central ``level`` interval of the draws (axis 0)."""
+    samples = np.asarray(samples, np.float64)
+    lower, upper = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    targets = np.asarray(targets, np.float64)
+    return float(np.mean((targets >= lower) & (targets <= upper)))
 
 
 def classification_report(sample_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -32,3 +32,26 @@ def plot_curves(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_reliability(bins: Mapping[str, Sequence], title: str, path: str) -> None:
+    """Write a reliability diagram (accuracy against confidence per bin, with the
+    diagonal of perfect calibration) from :func:`psvi.metrics.reliability_bins`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = bins["edges"]
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.bar(centers, bins["accuracy"], width=edges[1:] - edges[:-1], edgecolor="k", alpha=0.7,
+           label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

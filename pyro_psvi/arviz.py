@@ -1,0 +1,255 @@
+"""From a VI fit to ArviZ: ``InferenceData`` and diagnostics (Pyro).
+
+The twin of ``numpyro_psvi.arviz``. Pyro's plate refuses indices of another length
+than its ``subsample_size``, so the FULL data are covered chunk by chunk: the
+subsampled plate's indices are set to consecutive blocks of ``subsample_size``
+(the last block overlaps the one before), and each observed datum's unscaled log
+density (or predictive draw) is kept once. Draws are evaluated one at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import arviz as az
+import numpy as np
+import pyro
+import torch
+import xarray as xr
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to
+
+from pyro_psvi.guides import GuideDensity, guide_density
+from pyro_psvi.objective import weighted_fisher
+from pyro_psvi.scores import SharedSubsample, UnconstrainedValues
+
+
+class _Unobserve(Messenger):
+    """Sample the observed sites instead of conditioning on them."""
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] and not site_is_subsample(msg):
+            msg["value"], msg["is_observed"] = None, False
+
+
+def _subsampled_plate(model_trace) -> tuple[str, int, int] | None:
+    """``(name, size, subsample_size)`` of the model's subsampled plate, if any."""
+    plates = [
+        (name, site["fn"].size, site["fn"].subsample_size)
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and site_is_subsample(site)
+        and site["fn"].subsample_size is not None and site["fn"].subsample_size < site["fn"].size
+    ]  # fmt: skip
+    if len(plates) > 1:
+        raise NotImplementedError(
+            f"Full-data evaluation supports one subsampled plate; the model has {len(plates)}."
+        )
+    return plates[0] if plates else None
+
+
+def _chunks(size: int, batch: int):
+    """Blocks of ``batch`` indices covering ``range(size)``; with each, the positions
+    within the block whose indices appear for the first time."""
+    for start in range(0, size, batch):
+        first = min(start, size - batch)
+        yield torch.arange(first, first + batch), torch.arange(start - first, batch)
+
+
+def _full_data_sites(model, values, args, kwargs, plate, unobserve: bool):
+    """One draw over the full data: latent log prior + log|J| and, per observed site,
+    its pointwise unscaled log density (or predictive draw when ``unobserve``)."""
+    blocks = [(None, None)] if plate is None else list(_chunks(plate[1], plate[2]))
+    prior, pieces = None, {}
+    for indices, fresh in blocks:
+        handler = UnconstrainedValues(values)
+        subsample = {} if plate is None else {plate[0]: indices}
+        with poutine.trace() as tracer, SharedSubsample(subsample), handler:
+            if unobserve:
+                with _Unobserve():
+                    model(*args, **kwargs)
+            else:
+                model(*args, **kwargs)
+        model_trace = tracer.trace
+        if prior is None:
+            prior = sum(
+                site["fn"].log_prob(site["value"]).sum()
+                for name, site in model_trace.nodes.items()
+                if site["type"] == "sample" and name in values
+            ) + sum(term.sum() for term in handler.log_abs_det_jacobians.values())
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or name in values or site_is_subsample(site):
+                continue
+            if unobserve:
+                value, event_dim = site["value"], site["fn"].event_dim
+            else:
+                value = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
+                event_dim = 0
+            frame = next((f for f in site["cond_indep_stack"] if plate and f.name == plate[0]), None)
+            if frame is None:
+                pieces.setdefault(name, (site, [value]))
+                continue
+            dim = frame.dim - event_dim
+            pieces.setdefault(name, (site, []))[1].append(value.index_select(dim, fresh))
+    out = {}
+    for name, (site, parts) in pieces.items():
+        frame = next((f for f in site["cond_indep_stack"] if plate and f.name == plate[0]), None)
+        if frame is None:
+            out[name] = (site, parts[0])
+        else:
+            event_dim = site["fn"].event_dim if unobserve else 0
+            out[name] = (site, torch.cat(parts, dim=frame.dim - event_dim))
+    return prior, out
+
+
+def _site_dims(site, name: str, ndim: int, event_dim: int) -> list[str]:
+    batch_ndim = ndim - event_dim
+    plates = {frame.dim: frame.name for frame in site["cond_indep_stack"] if frame.dim is not None}
+    return [
+        plates.get(axis - batch_ndim, f"{name}_dim_{axis}") if axis < batch_ndim else f"{name}_dim_{axis}"
+        for axis in range(ndim)
+    ]
+
+
+def _constrained(density: GuideDensity, guide, u: torch.Tensor) -> dict[str, torch.Tensor]:
+    nodes = guide.prototype_trace.nodes
+    return {
+        name: biject_to(nodes[name]["fn"].support)(value) for name, value in density.unpack(u).items()
+    }
+
+
+def _chains(samples: dict, num_chains: int) -> dict:
+    out = {}
+    for name, value in samples.items():
+        value = np.asarray(value)
+        draws = value.shape[0] // num_chains
+        out[name] = value[: num_chains * draws].reshape((num_chains, draws) + value.shape[1:])
+    return out
+
+
+def to_inference_data(
+    model: Callable,
+    guide: Any,
+    *args: Any,
+    num_samples: int = 1000,
+    num_chains: int = 4,
+    losses: Any = None,
+    num_score_calls: int | None = None,
+    **kwargs: Any,
+) -> az.InferenceData:
+    """An ``arviz.InferenceData`` of a fitted guide (params from Pyro's param store).
+
+    Parameters
+    ----------
+    model, guide
+        The model and its fitted autoguide.
+    *args, **kwargs
+        The model's arguments, as given to the engine (data included).
+    num_samples : int
+        Draws from the guide (torch's RNG).
+    num_chains : int
+        The iid draws are split into this many pseudo-chains, so that ``az.summary``'s
+        ESS and R-hat are defined (R-hat is ~1 by construction; ESS ~ num_samples).
+    losses, num_score_calls
+        The fit's loss trace and score-call count, stored in ``sample_stats``.
+
+    Returns
+    -------
+    arviz.InferenceData
+        ``posterior``, ``posterior_predictive`` and ``log_likelihood`` (pointwise over
+        the full data, no ``N/B`` scale), ``observed_data`` and ``sample_stats``; dims
+        named after the model's plates.
+    """
+    density = guide_density(guide)
+    with torch.no_grad():
+        params = {name: pyro.param(name).detach() for name in density.param_names}
+        draws = density.sample(params, num_samples)
+        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+        plate = _subsampled_plate(model_trace)
+        posterior: dict[str, list] = {}
+        pointwise: dict[str, list] = {}
+        predictive: dict[str, list] = {}
+        dims: dict[str, list[str]] = {}
+        for u in draws:
+            values = density.unpack(u)
+            for name, value in _constrained(density, guide, u).items():
+                posterior.setdefault(name, []).append(value.numpy())
+            _, logs = _full_data_sites(model, values, args, kwargs, plate, unobserve=False)
+            _, preds = _full_data_sites(model, values, args, kwargs, plate, unobserve=True)
+            for name, (_site, value) in logs.items():
+                pointwise.setdefault(name, []).append(value.numpy())
+            for name, (site, value) in preds.items():
+                predictive.setdefault(name, []).append(value.numpy())
+                dims[name] = _site_dims(site, name, value.dim(), site["fn"].event_dim)
+        first = density.unpack(draws[0])
+        observed = {name: _observed_values(model, first, args, kwargs, plate, name) for name in preds}
+    for name, site in guide.prototype_trace.nodes.items():
+        if name in posterior:
+            dims[name] = _site_dims(site, name, site["value"].dim(), site["fn"].event_dim)
+    coords = {
+        frame.name: np.arange(frame.full_size or frame.size)
+        for site in model_trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    }
+    idata = az.from_dict(
+        posterior=_chains({k: np.stack(v) for k, v in posterior.items()}, num_chains),
+        posterior_predictive=_chains({k: np.stack(v) for k, v in predictive.items()}, num_chains),
+        log_likelihood=_chains({k: np.stack(v) for k, v in pointwise.items()}, num_chains),
+        observed_data=observed,
+        coords=coords,
+        dims=dims,
+    )
+    stats = {}
+    if losses is not None:
+        stats["loss"] = xr.DataArray(np.asarray(losses), dims=["step"])
+    if num_score_calls is not None:
+        stats["num_score_calls"] = xr.DataArray(int(num_score_calls))
+    if stats:
+        idata.add_groups(sample_stats=xr.Dataset(stats))
+    return idata
+
+
+def _observed_values(model, values, args, kwargs, plate, site_name: str) -> np.ndarray:
+    """The observed values of one site over the full data (chunk by chunk)."""
+    blocks = [(None, None)] if plate is None else list(_chunks(plate[1], plate[2]))
+    parts = []
+    for indices, fresh in blocks:
+        subsample = {} if plate is None else {plate[0]: indices}
+        with poutine.trace() as tracer, SharedSubsample(subsample), UnconstrainedValues(values):
+            model(*args, **kwargs)
+        site = tracer.trace.nodes[site_name]
+        frame = next((f for f in site["cond_indep_stack"] if plate and f.name == plate[0]), None)
+        if frame is None:
+            return site["value"].numpy()
+        parts.append(site["value"].index_select(frame.dim - site["fn"].event_dim, fresh))
+    return torch.cat(parts, dim=frame.dim - site["fn"].event_dim).numpy()
+
+
+def vi_diagnostics(
+    model: Callable, guide: Any, *args: Any, num_samples: int = 1000, **kwargs: Any
+) -> dict[str, float]:
+    """PSIS k-hat, ELBO and covariance-weighted Fisher divergence of the fitted guide
+    against the full-data posterior (see ``numpyro_psvi.arviz.vi_diagnostics``)."""
+    density = guide_density(guide)
+    with torch.no_grad():
+        params = {name: pyro.param(name).detach() for name in density.param_names}
+        draws = density.sample(params, num_samples)
+        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+    plate = _subsampled_plate(model_trace)
+    log_joints, scores = [], []
+    for u in draws:
+        u = u.detach().requires_grad_(True)
+        prior, logs = _full_data_sites(model, density.unpack(u), args, kwargs, plate, unobserve=False)
+        log_joint = prior + sum(value.sum() for _, value in logs.values())
+        scores.append(torch.autograd.grad(log_joint, u)[0])
+        log_joints.append(log_joint.detach())
+    with torch.no_grad():
+        log_w = (torch.stack(log_joints) - density.log_prob(params, draws)).double().numpy()
+        _, khat = az.psislw(log_w)
+        fisher = weighted_fisher(density, params, params, draws, torch.stack(scores), "covariance")
+    return {"khat": float(khat), "elbo": float(np.mean(log_w)), "fisher": float(fisher)}
