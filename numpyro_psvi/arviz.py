@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import xarray as xr
-from numpyro.handlers import Messenger, seed, substitute, trace
+from numpyro.handlers import Messenger, substitute, trace
 from numpyro.infer import Predictive
 from numpyro.infer.util import log_likelihood
 
 from numpyro_psvi.guides import guide_density
 from numpyro_psvi.objective import weighted_fisher
-from numpyro_psvi.scores import make_log_joint, make_score_fn
+from numpyro_psvi.scores import at_random_values, make_log_joint, make_score_fn
 
 
 def full_data(model: Callable) -> Callable:
@@ -118,7 +118,7 @@ def to_inference_data(
     key_draws, key_predict, key_trace = jax.random.split(rng_key, 3)
     full_model = full_data(model)
     posterior = guide.sample_posterior(key_draws, params, sample_shape=(num_samples,))
-    model_trace = trace(seed(full_model, key_trace)).get_trace(*args, **kwargs)
+    model_trace = trace(at_random_values(full_model, key_trace)).get_trace(*args, **kwargs)
     observed = {
         name: site
         for name, site in model_trace.items()

@@ -18,7 +18,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from numpyro.handlers import seed, trace
+from numpyro.handlers import seed, substitute, trace
+from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import potential_energy
 
 ScoreFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -63,12 +64,18 @@ def make_score_fn(
     return jax.vmap(value_and_score, in_axes=(0, None))
 
 
+def at_random_values(model: Callable, rng_key: jax.Array) -> Callable:
+    """``model`` (seeded) with latent values drawn uniformly in (-2, 2) in unconstrained
+    space, not from the prior: also works for improper priors (``ImproperUniform``)."""
+    return substitute(seed(model, rng_key), substitute_fn=init_to_uniform)
+
+
 def latent_shapes(model: Callable, args: tuple, kwargs: dict) -> dict[str, tuple[int, ...]]:
     """``{site name: shape}`` of the model's latent sample sites, traced abstractly
     (``jax.eval_shape``: nothing is computed)."""
 
     def latent_values():
-        model_trace = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+        model_trace = trace(at_random_values(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
         return {
             name: site["value"]
             for name, site in model_trace.items()
@@ -85,7 +92,7 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
     site in the model; no latent site inside a subsampled plate; no plate whose
     ``subsample_size`` exceeds its size; finite observed data.
     """
-    model_trace = trace(seed(model, rng_key)).get_trace(*args, **kwargs)
+    model_trace = trace(at_random_values(model, rng_key)).get_trace(*args, **kwargs)
     for name, site in model_trace.items():
         if site["type"] == "plate":
             size, subsample_size = site["args"][:2]

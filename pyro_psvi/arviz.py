@@ -25,7 +25,7 @@ from torch.distributions import biject_to
 
 from pyro_psvi.guides import GuideDensity, guide_density
 from pyro_psvi.objective import weighted_fisher
-from pyro_psvi.scores import SharedSubsample, UnconstrainedValues
+from pyro_psvi.scores import SharedSubsample, UnconstrainedValues, at_random_values
 
 
 class _Unobserve(Messenger):
@@ -167,7 +167,7 @@ def to_inference_data(
     with torch.no_grad():
         params = {name: pyro.param(name).detach() for name in density.param_names}
         draws = density.sample(params, num_samples)
-        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
         plate = _subsampled_plate(model_trace)
         posterior: dict[str, list] = {}
         pointwise: dict[str, list] = {}
@@ -239,7 +239,7 @@ def vi_diagnostics(
     with torch.no_grad():
         params = {name: pyro.param(name).detach() for name in density.param_names}
         draws = density.sample(params, num_samples)
-        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
     plate = _subsampled_plate(model_trace)
     log_joints, scores = [], []
     for u in draws:

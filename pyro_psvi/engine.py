@@ -34,6 +34,7 @@ from pyro_psvi.objective import (
     weighted_fisher,
 )
 from pyro_psvi.scores import (
+    at_random_values,
     check_model,
     guess_max_plate_nesting,
     latent_shapes,
@@ -132,7 +133,7 @@ class ScoreEngine:
         signature = _signature(args, kwargs)
         if signature != self._arg_signature:
             with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
-                model_trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+                model_trace = poutine.trace(at_random_values(self.model)).get_trace(*args, **kwargs)
             check_latents_match(
                 self._latent_shapes, latent_shapes(model_trace),
                 "With these arguments the model's latent sites differ from those of the "

@@ -26,6 +26,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample, init_to_uniform
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import site_is_subsample
@@ -258,6 +259,20 @@ def guess_max_plate_nesting(model_trace) -> int:
     return max(dims, default=0)
 
 
+def at_random_values(model: Callable) -> Callable:
+    """``model`` with latent values drawn uniformly in (-2, 2) in unconstrained space, not
+    from the prior: also works for improper priors (``ImproperUniform``)."""
+    return InitMessenger(_uniform_or_prior)(model)
+
+
+def _uniform_or_prior(site):
+    # Discrete sites have no unconstrained space: draw them from the prior (and let
+    # check_model say why they cannot be fitted).
+    if site["fn"].support.is_discrete:
+        return init_to_sample(site)
+    return init_to_uniform(site)
+
+
 def check_model(model: Callable, args: tuple, kwargs: dict):
     """Raise a clear error for models ProximalScoreVI cannot fit; return a prior trace.
 
@@ -267,8 +282,8 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
     ``subsample_size`` exceeds its size; finite data.
     """
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
-        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
-        other_trace = poutine.trace(model).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
+        other_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
     for name, site in model_trace.nodes.items():
         if site["type"] == "sample" and site_is_subsample(site):
             size, subsample_size = site["fn"].size, site["fn"].subsample_size
