@@ -24,7 +24,7 @@ from numpyro.infer.svi import SVIRunResult
 from numpyro_psvi.engine import check_rejection_streak
 from numpyro_psvi.guides import guide_density
 from numpyro_psvi.objective import weighted_fisher
-from numpyro_psvi.scores import check_model, make_score_fn
+from numpyro_psvi.scores import check_model, make_score_fn, model_param_names
 
 
 class BaselineState(NamedTuple):
@@ -112,6 +112,13 @@ class _GaussianBaseline:
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
         """Return the initial :class:`BaselineState` (sets the guide up)."""
         check_model(self.model, random.split(rng_key, 3)[1], args, {**kwargs, **self.static_kwargs})
+        params = model_param_names(self.model, args, {**kwargs, **self.static_kwargs})
+        if params:
+            raise NotImplementedError(
+                f"{type(self).__name__} fits latent sites only; the model has learnable "
+                f"params {list(params)}. Use ProximalScoreVI (which learns them jointly) or "
+                "fix them with numpyro.handlers.substitute."
+            )
         svi_state = self._svi.init(rng_key, *args, init_params=init_params, **kwargs)
         self.density = guide_density(self.guide)
         zero = jnp.zeros((), jnp.int32)

@@ -37,7 +37,13 @@ from numpyro_psvi.objective import (
     trust_region_fraction,
     weighted_fisher,
 )
-from numpyro_psvi.scores import check_model, latent_shapes, make_score_fn
+from numpyro_psvi.scores import (
+    check_model,
+    latent_shapes,
+    make_score_and_param_grad_fn,
+    make_score_fn,
+    model_param_names,
+)
 from psvi.checks import check_latents_match
 
 
@@ -176,6 +182,7 @@ class ProximalScoreVI:
         self.constrain_fn: Callable | None = None
         self.density = None
         self._latent_shapes: dict | None = None
+        self._model_param_names: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ init
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
@@ -197,6 +204,7 @@ class ProximalScoreVI:
         svi_state = self._svi.init(rng_key, *args, init_params=init_params, **kwargs)
         self.constrain_fn = self._svi.constrain_fn
         self._latent_shapes = latent_shapes(self.model, args, {**kwargs, **self.static_kwargs})
+        self._model_param_names = model_param_names(self.model, args, {**kwargs, **self.static_kwargs})
         guide_shapes = {
             name: tuple(jnp.shape(site["value"]))
             for name, site in self.guide.prototype_trace.items()
@@ -256,13 +264,13 @@ class ProximalScoreVI:
         rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
         unconstrained_t = self.optim.get_params(state.optim_state)
         params_t = self.constrain_fn(unconstrained_t)
-        particles, log_joints, model_scores = self._particles_and_scores(
-            params_t, key_particles, key_batch, args, kwargs
+        particles, log_joints, model_scores, param_grads = self._particles_and_scores(
+            unconstrained_t, key_particles, key_batch, args, kwargs
         )
         loss = weighted_fisher(density, params_t, params_t, particles, model_scores, self.weighting)
 
         def objective(unconstrained):
-            return proximal_objective(
+            value, terms = proximal_objective(
                 density,
                 self.constrain_fn(unconstrained),
                 params_t,
@@ -272,6 +280,11 @@ class ProximalScoreVI:
                 prox_weight=self.prox_weight,
                 weighting=self.weighting,
             )
+            # Model params ascend the expected log joint, linearized at theta_t: their
+            # gradient is the particles' mean gradient (no extra score calls).
+            for name, grad in param_grads.items():
+                value = value - jnp.vdot(lax.stop_gradient(grad), unconstrained[name])
+            return value, terms
 
         def inner_step(_, optim_state):
             return self.optim.eval_and_update(objective, optim_state)[1]
@@ -315,8 +328,8 @@ class ProximalScoreVI:
         kwargs = {**kwargs, **self.static_kwargs}
         _, key_particles, key_batch, _ = random.split(state.rng_key, 4)
         params = self.get_params(state)
-        particles, _, model_scores = self._particles_and_scores(
-            params, key_particles, key_batch, args, kwargs
+        particles, _, model_scores, _ = self._particles_and_scores(
+            self.optim.get_params(state.optim_state), key_particles, key_batch, args, kwargs
         )
         return weighted_fisher(self.density, params, params, particles, model_scores, "covariance")
 
@@ -387,13 +400,22 @@ class ProximalScoreVI:
             )
         return SVIRunResult(self.get_params(state), state, losses)
 
-    def _particles_and_scores(self, params, key_particles, key_batch, args, kwargs):
-        """``S`` particles from the guide at ``params`` (constants), and their mini-batch
-        log joints and scores from one vectorized pass sharing the batch of ``key_batch``."""
+    def _particles_and_scores(self, unconstrained, key_particles, key_batch, args, kwargs):
+        """``S`` particles from the guide (constants), and their mini-batch log joints,
+        scores and mean model-param gradients, from one vectorized pass sharing the batch
+        of ``key_batch``; ``unconstrained`` holds all params (guide and model)."""
+        params = self.constrain_fn(unconstrained)
         particles = lax.stop_gradient(self.density.sample(params, key_particles, self.num_particles))
-        score_fn = make_score_fn(self.model, self.density.unpack, args, kwargs)
-        log_joints, model_scores = score_fn(particles, key_batch)
-        return particles, log_joints, model_scores
+        if not self._model_param_names:
+            score_fn = make_score_fn(self.model, self.density.unpack, args, kwargs)
+            log_joints, model_scores = score_fn(particles, key_batch)
+            return particles, log_joints, model_scores, {}
+        model_params = {name: unconstrained[name] for name in self._model_param_names}
+        score_fn = make_score_and_param_grad_fn(
+            self.model, self.density.unpack, self.constrain_fn, args, kwargs
+        )
+        log_joints, model_scores, param_grads = score_fn(particles, model_params, key_batch)
+        return particles, log_joints, model_scores, param_grads
 
     def _check_rejection_streak(self, state: PSVIState) -> None:
         check_rejection_streak(type(self).__name__, state, self.max_consecutive_rejections)

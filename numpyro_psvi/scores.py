@@ -85,12 +85,49 @@ def latent_shapes(model: Callable, args: tuple, kwargs: dict) -> dict[str, tuple
     return {name: tuple(value.shape) for name, value in jax.eval_shape(latent_values).items()}
 
 
+def model_param_names(model: Callable, args: tuple, kwargs: dict) -> tuple[str, ...]:
+    """Names of the ``numpyro.param`` sites of the model (traced abstractly)."""
+
+    def names():
+        model_trace = trace(at_random_values(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+        return {name: 0 for name, site in model_trace.items() if site["type"] == "param"}
+
+    return tuple(jax.eval_shape(names))
+
+
+def make_score_and_param_grad_fn(
+    model: Callable,
+    unpack: Callable[[jax.Array], dict[str, jax.Array]],
+    constrain_model_params: Callable[[dict], dict],
+    model_args: tuple,
+    model_kwargs: dict[str, Any],
+):
+    """Return ``fn(particles, model_params, batch_key) -> (log_joints, scores, grad)``.
+
+    For a model with ``numpyro.param`` sites: ``model_params`` are their unconstrained
+    values, and ``grad`` is the gradient in them of the mean over particles of the
+    mini-batch log joint, from the same vectorized pass as the scores.
+    """
+
+    def log_joint(u, model_params, batch_key):
+        fixed = substitute(model, data=constrain_model_params(model_params))
+        return make_log_joint(fixed, unpack, model_args, model_kwargs)(u, batch_key)
+
+    value_and_grads = jax.vmap(jax.value_and_grad(log_joint, argnums=(0, 1)), in_axes=(0, None, None))
+
+    def fn(particles, model_params, batch_key):
+        log_joints, (scores, param_grads) = value_and_grads(particles, model_params, batch_key)
+        return log_joints, scores, jax.tree.map(lambda g: jnp.mean(g, axis=0), param_grads)
+
+    return fn
+
+
 def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) -> None:
     """Raise a clear error for models ProximalScoreVI cannot fit.
 
-    Checks: at least one latent site; no discrete latent site; no ``numpyro.param``
-    site in the model; no latent site inside a subsampled plate; no plate whose
-    ``subsample_size`` exceeds its size; finite observed data.
+    Checks: at least one latent site; no discrete latent site; no latent site inside
+    a subsampled plate; no plate whose ``subsample_size`` exceeds its size; finite
+    observed data. (``numpyro.param`` sites in the model are learned jointly.)
     """
     model_trace = trace(at_random_values(model, rng_key)).get_trace(*args, **kwargs)
     for name, site in model_trace.items():
@@ -104,12 +141,6 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
                 )
     latents = []
     for name, site in model_trace.items():
-        if site["type"] == "param":
-            raise NotImplementedError(
-                f"The model has a learnable parameter numpyro.param({name!r}); "
-                "ProximalScoreVI fits latent sample sites only. Give it a prior "
-                "(numpyro.sample) or fix its value with numpyro.handlers.substitute."
-            )
         if site["type"] != "sample" or site["is_observed"]:
             continue
         if site["fn"].support.is_discrete:

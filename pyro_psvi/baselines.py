@@ -96,6 +96,15 @@ class _GaussianBaseline(ScoreEngine):
     def _closed_form(self, loc, cov, particles, scores):
         raise NotImplementedError
 
+    def _setup(self, args: tuple, kwargs: dict) -> None:
+        super()._setup(args, kwargs)
+        if self._model_param_names:
+            raise NotImplementedError(
+                f"{type(self).__name__} fits latent sites only; the model has learnable "
+                f"params {list(self._model_param_names)}. Use ProximalScoreVI (which learns "
+                "them jointly) or fix them with poutine.condition."
+            )
+
     def _checkpoint_extra(self) -> dict:
         return {"num_updates": self.num_updates}
 
@@ -113,7 +122,7 @@ class _GaussianBaseline(ScoreEngine):
         loc_name, scale_name, tril_name = self.density.param_names
         with torch.no_grad():
             params = self._constrain({k: v.detach() for k, v in leaves.items()})
-        particles, log_joint, scores = self._particles_and_scores(params, args, kwargs)
+        particles, log_joint, scores, _ = self._particles_and_scores(params, args, kwargs)
         with torch.no_grad():
             loss = weighted_fisher(self.density, params, params, particles, scores, "covariance")
             tril = params[scale_name][:, None] * params[tril_name]

@@ -87,6 +87,7 @@ class ScoreEngine:
         self._num_rejected: torch.Tensor | int = 0
         self._consecutive_rejected: torch.Tensor | int = 0
         self._latent_shapes: dict[str, tuple[int, ...]] = {}
+        self._model_param_names: tuple[str, ...] = ()
         self._arg_signature: Any = None
 
     @property
@@ -116,7 +117,13 @@ class ScoreEngine:
                 f"The guide's params {missing} are not in Pyro's param store; was the "
                 "param store cleared after the guide was built? Build a fresh guide."
             )
-        self._transforms = {name: transform_to(constraints[name]) for name in density.param_names}
+        self._model_param_names = tuple(
+            name for name, site in model_trace.nodes.items() if site["type"] == "param"
+        )
+        self._transforms = {
+            name: transform_to(constraints[name])
+            for name in (*density.param_names, *self._model_param_names)
+        }
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(model_trace)
         self.density = density
@@ -182,24 +189,28 @@ class ScoreEngine:
         )
         return False
 
-    def _leaves(self) -> dict[str, torch.Tensor]:
-        """The guide's unconstrained param tensors, fetched from the param store."""
+    def _leaves(self, model_params: bool = False) -> dict[str, torch.Tensor]:
+        """The guide's unconstrained param tensors (and the model's, if asked), fetched
+        from the param store."""
         store = pyro.get_param_store()
-        return {name: store.get_param(name).unconstrained() for name in self.density.param_names}
+        names = (*self.density.param_names, *(self._model_param_names if model_params else ()))
+        return {name: store.get_param(name).unconstrained() for name in names}
 
     def _constrain(self, unconstrained: dict[str, torch.Tensor]) -> Params:
         return {name: self._transforms[name](value) for name, value in unconstrained.items()}
 
-    def _particles_and_scores(self, params: Params, args: tuple, kwargs: dict):
+    def _particles_and_scores(self, params: Params, args: tuple, kwargs: dict, model_params=()):
         """``S`` particles from the guide at ``params`` and their mini-batch log joints
-        and scores (one fresh mini-batch shared by the particles)."""
+        and scores (one fresh mini-batch shared by the particles), and the particles'
+        mean log-joint gradient in each tensor of ``model_params``."""
         with torch.no_grad():
             particles = self.density.sample(params, self.num_particles)
-        log_joint, scores = model_scores(
+        log_joint, scores, param_grads = model_scores(
             self.model, self.density, particles, args, kwargs,
             max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,
+            model_params=model_params,
         )  # fmt: skip
-        return particles, log_joint, scores
+        return particles, log_joint, scores, param_grads
 
     # ------------------------------------------------------------------ steps
     def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -303,7 +314,7 @@ class ScoreEngine:
         self._prepare(args, kwargs)
         with torch.no_grad():
             params = self._constrain({k: v.detach() for k, v in self._leaves().items()})
-        particles, _, scores = self._particles_and_scores(params, args, kwargs)
+        particles, _, scores, _ = self._particles_and_scores(params, args, kwargs)
         with torch.no_grad():
             return float(
                 weighted_fisher(self.density, params, params, particles, scores, "covariance")
@@ -434,11 +445,15 @@ class ProximalScoreVI(ScoreEngine):
         """
         self._prepare(args, kwargs)
         density = self.density
-        leaves = self._leaves()
+        leaves = self._leaves(model_params=True)
+        guide_leaves = [leaves[name] for name in density.param_names]
+        model_leaves = [leaves[name] for name in self._model_param_names]
         with torch.no_grad():
             start = {name: leaf.detach().clone() for name, leaf in leaves.items()}
             params_t = self._constrain(start)
-        particles, log_joint, scores = self._particles_and_scores(params_t, args, kwargs)
+        particles, log_joint, scores, param_grads = self._particles_and_scores(
+            params_t, args, kwargs, model_leaves
+        )
         scores_ok = torch.isfinite(log_joint).all() & torch.isfinite(scores).all()
         scores = torch.where(scores_ok, scores, torch.zeros_like(scores))
         with torch.no_grad():
@@ -452,11 +467,15 @@ class ProximalScoreVI(ScoreEngine):
                 density, self._constrain(leaves), params_t, particles, scores,
                 prox_weight=self.prox_weight, weighting=self.weighting,
             )  # fmt: skip
-            grads = torch.autograd.grad(objective, leaf_list)
+            grads = torch.autograd.grad(objective, guide_leaves)
             # A non-finite objective must not reach the optimizer's moments: zero it.
             finite = torch.isfinite(objective)
-            for leaf, grad in zip(leaf_list, grads, strict=True):
+            for leaf, grad in zip(guide_leaves, grads, strict=True):
                 leaf.grad = torch.where(finite, grad, torch.zeros_like(grad))
+            # Model params ascend the expected log joint, linearized at theta_t: their
+            # gradient is the particles' mean gradient (no extra score calls).
+            for leaf, grad in zip(model_leaves, param_grads, strict=True):
+                leaf.grad = torch.where(scores_ok, -grad, torch.zeros_like(grad))
             self.optim(leaf_list)
             for leaf in leaf_list:
                 leaf.grad = None

@@ -19,7 +19,7 @@ Particles are evaluated in one pass under an outer particle plate (as
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyro
@@ -212,16 +212,26 @@ def model_scores(
     *,
     max_plate_nesting: int,
     vectorize: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log_joints (S,), scores (S, D))`` at ``particles``, all on one fresh mini-batch."""
+    model_params: Sequence[torch.Tensor] = (),
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``(log_joints (S,), scores (S, D), grads)`` at ``particles``, on one fresh mini-batch.
+
+    ``grads``: for each tensor of ``model_params`` (the unconstrained leaves of the
+    model's ``pyro.param`` sites), the gradient of the particles' mean log joint, from
+    the same backward pass as the scores.
+    """
     with torch.enable_grad():
         u = particles.detach().requires_grad_(True)
         values = log_joints(
             model, density, u, args, kwargs,
             subsample={}, max_plate_nesting=max_plate_nesting, vectorize=vectorize,
         )  # fmt: skip
-        (scores,) = torch.autograd.grad(values.sum(), u)
-    return values.detach(), scores
+        grads = torch.autograd.grad(values.sum(), [u, *model_params], allow_unused=True)
+    param_grads = [
+        torch.zeros_like(p) if g is None else g / len(particles)
+        for p, g in zip(model_params, grads[1:], strict=True)
+    ]
+    return values.detach(), grads[0], param_grads
 
 
 def _same_support(a, b) -> bool:
@@ -277,9 +287,9 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
     """Raise a clear error for models ProximalScoreVI cannot fit; return a prior trace.
 
     Checks: at least one latent site; no discrete latent site; no support that
-    depends on other latents (two prior draws are compared); no ``pyro.param`` site
-    in the model; no latent site inside a subsampled plate; no plate whose
-    ``subsample_size`` exceeds its size; finite data.
+    depends on other latents (two draws are compared); no latent site inside a
+    subsampled plate; no plate whose ``subsample_size`` exceeds its size; finite data.
+    (``pyro.param`` sites in the model are learned jointly.)
     """
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
         model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
@@ -295,14 +305,6 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
                 )
     latents = []
     for name, site in model_trace.nodes.items():
-        if site["type"] == "param":
-            raise NotImplementedError(
-                f"The model has a learnable parameter pyro.param({name!r}) (a PyroModule "
-                "parameter without a prior is one too); ProximalScoreVI fits latent sample "
-                "sites only. Give it a prior (pyro.sample, or PyroSample on the module; "
-                "pyro_psvi.bayesian_module does it for a whole nn.Module) or fix it with "
-                "poutine.condition."
-            )
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             continue
         if site["fn"].support.is_discrete:

@@ -56,14 +56,18 @@ def test_discrete_latent_is_refused():
         svi.init(jax.random.PRNGKey(0))
 
 
-def test_model_param_is_refused():
+def test_model_param_is_refused_by_the_baselines():
+    from numpyro.infer.autoguide import AutoMultivariateNormal
+
+    from numpyro_psvi import GSM
+
     def model():
         loc = numpyro.param("loc", 0.0)
         numpyro.sample("x", dist.Normal(loc, 1.0))
 
-    svi = ProximalScoreVI(model, AutoNormal(model), adam())
-    with pytest.raises(NotImplementedError, match="numpyro.param\\('loc'\\)"):
-        svi.init(jax.random.PRNGKey(0))
+    engine = GSM(model, AutoMultivariateNormal(model))
+    with pytest.raises(NotImplementedError, match=r"learnable params \['loc'\].*ProximalScoreVI"):
+        engine.init(jax.random.PRNGKey(0))
 
 
 def test_local_latent_in_subsampled_plate_is_refused():

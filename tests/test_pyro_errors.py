@@ -54,14 +54,16 @@ def test_discrete_latent_is_refused():
         svi.step()
 
 
-def test_model_param_is_refused():
+def test_model_param_is_refused_by_the_baselines():
+    from pyro_psvi import GSM
+
     def model():
         loc = pyro.param("loc", torch.zeros(()))
         pyro.sample("x", dist.Normal(loc, 1.0))
 
-    svi = ProximalScoreVI(model, AutoNormal(model), adam())
-    with pytest.raises(NotImplementedError, match=r"pyro.param\('loc'\).*prior"):
-        svi.step()
+    engine = GSM(model, AutoMultivariateNormal(model))
+    with pytest.raises(NotImplementedError, match=r"learnable params \['loc'\].*ProximalScoreVI"):
+        engine.step()
 
 
 def test_local_latent_in_subsampled_plate_is_refused():
