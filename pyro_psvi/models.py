@@ -113,8 +113,8 @@ def bayesian_module(
     include : callable, optional
         ``include(name) -> bool`` selects the parameters (dotted names, as in
         ``module.named_parameters()``) that get priors; the others stay
-        ``nn.Parameter`` (``ProximalScoreVI`` then refuses the model until they are
-        fixed or given priors).
+        ``nn.Parameter`` and ``ProximalScoreVI`` learns them jointly (variational EM):
+        a partly Bayesian network, e.g. a Bayesian last layer.
 
     Returns
     -------
