@@ -116,7 +116,8 @@ def to_inference_data(
     """
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     key_draws, key_predict, key_trace = jax.random.split(rng_key, 3)
-    full_model = full_data(model)
+    # The fitted model params (numpyro.param sites learned with the guide) are in params.
+    full_model = full_data(substitute(model, data=params))
     posterior = guide.sample_posterior(key_draws, params, sample_shape=(num_samples,))
     model_trace = trace(at_random_values(full_model, key_trace)).get_trace(*args, **kwargs)
     observed = {
@@ -178,7 +179,7 @@ def vi_diagnostics(
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     key_draws, key_model = jax.random.split(rng_key)
     density = guide_density(guide)
-    full_model = full_data(model)
+    full_model = full_data(substitute(model, data=params))
     draws = density.sample(params, key_draws, num_samples)
     log_joint = jax.vmap(make_log_joint(full_model, density.unpack, args, kwargs), (0, None))
     log_w = log_joint(draws, key_model) - jax.vmap(density.log_prob, (None, 0))(params, draws)

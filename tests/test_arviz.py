@@ -159,3 +159,24 @@ def test_pyro_diagnostics_separate_exact_from_misfit():
 
     exact, misfit, *_, x, y = exact_and_misfit(diagnostics)
     check_diagnostics(exact, misfit, x, y)
+
+
+def test_numpyro_inference_data_uses_the_learned_model_params():
+    x, y = map(jnp.asarray, data())
+
+    def model(x, y):
+        sigma = numpyro.param("sigma", 1.0, constraint=numpyro.distributions.constraints.positive)
+        w = numpyro.sample("w", numpyro.distributions.Normal(jnp.zeros(3), 1.0).to_event(1))
+        with numpyro.plate("data", N):
+            numpyro.sample("y", numpyro.distributions.Normal(x @ w, sigma), obs=y)
+
+    guide = NAutoMVN(model)
+    svi = numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2))
+    result = svi.run(jax.random.PRNGKey(0), 300, x, y, progress_bar=False)
+    sigma = float(result.params["sigma"])
+    assert abs(sigma - 1.0) > 0.05  # it was learned
+    idata = narviz.to_inference_data(model, guide, result.params, x, y, num_samples=40)
+    w = idata.posterior["w"].values.reshape(-1, 3)
+    expected = stats.norm.logpdf(np.asarray(y), loc=w @ np.asarray(x).T, scale=sigma)
+    np.testing.assert_allclose(idata.log_likelihood["y"].values.reshape(-1, N), expected, rtol=1e-4,
+                               atol=1e-4)
