@@ -283,7 +283,8 @@ class ProximalScoreVI:
             # Model params ascend the expected log joint, linearized at theta_t: their
             # gradient is the particles' mean gradient (no extra score calls).
             for name, grad in param_grads.items():
-                value = value - jnp.vdot(lax.stop_gradient(grad), unconstrained[name])
+                products = jax.tree.map(jnp.vdot, lax.stop_gradient(grad), unconstrained[name])
+                value = value - sum(jax.tree.leaves(products))
             return value, terms
 
         def inner_step(_, optim_state):
