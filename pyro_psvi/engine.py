@@ -460,8 +460,9 @@ class ProximalScoreVI(ScoreEngine):
             loss = weighted_fisher(density, params_t, params_t, particles, scores, self.weighting)
 
         leaf_list = list(leaves.values())
-        optimizer_state = self._optimizer_state(leaf_list)
-        saved_optimizer_state = [{k: v.clone() for k, v in st.items()} for st in optimizer_state]
+        saved_optimizer_state = [
+            {k: v.clone() for k, v in state.items()} for state in self._optimizer_state(leaf_list)
+        ]
         for _ in range(self.inner_steps):
             objective, _ = proximal_objective(
                 density, self._constrain(leaves), params_t, particles, scores,
