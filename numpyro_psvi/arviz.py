@@ -17,7 +17,6 @@ import arviz as az
 import jax
 import jax.numpy as jnp
 import numpy as np
-import xarray as xr
 from numpyro.handlers import Messenger, substitute, trace
 from numpyro.infer import Predictive
 from numpyro.infer.util import log_likelihood
@@ -25,6 +24,7 @@ from numpyro.infer.util import log_likelihood
 from numpyro_psvi.guides import guide_density
 from numpyro_psvi.objective import weighted_fisher
 from numpyro_psvi.scores import at_random_values, make_log_joint, make_score_fn
+from psvi.inference_data import add_fit_stats, dim_names, pseudo_chains
 
 
 def full_data(model: Callable) -> Callable:
@@ -56,25 +56,9 @@ class _Unobserve(Messenger):
 
 
 def _dims(site, name: str) -> list[str]:
-    """Dim names of a site's value: plate names where its plates sit, else ``name_dim_i``."""
-    value = np.shape(site["value"])
-    event_dim = site["fn"].event_dim if site["type"] == "sample" else 0
-    batch_ndim = len(value) - event_dim
+    ndim = np.ndim(site["value"])
     plates = {frame.dim: frame.name for frame in site["cond_indep_stack"]}
-    return [
-        plates.get(axis - batch_ndim, f"{name}_dim_{axis}") if axis < batch_ndim else f"{name}_dim_{axis}"
-        for axis in range(len(value))
-    ]
-
-
-def _chains(samples: dict, num_chains: int) -> dict:
-    """Split iid draws ``(S, ...)`` into ``(num_chains, S / num_chains, ...)`` pseudo-chains."""
-    out = {}
-    for name, value in samples.items():
-        value = np.asarray(value)
-        draws = value.shape[0] // num_chains
-        out[name] = value[: num_chains * draws].reshape((num_chains, draws) + value.shape[1:])
-    return out
+    return dim_names(name, ndim, site["fn"].event_dim, plates)
 
 
 def to_inference_data(
@@ -138,20 +122,14 @@ def to_inference_data(
         for frame in site["cond_indep_stack"]
     }
     idata = az.from_dict(
-        posterior=_chains({k: v for k, v in posterior.items() if k in dims}, num_chains),
-        posterior_predictive=_chains(predictive, num_chains),
-        log_likelihood=_chains(pointwise, num_chains),
+        posterior=pseudo_chains({k: v for k, v in posterior.items() if k in dims}, num_chains),
+        posterior_predictive=pseudo_chains(predictive, num_chains),
+        log_likelihood=pseudo_chains(pointwise, num_chains),
         observed_data={name: np.asarray(site["value"]) for name, site in observed.items()},
         coords=coords,
         dims=dims,
     )
-    stats = {}
-    if losses is not None:
-        stats["loss"] = xr.DataArray(np.asarray(losses), dims=["step"])
-    if num_score_calls is not None:
-        stats["num_score_calls"] = xr.DataArray(int(num_score_calls))
-    if stats:
-        idata.add_groups(sample_stats=xr.Dataset(stats))
+    add_fit_stats(idata, losses, num_score_calls)
     return idata
 
 

@@ -16,13 +16,13 @@ import arviz as az
 import numpy as np
 import pyro
 import torch
-import xarray as xr
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
+from psvi.inference_data import add_fit_stats, dim_names, pseudo_chains
 from pyro_psvi.guides import GuideDensity, guide_density
 from pyro_psvi.objective import weighted_fisher
 from pyro_psvi.scores import SharedSubsample, UnconstrainedValues, at_random_values
@@ -106,12 +106,8 @@ def _full_data_sites(model, values, args, kwargs, plate, unobserve: bool):
 
 
 def _site_dims(site, name: str, ndim: int, event_dim: int) -> list[str]:
-    batch_ndim = ndim - event_dim
     plates = {frame.dim: frame.name for frame in site["cond_indep_stack"] if frame.dim is not None}
-    return [
-        plates.get(axis - batch_ndim, f"{name}_dim_{axis}") if axis < batch_ndim else f"{name}_dim_{axis}"
-        for axis in range(ndim)
-    ]
+    return dim_names(name, ndim, event_dim, plates)
 
 
 def _constrained(density: GuideDensity, guide, u: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -119,15 +115,6 @@ def _constrained(density: GuideDensity, guide, u: torch.Tensor) -> dict[str, tor
     return {
         name: biject_to(nodes[name]["fn"].support)(value) for name, value in density.unpack(u).items()
     }
-
-
-def _chains(samples: dict, num_chains: int) -> dict:
-    out = {}
-    for name, value in samples.items():
-        value = np.asarray(value)
-        draws = value.shape[0] // num_chains
-        out[name] = value[: num_chains * draws].reshape((num_chains, draws) + value.shape[1:])
-    return out
 
 
 def to_inference_data(
@@ -197,20 +184,14 @@ def to_inference_data(
         if frame.vectorized
     }
     idata = az.from_dict(
-        posterior=_chains({k: np.stack(v) for k, v in posterior.items()}, num_chains),
-        posterior_predictive=_chains({k: np.stack(v) for k, v in predictive.items()}, num_chains),
-        log_likelihood=_chains({k: np.stack(v) for k, v in pointwise.items()}, num_chains),
+        posterior=pseudo_chains({k: np.stack(v) for k, v in posterior.items()}, num_chains),
+        posterior_predictive=pseudo_chains({k: np.stack(v) for k, v in predictive.items()}, num_chains),
+        log_likelihood=pseudo_chains({k: np.stack(v) for k, v in pointwise.items()}, num_chains),
         observed_data=observed,
         coords=coords,
         dims=dims,
     )
-    stats = {}
-    if losses is not None:
-        stats["loss"] = xr.DataArray(np.asarray(losses), dims=["step"])
-    if num_score_calls is not None:
-        stats["num_score_calls"] = xr.DataArray(int(num_score_calls))
-    if stats:
-        idata.add_groups(sample_stats=xr.Dataset(stats))
+    add_fit_stats(idata, losses, num_score_calls)
     return idata
 
 

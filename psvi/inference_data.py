@@ -1,0 +1,41 @@
+"""Pieces of an ArviZ export that need neither backend (NumPy; xarray imported lazily)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def pseudo_chains(samples: dict, num_chains: int) -> dict[str, np.ndarray]:
+    """Split iid draws ``(S, ...)`` into ``(num_chains, S // num_chains, ...)`` pseudo-chains."""
+    out = {}
+    for name, value in samples.items():
+        value = np.asarray(value)
+        draws = value.shape[0] // num_chains
+        out[name] = value[: num_chains * draws].reshape((num_chains, draws) + value.shape[1:])
+    return out
+
+
+def dim_names(name: str, ndim: int, event_dim: int, plates: dict[int, str]) -> list[str]:
+    """Dim names of a site's value: the plate's name where a plate (``{dim: name}``, dims
+    negative and counted from the right of the batch shape) sits, else ``name_dim_i``."""
+    batch_ndim = ndim - event_dim
+    return [
+        plates.get(axis - batch_ndim, f"{name}_dim_{axis}") if axis < batch_ndim else f"{name}_dim_{axis}"
+        for axis in range(ndim)
+    ]
+
+
+def add_fit_stats(idata: Any, losses: Any = None, num_score_calls: int | None = None) -> None:
+    """Add a ``sample_stats`` group with the fit's loss trace (dim ``step``) and its
+    score-call count, when given."""
+    import xarray as xr
+
+    stats = {}
+    if losses is not None:
+        stats["loss"] = xr.DataArray(np.asarray(losses), dims=["step"])
+    if num_score_calls is not None:
+        stats["num_score_calls"] = xr.DataArray(int(num_score_calls))
+    if stats:
+        idata.add_groups(sample_stats=xr.Dataset(stats))
