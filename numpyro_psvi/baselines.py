@@ -216,17 +216,3 @@ class BaM(_GaussianBaseline):
     def _closed_form(self, loc, cov, particles, scores, step):
         rate = self.learning_rate(step) if callable(self.learning_rate) else self.learning_rate
         return bam_step(loc, cov, particles, scores, rate)
-
-
-def bam_schedule(kind: str, l0: float = 1.0, *, batch: int = 1, dim: int = 1):
-    """BaM's learning-rate schedules: ``"constant"`` (``l0``), ``"bd"`` (``B D / (t + 1)``),
-    ``"inverse"`` (``l0 / (t + 1)``), ``"inverse_sqrt"`` (``l0 / sqrt(t + 1)``)."""
-    schedules = {
-        "constant": lambda t: l0 + 0.0 * t,
-        "bd": lambda t: batch * dim / (t + 1.0),
-        "inverse": lambda t: l0 / (t + 1.0),
-        "inverse_sqrt": lambda t: l0 / jnp.sqrt(t + 1.0),
-    }
-    if kind not in schedules:
-        raise ValueError(f"kind must be one of {sorted(schedules)}, got {kind!r}.")
-    return schedules[kind]

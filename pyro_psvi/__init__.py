@@ -1,6 +1,7 @@
 """Pyro backend of psvi: proximal score-based variational inference."""
 
-from pyro_psvi.baselines import GSM, BaM, bam_schedule
+from psvi.schedules import bam_schedule
+from pyro_psvi.baselines import GSM, BaM
 from pyro_psvi.engine import ProximalScoreVI
 from pyro_psvi.guides import GuideDensity, guide_density
 from pyro_psvi.models import bayesian_module

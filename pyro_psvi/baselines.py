@@ -10,7 +10,6 @@ is rejected: the parameters are kept and ``num_rejected`` counts it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -180,17 +179,3 @@ class BaM(_GaussianBaseline):
         rate = self.learning_rate
         rate = rate(self.num_updates) if callable(rate) else rate
         return bam_step(loc, cov, particles, scores, float(rate))
-
-
-def bam_schedule(kind: str, l0: float = 1.0, *, batch: int = 1, dim: int = 1) -> Callable[[int], float]:
-    """BaM's learning-rate schedules: ``"constant"`` (``l0``), ``"bd"`` (``B D / (t + 1)``),
-    ``"inverse"`` (``l0 / (t + 1)``), ``"inverse_sqrt"`` (``l0 / sqrt(t + 1)``)."""
-    schedules = {
-        "constant": lambda t: l0,
-        "bd": lambda t: batch * dim / (t + 1.0),
-        "inverse": lambda t: l0 / (t + 1.0),
-        "inverse_sqrt": lambda t: l0 / math.sqrt(t + 1.0),
-    }
-    if kind not in schedules:
-        raise ValueError(f"kind must be one of {sorted(schedules)}, got {kind!r}.")
-    return schedules[kind]

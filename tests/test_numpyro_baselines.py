@@ -9,7 +9,8 @@ import pytest
 from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from numpyro.infer.initialization import init_to_value
 
-from numpyro_psvi.baselines import GSM, BaM, bam_schedule, bam_step
+from numpyro_psvi import bam_schedule
+from numpyro_psvi.baselines import GSM, BaM, bam_step
 from numpyro_psvi.models import gaussian_target
 from psvi.metrics import gaussian_kl
 from psvi.targets import ill_conditioned_gaussian
