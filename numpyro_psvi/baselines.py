@@ -21,10 +21,10 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoMultivariateNormal
 from numpyro.infer.svi import SVIRunResult
 
-from numpyro_psvi.engine import check_rejection_streak
 from numpyro_psvi.guides import guide_density
 from numpyro_psvi.objective import weighted_fisher
 from numpyro_psvi.scores import check_model, make_score_fn, model_param_names
+from psvi.checks import check_rejection_streak
 
 
 class BaselineState(NamedTuple):
@@ -175,7 +175,10 @@ class _GaussianBaseline:
         state, losses = jax.jit(
             lambda s: lax.scan(lambda s, _: self.update(s, *args, **kwargs), s, None, length=num_steps)
         )(state)
-        check_rejection_streak(type(self).__name__, state, self.max_consecutive_rejections)
+        check_rejection_streak(
+            type(self).__name__, int(state.consecutive_rejected), self.max_consecutive_rejections,
+            "updates",
+        )  # fmt: skip
         return SVIRunResult(self.get_params(state), state, losses)
 
 

@@ -44,7 +44,7 @@ from numpyro_psvi.scores import (
     make_score_fn,
     model_param_names,
 )
-from psvi.checks import check_latents_match
+from psvi.checks import check_latents_match, check_rejection_streak, full_covariance_advice
 
 
 class PSVIState(NamedTuple):
@@ -222,16 +222,9 @@ class ProximalScoreVI:
             )
             optim_state = self.optim.init(params)
         self.density = guide_density(self.guide, self.score_method, self.num_kl_draws)
-        dim = self.density.latent_dim
-        if isinstance(self.guide, AutoMultivariateNormal) and dim > 16 * self.num_particles:
-            warnings.warn(
-                f"Full-covariance guide with D={dim} latent dimensions and only "
-                f"num_particles={self.num_particles}: such fits diverged at Adam(1e-2) and "
-                "converged at Adam(3e-3) or with more particles (docs/gaussian_targets.md). "
-                f"Use a smaller step size or num_particles >= {-(-dim // 8)}.",
-                UserWarning,
-                stacklevel=2,
-            )
+        advice = full_covariance_advice(self.density.latent_dim, self.num_particles)
+        if isinstance(self.guide, AutoMultivariateNormal) and advice:
+            warnings.warn(advice, UserWarning, stacklevel=2)
         zero = jnp.zeros((), jnp.int32)
         return PSVIState(optim_state, rng_key, zero, zero, zero)
 
@@ -419,22 +412,14 @@ class ProximalScoreVI:
         return particles, log_joints, model_scores, param_grads
 
     def _check_rejection_streak(self, state: PSVIState) -> None:
-        check_rejection_streak(type(self).__name__, state, self.max_consecutive_rejections)
+        check_rejection_streak(
+            type(self).__name__, int(state.consecutive_rejected), self.max_consecutive_rejections,
+            "updates",
+        )  # fmt: skip
 
     def _check_initialized(self) -> None:
         if self.constrain_fn is None:
             raise RuntimeError("Call ProximalScoreVI.init(rng_key, *args) (or run) first.")
-
-
-def check_rejection_streak(engine: str, state: Any, limit: int | None) -> None:
-    """Raise once ``state.consecutive_rejected`` reaches ``limit`` (``None``: never)."""
-    if limit is not None and int(state.consecutive_rejected) >= limit:
-        raise RuntimeError(
-            f"{engine} rejected the last {int(state.consecutive_rejected)} updates in a row "
-            f"(max_consecutive_rejections={limit}): the fit is stuck. Likely causes: a "
-            "learning rate too large, a model returning -inf or NaN where the guide puts "
-            "mass, or badly scaled data. The state before them is intact."
-        )
 
 
 def save_state(path: str | os.PathLike, state: Any) -> None:

@@ -25,7 +25,7 @@ from pyro.infer import autoguide
 from pyro.optim import PyroOptim
 from torch.distributions import transform_to
 
-from psvi.checks import check_latents_match
+from psvi.checks import check_latents_match, check_rejection_streak, full_covariance_advice
 from pyro_psvi.guides import GuideDensity, Params, check_guide_supported, guide_density
 from pyro_psvi.objective import (
     WEIGHTINGS,
@@ -234,15 +234,10 @@ class ScoreEngine:
         self.num_score_calls += self.num_particles
 
     def _check_rejection_streak(self) -> None:
-        limit = self.max_consecutive_rejections
-        streak = int(self._consecutive_rejected)
-        if limit is not None and streak >= limit:
-            raise RuntimeError(
-                f"{type(self).__name__} rejected the last {streak} steps in a row "
-                f"(max_consecutive_rejections={limit}): the fit is stuck. Likely causes: a "
-                "learning rate too large, a model returning -inf or NaN where the guide puts "
-                "mass, or badly scaled data. The parameters before them are intact."
-            )
+        check_rejection_streak(
+            type(self).__name__, int(self._consecutive_rejected), self.max_consecutive_rejections,
+            "steps",
+        )  # fmt: skip
 
     # ------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike) -> None:
@@ -420,17 +415,9 @@ class ProximalScoreVI(ScoreEngine):
 
     def _setup(self, args: tuple, kwargs: dict) -> None:
         super()._setup(args, kwargs)
-        if isinstance(self.guide, autoguide.AutoMultivariateNormal):
-            dim = self.density.latent_dim
-            if dim > 16 * self.num_particles:
-                warnings.warn(
-                    f"Full-covariance guide with D={dim} latent dimensions and only "
-                    f"num_particles={self.num_particles}: such fits diverged at lr 1e-2 and "
-                    "converged at 3e-3 or with more particles (docs/gaussian_targets.md). "
-                    f"Use a smaller step size or num_particles >= {-(-dim // 8)}.",
-                    UserWarning,
-                    stacklevel=4,
-                )
+        advice = full_covariance_advice(self.density.latent_dim, self.num_particles)
+        if isinstance(self.guide, autoguide.AutoMultivariateNormal) and advice:
+            warnings.warn(advice, UserWarning, stacklevel=4)
 
     def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """One update: ``S`` score calls and ``K`` optimizer steps.
