@@ -105,9 +105,7 @@ def to_inference_data(
     posterior = guide.sample_posterior(key_draws, params, sample_shape=(num_samples,))
     model_trace = trace(at_random_values(full_model, key_trace)).get_trace(*args, **kwargs)
     observed = {
-        name: site
-        for name, site in model_trace.items()
-        if site["type"] == "sample" and site["is_observed"]
+        name: site for name, site in model_trace.items() if site["type"] == "sample" and site["is_observed"]
     }
     pointwise = log_likelihood(full_model, posterior, *args, **kwargs)
     predictive = Predictive(

@@ -111,7 +111,15 @@ class _GaussianBaseline:
 
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
         """Return the initial :class:`BaselineState` (sets the guide up)."""
-        check_model(self.model, random.split(rng_key, 3)[1], args, {**kwargs, **self.static_kwargs})
+        local = check_model(self.model, random.split(rng_key, 3)[1], args, {**kwargs, **self.static_kwargs})
+        if local:
+            name, plate = next(iter(local.items()))
+            raise NotImplementedError(
+                f"Latent site {name!r} is local to the subsampled plate {plate!r}; "
+                f"{type(self).__name__} fits one full-covariance Gaussian over all latents "
+                "and cannot subsample them. Use ProximalScoreVI with AutoNormal, or the "
+                "full plate (subsample_size=None)."
+            )
         params = model_param_names(self.model, args, {**kwargs, **self.static_kwargs})
         if params:
             raise NotImplementedError(

@@ -26,7 +26,11 @@ import tqdm
 from jax import lax, random
 from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal
+from numpyro.infer.autoguide import (
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 from numpyro.infer.svi import SVIRunResult
 
 from numpyro_psvi.guides import check_guide_supported, guide_density
@@ -38,11 +42,15 @@ from numpyro_psvi.objective import (
     weighted_fisher,
 )
 from numpyro_psvi.scores import (
+    ModelScores,
     check_model,
+    coordinate_weights,
+    draw_plate_indices,
     latent_shapes,
     make_score_and_param_grad_fn,
     make_score_fn,
     model_param_names,
+    subsampled_plates,
 )
 from psvi.checks import check_latents_match, check_rejection_streak, full_covariance_advice
 
@@ -198,7 +206,15 @@ class ProximalScoreVI:
             Constrained initial values for some guide params, as in ``SVI.init``.
         """
         _, model_seed, guide_seed = random.split(rng_key, 3)  # the split SVI.init makes
-        check_model(self.model, model_seed, args, {**kwargs, **self.static_kwargs})
+        local = check_model(self.model, model_seed, args, {**kwargs, **self.static_kwargs})
+        if local and not isinstance(self.guide, AutoNormal):
+            name, plate = next(iter(local.items()))
+            raise NotImplementedError(
+                f"Latent site {name!r} is local to the subsampled plate {plate!r}: "
+                f"{type(self.guide).__name__} would reuse one set of values for every "
+                "mini-batch. Use AutoNormal, whose params span the plate's full size and "
+                "are sliced by its indices, or the full plate (subsample_size=None)."
+            )
         # SVI.init collects the guide params and their constraints, so get_params
         # returns exactly what SVI.get_params would.
         svi_state = self._svi.init(rng_key, *args, init_params=init_params, **kwargs)
@@ -257,10 +273,11 @@ class ProximalScoreVI:
         rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
         unconstrained_t = self.optim.get_params(state.optim_state)
         params_t = self.constrain_fn(unconstrained_t)
-        particles, log_joints, model_scores, param_grads = self._particles_and_scores(
+        particles, scored = self._particles_and_scores(
             unconstrained_t, key_particles, key_batch, args, kwargs
         )
-        loss = weighted_fisher(density, params_t, params_t, particles, model_scores, self.weighting)
+        log_joints, model_scores, weights = scored.log_joints, scored.scores, scored.weights
+        loss = weighted_fisher(density, params_t, params_t, particles, model_scores, self.weighting, weights)
 
         def objective(unconstrained):
             value, terms = proximal_objective(
@@ -272,10 +289,11 @@ class ProximalScoreVI:
                 key_kl,
                 prox_weight=self.prox_weight,
                 weighting=self.weighting,
+                weights=weights,
             )
             # Model params ascend the expected log joint, linearized at theta_t: their
             # gradient is the particles' mean gradient (no extra score calls).
-            for name, grad in param_grads.items():
+            for name, grad in scored.param_grads.items():
                 products = jax.tree.map(jnp.vdot, lax.stop_gradient(grad), unconstrained[name])
                 value = value - sum(jax.tree.leaves(products))
             return value, terms
@@ -294,14 +312,12 @@ class ProximalScoreVI:
             finite_kl = jnp.isfinite(kl_at(jnp.asarray(1.0)))
             frac = jnp.where(finite_kl, 1.0, 0.0)
         else:
-            max_kl = self.trust_region * density.latent_dim
+            max_kl = self.trust_region * scored.active_dim
             frac = trust_region_fraction(kl_at, max_kl, self.max_halvings)
         accept = (frac > 0) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(log_joints))
         accept &= jnp.all(jnp.isfinite(ravel_pytree(unconstrained_new)[0]))
         candidate = lerp_tree(state.optim_state, optim_state, frac)
-        optim_state = jax.tree.map(
-            lambda old, new: jnp.where(accept, new, old), state.optim_state, candidate
-        )
+        optim_state = jax.tree.map(lambda old, new: jnp.where(accept, new, old), state.optim_state, candidate)
         new_state = PSVIState(
             optim_state,
             rng_key,
@@ -322,10 +338,12 @@ class ProximalScoreVI:
         kwargs = {**kwargs, **self.static_kwargs}
         _, key_particles, key_batch, _ = random.split(state.rng_key, 4)
         params = self.get_params(state)
-        particles, _, model_scores, _ = self._particles_and_scores(
+        particles, scored = self._particles_and_scores(
             self.optim.get_params(state.optim_state), key_particles, key_batch, args, kwargs
         )
-        return weighted_fisher(self.density, params, params, particles, model_scores, "covariance")
+        return weighted_fisher(
+            self.density, params, params, particles, scored.scores, "covariance", scored.weights
+        )
 
     # ------------------------------------------------------------------- run
     def run(
@@ -374,8 +392,7 @@ class ProximalScoreVI:
                         recent = [x for x in losses[i - chunk :] if x == x]
                         avg = sum(recent) / len(recent) if recent else float("nan")
                         bar.set_postfix_str(
-                            f"init loss: {float(losses[0]):.4f}, avg. loss [{i - chunk + 1}-{i}]: "
-                            f"{avg:.4f}",
+                            f"init loss: {float(losses[0]):.4f}, avg. loss [{i - chunk + 1}-{i}]: {avg:.4f}",
                             refresh=False,
                         )
             losses = jnp.stack(losses)
@@ -394,22 +411,35 @@ class ProximalScoreVI:
             )
         return SVIRunResult(self.get_params(state), state, losses)
 
-    def _particles_and_scores(self, unconstrained, key_particles, key_batch, args, kwargs):
-        """``S`` particles from the guide (constants), and their mini-batch log joints,
-        scores and mean model-param gradients, from one vectorized pass sharing the batch
-        of ``key_batch``; ``unconstrained`` holds all params (guide and model)."""
+    def _particles_and_scores(
+        self, unconstrained, key_particles, key_batch, args, kwargs
+    ) -> tuple[jax.Array, ModelScores]:
+        """``S`` particles from the guide (constants), and their :class:`ModelScores`
+        from one vectorized pass sharing the mini-batch of ``key_batch``;
+        ``unconstrained`` holds all params (guide and model)."""
+        density = self.density
         params = self.constrain_fn(unconstrained)
-        particles = lax.stop_gradient(self.density.sample(params, key_particles, self.num_particles))
+        particles = lax.stop_gradient(density.sample(params, key_particles, self.num_particles))
+        local_plates = density.local_plates
+        plates = subsampled_plates(self.model, args, kwargs) if local_plates else {}
+        indices = draw_plate_indices(plates, key_batch) if plates else None
         if not self._model_param_names:
-            score_fn = make_score_fn(self.model, self.density.unpack, args, kwargs)
-            log_joints, model_scores = score_fn(particles, key_batch)
-            return particles, log_joints, model_scores, {}
-        model_params = {name: unconstrained[name] for name in self._model_param_names}
-        score_fn = make_score_and_param_grad_fn(
-            self.model, self.density.unpack, self.constrain_fn, args, kwargs
-        )
-        log_joints, model_scores, param_grads = score_fn(particles, model_params, key_batch)
-        return particles, log_joints, model_scores, param_grads
+            score_fn = make_score_fn(self.model, density.unpack, args, kwargs, local_plates)
+            log_joints, scores = score_fn(particles, key_batch, indices)
+            param_grads = {}
+        else:
+            model_params = {name: unconstrained[name] for name in self._model_param_names}
+            score_fn = make_score_and_param_grad_fn(
+                self.model, density.unpack, self.constrain_fn, args, kwargs, local_plates
+            )
+            log_joints, scores, param_grads = score_fn(particles, model_params, key_batch, indices)
+        shapes = jax.eval_shape(density.unpack, particles[0])
+        shapes = {name: shape.shape for name, shape in shapes.items()}
+        weights, active_dim = coordinate_weights(local_plates, shapes, indices or {})
+        if weights is not None:
+            # A local latent's own score came out N/B times too large (plate scale).
+            scores = scores / jnp.where(weights > 0, weights, 1.0)
+        return particles, ModelScores(log_joints, scores, param_grads, weights, active_dim)
 
     def _check_rejection_streak(self, state: PSVIState) -> None:
         check_rejection_streak(

@@ -70,6 +70,11 @@ class GuideDensity(NamedTuple):
         Maps a flat latent ``(D,)`` to the dict of unconstrained site values.
     closed_form : bool
         Whether ``score`` and ``kl`` are closed form.
+    local_plates : dict
+        AutoNormal only: ``{site name: ((plate name, dim), ...)}`` for the sites inside
+        plates, whose params span each plate's full size; ``dim`` counts from the right
+        of the site's unconstrained value. The model sees them sliced by the plate's
+        indices (:func:`numpyro_psvi.scores.make_log_joint`).
     """
 
     latent_dim: int
@@ -80,6 +85,7 @@ class GuideDensity(NamedTuple):
     cov_quad: Callable[[Params, jax.Array], jax.Array]
     unpack: Callable[[jax.Array], dict[str, jax.Array]]
     closed_form: bool
+    local_plates: dict[str, tuple[tuple[str, int], ...]] = {}
 
 
 # ---------------------------------------------------------------------------
@@ -138,9 +144,7 @@ class _LowRank(NamedTuple):
         return dinv_v - correction / (self.diag if v.ndim == 1 else self.diag[:, None])
 
     def logdet(self) -> jax.Array:
-        return 2 * jnp.sum(jnp.log(jnp.diagonal(self.capacitance_tril))) + jnp.sum(
-            jnp.log(self.diag)
-        )
+        return 2 * jnp.sum(jnp.log(jnp.diagonal(self.capacitance_tril))) + jnp.sum(jnp.log(self.diag))
 
     def precision_diag(self) -> jax.Array:
         a = solve_triangular(self.capacitance_tril, self.factor.T / self.diag, lower=True)
@@ -154,9 +158,7 @@ def _lowrank_log_prob(q: _LowRank, u: jax.Array) -> jax.Array:
 
 def _lowrank_kl(q0: _LowRank, q1: _LowRank) -> jax.Array:
     delta = q1.loc - q0.loc
-    trace = jnp.sum(q1.precision_diag() * q0.diag) + jnp.sum(
-        q0.factor * q1.precision_matvec(q0.factor)
-    )
+    trace = jnp.sum(q1.precision_diag() * q0.diag) + jnp.sum(q0.factor * q1.precision_matvec(q0.factor))
     return 0.5 * (trace + delta @ q1.precision_matvec(delta) - q0.loc.size + q1.logdet() - q0.logdet())
 
 
@@ -234,7 +236,16 @@ def _auto_normal(guide: autoguide.AutoNormal, score_method: str) -> GuideDensity
         scale = ravel_pytree({k: params[f"{k}_{prefix}_scale"] for k in names})[0]
         return loc, scale
 
-    return _diagonal_density(get_loc_scale, unravel, flat0.size, score_method)
+    local_plates = {
+        name: tuple(
+            (frame.name, frame.dim - guide._event_dims[name])
+            for frame in guide.prototype_trace[name]["cond_indep_stack"]
+        )
+        for name in names
+        if guide.prototype_trace[name]["cond_indep_stack"]
+    }
+    density = _diagonal_density(get_loc_scale, unravel, flat0.size, score_method)
+    return density._replace(local_plates=local_plates)
 
 
 def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, score_method: str) -> GuideDensity:

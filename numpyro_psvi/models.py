@@ -30,9 +30,7 @@ def linear_regression(
     """Bayesian linear regression ``y ~ N(x @ w, noise_scale^2)``, ``w ~ N(0, prior_scale^2)``."""
     w = numpyro.sample("w", dist.Normal(0.0, prior_scale).expand([x.shape[1]]).to_event(1))
     with numpyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
-        numpyro.sample(
-            "y", dist.Normal(x[idx] @ w, noise_scale), obs=None if y is None else y[idx]
-        )
+        numpyro.sample("y", dist.Normal(x[idx] @ w, noise_scale), obs=None if y is None else y[idx])
 
 
 def mlp_classifier(
@@ -55,9 +53,7 @@ def mlp_classifier(
     with numpyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
         logits = jnp.tanh(x[idx] @ w1 + b1) @ w2 + b2
         numpyro.deterministic("probs", jax.nn.softmax(logits))
-        numpyro.sample(
-            "y", dist.Categorical(logits=logits), obs=None if y is None else y[idx]
-        )
+        numpyro.sample("y", dist.Categorical(logits=logits), obs=None if y is None else y[idx])
 
 
 def mlp_init_values(num_inputs: int, hidden: int = 50, num_classes: int = 10, seed: int = 0):

@@ -28,6 +28,7 @@ def weighted_fisher(
     particles: jax.Array,
     model_scores: jax.Array,
     weighting: str,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
     """Mean over particles of ``r' W_t r`` with ``r = grad log q_params - g``.
 
@@ -40,8 +41,15 @@ def weighted_fisher(
     particles, model_scores : jax.Array
         Shape ``(S, D)`` each.
     weighting : {"covariance", "identity"}
+    weights : jax.Array, optional
+        ``(D,)`` per-coordinate weights of a mini-batch of local latents
+        (:func:`numpyro_psvi.scores.coordinate_weights`): the sum becomes ``sum_d
+        weights_d (...)_d``, unbiased for the full sum. Only for a diagonal ``W_t``
+        (AutoNormal).
     """
     residuals = jax.vmap(density.score, (None, 0))(params, particles) - model_scores
+    if weights is not None:
+        residuals = residuals * jnp.sqrt(weights)
     if weighting == "covariance":
         quad = jax.vmap(density.cov_quad, (None, 0))(params_t, residuals)
     else:
@@ -59,10 +67,12 @@ def proximal_objective(
     *,
     prox_weight: float,
     weighting: str,
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, Any]]:
-    """``L_t(params)`` and its two terms (``fisher``, ``kl``) as auxiliary output."""
+    """``L_t(params)`` and its two terms (``fisher``, ``kl``) as auxiliary output;
+    ``weights``: see :func:`weighted_fisher`."""
     params_t = jax.lax.stop_gradient(params_t)
-    fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting)
+    fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting, weights)
     kl = density.kl(params_t, params, kl_key)
     return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
 

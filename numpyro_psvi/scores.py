@@ -13,16 +13,43 @@ particles of one iteration share one mini-batch. The transform ``T`` is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.initialization import init_to_uniform
-from numpyro.infer.util import potential_energy
+from numpyro.infer.util import _unconstrain_reparam, log_density, potential_energy
 
-ScoreFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+ScoreFn = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+class ModelScores(NamedTuple):
+    """Mini-batch model scores of ``S`` particles (as ``pyro_psvi.scores.ModelScores``).
+
+    Attributes
+    ----------
+    log_joints : jax.Array
+        ``(S,)``, the plate-scaled mini-batch log joints.
+    scores : jax.Array
+        ``(S, D)``: unbiased for a global coordinate, exact for a local latent's
+        coordinate in the mini-batch, 0 for one outside it.
+    param_grads : dict
+        The particles' mean log-joint gradient in each ``numpyro.param`` site.
+    weights : jax.Array or None
+        ``(D,)`` when a local latent's plate is subsampled (:func:`coordinate_weights`).
+    active_dim : int
+        Coordinates with a non-zero weight (``D`` when ``weights`` is ``None``).
+    """
+
+    log_joints: jax.Array
+    scores: jax.Array
+    param_grads: dict
+    weights: jax.Array | None
+    active_dim: int
 
 
 def make_log_joint(
@@ -30,8 +57,10 @@ def make_log_joint(
     unpack: Callable[[jax.Array], dict[str, jax.Array]],
     model_args: tuple,
     model_kwargs: dict[str, Any],
-) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Return ``log_joint(u, batch_key)``: the mini-batch log target in unconstrained space.
+    local_plates: dict[str, tuple[tuple[str, int], ...]] | None = None,
+) -> Callable[..., jax.Array]:
+    """Return ``log_joint(u, batch_key, indices=None)``: the mini-batch log target in
+    unconstrained space.
 
     Parameters
     ----------
@@ -41,12 +70,97 @@ def make_log_joint(
         Maps a flat latent vector to the dict of unconstrained site values.
     model_args, model_kwargs
         Arguments the model is called with.
+    local_plates : dict, optional
+        ``{site name: ((plate name, dim), ...)}`` of the local latents held over their
+        plates' full size (:attr:`GuideDensity.local_plates`). With them, the
+        subsampled plates take ``indices`` (:func:`draw_plate_indices`), each local
+        latent is sliced by its plates' indices before its transform, and its
+        ``log|det J|`` gets the plate's ``N/B`` scale like its log density.
     """
+    if not local_plates:
 
-    def log_joint(u: jax.Array, batch_key: jax.Array) -> jax.Array:
-        return -potential_energy(seed(model, batch_key), model_args, model_kwargs, unpack(u))
+        def log_joint(u: jax.Array, batch_key: jax.Array, indices=None) -> jax.Array:
+            return -potential_energy(seed(model, batch_key), model_args, model_kwargs, unpack(u))
 
-    return log_joint
+        return log_joint
+
+    def log_joint_with_locals(u: jax.Array, batch_key: jax.Array, indices=None) -> jax.Array:
+        values, indices = unpack(u), indices or {}
+
+        def unconstrain(site):
+            if site["type"] == "plate":
+                return indices.get(site["name"])
+            name = site["name"]
+            if site["type"] != "sample" or name not in values:
+                return None
+            value = values[name]
+            for plate, dim in local_plates.get(name, ()):
+                if plate in indices:
+                    value = jnp.take(value, indices[plate], axis=dim)
+            return _unconstrain_reparam({name: value}, site)
+
+        substituted = substitute(seed(model, batch_key), substitute_fn=unconstrain)
+        return log_density(substituted, model_args, model_kwargs, {})[0]
+
+    return log_joint_with_locals
+
+
+def subsampled_plates(model: Callable, args: tuple, kwargs: dict) -> dict[str, tuple[int, int]]:
+    """``{plate name: (size, subsample_size)}`` of the model's subsampled plates (a trace
+    of static shapes only: nothing is computed)."""
+    plates: dict[str, tuple[int, int]] = {}
+
+    def collect():
+        model_trace = trace(at_random_values(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+        for name, site in model_trace.items():
+            size, subsample_size = (site["args"] + (None, None))[:2] if site["type"] == "plate" else (0, 0)
+            if site["type"] == "plate" and subsample_size is not None and subsample_size < size:
+                plates[name] = (size, subsample_size)
+        return 0
+
+    jax.eval_shape(collect)
+    return plates
+
+
+def draw_plate_indices(plates: dict[str, tuple[int, int]], rng_key: jax.Array) -> dict[str, jax.Array]:
+    """A mini-batch of each subsampled plate, drawn without replacement (as NumPyro's plate)."""
+    keys = jax.random.split(rng_key, max(len(plates), 1))
+    return {
+        name: jax.random.choice(key, size, (subsample_size,), replace=False)
+        for key, (name, (size, subsample_size)) in zip(keys, sorted(plates.items()), strict=False)
+    }
+
+
+def coordinate_weights(
+    local_plates: dict[str, tuple[tuple[str, int], ...]],
+    shapes: dict[str, tuple[int, ...]],
+    indices: dict[str, jax.Array],
+) -> tuple[jax.Array | None, int]:
+    """``(weights, active_dim)`` of the flat latent for this step's plate indices.
+
+    ``shapes``: the unconstrained site shapes, in the flat layout's (sorted) order. A
+    local latent's coordinate gets ``N/B`` (the product over its subsampled plates)
+    when its plate members are in the mini-batch and 0 otherwise, a global one 1, so
+    that ``sum_d weights_d f_d`` is unbiased for ``sum_d f_d``; ``active_dim`` counts
+    the non-zero weights. ``weights`` is ``None`` when no local latent's plate is
+    subsampled.
+    """
+    blocks, active, subsampled = {}, 0, False
+    for name, shape in shapes.items():
+        block, size = jnp.ones(shape), math.prod(shape)
+        for plate, dim in local_plates.get(name, ()):
+            full, batch = shape[dim], indices[plate].shape[0] if plate in indices else shape[dim]
+            if batch == full:
+                continue
+            subsampled = True
+            member = jnp.zeros(full).at[indices[plate]].set(full / batch)
+            block = block * member.reshape((full,) + (1,) * (-dim - 1))
+            size = size // full * batch
+        blocks[name] = block
+        active += size
+    if not subsampled:
+        return None, active
+    return ravel_pytree(blocks)[0], active
 
 
 def make_score_fn(
@@ -54,14 +168,22 @@ def make_score_fn(
     unpack: Callable[[jax.Array], dict[str, jax.Array]],
     model_args: tuple,
     model_kwargs: dict[str, Any],
+    local_plates: dict[str, tuple[tuple[str, int], ...]] | None = None,
 ) -> ScoreFn:
-    """Return ``scores(particles, batch_key) -> (log_joints (S,), scores (S, D))``.
+    """Return ``scores(particles, batch_key, indices=None) -> (log_joints (S,), scores (S, D))``.
 
-    All particles share the mini-batch drawn from ``batch_key``; one vectorized
-    (``vmap``) pass computes the ``S`` score calls.
+    All particles share the mini-batch drawn from ``batch_key`` (or given by
+    ``indices``, see :func:`make_log_joint`); one vectorized (``vmap``) pass computes
+    the ``S`` score calls. The scores are those of the plate-scaled log joint: divide a
+    local latent's by its ``N/B`` (:func:`coordinate_weights`).
     """
-    value_and_score = jax.value_and_grad(make_log_joint(model, unpack, model_args, model_kwargs))
-    return jax.vmap(value_and_score, in_axes=(0, None))
+    log_joint = make_log_joint(model, unpack, model_args, model_kwargs, local_plates)
+    value_and_scores = jax.vmap(jax.value_and_grad(log_joint), in_axes=(0, None, None))
+
+    def scores(particles: jax.Array, batch_key: jax.Array, indices=None):
+        return value_and_scores(particles, batch_key, indices)
+
+    return scores
 
 
 def at_random_values(model: Callable, rng_key: jax.Array) -> Callable:
@@ -101,33 +223,36 @@ def make_score_and_param_grad_fn(
     constrain_model_params: Callable[[dict], dict],
     model_args: tuple,
     model_kwargs: dict[str, Any],
+    local_plates: dict[str, tuple[tuple[str, int], ...]] | None = None,
 ):
-    """Return ``fn(particles, model_params, batch_key) -> (log_joints, scores, grad)``.
+    """Return ``fn(particles, model_params, batch_key, indices=None) -> (log_joints,
+    scores, grad)``.
 
     For a model with ``numpyro.param`` sites: ``model_params`` are their unconstrained
     values, and ``grad`` is the gradient in them of the mean over particles of the
     mini-batch log joint, from the same vectorized pass as the scores.
     """
 
-    def log_joint(u, model_params, batch_key):
+    def log_joint(u, model_params, batch_key, indices):
         fixed = substitute(model, data=constrain_model_params(model_params))
-        return make_log_joint(fixed, unpack, model_args, model_kwargs)(u, batch_key)
+        return make_log_joint(fixed, unpack, model_args, model_kwargs, local_plates)(u, batch_key, indices)
 
-    value_and_grads = jax.vmap(jax.value_and_grad(log_joint, argnums=(0, 1)), in_axes=(0, None, None))
+    value_and_grads = jax.vmap(jax.value_and_grad(log_joint, argnums=(0, 1)), in_axes=(0, None, None, None))
 
-    def fn(particles, model_params, batch_key):
-        log_joints, (scores, param_grads) = value_and_grads(particles, model_params, batch_key)
+    def fn(particles, model_params, batch_key, indices=None):
+        log_joints, (scores, param_grads) = value_and_grads(particles, model_params, batch_key, indices)
         return log_joints, scores, jax.tree.map(lambda g: jnp.mean(g, axis=0), param_grads)
 
     return fn
 
 
-def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) -> None:
+def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) -> dict[str, str]:
     """Raise a clear error for models ProximalScoreVI cannot fit.
 
-    Checks: at least one latent site; no discrete latent site; no latent site inside
-    a subsampled plate; no plate whose ``subsample_size`` exceeds its size; finite
-    observed data. (``numpyro.param`` sites in the model are learned jointly.)
+    Checks: at least one latent site; no discrete latent site; no plate whose
+    ``subsample_size`` exceeds its size; finite observed data. (``numpyro.param``
+    sites in the model are learned jointly.) Returns ``{site name: plate name}`` of the
+    latent sites inside a subsampled plate (local latents).
     """
     model_trace = trace(at_random_values(model, rng_key)).get_trace(*args, **kwargs)
     for name, site in model_trace.items():
@@ -150,20 +275,18 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
                 "in the model (e.g. a mixture via MixtureSameFamily) or use "
                 "numpyro.infer.TraceEnum_ELBO with SVI."
             )
-        for frame in site["cond_indep_stack"]:
-            full_size = model_trace[frame.name]["args"][0] if frame.name in model_trace else None
-            if full_size is not None and frame.size != full_size:
-                raise NotImplementedError(
-                    f"Latent site {name!r} is local to the subsampled plate {frame.name!r}; "
-                    "ProximalScoreVI supports global latents with subsampled likelihoods. "
-                    "Use the full plate for local latents, or marginalize them."
-                )
         latents.append(name)
     if not latents:
         raise ValueError(
             "The model has no latent sample sites: there is no posterior to fit. "
             "Check that the observed sites carry obs= and that some site has none."
         )
+    local = {}
+    for name in latents:
+        for frame in model_trace[name]["cond_indep_stack"]:
+            full_size = model_trace[frame.name]["args"][0] if frame.name in model_trace else None
+            if full_size is not None and frame.size != full_size:
+                local[name] = frame.name
     for name, site in model_trace.items():
         if site["type"] == "sample" and site["is_observed"]:
             value = site["value"]
@@ -175,3 +298,4 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
                     f"Observed site {name!r} holds non-finite values (NaN or inf); remove or "
                     "impute them before fitting (or mask them with numpyro.handlers.mask)."
                 )
+    return local

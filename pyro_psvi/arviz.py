@@ -25,7 +25,12 @@ from torch.distributions import biject_to
 from psvi.inference_data import add_fit_stats, dim_names, pseudo_chains
 from pyro_psvi.guides import GuideDensity, guide_density
 from pyro_psvi.objective import weighted_fisher
-from pyro_psvi.scores import SharedSubsample, UnconstrainedValues, at_random_values
+from pyro_psvi.scores import (
+    SharedSubsample,
+    UnconstrainedValues,
+    at_random_values,
+    local_plates,
+)
 
 
 class _Unobserve(Messenger):
@@ -59,14 +64,20 @@ def _chunks(size: int, batch: int):
         yield torch.arange(first, first + batch), torch.arange(start - first, batch)
 
 
-def _full_data_sites(model, values, args, kwargs, plate, unobserve: bool):
+def _plate_frame(site, plate):
+    """The frame of the chunked plate in a site's plates, if there."""
+    return next((f for f in site["cond_indep_stack"] if plate and f.name == plate[0]), None)
+
+
+def _full_data_sites(model, values, plates, args, kwargs, plate, unobserve: bool):
     """One draw over the full data: latent log prior + log|J| and, per observed site,
-    its pointwise unscaled log density (or predictive draw when ``unobserve``)."""
+    its pointwise unscaled log density (or predictive draw when ``unobserve``).
+    ``plates``: the local latents' plates (:func:`pyro_psvi.scores.local_plates`)."""
     blocks = [(None, None)] if plate is None else list(_chunks(plate[1], plate[2]))
-    prior, pieces = None, {}
-    for indices, fresh in blocks:
-        handler = UnconstrainedValues(values)
+    prior, pieces = 0.0, {}
+    for block, (indices, fresh) in enumerate(blocks):
         subsample = {} if plate is None else {plate[0]: indices}
+        handler = UnconstrainedValues(values, plates, subsample)
         with poutine.trace() as tracer, SharedSubsample(subsample), handler:
             if unobserve:
                 with _Unobserve():
@@ -74,12 +85,15 @@ def _full_data_sites(model, values, args, kwargs, plate, unobserve: bool):
             else:
                 model(*args, **kwargs)
         model_trace = tracer.trace
-        if prior is None:
-            prior = sum(
-                site["fn"].log_prob(site["value"]).sum()
-                for name, site in model_trace.nodes.items()
-                if site["type"] == "sample" and name in values
-            ) + sum(term.sum() for term in handler.log_abs_det_jacobians.values())
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or name not in values:
+                continue
+            term = site["fn"].log_prob(site["value"]) + handler.log_abs_det_jacobians[name]
+            frame = _plate_frame(site, plate)
+            if frame is not None:  # a local latent: this block's new members
+                prior = prior + term.index_select(frame.dim, fresh).sum()
+            elif block == 0:
+                prior = prior + term.sum()
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or name in values or site_is_subsample(site):
                 continue
@@ -88,7 +102,7 @@ def _full_data_sites(model, values, args, kwargs, plate, unobserve: bool):
             else:
                 value = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
                 event_dim = 0
-            frame = next((f for f in site["cond_indep_stack"] if plate and f.name == plate[0]), None)
+            frame = _plate_frame(site, plate)
             if frame is None:
                 pieces.setdefault(name, (site, [value]))
                 continue
@@ -96,7 +110,7 @@ def _full_data_sites(model, values, args, kwargs, plate, unobserve: bool):
             pieces.setdefault(name, (site, []))[1].append(value.index_select(dim, fresh))
     out = {}
     for name, (site, parts) in pieces.items():
-        frame = next((f for f in site["cond_indep_stack"] if plate and f.name == plate[0]), None)
+        frame = _plate_frame(site, plate)
         if frame is None:
             out[name] = (site, parts[0])
         else:
@@ -112,9 +126,7 @@ def _site_dims(site, name: str, ndim: int, event_dim: int) -> list[str]:
 
 def _constrained(density: GuideDensity, guide, u: torch.Tensor) -> dict[str, torch.Tensor]:
     nodes = guide.prototype_trace.nodes
-    return {
-        name: biject_to(nodes[name]["fn"].support)(value) for name, value in density.unpack(u).items()
-    }
+    return {name: biject_to(nodes[name]["fn"].support)(value) for name, value in density.unpack(u).items()}
 
 
 def to_inference_data(
@@ -156,6 +168,7 @@ def to_inference_data(
         draws = density.sample(params, num_samples)
         model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
         plate = _subsampled_plate(model_trace)
+        plates = local_plates(density)
         posterior: dict[str, list] = {}
         pointwise: dict[str, list] = {}
         predictive: dict[str, list] = {}
@@ -164,15 +177,15 @@ def to_inference_data(
             values = density.unpack(u)
             for name, value in _constrained(density, guide, u).items():
                 posterior.setdefault(name, []).append(value.numpy())
-            _, logs = _full_data_sites(model, values, args, kwargs, plate, unobserve=False)
-            _, preds = _full_data_sites(model, values, args, kwargs, plate, unobserve=True)
+            _, logs = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=False)
+            _, preds = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=True)
             for name, (_site, value) in logs.items():
                 pointwise.setdefault(name, []).append(value.numpy())
             for name, (site, value) in preds.items():
                 predictive.setdefault(name, []).append(value.numpy())
                 dims[name] = _site_dims(site, name, value.dim(), site["fn"].event_dim)
         first = density.unpack(draws[0])
-        observed = {name: _observed_values(model, first, args, kwargs, plate, name) for name in preds}
+        observed = {name: _observed_values(model, first, plates, args, kwargs, plate, name) for name in preds}
     for name, site in guide.prototype_trace.nodes.items():
         if name in posterior:
             dims[name] = _site_dims(site, name, site["value"].dim(), site["fn"].event_dim)
@@ -195,16 +208,17 @@ def to_inference_data(
     return idata
 
 
-def _observed_values(model, values, args, kwargs, plate, site_name: str) -> np.ndarray:
+def _observed_values(model, values, plates, args, kwargs, plate, site_name: str) -> np.ndarray:
     """The observed values of one site over the full data (chunk by chunk)."""
     blocks = [(None, None)] if plate is None else list(_chunks(plate[1], plate[2]))
     parts = []
     for indices, fresh in blocks:
         subsample = {} if plate is None else {plate[0]: indices}
-        with poutine.trace() as tracer, SharedSubsample(subsample), UnconstrainedValues(values):
+        handler = UnconstrainedValues(values, plates, subsample)
+        with poutine.trace() as tracer, SharedSubsample(subsample), handler:
             model(*args, **kwargs)
         site = tracer.trace.nodes[site_name]
-        frame = next((f for f in site["cond_indep_stack"] if plate and f.name == plate[0]), None)
+        frame = _plate_frame(site, plate)
         if frame is None:
             return site["value"].numpy()
         parts.append(site["value"].index_select(frame.dim - site["fn"].event_dim, fresh))
@@ -222,10 +236,11 @@ def vi_diagnostics(
         draws = density.sample(params, num_samples)
         model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
     plate = _subsampled_plate(model_trace)
+    plates = local_plates(density)
     log_joints, scores = [], []
     for u in draws:
         u = u.detach().requires_grad_(True)
-        prior, logs = _full_data_sites(model, density.unpack(u), args, kwargs, plate, unobserve=False)
+        prior, logs = _full_data_sites(model, density.unpack(u), plates, args, kwargs, plate, unobserve=False)
         log_joint = prior + sum(value.sum() for _, value in logs.values())
         scores.append(torch.autograd.grad(log_joint, u)[0])
         log_joints.append(log_joint.detach())

@@ -121,7 +121,8 @@ class _GaussianBaseline(ScoreEngine):
         loc_name, scale_name, tril_name = self.density.param_names
         with torch.no_grad():
             params = self._constrain({k: v.detach() for k, v in leaves.items()})
-        particles, log_joint, scores, _ = self._particles_and_scores(params, args, kwargs)
+        particles, scored = self._particles_and_scores(params, args, kwargs)
+        log_joint, scores = scored.log_joints, scored.scores
         with torch.no_grad():
             loss = weighted_fisher(self.density, params, params, particles, scores, "covariance")
             tril = params[scale_name][:, None] * params[tril_name]

@@ -34,10 +34,12 @@ from pyro_psvi.objective import (
     weighted_fisher,
 )
 from pyro_psvi.scores import (
+    ModelScores,
     at_random_values,
     check_model,
     guess_max_plate_nesting,
     latent_shapes,
+    local_latents,
     log_joints,
     model_scores,
 )
@@ -100,6 +102,7 @@ class ScoreEngine:
         _check_devices(None, args, kwargs)
         model_trace = check_model(self.model, args, kwargs)
         self._latent_shapes = latent_shapes(model_trace)
+        self._check_local_latents(local_latents(model_trace))
         self._arg_signature = _signature(args, kwargs)
         # Set-up draws no random numbers from the run's stream (a resumed run matches).
         with poutine.block(), torch.random.fork_rng(devices=_cuda_devices(args, kwargs)):
@@ -121,8 +124,7 @@ class ScoreEngine:
             name for name, site in model_trace.nodes.items() if site["type"] == "param"
         )
         self._transforms = {
-            name: transform_to(constraints[name])
-            for name in (*density.param_names, *self._model_param_names)
+            name: transform_to(constraints[name]) for name in (*density.param_names, *self._model_param_names)
         }
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(model_trace)
@@ -131,6 +133,17 @@ class ScoreEngine:
         if self.vectorize_particles:
             with torch.random.fork_rng(devices=_cuda_devices(args, kwargs)):
                 self.vectorize_particles = self._can_vectorize(args, kwargs)
+
+    def _check_local_latents(self, local: dict[str, str]) -> None:
+        """Local latents in a subsampled plate need AutoNormal (per-member params)."""
+        if local and not isinstance(self.guide, autoguide.AutoNormal):
+            name, plate = next(iter(local.items()))
+            raise NotImplementedError(
+                f"Latent site {name!r} is local to the subsampled plate {plate!r}: "
+                f"{type(self.guide).__name__} would reuse one set of values for every "
+                "mini-batch. Use AutoNormal, whose params span the plate's full size and "
+                "are sliced by its indices, or the full plate (subsample_size=None)."
+            )
 
     def _prepare(self, args: tuple, kwargs: dict) -> None:
         """Set up on the first call; later, re-check the model when the argument shapes change."""
@@ -199,18 +212,18 @@ class ScoreEngine:
     def _constrain(self, unconstrained: dict[str, torch.Tensor]) -> Params:
         return {name: self._transforms[name](value) for name, value in unconstrained.items()}
 
-    def _particles_and_scores(self, params: Params, args: tuple, kwargs: dict, model_params=()):
-        """``S`` particles from the guide at ``params`` and their mini-batch log joints
-        and scores (one fresh mini-batch shared by the particles), and the particles'
-        mean log-joint gradient in each tensor of ``model_params``."""
+    def _particles_and_scores(
+        self, params: Params, args: tuple, kwargs: dict, model_params=()
+    ) -> tuple[torch.Tensor, ModelScores]:
+        """``S`` particles from the guide at ``params`` and their :class:`ModelScores` on
+        one fresh mini-batch shared by the particles."""
         with torch.no_grad():
             particles = self.density.sample(params, self.num_particles)
-        log_joint, scores, param_grads = model_scores(
+        return particles, model_scores(
             self.model, self.density, particles, args, kwargs,
             max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,
             model_params=model_params,
         )  # fmt: skip
-        return particles, log_joint, scores, param_grads
 
     # ------------------------------------------------------------------ steps
     def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -309,11 +322,13 @@ class ScoreEngine:
         self._prepare(args, kwargs)
         with torch.no_grad():
             params = self._constrain({k: v.detach() for k, v in self._leaves().items()})
-        particles, _, scores, _ = self._particles_and_scores(params, args, kwargs)
+        particles, scored = self._particles_and_scores(params, args, kwargs)
         with torch.no_grad():
-            return float(
-                weighted_fisher(self.density, params, params, particles, scores, "covariance")
-            )
+            fisher = weighted_fisher(
+                self.density, params, params, particles, scored.scores, "covariance",
+                scored.weights,
+            )  # fmt: skip
+            return float(fisher)
 
 
 class ProximalScoreVI(ScoreEngine):
@@ -438,14 +453,15 @@ class ProximalScoreVI(ScoreEngine):
         with torch.no_grad():
             start = {name: leaf.detach().clone() for name, leaf in leaves.items()}
             params_t = self._constrain(start)
-        particles, log_joint, scores, param_grads = self._particles_and_scores(
-            params_t, args, kwargs, model_leaves
-        )
-        scores_ok = torch.isfinite(log_joint).all() & torch.isfinite(scores).all()
+        particles, scored = self._particles_and_scores(params_t, args, kwargs, model_leaves)
+        scores, weights = scored.scores, scored.weights
+        scores_ok = torch.isfinite(scored.log_joints).all() & torch.isfinite(scores).all()
         scores = torch.where(scores_ok, scores, torch.zeros_like(scores))
         with torch.no_grad():
-            loss = weighted_fisher(density, params_t, params_t, particles, scores, self.weighting)
+            loss = weighted_fisher(density, params_t, params_t, particles, scores, self.weighting, weights)
 
+        # Monte Carlo KLs (flow guides) use common random numbers within the step.
+        kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
         leaf_list = list(leaves.values())
         saved_optimizer_state = [
             {k: v.clone() for k, v in state.items()} for state in self._optimizer_state(leaf_list)
@@ -453,7 +469,8 @@ class ProximalScoreVI(ScoreEngine):
         for _ in range(self.inner_steps):
             objective, _ = proximal_objective(
                 density, self._constrain(leaves), params_t, particles, scores,
-                prox_weight=self.prox_weight, weighting=self.weighting,
+                prox_weight=self.prox_weight, weighting=self.weighting, weights=weights,
+                kl_seed=kl_seed,
             )  # fmt: skip
             grads = torch.autograd.grad(objective, guide_leaves)
             # A non-finite objective must not reach the optimizer's moments: zero it.
@@ -462,7 +479,7 @@ class ProximalScoreVI(ScoreEngine):
                 leaf.grad = torch.where(finite, grad, torch.zeros_like(grad))
             # Model params ascend the expected log joint, linearized at theta_t: their
             # gradient is the particles' mean gradient (no extra score calls).
-            for leaf, grad in zip(model_leaves, param_grads, strict=True):
+            for leaf, grad in zip(model_leaves, scored.param_grads, strict=True):
                 leaf.grad = torch.where(scores_ok, -grad, torch.zeros_like(grad))
             self.optim(leaf_list)
             for leaf in leaf_list:
@@ -475,13 +492,13 @@ class ProximalScoreVI(ScoreEngine):
                 return {name: torch.lerp(start[name], end[name], frac) for name in start}
 
             def kl_at(frac: float) -> torch.Tensor:
-                return density.kl(params_t, self._constrain(lerp(frac)))
+                return density.kl(params_t, self._constrain(lerp(frac)), kl_seed)
 
             lazy = particles.device.type == "cpu"
             if self.trust_region is None:
                 frac = torch.isfinite(kl_at(1.0)).to(particles.dtype)
             else:
-                max_kl = self.trust_region * density.latent_dim
+                max_kl = self.trust_region * scored.active_dim
                 frac = trust_region_fraction(kl_at, max_kl, self.max_halvings, lazy=lazy)
             frac = frac.to(particles.device)
             accept = (frac > 0) & scores_ok & torch.isfinite(loss)

@@ -10,7 +10,8 @@ batched over a leading particle dimension: ``u`` and ``r`` have shape ``(S, D)``
 
 Gaussian guides get closed-form scores and KL divergences; ``score_method="autodiff"``
 differentiates the log density instead (the generic nested-autograd path). Flow
-guides (AutoIAFNormal, AutoNormalizingFlow) are not supported by this backend yet.
+guides (AutoIAFNormal, AutoNormalizingFlow) use that path, a Monte Carlo KL and a
+Monte Carlo covariance diagonal.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
+import pyro
 import torch
 from pyro.infer import autoguide
-from torch.distributions import biject_to
+from torch.distributions import ComposeTransform, biject_to
 
 Params = dict[str, torch.Tensor]
 
@@ -41,11 +43,12 @@ _UNSUPPORTED_GUIDES: dict[type, str] = {
 }
 
 
-_GAUSSIAN_GUIDES = (
+_SUPPORTED_GUIDES = (
     autoguide.AutoNormal,
     autoguide.AutoDiagonalNormal,
     autoguide.AutoMultivariateNormal,
     autoguide.AutoLowRankMultivariateNormal,
+    autoguide.AutoNormalizingFlow,
 )
 
 
@@ -60,11 +63,17 @@ class LatentSite(NamedTuple):
         Shape of the site's unconstrained value (one particle).
     event_dim : int
         Event dimensions of the unconstrained value (the rest are plate dims).
+    plates : tuple of (str, int)
+        For a site inside plates whose guide params span each plate's full size
+        (AutoNormal): ``(plate name, dim)`` per plate, ``dim`` counted from the right
+        of the unconstrained value; the model sees the value sliced by the plate's
+        indices. Empty for other sites.
     """
 
     name: str
     shape: torch.Size
     event_dim: int
+    plates: tuple[tuple[str, int], ...] = ()
 
 
 class GuideDensity(NamedTuple):
@@ -85,7 +94,10 @@ class GuideDensity(NamedTuple):
     score : callable
         ``score(params, u) -> (S, D)``, the gradient of ``log_prob`` in ``u``.
     kl : callable
-        ``kl(params_from, params_to) -> ()``, ``KL(q_from || q_to)``.
+        ``kl(params_from, params_to, seed=None) -> ()``, ``KL(q_from || q_to)``: exact
+        for Gaussian guides (``seed`` unused), else a Monte Carlo estimate on fresh
+        draws from ``q_from`` made with a generator seeded by ``seed`` (one seed per
+        step gives common random numbers across the step's evaluations).
     cov_quad : callable
         ``cov_quad(params, r) -> (S,)``, ``r' Cov(q) r`` for residuals ``(S, D)``:
         the covariance weighting of ALGORITHM.md section 4.
@@ -99,7 +111,7 @@ class GuideDensity(NamedTuple):
     sample: Callable[[Params, int], torch.Tensor]
     log_prob: Callable[[Params, torch.Tensor], torch.Tensor]
     score: Callable[[Params, torch.Tensor], torch.Tensor]
-    kl: Callable[[Params, Params], torch.Tensor]
+    kl: Callable[..., torch.Tensor]
     cov_quad: Callable[[Params, torch.Tensor], torch.Tensor]
     closed_form: bool
 
@@ -164,9 +176,7 @@ class _LowRank(NamedTuple):
         return 2 * half + torch.log(self.diag).sum()
 
     def precision_diag(self) -> torch.Tensor:
-        a = torch.linalg.solve_triangular(
-            self.capacitance_tril, self.factor.mT / self.diag, upper=False
-        )
+        a = torch.linalg.solve_triangular(self.capacitance_tril, self.factor.mT / self.diag, upper=False)
         return 1.0 / self.diag - a.pow(2).sum(0)
 
 
@@ -221,7 +231,7 @@ def _diagonal_density(get_loc_scale, sites, names, score_method: str) -> GuideDe
         loc, scale = get_loc_scale(params)
         return -(u - loc) / scale**2
 
-    def kl(params0, params1):
+    def kl(params0, params1, seed=None):
         return _diag_kl(*get_loc_scale(params0), *get_loc_scale(params1))
 
     def cov_quad(params, r):
@@ -234,8 +244,25 @@ def _diagonal_density(get_loc_scale, sites, names, score_method: str) -> GuideDe
     )  # fmt: skip
 
 
+def _full_size_sites(guide: autoguide.AutoNormal) -> tuple[LatentSite, ...]:
+    """AutoNormal's sites with the shapes of its params: a site inside a subsampled
+    plate spans the plate's full size (its params are sliced by the plate's indices)."""
+    store = pyro.get_param_store()
+    sites = []
+    for site in _latent_sites(guide):
+        shape = store[f"{guide._pyro_name}.locs.{site.name}"].shape
+        frames = guide.prototype_trace.nodes[site.name]["cond_indep_stack"]
+        plates = tuple(
+            (frame.name, frame.dim - site.event_dim)
+            for frame in frames
+            if frame.vectorized and frame.dim is not None
+        )
+        sites.append(site._replace(shape=shape, plates=plates))
+    return tuple(sites)
+
+
 def _auto_normal(guide: autoguide.AutoNormal, score_method: str) -> GuideDensity:
-    sites = _latent_sites(guide)
+    sites = _full_size_sites(guide)
     prefix = guide._pyro_name
     loc_names = [f"{prefix}.locs.{s.name}" for s in sites]
     scale_names = [f"{prefix}.scales.{s.name}" for s in sites]
@@ -280,7 +307,7 @@ def _auto_mvn(guide: autoguide.AutoMultivariateNormal, score_method: str) -> Gui
         loc, tril = get(params)
         return -torch.cholesky_solve((u - loc).mT, tril).mT
 
-    def kl(params0, params1):
+    def kl(params0, params1, seed=None):
         return _tril_kl(*get(params0), *get(params1))
 
     def cov_quad(params, r):
@@ -323,7 +350,7 @@ def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, score_method: 
         q = get(params)
         return -q.precision_rows(u - q.loc)
 
-    def kl(params0, params1):
+    def kl(params0, params1, seed=None):
         return _lowrank_kl(get(params0), get(params1))
 
     def cov_quad(params, r):
@@ -337,7 +364,113 @@ def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, score_method: 
     )  # fmt: skip
 
 
-def guide_density(guide: autoguide.AutoGuide, score_method: str = "closed_form") -> GuideDensity:
+class _Through(torch.nn.Module):
+    """Holds a flow so that ``torch.func.functional_call`` can run any function of it
+    with the flow's params replaced by given tensors."""
+
+    def __init__(self, flow: torch.nn.Module) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, fn: Callable, *args: torch.Tensor):
+        return fn(*args)
+
+
+def _event_sum(log_det: torch.Tensor, batch_ndim: int) -> torch.Tensor:
+    """Sum a transform's ``log|det J|`` down to the batch shape."""
+    if log_det.dim() <= batch_ndim:
+        return log_det
+    return log_det.reshape(log_det.shape[:batch_ndim] + (-1,)).sum(-1)
+
+
+def _flow(guide: autoguide.AutoNormalizingFlow, num_kl_draws: int) -> GuideDensity:
+    """AutoNormalizingFlow / AutoIAFNormal: ``u = T(z)``, ``z ~ N(0, I)``.
+
+    The density at a given ``u`` inverts the flow transform by transform with the
+    transforms' own ``_inverse`` (one pass for coupling layers, ``D`` sequential passes
+    for autoregressive ones), never through ``Transform.inv``: Pyro's transforms cache
+    their last ``(x, y)`` pair, and a cached inverse computed with other params would
+    be silently wrong here, where the params change between evaluations.
+    """
+    flow = guide.transform
+    parts = list(flow.parts) if isinstance(flow, ComposeTransform) else [flow]
+    local_names = [name for name, _ in flow.named_parameters()]
+    names = tuple(f"{guide._pyro_name}.transform$$${name}" for name in local_names)
+    holder = _Through(flow)
+    dim = guide.latent_dim
+
+    def run(params: Params, fn: Callable, *args: torch.Tensor):
+        values = {f"flow.{local}": params[name] for local, name in zip(local_names, names, strict=True)}
+        return torch.func.functional_call(holder, values, (fn, *args), strict=False)
+
+    def base_log_prob(z):
+        return -0.5 * z.pow(2).sum(-1) - dim * _HALF_LOG_2PI
+
+    def forward(z):
+        log_det = z.new_zeros(z.shape[:-1])
+        for part in parts:
+            x, z = z, part(z)
+            log_det = log_det + _event_sum(part.log_abs_det_jacobian(x, z), z.dim() - 1)
+        return z, log_det
+
+    def inverse_log_prob(u):
+        log_det = u.new_zeros(u.shape[:-1])
+        for part in reversed(parts):
+            x = part._inverse(u)
+            log_det = log_det + _event_sum(part.log_abs_det_jacobian(x, u), u.dim() - 1)
+            u = x
+        return base_log_prob(u) - log_det
+
+    def draws(params, num, generator=None):
+        ref = params[names[0]]
+        z = torch.randn((num, dim), dtype=ref.dtype, device=ref.device, generator=generator)
+        u, log_det = run(params, forward, z)
+        return u, base_log_prob(z) - log_det
+
+    # q_t's seeded draws serve every inner step of a step: computed once per (params
+    # dict, seed). The dict is held, so identity cannot be recycled; the tensors'
+    # versions catch in-place changes.
+    memos: dict[str, dict] = {"kl": {}, "cov": {}}
+
+    def seeded_draws(params, seed, use):
+        memo, key = memos[use], (seed, tuple(v._version for v in params.values()))
+        if memo.get("params") is not params or memo.get("key") != key:
+            with torch.no_grad():
+                ref = params[names[0]]
+                generator = torch.Generator(ref.device).manual_seed(int(seed))
+                detached = {k: v.detach() for k, v in params.items()}
+                memo.update(params=params, key=key, value=draws(detached, num_kl_draws, generator))
+        return memo["value"]
+
+    def sample(params, num):
+        return draws(params, num)[0]
+
+    def log_prob(params, u):
+        return run(params, inverse_log_prob, u)
+
+    def kl(params0, params1, seed=None):
+        # Fresh draws from q_from, never the S particles (whose sample KL is unbounded
+        # below, ALGORITHM.md section 4); log q_from at its own draws needs no inverse.
+        if seed is None:
+            with torch.no_grad():
+                u, log_q0 = draws({k: v.detach() for k, v in params0.items()}, num_kl_draws)
+        else:
+            u, log_q0 = seeded_draws(params0, seed, "kl")
+        return torch.mean(log_q0 - log_prob(params1, u))
+
+    def cov_quad(params, r):
+        # Diagonal of the covariance, estimated on fixed-seed draws.
+        return torch.sum(seeded_draws(params, 0, "cov")[0].var(0) * r**2, dim=-1)
+
+    return GuideDensity(
+        dim, _latent_sites(guide), names, sample, log_prob, _autodiff_score(log_prob), kl,
+        cov_quad, False,
+    )  # fmt: skip
+
+
+def guide_density(
+    guide: autoguide.AutoGuide, score_method: str = "closed_form", num_kl_draws: int = 256
+) -> GuideDensity:
     """Build the :class:`GuideDensity` of a set-up autoguide.
 
     Parameters
@@ -346,13 +479,18 @@ def guide_density(guide: autoguide.AutoGuide, score_method: str = "closed_form")
         An autoguide that has been run once (so its prototype and params exist).
     score_method : {"closed_form", "autodiff"}
         ``"closed_form"`` uses the analytic Gaussian score; ``"autodiff"`` takes the
-        autograd gradient of the guide's log density (the generic path).
+        autograd gradient of the guide's log density (the generic path). Flow guides
+        always use autodiff.
+    num_kl_draws : int
+        Draws for the Monte Carlo KL (and the covariance diagonal) of flow guides.
     """
     if score_method not in SCORE_METHODS:
         raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}.")
     check_guide_supported(guide)
     if guide.prototype_trace is None:
         raise RuntimeError("Run the guide once (guide(*args)) before building its density.")
+    if isinstance(guide, autoguide.AutoNormalizingFlow):
+        return _flow(guide, num_kl_draws)
     if isinstance(guide, autoguide.AutoNormal):
         return _auto_normal(guide, score_method)
     if isinstance(guide, autoguide.AutoDiagonalNormal):
@@ -380,15 +518,9 @@ def check_guide_supported(guide: object) -> None:
                 "so the guide density cannot be evaluated at the particles. Use "
                 "AutoMultivariateNormal (or, with NumPyro, AutoIAFNormal) instead."
             )
-        raise NotImplementedError(
-            f"The Pyro engine does not fit {type(guide).__name__} yet (normalizing-flow "
-            "guides need their density at given params; planned with the richer-guides "
-            "work). Use AutoMultivariateNormal or AutoLowRankMultivariateNormal, or "
-            "numpyro_psvi with AutoIAFNormal."
-        )
-    if not isinstance(guide, _GAUSSIAN_GUIDES):
+    if not isinstance(guide, _SUPPORTED_GUIDES):
         raise TypeError(
             f"ProximalScoreVI needs the guide's density, got {type(guide).__name__}. "
-            "Supported: AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal and "
-            "AutoLowRankMultivariateNormal."
+            "Supported: AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, "
+            "AutoLowRankMultivariateNormal, AutoIAFNormal and AutoNormalizingFlow."
         )

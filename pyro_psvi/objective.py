@@ -27,6 +27,7 @@ def weighted_fisher(
     particles: torch.Tensor,
     model_scores: torch.Tensor,
     weighting: str,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over particles of ``r' W_t r`` with ``r = grad log q_params - g``.
 
@@ -39,8 +40,14 @@ def weighted_fisher(
     particles, model_scores : torch.Tensor
         Shape ``(S, D)`` each.
     weighting : {"covariance", "identity"}
+    weights : torch.Tensor, optional
+        ``(D,)`` per-coordinate weights of a mini-batch of local latents
+        (:class:`pyro_psvi.scores.ModelScores`): the sum becomes ``sum_d weights_d
+        (...)_d``, unbiased for the full sum. Only for a diagonal ``W_t`` (AutoNormal).
     """
     residuals = density.score(params, particles) - model_scores
+    if weights is not None:
+        residuals = residuals * weights.sqrt()
     if weighting == "covariance":
         return density.cov_quad(params_t, residuals).mean()
     return residuals.pow(2).sum(-1).mean()
@@ -55,10 +62,13 @@ def proximal_objective(
     *,
     prox_weight: float,
     weighting: str,
+    weights: torch.Tensor | None = None,
+    kl_seed: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``L_t(params)`` and its two terms (``fisher``, ``kl``); ``params_t`` detached."""
-    fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting)
-    kl = density.kl(params_t, params)
+    """``L_t(params)`` and its two terms (``fisher``, ``kl``); ``params_t`` detached.
+    ``weights``: see :func:`weighted_fisher`; ``kl_seed``: see ``GuideDensity.kl``."""
+    fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting, weights)
+    kl = density.kl(params_t, params, kl_seed)
     return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
 
 

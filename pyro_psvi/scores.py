@@ -19,8 +19,9 @@ Particles are evaluated in one pass under an outer particle plate (as
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro
 import torch
@@ -66,27 +67,55 @@ class SharedSubsample(Messenger):
 class UnconstrainedValues(Messenger):
     """Set each latent site to ``biject_to(site support)(u)`` and record ``log|det J|``.
 
+    A local latent (one value per member of a plate) is given over the plate's full
+    size and sliced by the plate's indices of this pass, as Pyro's AutoNormal slices its
+    params; :attr:`jacobian_scales` records the plate's ``N/B`` for its ``log|det J|``,
+    which the log joint scales like the site's log density.
+
     Parameters
     ----------
     values : dict
         Unconstrained values by site name.
+    plates : dict, optional
+        ``{site name: ((plate name, dim), ...)}``: the plates along which a site's value
+        holds the plate's full size, ``dim`` counted from the right of the value.
+    indices : dict, optional
+        ``{plate name: indices}`` of this pass (filled by :class:`SharedSubsample`).
     """
 
-    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        values: dict[str, torch.Tensor],
+        plates: dict[str, tuple[tuple[str, int], ...]] | None = None,
+        indices: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.values = values
+        self.plates = plates or {}
+        self.indices = indices
         self.log_abs_det_jacobians: dict[str, torch.Tensor] = {}
+        self.jacobian_scales: dict[str, float] = {}
 
     def _pyro_sample(self, msg) -> None:
         name = msg["name"]
         if msg["is_observed"] or name not in self.values:
             return
-        unconstrained = self.values[name]
+        unconstrained, scale = self.values[name], 1.0
+        for plate, dim in self.plates.get(name, ()):
+            indices = self.indices[plate]
+            scale *= unconstrained.shape[dim] / len(indices)
+            unconstrained = unconstrained.index_select(dim, indices)
         transform = torch.distributions.biject_to(msg["fn"].support)
         msg["value"] = transform(unconstrained)
-        self.log_abs_det_jacobians[name] = transform.log_abs_det_jacobian(
-            unconstrained, msg["value"]
-        )
+        self.log_abs_det_jacobians[name] = transform.log_abs_det_jacobian(unconstrained, msg["value"])
+        self.jacobian_scales[name] = scale
+
+    def scaled_log_abs_det_jacobians(self) -> dict[str, torch.Tensor]:
+        """``log|det J|`` of each site times its plates' ``N/B``."""
+        return {
+            name: term if self.jacobian_scales[name] == 1.0 else self.jacobian_scales[name] * term
+            for name, term in self.log_abs_det_jacobians.items()
+        }
 
 
 def _site_log_probs(model_trace) -> dict[str, torch.Tensor]:
@@ -164,10 +193,7 @@ def log_joints(
     num = u.shape[0]
     if not vectorize:
         return torch.stack(
-            [
-                _log_joint_once(model, density.unpack(u[i]), args, kwargs, subsample)
-                for i in range(num)
-            ]
+            [_log_joint_once(model, density, u[i], args, kwargs, subsample) for i in range(num)]
         )
     particle_dim = -(max_plate_nesting + 1)
     values = {}
@@ -179,7 +205,7 @@ def log_joints(
                 f"{max_plate_nesting} plates; pass max_plate_nesting."
             )
         values[site.name] = value.reshape((num,) + (1,) * (max_plate_nesting - batch_ndim) + site.shape)
-    handler = UnconstrainedValues(values)
+    handler = UnconstrainedValues(values, local_plates(density), subsample)
     with SharedSubsample(subsample), handler:
         with poutine.trace() as tracer, pyro.plate(PARTICLE_PLATE, num, dim=particle_dim):
             model(*args, **kwargs)
@@ -189,18 +215,79 @@ def log_joints(
         if check_shapes:
             _check_plate_shape(name, model_trace.nodes[name], term, particle_dim)
         total = total + _per_particle(name, term, num, particle_dim)
-    for name, term in handler.log_abs_det_jacobians.items():
+    for name, term in handler.scaled_log_abs_det_jacobians().items():
         total = total + _per_particle(name, term, num, particle_dim)
     return total
 
 
-def _log_joint_once(model, values, args, kwargs, subsample) -> torch.Tensor:
-    handler = UnconstrainedValues(values)
+def _log_joint_once(model, density, u, args, kwargs, subsample) -> torch.Tensor:
+    handler = UnconstrainedValues(density.unpack(u), local_plates(density), subsample)
     with SharedSubsample(subsample), handler, poutine.trace() as tracer:
         model(*args, **kwargs)
     terms = list(_site_log_probs(tracer.trace).values())
-    terms += list(handler.log_abs_det_jacobians.values())
+    terms += list(handler.scaled_log_abs_det_jacobians().values())
     return sum(torch.as_tensor(t).sum() for t in terms)
+
+
+def local_plates(density: GuideDensity) -> dict[str, tuple[tuple[str, int], ...]]:
+    """``{site name: ((plate name, dim), ...)}`` for the sites held over a plate's full size."""
+    return {site.name: site.plates for site in density.sites if site.plates}
+
+
+class ModelScores(NamedTuple):
+    """Mini-batch model scores of ``S`` particles (see :func:`model_scores`).
+
+    Attributes
+    ----------
+    log_joints : torch.Tensor
+        ``(S,)``, the plate-scaled mini-batch log joints.
+    scores : torch.Tensor
+        ``(S, D)``: unbiased for a global coordinate, exact for a local latent's
+        coordinate in the mini-batch, 0 for one outside it.
+    param_grads : list of torch.Tensor
+        The particles' mean log-joint gradient in each tensor of ``model_params``.
+    weights : torch.Tensor or None
+        ``(D,)`` when a local latent's plate is subsampled: 1 for a global coordinate,
+        ``N/B`` for a local one in the mini-batch, 0 for one outside it, so that
+        ``sum_d weights_d f_d`` is unbiased for ``sum_d f_d``. ``None`` otherwise.
+    active_dim : int
+        Coordinates with a non-zero weight (``D`` when ``weights`` is ``None``).
+    """
+
+    log_joints: torch.Tensor
+    scores: torch.Tensor
+    param_grads: list[torch.Tensor]
+    weights: torch.Tensor | None
+    active_dim: int
+
+
+def coordinate_weights(
+    density: GuideDensity, subsample: dict[str, torch.Tensor], like: torch.Tensor
+) -> tuple[torch.Tensor | None, int]:
+    """``(weights, active_dim)`` of the flat latent for this pass's plate indices.
+
+    A local latent's coordinate gets ``N/B`` (the product over its subsampled plates)
+    when its plate members are in the mini-batch and 0 otherwise; a global one gets 1.
+    ``weights`` is ``None`` when no local latent's plate is subsampled.
+    """
+    blocks, active, subsampled = [], 0, False
+    for site in density.sites:
+        block = torch.ones(site.shape, dtype=like.dtype, device=like.device)
+        size = math.prod(site.shape)
+        for plate, dim in site.plates:
+            indices, full = subsample[plate], site.shape[dim]
+            if len(indices) == full:
+                continue
+            subsampled = True
+            member = torch.zeros(full, dtype=like.dtype, device=like.device)
+            member = member.index_fill(0, indices, full / len(indices))
+            block = block * member.reshape((full,) + (1,) * (-dim - 1))
+            size = size // full * len(indices)
+        blocks.append(block.reshape(-1))
+        active += size
+    if not subsampled:
+        return None, density.latent_dim
+    return torch.cat(blocks), active
 
 
 def model_scores(
@@ -213,25 +300,29 @@ def model_scores(
     max_plate_nesting: int,
     vectorize: bool,
     model_params: Sequence[torch.Tensor] = (),
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """``(log_joints (S,), scores (S, D), grads)`` at ``particles``, on one fresh mini-batch.
+) -> ModelScores:
+    """Log joints, scores and model-param gradients at ``particles`` on one fresh mini-batch.
 
-    ``grads``: for each tensor of ``model_params`` (the unconstrained leaves of the
-    model's ``pyro.param`` sites), the gradient of the particles' mean log joint, from
-    the same backward pass as the scores.
+    A local latent's coordinates in the mini-batch come out of the plate-scaled log
+    joint ``N/B`` times too large; they are divided by it (see :class:`ModelScores`).
     """
+    subsample: dict[str, torch.Tensor] = {}
     with torch.enable_grad():
         u = particles.detach().requires_grad_(True)
         values = log_joints(
             model, density, u, args, kwargs,
-            subsample={}, max_plate_nesting=max_plate_nesting, vectorize=vectorize,
+            subsample=subsample, max_plate_nesting=max_plate_nesting, vectorize=vectorize,
         )  # fmt: skip
         grads = torch.autograd.grad(values.sum(), [u, *model_params], allow_unused=True)
     param_grads = [
         torch.zeros_like(p) if g is None else g / len(particles)
         for p, g in zip(model_params, grads[1:], strict=True)
     ]
-    return values.detach(), grads[0], param_grads
+    weights, active_dim = coordinate_weights(density, subsample, u)
+    scores = grads[0]
+    if weights is not None:
+        scores = scores / torch.where(weights > 0, weights, torch.ones_like(weights))
+    return ModelScores(values.detach(), scores, param_grads, weights, active_dim)
 
 
 def _same_support(a, b) -> bool:
@@ -254,6 +345,17 @@ def latent_shapes(model_trace) -> dict[str, tuple[int, ...]]:
         name: tuple(site["value"].shape)
         for name, site in model_trace.nodes.items()
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    }
+
+
+def local_latents(model_trace) -> dict[str, str]:
+    """``{site name: plate name}`` of the latent sites inside a subsampled plate."""
+    return {
+        name: frame.name
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        for frame in site["cond_indep_stack"]
+        if frame.full_size is not None and frame.size != frame.full_size
     }
 
 
@@ -287,8 +389,8 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
     """Raise a clear error for models ProximalScoreVI cannot fit; return a prior trace.
 
     Checks: at least one latent site; no discrete latent site; no support that
-    depends on other latents (two draws are compared); no latent site inside a
-    subsampled plate; no plate whose ``subsample_size`` exceeds its size; finite data.
+    depends on other latents (two draws are compared); no plate whose
+    ``subsample_size`` exceeds its size; finite data.
     (``pyro.param`` sites in the model are learned jointly.)
     """
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
@@ -322,13 +424,6 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
                 "x = s * v with v ~ Uniform(-1, 1) instead of x ~ Uniform(-s, s)), or use "
                 "numpyro_psvi, whose guides follow dependent supports."
             )
-        for frame in site["cond_indep_stack"]:
-            if frame.full_size is not None and frame.size != frame.full_size:
-                raise NotImplementedError(
-                    f"Latent site {name!r} is local to the subsampled plate {frame.name!r}; "
-                    "ProximalScoreVI supports global latents with subsampled likelihoods. "
-                    "Use the full plate for local latents, or marginalize them."
-                )
         latents.append(name)
     if not latents:
         raise ValueError(

@@ -8,7 +8,9 @@ import pytest
 from numpyro.infer.autoguide import (
     AutoBNAFNormal,
     AutoDelta,
+    AutoDiagonalNormal,
     AutoLaplaceApproximation,
+    AutoMultivariateNormal,
     AutoNormal,
 )
 
@@ -57,8 +59,6 @@ def test_discrete_latent_is_refused():
 
 
 def test_model_param_is_refused_by_the_baselines():
-    from numpyro.infer.autoguide import AutoMultivariateNormal
-
     from numpyro_psvi import GSM
 
     def model():
@@ -70,15 +70,26 @@ def test_model_param_is_refused_by_the_baselines():
         engine.init(jax.random.PRNGKey(0))
 
 
-def test_local_latent_in_subsampled_plate_is_refused():
-    def model(y):
-        with numpyro.plate("data", 100, subsample_size=10):
-            z = numpyro.sample("z", dist.Normal(0, 1))
-            numpyro.sample("y", dist.Normal(z, 1), obs=numpyro.subsample(y, event_dim=0))
+def local_latent_model(y):
+    with numpyro.plate("data", 100, subsample_size=10):
+        z = numpyro.sample("z", dist.Normal(0, 1))
+        numpyro.sample("y", dist.Normal(z, 1), obs=numpyro.subsample(y, event_dim=0))
 
-    svi = ProximalScoreVI(model, AutoNormal(model), adam())
-    with pytest.raises(NotImplementedError, match="'z' is local to the subsampled plate 'data'"):
+
+@pytest.mark.parametrize("guide_class", [AutoDiagonalNormal, AutoMultivariateNormal])
+def test_local_latent_in_subsampled_plate_needs_auto_normal(guide_class):
+    svi = ProximalScoreVI(local_latent_model, guide_class(local_latent_model), adam())
+    match = "'z' is local to the subsampled plate 'data'.*Use AutoNormal"
+    with pytest.raises(NotImplementedError, match=match):
         svi.init(jax.random.PRNGKey(0), jnp.zeros(100))
+
+
+def test_baseline_refuses_local_latents():
+    from numpyro_psvi import GSM
+
+    engine = GSM(local_latent_model, AutoMultivariateNormal(local_latent_model))
+    with pytest.raises(NotImplementedError, match="'z' is local.*ProximalScoreVI with AutoNormal"):
+        engine.init(jax.random.PRNGKey(0), jnp.zeros(100))
 
 
 def test_model_without_latents_is_refused():
@@ -125,7 +136,6 @@ def test_bad_optimizer_and_uninitialized_use():
 
 
 def test_full_covariance_with_too_few_particles_warns():
-    from numpyro.infer.autoguide import AutoMultivariateNormal
 
     def model():
         numpyro.sample("x", dist.Normal(jnp.zeros(100), 1.0).to_event(1))

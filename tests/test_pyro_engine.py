@@ -109,9 +109,9 @@ def test_vectorized_and_sequential_particles_agree():
     sequential = log_joints(model, density, u, (x, labels), {}, vectorize=False, **common)
     torch.testing.assert_close(vectorized, sequential)
     pyro.set_rng_seed(1)
-    lj_v, g_v, _ = model_scores(model, density, u, (x, labels), {}, max_plate_nesting=1, vectorize=True)
+    lj_v, g_v, *_ = model_scores(model, density, u, (x, labels), {}, max_plate_nesting=1, vectorize=True)
     pyro.set_rng_seed(1)
-    lj_s, g_s, _ = model_scores(model, density, u, (x, labels), {}, max_plate_nesting=1, vectorize=False)
+    lj_s, g_s, *_ = model_scores(model, density, u, (x, labels), {}, max_plate_nesting=1, vectorize=False)
     torch.testing.assert_close(lj_v, lj_s)
     torch.testing.assert_close(g_v, g_s)
 
@@ -154,7 +154,7 @@ def test_minibatch_gradient_is_unbiased():
     }
 
     def grad_for(model):
-        _, scores, _ = model_scores(model, density, particles, (x, y), {}, max_plate_nesting=1,
+        _, scores, *_ = model_scores(model, density, particles, (x, y), {}, max_plate_nesting=1,
                                  vectorize=True)
         loss, _ = proximal_objective(density, leaves, params_t, particles, scores,
                                      prox_weight=1.0, weighting="covariance")

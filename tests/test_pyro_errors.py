@@ -6,6 +6,7 @@ import pytest
 import torch
 from pyro.infer.autoguide import (
     AutoDelta,
+    AutoDiagonalNormal,
     AutoLaplaceApproximation,
     AutoMultivariateNormal,
     AutoNormal,
@@ -66,13 +67,16 @@ def test_model_param_is_refused_by_the_baselines():
         engine.step()
 
 
-def test_local_latent_in_subsampled_plate_is_refused():
+@pytest.mark.parametrize("guide_class", [AutoDiagonalNormal, AutoMultivariateNormal])
+def test_local_latent_in_subsampled_plate_needs_auto_normal(guide_class):
     def model():
         with pyro.plate("data", 100, subsample_size=10):
             pyro.sample("z", dist.Normal(0.0, 1.0))
 
-    svi = ProximalScoreVI(model, AutoNormal(model), adam())
-    with pytest.raises(NotImplementedError, match="local to the subsampled plate 'data'"):
+    svi = ProximalScoreVI(model, guide_class(model), adam())
+    with pytest.raises(
+        NotImplementedError, match="'z' is local to the subsampled plate 'data'.*Use AutoNormal"
+    ):
         svi.step()
 
 
