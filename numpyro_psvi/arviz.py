@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.handlers import Messenger, substitute, trace
 from numpyro.infer import Predictive
+from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.util import log_likelihood
 
 from numpyro_psvi.guides import guide_density
@@ -102,7 +103,10 @@ def to_inference_data(
     key_draws, key_predict, key_trace = jax.random.split(rng_key, 3)
     # The fitted model params (numpyro.param sites learned with the guide) are in params.
     full_model = full_data(substitute(model, data=params))
-    posterior = guide.sample_posterior(key_draws, params, sample_shape=(num_samples,))
+    if isinstance(guide, AutoGuide):
+        posterior = guide.sample_posterior(key_draws, params, sample_shape=(num_samples,))
+    else:  # a user-written guide: its sample sites are the latent sites
+        posterior = Predictive(guide, params=params, num_samples=num_samples)(key_draws, *args, **kwargs)
     model_trace = trace(at_random_values(full_model, key_trace)).get_trace(*args, **kwargs)
     observed = {
         name: site for name, site in model_trace.items() if site["type"] == "sample" and site["is_observed"]
@@ -154,7 +158,7 @@ def vi_diagnostics(
     """
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     key_draws, key_model = jax.random.split(rng_key)
-    density = guide_density(guide)
+    density = guide_density(guide, model=substitute(model, data=params), args=args, kwargs=kwargs)
     full_model = full_data(substitute(model, data=params))
     draws = density.sample(params, key_draws, num_samples)
     log_joint = jax.vmap(make_log_joint(full_model, density.unpack, args, kwargs), (0, None))

@@ -25,15 +25,18 @@ import numpy as np
 import tqdm
 from jax import lax, random
 from jax.flatten_util import ravel_pytree
+from numpyro.handlers import seed, trace
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import (
+    AutoGuide,
+    AutoIAFNormal,
     AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
     AutoNormal,
 )
 from numpyro.infer.svi import SVIRunResult
 
-from numpyro_psvi.guides import check_guide_supported, guide_density
+from numpyro_psvi.guides import check_guide_supported, check_user_guide, guide_density
 from numpyro_psvi.objective import (
     WEIGHTINGS,
     lerp_tree,
@@ -52,7 +55,12 @@ from numpyro_psvi.scores import (
     model_param_names,
     subsampled_plates,
 )
-from psvi.checks import check_latents_match, check_rejection_streak, full_covariance_advice
+from psvi.checks import (
+    autoregressive_flow_advice,
+    check_latents_match,
+    check_rejection_streak,
+    full_covariance_advice,
+)
 
 
 class PSVIState(NamedTuple):
@@ -112,10 +120,11 @@ class ProximalScoreVI:
         A NumPyro model. Mini-batches come from its own
         ``numpyro.plate(..., subsample_size=B)``; the plate's ``N/B`` scale makes the
         scores unbiased.
-    guide : numpyro.infer.autoguide.AutoGuide
+    guide : numpyro.infer.autoguide.AutoGuide or callable
         AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
-        AutoLowRankMultivariateNormal (closed-form scores), or any AutoContinuous
-        guide with a tractable density (nested autodiff).
+        AutoLowRankMultivariateNormal (closed-form scores), any AutoContinuous guide
+        with a tractable density (e.g. AutoIAFNormal), or a user-written guide with one
+        ``numpyro.sample`` site per latent site (nested autodiff, Monte Carlo KL).
     optim
         A ``numpyro.optim`` optimizer or an optax ``GradientTransformation``.
     num_particles : int
@@ -215,15 +224,21 @@ class ProximalScoreVI:
                 "mini-batch. Use AutoNormal, whose params span the plate's full size and "
                 "are sliced by its indices, or the full plate (subsample_size=None)."
             )
+        if not isinstance(self.guide, AutoGuide):
+            check_user_guide(self.guide, self.model, args, {**kwargs, **self.static_kwargs})
         # SVI.init collects the guide params and their constraints, so get_params
         # returns exactly what SVI.get_params would.
         svi_state = self._svi.init(rng_key, *args, init_params=init_params, **kwargs)
         self.constrain_fn = self._svi.constrain_fn
         self._latent_shapes = latent_shapes(self.model, args, {**kwargs, **self.static_kwargs})
         self._model_param_names = model_param_names(self.model, args, {**kwargs, **self.static_kwargs})
+        if isinstance(self.guide, AutoGuide):
+            guide_trace = self.guide.prototype_trace
+        else:
+            guide_trace = trace(seed(self.guide, guide_seed)).get_trace(*args, **kwargs, **self.static_kwargs)
         guide_shapes = {
             name: tuple(jnp.shape(site["value"]))
-            for name, site in self.guide.prototype_trace.items()
+            for name, site in guide_trace.items()
             if site["type"] == "sample" and not site["is_observed"]
         }
         check_latents_match(
@@ -237,9 +252,12 @@ class ProximalScoreVI:
                 self.guide, self.optim.get_params(optim_state), init_params, guide_seed
             )
             optim_state = self.optim.init(params)
-        self.density = guide_density(self.guide, self.score_method, self.num_kl_draws)
+        self.density = self._density(args, {**kwargs, **self.static_kwargs})
         advice = full_covariance_advice(self.density.latent_dim, self.num_particles)
         if isinstance(self.guide, AutoMultivariateNormal) and advice:
+            warnings.warn(advice, UserWarning, stacklevel=2)
+        advice = autoregressive_flow_advice(self.density.latent_dim)
+        if isinstance(self.guide, AutoIAFNormal) and advice:
             warnings.warn(advice, UserWarning, stacklevel=2)
         zero = jnp.zeros((), jnp.int32)
         return PSVIState(optim_state, rng_key, zero, zero, zero)
@@ -269,7 +287,7 @@ class ProximalScoreVI:
             "With these arguments the model's latent sites differ from those at init",
             "Call init again with the new arguments: the guide's shapes are fixed there.",
         )  # fmt: skip
-        density = self.density
+        density = self._density(args, kwargs)
         rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
         unconstrained_t = self.optim.get_params(state.optim_state)
         params_t = self.constrain_fn(unconstrained_t)
@@ -342,8 +360,9 @@ class ProximalScoreVI:
             self.optim.get_params(state.optim_state), key_particles, key_batch, args, kwargs
         )
         return weighted_fisher(
-            self.density, params, params, particles, scored.scores, "covariance", scored.weights
-        )
+            self._density(args, kwargs), params, params, particles, scored.scores, "covariance",
+            scored.weights,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------- run
     def run(
@@ -411,13 +430,20 @@ class ProximalScoreVI:
             )
         return SVIRunResult(self.get_params(state), state, losses)
 
+    def _density(self, args: tuple, kwargs: dict):
+        """The guide's density: built once for an autoguide; for a user-written guide,
+        with this call's arguments (the guide is run with them)."""
+        if isinstance(self.guide, AutoGuide) and self.density is not None:
+            return self.density
+        return guide_density(self.guide, self.score_method, self.num_kl_draws, self.model, args, kwargs)
+
     def _particles_and_scores(
         self, unconstrained, key_particles, key_batch, args, kwargs
     ) -> tuple[jax.Array, ModelScores]:
         """``S`` particles from the guide (constants), and their :class:`ModelScores`
         from one vectorized pass sharing the mini-batch of ``key_batch``;
         ``unconstrained`` holds all params (guide and model)."""
-        density = self.density
+        density = self._density(args, kwargs)
         params = self.constrain_fn(unconstrained)
         particles = lax.stop_gradient(density.sample(params, key_particles, self.num_particles))
         local_plates = density.local_plates

@@ -8,8 +8,9 @@ residuals. Every function takes the guide's *constrained* params, as
 ``SVI.get_params`` returns them.
 
 Gaussian guides get closed-form scores and KL divergences; any other guide whose
-``get_posterior`` has a tractable ``log_prob`` uses nested autodiff for the score
-and a Monte Carlo KL on extra draws.
+``get_posterior`` has a tractable ``log_prob``, and any user-written guide (a
+function of ``numpyro.param`` and ``numpyro.sample`` sites, one per latent site of
+the model), uses nested autodiff for the score and a Monte Carlo KL on extra draws.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_solve, solve_triangular
+from numpyro.distributions.transforms import biject_to
+from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import autoguide
+from numpyro.infer.util import log_density
 
 Params = dict[str, Any]
 
@@ -338,6 +343,37 @@ def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, score_method: 
     )
 
 
+def _monte_carlo_kl_and_cov(sample: Callable, log_prob: Callable, num_draws: int):
+    """``kl`` and ``cov_quad`` of a guide without closed forms.
+
+    ``kl(params0, params1, rng_key)`` is the Monte Carlo ``mean(log q0(x) - log q1(x))``
+    on ``num_draws`` fresh draws ``x ~ q0`` (never the S particles, whose sample KL is
+    unbounded below, ALGORITHM.md section 4), plus the control variate ``<g0, params1 -
+    params0>`` with ``g0 = mean grad_params log q_params(x)`` at ``params0``: it has mean
+    zero (the score identity) and makes the estimate's gradient vanish exactly at
+    ``params1 = params0``, so the proximal term no longer pulls toward the draws' own
+    maximum-likelihood fit. ``cov_quad`` weights by the covariance diagonal of
+    fixed-seed draws.
+    """
+
+    def kl(params0, params1, rng_key):
+        params0 = jax.lax.stop_gradient(params0)
+        draws = jax.lax.stop_gradient(sample(params0, rng_key, num_draws))
+
+        def mean_log_prob(params):
+            return jnp.mean(jax.vmap(log_prob, (None, 0))(params, draws))
+
+        log_q0, grad0 = jax.value_and_grad(mean_log_prob)(params0)
+        steps = jax.tree.map(lambda g, p1, p0: jnp.vdot(g, p1 - p0), grad0, params1, params0)
+        return log_q0 - mean_log_prob(params1) + sum(jax.tree.leaves(steps))
+
+    def cov_quad(params, r):
+        draws = sample(params, jax.random.PRNGKey(0), num_draws)
+        return jnp.sum(jnp.var(draws, axis=0) * r**2)
+
+    return kl, cov_quad
+
+
 def _auto_continuous(guide: autoguide.AutoContinuous, num_kl_draws: int) -> GuideDensity:
     """Any AutoContinuous guide whose ``get_posterior`` has a ``log_prob``."""
     dim = guide.latent_dim
@@ -348,18 +384,7 @@ def _auto_continuous(guide: autoguide.AutoContinuous, num_kl_draws: int) -> Guid
     def log_prob(params, u):
         return jnp.sum(guide.get_posterior(params).log_prob(u))
 
-    def kl(params0, params1, rng_key):
-        # Fresh draws from q_from (they cost no score calls); never the S particles,
-        # whose sample KL is unbounded below (ALGORITHM.md section 4).
-        draws = jax.lax.stop_gradient(sample(params0, rng_key, num_kl_draws))
-        lp0 = jax.vmap(log_prob, (None, 0))(params0, draws)
-        lp1 = jax.vmap(log_prob, (None, 0))(params1, draws)
-        return jnp.mean(lp0 - lp1)
-
-    def cov_quad(params, r):
-        # Diagonal of the covariance, estimated on fixed-seed draws.
-        draws = sample(params, jax.random.PRNGKey(0), num_kl_draws)
-        return jnp.sum(jnp.var(draws, axis=0) * r**2)
+    kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, num_kl_draws)
 
     return GuideDensity(
         latent_dim=dim,
@@ -373,7 +398,112 @@ def _auto_continuous(guide: autoguide.AutoContinuous, num_kl_draws: int) -> Guid
     )
 
 
-def guide_density(guide: Any, score_method: str = "closed_form", num_kl_draws: int = 256):
+def check_user_guide(guide: Callable, model: Callable, args: tuple, kwargs: dict) -> None:
+    """Raise a clear error for a user-written guide whose density cannot be evaluated at
+    the model's latent values: its sample sites must be exactly the model's latent
+    sites, continuous, not point masses, each on its model site's support."""
+    key = jax.random.PRNGKey(0)
+    model_trace = trace(seed(model, key)).get_trace(*args, **kwargs)
+    latents = {n: s for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    guide_trace = trace(seed(guide, key)).get_trace(*args, **kwargs)
+    sites = {n: s for n, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    extra = sorted(set(sites) - set(latents))
+    if extra:
+        raise ValueError(
+            f"The guide samples {extra}, which are not latent sites of the model; its density "
+            "over the model's latents would need them integrated out. Write a mixture as one "
+            "site (numpyro.distributions.MixtureSameFamily) instead of sampling its component."
+        )
+    missing = sorted(set(latents) - set(sites))
+    if missing:
+        raise ValueError(f"The guide has no sample site for the model's latent sites {missing}.")
+    for name, site in sites.items():
+        fn, model_support = site["fn"], latents[name]["fn"].support
+        while isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
+            fn = fn.base_dist
+        if isinstance(fn, dist.Delta):
+            raise ValueError(
+                f"The guide's site {name!r} is a point mass (Delta): it has no density to match "
+                "scores with. Give it a continuous distribution (e.g. Normal)."
+            )
+        if site["fn"].support.is_discrete:
+            raise ValueError(f"The guide's site {name!r} is discrete; score-based VI needs densities.")
+        # The supports agree where it matters: the guide's draws lie in the model's
+        # support, and the model's support (at random unconstrained points) in the guide's.
+        transform = biject_to(model_support)
+        shape = transform.inverse_shape(jnp.shape(site["value"]))
+        points = transform(jax.random.uniform(key, shape, minval=-2, maxval=2))
+        agree = jnp.all(model_support(site["value"])) & jnp.all(site["fn"].support(points))
+        if not bool(agree):
+            raise ValueError(
+                f"The guide's site {name!r} has support {site['fn'].support}, the model's "
+                f"{model_support}: the guide's density must live on the model's support (e.g. "
+                "LogNormal for a positive site, or TransformedDistribution(base, "
+                "biject_to(support)))."
+            )
+
+
+def _user_guide(
+    guide: Callable, model: Callable, args: tuple, kwargs: dict, num_kl_draws: int
+) -> GuideDensity:
+    """A user-written guide, site by site on the model's constrained values.
+
+    ``log q_u(u) = sum_sites log q(T(u)) + log|det J_T(u)|`` with ``T`` each model site's
+    ``biject_to(support)``: the Jacobians are those of the model's log joint, so they
+    cancel in the residual (ALGORITHM.md section 3). The guide is run with the
+    model's arguments and its ``numpyro.param`` values substituted.
+    """
+    model_trace = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+    latents = {n: s for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    transforms = {name: biject_to(site["fn"].support) for name, site in latents.items()}
+    template = {
+        name: jnp.zeros(transforms[name].inverse_shape(jnp.shape(site["value"])))
+        for name, site in latents.items()
+    }
+    flat, unravel = ravel_pytree(template)
+
+    def constrain(u):
+        values = unravel(u)
+        x = {name: transforms[name](value) for name, value in values.items()}
+        log_det = sum(
+            jnp.sum(transforms[name].log_abs_det_jacobian(value, x[name])) for name, value in values.items()
+        )
+        return x, log_det
+
+    def log_prob(params, u):
+        x, log_det = constrain(u)
+        return log_density(guide, args, kwargs, {**params, **x})[0] + log_det
+
+    def sample(params, rng_key, num):
+        def one(key):
+            guide_trace = trace(seed(substitute(guide, data=params), key)).get_trace(*args, **kwargs)
+            values = {name: transforms[name].inv(guide_trace[name]["value"]) for name in latents}
+            return ravel_pytree(values)[0]
+
+        return jax.vmap(one)(jax.random.split(rng_key, num))
+
+    kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, num_kl_draws)
+
+    return GuideDensity(
+        latent_dim=flat.size,
+        sample=sample,
+        log_prob=log_prob,
+        score=_autodiff_score(log_prob),
+        kl=kl,
+        cov_quad=cov_quad,
+        unpack=unravel,
+        closed_form=False,
+    )
+
+
+def guide_density(
+    guide: Any,
+    score_method: str = "closed_form",
+    num_kl_draws: int = 256,
+    model: Callable | None = None,
+    args: tuple = (),
+    kwargs: dict | None = None,
+):
     """Build the :class:`GuideDensity` of a set-up autoguide.
 
     Parameters
@@ -386,6 +516,9 @@ def guide_density(guide: Any, score_method: str = "closed_form", num_kl_draws: i
         Guides without a closed form always use autodiff.
     num_kl_draws : int
         Draws for the Monte Carlo KL of guides without a closed-form KL.
+    model, args, kwargs
+        For a user-written guide (a plain function): the model (its latent sites and
+        supports define the flat layout) and the arguments both are called with.
 
     Returns
     -------
@@ -394,6 +527,10 @@ def guide_density(guide: Any, score_method: str = "closed_form", num_kl_draws: i
     if score_method not in SCORE_METHODS:
         raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}.")
     check_guide_supported(guide)
+    if not isinstance(guide, autoguide.AutoGuide):
+        if model is None:
+            raise ValueError("A user-written guide's density needs the model (model=...).")
+        return _user_guide(guide, model, args, kwargs or {}, num_kl_draws)
     # Batched variants subclass the plain ones but lay their params out differently.
     if isinstance(guide, autoguide.AutoBatchedMixin):
         return _auto_continuous(guide, num_kl_draws)
@@ -424,10 +561,14 @@ def check_guide_supported(guide: Any) -> None:
             "through an annealed importance sampler and is not tractable. Use "
             "AutoMultivariateNormal or AutoIAFNormal instead."
         )
-    if not isinstance(guide, autoguide.AutoNormal | autoguide.AutoContinuous):
+    if isinstance(guide, autoguide.AutoGuide) and not isinstance(
+        guide, autoguide.AutoNormal | autoguide.AutoContinuous
+    ):
         raise TypeError(
             f"ProximalScoreVI needs the guide's density, got {type(guide).__name__}. "
             "Supported: AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, "
-            "AutoLowRankMultivariateNormal and AutoContinuous guides with a tractable "
-            "log density (e.g. AutoIAFNormal)."
+            "AutoLowRankMultivariateNormal, AutoContinuous guides with a tractable "
+            "log density (e.g. AutoIAFNormal) and user-written guides (functions)."
         )
+    if not callable(guide):
+        raise TypeError(f"The guide must be an autoguide or a function, got {type(guide).__name__}.")

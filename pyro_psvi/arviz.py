@@ -18,17 +18,19 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 from psvi.inference_data import add_fit_stats, dim_names, pseudo_chains
-from pyro_psvi.guides import GuideDensity, guide_density
+from pyro_psvi.guides import GuideDensity, guide_density, user_guide_density, user_guide_layout
 from pyro_psvi.objective import weighted_fisher
 from pyro_psvi.scores import (
     SharedSubsample,
     UnconstrainedValues,
     at_random_values,
+    guess_max_plate_nesting,
     local_plates,
 )
 
@@ -124,8 +126,20 @@ def _site_dims(site, name: str, ndim: int, event_dim: int) -> list[str]:
     return dim_names(name, ndim, event_dim, plates)
 
 
-def _constrained(density: GuideDensity, guide, u: torch.Tensor) -> dict[str, torch.Tensor]:
-    nodes = guide.prototype_trace.nodes
+def _density(model: Callable, guide: Any, args: tuple, kwargs: dict) -> GuideDensity:
+    """The fitted guide's density: an autoguide's, or a user-written guide's (run with
+    the model's arguments)."""
+    if isinstance(guide, AutoGuide):
+        return guide_density(guide)
+    with torch.no_grad(), poutine.block():
+        model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    layout = user_guide_layout(guide, model_trace, guide_trace)
+    return user_guide_density(guide, layout, args, kwargs, guess_max_plate_nesting(model_trace))
+
+
+def _constrained(density: GuideDensity, model_trace, u: torch.Tensor) -> dict[str, torch.Tensor]:
+    nodes = model_trace.nodes
     return {name: biject_to(nodes[name]["fn"].support)(value) for name, value in density.unpack(u).items()}
 
 
@@ -162,7 +176,7 @@ def to_inference_data(
         the full data, no ``N/B`` scale), ``observed_data`` and ``sample_stats``; dims
         named after the model's plates.
     """
-    density = guide_density(guide)
+    density = _density(model, guide, args, kwargs)
     with torch.no_grad():
         params = {name: pyro.param(name).detach() for name in density.param_names}
         draws = density.sample(params, num_samples)
@@ -175,7 +189,7 @@ def to_inference_data(
         dims: dict[str, list[str]] = {}
         for u in draws:
             values = density.unpack(u)
-            for name, value in _constrained(density, guide, u).items():
+            for name, value in _constrained(density, model_trace, u).items():
                 posterior.setdefault(name, []).append(value.numpy())
             _, logs = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=False)
             _, preds = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=True)
@@ -186,7 +200,7 @@ def to_inference_data(
                 dims[name] = _site_dims(site, name, value.dim(), site["fn"].event_dim)
         first = density.unpack(draws[0])
         observed = {name: _observed_values(model, first, plates, args, kwargs, plate, name) for name in preds}
-    for name, site in guide.prototype_trace.nodes.items():
+    for name, site in model_trace.nodes.items():
         if name in posterior:
             dims[name] = _site_dims(site, name, site["value"].dim(), site["fn"].event_dim)
     coords = {
@@ -230,7 +244,7 @@ def vi_diagnostics(
 ) -> dict[str, float]:
     """PSIS k-hat, ELBO and covariance-weighted Fisher divergence of the fitted guide
     against the full-data posterior (see ``numpyro_psvi.arviz.vi_diagnostics``)."""
-    density = guide_density(guide)
+    density = _density(model, guide, args, kwargs)
     with torch.no_grad():
         params = {name: pyro.param(name).detach() for name in density.param_names}
         draws = density.sample(params, num_samples)

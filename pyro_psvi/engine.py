@@ -21,12 +21,26 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.transforms import AffineAutoregressive, SplineAutoregressive
 from pyro.infer import autoguide
 from pyro.optim import PyroOptim
-from torch.distributions import transform_to
+from torch.distributions import ComposeTransform, transform_to
 
-from psvi.checks import check_latents_match, check_rejection_streak, full_covariance_advice
-from pyro_psvi.guides import GuideDensity, Params, check_guide_supported, guide_density
+from psvi.checks import (
+    autoregressive_flow_advice,
+    check_latents_match,
+    check_rejection_streak,
+    full_covariance_advice,
+)
+from pyro_psvi.guides import (
+    GuideDensity,
+    Params,
+    UserGuideLayout,
+    check_guide_supported,
+    guide_density,
+    user_guide_density,
+    user_guide_layout,
+)
 from pyro_psvi.objective import (
     WEIGHTINGS,
     proximal_objective,
@@ -91,6 +105,7 @@ class ScoreEngine:
         self._latent_shapes: dict[str, tuple[int, ...]] = {}
         self._model_param_names: tuple[str, ...] = ()
         self._arg_signature: Any = None
+        self._user_guide_layout: UserGuideLayout | None = None
 
     @property
     def num_rejected(self) -> int:
@@ -104,15 +119,24 @@ class ScoreEngine:
         self._latent_shapes = latent_shapes(model_trace)
         self._check_local_latents(local_latents(model_trace))
         self._arg_signature = _signature(args, kwargs)
+        if self.max_plate_nesting is None:
+            self.max_plate_nesting = guess_max_plate_nesting(model_trace)
         # Set-up draws no random numbers from the run's stream (a resumed run matches).
         with poutine.block(), torch.random.fork_rng(devices=_cuda_devices(args, kwargs)):
-            self.guide(*args, **kwargs)  # sets up the prototype and creates the params
-        check_latents_match(
-            latent_shapes(self.guide.prototype_trace), self._latent_shapes,
-            "The guide was built for another model: its latent sites differ from this model's",
-            "Build the guide from the model you fit, e.g. AutoNormal(model).",
-        )  # fmt: skip
-        density = guide_density(self.guide, self.score_method)
+            # Running the guide once sets it up and creates its params.
+            if isinstance(self.guide, autoguide.AutoGuide):
+                self.guide(*args, **kwargs)
+                check_latents_match(
+                    latent_shapes(self.guide.prototype_trace), self._latent_shapes,
+                    "The guide was built for another model: its latent sites differ from "
+                    "this model's",
+                    "Build the guide from the model you fit, e.g. AutoNormal(model).",
+                )  # fmt: skip
+                density = guide_density(self.guide, self.score_method)
+            else:
+                guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
+                self._user_guide_layout = user_guide_layout(self.guide, model_trace, guide_trace)
+                density = self._user_guide_density(args, kwargs)
         constraints = pyro.get_param_store().get_state()["constraints"]
         missing = [name for name in density.param_names if name not in constraints]
         if missing:
@@ -126,8 +150,6 @@ class ScoreEngine:
         self._transforms = {
             name: transform_to(constraints[name]) for name in (*density.param_names, *self._model_param_names)
         }
-        if self.max_plate_nesting is None:
-            self.max_plate_nesting = guess_max_plate_nesting(model_trace)
         self.density = density
         _check_devices(self._leaves(), args, kwargs)
         if self.vectorize_particles:
@@ -145,11 +167,17 @@ class ScoreEngine:
                 "are sliced by its indices, or the full plate (subsample_size=None)."
             )
 
+    def _user_guide_density(self, args: tuple, kwargs: dict) -> GuideDensity:
+        return user_guide_density(self.guide, self._user_guide_layout, args, kwargs, self.max_plate_nesting)
+
     def _prepare(self, args: tuple, kwargs: dict) -> None:
-        """Set up on the first call; later, re-check the model when the argument shapes change."""
+        """Set up on the first call; later, re-check the model when the argument shapes
+        change (and run a user-written guide with this call's arguments)."""
         if self.density is None:
             self._setup(args, kwargs)
             return
+        if self._user_guide_layout is not None:
+            self.density = self._user_guide_density(args, kwargs)
         signature = _signature(args, kwargs)
         if signature != self._arg_signature:
             with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
@@ -347,9 +375,11 @@ class ProximalScoreVI(ScoreEngine):
         A Pyro model. Mini-batches come from its own ``pyro.plate(...,
         subsample_size=B)`` (or ``subsample=``); the plate's ``N/B`` scale makes the
         scores unbiased.
-    guide : pyro.infer.autoguide.AutoGuide
-        AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal or
-        AutoLowRankMultivariateNormal.
+    guide : pyro.infer.autoguide.AutoGuide or callable
+        AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
+        AutoLowRankMultivariateNormal (closed-form scores), AutoIAFNormal,
+        AutoNormalizingFlow, or a user-written guide with one ``pyro.sample`` site per
+        latent site (nested autograd, Monte Carlo KL).
     optim : pyro.optim.PyroOptim
         Any Pyro optimizer (Adam, ClippedAdam, the LR schedulers).
     num_particles : int
@@ -432,6 +462,9 @@ class ProximalScoreVI(ScoreEngine):
         super()._setup(args, kwargs)
         advice = full_covariance_advice(self.density.latent_dim, self.num_particles)
         if isinstance(self.guide, autoguide.AutoMultivariateNormal) and advice:
+            warnings.warn(advice, UserWarning, stacklevel=4)
+        advice = autoregressive_flow_advice(self.density.latent_dim)
+        if _has_autoregressive_layers(self.guide) and advice:
             warnings.warn(advice, UserWarning, stacklevel=4)
 
     def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -524,6 +557,15 @@ class ProximalScoreVI(ScoreEngine):
             state = {} if optimizer is None else optimizer.state.get(leaf, {})
             states.append({k: v for k, v in state.items() if torch.is_tensor(v)})
         return states
+
+
+def _has_autoregressive_layers(guide: Any) -> bool:
+    """Whether a flow guide has layers that invert in D sequential passes."""
+    if not isinstance(guide, autoguide.AutoNormalizingFlow):
+        return False
+    flow = guide.transform
+    parts = flow.parts if isinstance(flow, ComposeTransform) else [flow]
+    return any(isinstance(part, AffineAutoregressive | SplineAutoregressive) for part in parts)
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyro
+import pyro.distributions as dist
 import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import autoguide
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import ComposeTransform, biject_to
 
 Params = dict[str, torch.Tensor]
@@ -383,6 +387,57 @@ def _event_sum(log_det: torch.Tensor, batch_ndim: int) -> torch.Tensor:
     return log_det.reshape(log_det.shape[:batch_ndim] + (-1,)).sum(-1)
 
 
+def _monte_carlo_kl_and_cov(
+    draws_with_log_prob: Callable, log_prob: Callable, num_draws: int
+) -> tuple[Callable, Callable]:
+    """``kl`` and ``cov_quad`` of a guide without closed forms.
+
+    ``kl(params0, params1, seed)`` is the Monte Carlo ``mean(log q0(x) - log q1(x))`` on
+    ``num_draws`` fresh draws ``x ~ q0`` (never the S particles, whose sample KL is
+    unbounded below, ALGORITHM.md section 4), plus the control variate ``<g0, params1 -
+    params0>`` with ``g0 = mean grad_params log q_params(x)`` at ``params0``: it has mean
+    zero (the score identity) and makes the estimate's gradient vanish exactly at
+    ``params1 = params0``, so the proximal term no longer pulls toward the draws' own
+    maximum-likelihood fit. ``cov_quad`` weights by the covariance diagonal of fixed-seed
+    draws. With a seed, the draws (and ``g0``) are computed once per ``(params dict,
+    seed)``: one step's inner iterations share them; the dict is held, so its identity
+    cannot be recycled, and the tensors' versions catch in-place changes.
+    """
+    memos: dict[str, dict] = {"kl": {}, "cov": {}}
+
+    def seeded(params, seed, use):
+        memo, key = memos[use], (seed, tuple(v._version for v in params.values()))
+        if seed is not None and memo.get("params") is params and memo.get("key") == key:
+            return memo["value"]
+        with torch.no_grad():
+            detached = {k: v.detach() for k, v in params.items()}
+            draws, log_q0 = draws_with_log_prob(detached, num_draws, seed)
+        grads = {}
+        if use == "kl":
+            with torch.enable_grad():
+                leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in params.items()}
+                inputs = [v for v in leaves.values() if v.requires_grad]
+                found = torch.autograd.grad(log_prob(leaves, draws).mean(), inputs, allow_unused=True)
+            names = [k for k, v in leaves.items() if v.requires_grad]
+            grads = {k: g for k, g in zip(names, found, strict=True) if g is not None}
+        value = (draws, log_q0, grads)
+        if seed is not None:
+            memo.update(params=params, key=key, value=value)
+        return value
+
+    def kl(params0, params1, seed=None):
+        draws, log_q0, grads = seeded(params0, seed, "kl")
+        correction = sum(
+            torch.sum(grad * (params1[name] - params0[name].detach())) for name, grad in grads.items()
+        )
+        return torch.mean(log_q0 - log_prob(params1, draws)) + correction
+
+    def cov_quad(params, r):
+        return torch.sum(seeded(params, 0, "cov")[0].var(0) * r**2, dim=-1)
+
+    return kl, cov_quad
+
+
 def _flow(guide: autoguide.AutoNormalizingFlow, num_kl_draws: int) -> GuideDensity:
     """AutoNormalizingFlow / AutoIAFNormal: ``u = T(z)``, ``z ~ N(0, I)``.
 
@@ -427,43 +482,179 @@ def _flow(guide: autoguide.AutoNormalizingFlow, num_kl_draws: int) -> GuideDensi
         u, log_det = run(params, forward, z)
         return u, base_log_prob(z) - log_det
 
-    # q_t's seeded draws serve every inner step of a step: computed once per (params
-    # dict, seed). The dict is held, so identity cannot be recycled; the tensors'
-    # versions catch in-place changes.
-    memos: dict[str, dict] = {"kl": {}, "cov": {}}
-
-    def seeded_draws(params, seed, use):
-        memo, key = memos[use], (seed, tuple(v._version for v in params.values()))
-        if memo.get("params") is not params or memo.get("key") != key:
-            with torch.no_grad():
-                ref = params[names[0]]
-                generator = torch.Generator(ref.device).manual_seed(int(seed))
-                detached = {k: v.detach() for k, v in params.items()}
-                memo.update(params=params, key=key, value=draws(detached, num_kl_draws, generator))
-        return memo["value"]
-
     def sample(params, num):
         return draws(params, num)[0]
 
     def log_prob(params, u):
         return run(params, inverse_log_prob, u)
 
-    def kl(params0, params1, seed=None):
-        # Fresh draws from q_from, never the S particles (whose sample KL is unbounded
-        # below, ALGORITHM.md section 4); log q_from at its own draws needs no inverse.
-        if seed is None:
-            with torch.no_grad():
-                u, log_q0 = draws({k: v.detach() for k, v in params0.items()}, num_kl_draws)
-        else:
-            u, log_q0 = seeded_draws(params0, seed, "kl")
-        return torch.mean(log_q0 - log_prob(params1, u))
+    def draws_with_log_prob(params, num, seed):
+        # log q at the flow's own draws comes from the forward pass: no inverse.
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(params[names[0]].device).manual_seed(int(seed))
+        return draws(params, num, generator)
 
-    def cov_quad(params, r):
-        # Diagonal of the covariance, estimated on fixed-seed draws.
-        return torch.sum(seeded_draws(params, 0, "cov")[0].var(0) * r**2, dim=-1)
-
+    kl, cov_quad = _monte_carlo_kl_and_cov(draws_with_log_prob, log_prob, num_kl_draws)
     return GuideDensity(
         dim, _latent_sites(guide), names, sample, log_prob, _autodiff_score(log_prob), kl,
+        cov_quad, False,
+    )  # fmt: skip
+
+
+_DRAWS_PLATE = "_psvi_guide_draws"
+
+
+def check_user_guide(guide: Callable, model_trace, guide_trace) -> None:
+    """Raise a clear error for a user-written guide whose density cannot be evaluated at
+    the model's latent values: its sample sites must be exactly the model's latent
+    sites, continuous, not point masses, each on its model site's support."""
+    latents = {
+        name: site
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    }
+    sites = {
+        name: site
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    }
+    extra = sorted(set(sites) - set(latents))
+    if extra:
+        raise ValueError(
+            f"The guide samples {extra}, which are not latent sites of the model; its density "
+            "over the model's latents would need them integrated out. Write a mixture as one "
+            "site (pyro.distributions.MixtureSameFamily) instead of sampling its component."
+        )
+    missing = sorted(set(latents) - set(sites))
+    if missing:
+        raise ValueError(f"The guide has no sample site for the model's latent sites {missing}.")
+    for name, site in sites.items():
+        fn, model_support = site["fn"], latents[name]["fn"].support
+        while isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
+            fn = fn.base_dist
+        if isinstance(fn, dist.Delta):
+            raise ValueError(
+                f"The guide's site {name!r} is a point mass (Delta): it has no density to match "
+                "scores with. Give it a continuous distribution (e.g. Normal)."
+            )
+        if site["fn"].support.is_discrete:
+            raise ValueError(f"The guide's site {name!r} is discrete; score-based VI needs densities.")
+        # The supports agree where it matters: the guide's draw lies in the model's
+        # support, and the model's support (at random unconstrained points) in the guide's.
+        transform = biject_to(model_support)
+        shape = transform.inverse_shape(site["value"].shape)
+        points = transform(torch.empty(shape).uniform_(-2, 2))
+        if not (model_support.check(site["value"]).all() and site["fn"].support.check(points).all()):
+            raise ValueError(
+                f"The guide's site {name!r} has support {site['fn'].support}, the model's "
+                f"{model_support}: the guide's density must live on the model's support (e.g. "
+                "LogNormal for a positive site, or TransformedDistribution(base, "
+                "biject_to(support)))."
+            )
+
+
+class UserGuideLayout(NamedTuple):
+    """The flat layout of a user-written guide: the model's latent sites (unconstrained
+    shapes), each site's support, and the param-store names of the guide's params."""
+
+    sites: tuple[LatentSite, ...]
+    supports: dict[str, Any]
+    param_names: tuple[str, ...]
+
+
+def user_guide_layout(guide: Callable, model_trace, guide_trace) -> UserGuideLayout:
+    """Check a user-written guide (:func:`check_user_guide`) against traces of the model
+    and of the guide (which created the guide's params) and return its layout."""
+    check_user_guide(guide, model_trace, guide_trace)
+    sites, supports = [], {}
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        support = site["fn"].support
+        shape = biject_to(support).inverse_shape(site["value"].shape)
+        sites.append(LatentSite(name, shape, site["fn"].event_dim + len(shape) - site["value"].dim()))
+        supports[name] = support
+    param_names = tuple(name for name, site in guide_trace.nodes.items() if site["type"] == "param")
+    return UserGuideLayout(tuple(sites), supports, param_names)
+
+
+def user_guide_density(
+    guide: Callable,
+    layout: UserGuideLayout,
+    args: tuple,
+    kwargs: dict,
+    max_plate_nesting: int,
+    num_kl_draws: int = 256,
+) -> GuideDensity:
+    """The :class:`GuideDensity` of a user-written guide (a function of ``pyro.param`` and
+    ``pyro.sample`` sites, one per latent site of the model), run with ``args, kwargs``.
+
+    Site by site on the model's constrained values:
+    ``log q_u(u) = sum_sites log q(T(u)) + log|det J_T(u)|`` with ``T`` each model site's
+    ``biject_to(support)``: the Jacobians are those of the model's log joint, so they
+    cancel in the residual (ALGORITHM.md section 3). The guide runs with the model's
+    arguments and its ``pyro.param`` values substituted, vectorized over draws under a
+    plate left of its own plates (write it broadcast-safe, as for vectorized ELBOs).
+    """
+    sites = layout.sites
+    dim = sum(math.prod(site.shape) for site in sites)
+    transforms = {site.name: biject_to(layout.supports[site.name]) for site in sites}
+    draws_dim = -(max_plate_nesting + 1)
+
+    def batched(site: LatentSite, value: torch.Tensor) -> torch.Tensor:
+        """``(num, *shape)`` to ``(num, 1, ..., *shape)`` under the draws plate."""
+        batch_ndim = len(site.shape) - site.event_dim
+        return value.reshape(value.shape[:1] + (1,) * (max_plate_nesting - batch_ndim) + site.shape)
+
+    def run(params, num, values=None):
+        conditioned = poutine.condition(guide, data=values) if values else guide
+        with poutine.trace() as tracer, poutine.substitute(data=params):
+            with pyro.plate(_DRAWS_PLATE, num, dim=draws_dim):
+                conditioned(*args, **kwargs)
+        return tracer.trace
+
+    def unpack(u):
+        values, pos = {}, 0
+        for site in sites:
+            size = math.prod(site.shape)
+            values[site.name] = u[..., pos : pos + size].reshape(u.shape[:-1] + site.shape)
+            pos += size
+        return values
+
+    def sample(params, num):
+        guide_trace = run(params, num)
+        flat = [
+            transforms[site.name].inv(guide_trace.nodes[site.name]["value"]).reshape(num, -1)
+            for site in sites
+        ]
+        return torch.cat(flat, dim=-1)
+
+    def log_prob(params, u):
+        num = u.shape[0]
+        unconstrained = {site.name: batched(site, unpack(u)[site.name]) for site in sites}
+        values = {name: transforms[name](value) for name, value in unconstrained.items()}
+        total = u.new_zeros(num)
+        for name, site in run(params, num, values).nodes.items():
+            if site["type"] == "sample" and name in values:
+                log_q = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
+                log_det = transforms[name].log_abs_det_jacobian(unconstrained[name], values[name])
+                total = total + log_q.reshape(num, -1).sum(-1) + log_det.reshape(num, -1).sum(-1)
+        return total
+
+    def draws_with_log_prob(params, num, seed):
+        if seed is None:
+            draws = sample(params, num)
+        else:
+            device = next(iter(params.values())).device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(int(seed))
+                draws = sample(params, num)
+        return draws, log_prob(params, draws)
+
+    kl, cov_quad = _monte_carlo_kl_and_cov(draws_with_log_prob, log_prob, num_kl_draws)
+    return GuideDensity(
+        dim, sites, layout.param_names, sample, log_prob, _autodiff_score(log_prob), kl,
         cov_quad, False,
     )  # fmt: skip
 
@@ -518,9 +709,12 @@ def check_guide_supported(guide: object) -> None:
                 "so the guide density cannot be evaluated at the particles. Use "
                 "AutoMultivariateNormal (or, with NumPyro, AutoIAFNormal) instead."
             )
-    if not isinstance(guide, _SUPPORTED_GUIDES):
+    if isinstance(guide, autoguide.AutoGuide) and not isinstance(guide, _SUPPORTED_GUIDES):
         raise TypeError(
             f"ProximalScoreVI needs the guide's density, got {type(guide).__name__}. "
             "Supported: AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, "
-            "AutoLowRankMultivariateNormal, AutoIAFNormal and AutoNormalizingFlow."
+            "AutoLowRankMultivariateNormal, AutoIAFNormal, AutoNormalizingFlow and "
+            "user-written guides (functions)."
         )
+    if not callable(guide):
+        raise TypeError(f"The guide must be an autoguide or a function, got {type(guide).__name__}.")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).parent.parent
@@ -19,3 +20,22 @@ def test_gaussian_study_quick(tmp_path):
     # GSM and BaM solve a D=10 Gaussian in a few hundred calls (PITFALLS.md: 86 for gsmvi).
     assert curves["gsm"]["kl"][-1] < 0.01 and curves["bam"]["kl"][-1] < 0.01
     assert set(result["minibatch_bias"]) == {"bam", "psvi_full"}
+
+
+@pytest.mark.slow
+def test_mixture_targets_quick():
+    subprocess.run([sys.executable, "-m", "benchmarks.mixture_targets", "--quick"], cwd=ROOT, check=True)
+    result = json.loads((ROOT / "benchmarks/results/mixture_targets_quick.json").read_text())
+    runs = {(r["guide"], r["method"]): r for r in result["results"]}
+    assert set(runs) == {(g, m) for g in ("mixture2", "mixture3", "iaf") for m in ("psvi", "advi")}
+    for run in runs.values():  # every fit moves toward the target and stays finite
+        assert all(np.isfinite(run["forward_kl"])) and run["forward_kl"][-1] < run["forward_kl"][0]
+
+
+@pytest.mark.slow
+def test_flow_cost_quick():
+    subprocess.run([sys.executable, "-m", "benchmarks.flow_cost", "--quick"], cwd=ROOT, check=True)
+    rows = json.loads((ROOT / "benchmarks/results/flow_cost_quick.json").read_text())["rows"]
+    assert {(r["backend"], r["guide"]) for r in rows} == {
+        ("pyro", "mvn"), ("pyro", "iaf"), ("pyro", "coupling"), ("numpyro", "mvn"), ("numpyro", "iaf"),
+    }  # fmt: skip

@@ -39,12 +39,9 @@ def test_guides_without_density_are_refused(guide_cls, words):
     assert "instead" in str(err.value)
 
 
-def test_non_autoguide_is_refused():
-    def guide():
-        numpyro.sample("x", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
-
-    with pytest.raises(TypeError, match="Supported: AutoNormal"):
-        ProximalScoreVI(gaussian_model, guide, adam())
+def test_guide_that_is_neither_autoguide_nor_function_is_refused():
+    with pytest.raises(TypeError, match="must be an autoguide or a function, got dict"):
+        ProximalScoreVI(gaussian_model, {"x": 1.0}, adam())
 
 
 def test_discrete_latent_is_refused():

@@ -36,12 +36,9 @@ def test_point_mass_guides_are_refused(guide_cls):
         ProximalScoreVI(gaussian_model, guide_cls(gaussian_model), adam())
 
 
-def test_non_autoguide_is_refused():
-    def guide():
-        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-
-    with pytest.raises(TypeError, match="Supported: AutoNormal"):
-        ProximalScoreVI(gaussian_model, guide, adam())
+def test_guide_that_is_neither_autoguide_nor_function_is_refused():
+    with pytest.raises(TypeError, match="must be an autoguide or a function, got dict"):
+        ProximalScoreVI(gaussian_model, {"x": 1.0}, adam())
 
 
 def test_discrete_latent_is_refused():
