@@ -56,6 +56,32 @@ def mlp_classifier(
         numpyro.sample("y", dist.Categorical(logits=logits), obs=None if y is None else y[idx])
 
 
+def bnn_regression(
+    x: jnp.ndarray,
+    y: jnp.ndarray | None = None,
+    *,
+    hidden: int = 50,
+    prior_scale: float = 1.0,
+    subsample_size: int | None = None,
+) -> None:
+    """The UCI protocol's BNN: one hidden layer of ReLU units, ``N(0, prior_scale^2)``
+    priors on all weights, Gaussian likelihood with a ``Gamma(6, 6)`` prior on the noise
+    precision (Hernandez-Lobato and Adams 2015), on standardized data. The network's
+    output is recorded as the deterministic site ``mean``."""
+    num_inputs = x.shape[1]
+
+    def weight(name, shape):
+        return numpyro.sample(name, dist.Normal(0.0, prior_scale).expand(shape).to_event(len(shape)))
+
+    w1, b1 = weight("w1", [num_inputs, hidden]), weight("b1", [hidden])
+    w2, b2 = weight("w2", [hidden]), numpyro.sample("b2", dist.Normal(0.0, prior_scale))
+    precision = numpyro.sample("precision", dist.Gamma(6.0, 6.0))
+    with numpyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
+        mean = jax.nn.relu(x[idx] @ w1 + b1) @ w2 + b2
+        numpyro.deterministic("mean", mean)
+        numpyro.sample("y", dist.Normal(mean, precision**-0.5), obs=None if y is None else y[idx])
+
+
 def mlp_init_values(num_inputs: int, hidden: int = 50, num_classes: int = 10, seed: int = 0):
     """Glorot-uniform initial weights for :func:`mlp_classifier` (for ``init_to_value``)."""
     rng = np.random.default_rng(seed)

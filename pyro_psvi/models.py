@@ -71,6 +71,30 @@ def mlp_classifier(
         pyro.sample("y", dist.Categorical(logits=logits), obs=None if y is None else y[idx])
 
 
+def bnn_regression(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    hidden: int = 50,
+    prior_scale: float = 1.0,
+    subsample_size: int | None = None,
+) -> None:
+    """The twin of ``numpyro_psvi.models.bnn_regression`` (one hidden ReLU layer,
+    ``Gamma(6, 6)`` noise precision); broadcast-safe, so its particles vectorize."""
+    num_inputs = x.shape[1]
+
+    def weight(name, shape):
+        return pyro.sample(name, dist.Normal(x.new_zeros(shape), prior_scale).to_event(len(shape)))
+
+    w1, b1 = weight("w1", (num_inputs, hidden)), weight("b1", (hidden,))
+    w2, b2 = weight("w2", (hidden, 1)), weight("b2", (1,))
+    precision = pyro.sample("precision", dist.Gamma(x.new_tensor(6.0), 6.0))
+    with pyro.plate("data", x.shape[0], subsample_size=subsample_size, device=x.device) as idx:
+        mean = (_linear(torch.relu(_linear(x[idx], w1) + b1), w2) + b2).squeeze(-1)
+        pyro.deterministic("mean", mean)
+        pyro.sample("y", dist.Normal(mean, precision**-0.5), obs=None if y is None else y[idx])
+
+
 def _linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``h @ w`` for one plate dim: ``h (..., B, i)``, ``w (i, o)`` or ``(P, 1, i, o)``
     (a latent under a particle plate, its plate slot of size 1) -> ``(..., B, o)``."""

@@ -39,3 +39,15 @@ def test_flow_cost_quick():
     assert {(r["backend"], r["guide"]) for r in rows} == {
         ("pyro", "mvn"), ("pyro", "iaf"), ("pyro", "coupling"), ("numpyro", "mvn"), ("numpyro", "iaf"),
     }  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
+def test_uci_quick(tmp_path, backend):
+    command = [sys.executable, "-m", "benchmarks.uci", "--dataset", "yacht", "--quick", "--backend", backend,
+               "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True)
+    result = json.loads((tmp_path / f"uci_yacht_{backend}_quick.json").read_text())
+    for method in ("psvi", "advi"):
+        keys = {"test_rmse_mean", "test_rmse_se", "test_ll_mean", "test_ll_se", "score_calls", "seconds"}
+        assert keys <= set(result[method]) and np.isfinite(result[method]["test_rmse_mean"])

@@ -145,8 +145,8 @@ def gaussian_kl(loc, tril):
     """KL(target || q) for the x site, closed form."""
     p = torch.distributions.MultivariateNormal(torch.tensor(MEAN), torch.tensor(COV))
     q = torch.distributions.MultivariateNormal(
-        torch.tensor(np.array(loc), dtype=torch.float64),
-        scale_tril=torch.tensor(np.array(tril), dtype=torch.float64),
+        torch.tensor(np.array(jax.device_get(loc)), dtype=torch.float64),
+        scale_tril=torch.tensor(np.array(jax.device_get(tril)), dtype=torch.float64),
     )
     return float(torch.distributions.kl_divergence(p, q))
 

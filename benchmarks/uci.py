@@ -1,0 +1,213 @@
+"""UCI regression with the protocol of Hernandez-Lobato and Adams (2015) and Gal and
+Ghahramani (2016): ProximalScoreVI vs ADVI on BNNs with their standard splits.
+
+One hidden layer of 50 ReLU units (100 for protein), N(0, 1) weight priors, a
+Gamma(6, 6) prior on the noise precision, inputs and targets standardized on the
+training split (``psvi.datasets.load_uci``; ``numpyro_psvi.models.bnn_regression``
+and its Pyro twin). Both methods fit the same AutoNormal guide (diagonal, started at
+Glorot-uniform means with scale 0.01) with the same particles (S=4), optimizer
+(Adam 1e-2), mini-batches of 32 through the model's subsampled plate, and budget:
+the protocol's base epoch count (40; 20 for protein) times ceil(N / 32) steps, i.e.
+S score calls per step for both. ProximalScoreVI with its defaults (K=20); ADVI is
+the PPL's SVI with Trace_ELBO(num_particles=S). Metrics on the test split, in the
+original target units, from 100 guide draws: RMSE of the predictive mean and the
+test log-likelihood of the Gaussian-mixture predictive. Split 0 also records test
+log-likelihood against score calls (``curve``).
+
+    python -m benchmarks.uci --dataset NAME [--splits K] [--backend numpyro|pyro]
+        [--quick] [--out DIR]
+
+writes ``DIR/uci_<NAME>_<backend>.json`` with, per method key (``psvi``, ``advi``):
+``test_rmse_mean``, ``test_rmse_se``, ``test_ll_mean``, ``test_ll_se`` (mean and
+standard error over splits), ``score_calls`` and ``seconds`` (per split, mean), and
+the per-split values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, machine
+from psvi.datasets import UCI_NAMES, load_uci, uci_info
+from psvi.metrics import gaussian_test_log_likelihood, rmse
+
+BATCH = 32
+NUM_PARTICLES = 4
+LEARNING_RATE = 1e-2
+NUM_DRAWS = 100
+CURVE_POINTS = 8
+
+
+def glorot_init(num_inputs: int, hidden: int, seed: int) -> dict[str, np.ndarray]:
+    """Glorot-uniform weights, zero biases, unit noise precision."""
+    rng = np.random.default_rng(seed)
+    limit1, limit2 = math.sqrt(6.0 / (num_inputs + hidden)), math.sqrt(6.0 / (hidden + 1))
+    return {
+        "w1": rng.uniform(-limit1, limit1, (num_inputs, hidden)).astype(np.float32),
+        "b1": np.zeros(hidden, np.float32),
+        "w2": rng.uniform(-limit2, limit2, hidden).astype(np.float32),
+        "b2": np.zeros((), np.float32),
+        "precision": np.ones((), np.float32),
+    }
+
+
+def metrics(means: np.ndarray, precisions: np.ndarray, split) -> tuple[float, float]:
+    """Test RMSE and log-likelihood in the original units (draws on axis 0)."""
+    scales = np.asarray(precisions, np.float64).reshape(-1, 1) ** -0.5
+    ll = gaussian_test_log_likelihood(means, scales, split.y_test) - math.log(split.y_std)
+    return rmse(means, split.y_test) * split.y_std, ll
+
+
+def fit_numpyro(method: str, split, hidden: int, steps: int, seed: int, curve: bool, progress: bool):
+    import jax
+    import numpyro
+    from numpyro.infer import SVI, Predictive, Trace_ELBO
+    from numpyro.infer.autoguide import AutoNormal
+    from numpyro.infer.initialization import init_to_value
+    from tqdm import tqdm
+
+    from numpyro_psvi import ProximalScoreVI
+    from numpyro_psvi.models import bnn_regression
+
+    model = partial(bnn_regression, hidden=hidden, subsample_size=min(BATCH, len(split.y_train)))
+    init = {k: jax.numpy.asarray(v) for k, v in glorot_init(split.x_train.shape[1], hidden, seed).items()}
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)
+    optim = numpyro.optim.Adam(LEARNING_RATE)
+    if method == "psvi":
+        engine = ProximalScoreVI(model, guide, optim, num_particles=NUM_PARTICLES)
+    else:
+        engine = SVI(model, guide, optim, Trace_ELBO(num_particles=NUM_PARTICLES))
+    x, y = jax.numpy.asarray(split.x_train), jax.numpy.asarray(split.y_train)
+    x_test = jax.numpy.asarray(split.x_test)
+
+    @jax.jit
+    def predict(params, key):
+        full = partial(bnn_regression, hidden=hidden)
+        predictive = Predictive(full, guide=guide, params=params, num_samples=NUM_DRAWS,
+                                return_sites=["mean", "precision"])  # fmt: skip
+        return predictive(key, x_test)
+
+    def evaluate(params, key):
+        draws = predict(params, key)
+        return metrics(np.asarray(draws["mean"]), np.asarray(draws["precision"]), split)
+
+    every = max(steps // CURVE_POINTS, 1)
+    points, start = [], time.perf_counter()
+    state = engine.init(jax.random.PRNGKey(seed), x, y)
+    update = jax.jit(engine.update)
+    for step in tqdm(range(1, steps + 1), disable=not progress, desc=method):
+        state, _ = update(state, x, y)
+        if curve and (step % every == 0 or step == steps):
+            points.append(
+                (step * NUM_PARTICLES, evaluate(engine.get_params(state), jax.random.PRNGKey(1))[1])
+            )
+    seconds = time.perf_counter() - start
+    test_rmse, test_ll = evaluate(engine.get_params(state), jax.random.PRNGKey(seed + 1))
+    return test_rmse, test_ll, seconds, points
+
+
+def fit_pyro(method: str, split, hidden: int, steps: int, seed: int, curve: bool, progress: bool):
+    import pyro
+    import torch
+    from pyro.infer import SVI, Predictive, Trace_ELBO
+    from pyro.infer.autoguide import AutoNormal, init_to_value
+    from tqdm import tqdm
+
+    from pyro_psvi import ProximalScoreVI
+    from pyro_psvi.models import bnn_regression
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = partial(bnn_regression, hidden=hidden, subsample_size=min(BATCH, len(split.y_train)))
+    init = glorot_init(split.x_train.shape[1], hidden, seed)
+    init["w2"], init["b2"] = init["w2"][:, None], init["b2"].reshape(1)
+    init = {k: torch.as_tensor(v) for k, v in init.items()}
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)
+    optim = pyro.optim.Adam({"lr": LEARNING_RATE})
+    if method == "psvi":
+        engine = ProximalScoreVI(model, guide, optim, num_particles=NUM_PARTICLES)
+    else:
+        engine = SVI(
+            model,
+            guide,
+            optim,
+            Trace_ELBO(num_particles=NUM_PARTICLES, vectorize_particles=True, max_plate_nesting=1),
+        )
+    x, y, x_test = (torch.as_tensor(a) for a in (split.x_train, split.y_train, split.x_test))
+
+    def evaluate():
+        full = partial(bnn_regression, hidden=hidden)
+        predictive = Predictive(full, guide=guide, num_samples=NUM_DRAWS, return_sites=["mean", "precision"])
+        with torch.no_grad():
+            draws = predictive(x_test)
+        return metrics(draws["mean"].numpy(), draws["precision"].numpy(), split)
+
+    every = max(steps // CURVE_POINTS, 1)
+    points, start = [], time.perf_counter()
+    for step in tqdm(range(1, steps + 1), disable=not progress, desc=method):
+        engine.step(x, y)
+        if curve and (step % every == 0 or step == steps):
+            points.append((step * NUM_PARTICLES, evaluate()[1]))
+    seconds = time.perf_counter() - start
+    test_rmse, test_ll = evaluate()
+    return test_rmse, test_ll, seconds, points
+
+
+def summarize(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, np.float64)
+    se = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else float("nan")
+    return float(array.mean()), se
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, choices=UCI_NAMES)
+    parser.add_argument("--splits", type=int, default=None, help="first K splits (default: all)")
+    parser.add_argument("--backend", choices=("numpyro", "pyro"), default="numpyro")
+    parser.add_argument("--quick", action="store_true", help="1 split, 20 steps")
+    parser.add_argument("--out", type=Path, default=RESULTS / "uci")
+    options = parser.parse_args()
+    info = uci_info(options.dataset)
+    num_splits = 1 if options.quick else min(options.splits or info["num_splits"], info["num_splits"])
+    fit = fit_numpyro if options.backend == "numpyro" else fit_pyro
+    payload = {"machine": machine(), "dataset": options.dataset, "backend": options.backend,
+               "splits": num_splits, "hidden": info["hidden"], "batch": BATCH,
+               "num_particles": NUM_PARTICLES, "learning_rate": LEARNING_RATE}  # fmt: skip
+    for method in ("psvi", "advi"):
+        rmses, lls, seconds, calls, curve = [], [], [], 0, []
+        for split_index in range(num_splits):
+            split = load_uci(options.dataset, split_index)
+            steps = 20 if options.quick else info["epochs"] * math.ceil(len(split.y_train) / BATCH)
+            test_rmse, test_ll, secs, points = fit(
+                method, split, info["hidden"], steps, split_index, split_index == 0, not options.quick
+            )
+            rmses.append(test_rmse)
+            lls.append(test_ll)
+            seconds.append(secs)
+            calls = steps * NUM_PARTICLES
+            curve = curve or points
+            print(f"{options.dataset} {options.backend} {method} split {split_index}: RMSE "
+                  f"{test_rmse:.3f}, test LL {test_ll:.3f} ({secs:.1f} s)", flush=True)  # fmt: skip
+        rmse_mean, rmse_se = summarize(rmses)
+        ll_mean, ll_se = summarize(lls)
+        payload[method] = {
+            "test_rmse_mean": rmse_mean, "test_rmse_se": rmse_se, "test_ll_mean": ll_mean,
+            "test_ll_se": ll_se, "score_calls": calls, "seconds": float(np.mean(seconds)),
+            "test_rmse": rmses, "test_ll": lls, "curve": curve,
+        }  # fmt: skip
+    options.out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if options.quick else ""
+    path = options.out / f"uci_{options.dataset}_{options.backend}{suffix}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
