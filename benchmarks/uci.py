@@ -16,6 +16,7 @@ log-likelihood against score calls (``curve``).
 
     python -m benchmarks.uci --dataset NAME [--splits K] [--backend numpyro|pyro]
         [--quick] [--out DIR]
+    python -m benchmarks.uci --table [--out DIR]    # the markdown table of the runs
 
 writes ``DIR/uci_<NAME>_<backend>.json`` with, per method key (``psvi``, ``advi``):
 ``test_rmse_mean``, ``test_rmse_se``, ``test_ll_mean``, ``test_ll_se`` (mean and
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, machine, make_engine
 from psvi.datasets import UCI_NAMES, load_uci, uci_info
 from psvi.metrics import gaussian_test_log_likelihood, rmse
 
@@ -67,23 +68,17 @@ def metrics(means: np.ndarray, precisions: np.ndarray, split) -> tuple[float, fl
 
 def fit_numpyro(method: str, split, hidden: int, steps: int, seed: int, curve: bool, progress: bool):
     import jax
-    import numpyro
-    from numpyro.infer import SVI, Predictive, Trace_ELBO
+    from numpyro.infer import Predictive
     from numpyro.infer.autoguide import AutoNormal
     from numpyro.infer.initialization import init_to_value
     from tqdm import tqdm
 
-    from numpyro_psvi import ProximalScoreVI
     from numpyro_psvi.models import bnn_regression
 
     model = partial(bnn_regression, hidden=hidden, subsample_size=min(BATCH, len(split.y_train)))
     init = {k: jax.numpy.asarray(v) for k, v in glorot_init(split.x_train.shape[1], hidden, seed).items()}
     guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)
-    optim = numpyro.optim.Adam(LEARNING_RATE)
-    if method == "psvi":
-        engine = ProximalScoreVI(model, guide, optim, num_particles=NUM_PARTICLES)
-    else:
-        engine = SVI(model, guide, optim, Trace_ELBO(num_particles=NUM_PARTICLES))
+    engine = make_engine(method, model, guide, LEARNING_RATE, NUM_PARTICLES)
     x, y = jax.numpy.asarray(split.x_train), jax.numpy.asarray(split.y_train)
     x_test = jax.numpy.asarray(split.x_test)
 
@@ -166,25 +161,55 @@ def summarize(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), se
 
 
+def table(folder: Path) -> str:
+    """The markdown table of every ``uci_*.json`` in ``folder`` (quick runs excluded)."""
+    rows = ["| dataset | backend | epochs | splits | method | test RMSE | test log-likelihood | s / split |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    label = {"psvi": "ProximalScoreVI", "advi": "ADVI"}
+    for path in sorted(folder.glob("uci_*.json")):
+        if path.stem.endswith("_quick"):
+            continue
+        result = json.loads(path.read_text())
+        for method in ("psvi", "advi"):
+            r = result[method]
+            rows.append(
+                f"| {result['dataset']} | {result['backend']} | {result.get('epochs', 40)} | "
+                f"{result['splits']} | {label[method]} | "
+                f"{r['test_rmse_mean']:.3f} +- {r['test_rmse_se']:.3f} | "
+                f"{r['test_ll_mean']:.3f} +- {r['test_ll_se']:.3f} | {r['seconds']:.1f} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, choices=UCI_NAMES)
+    parser.add_argument("--dataset", choices=UCI_NAMES)
+    parser.add_argument("--table", action="store_true", help="print the table of the runs in --out")
     parser.add_argument("--splits", type=int, default=None, help="first K splits (default: all)")
     parser.add_argument("--backend", choices=("numpyro", "pyro"), default="numpyro")
     parser.add_argument("--quick", action="store_true", help="1 split, 20 steps")
+    parser.add_argument("--epochs-factor", type=int, default=1,
+                        help="multiply the protocol's base epochs (MC dropout used 10)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "uci")
     options = parser.parse_args()
+    if options.table:
+        print(table(options.out))
+        return
+    if options.dataset is None:
+        parser.error("--dataset is required (or --table)")
     info = uci_info(options.dataset)
     num_splits = 1 if options.quick else min(options.splits or info["num_splits"], info["num_splits"])
     fit = fit_numpyro if options.backend == "numpyro" else fit_pyro
     payload = {"machine": machine(), "dataset": options.dataset, "backend": options.backend,
                "splits": num_splits, "hidden": info["hidden"], "batch": BATCH,
-               "num_particles": NUM_PARTICLES, "learning_rate": LEARNING_RATE}  # fmt: skip
+               "num_particles": NUM_PARTICLES, "learning_rate": LEARNING_RATE,
+               "epochs": info["epochs"] * options.epochs_factor}  # fmt: skip
     for method in ("psvi", "advi"):
         rmses, lls, seconds, calls, curve = [], [], [], 0, []
         for split_index in range(num_splits):
             split = load_uci(options.dataset, split_index)
-            steps = 20 if options.quick else info["epochs"] * math.ceil(len(split.y_train) / BATCH)
+            epochs = info["epochs"] * options.epochs_factor
+            steps = 20 if options.quick else epochs * math.ceil(len(split.y_train) / BATCH)
             test_rmse, test_ll, secs, points = fit(
                 method, split, info["hidden"], steps, split_index, split_index == 0, not options.quick
             )
@@ -203,7 +228,9 @@ def main() -> None:
             "test_rmse": rmses, "test_ll": lls, "curve": curve,
         }  # fmt: skip
     options.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if options.quick else ""
+    suffix = (
+        "_quick" if options.quick else ("" if options.epochs_factor == 1 else f"_x{options.epochs_factor}")
+    )
     path = options.out / f"uci_{options.dataset}_{options.backend}{suffix}.json"
     path.write_text(json.dumps(payload, indent=1))
     print(f"wrote {path}")

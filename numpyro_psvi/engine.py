@@ -60,6 +60,7 @@ from psvi.checks import (
     check_latents_match,
     check_rejection_streak,
     full_covariance_advice,
+    local_latent_message,
 )
 
 
@@ -218,12 +219,7 @@ class ProximalScoreVI:
         local = check_model(self.model, model_seed, args, {**kwargs, **self.static_kwargs})
         if local and not isinstance(self.guide, AutoNormal):
             name, plate = next(iter(local.items()))
-            raise NotImplementedError(
-                f"Latent site {name!r} is local to the subsampled plate {plate!r}: "
-                f"{type(self.guide).__name__} would reuse one set of values for every "
-                "mini-batch. Use AutoNormal, whose params span the plate's full size and "
-                "are sliced by its indices, or the full plate (subsample_size=None)."
-            )
+            raise NotImplementedError(local_latent_message(name, plate, type(self.guide).__name__))
         if not isinstance(self.guide, AutoGuide):
             check_user_guide(self.guide, self.model, args, {**kwargs, **self.static_kwargs})
         # SVI.init collects the guide params and their constraints, so get_params

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
 
 def check_latents_match(expected: dict, found: dict, what: str, fix: str) -> None:
     """Raise a ``ValueError`` naming the sites whose presence or shape differs."""
@@ -57,3 +60,59 @@ def autoregressive_flow_advice(dim: int) -> str | None:
         "AutoNormalizingFlow with affine_coupling layers, one pass to invert) or "
         "AutoLowRankMultivariateNormal."
     )
+
+
+def local_latent_message(name: str, plate: str, guide_name: str) -> str:
+    """The error for a local latent in a subsampled plate under a guide other than
+    AutoNormal."""
+    return (
+        f"Latent site {name!r} is local to the subsampled plate {plate!r}: {guide_name} would "
+        "reuse one set of values for every mini-batch. Use AutoNormal, whose params span the "
+        "plate's full size and are sliced by its indices, or the full plate "
+        "(subsample_size=None)."
+    )
+
+
+class GuideSite(NamedTuple):
+    """What :func:`check_user_guide_sites` needs to know of one guide sample site."""
+
+    point_mass: bool
+    discrete: bool
+    supports_agree: bool
+    support: str
+    model_support: str
+
+
+def check_user_guide_sites(
+    latent_names: Iterable[str], sites: Mapping[str, GuideSite], mixture_class: str
+) -> None:
+    """Raise a ``ValueError`` naming the problem and the fix when a user-written guide's
+    density cannot be evaluated at the model's latent values: its sample sites must be
+    exactly the model's latent sites (``latent_names``), continuous, not point masses,
+    each on its model site's support. ``mixture_class``: the PPL's MixtureSameFamily."""
+    latents = set(latent_names)
+    extra = sorted(set(sites) - latents)
+    if extra:
+        raise ValueError(
+            f"The guide samples {extra}, which are not latent sites of the model; its density "
+            "over the model's latents would need them integrated out. Write a mixture as one "
+            f"site ({mixture_class}) instead of sampling its component."
+        )
+    missing = sorted(latents - set(sites))
+    if missing:
+        raise ValueError(f"The guide has no sample site for the model's latent sites {missing}.")
+    for name, site in sites.items():
+        if site.point_mass:
+            raise ValueError(
+                f"The guide's site {name!r} is a point mass (Delta): it has no density to match "
+                "scores with. Give it a continuous distribution (e.g. Normal)."
+            )
+        if site.discrete:
+            raise ValueError(f"The guide's site {name!r} is discrete; score-based VI needs densities.")
+        if not site.supports_agree:
+            raise ValueError(
+                f"The guide's site {name!r} has support {site.support}, the model's "
+                f"{site.model_support}: the guide's density must live on the model's support "
+                "(e.g. LogNormal for a positive site, or TransformedDistribution(base, "
+                "biject_to(support)))."
+            )

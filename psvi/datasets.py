@@ -120,3 +120,64 @@ def load_uci(name: str, split: int, root: str | os.PathLike | None = None) -> Re
     x = ((x - x_mean) / x_std).astype(np.float32)
     y = ((y - y_mean) / y_std).astype(np.float32)
     return RegressionSplit(x[train], y[train], x[test], y[test], y_mean, y_std)
+
+
+def mnist_path(root: str | os.PathLike | None = None) -> Path | None:
+    """``mnist.npz`` in ``root``, else ``$PSVI_MNIST``, else ``../shared/datasets/mnist``
+    next to the repository; ``None`` when none holds it."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+    for base in (root, os.environ.get("PSVI_MNIST"), shared):
+        if base and (Path(base) / "mnist.npz").is_file():
+            return Path(base) / "mnist.npz"
+    return None
+
+
+def load_mnist(
+    num_train: int | None = None,
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+) -> Split:
+    """MNIST (60k/10k), pixels scaled to [0, 1] then standardized with the training
+    mean and std, images flattened to 784 features; labels int32.
+
+    Reads ``mnist.npz`` (arrays ``x_train, y_train, x_test, y_test``, see
+    :func:`mnist_path`). With ``download=True`` and no local file, fetches MNIST with
+    torchvision into ``root`` (default ``~/.cache/psvi``) and saves it as ``mnist.npz``
+    there; nothing downloads otherwise. ``num_train`` keeps a seeded random subset of
+    the training images (the test set is always the full 10k).
+    """
+    path = mnist_path(root)
+    if path is None:
+        if not download:
+            raise FileNotFoundError(
+                "mnist.npz not found: pass root= (a folder holding mnist.npz with x_train, "
+                "y_train, x_test, y_test), set PSVI_MNIST, or pass download=True (torchvision)."
+            )
+        path = _download_mnist(Path(root) if root else Path.home() / ".cache" / "psvi")
+    with np.load(path) as data:
+        x_train, y_train = data["x_train"], data["y_train"]
+        x_test, y_test = data["x_test"], data["y_test"]
+    if num_train is not None:
+        keep = np.random.default_rng(seed).permutation(len(y_train))[:num_train]
+        x_train, y_train = x_train[keep], y_train[keep]
+    x_train = x_train.reshape(len(x_train), -1).astype(np.float32) / 255.0
+    x_test = x_test.reshape(len(x_test), -1).astype(np.float32) / 255.0
+    mean, std = x_train.mean(0), x_train.std(0)
+    std[std < 1e-6] = 1.0
+    return Split(
+        (x_train - mean) / std, y_train.astype(np.int32), (x_test - mean) / std, y_test.astype(np.int32)
+    )
+
+
+def _download_mnist(folder: Path) -> Path:  # pragma: no cover - needs a network
+    from torchvision.datasets import MNIST
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train, test = MNIST(folder, train=True, download=True), MNIST(folder, train=False, download=True)
+    path = folder / "mnist.npz"
+    np.savez_compressed(
+        path, x_train=train.data.numpy(), y_train=train.targets.numpy(),
+        x_test=test.data.numpy(), y_test=test.targets.numpy(),
+    )  # fmt: skip
+    return path

@@ -31,6 +31,7 @@ from psvi.checks import (
     check_latents_match,
     check_rejection_streak,
     full_covariance_advice,
+    local_latent_message,
 )
 from pyro_psvi.guides import (
     GuideDensity,
@@ -160,12 +161,7 @@ class ScoreEngine:
         """Local latents in a subsampled plate need AutoNormal (per-member params)."""
         if local and not isinstance(self.guide, autoguide.AutoNormal):
             name, plate = next(iter(local.items()))
-            raise NotImplementedError(
-                f"Latent site {name!r} is local to the subsampled plate {plate!r}: "
-                f"{type(self.guide).__name__} would reuse one set of values for every "
-                "mini-batch. Use AutoNormal, whose params span the plate's full size and "
-                "are sliced by its indices, or the full plate (subsample_size=None)."
-            )
+            raise NotImplementedError(local_latent_message(name, plate, type(self.guide).__name__))
 
     def _user_guide_density(self, args: tuple, kwargs: dict) -> GuideDensity:
         return user_guide_density(self.guide, self._user_guide_layout, args, kwargs, self.max_plate_nesting)

@@ -51,3 +51,12 @@ def test_uci_quick(tmp_path, backend):
     for method in ("psvi", "advi"):
         keys = {"test_rmse_mean", "test_rmse_se", "test_ll_mean", "test_ll_se", "score_calls", "seconds"}
         assert keys <= set(result[method]) and np.isfinite(result[method]["test_rmse_mean"])
+
+
+@pytest.mark.slow
+def test_mnist_quick():
+    subprocess.run([sys.executable, "-m", "benchmarks.mnist", "--quick"], cwd=ROOT, check=True)
+    result = json.loads((ROOT / "benchmarks/results/mnist_quick.json").read_text())
+    assert {r["method"] for r in result["results"]} == {"psvi", "advi"}
+    for run in result["results"]:  # 40 steps already beat chance (accuracy 0.1, NLL log 10)
+        assert run["accuracy"] > 0.3 and run["nll"] < np.log(10) and len(run["curve"]) >= 1

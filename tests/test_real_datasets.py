@@ -1,5 +1,5 @@
-"""The UCI regression benchmark's pieces: the split loader (on ../shared/datasets/uci,
-skipped where that folder is absent) and the BNN regression model, whose log joints
+"""Real-data pieces: the UCI split loader and the MNIST loader (on ../shared/datasets,
+skipped where it is absent) and the BNN regression model, whose log joints
 must agree between the backends at the same weights."""
 
 import math
@@ -13,7 +13,7 @@ import torch
 from numpyro.infer.util import log_density
 
 from numpyro_psvi.models import bnn_regression as n_bnn_regression
-from psvi.datasets import load_uci, uci_folder, uci_info
+from psvi.datasets import load_mnist, load_uci, mnist_path, uci_folder, uci_info
 from pyro_psvi.models import bnn_regression as p_bnn_regression
 
 
@@ -65,3 +65,20 @@ def test_bnn_regression_log_joint_agrees_between_backends():
     trace = pyro.poutine.trace(conditioned).get_trace(torch.as_tensor(x), torch.as_tensor(y), hidden=5)
     assert math.isclose(float(trace.log_prob_sum()), float(n_log_joint), rel_tol=1e-5)
     assert jax.numpy.isfinite(n_log_joint)
+
+
+@pytest.mark.skipif(mnist_path() is None, reason="mnist.npz not found (set PSVI_MNIST)")
+def test_mnist_loader_reads_the_local_file_and_subsets():
+    full = load_mnist()
+    assert full.x_train.shape == (60000, 784) and full.x_test.shape == (10000, 784)
+    assert set(np.unique(full.y_test)) == set(range(10))
+    subset = load_mnist(num_train=1000, seed=3)
+    assert subset.x_train.shape == (1000, 784) and subset.x_test.shape == (10000, 784)
+    np.testing.assert_allclose(subset.x_train.mean(0)[subset.x_train.std(0) > 0], 0.0, atol=1e-4)
+    assert np.array_equal(load_mnist(num_train=1000, seed=3).y_train, subset.y_train)
+
+
+def test_mnist_without_a_file_or_download_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("psvi.datasets.mnist_path", lambda root=None: None)
+    with pytest.raises(FileNotFoundError, match="set PSVI_MNIST, or pass download=True"):
+        load_mnist(root=tmp_path)
