@@ -74,6 +74,7 @@ def test_pyro_smoke_pattern_param_and_local_latent_in_subsampled_plate():
             sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
             return pyro.sample("obs", dist.Normal(mean, sigma), obs=batch_y)
 
+    pyro.clear_param_store()  # Pyro's own suite does this in a fixture: "loc" must be new
     guide = AutoNormal(model)
     full_size, batch_size = 50, 20
     pyro.set_rng_seed(123456789)
