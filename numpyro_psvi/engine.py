@@ -288,7 +288,7 @@ class ProximalScoreVI:
         unconstrained_t = self.optim.get_params(state.optim_state)
         params_t = self.constrain_fn(unconstrained_t)
         particles, scored = self._particles_and_scores(
-            unconstrained_t, key_particles, key_batch, args, kwargs
+            density, unconstrained_t, key_particles, key_batch, args, kwargs
         )
         log_joints, model_scores, weights = scored.log_joints, scored.scores, scored.weights
         loss = weighted_fisher(density, params_t, params_t, particles, model_scores, self.weighting, weights)
@@ -352,13 +352,13 @@ class ProximalScoreVI:
         kwargs = {**kwargs, **self.static_kwargs}
         _, key_particles, key_batch, _ = random.split(state.rng_key, 4)
         params = self.get_params(state)
+        density = self._density(args, kwargs)
         particles, scored = self._particles_and_scores(
-            self.optim.get_params(state.optim_state), key_particles, key_batch, args, kwargs
+            density, self.optim.get_params(state.optim_state), key_particles, key_batch, args, kwargs
         )
         return weighted_fisher(
-            self._density(args, kwargs), params, params, particles, scored.scores, "covariance",
-            scored.weights,
-        )  # fmt: skip
+            density, params, params, particles, scored.scores, "covariance", scored.weights
+        )
 
     # ------------------------------------------------------------------- run
     def run(
@@ -434,12 +434,11 @@ class ProximalScoreVI:
         return guide_density(self.guide, self.score_method, self.num_kl_draws, self.model, args, kwargs)
 
     def _particles_and_scores(
-        self, unconstrained, key_particles, key_batch, args, kwargs
+        self, density, unconstrained, key_particles, key_batch, args, kwargs
     ) -> tuple[jax.Array, ModelScores]:
-        """``S`` particles from the guide (constants), and their :class:`ModelScores`
-        from one vectorized pass sharing the mini-batch of ``key_batch``;
-        ``unconstrained`` holds all params (guide and model)."""
-        density = self._density(args, kwargs)
+        """``S`` particles from the guide's ``density`` (constants), and their
+        :class:`ModelScores` from one vectorized pass sharing the mini-batch of
+        ``key_batch``; ``unconstrained`` holds all params (guide and model)."""
         params = self.constrain_fn(unconstrained)
         particles = lax.stop_gradient(density.sample(params, key_particles, self.num_particles))
         local_plates = density.local_plates
@@ -455,9 +454,11 @@ class ProximalScoreVI:
                 self.model, density.unpack, self.constrain_fn, args, kwargs, local_plates
             )
             log_joints, scores, param_grads = score_fn(particles, model_params, key_batch, indices)
-        shapes = jax.eval_shape(density.unpack, particles[0])
-        shapes = {name: shape.shape for name, shape in shapes.items()}
-        weights, active_dim = coordinate_weights(local_plates, shapes, indices or {})
+        weights, active_dim = None, density.latent_dim
+        if local_plates:
+            shapes = jax.eval_shape(density.unpack, particles[0])
+            shapes = {name: shape.shape for name, shape in shapes.items()}
+            weights, active_dim = coordinate_weights(local_plates, shapes, indices or {})
         if weights is not None:
             # A local latent's own score came out N/B times too large (plate scale).
             scores = scores / jnp.where(weights > 0, weights, 1.0)

@@ -123,12 +123,17 @@ class GuideDensity(NamedTuple):
 
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split flat latents ``(..., D)`` into unconstrained site values ``(..., *shape)``."""
-        values, pos = {}, 0
-        for site in self.sites:
-            size = math.prod(site.shape)
-            values[site.name] = u[..., pos : pos + size].reshape(u.shape[:-1] + site.shape)
-            pos += size
-        return values
+        return unpack_sites(self.sites, u)
+
+
+def unpack_sites(sites: tuple[LatentSite, ...], u: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split flat latents ``(..., D)`` laid out as ``sites`` into site values ``(..., *shape)``."""
+    values, pos = {}, 0
+    for site in sites:
+        size = math.prod(site.shape)
+        values[site.name] = u[..., pos : pos + size].reshape(u.shape[:-1] + site.shape)
+        pos += size
+    return values
 
 
 # ---------------------------------------------------------------------------
@@ -614,14 +619,6 @@ def user_guide_density(
                 conditioned(*args, **kwargs)
         return tracer.trace
 
-    def unpack(u):
-        values, pos = {}, 0
-        for site in sites:
-            size = math.prod(site.shape)
-            values[site.name] = u[..., pos : pos + size].reshape(u.shape[:-1] + site.shape)
-            pos += size
-        return values
-
     def sample(params, num):
         guide_trace = run(params, num)
         flat = [
@@ -632,7 +629,8 @@ def user_guide_density(
 
     def log_prob(params, u):
         num = u.shape[0]
-        unconstrained = {site.name: batched(site, unpack(u)[site.name]) for site in sites}
+        flat = unpack_sites(sites, u)
+        unconstrained = {site.name: batched(site, flat[site.name]) for site in sites}
         values = {name: transforms[name](value) for name, value in unconstrained.items()}
         total = u.new_zeros(num)
         for name, site in run(params, num, values).nodes.items():
