@@ -39,6 +39,8 @@ from numpyro.infer.svi import SVIRunResult
 from numpyro_psvi.guides import check_guide_supported, check_user_guide, guide_density
 from numpyro_psvi.objective import (
     WEIGHTINGS,
+    diagonal_weighted_fisher,
+    fisher_statistics,
     lerp_tree,
     proximal_objective,
     trust_region_fraction,
@@ -140,6 +142,11 @@ class ProximalScoreVI:
     trust_region : float or None
         Per-dimension KL budget: each update is pulled back toward ``q_t`` until
         ``KL(q_t || q_new) <= trust_region * D``; ``None`` turns it off.
+    vectorize_particles : bool
+        Score the particles in one batched pass (``vmap``, the default) or one pass per
+        particle (``lax.map``, as Pyro's ``vectorize_particles=False``): batched
+        convolutions over per-particle weights can be slow on CPU; which is faster
+        depends on the network (docs/scale.md).
     score_method : {"closed_form", "autodiff"}
         How the guide's score is computed for Gaussian guides.
     num_kl_draws : int
@@ -164,6 +171,7 @@ class ProximalScoreVI:
         prox_weight: float = 10.0,
         weighting: str = "covariance",
         trust_region: float | None = 0.02,
+        vectorize_particles: bool = True,
         score_method: str = "closed_form",
         num_kl_draws: int = 256,
         max_halvings: int = 12,
@@ -192,6 +200,7 @@ class ProximalScoreVI:
         self.prox_weight = float(prox_weight)
         self.weighting = weighting
         self.trust_region = trust_region
+        self.vectorize_particles = bool(vectorize_particles)
         self.score_method = score_method
         self.num_kl_draws = int(num_kl_draws)
         self.max_halvings = int(max_halvings)
@@ -291,7 +300,14 @@ class ProximalScoreVI:
             density, unconstrained_t, key_particles, key_batch, args, kwargs
         )
         log_joints, model_scores, weights = scored.log_joints, scored.scores, scored.weights
-        loss = weighted_fisher(density, params_t, params_t, particles, model_scores, self.weighting, weights)
+        # A diagonal Gaussian guide needs the particles only through per-coordinate sums.
+        stats = fisher_statistics(density, params_t, particles, model_scores)
+        if stats is None:
+            loss = weighted_fisher(
+                density, params_t, params_t, particles, model_scores, self.weighting, weights
+            )
+        else:
+            loss = diagonal_weighted_fisher(density, params_t, params_t, stats, self.weighting, weights)
 
         def objective(unconstrained):
             value, terms = proximal_objective(
@@ -304,6 +320,7 @@ class ProximalScoreVI:
                 prox_weight=self.prox_weight,
                 weighting=self.weighting,
                 weights=weights,
+                stats=stats,
             )
             # Model params ascend the expected log joint, linearized at theta_t: their
             # gradient is the particles' mean gradient (no extra score calls).
@@ -437,7 +454,7 @@ class ProximalScoreVI:
         self, density, unconstrained, key_particles, key_batch, args, kwargs
     ) -> tuple[jax.Array, ModelScores]:
         """``S`` particles from the guide's ``density`` (constants), and their
-        :class:`ModelScores` from one vectorized pass sharing the mini-batch of
+        :class:`ModelScores` from one pass (or one per particle) sharing the mini-batch of
         ``key_batch``; ``unconstrained`` holds all params (guide and model)."""
         params = self.constrain_fn(unconstrained)
         particles = lax.stop_gradient(density.sample(params, key_particles, self.num_particles))
@@ -445,14 +462,17 @@ class ProximalScoreVI:
         plates = subsampled_plates(self.model, args, kwargs) if local_plates else {}
         indices = draw_plate_indices(plates, key_batch) if plates else None
         if not self._model_param_names:
-            score_fn = make_score_fn(self.model, density.unpack, args, kwargs, local_plates)
+            score_fn = make_score_fn(
+                self.model, density.unpack, args, kwargs, local_plates, self.vectorize_particles
+            )
             log_joints, scores = score_fn(particles, key_batch, indices)
             param_grads = {}
         else:
             model_params = {name: unconstrained[name] for name in self._model_param_names}
             score_fn = make_score_and_param_grad_fn(
-                self.model, density.unpack, self.constrain_fn, args, kwargs, local_plates
-            )
+                self.model, density.unpack, self.constrain_fn, args, kwargs, local_plates,
+                self.vectorize_particles,
+            )  # fmt: skip
             log_joints, scores, param_grads = score_fn(particles, model_params, key_batch, indices)
         weights, active_dim = None, density.latent_dim
         if local_plates:

@@ -77,6 +77,11 @@ class GuideDensity(NamedTuple):
         Maps a flat latent ``(D,)`` to the dict of unconstrained site values.
     closed_form : bool
         Whether ``score`` and ``kl`` are closed form.
+    loc_scale : callable or None
+        ``loc_scale(params) -> (loc, scale)``, each ``(D,)``, for a diagonal Gaussian
+        guide with closed-form scores (AutoNormal, AutoDiagonalNormal); ``None``
+        otherwise. The objective then needs the particles only through per-coordinate
+        sums (:func:`numpyro_psvi.objective.fisher_statistics`).
     local_plates : dict
         AutoNormal only: ``{site name: ((plate name, dim), ...)}`` for the sites inside
         plates, whose params span each plate's full size; ``dim`` counts from the right
@@ -92,6 +97,7 @@ class GuideDensity(NamedTuple):
     cov_quad: Callable[[Params, jax.Array], jax.Array]
     unpack: Callable[[jax.Array], dict[str, jax.Array]]
     closed_form: bool
+    loc_scale: Callable[[Params], tuple[jax.Array, jax.Array]] | None = None
     local_plates: dict[str, tuple[tuple[str, int], ...]] = {}
 
 
@@ -220,7 +226,7 @@ def _diagonal_density(get_loc_scale, unpack, latent_dim: int, score_method: str)
     def cov_quad(params, r):
         return jnp.sum((get_loc_scale(params)[1] * r) ** 2)
 
-    return _finish(
+    density = _finish(
         latent_dim=latent_dim,
         sample=sample,
         log_prob=log_prob,
@@ -230,6 +236,7 @@ def _diagonal_density(get_loc_scale, unpack, latent_dim: int, score_method: str)
         unpack=unpack,
         score_method=score_method,
     )
+    return density._replace(loc_scale=get_loc_scale if density.closed_form else None)
 
 
 def _auto_normal(guide: autoguide.AutoNormal, score_method: str) -> GuideDensity:

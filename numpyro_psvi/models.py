@@ -96,3 +96,16 @@ def mlp_init_values(num_inputs: int, hidden: int = 50, num_classes: int = 10, se
         "w2": glorot(hidden, num_classes),
         "b2": jnp.zeros(num_classes),
     }
+
+
+def fan_in_prior(scale: float = 1.0):
+    """A ``prior`` for ``random_flax_module``: ``Normal(0, scale / sqrt(fan_in))`` on each
+    kernel (``fan_in`` = the product of its dims but the last, as in Flax's ``Dense``
+    and ``Conv``) and ``Normal(0, scale)`` on vectors (biases); the twin of
+    :func:`pyro_psvi.models.fan_in_prior`."""
+
+    def prior(name: str, shape: tuple[int, ...]) -> dist.Distribution:
+        fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        return dist.Normal(0.0, scale / fan_in**0.5)
+
+    return prior

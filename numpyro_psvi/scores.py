@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -169,21 +170,30 @@ def make_score_fn(
     model_args: tuple,
     model_kwargs: dict[str, Any],
     local_plates: dict[str, tuple[tuple[str, int], ...]] | None = None,
+    vectorize: bool = True,
 ) -> ScoreFn:
     """Return ``scores(particles, batch_key, indices=None) -> (log_joints (S,), scores (S, D))``.
 
     All particles share the mini-batch drawn from ``batch_key`` (or given by
     ``indices``, see :func:`make_log_joint`); one vectorized (``vmap``) pass computes
-    the ``S`` score calls. The scores are those of the plate-scaled log joint: divide a
+    the ``S`` score calls, or with ``vectorize=False`` one pass per particle
+    (``lax.map``). The scores are those of the plate-scaled log joint: divide a
     local latent's by its ``N/B`` (:func:`coordinate_weights`).
     """
     log_joint = make_log_joint(model, unpack, model_args, model_kwargs, local_plates)
-    value_and_scores = jax.vmap(jax.value_and_grad(log_joint), in_axes=(0, None, None))
+    value_and_scores = _over_particles(jax.value_and_grad(log_joint), vectorize)
 
     def scores(particles: jax.Array, batch_key: jax.Array, indices=None):
         return value_and_scores(particles, batch_key, indices)
 
     return scores
+
+
+def _over_particles(fn: Callable, vectorize: bool) -> Callable:
+    """``fn(u, *rest)`` mapped over the leading axis of ``u``: ``vmap`` (one batched
+    pass) or ``lax.map`` (one pass per particle, no batched weights)."""
+    over = jax.vmap if vectorize else lambda one: partial(jax.lax.map, one)
+    return lambda particles, *rest: over(lambda u: fn(u, *rest))(particles)
 
 
 def at_random_values(model: Callable, rng_key: jax.Array) -> Callable:
@@ -224,20 +234,22 @@ def make_score_and_param_grad_fn(
     model_args: tuple,
     model_kwargs: dict[str, Any],
     local_plates: dict[str, tuple[tuple[str, int], ...]] | None = None,
+    vectorize: bool = True,
 ):
     """Return ``fn(particles, model_params, batch_key, indices=None) -> (log_joints,
     scores, grad)``.
 
     For a model with ``numpyro.param`` sites: ``model_params`` are their unconstrained
     values, and ``grad`` is the gradient in them of the mean over particles of the
-    mini-batch log joint, from the same vectorized pass as the scores.
+    mini-batch log joint, from the same pass as the scores (``vectorize`` as in
+    :func:`make_score_fn`).
     """
 
     def log_joint(u, model_params, batch_key, indices):
         fixed = substitute(model, data=constrain_model_params(model_params))
         return make_log_joint(fixed, unpack, model_args, model_kwargs, local_plates)(u, batch_key, indices)
 
-    value_and_grads = jax.vmap(jax.value_and_grad(log_joint, argnums=(0, 1)), in_axes=(0, None, None, None))
+    value_and_grads = _over_particles(jax.value_and_grad(log_joint, argnums=(0, 1)), vectorize)
 
     def fn(particles, model_params, batch_key, indices=None):
         log_joints, (scores, param_grads) = value_and_grads(particles, model_params, batch_key, indices)

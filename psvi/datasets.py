@@ -1,6 +1,6 @@
-"""Dataset loaders (NumPy only). Nothing here downloads: data are shipped with a
-package (scikit-learn's digits) or read from a local folder (the UCI regression
-benchmark with its standard splits)."""
+"""Dataset loaders (NumPy only). Nothing downloads unless asked (``download=True``):
+data are shipped with a package (scikit-learn's digits) or read from a local folder
+(the UCI regression benchmark with its standard splits, MNIST, the ETT series)."""
 
 from __future__ import annotations
 
@@ -180,4 +180,97 @@ def _download_mnist(folder: Path) -> Path:  # pragma: no cover - needs a network
         path, x_train=train.data.numpy(), y_train=train.targets.numpy(),
         x_test=test.data.numpy(), y_test=test.targets.numpy(),
     )  # fmt: skip
+    return path
+
+
+ETT_NAMES = ("ETTh1", "ETTh2")
+ETT_CHANNELS = ("HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT")
+# The Informer-family protocol: 12 / 4 / 4 months of hourly rows (30-day months).
+ETT_BORDERS = (0, 12 * 30 * 24, 16 * 30 * 24, 20 * 30 * 24)
+_ETT_URL = "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-small/{name}.csv"
+
+
+class SeriesSplit(NamedTuple):
+    """A chronological train/validation/test split of a multivariate series (time on
+    axis 0, channels on axis 1), standardized with the training rows' statistics.
+
+    ``val`` and ``test`` start ``lookback`` rows early (the standard protocol's
+    borders), so their first forecast window predicts their first own row.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    lookback: int
+
+
+def ett_path(name: str, root: str | os.PathLike | None = None) -> Path | None:
+    """``{name}.csv`` in ``root``, else ``$PSVI_ETT``, else ``../shared/datasets/ett``
+    next to the repository; ``None`` when none holds it."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ett"
+    for base in (root, os.environ.get("PSVI_ETT"), shared):
+        if base and (Path(base) / f"{name}.csv").is_file():
+            return Path(base) / f"{name}.csv"
+    return None
+
+
+def load_ett(
+    name: str, lookback: int = 96, root: str | os.PathLike | None = None, download: bool = False
+) -> SeriesSplit:
+    """ETTh1 or ETTh2 (Zhou et al., Informer, AAAI 2021), all 7 channels, split as in the
+    long-horizon protocol (Informer, Autoformer, Koopa): rows ``[0, 8640)`` train,
+    ``[8640, 11520)`` validation, ``[11520, 14400)`` test, standardized with the
+    training mean and standard deviation; the other rows are unused.
+
+    Reads ``{name}.csv`` (see :func:`ett_path`); with ``download=True`` and no local
+    file, fetches it from the ETDataset repository into ``root`` (default
+    ``~/.cache/psvi``); nothing downloads otherwise.
+    """
+    if name not in ETT_NAMES:
+        raise ValueError(f"unknown ETT series {name!r}; expected one of {ETT_NAMES}")
+    path = ett_path(name, root)
+    if path is None:
+        if not download:
+            raise FileNotFoundError(
+                f"{name}.csv not found: pass root= (a folder holding {name}.csv), set PSVI_ETT, "
+                "or pass download=True."
+            )
+        path = _download_ett(name, Path(root) if root else Path.home() / ".cache" / "psvi")
+    values = np.genfromtxt(path, delimiter=",", skip_header=1, usecols=range(1, 8), dtype=np.float64)
+    start, train_end, val_end, test_end = ETT_BORDERS
+    if len(values) < test_end:
+        raise ValueError(f"{path} has {len(values)} rows; the protocol needs {test_end}")
+    mean, scale = values[start:train_end].mean(0), values[start:train_end].std(0)
+    standardized = ((values - mean) / scale).astype(np.float32)
+    return SeriesSplit(
+        train=standardized[start:train_end],
+        val=standardized[train_end - lookback : val_end],
+        test=standardized[val_end - lookback : test_end],
+        mean=mean,
+        scale=scale,
+        lookback=lookback,
+    )
+
+
+def sliding_windows(series: np.ndarray, lookback: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (input, target) window of a series (time on axis 0), stride 1:
+    ``x[i] = series[i : i + lookback]``, ``y[i] = series[i + lookback : i + lookback + horizon]``;
+    shapes ``(n, lookback, C)`` and ``(n, horizon, C)`` with ``n = T - lookback - horizon + 1``.
+    Views, not copies."""
+    count = len(series) - lookback - horizon + 1
+    if count < 1:
+        raise ValueError(f"a series of {len(series)} rows has no window of {lookback} + {horizon} rows")
+    windows = np.lib.stride_tricks.sliding_window_view(series, lookback + horizon, axis=0)
+    windows = np.moveaxis(windows, -1, 1)  # (n, lookback + horizon, C)
+    return windows[:count, :lookback], windows[:count, lookback:]
+
+
+def _download_ett(name: str, folder: Path) -> Path:  # pragma: no cover - needs a network
+    from urllib.request import urlretrieve
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.csv"
+    urlretrieve(_ETT_URL.format(name=name), path)
     return path

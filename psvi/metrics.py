@@ -1,6 +1,6 @@
 """Evaluation metrics (NumPy only): Gaussian KL; classification NLL, accuracy, ECE,
-reliability bins, Brier score; regression RMSE and test log-likelihood; CRPS and
-interval coverage for forecasts (CRPS via ``scoringrules``)."""
+reliability bins, Brier score; regression RMSE and test log-likelihood; CRPS,
+interval coverage and width for forecasts (CRPS via ``scoringrules``)."""
 
 from __future__ import annotations
 
@@ -103,6 +103,28 @@ def interval_coverage(samples: np.ndarray, targets: np.ndarray, level: float = 0
     lower, upper = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
     targets = np.asarray(targets, np.float64)
     return float(np.mean((targets >= lower) & (targets <= upper)))
+
+
+def interval_width(samples: np.ndarray, level: float = 0.9) -> float:
+    """Mean width of the central ``level`` interval of the draws (axis 0)."""
+    lower, upper = np.quantile(np.asarray(samples, np.float64), [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return float(np.mean(upper - lower))
+
+
+def forecast_report(point: np.ndarray, samples: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Forecast metrics: ``mse`` and ``mae`` of the point forecast ``point`` (the
+    predictive mean), and from the predictive draws ``samples`` (axis 0) the ``crps``,
+    the ``coverage_50`` / ``coverage_90`` of the central 50% / 90% intervals and
+    ``width_90``; each a mean over all entries of ``targets``."""
+    error = np.asarray(point, np.float64) - np.asarray(targets, np.float64)
+    return {
+        "mse": float(np.mean(error**2)),
+        "mae": float(np.mean(np.abs(error))),
+        "crps": crps(samples, targets),
+        "coverage_50": interval_coverage(samples, targets, 0.5),
+        "coverage_90": interval_coverage(samples, targets, 0.9),
+        "width_90": interval_width(samples, 0.9),
+    }
 
 
 def classification_report(sample_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:

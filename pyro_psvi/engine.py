@@ -44,6 +44,8 @@ from pyro_psvi.guides import (
 )
 from pyro_psvi.objective import (
     WEIGHTINGS,
+    diagonal_weighted_fisher,
+    fisher_statistics,
     proximal_objective,
     trust_region_fraction,
     weighted_fisher,
@@ -483,11 +485,20 @@ class ProximalScoreVI(ScoreEngine):
             start = {name: leaf.detach().clone() for name, leaf in leaves.items()}
             params_t = self._constrain(start)
         particles, scored = self._particles_and_scores(params_t, args, kwargs, model_leaves)
-        scores, weights = scored.scores, scored.weights
-        scores_ok = torch.isfinite(scored.log_joints).all() & torch.isfinite(scores).all()
+        log_joints, scores, param_grads, weights, active_dim = scored
+        del scored  # its (S, D) scores are freed with ``scores`` below
+        scores_ok = torch.isfinite(log_joints).all() & torch.isfinite(scores).all()
         scores = torch.where(scores_ok, scores, torch.zeros_like(scores))
+        # A diagonal Gaussian guide needs the particles only through per-coordinate sums.
+        stats = fisher_statistics(density, params_t, particles, scores)
         with torch.no_grad():
-            loss = weighted_fisher(density, params_t, params_t, particles, scores, self.weighting, weights)
+            if stats is None:
+                loss = weighted_fisher(
+                    density, params_t, params_t, particles, scores, self.weighting, weights
+                )
+            else:
+                loss = diagonal_weighted_fisher(density, params_t, params_t, stats, self.weighting, weights)
+                particles = scores = None  # free the (S, D) particles and scores
 
         # Monte Carlo KLs (flow guides) use common random numbers within the step.
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
@@ -499,7 +510,7 @@ class ProximalScoreVI(ScoreEngine):
             objective, _ = proximal_objective(
                 density, self._constrain(leaves), params_t, particles, scores,
                 prox_weight=self.prox_weight, weighting=self.weighting, weights=weights,
-                kl_seed=kl_seed,
+                kl_seed=kl_seed, stats=stats,
             )  # fmt: skip
             grads = torch.autograd.grad(objective, guide_leaves)
             # A non-finite objective must not reach the optimizer's moments: zero it.
@@ -508,14 +519,14 @@ class ProximalScoreVI(ScoreEngine):
                 leaf.grad = torch.where(finite, grad, torch.zeros_like(grad))
             # Model params ascend the expected log joint, linearized at theta_t: their
             # gradient is the particles' mean gradient (no extra score calls).
-            for leaf, grad in zip(model_leaves, scored.param_grads, strict=True):
+            for leaf, grad in zip(model_leaves, param_grads, strict=True):
                 leaf.grad = torch.where(scores_ok, -grad, torch.zeros_like(grad))
             self.optim(leaf_list)
             for leaf in leaf_list:
                 leaf.grad = None
 
         with torch.no_grad():
-            end = {name: leaf.detach().clone() for name, leaf in leaves.items()}
+            end = {name: leaf.detach() for name, leaf in leaves.items()}  # no copy: read before written
 
             def lerp(frac: float) -> dict[str, torch.Tensor]:
                 return {name: torch.lerp(start[name], end[name], frac) for name in start}
@@ -523,13 +534,13 @@ class ProximalScoreVI(ScoreEngine):
             def kl_at(frac: float) -> torch.Tensor:
                 return density.kl(params_t, self._constrain(lerp(frac)), kl_seed)
 
-            lazy = particles.device.type == "cpu"
+            lazy = loss.device.type == "cpu"
             if self.trust_region is None:
-                frac = torch.isfinite(kl_at(1.0)).to(particles.dtype)
+                frac = torch.isfinite(kl_at(1.0)).to(loss.dtype)
             else:
-                max_kl = self.trust_region * scored.active_dim
+                max_kl = self.trust_region * active_dim
                 frac = trust_region_fraction(kl_at, max_kl, self.max_halvings, lazy=lazy)
-            frac = frac.to(particles.device)
+            frac = frac.to(loss.device)
             accept = (frac > 0) & scores_ok & torch.isfinite(loss)
             for value in end.values():
                 accept &= torch.isfinite(value).all()

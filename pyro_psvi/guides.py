@@ -109,6 +109,11 @@ class GuideDensity(NamedTuple):
         the covariance weighting of ALGORITHM.md section 4.
     closed_form : bool
         Whether ``score`` is closed form.
+    loc_scale : callable or None
+        ``loc_scale(params) -> (loc, scale)``, each ``(D,)``, for a diagonal Gaussian
+        guide with closed-form scores (AutoNormal, AutoDiagonalNormal); ``None``
+        otherwise. The objective then needs the particles only through per-coordinate
+        sums (:func:`pyro_psvi.objective.fisher_statistics`).
     """
 
     latent_dim: int
@@ -120,6 +125,7 @@ class GuideDensity(NamedTuple):
     kl: Callable[..., torch.Tensor]
     cov_quad: Callable[[Params, torch.Tensor], torch.Tensor]
     closed_form: bool
+    loc_scale: Callable[[Params], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split flat latents ``(..., D)`` into unconstrained site values ``(..., *shape)``."""
@@ -251,7 +257,7 @@ def _diagonal_density(get_loc_scale, sites, names, score_method: str) -> GuideDe
     closed = score_method == "closed_form"
     return GuideDensity(
         dim, sites, names, sample, log_prob, score if closed else _autodiff_score(log_prob),
-        kl, cov_quad, closed,
+        kl, cov_quad, closed, get_loc_scale if closed else None,
     )  # fmt: skip
 
 

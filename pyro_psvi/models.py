@@ -161,6 +161,115 @@ def bayesian_module(
     return module
 
 
+def fan_in_prior(scale: float = 1.0) -> Callable[[str, torch.Tensor], dist.Distribution]:
+    """A ``prior`` for :func:`bayesian_module`: ``Normal(0, scale / sqrt(fan_in))`` on each
+    weight matrix (``fan_in`` = the product of its dims after the first, as in
+    ``nn.Linear`` and ``nn.Conv*``) and ``Normal(0, scale)`` on vectors (biases), so that
+    the prior's pre-activations keep unit scale in every layer of a wide network."""
+
+    def prior(name: str, param: torch.Tensor) -> dist.Distribution:
+        fan_in = param[0].numel() if param.dim() > 1 else 1
+        return dist.Normal(torch.zeros_like(param.detach()), scale / fan_in**0.5).to_event(param.dim())
+
+    return prior
+
+
+class FlatBayesianModule:
+    """A ``torch.nn.Module`` whose parameters are one flat latent vector (the fast path).
+
+    Calling it samples the site ``name`` (default ``"weights"``), of shape ``(D,)`` with
+    a ``Normal(loc, scale).to_event(1)`` prior assembled from per-parameter Normal
+    priors, and runs the module on those weights with
+    ``torch.func.functional_call`` (the weights enter as views of the flat vector, no
+    copies). Against :func:`bayesian_module`, whose network has one sample site per
+    parameter tensor, a model and an autoguide see one site, so the per-site Python
+    work of Pyro and of the guide stays constant as the network grows (a ResNet has
+    hundreds of parameter tensors). Particles run one forward pass each
+    (``vectorize_particles=False``), exactly as ``S`` SGD steps would.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The network, on its device; its current parameters are the natural initial
+        guide location (:attr:`initial_weights`).
+    prior : float or callable
+        A scale ``s`` for ``Normal(0, s)`` on every weight, or ``prior(name, param)``
+        returning a Normal (e.g. :func:`fan_in_prior`), whose loc and scale are used.
+    name : str
+        The sample site's name.
+
+    Examples
+    --------
+    >>> net = FlatBayesianModule(resnet, fan_in_prior())
+    >>> model = partial(module_classifier, net, subsample_size=128)
+    >>> guide = AutoNormal(model, init_loc_fn=init_to_value(values={"weights": net.initial_weights}))
+    >>> ProximalScoreVI(model, guide, Adam({"lr": 1e-3}), vectorize_particles=False)
+    >>> net.unflatten(guide.median()["weights"])  # {"conv1.weight": ..., ...}
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        prior: float | Callable[[str, torch.Tensor], dist.Distribution] = 1.0,
+        *,
+        name: str = "weights",
+    ) -> None:
+        self.module, self.name = module, name
+        named = dict(module.named_parameters())
+        self.param_names = list(named)
+        self.shapes = [named[n].shape for n in self.param_names]
+        self.sizes = [named[n].numel() for n in self.param_names]
+        locs, scales = [], []
+        for param_name, param in named.items():
+            loc, scale = _normal_loc_scale(param_name, param, prior)
+            locs.append(torch.broadcast_to(loc, param.shape).reshape(-1))
+            scales.append(torch.broadcast_to(scale, param.shape).reshape(-1))
+        self.prior_loc = torch.cat(locs).detach()
+        self.prior_scale = torch.cat(scales).detach()
+        self.initial_weights = torch.cat([p.detach().reshape(-1) for p in named.values()])
+        for param in named.values():  # the weights come from the site: no gradients kept here
+            param.requires_grad_(False)
+
+    @property
+    def num_weights(self) -> int:
+        """``D``, the length of the flat weight vector."""
+        return len(self.initial_weights)
+
+    def unflatten(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{parameter name: view of weights}`` for a flat ``weights (D,)``."""
+        parts = torch.split(weights, self.sizes)
+        pairs = zip(self.param_names, parts, self.shapes, strict=True)
+        return {name: part.view(shape) for name, part, shape in pairs}
+
+    def apply(self, weights: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        """The module's output at flat ``weights (D,)``."""
+        if weights.dim() != 1:
+            raise ValueError(
+                f"FlatBayesianModule runs one particle at a time: got weights of shape "
+                f"{tuple(weights.shape)}; pass vectorize_particles=False to ProximalScoreVI "
+                "(and num_particles without vectorize_particles to Trace_ELBO)."
+            )
+        return torch.func.functional_call(self.module, self.unflatten(weights), inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        weights = pyro.sample(self.name, dist.Normal(self.prior_loc, self.prior_scale).to_event(1))
+        return self.apply(weights, *inputs)
+
+
+def _normal_loc_scale(name: str, param: torch.Tensor, prior) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loc and scale of a parameter's Normal prior (a float scale or a callable)."""
+    if not callable(prior):
+        return torch.zeros((), device=param.device), torch.full((), float(prior), device=param.device)
+    site_prior = prior(name, param)
+    base = site_prior.base_dist if isinstance(site_prior, dist.Independent) else site_prior
+    if not isinstance(base, dist.Normal):
+        raise ValueError(
+            f"FlatBayesianModule needs Normal priors; the prior of {name!r} is "
+            f"{type(base).__name__}. Use bayesian_module for other priors."
+        )
+    return base.loc.detach(), base.scale.detach()
+
+
 def module_classifier(
     net: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,

@@ -60,3 +60,43 @@ def test_mnist_quick():
     assert {r["method"] for r in result["results"]} == {"psvi", "advi"}
     for run in result["results"]:  # 40 steps already beat chance (accuracy 0.1, NLL log 10)
         assert run["accuracy"] > 0.3 and run["nll"] < np.log(10) and len(run["curve"]) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "backend"), [("dlinear", "pyro"), ("koopa", "pyro"), ("dlinear", "numpyro")]
+)
+def test_forecast_quick(tmp_path, model, backend):
+    command = [sys.executable, "-m", "benchmarks.forecast", "--data", "ETTh1", "--horizon", "96",
+               "--model", model, "--backend", backend, "--quick", "--out", str(tmp_path),
+               "--plot", str(tmp_path / "window.png")]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True)
+    suffix = "" if backend == "pyro" else "_numpyro"
+    result = json.loads((tmp_path / f"forecast_ETTh1_{model}_96{suffix}_quick.json").read_text())
+    keys = {"mse", "mae", "crps", "coverage_50", "coverage_90", "width_90", "seconds"}
+    for method in ("psvi", "advi", "map"):
+        assert keys <= set(result[method])
+        # 20 steps from the initial weights already beat predicting zero (MSE 1 on standardized data)
+        assert result[method]["mse"] < 1.0 and 0.0 < result[method]["coverage_90"] <= 1.0
+    assert (tmp_path / "window.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_scale_quick():
+    subprocess.run([sys.executable, "-m", "benchmarks.scale", "--quick", "--numpyro"], cwd=ROOT, check=True)
+    rows = json.loads((ROOT / "benchmarks/results/scale_quick.json").read_text())["rows"]
+    methods = {"sgd", "advi_plain", "psvi_plain", "advi_flat", "psvi_flat", "numpyro_sgd", "numpyro_advi",
+               "numpyro_psvi", "numpyro_advi_seq", "numpyro_psvi_seq"}  # fmt: skip
+    assert {(r["method"], r["width"]) for r in rows} == {(m, w) for m in methods for w in (4, 8)}
+    for row in rows:
+        assert row["seconds"] > 0 and np.isfinite(row["ratio_to_sgd"]) and row["peak_extra_mb"] >= 0
+
+
+@pytest.mark.slow
+def test_scale_mnist_quick():
+    subprocess.run([sys.executable, "-m", "benchmarks.scale", "--mnist", "--quick"], cwd=ROOT, check=True)
+    runs = json.loads((ROOT / "benchmarks/results/scale_mnist_quick.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["psvi", "advi"]
+    for run in runs:  # 10 steps: finite, calibrated-or-not, but a valid predictive
+        assert run["num_rejected"] == 0 and len(run["curve"]) == 2 and 0 <= run["test_error"] <= 1
+        assert np.isfinite(run["nll"]) and 0 <= run["ece"] <= 1

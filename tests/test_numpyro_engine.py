@@ -283,3 +283,26 @@ def test_non_finite_step_is_rejected():
     after = svi.get_params(state)
     for name in before:
         np.testing.assert_array_equal(before[name], after[name])
+
+
+@pytest.mark.parametrize("with_param", [False, True])
+def test_sequential_particles_give_the_same_updates(with_param):
+    """``vectorize_particles=False`` (one pass per particle, ``lax.map``) computes the
+    same scores as the batched pass, hence the same updates, to float32 rounding;
+    also with a ``numpyro.param`` site (its gradient comes from the same pass)."""
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.normal(size=(60, 3))), jnp.asarray(rng.normal(size=60))
+
+    def model(x, y):
+        w = numpyro.sample("w", dist.Normal(0, 1).expand([3]).to_event(1))
+        noise = numpyro.param("noise", 1.0, constraint=dist.constraints.positive) if with_param else 1.0
+        with numpyro.plate("data", 60, subsample_size=20) as idx:
+            numpyro.sample("y", dist.Normal(x[idx] @ w, noise), obs=y[idx])
+
+    finals = []
+    for vectorize in (True, False):
+        svi = ProximalScoreVI(model, AutoNormal(model), optax.adam(1e-2), vectorize_particles=vectorize)
+        state, _ = fit_states(svi, 10, x, y)
+        finals.append(svi.get_params(state))
+    for name in finals[0]:
+        np.testing.assert_allclose(finals[1][name], finals[0][name], rtol=1e-4, atol=1e-5)
