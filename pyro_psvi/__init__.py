@@ -4,12 +4,13 @@ from psvi.schedules import bam_schedule
 from pyro_psvi.baselines import GSM, BaM
 from pyro_psvi.engine import ProximalScoreVI
 from pyro_psvi.guides import GuideDensity, guide_density
-from pyro_psvi.models import bayesian_module
+from pyro_psvi.models import FlatBayesianModule, bayesian_module
 from pyro_psvi.objective import proximal_objective, weighted_fisher
 
 __all__ = [
     "GSM",
     "BaM",
+    "FlatBayesianModule",
     "bam_schedule",
     "GuideDensity",
     "ProximalScoreVI",
