@@ -169,15 +169,13 @@ def _least_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Minimum-norm ``argmin_K |a K - b|`` for batches ``a (B, n, E)``, ``b (B, n, E)``,
     with a ridge of ``1e-6`` of the mean Gram diagonal (differentiable everywhere)."""
     n, dim = a.shape[-2:]
-    if n <= dim:  # under-determined: K = a^T (a a^T + eps I)^-1 b
-        gram = a @ a.transpose(-1, -2)
-        ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)[..., None] + 1e-12
-        eye = torch.eye(n, dtype=a.dtype, device=a.device)
-        return a.transpose(-1, -2) @ torch.linalg.solve(gram + ridge * eye, b)
-    gram = a.transpose(-1, -2) @ a
+    under = n <= dim  # under-determined: K = a^T (a a^T + eps I)^-1 b, else (a^T a + eps I)^-1 a^T b
+    gram = a @ a.mT if under else a.mT @ a
     ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)[..., None] + 1e-12
-    eye = torch.eye(dim, dtype=a.dtype, device=a.device)
-    return torch.linalg.solve(gram + ridge * eye, a.transpose(-1, -2) @ b)
+    regularized = gram + ridge * torch.eye(gram.shape[-1], dtype=a.dtype, device=a.device)
+    if under:
+        return a.mT @ torch.linalg.solve(regularized, b)
+    return torch.linalg.solve(regularized, a.mT @ b)
 
 
 def _mlp(d_in: int, d_out: int, hidden: int, layers: int, activation: type[nn.Module]) -> nn.Sequential:
