@@ -37,6 +37,14 @@ def save(name: str, payload: dict) -> Path:
     return path
 
 
+def phases(method: str, steps: int) -> list[tuple[str, int]]:
+    """The engines a benchmark method runs, in order, with their steps: ``advi_psvi`` is ADVI
+    for the first half of the budget, then ProximalScoreVI started from ADVI's guide."""
+    if method == "advi_psvi":
+        return [("advi", steps // 2), ("psvi", steps - steps // 2)]
+    return [(method, steps)]
+
+
 def make_engine(kind: str, model, guide, lr: float, num_particles: int, **options):
     """``"psvi"`` (ProximalScoreVI) or ``"advi"`` (SVI with Trace_ELBO), Adam(lr)."""
     optim = numpyro.optim.Adam(lr)

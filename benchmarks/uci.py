@@ -9,16 +9,20 @@ Glorot-uniform means with scale 0.01) with the same particles (S=4), optimizer
 (Adam 1e-2), mini-batches of 32 through the model's subsampled plate, and budget:
 the protocol's base epoch count (40; 20 for protein) times ceil(N / 32) steps, i.e.
 S score calls per step for both. ProximalScoreVI with its defaults (K=20); ADVI is
-the PPL's SVI with Trace_ELBO(num_particles=S). Metrics on the test split, in the
+the PPL's SVI with Trace_ELBO(num_particles=S); ``advi_psvi`` runs ADVI for the first half
+of the same budget and ProximalScoreVI from ADVI's guide for the second half (a fresh
+Adam state; the same score calls). Metrics on the test split, in the
 original target units, from 100 guide draws: RMSE of the predictive mean and the
 test log-likelihood of the Gaussian-mixture predictive. Split 0 also records test
 log-likelihood against score calls (``curve``).
 
     python -m benchmarks.uci --dataset NAME [--splits K] [--backend numpyro|pyro]
-        [--quick] [--out DIR]
+        [--methods psvi advi advi_psvi] [--epochs-factor F] [--full-batch] [--quick] [--out DIR]
     python -m benchmarks.uci --table [--out DIR]    # the markdown table of the runs
+    python -m benchmarks.uci --curves PNG [--out DIR]   # test LL vs score calls, per dataset
 
-writes ``DIR/uci_<NAME>_<backend>.json`` with, per method key (``psvi``, ``advi``):
+writes ``DIR/uci_<NAME>_<backend>.json`` with, per method key (``psvi``, ``advi``,
+``advi_psvi``; methods not run keep their results from an earlier run of the same file):
 ``test_rmse_mean``, ``test_rmse_se``, ``test_ll_mean``, ``test_ll_se`` (mean and
 standard error over splits), ``score_calls`` and ``seconds`` (per split, mean), and
 the per-split values.
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, make_engine
+from benchmarks.common import RESULTS, machine, make_engine, phases
 from psvi.datasets import UCI_NAMES, load_uci, uci_info
 from psvi.metrics import gaussian_test_log_likelihood, rmse
 
@@ -44,6 +48,7 @@ NUM_PARTICLES = 4
 LEARNING_RATE = 1e-2
 NUM_DRAWS = 100
 CURVE_POINTS = 8
+LABELS = {"psvi": "ProximalScoreVI", "advi": "ADVI", "advi_psvi": "ADVI, then ProximalScoreVI"}
 
 
 def glorot_init(num_inputs: int, hidden: int, seed: int) -> dict[str, np.ndarray]:
@@ -66,7 +71,9 @@ def metrics(means: np.ndarray, precisions: np.ndarray, split) -> tuple[float, fl
     return rmse(means, split.y_test) * split.y_std, ll
 
 
-def fit_numpyro(method: str, split, hidden: int, steps: int, seed: int, curve: bool, progress: bool):
+def fit_numpyro(
+    method: str, split, hidden: int, steps: int, seed: int, curve: bool, progress: bool, batch: int = BATCH
+):
     import jax
     from numpyro.infer import Predictive
     from numpyro.infer.autoguide import AutoNormal
@@ -75,10 +82,9 @@ def fit_numpyro(method: str, split, hidden: int, steps: int, seed: int, curve: b
 
     from numpyro_psvi.models import bnn_regression
 
-    model = partial(bnn_regression, hidden=hidden, subsample_size=min(BATCH, len(split.y_train)))
+    model = partial(bnn_regression, hidden=hidden, subsample_size=min(batch, len(split.y_train)))
     init = {k: jax.numpy.asarray(v) for k, v in glorot_init(split.x_train.shape[1], hidden, seed).items()}
     guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)
-    engine = make_engine(method, model, guide, LEARNING_RATE, NUM_PARTICLES)
     x, y = jax.numpy.asarray(split.x_train), jax.numpy.asarray(split.y_train)
     x_test = jax.numpy.asarray(split.x_test)
 
@@ -94,21 +100,27 @@ def fit_numpyro(method: str, split, hidden: int, steps: int, seed: int, curve: b
         return metrics(np.asarray(draws["mean"]), np.asarray(draws["precision"]), split)
 
     every = max(steps // CURVE_POINTS, 1)
-    points, start = [], time.perf_counter()
-    state = engine.init(jax.random.PRNGKey(seed), x, y)
-    update = jax.jit(engine.update)
-    for step in tqdm(range(1, steps + 1), disable=not progress, desc=method):
-        state, _ = update(state, x, y)
-        if curve and (step % every == 0 or step == steps):
-            points.append(
-                (step * NUM_PARTICLES, evaluate(engine.get_params(state), jax.random.PRNGKey(1))[1])
-            )
+    points, start, step, params = [], time.perf_counter(), 0, None
+    for kind, phase_steps in phases(method, steps):
+        engine = make_engine(kind, model, guide, LEARNING_RATE, NUM_PARTICLES)
+        state = engine.init(jax.random.PRNGKey(seed), x, y, init_params=params)
+        update = jax.jit(engine.update)
+        for _ in tqdm(range(phase_steps), disable=not progress, desc=kind):
+            state, _ = update(state, x, y)
+            step += 1
+            if curve and (step % every == 0 or step == steps):
+                points.append(
+                    (step * NUM_PARTICLES, evaluate(engine.get_params(state), jax.random.PRNGKey(1))[1])
+                )
+        params = engine.get_params(state)
     seconds = time.perf_counter() - start
-    test_rmse, test_ll = evaluate(engine.get_params(state), jax.random.PRNGKey(seed + 1))
+    test_rmse, test_ll = evaluate(params, jax.random.PRNGKey(seed + 1))
     return test_rmse, test_ll, seconds, points
 
 
-def fit_pyro(method: str, split, hidden: int, steps: int, seed: int, curve: bool, progress: bool):
+def fit_pyro(
+    method: str, split, hidden: int, steps: int, seed: int, curve: bool, progress: bool, batch: int = BATCH
+):
     import pyro
     import torch
     from pyro.infer import SVI, Predictive, Trace_ELBO
@@ -120,21 +132,11 @@ def fit_pyro(method: str, split, hidden: int, steps: int, seed: int, curve: bool
 
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    model = partial(bnn_regression, hidden=hidden, subsample_size=min(BATCH, len(split.y_train)))
+    model = partial(bnn_regression, hidden=hidden, subsample_size=min(batch, len(split.y_train)))
     init = glorot_init(split.x_train.shape[1], hidden, seed)
     init["w2"], init["b2"] = init["w2"][:, None], init["b2"].reshape(1)
     init = {k: torch.as_tensor(v) for k, v in init.items()}
     guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)
-    optim = pyro.optim.Adam({"lr": LEARNING_RATE})
-    if method == "psvi":
-        engine = ProximalScoreVI(model, guide, optim, num_particles=NUM_PARTICLES)
-    else:
-        engine = SVI(
-            model,
-            guide,
-            optim,
-            Trace_ELBO(num_particles=NUM_PARTICLES, vectorize_particles=True, max_plate_nesting=1),
-        )
     x, y, x_test = (torch.as_tensor(a) for a in (split.x_train, split.y_train, split.x_test))
 
     def evaluate():
@@ -145,11 +147,21 @@ def fit_pyro(method: str, split, hidden: int, steps: int, seed: int, curve: bool
         return metrics(draws["mean"].numpy(), draws["precision"].numpy(), split)
 
     every = max(steps // CURVE_POINTS, 1)
-    points, start = [], time.perf_counter()
-    for step in tqdm(range(1, steps + 1), disable=not progress, desc=method):
-        engine.step(x, y)
-        if curve and (step % every == 0 or step == steps):
-            points.append((step * NUM_PARTICLES, evaluate()[1]))
+    points, start, step = [], time.perf_counter(), 0
+    for kind, phase_steps in phases(method, steps):
+        # A new engine on the same guide continues from the param store (fresh Adam state,
+        # as in the NumPyro twin).
+        optim = pyro.optim.Adam({"lr": LEARNING_RATE})
+        if kind == "psvi":
+            engine = ProximalScoreVI(model, guide, optim, num_particles=NUM_PARTICLES)
+        else:
+            elbo = Trace_ELBO(num_particles=NUM_PARTICLES, vectorize_particles=True, max_plate_nesting=1)
+            engine = SVI(model, guide, optim, elbo)
+        for _ in tqdm(range(phase_steps), disable=not progress, desc=kind):
+            engine.step(x, y)
+            step += 1
+            if curve and (step % every == 0 or step == steps):
+                points.append((step * NUM_PARTICLES, evaluate()[1]))
     seconds = time.perf_counter() - start
     test_rmse, test_ll = evaluate()
     return test_rmse, test_ll, seconds, points
@@ -162,56 +174,104 @@ def summarize(values: list[float]) -> tuple[float, float]:
 
 
 def table(folder: Path) -> str:
-    """The markdown table of every ``uci_*.json`` in ``folder`` (quick runs excluded)."""
+    """The markdown tables of every ``uci_*.json`` in ``folder`` (quick runs excluded): the
+    results per method, then each method's test log-likelihood minus ADVI's on the same
+    splits (mean +- standard error of the paired differences, and the splits it wins)."""
     rows = ["| dataset | backend | epochs | splits | method | test RMSE | test log-likelihood | s / split |",
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    label = {"psvi": "ProximalScoreVI", "advi": "ADVI"}
+    paired = [
+        "| dataset | backend | epochs | method | test LL minus ADVI's | splits won |",
+        "|---|---|---|---|---|---|",
+    ]
     for path in sorted(folder.glob("uci_*.json")):
         if path.stem.endswith("_quick"):
             continue
         result = json.loads(path.read_text())
-        for method in ("psvi", "advi"):
+        setting = f"| {result['dataset']} | {result['backend']}"
+        setting += " (exact scores)" if result["batch"] is None else ""
+        setting += f" | {result.get('epochs', 40)} |"
+        for method in [m for m in LABELS if m in result]:
             r = result[method]
             rows.append(
-                f"| {result['dataset']} | {result['backend']} | {result.get('epochs', 40)} | "
-                f"{result['splits']} | {label[method]} | "
+                f"{setting} {result['splits']} | {LABELS[method]} | "
                 f"{r['test_rmse_mean']:.3f} +- {r['test_rmse_se']:.3f} | "
                 f"{r['test_ll_mean']:.3f} +- {r['test_ll_se']:.3f} | {r['seconds']:.1f} |"
             )
-    return "\n".join(rows)
+            if method != "advi" and "advi" in result:
+                differences = np.subtract(r["test_ll"], result["advi"]["test_ll"])
+                mean, se = summarize(list(differences))
+                wins = int((differences > 0).sum())
+                paired.append(
+                    f"{setting} {LABELS[method]} | {mean:+.3f} +- {se:.3f} | {wins} / {len(differences)} |"
+                )
+    return "\n".join(rows) + "\n\n" + "\n".join(paired)
+
+
+def plot_convergence(folder: Path, path: Path) -> None:
+    """One panel per dataset: test log-likelihood of the first split against score calls,
+    both methods, from the base-epoch NumPyro runs in ``folder``."""
+    from psvi.plots import plot_curve_grid
+
+    panels = {}
+    for name in UCI_NAMES:
+        file = folder / f"uci_{name}_numpyro.json"
+        if file.exists():
+            result = json.loads(file.read_text())
+            panels[name] = {
+                label: tuple(zip(*result[method]["curve"], strict=True))
+                for method, label in LABELS.items()
+                if method in result
+            }
+    plot_curve_grid(panels, "score calls", "test log-likelihood (split 0)", str(path))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=UCI_NAMES)
     parser.add_argument("--table", action="store_true", help="print the table of the runs in --out")
+    parser.add_argument("--curves", type=Path, help="write the convergence PNG of the runs in --out")
     parser.add_argument("--splits", type=int, default=None, help="first K splits (default: all)")
     parser.add_argument("--backend", choices=("numpyro", "pyro"), default="numpyro")
     parser.add_argument("--quick", action="store_true", help="1 split, 20 steps")
     parser.add_argument("--epochs-factor", type=int, default=1,
                         help="multiply the protocol's base epochs (MC dropout used 10)")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", choices=list(LABELS), default=list(LABELS),
+                        help="methods to run; the others' results in an existing JSON are kept")  # fmt: skip
+    parser.add_argument("--full-batch", action="store_true",
+                        help="exact scores, no subsampling; same number of steps (diagnostic)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "uci")
     options = parser.parse_args()
-    if options.table:
-        print(table(options.out))
+    if options.table or options.curves:
+        if options.table:
+            print(table(options.out))
+        if options.curves:
+            plot_convergence(options.out, options.curves)
         return
     if options.dataset is None:
-        parser.error("--dataset is required (or --table)")
+        parser.error("--dataset is required (or --table / --curves)")
     info = uci_info(options.dataset)
     num_splits = 1 if options.quick else min(options.splits or info["num_splits"], info["num_splits"])
     fit = fit_numpyro if options.backend == "numpyro" else fit_pyro
     payload = {"machine": machine(), "dataset": options.dataset, "backend": options.backend,
-               "splits": num_splits, "hidden": info["hidden"], "batch": BATCH,
+               "splits": num_splits, "hidden": info["hidden"], "batch": None if options.full_batch else BATCH,
                "num_particles": NUM_PARTICLES, "learning_rate": LEARNING_RATE,
                "epochs": info["epochs"] * options.epochs_factor}  # fmt: skip
-    for method in ("psvi", "advi"):
+    suffix = (
+        "_quick" if options.quick else ("" if options.epochs_factor == 1 else f"_x{options.epochs_factor}")
+    ) + ("_full_batch" if options.full_batch else "")
+    path = options.out / f"uci_{options.dataset}_{options.backend}{suffix}.json"
+    if path.exists() and not options.quick:  # keep the other methods' results of an earlier run
+        earlier = json.loads(path.read_text())
+        payload.update({m: earlier[m] for m in LABELS if m in earlier and earlier["splits"] == num_splits})
+    for method in options.methods:
         rmses, lls, seconds, calls, curve = [], [], [], 0, []
         for split_index in range(num_splits):
             split = load_uci(options.dataset, split_index)
             epochs = info["epochs"] * options.epochs_factor
             steps = 20 if options.quick else epochs * math.ceil(len(split.y_train) / BATCH)
+            batch = len(split.y_train) if options.full_batch else BATCH
             test_rmse, test_ll, secs, points = fit(
-                method, split, info["hidden"], steps, split_index, split_index == 0, not options.quick
+                method, split, info["hidden"], steps, split_index, split_index == 0, not options.quick, batch
             )
             rmses.append(test_rmse)
             lls.append(test_ll)
@@ -228,10 +288,6 @@ def main() -> None:
             "test_rmse": rmses, "test_ll": lls, "curve": curve,
         }  # fmt: skip
     options.out.mkdir(parents=True, exist_ok=True)
-    suffix = (
-        "_quick" if options.quick else ("" if options.epochs_factor == 1 else f"_x{options.epochs_factor}")
-    )
-    path = options.out / f"uci_{options.dataset}_{options.backend}{suffix}.json"
     path.write_text(json.dumps(payload, indent=1))
     print(f"wrote {path}")
 

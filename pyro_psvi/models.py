@@ -50,9 +50,11 @@ def mlp_classifier(
     hidden: int = 50,
     num_classes: int = 10,
     prior_scale: float = 1.0,
+    scale_by_fan_in: bool = False,
     subsample_size: int | None = None,
 ) -> None:
-    """One-hidden-layer tanh MLP with ``N(0, prior_scale^2)`` priors on all weights.
+    """One-hidden-layer tanh MLP with ``N(0, prior_scale^2)`` priors on all weights, or
+    ``N(0, prior_scale^2 / fan_in)`` on the weight matrices with ``scale_by_fan_in``.
 
     The twin of ``numpyro_psvi.models.mlp_classifier``; broadcast-safe (weights may
     carry leading particle dimensions), so its particles vectorize.
@@ -60,7 +62,8 @@ def mlp_classifier(
     num_inputs = x.shape[1]
 
     def weight(name, shape):
-        return pyro.sample(name, dist.Normal(x.new_zeros(shape), prior_scale).to_event(len(shape)))
+        scale = prior_scale / shape[0] ** 0.5 if scale_by_fan_in and len(shape) > 1 else prior_scale
+        return pyro.sample(name, dist.Normal(x.new_zeros(shape), scale).to_event(len(shape)))
 
     w1, b1 = weight("w1", (num_inputs, hidden)), weight("b1", (hidden,))
     w2, b2 = weight("w2", (hidden, num_classes)), weight("b2", (num_classes,))

@@ -48,16 +48,24 @@ def test_uci_quick(tmp_path, backend):
                "--out", str(tmp_path)]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True)
     result = json.loads((tmp_path / f"uci_yacht_{backend}_quick.json").read_text())
-    for method in ("psvi", "advi"):
+    for method in ("psvi", "advi", "advi_psvi"):
         keys = {"test_rmse_mean", "test_rmse_se", "test_ll_mean", "test_ll_se", "score_calls", "seconds"}
         assert keys <= set(result[method]) and np.isfinite(result[method]["test_rmse_mean"])
 
 
 @pytest.mark.slow
-def test_mnist_quick():
-    subprocess.run([sys.executable, "-m", "benchmarks.mnist", "--quick"], cwd=ROOT, check=True)
-    result = json.loads((ROOT / "benchmarks/results/mnist_quick.json").read_text())
-    assert {r["method"] for r in result["results"]} == {"psvi", "advi"}
+@pytest.mark.parametrize(
+    ("options", "name", "methods"),
+    [
+        ([], "mnist_quick", {"psvi", "advi"}),
+        (["--model", "cnn", "--methods", "psvi_K5", "advi_psvi"], "mnist_cnn_quick",
+         {"psvi_K5", "advi_psvi"}),
+    ],
+)  # fmt: skip
+def test_mnist_quick(options, name, methods):
+    subprocess.run([sys.executable, "-m", "benchmarks.mnist", "--quick", *options], cwd=ROOT, check=True)
+    result = json.loads((ROOT / f"benchmarks/results/{name}.json").read_text())
+    assert {r["method"] for r in result["results"]} == methods
     for run in result["results"]:  # 40 steps already beat chance (accuracy 0.1, NLL log 10)
         assert run["accuracy"] > 0.3 and run["nll"] < np.log(10) and len(run["curve"]) >= 1
 

@@ -87,6 +87,29 @@ def test_diagonal_target_exact_moments(guide_cls):
     np.testing.assert_allclose(np.asarray(scale) ** 2, np.diag(cov), rtol=0.02)
 
 
+def test_warm_start_from_svi():
+    """``init_params=svi.get_params(...)`` starts ProximalScoreVI exactly at an SVI fit (the
+    "ADVI, then ProximalScoreVI" recipe of docs/uci.md), and the fit then reaches the exact
+    fixed point as from a cold start (tolerances as in the test above)."""
+    mean, cov = ill_conditioned_gaussian(8, 1e2, seed=1, diagonal=True)
+    model = gaussian_target(mean, cov)
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values={"x": jnp.zeros(8)}), init_scale=0.01)
+    advi = SVI(model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO(num_particles=4))
+    advi_params = advi.run(jax.random.PRNGKey(0), 300, progress_bar=False).params
+    svi = ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2))
+    state = svi.init(jax.random.PRNGKey(1), init_params=advi_params)
+    for name, value in svi.get_params(state).items():  # equal up to the scale's float32 log/exp round trip
+        np.testing.assert_allclose(np.asarray(value), np.asarray(advi_params[name]), rtol=1e-6)
+    # After 300 ADVI steps the scales are still far from the target's (ADVI moves them slowly).
+    assert np.abs(np.log(advi_params["x_auto_scale"] ** 2 / np.diag(cov))).max() > 0.5
+    params = svi.get_params(
+        svi.run(jax.random.PRNGKey(2), 1500, progress_bar=False, init_params=advi_params).state
+    )
+    sd = np.sqrt(np.diag(cov))
+    np.testing.assert_allclose(np.asarray(params["x_auto_loc"]), mean, atol=0.02 * sd.min())
+    np.testing.assert_allclose(np.asarray(params["x_auto_scale"]) ** 2, np.diag(cov), rtol=0.02)
+
+
 def regression_data(n=400, dim=3, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, dim)).astype(np.float32)

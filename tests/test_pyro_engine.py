@@ -85,6 +85,29 @@ def test_diagonal_target_exact_moments(guide_cls):
     np.testing.assert_allclose(scale**2, np.diag(cov), rtol=0.02)
 
 
+def test_warm_start_from_svi():
+    """A ProximalScoreVI built on a guide that SVI has fitted continues from the param store
+    (the "ADVI, then ProximalScoreVI" recipe of docs/uci.md): its first step starts at SVI's
+    values, and the fit then reaches the exact fixed point (tolerances as in the test above)."""
+    mean, cov = ill_conditioned_gaussian(8, 1e2, seed=1, diagonal=True)
+    model = gaussian_target(mean, cov)
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values={"x": torch.zeros(8)}), init_scale=0.01)
+    advi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(num_particles=4))
+    for _ in range(300):
+        advi.step()
+    advi_loc, advi_scale = (v.detach().clone().numpy() for v in guide._get_loc_and_scale("x"))
+    # After 300 ADVI steps the scales are still far from the target's (ADVI moves them slowly).
+    assert np.abs(np.log(advi_scale**2 / np.diag(cov))).max() > 0.5
+    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    start = (v.detach().numpy() for v in guide._get_loc_and_scale("x"))
+    np.testing.assert_array_equal(np.stack(list(start)), np.stack([advi_loc, advi_scale]))
+    svi.run(800)
+    loc, scale = (v.detach().numpy() for v in guide._get_loc_and_scale("x"))
+    sd = np.sqrt(np.diag(cov))
+    np.testing.assert_allclose(loc, mean, atol=0.02 * sd.min())
+    np.testing.assert_allclose(scale**2, np.diag(cov), rtol=0.02)
+
+
 def regression_data(n=400, dim=3, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, dim)).astype(np.float32)
