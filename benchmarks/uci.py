@@ -22,7 +22,8 @@ log-likelihood against score calls (``curve``).
     python -m benchmarks.uci --curves PNG [--out DIR]   # test LL vs score calls, per dataset
 
 writes ``DIR/uci_<NAME>_<backend>.json`` with, per method key (``psvi``, ``advi``,
-``advi_psvi``; methods not run keep their results from an earlier run of the same file):
+``advi_psvi``; methods not run keep their results from an earlier run of the same file and
+number of splits):
 ``test_rmse_mean``, ``test_rmse_se``, ``test_ll_mean``, ``test_ll_se`` (mean and
 standard error over splits), ``score_calls`` and ``seconds`` (per split, mean), and
 the per-split values.

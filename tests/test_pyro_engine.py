@@ -93,15 +93,15 @@ def test_warm_start_from_svi():
     model = gaussian_target(mean, cov)
     guide = AutoNormal(model, init_loc_fn=init_to_value(values={"x": torch.zeros(8)}), init_scale=0.01)
     advi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(num_particles=4))
-    for _ in range(300):
+    for _ in range(150):
         advi.step()
     advi_loc, advi_scale = (v.detach().clone().numpy() for v in guide._get_loc_and_scale("x"))
-    # After 300 ADVI steps the scales are still far from the target's (ADVI moves them slowly).
+    # After 150 ADVI steps the scales are still far from the target's (ADVI moves them slowly).
     assert np.abs(np.log(advi_scale**2 / np.diag(cov))).max() > 0.5
     svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
     start = (v.detach().numpy() for v in guide._get_loc_and_scale("x"))
     np.testing.assert_array_equal(np.stack(list(start)), np.stack([advi_loc, advi_scale]))
-    svi.run(800)
+    svi.run(400)
     loc, scale = (v.detach().numpy() for v in guide._get_loc_and_scale("x"))
     sd = np.sqrt(np.diag(cov))
     np.testing.assert_allclose(loc, mean, atol=0.02 * sd.min())
