@@ -37,6 +37,15 @@ def save(name: str, payload: dict) -> Path:
     return path
 
 
+METHOD_LABELS = {"psvi": "ProximalScoreVI", "advi": "ADVI", "advi_psvi": "ADVI, then ProximalScoreVI"}
+
+
+def method_label(method: str) -> str:
+    """``psvi`` -> ProximalScoreVI, ``psvi_K5`` -> ProximalScoreVI (K=5), ``advi`` -> ADVI, ..."""
+    base, _, inner = method.partition("_K")
+    return f"{METHOD_LABELS[base]} (K={inner})" if inner else METHOD_LABELS[base]
+
+
 def phases(method: str, steps: int) -> list[tuple[str, int]]:
     """The engines a benchmark method runs, in order, with their steps: ``advi_psvi`` is ADVI
     for the first half of the budget, then ProximalScoreVI started from ADVI's guide."""

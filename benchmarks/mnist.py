@@ -43,7 +43,7 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_value
 from tqdm import tqdm
 
-from benchmarks.common import make_engine, phases, save
+from benchmarks.common import make_engine, method_label, phases, save
 from numpyro_psvi.models import fan_in_prior, mlp_classifier, mlp_init_values
 from psvi.datasets import load_mnist
 from psvi.metrics import classification_report, nll, predictive_probs, reliability_bins
@@ -55,7 +55,6 @@ BATCH = 128
 NUM_PARTICLES = 4
 LEARNING_RATE = 1e-3
 CURVE_POINTS = 8
-LABELS = {"psvi": "ProximalScoreVI", "advi": "ADVI", "advi_psvi": "ADVI, then ProximalScoreVI"}
 
 
 class PatchConv(nn.Module):
@@ -105,12 +104,6 @@ def cnn_init_values(seed: int) -> dict[str, jnp.ndarray]:
     return {
         f"cnn/{layer}.{name}": value for layer, leaves in params.items() for name, value in leaves.items()
     }
-
-
-def label(method: str) -> str:
-    """``psvi`` -> ProximalScoreVI, ``psvi_K5`` -> ProximalScoreVI (K=5), ``advi`` -> ADVI."""
-    base, _, inner = method.partition("_K")
-    return f"{LABELS[base]} (K={inner})" if inner else LABELS[base]
 
 
 def make_model(model_name: str, prior: str, num_inputs: int, seed: int):
@@ -202,17 +195,18 @@ def main() -> None:
     title = f"MNIST {options.model.upper()}" + (", fan-in prior" if prior == "fan_in" else "")
     print("\n| train size | method | accuracy | NLL | ECE | seconds |\n|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['train_size']} | {label(r['method'])} | {r['accuracy']:.4f} | {r['nll']:.4f} | "
+        print(f"| {r['train_size']} | {method_label(r['method'])} | {r['accuracy']:.4f} | {r['nll']:.4f} | "
               f"{r['ece']:.4f} | {r['seconds']:.0f} |")  # fmt: skip
     for metric in ("nll", "ece"):
         curves = {
-            label(m): (sizes, [r[metric] for r in results if r["method"] == m]) for m in options.methods
+            method_label(m): (sizes, [r[metric] for r in results if r["method"] == m])
+            for m in options.methods
         }
         plot_curves(curves, "training images", f"test {metric.upper()}", f"{title}: test {metric.upper()}",
                     str(DOCS / f"mnist{tag}_{metric}_vs_size.png"))  # fmt: skip
     for size in sizes:
         curves = {
-            label(r["method"]): tuple(zip(*r["curve"], strict=True))
+            method_label(r["method"]): tuple(zip(*r["curve"], strict=True))
             for r in results if r["train_size"] == size
         }  # fmt: skip
         plot_curves(curves, "score calls", "test NLL (2k images)", f"{title}, {size} training images",
@@ -220,7 +214,7 @@ def main() -> None:
     for r in results:
         if r["train_size"] == max(sizes):
             bins = {k: np.asarray(v) for k, v in r["reliability"].items()}
-            plot_reliability(bins, f"{label(r['method'])}, {r['train_size']} images",
+            plot_reliability(bins, f"{method_label(r['method'])}, {r['train_size']} images",
                              str(DOCS / f"mnist{tag}_reliability_{r['method']}.png"))  # fmt: skip
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, make_engine, phases
+from benchmarks.common import METHOD_LABELS, RESULTS, machine, make_engine, phases
 from psvi.datasets import UCI_NAMES, load_uci, uci_info
 from psvi.metrics import gaussian_test_log_likelihood, rmse
 
@@ -49,7 +49,6 @@ NUM_PARTICLES = 4
 LEARNING_RATE = 1e-2
 NUM_DRAWS = 100
 CURVE_POINTS = 8
-LABELS = {"psvi": "ProximalScoreVI", "advi": "ADVI", "advi_psvi": "ADVI, then ProximalScoreVI"}
 
 
 def glorot_init(num_inputs: int, hidden: int, seed: int) -> dict[str, np.ndarray]:
@@ -191,10 +190,10 @@ def table(folder: Path) -> str:
         setting = f"| {result['dataset']} | {result['backend']}"
         setting += " (exact scores)" if result["batch"] is None else ""
         setting += f" | {result.get('epochs', 40)} |"
-        for method in [m for m in LABELS if m in result]:
+        for method in [m for m in METHOD_LABELS if m in result]:
             r = result[method]
             rows.append(
-                f"{setting} {result['splits']} | {LABELS[method]} | "
+                f"{setting} {result['splits']} | {METHOD_LABELS[method]} | "
                 f"{r['test_rmse_mean']:.3f} +- {r['test_rmse_se']:.3f} | "
                 f"{r['test_ll_mean']:.3f} +- {r['test_ll_se']:.3f} | {r['seconds']:.1f} |"
             )
@@ -203,7 +202,8 @@ def table(folder: Path) -> str:
                 mean, se = summarize(list(differences))
                 wins = int((differences > 0).sum())
                 paired.append(
-                    f"{setting} {LABELS[method]} | {mean:+.3f} +- {se:.3f} | {wins} / {len(differences)} |"
+                    f"{setting} {METHOD_LABELS[method]} | {mean:+.3f} +- {se:.3f} | "
+                    f"{wins} / {len(differences)} |"
                 )
     return "\n".join(rows) + "\n\n" + "\n".join(paired)
 
@@ -220,7 +220,7 @@ def plot_convergence(folder: Path, path: Path) -> None:
             result = json.loads(file.read_text())
             panels[name] = {
                 label: tuple(zip(*result[method]["curve"], strict=True))
-                for method, label in LABELS.items()
+                for method, label in METHOD_LABELS.items()
                 if method in result
             }
     plot_curve_grid(panels, "score calls", "test log-likelihood (split 0)", str(path))
@@ -236,7 +236,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 split, 20 steps")
     parser.add_argument("--epochs-factor", type=int, default=1,
                         help="multiply the protocol's base epochs (MC dropout used 10)")  # fmt: skip
-    parser.add_argument("--methods", nargs="+", choices=list(LABELS), default=list(LABELS),
+    parser.add_argument("--methods", nargs="+", choices=list(METHOD_LABELS), default=list(METHOD_LABELS),
                         help="methods to run; the others' results in an existing JSON are kept")  # fmt: skip
     parser.add_argument("--full-batch", action="store_true",
                         help="exact scores, no subsampling; same number of steps (diagnostic)")  # fmt: skip
@@ -263,7 +263,8 @@ def main() -> None:
     path = options.out / f"uci_{options.dataset}_{options.backend}{suffix}.json"
     if path.exists() and not options.quick:  # keep the other methods' results of an earlier run
         earlier = json.loads(path.read_text())
-        payload.update({m: earlier[m] for m in LABELS if m in earlier and earlier["splits"] == num_splits})
+        if earlier["splits"] == num_splits:
+            payload.update({m: earlier[m] for m in METHOD_LABELS if m in earlier})
     for method in options.methods:
         rmses, lls, seconds, calls, curve = [], [], [], 0, []
         for split_index in range(num_splits):
