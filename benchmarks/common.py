@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -18,11 +19,18 @@ from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from numpyro.infer.initialization import init_to_value
 
 from numpyro_psvi import ProximalScoreVI
-from numpyro_psvi.models import gaussian_target, mlp_classifier, mlp_init_values
-from psvi.datasets import load_digits
+from numpyro_psvi.contrib.models import gaussian_target, mlp_classifier, mlp_init_values
+from psvi.contrib.datasets import load_digits
 from psvi.metrics import classification_report, gaussian_kl
 
 RESULTS = Path(__file__).parent / "results"
+# The project's data folder beside the checkout; the loaders read the environment
+# variables set from it (library code never guesses data locations).
+DATASETS = Path(os.environ.get("PSVI_DATA", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+for _variable, _folder in (("PSVI_UCI", "uci"), ("PSVI_MNIST", "mnist"), ("PSVI_ETT", "ett"),
+                           ("PSVI_POSTERIORDB", "posteriordb")):  # fmt: skip
+    if (DATASETS / _folder).is_dir():
+        os.environ.setdefault(_variable, str(DATASETS / _folder))
 
 
 def machine() -> str:

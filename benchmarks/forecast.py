@@ -3,11 +3,11 @@ Koopa (or DLinear) fitted with ProximalScoreVI and with ADVI, and the determinis
 network (MAP) as a reference.
 
 Protocol (Informer / Autoformer / Koopa): ``ETTh1`` or ``ETTh2`` from the local file
-(``psvi.datasets.load_ett``), rows split 12/4/4 months chronologically, all 7 channels
+(``psvi.contrib.datasets.load_ett``), rows split 12/4/4 months chronologically, all 7 channels
 standardized with the training statistics, lookback 96, horizon 96/192/336/720,
 every window with stride 1; metrics on the standardized scale over all test windows.
 
-Model: ``pyro_psvi.forecasting.forecaster`` (Gaussian likelihood, per-channel noise
+Model: ``pyro_psvi.contrib.forecasting.forecaster`` (Gaussian likelihood, per-channel noise
 scale with a HalfNormal(1) prior) on the network made Bayesian with
 ``bayesian_module(net, fan_in_prior())`` (``N(0, 1/fan_in)`` weights, ``N(0, 1)``
 biases). All three methods start from the same network initialisation, use Adam
@@ -44,11 +44,11 @@ from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
 from tqdm import tqdm
 
 from benchmarks.common import machine
-from psvi.datasets import ETT_CHANNELS, load_ett, sliding_windows
+from psvi.contrib.datasets import ETT_CHANNELS, load_ett, sliding_windows
 from psvi.metrics import forecast_report
 from pyro_psvi import ProximalScoreVI
-from pyro_psvi.forecasting import DLinear, Koopa, forecaster, mask_spectrum
-from pyro_psvi.models import bayesian_module, fan_in_prior
+from pyro_psvi.contrib.forecasting import DLinear, Koopa, forecaster, mask_spectrum
+from pyro_psvi.contrib.models import bayesian_module, fan_in_prior
 
 RESULTS = Path(__file__).parent / "results" / "forecast"
 LOOKBACK = 96
@@ -119,7 +119,7 @@ def fit_pyro(
 def fit_numpyro(
     method: str, model_name: str, horizon: int, train, steps: int, num_draws: int, seed: int, progress: bool
 ):
-    """The NumPyro twin of :func:`fit_pyro` (DLinear only: ``numpyro_psvi.forecasting``),
+    """The NumPyro twin of :func:`fit_pyro` (DLinear only: ``numpyro_psvi.contrib.forecasting``),
     started from the same weights (the torch initialisation, kernels transposed)."""
     import jax
     import jax.numpy as jnp
@@ -131,11 +131,11 @@ def fit_numpyro(
     from numpyro.infer.initialization import init_to_value as numpyro_init_to_value
 
     from numpyro_psvi import ProximalScoreVI as NumPyroProximalScoreVI
-    from numpyro_psvi import forecasting as numpyro_forecasting
-    from numpyro_psvi.models import fan_in_prior as numpyro_fan_in_prior
+    from numpyro_psvi.contrib import forecasting as numpyro_forecasting
+    from numpyro_psvi.contrib.models import fan_in_prior as numpyro_fan_in_prior
 
     if model_name != "dlinear":
-        raise ValueError("the NumPyro backend has DLinear only (numpyro_psvi.forecasting)")
+        raise ValueError("the NumPyro backend has DLinear only (numpyro_psvi.contrib.forecasting)")
     x, y = (jnp.asarray(a.numpy()) for a in train)
     channels = x.shape[-1]
     torch_net = make_net(model_name, horizon, train[0], seed)

@@ -32,10 +32,10 @@ from numpyro.infer.initialization import init_to_value
 
 from benchmarks.common import save
 from numpyro_psvi import GSM, BaM, ProximalScoreVI
-from numpyro_psvi.models import gaussian_target, linear_regression
+from numpyro_psvi.contrib.models import gaussian_target, linear_regression
+from psvi.contrib.plots import plot_curves
+from psvi.contrib.targets import conjugate_linear_regression, ill_conditioned_gaussian
 from psvi.metrics import gaussian_kl
-from psvi.plots import plot_curves
-from psvi.targets import conjugate_linear_regression, ill_conditioned_gaussian
 
 DOCS = Path(__file__).parent.parent / "docs"
 METHODS = ("psvi_full", "psvi_diag", "advi", "gsm", "bam")
@@ -114,8 +114,9 @@ def minibatch_bias(num_updates: int, seed: int = 0) -> dict:
         if method == "bam":
             engine = BaM(model, guide, num_particles=8, learning_rate=1.0)
         else:  # a Robbins-Monro step decay, as in the conjugate-regression test
-            engine = ProximalScoreVI(model, guide, optax.adam(lambda t: 3e-3 / (1 + t / 2000.0)),
-                                     num_particles=8)
+            engine = ProximalScoreVI(
+                model, guide, optax.adam(lambda t: 3e-3 / (1 + t / 2000.0)), num_particles=8
+            )
         state = engine.init(jax.random.PRNGKey(seed), x, y)
 
         def body(s, _, engine=engine, guide=guide):
@@ -158,16 +159,17 @@ def main() -> None:
                 for method in METHODS:
                     curve = fit_curve(method, mean, cov, start_scale, num_particles, budgets[dim], checks)
                     results["curves"][key][method] = curve
-                    print(f"{key:32s} {method:10s} final KL {curve['kl'][-1]:10.4g} "
-                          f"calls to KL<0.01 {calls_to(curve, 0.01)} "
-                          f"s/iter {curve['seconds_per_iteration']:.2e}", flush=True)
+                    print(
+                        f"{key:32s} {method:10s} final KL {curve['kl'][-1]:10.4g} "
+                        f"calls to KL<0.01 {calls_to(curve, 0.01)} "
+                        f"s/iter {curve['seconds_per_iteration']:.2e}",
+                        flush=True,
+                    )
     for key, by_method in results["curves"].items():
         if "ill standard" in key:
             dim = int(key.split()[0][2:])
             for method, curve in by_method.items():
-                results["seconds_per_iteration"].setdefault(method, {})[dim] = curve[
-                    "seconds_per_iteration"
-                ]
+                results["seconds_per_iteration"].setdefault(method, {})[dim] = curve["seconds_per_iteration"]
     results["minibatch_bias"] = minibatch_bias(mb_updates)
     print(results["minibatch_bias"])
     name = "gaussian_study_quick" if args.quick else "gaussian_study"
@@ -183,14 +185,20 @@ def write_plots(results: dict) -> None:
         slug = key.replace(" ", "_").replace("=", "")
         plot_curves(
             {m: (c["calls"], np.maximum(c["kl"], 1e-6)) for m, c in by_method.items()},
-            "score calls", "forward KL(target || q)", key, str(DOCS / f"gaussian_study_{slug}.png"),
+            "score calls",
+            "forward KL(target || q)",
+            key,
+            str(DOCS / f"gaussian_study_{slug}.png"),
             logy=True,
         )
     times = results["seconds_per_iteration"]
     plot_curves(
         {m: (list(t), list(t.values())) for m, t in times.items()},
-        "D", "seconds per iteration", "wall time per iteration (ill, standard start)",
-        str(DOCS / "gaussian_study_time.png"), logy=True,
+        "D",
+        "seconds per iteration",
+        "wall time per iteration (ill, standard start)",
+        str(DOCS / "gaussian_study_time.png"),
+        logy=True,
     )
 
 

@@ -14,7 +14,7 @@ import itertools
 import warnings
 
 from benchmarks.common import gaussian_calls_to_kl, make_engine, save
-from psvi.targets import ill_conditioned_gaussian
+from psvi.contrib.targets import ill_conditioned_gaussian
 
 
 def main() -> None:
@@ -28,21 +28,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     rows = []
-    print(f"condition number {args.condition:g}, S={args.particles}, "
-          f"budget {args.max_calls} score calls")
+    print(f"condition number {args.condition:g}, S={args.particles}, budget {args.max_calls} score calls")
     print("| D | method | Adam lr | seed | calls to KL < 0.1 | calls to KL < 0.01 | final KL | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for dim in args.dims:
         mean, cov = ill_conditioned_gaussian(dim, args.condition, seed=0)
         for method, lr, seed in itertools.product(("psvi", "advi"), args.lrs, args.seeds):
+
             def make(model, guide, method=method, lr=lr):
                 return make_engine(method, model, guide, lr, args.particles)
 
             r = gaussian_calls_to_kl(mean, cov, make, args.particles, args.max_calls, seed=seed)
             rows.append({"dim": dim, "method": method, "lr": lr, "seed": seed, **r})
             hits = r["calls_to_kl"]
-            print(f"| {dim} | {method} | {lr} | {seed} | {hits['0.1']} | {hits['0.01']} "
-                  f"| {r['final_kl']:.3g} | {r['seconds']:.1f} |", flush=True)
+            print(
+                f"| {dim} | {method} | {lr} | {seed} | {hits['0.1']} | {hits['0.01']} "
+                f"| {r['final_kl']:.3g} | {r['seconds']:.1f} |",
+                flush=True,
+            )
     save("gaussian_targets", {"args": vars(args), "rows": rows})
 
 

@@ -27,8 +27,8 @@ from numpyro.infer.initialization import init_to_value
 
 from benchmarks.common import save
 from numpyro_psvi import ProximalScoreVI
-from numpyro_psvi.models import mlp_init_values
-from psvi.datasets import load_digits
+from numpyro_psvi.contrib.models import mlp_init_values
+from psvi.contrib.datasets import load_digits
 from psvi.metrics import classification_report
 
 PARTICLES = 4
@@ -67,8 +67,9 @@ def fit(method: str, calls: int, seed: int = 0) -> dict:
     start = time.perf_counter()
     result = engine.run(jax.random.PRNGKey(seed), num_updates, x, y, progress_bar=False)
     seconds = time.perf_counter() - start
-    predictive = Predictive(last_layer_model, guide=guide, params=result.params, num_samples=200,
-                            return_sites=["probs"])
+    predictive = Predictive(
+        last_layer_model, guide=guide, params=result.params, num_samples=200, return_sites=["probs"]
+    )
     probs = np.asarray(predictive(jax.random.PRNGKey(seed + 1), x_test)["probs"])
     return {**classification_report(probs, np.asarray(data.y_test)), "seconds": seconds}
 

@@ -36,7 +36,7 @@ from numpyro.infer.autoguide import AutoIAFNormal
 from benchmarks.common import save
 from numpyro_psvi import ProximalScoreVI
 from numpyro_psvi.guides import guide_density
-from psvi.plots import plot_curves
+from psvi.contrib.plots import plot_curves
 
 DOCS = Path(__file__).parent.parent / "docs"
 NUM_PARTICLES = 4

@@ -1,12 +1,12 @@
 """MNIST BNN (the paper's Figure 3): ProximalScoreVI vs ADVI against training-set size.
 
-A Bayesian MLP (784-100-10, tanh, ``numpyro_psvi.models.mlp_classifier``; N(0, 1)
+A Bayesian MLP (784-100-10, tanh, ``numpyro_psvi.contrib.models.mlp_classifier``; N(0, 1)
 priors, or N(0, 1/fan_in) on the weight matrices with ``--prior fan_in``) or a small
 CNN (``--model cnn``: two 5x5 convolutions with 8 and 16 ReLU channels, each followed by
 2x2 average pooling, then a dense layer to the 10 classes; 5,994 weights; a Flax module
-made Bayesian with ``random_flax_module`` and ``numpyro_psvi.models.fan_in_prior``)
+made Bayesian with ``random_flax_module`` and ``numpyro_psvi.contrib.models.fan_in_prior``)
 on seeded random subsets of 1k, 5k, 20k and all 60k training images of the real MNIST
-(``psvi.datasets.load_mnist``, local file), evaluated on the full 10k test set. Both
+(``psvi.contrib.datasets.load_mnist``, local file), evaluated on the full 10k test set. Both
 methods fit the same AutoNormal guide (Glorot-uniform means for the MLP, Flax's LeCun
 initialisation for the CNN; scale 0.01) with the same particles (S=4), optimizer (Adam
 1e-3), mini-batches of 128 through the model's subsampled plate and budget (the same
@@ -44,10 +44,10 @@ from numpyro.infer.initialization import init_to_value
 from tqdm import tqdm
 
 from benchmarks.common import make_engine, method_label, phases, save
-from numpyro_psvi.models import fan_in_prior, mlp_classifier, mlp_init_values
-from psvi.datasets import load_mnist
+from numpyro_psvi.contrib.models import fan_in_prior, mlp_classifier, mlp_init_values
+from psvi.contrib.datasets import load_mnist
+from psvi.contrib.plots import plot_curves, plot_reliability
 from psvi.metrics import classification_report, nll, predictive_probs, reliability_bins
-from psvi.plots import plot_curves, plot_reliability
 
 DOCS = Path(__file__).parent.parent / "docs"
 HIDDEN = 100

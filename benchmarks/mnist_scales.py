@@ -22,8 +22,8 @@ from numpyro.infer.initialization import init_to_value
 
 from benchmarks.common import make_engine, save
 from benchmarks.mnist import BATCH, HIDDEN, LEARNING_RATE, NUM_PARTICLES
-from numpyro_psvi.models import mlp_classifier, mlp_init_values
-from psvi.datasets import load_mnist
+from numpyro_psvi.contrib.models import mlp_classifier, mlp_init_values
+from psvi.contrib.datasets import load_mnist
 from psvi.metrics import nll, predictive_probs
 
 

@@ -24,9 +24,9 @@ from numpyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal
 
 from benchmarks.common import save
 from numpyro_psvi import GSM, BaM, ProximalScoreVI
-from numpyro_psvi.posteriordb import MODELS
-from psvi import posteriordb
-from psvi.plots import plot_curves
+from numpyro_psvi.contrib.posteriordb import MODELS
+from psvi.contrib import posteriordb
+from psvi.contrib.plots import plot_curves
 
 DOCS = Path(__file__).parent.parent / "docs"
 METHODS = ("psvi_full", "psvi_diag", "advi", "gsm", "bam")
@@ -64,22 +64,28 @@ def run(name: str, method: str, calls: int, checks: int, num_particles: int, see
     engine, guide = make_engine(method, model, num_particles)
     state = engine.init(jax.random.PRNGKey(seed), post.data)
     per_check = max(calls // num_particles // checks, 1)
-    chunk = jax.jit(lambda s: jax.lax.scan(lambda s, _: engine.update(s, post.data), s, None,
-                                           length=per_check)[0])
+    chunk = jax.jit(
+        lambda s: jax.lax.scan(lambda s, _: engine.update(s, post.data), s, None, length=per_check)[0]
+    )
     curve = {"calls": [], "max_mean_err": [], "min_sd_ratio": [], "max_sd_ratio": []}
     for check in range(1, checks + 1):
         state = chunk(state)
         params = engine.get_params(state)
         finite = all(np.all(np.isfinite(np.asarray(v))) for v in params.values())
-        err, lo, hi = errors(model, guide, params, post, jax.random.PRNGKey(seed + check)) if finite else (
-            np.inf, np.nan, np.nan)
+        err, lo, hi = (
+            errors(model, guide, params, post, jax.random.PRNGKey(seed + check))
+            if finite
+            else (np.inf, np.nan, np.nan)
+        )
         curve["calls"].append(check * per_check * num_particles)
         curve["max_mean_err"].append(err)
         curve["min_sd_ratio"].append(lo)
         curve["max_sd_ratio"].append(hi)
     reached = [
-        c for c, e, lo, hi in zip(curve["calls"], curve["max_mean_err"], curve["min_sd_ratio"],
-                                  curve["max_sd_ratio"], strict=True)
+        c
+        for c, e, lo, hi in zip(
+            curve["calls"], curve["max_mean_err"], curve["min_sd_ratio"], curve["max_sd_ratio"], strict=True
+        )
         if e <= 0.25 and 0.6 <= lo and hi <= 1.5
     ]
     curve["calls_to_reach"] = reached[0] if reached else None
@@ -105,16 +111,23 @@ def main() -> None:
         for method in METHODS:
             curve = run(name, method, args.calls, args.checks, args.particles)
             results[name][method] = curve
-            print(f"{name:42s} {method:10s} reached at {curve['calls_to_reach']} calls; final max "
-                  f"|mean err| {curve['max_mean_err'][-1]:.3g} sd ratio "
-                  f"[{curve['min_sd_ratio'][-1]:.3g}, {curve['max_sd_ratio'][-1]:.3g}]", flush=True)
+            print(
+                f"{name:42s} {method:10s} reached at {curve['calls_to_reach']} calls; final max "
+                f"|mean err| {curve['max_mean_err'][-1]:.3g} sd ratio "
+                f"[{curve['min_sd_ratio'][-1]:.3g}, {curve['max_sd_ratio'][-1]:.3g}]",
+                flush=True,
+            )
         plot_curves(
             {m: (c["calls"], np.clip(c["max_mean_err"], 1e-3, 1e3)) for m, c in results[name].items()},
-            "score calls", "max |mean error| / reference sd", name,
-            str(DOCS / f"posteriordb_{name.split('-')[-1]}.png"), logy=True,
+            "score calls",
+            "max |mean error| / reference sd",
+            name,
+            str(DOCS / f"posteriordb_{name.split('-')[-1]}.png"),
+            logy=True,
         )
-    print("wrote", save("posteriordb", {"particles": args.particles, "calls": args.calls,
-                                        "results": results}))
+    print(
+        "wrote", save("posteriordb", {"particles": args.particles, "calls": args.calls, "results": results})
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ writes ``benchmarks/results/scale.json`` (``scale_quick.json``) and prints the t
 for ``docs/scale.md``.
 
 ``--mnist`` instead fits the ResNet (``--mnist-width``, default 8) on real MNIST
-(``psvi.datasets.load_mnist``; ``--mnist-train`` images, default 10k) with
+(``psvi.contrib.datasets.load_mnist``; ``--mnist-train`` images, default 10k) with
 ProximalScoreVI and ADVI on ``FlatBayesianModule`` (the same model, guide, S=4,
 Adam 1e-3, mini-batches of 64, equal score calls): test cross-entropy against score
 calls (the paper's Figure 4; 1k test images, 10 draws) and, at the end, test error,
@@ -135,7 +135,7 @@ def _make_numpyro_step(method: str, width: int, particles: int):
     from numpyro.infer.autoguide import AutoNormal
 
     from numpyro_psvi import ProximalScoreVI
-    from numpyro_psvi.models import fan_in_prior
+    from numpyro_psvi.contrib.models import fan_in_prior
 
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (4 * BATCH, 28, 28, 1))
@@ -210,7 +210,7 @@ def _make_step(method: str, net: nn.Module, x: torch.Tensor, y: torch.Tensor, pa
     from pyro.infer.autoguide import AutoNormal, init_to_value
 
     from pyro_psvi import ProximalScoreVI
-    from pyro_psvi.models import FlatBayesianModule, bayesian_module, fan_in_prior, module_classifier
+    from pyro_psvi.contrib.models import FlatBayesianModule, bayesian_module, fan_in_prior, module_classifier
 
     pyro.clear_param_store()
     if method.endswith("flat"):
@@ -265,10 +265,10 @@ def mnist_fit(
     from pyro.infer.autoguide import AutoNormal, init_to_value
     from tqdm import tqdm
 
-    from psvi.datasets import load_mnist
+    from psvi.contrib.datasets import load_mnist
     from psvi.metrics import classification_report, nll, predictive_probs
     from pyro_psvi import ProximalScoreVI
-    from pyro_psvi.models import FlatBayesianModule, fan_in_prior, module_classifier
+    from pyro_psvi.contrib.models import FlatBayesianModule, fan_in_prior, module_classifier
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -406,7 +406,7 @@ def mnist_main(options: argparse.Namespace) -> None:
 
 def plot_mnist(payload: dict) -> None:
     """``docs/scale_mnist_convergence.png`` from a ``scale_mnist.json`` payload."""
-    from psvi.plots import plot_curves
+    from psvi.contrib.plots import plot_curves
 
     def label(method: str) -> str:
         if method == "advi":

@@ -3,7 +3,7 @@
 Same model (64-50-10 tanh MLP, N(0, 1) priors, mini-batch 64 from the model's
 plate), same guide (AutoNormal), same number of particles. The engines are timed in
 interleaved blocks (A B A B ...) in one process; the ratio of medians is reported.
-Torch runs on one thread (PITFALLS.md: shared cores).
+Torch runs on one thread (docs/pitfalls.md: shared cores).
 
     python -m benchmarks.step_cost [--blocks 7] [--steps 50]
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import jax
 
 from benchmarks.common import save
-from psvi.datasets import load_digits
+from psvi.contrib.datasets import load_digits
 
 BATCH = 64
 PARTICLES = 4
@@ -48,7 +48,7 @@ def numpyro_steppers(inner_steps: tuple[int, ...]) -> dict[str, Callable[[], Non
     from numpyro.infer.initialization import init_to_value
 
     from numpyro_psvi import ProximalScoreVI
-    from numpyro_psvi.models import mlp_classifier, mlp_init_values
+    from numpyro_psvi.contrib.models import mlp_classifier, mlp_init_values
 
     data = load_digits()
     x, y = jax.numpy.asarray(data.x_train), jax.numpy.asarray(data.y_train)
@@ -86,7 +86,7 @@ def pyro_steppers(inner_steps: tuple[int, ...]) -> tuple[dict[str, Callable[[], 
     from pyro.infer.autoguide import AutoNormal, init_to_value
 
     from pyro_psvi import ProximalScoreVI
-    from pyro_psvi.models import mlp_classifier, mlp_init_values
+    from pyro_psvi.contrib.models import mlp_classifier, mlp_init_values
 
     torch.set_num_threads(1)
     data = load_digits()
@@ -109,9 +109,7 @@ def pyro_steppers(inner_steps: tuple[int, ...]) -> tuple[dict[str, Callable[[], 
             engines[name] = SVI(model, guide, optim, loss)
         else:
             k = int(name.split("=")[1])
-            engines[name] = ProximalScoreVI(
-                model, guide, optim, num_particles=PARTICLES, inner_steps=k
-            )
+            engines[name] = ProximalScoreVI(model, guide, optim, num_particles=PARTICLES, inner_steps=k)
     steppers = {name: (lambda e=engine: e.step(x, y)) for name, engine in engines.items()}
     return steppers, steppers[f"PSVI K={inner_steps[0]}"]
 
@@ -140,8 +138,7 @@ def main() -> None:
         medians = _median_block_times(steppers, args.blocks, args.steps)
         base = medians["Trace_ELBO"]
         results[backend] = {
-            name: {"ms_per_step": 1e3 * t, "ratio_to_trace_elbo": t / base}
-            for name, t in medians.items()
+            name: {"ms_per_step": 1e3 * t, "ratio_to_trace_elbo": t / base} for name, t in medians.items()
         }
         if profiled is not None:
             results[backend]["profile_psvi_default"] = profile(profiled, args.steps)

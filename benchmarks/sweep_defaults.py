@@ -12,7 +12,7 @@ import argparse
 import jax
 
 from benchmarks.common import digits_fit, gaussian_calls_to_kl, make_engine, save
-from psvi.targets import ill_conditioned_gaussian
+from psvi.contrib.targets import ill_conditioned_gaussian
 
 jax.config.update("jax_enable_x64", False)
 
@@ -42,8 +42,10 @@ def main() -> None:
     args = parser.parse_args()
     mean, cov = ill_conditioned_gaussian(args.dim, args.condition, seed=0)
     rows = []
-    print("| S | K | prox_weight | trust_region | weighting | Gaussian calls to KL<0.1 / <0.01 "
-          "| digits NLL | ECE | acc |")
+    print(
+        "| S | K | prox_weight | trust_region | weighting | Gaussian calls to KL<0.1 / <0.01 "
+        "| digits NLL | ECE | acc |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for S, K, pw, tr, weighting in CONFIGS:
         options = dict(inner_steps=K, prox_weight=pw, trust_region=tr, weighting=weighting)
@@ -56,11 +58,15 @@ def main() -> None:
         row = {"num_particles": S, **options, "gaussian": gauss, "digits": bnn}
         rows.append(row)
         hits = gauss["calls_to_kl"]
-        print(f"| {S} | {K} | {pw} | {tr} | {weighting} | {hits['0.1']} / {hits['0.01']} "
-              f"(final {gauss['final_kl']:.3g}) | {bnn['nll']:.4f} | {bnn['ece']:.4f} "
-              f"| {bnn['accuracy']:.4f} |", flush=True)
+        print(
+            f"| {S} | {K} | {pw} | {tr} | {weighting} | {hits['0.1']} / {hits['0.01']} "
+            f"(final {gauss['final_kl']:.3g}) | {bnn['nll']:.4f} | {bnn['ece']:.4f} "
+            f"| {bnn['accuracy']:.4f} |",
+            flush=True,
+        )
     advi = {}
     for lr in (1e-3, 1e-2):
+
         def make(model, guide, lr=lr):
             return make_engine("advi", model, guide, lr, 4)
 
@@ -69,8 +75,10 @@ def main() -> None:
             "digits": digits_fit(make, args.bnn_calls, 4),
         }
         g, b = advi[str(lr)]["gaussian"], advi[str(lr)]["digits"]
-        print(f"| ADVI lr={lr} (S=4) | | | | | {g['calls_to_kl']['0.1']} / {g['calls_to_kl']['0.01']} "
-              f"(final {g['final_kl']:.3g}) | {b['nll']:.4f} | {b['ece']:.4f} | {b['accuracy']:.4f} |")
+        print(
+            f"| ADVI lr={lr} (S=4) | | | | | {g['calls_to_kl']['0.1']} / {g['calls_to_kl']['0.01']} "
+            f"(final {g['final_kl']:.3g}) | {b['nll']:.4f} | {b['ece']:.4f} | {b['accuracy']:.4f} |"
+        )
     save("sweep_defaults", {"args": vars(args), "psvi": rows, "advi": advi})
 
 

@@ -3,7 +3,7 @@ Ghahramani (2016): ProximalScoreVI vs ADVI on BNNs with their standard splits.
 
 One hidden layer of 50 ReLU units (100 for protein), N(0, 1) weight priors, a
 Gamma(6, 6) prior on the noise precision, inputs and targets standardized on the
-training split (``psvi.datasets.load_uci``; ``numpyro_psvi.models.bnn_regression``
+training split (``psvi.contrib.datasets.load_uci``; ``numpyro_psvi.contrib.models.bnn_regression``
 and its Pyro twin). Both methods fit the same AutoNormal guide (diagonal, started at
 Glorot-uniform means with scale 0.01) with the same particles (S=4), optimizer
 (Adam 1e-2), mini-batches of 32 through the model's subsampled plate, and budget:
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import METHOD_LABELS, RESULTS, machine, make_engine, phases
-from psvi.datasets import UCI_NAMES, load_uci, uci_info
+from psvi.contrib.datasets import UCI_NAMES, load_uci, uci_info
 from psvi.metrics import gaussian_test_log_likelihood, rmse
 
 BATCH = 32
@@ -80,7 +80,7 @@ def fit_numpyro(
     from numpyro.infer.initialization import init_to_value
     from tqdm import tqdm
 
-    from numpyro_psvi.models import bnn_regression
+    from numpyro_psvi.contrib.models import bnn_regression
 
     model = partial(bnn_regression, hidden=hidden, subsample_size=min(batch, len(split.y_train)))
     init = {k: jax.numpy.asarray(v) for k, v in glorot_init(split.x_train.shape[1], hidden, seed).items()}
@@ -128,7 +128,7 @@ def fit_pyro(
     from tqdm import tqdm
 
     from pyro_psvi import ProximalScoreVI
-    from pyro_psvi.models import bnn_regression
+    from pyro_psvi.contrib.models import bnn_regression
 
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -211,7 +211,7 @@ def table(folder: Path) -> str:
 def plot_convergence(folder: Path, path: Path) -> None:
     """One panel per dataset: test log-likelihood of the first split against score calls,
     both methods, from the base-epoch NumPyro runs in ``folder``."""
-    from psvi.plots import plot_curve_grid
+    from psvi.contrib.plots import plot_curve_grid
 
     panels = {}
     for name in UCI_NAMES:

@@ -22,10 +22,10 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_value
 
 from numpyro_psvi import ProximalScoreVI
-from numpyro_psvi.models import mlp_classifier, mlp_init_values
-from psvi.datasets import load_digits
+from numpyro_psvi.contrib.models import mlp_classifier, mlp_init_values
+from psvi.contrib.datasets import load_digits
+from psvi.contrib.plots import plot_curves
 from psvi.metrics import classification_report
-from psvi.plots import plot_curves
 
 
 def main() -> None:
@@ -48,7 +48,10 @@ def main() -> None:
     engines = {
         # inner_steps=5: the BNN setting of the defaults sweep (docs/defaults.md).
         "ProximalScoreVI": lambda guide: ProximalScoreVI(
-            model, guide, numpyro.optim.Adam(args.lr), num_particles=args.particles,
+            model,
+            guide,
+            numpyro.optim.Adam(args.lr),
+            num_particles=args.particles,
             inner_steps=args.inner_steps,
         ),
         "ADVI (SVI, Trace_ELBO)": lambda guide: SVI(
@@ -71,7 +74,10 @@ def main() -> None:
         for chunk in range(1, args.checkpoints + 1):
             state = run_chunk(state)
             predictive = Predictive(
-                mlp_classifier, guide=guide, params=svi.get_params(state), num_samples=100,
+                mlp_classifier,
+                guide=guide,
+                params=svi.get_params(state),
+                num_samples=100,
                 return_sites=["probs"],
             )
             probs = np.asarray(predictive(jax.random.PRNGKey(chunk), x_test)["probs"])
@@ -81,12 +87,13 @@ def main() -> None:
         reports[name]["seconds"] = time.perf_counter() - start
         curves[name] = (calls, nlls)
 
-    print(f"Bayesian MLP (64-50-10) on digits, {len(y_train)} train / {len(y_test)} test images, "
-          f"{args.calls} score calls each, S={args.particles}, batch {args.batch}, Adam({args.lr})")
+    print(
+        f"Bayesian MLP (64-50-10) on digits, {len(y_train)} train / {len(y_test)} test images, "
+        f"{args.calls} score calls each, S={args.particles}, batch {args.batch}, Adam({args.lr})"
+    )
     print(f"{'method':<24} {'accuracy':>9} {'NLL':>8} {'ECE':>8} {'seconds':>8}")
     for name, r in reports.items():
-        print(f"{name:<24} {r['accuracy']:>9.4f} {r['nll']:>8.4f} {r['ece']:>8.4f} "
-              f"{r['seconds']:>8.1f}")
+        print(f"{name:<24} {r['accuracy']:>9.4f} {r['nll']:>8.4f} {r['ece']:>8.4f} {r['seconds']:>8.1f}")
     plot_curves(curves, "score calls", "test NLL", "Bayesian MLP on digits", args.out)
     print(f"wrote {args.out}")
 

@@ -1,19 +1,24 @@
 """NumPyro backend of psvi: proximal score-based variational inference."""
 
 from numpyro_psvi.baselines import GSM, BaM
-from numpyro_psvi.engine import ProximalScoreVI, PSVIState, load_state, save_state
-from numpyro_psvi.guides import GuideDensity, guide_density
+from numpyro_psvi.engine import EngineState, ScoreEngine, load_state, save_state
+from numpyro_psvi.guides import GuideDensity, guide_density, guide_family
 from numpyro_psvi.objective import proximal_objective, weighted_fisher
+from numpyro_psvi.proximal import ProximalScoreVI
+from psvi.objective import ProximalScoreMatching
 from psvi.schedules import bam_schedule
 
 __all__ = [
     "GSM",
     "BaM",
-    "bam_schedule",
+    "EngineState",
     "GuideDensity",
-    "PSVIState",
+    "ProximalScoreMatching",
     "ProximalScoreVI",
+    "ScoreEngine",
+    "bam_schedule",
     "guide_density",
+    "guide_family",
     "load_state",
     "proximal_objective",
     "save_state",

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.handlers import Messenger, substitute, trace
 from numpyro.infer import Predictive
-from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.util import log_likelihood
 
 from numpyro_psvi.guides import guide_density
@@ -103,7 +102,7 @@ def to_inference_data(
     key_draws, key_predict, key_trace = jax.random.split(rng_key, 3)
     # The fitted model params (numpyro.param sites learned with the guide) are in params.
     full_model = full_data(substitute(model, data=params))
-    if isinstance(guide, AutoGuide):
+    if hasattr(guide, "sample_posterior"):  # an autoguide
         posterior = guide.sample_posterior(key_draws, params, sample_shape=(num_samples,))
     else:  # a user-written guide: its sample sites are the latent sites
         posterior = Predictive(guide, params=params, num_samples=num_samples)(key_draws, *args, **kwargs)

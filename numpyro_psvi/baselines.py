@@ -1,42 +1,25 @@
-"""GSM and BaM: closed-form score-based baselines (``../shared/docs/BASELINES.md``).
+"""GSM and BaM: closed-form score-based baselines (docs/baselines.md).
 
 Both fit an ``AutoMultivariateNormal`` guide with closed-form updates (no
-optimizer) from ``num_particles`` particles and their model scores, computed by the
-same machinery as :class:`~numpyro_psvi.ProximalScoreVI` (plates, constraints and
-mini-batches behave the same). An update whose covariance is not positive definite,
-or whose scores are not finite, is rejected: the parameters are kept and
-``BaselineState.num_rejected`` counts it.
+optimizer) from ``num_particles`` particles and their model scores, on the same
+:class:`~numpyro_psvi.engine.ScoreEngine` as :class:`~numpyro_psvi.ProximalScoreVI`
+(set-up checks, plates, constraints, mini-batches, counters and ``run`` behave the
+same). An update whose covariance is not positive definite, or whose scores are not
+finite, is rejected: the parameters are kept and ``EngineState.num_rejected`` counts
+it. :attr:`EngineState.optim_state` holds the constrained guide params.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpyro
-from jax import lax, random
-from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoMultivariateNormal
-from numpyro.infer.svi import SVIRunResult
+from jax import random
 
-from numpyro_psvi.guides import guide_density
+from numpyro_psvi.engine import EngineState, ScoreEngine
 from numpyro_psvi.objective import weighted_fisher
-from numpyro_psvi.scores import check_model, make_score_fn, model_param_names
-from psvi.checks import check_rejection_streak
-
-
-class BaselineState(NamedTuple):
-    """State of :class:`GSM` and :class:`BaM`: constrained guide params and counters
-    (as in :class:`~numpyro_psvi.PSVIState`; ``step`` counts updates, for schedules)."""
-
-    params: dict
-    rng_key: jax.Array
-    num_score_calls: jax.Array
-    num_rejected: jax.Array
-    consecutive_rejected: jax.Array
-    step: jax.Array
 
 
 def gsm_step(loc, cov, particles, scores):
@@ -59,7 +42,7 @@ def bam_step(loc, cov, particles, scores, learning_rate):
     """One BaM update (Cai et al. 2024) with learning rate ``l``: the new ``(loc, cov)``.
 
     ``S U S + S = V`` is solved as ``S = 2 L (I + M^{1/2})^{-1} L'`` with ``V = L L'`` and
-    ``M = I + 4 L' U L`` (symmetric), which equals BASELINES.md's
+    ``M = I + 4 L' U L`` (symmetric), which equals docs/baselines.md's
     ``2 V (I + (I + 4 U V)^{1/2})^{-1}`` and is symmetric positive definite by construction.
     """
     num = particles.shape[0]
@@ -78,8 +61,8 @@ def bam_step(loc, cov, particles, scores, learning_rate):
     return new_loc, new_cov
 
 
-class _GaussianBaseline:
-    """Shared ``init / update / run / get_params`` of the closed-form baselines."""
+class _GaussianBaseline(ScoreEngine):
+    """The shared ``update`` of the closed-form baselines."""
 
     def __init__(
         self,
@@ -87,31 +70,25 @@ class _GaussianBaseline:
         guide: Any,
         *,
         num_particles: int,
+        vectorize_particles: bool = True,
         max_consecutive_rejections: int | None = 20,
         **static_kwargs: Any,
     ):
-        if not isinstance(guide, AutoMultivariateNormal):
+        super().__init__(
+            model, guide, None, num_particles=num_particles,
+            vectorize_particles=vectorize_particles,
+            max_consecutive_rejections=max_consecutive_rejections, **static_kwargs,
+        )  # fmt: skip
+        if not self.family.full_covariance:
             raise TypeError(
                 f"{type(self).__name__} fits a full-covariance Gaussian: pass an "
                 f"AutoMultivariateNormal guide, got {type(guide).__name__}."
             )
-        if int(num_particles) < 1:
-            raise ValueError(f"num_particles must be a positive integer, got {num_particles}.")
-        self.model = model
-        self.guide = guide
-        self.num_particles = int(num_particles)
-        self.max_consecutive_rejections = max_consecutive_rejections
-        self.static_kwargs = static_kwargs
-        # SVI collects the guide's params (the optimizer is never stepped).
-        self._svi = SVI(model, guide, numpyro.optim.SGD(0.0), Trace_ELBO(), **static_kwargs)
-        self.density = None
 
     def _closed_form(self, loc, cov, particles, scores, step):
         raise NotImplementedError
 
-    def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
-        """Return the initial :class:`BaselineState` (sets the guide up)."""
-        local = check_model(self.model, random.split(rng_key, 3)[1], args, {**kwargs, **self.static_kwargs})
+    def _check_local_latents(self, local: dict[str, str]) -> None:
         if local:
             name, plate = next(iter(local.items()))
             raise NotImplementedError(
@@ -120,74 +97,43 @@ class _GaussianBaseline:
                 "and cannot subsample them. Use ProximalScoreVI with AutoNormal, or the "
                 "full plate (subsample_size=None)."
             )
-        params = model_param_names(self.model, args, {**kwargs, **self.static_kwargs})
-        if params:
+
+    def _check_model_params(self) -> None:
+        if self._model_param_names:
             raise NotImplementedError(
                 f"{type(self).__name__} fits latent sites only; the model has learnable "
-                f"params {list(params)}. Use ProximalScoreVI (which learns them jointly) or "
-                "fix them with numpyro.handlers.substitute."
+                f"params {list(self._model_param_names)}. Use ProximalScoreVI (which learns "
+                "them jointly) or fix them with numpyro.handlers.substitute."
             )
-        svi_state = self._svi.init(rng_key, *args, init_params=init_params, **kwargs)
-        self.density = guide_density(self.guide)
-        zero = jnp.zeros((), jnp.int32)
-        params = self._svi.get_params(svi_state)
-        return BaselineState(params, svi_state.rng_key, zero, zero, zero, zero)
 
-    def get_params(self, state: BaselineState) -> dict:
+    def _initial_optim_state(self, optim_state: Any) -> dict:
+        return self.constrain_fn(self.optim.get_params(optim_state))
+
+    def get_params(self, state: EngineState) -> dict:
         """Constrained guide params, as ``SVI.get_params`` returns them."""
-        return state.params
+        return state.optim_state
 
-    def update(self, state: BaselineState, *args: Any, **kwargs: Any):
+    def update(self, state: EngineState, *args: Any, **kwargs: Any) -> tuple[EngineState, jax.Array]:
         """One closed-form update from ``num_particles`` score calls (pure, jittable).
 
         Returns the next state and the covariance-weighted Fisher divergence of the
         current guide on this update's particles (NaN when the update was rejected).
         """
-        if self.density is None:
-            raise RuntimeError(f"Call {type(self).__name__}.init(rng_key, *args) (or run) first.")
-        kwargs = {**kwargs, **self.static_kwargs}
+        kwargs, density = self._prepare(args, kwargs)
         prefix = self.guide.prefix
         rng_key, key_particles, key_batch = random.split(state.rng_key, 3)
-        params = state.params
-        particles = self.density.sample(params, key_particles, self.num_particles)
-        score_fn = make_score_fn(self.model, self.density.unpack, args, kwargs)
-        log_joints, scores = score_fn(particles, key_batch)
-        loss = weighted_fisher(self.density, params, params, particles, scores, "covariance")
+        params = state.optim_state
+        particles, scored = self.score_particles(density, params, {}, key_particles, key_batch, args, kwargs)
+        scores = scored.scores
+        loss = weighted_fisher(density, params, params, particles, scores, "covariance")
         loc, tril = params[f"{prefix}_loc"], params[f"{prefix}_scale_tril"]
-        new_loc, new_cov = self._closed_form(loc, tril @ tril.T, particles, scores, state.step)
+        step = state.num_score_calls // self.num_particles
+        new_loc, new_cov = self._closed_form(loc, tril @ tril.T, particles, scores, step)
         new_tril = jnp.linalg.cholesky(new_cov)  # NaN when not positive definite
         accept = jnp.all(jnp.isfinite(new_tril)) & jnp.all(jnp.isfinite(new_loc))
-        accept &= jnp.all(jnp.isfinite(log_joints)) & jnp.all(jnp.isfinite(scores))
-        new_params = {
-            **params,
-            f"{prefix}_loc": jnp.where(accept, new_loc, loc),
-            f"{prefix}_scale_tril": jnp.where(accept, new_tril, tril),
-        }
-        new_state = BaselineState(
-            new_params,
-            rng_key,
-            state.num_score_calls + self.num_particles,
-            state.num_rejected + (~accept).astype(jnp.int32),
-            jnp.where(accept, 0, state.consecutive_rejected + 1),
-            state.step + 1,
-        )
-        return new_state, jnp.where(accept, loss, jnp.nan)
-
-    def run(self, rng_key: jax.Array, num_steps: int, *args: Any, init_state=None, **kwargs: Any):
-        """``num_steps`` updates in one ``lax.scan``; returns NumPyro's ``SVIRunResult``.
-
-        Raises ``RuntimeError`` when the last ``max_consecutive_rejections`` updates
-        were all rejected.
-        """
-        state = self.init(rng_key, *args, **kwargs) if init_state is None else init_state
-        state, losses = jax.jit(
-            lambda s: lax.scan(lambda s, _: self.update(s, *args, **kwargs), s, None, length=num_steps)
-        )(state)
-        check_rejection_streak(
-            type(self).__name__, int(state.consecutive_rejected), self.max_consecutive_rejections,
-            "updates",
-        )  # fmt: skip
-        return SVIRunResult(self.get_params(state), state, losses)
+        accept &= jnp.all(jnp.isfinite(scored.log_joints)) & jnp.all(jnp.isfinite(scores))
+        candidate = {**params, f"{prefix}_loc": new_loc, f"{prefix}_scale_tril": new_tril}
+        return self.record(state, candidate, accept, rng_key), jnp.where(accept, loss, jnp.nan)
 
 
 class GSM(_GaussianBaseline):

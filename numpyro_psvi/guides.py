@@ -16,6 +16,7 @@ the model), uses nested autodiff for the score and a Monte Carlo KL on extra dra
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import singledispatch
 from typing import Any, NamedTuple
 
 import jax
@@ -28,29 +29,27 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import autoguide
 from numpyro.infer.util import log_density
 
+from numpyro_psvi._compat import (
+    autonormal_event_dims,
+    autonormal_init_locs,
+    batched_event_size,
+    unpack_latent,
+)
 from psvi.checks import GuideSite, check_user_guide_sites
+from psvi.families import (
+    GUIDE_LIST,
+    LAPLACE,
+    POINT_MASS,
+    DensityOptions,
+    GuideFamily,
+    autoregressive_family_advice,
+    full_covariance_family_advice,
+    refused,
+)
 
 Params = dict[str, Any]
 
 SCORE_METHODS = ("closed_form", "autodiff")
-
-_UNSUPPORTED_GUIDES: dict[type, str] = {
-    autoguide.AutoLaplaceApproximation: (
-        "it is a point mass while it is fitted (its covariance comes from the Hessian "
-        "afterwards), so it has no density to match scores with. Use "
-        "AutoMultivariateNormal instead."
-    ),
-    autoguide.AutoDelta: (
-        "it is a point mass and has no density to match scores with. Use AutoNormal "
-        "(mean field) or AutoMultivariateNormal instead; for a MAP estimate keep SVI "
-        "with Trace_ELBO."
-    ),
-    autoguide.AutoBNAFNormal: (
-        "block neural autoregressive flows have no inverse, so the guide density "
-        "cannot be evaluated at the particles. Use AutoIAFNormal or "
-        "AutoMultivariateNormal instead."
-    ),
-}
 
 
 class GuideDensity(NamedTuple):
@@ -72,7 +71,7 @@ class GuideDensity(NamedTuple):
         estimate on fresh draws from ``q_from``.
     cov_quad : callable
         ``cov_quad(params, r) -> ()``, ``r' Cov(q) r`` for a residual ``r`` of shape
-        ``(D,)``: the covariance weighting of ALGORITHM.md section 4.
+        ``(D,)``: the covariance weighting of docs/algorithm.md, section 4.
     unpack : callable
         Maps a flat latent ``(D,)`` to the dict of unconstrained site values.
     closed_form : bool
@@ -239,9 +238,10 @@ def _diagonal_density(get_loc_scale, unpack, latent_dim: int, score_method: str)
     return density._replace(loc_scale=get_loc_scale if density.closed_form else None)
 
 
-def _auto_normal(guide: autoguide.AutoNormal, score_method: str) -> GuideDensity:
-    names = list(guide._init_locs)
-    template = {k: guide._init_locs[k] for k in names}
+def _auto_normal(guide: autoguide.AutoNormal, options: DensityOptions) -> GuideDensity:
+    init_locs = autonormal_init_locs(guide)
+    names = list(init_locs)
+    template = {k: init_locs[k] for k in names}
     flat0, unravel = ravel_pytree(template)
     prefix = guide.prefix
 
@@ -252,26 +252,26 @@ def _auto_normal(guide: autoguide.AutoNormal, score_method: str) -> GuideDensity
 
     local_plates = {
         name: tuple(
-            (frame.name, frame.dim - guide._event_dims[name])
+            (frame.name, frame.dim - autonormal_event_dims(guide)[name])
             for frame in guide.prototype_trace[name]["cond_indep_stack"]
         )
         for name in names
         if guide.prototype_trace[name]["cond_indep_stack"]
     }
-    density = _diagonal_density(get_loc_scale, unravel, flat0.size, score_method)
+    density = _diagonal_density(get_loc_scale, unravel, flat0.size, options.score_method)
     return density._replace(local_plates=local_plates)
 
 
-def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, score_method: str) -> GuideDensity:
+def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions) -> GuideDensity:
     prefix = guide.prefix
 
     def get_loc_scale(params):
         return params[f"{prefix}_loc"], params[f"{prefix}_scale"]
 
-    return _diagonal_density(get_loc_scale, guide._unpack_latent, guide.latent_dim, score_method)
+    return _diagonal_density(get_loc_scale, unpack_latent(guide), guide.latent_dim, options.score_method)
 
 
-def _auto_mvn(guide: autoguide.AutoMultivariateNormal, score_method: str) -> GuideDensity:
+def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) -> GuideDensity:
     prefix = guide.prefix
     dim = guide.latent_dim
 
@@ -301,12 +301,12 @@ def _auto_mvn(guide: autoguide.AutoMultivariateNormal, score_method: str) -> Gui
         score=score,
         kl=kl,
         cov_quad=cov_quad,
-        unpack=guide._unpack_latent,
-        score_method=score_method,
+        unpack=unpack_latent(guide),
+        score_method=options.score_method,
     )
 
 
-def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, score_method: str):
+def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, options: DensityOptions) -> GuideDensity:
     prefix = guide.prefix
     dim = guide.latent_dim
 
@@ -347,8 +347,54 @@ def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, score_method: 
         score=score,
         kl=kl,
         cov_quad=cov_quad,
-        unpack=guide._unpack_latent,
-        score_method=score_method,
+        unpack=unpack_latent(guide),
+        score_method=options.score_method,
+    )
+
+
+def _auto_batched_mvn(
+    guide: autoguide.AutoBatchedMultivariateNormal, options: DensityOptions
+) -> GuideDensity:
+    """Independent full-covariance blocks: the flat latent is ``(*batch_shape, d)`` in row
+    order, block ``b`` is ``N(loc[b], L[b] L[b]')``; the closed forms sum over blocks."""
+    prefix = guide.prefix
+    dim = guide.latent_dim
+
+    def get(params):
+        loc, tril = params[f"{prefix}_loc"], params[f"{prefix}_scale_tril"]
+        return loc.reshape(-1, loc.shape[-1]), tril.reshape(-1, *tril.shape[-2:])
+
+    size = batched_event_size(guide)
+
+    def blocks(u):
+        return u.reshape(dim // size, size)
+
+    def sample(params, rng_key, num):
+        loc, tril = get(params)
+        eps = jax.random.normal(rng_key, (num, *loc.shape), loc.dtype)
+        return (loc + jnp.einsum("bij,nbj->nbi", tril, eps)).reshape(num, dim)
+
+    def log_prob(params, u):
+        return jnp.sum(jax.vmap(_tril_log_prob)(*get(params), blocks(u)))
+
+    def score(params, u):
+        return jax.vmap(_tril_score)(*get(params), blocks(u)).reshape(dim)
+
+    def kl(params0, params1, rng_key=None):
+        return jnp.sum(jax.vmap(_tril_kl)(*get(params0), *get(params1)))
+
+    def cov_quad(params, r):
+        return jnp.sum(jnp.einsum("bi,bij->bj", blocks(r), get(params)[1]) ** 2)
+
+    return _finish(
+        latent_dim=dim,
+        sample=sample,
+        log_prob=log_prob,
+        score=score,
+        kl=kl,
+        cov_quad=cov_quad,
+        unpack=unpack_latent(guide),
+        score_method=options.score_method,
     )
 
 
@@ -357,7 +403,7 @@ def _monte_carlo_kl_and_cov(sample: Callable, log_prob: Callable, num_draws: int
 
     ``kl(params0, params1, rng_key)`` is the Monte Carlo ``mean(log q0(x) - log q1(x))``
     on ``num_draws`` fresh draws ``x ~ q0`` (never the S particles, whose sample KL is
-    unbounded below, ALGORITHM.md section 4), plus the control variate ``<g0, params1 -
+    unbounded below, docs/algorithm.md, section 4), plus the control variate ``<g0, params1 -
     params0>`` with ``g0 = mean grad_params log q_params(x)`` at ``params0``: it has mean
     zero (the score identity) and makes the estimate's gradient vanish exactly at
     ``params1 = params0``, so the proximal term no longer pulls toward the draws' own
@@ -383,7 +429,7 @@ def _monte_carlo_kl_and_cov(sample: Callable, log_prob: Callable, num_draws: int
     return kl, cov_quad
 
 
-def _auto_continuous(guide: autoguide.AutoContinuous, num_kl_draws: int) -> GuideDensity:
+def _auto_continuous(guide: autoguide.AutoContinuous, options: DensityOptions) -> GuideDensity:
     """Any AutoContinuous guide whose ``get_posterior`` has a ``log_prob``."""
     dim = guide.latent_dim
 
@@ -393,7 +439,7 @@ def _auto_continuous(guide: autoguide.AutoContinuous, num_kl_draws: int) -> Guid
     def log_prob(params, u):
         return jnp.sum(guide.get_posterior(params).log_prob(u))
 
-    kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, num_kl_draws)
+    kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, options.num_kl_draws)
 
     return GuideDensity(
         latent_dim=dim,
@@ -402,7 +448,7 @@ def _auto_continuous(guide: autoguide.AutoContinuous, num_kl_draws: int) -> Guid
         score=_autodiff_score(log_prob),
         kl=kl,
         cov_quad=cov_quad,
-        unpack=guide._unpack_latent,
+        unpack=unpack_latent(guide),
         closed_form=False,
     )
 
@@ -449,7 +495,7 @@ def _user_guide(
 
     ``log q_u(u) = sum_sites log q(T(u)) + log|det J_T(u)|`` with ``T`` each model site's
     ``biject_to(support)``: the Jacobians are those of the model's log joint, so they
-    cancel in the residual (ALGORITHM.md section 3). The guide is run with the
+    cancel in the residual (docs/algorithm.md, section 3). The guide is run with the
     model's arguments and its ``numpyro.param`` values substituted.
     """
     model_trace = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
@@ -495,6 +541,122 @@ def _user_guide(
     )
 
 
+def _break_zero_cov_factor(guide, params: dict, init_params: dict | None, rng_key) -> dict:
+    """Replace NumPyro's all-zero initial ``cov_factor`` by a small random one.
+
+    The guide's score depends on the factor ``W`` only through ``W W'``, so
+    ``W = 0`` is a stationary point of the score-matching objective: a zero factor
+    would never move (the ELBO's reparameterized gradient escapes it; this objective
+    does not). Pyro initializes the factor randomly; so do we, with
+    ``N(0, 0.25 / rank)`` entries.
+    """
+    name = f"{guide.prefix}_cov_factor"
+    if (init_params and name in init_params) or bool(jnp.any(params[name] != 0)):
+        return params
+    rank = params[name].shape[-1]
+    noise = jax.random.normal(jax.random.fold_in(rng_key, 1), params[name].shape, params[name].dtype)
+    return {**params, name: 0.5 / rank**0.5 * noise}
+
+
+def _autoguide_setup(build: Callable[[Any, DensityOptions], GuideDensity]):
+    """``GuideFamily.setup`` of an autoguide: one density for every call, built on the
+    first call from the guide's prototype (which ``SVI.init`` sets up)."""
+
+    def setup(guide, model, args, kwargs, options: DensityOptions):
+        built: list[GuideDensity] = []
+
+        def density(args, kwargs):
+            if not built:
+                built.append(build(guide, options))
+            return built[0]
+
+        return density
+
+    return setup
+
+
+def _user_guide_setup(guide, model, args, kwargs, options: DensityOptions):
+    """``GuideFamily.setup`` of a user-written guide: checked once, its density built with
+    each call's arguments (the guide is run with them)."""
+    if model is None:
+        raise ValueError("A user-written guide's density needs the model (model=...).")
+    check_user_guide(guide, model, args, kwargs)
+    return lambda args, kwargs: _user_guide(guide, model, args, kwargs, options.num_kl_draws)
+
+
+_GENERIC = GuideFamily("an AutoContinuous guide", _autoguide_setup(_auto_continuous))
+_USER_GUIDE = GuideFamily("a user-written guide", _user_guide_setup)
+
+
+@singledispatch
+def guide_family(guide: Any) -> GuideFamily:
+    """The :class:`~psvi.families.GuideFamily` of ``guide``: one registration per autoguide
+    class (``guide_family.register``), a user-written guide for any other callable."""
+    if not callable(guide):
+        raise TypeError(f"The guide must be an autoguide or a function, got {type(guide).__name__}.")
+    return _USER_GUIDE
+
+
+def _register(cls: type, family: GuideFamily) -> None:
+    guide_family.register(cls)(lambda guide: family._replace(name=type(guide).__name__))
+
+
+_register(
+    autoguide.AutoGuide,
+    refused(
+        "AutoGuide",
+        "ProximalScoreVI needs the guide's density. Supported: AutoNormal, "
+        "AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal, "
+        "AutoContinuous guides with a tractable log density (e.g. AutoIAFNormal) and "
+        "user-written guides (functions).",
+    ),
+)
+_register(autoguide.AutoContinuous, _GENERIC)
+# Batched variants subclass the plain ones but lay their params out differently.
+_register(autoguide.AutoBatchedMixin, _GENERIC)
+_register(autoguide.AutoIAFNormal, _GENERIC._replace(advice=autoregressive_family_advice))
+_register(autoguide.AutoNormal, GuideFamily("AutoNormal", _autoguide_setup(_auto_normal), local_latents=True))
+_register(autoguide.AutoDiagonalNormal, GuideFamily("AutoDiagonalNormal", _autoguide_setup(_auto_diagonal)))
+_register(
+    autoguide.AutoMultivariateNormal,
+    GuideFamily(
+        "AutoMultivariateNormal", _autoguide_setup(_auto_mvn), full_covariance=True,
+        advice=full_covariance_family_advice,
+    ),
+)  # fmt: skip
+_register(
+    autoguide.AutoLowRankMultivariateNormal,
+    GuideFamily(
+        "AutoLowRankMultivariateNormal", _autoguide_setup(_auto_lowrank),
+        init_params=_break_zero_cov_factor,
+    ),
+)  # fmt: skip
+_register(
+    autoguide.AutoBatchedMultivariateNormal,
+    GuideFamily("AutoBatchedMultivariateNormal", _autoguide_setup(_auto_batched_mvn)),
+)
+_register(autoguide.AutoDelta, refused("AutoDelta", POINT_MASS))
+_register(autoguide.AutoLaplaceApproximation, refused("AutoLaplaceApproximation", LAPLACE))
+_register(autoguide.AutoGuideList, refused("AutoGuideList", GUIDE_LIST))
+_register(
+    autoguide.AutoBNAFNormal,
+    refused(
+        "AutoBNAFNormal",
+        "block neural autoregressive flows have no inverse, so the guide density cannot "
+        "be evaluated at the particles. Use AutoIAFNormal or AutoMultivariateNormal instead.",
+    ),
+)
+for _dais in (autoguide.AutoDAIS, autoguide.AutoSemiDAIS):
+    _register(
+        _dais,
+        refused(
+            _dais.__name__,
+            "its density is defined through an annealed importance sampler and is not "
+            "tractable. Use AutoMultivariateNormal or AutoIAFNormal instead.",
+        ),
+    )
+
+
 def guide_density(
     guide: Any,
     score_method: str = "closed_form",
@@ -502,13 +664,14 @@ def guide_density(
     model: Callable | None = None,
     args: tuple = (),
     kwargs: dict | None = None,
-):
-    """Build the :class:`GuideDensity` of a set-up autoguide.
+) -> GuideDensity:
+    """Build the :class:`GuideDensity` of a set-up autoguide or a user-written guide.
 
     Parameters
     ----------
-    guide : numpyro.infer.autoguide.AutoGuide
-        An autoguide whose prototype has been set up (it has been run once).
+    guide : numpyro.infer.autoguide.AutoGuide or callable
+        An autoguide whose prototype has been set up (it has been run once), or a
+        user-written guide.
     score_method : {"closed_form", "autodiff"}
         ``"closed_form"`` uses the analytic Gaussian score; ``"autodiff"`` takes
         ``jax.grad`` of the guide's log density (the generic nested-autodiff path).
@@ -518,56 +681,11 @@ def guide_density(
     model, args, kwargs
         For a user-written guide (a plain function): the model (its latent sites and
         supports define the flat layout) and the arguments both are called with.
-
-    Returns
-    -------
-    GuideDensity
     """
     if score_method not in SCORE_METHODS:
         raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}.")
-    check_guide_supported(guide)
-    if not isinstance(guide, autoguide.AutoGuide):
-        if model is None:
-            raise ValueError("A user-written guide's density needs the model (model=...).")
-        return _user_guide(guide, model, args, kwargs or {}, num_kl_draws)
-    # Batched variants subclass the plain ones but lay their params out differently.
-    if isinstance(guide, autoguide.AutoBatchedMixin):
-        return _auto_continuous(guide, num_kl_draws)
-    if isinstance(guide, autoguide.AutoNormal):
-        return _auto_normal(guide, score_method)
-    if isinstance(guide, autoguide.AutoDiagonalNormal):
-        return _auto_diagonal(guide, score_method)
-    if isinstance(guide, autoguide.AutoMultivariateNormal):
-        return _auto_mvn(guide, score_method)
-    if isinstance(guide, autoguide.AutoLowRankMultivariateNormal):
-        return _auto_lowrank(guide, score_method)
-    return _auto_continuous(guide, num_kl_draws)
-
-
-def check_guide_supported(guide: Any) -> None:
-    """Raise a ``TypeError`` naming the reason and the fix for an unusable guide."""
-    for cls, why in _UNSUPPORTED_GUIDES.items():
-        if isinstance(guide, cls):
-            raise TypeError(f"ProximalScoreVI cannot fit {type(guide).__name__}: {why}")
-    if isinstance(guide, autoguide.AutoGuideList):
-        raise TypeError(
-            "ProximalScoreVI does not support AutoGuideList yet: use one autoguide over "
-            "all latent sites (e.g. AutoNormal or AutoMultivariateNormal)."
-        )
-    if isinstance(guide, autoguide.AutoDAIS | autoguide.AutoSemiDAIS):
-        raise TypeError(
-            f"ProximalScoreVI cannot fit {type(guide).__name__}: its density is defined "
-            "through an annealed importance sampler and is not tractable. Use "
-            "AutoMultivariateNormal or AutoIAFNormal instead."
-        )
-    if isinstance(guide, autoguide.AutoGuide) and not isinstance(
-        guide, autoguide.AutoNormal | autoguide.AutoContinuous
-    ):
-        raise TypeError(
-            f"ProximalScoreVI needs the guide's density, got {type(guide).__name__}. "
-            "Supported: AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, "
-            "AutoLowRankMultivariateNormal, AutoContinuous guides with a tractable "
-            "log density (e.g. AutoIAFNormal) and user-written guides (functions)."
-        )
-    if not callable(guide):
-        raise TypeError(f"The guide must be an autoguide or a function, got {type(guide).__name__}.")
+    family = guide_family(guide)
+    family.check_supported()
+    kwargs = kwargs or {}
+    options = DensityOptions(score_method, num_kl_draws)
+    return family.setup(guide, model, args, kwargs, options)(args, kwargs)

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.initialization import init_to_uniform
-from numpyro.infer.util import _unconstrain_reparam, log_density, potential_energy
+from numpyro.infer.util import log_density, potential_energy
+
+from numpyro_psvi._compat import unconstrain_reparam
 
 ScoreFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -98,7 +100,7 @@ def make_log_joint(
             for plate, dim in local_plates.get(name, ()):
                 if plate in indices:
                     value = jnp.take(value, indices[plate], axis=dim)
-            return _unconstrain_reparam({name: value}, site)
+            return unconstrain_reparam({name: value}, site)
 
         substituted = substitute(seed(model, batch_key), substitute_fn=unconstrain)
         return log_density(substituted, model_args, model_kwargs, {})[0]

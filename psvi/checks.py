@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
+
+_PACKAGES = ("psvi", "pyro_psvi", "numpyro_psvi", "pyro", "numpyro", "jax", "torch")
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised by the caller of this function at
+    the first frame outside psvi and the libraries it runs in (the user's line)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in _PACKAGES:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_latents_match(expected: dict, found: dict, what: str, fix: str) -> None:

@@ -1,21 +1,23 @@
 """Pyro backend of psvi: proximal score-based variational inference."""
 
+from psvi.objective import ProximalScoreMatching
 from psvi.schedules import bam_schedule
 from pyro_psvi.baselines import GSM, BaM
-from pyro_psvi.engine import ProximalScoreVI
-from pyro_psvi.guides import GuideDensity, guide_density
-from pyro_psvi.models import FlatBayesianModule, bayesian_module
+from pyro_psvi.engine import ScoreEngine
+from pyro_psvi.guides import GuideDensity, guide_density, guide_family
 from pyro_psvi.objective import proximal_objective, weighted_fisher
+from pyro_psvi.proximal import ProximalScoreVI
 
 __all__ = [
     "GSM",
     "BaM",
-    "FlatBayesianModule",
-    "bam_schedule",
     "GuideDensity",
+    "ProximalScoreMatching",
     "ProximalScoreVI",
-    "bayesian_module",
+    "ScoreEngine",
+    "bam_schedule",
     "guide_density",
+    "guide_family",
     "proximal_objective",
     "weighted_fisher",
 ]

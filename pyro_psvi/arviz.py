@@ -18,13 +18,13 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
-from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
+from psvi.families import DensityOptions
 from psvi.inference_data import add_fit_stats, dim_names, pseudo_chains
-from pyro_psvi.guides import GuideDensity, guide_density, user_guide_density, user_guide_layout
+from pyro_psvi.guides import GuideDensity, guide_family
 from pyro_psvi.objective import weighted_fisher
 from pyro_psvi.scores import (
     SharedSubsample,
@@ -127,15 +127,15 @@ def _site_dims(site, name: str, ndim: int, event_dim: int) -> list[str]:
 
 
 def _density(model: Callable, guide: Any, args: tuple, kwargs: dict) -> GuideDensity:
-    """The fitted guide's density: an autoguide's, or a user-written guide's (run with
-    the model's arguments)."""
-    if isinstance(guide, AutoGuide):
-        return guide_density(guide)
-    with torch.no_grad(), poutine.block():
+    """The fitted guide's density, built by its family (a user-written guide is run with
+    the model's arguments); draws nothing from torch's random stream."""
+    family = guide_family(guide)
+    family.check_supported()
+    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
         model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    layout = user_guide_layout(guide, model_trace, guide_trace)
-    return user_guide_density(guide, layout, args, kwargs, guess_max_plate_nesting(model_trace))
+    options = DensityOptions(max_plate_nesting=guess_max_plate_nesting(model_trace))
+    return family.setup(guide, model_trace, guide_trace, args, kwargs, options)(args, kwargs)
 
 
 def _constrained(density: GuideDensity, model_trace, u: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -190,13 +190,13 @@ def to_inference_data(
         for u in draws:
             values = density.unpack(u)
             for name, value in _constrained(density, model_trace, u).items():
-                posterior.setdefault(name, []).append(value.numpy())
+                posterior.setdefault(name, []).append(value.detach().cpu().numpy())
             _, logs = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=False)
             _, preds = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=True)
             for name, (_site, value) in logs.items():
-                pointwise.setdefault(name, []).append(value.numpy())
+                pointwise.setdefault(name, []).append(value.detach().cpu().numpy())
             for name, (site, value) in preds.items():
-                predictive.setdefault(name, []).append(value.numpy())
+                predictive.setdefault(name, []).append(value.detach().cpu().numpy())
                 dims[name] = _site_dims(site, name, value.dim(), site["fn"].event_dim)
         first = density.unpack(draws[0])
         observed = {name: _observed_values(model, first, plates, args, kwargs, plate, name) for name in preds}
@@ -234,9 +234,9 @@ def _observed_values(model, values, plates, args, kwargs, plate, site_name: str)
         site = tracer.trace.nodes[site_name]
         frame = _plate_frame(site, plate)
         if frame is None:
-            return site["value"].numpy()
+            return site["value"].detach().cpu().numpy()
         parts.append(site["value"].index_select(frame.dim - site["fn"].event_dim, fresh))
-    return torch.cat(parts, dim=frame.dim - site["fn"].event_dim).numpy()
+    return torch.cat(parts, dim=frame.dim - site["fn"].event_dim).detach().cpu().numpy()
 
 
 def vi_diagnostics(
@@ -259,7 +259,7 @@ def vi_diagnostics(
         scores.append(torch.autograd.grad(log_joint, u)[0])
         log_joints.append(log_joint.detach())
     with torch.no_grad():
-        log_w = (torch.stack(log_joints) - density.log_prob(params, draws)).double().numpy()
+        log_w = (torch.stack(log_joints) - density.log_prob(params, draws)).double().cpu().numpy()
         _, khat = az.psislw(log_w)
         fisher = weighted_fisher(density, params, params, draws, torch.stack(scores), "covariance")
     return {"khat": float(khat), "elbo": float(np.mean(log_w)), "fisher": float(fisher)}

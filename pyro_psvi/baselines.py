@@ -1,4 +1,4 @@
-"""GSM and BaM: closed-form score-based baselines (``../shared/docs/BASELINES.md``).
+"""GSM and BaM: closed-form score-based baselines (docs/baselines.md).
 
 Both fit an ``AutoMultivariateNormal`` guide with closed-form updates (no
 optimizer) from ``num_particles`` particles and their model scores, computed by the
@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pyro.infer.autoguide import AutoMultivariateNormal
 
 from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.objective import weighted_fisher
@@ -47,7 +46,7 @@ def bam_step(
     """One BaM update (Cai et al. 2024) with learning rate ``l``: the new ``(loc, cov)``.
 
     ``S U S + S = V`` is solved as ``S = 2 L (I + M^{1/2})^{-1} L'`` with ``V = L L'`` and
-    ``M = I + 4 L' U L`` (symmetric), which equals BASELINES.md's
+    ``M = I + 4 L' U L`` (symmetric), which equals docs/baselines.md's
     ``2 V (I + (I + 4 U V)^{1/2})^{-1}`` and is symmetric positive definite by construction.
     """
     num = particles.shape[0]
@@ -73,27 +72,37 @@ class _GaussianBaseline(ScoreEngine):
     def __init__(
         self,
         model: Callable,
-        guide: AutoMultivariateNormal,
+        guide: Any,
         *,
         num_particles: int,
         vectorize_particles: bool = True,
         max_plate_nesting: int | None = None,
         max_consecutive_rejections: int | None = 20,
     ) -> None:
-        if not isinstance(guide, AutoMultivariateNormal):
-            raise TypeError(
-                f"{type(self).__name__} fits a full-covariance Gaussian: pass an "
-                f"AutoMultivariateNormal guide, got {type(guide).__name__}."
-            )
         super().__init__(
             model, guide, num_particles=num_particles, vectorize_particles=vectorize_particles,
             max_plate_nesting=max_plate_nesting,
             max_consecutive_rejections=max_consecutive_rejections,
         )  # fmt: skip
+        if not self.family.full_covariance:
+            raise TypeError(
+                f"{type(self).__name__} fits a full-covariance Gaussian: pass an "
+                f"AutoMultivariateNormal guide, got {type(guide).__name__}."
+            )
         self.num_updates = 0
 
     def _closed_form(self, loc, cov, particles, scores):
         raise NotImplementedError
+
+    def _check_local_latents(self, local: dict[str, str]) -> None:
+        if local:
+            name, plate = next(iter(local.items()))
+            raise NotImplementedError(
+                f"Latent site {name!r} is local to the subsampled plate {plate!r}; "
+                f"{type(self).__name__} fits one full-covariance Gaussian over all latents "
+                "and cannot subsample them. Use ProximalScoreVI with AutoNormal, or the "
+                "full plate (subsample_size=None)."
+            )
 
     def _setup(self, args: tuple, kwargs: dict) -> None:
         super()._setup(args, kwargs)
@@ -121,7 +130,7 @@ class _GaussianBaseline(ScoreEngine):
         loc_name, scale_name, tril_name = self.density.param_names
         with torch.no_grad():
             params = self._constrain({k: v.detach() for k, v in leaves.items()})
-        particles, scored = self._particles_and_scores(params, args, kwargs)
+        particles, scored = self.score_particles(params, args, kwargs)
         log_joint, scores = scored.log_joints, scored.scores
         with torch.no_grad():
             loss = weighted_fisher(self.density, params, params, particles, scores, "covariance")
@@ -144,7 +153,7 @@ class _GaussianBaseline(ScoreEngine):
 class GSM(_GaussianBaseline):
     """Gaussian score matching VI (Modi et al., NeurIPS 2023), ``num_particles`` per step."""
 
-    def __init__(self, model: Callable, guide: AutoMultivariateNormal, *, num_particles: int = 2,
+    def __init__(self, model: Callable, guide: Any, *, num_particles: int = 2,
                  **options: Any) -> None:  # fmt: skip
         super().__init__(model, guide, num_particles=num_particles, **options)
 
@@ -165,7 +174,7 @@ class BaM(_GaussianBaseline):
     def __init__(
         self,
         model: Callable,
-        guide: AutoMultivariateNormal,
+        guide: Any,
         *,
         num_particles: int = 2,
         learning_rate: float | Callable[[int], float] = 1.0,

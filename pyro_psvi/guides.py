@@ -18,44 +18,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import singledispatch
 from typing import Any, NamedTuple
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.transforms import AffineAutoregressive, SplineAutoregressive
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import autoguide
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import ComposeTransform, biject_to
 
 from psvi.checks import GuideSite, check_user_guide_sites
+from psvi.families import (
+    GUIDE_LIST,
+    LAPLACE,
+    POINT_MASS,
+    DensityOptions,
+    GuideFamily,
+    autoregressive_family_advice,
+    full_covariance_family_advice,
+    refused,
+)
+from pyro_psvi._compat import inverse, is_block_autoregressive, param_prefix, tensor_version
 
 Params = dict[str, torch.Tensor]
 
 SCORE_METHODS = ("closed_form", "autodiff")
-
-_UNSUPPORTED_GUIDES: dict[type, str] = {
-    autoguide.AutoLaplaceApproximation: (
-        "it is a point mass while it is fitted (its covariance comes from the Hessian "
-        "afterwards), so it has no density to match scores with. Use "
-        "AutoMultivariateNormal instead."
-    ),
-    autoguide.AutoDelta: (
-        "it is a point mass and has no density to match scores with. Use AutoNormal "
-        "(mean field) or AutoMultivariateNormal instead; for a MAP estimate keep SVI "
-        "with Trace_ELBO."
-    ),
-}
-
-
-_SUPPORTED_GUIDES = (
-    autoguide.AutoNormal,
-    autoguide.AutoDiagonalNormal,
-    autoguide.AutoMultivariateNormal,
-    autoguide.AutoLowRankMultivariateNormal,
-    autoguide.AutoNormalizingFlow,
-)
 
 
 class LatentSite(NamedTuple):
@@ -106,7 +97,7 @@ class GuideDensity(NamedTuple):
         step gives common random numbers across the step's evaluations).
     cov_quad : callable
         ``cov_quad(params, r) -> (S,)``, ``r' Cov(q) r`` for residuals ``(S, D)``:
-        the covariance weighting of ALGORITHM.md section 4.
+        the covariance weighting of docs/algorithm.md, section 4.
     closed_form : bool
         Whether ``score`` is closed form.
     loc_scale : callable or None
@@ -256,8 +247,9 @@ def _diagonal_density(get_loc_scale, sites, names, score_method: str) -> GuideDe
 
     closed = score_method == "closed_form"
     return GuideDensity(
-        dim, sites, names, sample, log_prob, score if closed else _autodiff_score(log_prob),
-        kl, cov_quad, closed, get_loc_scale if closed else None,
+        latent_dim=dim, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
+        score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
+        closed_form=closed, loc_scale=get_loc_scale if closed else None,
     )  # fmt: skip
 
 
@@ -267,7 +259,7 @@ def _full_size_sites(guide: autoguide.AutoNormal) -> tuple[LatentSite, ...]:
     store = pyro.get_param_store()
     sites = []
     for site in _latent_sites(guide):
-        shape = store[f"{guide._pyro_name}.locs.{site.name}"].shape
+        shape = store[f"{param_prefix(guide)}.locs.{site.name}"].shape
         frames = guide.prototype_trace.nodes[site.name]["cond_indep_stack"]
         plates = tuple(
             (frame.name, frame.dim - site.event_dim)
@@ -278,9 +270,10 @@ def _full_size_sites(guide: autoguide.AutoNormal) -> tuple[LatentSite, ...]:
     return tuple(sites)
 
 
-def _auto_normal(guide: autoguide.AutoNormal, score_method: str) -> GuideDensity:
+def _auto_normal(guide: autoguide.AutoNormal, options: DensityOptions) -> GuideDensity:
+    score_method = options.score_method
     sites = _full_size_sites(guide)
-    prefix = guide._pyro_name
+    prefix = param_prefix(guide)
     loc_names = [f"{prefix}.locs.{s.name}" for s in sites]
     scale_names = [f"{prefix}.scales.{s.name}" for s in sites]
 
@@ -292,8 +285,9 @@ def _auto_normal(guide: autoguide.AutoNormal, score_method: str) -> GuideDensity
     return _diagonal_density(get_loc_scale, sites, tuple(loc_names + scale_names), score_method)
 
 
-def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, score_method: str) -> GuideDensity:
-    names = (f"{guide._pyro_name}.loc", f"{guide._pyro_name}.scale")
+def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions) -> GuideDensity:
+    score_method = options.score_method
+    names = (f"{param_prefix(guide)}.loc", f"{param_prefix(guide)}.scale")
 
     def get_loc_scale(params):
         return params[names[0]], params[names[1]]
@@ -301,9 +295,10 @@ def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, score_method: str) -> Gu
     return _diagonal_density(get_loc_scale, _latent_sites(guide), names, score_method)
 
 
-def _auto_mvn(guide: autoguide.AutoMultivariateNormal, score_method: str) -> GuideDensity:
+def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) -> GuideDensity:
+    score_method = options.score_method
     sites = _latent_sites(guide)
-    names = tuple(f"{guide._pyro_name}.{p}" for p in ("loc", "scale", "scale_tril"))
+    names = tuple(f"{param_prefix(guide)}.{p}" for p in ("loc", "scale", "scale_tril"))
     dim = guide.latent_dim
 
     def get(params):
@@ -332,14 +327,16 @@ def _auto_mvn(guide: autoguide.AutoMultivariateNormal, score_method: str) -> Gui
 
     closed = score_method == "closed_form"
     return GuideDensity(
-        dim, sites, names, sample, log_prob, score if closed else _autodiff_score(log_prob),
-        kl, cov_quad, closed,
+        latent_dim=dim, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
+        score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
+        closed_form=closed,
     )  # fmt: skip
 
 
-def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, score_method: str):
+def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, options: DensityOptions) -> GuideDensity:
+    score_method = options.score_method
     sites = _latent_sites(guide)
-    names = tuple(f"{guide._pyro_name}.{p}" for p in ("loc", "scale", "cov_factor"))
+    names = tuple(f"{param_prefix(guide)}.{p}" for p in ("loc", "scale", "cov_factor"))
     dim = guide.latent_dim
 
     def pieces(params):
@@ -376,8 +373,9 @@ def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, score_method: 
 
     closed = score_method == "closed_form"
     return GuideDensity(
-        dim, sites, names, sample, log_prob, score if closed else _autodiff_score(log_prob),
-        kl, cov_quad, closed,
+        latent_dim=dim, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
+        score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
+        closed_form=closed,
     )  # fmt: skip
 
 
@@ -407,7 +405,7 @@ def _monte_carlo_kl_and_cov(
 
     ``kl(params0, params1, seed)`` is the Monte Carlo ``mean(log q0(x) - log q1(x))`` on
     ``num_draws`` fresh draws ``x ~ q0`` (never the S particles, whose sample KL is
-    unbounded below, ALGORITHM.md section 4), plus the control variate ``<g0, params1 -
+    unbounded below, docs/algorithm.md, section 4), plus the control variate ``<g0, params1 -
     params0>`` with ``g0 = mean grad_params log q_params(x)`` at ``params0``: it has mean
     zero (the score identity) and makes the estimate's gradient vanish exactly at
     ``params1 = params0``, so the proximal term no longer pulls toward the draws' own
@@ -419,7 +417,7 @@ def _monte_carlo_kl_and_cov(
     memos: dict[str, dict] = {"kl": {}, "cov": {}}
 
     def seeded(params, seed, use):
-        memo, key = memos[use], (seed, tuple(v._version for v in params.values()))
+        memo, key = memos[use], (seed, tuple(tensor_version(v) for v in params.values()))
         if seed is not None and memo.get("params") is params and memo.get("key") == key:
             return memo["value"]
         with torch.no_grad():
@@ -451,7 +449,7 @@ def _monte_carlo_kl_and_cov(
     return kl, cov_quad
 
 
-def _flow(guide: autoguide.AutoNormalizingFlow, num_kl_draws: int) -> GuideDensity:
+def _flow(guide: autoguide.AutoNormalizingFlow, options: DensityOptions) -> GuideDensity:
     """AutoNormalizingFlow / AutoIAFNormal: ``u = T(z)``, ``z ~ N(0, I)``.
 
     The density at a given ``u`` inverts the flow transform by transform with the
@@ -463,7 +461,7 @@ def _flow(guide: autoguide.AutoNormalizingFlow, num_kl_draws: int) -> GuideDensi
     flow = guide.transform
     parts = list(flow.parts) if isinstance(flow, ComposeTransform) else [flow]
     local_names = [name for name, _ in flow.named_parameters()]
-    names = tuple(f"{guide._pyro_name}.transform$$${name}" for name in local_names)
+    names = tuple(f"{param_prefix(guide)}.transform$$${name}" for name in local_names)
     holder = _Through(flow)
     dim = guide.latent_dim
 
@@ -484,7 +482,7 @@ def _flow(guide: autoguide.AutoNormalizingFlow, num_kl_draws: int) -> GuideDensi
     def inverse_log_prob(u):
         log_det = u.new_zeros(u.shape[:-1])
         for part in reversed(parts):
-            x = part._inverse(u)
+            x = inverse(part, u)
             log_det = log_det + _event_sum(part.log_abs_det_jacobian(x, u), u.dim() - 1)
             u = x
         return base_log_prob(u) - log_det
@@ -508,10 +506,11 @@ def _flow(guide: autoguide.AutoNormalizingFlow, num_kl_draws: int) -> GuideDensi
             generator = torch.Generator(params[names[0]].device).manual_seed(int(seed))
         return draws(params, num, generator)
 
-    kl, cov_quad = _monte_carlo_kl_and_cov(draws_with_log_prob, log_prob, num_kl_draws)
+    kl, cov_quad = _monte_carlo_kl_and_cov(draws_with_log_prob, log_prob, options.num_kl_draws)
     return GuideDensity(
-        dim, _latent_sites(guide), names, sample, log_prob, _autodiff_score(log_prob), kl,
-        cov_quad, False,
+        latent_dim=dim, sites=_latent_sites(guide), param_names=names, sample=sample,
+        log_prob=log_prob, score=_autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
+        closed_form=False,
     )  # fmt: skip
 
 
@@ -604,7 +603,7 @@ def user_guide_density(
     Site by site on the model's constrained values:
     ``log q_u(u) = sum_sites log q(T(u)) + log|det J_T(u)|`` with ``T`` each model site's
     ``biject_to(support)``: the Jacobians are those of the model's log joint, so they
-    cancel in the residual (ALGORITHM.md section 3). The guide runs with the model's
+    cancel in the residual (docs/algorithm.md, section 3). The guide runs with the model's
     arguments and its ``pyro.param`` values substituted, vectorized over draws under a
     plate left of its own plates (write it broadcast-safe, as for vectorized ELBOs).
     """
@@ -658,9 +657,103 @@ def user_guide_density(
 
     kl, cov_quad = _monte_carlo_kl_and_cov(draws_with_log_prob, log_prob, num_kl_draws)
     return GuideDensity(
-        dim, sites, layout.param_names, sample, log_prob, _autodiff_score(log_prob), kl,
-        cov_quad, False,
+        latent_dim=dim, sites=sites, param_names=layout.param_names, sample=sample,
+        log_prob=log_prob, score=_autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
+        closed_form=False,
     )  # fmt: skip
+
+
+def _autoguide_setup(build: Callable[[Any, DensityOptions], GuideDensity]):
+    """``GuideFamily.setup`` of an autoguide: one density for every call, built from the
+    guide's prototype (the guide must have been run once)."""
+
+    def setup(guide, model_trace, guide_trace, args, kwargs, options: DensityOptions):
+        if guide.prototype_trace is None:
+            raise RuntimeError("Run the guide once (guide(*args)) before building its density.")
+        density = build(guide, options)
+        return lambda args, kwargs: density
+
+    return setup
+
+
+def _user_guide_setup(guide, model_trace, guide_trace, args, kwargs, options: DensityOptions):
+    """``GuideFamily.setup`` of a user-written guide: its layout, checked once against
+    traces of the model and of the guide; its density built with each call's arguments."""
+    if model_trace is None:
+        raise ValueError(
+            "A user-written guide's density needs traces of the model and the guide: use "
+            "user_guide_layout and user_guide_density."
+        )
+    layout = user_guide_layout(guide, model_trace, guide_trace)
+    return lambda args, kwargs: user_guide_density(
+        guide, layout, args, kwargs, options.max_plate_nesting, options.num_kl_draws
+    )
+
+
+def _has_autoregressive_layers(guide: autoguide.AutoNormalizingFlow) -> bool:
+    """Whether a flow guide has layers that invert in D sequential passes."""
+    flow = guide.transform
+    parts = flow.parts if isinstance(flow, ComposeTransform) else [flow]
+    return any(isinstance(part, AffineAutoregressive | SplineAutoregressive) for part in parts)
+
+
+@singledispatch
+def guide_family(guide: Any) -> GuideFamily:
+    """The :class:`~psvi.families.GuideFamily` of ``guide``: one registration per autoguide
+    class (``guide_family.register``), a user-written guide for any other callable."""
+    if not callable(guide):
+        raise TypeError(f"The guide must be an autoguide or a function, got {type(guide).__name__}.")
+    return GuideFamily("a user-written guide", _user_guide_setup)
+
+
+def _register(cls: type, family: GuideFamily) -> None:
+    guide_family.register(cls)(lambda guide: family._replace(name=type(guide).__name__))
+
+
+@guide_family.register(autoguide.AutoNormalizingFlow)
+def _flow_family(guide: autoguide.AutoNormalizingFlow) -> GuideFamily:
+    if is_block_autoregressive(guide):
+        return refused(
+            type(guide).__name__,
+            "a block-autoregressive flow has no inverse, so the guide density cannot be "
+            "evaluated at the particles. Use AutoMultivariateNormal (or, with NumPyro, "
+            "AutoIAFNormal) instead.",
+        )
+
+    def advice(latent_dim: int, num_particles: int) -> str | None:
+        # Asked at set-up, once the guide has been run and its transform built.
+        if not _has_autoregressive_layers(guide):
+            return None
+        return autoregressive_family_advice(latent_dim, num_particles)
+
+    return GuideFamily(type(guide).__name__, _autoguide_setup(_flow), advice=advice)
+
+
+_register(
+    autoguide.AutoGuide,
+    refused(
+        "AutoGuide",
+        "ProximalScoreVI needs the guide's density. Supported: AutoNormal, "
+        "AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal, "
+        "AutoIAFNormal, AutoNormalizingFlow and user-written guides (functions).",
+    ),
+)
+_register(autoguide.AutoNormal, GuideFamily("AutoNormal", _autoguide_setup(_auto_normal), local_latents=True))
+_register(autoguide.AutoDiagonalNormal, GuideFamily("AutoDiagonalNormal", _autoguide_setup(_auto_diagonal)))
+_register(
+    autoguide.AutoMultivariateNormal,
+    GuideFamily(
+        "AutoMultivariateNormal", _autoguide_setup(_auto_mvn), full_covariance=True,
+        advice=full_covariance_family_advice,
+    ),
+)  # fmt: skip
+_register(
+    autoguide.AutoLowRankMultivariateNormal,
+    GuideFamily("AutoLowRankMultivariateNormal", _autoguide_setup(_auto_lowrank)),
+)
+_register(autoguide.AutoDelta, refused("AutoDelta", POINT_MASS))
+_register(autoguide.AutoLaplaceApproximation, refused("AutoLaplaceApproximation", LAPLACE))
+_register(autoguide.AutoGuideList, refused("AutoGuideList", GUIDE_LIST))
 
 
 def guide_density(
@@ -681,44 +774,7 @@ def guide_density(
     """
     if score_method not in SCORE_METHODS:
         raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}.")
-    check_guide_supported(guide)
-    if guide.prototype_trace is None:
-        raise RuntimeError("Run the guide once (guide(*args)) before building its density.")
-    if isinstance(guide, autoguide.AutoNormalizingFlow):
-        return _flow(guide, num_kl_draws)
-    if isinstance(guide, autoguide.AutoNormal):
-        return _auto_normal(guide, score_method)
-    if isinstance(guide, autoguide.AutoDiagonalNormal):
-        return _auto_diagonal(guide, score_method)
-    if isinstance(guide, autoguide.AutoMultivariateNormal):
-        return _auto_mvn(guide, score_method)
-    return _auto_lowrank(guide, score_method)
-
-
-def check_guide_supported(guide: object) -> None:
-    """Raise a ``TypeError`` naming the reason and the fix for an unusable guide."""
-    for cls, why in _UNSUPPORTED_GUIDES.items():
-        if isinstance(guide, cls):
-            raise TypeError(f"ProximalScoreVI cannot fit {type(guide).__name__}: {why}")
-    if isinstance(guide, autoguide.AutoGuideList):
-        raise TypeError(
-            "ProximalScoreVI does not support AutoGuideList yet: use one autoguide over "
-            "all latent sites (e.g. AutoNormal or AutoMultivariateNormal)."
-        )
-    if isinstance(guide, autoguide.AutoNormalizingFlow):
-        flows = getattr(guide, "_init_transform_fn", None)
-        if "block_autoregressive" in repr(flows) or "BlockAutoregressive" in repr(flows):
-            raise TypeError(
-                "ProximalScoreVI cannot fit a block-autoregressive flow: it has no inverse, "
-                "so the guide density cannot be evaluated at the particles. Use "
-                "AutoMultivariateNormal (or, with NumPyro, AutoIAFNormal) instead."
-            )
-    if isinstance(guide, autoguide.AutoGuide) and not isinstance(guide, _SUPPORTED_GUIDES):
-        raise TypeError(
-            f"ProximalScoreVI needs the guide's density, got {type(guide).__name__}. "
-            "Supported: AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, "
-            "AutoLowRankMultivariateNormal, AutoIAFNormal, AutoNormalizingFlow and "
-            "user-written guides (functions)."
-        )
-    if not callable(guide):
-        raise TypeError(f"The guide must be an autoguide or a function, got {type(guide).__name__}.")
+    family = guide_family(guide)
+    family.check_supported()
+    options = DensityOptions(score_method, num_kl_draws)
+    return family.setup(guide, None, None, (), {}, options)((), {})

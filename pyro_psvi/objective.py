@@ -1,4 +1,4 @@
-"""The proximal score-matching objective (ALGORITHM.md section 2).
+"""The proximal score-matching objective (docs/algorithm.md, section 2).
 
 For particles ``u_s ~ q_t`` with model scores ``g_s``::
 
@@ -22,8 +22,6 @@ from typing import NamedTuple
 import torch
 
 from pyro_psvi.guides import GuideDensity, Params
-
-WEIGHTINGS = ("covariance", "identity")
 
 
 def weighted_fisher(

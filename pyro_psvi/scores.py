@@ -29,9 +29,9 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample, init_to_uniform
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import site_is_subsample
 
+from pyro_psvi._compat import Subsample
 from pyro_psvi.guides import GuideDensity
 
 PARTICLE_PLATE = "_psvi_particles"
@@ -56,11 +56,11 @@ class SharedSubsample(Messenger):
         self.indices = indices
 
     def _pyro_sample(self, msg) -> None:
-        if isinstance(msg["fn"], _Subsample) and msg["value"] is None:
+        if isinstance(msg["fn"], Subsample) and msg["value"] is None:
             msg["value"] = self.indices.get(msg["name"])
 
     def _pyro_post_sample(self, msg) -> None:
-        if isinstance(msg["fn"], _Subsample):
+        if isinstance(msg["fn"], Subsample):
             self.indices.setdefault(msg["name"], msg["value"])
 
 

@@ -1,0 +1,10 @@
+"""Domain code built on :mod:`numpyro_psvi` that the engines never import.
+
+- :mod:`numpyro_psvi.contrib.models`: ready-made models (Gaussian targets,
+  regressions, MLP classifiers) and ``fan_in_prior`` for ``random_flax_module``;
+- :mod:`numpyro_psvi.contrib.forecasting`: a Flax ``DLinear`` and ``forecaster``
+  (needs flax: ``pip install "psvi[flax]"``);
+- :mod:`numpyro_psvi.contrib.posteriordb`: Stan-faithful PosteriorDB models.
+
+Each is the twin of the module of the same name in :mod:`pyro_psvi.contrib`.
+"""

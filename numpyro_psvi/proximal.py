@@ -1,0 +1,267 @@
+"""``ProximalScoreVI``: a drop-in replacement for :class:`numpyro.infer.SVI`.
+
+One update is four phases, each a method (docs/algorithm.md):
+
+1. :meth:`~ScoreEngine.score_particles`: ``S`` particles from the current guide
+   ``q_t`` and their mini-batch model scores (one vectorized pass);
+2. :meth:`ProximalScoreVI.inner_fit`: ``K`` optimizer steps on the proximal
+   score-matching objective (:meth:`ProximalScoreVI.proximal_problem`);
+3. :meth:`ProximalScoreVI.pull_back`: the fraction of the step that keeps
+   ``KL(q_t || q_new) <= trust_region * D`` (halving);
+4. :meth:`ProximalScoreVI.accept`: a step whose scores, objective or parameters are
+   not finite is rejected (the previous parameters and optimizer state are kept and
+   ``EngineState.num_rejected`` counts it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax, random
+from jax.flatten_util import ravel_pytree
+
+from numpyro_psvi.engine import EngineState, ScoreEngine
+from numpyro_psvi.guides import GuideDensity
+from numpyro_psvi.objective import (
+    diagonal_weighted_fisher,
+    fisher_statistics,
+    lerp_tree,
+    proximal_objective,
+    trust_region_fraction,
+    weighted_fisher,
+)
+from numpyro_psvi.scores import ModelScores
+from psvi.checks import caller_stacklevel
+from psvi.objective import ProximalScoreMatching, resolve_objective
+
+
+class ProximalProblem(NamedTuple):
+    """One update's proximal problem: ``objective(unconstrained) -> (value, terms)``
+    over all params (guide and model), and ``loss``, the weighted Fisher divergence of
+    ``q_t`` on the update's particles and mini-batch."""
+
+    objective: Callable[[dict], tuple[jax.Array, dict]]
+    loss: jax.Array
+
+
+class ProximalScoreVI(ScoreEngine):
+    """Proximal score-based variational inference (Kim, arXiv:2602.05873).
+
+    Use it where you would use ``SVI(model, guide, optim, Trace_ELBO())``::
+
+        svi = ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2))
+        result = svi.run(random.PRNGKey(0), 2000, X, y)
+        guide.sample_posterior(random.PRNGKey(1), result.params, sample_shape=(100,))
+
+    Parameters
+    ----------
+    model : callable
+        A NumPyro model. Mini-batches come from its own
+        ``numpyro.plate(..., subsample_size=B)``; the plate's ``N/B`` scale makes the
+        scores unbiased.
+    guide : numpyro.infer.autoguide.AutoGuide or callable
+        AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
+        AutoLowRankMultivariateNormal (closed-form scores), any AutoContinuous guide
+        with a tractable density (e.g. AutoIAFNormal), or a user-written guide with one
+        ``numpyro.sample`` site per latent site (nested autodiff, Monte Carlo KL).
+    optim
+        A ``numpyro.optim`` optimizer or an optax ``GradientTransformation``.
+    loss : psvi.ProximalScoreMatching, optional
+        The objective (``prox_weight``, ``weighting``, ``num_kl_draws``), in the place
+        where ``SVI`` takes its ELBO; the default is ``ProximalScoreMatching()``.
+    num_particles : int
+        Particles ``S`` per update, hence score calls per update.
+    inner_steps : int
+        Optimizer steps ``K`` on each proximal objective (they cost no score calls).
+    prox_weight, weighting
+        Shorthands for the fields of ``loss`` (not together with it): the weight
+        ``1/eta`` of ``KL(q_t || q)`` (default 10) and the residual weighting
+        ``"covariance"`` (scale-free, the default) or ``"identity"``.
+    trust_region : float or None
+        Per-dimension KL budget: each update is pulled back toward ``q_t`` until
+        ``KL(q_t || q_new) <= trust_region * D``; ``None`` turns it off.
+    vectorize_particles : bool
+        Score the particles in one batched pass (``vmap``, the default) or one pass per
+        particle (``lax.map``, as Pyro's ``vectorize_particles=False``): batched
+        convolutions over per-particle weights can be slow on CPU; which is faster
+        depends on the network (docs/scale.md).
+    score_method : {"closed_form", "autodiff"}
+        How the guide's score is computed for Gaussian guides.
+    num_kl_draws : int, optional
+        Shorthand for ``loss.num_kl_draws``.
+    max_halvings : int
+        Trust-region halvings before the step is rejected.
+    max_consecutive_rejections : int or None
+        :meth:`run` raises once this many updates in a row were rejected (``None``:
+        never); it checks at the end of each progress-bar chunk, or at the end.
+    **static_kwargs
+        Static keyword arguments for the model and guide, as in ``SVI``.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Any,
+        optim: Any,
+        loss: ProximalScoreMatching | None = None,
+        *,
+        num_particles: int = 4,
+        inner_steps: int = 20,
+        prox_weight: float | None = None,
+        weighting: str | None = None,
+        trust_region: float | None = 0.02,
+        vectorize_particles: bool = True,
+        score_method: str = "closed_form",
+        num_kl_draws: int | None = None,
+        max_halvings: int = 12,
+        max_consecutive_rejections: int | None = 20,
+        **static_kwargs: Any,
+    ) -> None:
+        objective = resolve_objective(loss, prox_weight, weighting)
+        if num_kl_draws is not None:
+            objective = objective._replace(num_kl_draws=num_kl_draws).checked()
+        if int(inner_steps) < 1:
+            raise ValueError(f"inner_steps must be a positive integer, got {inner_steps}.")
+        if trust_region is not None and not trust_region > 0:
+            raise ValueError(f"trust_region must be positive or None, got {trust_region}.")
+        super().__init__(
+            model, guide, optim, num_particles=num_particles,
+            vectorize_particles=vectorize_particles, score_method=score_method,
+            num_kl_draws=objective.num_kl_draws,
+            max_consecutive_rejections=max_consecutive_rejections, **static_kwargs,
+        )  # fmt: skip
+        self.objective = objective
+        self.inner_steps = int(inner_steps)
+        self.trust_region = trust_region
+        self.max_halvings = int(max_halvings)
+
+    def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
+        """Return the initial :class:`EngineState` (see :meth:`ScoreEngine.init`), with a
+        warning where the guide family advises against these settings."""
+        state = super().init(rng_key, *args, init_params=init_params, **kwargs)
+        advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
+        if advice:
+            warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
+        return state
+
+    def get_params(self, state: EngineState) -> dict:
+        """Constrained guide params, exactly as ``SVI.get_params`` returns them."""
+        if self.constrain_fn is None:
+            raise RuntimeError("Call ProximalScoreVI.init(rng_key, *args) (or run) first.")
+        return self.constrain_fn(self.optim.get_params(state.optim_state))
+
+    def _model_params(self, state: EngineState) -> dict:
+        unconstrained = self.optim.get_params(state.optim_state)
+        return {name: unconstrained[name] for name in self._model_param_names}
+
+    # ---------------------------------------------------------------- update
+    def update(self, state: EngineState, *args: Any, **kwargs: Any) -> tuple[EngineState, jax.Array]:
+        """One iteration: ``S`` score calls and ``K`` inner optimizer steps (pure, jittable).
+
+        Returns
+        -------
+        (EngineState, jax.Array)
+            The next state and the loss: the weighted Fisher divergence
+            ``(1/S) sum_s r_s' W_t r_s`` (``W_t`` as ``weighting`` says) of ``q_t`` on
+            this iteration's particles and mini-batch (zero exactly when the guide's
+            score matches the model's); NaN when the step was rejected.
+        """
+        kwargs, density = self._prepare(args, kwargs)
+        rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
+        params_t = self.get_params(state)
+        particles, scored = self.score_particles(
+            density, params_t, self._model_params(state), key_particles, key_batch, args, kwargs
+        )
+        problem = self.proximal_problem(density, params_t, particles, scored, key_kl)
+        fitted = self.inner_fit(problem.objective, state.optim_state)
+        frac = self.pull_back(density, params_t, state.optim_state, fitted, scored.active_dim, key_kl)
+        return self.accept(state, fitted, frac, problem.loss, scored, rng_key)
+
+    def proximal_problem(
+        self,
+        density: GuideDensity,
+        params_t: dict,
+        particles: jax.Array,
+        scored: ModelScores,
+        key_kl: jax.Array,
+    ) -> ProximalProblem:
+        """The update's objective over the unconstrained params, and its loss.
+
+        A diagonal Gaussian guide needs the particles only through per-coordinate
+        sums (:func:`~numpyro_psvi.objective.fisher_statistics`): each inner step is
+        then ``O(D)``. Model params ascend the expected log joint, linearized at
+        ``theta_t``: their gradient is the particles' mean gradient (no score calls).
+        """
+        weighting, weights = self.objective.weighting, scored.weights
+        stats = fisher_statistics(density, params_t, particles, scored.scores)
+        if stats is None:
+            loss = weighted_fisher(density, params_t, params_t, particles, scored.scores, weighting, weights)
+        else:
+            loss = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
+
+        def objective(unconstrained):
+            value, terms = proximal_objective(
+                density, self.constrain_fn(unconstrained), params_t, particles, scored.scores, key_kl,
+                prox_weight=self.objective.prox_weight, weighting=weighting, weights=weights,
+                stats=stats,
+            )  # fmt: skip
+            for name, grad in scored.param_grads.items():
+                products = jax.tree.map(jnp.vdot, lax.stop_gradient(grad), unconstrained[name])
+                value = value - sum(jax.tree.leaves(products))
+            return value, terms
+
+        return ProximalProblem(objective, loss)
+
+    def inner_fit(self, objective: Callable, optim_state: Any) -> Any:
+        """``K`` steps of the user's optimizer on ``objective`` (``lax.fori_loop``, no host
+        round trip); the optimizer state carries over between updates."""
+
+        def inner_step(_, optim_state):
+            return self.optim.eval_and_update(objective, optim_state)[1]
+
+        return lax.fori_loop(0, self.inner_steps, inner_step, optim_state)
+
+    def pull_back(
+        self,
+        density: GuideDensity,
+        params_t: dict,
+        optim_state_t: Any,
+        fitted: Any,
+        active_dim: int,
+        key_kl: jax.Array,
+    ) -> jax.Array:
+        """The fraction of the step from ``q_t`` to the fitted guide to take: the largest of
+        ``1, 1/2, 1/4, ...`` with ``KL(q_t || q_frac) <= trust_region * active_dim``
+        (0 rejects the step; without a trust region, 1 when that KL is finite)."""
+        unconstrained_t = self.optim.get_params(optim_state_t)
+        unconstrained_new = self.optim.get_params(fitted)
+
+        def kl_at(frac):
+            moved = lerp_tree(unconstrained_t, unconstrained_new, frac)
+            return density.kl(params_t, self.constrain_fn(moved), key_kl)
+
+        if self.trust_region is None:
+            return jnp.where(jnp.isfinite(kl_at(jnp.asarray(1.0))), 1.0, 0.0)
+        return trust_region_fraction(kl_at, self.trust_region * active_dim, self.max_halvings)
+
+    def accept(
+        self,
+        state: EngineState,
+        fitted: Any,
+        frac: jax.Array,
+        loss: jax.Array,
+        scored: ModelScores,
+        rng_key: jax.Array,
+    ) -> tuple[EngineState, jax.Array]:
+        """Move the whole optimizer state (params and moments) the fraction ``frac`` toward
+        the fitted one, or keep the old state exactly when the step is rejected (no
+        fraction qualified, or non-finite scores, loss or params); as
+        ``SVI.stable_update`` does, a rejected step reports a NaN loss."""
+        accept = (frac > 0) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(scored.log_joints))
+        accept &= jnp.all(jnp.isfinite(ravel_pytree(self.optim.get_params(fitted))[0]))
+        candidate = lerp_tree(state.optim_state, fitted, frac)
+        return self.record(state, candidate, accept, rng_key), jnp.where(accept, loss, jnp.nan)

@@ -1,0 +1,103 @@
+"""What an engine needs to know about a guide family (backend-free).
+
+Each backend keeps one registry, ``guide_family`` in its ``guides`` module (a
+:func:`functools.singledispatch` over the guide's class), that maps a guide to a
+:class:`GuideFamily`. Adding a guide family is one registration there: the engines
+ask the record, never the guide's class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from psvi.checks import autoregressive_flow_advice, full_covariance_advice
+
+
+class DensityOptions(NamedTuple):
+    """How an engine wants a guide's density built.
+
+    Attributes
+    ----------
+    score_method : {"closed_form", "autodiff"}
+        Analytic Gaussian scores, or autodiff of the guide's log density.
+    num_kl_draws : int
+        Draws for the Monte Carlo KL of guides without a closed form.
+    max_plate_nesting : int or None
+        The model's plate nesting (Pyro: user-written guides run under a draws plate
+        left of it).
+    """
+
+    score_method: str = "closed_form"
+    num_kl_draws: int = 256
+    max_plate_nesting: int | None = None
+
+
+class GuideFamily(NamedTuple):
+    """One guide family as the engines see it.
+
+    Attributes
+    ----------
+    name : str
+        Shown in errors and warnings.
+    setup : callable or None
+        Backend-specific: sets a guide up against the model and returns
+        ``build(args, kwargs) -> GuideDensity`` (autoguides return one density for
+        every call; user-written guides are run with each call's arguments).
+        ``None`` for a refused family.
+    local_latents : bool
+        Whether its params can span a subsampled plate's full size (local latents).
+    full_covariance : bool
+        A full-covariance Gaussian over all latents, laid out as
+        ``AutoMultivariateNormal`` (what GSM and BaM fit).
+    advice : callable or None
+        ``advice(latent_dim, num_particles) -> str | None``: a warning at set-up.
+    init_params : callable or None
+        Backend-specific fix-up of the initial params (e.g. a random low-rank factor).
+    refusal : str or None
+        Why the engines cannot fit this family, and what to use instead.
+    """
+
+    name: str
+    setup: Callable[..., Callable[[tuple, dict], Any]] | None
+    local_latents: bool = False
+    full_covariance: bool = False
+    advice: Callable[[int, int], str | None] | None = None
+    init_params: Callable[..., Any] | None = None
+    refusal: str | None = None
+
+    def check_supported(self) -> None:
+        """Raise a ``TypeError`` with the reason and the fix for a refused family."""
+        if self.refusal is not None:
+            raise TypeError(f"ProximalScoreVI cannot fit {self.name}: {self.refusal}")
+
+
+def refused(name: str, why: str) -> GuideFamily:
+    """The record of a family the engines refuse."""
+    return GuideFamily(name, None, refusal=why)
+
+
+def full_covariance_family_advice(latent_dim: int, num_particles: int) -> str | None:
+    """:func:`psvi.checks.full_covariance_advice` as a family's ``advice``."""
+    return full_covariance_advice(latent_dim, num_particles)
+
+
+def autoregressive_family_advice(latent_dim: int, num_particles: int) -> str | None:
+    """:func:`psvi.checks.autoregressive_flow_advice` as a family's ``advice``."""
+    return autoregressive_flow_advice(latent_dim)
+
+
+POINT_MASS = (
+    "it is a point mass and has no density to match scores with. Use AutoNormal "
+    "(mean field) or AutoMultivariateNormal instead; for a MAP estimate keep SVI "
+    "with Trace_ELBO."
+)
+LAPLACE = (
+    "it is a point mass while it is fitted (its covariance comes from the Hessian "
+    "afterwards), so it has no density to match scores with. Use "
+    "AutoMultivariateNormal instead."
+)
+GUIDE_LIST = (
+    "AutoGuideList is not supported yet: use one autoguide over all latent sites "
+    "(e.g. AutoNormal or AutoMultivariateNormal)."
+)

@@ -1,0 +1,52 @@
+"""Every use of a private Pyro or torch internal, in one place.
+
+Tested with the Pyro and torch versions that ``pyproject.toml`` allows; a release that
+renames one of these breaks only this module.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.infer import autoguide
+from pyro.optim import PyroOptim
+from pyro.poutine.subsample_messenger import _Subsample as Subsample
+from torch.distributions import Transform
+
+__all__ = [
+    "Subsample",
+    "inverse",
+    "is_block_autoregressive",
+    "param_prefix",
+    "tensor_version",
+    "torch_optimizer",
+]
+
+
+def param_prefix(guide: autoguide.AutoGuide) -> str:
+    """The prefix of an autoguide's param-store names (``"AutoNormal"`` by default)."""
+    return guide._pyro_name
+
+
+def inverse(transform: Transform, y: torch.Tensor) -> torch.Tensor:
+    """``transform``'s inverse at ``y``, computed afresh: ``Transform.inv`` would return a
+    cached inverse, stale once the transform's params have changed."""
+    return transform._inverse(y)
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """torch's counter of in-place changes to ``tensor``."""
+    return tensor._version
+
+
+def torch_optimizer(optim: PyroOptim, param: torch.Tensor) -> torch.optim.Optimizer | None:
+    """The torch optimizer ``optim`` keeps for ``param`` (``None`` before its first step);
+    for an LR scheduler, the optimizer it wraps."""
+    optimizer = optim.optim_objs.get(param)
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def is_block_autoregressive(guide: autoguide.AutoNormalizingFlow) -> bool:
+    """Whether a flow guide was built from block-autoregressive layers (they have no
+    inverse); Pyro keeps only the factory it was given, so its name is matched."""
+    factory = repr(getattr(guide, "_init_transform_fn", None))
+    return "block_autoregressive" in factory or "BlockAutoregressive" in factory

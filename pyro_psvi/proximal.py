@@ -1,0 +1,315 @@
+"""``ProximalScoreVI``: a drop-in replacement for :class:`pyro.infer.SVI`.
+
+One step is four phases, each a method, as in ``numpyro_psvi.proximal``
+(docs/algorithm.md):
+
+1. :meth:`~ScoreEngine.score_particles`: ``S`` particles from the current guide
+   ``q_t`` and their mini-batch model scores (one vectorized pass, or one model call
+   each);
+2. :meth:`ProximalScoreVI.inner_fit`: ``K`` steps of the Pyro optimizer on the
+   proximal score-matching objective (:meth:`ProximalScoreVI.proximal_problem`);
+3. :meth:`ProximalScoreVI.pull_back`: the fraction of the step that keeps
+   ``KL(q_t || q_new) <= trust_region * D`` (halving);
+4. :meth:`ProximalScoreVI.accept`: a step whose scores, objective or parameters are
+   not finite is rejected (the previous parameters and optimizer state are restored
+   and :attr:`ProximalScoreVI.num_rejected` counts it).
+
+Parameters live in Pyro's param store, so ``guide.median()``, ``guide.quantiles()``
+and ``Predictive`` work as after ``SVI``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from pyro.optim import PyroOptim
+
+from psvi.checks import caller_stacklevel
+from psvi.objective import ProximalScoreMatching, resolve_objective
+from pyro_psvi._compat import torch_optimizer
+from pyro_psvi.engine import ScoreEngine
+from pyro_psvi.guides import Params
+from pyro_psvi.objective import (
+    diagonal_weighted_fisher,
+    fisher_statistics,
+    proximal_objective,
+    trust_region_fraction,
+    weighted_fisher,
+)
+from pyro_psvi.scores import ModelScores
+
+
+class ProximalProblem(NamedTuple):
+    """One step's proximal problem.
+
+    Attributes
+    ----------
+    objective : callable
+        ``objective(params) -> ()``: ``L_t`` at constrained guide params.
+    params_t : dict
+        The constrained params the particles came from (detached).
+    loss : torch.Tensor
+        The weighted Fisher divergence of ``q_t`` on the step's particles and batch.
+    param_grads : list of torch.Tensor
+        The particles' mean log-joint gradient in each model param.
+    scores_ok : torch.Tensor
+        Whether every log joint and score was finite (0-dim bool).
+    active_dim : int
+        Coordinates the step can move (the trust region's ``D``).
+    kl_seed : int or None
+        Common random numbers for a Monte Carlo KL within the step.
+    """
+
+    objective: Callable[[Params], torch.Tensor]
+    params_t: Params
+    loss: torch.Tensor
+    param_grads: list[torch.Tensor]
+    scores_ok: torch.Tensor
+    active_dim: int
+    kl_seed: int | None
+
+
+class ProximalScoreVI(ScoreEngine):
+    """Proximal score-based variational inference (Kim, arXiv:2602.05873).
+
+    Use it where you would use ``SVI(model, guide, optim, Trace_ELBO())``::
+
+        svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
+        for step in range(2000):
+            loss = svi.step(X, y)
+        guide.median()
+
+    Parameters
+    ----------
+    model : callable
+        A Pyro model. Mini-batches come from its own ``pyro.plate(...,
+        subsample_size=B)`` (or ``subsample=``); the plate's ``N/B`` scale makes the
+        scores unbiased.
+    guide : pyro.infer.autoguide.AutoGuide or callable
+        AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
+        AutoLowRankMultivariateNormal (closed-form scores), AutoIAFNormal,
+        AutoNormalizingFlow, or a user-written guide with one ``pyro.sample`` site per
+        latent site (nested autograd, Monte Carlo KL).
+    optim : pyro.optim.PyroOptim
+        Any Pyro optimizer (Adam, ClippedAdam, the LR schedulers).
+    loss : psvi.ProximalScoreMatching, optional
+        The objective (``prox_weight``, ``weighting``, ``num_kl_draws``), in the place
+        where ``SVI`` takes its ELBO; the default is ``ProximalScoreMatching()``.
+    num_particles : int
+        Particles ``S`` per step, hence model score calls per step.
+    inner_steps : int
+        Optimizer steps ``K`` on each proximal objective (they cost no score calls).
+    prox_weight, weighting
+        Shorthands for the fields of ``loss`` (not together with it): the weight
+        ``1/eta`` of ``KL(q_t || q)`` (default 10) and the residual weighting
+        ``"covariance"`` (scale-free, the default) or ``"identity"``.
+    trust_region : float or None
+        Per-dimension KL budget: each step is pulled back toward ``q_t`` until
+        ``KL(q_t || q_new) <= trust_region * D``; ``None`` turns it off.
+    vectorize_particles : bool
+        Evaluate all particles in one model pass under an outer plate (the model
+        must be broadcast-safe, as for ``Trace_ELBO(vectorize_particles=True)``).
+        A model that cannot be vectorized is detected on the first step and then
+        evaluated one particle at a time, with a warning.
+    max_plate_nesting : int, optional
+        The model's plate nesting; guessed from a model trace when omitted.
+    score_method : {"closed_form", "autodiff"}
+        How the guide's score is computed for Gaussian guides.
+    max_halvings : int
+        Trust-region halvings before the step is rejected.
+    max_consecutive_rejections : int or None
+        :meth:`step` raises once this many steps in a row were rejected (``None``:
+        never); :meth:`run` checks at its end.
+
+    Notes
+    -----
+    A rejected step restores the parameters and the optimizer's state (a copy of the
+    optimizer's state is taken each step for that).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Any,
+        optim: PyroOptim,
+        loss: ProximalScoreMatching | None = None,
+        *,
+        num_particles: int = 4,
+        inner_steps: int = 20,
+        prox_weight: float | None = None,
+        weighting: str | None = None,
+        trust_region: float | None = 0.02,
+        vectorize_particles: bool = True,
+        max_plate_nesting: int | None = None,
+        score_method: str = "closed_form",
+        max_halvings: int = 12,
+        max_consecutive_rejections: int | None = 20,
+    ) -> None:
+        objective = resolve_objective(loss, prox_weight, weighting)
+        if int(inner_steps) < 1:
+            raise ValueError(f"inner_steps must be a positive integer, got {inner_steps}.")
+        if trust_region is not None and not trust_region > 0:
+            raise ValueError(f"trust_region must be positive or None, got {trust_region}.")
+        if not isinstance(optim, PyroOptim):
+            raise TypeError(
+                f"optim must be a pyro.optim optimizer (e.g. pyro.optim.Adam({{'lr': 1e-2}})), "
+                f"got {type(optim).__name__}; wrap torch optimizers with pyro.optim.PyroOptim."
+            )
+        super().__init__(
+            model, guide, num_particles=num_particles, vectorize_particles=vectorize_particles,
+            max_plate_nesting=max_plate_nesting, score_method=score_method,
+            num_kl_draws=objective.num_kl_draws,
+            max_consecutive_rejections=max_consecutive_rejections,
+        )  # fmt: skip
+        self.optim = optim
+        self.objective = objective
+        self.inner_steps = int(inner_steps)
+        self.trust_region = trust_region
+        self.max_halvings = int(max_halvings)
+
+    def _setup(self, args: tuple, kwargs: dict) -> None:
+        super()._setup(args, kwargs)
+        advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
+        if advice:
+            warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
+
+    def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One update: ``S`` score calls and ``K`` optimizer steps.
+
+        Returns
+        -------
+        torch.Tensor
+            0-dim, on the params' device (no host sync): the weighted Fisher divergence
+            ``(1/S) sum_s r_s' W_t r_s`` (``W_t`` as ``weighting`` says) of ``q_t`` on
+            this step's particles and mini-batch (zero exactly when the guide's score
+            matches the model's); NaN when the step was rejected.
+        """
+        self._prepare(args, kwargs)
+        leaves = self._leaves(model_params=True)
+        with torch.no_grad():
+            start = {name: leaf.detach().clone() for name, leaf in leaves.items()}
+            params_t = self._constrain(start)
+        model_leaves = [leaves[name] for name in self._model_param_names]
+        particles, scored = self.score_particles(params_t, args, kwargs, model_leaves)
+        problem = self.proximal_problem(params_t, particles, scored)
+        del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
+        saved_optimizer_state = self._optimizer_state_copy(leaves)
+        self.inner_fit(problem, leaves)
+        frac = self.pull_back(problem, start, leaves)
+        accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
+        self._record(accept)
+        return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
+
+    def proximal_problem(
+        self, params_t: Params, particles: torch.Tensor, scored: ModelScores
+    ) -> ProximalProblem:
+        """The step's objective and loss. Non-finite scores are zeroed (the step will be
+        rejected); a diagonal Gaussian guide keeps only per-coordinate sums over the
+        particles (:func:`~pyro_psvi.objective.fisher_statistics`), so each inner step
+        is ``O(D)`` and the ``(S, D)`` particles and scores can be freed."""
+        density, weighting, weights = self.density, self.objective.weighting, scored.weights
+        scores_ok = torch.isfinite(scored.log_joints).all() & torch.isfinite(scored.scores).all()
+        scores = torch.where(scores_ok, scored.scores, torch.zeros_like(scored.scores))
+        stats = fisher_statistics(density, params_t, particles, scores)
+        with torch.no_grad():
+            if stats is None:
+                loss = weighted_fisher(density, params_t, params_t, particles, scores, weighting, weights)
+            else:
+                loss = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
+                particles = scores = None
+        # Monte Carlo KLs (flow and user guides) use common random numbers within the step.
+        kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
+
+        def objective(params: Params) -> torch.Tensor:
+            return proximal_objective(
+                density, params, params_t, particles, scores,
+                prox_weight=self.objective.prox_weight, weighting=weighting, weights=weights,
+                kl_seed=kl_seed, stats=stats,
+            )[0]  # fmt: skip
+
+        return ProximalProblem(
+            objective, params_t, loss, scored.param_grads, scores_ok, scored.active_dim, kl_seed
+        )
+
+    def inner_fit(self, problem: ProximalProblem, leaves: dict[str, torch.Tensor]) -> None:
+        """``K`` steps of the user's Pyro optimizer on the problem, in place on the
+        param-store tensors. Model params ascend the expected log joint, linearized at
+        ``theta_t``: their gradient is the particles' mean gradient (no score calls)."""
+        guide_leaves = [leaves[name] for name in self.density.param_names]
+        model_leaves = [leaves[name] for name in self._model_param_names]
+        leaf_list = list(leaves.values())
+        for _ in range(self.inner_steps):
+            objective = problem.objective(self._constrain(leaves))
+            grads = torch.autograd.grad(objective, guide_leaves)
+            # A non-finite objective must not reach the optimizer's moments: zero it.
+            finite = torch.isfinite(objective)
+            for leaf, grad in zip(guide_leaves, grads, strict=True):
+                leaf.grad = torch.where(finite, grad, torch.zeros_like(grad))
+            for leaf, grad in zip(model_leaves, problem.param_grads, strict=True):
+                leaf.grad = torch.where(problem.scores_ok, -grad, torch.zeros_like(grad))
+            self.optim(leaf_list)
+            for leaf in leaf_list:
+                leaf.grad = None
+
+    def pull_back(
+        self, problem: ProximalProblem, start: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The fraction of the step from ``start`` to the fitted ``leaves`` to take: the
+        largest of ``1, 1/2, 1/4, ...`` with ``KL(q_t || q_frac) <= trust_region *
+        active_dim`` (0 rejects the step; without a trust region, 1 when that KL is
+        finite). Read lazily on a CPU, chosen on the device elsewhere (no host sync)."""
+        with torch.no_grad():
+
+            def kl_at(frac: float) -> torch.Tensor:
+                moved = {name: torch.lerp(start[name], leaf.detach(), frac) for name, leaf in leaves.items()}
+                return self.density.kl(problem.params_t, self._constrain(moved), problem.kl_seed)
+
+            loss = problem.loss
+            if self.trust_region is None:
+                frac = torch.isfinite(kl_at(1.0)).to(loss.dtype)
+            else:
+                max_kl = self.trust_region * problem.active_dim
+                frac = trust_region_fraction(kl_at, max_kl, self.max_halvings, lazy=loss.device.type == "cpu")
+            return frac.to(loss.device)
+
+    def accept(
+        self,
+        problem: ProximalProblem,
+        start: dict[str, torch.Tensor],
+        leaves: dict[str, torch.Tensor],
+        frac: torch.Tensor,
+        saved_optimizer_state: list[dict[str, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Move the params the fraction ``frac`` of their step, or restore them and the
+        optimizer's state exactly when the step is rejected (no fraction qualified, or
+        non-finite scores, loss or params; state a first step created goes back to
+        zeros, i.e. a fresh optimizer). Returns the accept flag (device tensor)."""
+        with torch.no_grad():
+            accept = (frac > 0) & problem.scores_ok & torch.isfinite(problem.loss)
+            for leaf in leaves.values():
+                accept &= torch.isfinite(leaf).all()
+            for name, leaf in leaves.items():
+                leaf.copy_(torch.where(accept, torch.lerp(start[name], leaf, frac), start[name]))
+            current = self._optimizer_state(list(leaves.values()))
+            for before, after in zip(saved_optimizer_state, current, strict=True):
+                for key, value in after.items():
+                    old = before.get(key, torch.zeros_like(value))
+                    value.copy_(torch.where(accept.to(value.device), value, old))
+        return accept
+
+    def _optimizer_state(self, leaves: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The tensors of the torch optimizer state of each leaf (empty before its first step)."""
+        states = []
+        for leaf in leaves:
+            optimizer = torch_optimizer(self.optim, leaf)
+            state = {} if optimizer is None else optimizer.state.get(leaf, {})
+            states.append({k: v for k, v in state.items() if torch.is_tensor(v)})
+        return states
+
+    def _optimizer_state_copy(self, leaves: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [
+            {k: v.clone() for k, v in state.items()} for state in self._optimizer_state(list(leaves.values()))
+        ]

@@ -1,0 +1,35 @@
+"""The objective record and the guide-family record (backend-free)."""
+
+import pytest
+
+from psvi import ProximalScoreMatching
+from psvi.families import GuideFamily, refused
+from psvi.objective import resolve_objective
+
+
+def test_defaults_and_shorthands():
+    assert resolve_objective(None, None, None) == ProximalScoreMatching(10.0, "covariance", 256)
+    assert resolve_objective(None, 3, "identity") == ProximalScoreMatching(3.0, "identity", 256)
+    record = ProximalScoreMatching(prox_weight=1.0, num_kl_draws=64)
+    assert resolve_objective(record, None, None) == record
+
+
+@pytest.mark.parametrize(
+    ("loss", "prox_weight", "weighting", "error", "match"),
+    [
+        (None, -1.0, None, ValueError, "prox_weight"),
+        (None, None, "euclidean", ValueError, "weighting must be one of"),
+        (ProximalScoreMatching(num_kl_draws=0), None, None, ValueError, "num_kl_draws"),
+        (ProximalScoreMatching(), 1.0, None, ValueError, "not both"),
+        ("Trace_ELBO()", None, None, TypeError, "not str: drop the loss argument"),
+    ],
+)
+def test_bad_objectives_name_the_problem(loss, prox_weight, weighting, error, match):
+    with pytest.raises(error, match=match):
+        resolve_objective(loss, prox_weight, weighting)
+
+
+def test_a_refused_family_says_why():
+    with pytest.raises(TypeError, match="ProximalScoreVI cannot fit AutoDelta: it is a point mass."):
+        refused("AutoDelta", "it is a point mass.").check_supported()
+    GuideFamily("AutoNormal", setup=None).check_supported()  # no refusal: nothing raised

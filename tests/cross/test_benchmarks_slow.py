@@ -1,0 +1,110 @@
+"""Benchmarks' quick modes (slow: run with ``python -m pytest -m slow``)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_gaussian_study_quick(tmp_path):
+    subprocess.run([sys.executable, "-m", "benchmarks.gaussian_study", "--quick"], cwd=ROOT, check=True)
+    result = json.loads((ROOT / "benchmarks/results/gaussian_study_quick.json").read_text())
+    curves = result["curves"]["D=10 well standard S=4"]
+    assert set(curves) == {"psvi_full", "psvi_diag", "advi", "gsm", "bam"}
+    # GSM and BaM solve a D=10 Gaussian in a few hundred calls (docs/pitfalls.md: 86 for gsmvi).
+    assert curves["gsm"]["kl"][-1] < 0.01 and curves["bam"]["kl"][-1] < 0.01
+    assert set(result["minibatch_bias"]) == {"bam", "psvi_full"}
+
+
+@pytest.mark.slow
+def test_mixture_targets_quick():
+    subprocess.run([sys.executable, "-m", "benchmarks.mixture_targets", "--quick"], cwd=ROOT, check=True)
+    result = json.loads((ROOT / "benchmarks/results/mixture_targets_quick.json").read_text())
+    runs = {(r["guide"], r["method"]): r for r in result["results"]}
+    assert set(runs) == {(g, m) for g in ("mixture2", "mixture3", "iaf") for m in ("psvi", "advi")}
+    for run in runs.values():  # every fit moves toward the target and stays finite
+        assert all(np.isfinite(run["forward_kl"])) and run["forward_kl"][-1] < run["forward_kl"][0]
+
+
+@pytest.mark.slow
+def test_flow_cost_quick():
+    subprocess.run([sys.executable, "-m", "benchmarks.flow_cost", "--quick"], cwd=ROOT, check=True)
+    rows = json.loads((ROOT / "benchmarks/results/flow_cost_quick.json").read_text())["rows"]
+    assert {(r["backend"], r["guide"]) for r in rows} == {
+        ("pyro", "mvn"), ("pyro", "iaf"), ("pyro", "coupling"), ("numpyro", "mvn"), ("numpyro", "iaf"),
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
+def test_uci_quick(tmp_path, backend):
+    command = [sys.executable, "-m", "benchmarks.uci", "--dataset", "yacht", "--quick", "--backend", backend,
+               "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True)
+    result = json.loads((tmp_path / f"uci_yacht_{backend}_quick.json").read_text())
+    for method in ("psvi", "advi", "advi_psvi"):
+        keys = {"test_rmse_mean", "test_rmse_se", "test_ll_mean", "test_ll_se", "score_calls", "seconds"}
+        assert keys <= set(result[method]) and np.isfinite(result[method]["test_rmse_mean"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("options", "name", "methods"),
+    [
+        ([], "mnist_quick", {"psvi", "advi"}),
+        (["--model", "cnn", "--methods", "psvi_K5", "advi_psvi"], "mnist_cnn_quick",
+         {"psvi_K5", "advi_psvi"}),
+    ],
+)  # fmt: skip
+def test_mnist_quick(options, name, methods):
+    subprocess.run([sys.executable, "-m", "benchmarks.mnist", "--quick", *options], cwd=ROOT, check=True)
+    result = json.loads((ROOT / f"benchmarks/results/{name}.json").read_text())
+    assert {r["method"] for r in result["results"]} == methods
+    for run in result["results"]:  # 40 steps already beat chance (accuracy 0.1, NLL log 10)
+        assert run["accuracy"] > 0.3 and run["nll"] < np.log(10) and len(run["curve"]) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "backend"), [("dlinear", "pyro"), ("koopa", "pyro"), ("dlinear", "numpyro")]
+)
+def test_forecast_quick(tmp_path, model, backend):
+    command = [sys.executable, "-m", "benchmarks.forecast", "--data", "ETTh1", "--horizon", "96",
+               "--model", model, "--backend", backend, "--quick", "--out", str(tmp_path),
+               "--plot", str(tmp_path / "window.png")]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True)
+    suffix = "" if backend == "pyro" else "_numpyro"
+    result = json.loads((tmp_path / f"forecast_ETTh1_{model}_96{suffix}_quick.json").read_text())
+    keys = {"mse", "mae", "crps", "coverage_50", "coverage_90", "width_90", "seconds"}
+    for method in ("psvi", "advi", "map"):
+        assert keys <= set(result[method])
+        # 20 steps from the initial weights already beat predicting zero (MSE 1 on standardized data)
+        assert result[method]["mse"] < 1.0 and 0.0 < result[method]["coverage_90"] <= 1.0
+    assert (tmp_path / "window.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_scale_quick():
+    subprocess.run([sys.executable, "-m", "benchmarks.scale", "--quick", "--numpyro"], cwd=ROOT, check=True)
+    rows = json.loads((ROOT / "benchmarks/results/scale_quick.json").read_text())["rows"]
+    methods = {"sgd", "advi_plain", "psvi_plain", "advi_flat", "psvi_flat", "numpyro_sgd", "numpyro_advi",
+               "numpyro_psvi", "numpyro_advi_seq", "numpyro_psvi_seq"}  # fmt: skip
+    assert {(r["method"], r["width"]) for r in rows} == {(m, w) for m in methods for w in (4, 8)}
+    for row in rows:
+        assert row["seconds"] > 0 and np.isfinite(row["ratio_to_sgd"]) and row["peak_extra_mb"] >= 0
+
+
+@pytest.mark.slow
+def test_scale_mnist_quick():
+    subprocess.run([sys.executable, "-m", "benchmarks.scale", "--mnist", "--quick"], cwd=ROOT, check=True)
+    runs = json.loads((ROOT / "benchmarks/results/scale_mnist_quick.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["psvi", "advi"]
+    for run in runs:  # 10 steps: finite, calibrated-or-not, but a valid predictive
+        assert run["num_rejected"] == 0 and len(run["curve"]) == 2 and 0 <= run["test_error"] <= 1
+        assert np.isfinite(run["nll"]) and 0 <= run["ece"] <= 1

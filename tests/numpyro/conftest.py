@@ -1,0 +1,6 @@
+"""NumPyro tests: skipped as a whole where NumPyro is not installed."""
+
+import pytest
+
+pytest.importorskip("jax")
+pytest.importorskip("numpyro")

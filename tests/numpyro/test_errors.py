@@ -1,0 +1,157 @@
+"""Clear errors for what ProximalScoreVI cannot fit (NumPyro)."""
+
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.infer.autoguide import (
+    AutoBNAFNormal,
+    AutoDelta,
+    AutoDiagonalNormal,
+    AutoLaplaceApproximation,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
+
+from numpyro_psvi import ProximalScoreVI
+
+
+def gaussian_model():
+    numpyro.sample("x", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
+
+
+def adam():
+    return numpyro.optim.Adam(1e-2)
+
+
+@pytest.mark.parametrize(
+    "guide_cls, words",
+    [
+        (AutoDelta, "point mass"),
+        (AutoLaplaceApproximation, "point mass"),
+        (AutoBNAFNormal, "no inverse"),
+    ],
+)
+def test_guides_without_density_are_refused(guide_cls, words):
+    with pytest.raises(TypeError, match=words) as err:
+        ProximalScoreVI(gaussian_model, guide_cls(gaussian_model), adam())
+    assert "instead" in str(err.value)
+
+
+def test_guide_that_is_neither_autoguide_nor_function_is_refused():
+    with pytest.raises(TypeError, match="must be an autoguide or a function, got dict"):
+        ProximalScoreVI(gaussian_model, {"x": 1.0}, adam())
+
+
+def test_discrete_latent_is_refused():
+    def model():
+        z = numpyro.sample("z", dist.Bernoulli(0.5))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=0.3)
+        numpyro.sample("mu", dist.Normal(0, 1))
+
+    svi = ProximalScoreVI(model, AutoNormal(model), adam())
+    with pytest.raises(ValueError, match="'z' is discrete.*Marginalize"):
+        svi.init(jax.random.PRNGKey(0))
+
+
+def test_model_param_is_refused_by_the_baselines():
+    from numpyro_psvi import GSM
+
+    def model():
+        loc = numpyro.param("loc", 0.0)
+        numpyro.sample("x", dist.Normal(loc, 1.0))
+
+    engine = GSM(model, AutoMultivariateNormal(model))
+    with pytest.raises(NotImplementedError, match=r"learnable params \['loc'\].*ProximalScoreVI"):
+        engine.init(jax.random.PRNGKey(0))
+
+
+def local_latent_model(y):
+    with numpyro.plate("data", 100, subsample_size=10):
+        z = numpyro.sample("z", dist.Normal(0, 1))
+        numpyro.sample("y", dist.Normal(z, 1), obs=numpyro.subsample(y, event_dim=0))
+
+
+@pytest.mark.parametrize("guide_class", [AutoDiagonalNormal, AutoMultivariateNormal])
+def test_local_latent_in_subsampled_plate_needs_auto_normal(guide_class):
+    svi = ProximalScoreVI(local_latent_model, guide_class(local_latent_model), adam())
+    match = "'z' is local to the subsampled plate 'data'.*Use AutoNormal"
+    with pytest.raises(NotImplementedError, match=match):
+        svi.init(jax.random.PRNGKey(0), jnp.zeros(100))
+
+
+def test_baseline_refuses_local_latents():
+    from numpyro_psvi import GSM
+
+    engine = GSM(local_latent_model, AutoMultivariateNormal(local_latent_model))
+    with pytest.raises(NotImplementedError, match="'z' is local.*ProximalScoreVI with AutoNormal"):
+        engine.init(jax.random.PRNGKey(0), jnp.zeros(100))
+
+
+def test_model_without_latents_is_refused():
+    def model():
+        numpyro.sample("y", dist.Normal(0, 1), obs=1.0)
+
+    svi = ProximalScoreVI(model, AutoNormal(model), adam())
+    with pytest.raises(ValueError, match="no latent sample sites"):
+        svi.init(jax.random.PRNGKey(0))
+
+
+def test_non_finite_data_is_refused():
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0, 1))
+        with numpyro.plate("data", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+
+    svi = ProximalScoreVI(model, AutoNormal(model), adam())
+    with pytest.raises(ValueError, match="'y' holds non-finite"):
+        svi.init(jax.random.PRNGKey(0), jnp.array([1.0, jnp.nan]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"num_particles": 0}, "num_particles"),
+        ({"inner_steps": 0}, "inner_steps"),
+        ({"prox_weight": -1.0}, "prox_weight"),
+        ({"weighting": "fisher"}, "weighting"),
+        ({"trust_region": 0.0}, "trust_region"),
+    ],
+)
+def test_bad_options(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        ProximalScoreVI(gaussian_model, AutoNormal(gaussian_model), adam(), **kwargs)
+
+
+def test_bad_optimizer_and_uninitialized_use():
+    with pytest.raises(TypeError, match="numpyro.optim"):
+        ProximalScoreVI(gaussian_model, AutoNormal(gaussian_model), "adam")
+    svi = ProximalScoreVI(gaussian_model, AutoNormal(gaussian_model), adam())
+    with pytest.raises(RuntimeError, match="init"):
+        svi.get_params(None)
+
+
+def test_full_covariance_with_too_few_particles_warns():
+
+    def model():
+        numpyro.sample("x", dist.Normal(jnp.zeros(100), 1.0).to_event(1))
+
+    svi = ProximalScoreVI(model, AutoMultivariateNormal(model), adam(), num_particles=4)
+    with pytest.warns(UserWarning, match="num_particles >= 13"):
+        svi.init(jax.random.PRNGKey(0))
+
+
+def test_the_objective_is_a_record_and_an_elbo_is_refused():
+    from numpyro.infer import Trace_ELBO
+
+    from numpyro_psvi import ProximalScoreMatching
+
+    guide = AutoNormal(gaussian_model)
+    svi = ProximalScoreVI(gaussian_model, guide, adam(), ProximalScoreMatching(prox_weight=3.0))
+    assert svi.objective == ProximalScoreMatching(3.0, "covariance", 256)
+    assert (
+        ProximalScoreVI(gaussian_model, guide, adam(), weighting="identity").objective.weighting == "identity"
+    )
+    with pytest.raises(TypeError, match="not Trace_ELBO: drop the loss argument"):
+        ProximalScoreVI(gaussian_model, guide, adam(), Trace_ELBO())

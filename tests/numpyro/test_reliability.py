@@ -1,0 +1,88 @@
+"""Reliability (NumPyro): rejection streaks, checkpoints, determinism."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as ndist
+import pytest
+from numpyro.infer.autoguide import AutoNormal as NAutoNormal
+from psvi_testing.regression import regression_data
+
+import numpyro_psvi
+from numpyro_psvi.contrib.models import linear_regression as n_linear_regression
+
+
+# --------------------------------------------------------------- rejection streaks
+def test_numpyro_run_raises_after_consecutive_rejections():
+    def model(broken):
+        x = numpyro.sample("x", ndist.Normal(0.0, 1.0))
+        numpyro.factor("bad", jnp.where(broken & (x > -10.0), jnp.nan, 0.0))
+
+    guide = NAutoNormal(model)
+    svi = numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), max_consecutive_rejections=5)
+    state = svi.init(jax.random.PRNGKey(0), False)
+    before = svi.get_params(state)
+    with pytest.raises(RuntimeError, match="rejected the last 8 updates in a row"):
+        svi.run(None, 8, True, progress_bar=False, init_state=state)
+    state, _ = jax.jit(svi.update, static_argnums=1)(state, True)
+    assert int(state.consecutive_rejected) == 1
+    for name, value in svi.get_params(state).items():  # params and optimizer state kept
+        np.testing.assert_array_equal(value, before[name])
+
+
+# ------------------------------------------------------------ checkpoints, seeds
+def test_numpyro_checkpoint_resume_is_bit_identical(tmp_path):
+    x, y = map(jnp.asarray, regression_data())
+    model = lambda x, y: n_linear_regression(x, y, subsample_size=20)  # noqa: E731
+    svi = numpyro_psvi.ProximalScoreVI(model, NAutoNormal(model), numpyro.optim.Adam(1e-2))
+    whole = svi.run(jax.random.PRNGKey(3), 40, x, y, progress_bar=False)
+    half = svi.run(jax.random.PRNGKey(3), 20, x, y, progress_bar=False)
+    numpyro_psvi.save_state(tmp_path / "state.pkl", half.state)
+    resumed_engine = numpyro_psvi.ProximalScoreVI(model, NAutoNormal(model), numpyro.optim.Adam(1e-2))
+    resumed_engine.init(jax.random.PRNGKey(99), x, y)  # sets the engine up; state comes from disk
+    state = numpyro_psvi.load_state(tmp_path / "state.pkl")
+    resumed = resumed_engine.run(None, 20, x, y, progress_bar=False, init_state=state)
+    for name in whole.params:
+        np.testing.assert_array_equal(whole.params[name], resumed.params[name])
+    assert int(resumed.state.num_score_calls) == int(whole.state.num_score_calls) == 160
+    # Same seed, same result; another seed, another.
+    again = svi.run(jax.random.PRNGKey(3), 40, x, y, progress_bar=False)
+    other = svi.run(jax.random.PRNGKey(4), 40, x, y, progress_bar=False)
+    np.testing.assert_array_equal(whole.params["w_auto_loc"], again.params["w_auto_loc"])
+    assert not np.array_equal(whole.params["w_auto_loc"], other.params["w_auto_loc"])
+
+
+def test_guide_built_for_another_model_is_refused():
+    def model_a():
+        numpyro.sample("a", ndist.Normal(jnp.zeros(2), 1.0).to_event(1))
+
+    def model_b():
+        numpyro.sample("b", ndist.Normal(0.0, 1.0))
+
+    svi = numpyro_psvi.ProximalScoreVI(model_a, NAutoNormal(model_b), numpyro.optim.Adam(1e-2))
+    with pytest.raises(ValueError, match="built for another model.*'a'.*'b'"):
+        svi.init(jax.random.PRNGKey(0))
+
+
+def test_subsample_larger_than_plate_is_refused():
+    def model():
+        mu = numpyro.sample("mu", ndist.Normal(0.0, 1.0))
+        with numpyro.plate("data", 10, subsample_size=20):
+            numpyro.sample("y", ndist.Normal(mu, 1.0), obs=jnp.zeros(10))
+
+    svi = numpyro_psvi.ProximalScoreVI(model, NAutoNormal(model), numpyro.optim.Adam(1e-2))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="subsample_size=20 larger than"):
+        svi.init(jax.random.PRNGKey(0))
+
+
+def test_arguments_that_change_the_latents_are_refused():
+    x, y = regression_data(dim=3)
+    x5, _ = regression_data(dim=5)
+    svi = numpyro_psvi.ProximalScoreVI(
+        n_linear_regression, NAutoNormal(n_linear_regression), numpyro.optim.Adam(1e-2)
+    )
+    state = svi.init(jax.random.PRNGKey(0), jnp.asarray(x), jnp.asarray(y))
+    with pytest.raises(ValueError, match=r"differ from those at init \('w': \(3,\) vs \(5,\)\)"):
+        svi.update(state, jnp.asarray(x5), jnp.asarray(y))
+    svi.update(state, jnp.asarray(x[:30]), jnp.asarray(y[:30]))  # fewer rows: same latents

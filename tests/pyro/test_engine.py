@@ -1,0 +1,354 @@
+"""ProximalScoreVI (Pyro) against exact posteriors, and as a drop-in for SVI."""
+
+from functools import partial
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    init_to_value,
+)
+
+from psvi.contrib.targets import ill_conditioned_gaussian
+from psvi.metrics import gaussian_kl
+from pyro_psvi import ProximalScoreVI
+from pyro_psvi.contrib.models import gaussian_target, linear_regression, mlp_classifier
+from pyro_psvi.objective import proximal_objective
+from pyro_psvi.scores import log_joints, model_scores
+
+
+@pytest.fixture(autouse=True)
+def fresh_pyro():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    torch.set_num_threads(1)
+    yield
+    pyro.clear_param_store()
+
+
+def mvn_moments(guide):
+    posterior = guide.get_posterior()
+    return (
+        posterior.loc.detach().double().numpy(),
+        posterior.covariance_matrix.detach().double().numpy(),
+    )
+
+
+def test_ill_conditioned_gaussian_full_covariance():
+    """D=20, condition number 1e4: forward KL < 1e-2 within 3,000 score calls.
+
+    As the NumPyro test: the KL checked every 200 calls drops below 1e-2 by 3,000
+    calls, and never diverges afterwards.
+    """
+    dim = 20
+    mean, cov = ill_conditioned_gaussian(dim, 1e4, seed=0)
+    model = gaussian_target(mean, cov)
+    guide = AutoMultivariateNormal(
+        model, init_loc_fn=init_to_value(values={"x": torch.zeros(dim)}), init_scale=0.1
+    )
+    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    kls = []
+    for _ in range(4000 // 200):
+        svi.run(200 // svi.num_particles)
+        kls.append(gaussian_kl(mean, cov, *mvn_moments(guide)))
+    assert svi.num_score_calls == 4000 and svi.num_rejected == 0
+    first = next(i for i, kl in enumerate(kls) if kl < 1e-2)
+    assert (first + 1) * 200 <= 3000
+    # Diverging fits reach KL 1e3 to 1e7 (docs/gaussian_study.md); constant-step Adam
+    # jitters after convergence (spikes to ~0.1, docs/gaussian_targets.md). KL < 1
+    # separates the two.
+    assert max(kls[first:]) < 1.0
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
+def test_diagonal_target_exact_moments(guide_cls):
+    """With exact scores, q = target is a fixed point that the fit reaches to float precision."""
+    mean, cov = ill_conditioned_gaussian(8, 1e2, seed=1, diagonal=True)
+    model = gaussian_target(mean, cov)
+    guide = guide_cls(model, init_loc_fn=init_to_value(values={"x": torch.zeros(8)}))
+    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    svi.run(800)
+    if guide_cls is AutoNormal:
+        loc, scale = (v.detach().numpy() for v in guide._get_loc_and_scale("x"))
+    else:
+        loc, scale = guide.loc.detach().numpy(), guide.scale.detach().numpy()
+    sd = np.sqrt(np.diag(cov))
+    # Exact fixed point: only float32 round-off and the last steps' particle noise remain.
+    np.testing.assert_allclose(loc, mean, atol=0.02 * sd.min())
+    np.testing.assert_allclose(scale**2, np.diag(cov), rtol=0.02)
+
+
+def test_warm_start_from_svi():
+    """A ProximalScoreVI built on a guide that SVI has fitted continues from the param store
+    (the "ADVI, then ProximalScoreVI" recipe of docs/uci.md): its first step starts at SVI's
+    values, and the fit then reaches the exact fixed point (tolerances as in the test above)."""
+    mean, cov = ill_conditioned_gaussian(8, 1e2, seed=1, diagonal=True)
+    model = gaussian_target(mean, cov)
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values={"x": torch.zeros(8)}), init_scale=0.01)
+    advi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(num_particles=4))
+    for _ in range(150):
+        advi.step()
+    advi_loc, advi_scale = (v.detach().clone().numpy() for v in guide._get_loc_and_scale("x"))
+    # After 150 ADVI steps the scales are still far from the target's (ADVI moves them slowly).
+    assert np.abs(np.log(advi_scale**2 / np.diag(cov))).max() > 0.5
+    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    start = (v.detach().numpy() for v in guide._get_loc_and_scale("x"))
+    np.testing.assert_array_equal(np.stack(list(start)), np.stack([advi_loc, advi_scale]))
+    svi.run(400)
+    loc, scale = (v.detach().numpy() for v in guide._get_loc_and_scale("x"))
+    sd = np.sqrt(np.diag(cov))
+    np.testing.assert_allclose(loc, mean, atol=0.02 * sd.min())
+    np.testing.assert_allclose(scale**2, np.diag(cov), rtol=0.02)
+
+
+def regression_data(n=400, dim=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    w = np.array([1.0, -2.0, 0.5])[:dim]
+    y = (x @ w + rng.normal(size=n)).astype(np.float32)
+    return torch.as_tensor(x), torch.as_tensor(y)
+
+
+def test_vectorized_and_sequential_particles_agree():
+    """One vectorized pass gives the log joints and scores of one-particle passes."""
+    x, y = regression_data(n=50)
+    model = partial(mlp_classifier, hidden=5, num_classes=3, subsample_size=20)
+    labels = (y > 0).long() + (y > 1).long()
+    guide = AutoNormal(model)
+    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    svi.step(x, labels)
+    assert svi.vectorize_particles
+    density = svi.density
+    u = torch.randn(4, density.latent_dim)
+    common = dict(max_plate_nesting=1, subsample={})
+    vectorized = log_joints(model, density, u, (x, labels), {}, vectorize=True, **common)
+    sequential = log_joints(model, density, u, (x, labels), {}, vectorize=False, **common)
+    torch.testing.assert_close(vectorized, sequential)
+    pyro.set_rng_seed(1)
+    lj_v, g_v, *_ = model_scores(model, density, u, (x, labels), {}, max_plate_nesting=1, vectorize=True)
+    pyro.set_rng_seed(1)
+    lj_s, g_s, *_ = model_scores(model, density, u, (x, labels), {}, max_plate_nesting=1, vectorize=False)
+    torch.testing.assert_close(lj_v, lj_s)
+    torch.testing.assert_close(g_v, g_s)
+
+
+def test_broadcast_unsafe_model_falls_back_with_warning():
+    """docs/pitfalls.md: `x @ W + b` with a particle dim counts the data once per particle pair.
+
+    The engine detects it on its first step, warns, and evaluates particles one at a
+    time, so the fit is the same as with vectorize_particles=False.
+    """
+    x, y = regression_data(n=60)
+
+    def unsafe(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        b = pyro.sample("b", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal((x @ w.unsqueeze(-1)) + b, 1.0).to_event(1), obs=y[:, None])
+
+    svi = ProximalScoreVI(unsafe, AutoNormal(unsafe), pyro.optim.Adam({"lr": 1e-2}))
+    with pytest.warns(UserWarning, match="cannot evaluate this model's particles"):
+        svi.step(x, y)
+    assert not svi.vectorize_particles
+
+
+def test_minibatch_gradient_is_unbiased():
+    """At fixed particles, E_batch[grad L_t] equals the full-data grad L_t."""
+    x, y = regression_data(n=200)
+    model_full = partial(linear_regression, subsample_size=None)
+    model_mb = partial(linear_regression, subsample_size=20)
+    guide = AutoDiagonalNormal(model_full)
+    svi = ProximalScoreVI(model_full, guide, pyro.optim.Adam({"lr": 1e-2}))
+    svi.evaluate_loss(x, y)  # sets up the guide and density
+    density = svi.density
+    params_t = {k: pyro.param(k).detach() for k in density.param_names}
+    loc_name, scale_name = density.param_names
+    particles = density.sample(params_t, 4)
+    leaves = {
+        loc_name: (params_t[loc_name] + 0.3).requires_grad_(True),
+        scale_name: (params_t[scale_name] * 1.5).requires_grad_(True),
+    }
+
+    def grad_for(model):
+        _, scores, *_ = model_scores(
+            model, density, particles, (x, y), {}, max_plate_nesting=1, vectorize=True
+        )
+        loss, _ = proximal_objective(
+            density, leaves, params_t, particles, scores, prox_weight=1.0, weighting="covariance"
+        )
+        return torch.cat(torch.autograd.grad(loss, list(leaves.values())))
+
+    full = grad_for(model_full)
+    grads = torch.stack([grad_for(model_mb) for _ in range(2000)]).double()
+    se = grads.std(0) / np.sqrt(len(grads))
+    # 6 coordinates: a 5-standard-error band fails by chance with probability < 4e-6.
+    assert torch.all((grads.mean(0) - full).abs() < 5 * se)
+    # ... and the mini-batch gradients really are noisy (the test is not vacuous).
+    assert torch.all(grads.std(0) > 1e-3 * full.abs())
+
+
+def test_constrained_gamma_poisson():
+    """Positive latent: lam ~ Gamma(a, b), y ~ Poisson(lam); exact posterior Gamma(a + sum y, b + N)."""
+    y = torch.as_tensor(np.random.default_rng(0).poisson(4.0, size=60), dtype=torch.float32)
+    a, b = 2.0, 1.0
+
+    def model(y):
+        lam = pyro.sample("lam", dist.Gamma(a, b))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Poisson(lam), obs=y)
+
+    guide = AutoNormal(model)
+    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    svi.run(500, y)
+    means = []
+    for _ in range(500):  # average the log-normal mean over iterates (particle noise)
+        svi.step(y)
+        loc, scale = guide._get_loc_and_scale("lam")
+        means.append(float(torch.exp(loc + scale**2 / 2).detach()))
+    shape = a + float(y.sum())
+    exact_mean = shape / (b + len(y))
+    # The best log-normal for Gamma(shape, rate) (Laplace in log space) has mean
+    # (shape + 1/2)/rate: a relative bias of 1/(2 shape); allow twice that.
+    assert abs(np.mean(means) / exact_mean - 1) < 1.0 / shape
+
+
+def test_simplex_posterior_mean():
+    """Dirichlet-multinomial (simplex) recovers the exact posterior mean."""
+    counts = torch.tensor([30.0, 10.0, 60.0])
+    alpha = torch.tensor([1.0, 2.0, 1.0])
+
+    def model():
+        p = pyro.sample("p", dist.Dirichlet(alpha))
+        pyro.sample("counts", dist.Multinomial(total_count=100, probs=p), obs=counts)
+
+    guide = AutoMultivariateNormal(model)
+    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    losses = svi.run(1000)
+    draws = Predictive(model, guide=guide, num_samples=4000, return_sites=["p"])()
+    exact = (alpha + counts) / (alpha + counts).sum()
+    # Posterior sd of each p_k is about 0.045; a Gaussian in stick-breaking space is
+    # close to a Dirichlet with 104 pseudo-counts; 0.1 sd covers both errors.
+    torch.testing.assert_close(draws["p"].mean(0), exact, atol=0.0045 + 3 * 0.045 / 4000**0.5, rtol=0)
+    assert torch.isfinite(losses).all()
+
+
+def swap_script(make_engine):
+    """A Pyro user's script; only the engine construction differs."""
+    x, y = regression_data(n=100)
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+        with pyro.plate("data", x.shape[0], subsample_size=25) as idx:
+            mean = x[idx] @ w
+            pyro.sample("y", dist.Normal(mean, sigma), obs=None if y is None else y[idx])
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(model)
+    svi = make_engine(model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    for _ in range(1000):
+        loss = svi.step(x, y)
+    assert isinstance(loss, float) and isinstance(svi.evaluate_loss(x, y), float)
+    predictive = Predictive(model, guide=guide, num_samples=50)
+    pred = predictive(x)
+    posterior = Predictive(model, guide=guide, num_samples=500, return_sites=["w"])(x)
+    params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    return params, posterior, pred, guide.median(), guide.quantiles([0.25, 0.75])
+
+
+# A typical user model (`x @ w`) is not broadcast-safe: the engine warns and falls back.
+@pytest.mark.filterwarnings("ignore:ProximalScoreVI cannot evaluate")
+def test_swap_for_svi():
+    ref = swap_script(lambda m, g, o: SVI(m, g, o, Trace_ELBO()))
+    ours = swap_script(lambda m, g, o: ProximalScoreVI(m, g, o))
+    assert set(ours[0]) == set(ref[0])
+    assert ours[2]["y"].shape == ref[2]["y"].shape == (50, 25)
+    # Both reach the same posterior: posterior sd of w is ~0.1, allow 3 of them.
+    torch.testing.assert_close(ours[1]["w"].mean(0), ref[1]["w"].mean(0), atol=0.3, rtol=0)
+    assert set(ours[3]) == {"w", "sigma"}
+    assert set(ours[4]) == {"w", "sigma"}
+
+
+def test_pyro_optimizers_and_schedulers():
+    model = gaussian_target(np.zeros(2), np.eye(2))
+    clipped = pyro.optim.ClippedAdam({"lr": 1e-2, "clip_norm": 1.0, "lrd": 0.999})
+    scheduler = pyro.optim.ExponentialLR(
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": 1e-2}, "gamma": 0.99}
+    )
+    for optim in (clipped, scheduler, pyro.optim.SGD({"lr": 1e-3})):
+        pyro.clear_param_store()
+        svi = ProximalScoreVI(model, AutoDiagonalNormal(model), optim, num_particles=3)
+        for _ in range(20):
+            assert np.isfinite(svi.step())
+        if optim is scheduler:
+            scheduler.step()
+        assert svi.num_score_calls == 60
+        assert optim.get_state()  # the optimizer state lives in the PyroOptim
+    with pytest.raises(TypeError, match="pyro.optim optimizer"):
+        ProximalScoreVI(model, AutoNormal(model), torch.optim.Adam)
+
+
+def test_lowrank_guide_fits_gaussian():
+    mean, cov = ill_conditioned_gaussian(6, 10.0, seed=2)
+    model = gaussian_target(mean, cov)
+    guide = AutoLowRankMultivariateNormal(model, rank=5)
+    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    svi.run(600)
+    posterior = guide.get_posterior()
+    kl = gaussian_kl(
+        mean, cov, posterior.loc.detach().double().numpy(),
+        posterior.covariance_matrix.detach().double().numpy(),
+    )  # fmt: skip
+    # Rank 5 + diagonal can represent any 6x6 covariance: the fit must get close.
+    assert kl < 0.05
+
+
+def test_non_finite_step_is_rejected():
+    """A model whose log density is NaN in part of the space: such steps are rejected."""
+
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("bad", torch.where(x > 3.0, torch.nan, 0.0))
+
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values={"x": torch.tensor(3.0)}), init_scale=1.0)
+    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), vectorize_particles=False)
+    # Pyro's validation would raise on the NaN first; without it the engine must cope.
+    with pyro.validation_enabled(False):
+        svi.evaluate_loss()
+        before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+        with pytest.warns(RuntimeWarning, match="rejected 1 update"):
+            loss = svi.step()
+    assert svi.num_rejected == 1 and not np.isfinite(loss)
+    for name, value in pyro.get_param_store().items():
+        torch.testing.assert_close(value.detach(), before[name], rtol=0, atol=0)
+    for optimizer in svi.optim.optim_objs.values():  # the optimizer saw no NaN
+        for state in optimizer.state.values():
+            assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
+
+
+def test_user_given_subsample_indices():
+    """`pyro.plate(..., subsample=idx)`: the likelihood of the given rows, scaled by N/B."""
+    x, y = regression_data(n=40)
+    idx = torch.arange(0, 40, 4)
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", len(x), subsample=idx) as rows:
+            pyro.sample("y", dist.Normal((x[rows] * w).sum(-1), 1.0), obs=y[rows])
+
+    svi = ProximalScoreVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 1e-2}))
+    svi.step(x, y)
+    assert svi.vectorize_particles
+    u = torch.randn(3, 3)
+    got = log_joints(model, svi.density, u, (x, y), {}, subsample={}, max_plate_nesting=1, vectorize=True)
+    prior = dist.Normal(0.0, 1.0).log_prob(u).sum(-1)
+    likelihood = dist.Normal(u @ x[idx].T, 1.0).log_prob(y[idx]).sum(-1)
+    torch.testing.assert_close(got, prior + 4.0 * likelihood)

@@ -1,0 +1,80 @@
+"""The guide registry (Pyro): what each family declares and clear refusals."""
+
+from functools import partial
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions.transforms import affine_coupling, block_autoregressive, iterated
+from pyro.infer import autoguide as ag
+
+from pyro_psvi import GSM, ProximalScoreVI, guide_family
+
+
+def model():
+    pyro.sample("x", dist.Normal(torch.zeros(4), 1.0).to_event(1))
+
+
+@pytest.fixture(autouse=True)
+def fresh_pyro():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.mark.parametrize(
+    ("guide_cls", "local_latents", "full_covariance"),
+    [
+        (ag.AutoNormal, True, False),
+        (ag.AutoDiagonalNormal, False, False),
+        (ag.AutoMultivariateNormal, False, True),
+        (ag.AutoLowRankMultivariateNormal, False, False),
+        (ag.AutoIAFNormal, False, False),
+    ],
+)
+def test_families_declare_what_the_engines_ask(guide_cls, local_latents, full_covariance):
+    family = guide_family(guide_cls(model))
+    assert family.refusal is None and family.name == guide_cls.__name__
+    assert (family.local_latents, family.full_covariance) == (local_latents, full_covariance)
+
+
+def test_flow_advice_depends_on_the_layers():
+    """An autoregressive flow inverts in D sequential passes (a warning above 32
+    dimensions); a coupling flow in one (no warning)."""
+    iaf = ag.AutoIAFNormal(model)
+    coupling = ag.AutoNormalizingFlow(model, partial(iterated, 2, affine_coupling))
+    iaf(), coupling()
+    assert "Inverse autoregressive flow guide with D=64" in guide_family(iaf).advice(64, 4)
+    assert guide_family(coupling).advice(64, 4) is None
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: ag.AutoDelta(model), "AutoDelta: it is a point mass"),
+        (lambda: ag.AutoLaplaceApproximation(model), "AutoLaplaceApproximation: it is a point mass"),
+        (lambda: ag.AutoGuideList(model), "AutoGuideList is not supported yet"),
+        (lambda: ag.AutoStructured(model), "AutoStructured: ProximalScoreVI needs the guide's density"),
+        (
+            lambda: ag.AutoNormalizingFlow(model, partial(iterated, 2, block_autoregressive)),
+            "block-autoregressive flow has no inverse",
+        ),
+        (lambda: 42, "must be an autoguide or a function, got int"),
+    ],
+)
+def test_refused_guides_name_the_reason(make, match):
+    with pytest.raises(TypeError, match=match):
+        ProximalScoreVI(model, make(), pyro.optim.Adam({"lr": 1e-2}))
+
+
+def test_a_subclass_inherits_its_family():
+    class MyNormal(ag.AutoNormal):
+        pass
+
+    assert guide_family(MyNormal(model)).local_latents
+
+
+def test_baselines_refuse_a_family_that_is_not_one_full_covariance():
+    with pytest.raises(TypeError, match="GSM fits a full-covariance Gaussian"):
+        GSM(model, ag.AutoNormal(model))
