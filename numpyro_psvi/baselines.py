@@ -20,6 +20,7 @@ from jax import random
 
 from numpyro_psvi.engine import EngineState, ScoreEngine
 from numpyro_psvi.objective import weighted_fisher
+from psvi.checks import baseline_local_latent_message
 
 
 def gsm_step(loc, cov, particles, scores):
@@ -91,12 +92,7 @@ class _GaussianBaseline(ScoreEngine):
     def _check_local_latents(self, local: dict[str, str]) -> None:
         if local:
             name, plate = next(iter(local.items()))
-            raise NotImplementedError(
-                f"Latent site {name!r} is local to the subsampled plate {plate!r}; "
-                f"{type(self).__name__} fits one full-covariance Gaussian over all latents "
-                "and cannot subsample them. Use ProximalScoreVI with AutoNormal, or the "
-                "full plate (subsample_size=None)."
-            )
+            raise NotImplementedError(baseline_local_latent_message(type(self).__name__, name, plate))
 
     def _check_model_params(self) -> None:
         if self._model_param_names:

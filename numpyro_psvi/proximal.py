@@ -35,7 +35,7 @@ from numpyro_psvi.objective import (
     weighted_fisher,
 )
 from numpyro_psvi.scores import ModelScores
-from psvi.checks import caller_stacklevel
+from psvi.checks import caller_stacklevel, check_proximal_options
 from psvi.objective import ProximalScoreMatching, resolve_objective
 
 
@@ -91,8 +91,6 @@ class ProximalScoreVI(ScoreEngine):
         depends on the network (docs/scale.md).
     score_method : {"closed_form", "autodiff"}
         How the guide's score is computed for Gaussian guides.
-    num_kl_draws : int, optional
-        Shorthand for ``loss.num_kl_draws``.
     max_halvings : int
         Trust-region halvings before the step is rejected.
     max_consecutive_rejections : int or None
@@ -116,18 +114,12 @@ class ProximalScoreVI(ScoreEngine):
         trust_region: float | None = 0.02,
         vectorize_particles: bool = True,
         score_method: str = "closed_form",
-        num_kl_draws: int | None = None,
         max_halvings: int = 12,
         max_consecutive_rejections: int | None = 20,
         **static_kwargs: Any,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
-        if num_kl_draws is not None:
-            objective = objective._replace(num_kl_draws=num_kl_draws).checked()
-        if int(inner_steps) < 1:
-            raise ValueError(f"inner_steps must be a positive integer, got {inner_steps}.")
-        if trust_region is not None and not trust_region > 0:
-            raise ValueError(f"trust_region must be positive or None, got {trust_region}.")
+        check_proximal_options(inner_steps, trust_region)
         super().__init__(
             model, guide, optim, num_particles=num_particles,
             vectorize_particles=vectorize_particles, score_method=score_method,

@@ -74,6 +74,23 @@ def autoregressive_flow_advice(dim: int) -> str | None:
     )
 
 
+def check_proximal_options(inner_steps: int, trust_region: float | None) -> None:
+    """Raise a ``ValueError`` naming a bad ``inner_steps`` or ``trust_region``."""
+    if int(inner_steps) < 1:
+        raise ValueError(f"inner_steps must be a positive integer, got {inner_steps}.")
+    if trust_region is not None and not trust_region > 0:
+        raise ValueError(f"trust_region must be positive or None, got {trust_region}.")
+
+
+def baseline_local_latent_message(engine: str, name: str, plate: str) -> str:
+    """The error for a local latent in a subsampled plate under GSM or BaM."""
+    return (
+        f"Latent site {name!r} is local to the subsampled plate {plate!r}; {engine} fits one "
+        "full-covariance Gaussian over all latents and cannot subsample them. Use "
+        "ProximalScoreVI with AutoNormal, or the full plate (subsample_size=None)."
+    )
+
+
 def local_latent_message(name: str, plate: str, guide_name: str) -> str:
     """The error for a local latent in a subsampled plate under a guide other than
     AutoNormal."""

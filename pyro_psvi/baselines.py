@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from psvi.checks import baseline_local_latent_message
 from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.objective import weighted_fisher
 
@@ -97,12 +98,7 @@ class _GaussianBaseline(ScoreEngine):
     def _check_local_latents(self, local: dict[str, str]) -> None:
         if local:
             name, plate = next(iter(local.items()))
-            raise NotImplementedError(
-                f"Latent site {name!r} is local to the subsampled plate {plate!r}; "
-                f"{type(self).__name__} fits one full-covariance Gaussian over all latents "
-                "and cannot subsample them. Use ProximalScoreVI with AutoNormal, or the "
-                "full plate (subsample_size=None)."
-            )
+            raise NotImplementedError(baseline_local_latent_message(type(self).__name__, name, plate))
 
     def _setup(self, args: tuple, kwargs: dict) -> None:
         super()._setup(args, kwargs)

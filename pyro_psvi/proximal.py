@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from pyro.optim import PyroOptim
 
-from psvi.checks import caller_stacklevel
+from psvi.checks import caller_stacklevel, check_proximal_options
 from psvi.objective import ProximalScoreMatching, resolve_objective
 from pyro_psvi._compat import torch_optimizer
 from pyro_psvi.engine import ScoreEngine
@@ -149,10 +149,7 @@ class ProximalScoreVI(ScoreEngine):
         max_consecutive_rejections: int | None = 20,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
-        if int(inner_steps) < 1:
-            raise ValueError(f"inner_steps must be a positive integer, got {inner_steps}.")
-        if trust_region is not None and not trust_region > 0:
-            raise ValueError(f"trust_region must be positive or None, got {trust_region}.")
+        check_proximal_options(inner_steps, trust_region)
         if not isinstance(optim, PyroOptim):
             raise TypeError(
                 f"optim must be a pyro.optim optimizer (e.g. pyro.optim.Adam({{'lr': 1e-2}})), "

@@ -14,6 +14,7 @@ from numpyro.infer.autoguide import (
     AutoNormal,
 )
 
+from numpyro_psvi import ProximalScoreMatching
 from numpyro_psvi.guides import guide_density
 from numpyro_psvi.objective import fisher_statistics, proximal_objective
 
@@ -179,7 +180,7 @@ def test_iaf_guide_runs_through_the_generic_path():
         numpyro.sample("x", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
 
     guide = AutoIAFNormal(model, num_flows=1, hidden_dims=[4])
-    svi = ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), num_kl_draws=32)
+    svi = ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), ProximalScoreMatching(num_kl_draws=32))
     result = svi.run(jax.random.PRNGKey(0), 50, progress_bar=False)
     assert not svi.density.closed_form
     assert int(result.state.num_rejected) == 0
