@@ -141,7 +141,7 @@ class _GaussianBaseline(ScoreEngine):
             for name, leaf in leaves.items():
                 candidate = self._transforms[name].inv(new_params[name])
                 leaf.copy_(torch.where(accept, candidate, leaf))
-        self._record(accept)
+        self.record(accept)
         self.num_updates += 1
         return torch.where(accept, loss, torch.full_like(loss, float("nan")))
 

@@ -267,8 +267,8 @@ class ScoreEngine:
             self._check_rejection_streak()
         return loss
 
-    def _record(self, accept: torch.Tensor) -> None:
-        """Count one step (on the device: no sync)."""
+    def record(self, accept: torch.Tensor) -> None:
+        """Count one step, accepted or rejected (on the device: no sync)."""
         rejected = (~accept).to(torch.int64)
         self._num_rejected = self._num_rejected + rejected
         self._consecutive_rejected = (self._consecutive_rejected + rejected) * rejected

@@ -197,7 +197,7 @@ class ProximalScoreVI(ScoreEngine):
         self.inner_fit(problem, leaves)
         frac = self.pull_back(problem, start, leaves)
         accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
-        self._record(accept)
+        self.record(accept)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
 
     def proximal_problem(
