@@ -35,7 +35,7 @@ from numpyro_psvi._compat import (
     batched_event_size,
     unpack_latent,
 )
-from psvi.checks import GuideSite, check_user_guide_sites
+from psvi.checks import GuideSite, check_user_guide_sites, full_covariance_advice
 from psvi.families import (
     GUIDE_LIST,
     LAPLACE,
@@ -43,7 +43,6 @@ from psvi.families import (
     DensityOptions,
     GuideFamily,
     autoregressive_family_advice,
-    full_covariance_family_advice,
     refused,
 )
 
@@ -621,7 +620,7 @@ _register(
     autoguide.AutoMultivariateNormal,
     GuideFamily(
         "AutoMultivariateNormal", _autoguide_setup(_auto_mvn), full_covariance=True,
-        advice=full_covariance_family_advice,
+        advice=full_covariance_advice,
     ),
 )  # fmt: skip
 _register(

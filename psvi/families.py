@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from psvi.checks import autoregressive_flow_advice, full_covariance_advice
+from psvi.checks import autoregressive_flow_advice
 
 
 class DensityOptions(NamedTuple):
@@ -75,11 +75,6 @@ class GuideFamily(NamedTuple):
 def refused(name: str, why: str) -> GuideFamily:
     """The record of a family the engines refuse."""
     return GuideFamily(name, None, refusal=why)
-
-
-def full_covariance_family_advice(latent_dim: int, num_particles: int) -> str | None:
-    """:func:`psvi.checks.full_covariance_advice` as a family's ``advice``."""
-    return full_covariance_advice(latent_dim, num_particles)
 
 
 def autoregressive_family_advice(latent_dim: int, num_particles: int) -> str | None:

@@ -31,7 +31,7 @@ from pyro.infer import autoguide
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import ComposeTransform, biject_to
 
-from psvi.checks import GuideSite, check_user_guide_sites
+from psvi.checks import GuideSite, check_user_guide_sites, full_covariance_advice
 from psvi.families import (
     GUIDE_LIST,
     LAPLACE,
@@ -39,7 +39,6 @@ from psvi.families import (
     DensityOptions,
     GuideFamily,
     autoregressive_family_advice,
-    full_covariance_family_advice,
     refused,
 )
 from pyro_psvi._compat import inverse, is_block_autoregressive, param_prefix, tensor_version
@@ -744,7 +743,7 @@ _register(
     autoguide.AutoMultivariateNormal,
     GuideFamily(
         "AutoMultivariateNormal", _autoguide_setup(_auto_mvn), full_covariance=True,
-        advice=full_covariance_family_advice,
+        advice=full_covariance_advice,
     ),
 )  # fmt: skip
 _register(

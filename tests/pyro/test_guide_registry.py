@@ -49,6 +49,13 @@ def test_flow_advice_depends_on_the_layers():
     assert guide_family(coupling).advice(64, 4) is None
 
 
+def test_full_covariance_advice_depends_on_the_particles():
+    """A full covariance with D > 16 S particles diverged at lr 1e-2 (docs/gaussian_targets.md)."""
+    advice = guide_family(ag.AutoMultivariateNormal(model)).advice
+    assert "Full-covariance guide with D=100 latent dimensions" in advice(100, 4)
+    assert advice(64, 4) is None
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
