@@ -40,7 +40,12 @@ from numpyro_psvi.scores import (
     model_param_names,
     subsampled_plates,
 )
-from psvi.checks import check_latents_match, check_rejection_streak, local_latent_message
+from psvi.checks import (
+    check_latents_match,
+    check_rejection_streak,
+    local_latent_message,
+    rejection_message,
+)
 from psvi.families import DensityOptions
 
 
@@ -69,14 +74,6 @@ class EngineState(NamedTuple):
     num_score_calls: jax.Array
     num_rejected: jax.Array
     consecutive_rejected: jax.Array
-
-
-_REJECTED_MESSAGE = (
-    "{engine} rejected {n} update(s) with non-finite scores, objective or parameters "
-    "(or a trust-region step that could not be made small enough, or a covariance that "
-    "is not positive definite); the parameters were kept as they were. Likely causes: a "
-    "learning rate too large, a model returning -inf, or badly scaled data."
-)
 
 
 class ScoreEngine:
@@ -347,7 +344,7 @@ class ScoreEngine:
         self._check_rejection_streak(state)
         rejected = int(state.num_rejected)
         if rejected:
-            message = _REJECTED_MESSAGE.format(engine=type(self).__name__, n=rejected)
+            message = rejection_message(type(self).__name__, rejected)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         return SVIRunResult(self.get_params(state), state, losses)
 

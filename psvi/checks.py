@@ -30,6 +30,17 @@ def check_latents_match(expected: dict, found: dict, what: str, fix: str) -> Non
     raise ValueError(f"{what} ({'; '.join(diffs)}). {fix}")
 
 
+def rejection_message(engine: str, num_rejected: int) -> str:
+    """The warning after ``num_rejected`` rejected updates (both backends, every engine)."""
+    return (
+        f"{engine} rejected {num_rejected} update(s) (non-finite scores, objective or "
+        "parameters, a covariance that is not positive definite, or a trust-region step "
+        "that could not be made small enough); the parameters were kept as they were. "
+        "Likely causes: a learning rate too large, a model returning -inf, or badly "
+        "scaled data."
+    )
+
+
 def check_rejection_streak(engine: str, streak: int, limit: int | None, unit: str) -> None:
     """Raise once ``streak`` rejected ``unit`` ("updates", "steps") in a row reach
     ``limit`` (``None``: never)."""

@@ -26,6 +26,7 @@ from psvi.checks import (
     check_latents_match,
     check_rejection_streak,
     local_latent_message,
+    rejection_message,
 )
 from psvi.families import DensityOptions
 from pyro_psvi.guides import GuideDensity, Params, guide_family
@@ -39,13 +40,6 @@ from pyro_psvi.scores import (
     local_latents,
     log_joints,
     model_scores,
-)
-
-_REJECTED_MESSAGE = (
-    "{engine} rejected {n} update(s) (non-finite scores, objective or parameters, a "
-    "covariance that is not positive definite, or a trust-region step that could not be "
-    "made small enough); the parameters were kept as they were. Likely causes: a "
-    "learning rate too large, a model returning -inf, or badly scaled data."
 )
 
 
@@ -262,7 +256,7 @@ class ScoreEngine:
         """One step (:meth:`update`), its loss read as a float; NaN when rejected."""
         loss = float(self.update(*args, **kwargs))
         if loss != loss:
-            message = _REJECTED_MESSAGE.format(engine=type(self).__name__, n=1)
+            message = rejection_message(type(self).__name__, 1)
             warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
             self._check_rejection_streak()
         return loss
@@ -337,7 +331,7 @@ class ScoreEngine:
         rejected = self.num_rejected - rejected_before
         self._check_rejection_streak()
         if rejected:
-            message = _REJECTED_MESSAGE.format(engine=type(self).__name__, n=rejected)
+            message = rejection_message(type(self).__name__, rejected)
             warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
         return losses
 
