@@ -31,6 +31,7 @@ from numpyro_psvi.guides import GuideDensity, guide_family
 from numpyro_psvi.objective import weighted_fisher
 from numpyro_psvi.scores import (
     ModelScores,
+    batch_ratio,
     check_model,
     coordinate_weights,
     draw_plate_indices,
@@ -67,6 +68,9 @@ class EngineState(NamedTuple):
         not finite (the state was left as it was).
     consecutive_rejected : jax.Array
         Length of the current run of rejected updates (0 after an accepted one).
+    averages
+        Running averages an engine keeps across updates
+        (:class:`~numpyro_psvi.proximal.RunningAverages`), or ``None``.
     """
 
     optim_state: Any
@@ -74,6 +78,7 @@ class EngineState(NamedTuple):
     num_score_calls: jax.Array
     num_rejected: jax.Array
     consecutive_rejected: jax.Array
+    averages: Any = None
 
 
 class ScoreEngine:
@@ -136,6 +141,7 @@ class ScoreEngine:
         self._build_density: Callable[[tuple, dict], GuideDensity] | None = None
         self._latent_shapes: dict | None = None
         self._model_param_names: tuple[str, ...] = ()
+        self.batch_ratio = 1.0  # the model's largest plate size over subsample size
 
     # ----------------------------------------------------------------- set-up
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
@@ -155,6 +161,7 @@ class ScoreEngine:
         local = check_model(self.model, model_seed, args, all_kwargs)
         self._check_local_latents(local)
         self._model_param_names = model_param_names(self.model, args, all_kwargs)
+        self.batch_ratio = batch_ratio(self.model, args, all_kwargs)
         self._check_model_params()
         self._build_density = self.family.setup(
             self.guide, self.model, args, all_kwargs, self.density_options
@@ -271,12 +278,12 @@ class ScoreEngine:
         """The next state: ``candidate`` if ``accept``, else the old one exactly; the
         counters advanced."""
         optim_state = jax.tree.map(lambda old, new: jnp.where(accept, new, old), state.optim_state, candidate)
-        return EngineState(
-            optim_state,
-            rng_key,
-            state.num_score_calls + self.num_particles,
-            state.num_rejected + (~accept).astype(jnp.int32),
-            jnp.where(accept, 0, state.consecutive_rejected + 1),
+        return state._replace(
+            optim_state=optim_state,
+            rng_key=rng_key,
+            num_score_calls=state.num_score_calls + self.num_particles,
+            num_rejected=state.num_rejected + (~accept).astype(jnp.int32),
+            consecutive_rejected=jnp.where(accept, 0, state.consecutive_rejected + 1),
         )
 
     def update(self, state: EngineState, *args: Any, **kwargs: Any) -> tuple[EngineState, jax.Array]:

@@ -7,7 +7,8 @@ One update is four phases, each a method (docs/algorithm.md):
 2. :meth:`ProximalScoreVI.inner_fit`: ``K`` optimizer steps on the proximal
    score-matching objective (:meth:`ProximalScoreVI.proximal_problem`);
 3. :meth:`ProximalScoreVI.pull_back`: the fraction of the step that keeps
-   ``KL(q_t || q_new) <= trust_region * D`` (halving);
+   ``KL(q_t || q_new) <= trust_region * D`` (halving; times ``N/B`` when the model
+   subsamples a plate);
 4. :meth:`ProximalScoreVI.accept`: a step whose scores, objective or parameters are
    not finite is rejected (the previous parameters and optimizer state are kept and
    ``EngineState.num_rejected`` counts it).
@@ -27,25 +28,52 @@ from jax.flatten_util import ravel_pytree
 from numpyro_psvi.engine import EngineState, ScoreEngine
 from numpyro_psvi.guides import GuideDensity
 from numpyro_psvi.objective import (
+    CurvatureStatistics,
+    curvature_statistics,
     diagonal_weighted_fisher,
     fisher_statistics,
     lerp_tree,
     proximal_objective,
+    split_diagonal_objective,
     trust_region_fraction,
     weighted_fisher,
 )
 from numpyro_psvi.scores import ModelScores
 from psvi.checks import caller_stacklevel, check_proximal_options
-from psvi.objective import ProximalScoreMatching, resolve_objective
+from psvi.objective import ProximalScoreMatching, curvature_memory, resolve_objective
+
+
+class RunningAverages(NamedTuple):
+    """What :class:`ProximalScoreVI` averages across updates (``None`` where unused).
+
+    Attributes
+    ----------
+    curvature, curvature_updates : jax.Array or None
+        Diagonal Gaussian guides: the per-coordinate curvature estimate
+        (:func:`~numpyro_psvi.objective.stein_curvature`) averaged over the last
+        ``curvature_memory`` updates (all of them while fewer), and how many updates
+        saw each coordinate (a local latent only when its data are in the mini-batch).
+    params, params_updates
+        With iterate averaging: the unconstrained params averaged over accepted
+        updates, iterate ``i`` weighted by ``i`` (Polyak-Ruppert averaging that forgets
+        the start), and the number of updates averaged.
+    """
+
+    curvature: CurvatureStatistics | None
+    curvature_updates: jax.Array | None
+    params: dict | None
+    params_updates: jax.Array
 
 
 class ProximalProblem(NamedTuple):
     """One update's proximal problem: ``objective(unconstrained) -> (value, terms)``
-    over all params (guide and model), and ``loss``, the weighted Fisher divergence of
-    ``q_t`` on the update's particles and mini-batch."""
+    over all params (guide and model); ``loss``, the weighted Fisher divergence of
+    ``q_t`` on the update's particles and mini-batch; ``averages``, the running
+    averages with this update's curvature estimate folded in."""
 
     objective: Callable[[dict], tuple[jax.Array, dict]]
     loss: jax.Array
+    averages: RunningAverages
 
 
 class ProximalScoreVI(ScoreEngine):
@@ -83,7 +111,10 @@ class ProximalScoreVI(ScoreEngine):
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
     trust_region : float or None
         Per-dimension KL budget: each update is pulled back toward ``q_t`` until
-        ``KL(q_t || q_new) <= trust_region * D``; ``None`` turns it off.
+        ``KL(q_t || q_new) <= trust_region * D``, times ``N/B`` (the largest ratio of a
+        plate's size to its subsample size) when the model subsamples: mini-batch noise
+        alone moves each update by a KL that grows like ``N/B``, and a budget below it
+        only slows the fit. ``None`` turns it off.
     vectorize_particles : bool
         Score the particles in one batched pass (``vmap``, the default) or one pass per
         particle (``lax.map``, as Pyro's ``vectorize_particles=False``): batched
@@ -96,6 +127,13 @@ class ProximalScoreVI(ScoreEngine):
     max_consecutive_rejections : int or None
         :meth:`run` raises once this many updates in a row were rejected (``None``:
         never); it checks at the end of each progress-bar chunk, or at the end.
+    average_iterates : bool or None
+        Return the running average of the iterates (:class:`RunningAverages`) from
+        :meth:`get_params` and :meth:`run`, while the updates continue from the last
+        iterate. ``None`` (the default): on for a diagonal Gaussian guide when the model
+        subsamples a plate, whose mini-batch noise moves every iterate; off with exact
+        scores and for other guides (averaging a Cholesky factor shrinks the covariance
+        it stands for).
     **static_kwargs
         Static keyword arguments for the model and guide, as in ``SVI``.
     """
@@ -116,6 +154,7 @@ class ProximalScoreVI(ScoreEngine):
         score_method: str = "closed_form",
         max_halvings: int = 12,
         max_consecutive_rejections: int | None = 20,
+        average_iterates: bool | None = None,
         **static_kwargs: Any,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
@@ -130,6 +169,8 @@ class ProximalScoreVI(ScoreEngine):
         self.inner_steps = int(inner_steps)
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
+        self.average_iterates = average_iterates
+        self.curvature_memory = 1  # set with the regime, at set-up
 
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
         """Return the initial :class:`EngineState` (see :meth:`ScoreEngine.init`), with a
@@ -138,10 +179,27 @@ class ProximalScoreVI(ScoreEngine):
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
-        return state
+        diagonal = self.density.loc_scale is not None
+        self.curvature_memory = curvature_memory(self.objective, self.batch_ratio)
+        average = self.average_iterates
+        if average is None:
+            average = diagonal and self.batch_ratio > 1
+        zeros = jnp.zeros(self.density.latent_dim)
+        curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
+        updates = zeros if curvature is not None else None
+        params = self.optim.get_params(state.optim_state) if average else None
+        averages = RunningAverages(curvature, updates, params, jnp.zeros((), jnp.int32))
+        return state._replace(averages=averages)
 
     def get_params(self, state: EngineState) -> dict:
-        """Constrained guide params, exactly as ``SVI.get_params`` returns them."""
+        """Constrained guide params, exactly as ``SVI.get_params`` returns them: the averaged
+        iterate where iterates are averaged (``average_iterates``)."""
+        if state.averages is not None and state.averages.params is not None:
+            return self.constrain_fn(state.averages.params)
+        return self._iterate_params(state)
+
+    def _iterate_params(self, state: EngineState) -> dict:
+        """Constrained params of the current iterate, from which the next update starts."""
         if self.constrain_fn is None:
             raise RuntimeError("Call ProximalScoreVI.init(rng_key, *args) (or run) first.")
         return self.constrain_fn(self.optim.get_params(state.optim_state))
@@ -164,14 +222,14 @@ class ProximalScoreVI(ScoreEngine):
         """
         kwargs, density = self._prepare(args, kwargs)
         rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
-        params_t = self.get_params(state)
+        params_t = self._iterate_params(state)
         particles, scored = self.score_particles(
             density, params_t, self._model_params(state), key_particles, key_batch, args, kwargs
         )
-        problem = self.proximal_problem(density, params_t, particles, scored, key_kl)
+        problem = self.proximal_problem(density, params_t, particles, scored, key_kl, state.averages)
         fitted = self.inner_fit(problem.objective, state.optim_state)
         frac = self.pull_back(density, params_t, state.optim_state, fitted, scored.active_dim, key_kl)
-        return self.accept(state, fitted, frac, problem.loss, scored, rng_key)
+        return self.accept(state, fitted, frac, problem, scored, rng_key)
 
     def proximal_problem(
         self,
@@ -180,12 +238,15 @@ class ProximalScoreVI(ScoreEngine):
         particles: jax.Array,
         scored: ModelScores,
         key_kl: jax.Array,
+        averages: RunningAverages,
     ) -> ProximalProblem:
         """The update's objective over the unconstrained params, and its loss.
 
         A diagonal Gaussian guide needs the particles only through per-coordinate
-        sums (:func:`~numpyro_psvi.objective.fisher_statistics`): each inner step is
-        then ``O(D)``. Model params ascend the expected log joint, linearized at
+        sums (:func:`~numpyro_psvi.objective.fisher_statistics`), each inner step is
+        ``O(D)``, and its objective is the split one
+        (:func:`~numpyro_psvi.objective.split_diagonal_objective`) with the curvature
+        averaged over updates. Model params ascend the expected log joint, linearized at
         ``theta_t``: their gradient is the particles' mean gradient (no score calls).
         """
         weighting, weights = self.objective.weighting, scored.weights
@@ -194,19 +255,40 @@ class ProximalScoreVI(ScoreEngine):
             loss = weighted_fisher(density, params_t, params_t, particles, scored.scores, weighting, weights)
         else:
             loss = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
+            estimate = curvature_statistics(stats, density.loc_scale(params_t)[1])
+            averages = self._fold_curvature(averages, estimate, weights)
 
         def objective(unconstrained):
-            value, terms = proximal_objective(
-                density, self.constrain_fn(unconstrained), params_t, particles, scored.scores, key_kl,
-                prox_weight=self.objective.prox_weight, weighting=weighting, weights=weights,
-                stats=stats,
-            )  # fmt: skip
+            params = self.constrain_fn(unconstrained)
+            options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
+            if stats is None:
+                value, terms = proximal_objective(
+                    density, params, params_t, particles, scored.scores, key_kl, **options
+                )
+            else:
+                value, terms = split_diagonal_objective(
+                    density, params, params_t, stats, averages.curvature, **options
+                )
             for name, grad in scored.param_grads.items():
                 products = jax.tree.map(jnp.vdot, lax.stop_gradient(grad), unconstrained[name])
                 value = value - sum(jax.tree.leaves(products))
             return value, terms
 
-        return ProximalProblem(objective, loss)
+        return ProximalProblem(objective, loss, averages)
+
+    def _fold_curvature(
+        self, averages: RunningAverages, estimate: CurvatureStatistics, weights: jax.Array | None
+    ) -> RunningAverages:
+        """Fold this update's curvature statistics into the running averages of the
+        coordinates it saw: a plain mean over the updates so far, then an exponential
+        average over the last ``curvature_memory``."""
+        seen = (
+            jnp.ones_like(estimate.spread) if weights is None else (weights > 0).astype(estimate.spread.dtype)
+        )
+        updates = averages.curvature_updates + seen
+        rate = seen * jnp.maximum(1.0 / jnp.maximum(updates, 1.0), 1.0 / self.curvature_memory)
+        curvature = jax.tree.map(lambda old, new: old + rate * (new - old), averages.curvature, estimate)
+        return averages._replace(curvature=curvature, curvature_updates=updates)
 
     def inner_fit(self, objective: Callable, optim_state: Any) -> Any:
         """``K`` steps of the user's optimizer on ``objective`` (``lax.fori_loop``, no host
@@ -228,7 +310,8 @@ class ProximalScoreVI(ScoreEngine):
     ) -> jax.Array:
         """The fraction of the step from ``q_t`` to the fitted guide to take: the largest of
         ``1, 1/2, 1/4, ...`` with ``KL(q_t || q_frac) <= trust_region * active_dim``
-        (0 rejects the step; without a trust region, 1 when that KL is finite)."""
+        (times ``N/B`` with a subsampled plate; 0 rejects the step; without a trust
+        region, 1 when that KL is finite)."""
         unconstrained_t = self.optim.get_params(optim_state_t)
         unconstrained_new = self.optim.get_params(fitted)
 
@@ -238,22 +321,33 @@ class ProximalScoreVI(ScoreEngine):
 
         if self.trust_region is None:
             return jnp.where(jnp.isfinite(kl_at(jnp.asarray(1.0))), 1.0, 0.0)
-        return trust_region_fraction(kl_at, self.trust_region * active_dim, self.max_halvings)
+        budget = self.trust_region * active_dim * self.batch_ratio
+        return trust_region_fraction(kl_at, budget, self.max_halvings)
 
     def accept(
         self,
         state: EngineState,
         fitted: Any,
         frac: jax.Array,
-        loss: jax.Array,
+        problem: ProximalProblem,
         scored: ModelScores,
         rng_key: jax.Array,
     ) -> tuple[EngineState, jax.Array]:
         """Move the whole optimizer state (params and moments) the fraction ``frac`` toward
-        the fitted one, or keep the old state exactly when the step is rejected (no
-        fraction qualified, or non-finite scores, loss or params); as
-        ``SVI.stable_update`` does, a rejected step reports a NaN loss."""
+        the fitted one and advance the running averages, or keep the old state exactly
+        when the step is rejected (no fraction qualified, or non-finite scores, loss or
+        params); as ``SVI.stable_update`` does, a rejected step reports a NaN loss."""
+        loss = problem.loss
         accept = (frac > 0) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(scored.log_joints))
         accept &= jnp.all(jnp.isfinite(ravel_pytree(self.optim.get_params(fitted))[0]))
         candidate = lerp_tree(state.optim_state, fitted, frac)
-        return self.record(state, candidate, accept, rng_key), jnp.where(accept, loss, jnp.nan)
+        averages = problem.averages
+        if averages.params is not None:
+            rate = 2.0 / (averages.params_updates + 2.0)  # iterate i weighted by i
+            averages = averages._replace(
+                params=lerp_tree(averages.params, self.optim.get_params(candidate), rate),
+                params_updates=averages.params_updates + 1,
+            )
+        averages = jax.tree.map(lambda old, new: jnp.where(accept, new, old), state.averages, averages)
+        state = self.record(state, candidate, accept, rng_key)._replace(averages=averages)
+        return state, jnp.where(accept, loss, jnp.nan)

@@ -125,6 +125,12 @@ def subsampled_plates(model: Callable, args: tuple, kwargs: dict) -> dict[str, t
     return plates
 
 
+def batch_ratio(model: Callable, args: tuple, kwargs: dict) -> float:
+    """The largest ``N/B`` (a plate's size over its subsample size) of the model; 1 when
+    nothing is subsampled."""
+    return max((size / batch for size, batch in subsampled_plates(model, args, kwargs).values()), default=1.0)
+
+
 def draw_plate_indices(plates: dict[str, tuple[int, int]], rng_key: jax.Array) -> dict[str, jax.Array]:
     """A mini-batch of each subsampled plate, drawn without replacement (as NumPyro's plate)."""
     keys = jax.random.split(rng_key, max(len(plates), 1))

@@ -34,6 +34,7 @@ from pyro_psvi.objective import weighted_fisher
 from pyro_psvi.scores import (
     ModelScores,
     at_random_values,
+    batch_ratio,
     check_model,
     guess_max_plate_nesting,
     latent_shapes,
@@ -90,6 +91,7 @@ class ScoreEngine:
         self.density_options = DensityOptions(score_method, int(num_kl_draws))
         self.max_consecutive_rejections = max_consecutive_rejections
         self.num_score_calls = 0
+        self.batch_ratio = 1.0  # the model's largest plate size over subsample size
         self.density: GuideDensity | None = None
         self._transforms: dict[str, Any] = {}
         self._num_rejected: torch.Tensor | int = 0
@@ -109,6 +111,7 @@ class ScoreEngine:
         _check_devices(None, args, kwargs)
         model_trace = check_model(self.model, args, kwargs)
         self._latent_shapes = latent_shapes(model_trace)
+        self.batch_ratio = batch_ratio(model_trace)
         local = local_latents(model_trace)
         self._check_local_latents(local)
         self._arg_signature = _signature(args, kwargs)

@@ -117,6 +117,73 @@ def diagonal_weighted_fisher(
     return per_coordinate.sum() / stats.count
 
 
+class CurvatureStatistics(NamedTuple):
+    """Per-coordinate spread of the particles and its covariance with the scores, in
+    units of ``q_t``'s variance, each ``(D,)``: ``spread = sum_s (v_s - v_bar)^2 /
+    sigma_t^2`` and ``cross = -sum_s (v_s - v_bar)(g_s - g_bar) / sigma_t^2`` (centred at
+    the particle means; uncentred with one particle). ``cross / spread`` is the
+    least-squares slope of ``-g`` on ``u``: the curvature of the model's log joint,
+    exact on a separable quadratic one (Stein's identity makes ``E[cross]`` the expected
+    curvature times ``E[spread]`` on any). A shift common to every particle's score (the
+    mini-batch's gradient noise) drops out of both."""
+
+    spread: torch.Tensor
+    cross: torch.Tensor
+
+
+def curvature_statistics(stats: FisherStatistics, scale_t: torch.Tensor) -> CurvatureStatistics:
+    """The :class:`CurvatureStatistics` of a step from its :class:`FisherStatistics`."""
+    spread, cross = stats.offset_sq, stats.cross
+    if stats.count > 1:
+        spread = spread - stats.offset**2 / stats.count
+        cross = cross - stats.offset * stats.score / stats.count
+    variance = scale_t**2
+    return CurvatureStatistics(spread / variance, -cross / variance)
+
+
+def split_diagonal_objective(
+    density: GuideDensity,
+    params: Params,
+    params_t: Params,
+    stats: FisherStatistics,
+    curvature: CurvatureStatistics,
+    *,
+    prox_weight: float,
+    weighting: str,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The split proximal objective of a diagonal Gaussian guide (docs/algorithm.md);
+    ``params_t`` detached.
+
+    The Fisher term ``(1/S) sum_s r_s^2`` is the residuals' spread around their mean
+    plus the mean residual squared. The spread depends on the precision ``p`` alone:
+    ``(1/S) sum_s ((v_s - v_bar) p + g_s - g_bar)^2 = (sigma_t^2 / S) spread
+    (p - cross / spread)^2 + const``, here with the :class:`CurvatureStatistics`
+    ``curvature`` that the engine averages over steps. The mean residual fits the
+    location with ``p`` held fixed, and the KL's location part ``p delta^2 / 2`` holds
+    ``p`` fixed too, so that a location held back by the proximal term cannot bias the
+    precision. With this step's statistics and exact scores, the fixed points are those
+    of :func:`proximal_objective`.
+    """
+    loc, scale = density.loc_scale(params)
+    loc_t, scale_t = density.loc_scale(params_t)
+    precision = scale.pow(-2)
+    held = precision.detach()
+    ratio = (scale_t / scale) ** 2  # p / p_t
+    slope = curvature.cross / torch.where(curvature.spread > 0, curvature.spread, 1.0)
+    spread = curvature.spread / stats.count * (ratio - slope * scale_t**2) ** 2 / scale_t**2
+    delta = loc - loc_t
+    mean_residual = (delta - stats.offset / stats.count) * held - stats.score / stats.count
+    per_coordinate = spread + mean_residual**2
+    if weighting == "covariance":
+        per_coordinate = per_coordinate * scale_t**2
+    if weights is not None:
+        per_coordinate = per_coordinate * weights
+    fisher = per_coordinate.sum()
+    kl = 0.5 * (ratio - 1.0 - ratio.log() + held * delta**2).sum()
+    return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
+
+
 def proximal_objective(
     density: GuideDensity,
     params: Params,

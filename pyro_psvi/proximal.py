@@ -9,13 +9,15 @@ One step is four phases, each a method, as in ``numpyro_psvi.proximal``
 2. :meth:`ProximalScoreVI.inner_fit`: ``K`` steps of the Pyro optimizer on the
    proximal score-matching objective (:meth:`ProximalScoreVI.proximal_problem`);
 3. :meth:`ProximalScoreVI.pull_back`: the fraction of the step that keeps
-   ``KL(q_t || q_new) <= trust_region * D`` (halving);
+   ``KL(q_t || q_new) <= trust_region * D`` (halving; times ``N/B`` when the model
+   subsamples a plate);
 4. :meth:`ProximalScoreVI.accept`: a step whose scores, objective or parameters are
    not finite is rejected (the previous parameters and optimizer state are restored
    and :attr:`ProximalScoreVI.num_rejected` counts it).
 
 Parameters live in Pyro's param store, so ``guide.median()``, ``guide.quantiles()``
-and ``Predictive`` work as after ``SVI``.
+and ``Predictive`` work as after ``SVI``; with iterate averaging the store holds the
+averaged iterate and the engine the last one, from which the next step starts.
 """
 
 from __future__ import annotations
@@ -28,18 +30,45 @@ import torch
 from pyro.optim import PyroOptim
 
 from psvi.checks import caller_stacklevel, check_proximal_options
-from psvi.objective import ProximalScoreMatching, resolve_objective
+from psvi.objective import ProximalScoreMatching, curvature_memory, resolve_objective
 from pyro_psvi._compat import torch_optimizer
 from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.guides import Params
 from pyro_psvi.objective import (
+    CurvatureStatistics,
+    curvature_statistics,
     diagonal_weighted_fisher,
     fisher_statistics,
     proximal_objective,
+    split_diagonal_objective,
     trust_region_fraction,
     weighted_fisher,
 )
 from pyro_psvi.scores import ModelScores
+
+
+class RunningAverages(NamedTuple):
+    """What :class:`ProximalScoreVI` averages across steps (``None`` where unused).
+
+    Attributes
+    ----------
+    curvature : CurvatureStatistics or None
+        Diagonal Gaussian guides: the statistics of the per-coordinate curvature
+        (:class:`~pyro_psvi.objective.CurvatureStatistics`) averaged over the last
+        ``curvature_memory`` steps (all of them while fewer).
+    curvature_updates : torch.Tensor or None
+        How many steps saw each coordinate (a local latent only when its data are in
+        the mini-batch).
+    params, params_updates
+        With iterate averaging: the unconstrained params (guide and model) averaged over
+        accepted steps, iterate ``i`` weighted by ``i`` (Polyak-Ruppert averaging that
+        forgets the start), and the number of steps averaged (a 0-dim tensor).
+    """
+
+    curvature: CurvatureStatistics | None
+    curvature_updates: torch.Tensor | None
+    params: dict[str, torch.Tensor] | None
+    params_updates: torch.Tensor
 
 
 class ProximalProblem(NamedTuple):
@@ -61,6 +90,8 @@ class ProximalProblem(NamedTuple):
         Coordinates the step can move (the trust region's ``D``).
     kl_seed : int or None
         Common random numbers for a Monte Carlo KL within the step.
+    averages : RunningAverages
+        The running averages with this step's curvature estimate folded in.
     """
 
     objective: Callable[[Params], torch.Tensor]
@@ -70,6 +101,7 @@ class ProximalProblem(NamedTuple):
     scores_ok: torch.Tensor
     active_dim: int
     kl_seed: int | None
+    averages: RunningAverages
 
 
 class ProximalScoreVI(ScoreEngine):
@@ -108,7 +140,10 @@ class ProximalScoreVI(ScoreEngine):
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
     trust_region : float or None
         Per-dimension KL budget: each step is pulled back toward ``q_t`` until
-        ``KL(q_t || q_new) <= trust_region * D``; ``None`` turns it off.
+        ``KL(q_t || q_new) <= trust_region * D``, times ``N/B`` (the largest ratio of a
+        plate's size to its subsample size) when the model subsamples: mini-batch noise
+        alone moves each step by a KL that grows like ``N/B``, and a budget below it
+        only slows the fit. ``None`` turns it off.
     vectorize_particles : bool
         Evaluate all particles in one model pass under an outer plate (the model
         must be broadcast-safe, as for ``Trace_ELBO(vectorize_particles=True)``).
@@ -123,6 +158,12 @@ class ProximalScoreVI(ScoreEngine):
     max_consecutive_rejections : int or None
         :meth:`step` raises once this many steps in a row were rejected (``None``:
         never); :meth:`run` checks at its end.
+    average_iterates : bool or None
+        Keep the running average of the iterates (:class:`RunningAverages`) in the
+        param store, while the steps continue from the last iterate. ``None`` (the
+        default): on for a diagonal Gaussian guide when the model subsamples a plate,
+        whose mini-batch noise moves every iterate; off with exact scores and for other
+        guides (averaging a Cholesky factor shrinks the covariance it stands for).
 
     Notes
     -----
@@ -147,6 +188,7 @@ class ProximalScoreVI(ScoreEngine):
         score_method: str = "closed_form",
         max_halvings: int = 12,
         max_consecutive_rejections: int | None = 20,
+        average_iterates: bool | None = None,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
         check_proximal_options(inner_steps, trust_region)
@@ -166,12 +208,44 @@ class ProximalScoreVI(ScoreEngine):
         self.inner_steps = int(inner_steps)
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
+        self.average_iterates = average_iterates
+        self.curvature_memory = 1  # set with the regime, at set-up
+        self.averages: RunningAverages | None = None
+        self._iterate: dict[str, torch.Tensor] | None = None
 
     def _setup(self, args: tuple, kwargs: dict) -> None:
         super()._setup(args, kwargs)
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
+        self.curvature_memory = curvature_memory(self.objective, self.batch_ratio)
+        if self.averages is None:  # else restored by load
+            self._start_averages()
+
+    def _start_averages(self) -> None:
+        leaves = self._leaves(model_params=True)
+        device = next(iter(leaves.values())).device
+        diagonal = self.density.loc_scale is not None
+        zeros = torch.zeros(self.density.latent_dim, device=device)
+        curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
+        updates = zeros if diagonal else None
+        average = self.average_iterates
+        if average is None:
+            average = diagonal and self.batch_ratio > 1
+        if average:
+            self._iterate = {name: leaf.detach().clone() for name, leaf in leaves.items()}
+        params = {name: leaf.detach().clone() for name, leaf in leaves.items()} if average else None
+        self.averages = RunningAverages(curvature, updates, params, torch.zeros((), device=device))
+
+    def _checkpoint_extra(self) -> dict:
+        return {"averages": self.averages._asdict(), "iterate": self._iterate}
+
+    def _load_checkpoint_extra(self, extra: dict) -> None:
+        averages = RunningAverages(**extra["averages"])
+        if averages.curvature is not None:
+            averages = averages._replace(curvature=CurvatureStatistics(*averages.curvature))
+        self.averages = averages
+        self._iterate = extra["iterate"]
 
     def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """One update: ``S`` score calls and ``K`` optimizer steps.
@@ -187,6 +261,9 @@ class ProximalScoreVI(ScoreEngine):
         self._prepare(args, kwargs)
         leaves = self._leaves(model_params=True)
         with torch.no_grad():
+            if self._iterate is not None:  # the store holds the averaged iterate
+                for name, leaf in leaves.items():
+                    leaf.copy_(self._iterate[name])
             start = {name: leaf.detach().clone() for name, leaf in leaves.items()}
             params_t = self._constrain(start)
         model_leaves = [leaves[name] for name in self._model_param_names]
@@ -198,6 +275,7 @@ class ProximalScoreVI(ScoreEngine):
         frac = self.pull_back(problem, start, leaves)
         accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
         self.record(accept)
+        self._advance_averages(problem.averages, leaves, accept)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
 
     def proximal_problem(
@@ -211,25 +289,72 @@ class ProximalScoreVI(ScoreEngine):
         scores_ok = torch.isfinite(scored.log_joints).all() & torch.isfinite(scored.scores).all()
         scores = torch.where(scores_ok, scored.scores, torch.zeros_like(scored.scores))
         stats = fisher_statistics(density, params_t, particles, scores)
+        averages = self.averages
         with torch.no_grad():
             if stats is None:
                 loss = weighted_fisher(density, params_t, params_t, particles, scores, weighting, weights)
             else:
                 loss = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
                 particles = scores = None
+                estimate = curvature_statistics(stats, density.loc_scale(params_t)[1])
+                averages = self._fold_curvature(averages, estimate, weights)
         # Monte Carlo KLs (flow and user guides) use common random numbers within the step.
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
+        options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
 
         def objective(params: Params) -> torch.Tensor:
-            return proximal_objective(
-                density, params, params_t, particles, scores,
-                prox_weight=self.objective.prox_weight, weighting=weighting, weights=weights,
-                kl_seed=kl_seed, stats=stats,
-            )[0]  # fmt: skip
+            if stats is None:
+                return proximal_objective(
+                    density, params, params_t, particles, scores, kl_seed=kl_seed, **options
+                )[0]
+            curvature = averages.curvature
+            return split_diagonal_objective(density, params, params_t, stats, curvature, **options)[0]
 
         return ProximalProblem(
-            objective, params_t, loss, scored.param_grads, scores_ok, scored.active_dim, kl_seed
+            objective, params_t, loss, scored.param_grads, scores_ok, scored.active_dim, kl_seed, averages
         )
+
+    def _fold_curvature(
+        self, averages: RunningAverages, estimate: CurvatureStatistics, weights: torch.Tensor | None
+    ) -> RunningAverages:
+        """Fold this step's curvature statistics into the running averages of the
+        coordinates it saw: a plain mean over the steps so far, then an exponential
+        average over the last ``curvature_memory``."""
+        spread = estimate.spread
+        seen = torch.ones_like(spread) if weights is None else (weights > 0).to(spread.dtype)
+        updates = averages.curvature_updates + seen
+        rate = seen * (1.0 / updates.clamp(min=1.0)).clamp(min=1.0 / self.curvature_memory)
+        curvature = CurvatureStatistics(
+            *(old + rate * (new - old) for old, new in zip(averages.curvature, estimate, strict=True))
+        )
+        return averages._replace(curvature=curvature, curvature_updates=updates)
+
+    def _advance_averages(
+        self, averages: RunningAverages, leaves: dict[str, torch.Tensor], accept: torch.Tensor
+    ) -> None:
+        """Keep the folded curvature and average the new iterate in (an accepted step
+        only); with iterate averaging, the store gets the average and the engine keeps
+        the iterate."""
+        with torch.no_grad():
+            if averages.curvature is not None:
+
+                def keep(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+                    return torch.where(accept, new, old)
+
+                averages = averages._replace(
+                    curvature=CurvatureStatistics(*map(keep, averages.curvature, self.averages.curvature)),
+                    curvature_updates=keep(averages.curvature_updates, self.averages.curvature_updates),
+                )
+            if self._iterate is not None:
+                rate = torch.where(
+                    accept, 2.0 / (averages.params_updates + 2.0), 0.0
+                )  # iterate i weighted by i
+                for name, leaf in leaves.items():
+                    self._iterate[name].copy_(leaf)
+                    averages.params[name].lerp_(leaf, rate)
+                    leaf.copy_(averages.params[name])
+                averages = averages._replace(params_updates=averages.params_updates + accept.to(rate.dtype))
+        self.averages = averages
 
     def inner_fit(self, problem: ProximalProblem, leaves: dict[str, torch.Tensor]) -> None:
         """``K`` steps of the user's Pyro optimizer on the problem, in place on the
@@ -256,8 +381,9 @@ class ProximalScoreVI(ScoreEngine):
     ) -> torch.Tensor:
         """The fraction of the step from ``start`` to the fitted ``leaves`` to take: the
         largest of ``1, 1/2, 1/4, ...`` with ``KL(q_t || q_frac) <= trust_region *
-        active_dim`` (0 rejects the step; without a trust region, 1 when that KL is
-        finite). Read lazily on a CPU, chosen on the device elsewhere (no host sync)."""
+        active_dim`` (times ``N/B`` with a subsampled plate; 0 rejects the step; without
+        a trust region, 1 when that KL is finite). Read lazily on a CPU, chosen on the
+        device elsewhere (no host sync)."""
         with torch.no_grad():
 
             def kl_at(frac: float) -> torch.Tensor:
@@ -268,7 +394,7 @@ class ProximalScoreVI(ScoreEngine):
             if self.trust_region is None:
                 frac = torch.isfinite(kl_at(1.0)).to(loss.dtype)
             else:
-                max_kl = self.trust_region * problem.active_dim
+                max_kl = self.trust_region * problem.active_dim * self.batch_ratio
                 frac = trust_region_fraction(kl_at, max_kl, self.max_halvings, lazy=loss.device.type == "cpu")
             return frac.to(loss.device)
 

@@ -359,6 +359,21 @@ def local_latents(model_trace) -> dict[str, str]:
     }
 
 
+def batch_ratio(model_trace) -> float:
+    """The largest ``N/B`` (a plate's size over its subsample size) of a model trace; 1
+    when nothing is subsampled."""
+    return max(
+        (
+            frame.full_size / frame.size
+            for site in model_trace.nodes.values()
+            if site["type"] == "sample"
+            for frame in site["cond_indep_stack"]
+            if frame.full_size is not None and frame.size != frame.full_size
+        ),
+        default=1.0,
+    )
+
+
 def guess_max_plate_nesting(model_trace) -> int:
     """Deepest vectorized plate dim used by any site of a model trace."""
     dims = [

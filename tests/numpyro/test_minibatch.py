@@ -1,0 +1,99 @@
+"""Mini-batch scores (issue 19), NumPyro: the right posterior with the defaults."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.infer.autoguide import AutoNormal
+from psvi_testing import minibatch
+
+from numpyro_psvi import ProximalScoreVI
+from numpyro_psvi.guides import guide_density
+from numpyro_psvi.objective import (
+    curvature_statistics,
+    diagonal_weighted_fisher,
+    fisher_statistics,
+    split_diagonal_objective,
+)
+
+
+def regression_model(x, y):
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([minibatch.D]).to_event(1))
+    with numpyro.plate("data", minibatch.N, subsample_size=minibatch.B):
+        batch_x = numpyro.subsample(x, event_dim=1)
+        numpyro.sample("y", dist.Normal(batch_x @ w, 1.0), obs=numpyro.subsample(y, event_dim=0))
+
+
+@pytest.mark.parametrize("lr", [1e-2, 1e-3])
+def test_subsampled_regression_has_the_exact_mean_field_posterior(lr):
+    x, y = minibatch.regression(seed=0)
+    guide = AutoNormal(regression_model)
+    svi = ProximalScoreVI(regression_model, guide, numpyro.optim.Adam(lr))
+    result = svi.run(jax.random.PRNGKey(0), 3000, jnp.asarray(x), jnp.asarray(y), progress_bar=False)
+    assert int(result.state.num_rejected) == 0
+    loc, scale = (np.asarray(result.params[f"w_auto_{name}"], np.float64) for name in ("loc", "scale"))
+    minibatch.check_fit(loc, scale, x, y)
+
+
+def test_iterates_are_averaged_only_with_a_subsampled_plate():
+    x, y = map(jnp.asarray, minibatch.regression(seed=0))
+
+    def full_model(x, y):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([minibatch.D]).to_event(1))
+        numpyro.sample("y", dist.Normal(x @ w, 1.0), obs=y)
+
+    for model, averaged in ((regression_model, True), (full_model, False)):
+        svi = ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(1e-2))
+        state = svi.init(jax.random.PRNGKey(0), x, y)
+        assert (state.averages.params is not None) is averaged
+        assert svi.batch_ratio == (minibatch.N / minibatch.B if averaged else 1.0)
+        for _ in range(2):  # the first update's average is its iterate
+            state, _ = svi.update(state, x, y)
+        iterate = svi.constrain_fn(svi.optim.get_params(state.optim_state))
+        same = np.array_equal(svi.get_params(state)["w_auto_loc"], iterate["w_auto_loc"])
+        assert same is not averaged
+
+
+def _diagonal_problem(seed):
+    guide = AutoNormal(lambda: numpyro.sample("z", dist.Normal(jnp.zeros(6), 1.0).to_event(1)))
+    with numpyro.handlers.seed(rng_seed=seed):
+        guide()
+    params_t = {"z_auto_loc": jnp.linspace(-1.0, 1.0, 6), "z_auto_scale": jnp.linspace(0.2, 2.0, 6)}
+    density = guide_density(guide)
+    particles = density.sample(params_t, jax.random.PRNGKey(seed), 4)
+    scores = jax.random.normal(jax.random.PRNGKey(seed + 1), particles.shape)
+    return density, params_t, particles, scores
+
+
+def test_a_shift_common_to_all_scores_leaves_the_curvature_unchanged():
+    """The mini-batch noise is (to first order) one shift of every particle's score; the
+    curvature statistics centre it away, exactly (an algebraic identity)."""
+    density, params_t, particles, scores = _diagonal_problem(0)
+    scale_t = params_t["z_auto_scale"]
+    shift = 50.0 * jax.random.normal(jax.random.PRNGKey(9), scores.shape[1:])
+    plain = curvature_statistics(fisher_statistics(density, params_t, particles, scores), scale_t)
+    shifted = curvature_statistics(fisher_statistics(density, params_t, particles, scores + shift), scale_t)
+    for a, b in zip(plain, shifted, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_split_objective_is_the_fisher_divergence_at_q_t():
+    """At ``q_t`` with this step's statistics the split objective's Fisher term equals the
+    covariance-weighted Fisher divergence up to the constant it drops (the scores'
+    own spread), and its KL is zero."""
+    density, params_t, particles, scores = _diagonal_problem(3)
+    stats = fisher_statistics(density, params_t, particles, scores)
+    curvature = curvature_statistics(stats, params_t["z_auto_scale"])
+    _, terms = split_diagonal_objective(
+        density, params_t, params_t, stats, curvature, prox_weight=10.0, weighting="covariance"
+    )
+    full = diagonal_weighted_fisher(density, params_t, params_t, stats, "covariance")
+    centred_g = stats.score_sq - stats.score**2 / stats.count
+    slope = curvature.cross / curvature.spread
+    # Dropped constant: (sigma_t^2 / S) sum_d [centred g^2 - sigma_t^2 spread slope^2].
+    scale_t2 = params_t["z_auto_scale"] ** 2
+    dropped = jnp.sum(scale_t2 / stats.count * (centred_g - scale_t2 * curvature.spread * slope**2))
+    np.testing.assert_allclose(terms["fisher"] + dropped, full, rtol=1e-4)
+    assert float(terms["kl"]) == 0.0

@@ -1,0 +1,87 @@
+"""Mini-batch scores (issue 19), Pyro: the right posterior with the defaults."""
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from psvi_testing import minibatch
+from pyro.infer.autoguide import AutoNormal
+
+from pyro_psvi import ProximalScoreVI
+from pyro_psvi.contrib.models import linear_regression
+from pyro_psvi.guides import guide_density
+from pyro_psvi.objective import curvature_statistics, fisher_statistics
+
+
+def regression_model(x, y):
+    linear_regression(x, y, subsample_size=minibatch.B)
+
+
+def fit(lr: float, num_steps: int) -> tuple[np.ndarray, np.ndarray, ProximalScoreVI]:
+    x, y = map(torch.as_tensor, minibatch.regression(seed=0))
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    svi = ProximalScoreVI(regression_model, AutoNormal(regression_model), pyro.optim.Adam({"lr": lr}))
+    for _ in range(num_steps):
+        svi.update(x, y)
+    loc, scale = (pyro.param(f"AutoNormal.{name}.w").detach().double().numpy() for name in ("locs", "scales"))
+    return loc, scale, svi
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lr", [1e-2, 1e-3])
+def test_subsampled_regression_has_the_exact_mean_field_posterior(lr):
+    loc, scale, svi = fit(lr, 3000)
+    assert svi.num_rejected == 0
+    minibatch.check_fit(loc, scale, *minibatch.regression(seed=0))
+
+
+def test_subsampled_regression_sds_are_right_after_1000_steps():
+    """The default run's shorter version (the 3000-step one is slow in Pyro): the sds,
+    which issue 19's objective put at 0.6-0.8 of the exact ones, are within 20% (the
+    curvature's error is ~4%, see ``check_fit``); the means, averaged over ~750
+    effective updates of 4.5-sd noise (~0.17 sd standard error), within 0.5 sd."""
+    loc, scale, svi = fit(1e-2, 1000)
+    assert svi.num_rejected == 0
+    mean, sd = minibatch.mean_field_optimum(*minibatch.regression(seed=0))
+    np.testing.assert_allclose(scale / sd, 1.0, atol=0.2)
+    assert np.max(np.abs(loc - mean) / sd) < 0.5
+
+
+def test_the_param_store_holds_the_average_and_a_checkpoint_the_iterate(tmp_path):
+    _, _, svi = fit(1e-2, 3)
+    averaged = svi.averages.params["AutoNormal.locs.w"]
+    assert svi.batch_ratio == minibatch.N / minibatch.B
+    assert torch.equal(pyro.param("AutoNormal.locs.w").detach(), averaged)
+    assert not torch.equal(svi._iterate["AutoNormal.locs.w"], averaged)
+    svi.save(tmp_path / "ckpt.pt")
+    x, y = map(torch.as_tensor, minibatch.regression(seed=0))
+    svi.update(x, y)
+    after = pyro.param("AutoNormal.locs.w").detach().clone()
+    resumed = ProximalScoreVI(regression_model, AutoNormal(regression_model), pyro.optim.Adam({"lr": 1e-2}))
+    resumed.load(tmp_path / "ckpt.pt")
+    resumed.update(x, y)
+    assert torch.equal(pyro.param("AutoNormal.locs.w").detach(), after)
+
+
+def test_a_shift_common_to_all_scores_leaves_the_curvature_unchanged():
+    """The mini-batch noise is (to first order) one shift of every particle's score; the
+    curvature statistics centre it away, exactly (an algebraic identity)."""
+    pyro.clear_param_store()
+    guide = AutoNormal(lambda: pyro.sample("z", dist.Normal(torch.zeros(6), 1.0).to_event(1)))
+    guide()
+    density = guide_density(guide)
+    params_t = {
+        "AutoNormal.locs.z": torch.linspace(-1, 1, 6),
+        "AutoNormal.scales.z": torch.linspace(0.2, 2, 6),
+    }
+    generator = torch.Generator().manual_seed(0)
+    particles = density.sample(params_t, 4)
+    scores = torch.randn(particles.shape, generator=generator)
+    shift = 50.0 * torch.randn(particles.shape[1:], generator=generator)
+    scale_t = params_t["AutoNormal.scales.z"]
+    plain = curvature_statistics(fisher_statistics(density, params_t, particles, scores), scale_t)
+    shifted = curvature_statistics(fisher_statistics(density, params_t, particles, scores + shift), scale_t)
+    for a, b in zip(plain, shifted, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
