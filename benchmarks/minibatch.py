@@ -8,9 +8,15 @@
    ``cross / spread``, signal against noise. Full batches as the control.
 2. ``noise``: the same per-update estimates on the digits MLP (3,760 weights), at the
    guide a default fit reaches.
-3. ``regression``: the fit with the defaults, Adam(1e-2) and Adam(1e-3), three seeds.
+3. ``regression``: the fit with the defaults, Adam(1e-2) and Adam(1e-3), three seeds,
+   3,000 and 6,000 updates.
+4. ``digits``: the digits MLP of benchmarks/sweep_defaults.py (20,000 score calls, S=4)
+   with the engine's defaults against ADVI, Adam(1e-2) and Adam(1e-3).
+5. ``--mnist SIZE ...``: the MLP rows of benchmarks/mnist.py (N(0, 1) priors, 3000
+   steps, Adam(1e-3), same protocol) for ProximalScoreVI's defaults and ADVI, written
+   to benchmarks/results/mnist_minibatch.json (docs/mnist.md keeps the earlier rows).
 
-    python benchmarks/minibatch.py [--quick]
+    python -m benchmarks.minibatch [--quick] [--mnist 20000 60000]
 
 Writes benchmarks/results/minibatch.json; docs/minibatch.md reads it.
 """
@@ -18,6 +24,7 @@ Writes benchmarks/results/minibatch.json; docs/minibatch.md reads it.
 from __future__ import annotations
 
 import argparse
+import itertools
 from functools import partial
 
 import jax
@@ -29,7 +36,7 @@ from jax.scipy.optimize import minimize
 from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_value
 
-from benchmarks.common import save
+from benchmarks.common import digits_fit, make_engine, save
 from numpyro_psvi import ProximalScoreVI
 from numpyro_psvi.contrib.models import linear_regression, mlp_classifier, mlp_init_values
 from numpyro_psvi.objective import (
@@ -182,39 +189,67 @@ def digits_noise(num_calls: int, num_draws: int) -> dict:
     }
 
 
-def regression_fits(num_steps: int, seeds: int) -> list[dict]:
+def regression_fits(step_counts: tuple[int, ...], seeds: int) -> list[dict]:
     rows = []
     model = partial(linear_regression, subsample_size=B)
-    for lr in (1e-2, 1e-3):
-        for seed in range(seeds):
-            x, y, mean, sd = regression_data(seed)
-            engine = ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(lr))
-            result = engine.run(jax.random.PRNGKey(seed), num_steps, x, y, progress_bar=False)
-            loc = np.asarray(result.params["w_auto_loc"], np.float64)
-            scale = np.asarray(result.params["w_auto_scale"], np.float64)
-            iterate = engine._iterate_params(result.state)
-            rows.append({
-                "lr": lr, "seed": seed, "updates": num_steps,
-                "max mean error (sd)": float(np.max(np.abs(loc - mean) / sd)),
-                "sd ratio min": float(np.min(scale / sd)), "sd ratio max": float(np.max(scale / sd)),
-                "last iterate max mean error (sd)": float(
-                    np.max(np.abs(np.asarray(iterate["w_auto_loc"]) - mean) / sd)
-                ),
-                "rejected": int(result.state.num_rejected),
-            })  # fmt: skip
-            print(rows[-1], flush=True)
+    for num_steps, lr, seed in itertools.product(step_counts, (1e-2, 1e-3), range(seeds)):
+        x, y, mean, sd = regression_data(seed)
+        engine = ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(lr))
+        result = engine.run(jax.random.PRNGKey(seed), num_steps, x, y, progress_bar=False)
+        loc = np.asarray(result.params["w_auto_loc"], np.float64)
+        scale = np.asarray(result.params["w_auto_scale"], np.float64)
+        iterate = engine._iterate_params(result.state)
+        rows.append({
+            "lr": lr, "seed": seed, "updates": num_steps,
+            "max mean error (sd)": float(np.max(np.abs(loc - mean) / sd)),
+            "sd ratio min": float(np.min(scale / sd)), "sd ratio max": float(np.max(scale / sd)),
+            "last iterate max mean error (sd)": float(
+                np.max(np.abs(np.asarray(iterate["w_auto_loc"]) - mean) / sd)
+            ),
+            "rejected": int(result.state.num_rejected),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
     return rows
+
+
+def digits_fits(num_calls: int) -> list[dict]:
+    rows = []
+    for method, lr in itertools.product(("psvi", "advi"), (1e-2, 1e-3)):
+        make = partial(make_engine, method, lr=lr, num_particles=4)
+        report = digits_fit(lambda model, guide, make=make: make(model, guide), num_calls, 4)
+        rows.append({"method": method, "lr": lr, "score_calls": num_calls, **report})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def mnist_rows(sizes: list[int]) -> None:
+    from benchmarks.mnist import run_one
+
+    rows = []
+    for size in sizes:
+        for method in ("psvi", "advi"):
+            out = run_one(method, "mlp", "standard", size, 3000, seed=0, progress=False)
+            out.pop("curve", None)
+            out.pop("reliability", None)
+            rows.append({"method": method, "train_size": size, **out})
+            print(rows[-1], flush=True)
+    print(save("mnist_minibatch", {"model": "mlp", "prior": "standard", "steps": 3000, "results": rows}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--mnist", type=int, nargs="*", help="MNIST training sizes (MLP rows only)")
     args = parser.parse_args()
+    if args.mnist:
+        mnist_rows(args.mnist)
+        return
     num_draws = 50 if args.quick else 400
     payload = {
         "mechanism": mechanism(num_draws),
         "digits noise": digits_noise(2000 if args.quick else 20000, num_draws),
-        "regression": regression_fits(300 if args.quick else 3000, 1 if args.quick else 3),
+        "regression": regression_fits((300,) if args.quick else (3000, 6000), 1 if args.quick else 3),
+        "digits": digits_fits(2000 if args.quick else 20000),
     }
     print(save("minibatch_quick" if args.quick else "minibatch", payload))
 

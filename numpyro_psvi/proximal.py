@@ -40,7 +40,7 @@ from numpyro_psvi.objective import (
 )
 from numpyro_psvi.scores import ModelScores
 from psvi.checks import caller_stacklevel, check_proximal_options
-from psvi.objective import ProximalScoreMatching, curvature_memory, resolve_objective
+from psvi.objective import ProximalScoreMatching, regime_defaults, resolve_objective
 
 
 class RunningAverages(NamedTuple):
@@ -55,8 +55,9 @@ class RunningAverages(NamedTuple):
         saw each coordinate (a local latent only when its data are in the mini-batch).
     params, params_updates
         With iterate averaging: the unconstrained params averaged over accepted
-        updates, iterate ``i`` weighted by ``i`` (Polyak-Ruppert averaging that forgets
-        the start), and the number of updates averaged.
+        updates, iterate ``i`` weighted by ``i^3`` (Polyak-Ruppert averaging that forgets
+        the start: the first third of a run carries 1% of the weight), and the number
+        of updates averaged.
     """
 
     curvature: CurvatureStatistics | None
@@ -103,8 +104,10 @@ class ProximalScoreVI(ScoreEngine):
         where ``SVI`` takes its ELBO; the default is ``ProximalScoreMatching()``.
     num_particles : int
         Particles ``S`` per update, hence score calls per update.
-    inner_steps : int
+    inner_steps : int or None
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
+        ``None``: 5 for a diagonal Gaussian guide with mini-batch scores, else 20
+        (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
         ``1/eta`` of ``KL(q_t || q)`` (default 10) and the residual weighting
@@ -146,7 +149,7 @@ class ProximalScoreVI(ScoreEngine):
         loss: ProximalScoreMatching | None = None,
         *,
         num_particles: int = 4,
-        inner_steps: int = 20,
+        inner_steps: int | None = None,
         prox_weight: float | None = None,
         weighting: str | None = None,
         trust_region: float | None = 0.02,
@@ -166,11 +169,12 @@ class ProximalScoreVI(ScoreEngine):
             max_consecutive_rejections=max_consecutive_rejections, **static_kwargs,
         )  # fmt: skip
         self.objective = objective
-        self.inner_steps = int(inner_steps)
+        self._requested = (inner_steps, objective.curvature_memory, average_iterates)
+        self.inner_steps = inner_steps
+        self.curvature_memory = objective.curvature_memory
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
         self.average_iterates = average_iterates
-        self.curvature_memory = 1  # set with the regime, at set-up
 
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
         """Return the initial :class:`EngineState` (see :meth:`ScoreEngine.init`), with a
@@ -180,28 +184,35 @@ class ProximalScoreVI(ScoreEngine):
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         diagonal = self.density.loc_scale is not None
-        self.curvature_memory = curvature_memory(self.objective, self.batch_ratio)
-        average = self.average_iterates
-        if average is None:
-            average = diagonal and self.batch_ratio > 1
+        self._resolve_regime(diagonal)
         zeros = jnp.zeros(self.density.latent_dim)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None
-        params = self.optim.get_params(state.optim_state) if average else None
+        params = self.optim.get_params(state.optim_state) if self.average_iterates else None
         averages = RunningAverages(curvature, updates, params, jnp.zeros((), jnp.int32))
         return state._replace(averages=averages)
+
+    def _resolve_regime(self, diagonal: bool) -> None:
+        """``inner_steps``, ``curvature_memory`` and ``average_iterates`` that were left
+        ``None``, from the regime (:func:`psvi.objective.regime_defaults`)."""
+        defaults = regime_defaults(diagonal, self.batch_ratio)
+        requested = zip(defaults, self._requested, strict=True)
+        resolved = defaults._make(default if value is None else value for default, value in requested)
+        self.inner_steps = int(resolved.inner_steps)
+        self.curvature_memory = int(resolved.curvature_memory)
+        self.average_iterates = bool(resolved.average_iterates)
 
     def get_params(self, state: EngineState) -> dict:
         """Constrained guide params, exactly as ``SVI.get_params`` returns them: the averaged
         iterate where iterates are averaged (``average_iterates``)."""
+        if self.constrain_fn is None:
+            raise RuntimeError("Call ProximalScoreVI.init(rng_key, *args) (or run) first.")
         if state.averages is not None and state.averages.params is not None:
             return self.constrain_fn(state.averages.params)
         return self._iterate_params(state)
 
     def _iterate_params(self, state: EngineState) -> dict:
         """Constrained params of the current iterate, from which the next update starts."""
-        if self.constrain_fn is None:
-            raise RuntimeError("Call ProximalScoreVI.init(rng_key, *args) (or run) first.")
         return self.constrain_fn(self.optim.get_params(state.optim_state))
 
     def _model_params(self, state: EngineState) -> dict:
@@ -343,7 +354,7 @@ class ProximalScoreVI(ScoreEngine):
         candidate = lerp_tree(state.optim_state, fitted, frac)
         averages = problem.averages
         if averages.params is not None:
-            rate = 2.0 / (averages.params_updates + 2.0)  # iterate i weighted by i
+            rate = 4.0 / (averages.params_updates + 4.0)  # iterate i weighted by i^3
             averages = averages._replace(
                 params=lerp_tree(averages.params, self.optim.get_params(candidate), rate),
                 params_updates=averages.params_updates + 1,

@@ -85,9 +85,9 @@ def autoregressive_flow_advice(dim: int) -> str | None:
     )
 
 
-def check_proximal_options(inner_steps: int, trust_region: float | None) -> None:
+def check_proximal_options(inner_steps: int | None, trust_region: float | None) -> None:
     """Raise a ``ValueError`` naming a bad ``inner_steps`` or ``trust_region``."""
-    if int(inner_steps) < 1:
+    if inner_steps is not None and int(inner_steps) < 1:
         raise ValueError(f"inner_steps must be a positive integer, got {inner_steps}.")
     if trust_region is not None and not trust_region > 0:
         raise ValueError(f"trust_region must be positive or None, got {trust_region}.")

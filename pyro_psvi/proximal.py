@@ -30,7 +30,7 @@ import torch
 from pyro.optim import PyroOptim
 
 from psvi.checks import caller_stacklevel, check_proximal_options
-from psvi.objective import ProximalScoreMatching, curvature_memory, resolve_objective
+from psvi.objective import ProximalScoreMatching, regime_defaults, resolve_objective
 from pyro_psvi._compat import torch_optimizer
 from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.guides import Params
@@ -61,8 +61,9 @@ class RunningAverages(NamedTuple):
         the mini-batch).
     params, params_updates
         With iterate averaging: the unconstrained params (guide and model) averaged over
-        accepted steps, iterate ``i`` weighted by ``i`` (Polyak-Ruppert averaging that
-        forgets the start), and the number of steps averaged (a 0-dim tensor).
+        accepted steps, iterate ``i`` weighted by ``i^3`` (Polyak-Ruppert averaging that
+        forgets the start: the first third of a run carries 1% of the weight), and the
+        number of steps averaged (a 0-dim tensor).
     """
 
     curvature: CurvatureStatistics | None
@@ -132,8 +133,10 @@ class ProximalScoreVI(ScoreEngine):
         where ``SVI`` takes its ELBO; the default is ``ProximalScoreMatching()``.
     num_particles : int
         Particles ``S`` per step, hence model score calls per step.
-    inner_steps : int
+    inner_steps : int or None
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
+        ``None``: 5 for a diagonal Gaussian guide with mini-batch scores, else 20
+        (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
         ``1/eta`` of ``KL(q_t || q)`` (default 10) and the residual weighting
@@ -179,7 +182,7 @@ class ProximalScoreVI(ScoreEngine):
         loss: ProximalScoreMatching | None = None,
         *,
         num_particles: int = 4,
-        inner_steps: int = 20,
+        inner_steps: int | None = None,
         prox_weight: float | None = None,
         weighting: str | None = None,
         trust_region: float | None = 0.02,
@@ -205,11 +208,12 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         self.optim = optim
         self.objective = objective
-        self.inner_steps = int(inner_steps)
+        self._requested = (inner_steps, objective.curvature_memory, average_iterates)
+        self.inner_steps = inner_steps
+        self.curvature_memory = objective.curvature_memory
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
         self.average_iterates = average_iterates
-        self.curvature_memory = 1  # set with the regime, at set-up
         self.averages: RunningAverages | None = None
         self._iterate: dict[str, torch.Tensor] | None = None
 
@@ -218,9 +222,19 @@ class ProximalScoreVI(ScoreEngine):
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
-        self.curvature_memory = curvature_memory(self.objective, self.batch_ratio)
+        self._resolve_regime(self.density.loc_scale is not None)
         if self.averages is None:  # else restored by load
             self._start_averages()
+
+    def _resolve_regime(self, diagonal: bool) -> None:
+        """``inner_steps``, ``curvature_memory`` and ``average_iterates`` that were left
+        ``None``, from the regime (:func:`psvi.objective.regime_defaults`)."""
+        defaults = regime_defaults(diagonal, self.batch_ratio)
+        requested = zip(defaults, self._requested, strict=True)
+        resolved = defaults._make(default if value is None else value for default, value in requested)
+        self.inner_steps = int(resolved.inner_steps)
+        self.curvature_memory = int(resolved.curvature_memory)
+        self.average_iterates = bool(resolved.average_iterates)
 
     def _start_averages(self) -> None:
         leaves = self._leaves(model_params=True)
@@ -230,8 +244,6 @@ class ProximalScoreVI(ScoreEngine):
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if diagonal else None
         average = self.average_iterates
-        if average is None:
-            average = diagonal and self.batch_ratio > 1
         if average:
             self._iterate = {name: leaf.detach().clone() for name, leaf in leaves.items()}
         params = {name: leaf.detach().clone() for name, leaf in leaves.items()} if average else None
@@ -347,7 +359,7 @@ class ProximalScoreVI(ScoreEngine):
                 )
             if self._iterate is not None:
                 rate = torch.where(
-                    accept, 2.0 / (averages.params_updates + 2.0), 0.0
+                    accept, 4.0 / (averages.params_updates + 4.0), 0.0
                 )  # iterate i weighted by i
                 for name, leaf in leaves.items():
                     self._iterate[name].copy_(leaf)

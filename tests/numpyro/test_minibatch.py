@@ -31,7 +31,9 @@ def test_subsampled_regression_has_the_exact_mean_field_posterior(lr):
     x, y = minibatch.regression(seed=0)
     guide = AutoNormal(regression_model)
     svi = ProximalScoreVI(regression_model, guide, numpyro.optim.Adam(lr))
-    result = svi.run(jax.random.PRNGKey(0), 3000, jnp.asarray(x), jnp.asarray(y), progress_bar=False)
+    result = svi.run(
+        jax.random.PRNGKey(0), minibatch.UPDATES, jnp.asarray(x), jnp.asarray(y), progress_bar=False
+    )
     assert int(result.state.num_rejected) == 0
     loc, scale = (np.asarray(result.params[f"w_auto_{name}"], np.float64) for name in ("loc", "scale"))
     minibatch.check_fit(loc, scale, x, y)

@@ -32,21 +32,21 @@ def fit(lr: float, num_steps: int) -> tuple[np.ndarray, np.ndarray, ProximalScor
 @pytest.mark.slow
 @pytest.mark.parametrize("lr", [1e-2, 1e-3])
 def test_subsampled_regression_has_the_exact_mean_field_posterior(lr):
-    loc, scale, svi = fit(lr, 3000)
+    loc, scale, svi = fit(lr, minibatch.UPDATES)
     assert svi.num_rejected == 0
     minibatch.check_fit(loc, scale, *minibatch.regression(seed=0))
 
 
 def test_subsampled_regression_sds_are_right_after_1000_steps():
-    """The default run's shorter version (the 3000-step one is slow in Pyro): the sds,
+    """The default run's shorter version (the 6000-step one is slow in Pyro): the sds,
     which issue 19's objective put at 0.6-0.8 of the exact ones, are within 20% (the
-    curvature's error is ~4%, see ``check_fit``); the means, averaged over ~750
-    effective updates of 4.5-sd noise (~0.17 sd standard error), within 0.5 sd."""
+    curvature's error is ~3%, see ``check_fit``); the means, averaged over ~450
+    effective updates of 4.5-sd noise (~0.2 sd standard error), within 0.6 sd."""
     loc, scale, svi = fit(1e-2, 1000)
     assert svi.num_rejected == 0
     mean, sd = minibatch.mean_field_optimum(*minibatch.regression(seed=0))
     np.testing.assert_allclose(scale / sd, 1.0, atol=0.2)
-    assert np.max(np.abs(loc - mean) / sd) < 0.5
+    assert np.max(np.abs(loc - mean) / sd) < 0.6
 
 
 def test_the_param_store_holds_the_average_and_a_checkpoint_the_iterate(tmp_path):
