@@ -34,7 +34,6 @@ def main() -> None:
     parser.add_argument("--particles", type=int, default=4)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--checkpoints", type=int, default=6)
     parser.add_argument("--out", default="quickstart.png")
     args = parser.parse_args()
@@ -46,13 +45,10 @@ def main() -> None:
     steps_per_chunk = args.calls // args.particles // args.checkpoints
 
     engines = {
-        # inner_steps=5: the BNN setting of the defaults sweep (docs/defaults.md).
+        # The engine's defaults: with the model's subsampled plate it picks the
+        # mini-batch settings (docs/minibatch.md).
         "ProximalScoreVI": lambda guide: ProximalScoreVI(
-            model,
-            guide,
-            numpyro.optim.Adam(args.lr),
-            num_particles=args.particles,
-            inner_steps=args.inner_steps,
+            model, guide, numpyro.optim.Adam(args.lr), num_particles=args.particles
         ),
         "ADVI (SVI, Trace_ELBO)": lambda guide: SVI(
             model, guide, numpyro.optim.Adam(args.lr), Trace_ELBO(num_particles=args.particles)

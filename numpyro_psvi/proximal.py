@@ -169,9 +169,8 @@ class ProximalScoreVI(ScoreEngine):
             max_consecutive_rejections=max_consecutive_rejections, **static_kwargs,
         )  # fmt: skip
         self.objective = objective
-        self._requested = (inner_steps, objective.curvature_memory, average_iterates)
+        self._requested = (inner_steps, average_iterates)
         self.inner_steps = inner_steps
-        self.curvature_memory = objective.curvature_memory
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
         self.average_iterates = average_iterates
@@ -193,13 +192,12 @@ class ProximalScoreVI(ScoreEngine):
         return state._replace(averages=averages)
 
     def _resolve_regime(self, diagonal: bool) -> None:
-        """``inner_steps``, ``curvature_memory`` and ``average_iterates`` that were left
-        ``None``, from the regime (:func:`psvi.objective.regime_defaults`)."""
+        """``inner_steps`` and ``average_iterates`` that were left ``None``, from the
+        regime (:func:`psvi.objective.regime_defaults`)."""
         defaults = regime_defaults(diagonal, self.batch_ratio)
         requested = zip(defaults, self._requested, strict=True)
         resolved = defaults._make(default if value is None else value for default, value in requested)
         self.inner_steps = int(resolved.inner_steps)
-        self.curvature_memory = int(resolved.curvature_memory)
         self.average_iterates = bool(resolved.average_iterates)
 
     def get_params(self, state: EngineState) -> dict:
@@ -297,7 +295,7 @@ class ProximalScoreVI(ScoreEngine):
             jnp.ones_like(estimate.spread) if weights is None else (weights > 0).astype(estimate.spread.dtype)
         )
         updates = averages.curvature_updates + seen
-        rate = seen * jnp.maximum(1.0 / jnp.maximum(updates, 1.0), 1.0 / self.curvature_memory)
+        rate = seen * jnp.maximum(1.0 / jnp.maximum(updates, 1.0), 1.0 / self.objective.curvature_memory)
         curvature = jax.tree.map(lambda old, new: old + rate * (new - old), averages.curvature, estimate)
         return averages._replace(curvature=curvature, curvature_updates=updates)
 

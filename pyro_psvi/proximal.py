@@ -208,9 +208,8 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         self.optim = optim
         self.objective = objective
-        self._requested = (inner_steps, objective.curvature_memory, average_iterates)
+        self._requested = (inner_steps, average_iterates)
         self.inner_steps = inner_steps
-        self.curvature_memory = objective.curvature_memory
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
         self.average_iterates = average_iterates
@@ -227,13 +226,12 @@ class ProximalScoreVI(ScoreEngine):
             self._start_averages()
 
     def _resolve_regime(self, diagonal: bool) -> None:
-        """``inner_steps``, ``curvature_memory`` and ``average_iterates`` that were left
-        ``None``, from the regime (:func:`psvi.objective.regime_defaults`)."""
+        """``inner_steps`` and ``average_iterates`` that were left ``None``, from the
+        regime (:func:`psvi.objective.regime_defaults`)."""
         defaults = regime_defaults(diagonal, self.batch_ratio)
         requested = zip(defaults, self._requested, strict=True)
         resolved = defaults._make(default if value is None else value for default, value in requested)
         self.inner_steps = int(resolved.inner_steps)
-        self.curvature_memory = int(resolved.curvature_memory)
         self.average_iterates = bool(resolved.average_iterates)
 
     def _start_averages(self) -> None:
@@ -335,7 +333,7 @@ class ProximalScoreVI(ScoreEngine):
         spread = estimate.spread
         seen = torch.ones_like(spread) if weights is None else (weights > 0).to(spread.dtype)
         updates = averages.curvature_updates + seen
-        rate = seen * (1.0 / updates.clamp(min=1.0)).clamp(min=1.0 / self.curvature_memory)
+        rate = seen * (1.0 / updates.clamp(min=1.0)).clamp(min=1.0 / self.objective.curvature_memory)
         curvature = CurvatureStatistics(
             *(old + rate * (new - old) for old, new in zip(averages.curvature, estimate, strict=True))
         )
