@@ -48,11 +48,13 @@ class RunningAverages(NamedTuple):
 
     Attributes
     ----------
-    curvature, curvature_updates : jax.Array or None
-        Diagonal Gaussian guides: the per-coordinate curvature estimate
-        (:func:`~numpyro_psvi.objective.stein_curvature`) averaged over the last
-        ``curvature_memory`` updates (all of them while fewer), and how many updates
-        saw each coordinate (a local latent only when its data are in the mini-batch).
+    curvature : CurvatureStatistics or None
+        Diagonal Gaussian guides: the statistics of the per-coordinate curvature
+        (:class:`~numpyro_psvi.objective.CurvatureStatistics`) averaged over the last
+        ``curvature_memory`` updates (all of them while fewer).
+    curvature_updates : jax.Array or None
+        How many updates saw each coordinate (a local latent only when its data are in
+        the mini-batch).
     params, params_updates
         With iterate averaging: the unconstrained params averaged over accepted
         updates, iterate ``i`` weighted by ``i^3`` (Polyak-Ruppert averaging that forgets

@@ -62,9 +62,9 @@ class RegimeDefaults(NamedTuple):
     the subsampled regression), so the guide returned is the averaged iterate; and
     K = 20 inner steps let each update carry a network's weights far on that noise, so
     that the averaged iterates predict badly (digits MLP, 20,000 score calls: test NLL
-    0.61 with K = 20, 0.21 with K = 5). Elsewhere (exact scores, or other guide families, where
-    averaging a Cholesky factor would shrink the covariance it stands for) the
-    settings the Gaussian study chose.
+    0.61 with K = 20, 0.21 with K = 5). Elsewhere (exact scores, or other guide
+    families, where averaging a Cholesky factor would shrink the covariance it stands
+    for) the settings the Gaussian study chose.
     """
 
     inner_steps: int

@@ -235,16 +235,18 @@ class ProximalScoreVI(ScoreEngine):
         self.average_iterates = bool(resolved.average_iterates)
 
     def _start_averages(self) -> None:
+        """Empty curvature statistics (a diagonal guide) and, with iterate averaging, the
+        store's params as the first iterate and average."""
         leaves = self._leaves(model_params=True)
         device = next(iter(leaves.values())).device
         diagonal = self.density.loc_scale is not None
         zeros = torch.zeros(self.density.latent_dim, device=device)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if diagonal else None
-        average = self.average_iterates
-        if average:
+        params = None
+        if self.average_iterates:
             self._iterate = {name: leaf.detach().clone() for name, leaf in leaves.items()}
-        params = {name: leaf.detach().clone() for name, leaf in leaves.items()} if average else None
+            params = {name: leaf.detach().clone() for name, leaf in leaves.items()}
         self.averages = RunningAverages(curvature, updates, params, torch.zeros((), device=device))
 
     def _checkpoint_extra(self) -> dict:
@@ -356,9 +358,8 @@ class ProximalScoreVI(ScoreEngine):
                     curvature_updates=keep(averages.curvature_updates, self.averages.curvature_updates),
                 )
             if self._iterate is not None:
-                rate = torch.where(
-                    accept, 4.0 / (averages.params_updates + 4.0), 0.0
-                )  # iterate i weighted by i
+                # Iterate i weighted by i^3.
+                rate = torch.where(accept, 4.0 / (averages.params_updates + 4.0), 0.0)
                 for name, leaf in leaves.items():
                     self._iterate[name].copy_(leaf)
                     averages.params[name].lerp_(leaf, rate)

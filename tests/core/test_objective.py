@@ -4,7 +4,7 @@ import pytest
 
 from psvi import ProximalScoreMatching
 from psvi.families import GuideFamily, refused
-from psvi.objective import resolve_objective
+from psvi.objective import regime_defaults, resolve_objective
 
 
 def test_defaults_and_shorthands():
@@ -20,6 +20,7 @@ def test_defaults_and_shorthands():
         (None, -1.0, None, ValueError, "prox_weight"),
         (None, None, "euclidean", ValueError, "weighting must be one of"),
         (ProximalScoreMatching(num_kl_draws=0), None, None, ValueError, "num_kl_draws"),
+        (ProximalScoreMatching(curvature_memory=0), None, None, ValueError, "curvature_memory"),
         (ProximalScoreMatching(), 1.0, None, ValueError, "not both"),
         ("Trace_ELBO()", None, None, TypeError, "not str: drop the loss argument"),
     ],
@@ -33,3 +34,9 @@ def test_a_refused_family_says_why():
     with pytest.raises(TypeError, match="ProximalScoreVI cannot fit AutoDelta: it is a point mass."):
         refused("AutoDelta", "it is a point mass.").check_supported()
     GuideFamily("AutoNormal", setup=None).check_supported()  # no refusal: nothing raised
+
+
+def test_mini_batch_defaults_apply_to_diagonal_guides_with_a_subsampled_plate_only():
+    assert regime_defaults(diagonal=True, batch_ratio=20.0) == (5, True)
+    for diagonal, ratio in ((True, 1.0), (False, 20.0), (False, 1.0)):
+        assert regime_defaults(diagonal, ratio) == (20, False)
