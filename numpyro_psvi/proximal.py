@@ -40,7 +40,8 @@ from numpyro_psvi.objective import (
 )
 from numpyro_psvi.scores import ModelScores
 from psvi.checks import caller_stacklevel, check_proximal_options
-from psvi.objective import ProximalScoreMatching, regime_defaults, resolve_objective
+from psvi.objective import ProximalScoreMatching, resolve_objective, resolve_regime
+from psvi.schedules import iterate_average_rate
 
 
 class RunningAverages(NamedTuple):
@@ -185,22 +186,13 @@ class ProximalScoreVI(ScoreEngine):
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         diagonal = self.density.loc_scale is not None
-        self._resolve_regime(diagonal)
+        self.inner_steps, self.average_iterates = resolve_regime(diagonal, self.batch_ratio, *self._requested)
         zeros = jnp.zeros(self.density.latent_dim)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None
         params = self.optim.get_params(state.optim_state) if self.average_iterates else None
         averages = RunningAverages(curvature, updates, params, jnp.zeros((), jnp.int32))
         return state._replace(averages=averages)
-
-    def _resolve_regime(self, diagonal: bool) -> None:
-        """``inner_steps`` and ``average_iterates`` that were left ``None``, from the
-        regime (:func:`psvi.objective.regime_defaults`)."""
-        defaults = regime_defaults(diagonal, self.batch_ratio)
-        requested = zip(defaults, self._requested, strict=True)
-        resolved = defaults._make(default if value is None else value for default, value in requested)
-        self.inner_steps = int(resolved.inner_steps)
-        self.average_iterates = bool(resolved.average_iterates)
 
     def get_params(self, state: EngineState) -> dict:
         """Constrained guide params, exactly as ``SVI.get_params`` returns them: the averaged
@@ -354,7 +346,7 @@ class ProximalScoreVI(ScoreEngine):
         candidate = lerp_tree(state.optim_state, fitted, frac)
         averages = problem.averages
         if averages.params is not None:
-            rate = 4.0 / (averages.params_updates + 4.0)  # iterate i weighted by i^3
+            rate = iterate_average_rate(averages.params_updates)
             averages = averages._replace(
                 params=lerp_tree(averages.params, self.optim.get_params(candidate), rate),
                 params_updates=averages.params_updates + 1,

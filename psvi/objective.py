@@ -79,6 +79,18 @@ def regime_defaults(diagonal: bool, batch_ratio: float) -> RegimeDefaults:
     return RegimeDefaults(inner_steps=20, average_iterates=False)
 
 
+def resolve_regime(
+    diagonal: bool, batch_ratio: float, inner_steps: int | None, average_iterates: bool | None
+) -> RegimeDefaults:
+    """The engine's settings: the user's ``inner_steps`` and ``average_iterates``, and
+    :func:`regime_defaults` for those left ``None``."""
+    defaults = regime_defaults(diagonal, batch_ratio)
+    return RegimeDefaults(
+        inner_steps=defaults.inner_steps if inner_steps is None else int(inner_steps),
+        average_iterates=defaults.average_iterates if average_iterates is None else bool(average_iterates),
+    )
+
+
 def resolve_objective(
     loss: object, prox_weight: float | None, weighting: str | None
 ) -> ProximalScoreMatching:

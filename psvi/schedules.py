@@ -1,5 +1,5 @@
-"""Step-size schedules that need neither backend: each works on a Python number and on
-a JAX array (a traced update count) alike."""
+"""Step-size schedules that need neither backend: each works on a Python number, a JAX
+array (a traced update count) and a torch tensor alike."""
 
 from __future__ import annotations
 
@@ -20,3 +20,10 @@ def bam_schedule(kind: str, l0: float = 1.0, *, batch: int = 1, dim: int = 1) ->
     if kind not in schedules:
         raise ValueError(f"kind must be one of {sorted(schedules)}, got {kind!r}.")
     return schedules[kind]
+
+
+def iterate_average_rate(num_averaged: Any) -> Any:
+    """Weight of the next iterate in a running average of ``num_averaged`` iterates, such
+    that iterate ``i`` (from 1) carries weight ``i^3``: ``4 / (n + 4)`` (Polyak-Ruppert
+    averaging that forgets the start: the first third of a run keeps 1% of the weight)."""
+    return 4.0 / (num_averaged + 4.0)

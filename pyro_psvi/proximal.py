@@ -30,7 +30,8 @@ import torch
 from pyro.optim import PyroOptim
 
 from psvi.checks import caller_stacklevel, check_proximal_options
-from psvi.objective import ProximalScoreMatching, regime_defaults, resolve_objective
+from psvi.objective import ProximalScoreMatching, resolve_objective, resolve_regime
+from psvi.schedules import iterate_average_rate
 from pyro_psvi._compat import torch_optimizer
 from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.guides import Params
@@ -221,18 +222,11 @@ class ProximalScoreVI(ScoreEngine):
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
-        self._resolve_regime(self.density.loc_scale is not None)
+        self.inner_steps, self.average_iterates = resolve_regime(
+            self.density.loc_scale is not None, self.batch_ratio, *self._requested
+        )
         if self.averages is None:  # else restored by load
             self._start_averages()
-
-    def _resolve_regime(self, diagonal: bool) -> None:
-        """``inner_steps`` and ``average_iterates`` that were left ``None``, from the
-        regime (:func:`psvi.objective.regime_defaults`)."""
-        defaults = regime_defaults(diagonal, self.batch_ratio)
-        requested = zip(defaults, self._requested, strict=True)
-        resolved = defaults._make(default if value is None else value for default, value in requested)
-        self.inner_steps = int(resolved.inner_steps)
-        self.average_iterates = bool(resolved.average_iterates)
 
     def _start_averages(self) -> None:
         """Empty curvature statistics (a diagonal guide) and, with iterate averaging, the
@@ -358,8 +352,7 @@ class ProximalScoreVI(ScoreEngine):
                     curvature_updates=keep(averages.curvature_updates, self.averages.curvature_updates),
                 )
             if self._iterate is not None:
-                # Iterate i weighted by i^3.
-                rate = torch.where(accept, 4.0 / (averages.params_updates + 4.0), 0.0)
+                rate = torch.where(accept, iterate_average_rate(averages.params_updates), 0.0)
                 for name, leaf in leaves.items():
                     self._iterate[name].copy_(leaf)
                     averages.params[name].lerp_(leaf, rate)
