@@ -1,7 +1,7 @@
 """NumPyro backend of psvi: proximal score-based variational inference."""
 
 from numpyro_psvi.baselines import GSM, BaM
-from numpyro_psvi.engine import EngineState, ScoreEngine, load_state, save_state
+from numpyro_psvi.engine import EngineState, ScoreEngine
 from numpyro_psvi.guides import GuideDensity, guide_density, guide_family
 from numpyro_psvi.objective import proximal_objective, weighted_fisher
 from numpyro_psvi.proximal import ProximalScoreVI
@@ -19,8 +19,6 @@ __all__ = [
     "bam_schedule",
     "guide_density",
     "guide_family",
-    "load_state",
     "proximal_objective",
-    "save_state",
     "weighted_fisher",
 ]

@@ -41,8 +41,11 @@ from numpyro_psvi.scores import (
     model_param_names,
     subsampled_plates,
 )
+from psvi import checkpoint
 from psvi.checks import (
+    check_checkpointing,
     check_latents_match,
+    check_rejection_rate,
     check_rejection_streak,
     local_latent_message,
     rejection_message,
@@ -320,48 +323,129 @@ class ScoreEngine:
         progress_bar: bool = True,
         init_state: EngineState | None = None,
         init_params: dict | None = None,
+        checkpoint_every: int | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> SVIRunResult:
         """Run ``num_steps`` updates, like ``SVI.run``.
 
         With ``progress_bar=True`` a jitted update runs in a Python loop under tqdm
         (losses fetched from the device in chunks); otherwise the loop is one
-        ``lax.scan``.
+        ``lax.scan`` (one per ``checkpoint_every`` updates).
+
+        Parameters
+        ----------
+        rng_key : jax.Array
+            Random key for :meth:`init` (unused with ``init_state``).
+        num_steps : int
+            Updates to run.
+        *args, **kwargs
+            The model's and guide's arguments.
+        progress_bar : bool
+            Show a tqdm bar.
+        init_state : EngineState, optional
+            Continue from this state (e.g. :meth:`load`'s, or an exception's
+            ``last_state``).
+        init_params : dict, optional
+            Constrained initial values for some guide params, as in ``SVI.run``.
+        checkpoint_every, checkpoint_path
+            Write a checkpoint (:meth:`save`) to ``checkpoint_path`` after every
+            ``checkpoint_every`` updates and at the end (both or neither).
 
         Returns
         -------
         numpyro.infer.svi.SVIRunResult
             ``params`` (constrained), the final ``state`` (an :class:`EngineState`, with
             ``num_score_calls``) and the per-step ``losses``.
+
+        Raises
+        ------
+        RuntimeError
+            When more than ``psvi.checks.MAX_REJECTION_RATE`` (half) of the updates were
+            rejected, or ``max_consecutive_rejections`` in a row. Any exception raised
+            during the updates (``KeyboardInterrupt`` included) carries the state of the
+            last completed update (or chunk of them) as ``error.last_state``: continue
+            with ``run(None, steps_left, *args, init_state=error.last_state)``.
         """
         if num_steps < 1:
             raise ValueError("num_steps must be a positive integer.")
+        check_checkpointing(checkpoint_every, checkpoint_path)
         if init_state is None:
             state = self.init(rng_key, *args, init_params=init_params, **kwargs)
         else:
             state = init_state
+        rejected_before = int(state.num_rejected)
+        completed = [state]  # the last completed state, for an exception
 
         def body_fn(state, _):
             return self.update(state, *args, **kwargs)
 
-        if progress_bar:
-            state, losses = self._run_with_progress_bar(jax.jit(body_fn), state, num_steps)
-        else:
-            state, losses = jax.jit(lambda s: lax.scan(body_fn, s, None, length=num_steps))(state)
+        def checkpoint_at(state: EngineState) -> None:
+            completed[0] = state
+            if checkpoint_path is not None:
+                self.save(checkpoint_path, state)
+
+        try:
+            if progress_bar:
+                run_loop = self._run_with_progress_bar
+                state, losses = run_loop(
+                    jax.jit(body_fn), completed, num_steps, checkpoint_every, checkpoint_at
+                )
+            else:
+                state, losses = self._run_scan(body_fn, state, num_steps, checkpoint_every, checkpoint_at)
+        except BaseException as error:
+            error.last_state = completed[0]
+            error.add_note(
+                f"{type(self).__name__}.run stopped: the state of its last completed update is "
+                "error.last_state; continue with run(None, steps_left, ..., "
+                "init_state=error.last_state), or save it with engine.save(path, error.last_state)."
+            )
+            raise
         self._check_rejection_streak(state)
-        rejected = int(state.num_rejected)
+        rejected = int(state.num_rejected) - rejected_before
+        check_rejection_rate(type(self).__name__, rejected, num_steps)
         if rejected:
             message = rejection_message(type(self).__name__, rejected)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         return SVIRunResult(self.get_params(state), state, losses)
 
-    def _run_with_progress_bar(self, jitted_body: Callable, state: EngineState, num_steps: int):
-        losses = []
+    def _run_scan(
+        self,
+        body_fn: Callable,
+        state: EngineState,
+        num_steps: int,
+        every: int | None,
+        checkpoint_at: Callable,
+    ) -> tuple[EngineState, jax.Array]:
+        """``num_steps`` updates as ``lax.scan`` chunks of ``every`` (all at once when
+        ``None``), ``checkpoint_at(state)`` after each chunk."""
+        scan = jax.jit(lambda s, n: lax.scan(body_fn, s, None, length=n), static_argnums=1)
+        chunk, losses = every or num_steps, []
+        for start in range(0, num_steps, chunk):
+            state, chunk_losses = scan(state, min(chunk, num_steps - start))
+            losses.append(chunk_losses)
+            checkpoint_at(state)
+        return state, jnp.concatenate(losses)
+
+    def _run_with_progress_bar(
+        self,
+        jitted_body: Callable,
+        completed: list,
+        num_steps: int,
+        every: int | None,
+        checkpoint_at: Callable,
+    ) -> tuple[EngineState, jax.Array]:
+        """``num_steps`` jitted updates under tqdm from ``completed[0]``, which follows the
+        last completed update; ``checkpoint_at(state)`` every ``every`` updates."""
+        state, losses = completed[0], []
         chunk = max(num_steps // 20, 1)
         with tqdm.trange(1, num_steps + 1) as bar:
             for i in bar:
                 state, loss = jitted_body(state, None)
+                completed[0] = state
                 losses.append(loss)
+                if every is not None and (i % every == 0 or i == num_steps):
+                    checkpoint_at(state)
                 if i % chunk == 0:
                     self._check_rejection_streak(state)
                     losses[i - chunk :] = jax.device_get(losses[i - chunk :])
@@ -379,26 +463,99 @@ class ScoreEngine:
             "updates",
         )  # fmt: skip
 
+    # ------------------------------------------------------------ checkpoints
+    def save(self, path: str | os.PathLike, state: EngineState) -> None:
+        """Write ``state`` atomically (:mod:`psvi.checkpoint`: plain arrays and a JSON
+        header, no pickle). Everything a resumed run needs is in the state (params,
+        optimizer state, key, counters, running averages), so ``engine.run(None, n, *args,
+        init_state=engine.load(path, *args))`` continues exactly where the run stopped."""
+        if self.constrain_fn is None:
+            raise RuntimeError(f"Call {type(self).__name__}.init(rng_key, *args) (or run) first.")
+        arrays, leaves = {}, []
+        for i, (key_path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(state)[0]):
+            if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+                array, tag = np.asarray(random.key_data(leaf)), f"key:{random.key_impl(leaf)}"
+            else:
+                array, tag = np.asarray(leaf), "array"
+            arrays[f"a{i}"] = array
+            leaves.append([jax.tree_util.keystr(key_path), f"a{i}", tag])
+        checkpoint.write(path, {**self._checkpoint_header(state), "leaves": leaves}, arrays)
 
-def save_state(path: str | os.PathLike, state: Any) -> None:
-    """Write an engine state (an :class:`EngineState`) to ``path``.
+    def _checkpoint_header(self, state: EngineState) -> dict:
+        """What a checkpoint must agree on with the engine it is loaded into."""
+        return checkpoint.header(
+            "numpyro", type(self).__name__, guide=type(self.guide).__name__,
+            optimizer=None if self.optim is None else type(self.optim).__name__,
+            latent_sites={name: list(shape) for name, shape in self._latent_shapes.items()},
+            state=_leaf_specs(state),
+        )  # fmt: skip
 
-    Everything a resumed run needs is in the state (params, optimizer state, key,
-    counters), so ``engine.run(..., init_state=load_state(path))`` continues exactly
-    where the saved run stopped.
-    """
+    def load(
+        self, path: str | os.PathLike, *args: Any, allow_pickle: bool = False, **kwargs: Any
+    ) -> EngineState:
+        """The state saved at ``path`` by :meth:`save`, checked against this engine.
 
-    def to_host(leaf):
+        Sets the engine up with ``args``/``kwargs`` (:meth:`init`), then refuses a
+        checkpoint of another engine, guide, optimizer or model with an error naming both
+        sides. Nothing in the file can run code.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A file written by :meth:`save`.
+        *args, **kwargs
+            The model's and guide's arguments, as for :meth:`init`.
+        allow_pickle : bool
+            Read a state of psvi before format 1 (written by ``save_state``, unpickled:
+            only for a file you trust; :meth:`save` then writes it in the safe format).
+
+        Raises
+        ------
+        psvi.checkpoint.CheckpointError
+            The file is truncated, corrupted, an old pickle checkpoint, or not a checkpoint.
+        psvi.checkpoint.CheckpointMismatch
+            It was written by another engine, guide, optimizer or model.
+        """
+        template = self.init(random.PRNGKey(0), *args, **kwargs)
+        if allow_pickle:
+            return _read_legacy_state(path, template)
+        try:
+            saved, arrays = checkpoint.read(path)
+        except checkpoint.LegacyCheckpointError as error:
+            recipe = "state = engine.load(path, *args, allow_pickle=True), then engine.save(path, state)."
+            raise checkpoint.LegacyCheckpointError(path, checkpoint.legacy_message(error, recipe)) from None
+        current = self._checkpoint_header(template)
+        checkpoint.check_match(path, "backend", saved["backend"], "numpyro", "Load it with pyro_psvi.")
+        fix = "Build the engine, guide and optimizer as for the saved run, from the same model."
+        for field in ("engine", "guide", "optimizer"):
+            checkpoint.check_match(path, f"{field} classes", saved[field], current[field], fix)
+        checkpoint.check_match(path, "latent sites", saved["latent_sites"], current["latent_sites"], fix)
+        checkpoint.check_match(path, "state leaves (shape, dtype)", saved["state"], current["state"], fix)
+        leaves = []
+        for _, name, tag in saved["leaves"]:
+            array = arrays[name]
+            leaf = (
+                random.wrap_key_data(jnp.asarray(array), impl=tag[4:])
+                if tag.startswith("key:")
+                else jnp.asarray(array)
+            )
+            leaves.append(leaf)
+        return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def _leaf_specs(state: Any) -> dict[str, list]:
+    """``{leaf path: [shape, dtype]}`` of a state (a typed key: its data's)."""
+    specs = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
-            return _TypedKey(np.asarray(random.key_data(leaf)), str(random.key_impl(leaf)))
-        return np.asarray(leaf)
-
-    with open(path, "wb") as f:
-        pickle.dump(jax.tree.map(to_host, state), f)
+            leaf = random.key_data(leaf)
+        specs[jax.tree_util.keystr(key_path)] = [list(jnp.shape(leaf)), str(jnp.result_type(leaf))]
+    return specs
 
 
-def load_state(path: str | os.PathLike) -> Any:
-    """Read a state written by :func:`save_state`."""
+def _read_legacy_state(path: str | os.PathLike, template: EngineState) -> EngineState:
+    """A state pickled by psvi before format 1 (the caller trusts the file); a state from
+    before the running averages gets the template's fresh ones."""
     with open(path, "rb") as f:
         state = pickle.load(f)
 
@@ -407,11 +564,18 @@ def load_state(path: str | os.PathLike) -> Any:
             return random.wrap_key_data(jnp.asarray(leaf.data), impl=leaf.impl)
         return jnp.asarray(leaf)
 
-    return jax.tree.map(to_device, state, is_leaf=lambda x: isinstance(x, _TypedKey))
+    state = jax.tree.map(to_device, state, is_leaf=lambda x: isinstance(x, _TypedKey))
+    if state.averages is None:
+        state = state._replace(averages=template.averages)
+    checkpoint.check_match(
+        path, "state leaves (shape, dtype)", _leaf_specs(state), _leaf_specs(template),
+        "Build the engine, guide and optimizer as for the saved run, from the same model.",
+    )  # fmt: skip
+    return state
 
 
 class _TypedKey(NamedTuple):
-    """A new-style JAX key as raw data and the name of its implementation."""
+    """How psvi before format 1 pickled a new-style JAX key (read by the legacy reader)."""
 
     data: np.ndarray
     impl: str

@@ -20,12 +20,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import log_density, potential_energy
 
 from numpyro_psvi._compat import unconstrain_reparam
+from psvi.checks import argument_labels, half_precision_message, nonfinite_rows_message
 
 ScoreFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -307,6 +309,7 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
             full_size = model_trace[frame.name]["args"][0] if frame.name in model_trace else None
             if full_size is not None and frame.size != full_size:
                 local[name] = frame.name
+    _check_data_arguments(model_trace, args, kwargs)
     for name, site in model_trace.items():
         if site["type"] == "sample" and site["is_observed"]:
             value = site["value"]
@@ -319,3 +322,27 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
                     "impute them before fitting (or mask them with numpyro.handlers.mask)."
                 )
     return local
+
+
+def _check_data_arguments(model_trace, args: tuple, kwargs: dict) -> None:
+    """Half precision data are refused; so are non-finite rows of a data argument that a
+    subsampled plate indexes (the observed-site check sees only one mini-batch)."""
+    plate_sizes = set()
+    for site in model_trace.values():
+        if site["type"] == "plate":
+            size, subsample_size = site["args"][:2]
+            if subsample_size is not None and subsample_size < size:
+                plate_sizes.add(size)
+    for label, value in argument_labels(args, kwargs):
+        if isinstance(value, jax.core.Tracer) or not hasattr(value, "dtype"):
+            continue
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            continue
+        if value.dtype in (jnp.float16, jnp.bfloat16):
+            raise TypeError(half_precision_message(label, str(value.dtype)))
+        if jnp.ndim(value) and value.shape[0] in plate_sizes:
+            # NumPy, not jnp: set-up may run inside a caller's jit, where jnp would trace.
+            finite_rows = np.isfinite(np.asarray(value).reshape(value.shape[0], -1)).all(-1)
+            if not finite_rows.all():
+                rows = np.flatnonzero(~finite_rows).tolist()
+                raise ValueError(nonfinite_rows_message(label, tuple(value.shape), rows, value.shape[0]))

@@ -30,6 +30,20 @@ def check_latents_match(expected: dict, found: dict, what: str, fix: str) -> Non
     raise ValueError(f"{what} ({'; '.join(diffs)}). {fix}")
 
 
+MAX_REJECTION_RATE = 0.5
+"""``run`` raises when more than this fraction of its updates (at least
+:data:`MIN_UPDATES_FOR_RATE` of them) were rejected: the fit is not fitting the model."""
+MIN_UPDATES_FOR_RATE = 20
+
+_HARD_CONSTRAINT_ADVICE = (
+    "A model that writes a hard constraint as a -inf factor (e.g. factor('c', "
+    "where(x > 0, 0., -inf))) rejects every update whose particles cross it, and the guide "
+    "keeps the unconstrained distribution: express the support with a constrained "
+    "distribution instead (HalfNormal, LogNormal, TruncatedNormal, or a "
+    "TransformedDistribution), so that the guide lives on it."
+)
+
+
 def rejection_message(engine: str, num_rejected: int) -> str:
     """The warning after ``num_rejected`` rejected updates (both backends, every engine)."""
     return (
@@ -37,8 +51,29 @@ def rejection_message(engine: str, num_rejected: int) -> str:
         "parameters, a covariance that is not positive definite, or a trust-region step "
         "that could not be made small enough); the parameters were kept as they were. "
         "Likely causes: a learning rate too large, a model returning -inf, or badly "
-        "scaled data."
+        f"scaled data. {_HARD_CONSTRAINT_ADVICE}"
     )
+
+
+def check_rejection_rate(engine: str, num_rejected: int, num_updates: int) -> None:
+    """Raise when more than :data:`MAX_REJECTION_RATE` of ``num_updates`` (a ``run``'s,
+    at least :data:`MIN_UPDATES_FOR_RATE`) were rejected."""
+    if num_updates >= MIN_UPDATES_FOR_RATE and num_rejected > MAX_REJECTION_RATE * num_updates:
+        raise RuntimeError(
+            f"{engine} rejected {num_rejected} of this run's {num_updates} updates (more than "
+            f"{MAX_REJECTION_RATE:.0%}): the fit does not follow the model. "
+            f"{_HARD_CONSTRAINT_ADVICE} Otherwise lower the learning rate or rescale the "
+            "data. The parameters of the last accepted update are intact."
+        )
+
+
+def check_checkpointing(checkpoint_every: int | None, checkpoint_path: object) -> None:
+    """Raise a ``ValueError`` unless ``run``'s checkpoint options are both given (a positive
+    ``checkpoint_every``) or both omitted."""
+    if (checkpoint_every is None) != (checkpoint_path is None):
+        raise ValueError("Pass checkpoint_every and checkpoint_path together (or neither).")
+    if checkpoint_every is not None and int(checkpoint_every) < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every}.")
 
 
 def check_rejection_streak(engine: str, streak: int, limit: int | None, unit: str) -> None:
@@ -52,6 +87,42 @@ def check_rejection_streak(engine: str, streak: int, limit: int | None, unit: st
             "mass, or badly scaled data. The parameters and optimizer state before them "
             "are intact."
         )
+
+
+def argument_labels(args: tuple, kwargs: dict) -> Iterable[tuple[str, object]]:
+    """``(label, value)`` of each top-level model argument, labelled for error messages."""
+    yield from ((f"positional argument {i}", value) for i, value in enumerate(args))
+    yield from ((f"keyword argument {name!r}", value) for name, value in kwargs.items())
+
+
+def nonfinite_rows_message(label: str, shape: tuple, rows: list[int], plate_size: int) -> str:
+    """The error for a data argument with non-finite rows that a subsampled plate may draw."""
+    return (
+        f"The model's {label} (shape {shape}) holds non-finite values (NaN or inf) in rows "
+        f"{rows[:5]}{' ...' if len(rows) > 5 else ''}. The model subsamples a plate of size "
+        f"{plate_size}: mini-batches drawing those rows would have a non-finite log joint and "
+        "be rejected, the others not, so the fit would depend on which rows a batch draws. "
+        "Remove or impute them before fitting."
+    )
+
+
+def check_same_rows(x_shape: tuple, y_shape: tuple | None) -> None:
+    """Raise a ``ValueError`` when a bundled model's ``x`` and ``y`` differ in length (a
+    plate over ``x``'s rows would index past ``y``; JAX clamps such indices silently)."""
+    if y_shape is not None and tuple(y_shape)[:1] != tuple(x_shape)[:1]:
+        raise ValueError(
+            f"x has {x_shape[0]} rows and y has {y_shape[0] if len(y_shape) else 'no'} rows: "
+            "each observation needs one row of inputs. Pass x and y of the same length."
+        )
+
+
+def half_precision_message(label: str, dtype: str) -> str:
+    """The error for data in half precision."""
+    return (
+        f"The model's {label} is {dtype}: score-based VI needs float32 or float64 data (half "
+        "precision scores overflow and underflow, and the updates would be rejected). "
+        "Convert it, e.g. x.float(); the guide's params follow the data's precision."
+    )
 
 
 def full_covariance_advice(dim: int, num_particles: int) -> str | None:

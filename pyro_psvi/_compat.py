@@ -6,6 +6,8 @@ renames one of these breaks only this module.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from pyro.infer import autoguide
 from pyro.optim import PyroOptim
@@ -14,6 +16,7 @@ from torch.distributions import Transform
 
 __all__ = [
     "Subsample",
+    "forget_optimizers",
     "inverse",
     "is_block_autoregressive",
     "param_prefix",
@@ -43,6 +46,13 @@ def torch_optimizer(optim: PyroOptim, param: torch.Tensor) -> torch.optim.Optimi
     for an LR scheduler, the optimizer it wraps."""
     optimizer = optim.optim_objs.get(param)
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def forget_optimizers(optim: PyroOptim, params: Iterable[torch.Tensor]) -> None:
+    """Drop the torch optimizers ``optim`` keeps for ``params`` (their tensors are being
+    replaced; the new tensors' optimizers start from ``optim.set_state``)."""
+    for param in params:
+        optim.optim_objs.pop(param, None)
 
 
 def is_block_autoregressive(guide: autoguide.AutoNormalizingFlow) -> bool:

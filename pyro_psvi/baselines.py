@@ -123,6 +123,24 @@ class _GaussianBaseline(ScoreEngine):
         """
         self._prepare(args, kwargs)
         leaves = self._leaves()
+        with torch.no_grad():
+            stored = {name: leaf.detach().clone() for name, leaf in leaves.items()}
+        num_updates = self.num_updates
+
+        def restore() -> None:
+            self.num_updates = num_updates
+
+        with self._restored_on_interrupt(leaves, stored, restore):
+            accept, loss = self._closed_form_update(leaves, args, kwargs)
+            self.record(accept)
+            self.num_updates += 1
+        return torch.where(accept, loss, torch.full_like(loss, float("nan")))
+
+    def _closed_form_update(
+        self, leaves: dict[str, torch.Tensor], args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score the particles and write the closed-form update into ``leaves`` (kept as
+        they were when rejected); returns the accept flag and the loss."""
         loc_name, scale_name, tril_name = self.density.param_names
         with torch.no_grad():
             params = self._constrain({k: v.detach() for k, v in leaves.items()})
@@ -141,9 +159,7 @@ class _GaussianBaseline(ScoreEngine):
             for name, leaf in leaves.items():
                 candidate = self._transforms[name].inv(new_params[name])
                 leaf.copy_(torch.where(accept, candidate, leaf))
-        self.record(accept)
-        self.num_updates += 1
-        return torch.where(accept, loss, torch.full_like(loss, float("nan")))
+        return accept, loss
 
 
 class GSM(_GaussianBaseline):

@@ -11,24 +11,31 @@ Subclasses write :meth:`ScoreEngine.update`: :class:`~pyro_psvi.ProximalScoreVI`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
+import tqdm
 from pyro import poutine
 from torch.distributions import transform_to
 
+from psvi import checkpoint
 from psvi.checks import (
     caller_stacklevel,
+    check_checkpointing,
     check_latents_match,
+    check_rejection_rate,
     check_rejection_streak,
     local_latent_message,
     rejection_message,
 )
 from psvi.families import DensityOptions
+from pyro_psvi._compat import forget_optimizers
 from pyro_psvi.guides import GuideDensity, Params, guide_family
 from pyro_psvi.objective import weighted_fisher
 from pyro_psvi.scores import (
@@ -100,6 +107,7 @@ class ScoreEngine:
         self._model_param_names: tuple[str, ...] = ()
         self._arg_signature: Any = None
         self._build_density: Callable[[tuple, dict], GuideDensity] | None = None
+        self._pending_checkpoint: tuple | None = None  # loaded before the first step
 
     @property
     def num_rejected(self) -> int:
@@ -118,6 +126,8 @@ class ScoreEngine:
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(model_trace)
         options = self.density_options._replace(max_plate_nesting=self.max_plate_nesting)
+        existing = set(pyro.get_param_store().keys())
+        fresh_guide = getattr(self.guide, "prototype_trace", False) is None  # an autoguide never run
         # Set-up draws no random numbers from the run's stream (a resumed run matches).
         with poutine.block(), torch.random.fork_rng(devices=_cuda_devices(args, kwargs)):
             # Running the guide once sets it up and creates its params.
@@ -140,6 +150,18 @@ class ScoreEngine:
             raise RuntimeError(
                 f"The guide's params {missing} are not in Pyro's param store; was the "
                 "param store cleared after the guide was built? Build a fresh guide."
+            )
+        shared = sorted(existing.intersection(density.param_names))
+        if fresh_guide and shared and self._pending_checkpoint is None:
+            warnings.warn(
+                f"The params {shared} of this new {type(self.guide).__name__} were already in "
+                "Pyro's param store (another guide with the same site names made them), so it "
+                "starts from their values and shares them: a step of either fit moves both, "
+                "and save/load of one holds the other's. Fit each model in its own "
+                "`with pyro.get_param_store().scope():` block, or call pyro.clear_param_store() "
+                "before building the guide.",
+                UserWarning,
+                stacklevel=caller_stacklevel(),
             )
         self._model_param_names = tuple(
             name for name, site in model_trace.nodes.items() if site["type"] == "param"
@@ -165,6 +187,8 @@ class ScoreEngine:
         change (and build a user-written guide's density with this call's arguments)."""
         if self.density is None:
             self._setup(args, kwargs)
+            if self._pending_checkpoint is not None:
+                self._restore_checkpoint()
             return
         self.density = self._build_density(args, kwargs)
         signature = _signature(args, kwargs)
@@ -271,6 +295,31 @@ class ScoreEngine:
         self._consecutive_rejected = (self._consecutive_rejected + rejected) * rejected
         self.num_score_calls += self.num_particles
 
+    @contextlib.contextmanager
+    def _restored_on_interrupt(
+        self, leaves: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], restore: Callable[[], None]
+    ) -> Iterator[None]:
+        """On any exception (``KeyboardInterrupt`` included) inside the block, put back the
+        state of the last completed step: the param-store tensors ``leaves`` to ``stored``,
+        the counters, and what ``restore()`` restores; then re-raise."""
+        counters = self._counters()
+        try:
+            yield
+        except BaseException:
+            with torch.no_grad():
+                for name, leaf in leaves.items():
+                    leaf.copy_(stored[name])
+                    leaf.grad = None
+                restore()
+            self._set_counters(counters)
+            raise
+
+    def _counters(self) -> tuple:
+        return self.num_score_calls, self._num_rejected, self._consecutive_rejected
+
+    def _set_counters(self, counters: tuple) -> None:
+        self.num_score_calls, self._num_rejected, self._consecutive_rejected = counters
+
     def _check_rejection_streak(self) -> None:
         check_rejection_streak(
             type(self).__name__, int(self._consecutive_rejected), self.max_consecutive_rejections,
@@ -279,39 +328,154 @@ class ScoreEngine:
 
     # ------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike) -> None:
-        """Write everything a resumed run needs: the param store, the optimizer's state,
-        torch's and Pyro's RNG state and the counters (``torch.save``)."""
+        """Write everything a resumed run needs, atomically (:mod:`psvi.checkpoint`: plain
+        arrays and a JSON header, no pickle): this engine's params from the param store,
+        the optimizer's state, the RNG states (torch, CUDA when in use, Python, NumPy), the
+        counters and the engine's running averages."""
         if self.density is None:
             raise RuntimeError("Nothing to save before the first step.")
+        leaves = self._leaves(model_params=True)
         optim = getattr(self, "optim", None)
-        torch.save(
-            {
-                "param_store": pyro.get_param_store().get_state(),
-                "optim": None if optim is None else optim.get_state(),
-                "rng": pyro.util.get_rng_state(),
+        optim_state = None if optim is None else {
+            name: value for name, value in optim.get_state().items() if name in leaves
+        }  # fmt: skip
+        state = {
+            "params": {name: leaf.detach() for name, leaf in leaves.items()},
+            "optim": optim_state,
+            "rng": pyro.util.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "counters": {
                 "num_score_calls": self.num_score_calls,
                 "num_rejected": self.num_rejected,
                 "consecutive_rejected": int(self._consecutive_rejected),
-                "extra": self._checkpoint_extra(),
             },
-            path,
-        )
+            "extra": self._checkpoint_extra(),
+        }
+        description, arrays = checkpoint.flatten(state, _to_array)
+        checkpoint.write(path, {**self._checkpoint_header(), "state": description}, arrays)
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save` into this engine (build it with the
-        same model, guide class and options); the next step continues the saved run."""
-        checkpoint = torch.load(path, weights_only=False)
-        pyro.get_param_store().set_state(checkpoint["param_store"])
+    def _checkpoint_header(self) -> dict:
+        """What a checkpoint must agree on with the engine it is loaded into."""
+        leaves = self._leaves(model_params=True)
+        return checkpoint.header(
+            "pyro", type(self).__name__, guide=type(self.guide).__name__,
+            optimizer=_optimizer_name(getattr(self, "optim", None)),
+            latent_sites={name: list(shape) for name, shape in self._latent_shapes.items()},
+            params={name: [list(leaf.shape), str(leaf.dtype)] for name, leaf in leaves.items()},
+        )  # fmt: skip
+
+    def load(
+        self,
+        path: str | os.PathLike,
+        map_location: str | torch.device | None = None,
+        *,
+        allow_pickle: bool = False,
+    ) -> None:
+        """Restore a checkpoint written by :meth:`save`; the next step continues the saved
+        run exactly (build the engine with the same model, guide class and optimizer).
+
+        Before the first step, the checkpoint is checked against the engine's class, guide
+        class and optimizer now, and against its latent sites and params at the first step
+        (which sets the engine up and then restores it); after it, all at once. Nothing
+        in the file can run code.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A file written by :meth:`save`.
+        map_location : str or torch.device, optional
+            The device to continue on: the restored params go there. By default they go
+            to the device of the engine's own params, which follow the model's data, so a
+            checkpoint written on a GPU loads on a CPU-only machine as it is.
+        allow_pickle : bool
+            Read a checkpoint of psvi before format 1 (``torch.save``, unpickled: only
+            for a file you trust; :meth:`save` then writes it in the safe format).
+
+        Raises
+        ------
+        psvi.checkpoint.CheckpointError
+            The file is truncated, corrupted, an old pickle checkpoint, or not a checkpoint.
+        psvi.checkpoint.CheckpointMismatch
+            It was written by another engine, guide, optimizer or model (the message
+            names both sides).
+        """
+        if allow_pickle:
+            saved_header, state = self._read_legacy(path)
+        else:
+            try:
+                saved_header, arrays = checkpoint.read(path)
+            except checkpoint.LegacyCheckpointError as error:
+                recipe = "engine.load(path, allow_pickle=True), then engine.save(path)."
+                raise checkpoint.LegacyCheckpointError(
+                    path, checkpoint.legacy_message(error, recipe)
+                ) from None
+            state = checkpoint.unflatten(saved_header.pop("state"), arrays, _from_array)
+        fix = "Build the engine, guide and optimizer as for the saved run."
+        checkpoint.check_match(path, "backend", saved_header["backend"], "pyro", "Load it with numpyro_psvi.")
+        current = {"engine": type(self).__name__, "guide": type(self.guide).__name__,
+                   "optimizer": _optimizer_name(getattr(self, "optim", None))}  # fmt: skip
+        for field, value in current.items():
+            if not saved_header.get("legacy"):
+                checkpoint.check_match(path, f"{field} classes", saved_header[field], value, fix)
+        self._pending_checkpoint = (path, saved_header, state, map_location)
+        if self.density is not None:
+            self._restore_checkpoint()
+
+    def _read_legacy(self, path: str | os.PathLike) -> tuple[dict, dict]:
+        """A checkpoint of psvi before format 1, unpickled (the caller trusts it)."""
+        old = torch.load(path, weights_only=False)
+        counters = ("num_score_calls", "num_rejected", "consecutive_rejected")
+        state = {
+            "params": old["param_store"]["params"], "optim": old["optim"], "rng": old["rng"],
+            "cuda_rng": None, "extra": old["extra"], "counters": {key: old[key] for key in counters},
+        }  # fmt: skip
+        return {"legacy": True, "backend": "pyro"}, state
+
+    def _restore_checkpoint(self) -> None:
+        """Check the pending checkpoint against the set-up engine and restore it."""
+        path, saved_header, state, map_location = self._pending_checkpoint
+        self._pending_checkpoint = None
+        leaves = self._leaves(model_params=True)
+        fix = "Build the engine and guide from the model of the saved run."
+        if saved_header.get("legacy"):
+            state["params"] = {name: value for name, value in state["params"].items() if name in leaves}
+            saved_params = {
+                name: [list(value.shape), str(value.dtype)] for name, value in state["params"].items()
+            }
+        else:
+            latent_sites = {name: list(shape) for name, shape in self._latent_shapes.items()}
+            checkpoint.check_match(path, "latent sites", saved_header["latent_sites"], latent_sites, fix)
+            saved_params = saved_header["params"]
+        current = {name: [list(leaf.shape), str(leaf.dtype)] for name, leaf in leaves.items()}
+        checkpoint.check_match(path, "params (shape, dtype)", saved_params, current, fix)
+        device = (
+            torch.device(map_location) if map_location is not None else next(iter(leaves.values())).device
+        )
+        store = pyro.get_param_store()
+        constraints = store.get_state()["constraints"]
         optim = getattr(self, "optim", None)
-        if optim is not None and checkpoint["optim"] is not None:
-            optim.set_state(checkpoint["optim"])
-        self.num_score_calls = checkpoint["num_score_calls"]
-        self._num_rejected = checkpoint["num_rejected"]
-        self._consecutive_rejected = checkpoint["consecutive_rejected"]
-        self._load_checkpoint_extra(checkpoint["extra"])
-        # Set-up draws no random numbers from the run's stream, so this is where the
-        # saved run stood.
-        pyro.util.set_rng_state(checkpoint["rng"])
+        if optim is not None:  # the optimizers of the replaced params start from the saved state
+            forget_optimizers(optim, leaves.values())
+            if state["optim"] is not None:
+                optim.set_state(state["optim"])
+        params = {name: value.to(device).requires_grad_() for name, value in state["params"].items()}
+        store.set_state({"params": params, "constraints": {name: constraints[name] for name in params}})
+        counters = state["counters"]
+        self.num_score_calls = counters["num_score_calls"]
+        self._num_rejected = counters["num_rejected"]
+        self._consecutive_rejected = counters["consecutive_rejected"]
+        self._load_checkpoint_extra(_to_device(state["extra"], device))
+        pyro.util.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            if len(state["cuda_rng"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            else:
+                warnings.warn(
+                    f"The checkpoint holds the RNG states of {len(state['cuda_rng'])} CUDA "
+                    f"devices and this machine has {torch.cuda.device_count()}; they were not "
+                    "restored, so random draws on the GPU differ from the saved run's.",
+                    UserWarning, stacklevel=caller_stacklevel(),
+                )  # fmt: skip
 
     def _checkpoint_extra(self) -> dict:
         return {}
@@ -319,24 +483,59 @@ class ScoreEngine:
     def _load_checkpoint_extra(self, extra: dict) -> None:
         pass
 
-    def run(self, num_steps: int, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Take ``num_steps`` steps, reading nothing from the device until the end.
+    def run(
+        self,
+        num_steps: int,
+        *args: Any,
+        progress_bar: bool = False,
+        checkpoint_every: int | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Take ``num_steps`` steps, reading nothing from the device until the end (unless
+        a progress bar or checkpoints need it).
+
+        Parameters
+        ----------
+        num_steps : int
+            Steps to take.
+        *args, **kwargs
+            The model's and guide's arguments.
+        progress_bar : bool
+            Show a tqdm bar.
+        checkpoint_every, checkpoint_path
+            Write a checkpoint (:meth:`save`) to ``checkpoint_path`` after every
+            ``checkpoint_every`` steps and at the end (both or neither).
 
         Returns
         -------
         torch.Tensor
             The per-step losses, shape ``(num_steps,)`` (NaN where rejected).
+
+        Raises
+        ------
+        RuntimeError
+            When more than ``psvi.checks.MAX_REJECTION_RATE`` (half) of the steps were
+            rejected, or ``max_consecutive_rejections`` in a row. An exception inside a
+            step (``KeyboardInterrupt`` included) leaves the engine at its last completed
+            step.
         """
         if num_steps < 1:
             raise ValueError("num_steps must be a positive integer.")
+        check_checkpointing(checkpoint_every, checkpoint_path)
         rejected_before = self.num_rejected
-        losses = torch.stack([self.update(*args, **kwargs) for _ in range(num_steps)])
+        losses = []
+        for step in tqdm.trange(num_steps, disable=not progress_bar):
+            losses.append(self.update(*args, **kwargs))
+            if checkpoint_every is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == num_steps):
+                self.save(checkpoint_path)
         rejected = self.num_rejected - rejected_before
         self._check_rejection_streak()
+        check_rejection_rate(type(self).__name__, rejected, num_steps)
         if rejected:
             message = rejection_message(type(self).__name__, rejected)
             warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
-        return losses
+        return torch.stack(losses)
 
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
         """Covariance-weighted Fisher divergence of the current guide on fresh particles.
@@ -391,3 +590,44 @@ def _check_devices(leaves: dict[str, torch.Tensor] | None, args: tuple, kwargs: 
             f"The model's tensors are on different devices ({where}{params}). Move the data "
             "and the model to one device before the first step (the guide follows them)."
         )
+
+
+def _optimizer_name(optim: Any) -> str | None:
+    """The torch optimizer (or LR scheduler) class a Pyro optimizer builds."""
+    if optim is None:
+        return None
+    constructor = getattr(optim, "pt_scheduler_constructor", None) or getattr(
+        optim, "pt_optim_constructor", None
+    )
+    return getattr(constructor, "__name__", type(optim).__name__)
+
+
+def _to_array(leaf: Any) -> tuple[np.ndarray, str] | None:
+    """A checkpoint leaf as a NumPy array and its tag (bfloat16 kept as its bits)."""
+    if torch.is_tensor(leaf):
+        tensor = leaf.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            return tensor.view(torch.int16).numpy(), "torch:bfloat16"
+        return tensor.numpy(), "torch"
+    if isinstance(leaf, np.ndarray):
+        return leaf, "numpy"
+    return None
+
+
+def _from_array(array: np.ndarray, tag: str) -> Any:
+    if tag == "numpy":
+        return array
+    tensor = torch.from_numpy(array.copy())
+    return tensor.view(torch.bfloat16) if tag == "torch:bfloat16" else tensor
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    """``tree`` (dicts, lists, tuples) with its tensors moved to ``device``."""
+    if torch.is_tensor(tree):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {key: _to_device(value, device) for key, value in tree.items()}
+    if isinstance(tree, list | tuple):
+        moved = [_to_device(value, device) for value in tree]
+        return type(tree)(*moved) if hasattr(tree, "_fields") else type(tree)(moved)
+    return tree

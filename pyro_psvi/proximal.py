@@ -172,7 +172,9 @@ class ProximalScoreVI(ScoreEngine):
     Notes
     -----
     A rejected step restores the parameters and the optimizer's state (a copy of the
-    optimizer's state is taken each step for that).
+    optimizer's state is taken each step for that); so does an exception or
+    ``KeyboardInterrupt`` inside :meth:`update`, which leaves the engine at its last
+    completed step (the RNG streams excepted) and re-raises.
     """
 
     def __init__(
@@ -266,22 +268,32 @@ class ProximalScoreVI(ScoreEngine):
         """
         self._prepare(args, kwargs)
         leaves = self._leaves(model_params=True)
-        with torch.no_grad():
-            if self._iterate is not None:  # the store holds the averaged iterate
-                for name, leaf in leaves.items():
-                    leaf.copy_(self._iterate[name])
-            start = {name: leaf.detach().clone() for name, leaf in leaves.items()}
-            params_t = self._constrain(start)
-        model_leaves = [leaves[name] for name in self._model_param_names]
-        particles, scored = self.score_particles(params_t, args, kwargs, model_leaves)
-        problem = self.proximal_problem(params_t, particles, scored)
-        del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
+        with torch.no_grad():  # the last iterate (the store may hold the average)
+            start = {name: (leaf if self._iterate is None else self._iterate[name]).detach().clone()
+                     for name, leaf in leaves.items()}  # fmt: skip
+        stored = start if self._iterate is None else self.averages.params
         saved_optimizer_state = self._optimizer_state_copy(leaves)
-        self.inner_fit(problem, leaves)
-        frac = self.pull_back(problem, start, leaves)
-        accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
-        self.record(accept)
-        self._advance_averages(problem.averages, leaves, accept)
+        averages, iterate = self.averages, self._iterate
+
+        def restore() -> None:
+            self._restore_optimizer_state(leaves, saved_optimizer_state, torch.tensor(False))
+            self.averages, self._iterate = averages, iterate
+
+        with self._restored_on_interrupt(leaves, stored, restore):
+            with torch.no_grad():
+                if self._iterate is not None:
+                    for name, leaf in leaves.items():
+                        leaf.copy_(start[name])
+                params_t = self._constrain(start)
+            model_leaves = [leaves[name] for name in self._model_param_names]
+            particles, scored = self.score_particles(params_t, args, kwargs, model_leaves)
+            problem = self.proximal_problem(params_t, particles, scored)
+            del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
+            self.inner_fit(problem, leaves)
+            frac = self.pull_back(problem, start, leaves)
+            accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
+            self.record(accept)
+            self._advance_averages(problem.averages, leaves, accept)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
 
     def proximal_problem(
@@ -351,14 +363,19 @@ class ProximalScoreVI(ScoreEngine):
                     curvature=CurvatureStatistics(*map(keep, averages.curvature, self.averages.curvature)),
                     curvature_updates=keep(averages.curvature_updates, self.averages.curvature_updates),
                 )
-            if self._iterate is not None:
+            iterate = self._iterate
+            if iterate is not None:  # out of place: an interrupt restores the old ones
                 rate = torch.where(accept, iterate_average_rate(averages.params_updates), 0.0)
+                iterate = {name: leaf.clone() for name, leaf in leaves.items()}
+                params = {
+                    name: torch.lerp(averages.params[name], leaf, rate) for name, leaf in leaves.items()
+                }
                 for name, leaf in leaves.items():
-                    self._iterate[name].copy_(leaf)
-                    averages.params[name].lerp_(leaf, rate)
-                    leaf.copy_(averages.params[name])
-                averages = averages._replace(params_updates=averages.params_updates + accept.to(rate.dtype))
-        self.averages = averages
+                    leaf.copy_(params[name])
+                averages = averages._replace(
+                    params=params, params_updates=averages.params_updates + accept.to(rate.dtype)
+                )
+        self.averages, self._iterate = averages, iterate
 
     def inner_fit(self, problem: ProximalProblem, leaves: dict[str, torch.Tensor]) -> None:
         """``K`` steps of the user's Pyro optimizer on the problem, in place on the
@@ -420,11 +437,7 @@ class ProximalScoreVI(ScoreEngine):
                 accept &= torch.isfinite(leaf).all()
             for name, leaf in leaves.items():
                 leaf.copy_(torch.where(accept, torch.lerp(start[name], leaf, frac), start[name]))
-            current = self._optimizer_state(list(leaves.values()))
-            for before, after in zip(saved_optimizer_state, current, strict=True):
-                for key, value in after.items():
-                    old = before.get(key, torch.zeros_like(value))
-                    value.copy_(torch.where(accept.to(value.device), value, old))
+            self._restore_optimizer_state(leaves, saved_optimizer_state, accept)
         return accept
 
     def _optimizer_state(self, leaves: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -435,6 +448,17 @@ class ProximalScoreVI(ScoreEngine):
             state = {} if optimizer is None else optimizer.state.get(leaf, {})
             states.append({k: v for k, v in state.items() if torch.is_tensor(v)})
         return states
+
+    def _restore_optimizer_state(
+        self, leaves: dict[str, torch.Tensor], saved: list[dict[str, torch.Tensor]], keep: torch.Tensor
+    ) -> None:
+        """Unless ``keep``, put the optimizer's state back to ``saved`` (state created
+        since goes to zeros: a fresh optimizer's)."""
+        current = self._optimizer_state(list(leaves.values()))
+        for before, after in zip(saved, current, strict=True):
+            for key, value in after.items():
+                old = before.get(key, torch.zeros_like(value))
+                value.copy_(torch.where(keep.to(value.device), value, old))
 
     def _optimizer_state_copy(self, leaves: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         return [

@@ -31,6 +31,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample, i
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from psvi.checks import argument_labels, half_precision_message, nonfinite_rows_message
 from pyro_psvi._compat import Subsample
 from pyro_psvi.guides import GuideDensity
 
@@ -445,6 +446,7 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
             "The model has no latent sample sites: there is no posterior to fit. "
             "Check that the observed sites carry obs= and that some site has none."
         )
+    _check_data_arguments(model_trace, args, kwargs)
     for name, site in model_trace.nodes.items():
         if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
             value = site["value"]
@@ -454,3 +456,24 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
                     "impute them before fitting (or mask them with poutine.mask)."
                 )
     return model_trace
+
+
+def _check_data_arguments(model_trace, args: tuple, kwargs: dict) -> None:
+    """Half precision data are refused; so are non-finite rows of a data argument that a
+    subsampled plate indexes (the observed-site check sees only one mini-batch)."""
+    plate_sizes = {
+        site["fn"].size
+        for site in model_trace.nodes.values()
+        if site["type"] == "sample" and site_is_subsample(site)
+        and site["fn"].subsample_size is not None and site["fn"].subsample_size < site["fn"].size
+    }  # fmt: skip
+    for label, value in argument_labels(args, kwargs):
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            continue
+        if value.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(half_precision_message(label, str(value.dtype)))
+        if value.dim() and value.shape[0] in plate_sizes:
+            finite_rows = torch.isfinite(value.reshape(value.shape[0], -1)).all(-1)
+            if not finite_rows.all():
+                rows = torch.nonzero(~finite_rows).flatten().tolist()
+                raise ValueError(nonfinite_rows_message(label, tuple(value.shape), rows, value.shape[0]))

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 
+from psvi.checks import check_same_rows
+
 try:
     import flax.linen as nn
 except ImportError as error:  # flax is an optional extra
@@ -70,6 +72,7 @@ def forecaster(
         "noise_scale", dist.HalfNormal(jnp.full((channels,), noise_prior_scale)).to_event(1)
     )
     forward = net()
+    check_same_rows(x.shape, None if y is None else y.shape)
     with numpyro.plate("windows", x.shape[0], subsample_size=subsample_size) as idx:
         mean = forward(x[idx])
         numpyro.deterministic("mean", mean)

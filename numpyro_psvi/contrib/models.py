@@ -8,6 +8,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
+from psvi.checks import check_same_rows
+
 
 def gaussian_target(mean: np.ndarray, cov: np.ndarray):
     """A model whose posterior is exactly ``N(mean, cov)`` (one latent site ``x``)."""
@@ -29,6 +31,7 @@ def linear_regression(
 ) -> None:
     """Bayesian linear regression ``y ~ N(x @ w, noise_scale^2)``, ``w ~ N(0, prior_scale^2)``."""
     w = numpyro.sample("w", dist.Normal(0.0, prior_scale).expand([x.shape[1]]).to_event(1))
+    check_same_rows(x.shape, None if y is None else y.shape)
     with numpyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
         numpyro.sample("y", dist.Normal(x[idx] @ w, noise_scale), obs=None if y is None else y[idx])
 
@@ -54,6 +57,7 @@ def mlp_classifier(
 
     w1, b1 = weight("w1", [num_inputs, hidden]), weight("b1", [hidden])
     w2, b2 = weight("w2", [hidden, num_classes]), weight("b2", [num_classes])
+    check_same_rows(x.shape, None if y is None else y.shape)
     with numpyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
         logits = jnp.tanh(x[idx] @ w1 + b1) @ w2 + b2
         numpyro.deterministic("probs", jax.nn.softmax(logits))
@@ -80,6 +84,7 @@ def bnn_regression(
     w1, b1 = weight("w1", [num_inputs, hidden]), weight("b1", [hidden])
     w2, b2 = weight("w2", [hidden]), numpyro.sample("b2", dist.Normal(0.0, prior_scale))
     precision = numpyro.sample("precision", dist.Gamma(6.0, 6.0))
+    check_same_rows(x.shape, None if y is None else y.shape)
     with numpyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
         mean = jax.nn.relu(x[idx] @ w1 + b1) @ w2 + b2
         numpyro.deterministic("mean", mean)

@@ -19,6 +19,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from psvi.checks import check_same_rows
+
 
 class DLinear(nn.Module):
     """DLinear: a moving-average trend/seasonal split, one linear map ``L -> H`` per part,
@@ -207,6 +209,7 @@ def forecaster(
     noise = pyro.sample(
         "noise_scale", dist.HalfNormal(x.new_full((channels,), noise_prior_scale)).to_event(1)
     )
+    check_same_rows(x.shape, None if y is None else y.shape)
     windows = pyro.plate("windows", x.shape[0], subsample_size=subsample_size, device=x.device)
     idx = windows.indices
     mean = net(x[idx])

@@ -13,6 +13,8 @@ from pyro.nn import PyroModule, PyroSample
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
+from psvi.checks import check_same_rows
+
 
 def gaussian_target(mean: np.ndarray, cov: np.ndarray):
     """A model whose posterior is exactly ``N(mean, cov)`` (one latent site ``x``)."""
@@ -38,6 +40,7 @@ def linear_regression(
     Broadcast-safe: ``w`` may carry leading particle dimensions.
     """
     w = pyro.sample("w", dist.Normal(x.new_zeros(x.shape[1]), prior_scale).to_event(1))
+    check_same_rows(x.shape, None if y is None else y.shape)
     with pyro.plate("data", x.shape[0], subsample_size=subsample_size, device=x.device) as idx:
         mean = (x[idx] * w).sum(-1)  # w: (..., 1, D) under a particle plate
         pyro.sample("y", dist.Normal(mean, noise_scale), obs=None if y is None else y[idx])
@@ -67,6 +70,7 @@ def mlp_classifier(
 
     w1, b1 = weight("w1", (num_inputs, hidden)), weight("b1", (hidden,))
     w2, b2 = weight("w2", (hidden, num_classes)), weight("b2", (num_classes,))
+    check_same_rows(x.shape, None if y is None else y.shape)
     with pyro.plate("data", x.shape[0], subsample_size=subsample_size, device=x.device) as idx:
         hidden_units = torch.tanh(_linear(x[idx], w1) + b1)
         logits = _linear(hidden_units, w2) + b2
@@ -92,6 +96,7 @@ def bnn_regression(
     w1, b1 = weight("w1", (num_inputs, hidden)), weight("b1", (hidden,))
     w2, b2 = weight("w2", (hidden, 1)), weight("b2", (1,))
     precision = pyro.sample("precision", dist.Gamma(x.new_tensor(6.0), 6.0))
+    check_same_rows(x.shape, None if y is None else y.shape)
     with pyro.plate("data", x.shape[0], subsample_size=subsample_size, device=x.device) as idx:
         mean = (_linear(torch.relu(_linear(x[idx], w1) + b1), w2) + b2).squeeze(-1)
         pyro.deterministic("mean", mean)
@@ -284,6 +289,7 @@ def module_classifier(
 
     The network runs outside the data plate: its weights are global latents.
     """
+    check_same_rows(x.shape, None if y is None else y.shape)
     data = pyro.plate("data", x.shape[0], subsample_size=subsample_size, device=x.device)
     idx = data.indices
     logits = net(x[idx])

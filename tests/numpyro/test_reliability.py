@@ -38,10 +38,9 @@ def test_numpyro_checkpoint_resume_is_bit_identical(tmp_path):
     svi = numpyro_psvi.ProximalScoreVI(model, NAutoNormal(model), numpyro.optim.Adam(1e-2))
     whole = svi.run(jax.random.PRNGKey(3), 40, x, y, progress_bar=False)
     half = svi.run(jax.random.PRNGKey(3), 20, x, y, progress_bar=False)
-    numpyro_psvi.save_state(tmp_path / "state.pkl", half.state)
+    svi.save(tmp_path / "state", half.state)
     resumed_engine = numpyro_psvi.ProximalScoreVI(model, NAutoNormal(model), numpyro.optim.Adam(1e-2))
-    resumed_engine.init(jax.random.PRNGKey(99), x, y)  # sets the engine up; state comes from disk
-    state = numpyro_psvi.load_state(tmp_path / "state.pkl")
+    state = resumed_engine.load(tmp_path / "state", x, y)  # sets the engine up, checks, reads
     resumed = resumed_engine.run(None, 20, x, y, progress_bar=False, init_state=state)
     for name in whole.params:
         np.testing.assert_array_equal(whole.params[name], resumed.params[name])

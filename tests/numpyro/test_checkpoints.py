@@ -1,0 +1,200 @@
+"""NumPyro checkpoints and faults mid-run: safe format, mismatches refused, the last
+completed state attached to an exception, periodic checkpoints, bad data refused."""
+
+from __future__ import annotations
+
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as ndist
+import pytest
+from numpyro.infer import init_to_value
+from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from psvi_testing.regression import regression_data
+
+import numpyro_psvi
+from numpyro_psvi.contrib.models import linear_regression
+from numpyro_psvi.engine import _TypedKey
+from psvi import checkpoint
+
+
+def _data():
+    return tuple(map(jnp.asarray, regression_data()))
+
+
+def _model(x, y):
+    linear_regression(x, y, subsample_size=20)
+
+
+def _engine(guide_class=AutoNormal, optim=None, model=_model):
+    return numpyro_psvi.ProximalScoreVI(model, guide_class(model), optim or numpyro.optim.Adam(1e-2))
+
+
+def _saved(tmp_path, num_steps=5):
+    x, y = _data()
+    svi = _engine()
+    result = svi.run(jax.random.PRNGKey(0), num_steps, x, y, progress_bar=False)
+    svi.save(tmp_path / "ckpt", result.state)
+    return tmp_path / "ckpt", result
+
+
+def _assert_same_state(a, b):
+    for left, right in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jnp.issubdtype(left.dtype, jax.dtypes.prng_key):
+            left, right = jax.random.key_data(left), jax.random.key_data(right)
+        np.testing.assert_array_equal(left, right)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_checkpoint_does_not_run_its_payload(tmp_path):
+    marker, path = tmp_path / "ran", tmp_path / "ckpt"
+    path.write_bytes(pickle.dumps(_Payload(str(marker))))  # what load_state used to unpickle
+    with pytest.raises(checkpoint.LegacyCheckpointError, match="refuses.*allow_pickle=True"):
+        _engine().load(path, *_data())
+    assert not marker.exists()
+
+
+def test_a_trusted_legacy_state_converts_with_allow_pickle(tmp_path):
+    """The format psvi wrote before: a pickled state with keys as _TypedKey."""
+    x, y = _data()
+    svi = _engine()
+    result = svi.run(jax.random.PRNGKey(0), 5, x, y, progress_bar=False)
+
+    def to_host(leaf):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return _TypedKey(np.asarray(jax.random.key_data(leaf)), str(jax.random.key_impl(leaf)))
+        return np.asarray(leaf)
+
+    (tmp_path / "old.pkl").write_bytes(pickle.dumps(jax.tree.map(to_host, result.state)))
+    state = _engine().load(tmp_path / "old.pkl", x, y, allow_pickle=True)
+    _assert_same_state(state, result.state)
+    svi.save(tmp_path / "new", state)
+    _assert_same_state(_engine().load(tmp_path / "new", x, y), result.state)
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate"])
+def test_a_damaged_checkpoint_is_named_as_such(tmp_path, damage):
+    path, _ = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "flip_byte":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=f"not a valid psvi checkpoint: {path}"):
+        _engine().load(path, *_data())
+
+
+def test_checkpoint_of_another_guide_engine_optimizer_or_model_is_refused(tmp_path):
+    path, _ = _saved(tmp_path)
+    x, y = _data()
+    fits = "does not fit this engine: its"
+    with pytest.raises(
+        checkpoint.CheckpointMismatch,
+        match=f"{fits} guide classes.*AutoNormal saved, AutoMultivariateNormal here",
+    ):
+        _engine(AutoMultivariateNormal).load(path, x, y)
+    with pytest.raises(
+        checkpoint.CheckpointMismatch, match=f"{fits} engine classes.*ProximalScoreVI saved, GSM here"
+    ):
+        numpyro_psvi.GSM(_model, AutoMultivariateNormal(_model)).load(path, x, y)
+    with pytest.raises(
+        checkpoint.CheckpointMismatch, match=f"{fits} optimizer classes.*Adam saved, SGD here"
+    ):
+        _engine(optim=numpyro.optim.SGD(1e-2)).load(path, x, y)
+    with pytest.raises(
+        checkpoint.CheckpointMismatch, match=rf"{fits} latent sites.*'w': \[3\] saved, \[2\] here"
+    ):
+        _engine().load(path, x[:, :2], y)
+
+
+def test_run_attaches_the_last_completed_state_to_an_exception_and_resumes_from_it(tmp_path, monkeypatch):
+    x, y = _data()
+    whole = _engine().run(jax.random.PRNGKey(1), 12, x, y, progress_bar=False)
+    svi = _engine()
+    saves = []
+
+    def interrupted_save(path, state):
+        saves.append(state)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(svi, "save", interrupted_save)
+    for progress_bar in (False, True):
+        saves.clear()
+        with pytest.raises(KeyboardInterrupt) as caught:
+            svi.run(jax.random.PRNGKey(1), 12, x, y, progress_bar=progress_bar, checkpoint_every=4,
+                    checkpoint_path=tmp_path / "ckpt")  # fmt: skip
+        last = caught.value.last_state
+        assert int(last.num_score_calls) == 8 * svi.num_particles
+        assert "error.last_state" in str(caught.value.__notes__)
+        rest = svi.run(None, 4, x, y, progress_bar=False, init_state=last)
+        _assert_same_state(rest.state, whole.state)
+
+
+def test_run_writes_periodic_checkpoints_and_one_at_the_end(tmp_path):
+    x, y = _data()
+    svi = _engine()
+    result = svi.run(jax.random.PRNGKey(1), 10, x, y, progress_bar=False, checkpoint_every=4,
+                     checkpoint_path=tmp_path / "c")  # fmt: skip
+    _assert_same_state(svi.load(tmp_path / "c", x, y), result.state)
+    with pytest.raises(ValueError, match="together"):
+        svi.run(None, 2, x, y, init_state=result.state, checkpoint_path=tmp_path / "c")
+
+
+@pytest.mark.parametrize("engine", ["GSM", "BaM"])
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_baselines_run_takes_progress_bar_and_checkpoints(tmp_path, engine, progress_bar):
+    def model():
+        numpyro.sample("x", ndist.MultivariateNormal(jnp.zeros(2), jnp.eye(2)))
+
+    svi = getattr(numpyro_psvi, engine)(model, AutoMultivariateNormal(model))
+    result = svi.run(jax.random.PRNGKey(0), 6, progress_bar=progress_bar, checkpoint_every=3,
+                     checkpoint_path=tmp_path / "c")  # fmt: skip
+    _assert_same_state(svi.load(tmp_path / "c"), result.state)
+
+
+def test_half_precision_data_is_refused():
+    x, y = _data()
+    with pytest.raises(TypeError, match="positional argument 0 is float16.*float32"):
+        _engine().init(jax.random.PRNGKey(0), x.astype(jnp.float16), y.astype(jnp.float16))
+
+
+def test_a_nonfinite_row_is_refused_whichever_rows_the_first_batch_draws():
+    x, y = _data()
+    y = y.at[7].set(jnp.nan)
+    for seed in range(3):
+        with pytest.raises(ValueError, match=r"positional argument 1 .* rows \[7\]"):
+            _engine().init(jax.random.PRNGKey(seed), x, y)
+
+
+def test_bundled_models_refuse_x_and_y_of_different_lengths():
+    x, y = _data()
+    with pytest.raises(ValueError, match="x has 60 rows and y has 57"):
+        _engine().init(jax.random.PRNGKey(0), x, y[:-3])
+
+
+def test_a_run_rejecting_most_updates_raises_with_advice_on_hard_constraints():
+    def model():
+        x = numpyro.sample("x", ndist.Normal(0.0, 1.0))
+        numpyro.factor("band", jnp.where(jnp.abs(x - 0.5) < 0.05, 0.0, -jnp.inf))
+
+    # Particles of the initial guide N(0.5, 0.1^2) fall in the band with probability 0.38,
+    # all four of an update with 0.02: nearly every update is rejected.
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values={"x": 0.5}), init_scale=0.1)
+    svi = numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2),
+                                       max_consecutive_rejections=None)  # fmt: skip
+    with pytest.raises(
+        RuntimeError, match=r"of this run's 30 updates.*-inf factor.*constrained distribution"
+    ):
+        svi.run(jax.random.PRNGKey(0), 30, progress_bar=False)

@@ -1,0 +1,346 @@
+"""Pyro checkpoints and faults mid-run: safe format, mismatches refused, interrupts
+leave the last completed step, periodic checkpoints, bad data refused."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as pdist
+import pytest
+import torch
+from psvi_testing.regression import regression_data
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
+
+import pyro_psvi
+from psvi import checkpoint
+from pyro_psvi.contrib.models import linear_regression
+
+
+@pytest.fixture(autouse=True)
+def fresh_pyro():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    torch.set_num_threads(1)
+    yield
+    pyro.clear_param_store()
+
+
+def _data():
+    return tuple(map(torch.as_tensor, regression_data()))
+
+
+def _model(x, y):
+    linear_regression(x, y, subsample_size=20)
+
+
+def _engine(guide_class=AutoNormal, optim=None, model=_model, **options):
+    optim = optim or pyro.optim.Adam({"lr": 1e-2})
+    return pyro_psvi.ProximalScoreVI(model, guide_class(model), optim, **options)
+
+
+def _store() -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+
+
+def _saved_fit(tmp_path, num_steps=5, **options):
+    x, y = _data()
+    svi = _engine(**options)
+    for _ in range(num_steps):
+        svi.step(x, y)
+    svi.save(tmp_path / "ckpt")
+    pyro.clear_param_store()
+    return tmp_path / "ckpt"
+
+
+# ------------------------------------------------------------------- the format
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_checkpoint_does_not_run_its_payload(tmp_path):
+    marker, path = tmp_path / "ran", tmp_path / "ckpt"
+    torch.save({"param_store": _Payload(str(marker))}, path)  # what load used to unpickle
+    with pytest.raises(checkpoint.LegacyCheckpointError, match="refuses.*allow_pickle=True"):
+        _engine().load(path)
+    path.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(checkpoint.LegacyCheckpointError, match="a pickle file"):
+        _engine().load(path)
+    assert not marker.exists()
+
+
+def test_a_trusted_legacy_checkpoint_converts_with_allow_pickle(tmp_path):
+    """The format psvi wrote before (torch.save of the param store and counters)."""
+    x, y = _data()
+    svi = _engine()
+    for _ in range(3):
+        svi.step(x, y)
+    store = pyro.get_param_store()
+    legacy = {
+        "param_store": store.get_state(), "optim": svi.optim.get_state(),
+        "rng": pyro.util.get_rng_state(), "num_score_calls": svi.num_score_calls,
+        "num_rejected": 0, "consecutive_rejected": 0, "extra": svi._checkpoint_extra(),
+    }  # fmt: skip
+    torch.save(legacy, tmp_path / "old.pt")
+    svi.step(x, y)
+    expected = _store()  # the legacy run continued by one step
+    pyro.clear_param_store()
+    converted = _engine()
+    converted.load(tmp_path / "old.pt", allow_pickle=True)
+    converted.step(x, y)  # sets up, restores, steps: the same step
+    for name, value in _store().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+    converted.save(tmp_path / "new")
+    pyro.clear_param_store()
+    again = _engine()
+    again.load(tmp_path / "new")
+    again.step(x, y)
+    assert again.num_score_calls == 5 * again.num_particles
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate"])
+def test_a_damaged_checkpoint_is_named_as_such(tmp_path, damage):
+    path = _saved_fit(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "flip_byte":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=f"not a valid psvi checkpoint: {path}"):
+        _engine().load(path)
+
+
+# ------------------------------------------------------------------- mix-ups
+def test_checkpoint_of_another_guide_engine_or_optimizer_is_refused(tmp_path):
+    path = _saved_fit(tmp_path)
+    with pytest.raises(
+        checkpoint.CheckpointMismatch,
+        match="guide classes differ.*AutoNormal saved, AutoMultivariateNormal here",
+    ):
+        _engine(AutoMultivariateNormal).load(path)
+    with pytest.raises(
+        checkpoint.CheckpointMismatch, match="engine classes differ.*ProximalScoreVI saved, GSM here"
+    ):
+        pyro_psvi.GSM(_model, AutoMultivariateNormal(_model)).load(path)
+    with pytest.raises(
+        checkpoint.CheckpointMismatch, match="optimizer classes differ.*Adam saved, ClippedAdam here"
+    ):
+        _engine(optim=pyro.optim.ClippedAdam({"lr": 1e-2})).load(path)
+
+
+def test_checkpoint_of_another_model_is_refused_at_the_first_step_before_any_change(tmp_path):
+    path = _saved_fit(tmp_path)
+    x, y = _data()
+
+    def other_model(x, y):  # another site name
+        v = pyro.sample("v", pdist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+        with pyro.plate("data", x.shape[0], subsample_size=20) as idx:
+            pyro.sample("y", pdist.Normal((x[idx] * v).sum(-1), 1.0), obs=y[idx])
+
+    svi = _engine(model=other_model)
+    svi.load(path)
+    with pytest.raises(
+        checkpoint.CheckpointMismatch,
+        match=r"latent sites differ \('v': absent saved, \[3\] here; 'w': \[3\] saved",
+    ):
+        svi.step(x, y)
+    assert svi.num_score_calls == 0
+
+
+def test_resume_after_steps_and_map_location_continue_the_saved_run(tmp_path):
+    x, y = _data()
+    svi = _engine()
+    for _ in range(10):
+        svi.step(x, y)
+    whole = _store()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    svi = _engine()
+    for _ in range(5):
+        svi.step(x, y)
+    svi.save(tmp_path / "ckpt")
+    svi.step(x, y)  # moves on; load puts it back
+    svi.load(tmp_path / "ckpt", map_location="cpu")
+    for _ in range(5):
+        svi.step(x, y)
+    for name, value in _store().items():
+        torch.testing.assert_close(value, whole[name], rtol=0, atol=0)
+        assert value.device.type == "cpu"
+
+
+def test_cuda_rng_state_is_saved_and_restored_when_cuda_is_in_use(tmp_path, monkeypatch):
+    """On a CPU machine, CUDA is simulated at torch.cuda's public functions."""
+    state = [torch.arange(16, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: state)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    path = _saved_fit(tmp_path)
+    svi = _engine()
+    svi.load(path)
+    svi.step(*_data())
+    assert len(restored) == 1
+    torch.testing.assert_close(restored[0], state[0])
+
+
+def test_a_second_guide_with_the_same_param_names_warns(recwarn):
+    x, y = _data()
+    first = _engine()
+    first.step(x, y)
+    second = _engine()
+    with pytest.warns(UserWarning, match="already in Pyro's param store.*scope"):
+        second.step(x, y)
+
+
+def test_the_same_guide_after_svi_does_not_warn():
+    x, y = _data()
+    guide = AutoNormal(_model)
+    pyro.infer.SVI(_model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO()).step(x, y)
+    svi = pyro_psvi.ProximalScoreVI(_model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*param store.*")
+        svi.step(x, y)
+
+
+# ------------------------------------------------------------------- interrupts
+@pytest.mark.parametrize("average_iterates", [True, False])
+def test_an_interrupt_inside_a_step_leaves_the_last_completed_step(tmp_path, average_iterates):
+    x, y = _data()
+    optim = pyro.optim.Adam({"lr": 1e-2})
+    svi = _engine(optim=optim, average_iterates=average_iterates)
+    for _ in range(5):
+        svi.step(x, y)
+    store, counters = _store(), svi._counters()
+    averages, iterate = svi.averages, svi._iterate
+    moments = {
+        name: {k: v.clone() for k, v in state["state"][0].items()}
+        for name, state in optim.get_state().items()
+    }
+    calls = []
+    original = type(optim).__call__
+
+    def interrupted(self, params, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the third of the K inner steps
+            raise KeyboardInterrupt
+        return original(self, params, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(optim), "__call__", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            svi.step(x, y)
+    for name, value in _store().items():
+        torch.testing.assert_close(value, store[name], rtol=0, atol=0)
+    for name, state in optim.get_state().items():
+        for key, value in state["state"][0].items():
+            torch.testing.assert_close(value, moments[name][key], rtol=0, atol=0)
+    assert svi._counters() == counters
+    assert svi.averages is averages and svi._iterate is iterate
+    svi.save(tmp_path / "ckpt")  # what it writes is the completed state
+    assert np.isfinite(svi.step(x, y))
+
+
+def test_run_writes_periodic_checkpoints_and_one_at_the_end(tmp_path, monkeypatch):
+    x, y = _data()
+    svi = _engine()
+    written = []
+    save = svi.save
+    monkeypatch.setattr(svi, "save", lambda path: (written.append(svi.num_score_calls), save(path)))
+    svi.run(10, x, y, progress_bar=True, checkpoint_every=4, checkpoint_path=tmp_path / "ckpt")
+    assert written == [4 * svi.num_particles, 8 * svi.num_particles, 10 * svi.num_particles]
+    pyro.clear_param_store()
+    resumed = _engine()
+    resumed.load(tmp_path / "ckpt")
+    resumed.step(x, y)
+    assert resumed.num_score_calls == 11 * resumed.num_particles
+    with pytest.raises(ValueError, match="together"):
+        svi.run(2, x, y, checkpoint_every=4)
+
+
+# ------------------------------------------------------------------- bad input
+def test_half_precision_data_is_refused():
+    x, y = _data()
+    with pytest.raises(TypeError, match="positional argument 0 is torch.float16.*float32"):
+        _engine().step(x.half(), y.half())
+
+
+def test_a_nonfinite_row_is_refused_whichever_rows_the_first_batch_draws():
+    x, y = _data()
+    y = y.clone()
+    y[7] = float("nan")
+    for seed in range(3):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        with pytest.raises(ValueError, match=r"positional argument 1 .* rows \[7\]"):
+            _engine().step(x, y)
+
+
+def test_bundled_models_refuse_x_and_y_of_different_lengths():
+    x, y = _data()
+    with pytest.raises(ValueError, match="x has 60 rows and y has 57"):
+        _engine().step(x, y[:-3])
+
+
+def test_a_run_rejecting_most_steps_raises_with_advice_on_hard_constraints():
+    def model():
+        x = pyro.sample("x", pdist.Normal(0.0, 1.0))
+        pyro.factor("band", torch.where((x - 0.5).abs() < 0.05, 0.0, -float("inf")))
+
+    # Particles of the initial guide N(0.5, 0.1^2) fall in the band with probability 0.38,
+    # all four of a step with 0.02: nearly every step is rejected.
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values={"x": torch.tensor(0.5)}), init_scale=0.1)
+
+    svi = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}),
+                                    max_consecutive_rejections=None)  # fmt: skip
+    with pytest.raises(
+        RuntimeError, match=r"of this run's 30 updates.*-inf factor.*constrained distribution"
+    ):
+        svi.run(30)
+
+
+def test_a_save_that_fails_midway_keeps_the_last_checkpoint(tmp_path):
+    """The second save hits the file-size limit (as on a full disk), in a subprocess."""
+    path = tmp_path / "ckpt"
+    script = textwrap.dedent(f"""
+        import resource, signal
+        import pyro, pyro.distributions as dist, torch
+        from pyro.infer.autoguide import AutoNormal
+        import pyro_psvi
+
+        def model():
+            pyro.sample("w", dist.Normal(torch.zeros(50), 1.0).to_event(1))
+
+        svi = pyro_psvi.ProximalScoreVI(model, AutoNormal(model), pyro.optim.Adam({{"lr": 1e-2}}))
+        svi.step()
+        svi.save({str(path)!r})
+        svi.step()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit raises EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+        try:
+            svi.save({str(path)!r})
+        except OSError as error:
+            print("failed:", error)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "failed:" in result.stdout
+
+    def model():
+        pyro.sample("w", pdist.Normal(torch.zeros(50), 1.0).to_event(1))
+
+    svi = pyro_psvi.ProximalScoreVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 1e-2}))
+    svi.load(path)
+    svi.step()
+    assert svi.num_score_calls == 2 * svi.num_particles  # the first save's step, then this one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
