@@ -13,6 +13,8 @@ import numpyro.distributions as ndist
 import pytest
 from numpyro.infer import init_to_value
 from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from psvi_testing.checkpoints import Payload
+from psvi_testing.checkpoints import damage as damage_file
 from psvi_testing.regression import regression_data
 
 import numpyro_psvi
@@ -48,17 +50,9 @@ def _assert_same_state(a, b):
         np.testing.assert_array_equal(left, right)
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_crafted_checkpoint_does_not_run_its_payload(tmp_path):
     marker, path = tmp_path / "ran", tmp_path / "ckpt"
-    path.write_bytes(pickle.dumps(_Payload(str(marker))))  # what load_state used to unpickle
+    path.write_bytes(pickle.dumps(Payload(str(marker))))  # what load_state used to unpickle
     with pytest.raises(checkpoint.LegacyCheckpointError, match="refuses.*allow_pickle=True"):
         _engine().load(path, *_data())
     assert not marker.exists()
@@ -85,12 +79,7 @@ def test_a_trusted_legacy_state_converts_with_allow_pickle(tmp_path):
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate"])
 def test_a_damaged_checkpoint_is_named_as_such(tmp_path, damage):
     path, _ = _saved(tmp_path)
-    data = bytearray(path.read_bytes())
-    if damage == "flip_byte":
-        data[len(data) // 2] ^= 0x01
-    else:
-        data = data[: len(data) // 2]
-    path.write_bytes(bytes(data))
+    damage_file(path, damage)
     with pytest.raises(checkpoint.CheckpointError, match=f"not a valid psvi checkpoint: {path}"):
         _engine().load(path, *_data())
 

@@ -14,6 +14,8 @@ import pyro
 import pyro.distributions as pdist
 import pytest
 import torch
+from psvi_testing.checkpoints import Payload
+from psvi_testing.checkpoints import damage as damage_file
 from psvi_testing.regression import regression_data
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
 
@@ -59,20 +61,12 @@ def _saved_fit(tmp_path, num_steps=5, **options):
 
 
 # ------------------------------------------------------------------- the format
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_crafted_checkpoint_does_not_run_its_payload(tmp_path):
     marker, path = tmp_path / "ran", tmp_path / "ckpt"
-    torch.save({"param_store": _Payload(str(marker))}, path)  # what load used to unpickle
+    torch.save({"param_store": Payload(str(marker))}, path)  # what load used to unpickle
     with pytest.raises(checkpoint.LegacyCheckpointError, match="refuses.*allow_pickle=True"):
         _engine().load(path)
-    path.write_bytes(pickle.dumps(_Payload(str(marker))))
+    path.write_bytes(pickle.dumps(Payload(str(marker))))
     with pytest.raises(checkpoint.LegacyCheckpointError, match="a pickle file"):
         _engine().load(path)
     assert not marker.exists()
@@ -110,12 +104,7 @@ def test_a_trusted_legacy_checkpoint_converts_with_allow_pickle(tmp_path):
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate"])
 def test_a_damaged_checkpoint_is_named_as_such(tmp_path, damage):
     path = _saved_fit(tmp_path)
-    data = bytearray(path.read_bytes())
-    if damage == "flip_byte":
-        data[len(data) // 2] ^= 0x01
-    else:
-        data = data[: len(data) // 2]
-    path.write_bytes(bytes(data))
+    damage_file(path, damage)
     with pytest.raises(checkpoint.CheckpointError, match=f"not a valid psvi checkpoint: {path}"):
         _engine().load(path)
 
