@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import random
 
 from numpyro_psvi.engine import EngineState, ScoreEngine
-from numpyro_psvi.objective import weighted_fisher
+from numpyro_psvi.objective import negative_elbo
 from psvi.checks import baseline_local_latent_message
 
 
@@ -112,8 +112,8 @@ class _GaussianBaseline(ScoreEngine):
     def update(self, state: EngineState, *args: Any, **kwargs: Any) -> tuple[EngineState, jax.Array]:
         """One closed-form update from ``num_particles`` score calls (pure, jittable).
 
-        Returns the next state and the covariance-weighted Fisher divergence of the
-        current guide on this update's particles (NaN when the update was rejected).
+        Returns the next state and the ``-ELBO`` estimate of the current guide from this
+        update's particles, as ``SVI``'s loss (NaN when the update was rejected).
         """
         kwargs, density = self._prepare(args, kwargs)
         prefix = self.guide.prefix
@@ -121,7 +121,7 @@ class _GaussianBaseline(ScoreEngine):
         params = state.optim_state
         particles, scored = self.score_particles(density, params, {}, key_particles, key_batch, args, kwargs)
         scores = scored.scores
-        loss = weighted_fisher(density, params, params, particles, scores, "covariance")
+        loss = negative_elbo(density, params, particles, scored.log_joints)
         loc, tril = params[f"{prefix}_loc"], params[f"{prefix}_scale_tril"]
         step = state.num_score_calls // self.num_particles
         new_loc, new_cov = self._closed_form(loc, tril @ tril.T, particles, scores, step)

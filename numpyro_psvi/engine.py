@@ -28,7 +28,7 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.svi import SVIRunResult
 
 from numpyro_psvi.guides import GuideDensity, guide_family
-from numpyro_psvi.objective import weighted_fisher
+from numpyro_psvi.objective import negative_elbo, weighted_fisher
 from numpyro_psvi.scores import (
     ModelScores,
     batch_ratio,
@@ -296,20 +296,31 @@ class ScoreEngine:
 
     # --------------------------------------------------------- run, evaluate
     def evaluate(self, state: EngineState, *args: Any, **kwargs: Any) -> jax.Array:
-        """Covariance-weighted Fisher divergence of the current guide on fresh particles.
+        """The ``-ELBO`` estimate of the current guide from fresh particles, as
+        ``SVI.evaluate`` returns it (the key that the next :meth:`update` would use).
 
-        Uses the key that the next :meth:`update` would use, as ``SVI.evaluate`` does;
-        costs ``num_particles`` score calls (not counted in the state).
+        Costs ``num_particles`` score calls (not counted in the state).
         """
+        density, params, particles, scored = self._fresh_scores(state, args, kwargs)
+        return negative_elbo(density, params, particles, scored.log_joints, scored.weights)
+
+    def fisher_divergence(self, state: EngineState, *args: Any, **kwargs: Any) -> jax.Array:
+        """The covariance-weighted Fisher divergence of the current guide on fresh
+        particles, ``(1/S) sum_s r_s' Cov_q r_s`` with ``r_s`` the difference of the
+        guide's and the model's scores (zero exactly when they match), which the updates
+        drive down. Same particles and cost as :meth:`evaluate`."""
+        density, params, particles, scored = self._fresh_scores(state, args, kwargs)
+        scores, weights = scored.scores, scored.weights
+        return weighted_fisher(density, params, params, particles, scores, "covariance", weights)
+
+    def _fresh_scores(self, state: EngineState, args: tuple, kwargs: dict) -> tuple:
         kwargs, density = self._prepare(args, kwargs)
         _, key_particles, key_batch, _ = random.split(state.rng_key, 4)
         params = self.get_params(state)
         particles, scored = self.score_particles(
             density, params, self._model_params(state), key_particles, key_batch, args, kwargs
         )
-        return weighted_fisher(
-            density, params, params, particles, scored.scores, "covariance", scored.weights
-        )
+        return density, params, particles, scored
 
     def _model_params(self, state: EngineState) -> dict:
         """The model's unconstrained ``numpyro.param`` values (none for the closed-form engines)."""
@@ -325,6 +336,8 @@ class ScoreEngine:
         init_params: dict | None = None,
         checkpoint_every: int | None = None,
         checkpoint_path: str | os.PathLike | None = None,
+        stable_update: bool = False,
+        forward_mode_differentiation: bool = False,
         **kwargs: Any,
     ) -> SVIRunResult:
         """Run ``num_steps`` updates, like ``SVI.run``.
@@ -351,6 +364,11 @@ class ScoreEngine:
         checkpoint_every, checkpoint_path
             Write a checkpoint (:meth:`save`) to ``checkpoint_path`` after every
             ``checkpoint_every`` updates and at the end (both or neither).
+        stable_update : bool
+            As in ``SVI.run``; every update here is stable either way (one whose loss,
+            scores or params are not finite is rejected and counted).
+        forward_mode_differentiation : bool
+            As in ``SVI.run``; only ``False``: the scores are reverse-mode gradients.
 
         Returns
         -------
@@ -370,6 +388,14 @@ class ScoreEngine:
         if num_steps < 1:
             raise ValueError("num_steps must be a positive integer.")
         check_checkpointing(checkpoint_every, checkpoint_path)
+        del stable_update  # every update is stable
+        if forward_mode_differentiation:
+            raise NotImplementedError(
+                f"{type(self).__name__} takes the model's scores as reverse-mode gradients "
+                "(jax.grad); forward_mode_differentiation=True (for models with "
+                "lax.while_loop) is not supported. Rewrite the loop with lax.scan or "
+                "lax.fori_loop with static bounds."
+            )
         if init_state is None:
             state = self.init(rng_key, *args, init_params=init_params, **kwargs)
         else:

@@ -60,6 +60,38 @@ def weighted_fisher(
     return jnp.mean(quad)
 
 
+def negative_elbo(
+    density: GuideDensity,
+    params: Params,
+    particles: jax.Array,
+    log_joints: jax.Array,
+    weights: jax.Array | None = None,
+) -> jax.Array:
+    """``-(1/S) sum_s [log p(u_s) - log q(u_s)]``: the loss ``Trace_ELBO`` reports with
+    ``S`` particles, from an update's own particles and log joints (no score call).
+
+    Parameters
+    ----------
+    density : GuideDensity
+    params : dict
+        Constrained guide params the particles came from.
+    particles, log_joints : jax.Array
+        ``(S, D)`` flat unconstrained particles and their ``(S,)`` log joints (the
+        mini-batch's scaled by ``N/B`` by the plate, ``log|det J|`` included).
+    weights : jax.Array, optional
+        ``(D,)`` coordinate weights of local latents (AutoNormal): ``log q`` counts the
+        global coordinates and, times ``N/B``, the mini-batch's local ones, as the log
+        joint counts their priors (the others are in neither): unbiased for the ELBO.
+    """
+    if weights is None:
+        log_q = jax.vmap(density.log_prob, (None, 0))(params, particles)
+    else:
+        loc, scale = density.loc_scale(params)
+        per_coordinate = -0.5 * ((particles - loc) / scale) ** 2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
+        log_q = per_coordinate @ weights
+    return -jnp.mean(log_joints - log_q)
+
+
 class FisherStatistics(NamedTuple):
     """Per-coordinate sums over ``S`` particles ``u_s`` with model scores ``g_s``, the
     particles centred at the step's guide location ``loc_t`` (``v_s = u_s - loc_t``, so

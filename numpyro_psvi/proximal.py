@@ -33,6 +33,7 @@ from numpyro_psvi.objective import (
     diagonal_weighted_fisher,
     fisher_statistics,
     lerp_tree,
+    negative_elbo,
     proximal_objective,
     split_diagonal_objective,
     trust_region_fraction,
@@ -71,12 +72,14 @@ class RunningAverages(NamedTuple):
 
 class ProximalProblem(NamedTuple):
     """One update's proximal problem: ``objective(unconstrained) -> (value, terms)``
-    over all params (guide and model); ``loss``, the weighted Fisher divergence of
-    ``q_t`` on the update's particles and mini-batch; ``averages``, the running
-    averages with this update's curvature estimate folded in."""
+    over all params (guide and model); ``loss``, the ``-ELBO`` estimate of ``q_t`` from
+    the update's particles (:func:`~numpyro_psvi.objective.negative_elbo`); ``fisher``,
+    its weighted Fisher divergence on them; ``averages``, the running averages with this
+    update's curvature estimate folded in."""
 
     objective: Callable[[dict], tuple[jax.Array, dict]]
     loss: jax.Array
+    fisher: jax.Array
     averages: RunningAverages
 
 
@@ -218,10 +221,10 @@ class ProximalScoreVI(ScoreEngine):
         Returns
         -------
         (EngineState, jax.Array)
-            The next state and the loss: the weighted Fisher divergence
-            ``(1/S) sum_s r_s' W_t r_s`` (``W_t`` as ``weighting`` says) of ``q_t`` on
-            this iteration's particles and mini-batch (zero exactly when the guide's
-            score matches the model's); NaN when the step was rejected.
+            The next state and the loss, as ``SVI``'s: the ``-ELBO`` estimate of ``q_t``
+            from this update's ``S`` particles and mini-batch (no extra score call); NaN
+            when the update was rejected. The weighted Fisher divergence the update
+            minimizes is :meth:`~numpyro_psvi.ScoreEngine.fisher_divergence`.
         """
         kwargs, density = self._prepare(args, kwargs)
         rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
@@ -254,10 +257,12 @@ class ProximalScoreVI(ScoreEngine):
         """
         weighting, weights = self.objective.weighting, scored.weights
         stats = fisher_statistics(density, params_t, particles, scored.scores)
+        loss = negative_elbo(density, params_t, particles, scored.log_joints, weights)
         if stats is None:
-            loss = weighted_fisher(density, params_t, params_t, particles, scored.scores, weighting, weights)
+            scores = scored.scores
+            fisher = weighted_fisher(density, params_t, params_t, particles, scores, weighting, weights)
         else:
-            loss = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
+            fisher = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
             estimate = curvature_statistics(stats, density.loc_scale(params_t)[1])
             averages = self._fold_curvature(averages, estimate, weights)
 
@@ -277,7 +282,7 @@ class ProximalScoreVI(ScoreEngine):
                 value = value - sum(jax.tree.leaves(products))
             return value, terms
 
-        return ProximalProblem(objective, loss, averages)
+        return ProximalProblem(objective, loss, fisher, averages)
 
     def _fold_curvature(
         self, averages: RunningAverages, estimate: CurvatureStatistics, weights: jax.Array | None
@@ -341,7 +346,8 @@ class ProximalScoreVI(ScoreEngine):
         when the step is rejected (no fraction qualified, or non-finite scores, loss or
         params); as ``SVI.stable_update`` does, a rejected step reports a NaN loss."""
         loss = problem.loss
-        accept = (frac > 0) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(scored.log_joints))
+        accept = (frac > 0) & jnp.isfinite(problem.fisher) & jnp.isfinite(loss)
+        accept &= jnp.all(jnp.isfinite(scored.log_joints))
         accept &= jnp.all(jnp.isfinite(ravel_pytree(self.optim.get_params(fitted))[0]))
         candidate = lerp_tree(state.optim_state, fitted, frac)
         averages = problem.averages

@@ -17,7 +17,7 @@ import torch
 
 from psvi.checks import baseline_local_latent_message
 from pyro_psvi.engine import ScoreEngine
-from pyro_psvi.objective import weighted_fisher
+from pyro_psvi.objective import negative_elbo
 
 
 def gsm_step(
@@ -118,8 +118,8 @@ class _GaussianBaseline(ScoreEngine):
     def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """One closed-form update from ``num_particles`` score calls.
 
-        Returns the covariance-weighted Fisher divergence of the current guide on this
-        update's particles, as a 0-dim tensor (no host sync); NaN when rejected.
+        Returns the ``-ELBO`` estimate of the current guide from this update's particles
+        (as ``SVI``'s loss), a 0-dim tensor (no host sync); NaN when rejected.
         """
         self._prepare(args, kwargs)
         leaves = self._leaves()
@@ -147,7 +147,7 @@ class _GaussianBaseline(ScoreEngine):
         particles, scored = self.score_particles(params, args, kwargs)
         log_joint, scores = scored.log_joints, scored.scores
         with torch.no_grad():
-            loss = weighted_fisher(self.density, params, params, particles, scores, "covariance")
+            loss = negative_elbo(self.density, params, particles, log_joint)
             tril = params[scale_name][:, None] * params[tril_name]
             new_loc, new_cov = self._closed_form(params[loc_name], tril @ tril.T, particles, scores)
             new_tril, info = torch.linalg.cholesky_ex(new_cov)

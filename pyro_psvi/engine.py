@@ -37,7 +37,7 @@ from psvi.checks import (
 from psvi.families import DensityOptions
 from pyro_psvi._compat import forget_optimizers
 from pyro_psvi.guides import GuideDensity, Params, guide_family
-from pyro_psvi.objective import weighted_fisher
+from pyro_psvi.objective import negative_elbo, weighted_fisher
 from pyro_psvi.scores import (
     ModelScores,
     at_random_values,
@@ -538,21 +538,33 @@ class ScoreEngine:
         return torch.stack(losses)
 
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
-        """Covariance-weighted Fisher divergence of the current guide on fresh particles.
+        """The ``-ELBO`` estimate of the current guide from fresh particles, as
+        ``SVI.evaluate_loss`` returns it.
 
         Costs ``num_particles`` score calls (not counted in ``num_score_calls``) and
         changes no parameter.
         """
+        params, particles, scored = self._fresh_scores(args, kwargs)
+        return float(negative_elbo(self.density, params, particles, scored.log_joints, scored.weights))
+
+    def fisher_divergence(self, *args: Any, **kwargs: Any) -> float:
+        """The covariance-weighted Fisher divergence of the current guide on fresh
+        particles, ``(1/S) sum_s r_s' Cov_q r_s`` with ``r_s`` the difference of the
+        guide's and the model's scores (zero exactly when they match), which the steps
+        drive down. Same cost as :meth:`evaluate_loss`."""
+        params, particles, scored = self._fresh_scores(args, kwargs)
+        with torch.no_grad():
+            fisher = weighted_fisher(
+                self.density, params, params, particles, scored.scores, "covariance", scored.weights
+            )  # fmt: skip
+        return float(fisher)
+
+    def _fresh_scores(self, args: tuple, kwargs: dict) -> tuple:
         self._prepare(args, kwargs)
         with torch.no_grad():
             params = self._constrain({k: v.detach() for k, v in self._leaves().items()})
         particles, scored = self.score_particles(params, args, kwargs)
-        with torch.no_grad():
-            fisher = weighted_fisher(
-                self.density, params, params, particles, scored.scores, "covariance",
-                scored.weights,
-            )  # fmt: skip
-            return float(fisher)
+        return params, particles, scored
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ inner steps cost ``O(D)`` instead of ``O(S D)`` plus an autograd pass over ``(S,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -55,6 +56,40 @@ def weighted_fisher(
     if weighting == "covariance":
         return density.cov_quad(params_t, residuals).mean()
     return residuals.pow(2).sum(-1).mean()
+
+
+def negative_elbo(
+    density: GuideDensity,
+    params: Params,
+    particles: torch.Tensor,
+    log_joints: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``-(1/S) sum_s [log p(u_s) - log q(u_s)]``: the loss ``Trace_ELBO`` reports with
+    ``S`` particles, from a step's own particles and log joints (no score call).
+
+    Parameters
+    ----------
+    density : GuideDensity
+    params : dict
+        Constrained guide params the particles came from.
+    particles, log_joints : torch.Tensor
+        ``(S, D)`` flat unconstrained particles and their ``(S,)`` log joints (the
+        mini-batch's scaled by ``N/B`` by the plate, ``log|det J|`` included).
+    weights : torch.Tensor, optional
+        ``(D,)`` coordinate weights of local latents (AutoNormal): ``log q`` counts the
+        global coordinates and, times ``N/B``, the mini-batch's local ones, as the log
+        joint counts their priors (the others are in neither): unbiased for the ELBO.
+    """
+    with torch.no_grad():
+        if weights is None:
+            log_q = density.log_prob(params, particles)
+        else:
+            loc, scale = density.loc_scale(params)
+            standardized = (particles - loc) / scale
+            per_coordinate = -0.5 * standardized**2 - scale.log() - 0.5 * math.log(2 * math.pi)
+            log_q = per_coordinate @ weights
+        return -(log_joints - log_q).mean()
 
 
 class FisherStatistics(NamedTuple):

@@ -40,6 +40,7 @@ from pyro_psvi.objective import (
     curvature_statistics,
     diagonal_weighted_fisher,
     fisher_statistics,
+    negative_elbo,
     proximal_objective,
     split_diagonal_objective,
     trust_region_fraction,
@@ -83,6 +84,9 @@ class ProximalProblem(NamedTuple):
     params_t : dict
         The constrained params the particles came from (detached).
     loss : torch.Tensor
+        The ``-ELBO`` estimate of ``q_t`` from the step's particles
+        (:func:`~pyro_psvi.objective.negative_elbo`).
+    fisher : torch.Tensor
         The weighted Fisher divergence of ``q_t`` on the step's particles and batch.
     param_grads : list of torch.Tensor
         The particles' mean log-joint gradient in each model param.
@@ -99,6 +103,7 @@ class ProximalProblem(NamedTuple):
     objective: Callable[[Params], torch.Tensor]
     params_t: Params
     loss: torch.Tensor
+    fisher: torch.Tensor
     param_grads: list[torch.Tensor]
     scores_ok: torch.Tensor
     active_dim: int
@@ -261,10 +266,10 @@ class ProximalScoreVI(ScoreEngine):
         Returns
         -------
         torch.Tensor
-            0-dim, on the params' device (no host sync): the weighted Fisher divergence
-            ``(1/S) sum_s r_s' W_t r_s`` (``W_t`` as ``weighting`` says) of ``q_t`` on
-            this step's particles and mini-batch (zero exactly when the guide's score
-            matches the model's); NaN when the step was rejected.
+            0-dim, on the params' device (no host sync): the loss, as ``SVI``'s, the
+            ``-ELBO`` estimate of ``q_t`` from this step's ``S`` particles and mini-batch
+            (no extra score call); NaN when the step was rejected. The weighted Fisher
+            divergence the step minimizes is :meth:`~pyro_psvi.ScoreEngine.fisher_divergence`.
         """
         self._prepare(args, kwargs)
         leaves = self._leaves(model_params=True)
@@ -308,11 +313,12 @@ class ProximalScoreVI(ScoreEngine):
         scores = torch.where(scores_ok, scored.scores, torch.zeros_like(scored.scores))
         stats = fisher_statistics(density, params_t, particles, scores)
         averages = self.averages
+        loss = negative_elbo(density, params_t, particles, scored.log_joints, weights)
         with torch.no_grad():
             if stats is None:
-                loss = weighted_fisher(density, params_t, params_t, particles, scores, weighting, weights)
+                fisher = weighted_fisher(density, params_t, params_t, particles, scores, weighting, weights)
             else:
-                loss = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
+                fisher = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
                 particles = scores = None
                 estimate = curvature_statistics(stats, density.loc_scale(params_t)[1])
                 averages = self._fold_curvature(averages, estimate, weights)
@@ -329,8 +335,9 @@ class ProximalScoreVI(ScoreEngine):
             return split_diagonal_objective(density, params, params_t, stats, curvature, **options)[0]
 
         return ProximalProblem(
-            objective, params_t, loss, scored.param_grads, scores_ok, scored.active_dim, kl_seed, averages
-        )
+            objective, params_t, loss, fisher, scored.param_grads, scores_ok, scored.active_dim, kl_seed,
+            averages,
+        )  # fmt: skip
 
     def _fold_curvature(
         self, averages: RunningAverages, estimate: CurvatureStatistics, weights: torch.Tensor | None
@@ -432,7 +439,8 @@ class ProximalScoreVI(ScoreEngine):
         non-finite scores, loss or params; state a first step created goes back to
         zeros, i.e. a fresh optimizer). Returns the accept flag (device tensor)."""
         with torch.no_grad():
-            accept = (frac > 0) & problem.scores_ok & torch.isfinite(problem.loss)
+            accept = (frac > 0) & problem.scores_ok
+            accept &= torch.isfinite(problem.fisher) & torch.isfinite(problem.loss)
             for leaf in leaves.values():
                 accept &= torch.isfinite(leaf).all()
             for name, leaf in leaves.items():

@@ -155,3 +155,14 @@ def test_the_objective_is_a_record_and_an_elbo_is_refused():
     )
     with pytest.raises(TypeError, match="not Trace_ELBO: drop the loss argument"):
         ProximalScoreVI(gaussian_model, guide, adam(), Trace_ELBO())
+
+
+def test_svi_run_keywords_are_taken_by_name_not_passed_to_the_model():
+    def model():
+        numpyro.sample("x", dist.Normal(0.0, 1.0))
+
+    svi = ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(1e-2))
+    result = svi.run(jax.random.PRNGKey(0), 3, progress_bar=False, stable_update=True)
+    assert result.losses.shape == (3,)
+    with pytest.raises(NotImplementedError, match="forward_mode_differentiation=True .* not supported"):
+        svi.run(jax.random.PRNGKey(0), 3, progress_bar=False, forward_mode_differentiation=True)

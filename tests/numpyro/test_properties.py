@@ -55,7 +55,8 @@ def test_random_gaussian_targets_converge(dim, log10_condition, seed):
 )
 def test_random_constrained_supports_stay_finite_and_fit(rate, a, b, alpha, sigma):
     """Positive, unit-interval, simplex and log-normal latents (the prior is the target):
-    every update accepted, finite params, and the weighted Fisher divergence falls."""
+    every update accepted, finite params, and the loss, -ELBO = KL(q || p) (the target is
+    normalized), falls by half."""
 
     def model():
         numpyro.sample("pos", dist.Exponential(rate))
