@@ -20,5 +20,19 @@ __all__ = [
     "guide_density",
     "guide_family",
     "proximal_objective",
+    "to_inference_data",
+    "vi_diagnostics",
     "weighted_fisher",
 ]
+
+_ARVIZ_EXPORTS = ("to_inference_data", "vi_diagnostics")
+
+
+def __getattr__(name: str):
+    """``to_inference_data`` and ``vi_diagnostics`` from :mod:`numpyro_psvi.arviz`, imported
+    on first use (ArviZ is slow to import)."""
+    if name in _ARVIZ_EXPORTS:
+        from numpyro_psvi import arviz
+
+        return getattr(arviz, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

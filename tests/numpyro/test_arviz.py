@@ -68,3 +68,11 @@ def test_numpyro_inference_data_uses_the_learned_model_params():
     np.testing.assert_allclose(
         idata.log_likelihood["y"].values.reshape(-1, N), expected, rtol=1e-4, atol=1e-4
     )
+
+
+def test_arviz_functions_are_exported_at_the_package_top():
+    import numpyro_psvi
+    import numpyro_psvi.arviz
+
+    assert numpyro_psvi.to_inference_data is numpyro_psvi.arviz.to_inference_data
+    assert numpyro_psvi.vi_diagnostics is numpyro_psvi.arviz.vi_diagnostics

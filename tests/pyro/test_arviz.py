@@ -55,3 +55,11 @@ def test_pyro_diagnostics_separate_exact_from_misfit():
 
     exact, misfit, *_, x, y = exact_and_misfit(diagnostics)
     check_diagnostics(exact, misfit, x, y)
+
+
+def test_arviz_functions_are_exported_at_the_package_top():
+    import pyro_psvi
+    import pyro_psvi.arviz
+
+    assert pyro_psvi.to_inference_data is pyro_psvi.arviz.to_inference_data
+    assert pyro_psvi.vi_diagnostics is pyro_psvi.arviz.vi_diagnostics
