@@ -499,11 +499,8 @@ class ScoreEngine:
             raise RuntimeError(f"Call {type(self).__name__}.init(rng_key, *args) (or run) first.")
         arrays, leaves = {}, []
         for i, (key_path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(state)[0]):
-            if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
-                array, tag = np.asarray(random.key_data(leaf)), f"key:{random.key_impl(leaf)}"
-            else:
-                array, tag = np.asarray(leaf), "array"
-            arrays[f"a{i}"] = array
+            array, tag = _plain_leaf(leaf)
+            arrays[f"a{i}"] = np.asarray(array)
             leaves.append([jax.tree_util.keystr(key_path), f"a{i}", tag])
         checkpoint.write(path, {**self._checkpoint_header(state), "leaves": leaves}, arrays)
 
@@ -569,13 +566,20 @@ class ScoreEngine:
         return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
+def _plain_leaf(leaf: Any) -> tuple[Any, str]:
+    """A state leaf as an array and its tag: a typed PRNG key as its key data, tagged
+    ``"key:<impl>"``; anything else as it is, tagged ``"array"``."""
+    if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+        return random.key_data(leaf), f"key:{random.key_impl(leaf)}"
+    return leaf, "array"
+
+
 def _leaf_specs(state: Any) -> dict[str, list]:
     """``{leaf path: [shape, dtype]}`` of a state (a typed key: its data's)."""
     specs = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
-            leaf = random.key_data(leaf)
-        specs[jax.tree_util.keystr(key_path)] = [list(jnp.shape(leaf)), str(jnp.result_type(leaf))]
+        array, _ = _plain_leaf(leaf)
+        specs[jax.tree_util.keystr(key_path)] = [list(jnp.shape(array)), str(jnp.result_type(array))]
     return specs
 
 

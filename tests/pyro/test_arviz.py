@@ -12,14 +12,7 @@ import pyro_psvi
 import pyro_psvi.arviz as parviz
 from pyro_psvi.contrib.models import linear_regression as p_linear_regression
 
-
-@pytest.fixture(autouse=True)
-def fresh_pyro():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    torch.set_num_threads(1)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def test_pyro_inference_data_round_trip():

@@ -12,14 +12,7 @@ from psvi.metrics import gaussian_kl
 from pyro_psvi import GSM, BaM, bam_schedule
 from pyro_psvi.contrib.models import gaussian_target
 
-
-@pytest.fixture(autouse=True)
-def fresh_pyro():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    torch.set_num_threads(1)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def fit_kl(engine_cls, dim, calls, **options):

@@ -23,14 +23,7 @@ import pyro_psvi
 from psvi import checkpoint
 from pyro_psvi.contrib.models import linear_regression
 
-
-@pytest.fixture(autouse=True)
-def fresh_pyro():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    torch.set_num_threads(1)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def _data():

@@ -23,14 +23,7 @@ from pyro_psvi.contrib.models import gaussian_target, linear_regression, mlp_cla
 from pyro_psvi.objective import proximal_objective
 from pyro_psvi.scores import log_joints, model_scores
 
-
-@pytest.fixture(autouse=True)
-def fresh_pyro():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    torch.set_num_threads(1)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def mvn_moments(guide):

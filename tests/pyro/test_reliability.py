@@ -13,14 +13,7 @@ from pyro.infer.autoguide import init_to_value as p_init_to_value
 import pyro_psvi
 from pyro_psvi.contrib.models import linear_regression as p_linear_regression
 
-
-@pytest.fixture(autouse=True)
-def fresh_pyro():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    torch.set_num_threads(1)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def test_pyro_step_raises_after_consecutive_rejections_and_keeps_optimizer_state():
