@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from pyro.infer import autoguide
 from pyro.optim import PyroOptim
+from pyro.optim.optim import _get_state_dict, _load_state_dict
 from pyro.poutine.subsample_messenger import _Subsample as Subsample
 from torch.distributions import Transform
 
@@ -19,6 +20,8 @@ __all__ = [
     "forget_optimizers",
     "inverse",
     "is_block_autoregressive",
+    "load_optimizer_states",
+    "optimizer_states",
     "param_prefix",
     "tensor_version",
     "torch_optimizer",
@@ -53,6 +56,23 @@ def forget_optimizers(optim: PyroOptim, params: Iterable[torch.Tensor]) -> None:
     replaced; the new tensors' optimizers start from ``optim.set_state``)."""
     for param in params:
         optim.optim_objs.pop(param, None)
+
+
+def optimizer_states(optim: PyroOptim, params: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The state dicts of the torch optimizers ``optim`` keeps for ``params``, keyed by
+    our names for them (``PyroOptim.get_state`` keys by param-store name, which
+    module-local params do not have)."""
+    return {name: _get_state_dict(optim.optim_objs[p]) for name, p in params.items() if p in optim.optim_objs}
+
+
+def load_optimizer_states(optim: PyroOptim, params: dict[str, torch.Tensor], states: dict[str, dict]) -> None:
+    """Give each of ``params`` named in ``states`` a torch optimizer holding that state,
+    as ``PyroOptim`` builds one at a param's first step."""
+    for name, state in states.items():
+        param = params[name]
+        optimizer = optim.optim_objs[param] = optim._get_optim(param)
+        optim.grad_clip[param] = optim._get_grad_clip(param)
+        _load_state_dict(optimizer, state)
 
 
 def is_block_autoregressive(guide: autoguide.AutoNormalizingFlow) -> bool:

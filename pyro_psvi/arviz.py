@@ -14,7 +14,6 @@ from typing import Any
 
 import arviz as az
 import numpy as np
-import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
@@ -126,16 +125,19 @@ def _site_dims(site, name: str, ndim: int, event_dim: int) -> list[str]:
     return dim_names(name, ndim, event_dim, plates)
 
 
-def _density(model: Callable, guide: Any, args: tuple, kwargs: dict) -> GuideDensity:
+def _density(model: Callable, guide: Any, args: tuple, kwargs: dict) -> tuple[GuideDensity, dict]:
     """The fitted guide's density, built by its family (a user-written guide is run with
-    the model's arguments); draws nothing from torch's random stream."""
+    the model's arguments), and its params (constrained, read from the guide's trace, so
+    module-local params too); draws nothing from torch's random stream."""
     family = guide_family(guide)
     family.check_supported()
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
         model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     options = DensityOptions(max_plate_nesting=guess_max_plate_nesting(model_trace))
-    return family.setup(guide, model_trace, guide_trace, args, kwargs, options)(args, kwargs)
+    density = family.setup(guide, model_trace, guide_trace, args, kwargs, options)(args, kwargs)
+    params = {name: guide_trace.nodes[name]["value"].detach() for name in density.param_names}
+    return density, params
 
 
 def _constrained(density: GuideDensity, model_trace, u: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -153,7 +155,7 @@ def to_inference_data(
     num_score_calls: int | None = None,
     **kwargs: Any,
 ) -> az.InferenceData:
-    """An ``arviz.InferenceData`` of a fitted guide (params from Pyro's param store).
+    """An ``arviz.InferenceData`` of a fitted guide (its params as the guide reads them).
 
     Parameters
     ----------
@@ -176,9 +178,8 @@ def to_inference_data(
         the full data, no ``N/B`` scale), ``observed_data`` and ``sample_stats``; dims
         named after the model's plates.
     """
-    density = _density(model, guide, args, kwargs)
+    density, params = _density(model, guide, args, kwargs)
     with torch.no_grad():
-        params = {name: pyro.param(name).detach() for name in density.param_names}
         draws = density.sample(params, num_samples)
         model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
         plate = _subsampled_plate(model_trace)
@@ -244,9 +245,8 @@ def vi_diagnostics(
 ) -> dict[str, float]:
     """PSIS k-hat, ELBO and covariance-weighted Fisher divergence of the fitted guide
     against the full-data posterior (see ``numpyro_psvi.arviz.vi_diagnostics``)."""
-    density = _density(model, guide, args, kwargs)
+    density, params = _density(model, guide, args, kwargs)
     with torch.no_grad():
-        params = {name: pyro.param(name).detach() for name in density.param_names}
         draws = density.sample(params, num_samples)
         model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
     plate = _subsampled_plate(model_trace)

@@ -22,7 +22,8 @@ import pyro
 import torch
 import tqdm
 from pyro import poutine
-from torch.distributions import transform_to
+from torch.distributions import constraints, transform_to
+from torch.distributions.constraints import Constraint
 
 from psvi import checkpoint
 from psvi.checks import (
@@ -35,7 +36,7 @@ from psvi.checks import (
     rejection_message,
 )
 from psvi.families import DensityOptions
-from pyro_psvi._compat import forget_optimizers
+from pyro_psvi._compat import forget_optimizers, load_optimizer_states, optimizer_states
 from pyro_psvi.guides import GuideDensity, Params, guide_family
 from pyro_psvi.objective import negative_elbo, weighted_fisher
 from pyro_psvi.scores import (
@@ -100,6 +101,7 @@ class ScoreEngine:
         self.num_score_calls = 0
         self.batch_ratio = 1.0  # the model's largest plate size over subsample size
         self.density: GuideDensity | None = None
+        self._module_leaves: dict[str, torch.Tensor] | None = None  # module_local_params
         self._transforms: dict[str, Any] = {}
         self._num_rejected: torch.Tensor | int = 0
         self._consecutive_rejected: torch.Tensor | int = 0
@@ -144,7 +146,14 @@ class ScoreEngine:
                 self.guide, model_trace, guide_trace, args, kwargs, options
             )
             density = self._build_density(args, kwargs)
-        constraints = pyro.get_param_store().get_state()["constraints"]
+        if pyro.settings.get("module_local_params"):
+            # The params live in their modules; the traces' param sites hold them.
+            sources = {**_param_sources(model_trace), **_param_sources(guide_trace)}
+            self._module_leaves = {name: leaf for name, (leaf, _) in sources.items()}
+            constraints = {name: constraint for name, (_, constraint) in sources.items()}
+        else:
+            self._module_leaves = None
+            constraints = pyro.get_param_store().get_state()["constraints"]
         missing = [name for name in density.param_names if name not in constraints]
         if missing:
             raise RuntimeError(
@@ -152,7 +161,7 @@ class ScoreEngine:
                 "param store cleared after the guide was built? Build a fresh guide."
             )
         shared = sorted(existing.intersection(density.param_names))
-        if fresh_guide and shared and self._pending_checkpoint is None:
+        if fresh_guide and shared and self._pending_checkpoint is None and self._module_leaves is None:
             warnings.warn(
                 f"The params {shared} of this new {type(self.guide).__name__} were already in "
                 "Pyro's param store (another guide with the same site names made them), so it "
@@ -244,10 +253,12 @@ class ScoreEngine:
         return False
 
     def _leaves(self, model_params: bool = False) -> dict[str, torch.Tensor]:
-        """The guide's unconstrained param tensors (and the model's, if asked), fetched
-        from the param store."""
-        store = pyro.get_param_store()
+        """The guide's unconstrained param tensors (and the model's, if asked): fetched from
+        the param store, or with ``module_local_params`` those of the modules."""
         names = (*self.density.param_names, *(self._model_param_names if model_params else ()))
+        if self._module_leaves is not None:
+            return {name: self._module_leaves[name] for name in names}
+        store = pyro.get_param_store()
         return {name: store.get_param(name).unconstrained() for name in names}
 
     def _constrain(self, unconstrained: dict[str, torch.Tensor]) -> Params:
@@ -336,9 +347,7 @@ class ScoreEngine:
             raise RuntimeError("Nothing to save before the first step.")
         leaves = self._leaves(model_params=True)
         optim = getattr(self, "optim", None)
-        optim_state = None if optim is None else {
-            name: value for name, value in optim.get_state().items() if name in leaves
-        }  # fmt: skip
+        optim_state = None if optim is None else optimizer_states(optim, leaves)
         state = {
             "params": {name: leaf.detach() for name, leaf in leaves.items()},
             "optim": optim_state,
@@ -448,18 +457,33 @@ class ScoreEngine:
             saved_params = saved_header["params"]
         current = {name: [list(leaf.shape), str(leaf.dtype)] for name, leaf in leaves.items()}
         checkpoint.check_match(path, "params (shape, dtype)", saved_params, current, fix)
-        device = (
-            torch.device(map_location) if map_location is not None else next(iter(leaves.values())).device
-        )
-        store = pyro.get_param_store()
-        constraints = store.get_state()["constraints"]
+        device = next(iter(leaves.values())).device
+        if (
+            self._module_leaves is not None
+            and map_location is not None
+            and torch.device(map_location) != device
+        ):
+            raise ValueError(
+                f"With module_local_params the params stay in their modules, on {device}; "
+                f"move the model and guide with .to({str(map_location)!r}) before load "
+                "instead of passing map_location."
+            )
         optim = getattr(self, "optim", None)
-        if optim is not None:  # the optimizers of the replaced params start from the saved state
+        if optim is not None:  # the restored params' optimizers start from the saved state
             forget_optimizers(optim, leaves.values())
-            if state["optim"] is not None:
-                optim.set_state(state["optim"])
-        params = {name: value.to(device).requires_grad_() for name, value in state["params"].items()}
-        store.set_state({"params": params, "constraints": {name: constraints[name] for name in params}})
+        if self._module_leaves is None:
+            device = torch.device(map_location) if map_location is not None else device
+            params = {name: value.to(device).requires_grad_() for name, value in state["params"].items()}
+            store = pyro.get_param_store()
+            constraints = store.get_state()["constraints"]
+            store.set_state({"params": params, "constraints": {name: constraints[name] for name in params}})
+            leaves = self._leaves(model_params=True)
+        else:
+            with torch.no_grad():
+                for name, leaf in leaves.items():
+                    leaf.copy_(state["params"][name])
+        if optim is not None and state["optim"] is not None:
+            load_optimizer_states(optim, leaves, state["optim"])
         counters = state["counters"]
         self.num_score_calls = counters["num_score_calls"]
         self._num_rejected = counters["num_rejected"]
@@ -565,6 +589,18 @@ class ScoreEngine:
             params = self._constrain({k: v.detach() for k, v in self._leaves().items()})
         particles, scored = self.score_particles(params, args, kwargs)
         return params, particles, scored
+
+
+def _param_sources(trace: poutine.Trace) -> dict[str, tuple[torch.Tensor, Constraint]]:
+    """The unconstrained tensor and constraint of each param site of ``trace`` (a
+    constrained value carries its unconstrained tensor, a plain ``nn.Parameter`` is it)."""
+    sources = {}
+    for name, site in trace.nodes.items():
+        if site["type"] == "param":
+            value = site["value"]
+            leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
+            sources[name] = (leaf, site["kwargs"].get("constraint", constraints.real))
+    return sources
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import singledispatch
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import pyro
@@ -255,10 +256,9 @@ def _diagonal_density(get_loc_scale, sites, names, score_method: str) -> GuideDe
 def _full_size_sites(guide: autoguide.AutoNormal) -> tuple[LatentSite, ...]:
     """AutoNormal's sites with the shapes of its params: a site inside a subsampled
     plate spans the plate's full size (its params are sliced by the plate's indices)."""
-    store = pyro.get_param_store()
     sites = []
     for site in _latent_sites(guide):
-        shape = store[f"{param_prefix(guide)}.locs.{site.name}"].shape
+        shape = attrgetter(site.name)(guide.locs).shape  # as AutoNormal reads its params
         frames = guide.prototype_trace.nodes[site.name]["cond_indep_stack"]
         plates = tuple(
             (frame.name, frame.dim - site.event_dim)
