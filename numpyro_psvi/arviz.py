@@ -71,6 +71,7 @@ def to_inference_data(
     num_chains: int = 4,
     losses: Any = None,
     num_score_calls: int | None = None,
+    diagnostics: bool = True,
     **kwargs: Any,
 ) -> az.InferenceData:
     """An ``arviz.InferenceData`` of a fitted guide.
@@ -87,9 +88,14 @@ def to_inference_data(
         Key for the draws (``PRNGKey(0)`` when omitted).
     num_chains : int
         The iid draws are split into this many pseudo-chains, so that ``az.summary``'s
-        ESS and R-hat are defined (R-hat is ~1 by construction; ESS ~ num_samples).
+        ESS and R-hat are defined (R-hat is ~1 by construction; ESS ~ num_samples: they
+        carry no information, the posterior group's attrs say so).
     losses, num_score_calls
         The fit's loss trace and score-call count, stored in ``sample_stats``.
+    diagnostics : bool
+        Also store :func:`vi_diagnostics` (PSIS ``khat``, ``elbo``, ``fisher``, on
+        ``num_samples`` draws of their own) in ``sample_stats``: what describes a VI fit,
+        where the pseudo-chains' ESS and R-hat describe nothing.
 
     Returns
     -------
@@ -99,7 +105,7 @@ def to_inference_data(
         ``sample_stats``; dims named after the model's plates.
     """
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    key_draws, key_predict, key_trace = jax.random.split(rng_key, 3)
+    key_draws, key_predict, key_trace, key_diagnostics = jax.random.split(rng_key, 4)
     # The fitted model params (numpyro.param sites learned with the guide) are in params.
     full_model = full_data(substitute(model, data=params))
     if hasattr(guide, "sample_posterior"):  # an autoguide
@@ -130,7 +136,12 @@ def to_inference_data(
         coords=coords,
         dims=dims,
     )
-    add_fit_stats(idata, losses, num_score_calls)
+    fit = None
+    if diagnostics:
+        fit = vi_diagnostics(
+            model, guide, params, *args, num_samples=num_samples, rng_key=key_diagnostics, **kwargs
+        )
+    add_fit_stats(idata, losses, num_score_calls, fit)
     return idata
 
 

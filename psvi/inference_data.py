@@ -27,15 +27,32 @@ def dim_names(name: str, ndim: int, event_dim: int, plates: dict[int, str]) -> l
     ]
 
 
-def add_fit_stats(idata: Any, losses: Any = None, num_score_calls: int | None = None) -> None:
-    """Add a ``sample_stats`` group with the fit's loss trace (dim ``step``) and its
-    score-call count, when given."""
+VI_DRAWS_NOTE = (
+    "iid draws from a variational guide, split into pseudo-chains: their ESS and R-hat "
+    "carry no information about the fit; see sample_stats khat, elbo, fisher"
+)
+
+
+def add_fit_stats(
+    idata: Any,
+    losses: Any = None,
+    num_score_calls: int | None = None,
+    diagnostics: dict[str, float] | None = None,
+) -> None:
+    """Describe the VI fit in ``idata``: a ``sample_stats`` group with the fit's loss
+    trace (dim ``step``), its score-call count and the guide's diagnostics (``khat``,
+    ``elbo``, ``fisher`` as ``vi_diagnostics`` returns them), when given; and a note on
+    the posterior group that its draws are iid (:data:`VI_DRAWS_NOTE`)."""
     import xarray as xr
 
+    idata.posterior.attrs["inference"] = "variational"
+    idata.posterior.attrs["draws"] = VI_DRAWS_NOTE
     stats = {}
     if losses is not None:
         stats["loss"] = xr.DataArray(np.asarray(losses), dims=["step"])
     if num_score_calls is not None:
         stats["num_score_calls"] = xr.DataArray(int(num_score_calls))
+    for name, value in (diagnostics or {}).items():
+        stats[name] = xr.DataArray(float(value))
     if stats:
         idata.add_groups(sample_stats=xr.Dataset(stats))

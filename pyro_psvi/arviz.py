@@ -153,6 +153,7 @@ def to_inference_data(
     num_chains: int = 4,
     losses: Any = None,
     num_score_calls: int | None = None,
+    diagnostics: bool = True,
     **kwargs: Any,
 ) -> az.InferenceData:
     """An ``arviz.InferenceData`` of a fitted guide (its params as the guide reads them).
@@ -167,9 +168,14 @@ def to_inference_data(
         Draws from the guide (torch's RNG).
     num_chains : int
         The iid draws are split into this many pseudo-chains, so that ``az.summary``'s
-        ESS and R-hat are defined (R-hat is ~1 by construction; ESS ~ num_samples).
+        ESS and R-hat are defined (R-hat is ~1 by construction; ESS ~ num_samples: they
+        carry no information, the posterior group's attrs say so).
     losses, num_score_calls
         The fit's loss trace and score-call count, stored in ``sample_stats``.
+    diagnostics : bool
+        Also store :func:`vi_diagnostics` (PSIS ``khat``, ``elbo``, ``fisher``, on
+        ``num_samples`` draws of their own) in ``sample_stats``: what describes a VI fit,
+        where the pseudo-chains' ESS and R-hat describe nothing.
 
     Returns
     -------
@@ -219,7 +225,8 @@ def to_inference_data(
         coords=coords,
         dims=dims,
     )
-    add_fit_stats(idata, losses, num_score_calls)
+    fit = vi_diagnostics(model, guide, *args, num_samples=num_samples, **kwargs) if diagnostics else None
+    add_fit_stats(idata, losses, num_score_calls, fit)
     return idata
 
 

@@ -42,6 +42,17 @@ def check_idata(idata, draws_w, x, y, num_samples):
     assert set(az.compare({"a": idata, "b": idata}).index) == {"a", "b"}
     az.plot_posterior(idata, var_names=["w"])
     assert idata.sample_stats["num_score_calls"].item() > 0
+    # What describes a VI fit: the guide's diagnostics (what they separate is tested in
+    # check_diagnostics), and a note that the pseudo-chains' ESS/R-hat say nothing. The
+    # ELBO is below log p(y) by KL(q || p) >= 0 up to Monte Carlo noise (the log weights
+    # of these near-Gaussian fits vary by well under 1 nat, so 0.1 nat is > 5 standard
+    # errors at 200 draws); these short fits are within 0.5 nat of the posterior.
+    stats_ = idata.sample_stats
+    gap = log_evidence(x, y) - stats_["elbo"].item()
+    assert -0.1 < gap < 0.5, gap
+    assert np.isfinite(stats_["khat"].item())
+    assert 0 <= stats_["fisher"].item() < np.inf
+    assert "no information" in idata.posterior.attrs["draws"]
 
 
 def exact_and_misfit(set_params):
