@@ -19,18 +19,19 @@ __all__ = [
     "bam_schedule",
     "guide_density",
     "guide_family",
+    "mode_coverage",
     "proximal_objective",
     "to_inference_data",
     "vi_diagnostics",
     "weighted_fisher",
 ]
 
-_ARVIZ_EXPORTS = ("to_inference_data", "vi_diagnostics")
+_ARVIZ_EXPORTS = ("mode_coverage", "to_inference_data", "vi_diagnostics")
 
 
 def __getattr__(name: str):
-    """``to_inference_data`` and ``vi_diagnostics`` from :mod:`numpyro_psvi.arviz`, imported
-    on first use (ArviZ is slow to import)."""
+    """``to_inference_data``, ``vi_diagnostics`` and ``mode_coverage`` from
+    :mod:`numpyro_psvi.arviz`, imported on first use (ArviZ is slow to import)."""
     if name in _ARVIZ_EXPORTS:
         from numpyro_psvi import arviz
 

@@ -25,6 +25,7 @@ from numpyro_psvi.guides import guide_density
 from numpyro_psvi.objective import weighted_fisher
 from numpyro_psvi.scores import at_random_values, make_log_joint, make_score_fn
 from psvi.inference_data import add_fit_stats, dim_names, pseudo_chains
+from psvi.modes import ModeCoverage, search_modes, uncovered_message
 
 
 def full_data(model: Callable) -> Callable:
@@ -178,3 +179,47 @@ def vi_diagnostics(
     _, scores = make_score_fn(full_model, density.unpack, args, kwargs)(draws, key_model)
     fisher = weighted_fisher(density, params, params, draws, scores, "covariance")
     return {"khat": float(khat), "elbo": float(np.mean(log_w)), "fisher": float(fisher)}
+
+
+def mode_coverage(
+    model: Callable,
+    guide: Any,
+    params: dict,
+    *args: Any,
+    num_searches: int = 32,
+    num_steps: int = 300,
+    num_draws: int = 1000,
+    rng_key: jax.Array | None = None,
+    **kwargs: Any,
+) -> ModeCoverage:
+    """Search the full-data posterior for mass the fitted guide misses (another mode, a
+    funnel's neck) and warn when some is found (:func:`psvi.modes.search_modes`).
+
+    Costs ``num_searches * (num_steps + 1) + num_draws`` full-data score calls; meant
+    for models small enough to check, e.g. before NeuTra or after a flow fit.
+
+    Returns
+    -------
+    psvi.modes.ModeCoverage
+        The searches run, how many ended outside the guide, their end points (flat,
+        unconstrained; ``density.unpack`` names them) and the thresholds used.
+    """
+    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    key_draws, key_model = jax.random.split(rng_key)
+    density = guide_density(guide, model=substitute(model, data=params), args=args, kwargs=kwargs)
+    full_model = full_data(substitute(model, data=params))
+    draws = density.sample(params, key_draws, num_draws)
+    scores = jax.jit(make_score_fn(full_model, density.unpack, args, kwargs))
+    log_q = jax.jit(jax.vmap(density.log_prob, (None, 0)))
+
+    def log_p_and_score(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        log_p, score = scores(jnp.asarray(u, draws.dtype), key_model)
+        return np.asarray(log_p, np.float64), np.asarray(score, np.float64)
+
+    report = search_modes(
+        np.asarray(draws), lambda u: np.asarray(log_q(params, jnp.asarray(u, draws.dtype)), np.float64),
+        log_p_and_score, num_searches=num_searches, num_steps=num_steps,
+    )  # fmt: skip
+    if report.num_uncovered:
+        warnings.warn(uncovered_message(report, type(guide).__name__), UserWarning, stacklevel=2)
+    return report

@@ -642,7 +642,9 @@ _register(
     refused(
         "AutoBNAFNormal",
         "block neural autoregressive flows have no inverse, so the guide density cannot "
-        "be evaluated at the particles. Use AutoIAFNormal or AutoMultivariateNormal instead.",
+        "be evaluated at the particles. Use AutoIAFNormal or AutoMultivariateNormal instead; "
+        "if the posterior is multimodal, check the fit with numpyro_psvi.mode_coverage "
+        "(docs/guides.md, 'Multimodal posteriors').",
     ),
 )
 for _dais in (autoguide.AutoDAIS, autoguide.AutoSemiDAIS):

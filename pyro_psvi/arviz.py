@@ -9,6 +9,7 @@ density (or predictive draw) is kept once. Draws are evaluated one at a time.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch.distributions import biject_to
 
 from psvi.families import DensityOptions
 from psvi.inference_data import add_fit_stats, dim_names, pseudo_chains
+from psvi.modes import ModeCoverage, search_modes, uncovered_message
 from pyro_psvi.guides import GuideDensity, guide_family
 from pyro_psvi.objective import weighted_fisher
 from pyro_psvi.scores import (
@@ -247,6 +249,29 @@ def _observed_values(model, values, plates, args, kwargs, plate, site_name: str)
     return torch.cat(parts, dim=frame.dim - site["fn"].event_dim).detach().cpu().numpy()
 
 
+def _full_data_log_joints(model: Callable, density: GuideDensity, args: tuple, kwargs: dict) -> Callable:
+    """``u (m, D) -> (log p (m,), scores (m, D))``: the full-data log joint in
+    unconstrained space and its gradient, one draw at a time."""
+    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
+        model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
+    plate = _subsampled_plate(model_trace)
+    plates = local_plates(density)
+
+    def log_joints_and_scores(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_joints, scores = [], []
+        for u in draws:
+            u = u.detach().requires_grad_(True)
+            prior, logs = _full_data_sites(
+                model, density.unpack(u), plates, args, kwargs, plate, unobserve=False
+            )
+            log_joint = prior + sum(value.sum() for _, value in logs.values())
+            scores.append(torch.autograd.grad(log_joint, u)[0])
+            log_joints.append(log_joint.detach())
+        return torch.stack(log_joints), torch.stack(scores)
+
+    return log_joints_and_scores
+
+
 def vi_diagnostics(
     model: Callable, guide: Any, *args: Any, num_samples: int = 1000, **kwargs: Any
 ) -> dict[str, float]:
@@ -255,18 +280,42 @@ def vi_diagnostics(
     density, params = _density(model, guide, args, kwargs)
     with torch.no_grad():
         draws = density.sample(params, num_samples)
-        model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
-    plate = _subsampled_plate(model_trace)
-    plates = local_plates(density)
-    log_joints, scores = [], []
-    for u in draws:
-        u = u.detach().requires_grad_(True)
-        prior, logs = _full_data_sites(model, density.unpack(u), plates, args, kwargs, plate, unobserve=False)
-        log_joint = prior + sum(value.sum() for _, value in logs.values())
-        scores.append(torch.autograd.grad(log_joint, u)[0])
-        log_joints.append(log_joint.detach())
+    log_joints, scores = _full_data_log_joints(model, density, args, kwargs)(draws)
     with torch.no_grad():
-        log_w = (torch.stack(log_joints) - density.log_prob(params, draws)).double().cpu().numpy()
+        log_w = (log_joints - density.log_prob(params, draws)).double().cpu().numpy()
         _, khat = az.psislw(log_w)
-        fisher = weighted_fisher(density, params, params, draws, torch.stack(scores), "covariance")
+        fisher = weighted_fisher(density, params, params, draws, scores, "covariance")
     return {"khat": float(khat), "elbo": float(np.mean(log_w)), "fisher": float(fisher)}
+
+
+def mode_coverage(
+    model: Callable,
+    guide: Any,
+    *args: Any,
+    num_searches: int = 32,
+    num_steps: int = 300,
+    num_draws: int = 1000,
+    **kwargs: Any,
+) -> ModeCoverage:
+    """Search the full-data posterior for mass the fitted guide misses and warn when some
+    is found (see ``numpyro_psvi.arviz.mode_coverage``; draws use torch's RNG)."""
+    density, params = _density(model, guide, args, kwargs)
+    with torch.no_grad():
+        draws = density.sample(params, num_draws)
+    log_joints_and_scores = _full_data_log_joints(model, density, args, kwargs)
+
+    def log_p_and_score(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        log_p, score = log_joints_and_scores(torch.as_tensor(u, dtype=draws.dtype, device=draws.device))
+        return log_p.double().cpu().numpy(), score.double().cpu().numpy()
+
+    def log_q(u: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            u = torch.as_tensor(u, dtype=draws.dtype, device=draws.device)
+            return density.log_prob(params, u).double().cpu().numpy()
+
+    report = search_modes(
+        draws.double().cpu().numpy(), log_q, log_p_and_score, num_searches=num_searches, num_steps=num_steps
+    )
+    if report.num_uncovered:
+        warnings.warn(uncovered_message(report, type(guide).__name__), UserWarning, stacklevel=2)
+    return report

@@ -715,8 +715,9 @@ def _flow_family(guide: autoguide.AutoNormalizingFlow) -> GuideFamily:
         return refused(
             type(guide).__name__,
             "a block-autoregressive flow has no inverse, so the guide density cannot be "
-            "evaluated at the particles. Use AutoMultivariateNormal (or, with NumPyro, "
-            "AutoIAFNormal) instead.",
+            "evaluated at the particles. Use AutoIAFNormal or AutoMultivariateNormal "
+            "instead; if the posterior is multimodal, check the fit with "
+            "pyro_psvi.mode_coverage (docs/guides.md, 'Multimodal posteriors').",
         )
 
     def advice(latent_dim: int, num_particles: int) -> str | None:

@@ -1,11 +1,13 @@
 """ArviZ export and VI diagnostics (NumPyro)."""
 
+import warnings
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
+import pytest
 from numpyro.infer.autoguide import AutoMultivariateNormal as NAutoMVN
 from psvi_testing.arviz_checks import B, N, check_diagnostics, check_idata, data, exact_and_misfit
 from scipy import stats
@@ -76,3 +78,41 @@ def test_arviz_functions_are_exported_at_the_package_top():
 
     assert numpyro_psvi.to_inference_data is numpyro_psvi.arviz.to_inference_data
     assert numpyro_psvi.vi_diagnostics is numpyro_psvi.arviz.vi_diagnostics
+
+
+# ---------------------------------------------------------------- mode coverage
+# Two modes at (-4, -4) and (4, 4) (sd 0.5) under a wide prior; or one mode at (4, 4)
+# under N(0, 1), a Gaussian posterior: precision 1 + 1/0.25 = 5, mean 4 * 4 / 5 = 3.2.
+def _bimodal_model():
+    z = numpyro.sample("z", numpyro.distributions.Normal(0.0, 10.0).expand([2]).to_event(1))
+    logs = -0.5 * jnp.sum((z - jnp.array([[-4.0, -4.0], [4.0, 4.0]])) ** 2, -1) / 0.25
+    numpyro.factor("modes", jax.scipy.special.logsumexp(logs, -1))
+
+
+def _unimodal_model():
+    z = numpyro.sample("z", numpyro.distributions.Normal(0.0, 1.0).expand([2]).to_event(1))
+    numpyro.factor("mode", -0.5 * jnp.sum((z - 4.0) ** 2, -1) / 0.25)
+
+
+def _normal_params(model, loc, scale):
+    from numpyro.infer.autoguide import AutoNormal
+
+    guide = AutoNormal(model)
+    numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2)).init(jax.random.PRNGKey(0))
+    return guide, {"z_auto_loc": jnp.full(2, loc), "z_auto_scale": jnp.full(2, scale)}
+
+
+def test_numpyro_mode_coverage_finds_the_mode_a_guide_misses():
+    guide, params = _normal_params(_bimodal_model, 4.0, 0.5)  # on one mode only
+    with pytest.warns(UserWarning, match="AutoNormal misses posterior mass"):
+        report = numpyro_psvi.mode_coverage(_bimodal_model, guide, params, num_draws=400)
+    # Adam's last steps jitter ~0.1 guide sd around the missed mode.
+    np.testing.assert_allclose(report.uncovered, np.full(report.uncovered.shape, -4.0), atol=0.2)
+
+
+def test_numpyro_mode_coverage_passes_an_exact_fit():
+    guide, params = _normal_params(_unimodal_model, 3.2, 1 / np.sqrt(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = numpyro_psvi.mode_coverage(_unimodal_model, guide, params, num_draws=400)
+    assert report.num_uncovered == 0 and report.num_searches == 32
