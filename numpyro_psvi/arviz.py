@@ -59,7 +59,8 @@ class _Unobserve(Messenger):
 def _dims(site, name: str) -> list[str]:
     ndim = np.ndim(site["value"])
     plates = {frame.dim: frame.name for frame in site["cond_indep_stack"]}
-    return dim_names(name, ndim, site["fn"].event_dim, plates)
+    event_dim = site["fn"].event_dim if site["type"] == "sample" else 0  # deterministic: plates unknown
+    return dim_names(name, ndim, event_dim, plates)
 
 
 def to_inference_data(
@@ -101,7 +102,7 @@ def to_inference_data(
     Returns
     -------
     arviz.InferenceData
-        ``posterior`` (latent sites), ``posterior_predictive`` and ``log_likelihood``
+        ``posterior`` (latent and deterministic sites), ``posterior_predictive`` and ``log_likelihood``
         (observed sites, pointwise over the full data), ``observed_data`` and
         ``sample_stats``; dims named after the model's plates.
     """
@@ -117,12 +118,18 @@ def to_inference_data(
     observed = {
         name: site for name, site in model_trace.items() if site["type"] == "sample" and site["is_observed"]
     }
+    deterministic = [name for name, site in model_trace.items() if site["type"] == "deterministic"]
     pointwise = log_likelihood(full_model, posterior, *args, **kwargs)
     predictive = Predictive(
         _Unobserve(full_model, set(observed)), posterior_samples=posterior,
-        return_sites=list(observed),
+        return_sites=list(observed) + deterministic,
     )(key_predict, *args, **kwargs)  # fmt: skip
-    dims = {name: _dims(site, name) for name, site in model_trace.items() if site["type"] == "sample"}
+    posterior = {**posterior, **{name: predictive.pop(name) for name in deterministic}}
+    dims = {
+        name: _dims(site, name)
+        for name, site in model_trace.items()
+        if site["type"] in ("sample", "deterministic")
+    }
     coords = {
         frame.name: np.arange(frame.size)
         for site in model_trace.values()

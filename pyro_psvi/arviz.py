@@ -37,10 +37,11 @@ from pyro_psvi.scores import (
 
 
 class _Unobserve(Messenger):
-    """Sample the observed sites instead of conditioning on them."""
+    """Sample the observed sites instead of conditioning on them (``pyro.deterministic``
+    sites, recorded as observed, keep their values)."""
 
     def _pyro_sample(self, msg) -> None:
-        if msg["is_observed"] and not site_is_subsample(msg):
+        if msg["is_observed"] and not site_is_subsample(msg) and not _is_deterministic(msg):
             msg["value"], msg["is_observed"] = None, False
 
 
@@ -100,8 +101,10 @@ def _full_data_sites(model, values, plates, args, kwargs, plate, unobserve: bool
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or name in values or site_is_subsample(site):
                 continue
+            if _is_deterministic(site) and not unobserve:  # a value, not an observation
+                continue
             if unobserve:
-                value, event_dim = site["value"], site["fn"].event_dim
+                value, event_dim = site["value"], _event_dim(site)
             else:
                 value = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
                 event_dim = 0
@@ -117,9 +120,25 @@ def _full_data_sites(model, values, plates, args, kwargs, plate, unobserve: bool
         if frame is None:
             out[name] = (site, parts[0])
         else:
-            event_dim = site["fn"].event_dim if unobserve else 0
+            event_dim = _event_dim(site) if unobserve else 0
             out[name] = (site, torch.cat(parts, dim=frame.dim - event_dim))
     return prior, out
+
+
+def _is_deterministic(site) -> bool:
+    """A ``pyro.deterministic`` site (Pyro records it as an observed sample site)."""
+    return bool(site["infer"].get("_deterministic"))
+
+
+def _event_dim(site) -> int:
+    """A site's event dims; a deterministic site's ``event_dim`` defaults to all of its
+    value's dims, its plates' included, so there it is what its plates leave over."""
+    if not _is_deterministic(site):
+        return site["fn"].event_dim
+    plate_dims = [
+        -frame.dim for frame in site["cond_indep_stack"] if frame.vectorized and frame.dim is not None
+    ]
+    return max(0, site["value"].dim() - max(plate_dims, default=0))
 
 
 def _site_dims(site, name: str, ndim: int, event_dim: int) -> list[str]:
@@ -182,9 +201,9 @@ def to_inference_data(
     Returns
     -------
     arviz.InferenceData
-        ``posterior``, ``posterior_predictive`` and ``log_likelihood`` (pointwise over
-        the full data, no ``N/B`` scale), ``observed_data`` and ``sample_stats``; dims
-        named after the model's plates.
+        ``posterior`` (latent and ``pyro.deterministic`` sites), ``posterior_predictive``
+        and ``log_likelihood`` (observed sites, pointwise over the full data, no ``N/B``
+        scale), ``observed_data`` and ``sample_stats``; dims named after the model's plates.
     """
     density, params = _density(model, guide, args, kwargs)
     with torch.no_grad():
@@ -204,14 +223,17 @@ def to_inference_data(
             _, preds = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=True)
             for name, (_site, value) in logs.items():
                 pointwise.setdefault(name, []).append(value.detach().cpu().numpy())
-            for name, (site, value) in preds.items():
-                predictive.setdefault(name, []).append(value.detach().cpu().numpy())
-                dims[name] = _site_dims(site, name, value.dim(), site["fn"].event_dim)
+            for name, (site, value) in preds.items():  # deterministic sites go with the latents
+                group = posterior if _is_deterministic(site) else predictive
+                group.setdefault(name, []).append(value.detach().cpu().numpy())
+                dims[name] = _site_dims(site, name, value.dim(), _event_dim(site))
         first = density.unpack(draws[0])
-        observed = {name: _observed_values(model, first, plates, args, kwargs, plate, name) for name in preds}
+        observed = {
+            name: _observed_values(model, first, plates, args, kwargs, plate, name) for name in predictive
+        }
     for name, site in model_trace.nodes.items():
-        if name in posterior:
-            dims[name] = _site_dims(site, name, site["value"].dim(), site["fn"].event_dim)
+        if name in posterior and name not in dims:
+            dims[name] = _site_dims(site, name, site["value"].dim(), _event_dim(site))
     coords = {
         frame.name: np.arange(frame.full_size or frame.size)
         for site in model_trace.nodes.values()

@@ -57,7 +57,8 @@ def test_numpyro_inference_data_uses_the_learned_model_params():
         sigma = numpyro.param("sigma", 1.0, constraint=numpyro.distributions.constraints.positive)
         w = numpyro.sample("w", numpyro.distributions.Normal(jnp.zeros(3), 1.0).to_event(1))
         with numpyro.plate("data", N):
-            numpyro.sample("y", numpyro.distributions.Normal(x @ w, sigma), obs=y)
+            mean = numpyro.deterministic("mean", x @ w)
+            numpyro.sample("y", numpyro.distributions.Normal(mean, sigma), obs=y)
 
     guide = NAutoMVN(model)
     svi = numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2))
@@ -70,6 +71,10 @@ def test_numpyro_inference_data_uses_the_learned_model_params():
     np.testing.assert_allclose(
         idata.log_likelihood["y"].values.reshape(-1, N), expected, rtol=1e-4, atol=1e-4
     )
+    # A deterministic site is a function of the latents: in the posterior, at each draw.
+    assert list(idata.log_likelihood.data_vars) == ["y"] and "mean" not in idata.posterior_predictive
+    mean = idata.posterior["mean"].values.reshape(-1, N)
+    np.testing.assert_allclose(mean, w @ np.asarray(x).T, rtol=1e-4, atol=1e-4)
 
 
 def test_arviz_functions_are_exported_at_the_package_top():

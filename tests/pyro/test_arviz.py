@@ -62,6 +62,28 @@ def test_arviz_functions_are_exported_at_the_package_top():
     assert pyro_psvi.vi_diagnostics is pyro_psvi.arviz.vi_diagnostics
 
 
+def test_pyro_inference_data_puts_deterministic_sites_in_the_posterior():
+    x, y = map(torch.as_tensor, data())
+
+    def model(x, y):
+        w = pyro.sample("w", pdist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0], subsample_size=B) as idx:
+            mean = pyro.deterministic("mean", x[idx] @ w)
+            pyro.sample("y", pdist.Normal(mean, 1.0), obs=y[idx])
+
+    guide = AutoNormal(model)
+    pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), vectorize_particles=False).run(
+        50, x, y
+    )
+    idata = parviz.to_inference_data(model, guide, x, y, num_samples=8, num_chains=2, diagnostics=False)
+    # Pyro records a deterministic site as an observed one: not an observation here.
+    assert list(idata.log_likelihood.data_vars) == ["y"] and "mean" not in idata.posterior_predictive
+    assert "mean" not in idata.observed_data
+    w = idata.posterior["w"].values.reshape(-1, 3)
+    mean = idata.posterior["mean"].values.reshape(-1, x.shape[0])  # over the full data
+    np.testing.assert_allclose(mean, w @ x.numpy().T, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- mode coverage
 # The targets of the NumPyro twin: two modes at (-4, -4) and (4, 4) (sd 0.5) under a
 # wide prior; one mode at (4, 4) under N(0, 1): Gaussian, precision 5, mean 3.2.
