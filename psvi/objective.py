@@ -103,9 +103,16 @@ def resolve_objective(
         if weighting is not None:
             loss = loss._replace(weighting=weighting)
     elif not isinstance(loss, ProximalScoreMatching):
+        # An ELBO object's particle settings are the engine's own keywords: name them.
+        settings = ", ".join(
+            f"{name}={getattr(loss, name)!r}"
+            for name in ("num_particles", "vectorize_particles")
+            if getattr(loss, name, None) not in (None, 1, False)
+        )
+        keywords = f" and pass {settings} to ProximalScoreVI" if settings else ""
         raise TypeError(
             f"ProximalScoreVI minimizes the proximal score-matching objective, not "
-            f"{type(loss).__name__}: drop the loss argument, or pass "
+            f"{type(loss).__name__}: drop the loss argument{keywords}, or pass "
             "psvi.ProximalScoreMatching(prox_weight=..., weighting=...)."
         )
     elif prox_weight is not None or weighting is not None:

@@ -153,8 +153,11 @@ def test_the_objective_is_a_record_and_an_elbo_is_refused():
     assert (
         ProximalScoreVI(gaussian_model, guide, adam(), weighting="identity").objective.weighting == "identity"
     )
-    with pytest.raises(TypeError, match="not Trace_ELBO: drop the loss argument"):
+    with pytest.raises(TypeError, match=r"not Trace_ELBO: drop the loss argument, or"):
         ProximalScoreVI(gaussian_model, guide, adam(), Trace_ELBO())
+    # Its particle settings are not silently lost: the error names them.
+    with pytest.raises(TypeError, match=r"loss argument and pass num_particles=10 to ProximalScoreVI"):
+        ProximalScoreVI(gaussian_model, guide, adam(), loss=Trace_ELBO(num_particles=10))
 
 
 def test_svi_run_keywords_are_taken_by_name_not_passed_to_the_model():

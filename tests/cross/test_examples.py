@@ -1,0 +1,71 @@
+"""Every script in examples/ runs (``--quick`` where it has one) and prints what its
+docstring promises; each under two minutes on two CPU cores, so they are ``slow``."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *options: str, cwd: Path = ROOT) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *options],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _numbers(line: str, label: str) -> np.ndarray:
+    """The bracketed array after ``label`` in a printed line."""
+    return np.array([float(v) for v in re.search(rf"{label} \[([^\]]*)\]", line).group(1).split()])
+
+
+def test_quickstart(tmp_path):
+    out = _run("quickstart.py", "--calls", "4000", "--out", str(tmp_path / "curve.png"))
+    assert "ProximalScoreVI" in out and "ADVI" in out
+    assert (tmp_path / "curve.png").is_file()
+
+
+def test_pyro_regression_matches_the_exact_posterior():
+    lines = {line.split()[0]: line for line in _run("pyro_regression.py").splitlines() if " sds [" in line}
+    exact, fitted = lines["exact"], lines["ProximalScoreVI"]
+    exact_means, exact_sds = _numbers(exact, "means"), _numbers(exact, "sds")
+    fitted_means, fitted_sds = _numbers(fitted, "means"), _numbers(fitted, "sds")
+    # The project's bar for an exact-score fit: means within 0.2 sd, sds within 20%.
+    assert np.all(np.abs(fitted_means - exact_means) < 0.2 * exact_sds)
+    assert np.all(np.abs(fitted_sds / exact_sds - 1) < 0.2)
+
+
+def test_numpyro_eight_schools_reports_the_fit():
+    out = _run("numpyro_eight_schools.py", "--steps", "1000")
+    assert re.search(r"PSIS k-hat [-\d.]+", out) and "theta[7]" in out
+
+
+def test_numpyro_vae_improves_the_held_out_elbo():
+    losses = [
+        float(v)
+        for v in re.findall(
+            r"ProximalScoreVI .*held-out -ELBO per image +([\d.]+)", _run("numpyro_vae.py", "--quick")
+        )
+    ]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_pyro_bnn_mnist(datasets_root):
+    out = _run("pyro_bnn_mnist.py", "--data", str(datasets_root / "mnist"), "--quick")
+    accuracy = [float(v) for v in re.findall(r"accuracy ([\d.]+)", out)]
+    assert len(accuracy) == 2 and min(accuracy) > 0.8  # 10 classes: chance is 0.1
+
+
+def test_pyro_forecasting(datasets_root):
+    out = _run("pyro_forecasting.py", "--data", str(datasets_root / "ett"), "--quick")
+    assert len(re.findall(r"MSE [\d.]+, MAE [\d.]+, CRPS [\d.]+", out)) == 2
