@@ -112,7 +112,7 @@ class ProximalScoreVI(ScoreEngine):
         Particles ``S`` per update, hence score calls per update.
     inner_steps : int or None
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
-        ``None``: 5 for a diagonal Gaussian guide with mini-batch scores, else 20
+        ``None``: 5 for a diagonal or full-covariance Gaussian guide with mini-batch scores, else 20
         (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
@@ -139,10 +139,9 @@ class ProximalScoreVI(ScoreEngine):
     average_iterates : bool or None
         Return the running average of the iterates (:class:`RunningAverages`) from
         :meth:`get_params` and :meth:`run`, while the updates continue from the last
-        iterate. ``None`` (the default): on for a diagonal Gaussian guide when the model
-        subsamples a plate, whose mini-batch noise moves every iterate; off with exact
-        scores and for other guides (averaging a Cholesky factor shrinks the covariance
-        it stands for).
+        iterate. ``None`` (the default): on for a diagonal or full-covariance Gaussian
+        guide when the model subsamples a plate, whose mini-batch noise moves every
+        iterate; off with exact scores and for other guides (not measured there).
     **static_kwargs
         Static keyword arguments for the model and guide, as in ``SVI``.
     """
@@ -189,7 +188,8 @@ class ProximalScoreVI(ScoreEngine):
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         diagonal = self.density.loc_scale is not None
-        self.inner_steps, self.average_iterates = resolve_regime(diagonal, self.batch_ratio, *self._requested)
+        gaussian = diagonal or self.family.full_covariance
+        self.inner_steps, self.average_iterates = resolve_regime(gaussian, self.batch_ratio, *self._requested)
         zeros = jnp.zeros(self.density.latent_dim)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None

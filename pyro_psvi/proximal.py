@@ -141,7 +141,7 @@ class ProximalScoreVI(ScoreEngine):
         Particles ``S`` per step, hence model score calls per step.
     inner_steps : int or None
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
-        ``None``: 5 for a diagonal Gaussian guide with mini-batch scores, else 20
+        ``None``: 5 for a diagonal or full-covariance Gaussian guide with mini-batch scores, else 20
         (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
@@ -170,9 +170,9 @@ class ProximalScoreVI(ScoreEngine):
     average_iterates : bool or None
         Keep the running average of the iterates (:class:`RunningAverages`) in the
         param store, while the steps continue from the last iterate. ``None`` (the
-        default): on for a diagonal Gaussian guide when the model subsamples a plate,
-        whose mini-batch noise moves every iterate; off with exact scores and for other
-        guides (averaging a Cholesky factor shrinks the covariance it stands for).
+        default): on for a diagonal or full-covariance Gaussian guide when the model
+        subsamples a plate, whose mini-batch noise moves every iterate; off with exact
+        scores and for other guides (not measured there).
 
     Notes
     -----
@@ -229,9 +229,8 @@ class ProximalScoreVI(ScoreEngine):
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
-        self.inner_steps, self.average_iterates = resolve_regime(
-            self.density.loc_scale is not None, self.batch_ratio, *self._requested
-        )
+        gaussian = self.density.loc_scale is not None or self.family.full_covariance
+        self.inner_steps, self.average_iterates = resolve_regime(gaussian, self.batch_ratio, *self._requested)
         if self.averages is None:  # else restored by load
             self._start_averages()
 

@@ -36,7 +36,7 @@ def test_a_refused_family_says_why():
     GuideFamily("AutoNormal", setup=None).check_supported()  # no refusal: nothing raised
 
 
-def test_mini_batch_defaults_apply_to_diagonal_guides_with_a_subsampled_plate_only():
-    assert regime_defaults(diagonal=True, batch_ratio=20.0) == (5, True)
-    for diagonal, ratio in ((True, 1.0), (False, 20.0), (False, 1.0)):
-        assert regime_defaults(diagonal, ratio) == (20, False)
+def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_only():
+    assert regime_defaults(gaussian=True, batch_ratio=20.0) == (5, True)
+    for gaussian, ratio in ((True, 1.0), (False, 20.0), (False, 1.0)):
+        assert regime_defaults(gaussian, ratio) == (20, False)

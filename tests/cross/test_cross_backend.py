@@ -20,7 +20,7 @@ import pyro_psvi.contrib.models
 from psvi.contrib.targets import conjugate_linear_regression
 
 STEPS = 1500
-INNER = 20  # the default inner_steps of both engines
+INNER = 5  # both engines' default inner_steps with mini-batch scores (a subsampled plate)
 LR0, DECAY = 3e-3, 1000.0  # lr = LR0 / (1 + t / DECAY), t counting optimizer steps
 
 
