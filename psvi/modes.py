@@ -41,6 +41,8 @@ class ModeCoverage(NamedTuple):
     log_p_typical, log_q_floor : float
         The thresholds: the median ``log p`` and the ``floor`` quantile of ``log q`` over
         the guide's own draws.
+    floor : float
+        That quantile.
     """
 
     num_searches: int
@@ -48,6 +50,7 @@ class ModeCoverage(NamedTuple):
     uncovered: np.ndarray
     log_p_typical: float
     log_q_floor: float
+    floor: float
 
 
 def search_modes(
@@ -106,7 +109,7 @@ def search_modes(
     log_p_typical = float(np.median(draws_log_p[finite])) if finite.any() else -np.inf
     log_q_floor = float(np.quantile(log_q(draws), floor))
     uncovered = (np.asarray(ends_log_p) >= log_p_typical) & (np.asarray(log_q(u)) < log_q_floor)
-    return ModeCoverage(num_searches, int(uncovered.sum()), u[uncovered], log_p_typical, log_q_floor)
+    return ModeCoverage(num_searches, int(uncovered.sum()), u[uncovered], log_p_typical, log_q_floor, floor)
 
 
 def uncovered_message(report: ModeCoverage, guide_name: str) -> str:
@@ -115,8 +118,8 @@ def uncovered_message(report: ModeCoverage, guide_name: str) -> str:
         f"The fitted {guide_name} misses posterior mass: {report.num_uncovered} of "
         f"{report.num_searches} gradient ascents on log p from spread-out starts ended "
         f"where the posterior is as dense as at the guide's typical draws (log p >= "
-        f"{report.log_p_typical:.4g}) but the guide's density is below its own 0.1% "
-        f"quantile (log q < {report.log_q_floor:.4g}); e.g. at unconstrained "
+        f"{report.log_p_typical:.4g}) but the guide's density is below its own "
+        f"{100 * report.floor:.3g}% quantile (log q < {report.log_q_floor:.4g}); e.g. at unconstrained "
         f"{np.array2string(report.uncovered[0], precision=3, threshold=8)}. The posterior is "
         "likely multimodal (or has a funnel) and the guide sits on part of it: a score-based "
         "fit does not see modes its particles never visit. Fit several guides from "
