@@ -59,7 +59,8 @@ class _Unobserve(Messenger):
 def _dims(site, name: str) -> list[str]:
     ndim = np.ndim(site["value"])
     plates = {frame.dim: frame.name for frame in site["cond_indep_stack"]}
-    event_dim = site["fn"].event_dim if site["type"] == "sample" else 0  # deterministic: plates unknown
+    # A deterministic site has no distribution to say its event dims: all count as batch.
+    event_dim = site["fn"].event_dim if site["type"] == "sample" else 0
     return dim_names(name, ndim, event_dim, plates)
 
 

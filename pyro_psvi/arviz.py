@@ -249,7 +249,7 @@ def to_inference_data(
         coords=coords,
         dims=dims,
     )
-    fit = vi_diagnostics(model, guide, *args, num_samples=num_samples, **kwargs) if diagnostics else None
+    fit = _diagnostics(model, density, params, args, kwargs, num_samples) if diagnostics else None
     add_fit_stats(idata, losses, num_score_calls, fit)
     return idata
 
@@ -300,6 +300,13 @@ def vi_diagnostics(
     """PSIS k-hat, ELBO and covariance-weighted Fisher divergence of the fitted guide
     against the full-data posterior (see ``numpyro_psvi.arviz.vi_diagnostics``)."""
     density, params = _density(model, guide, args, kwargs)
+    return _diagnostics(model, density, params, args, kwargs, num_samples)
+
+
+def _diagnostics(
+    model: Callable, density: GuideDensity, params: dict, args: tuple, kwargs: dict, num_samples: int
+) -> dict[str, float]:
+    """:func:`vi_diagnostics` of a density already built (``to_inference_data`` has one)."""
     with torch.no_grad():
         draws = density.sample(params, num_samples)
     log_joints, scores = _full_data_log_joints(model, density, args, kwargs)(draws)
