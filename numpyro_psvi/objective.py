@@ -197,7 +197,8 @@ def split_diagonal_objective(
     location with ``p`` held fixed, and the KL's location part ``p delta^2 / 2`` holds
     ``p`` fixed too, so that a location held back by the proximal term cannot bias the
     precision. With this step's statistics and exact scores, the fixed points are those
-    of :func:`proximal_objective`.
+    of :func:`proximal_objective` wherever the averaged curvature is positive; elsewhere
+    the spread term holds ``p`` at ``p_t``.
     """
     params_t = jax.lax.stop_gradient(params_t)
     loc, scale = density.loc_scale(params)
@@ -205,8 +206,13 @@ def split_diagonal_objective(
     precision = scale**-2
     held = jax.lax.stop_gradient(precision)
     ratio = (scale_t / scale) ** 2  # p / p_t
-    slope = curvature.cross / jnp.where(curvature.spread > 0, curvature.spread, 1.0)
-    spread = curvature.spread / stats.count * (ratio - slope * scale_t**2) ** 2 / scale_t**2
+    # The target p* / p_t of the precision; where the averaged curvature is not positive
+    # (noise, or a non-concave direction such as a ReLU kink) it says nothing, and the
+    # precision stays where the proximal term holds it (docs/minibatch.md, section 7).
+    informative = (curvature.spread > 0) & (curvature.cross > 0)
+    slope = curvature.cross / jnp.where(informative, curvature.spread, 1.0)
+    target = jnp.where(informative, slope * scale_t**2, 1.0)
+    spread = curvature.spread / stats.count * (ratio - target) ** 2 / scale_t**2
     delta = loc - loc_t
     mean_residual = (delta - stats.offset / stats.count) * held - stats.score / stats.count
     per_coordinate = spread + mean_residual**2

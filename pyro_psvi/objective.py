@@ -198,15 +198,21 @@ def split_diagonal_objective(
     location with ``p`` held fixed, and the KL's location part ``p delta^2 / 2`` holds
     ``p`` fixed too, so that a location held back by the proximal term cannot bias the
     precision. With this step's statistics and exact scores, the fixed points are those
-    of :func:`proximal_objective`.
+    of :func:`proximal_objective` wherever the averaged curvature is positive; elsewhere
+    the spread term holds ``p`` at ``p_t``.
     """
     loc, scale = density.loc_scale(params)
     loc_t, scale_t = density.loc_scale(params_t)
     precision = scale.pow(-2)
     held = precision.detach()
     ratio = (scale_t / scale) ** 2  # p / p_t
-    slope = curvature.cross / torch.where(curvature.spread > 0, curvature.spread, 1.0)
-    spread = curvature.spread / stats.count * (ratio - slope * scale_t**2) ** 2 / scale_t**2
+    # The target p* / p_t of the precision; where the averaged curvature is not positive
+    # (noise, or a non-concave direction such as a ReLU kink) it says nothing, and the
+    # precision stays where the proximal term holds it (docs/minibatch.md, section 7).
+    informative = (curvature.spread > 0) & (curvature.cross > 0)
+    slope = curvature.cross / torch.where(informative, curvature.spread, 1.0)
+    target = torch.where(informative, slope * scale_t**2, 1.0)
+    spread = curvature.spread / stats.count * (ratio - target) ** 2 / scale_t**2
     delta = loc - loc_t
     mean_residual = (delta - stats.offset / stats.count) * held - stats.score / stats.count
     per_coordinate = spread + mean_residual**2

@@ -84,18 +84,45 @@ def test_a_shift_common_to_all_scores_leaves_the_curvature_unchanged():
 def test_split_objective_is_the_fisher_divergence_at_q_t():
     """At ``q_t`` with this step's statistics the split objective's Fisher term equals the
     covariance-weighted Fisher divergence up to the constant it drops (the scores'
-    own spread), and its KL is zero."""
+    own spread), on the coordinates whose curvature estimate is positive, and its KL is
+    zero."""
     density, params_t, particles, scores = _diagonal_problem(3)
     stats = fisher_statistics(density, params_t, particles, scores)
     curvature = curvature_statistics(stats, params_t["z_auto_scale"])
+    informative = (curvature.cross > 0).astype(jnp.float32)
+    assert 0 < float(informative.sum()) < 6  # random scores: coordinates of both kinds
     _, terms = split_diagonal_objective(
-        density, params_t, params_t, stats, curvature, prox_weight=10.0, weighting="covariance"
-    )
-    full = diagonal_weighted_fisher(density, params_t, params_t, stats, "covariance")
+        density, params_t, params_t, stats, curvature, prox_weight=10.0, weighting="covariance",
+        weights=informative,
+    )  # fmt: skip
+    full = diagonal_weighted_fisher(density, params_t, params_t, stats, "covariance", informative)
     centred_g = stats.score_sq - stats.score**2 / stats.count
     slope = curvature.cross / curvature.spread
     # Dropped constant: (sigma_t^2 / S) sum_d [centred g^2 - sigma_t^2 spread slope^2].
     scale_t2 = params_t["z_auto_scale"] ** 2
-    dropped = jnp.sum(scale_t2 / stats.count * (centred_g - scale_t2 * curvature.spread * slope**2))
+    dropped = jnp.sum(
+        informative * scale_t2 / stats.count * (centred_g - scale_t2 * curvature.spread * slope**2)
+    )
     np.testing.assert_allclose(terms["fisher"] + dropped, full, rtol=1e-4)
     assert float(terms["kl"]) == 0.0
+
+
+def test_a_non_positive_curvature_holds_the_precision():
+    """Where the curvature estimate is not positive the spread term says nothing about the
+    precision: at ``q_t`` the objective's gradient in the scale is zero there (a
+    non-positive target would push the sd up without bound, as on the UCI networks) and
+    not elsewhere."""
+    density, params_t, particles, scores = _diagonal_problem(3)
+    stats = fisher_statistics(density, params_t, particles, scores)
+    curvature = curvature_statistics(stats, params_t["z_auto_scale"])
+
+    def objective(scale):
+        params = {**params_t, "z_auto_scale": scale}
+        return split_diagonal_objective(
+            density, params, params_t, stats, curvature, prox_weight=10.0, weighting="covariance"
+        )[0]
+
+    grad = np.asarray(jax.grad(objective)(params_t["z_auto_scale"]))
+    positive = np.asarray(curvature.cross > 0)
+    assert positive.any() and not positive.all()
+    assert np.all(grad[~positive] == 0.0) and np.all(grad[positive] != 0.0)
