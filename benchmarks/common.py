@@ -45,7 +45,12 @@ def save(name: str, payload: dict) -> Path:
     return path
 
 
-METHOD_LABELS = {"psvi": "ProximalScoreVI", "advi": "ADVI", "advi_psvi": "ADVI, then ProximalScoreVI"}
+METHOD_LABELS = {
+    "psvi": "ProximalScoreVI",
+    "advi": "ADVI",
+    "advi_psvi": "ADVI, then ProximalScoreVI",
+    "ivon": "IVON",
+}
 
 
 def method_label(method: str) -> str:

@@ -13,15 +13,18 @@ initialisation for the CNN; scale 0.01) with the same particles (S=4), optimizer
 number of steps, S score calls each); ``psvi`` is ProximalScoreVI with its defaults
 (K=20), ``psvi_K<n>`` the same with ``inner_steps=n``, ``advi`` the PPL's SVI with
 Trace_ELBO(S), ``advi_psvi`` ADVI for the first half of the steps and ProximalScoreVI from
-ADVI's guide for the second half. Metrics from 100 guide draws: test accuracy, NLL and ECE (15 bins) of the
-posterior predictive, reliability bins, and test NLL against score calls (on 2k test
-images, 30 draws). NumPyro backend, CPU.
+ADVI's guide for the second half, ``ivon`` IVON on the MLP (``benchmarks.ivon_baseline``,
+torch: the same network, priors, initial means, mini-batches and S gradient samples per
+step; IVON's published small-network recipe). Metrics from 100 guide draws: test
+accuracy, NLL and ECE (15 bins) of the posterior predictive, reliability bins, and test
+NLL against score calls (on 2k test images, 30 draws). NumPyro backend (IVON: torch), CPU.
 
     python -m benchmarks.mnist [--quick] [--model mlp|cnn] [--prior standard|fan_in]
-        [--methods psvi advi ...] [--sizes 1000 5000 ...] [--steps N]
+        [--methods psvi advi ...] [--sizes 1000 5000 ...] [--steps N] [--tag _NAME]
 
 writes ``benchmarks/results/mnist.json`` (MLP, N(0, 1) priors), ``mnist_fan_in.json`` or
-``mnist_cnn.json`` and, without ``--quick``, the PNGs and the table printed for ``docs/mnist.md``.
+``mnist_cnn.json`` (with ``--tag`` appended) and, without ``--quick``, the PNGs and the
+table printed for ``docs/mnist.md``.
 """
 
 from __future__ import annotations
@@ -114,10 +117,31 @@ def make_model(model_name: str, prior: str, num_inputs: int, seed: int):
     return model, mlp_init_values(num_inputs, hidden=HIDDEN, seed=seed)
 
 
+def run_ivon(data, model_name: str, prior: str, steps: int, seed: int) -> tuple[np.ndarray, list]:
+    """IVON's test probabilities (100 draws) and its curve (test NLL on 2k images, 30 draws)."""
+    from benchmarks.ivon_baseline import IVONSettings, fit_mlp_classifier
+
+    if model_name != "mlp":
+        raise ValueError("The IVON baseline runs the MLP only (--model mlp).")
+    init = mlp_init_values(data.x_train.shape[1], hidden=HIDDEN, seed=seed)
+    every = max(steps // CURVE_POINTS, 1)
+    probs, points = fit_mlp_classifier(
+        data.x_train, data.y_train, data.x_test, init, prior_scale=1.0, scale_by_fan_in=prior == "fan_in",
+        steps=steps, seed=seed, batch=BATCH, num_particles=NUM_PARTICLES, num_draws=100,
+        settings=IVONSettings(), curve=(data.x_test[:2000], every, 30),
+    )  # fmt: skip
+    y_curve = np.asarray(data.y_test[:2000])
+    return probs, [(step * NUM_PARTICLES, nll(predictive_probs(p), y_curve)) for step, p in points]
+
+
 def run_one(
     method: str, model_name: str, prior: str, size: int, steps: int, seed: int, progress: bool
 ) -> dict:
     data = load_mnist(num_train=None if size >= 60000 else size, seed=seed)
+    if method == "ivon":
+        start = time.perf_counter()
+        sample_probs, curve = run_ivon(data, model_name, prior, steps, seed)
+        return _report(sample_probs, np.asarray(data.y_test), steps, time.perf_counter() - start, curve)
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), np.asarray(data.y_test)
     full, init = make_model(model_name, prior, x.shape[1], seed)
@@ -153,6 +177,12 @@ def run_one(
     sample_probs = np.asarray(
         jax.jit(partial(predict, inputs=x_test, num_draws=100))(params, jax.random.PRNGKey(2))
     )
+    return _report(sample_probs, y_test, steps, fit_seconds, curve)
+
+
+def _report(
+    sample_probs: np.ndarray, y_test: np.ndarray, steps: int, fit_seconds: float, curve: list
+) -> dict:
     report = classification_report(sample_probs, y_test)
     bins = reliability_bins(predictive_probs(sample_probs), y_test)
     return {**report, "score_calls": steps * NUM_PARTICLES, "seconds": fit_seconds, "curve": curve,
@@ -170,14 +200,15 @@ def main() -> None:
         help="MLP priors: N(0, 1), or N(0, 1/fan_in) on weight matrices (CNN: fan_in)",
     )
     parser.add_argument(
-        "--methods", nargs="+", default=["psvi", "advi"], help="psvi, psvi_K<n>, advi, advi_psvi"
+        "--methods", nargs="+", default=["psvi", "advi"], help="psvi, psvi_K<n>, advi, advi_psvi, ivon"
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000, 60000])
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--tag", default="", help="appended to the JSON and PNG names (keeps earlier runs)")
     options = parser.parse_args()
     sizes, steps = ([1000], 40) if options.quick else (options.sizes, options.steps)
     prior = "fan_in" if options.model == "cnn" else options.prior
-    tag = "_cnn" if options.model == "cnn" else "_fan_in" if prior == "fan_in" else ""
+    tag = ("_cnn" if options.model == "cnn" else "_fan_in" if prior == "fan_in" else "") + options.tag
     results = []
     for size in sizes:
         for method in options.methods:

@@ -8,21 +8,23 @@ and its Pyro twin). Both methods fit the same AutoNormal guide (diagonal, starte
 Glorot-uniform means with scale 0.01) with the same particles (S=4), optimizer
 (Adam 1e-2), mini-batches of 32 through the model's subsampled plate, and budget:
 the protocol's base epoch count (40; 20 for protein) times ceil(N / 32) steps, i.e.
-S score calls per step for both. ProximalScoreVI with its defaults (K=20); ADVI is
+S score calls per step for all. ProximalScoreVI with its defaults; ADVI is
 the PPL's SVI with Trace_ELBO(num_particles=S); ``advi_psvi`` runs ADVI for the first half
 of the same budget and ProximalScoreVI from ADVI's guide for the second half (a fresh
-Adam state; the same score calls). Metrics on the test split, in the
+Adam state; the same score calls); ``ivon`` is IVON (``benchmarks.ivon_baseline``, torch,
+whatever the backend: its own optimizer, IVON's published UCI recipe, S gradient samples
+per step, the same model, initial means, mini-batch size and steps). Metrics on the test split, in the
 original target units, from 100 guide draws: RMSE of the predictive mean and the
 test log-likelihood of the Gaussian-mixture predictive. Split 0 also records test
 log-likelihood against score calls (``curve``).
 
     python -m benchmarks.uci --dataset NAME [--splits K] [--backend numpyro|pyro]
-        [--methods psvi advi advi_psvi] [--epochs-factor F] [--full-batch] [--quick] [--out DIR]
+        [--methods psvi advi advi_psvi ivon] [--epochs-factor F] [--full-batch] [--quick] [--out DIR]
     python -m benchmarks.uci --table [--out DIR]    # the markdown table of the runs
     python -m benchmarks.uci --curves PNG [--out DIR]   # test LL vs score calls, per dataset
 
 writes ``DIR/uci_<NAME>_<backend>.json`` with, per method key (``psvi``, ``advi``,
-``advi_psvi``; methods not run keep their results from an earlier run of the same file and
+``advi_psvi``, ``ivon``; methods not run keep their results from an earlier run of the same file and
 number of splits):
 ``test_rmse_mean``, ``test_rmse_se``, ``test_ll_mean``, ``test_ll_se`` (mean and
 standard error over splits), ``score_calls`` and ``seconds`` (per split, mean), and
@@ -167,6 +169,19 @@ def fit_pyro(
     return test_rmse, test_ll, seconds, points
 
 
+def fit_ivon(
+    method: str, split, hidden: int, steps: int, seed: int, curve: bool, progress: bool, batch: int = BATCH
+):
+    """IVON on the same model, initial means, mini-batches and gradient evaluations (no curve)."""
+    from benchmarks.ivon_baseline import fit_uci
+
+    init = glorot_init(split.x_train.shape[1], hidden, seed)
+    start = time.perf_counter()
+    means, precisions = fit_uci(split, hidden, steps, seed, batch, NUM_PARTICLES, NUM_DRAWS, init)
+    seconds = time.perf_counter() - start
+    return *metrics(means, precisions, split), seconds, []
+
+
 def summarize(values: list[float]) -> tuple[float, float]:
     array = np.asarray(values, np.float64)
     se = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else float("nan")
@@ -272,7 +287,7 @@ def main() -> None:
             epochs = info["epochs"] * options.epochs_factor
             steps = 20 if options.quick else epochs * math.ceil(len(split.y_train) / BATCH)
             batch = len(split.y_train) if options.full_batch else BATCH
-            test_rmse, test_ll, secs, points = fit(
+            test_rmse, test_ll, secs, points = (fit_ivon if method == "ivon" else fit)(
                 method, split, info["hidden"], steps, split_index, split_index == 0, not options.quick, batch
             )
             rmses.append(test_rmse)
