@@ -174,11 +174,12 @@ class ProximalScoreVI(ScoreEngine):
             max_consecutive_rejections=max_consecutive_rejections, **static_kwargs,
         )  # fmt: skip
         self.objective = objective
-        self._requested = (inner_steps, average_iterates)
+        self._requested = (inner_steps, average_iterates, objective.curvature_memory)
         self.inner_steps = inner_steps
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
         self.average_iterates = average_iterates
+        self.curvature_memory = objective.curvature_memory
 
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
         """Return the initial :class:`EngineState` (see :meth:`ScoreEngine.init`), with a
@@ -189,7 +190,8 @@ class ProximalScoreVI(ScoreEngine):
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
-        self.inner_steps, self.average_iterates = resolve_regime(gaussian, self.batch_ratio, *self._requested)
+        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
+        self.inner_steps, self.average_iterates, self.curvature_memory = regime
         zeros = jnp.zeros(self.density.latent_dim)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None
@@ -294,7 +296,7 @@ class ProximalScoreVI(ScoreEngine):
             jnp.ones_like(estimate.spread) if weights is None else (weights > 0).astype(estimate.spread.dtype)
         )
         updates = averages.curvature_updates + seen
-        rate = seen * jnp.maximum(1.0 / jnp.maximum(updates, 1.0), 1.0 / self.objective.curvature_memory)
+        rate = seen * jnp.maximum(1.0 / jnp.maximum(updates, 1.0), 1.0 / self.curvature_memory)
         curvature = jax.tree.map(lambda old, new: old + rate * (new - old), averages.curvature, estimate)
         return averages._replace(curvature=curvature, curvature_updates=updates)
 

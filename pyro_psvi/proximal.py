@@ -216,11 +216,12 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         self.optim = optim
         self.objective = objective
-        self._requested = (inner_steps, average_iterates)
+        self._requested = (inner_steps, average_iterates, objective.curvature_memory)
         self.inner_steps = inner_steps
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
         self.average_iterates = average_iterates
+        self.curvature_memory = objective.curvature_memory
         self.averages: RunningAverages | None = None
         self._iterate: dict[str, torch.Tensor] | None = None
 
@@ -230,7 +231,8 @@ class ProximalScoreVI(ScoreEngine):
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         gaussian = self.density.loc_scale is not None or self.family.full_covariance
-        self.inner_steps, self.average_iterates = resolve_regime(gaussian, self.batch_ratio, *self._requested)
+        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
+        self.inner_steps, self.average_iterates, self.curvature_memory = regime
         if self.averages is None:  # else restored by load
             self._start_averages()
 
@@ -347,7 +349,7 @@ class ProximalScoreVI(ScoreEngine):
         spread = estimate.spread
         seen = torch.ones_like(spread) if weights is None else (weights > 0).to(spread.dtype)
         updates = averages.curvature_updates + seen
-        rate = seen * (1.0 / updates.clamp(min=1.0)).clamp(min=1.0 / self.objective.curvature_memory)
+        rate = seen * (1.0 / updates.clamp(min=1.0)).clamp(min=1.0 / self.curvature_memory)
         curvature = CurvatureStatistics(
             *(old + rate * (new - old) for old, new in zip(averages.curvature, estimate, strict=True))
         )

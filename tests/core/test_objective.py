@@ -37,6 +37,6 @@ def test_a_refused_family_says_why():
 
 
 def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_only():
-    assert regime_defaults(gaussian=True, batch_ratio=20.0) == (5, True)
+    assert regime_defaults(gaussian=True, batch_ratio=20.0) == (5, True, 1)
     for gaussian, ratio in ((True, 1.0), (False, 20.0), (False, 1.0)):
-        assert regime_defaults(gaussian, ratio) == (20, False)
+        assert regime_defaults(gaussian, ratio) == (20, False, 100)
