@@ -11,7 +11,7 @@ methods fit the same AutoNormal guide (Glorot-uniform means for the MLP, Flax's 
 initialisation for the CNN; scale 0.01) with the same particles (S=4), optimizer (Adam
 1e-3), mini-batches of 128 through the model's subsampled plate and budget (the same
 number of steps, S score calls each); ``psvi`` is ProximalScoreVI with its defaults
-(K=20), ``psvi_K<n>`` the same with ``inner_steps=n``, ``advi`` the PPL's SVI with
+(the mini-batch regime's), ``psvi_K<n>`` the same with ``inner_steps=n``, ``advi`` the PPL's SVI with
 Trace_ELBO(S), ``advi_psvi`` ADVI for the first half of the steps and ProximalScoreVI from
 ADVI's guide for the second half, ``ivon`` IVON on the MLP (``benchmarks.ivon_baseline``,
 torch: the same network, priors, initial means, mini-batches and S gradient samples per
