@@ -109,9 +109,7 @@ def fit_mlp_classifier(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, init: d
     generator = torch.Generator().manual_seed(seed)
     x, y, x_test = torch.as_tensor(x), torch.as_tensor(y, dtype=torch.long), torch.as_tensor(x_test)
     num_train = len(y)
-    params = {
-        k: torch.nn.Parameter(torch.as_tensor(np.asarray(init[k])).clone()) for k in ("w1", "b1", "w2", "b2")
-    }
+    params = {k: torch.nn.Parameter(torch.tensor(np.array(init[k]))) for k in ("w1", "b1", "w2", "b2")}
 
     def logits(inputs):
         return torch.tanh(inputs @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
