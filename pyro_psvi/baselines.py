@@ -18,6 +18,7 @@ import torch
 from psvi.checks import baseline_local_latent_message
 from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.objective import negative_elbo
+from pyro_psvi.parallel import ScoreReducer
 
 
 def gsm_step(
@@ -79,11 +80,12 @@ class _GaussianBaseline(ScoreEngine):
         vectorize_particles: bool = True,
         max_plate_nesting: int | None = None,
         max_consecutive_rejections: int | None = 20,
+        data_parallel: bool | ScoreReducer | None = None,
     ) -> None:
         super().__init__(
             model, guide, num_particles=num_particles, vectorize_particles=vectorize_particles,
             max_plate_nesting=max_plate_nesting,
-            max_consecutive_rejections=max_consecutive_rejections,
+            max_consecutive_rejections=max_consecutive_rejections, data_parallel=data_parallel,
         )  # fmt: skip
         if not self.family.full_covariance:
             raise TypeError(
@@ -153,6 +155,8 @@ class _GaussianBaseline(ScoreEngine):
             new_tril, info = torch.linalg.cholesky_ex(new_cov)
             accept = (info == 0) & torch.isfinite(new_tril).all() & torch.isfinite(new_loc).all()
             accept &= torch.isfinite(log_joint).all() & torch.isfinite(scores).all()
+            if self.reducer is not None:  # every rank accepts or rejects the same step
+                accept = self.reducer.agree(accept)
             # Back to Pyro's parameterization: L = diag(scale) @ unit lower triangular.
             scale = torch.diagonal(new_tril).clamp(min=torch.finfo(new_tril.dtype).tiny)
             new_params = {loc_name: new_loc, scale_name: scale, tril_name: new_tril / scale[:, None]}

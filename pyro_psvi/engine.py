@@ -22,6 +22,7 @@ import pyro
 import torch
 import tqdm
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints, transform_to
 from torch.distributions.constraints import Constraint
 
@@ -39,6 +40,7 @@ from psvi.families import DensityOptions
 from pyro_psvi._compat import forget_optimizers, load_optimizer_states, optimizer_states
 from pyro_psvi.guides import GuideDensity, Params, guide_family
 from pyro_psvi.objective import negative_elbo, weighted_fisher
+from pyro_psvi.parallel import ScoreReducer, ShardedPlates
 from pyro_psvi.scores import (
     ModelScores,
     at_random_values,
@@ -73,6 +75,11 @@ class ScoreEngine:
     max_consecutive_rejections : int or None
         :meth:`step` raises once this many steps in a row were rejected (``None``:
         never); :meth:`run` checks at its end.
+    data_parallel : bool, ScoreReducer or None
+        Split each mini-batch over the ranks of a ``torch.distributed`` process group
+        (:mod:`pyro_psvi.parallel`, docs/data_parallel.md). ``None``: on when a process
+        group with more than one rank is initialized at the first step; a
+        :class:`~pyro_psvi.parallel.ScoreReducer` sets the group and the timeout.
     """
 
     def __init__(
@@ -86,6 +93,7 @@ class ScoreEngine:
         score_method: str = "closed_form",
         num_kl_draws: int = 256,
         max_consecutive_rejections: int | None = 20,
+        data_parallel: bool | ScoreReducer | None = None,
     ) -> None:
         if int(num_particles) < 1:
             raise ValueError(f"num_particles must be a positive integer, got {num_particles}.")
@@ -110,6 +118,9 @@ class ScoreEngine:
         self._arg_signature: Any = None
         self._build_density: Callable[[tuple, dict], GuideDensity] | None = None
         self._pending_checkpoint: tuple | None = None  # loaded before the first step
+        self.data_parallel = data_parallel
+        self.reducer: ScoreReducer | None = None  # set up on the first step
+        self._shards: ShardedPlates | None = None  # with data parallelism, the rank's batches
 
     @property
     def num_rejected(self) -> int:
@@ -119,10 +130,17 @@ class ScoreEngine:
     # ----------------------------------------------------------------- set-up
     def _setup(self, args: tuple, kwargs: dict) -> None:
         _check_devices(None, args, kwargs)
+        self.reducer = _reducer(self.data_parallel)
+        if self.reducer is not None:
+            self._shards = ShardedPlates(self.reducer.rank, self.reducer.world_size)
         model_trace = check_model(self.model, args, kwargs)
         self._latent_shapes = latent_shapes(model_trace)
         self.batch_ratio = batch_ratio(model_trace)
         local = local_latents(model_trace)
+        if self.reducer is not None:
+            self._check_data_parallel(model_trace, local)
+            # The global batch is R ranks' batches: the global N/B is the rank's over R.
+            self.batch_ratio = self.batch_ratio / self.reducer.world_size
         self._check_local_latents(local)
         self._arg_signature = _signature(args, kwargs)
         if self.max_plate_nesting is None:
@@ -180,9 +198,39 @@ class ScoreEngine:
         }
         self.density = density
         _check_devices(self._leaves(), args, kwargs)
+        if self.reducer is not None:
+            self.reducer.check_same(
+                [*self._leaves(model_params=True).values(), torch.get_rng_state().double()],
+                "the same initial params and random state",
+                "Call pyro.set_rng_seed(seed) with the same seed on every rank before "
+                "building the guide.",
+            )  # fmt: skip
         if self.vectorize_particles:
             with torch.random.fork_rng(devices=_cuda_devices(args, kwargs)):
                 self.vectorize_particles = self._can_vectorize(args, kwargs)
+
+    def _check_data_parallel(self, model_trace: poutine.Trace, local: dict[str, str]) -> None:
+        """Data parallelism needs a mini-batch to split and no local latents."""
+        if local:
+            name, plate = next(iter(local.items()))
+            raise NotImplementedError(
+                f"Data-parallel fitting does not support local latents yet: site {name!r} "
+                f"lies in plate {plate!r}, which the ranks split. Fit it on one process "
+                "(data_parallel=False), or make the site global."
+            )
+        batches = [
+            name for name, site in model_trace.nodes.items()
+            if site["type"] == "sample" and site_is_subsample(site)
+            and (site["fn"].subsample_size is not None or len(site["value"]) < site["fn"].size)
+        ]  # fmt: skip
+        if not batches:
+            raise ValueError(
+                "Data-parallel fitting gives each rank its own mini-batch of a subsampled "
+                "plate, and this model subsamples none, so every rank would score all the "
+                "data. Write the data plate as pyro.plate('data', N, subsample_size=B) with B "
+                "the batch of one rank (B = N / ranks for exact scores), or pass each rank's "
+                "own indices with subsample=."
+            )
 
     def _check_local_latents(self, local: dict[str, str]) -> None:
         """Local latents in a subsampled plate (``{site: plate}``) need a guide whose params
@@ -273,17 +321,41 @@ class ScoreEngine:
         particles (with the mean gradient in each tensor of ``model_params``)."""
         with torch.no_grad():
             particles = self.density.sample(params, self.num_particles)
-        scored = model_scores(
-            self.model, self.density, particles, args, kwargs,
-            max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,
-            model_params=model_params,
-        )  # fmt: skip
-        return particles, self.reduce_scores(scored)
+        try:
+            with self._sharded():
+                scored = model_scores(
+                    self.model, self.density, particles, args, kwargs,
+                    max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,
+                    model_params=model_params,
+                )  # fmt: skip
+        except Exception:
+            if self.reducer is not None:  # the other ranks raise too, instead of waiting
+                self.reducer.mean(self._reduced_like(params, particles, model_params), failed=True)
+            raise
+        return particles, self.reduce_scores(params, particles, scored)
 
-    def reduce_scores(self, scored: ModelScores) -> ModelScores:
-        """Combine the scores of this process's share of the mini-batch (one process:
-        nothing to combine). The place where a data-parallel engine all-reduces."""
-        return scored
+    def reduce_scores(self, params: Params, particles: torch.Tensor, scored: ModelScores) -> ModelScores:
+        """With data parallelism, the mean over the ranks of the scores of their shares
+        of the mini-batch (one all-reduce of the log joints, scores and param gradients);
+        on one process, ``scored`` as it is."""
+        if self.reducer is None:
+            return scored
+        log_joints, scores, *param_grads = self.reducer.mean(
+            [scored.log_joints, scored.scores, *scored.param_grads]
+        )
+        return scored._replace(log_joints=log_joints, scores=scores, param_grads=param_grads)
+
+    def _sharded(self) -> contextlib.AbstractContextManager:
+        """Where the model runs on this rank's share of each mini-batch."""
+        return contextlib.nullcontext() if self._shards is None else self._shards
+
+    def _reduced_like(self, params: Params, particles: torch.Tensor, model_params) -> list[torch.Tensor]:
+        """Zeros shaped as what :meth:`reduce_scores` all-reduces."""
+        return [
+            particles.new_zeros(len(particles)),
+            torch.zeros_like(particles),
+            *map(torch.zeros_like, model_params),
+        ]
 
     # ------------------------------------------------------------------ steps
     def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -342,9 +414,12 @@ class ScoreEngine:
         """Write everything a resumed run needs, atomically (:mod:`psvi.checkpoint`: plain
         arrays and a JSON header, no pickle): this engine's params from the param store,
         the optimizer's state, the RNG states (torch, CUDA when in use, Python, NumPy), the
-        counters and the engine's running averages."""
+        counters and the engine's running averages. With data parallelism only rank 0
+        writes (the ranks hold the same state); :meth:`load` it on any number of ranks."""
         if self.density is None:
             raise RuntimeError("Nothing to save before the first step.")
+        if self.reducer is not None and self.reducer.rank != 0:
+            return  # every rank holds the same state: rank 0 writes it
         leaves = self._leaves(model_params=True)
         optim = getattr(self, "optim", None)
         optim_state = None if optim is None else optimizer_states(optim, leaves)
@@ -589,6 +664,16 @@ class ScoreEngine:
             params = self._constrain({k: v.detach() for k, v in self._leaves().items()})
         particles, scored = self.score_particles(params, args, kwargs)
         return params, particles, scored
+
+
+def _reducer(data_parallel: bool | ScoreReducer | None) -> ScoreReducer | None:
+    """The engine's reducer: ``None`` fits on this process alone."""
+    if isinstance(data_parallel, ScoreReducer):
+        return data_parallel
+    if data_parallel is None:
+        initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+        data_parallel = initialized and torch.distributed.get_world_size() > 1
+    return ScoreReducer() if data_parallel else None
 
 
 def _param_sources(trace: poutine.Trace) -> dict[str, tuple[torch.Tensor, Constraint]]:

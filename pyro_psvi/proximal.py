@@ -46,6 +46,7 @@ from pyro_psvi.objective import (
     trust_region_fraction,
     weighted_fisher,
 )
+from pyro_psvi.parallel import ScoreReducer
 from pyro_psvi.scores import ModelScores
 
 
@@ -173,6 +174,10 @@ class ProximalScoreVI(ScoreEngine):
         default): on for a diagonal or full-covariance Gaussian guide when the model
         subsamples a plate, whose mini-batch noise moves every iterate; off with exact
         scores and for other guides (not measured there).
+    data_parallel : bool, ScoreReducer or None
+        Split each mini-batch over the ranks of a ``torch.distributed`` process group,
+        every rank taking the same steps (docs/data_parallel.md). ``None`` (the default):
+        on when a process group of more than one rank is initialized at the first step.
 
     Notes
     -----
@@ -200,6 +205,7 @@ class ProximalScoreVI(ScoreEngine):
         max_halvings: int = 12,
         max_consecutive_rejections: int | None = 20,
         average_iterates: bool | None = None,
+        data_parallel: bool | ScoreReducer | None = None,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
         check_proximal_options(inner_steps, trust_region)
@@ -212,7 +218,7 @@ class ProximalScoreVI(ScoreEngine):
             model, guide, num_particles=num_particles, vectorize_particles=vectorize_particles,
             max_plate_nesting=max_plate_nesting, score_method=score_method,
             num_kl_draws=objective.num_kl_draws,
-            max_consecutive_rejections=max_consecutive_rejections,
+            max_consecutive_rejections=max_consecutive_rejections, data_parallel=data_parallel,
         )  # fmt: skip
         self.optim = optim
         self.objective = objective
@@ -302,6 +308,29 @@ class ProximalScoreVI(ScoreEngine):
             self._advance_averages(problem.averages, leaves, accept)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
 
+    def reduce_scores(self, params: Params, particles: torch.Tensor, scored: ModelScores) -> ModelScores:
+        """With data parallelism and a diagonal Gaussian guide, the mean over the ranks
+        of the two score-dependent :class:`~pyro_psvi.objective.FisherStatistics` (the
+        particles, hence the other sums, are the same on every rank): ``2 D + S`` floats
+        and the param gradients in one all-reduce. Otherwise as
+        :meth:`ScoreEngine.reduce_scores`."""
+        if self.reducer is None or self.density.loc_scale is None or scored.weights is not None:
+            return super().reduce_scores(params, particles, scored)
+        stats = fisher_statistics(self.density, params, particles, scored.scores)
+        log_joints, cross, score, *param_grads = self.reducer.mean(
+            [scored.log_joints, stats.cross, stats.score, *scored.param_grads]
+        )
+        # sum_s g_s^2 is not a mean over ranks; it enters only the reported Fisher value,
+        # which then drops the (constant) spread of the scores around their mean.
+        stats = stats._replace(cross=cross, score=score, score_sq=score**2 / stats.count)
+        return scored._replace(log_joints=log_joints, scores=None, param_grads=param_grads, statistics=stats)
+
+    def _reduced_like(self, params: Params, particles: torch.Tensor, model_params) -> list[torch.Tensor]:
+        if self.density.loc_scale is None:
+            return super()._reduced_like(params, particles, model_params)
+        dim = particles.new_zeros(particles.shape[-1])
+        return [particles.new_zeros(len(particles)), dim, dim, *map(torch.zeros_like, model_params)]
+
     def proximal_problem(
         self, params_t: Params, particles: torch.Tensor, scored: ModelScores
     ) -> ProximalProblem:
@@ -310,9 +339,20 @@ class ProximalScoreVI(ScoreEngine):
         particles (:func:`~pyro_psvi.objective.fisher_statistics`), so each inner step
         is ``O(D)`` and the ``(S, D)`` particles and scores can be freed."""
         density, weighting, weights = self.density, self.objective.weighting, scored.weights
-        scores_ok = torch.isfinite(scored.log_joints).all() & torch.isfinite(scored.scores).all()
-        scores = torch.where(scores_ok, scored.scores, torch.zeros_like(scored.scores))
-        stats = fisher_statistics(density, params_t, particles, scores)
+        if scored.statistics is not None:  # reduced across ranks
+            stats = scored.statistics
+            scores_ok = torch.isfinite(scored.log_joints).all()
+            scores_ok &= torch.isfinite(stats.cross).all() & torch.isfinite(stats.score).all()
+            kept = {
+                name: torch.where(scores_ok, getattr(stats, name), 0.0)
+                for name in ("cross", "score", "score_sq")
+            }
+            stats = stats._replace(**kept)
+            scores = None
+        else:
+            scores_ok = torch.isfinite(scored.log_joints).all() & torch.isfinite(scored.scores).all()
+            scores = torch.where(scores_ok, scored.scores, torch.zeros_like(scored.scores))
+            stats = fisher_statistics(density, params_t, particles, scores)
         averages = self.averages
         loss = negative_elbo(density, params_t, particles, scored.log_joints, weights)
         with torch.no_grad():
@@ -444,6 +484,8 @@ class ProximalScoreVI(ScoreEngine):
             accept &= torch.isfinite(problem.fisher) & torch.isfinite(problem.loss)
             for leaf in leaves.values():
                 accept &= torch.isfinite(leaf).all()
+            if self.reducer is not None:  # every rank accepts or rejects the same step
+                accept = self.reducer.agree(accept)
             for name, leaf in leaves.items():
                 leaf.copy_(torch.where(accept, torch.lerp(start[name], leaf, frac), start[name]))
             self._restore_optimizer_state(leaves, saved_optimizer_state, accept)

@@ -253,13 +253,18 @@ class ModelScores(NamedTuple):
         ``sum_d weights_d f_d`` is unbiased for ``sum_d f_d``. ``None`` otherwise.
     active_dim : int
         Coordinates with a non-zero weight (``D`` when ``weights`` is ``None``).
+    statistics : FisherStatistics or None
+        A diagonal Gaussian guide's per-coordinate sums over the particles
+        (:class:`~pyro_psvi.objective.FisherStatistics`) where a data-parallel engine
+        reduced them in place of the ``(S, D)`` scores (then ``None``).
     """
 
     log_joints: torch.Tensor
-    scores: torch.Tensor
+    scores: torch.Tensor | None
     param_grads: list[torch.Tensor]
     weights: torch.Tensor | None
     active_dim: int
+    statistics: Any = None
 
 
 def coordinate_weights(

@@ -1,0 +1,113 @@
+"""One rank of a data-parallel Pyro fit, or the one-process fit it must reproduce.
+
+Run as ``python -m psvi_testing.pyro_data_parallel CASE STEPS OUT [options]`` with the
+``torch.distributed`` environment variables of a rank (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT``: what ``torchrun`` sets), or without them for one
+process; ``--batch`` is the plate's ``subsample_size`` (one rank's batch). Rank 0 (or
+the one process) writes the final params, the losses and the counters to ``OUT``
+(``.npz``).
+
+Cases: ``normal`` (AutoNormal), ``mvn`` (AutoMultivariateNormal), ``param`` (AutoNormal
+and a ``pyro.param`` noise scale in the model). Options: ``--load PATH`` resumes a
+checkpoint, ``--save PATH`` writes one at the end, ``--fail-at K`` makes rank 1's model
+raise at step ``K``, ``--hang-at K`` makes rank 1 hang for three timeouts before step
+``K`` (a rank stuck outside the score phase), ``--timeout T`` the all-reduce timeout,
+``--seed-by-rank`` seeds each rank differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.distributed
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+
+from pyro_psvi import ProximalScoreVI
+from pyro_psvi.parallel import ScoreReducer
+
+NUM_DATA = 64
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(NUM_DATA, 3, generator=generator, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 * torch.randn(
+        NUM_DATA, generator=generator, dtype=torch.float64
+    )
+    return x, y
+
+
+def make_model(batch: int, learn_noise: bool, fail: dict):
+    def model(x: torch.Tensor, y: torch.Tensor) -> None:
+        if fail["now"]:
+            raise RuntimeError("a model error on rank 1")
+        w = pyro.sample("w", dist.Normal(torch.zeros(3, dtype=x.dtype), 1.0).to_event(1))
+        b = pyro.sample("b", dist.Normal(torch.zeros((), dtype=x.dtype), 1.0))
+        if learn_noise:
+            positive = dist.constraints.positive
+            noise = pyro.param("noise", torch.tensor(0.5, dtype=x.dtype), constraint=positive)
+        else:
+            noise = torch.tensor(0.3, dtype=x.dtype)
+        with pyro.plate("data", NUM_DATA, subsample_size=batch) as index:
+            mean = (x[index] * w).sum(-1) + b
+            pyro.sample("y", dist.Normal(mean, noise), obs=y[index])
+
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case", choices=["normal", "mvn", "param"])
+    parser.add_argument("steps", type=int)
+    parser.add_argument("out")
+    parser.add_argument("--batch", type=int, default=16, help="the plate's subsample_size (per rank)")
+    parser.add_argument("--load")
+    parser.add_argument("--save")
+    parser.add_argument("--fail-at", type=int)
+    parser.add_argument("--hang-at", type=int)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--seed-by-rank", action="store_true", help="a different seed on each rank")
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+    distributed = "WORLD_SIZE" in os.environ
+    rank = 0
+    if distributed:
+        torch.distributed.init_process_group("gloo")
+        rank = torch.distributed.get_rank()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(rank if options.seed_by_rank else 0)
+    fail = {"now": False}
+    model = make_model(options.batch, options.case == "param", fail)
+    guide = (AutoMultivariateNormal if options.case == "mvn" else AutoNormal)(model)
+    reducer = ScoreReducer(timeout=options.timeout) if distributed else False
+    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), data_parallel=reducer)
+    if options.load:
+        svi.load(options.load)
+    x, y = data()
+    losses = []
+    for step in range(options.steps):
+        if options.hang_at == step and rank == 1:
+            time.sleep(3 * options.timeout)
+        fail["now"] = options.fail_at == step and rank == 1
+        losses.append(svi.step(x, y))
+    if options.save:
+        svi.save(options.save)
+    if rank == 0:
+        params = {name: value.detach().numpy() for name, value in pyro.get_param_store().items()}
+        np.savez(
+            options.out, losses=np.array(losses), num_score_calls=svi.num_score_calls,
+            num_rejected=svi.num_rejected, floats_reduced=reducer.floats_reduced if reducer else 0,
+            **{f"param:{name}": value for name, value in params.items()},
+        )  # fmt: skip
+    if distributed:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
