@@ -38,3 +38,24 @@ def batched_event_size(guide: AutoBatchedMixin) -> int:
 def unpack_latent(guide: AutoContinuous) -> Callable[[jax.Array], dict[str, jax.Array]]:
     """An AutoContinuous guide's map from its flat latent to unconstrained site values."""
     return guide._unpack_latent
+
+
+def device_varying(tree: Any, axis_name: str) -> Any:
+    """``tree`` marked as varying over the ``shard_map`` axis ``axis_name``, so that a
+    gradient in it stays per device (JAX would otherwise sum an invariant input's
+    gradient over the devices). ``lax.pcast`` in JAX 0.9+, ``lax.pvary`` before; a
+    no-op where ``shard_map`` does not track varying values."""
+    if hasattr(jax.lax, "pcast"):
+        return jax.tree.map(lambda leaf: jax.lax.pcast(leaf, axis_name, to="varying"), tree)
+    if hasattr(jax.lax, "pvary"):
+        return jax.lax.pvary(tree, axis_name)
+    return tree
+
+
+def shard_map(fn: Callable, mesh: Any, in_specs: Any, out_specs: Any) -> Callable:
+    """``jax.shard_map`` (JAX 0.6+), or ``jax.experimental.shard_map.shard_map`` before."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    from jax.experimental.shard_map import shard_map as experimental_shard_map
+
+    return experimental_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import random
+from jax.sharding import Mesh
 
 from numpyro_psvi.engine import EngineState, ScoreEngine
 from numpyro_psvi.objective import negative_elbo
@@ -73,12 +74,14 @@ class _GaussianBaseline(ScoreEngine):
         num_particles: int,
         vectorize_particles: bool = True,
         max_consecutive_rejections: int | None = 20,
+        data_parallel: bool | Mesh | None = None,
         **static_kwargs: Any,
     ):
         super().__init__(
             model, guide, None, num_particles=num_particles,
             vectorize_particles=vectorize_particles,
-            max_consecutive_rejections=max_consecutive_rejections, **static_kwargs,
+            max_consecutive_rejections=max_consecutive_rejections, data_parallel=data_parallel,
+            **static_kwargs,
         )  # fmt: skip
         if not self.family.full_covariance:
             raise TypeError(

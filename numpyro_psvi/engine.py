@@ -23,12 +23,15 @@ import numpy as np
 import numpyro
 import tqdm
 from jax import lax, random
+from jax.sharding import Mesh
 from numpyro.handlers import seed, trace
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.svi import SVIRunResult
 
+from numpyro_psvi._compat import device_varying, shard_map
 from numpyro_psvi.guides import GuideDensity, guide_family
 from numpyro_psvi.objective import negative_elbo, weighted_fisher
+from numpyro_psvi.parallel import ShardedPlates, resolve_mesh
 from numpyro_psvi.scores import (
     ModelScores,
     batch_ratio,
@@ -107,6 +110,10 @@ class ScoreEngine:
     max_consecutive_rejections : int or None
         :meth:`run` raises once this many updates in a row were rejected (``None``:
         never); it checks at the end of each progress-bar chunk, or at the end.
+    data_parallel : bool, jax.sharding.Mesh or None
+        Split each mini-batch over the devices of a one-axis mesh
+        (:mod:`numpyro_psvi.parallel`, docs/data_parallel.md): ``True`` for all of
+        ``jax.devices()``; ``None``: on in a multi-process run, else off.
     **static_kwargs
         Static keyword arguments for the model and guide, as in ``SVI``.
     """
@@ -122,6 +129,7 @@ class ScoreEngine:
         score_method: str = "closed_form",
         num_kl_draws: int = 256,
         max_consecutive_rejections: int | None = 20,
+        data_parallel: bool | Mesh | None = None,
         **static_kwargs: Any,
     ) -> None:
         if int(num_particles) < 1:
@@ -145,6 +153,7 @@ class ScoreEngine:
         self._latent_shapes: dict | None = None
         self._model_param_names: tuple[str, ...] = ()
         self.batch_ratio = 1.0  # the model's largest plate size over subsample size
+        self.mesh = resolve_mesh(data_parallel)
 
     # ----------------------------------------------------------------- set-up
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
@@ -162,9 +171,13 @@ class ScoreEngine:
         _, model_seed, guide_seed = random.split(rng_key, 3)  # the split SVI.init makes
         all_kwargs = {**kwargs, **self.static_kwargs}
         local = check_model(self.model, model_seed, args, all_kwargs)
-        self._check_local_latents(local)
         self._model_param_names = model_param_names(self.model, args, all_kwargs)
         self.batch_ratio = batch_ratio(self.model, args, all_kwargs)
+        if self.mesh is not None:
+            self._check_data_parallel(local, args, all_kwargs)
+            # The global batch is R devices' batches: the global N/B is a device's over R.
+            self.batch_ratio = self.batch_ratio / self.mesh.size
+        self._check_local_latents(local)
         self._check_model_params()
         self._build_density = self.family.setup(
             self.guide, self.model, args, all_kwargs, self.density_options
@@ -196,6 +209,31 @@ class ScoreEngine:
             for name, site in guide_trace.items()
             if site["type"] == "sample" and not site["is_observed"]
         }
+
+    def _check_data_parallel(self, local: dict[str, str], args: tuple, kwargs: dict) -> None:
+        """Data parallelism needs a mini-batch to split, small enough, and no local latents."""
+        if local:
+            name, plate = next(iter(local.items()))
+            raise NotImplementedError(
+                f"Data-parallel fitting does not support local latents yet: site {name!r} "
+                f"lies in plate {plate!r}, which the devices split. Fit it on one device "
+                "(data_parallel=False), or make the site global."
+            )
+        plates = subsampled_plates(self.model, args, kwargs)
+        if not plates:
+            raise ValueError(
+                "Data-parallel fitting gives each device its own mini-batch of a subsampled "
+                "plate, and this model subsamples none, so every device would score all the "
+                "data. Write the data plate as numpyro.plate('data', N, subsample_size=B) "
+                "with B the batch of one device (B = N / devices for exact scores)."
+            )
+        for name, (size, subsample_size) in plates.items():
+            if subsample_size * self.mesh.size > size:
+                raise ValueError(
+                    f"Plate {name!r}: {self.mesh.size} devices of subsample_size={subsample_size} "
+                    f"need a global batch of {subsample_size * self.mesh.size} from its {size} "
+                    f"members; use subsample_size <= {size // self.mesh.size}."
+                )
 
     def _check_local_latents(self, local: dict[str, str]) -> None:
         """Local latents in a subsampled plate (``{site: plate}``) need a guide whose params
@@ -244,18 +282,50 @@ class ScoreEngine:
         sharing the mini-batch of ``key_batch``; ``model_params`` are the model's
         unconstrained ``numpyro.param`` values (their mean gradient comes along)."""
         particles = lax.stop_gradient(density.sample(params, key_particles, self.num_particles))
+        if self.mesh is None:
+            scored = self._model_scores(self.model, density, particles, model_params, key_batch, args, kwargs)
+            return particles, scored
+        axis = self.mesh.axis_names[0]
+        model = ShardedPlates(self.model, axis_name=axis, world_size=self.mesh.size)
+        static = {}
+
+        def on_device(particles: jax.Array, params: dict, model_params: dict, key_batch: jax.Array):
+            # Varying over the devices: each device's gradients are of its own share.
+            at = device_varying((particles, model_params), axis)
+            scored = self._model_scores(model, density, *at, key_batch, args, kwargs)
+            arrays, static["rest"] = _split_static(self.reduce_scores(density, params, particles, scored))
+            return arrays
+
+        replicated = jax.sharding.PartitionSpec()
+        arrays = shard_map(on_device, self.mesh, replicated, replicated)(
+            particles, params, model_params, key_batch
+        )
+        return particles, _merge_static(arrays, static["rest"])
+
+    def _model_scores(
+        self,
+        model: Callable,
+        density: GuideDensity,
+        particles: jax.Array,
+        model_params: dict,
+        key_batch: jax.Array,
+        args: tuple,
+        kwargs: dict,
+    ) -> ModelScores:
+        """The :class:`~numpyro_psvi.scores.ModelScores` of ``particles`` on ``model``'s
+        mini-batch of ``key_batch``."""
         local_plates = density.local_plates
-        plates = subsampled_plates(self.model, args, kwargs) if local_plates else {}
+        plates = subsampled_plates(model, args, kwargs) if local_plates else {}
         indices = draw_plate_indices(plates, key_batch) if plates else None
         if not model_params:
             score_fn = make_score_fn(
-                self.model, density.unpack, args, kwargs, local_plates, self.vectorize_particles
+                model, density.unpack, args, kwargs, local_plates, self.vectorize_particles
             )
             log_joints, scores = score_fn(particles, key_batch, indices)
             param_grads = {}
         else:
             score_fn = make_score_and_param_grad_fn(
-                self.model, density.unpack, self.constrain_fn, args, kwargs, local_plates,
+                model, density.unpack, self.constrain_fn, args, kwargs, local_plates,
                 self.vectorize_particles,
             )  # fmt: skip
             log_joints, scores, param_grads = score_fn(particles, model_params, key_batch, indices)
@@ -267,13 +337,18 @@ class ScoreEngine:
         if weights is not None:
             # A local latent's own score came out N/B times too large (plate scale).
             scores = scores / jnp.where(weights > 0, weights, 1.0)
-        scored = ModelScores(log_joints, scores, param_grads, weights, active_dim)
-        return particles, self.reduce_scores(scored)
+        return ModelScores(log_joints, scores, param_grads, weights, active_dim)
 
-    def reduce_scores(self, scored: ModelScores) -> ModelScores:
-        """Combine the scores of this process's share of the mini-batch (one process:
-        nothing to combine). The place where a data-parallel engine all-reduces."""
-        return scored
+    def reduce_scores(
+        self, density: GuideDensity, params: dict, particles: jax.Array, scored: ModelScores
+    ) -> ModelScores:
+        """Inside ``shard_map``: the mean over the devices of the scores of their shares
+        of the mini-batch (log joints, scores and param gradients in one ``pmean``)."""
+        axis = self.mesh.axis_names[0]
+        log_joints, scores, param_grads = lax.pmean(
+            (scored.log_joints, scored.scores, scored.param_grads), axis
+        )
+        return scored._replace(log_joints=log_joints, scores=scores, param_grads=param_grads)
 
     def record(
         self, state: EngineState, candidate: Any, accept: jax.Array, rng_key: jax.Array
@@ -494,12 +569,18 @@ class ScoreEngine:
         """Write ``state`` atomically (:mod:`psvi.checkpoint`: plain arrays and a JSON
         header, no pickle). Everything a resumed run needs is in the state (params,
         optimizer state, key, counters, running averages), so ``engine.run(None, n, *args,
-        init_state=engine.load(path, *args))`` continues exactly where the run stopped."""
+        init_state=engine.load(path, *args))`` continues exactly where the run stopped.
+        With data parallelism across processes only process 0 writes (the state is
+        replicated); :meth:`load` it on any number of devices."""
         if self.constrain_fn is None:
             raise RuntimeError(f"Call {type(self).__name__}.init(rng_key, *args) (or run) first.")
+        if jax.process_index() != 0:
+            return
         arrays, leaves = {}, []
         for i, (key_path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(state)[0]):
             array, tag = _plain_leaf(leaf)
+            if isinstance(array, jax.Array) and not array.is_fully_addressable:
+                array = array.addressable_data(0)  # replicated over the processes
             arrays[f"a{i}"] = np.asarray(array)
             leaves.append([jax.tree_util.keystr(key_path), f"a{i}", tag])
         checkpoint.write(path, {**self._checkpoint_header(state), "leaves": leaves}, arrays)
@@ -564,6 +645,20 @@ class ScoreEngine:
             )
             leaves.append(leaf)
         return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def _split_static(tree: Any) -> tuple[list, tuple]:
+    """The array leaves of ``tree`` and what rebuilds it (its structure and other leaves)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [leaf for leaf in leaves if isinstance(leaf, jax.Array)]
+    others = [None if isinstance(leaf, jax.Array) else leaf for leaf in leaves]
+    return arrays, (treedef, others)
+
+
+def _merge_static(arrays: list, rest: tuple) -> Any:
+    treedef, others = rest
+    supply = iter(arrays)
+    return jax.tree.unflatten(treedef, [next(supply) if leaf is None else leaf for leaf in others])
 
 
 def _plain_leaf(leaf: Any) -> tuple[Any, str]:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax, random
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh
 
 from numpyro_psvi.engine import EngineState, ScoreEngine
 from numpyro_psvi.guides import GuideDensity
@@ -142,6 +143,10 @@ class ProximalScoreVI(ScoreEngine):
         iterate. ``None`` (the default): on for a diagonal or full-covariance Gaussian
         guide when the model subsamples a plate, whose mini-batch noise moves every
         iterate; off with exact scores and for other guides (not measured there).
+    data_parallel : bool, jax.sharding.Mesh or None
+        Split each mini-batch over the devices of a one-axis mesh, every device taking
+        the same updates (docs/data_parallel.md): ``True`` for all of ``jax.devices()``;
+        ``None`` (the default): on in a multi-process run (``jax.distributed``), else off.
     **static_kwargs
         Static keyword arguments for the model and guide, as in ``SVI``.
     """
@@ -163,6 +168,7 @@ class ProximalScoreVI(ScoreEngine):
         max_halvings: int = 12,
         max_consecutive_rejections: int | None = 20,
         average_iterates: bool | None = None,
+        data_parallel: bool | Mesh | None = None,
         **static_kwargs: Any,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
@@ -171,7 +177,8 @@ class ProximalScoreVI(ScoreEngine):
             model, guide, optim, num_particles=num_particles,
             vectorize_particles=vectorize_particles, score_method=score_method,
             num_kl_draws=objective.num_kl_draws,
-            max_consecutive_rejections=max_consecutive_rejections, **static_kwargs,
+            max_consecutive_rejections=max_consecutive_rejections, data_parallel=data_parallel,
+            **static_kwargs,
         )  # fmt: skip
         self.objective = objective
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
@@ -239,6 +246,26 @@ class ProximalScoreVI(ScoreEngine):
         frac = self.pull_back(density, params_t, state.optim_state, fitted, scored.active_dim, key_kl)
         return self.accept(state, fitted, frac, problem, scored, rng_key)
 
+    def reduce_scores(
+        self, density: GuideDensity, params: dict, particles: jax.Array, scored: ModelScores
+    ) -> ModelScores:
+        """Inside ``shard_map``, for a diagonal Gaussian guide: the mean over the devices
+        of the two score-dependent :class:`~numpyro_psvi.objective.FisherStatistics`
+        (the particles, hence the other sums, are the same on every device), ``2 D + S``
+        floats and the param gradients in one ``pmean``. Otherwise as
+        :meth:`ScoreEngine.reduce_scores`."""
+        if density.loc_scale is None or scored.weights is not None:
+            return super().reduce_scores(density, params, particles, scored)
+        stats = fisher_statistics(density, params, particles, scored.scores)
+        axis = self.mesh.axis_names[0]
+        log_joints, cross, score, param_grads = lax.pmean(
+            (scored.log_joints, stats.cross, stats.score, scored.param_grads), axis
+        )
+        # sum_s g_s^2 is not a mean over devices; it enters only the reported Fisher
+        # value, which then drops the (constant) spread of the scores around their mean.
+        stats = stats._replace(cross=cross, score=score, score_sq=score**2 / stats.count)
+        return scored._replace(log_joints=log_joints, scores=None, param_grads=param_grads, statistics=stats)
+
     def proximal_problem(
         self,
         density: GuideDensity,
@@ -258,7 +285,9 @@ class ProximalScoreVI(ScoreEngine):
         ``theta_t``: their gradient is the particles' mean gradient (no score calls).
         """
         weighting, weights = self.objective.weighting, scored.weights
-        stats = fisher_statistics(density, params_t, particles, scored.scores)
+        stats = scored.statistics  # reduced across devices
+        if stats is None:
+            stats = fisher_statistics(density, params_t, particles, scored.scores)
         loss = negative_elbo(density, params_t, particles, scored.log_joints, weights)
         if stats is None:
             scores = scored.scores

@@ -48,13 +48,18 @@ class ModelScores(NamedTuple):
         ``(D,)`` when a local latent's plate is subsampled (:func:`coordinate_weights`).
     active_dim : int
         Coordinates with a non-zero weight (``D`` when ``weights`` is ``None``).
+    statistics : FisherStatistics or None
+        A diagonal Gaussian guide's per-coordinate sums over the particles
+        (:class:`~numpyro_psvi.objective.FisherStatistics`) where a data-parallel engine
+        reduced them in place of the ``(S, D)`` scores (then ``None``).
     """
 
     log_joints: jax.Array
-    scores: jax.Array
+    scores: jax.Array | None
     param_grads: dict
     weights: jax.Array | None
     active_dim: int
+    statistics: Any = None
 
 
 def make_log_joint(

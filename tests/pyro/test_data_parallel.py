@@ -97,6 +97,14 @@ def test_ranks_take_the_one_process_steps(tmp_path, case, world):
         assert int(ranks["floats_reduced"]) == STEPS * (1 + 4 + 2 * 4 + 1)
 
 
+@pytest.mark.slow
+def test_gsm_ranks_take_the_one_process_steps(tmp_path):
+    one = _fit(tmp_path, None, "mvn", STEPS, "--gsm")
+    ranks = _fit(tmp_path, 2, "mvn", STEPS, "--gsm")
+    for name, value in _params(one).items():
+        np.testing.assert_allclose(ranks[name], value, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 @pytest.mark.parametrize("world", [None, pytest.param(4, marks=pytest.mark.slow)])
 def test_a_checkpoint_of_two_ranks_resumes_on_any_number(tmp_path, world):
     checkpoint = tmp_path / "fit.psvi"

@@ -12,7 +12,7 @@ and a ``pyro.param`` noise scale in the model). Options: ``--load PATH`` resumes
 checkpoint, ``--save PATH`` writes one at the end, ``--fail-at K`` makes rank 1's model
 raise at step ``K``, ``--hang-at K`` makes rank 1 hang for three timeouts before step
 ``K`` (a rank stuck outside the score phase), ``--timeout T`` the all-reduce timeout,
-``--seed-by-rank`` seeds each rank differently.
+``--seed-by-rank`` seeds each rank differently, ``--gsm`` fits with GSM.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.distributed
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
-from pyro_psvi import ProximalScoreVI
+from pyro_psvi import GSM, ProximalScoreVI
 from pyro_psvi.parallel import ScoreReducer
 
 NUM_DATA = 64
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--hang-at", type=int)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--seed-by-rank", action="store_true", help="a different seed on each rank")
+    parser.add_argument("--gsm", action="store_true", help="fit with GSM instead (case mvn)")
     options = parser.parse_args()
     torch.set_num_threads(1)
     distributed = "WORLD_SIZE" in os.environ
@@ -86,7 +87,10 @@ def main() -> None:
     model = make_model(options.batch, options.case == "param", fail)
     guide = (AutoMultivariateNormal if options.case == "mvn" else AutoNormal)(model)
     reducer = ScoreReducer(timeout=options.timeout) if distributed else False
-    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), data_parallel=reducer)
+    if options.gsm:
+        svi = GSM(model, guide, data_parallel=reducer)
+    else:
+        svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), data_parallel=reducer)
     if options.load:
         svi.load(options.load)
     x, y = data()

@@ -1,0 +1,105 @@
+"""Data-parallel NumPyro fits on 4 host devices against the one-device fit.
+
+Run as ``python -m psvi_testing.numpyro_data_parallel CASE DEVICES STEPS [--checkpoint
+DIR]`` (this sets ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before JAX
+starts, so it needs its own process). Prints one JSON line: the largest absolute
+difference between the final params and losses of the fit on ``DEVICES`` devices (a
+plate ``subsample_size`` of ``16 / DEVICES`` each) and the one-device fit (``16``), both
+in float64, and the counters. Cases: ``normal`` (AutoNormal), ``mvn``
+(AutoMultivariateNormal), ``param`` (AutoNormal and a ``numpyro.param`` noise scale).
+With ``--checkpoint DIR`` the sharded fit is saved after ``STEPS // 2`` updates and
+resumed on one device for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import numpyro  # noqa: E402
+import numpyro.distributions as dist  # noqa: E402
+from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal  # noqa: E402
+
+from numpyro_psvi import ProximalScoreVI  # noqa: E402
+
+NUM_DATA, GLOBAL_BATCH = 64, 16
+
+
+def data() -> tuple[jax.Array, jax.Array]:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(NUM_DATA, 3))
+    y = x @ np.array([1.0, -2.0, 0.5]) + 0.3 * rng.normal(size=NUM_DATA)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def make_model(batch: int, learn_noise: bool):
+    def model(x: jax.Array, y: jax.Array) -> None:
+        w = numpyro.sample("w", dist.Normal(jnp.zeros(3), 1.0).to_event(1))
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        if learn_noise:
+            noise = numpyro.param("noise", 0.5, constraint=dist.constraints.positive)
+        else:
+            noise = 0.3
+        with numpyro.plate("data", NUM_DATA, subsample_size=batch):
+            xb, yb = numpyro.subsample(x, event_dim=1), numpyro.subsample(y, event_dim=0)
+            numpyro.sample("y", dist.Normal(xb @ w + b, noise), obs=yb)
+
+    return model
+
+
+def engine(case: str, devices: int) -> ProximalScoreVI:
+    model = make_model(GLOBAL_BATCH // devices, case == "param")
+    guide = (AutoMultivariateNormal if case == "mvn" else AutoNormal)(model)
+    mesh = jax.sharding.Mesh(jax.devices()[:devices], ("data",)) if devices > 1 else False
+    return ProximalScoreVI(model, guide, numpyro.optim.Adam(0.05), data_parallel=mesh)
+
+
+def fit(case: str, devices: int, steps: int, checkpoint: str | None = None) -> tuple:
+    x, y = data()
+    svi = engine(case, devices)
+    if checkpoint is None:
+        result = svi.run(jax.random.PRNGKey(0), steps, x, y, progress_bar=False)
+        return result.params, np.asarray(result.losses), result.state
+    first = svi.run(jax.random.PRNGKey(0), steps // 2, x, y, progress_bar=False)
+    path = os.path.join(checkpoint, "fit.psvi")
+    svi.save(path, first.state)
+    resumed = engine(case, 1)
+    state = resumed.load(path, x, y)
+    second = resumed.run(None, steps - steps // 2, x, y, progress_bar=False, init_state=state)
+    return second.params, np.concatenate([first.losses, second.losses]), second.state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case", choices=["normal", "mvn", "param"])
+    parser.add_argument("devices", type=int)
+    parser.add_argument("steps", type=int)
+    parser.add_argument("--checkpoint")
+    options = parser.parse_args()
+    one_params, one_losses, one_state = fit(options.case, 1, options.steps)
+    params, losses, state = fit(options.case, options.devices, options.steps, options.checkpoint)
+    differences = {
+        name: float(np.max(np.abs(np.asarray(params[name]) - np.asarray(value))))
+        for name, value in one_params.items()
+    }
+    print(json.dumps({
+        "params": differences,
+        "losses": float(np.max(np.abs(losses - one_losses))),
+        "num_score_calls": [int(one_state.num_score_calls), int(state.num_score_calls)],
+        "num_rejected": [int(one_state.num_rejected), int(state.num_rejected)],
+        "param_names": sorted(params),
+        "dtype": str(np.asarray(one_losses).dtype),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
