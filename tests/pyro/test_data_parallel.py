@@ -97,6 +97,28 @@ def test_ranks_take_the_one_process_steps(tmp_path, case, world):
         assert int(ranks["floats_reduced"]) == STEPS * (1 + 4 + 2 * 4 + 1)
 
 
+def test_ranks_given_their_own_indices_take_the_one_process_steps(tmp_path):
+    """Each rank passes its share of the global batch to the plate (``subsample=``, as a
+    DistributedSampler would give it): the plate is left as it is, and the steps are
+    those of one process given the whole batch."""
+    one = _fit(tmp_path, None, "normal", STEPS, "--given-indices")
+    ranks = _fit(tmp_path, 2, "normal", STEPS, "--given-indices")
+    for name, value in _params(one).items():
+        np.testing.assert_allclose(ranks[name], value, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_a_non_finite_score_on_one_rank_rejects_the_step_on_every_rank(tmp_path):
+    out = tmp_path / "nan.npz"
+    results = _run(2, out, "normal", "6", "--batch", "8", "--non-finite-at", "3")
+    assert all(result.returncode == 0 for result in results), results[0].stderr[-3000:]
+    rank0, rank1 = np.load(out), np.load(tmp_path / "nan-rank1.npz")
+    for fit in (rank0, rank1):
+        assert int(fit["num_rejected"]) == 1
+        assert np.isnan(fit["losses"][3]) and np.isfinite(np.delete(fit["losses"], 3)).all()
+    for name, value in _params(dict(rank0)).items():
+        np.testing.assert_array_equal(rank1[name], value, err_msg=name)
+
+
 @pytest.mark.slow
 def test_gsm_ranks_take_the_one_process_steps(tmp_path):
     one = _fit(tmp_path, None, "mvn", STEPS, "--gsm")

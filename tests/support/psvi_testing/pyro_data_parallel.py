@@ -12,7 +12,11 @@ and a ``pyro.param`` noise scale in the model). Options: ``--load PATH`` resumes
 checkpoint, ``--save PATH`` writes one at the end, ``--fail-at K`` makes rank 1's model
 raise at step ``K``, ``--hang-at K`` makes rank 1 hang for three timeouts before step
 ``K`` (a rank stuck outside the score phase), ``--timeout T`` the all-reduce timeout,
-``--seed-by-rank`` seeds each rank differently, ``--gsm`` fits with GSM.
+``--seed-by-rank`` seeds each rank differently, ``--gsm`` fits with GSM,
+``--non-finite-at K`` gives rank 1 an infinite log joint at step ``K``,
+``--given-indices`` passes each rank its share of a batch the script draws
+(``subsample=``, as from a ``DistributedSampler``). Rank ``r > 0`` writes ``OUT`` with
+``-rank<r>`` before ``.npz``.
 """
 
 from __future__ import annotations
@@ -43,9 +47,12 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def make_model(batch: int, learn_noise: bool, fail: dict):
+def make_model(batch: int, learn_noise: bool, now: dict):
+    """The regression; ``now`` says what this step does: ``fail`` (raise), ``non_finite``
+    (an infinite log joint), ``indices`` (the rank's own batch, passed to the plate)."""
+
     def model(x: torch.Tensor, y: torch.Tensor) -> None:
-        if fail["now"]:
+        if now["fail"]:
             raise RuntimeError("a model error on rank 1")
         w = pyro.sample("w", dist.Normal(torch.zeros(3, dtype=x.dtype), 1.0).to_event(1))
         b = pyro.sample("b", dist.Normal(torch.zeros((), dtype=x.dtype), 1.0))
@@ -54,7 +61,13 @@ def make_model(batch: int, learn_noise: bool, fail: dict):
             noise = pyro.param("noise", torch.tensor(0.5, dtype=x.dtype), constraint=positive)
         else:
             noise = torch.tensor(0.3, dtype=x.dtype)
-        with pyro.plate("data", NUM_DATA, subsample_size=batch) as index:
+        if now["non_finite"]:  # a non-finite log joint and score (inf passes Pyro's validation)
+            pyro.factor("inf", (w.sum(-1) + b) * float("inf"))
+        given = now["indices"]
+        plate = pyro.plate(
+            "data", NUM_DATA, subsample_size=None if given is not None else batch, subsample=given
+        )
+        with plate as index:
             mean = (x[index] * w).sum(-1) + b
             pyro.sample("y", dist.Normal(mean, noise), obs=y[index])
 
@@ -74,6 +87,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--seed-by-rank", action="store_true", help="a different seed on each rank")
     parser.add_argument("--gsm", action="store_true", help="fit with GSM instead (case mvn)")
+    parser.add_argument("--non-finite-at", type=int, help="rank 1's log joint is infinite at this step")
+    parser.add_argument("--given-indices", action="store_true", help="pass each rank's batch to the plate")
     options = parser.parse_args()
     torch.set_num_threads(1)
     distributed = "WORLD_SIZE" in os.environ
@@ -83,8 +98,9 @@ def main() -> None:
         rank = torch.distributed.get_rank()
     pyro.clear_param_store()
     pyro.set_rng_seed(rank if options.seed_by_rank else 0)
-    fail = {"now": False}
-    model = make_model(options.batch, options.case == "param", fail)
+    now = {"fail": False, "non_finite": False, "indices": None}
+    model = make_model(options.batch, options.case == "param", now)
+    world = torch.distributed.get_world_size() if distributed else 1
     guide = (AutoMultivariateNormal if options.case == "mvn" else AutoNormal)(model)
     reducer = ScoreReducer(timeout=options.timeout) if distributed else False
     if options.gsm:
@@ -98,14 +114,18 @@ def main() -> None:
     for step in range(options.steps):
         if options.hang_at == step and rank == 1:
             time.sleep(3 * options.timeout)
-        fail["now"] = options.fail_at == step and rank == 1
+        now["fail"] = options.fail_at == step and rank == 1
+        now["non_finite"] = options.non_finite_at == step and rank == 1
+        if options.given_indices:  # a global batch of 16 drawn by the script, split as a sampler would
+            batch = torch.randperm(NUM_DATA, generator=torch.Generator().manual_seed(100 + step))[:16]
+            now["indices"] = batch.chunk(world)[rank]
         losses.append(svi.step(x, y))
     if options.save:
         svi.save(options.save)
-    if rank == 0:
-        params = {name: value.detach().numpy() for name, value in pyro.get_param_store().items()}
-        np.savez(
-            options.out, losses=np.array(losses), num_score_calls=svi.num_score_calls,
+    params = {name: value.detach().numpy() for name, value in pyro.get_param_store().items()}
+    out = options.out if rank == 0 else options.out.replace(".npz", f"-rank{rank}.npz")
+    np.savez(
+            out, losses=np.array(losses), num_score_calls=svi.num_score_calls,
             num_rejected=svi.num_rejected, floats_reduced=reducer.floats_reduced if reducer else 0,
             **{f"param:{name}": value for name, value in params.items()},
         )  # fmt: skip
