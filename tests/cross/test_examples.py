@@ -69,3 +69,22 @@ def test_pyro_bnn_mnist(datasets_root):
 def test_pyro_forecasting(datasets_root):
     out = _run("pyro_forecasting.py", "--data", str(datasets_root / "ett"), "--quick")
     assert len(re.findall(r"MSE [\d.]+, MAE [\d.]+, CRPS [\d.]+", out)) == 2
+
+
+def test_pyro_data_parallel_on_two_ranks_matches_the_exact_posterior():
+    """Under torchrun with 2 gloo ranks (a global batch of 200 of 4000 points): the
+    project's standard for mini-batch fits, means within 0.2 posterior sd and sds within
+    20% of the exact conjugate posterior."""
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "examples" / "pyro_data_parallel.py")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ranks 2, global batch 200, data parallel True" in done.stdout
+    lines = {line.split(" sds ")[0]: line for line in done.stdout.splitlines() if " sds [" in line}
+    exact_sd, fitted_sd = _numbers(lines["exact"], "sds"), _numbers(lines["ProximalScoreVI"], "sds")
+    means = {line.split(" means ")[0]: line for line in done.stdout.splitlines() if " means [" in line}
+    exact_mean, fitted_mean = _numbers(means["exact"], "means"), _numbers(means["ProximalScoreVI"], "means")
+    assert np.all(np.abs(fitted_mean - exact_mean) < 0.2 * exact_sd)
+    assert np.all(np.abs(fitted_sd / exact_sd - 1) < 0.2)
