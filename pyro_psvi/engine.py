@@ -330,7 +330,7 @@ class ScoreEngine:
                 )  # fmt: skip
         except Exception:
             if self.reducer is not None:  # the other ranks raise too, instead of waiting
-                self.reducer.mean(self._reduced_like(params, particles, model_params), failed=True)
+                self.reducer.mean(self._reduced_like(particles, model_params), failed=True)
             raise
         return particles, self.reduce_scores(params, particles, scored)
 
@@ -349,7 +349,7 @@ class ScoreEngine:
         """Where the model runs on this rank's share of each mini-batch."""
         return contextlib.nullcontext() if self._shards is None else self._shards
 
-    def _reduced_like(self, params: Params, particles: torch.Tensor, model_params) -> list[torch.Tensor]:
+    def _reduced_like(self, particles: torch.Tensor, model_params) -> list[torch.Tensor]:
         """Zeros shaped as what :meth:`reduce_scores` all-reduces."""
         return [
             particles.new_zeros(len(particles)),

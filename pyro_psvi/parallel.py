@@ -76,7 +76,8 @@ class ScoreReducer:
     Attributes
     ----------
     floats_reduced : int
-        Floats this rank has all-reduced so far (the benchmark's communication volume).
+        Floats this rank has all-reduced in its updates so far (the benchmark's
+        communication volume; the set-up check is not counted).
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -105,6 +106,7 @@ class ScoreReducer:
             + [t.detach().reshape(-1).to(reference.dtype) for t in tensors]
         )
         self._all_reduce(flat)
+        self.floats_reduced += flat.numel()
         if bool(flat[0] > 0) and not failed:
             raise RankFailedError(
                 f"{int(flat[0])} of the {self.world_size} ranks failed in their score phase "
@@ -118,20 +120,21 @@ class ScoreReducer:
         """Whether ``flag`` (a 0-dim bool) holds on every rank."""
         votes = (~flag).to(torch.float32).reshape(1)
         self._all_reduce(votes)
+        self.floats_reduced += 1
         return votes[0] == 0
 
     def check_same(self, tensors: Sequence[torch.Tensor], what: str, fix: str) -> None:
         """Raise ``ValueError`` unless ``tensors`` hold the same values on every rank."""
-        checksum = torch.stack([t.detach().double().sum() for t in tensors])
+        device = tensors[0].device
+        checksum = torch.stack([t.detach().double().sum().to(device) for t in tensors])
         low, high = checksum.clone(), checksum.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.group)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(low, dist.ReduceOp.MIN)
+        self._all_reduce(high, dist.ReduceOp.MAX)
         if not torch.equal(low, high):
             raise ValueError(f"Data-parallel fitting needs {what} on every rank, and they differ. {fix}")
 
-    def _all_reduce(self, tensor: torch.Tensor) -> None:
-        self.floats_reduced += tensor.numel()
-        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+    def _all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+        work = dist.all_reduce(tensor, op=op, group=self.group, async_op=True)
         try:
             work.wait(timeout=datetime.timedelta(seconds=self.timeout))
         except RuntimeError as error:

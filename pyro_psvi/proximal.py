@@ -325,9 +325,9 @@ class ProximalScoreVI(ScoreEngine):
         stats = stats._replace(cross=cross, score=score, score_sq=score**2 / stats.count)
         return scored._replace(log_joints=log_joints, scores=None, param_grads=param_grads, statistics=stats)
 
-    def _reduced_like(self, params: Params, particles: torch.Tensor, model_params) -> list[torch.Tensor]:
+    def _reduced_like(self, particles: torch.Tensor, model_params) -> list[torch.Tensor]:
         if self.density.loc_scale is None:
-            return super()._reduced_like(params, particles, model_params)
+            return super()._reduced_like(particles, model_params)
         dim = particles.new_zeros(particles.shape[-1])
         return [particles.new_zeros(len(particles)), dim, dim, *map(torch.zeros_like, model_params)]
 
