@@ -30,7 +30,7 @@ from numpyro.infer.svi import SVIRunResult
 
 from numpyro_psvi._compat import device_varying, shard_map
 from numpyro_psvi.guides import GuideDensity, guide_family
-from numpyro_psvi.objective import negative_elbo, weighted_fisher
+from numpyro_psvi.objective import fisher_statistics, negative_elbo, weighted_fisher
 from numpyro_psvi.parallel import ShardedPlates, resolve_mesh
 from numpyro_psvi.scores import (
     ModelScores,
@@ -276,11 +276,14 @@ class ScoreEngine:
         key_batch: jax.Array,
         args: tuple,
         kwargs: dict,
+        *,
+        statistics: bool = False,
     ) -> tuple[jax.Array, ModelScores]:
         """``S`` particles from the guide at constrained ``params`` (constants), and their
         :class:`~numpyro_psvi.scores.ModelScores` from one pass (or one per particle)
         sharing the mini-batch of ``key_batch``; ``model_params`` are the model's
-        unconstrained ``numpyro.param`` values (their mean gradient comes along)."""
+        unconstrained ``numpyro.param`` values (their mean gradient comes along).
+        ``statistics``: see :meth:`reduce_scores`."""
         particles = lax.stop_gradient(density.sample(params, key_particles, self.num_particles))
         if self.mesh is None:
             scored = self._model_scores(self.model, density, particles, model_params, key_batch, args, kwargs)
@@ -293,7 +296,8 @@ class ScoreEngine:
             # Varying over the devices: each device's gradients are of its own share.
             at = device_varying((particles, model_params), axis)
             scored = self._model_scores(model, density, *at, key_batch, args, kwargs)
-            arrays, static["rest"] = _split_static(self.reduce_scores(density, params, particles, scored))
+            reduced = self.reduce_scores(density, params, particles, scored, statistics)
+            arrays, static["rest"] = _split_static(reduced)
             return arrays
 
         replicated = jax.sharding.PartitionSpec()
@@ -340,11 +344,33 @@ class ScoreEngine:
         return ModelScores(log_joints, scores, param_grads, weights, active_dim)
 
     def reduce_scores(
-        self, density: GuideDensity, params: dict, particles: jax.Array, scored: ModelScores
+        self,
+        density: GuideDensity,
+        params: dict,
+        particles: jax.Array,
+        scored: ModelScores,
+        statistics: bool = False,
     ) -> ModelScores:
         """Inside ``shard_map``: the mean over the devices of the scores of their shares
-        of the mini-batch (log joints, scores and param gradients in one ``pmean``)."""
+        of the mini-batch, in one ``pmean`` of the log joints, scores and param gradients.
+
+        With ``statistics`` and a diagonal Gaussian guide, the two score-dependent
+        :class:`~numpyro_psvi.objective.FisherStatistics` are reduced in place of the
+        ``(S, D)`` scores (``2 D`` floats; the particles, hence the other sums, are the
+        same on every device) and returned in ``statistics``, the scores as ``None``.
+        """
         axis = self.mesh.axis_names[0]
+        if statistics and density.loc_scale is not None:
+            stats = fisher_statistics(density, params, particles, scored.scores)
+            log_joints, cross, score, param_grads = lax.pmean(
+                (scored.log_joints, stats.cross, stats.score, scored.param_grads), axis
+            )
+            # sum_s g_s^2 is not a mean over devices; it enters only the reported Fisher
+            # value, which then drops the (constant) spread of the scores around their mean.
+            stats = stats._replace(cross=cross, score=score, score_sq=score**2 / stats.count)
+            return scored._replace(
+                log_joints=log_joints, scores=None, param_grads=param_grads, statistics=stats
+            )
         log_joints, scores, param_grads = lax.pmean(
             (scored.log_joints, scored.scores, scored.param_grads), axis
         )

@@ -239,32 +239,13 @@ class ProximalScoreVI(ScoreEngine):
         rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
         params_t = self._iterate_params(state)
         particles, scored = self.score_particles(
-            density, params_t, self._model_params(state), key_particles, key_batch, args, kwargs
-        )
+            density, params_t, self._model_params(state), key_particles, key_batch, args, kwargs,
+            statistics=True,
+        )  # fmt: skip
         problem = self.proximal_problem(density, params_t, particles, scored, key_kl, state.averages)
         fitted = self.inner_fit(problem.objective, state.optim_state)
         frac = self.pull_back(density, params_t, state.optim_state, fitted, scored.active_dim, key_kl)
         return self.accept(state, fitted, frac, problem, scored, rng_key)
-
-    def reduce_scores(
-        self, density: GuideDensity, params: dict, particles: jax.Array, scored: ModelScores
-    ) -> ModelScores:
-        """Inside ``shard_map``, for a diagonal Gaussian guide: the mean over the devices
-        of the two score-dependent :class:`~numpyro_psvi.objective.FisherStatistics`
-        (the particles, hence the other sums, are the same on every device), ``2 D + S``
-        floats and the param gradients in one ``pmean``. Otherwise as
-        :meth:`ScoreEngine.reduce_scores`."""
-        if density.loc_scale is None or scored.weights is not None:
-            return super().reduce_scores(density, params, particles, scored)
-        stats = fisher_statistics(density, params, particles, scored.scores)
-        axis = self.mesh.axis_names[0]
-        log_joints, cross, score, param_grads = lax.pmean(
-            (scored.log_joints, stats.cross, stats.score, scored.param_grads), axis
-        )
-        # sum_s g_s^2 is not a mean over devices; it enters only the reported Fisher
-        # value, which then drops the (constant) spread of the scores around their mean.
-        stats = stats._replace(cross=cross, score=score, score_sq=score**2 / stats.count)
-        return scored._replace(log_joints=log_joints, scores=None, param_grads=param_grads, statistics=stats)
 
     def proximal_problem(
         self,

@@ -39,7 +39,7 @@ from psvi.checks import (
 from psvi.families import DensityOptions
 from pyro_psvi._compat import forget_optimizers, load_optimizer_states, optimizer_states
 from pyro_psvi.guides import GuideDensity, Params, guide_family
-from pyro_psvi.objective import negative_elbo, weighted_fisher
+from pyro_psvi.objective import fisher_statistics, negative_elbo, weighted_fisher
 from pyro_psvi.parallel import ScoreReducer, ShardedPlates
 from pyro_psvi.scores import (
     ModelScores,
@@ -314,11 +314,12 @@ class ScoreEngine:
 
     # ----------------------------------------------------------------- phases
     def score_particles(
-        self, params: Params, args: tuple, kwargs: dict, model_params=()
+        self, params: Params, args: tuple, kwargs: dict, model_params=(), *, statistics: bool = False
     ) -> tuple[torch.Tensor, ModelScores]:
         """``S`` particles from the guide at constrained ``params`` and their
         :class:`~pyro_psvi.scores.ModelScores` on one fresh mini-batch shared by the
-        particles (with the mean gradient in each tensor of ``model_params``)."""
+        particles (with the mean gradient in each tensor of ``model_params``).
+        ``statistics``: see :meth:`reduce_scores`."""
         with torch.no_grad():
             particles = self.density.sample(params, self.num_particles)
         try:
@@ -330,32 +331,52 @@ class ScoreEngine:
                 )  # fmt: skip
         except Exception:
             if self.reducer is not None:  # the other ranks raise too, instead of waiting
-                self.reducer.mean(self._reduced_like(particles, model_params), failed=True)
+                self.reducer.mean(self._reduced_like(particles, model_params, statistics), failed=True)
             raise
-        return particles, self.reduce_scores(params, particles, scored)
+        return particles, self.reduce_scores(params, particles, scored, statistics)
 
-    def reduce_scores(self, params: Params, particles: torch.Tensor, scored: ModelScores) -> ModelScores:
+    def reduce_scores(
+        self, params: Params, particles: torch.Tensor, scored: ModelScores, statistics: bool = False
+    ) -> ModelScores:
         """With data parallelism, the mean over the ranks of the scores of their shares
-        of the mini-batch (one all-reduce of the log joints, scores and param gradients);
-        on one process, ``scored`` as it is."""
+        of the mini-batch, in one all-reduce of the log joints, scores and param
+        gradients; on one process, ``scored`` as it is.
+
+        With ``statistics`` and a diagonal Gaussian guide, the two score-dependent
+        :class:`~pyro_psvi.objective.FisherStatistics` are reduced in place of the
+        ``(S, D)`` scores (``2 D`` floats; the particles, hence the other sums, are the
+        same on every rank) and returned in ``statistics``, the scores as ``None``.
+        """
         if self.reducer is None:
             return scored
-        log_joints, scores, *param_grads = self.reducer.mean(
-            [scored.log_joints, scored.scores, *scored.param_grads]
+        if not self._reduces_statistics(statistics):
+            log_joints, scores, *param_grads = self.reducer.mean(
+                [scored.log_joints, scored.scores, *scored.param_grads]
+            )
+            return scored._replace(log_joints=log_joints, scores=scores, param_grads=param_grads)
+        stats = fisher_statistics(self.density, params, particles, scored.scores)
+        log_joints, cross, score, *param_grads = self.reducer.mean(
+            [scored.log_joints, stats.cross, stats.score, *scored.param_grads]
         )
-        return scored._replace(log_joints=log_joints, scores=scores, param_grads=param_grads)
+        # sum_s g_s^2 is not a mean over ranks; it enters only the reported Fisher value,
+        # which then drops the (constant) spread of the scores around their mean.
+        stats = stats._replace(cross=cross, score=score, score_sq=score**2 / stats.count)
+        return scored._replace(log_joints=log_joints, scores=None, param_grads=param_grads, statistics=stats)
+
+    def _reduces_statistics(self, statistics: bool) -> bool:
+        return statistics and self.density.loc_scale is not None
 
     def _sharded(self) -> contextlib.AbstractContextManager:
         """Where the model runs on this rank's share of each mini-batch."""
         return contextlib.nullcontext() if self._shards is None else self._shards
 
-    def _reduced_like(self, particles: torch.Tensor, model_params) -> list[torch.Tensor]:
+    def _reduced_like(self, particles: torch.Tensor, model_params, statistics: bool) -> list[torch.Tensor]:
         """Zeros shaped as what :meth:`reduce_scores` all-reduces."""
-        return [
-            particles.new_zeros(len(particles)),
-            torch.zeros_like(particles),
-            *map(torch.zeros_like, model_params),
-        ]
+        sums = (2, particles.shape[-1])  # cross and score
+        coordinates = (
+            particles.new_zeros(sums) if self._reduces_statistics(statistics) else torch.zeros_like(particles)
+        )
+        return [particles.new_zeros(len(particles)), coordinates, *map(torch.zeros_like, model_params)]
 
     # ------------------------------------------------------------------ steps
     def update(self, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -298,7 +298,7 @@ class ProximalScoreVI(ScoreEngine):
                         leaf.copy_(start[name])
                 params_t = self._constrain(start)
             model_leaves = [leaves[name] for name in self._model_param_names]
-            particles, scored = self.score_particles(params_t, args, kwargs, model_leaves)
+            particles, scored = self.score_particles(params_t, args, kwargs, model_leaves, statistics=True)
             problem = self.proximal_problem(params_t, particles, scored)
             del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
             self.inner_fit(problem, leaves)
@@ -307,29 +307,6 @@ class ProximalScoreVI(ScoreEngine):
             self.record(accept)
             self._advance_averages(problem.averages, leaves, accept)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
-
-    def reduce_scores(self, params: Params, particles: torch.Tensor, scored: ModelScores) -> ModelScores:
-        """With data parallelism and a diagonal Gaussian guide, the mean over the ranks
-        of the two score-dependent :class:`~pyro_psvi.objective.FisherStatistics` (the
-        particles, hence the other sums, are the same on every rank): ``2 D + S`` floats
-        and the param gradients in one all-reduce. Otherwise as
-        :meth:`ScoreEngine.reduce_scores`."""
-        if self.reducer is None or self.density.loc_scale is None or scored.weights is not None:
-            return super().reduce_scores(params, particles, scored)
-        stats = fisher_statistics(self.density, params, particles, scored.scores)
-        log_joints, cross, score, *param_grads = self.reducer.mean(
-            [scored.log_joints, stats.cross, stats.score, *scored.param_grads]
-        )
-        # sum_s g_s^2 is not a mean over ranks; it enters only the reported Fisher value,
-        # which then drops the (constant) spread of the scores around their mean.
-        stats = stats._replace(cross=cross, score=score, score_sq=score**2 / stats.count)
-        return scored._replace(log_joints=log_joints, scores=None, param_grads=param_grads, statistics=stats)
-
-    def _reduced_like(self, particles: torch.Tensor, model_params) -> list[torch.Tensor]:
-        if self.density.loc_scale is None:
-            return super()._reduced_like(particles, model_params)
-        dim = particles.new_zeros(particles.shape[-1])
-        return [particles.new_zeros(len(particles)), dim, dim, *map(torch.zeros_like, model_params)]
 
     def proximal_problem(
         self, params_t: Params, particles: torch.Tensor, scored: ModelScores

@@ -53,6 +53,7 @@ def test_devices_take_the_one_device_updates(case, devices):
     assert report["dtype"] == "float64"
     assert max(report["params"].values()) < 1e-10, report
     assert report["losses"] < 1e-10 * 1e4, report  # losses are ~1e3-1e4 in size
+    assert report["diagnostics"] < 1e-10, report  # evaluate, fisher_divergence
     assert report["num_score_calls"] == [40, 40] and report["num_rejected"][0] == report["num_rejected"][1]
     if case == "param":
         assert "noise" in report["param_names"]

@@ -89,6 +89,8 @@ def test_ranks_take_the_one_process_steps(tmp_path, case, world):
     for name, value in _params(one).items():
         np.testing.assert_allclose(ranks[name], value, rtol=1e-10, atol=1e-12, err_msg=name)
     np.testing.assert_allclose(ranks["losses"], one["losses"], rtol=1e-10)
+    for diagnostic in ("evaluate_loss", "fisher"):  # full scores reduced, fresh particles
+        np.testing.assert_allclose(ranks[diagnostic], one[diagnostic], rtol=1e-10)
     assert int(ranks["num_score_calls"]) == int(one["num_score_calls"]) == 4 * STEPS
     assert int(ranks["num_rejected"]) == int(one["num_rejected"])
     if case == "normal":

@@ -5,7 +5,8 @@ DIR]`` (this sets ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before 
 starts, so it needs its own process). Prints one JSON line: the largest absolute
 difference between the final params and losses of the fit on ``DEVICES`` devices (a
 plate ``subsample_size`` of ``16 / DEVICES`` each) and the one-device fit (``16``), both
-in float64, and the counters. Cases: ``normal`` (AutoNormal), ``mvn``
+in float64, the relative difference of ``evaluate`` and ``fisher_divergence`` after the
+fit, and the counters. Cases: ``normal`` (AutoNormal), ``mvn``
 (AutoMultivariateNormal), ``param`` (AutoNormal and a ``numpyro.param`` noise scale).
 With ``--checkpoint DIR`` the sharded fit is saved after ``STEPS // 2`` updates and
 resumed on one device for the rest.
@@ -68,14 +69,16 @@ def fit(case: str, devices: int, steps: int, checkpoint: str | None = None) -> t
     svi = engine(case, devices)
     if checkpoint is None:
         result = svi.run(jax.random.PRNGKey(0), steps, x, y, progress_bar=False)
-        return result.params, np.asarray(result.losses), result.state
+        diagnostics = [svi.evaluate(result.state, x, y), svi.fisher_divergence(result.state, x, y)]
+        return result.params, np.asarray(result.losses), result.state, np.asarray(diagnostics)
     first = svi.run(jax.random.PRNGKey(0), steps // 2, x, y, progress_bar=False)
     path = os.path.join(checkpoint, "fit.psvi")
     svi.save(path, first.state)
     resumed = engine(case, 1)
     state = resumed.load(path, x, y)
     second = resumed.run(None, steps - steps // 2, x, y, progress_bar=False, init_state=state)
-    return second.params, np.concatenate([first.losses, second.losses]), second.state
+    diagnostics = [resumed.evaluate(second.state, x, y), resumed.fisher_divergence(second.state, x, y)]
+    return second.params, np.concatenate([first.losses, second.losses]), second.state, np.asarray(diagnostics)
 
 
 def main() -> None:
@@ -85,8 +88,8 @@ def main() -> None:
     parser.add_argument("steps", type=int)
     parser.add_argument("--checkpoint")
     options = parser.parse_args()
-    one_params, one_losses, one_state = fit(options.case, 1, options.steps)
-    params, losses, state = fit(options.case, options.devices, options.steps, options.checkpoint)
+    one_params, one_losses, one_state, one_diagnostics = fit(options.case, 1, options.steps)
+    params, losses, state, diagnostics = fit(options.case, options.devices, options.steps, options.checkpoint)
     differences = {
         name: float(np.max(np.abs(np.asarray(params[name]) - np.asarray(value))))
         for name, value in one_params.items()
@@ -94,6 +97,7 @@ def main() -> None:
     print(json.dumps({
         "params": differences,
         "losses": float(np.max(np.abs(losses - one_losses))),
+        "diagnostics": float(np.max(np.abs(diagnostics / one_diagnostics - 1))),
         "num_score_calls": [int(one_state.num_score_calls), int(state.num_score_calls)],
         "num_rejected": [int(one_state.num_rejected), int(state.num_rejected)],
         "param_names": sorted(params),

@@ -122,11 +122,16 @@ def main() -> None:
         losses.append(svi.step(x, y))
     if options.save:
         svi.save(options.save)
+    floats_reduced = reducer.floats_reduced if reducer else 0  # in the steps
+    diagnostics = {}
+    if not options.gsm:  # collectives: every rank calls them
+        diagnostics = {"evaluate_loss": svi.evaluate_loss(x, y), "fisher": svi.fisher_divergence(x, y)}
     params = {name: value.detach().numpy() for name, value in pyro.get_param_store().items()}
     out = options.out if rank == 0 else options.out.replace(".npz", f"-rank{rank}.npz")
     np.savez(
             out, losses=np.array(losses), num_score_calls=svi.num_score_calls,
-            num_rejected=svi.num_rejected, floats_reduced=reducer.floats_reduced if reducer else 0,
+            num_rejected=svi.num_rejected, floats_reduced=floats_reduced,
+            **diagnostics,
             **{f"param:{name}": value for name, value in params.items()},
         )  # fmt: skip
     if distributed:
