@@ -50,7 +50,9 @@ from psvi.checks import (
     check_latents_match,
     check_rejection_rate,
     check_rejection_streak,
+    data_parallel_local_message,
     local_latent_message,
+    no_mini_batch_message,
     rejection_message,
 )
 from psvi.families import DensityOptions
@@ -213,20 +215,10 @@ class ScoreEngine:
     def _check_data_parallel(self, local: dict[str, str], args: tuple, kwargs: dict) -> None:
         """Data parallelism needs a mini-batch to split, small enough, and no local latents."""
         if local:
-            name, plate = next(iter(local.items()))
-            raise NotImplementedError(
-                f"Data-parallel fitting does not support local latents yet: site {name!r} "
-                f"lies in plate {plate!r}, which the devices split. Fit it on one device "
-                "(data_parallel=False), or make the site global."
-            )
+            raise NotImplementedError(data_parallel_local_message(*next(iter(local.items())), "device"))
         plates = subsampled_plates(self.model, args, kwargs)
         if not plates:
-            raise ValueError(
-                "Data-parallel fitting gives each device its own mini-batch of a subsampled "
-                "plate, and this model subsamples none, so every device would score all the "
-                "data. Write the data plate as numpyro.plate('data', N, subsample_size=B) "
-                "with B the batch of one device (B = N / devices for exact scores)."
-            )
+            raise ValueError(no_mini_batch_message("numpyro", "device"))
         for name, (size, subsample_size) in plates.items():
             if subsample_size * self.mesh.size > size:
                 raise ValueError(

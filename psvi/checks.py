@@ -184,6 +184,27 @@ def local_latent_message(name: str, plate: str, guide_name: str) -> str:
     )
 
 
+def data_parallel_local_message(name: str, plate: str, unit: str) -> str:
+    """The error for a local latent under data parallelism (``unit``: "rank" or "device")."""
+    return (
+        f"Data-parallel fitting does not support local latents yet: site {name!r} lies in "
+        f"plate {plate!r}, which the {unit}s split. Fit it on one {unit} "
+        "(data_parallel=False), or make the site global."
+    )
+
+
+def no_mini_batch_message(ppl: str, unit: str) -> str:
+    """The error for a data-parallel model that subsamples no plate (``ppl``: "pyro" or
+    "numpyro"; ``unit``: "rank" or "device")."""
+    given = " or pass each rank's own indices with subsample=." if ppl == "pyro" else "."
+    return (
+        f"Data-parallel fitting gives each {unit} its own mini-batch of a subsampled plate, "
+        f"and this model subsamples none, so every {unit} would score all the data. Write the "
+        f"data plate as {ppl}.plate('data', N, subsample_size=B) with B the batch of one "
+        f"{unit} (B = N / {unit}s for exact scores){given}"
+    )
+
+
 class GuideSite(NamedTuple):
     """What :func:`check_user_guide_sites` needs to know of one guide sample site."""
 

@@ -33,7 +33,9 @@ from psvi.checks import (
     check_latents_match,
     check_rejection_rate,
     check_rejection_streak,
+    data_parallel_local_message,
     local_latent_message,
+    no_mini_batch_message,
     rejection_message,
 )
 from psvi.families import DensityOptions
@@ -212,25 +214,14 @@ class ScoreEngine:
     def _check_data_parallel(self, model_trace: poutine.Trace, local: dict[str, str]) -> None:
         """Data parallelism needs a mini-batch to split and no local latents."""
         if local:
-            name, plate = next(iter(local.items()))
-            raise NotImplementedError(
-                f"Data-parallel fitting does not support local latents yet: site {name!r} "
-                f"lies in plate {plate!r}, which the ranks split. Fit it on one process "
-                "(data_parallel=False), or make the site global."
-            )
+            raise NotImplementedError(data_parallel_local_message(*next(iter(local.items())), "rank"))
         batches = [
             name for name, site in model_trace.nodes.items()
             if site["type"] == "sample" and site_is_subsample(site)
             and (site["fn"].subsample_size is not None or len(site["value"]) < site["fn"].size)
         ]  # fmt: skip
         if not batches:
-            raise ValueError(
-                "Data-parallel fitting gives each rank its own mini-batch of a subsampled "
-                "plate, and this model subsamples none, so every rank would score all the "
-                "data. Write the data plate as pyro.plate('data', N, subsample_size=B) with B "
-                "the batch of one rank (B = N / ranks for exact scores), or pass each rank's "
-                "own indices with subsample=."
-            )
+            raise ValueError(no_mini_batch_message("pyro", "rank"))
 
     def _check_local_latents(self, local: dict[str, str]) -> None:
         """Local latents in a subsampled plate (``{site: plate}``) need a guide whose params
