@@ -46,6 +46,7 @@ def _compare(*options: str) -> dict:
         ("mvn", 2),  # the (S, D) scores reduced
         pytest.param("normal", 2, marks=pytest.mark.slow),
         pytest.param("normal", 4, marks=pytest.mark.slow),
+        pytest.param("user", 2, marks=pytest.mark.slow),  # a hand-written guide
     ],
 )
 def test_devices_take_the_one_device_updates(case, devices):

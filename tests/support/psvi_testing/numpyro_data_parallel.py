@@ -7,7 +7,8 @@ difference between the final params and losses of the fit on ``DEVICES`` devices
 plate ``subsample_size`` of ``16 / DEVICES`` each) and the one-device fit (``16``), both
 in float64, the relative difference of ``evaluate`` and ``fisher_divergence`` after the
 fit, and the counters. Cases: ``normal`` (AutoNormal), ``mvn``
-(AutoMultivariateNormal), ``param`` (AutoNormal and a ``numpyro.param`` noise scale).
+(AutoMultivariateNormal), ``param`` (AutoNormal and a ``numpyro.param`` noise scale),
+``user`` (a hand-written mean-field guide).
 With ``--checkpoint DIR`` the sharded fit is saved after ``STEPS // 2`` updates and
 resumed on one device for the rest.
 """
@@ -57,9 +58,20 @@ def make_model(batch: int, learn_noise: bool):
     return model
 
 
+def user_guide(x: jax.Array, y: jax.Array) -> None:
+    positive = dist.constraints.positive
+    loc_w = numpyro.param("loc_w", jnp.zeros(3))
+    scale_w = numpyro.param("scale_w", jnp.full(3, 0.5), constraint=positive)
+    loc_b = numpyro.param("loc_b", 0.0)
+    scale_b = numpyro.param("scale_b", 0.5, constraint=positive)
+    numpyro.sample("w", dist.Normal(loc_w, scale_w).to_event(1))
+    numpyro.sample("b", dist.Normal(loc_b, scale_b))
+
+
 def engine(case: str, devices: int) -> ProximalScoreVI:
     model = make_model(GLOBAL_BATCH // devices, case == "param")
-    guide = (AutoMultivariateNormal if case == "mvn" else AutoNormal)(model)
+    guides = {"user": user_guide, "mvn": AutoMultivariateNormal(model)}
+    guide = guides.get(case) or AutoNormal(model)
     mesh = jax.sharding.Mesh(jax.devices()[:devices], ("data",)) if devices > 1 else False
     return ProximalScoreVI(model, guide, numpyro.optim.Adam(0.05), data_parallel=mesh)
 
@@ -83,7 +95,7 @@ def fit(case: str, devices: int, steps: int, checkpoint: str | None = None) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("case", choices=["normal", "mvn", "param"])
+    parser.add_argument("case", choices=["normal", "mvn", "param", "user"])
     parser.add_argument("devices", type=int)
     parser.add_argument("steps", type=int)
     parser.add_argument("--checkpoint")

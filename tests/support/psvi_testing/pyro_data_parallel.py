@@ -8,7 +8,8 @@ the one process) writes the final params, the losses and the counters to ``OUT``
 (``.npz``).
 
 Cases: ``normal`` (AutoNormal), ``mvn`` (AutoMultivariateNormal), ``param`` (AutoNormal
-and a ``pyro.param`` noise scale in the model). Options: ``--load PATH`` resumes a
+and a ``pyro.param`` noise scale in the model), ``user`` (a hand-written mean-field
+guide). Options: ``--load PATH`` resumes a
 checkpoint, ``--save PATH`` writes one at the end, ``--fail-at K`` makes rank 1's model
 raise at step ``K``, ``--hang-at K`` makes rank 1 hang for three timeouts before step
 ``K`` (a rank stuck outside the score phase), ``--timeout T`` the all-reduce timeout,
@@ -74,9 +75,19 @@ def make_model(batch: int, learn_noise: bool, now: dict):
     return model
 
 
+def user_guide(x: torch.Tensor, y: torch.Tensor) -> None:
+    positive = dist.constraints.positive
+    loc_w = pyro.param("loc_w", torch.zeros(3, dtype=x.dtype))
+    scale_w = pyro.param("scale_w", torch.full((3,), 0.5, dtype=x.dtype), constraint=positive)
+    loc_b = pyro.param("loc_b", torch.zeros((), dtype=x.dtype))
+    scale_b = pyro.param("scale_b", torch.tensor(0.5, dtype=x.dtype), constraint=positive)
+    pyro.sample("w", dist.Normal(loc_w, scale_w).to_event(1))
+    pyro.sample("b", dist.Normal(loc_b, scale_b))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("case", choices=["normal", "mvn", "param"])
+    parser.add_argument("case", choices=["normal", "mvn", "param", "user"])
     parser.add_argument("steps", type=int)
     parser.add_argument("out")
     parser.add_argument("--batch", type=int, default=16, help="the plate's subsample_size (per rank)")
@@ -101,7 +112,11 @@ def main() -> None:
     now = {"fail": False, "non_finite": False, "indices": None}
     model = make_model(options.batch, options.case == "param", now)
     world = torch.distributed.get_world_size() if distributed else 1
-    guide = (AutoMultivariateNormal if options.case == "mvn" else AutoNormal)(model)
+    guide = (
+        user_guide
+        if options.case == "user"
+        else (AutoMultivariateNormal if options.case == "mvn" else AutoNormal)(model)
+    )
     reducer = ScoreReducer(timeout=options.timeout) if distributed else False
     if options.gsm:
         svi = GSM(model, guide, data_parallel=reducer)
