@@ -47,6 +47,7 @@ from numpyro_psvi.scores import (
 from psvi import checkpoint
 from psvi.checks import (
     check_checkpointing,
+    check_global_batch,
     check_latents_match,
     check_rejection_rate,
     check_rejection_streak,
@@ -220,12 +221,7 @@ class ScoreEngine:
         if not plates:
             raise ValueError(no_mini_batch_message("numpyro", "device"))
         for name, (size, subsample_size) in plates.items():
-            if subsample_size * self.mesh.size > size:
-                raise ValueError(
-                    f"Plate {name!r}: {self.mesh.size} devices of subsample_size={subsample_size} "
-                    f"need a global batch of {subsample_size * self.mesh.size} from its {size} "
-                    f"members; use subsample_size <= {size // self.mesh.size}."
-                )
+            check_global_batch(name, size, subsample_size, self.mesh.size, "device")
 
     def _check_local_latents(self, local: dict[str, str]) -> None:
         """Local latents in a subsampled plate (``{site: plate}``) need a guide whose params

@@ -20,6 +20,8 @@ from jax import lax
 from jax.sharding import Mesh
 from numpyro.primitives import Messenger
 
+from psvi.checks import check_global_batch
+
 
 class ShardedPlates(Messenger):
     """Draw each mini-batch for the ``world_size`` devices of mesh axis ``axis_name``
@@ -40,14 +42,8 @@ class ShardedPlates(Messenger):
         if msg["type"] != "plate" or msg["value"] is not None:
             return
         size, subsample_size = msg["args"][:2]
-        batch = self.world_size * subsample_size
-        if batch > size:
-            raise ValueError(
-                f"Plate {msg['name']!r}: {self.world_size} devices of subsample_size="
-                f"{subsample_size} need a global batch of {batch} from its {size} members; "
-                f"use subsample_size <= {size // self.world_size}."
-            )
-        msg["args"] = (size, batch, *msg["args"][2:])
+        check_global_batch(msg["name"], size, subsample_size, self.world_size, "device")
+        msg["args"] = (size, self.world_size * subsample_size, *msg["args"][2:])
         msg["infer"] = {**msg.get("infer", {}), "_psvi_device_batch": subsample_size}
 
     def postprocess_message(self, msg: dict) -> None:

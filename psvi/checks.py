@@ -193,6 +193,18 @@ def data_parallel_local_message(name: str, plate: str, unit: str) -> str:
     )
 
 
+def check_global_batch(plate: str, size: int, subsample_size: int, world_size: int, unit: str) -> None:
+    """Raise ``ValueError`` when ``world_size`` batches of ``subsample_size`` (one per
+    ``unit``: "rank" or "device") exceed the ``size`` members of ``plate``."""
+    batch = world_size * subsample_size
+    if batch > size:
+        raise ValueError(
+            f"Plate {plate!r}: {world_size} {unit}s of subsample_size={subsample_size} need a "
+            f"global batch of {batch} from its {size} members; use subsample_size <= "
+            f"{size // world_size}."
+        )
+
+
 def no_mini_batch_message(ppl: str, unit: str) -> str:
     """The error for a data-parallel model that subsamples no plate (``ppl``: "pyro" or
     "numpyro"; ``unit``: "rank" or "device")."""

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from pyro.poutine.messenger import Messenger
 
+from psvi.checks import check_global_batch
 from pyro_psvi._compat import Subsample
 
 DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for the others in an all-reduce
@@ -51,14 +52,8 @@ class ShardedPlates(Messenger):
         fn = msg["fn"]
         if not isinstance(fn, Subsample) or msg["value"] is not None or fn.subsample_size is None:
             return
-        batch = self.world_size * fn.subsample_size
-        if batch > fn.size:
-            raise ValueError(
-                f"Plate {msg['name']!r}: {self.world_size} ranks of subsample_size="
-                f"{fn.subsample_size} need a global batch of {batch} from its {fn.size} "
-                f"members; use subsample_size <= {fn.size // self.world_size}."
-            )
-        indices = Subsample(fn.size, batch, device=fn.device).sample()
+        check_global_batch(msg["name"], fn.size, fn.subsample_size, self.world_size, "rank")
+        indices = Subsample(fn.size, self.world_size * fn.subsample_size, device=fn.device).sample()
         msg["value"] = indices.chunk(self.world_size)[self.rank]
 
 
