@@ -19,7 +19,9 @@ from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from numpyro.infer.initialization import init_to_value
 
 from numpyro_psvi import ProximalScoreVI
+from numpyro_psvi.batches import advance_epoch_order, batch_indices, init_epoch_order
 from numpyro_psvi.contrib.models import gaussian_target, mlp_classifier, mlp_init_values
+from numpyro_psvi.scores import subsampled_plates
 from psvi.contrib.datasets import load_digits
 from psvi.metrics import classification_report, gaussian_kl
 
@@ -50,6 +52,8 @@ METHOD_LABELS = {
     "advi": "ADVI",
     "advi_psvi": "ADVI, then ProximalScoreVI",
     "ivon": "IVON",
+    "advi_reshuffled": "ADVI (reshuffled batches)",
+    "psvi_iid": "ProximalScoreVI (independent batches)",
 }
 
 
@@ -68,11 +72,50 @@ def phases(method: str, steps: int) -> list[tuple[str, int]]:
 
 
 def make_engine(kind: str, model, guide, lr: float, num_particles: int, **options):
-    """``"psvi"`` (ProximalScoreVI) or ``"advi"`` (SVI with Trace_ELBO), Adam(lr)."""
+    """``"psvi"`` (ProximalScoreVI), ``"psvi_iid"`` (the same with the plates' own
+    independent batches), ``"advi"`` (SVI with Trace_ELBO) or ``"advi_reshuffled"``
+    (the same SVI on the engines' reshuffled batches), Adam(lr)."""
     optim = numpyro.optim.Adam(lr)
     if kind == "advi":
         return SVI(model, guide, optim, Trace_ELBO(num_particles=num_particles))
+    if kind == "advi_reshuffled":
+        return ReshuffledSVI(model, guide, optim, Trace_ELBO(num_particles=num_particles))
+    if kind == "psvi_iid":
+        options = {**options, "reshuffle": False}
     return ProximalScoreVI(model, guide, optim, num_particles=num_particles, **options)
+
+
+class ReshuffledSVI:
+    """NumPyro's ``SVI`` on mini-batches drawn as ProximalScoreVI's ``reshuffle=True``
+    draws them (:mod:`numpyro_psvi.batches`): the control that separates what the
+    batches give from what the objective gives. Its state is ``(SVIState, EpochOrder)``;
+    the guide must not depend on the batch (global latents only)."""
+
+    def __init__(self, model, guide, optim, loss) -> None:
+        def on_batch(*args, _indices=None, **kwargs):
+            with numpyro.handlers.substitute(data=_indices or {}):
+                return model(*args, **kwargs)
+
+        def guide_on_batch(*args, _indices=None, **kwargs):
+            return guide(*args, **kwargs)
+
+        self.svi = SVI(on_batch, guide_on_batch, optim, loss)
+        self.model, self.guide, self.plates = model, guide, {}
+
+    def init(self, rng_key, *args, init_params=None, **kwargs):
+        self.plates = subsampled_plates(self.model, args, kwargs)
+        order = init_epoch_order(self.plates, jax.random.fold_in(rng_key, 1))
+        return self.svi.init(rng_key, *args, init_params=init_params, **kwargs), order
+
+    def update(self, state, *args, **kwargs):
+        svi_state, order = state
+        indices = batch_indices(order, self.plates)
+        svi_state, loss = self.svi.update(svi_state, *args, _indices=indices, **kwargs)
+        key = jax.random.fold_in(svi_state.rng_key, 1)
+        return (svi_state, advance_epoch_order(order, self.plates, key)), loss
+
+    def get_params(self, state):
+        return self.svi.get_params(state[0])
 
 
 def gaussian_calls_to_kl(

@@ -75,13 +75,14 @@ class _GaussianBaseline(ScoreEngine):
         vectorize_particles: bool = True,
         max_consecutive_rejections: int | None = 20,
         data_parallel: bool | Mesh | None = None,
+        reshuffle: bool = True,
         **static_kwargs: Any,
     ):
         super().__init__(
             model, guide, None, num_particles=num_particles,
             vectorize_particles=vectorize_particles,
             max_consecutive_rejections=max_consecutive_rejections, data_parallel=data_parallel,
-            **static_kwargs,
+            reshuffle=reshuffle, **static_kwargs,
         )  # fmt: skip
         if not self.family.full_covariance:
             raise TypeError(
@@ -122,7 +123,9 @@ class _GaussianBaseline(ScoreEngine):
         prefix = self.guide.prefix
         rng_key, key_particles, key_batch = random.split(state.rng_key, 3)
         params = state.optim_state
-        particles, scored = self.score_particles(density, params, {}, key_particles, key_batch, args, kwargs)
+        particles, scored = self.score_particles(
+            density, params, {}, key_particles, key_batch, args, kwargs, indices=self.batch_indices(state)
+        )
         scores = scored.scores
         loss = negative_elbo(density, params, particles, scored.log_joints)
         loc, tril = params[f"{prefix}_loc"], params[f"{prefix}_scale_tril"]

@@ -29,6 +29,7 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.svi import SVIRunResult
 
 from numpyro_psvi._compat import device_varying, shard_map
+from numpyro_psvi.batches import advance_epoch_order, batch_indices, init_epoch_order
 from numpyro_psvi.guides import GuideDensity, guide_family
 from numpyro_psvi.objective import fisher_statistics, negative_elbo, weighted_fisher
 from numpyro_psvi.parallel import ShardedPlates, resolve_mesh
@@ -58,6 +59,10 @@ from psvi.checks import (
 )
 from psvi.families import DensityOptions
 
+# Folded into a key to draw the epochs' permutations: a stream of its own, so that the
+# particles' and the plates' draws stay what they are without reshuffling.
+_EPOCH_STREAM = 0x0E90C4
+
 
 class EngineState(NamedTuple):
     """State of every NumPyro engine.
@@ -80,6 +85,9 @@ class EngineState(NamedTuple):
     averages
         Running averages an engine keeps across updates
         (:class:`~numpyro_psvi.proximal.RunningAverages`), or ``None``.
+    epoch_order
+        Where each subsampled plate is in its epoch
+        (:class:`~numpyro_psvi.batches.EpochOrder`), or ``None`` without reshuffling.
     """
 
     optim_state: Any
@@ -88,6 +96,7 @@ class EngineState(NamedTuple):
     num_rejected: jax.Array
     consecutive_rejected: jax.Array
     averages: Any = None
+    epoch_order: Any = None
 
 
 class ScoreEngine:
@@ -117,6 +126,11 @@ class ScoreEngine:
         Split each mini-batch over the devices of a one-axis mesh
         (:mod:`numpyro_psvi.parallel`, docs/data_parallel.md): ``True`` for all of
         ``jax.devices()``; ``None``: on in a multi-process run, else off.
+    reshuffle : bool
+        Draw the mini-batches of the model's subsampled plates by random reshuffling
+        (:mod:`numpyro_psvi.batches`: every member once per epoch, as
+        ``DataLoader(shuffle=True, drop_last=True)``) rather than independently, as the
+        plate alone does. No effect on models without a subsampled plate.
     **static_kwargs
         Static keyword arguments for the model and guide, as in ``SVI``.
     """
@@ -133,6 +147,7 @@ class ScoreEngine:
         num_kl_draws: int = 256,
         max_consecutive_rejections: int | None = 20,
         data_parallel: bool | Mesh | None = None,
+        reshuffle: bool = True,
         **static_kwargs: Any,
     ) -> None:
         if int(num_particles) < 1:
@@ -157,6 +172,8 @@ class ScoreEngine:
         self._model_param_names: tuple[str, ...] = ()
         self.batch_ratio = 1.0  # the model's largest plate size over subsample size
         self.mesh = resolve_mesh(data_parallel)
+        self.reshuffle = bool(reshuffle)
+        self._epoch_plates: dict[str, tuple[int, int]] = {}  # {plate: (size, global batch)}
 
     # ----------------------------------------------------------------- set-up
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
@@ -201,7 +218,26 @@ class ScoreEngine:
             optim_state = self.optim.init(params)
         self.density = self._build_density(args, all_kwargs)
         zero = jnp.zeros((), jnp.int32)
-        return EngineState(self._initial_optim_state(optim_state), svi_state.rng_key, zero, zero, zero)
+        self._epoch_plates = self._global_plates(args, all_kwargs) if self.reshuffle else {}
+        epoch_order = None
+        if self._epoch_plates:
+            epoch_order = init_epoch_order(self._epoch_plates, random.fold_in(rng_key, _EPOCH_STREAM))
+        optim_state = self._initial_optim_state(optim_state)
+        return EngineState(optim_state, svi_state.rng_key, zero, zero, zero, epoch_order=epoch_order)
+
+    def _global_plates(self, args: tuple, kwargs: dict) -> dict[str, tuple[int, int]]:
+        """``{plate name: (size, global batch)}`` of the model's subsampled plates (the
+        global batch: the devices' batches together)."""
+        world_size = 1 if self.mesh is None else self.mesh.size
+        plates = subsampled_plates(self.model, args, kwargs)
+        return {name: (size, world_size * batch) for name, (size, batch) in plates.items()}
+
+    def batch_indices(self, state: EngineState) -> dict[str, jax.Array] | None:
+        """``{plate name: indices}`` of the global mini-batch of the update from ``state``
+        (``None`` without reshuffling: the plates draw their own)."""
+        if state.epoch_order is None:
+            return None
+        return batch_indices(state.epoch_order, self._epoch_plates)
 
     def _guide_latent_shapes(self, guide_seed: jax.Array, args: tuple, kwargs: dict) -> dict:
         guide_trace = getattr(self.guide, "prototype_trace", None)
@@ -248,6 +284,16 @@ class ScoreEngine:
             "With these arguments the model's latent sites differ from those at init",
             "Call init again with the new arguments: the guide's shapes are fixed there.",
         )  # fmt: skip
+        if self._epoch_plates:
+            plates = self._global_plates(args, kwargs)
+            if plates != self._epoch_plates:
+                raise ValueError(
+                    f"With these arguments the model's subsampled plates (name: (size, "
+                    f"batch)) are {plates}, and the epochs of reshuffle=True were drawn at "
+                    f"init for {self._epoch_plates}. Call init again with the new "
+                    "arguments, or pass reshuffle=False to let the plates draw their own "
+                    "batches."
+                )
         return kwargs, self._build_density(args, kwargs)
 
     def get_params(self, state: EngineState) -> dict:
@@ -265,32 +311,36 @@ class ScoreEngine:
         args: tuple,
         kwargs: dict,
         *,
+        indices: dict[str, jax.Array] | None = None,
         statistics: bool = False,
     ) -> tuple[jax.Array, ModelScores]:
         """``S`` particles from the guide at constrained ``params`` (constants), and their
         :class:`~numpyro_psvi.scores.ModelScores` from one pass (or one per particle)
-        sharing the mini-batch of ``key_batch``; ``model_params`` are the model's
-        unconstrained ``numpyro.param`` values (their mean gradient comes along).
+        sharing one mini-batch: the global batch ``indices`` (:meth:`batch_indices`) or,
+        when ``None``, the plates' own draw from ``key_batch``; ``model_params`` are the
+        model's unconstrained ``numpyro.param`` values (their mean gradient comes along).
         ``statistics``: see :meth:`reduce_scores`."""
         particles = lax.stop_gradient(density.sample(params, key_particles, self.num_particles))
         if self.mesh is None:
-            scored = self._model_scores(self.model, density, particles, model_params, key_batch, args, kwargs)
+            scored = self._model_scores(
+                self.model, density, particles, model_params, key_batch, indices, args, kwargs
+            )
             return particles, scored
         axis = self.mesh.axis_names[0]
         model = ShardedPlates(self.model, axis_name=axis, world_size=self.mesh.size)
         static = {}
 
-        def on_device(particles: jax.Array, params: dict, model_params: dict, key_batch: jax.Array):
+        def on_device(particles, params: dict, model_params: dict, key_batch: jax.Array, indices):
             # Varying over the devices: each device's gradients are of its own share.
             at = device_varying((particles, model_params), axis)
-            scored = self._model_scores(model, density, *at, key_batch, args, kwargs)
+            scored = self._model_scores(model, density, *at, key_batch, indices, args, kwargs)
             reduced = self.reduce_scores(density, params, particles, scored, statistics)
             arrays, static["rest"] = _split_static(reduced)
             return arrays
 
         replicated = jax.sharding.PartitionSpec()
         arrays = shard_map(on_device, self.mesh, replicated, replicated)(
-            particles, params, model_params, key_batch
+            particles, params, model_params, key_batch, indices
         )
         return particles, _merge_static(arrays, static["rest"])
 
@@ -301,14 +351,16 @@ class ScoreEngine:
         particles: jax.Array,
         model_params: dict,
         key_batch: jax.Array,
+        indices: dict[str, jax.Array] | None,
         args: tuple,
         kwargs: dict,
     ) -> ModelScores:
         """The :class:`~numpyro_psvi.scores.ModelScores` of ``particles`` on ``model``'s
-        mini-batch of ``key_batch``."""
+        mini-batch ``indices``, or of ``key_batch`` when ``None``."""
         local_plates = density.local_plates
-        plates = subsampled_plates(model, args, kwargs) if local_plates else {}
-        indices = draw_plate_indices(plates, key_batch) if plates else None
+        if indices is None and local_plates:
+            plates = subsampled_plates(model, args, kwargs)
+            indices = draw_plate_indices(plates, key_batch) if plates else None
         if not model_params:
             score_fn = make_score_fn(
                 model, density.unpack, args, kwargs, local_plates, self.vectorize_particles
@@ -370,9 +422,14 @@ class ScoreEngine:
         """The next state: ``candidate`` if ``accept``, else the old one exactly; the
         counters advanced."""
         optim_state = jax.tree.map(lambda old, new: jnp.where(accept, new, old), state.optim_state, candidate)
+        epoch_order = state.epoch_order
+        if epoch_order is not None:
+            key = random.fold_in(rng_key, _EPOCH_STREAM)
+            epoch_order = advance_epoch_order(epoch_order, self._epoch_plates, key)
         return state._replace(
             optim_state=optim_state,
             rng_key=rng_key,
+            epoch_order=epoch_order,
             num_score_calls=state.num_score_calls + self.num_particles,
             num_rejected=state.num_rejected + (~accept).astype(jnp.int32),
             consecutive_rejected=jnp.where(accept, 0, state.consecutive_rejected + 1),
@@ -407,8 +464,9 @@ class ScoreEngine:
         _, key_particles, key_batch, _ = random.split(state.rng_key, 4)
         params = self.get_params(state)
         particles, scored = self.score_particles(
-            density, params, self._model_params(state), key_particles, key_batch, args, kwargs
-        )
+            density, params, self._model_params(state), key_particles, key_batch, args, kwargs,
+            indices=self.batch_indices(state),
+        )  # fmt: skip
         return density, params, particles, scored
 
     def _model_params(self, state: EngineState) -> dict:
@@ -648,16 +706,21 @@ class ScoreEngine:
         for field in ("engine", "guide", "optimizer"):
             checkpoint.check_match(path, f"{field} classes", saved[field], current[field], fix)
         checkpoint.check_match(path, "latent sites", saved["latent_sites"], current["latent_sites"], fix)
-        checkpoint.check_match(path, "state leaves (shape, dtype)", saved["state"], current["state"], fix)
-        leaves = []
-        for _, name, tag in saved["leaves"]:
+        current_specs = current["state"]
+        if not any(key.startswith(".epoch_order") for key in saved["state"]):
+            # Saved without reshuffling (or before it existed): a fresh epoch starts.
+            current_specs = {k: v for k, v in current_specs.items() if not k.startswith(".epoch_order")}
+        checkpoint.check_match(path, "state leaves (shape, dtype)", saved["state"], current_specs, fix)
+        saved_leaves = {}
+        for key, name, tag in saved["leaves"]:
             array = arrays[name]
-            leaf = (
+            saved_leaves[key] = (
                 random.wrap_key_data(jnp.asarray(array), impl=tag[4:])
                 if tag.startswith("key:")
                 else jnp.asarray(array)
             )
-            leaves.append(leaf)
+        template_leaves = jax.tree_util.tree_flatten_with_path(template)[0]
+        leaves = [saved_leaves.get(jax.tree_util.keystr(key), leaf) for key, leaf in template_leaves]
         return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
@@ -694,7 +757,7 @@ def _leaf_specs(state: Any) -> dict[str, list]:
 
 def _read_legacy_state(path: str | os.PathLike, template: EngineState) -> EngineState:
     """A state pickled by psvi before format 1 (the caller trusts the file); a state from
-    before the running averages gets the template's fresh ones."""
+    before the running averages or the epochs gets the template's fresh ones."""
     with open(path, "rb") as f:
         state = pickle.load(f)
 
@@ -706,6 +769,8 @@ def _read_legacy_state(path: str | os.PathLike, template: EngineState) -> Engine
     state = jax.tree.map(to_device, state, is_leaf=lambda x: isinstance(x, _TypedKey))
     if state.averages is None:
         state = state._replace(averages=template.averages)
+    if state.epoch_order is None:  # saved before reshuffling: a fresh epoch starts
+        state = state._replace(epoch_order=template.epoch_order)
     checkpoint.check_match(
         path, "state leaves (shape, dtype)", _leaf_specs(state), _leaf_specs(template),
         "Build the engine, guide and optimizer as for the saved run, from the same model.",

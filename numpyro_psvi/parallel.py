@@ -29,8 +29,10 @@ class ShardedPlates(Messenger):
 
     A plate's ``subsample_size`` ``B`` is one device's batch: the plate draws the
     global batch of ``world_size * B`` indices with its own key, exactly as one device
-    with that ``subsample_size`` draws it, and keeps the device's share. A plate
-    without ``subsample_size``, or whose indices a handler already set, is not split.
+    with that ``subsample_size`` draws it, and keeps the device's share; indices that
+    an outer handler sets (the engine's reshuffled batch, :mod:`numpyro_psvi.batches`)
+    are the global batch and are split the same way. A plate without
+    ``subsample_size``, or whose indices an inner handler already set, is not split.
     """
 
     def __init__(self, fn: Callable | None = None, *, axis_name: str, world_size: int) -> None:

@@ -147,6 +147,12 @@ class ProximalScoreVI(ScoreEngine):
         Split each mini-batch over the devices of a one-axis mesh, every device taking
         the same updates (docs/data_parallel.md): ``True`` for all of ``jax.devices()``;
         ``None`` (the default): on in a multi-process run (``jax.distributed``), else off.
+    reshuffle : bool
+        Draw the mini-batches of the model's subsampled plates by random reshuffling
+        (:mod:`numpyro_psvi.batches`: every member once per epoch, as
+        ``DataLoader(shuffle=True, drop_last=True)``) rather than independently, as the
+        plate alone does; its averaged iterates converge far faster (docs/minibatch.md
+        section 9). No effect on models without a subsampled plate.
     **static_kwargs
         Static keyword arguments for the model and guide, as in ``SVI``.
     """
@@ -169,6 +175,7 @@ class ProximalScoreVI(ScoreEngine):
         max_consecutive_rejections: int | None = 20,
         average_iterates: bool | None = None,
         data_parallel: bool | Mesh | None = None,
+        reshuffle: bool = True,
         **static_kwargs: Any,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
@@ -178,7 +185,7 @@ class ProximalScoreVI(ScoreEngine):
             vectorize_particles=vectorize_particles, score_method=score_method,
             num_kl_draws=objective.num_kl_draws,
             max_consecutive_rejections=max_consecutive_rejections, data_parallel=data_parallel,
-            **static_kwargs,
+            reshuffle=reshuffle, **static_kwargs,
         )  # fmt: skip
         self.objective = objective
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
@@ -240,7 +247,7 @@ class ProximalScoreVI(ScoreEngine):
         params_t = self._iterate_params(state)
         particles, scored = self.score_particles(
             density, params_t, self._model_params(state), key_particles, key_batch, args, kwargs,
-            statistics=True,
+            indices=self.batch_indices(state), statistics=True,
         )  # fmt: skip
         problem = self.proximal_problem(density, params_t, particles, scored, key_kl, state.averages)
         fitted = self.inner_fit(problem.objective, state.optim_state)

@@ -90,7 +90,10 @@ def make_log_joint(
     if not local_plates:
 
         def log_joint(u: jax.Array, batch_key: jax.Array, indices=None) -> jax.Array:
-            return -potential_energy(seed(model, batch_key), model_args, model_kwargs, unpack(u))
+            seeded = seed(model, batch_key)
+            if indices:
+                seeded = substitute(seeded, substitute_fn=partial(_plate_indices, indices))
+            return -potential_energy(seeded, model_args, model_kwargs, unpack(u))
 
         return log_joint
 
@@ -99,7 +102,7 @@ def make_log_joint(
 
         def unconstrain(site):
             if site["type"] == "plate":
-                return indices.get(site["name"])
+                return _plate_indices(indices, site)
             name = site["name"]
             if site["type"] != "sample" or name not in values:
                 return None
@@ -113,6 +116,11 @@ def make_log_joint(
         return log_density(substituted, model_args, model_kwargs, {})[0]
 
     return log_joint_with_locals
+
+
+def _plate_indices(indices: dict[str, jax.Array], site: dict) -> jax.Array | None:
+    """A plate site's given indices (``None`` for a plate not in ``indices``)."""
+    return indices.get(site["name"]) if site["type"] == "plate" else None
 
 
 def subsampled_plates(model: Callable, args: tuple, kwargs: dict) -> dict[str, tuple[int, int]]:

@@ -81,11 +81,13 @@ class _GaussianBaseline(ScoreEngine):
         max_plate_nesting: int | None = None,
         max_consecutive_rejections: int | None = 20,
         data_parallel: bool | ScoreReducer | None = None,
+        reshuffle: bool = True,
     ) -> None:
         super().__init__(
             model, guide, num_particles=num_particles, vectorize_particles=vectorize_particles,
             max_plate_nesting=max_plate_nesting,
             max_consecutive_rejections=max_consecutive_rejections, data_parallel=data_parallel,
+            reshuffle=reshuffle,
         )  # fmt: skip
         if not self.family.full_covariance:
             raise TypeError(

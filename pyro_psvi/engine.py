@@ -40,6 +40,7 @@ from psvi.checks import (
 )
 from psvi.families import DensityOptions
 from pyro_psvi._compat import forget_optimizers, load_optimizer_states, optimizer_states
+from pyro_psvi.batches import EpochOrder
 from pyro_psvi.guides import GuideDensity, Params, guide_family
 from pyro_psvi.objective import fisher_statistics, negative_elbo, weighted_fisher
 from pyro_psvi.parallel import ScoreReducer, ShardedPlates
@@ -82,6 +83,11 @@ class ScoreEngine:
         (:mod:`pyro_psvi.parallel`, docs/data_parallel.md). ``None``: on when a process
         group with more than one rank is initialized at the first step; a
         :class:`~pyro_psvi.parallel.ScoreReducer` sets the group and the timeout.
+    reshuffle : bool
+        Draw the mini-batches of the model's subsampled plates by random reshuffling
+        (:mod:`pyro_psvi.batches`: every member once per epoch, as
+        ``DataLoader(shuffle=True, drop_last=True)``) rather than independently, as the
+        plate alone does. No effect on models without a subsampled plate.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class ScoreEngine:
         num_kl_draws: int = 256,
         max_consecutive_rejections: int | None = 20,
         data_parallel: bool | ScoreReducer | None = None,
+        reshuffle: bool = True,
     ) -> None:
         if int(num_particles) < 1:
             raise ValueError(f"num_particles must be a positive integer, got {num_particles}.")
@@ -122,7 +129,8 @@ class ScoreEngine:
         self._pending_checkpoint: tuple | None = None  # loaded before the first step
         self.data_parallel = data_parallel
         self.reducer: ScoreReducer | None = None  # set up on the first step
-        self._shards: ShardedPlates | None = None  # with data parallelism, the rank's batches
+        self._shards: ShardedPlates | None = None  # draws the batches (rank's share, epochs)
+        self.epoch_order = EpochOrder() if reshuffle else None
 
     @property
     def num_rejected(self) -> int:
@@ -134,7 +142,9 @@ class ScoreEngine:
         _check_devices(None, args, kwargs)
         self.reducer = _reducer(self.data_parallel)
         if self.reducer is not None:
-            self._shards = ShardedPlates(self.reducer.rank, self.reducer.world_size)
+            self._shards = ShardedPlates(self.reducer.rank, self.reducer.world_size, self.epoch_order)
+        elif self.epoch_order is not None:
+            self._shards = ShardedPlates(order=self.epoch_order)
         model_trace = check_model(self.model, args, kwargs)
         self._latent_shapes = latent_shapes(model_trace)
         self.batch_ratio = batch_ratio(model_trace)
@@ -358,7 +368,8 @@ class ScoreEngine:
         return statistics and self.density.loc_scale is not None
 
     def _sharded(self) -> contextlib.AbstractContextManager:
-        """Where the model runs on this rank's share of each mini-batch."""
+        """Where the model's plates draw their batches: this rank's share, from the
+        epochs when reshuffling."""
         return contextlib.nullcontext() if self._shards is None else self._shards
 
     def _reduced_like(self, particles: torch.Tensor, model_params, statistics: bool) -> list[torch.Tensor]:
@@ -446,6 +457,7 @@ class ScoreEngine:
                 "consecutive_rejected": int(self._consecutive_rejected),
             },
             "extra": self._checkpoint_extra(),
+            "epoch_order": None if self.epoch_order is None else self.epoch_order.state_dict(),
         }
         description, arrays = checkpoint.flatten(state, _to_array)
         checkpoint.write(path, {**self._checkpoint_header(), "state": description}, arrays)
@@ -576,6 +588,10 @@ class ScoreEngine:
         self._num_rejected = counters["num_rejected"]
         self._consecutive_rejected = counters["consecutive_rejected"]
         self._load_checkpoint_extra(_to_device(state["extra"], device))
+        if self.epoch_order is not None:  # saved without reshuffling: a fresh epoch starts
+            self.epoch_order.load_state_dict(
+                _to_device(state.get("epoch_order") or {"permutations": {}, "positions": {}}, device)
+            )
         pyro.util.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             if len(state["cuda_rng"]) == torch.cuda.device_count():

@@ -23,6 +23,7 @@ from pyro.poutine.messenger import Messenger
 
 from psvi.checks import check_global_batch
 from pyro_psvi._compat import Subsample
+from pyro_psvi.batches import EpochOrder
 
 DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for the others in an all-reduce
 
@@ -38,22 +39,29 @@ class ShardedPlates(Messenger):
     ``batch_size`` under ``DistributedDataParallel``: the plate draws the global batch of
     ``world_size * subsample_size`` indices, exactly as one process with that
     ``subsample_size`` draws it (the same random numbers), and the rank keeps its
-    contiguous share. Indices the model passes itself (``subsample=``, e.g. from a
+    contiguous share. With an ``order`` (:class:`~pyro_psvi.batches.EpochOrder`) the
+    global batch is its next one instead (random reshuffling; one rank included).
+    Indices the model passes itself (``subsample=``, e.g. from a
     ``DistributedSampler``) are the rank's own batch and are left as they are. Use it
     outside :class:`~pyro_psvi.scores.SharedSubsample`, which then replays the share.
     """
 
-    def __init__(self, rank: int, world_size: int) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, order: EpochOrder | None = None) -> None:
         super().__init__()
         self.rank = rank
         self.world_size = world_size
+        self.order = order
 
     def _pyro_sample(self, msg) -> None:
         fn = msg["fn"]
         if not isinstance(fn, Subsample) or msg["value"] is not None or fn.subsample_size is None:
             return
         check_global_batch(msg["name"], fn.size, fn.subsample_size, self.world_size, "rank")
-        indices = Subsample(fn.size, self.world_size * fn.subsample_size, device=fn.device).sample()
+        batch = self.world_size * fn.subsample_size
+        if self.order is not None:
+            indices = self.order.next(msg["name"], fn.size, batch, fn.device)
+        else:
+            indices = Subsample(fn.size, batch, device=fn.device).sample()
         msg["value"] = indices.chunk(self.world_size)[self.rank]
 
 

@@ -76,6 +76,21 @@ def test_a_trusted_legacy_state_converts_with_allow_pickle(tmp_path):
     _assert_same_state(_engine().load(tmp_path / "new", x, y), result.state)
 
 
+def test_a_state_saved_without_reshuffling_continues_with_a_fresh_epoch(tmp_path):
+    """As a checkpoint written before reshuffling existed: its other leaves load as saved."""
+    x, y = _data()
+    plain = numpyro_psvi.ProximalScoreVI(
+        _model, AutoNormal(_model), numpyro.optim.Adam(1e-2), reshuffle=False
+    )
+    result = plain.run(jax.random.PRNGKey(0), 5, x, y, progress_bar=False)
+    plain.save(tmp_path / "ckpt", result.state)
+    svi = _engine()
+    state = svi.load(tmp_path / "ckpt", x, y)
+    _assert_same_state(state._replace(epoch_order=None), result.state)
+    assert int(state.epoch_order.positions["data"]) == 0
+    svi.run(None, 2, x, y, init_state=state, progress_bar=False)
+
+
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate"])
 def test_a_damaged_checkpoint_is_named_as_such(tmp_path, damage):
     path, _ = _saved(tmp_path)

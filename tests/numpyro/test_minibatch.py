@@ -39,6 +39,94 @@ def test_subsampled_regression_has_the_exact_mean_field_posterior(lr):
     minibatch.check_fit(loc, scale, x, y)
 
 
+def test_reshuffled_regression_is_right_after_3000_updates():
+    x, y = minibatch.regression(seed=0)
+    svi = ProximalScoreVI(regression_model, AutoNormal(regression_model), numpyro.optim.Adam(1e-2))
+    result = svi.run(
+        jax.random.PRNGKey(0), minibatch.RESHUFFLED_UPDATES, jnp.asarray(x), jnp.asarray(y),
+        progress_bar=False,
+    )  # fmt: skip
+    loc, scale = (np.asarray(result.params[f"w_auto_{name}"], np.float64) for name in ("loc", "scale"))
+    minibatch.check_reshuffled_fit(loc, scale, x, y)
+
+
+def test_independent_batches_give_the_exact_mean_field_posterior():
+    """The plates' own draws (``reshuffle=False``): the bound of ``check_fit``."""
+    x, y = minibatch.regression(seed=0)
+    guide = AutoNormal(regression_model)
+    svi = ProximalScoreVI(regression_model, guide, numpyro.optim.Adam(1e-2), reshuffle=False)
+    result = svi.run(
+        jax.random.PRNGKey(0), minibatch.UPDATES, jnp.asarray(x), jnp.asarray(y), progress_bar=False
+    )
+    assert result.state.epoch_order is None
+    loc, scale = (np.asarray(result.params[f"w_auto_{name}"], np.float64) for name in ("loc", "scale"))
+    minibatch.check_fit(loc, scale, x, y)
+
+
+def small_model(x, y):
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    with numpyro.plate("data", x.shape[0], subsample_size=100) as idx:
+        numpyro.sample("y", dist.Normal(x[idx] @ w, 1.0), obs=y[idx])
+
+
+def test_reshuffled_batches_cover_each_epoch_once():
+    """N = 250, B = 100: two disjoint batches per epoch (50 members left out, as
+    ``drop_last``), then a new permutation."""
+    x, y = jnp.ones((250, 2)), jnp.zeros(250)
+    svi = ProximalScoreVI(small_model, AutoNormal(small_model), numpyro.optim.Adam(1e-2))
+    state = svi.init(jax.random.PRNGKey(0), x, y)
+    update = jax.jit(svi.update)
+    epochs = []
+    for _ in range(3):
+        batches = []
+        for _ in range(2):
+            batches.append(np.asarray(svi.batch_indices(state)["data"]))
+            state, _ = update(state, x, y)
+        epochs.append(np.concatenate(batches))
+    for epoch in epochs:
+        assert len(np.unique(epoch)) == 200 and epoch.min() >= 0 and epoch.max() < 250
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+
+
+def test_the_model_sees_the_given_batch():
+    """The log joints are those of the batch ``indices`` (the plate's own draw from
+    ``key_batch`` is not used): prior + N/B sum over the batch, computed by hand."""
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.normal(size=(250, 2))), jnp.asarray(rng.normal(size=250))
+    svi = ProximalScoreVI(small_model, AutoNormal(small_model), numpyro.optim.Adam(1e-2))
+    state = svi.init(jax.random.PRNGKey(0), x, y)
+    params = svi.get_params(state)
+    indices = {"data": jnp.arange(100, 200)}
+    joints = [
+        svi.score_particles(
+            svi.density,
+            params,
+            {},
+            jax.random.PRNGKey(1),
+            jax.random.PRNGKey(key),
+            (x, y),
+            {},
+            indices=indices,
+        )  # fmt: skip
+        for key in (2, 3)
+    ]
+    particles, scored = joints[0]
+    np.testing.assert_array_equal(scored.log_joints, joints[1][1].log_joints)
+    w = particles  # AutoNormal's unconstrained w is w itself (real support)
+    by_hand = dist.Normal(0.0, 1.0).log_prob(w).sum(-1) + 2.5 * dist.Normal(w @ x[100:200].T, 1.0).log_prob(
+        y[100:200]
+    ).sum(-1)
+    np.testing.assert_allclose(scored.log_joints, by_hand, rtol=1e-5)
+
+
+def test_other_plate_sizes_than_at_init_are_refused_with_reshuffling():
+    x, y = jnp.ones((250, 2)), jnp.zeros(250)
+    svi = ProximalScoreVI(small_model, AutoNormal(small_model), numpyro.optim.Adam(1e-2))
+    state = svi.init(jax.random.PRNGKey(0), x, y)
+    with pytest.raises(ValueError, match=r"subsampled plates.*\{'data': \(300, 100\)\}.*reshuffle=False"):
+        svi.update(state, jnp.ones((300, 2)), jnp.zeros(300))
+
+
 def test_iterates_are_averaged_only_with_a_subsampled_plate():
     x, y = map(jnp.asarray, minibatch.regression(seed=0))
 

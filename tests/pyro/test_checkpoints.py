@@ -160,6 +160,17 @@ def test_resume_after_steps_and_map_location_continue_the_saved_run(tmp_path):
         assert value.device.type == "cpu"
 
 
+def test_a_checkpoint_saved_without_reshuffling_continues_with_a_fresh_epoch(tmp_path):
+    """As a checkpoint written before reshuffling existed: params load as saved."""
+    path = _saved_fit(tmp_path, reshuffle=False)
+    pyro.set_rng_seed(1)
+    svi = _engine()
+    svi.load(path)
+    x, y = _data()
+    svi.step(x, y)
+    assert svi.epoch_order.positions["data"] == 20
+
+
 def test_cuda_rng_state_is_saved_and_restored_when_cuda_is_in_use(tmp_path, monkeypatch):
     """On a CPU machine, CUDA is simulated at torch.cuda's public functions."""
     state = [torch.arange(16, dtype=torch.uint8)]

@@ -49,6 +49,45 @@ def test_subsampled_regression_sds_are_right_after_1000_steps():
     assert np.max(np.abs(loc - mean) / sd) < 0.6
 
 
+@pytest.mark.slow
+def test_reshuffled_regression_is_right_after_3000_steps():
+    loc, scale, svi = fit(1e-2, minibatch.RESHUFFLED_UPDATES)
+    assert svi.num_rejected == 0
+    minibatch.check_reshuffled_fit(loc, scale, *minibatch.regression(seed=0))
+
+
+@pytest.mark.usefixtures("fresh_pyro")
+def test_reshuffled_batches_cover_each_epoch_once():
+    """N = 250, B = 100: the model sees two disjoint batches per epoch (50 members left
+    out, as ``drop_last``), then a new permutation; every pass of a step the same batch."""
+    seen: list[torch.Tensor] = []
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with pyro.plate("data", 250, subsample_size=100) as idx:
+            seen.append(idx)
+            pyro.sample("y", dist.Normal(x[idx] @ w, 1.0), obs=y[idx])
+
+    x, y = torch.ones(250, 2), torch.zeros(250)
+    optim = pyro.optim.Adam({"lr": 1e-2})
+    svi = ProximalScoreVI(model, AutoNormal(model), optim, vectorize_particles=False)
+    svi.step(x, y)  # set-up traces draw batches of their own
+    epochs, batches = [], []
+    for _ in range(6):
+        seen.clear()
+        svi.step(x, y)
+        assert all(torch.equal(idx, seen[0]) for idx in seen)
+        batches.append(seen[0])
+        if svi.epoch_order.positions["data"] == 100:  # a new epoch began with this step
+            epochs.append([])
+        if epochs:
+            epochs[-1].append(seen[0])
+    for epoch in epochs[:-1]:
+        members = torch.cat(epoch)
+        assert len(epoch) == 2 and len(members.unique()) == 200 and int(members.max()) < 250
+    assert not torch.equal(torch.cat(epochs[0]), torch.cat(epochs[1]))
+
+
 def test_the_param_store_holds_the_average_and_a_checkpoint_the_iterate(tmp_path):
     _, _, svi = fit(1e-2, 3)
     averaged = svi.averages.params["AutoNormal.locs.w"]
