@@ -12,6 +12,7 @@ import itertools
 import numpy as np
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 from psvi_testing.hierarchical import B, N, exact_posterior, hierarchical_data
 from pyro.infer.autoguide import AutoNormal
@@ -138,6 +139,26 @@ def test_pyro_fits_local_latents_exactly():
     batch_means = np.asarray(mus).reshape(8, 50).mean(1)
     standard_error = batch_means.std(ddof=1) / np.sqrt(8)
     assert abs(np.mean(mus) - float(exact["mu"][0])) < 4 * standard_error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lr", [1e-2, 1e-3])
+def test_pyro_defaults_fit_local_latents_with_the_users_adam(lr):
+    """As NumPyro's test of the same name (bounds derived there)."""
+    y, w = map(torch.as_tensor, hierarchical_data())
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    svi = ProximalScoreVI(pyro_hierarchical, AutoNormal(pyro_hierarchical), pyro.optim.Adam({"lr": lr}))
+    svi.run(3000, y, w)
+    assert svi.num_rejected == 0
+    store = pyro.get_param_store()
+    exact = exact_posterior(y.numpy(), w.numpy())
+    for name in ("mu", "z", "s"):
+        loc, sd = (np.asarray(v, np.float64) for v in exact[name])
+        fitted_loc = store[f"AutoNormal.locs.{name}"].detach().double().numpy()
+        fitted_sd = store[f"AutoNormal.scales.{name}"].detach().double().numpy()
+        assert np.max(np.abs(fitted_loc - loc) / sd) < 0.2
+        np.testing.assert_allclose(fitted_sd, sd, rtol=0.2)
 
 
 def test_pyro_inference_data_covers_local_latents_over_the_full_data():
