@@ -154,11 +154,14 @@ def fit_pyro(
         # A new engine on the same guide continues from the param store (fresh Adam state,
         # as in the NumPyro twin).
         optim = pyro.optim.Adam({"lr": LEARNING_RATE})
-        if kind == "psvi":
-            engine = ProximalScoreVI(model, guide, optim, num_particles=NUM_PARTICLES)
-        else:
+        if kind in ("psvi", "psvi_iid"):
+            reshuffle = kind == "psvi"
+            engine = ProximalScoreVI(model, guide, optim, num_particles=NUM_PARTICLES, reshuffle=reshuffle)
+        elif kind == "advi":
             elbo = Trace_ELBO(num_particles=NUM_PARTICLES, vectorize_particles=True, max_plate_nesting=1)
             engine = SVI(model, guide, optim, elbo)
+        else:
+            raise ValueError(f"The Pyro twin runs psvi, psvi_iid, advi and advi_psvi, not {kind!r}.")
         for _ in tqdm(range(phase_steps), disable=not progress, desc=kind):
             engine.step(x, y)
             step += 1
