@@ -7,8 +7,8 @@ One update is four phases, each a method (docs/algorithm.md):
 2. :meth:`ProximalScoreVI.inner_fit`: ``K`` optimizer steps on the proximal
    score-matching objective (:meth:`ProximalScoreVI.proximal_problem`);
 3. :meth:`ProximalScoreVI.pull_back`: the fraction of the step that keeps
-   ``KL(q_t || q_new) <= trust_region * D`` (halving; times ``N/B`` when the model
-   subsamples a plate);
+   ``KL(q_t || q_new) <= trust_region * D`` (halving; times the regime's
+   :func:`~psvi.objective.trust_region_scale` when the model subsamples a plate);
 4. :meth:`ProximalScoreVI.accept`: a step whose scores, objective or parameters are
    not finite is rejected (the previous parameters and optimizer state are kept and
    ``EngineState.num_rejected`` counts it).
@@ -42,7 +42,7 @@ from numpyro_psvi.objective import (
 )
 from numpyro_psvi.scores import ModelScores
 from psvi.checks import caller_stacklevel, check_proximal_options
-from psvi.objective import ProximalScoreMatching, resolve_objective, resolve_regime
+from psvi.objective import ProximalScoreMatching, resolve_objective, resolve_regime, trust_region_scale
 from psvi.schedules import iterate_average_rate
 
 
@@ -121,10 +121,13 @@ class ProximalScoreVI(ScoreEngine):
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
     trust_region : float or None
         Per-dimension KL budget: each update is pulled back toward ``q_t`` until
-        ``KL(q_t || q_new) <= trust_region * D``, times ``N/B`` (the largest ratio of a
-        plate's size to its subsample size) when the model subsamples: mini-batch noise
-        alone moves each update by a KL that grows like ``N/B``, and a budget below it
-        only slows the fit. ``None`` turns it off.
+        ``KL(q_t || q_new) <= trust_region * D``, times a factor when the model
+        subsamples (:func:`psvi.objective.trust_region_scale`): 5 for AutoNormal and
+        AutoDiagonalNormal (at most ``N/B``), whose averaged guide settles better when
+        each update moves less than the batch's noise would carry it (docs/minibatch.md
+        section 10), and ``N/B`` (the largest ratio of a plate's size to its subsample
+        size) for other guides: mini-batch noise alone moves each update by a KL that
+        grows like ``N/B``. ``None`` turns it off.
     vectorize_particles : bool
         Score the particles in one batched pass (``vmap``, the default) or one pass per
         particle (``lax.map``, as Pyro's ``vectorize_particles=False``): batched
@@ -189,6 +192,7 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         self.objective = objective
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
+        self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
         self.inner_steps = inner_steps
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
@@ -206,6 +210,7 @@ class ProximalScoreVI(ScoreEngine):
         gaussian = diagonal or self.family.full_covariance
         regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
         self.inner_steps, self.average_iterates, self.curvature_memory = regime
+        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
         zeros = jnp.zeros(self.density.latent_dim)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None
@@ -337,7 +342,7 @@ class ProximalScoreVI(ScoreEngine):
     ) -> jax.Array:
         """The fraction of the step from ``q_t`` to the fitted guide to take: the largest of
         ``1, 1/2, 1/4, ...`` with ``KL(q_t || q_frac) <= trust_region * active_dim``
-        (times ``N/B`` with a subsampled plate; 0 rejects the step; without a trust
+        (times :attr:`trust_region_scale`; 0 rejects the step; without a trust
         region, 1 when that KL is finite)."""
         unconstrained_t = self.optim.get_params(optim_state_t)
         unconstrained_new = self.optim.get_params(fitted)
@@ -348,7 +353,7 @@ class ProximalScoreVI(ScoreEngine):
 
         if self.trust_region is None:
             return jnp.where(jnp.isfinite(kl_at(jnp.asarray(1.0))), 1.0, 0.0)
-        budget = self.trust_region * active_dim * self.batch_ratio
+        budget = self.trust_region * active_dim * self.trust_region_scale
         return trust_region_fraction(kl_at, budget, self.max_halvings)
 
     def accept(

@@ -9,8 +9,8 @@ One step is four phases, each a method, as in ``numpyro_psvi.proximal``
 2. :meth:`ProximalScoreVI.inner_fit`: ``K`` steps of the Pyro optimizer on the
    proximal score-matching objective (:meth:`ProximalScoreVI.proximal_problem`);
 3. :meth:`ProximalScoreVI.pull_back`: the fraction of the step that keeps
-   ``KL(q_t || q_new) <= trust_region * D`` (halving; times ``N/B`` when the model
-   subsamples a plate);
+   ``KL(q_t || q_new) <= trust_region * D`` (halving; times the regime's
+   :func:`~psvi.objective.trust_region_scale` when the model subsamples a plate);
 4. :meth:`ProximalScoreVI.accept`: a step whose scores, objective or parameters are
    not finite is rejected (the previous parameters and optimizer state are restored
    and :attr:`ProximalScoreVI.num_rejected` counts it).
@@ -30,7 +30,7 @@ import torch
 from pyro.optim import PyroOptim
 
 from psvi.checks import caller_stacklevel, check_proximal_options
-from psvi.objective import ProximalScoreMatching, resolve_objective, resolve_regime
+from psvi.objective import ProximalScoreMatching, resolve_objective, resolve_regime, trust_region_scale
 from psvi.schedules import iterate_average_rate
 from pyro_psvi._compat import torch_optimizer
 from pyro_psvi.engine import ScoreEngine
@@ -150,10 +150,13 @@ class ProximalScoreVI(ScoreEngine):
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
     trust_region : float or None
         Per-dimension KL budget: each step is pulled back toward ``q_t`` until
-        ``KL(q_t || q_new) <= trust_region * D``, times ``N/B`` (the largest ratio of a
-        plate's size to its subsample size) when the model subsamples: mini-batch noise
-        alone moves each step by a KL that grows like ``N/B``, and a budget below it
-        only slows the fit. ``None`` turns it off.
+        ``KL(q_t || q_new) <= trust_region * D``, times a factor when the model
+        subsamples (:func:`psvi.objective.trust_region_scale`): 5 for AutoNormal and
+        AutoDiagonalNormal (at most ``N/B``), whose averaged guide settles better when
+        each step moves less than the batch's noise would carry it (docs/minibatch.md
+        section 10), and ``N/B`` (the largest ratio of a plate's size to its subsample
+        size) for other guides: mini-batch noise alone moves each step by a KL that
+        grows like ``N/B``. ``None`` turns it off.
     vectorize_particles : bool
         Evaluate all particles in one model pass under an outer plate (the model
         must be broadcast-safe, as for ``Trace_ELBO(vectorize_particles=True)``).
@@ -231,6 +234,7 @@ class ProximalScoreVI(ScoreEngine):
         self.optim = optim
         self.objective = objective
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
+        self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
         self.inner_steps = inner_steps
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
@@ -244,9 +248,11 @@ class ProximalScoreVI(ScoreEngine):
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
-        gaussian = self.density.loc_scale is not None or self.family.full_covariance
+        diagonal = self.density.loc_scale is not None
+        gaussian = diagonal or self.family.full_covariance
         regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
         self.inner_steps, self.average_iterates, self.curvature_memory = regime
+        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
         if self.averages is None:  # else restored by load
             self._start_averages()
 
@@ -435,7 +441,7 @@ class ProximalScoreVI(ScoreEngine):
     ) -> torch.Tensor:
         """The fraction of the step from ``start`` to the fitted ``leaves`` to take: the
         largest of ``1, 1/2, 1/4, ...`` with ``KL(q_t || q_frac) <= trust_region *
-        active_dim`` (times ``N/B`` with a subsampled plate; 0 rejects the step; without
+        active_dim`` (times :attr:`trust_region_scale`; 0 rejects the step; without
         a trust region, 1 when that KL is finite). Read lazily on a CPU, chosen on the
         device elsewhere (no host sync)."""
         with torch.no_grad():
@@ -448,7 +454,7 @@ class ProximalScoreVI(ScoreEngine):
             if self.trust_region is None:
                 frac = torch.isfinite(kl_at(1.0)).to(loss.dtype)
             else:
-                max_kl = self.trust_region * problem.active_dim * self.batch_ratio
+                max_kl = self.trust_region * problem.active_dim * self.trust_region_scale
                 frac = trust_region_fraction(kl_at, max_kl, self.max_halvings, lazy=loss.device.type == "cpu")
             return frac.to(loss.device)
 

@@ -4,7 +4,7 @@ import pytest
 
 from psvi import ProximalScoreMatching
 from psvi.families import GuideFamily, refused
-from psvi.objective import regime_defaults, resolve_objective
+from psvi.objective import regime_defaults, resolve_objective, trust_region_scale
 
 
 def test_defaults_and_shorthands():
@@ -40,3 +40,13 @@ def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_on
     assert regime_defaults(gaussian=True, batch_ratio=20.0) == (5, True, 1)
     for gaussian, ratio in ((True, 1.0), (False, 20.0), (False, 1.0)):
         assert regime_defaults(gaussian, ratio) == (20, False, 100)
+
+
+def test_the_trust_region_scale_by_regime():
+    """Exact scores: 1; a subsampled plate: 5 for a diagonal Gaussian guide, never more
+    than ``N/B``, and ``N/B`` for other guides."""
+    assert trust_region_scale(diagonal=True, batch_ratio=1.0) == 1.0
+    assert trust_region_scale(diagonal=True, batch_ratio=20.0) == 5.0
+    assert trust_region_scale(diagonal=True, batch_ratio=4.0) == 4.0
+    assert trust_region_scale(diagonal=False, batch_ratio=20.0) == 20.0
+    assert trust_region_scale(diagonal=False, batch_ratio=1.0) == 1.0
