@@ -101,8 +101,8 @@ def trust_region_scale(diagonal: bool, batch_ratio: float) -> float:
     ``N/B`` (their updates may follow that noise), while a diagonal Gaussian guide (the
     split objective) gets at most 5: with reshuffled batches, whose noise cancels over
     an epoch, a budget that binds lets the averaged guide settle where ``N/B`` let each
-    update chase its batch (UCI test log-likelihood up 0.02-0.18 nats on 5 of 7 datasets
-    over 5 splits, level on the others; docs/minibatch.md section 10).
+    update chase its batch (UCI test log-likelihood over 5 splits up 0.02-0.18 nats on
+    five of seven datasets, level on Boston and wine; docs/minibatch.md section 10).
     """
     if batch_ratio <= 1:
         return 1.0
