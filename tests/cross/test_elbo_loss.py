@@ -29,6 +29,7 @@ from pyro.infer.autoguide import init_to_value as p_init_to_value  # noqa: E402
 
 import numpyro_psvi  # noqa: E402
 import pyro_psvi  # noqa: E402
+from numpyro_psvi.batches import init_epoch_order  # noqa: E402
 
 Y = np.random.default_rng(0).normal(1.0, 1.0, size=10)
 
@@ -106,7 +107,11 @@ def test_numpyro_loss_with_subsampled_local_latents_is_unbiased():
     np.testing.assert_allclose(float(svi.evaluate(full_state, y, N)), -ROW_EVIDENCE.sum(), rtol=1e-4)
     svi, state = engine_at_the_posterior(B)
     keys = jax.random.split(jax.random.PRNGKey(1), 400)
-    losses = jax.vmap(lambda key: svi.evaluate(state._replace(rng_key=key), y, B))(keys)
+
+    def at(key):  # fresh particles and a fresh epoch: a uniformly random batch
+        return state._replace(rng_key=key, epoch_order=init_epoch_order({"data": (N, B)}, key))
+
+    losses = jax.vmap(lambda key: svi.evaluate(at(key), y, B))(keys)
     assert abs(float(jnp.mean(losses)) + ROW_EVIDENCE.sum()) < _batch_mean_tolerance(400)
     assert float(jnp.std(losses)) > 0  # the batches differ
 
