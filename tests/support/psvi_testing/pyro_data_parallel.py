@@ -149,7 +149,8 @@ def main() -> None:
             **diagnostics,
             **{f"param:{name}": value for name, value in params.items()},
         )  # fmt: skip
-    if distributed:
+    if distributed:  # leave together: a rank tearing gloo down while another still
+        torch.distributed.barrier()  # talks to it can abort ("terminate called ...")
         torch.distributed.destroy_process_group()
 
 
