@@ -34,13 +34,16 @@ class EpochOrder:
         self.positions: dict[str, int] = {}
 
     def next(self, name: str, size: int, batch: int, device: torch.device | None = None) -> torch.Tensor:
-        """Plate ``name``'s next ``batch`` indices: the next slice of this epoch's
-        permutation, or the first of a new one (drawn with torch's RNG, as the plate
-        draws) when fewer than ``batch`` are left or the plate's size changed."""
+        """Plate ``name``'s next ``batch`` indices on the plate's ``device``: the next
+        slice of this epoch's permutation, or the first of a new one (drawn with torch's
+        RNG, as the plate draws) when fewer than ``batch`` are left or the plate's size
+        changed."""
         permutation, position = self.permutations.get(name), self.positions.get(name, 0)
         if permutation is None or len(permutation) != size or position + batch > size:
             permutation, position = torch.randperm(size, device=device), 0
             self.permutations[name] = permutation
+        elif device is not None and permutation.device != torch.device(device):
+            permutation = self.permutations[name] = permutation.to(device)  # e.g. restored elsewhere
         self.positions[name] = position + batch
         return permutation[position : position + batch]
 
