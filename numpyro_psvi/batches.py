@@ -37,9 +37,14 @@ class EpochOrder(NamedTuple):
     positions: dict[str, jax.Array]
 
 
+def _plate_keys(plates: dict[str, tuple[int, int]], rng_key: jax.Array) -> dict[str, jax.Array]:
+    """One key per plate, by name order."""
+    return dict(zip(sorted(plates), random.split(rng_key, max(len(plates), 1)), strict=False))
+
+
 def init_epoch_order(plates: dict[str, tuple[int, int]], rng_key: jax.Array) -> EpochOrder:
     """A fresh epoch for each plate of ``{name: (size, batch)}``."""
-    keys = dict(zip(sorted(plates), random.split(rng_key, max(len(plates), 1)), strict=False))
+    keys = _plate_keys(plates, rng_key)
     return EpochOrder(
         {name: random.permutation(keys[name], size).astype(jnp.int32) for name, (size, _) in plates.items()},
         {name: jnp.zeros((), jnp.int32) for name in plates},
@@ -59,7 +64,7 @@ def advance_epoch_order(
 ) -> EpochOrder:
     """The order of the next update: each plate's next batch, or a new epoch (a new
     permutation) when fewer than ``batch`` members of this one are left."""
-    keys = dict(zip(sorted(plates), random.split(rng_key, max(len(plates), 1)), strict=False))
+    keys = _plate_keys(plates, rng_key)
     permutations, positions = {}, {}
     for name, (size, batch) in plates.items():
         position = order.positions[name] + batch

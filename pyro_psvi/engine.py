@@ -589,9 +589,9 @@ class ScoreEngine:
         self._consecutive_rejected = counters["consecutive_rejected"]
         self._load_checkpoint_extra(_to_device(state["extra"], device))
         if self.epoch_order is not None:  # saved without reshuffling: a fresh epoch starts
-            self.epoch_order.load_state_dict(
-                _to_device(state.get("epoch_order") or {"permutations": {}, "positions": {}}, device)
-            )
+            # Indices move to each plate's own device when drawn (EpochOrder.next).
+            saved_order = state.get("epoch_order") or {"permutations": {}, "positions": {}}
+            self.epoch_order.load_state_dict(saved_order)
         pyro.util.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             if len(state["cuda_rng"]) == torch.cuda.device_count():
