@@ -85,6 +85,11 @@ class GuideDensity(NamedTuple):
         plates, whose params span each plate's full size; ``dim`` counts from the right
         of the site's unconstrained value. The model sees them sliced by the plate's
         indices (:func:`numpyro_psvi.scores.make_log_joint`).
+    loc_tril : callable or None
+        ``loc_tril(params) -> (loc, scale_tril)``, ``(D,)`` and ``(D, D)``, for a
+        full-covariance Gaussian guide with closed-form scores (AutoMultivariateNormal);
+        ``None`` otherwise. Its proximal objective is then the split one
+        (:func:`numpyro_psvi.objective.split_full_objective`).
     """
 
     latent_dim: int
@@ -97,6 +102,7 @@ class GuideDensity(NamedTuple):
     closed_form: bool
     loc_scale: Callable[[Params], tuple[jax.Array, jax.Array]] | None = None
     local_plates: dict[str, tuple[tuple[str, int], ...]] = {}
+    loc_tril: Callable[[Params], tuple[jax.Array, jax.Array]] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -293,7 +299,7 @@ def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) 
     def cov_quad(params, r):
         return jnp.sum((r @ get(params)[1]) ** 2)
 
-    return _finish(
+    density = _finish(
         latent_dim=dim,
         sample=sample,
         log_prob=log_prob,
@@ -303,6 +309,7 @@ def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) 
         unpack=unpack_latent(guide),
         score_method=options.score_method,
     )
+    return density._replace(loc_tril=get if density.closed_form else None)
 
 
 def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, options: DensityOptions) -> GuideDensity:

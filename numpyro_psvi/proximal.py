@@ -37,12 +37,19 @@ from numpyro_psvi.objective import (
     negative_elbo,
     proximal_objective,
     split_diagonal_objective,
+    split_full_objective,
     trust_region_fraction,
     weighted_fisher,
 )
 from numpyro_psvi.scores import ModelScores
 from psvi.checks import caller_stacklevel, check_proximal_options
-from psvi.objective import ProximalScoreMatching, resolve_objective, resolve_regime, trust_region_scale
+from psvi.objective import (
+    ProximalScoreMatching,
+    resolve_objective,
+    resolve_regime,
+    splits_full_covariance,
+    trust_region_scale,
+)
 from psvi.schedules import iterate_average_rate
 
 
@@ -193,6 +200,7 @@ class ProximalScoreVI(ScoreEngine):
         self.objective = objective
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
+        self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self.inner_steps = inner_steps
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
@@ -211,6 +219,7 @@ class ProximalScoreVI(ScoreEngine):
         regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
         self.inner_steps, self.average_iterates, self.curvature_memory = regime
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
+        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(self.batch_ratio)
         zeros = jnp.zeros(self.density.latent_dim)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None
@@ -293,7 +302,12 @@ class ProximalScoreVI(ScoreEngine):
         def objective(unconstrained):
             params = self.constrain_fn(unconstrained)
             options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
-            if stats is None:
+            if stats is None and self.split_covariance:
+                value, terms = split_full_objective(
+                    density, params, params_t, particles, scored.scores,
+                    prox_weight=self.objective.prox_weight, weighting=weighting,
+                )  # fmt: skip
+            elif stats is None:
                 value, terms = proximal_objective(
                     density, params, params_t, particles, scored.scores, key_kl, **options
                 )

@@ -109,6 +109,21 @@ def trust_region_scale(diagonal: bool, batch_ratio: float) -> float:
     return min(SPLIT_TRUST_REGION_SCALE, batch_ratio) if diagonal else batch_ratio
 
 
+def splits_full_covariance(batch_ratio: float) -> bool:
+    """Whether a full-covariance Gaussian guide's proximal objective is the split one
+    (the precision fitted to the residuals' spread, the location with it held).
+
+    With a subsampled plate (``batch_ratio = N/B > 1``): in the coupled objective the
+    precision absorbs the mini-batch's common score shift that the proximal term keeps
+    from the location, and a subsampled regression's AutoMultivariateNormal fit ends with
+    sds 0.80-0.96 of the exact ones (KL 0.16-0.18) where the split one ends at 0.99-1.00
+    (KL 0.002-0.003; docs/minibatch.md section 11). With exact scores there is no common
+    shift, and the Gaussian study's targets came out mixed (D = 10 and 50: calls to
+    KL < 0.01 level or fewer, final KL at D = 50 higher), so they keep the coupled one.
+    """
+    return batch_ratio > 1
+
+
 def resolve_regime(
     gaussian: bool,
     batch_ratio: float,

@@ -105,6 +105,11 @@ class GuideDensity(NamedTuple):
         guide with closed-form scores (AutoNormal, AutoDiagonalNormal); ``None``
         otherwise. The objective then needs the particles only through per-coordinate
         sums (:func:`pyro_psvi.objective.fisher_statistics`).
+    loc_tril : callable or None
+        ``loc_tril(params) -> (loc, scale_tril)``, ``(D,)`` and ``(D, D)``, for a
+        full-covariance Gaussian guide with closed-form scores (AutoMultivariateNormal);
+        ``None`` otherwise. Its proximal objective is then the split one
+        (:func:`pyro_psvi.objective.split_full_objective`).
     """
 
     latent_dim: int
@@ -117,6 +122,7 @@ class GuideDensity(NamedTuple):
     cov_quad: Callable[[Params, torch.Tensor], torch.Tensor]
     closed_form: bool
     loc_scale: Callable[[Params], tuple[torch.Tensor, torch.Tensor]] | None = None
+    loc_tril: Callable[[Params], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split flat latents ``(..., D)`` into unconstrained site values ``(..., *shape)``."""
@@ -328,7 +334,7 @@ def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) 
     return GuideDensity(
         latent_dim=dim, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
         score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
-        closed_form=closed,
+        closed_form=closed, loc_tril=get if closed else None,
     )  # fmt: skip
 
 

@@ -225,6 +225,53 @@ def split_diagonal_objective(
     return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
 
 
+def split_full_objective(
+    density: GuideDensity,
+    params: Params,
+    params_t: Params,
+    particles: torch.Tensor,
+    model_scores: torch.Tensor,
+    *,
+    prox_weight: float,
+    weighting: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The split proximal objective of a full-covariance Gaussian guide
+    (:func:`split_diagonal_objective` with a precision matrix; docs/algorithm.md);
+    ``params_t``, ``particles`` and ``model_scores`` detached.
+
+    With ``v_s = u_s - loc_t``, ``delta = loc - loc_t`` and precision ``P``, the residual
+    is ``r_s = -P (v_s - delta) - g_s``. Its spread around the particles' mean,
+    ``-P (v_s - v_bar) - (g_s - g_bar)``, depends on ``P`` alone, and a shift common to
+    every particle's score (the mini-batch's gradient noise) drops out of it; the mean
+    residual ``-P (v_bar - delta) - g_bar`` fits the location with ``P`` held fixed, as
+    does the KL's location part ``delta' P delta / 2``. The value equals
+    :func:`proximal_objective`'s; only the gradient in ``P`` differs.
+    """
+    loc, tril = density.loc_tril(params)
+    loc_t, tril_t = density.loc_tril(params_t)
+    eye = torch.eye(loc.shape[0], dtype=loc.dtype, device=loc.device)
+    tril_inv = torch.linalg.solve_triangular(tril, eye, upper=False)
+    precision = tril_inv.mT @ tril_inv
+    held = precision.detach()
+    offsets = particles - loc_t
+    offset_mean, score_mean = offsets.mean(0), model_scores.mean(0)
+    delta = loc - loc_t
+    mean_residual = ((offset_mean - delta) @ held + score_mean).unsqueeze(0)
+    if particles.shape[0] > 1:  # one particle has no spread: its residual is all mean
+        spread = (offsets - offset_mean) @ precision + (model_scores - score_mean)
+        residuals = torch.cat([spread, mean_residual])
+    else:
+        residuals = mean_residual
+    if weighting == "covariance":
+        residuals = residuals @ tril_t
+    squares = residuals.pow(2).sum(-1)
+    fisher = squares[:-1].mean() + squares[-1] if particles.shape[0] > 1 else squares[-1]
+    m = tril_inv @ tril_t  # L^-1 L_t: tr(P Sigma_t) = |m|^2, log det(P Sigma_t) = 2 log|det m|
+    log_det = 2 * (tril_t.diagonal().abs().log() - tril.diagonal().abs().log()).sum()
+    kl = 0.5 * (m.pow(2).sum() - loc.shape[0] - log_det + delta @ held @ delta)
+    return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
+
+
 def proximal_objective(
     density: GuideDensity,
     params: Params,

@@ -30,7 +30,13 @@ import torch
 from pyro.optim import PyroOptim
 
 from psvi.checks import caller_stacklevel, check_proximal_options
-from psvi.objective import ProximalScoreMatching, resolve_objective, resolve_regime, trust_region_scale
+from psvi.objective import (
+    ProximalScoreMatching,
+    resolve_objective,
+    resolve_regime,
+    splits_full_covariance,
+    trust_region_scale,
+)
 from psvi.schedules import iterate_average_rate
 from pyro_psvi._compat import torch_optimizer
 from pyro_psvi.engine import ScoreEngine
@@ -43,6 +49,7 @@ from pyro_psvi.objective import (
     negative_elbo,
     proximal_objective,
     split_diagonal_objective,
+    split_full_objective,
     trust_region_fraction,
     weighted_fisher,
 )
@@ -235,6 +242,7 @@ class ProximalScoreVI(ScoreEngine):
         self.objective = objective
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
+        self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self.inner_steps = inner_steps
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
@@ -253,6 +261,7 @@ class ProximalScoreVI(ScoreEngine):
         regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
         self.inner_steps, self.average_iterates, self.curvature_memory = regime
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
+        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(self.batch_ratio)
         if self.averages is None:  # else restored by load
             self._start_averages()
 
@@ -359,6 +368,11 @@ class ProximalScoreVI(ScoreEngine):
         options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
 
         def objective(params: Params) -> torch.Tensor:
+            if stats is None and self.split_covariance:
+                return split_full_objective(
+                    density, params, params_t, particles, scores,
+                    prox_weight=self.objective.prox_weight, weighting=weighting,
+                )[0]  # fmt: skip
             if stats is None:
                 return proximal_objective(
                     density, params, params_t, particles, scores, kl_seed=kl_seed, **options

@@ -13,6 +13,7 @@ import pyro.distributions as pdist
 import pytest
 import torch
 from numpyro.infer import MCMC, NUTS
+from numpyro.infer.autoguide import AutoMultivariateNormal as NAutoMultivariateNormal
 from numpyro.infer.autoguide import AutoNormal as NAutoNormal
 from psvi_testing import minibatch
 from pyro.infer.autoguide import AutoNormal as PAutoNormal
@@ -60,6 +61,23 @@ def test_numpyro_subsampled_logistic_regression_matches_nuts(reference, lr):
     params = result.params
     loc = np.concatenate([np.atleast_1d(params["b_auto_loc"]), params["w_auto_loc"]])
     scale = np.concatenate([np.atleast_1d(params["b_auto_scale"]), params["w_auto_scale"]])
+    minibatch.check_against_reference(loc, scale, mean, sd)
+
+
+def test_numpyro_full_covariance_fit_of_the_logistic_regression_matches_nuts(reference):
+    """AutoMultivariateNormal, Adam(1e-2): before the split objective its sds were 0.77-0.87
+    of NUTS's (seeds 0 and 1); measured now 0.98-1.01, means within 0.03 sd."""
+    x, y, mean, sd = reference
+    model = partial(numpyro_model, subsample_size=minibatch.B)
+    guide = NAutoMultivariateNormal(model)
+    svi = numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2))
+    result = svi.run(
+        jax.random.PRNGKey(0), minibatch.UPDATES, jnp.asarray(x), jnp.asarray(y), progress_bar=False
+    )
+    posterior = guide.get_posterior(result.params)
+    order = [minibatch.D, *range(minibatch.D)]  # the guide's latent is (w, b); the reference's (b, w)
+    loc = np.asarray(posterior.loc, np.float64)[order]
+    scale = np.sqrt(np.diag(np.asarray(posterior.covariance_matrix, np.float64)))[order]
     minibatch.check_against_reference(loc, scale, mean, sd)
 
 

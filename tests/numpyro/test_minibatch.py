@@ -6,7 +6,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from numpyro.infer.autoguide import AutoNormal
+from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from psvi_testing import minibatch
 
 from numpyro_psvi import ProximalScoreVI
@@ -15,7 +15,9 @@ from numpyro_psvi.objective import (
     curvature_statistics,
     diagonal_weighted_fisher,
     fisher_statistics,
+    proximal_objective,
     split_diagonal_objective,
+    split_full_objective,
 )
 
 
@@ -48,6 +50,20 @@ def test_reshuffled_regression_is_right_after_3000_updates():
     )  # fmt: skip
     loc, scale = (np.asarray(result.params[f"w_auto_{name}"], np.float64) for name in ("loc", "scale"))
     minibatch.check_reshuffled_fit(loc, scale, x, y)
+
+
+def test_reshuffled_regression_has_the_exact_full_covariance_posterior():
+    x, y = minibatch.correlated_regression(seed=0)
+    guide = AutoMultivariateNormal(regression_model)
+    svi = ProximalScoreVI(regression_model, guide, numpyro.optim.Adam(1e-2))
+    result = svi.run(
+        jax.random.PRNGKey(0), minibatch.RESHUFFLED_UPDATES, jnp.asarray(x), jnp.asarray(y),
+        progress_bar=False,
+    )  # fmt: skip
+    assert svi.split_covariance
+    posterior = guide.get_posterior(result.params)
+    loc, cov = (np.asarray(a, np.float64) for a in (posterior.loc, posterior.covariance_matrix))
+    minibatch.check_full_covariance_fit(loc, cov, x, y)
 
 
 def test_independent_batches_give_the_exact_mean_field_posterior():
@@ -214,3 +230,49 @@ def test_a_non_positive_curvature_holds_the_precision():
     positive = np.asarray(curvature.cross > 0)
     assert positive.any() and not positive.all()
     assert np.all(grad[~positive] == 0.0) and np.all(grad[positive] != 0.0)
+
+
+def _full_covariance_objectives(score_shift: float):
+    """The split and the coupled objective of a 3-D AutoMultivariateNormal at a ``q`` near
+    ``q_t``, as functions of ``(loc, scale_tril)``, with every particle's score shifted
+    by the same random vector times ``score_shift``."""
+    guide = AutoMultivariateNormal(lambda: numpyro.sample("z", dist.Normal(jnp.zeros(3), 1.0).to_event(1)))
+    with numpyro.handlers.seed(rng_seed=0):
+        guide()
+    density = guide_density(guide)
+    tril_t = jnp.array([[1.0, 0.0, 0.0], [0.4, 0.8, 0.0], [-0.3, 0.2, 1.5]])
+    params_t = {"auto_loc": jnp.array([0.5, -1.0, 2.0]), "auto_scale_tril": tril_t}
+    particles = density.sample(params_t, jax.random.PRNGKey(0), 5)
+    scores = jax.random.normal(jax.random.PRNGKey(1), particles.shape)
+    scores = scores + score_shift * jax.random.normal(jax.random.PRNGKey(2), (3,))
+
+    def split(loc, tril):
+        params = {"auto_loc": loc, "auto_scale_tril": tril}
+        return split_full_objective(
+            density, params, params_t, particles, scores, prox_weight=10.0, weighting="covariance"
+        )[0]
+
+    def coupled(loc, tril):
+        params = {"auto_loc": loc, "auto_scale_tril": tril}
+        return proximal_objective(
+            density, params, params_t, particles, scores, jax.random.PRNGKey(3),
+            prox_weight=10.0, weighting="covariance",
+        )[0]  # fmt: skip
+
+    at = (params_t["auto_loc"] + 0.2, params_t["auto_scale_tril"] * 1.1)
+    return split, coupled, at
+
+
+def test_full_covariance_split_changes_only_the_precision_gradient():
+    """The split objective of a full-covariance guide has the coupled one's value and
+    location gradient (an algebraic identity: the mean residual and the KL are the same
+    numbers, the precision only held), and a precision gradient that a shift common to
+    all scores (the mini-batch's noise) does not move, where the coupled one's moves."""
+    split, coupled, at = _full_covariance_objectives(score_shift=0.0)
+    np.testing.assert_allclose(split(*at), coupled(*at), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(split)(*at), jax.grad(coupled)(*at), rtol=1e-4)
+    shifted_split, shifted_coupled, _ = _full_covariance_objectives(score_shift=20.0)
+    tril_grad = jax.grad(split, 1)(*at)
+    np.testing.assert_allclose(jax.grad(shifted_split, 1)(*at), tril_grad, rtol=1e-4, atol=1e-3)
+    moved = jnp.abs(jax.grad(shifted_coupled, 1)(*at) - jax.grad(coupled, 1)(*at))
+    assert float(moved.max()) > 1.0

@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from psvi_testing import minibatch
-from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from pyro_psvi import ProximalScoreVI
 from pyro_psvi.contrib.models import linear_regression
@@ -54,6 +54,22 @@ def test_reshuffled_regression_is_right_after_3000_steps():
     loc, scale, svi = fit(1e-2, minibatch.RESHUFFLED_UPDATES)
     assert svi.num_rejected == 0
     minibatch.check_reshuffled_fit(loc, scale, *minibatch.regression(seed=0))
+
+
+@pytest.mark.slow
+def test_reshuffled_regression_has_the_exact_full_covariance_posterior():
+    x, y = map(torch.as_tensor, minibatch.correlated_regression(seed=0))
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoMultivariateNormal(regression_model)
+    svi = ProximalScoreVI(regression_model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    for _ in range(minibatch.RESHUFFLED_UPDATES):
+        svi.update(x, y)
+    assert svi.split_covariance and svi.num_rejected == 0
+    with torch.no_grad():
+        posterior = guide.get_posterior()
+        loc, cov = (a.double().numpy() for a in (posterior.loc, posterior.covariance_matrix))
+    minibatch.check_full_covariance_fit(loc, cov, x.numpy(), y.numpy())
 
 
 @pytest.mark.usefixtures("fresh_pyro")
