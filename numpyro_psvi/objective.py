@@ -245,7 +245,9 @@ def split_full_objective(
     every particle's score (the mini-batch's gradient noise) drops out of it; the mean
     residual ``-P (v_bar - delta) - g_bar`` fits the location with ``P`` held fixed, as
     does the KL's location part ``delta' P delta / 2``. The value equals
-    :func:`proximal_objective`'s; only the gradient in ``P`` differs.
+    :func:`proximal_objective`'s; only the gradient in ``P`` differs. One particle has no
+    spread, so the engine keeps the coupled objective then
+    (:func:`psvi.objective.splits_full_covariance`).
     """
     params_t = jax.lax.stop_gradient(params_t)
     loc, tril = density.loc_tril(params)
@@ -257,17 +259,14 @@ def split_full_objective(
     offsets = jax.lax.stop_gradient(particles) - loc_t
     model_scores = jax.lax.stop_gradient(model_scores)
     offset_mean, score_mean = offsets.mean(0), model_scores.mean(0)
-    if particles.shape[0] > 1:  # one particle has no spread: its residual is all mean
-        spread = (offsets - offset_mean) @ precision + (model_scores - score_mean)
-    else:
-        spread = jnp.zeros_like(offsets)
-    mean_residual = (offset_mean - (loc - loc_t)) @ held + score_mean
+    delta = loc - loc_t
+    spread = (offsets - offset_mean) @ precision + (model_scores - score_mean)
+    mean_residual = (offset_mean - delta) @ held + score_mean
     residuals = jnp.concatenate([spread, mean_residual[None]])
     if weighting == "covariance":
         residuals = residuals @ tril_t
     squares = jnp.sum(residuals**2, axis=-1)
-    fisher = jnp.mean(squares[:-1]) + squares[-1] if particles.shape[0] > 1 else squares[-1]
-    delta = loc - loc_t
+    fisher = jnp.mean(squares[:-1]) + squares[-1]
     m = tril_inv @ tril_t  # L^-1 L_t: tr(P Sigma_t) = |m|^2, log det(P Sigma_t) = 2 log|det m|
     log_det = 2 * jnp.sum(jnp.log(jnp.abs(jnp.diagonal(tril_t))) - jnp.log(jnp.abs(jnp.diagonal(tril))))
     kl = 0.5 * (jnp.sum(m**2) - loc.shape[0] - log_det + delta @ held @ delta)

@@ -109,9 +109,10 @@ def trust_region_scale(diagonal: bool, batch_ratio: float) -> float:
     return min(SPLIT_TRUST_REGION_SCALE, batch_ratio) if diagonal else batch_ratio
 
 
-def splits_full_covariance(batch_ratio: float) -> bool:
+def splits_full_covariance(batch_ratio: float, num_particles: int) -> bool:
     """Whether a full-covariance Gaussian guide's proximal objective is the split one
-    (the precision fitted to the residuals' spread, the location with it held).
+    (the precision fitted to the residuals' spread over the ``num_particles``
+    particles, the location with it held; one particle has no spread to fit).
 
     With a subsampled plate (``batch_ratio = N/B > 1``): in the coupled objective the
     precision absorbs the mini-batch's common score shift that the proximal term keeps
@@ -121,7 +122,7 @@ def splits_full_covariance(batch_ratio: float) -> bool:
     shift, and the Gaussian study's targets came out mixed (D = 10 and 50: calls to
     KL < 0.01 level or fewer, final KL at D = 50 higher), so they keep the coupled one.
     """
-    return batch_ratio > 1
+    return batch_ratio > 1 and num_particles > 1
 
 
 def resolve_regime(

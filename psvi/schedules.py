@@ -24,6 +24,8 @@ def bam_schedule(kind: str, l0: float = 1.0, *, batch: int = 1, dim: int = 1) ->
 
 def iterate_average_rate(num_averaged: Any) -> Any:
     """Weight of the next iterate in a running average of ``num_averaged`` iterates, such
-    that iterate ``i`` (from 1) carries weight ``i^3``: ``4 / (n + 4)`` (Polyak-Ruppert
-    averaging that forgets the start: the first third of a run keeps 1% of the weight)."""
-    return 4.0 / (num_averaged + 4.0)
+    that iterate ``i`` (from 1) carries weight ``i^5``: ``6 / (n + 6)`` (Polyak-Ruppert
+    averaging that forgets the start: the first half of a run keeps 1.6% of the weight,
+    so that a start that takes half the run to reach the posterior, as with Adam(1e-3),
+    barely enters the average; docs/minibatch.md section 12)."""
+    return 6.0 / (num_averaged + 6.0)

@@ -245,7 +245,9 @@ def split_full_objective(
     every particle's score (the mini-batch's gradient noise) drops out of it; the mean
     residual ``-P (v_bar - delta) - g_bar`` fits the location with ``P`` held fixed, as
     does the KL's location part ``delta' P delta / 2``. The value equals
-    :func:`proximal_objective`'s; only the gradient in ``P`` differs.
+    :func:`proximal_objective`'s; only the gradient in ``P`` differs. One particle has no
+    spread, so the engine keeps the coupled objective then
+    (:func:`psvi.objective.splits_full_covariance`).
     """
     loc, tril = density.loc_tril(params)
     loc_t, tril_t = density.loc_tril(params_t)
@@ -256,16 +258,13 @@ def split_full_objective(
     offsets = particles - loc_t
     offset_mean, score_mean = offsets.mean(0), model_scores.mean(0)
     delta = loc - loc_t
-    mean_residual = ((offset_mean - delta) @ held + score_mean).unsqueeze(0)
-    if particles.shape[0] > 1:  # one particle has no spread: its residual is all mean
-        spread = (offsets - offset_mean) @ precision + (model_scores - score_mean)
-        residuals = torch.cat([spread, mean_residual])
-    else:
-        residuals = mean_residual
+    mean_residual = (offset_mean - delta) @ held + score_mean
+    spread = (offsets - offset_mean) @ precision + (model_scores - score_mean)
+    residuals = torch.cat([spread, mean_residual.unsqueeze(0)])
     if weighting == "covariance":
         residuals = residuals @ tril_t
     squares = residuals.pow(2).sum(-1)
-    fisher = squares[:-1].mean() + squares[-1] if particles.shape[0] > 1 else squares[-1]
+    fisher = squares[:-1].mean() + squares[-1]
     m = tril_inv @ tril_t  # L^-1 L_t: tr(P Sigma_t) = |m|^2, log det(P Sigma_t) = 2 log|det m|
     log_det = 2 * (tril_t.diagonal().abs().log() - tril.diagonal().abs().log()).sum()
     kl = 0.5 * (m.pow(2).sum() - loc.shape[0] - log_det + delta @ held @ delta)

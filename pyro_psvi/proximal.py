@@ -71,8 +71,8 @@ class RunningAverages(NamedTuple):
         the mini-batch).
     params, params_updates
         With iterate averaging: the unconstrained params (guide and model) averaged over
-        accepted steps, iterate ``i`` weighted by ``i^3`` (Polyak-Ruppert averaging that
-        forgets the start: the first third of a run carries 1% of the weight), and the
+        accepted steps, iterate ``i`` weighted by ``i^5`` (Polyak-Ruppert averaging that
+        forgets the start: the first half of a run carries 1.6% of the weight), and the
         number of steps averaged (a 0-dim tensor).
     """
 
@@ -261,7 +261,9 @@ class ProximalScoreVI(ScoreEngine):
         regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
         self.inner_steps, self.average_iterates, self.curvature_memory = regime
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
-        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(self.batch_ratio)
+        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
+            self.batch_ratio, self.num_particles
+        )
         if self.averages is None:  # else restored by load
             self._start_averages()
 

@@ -4,7 +4,7 @@ import pytest
 
 from psvi import ProximalScoreMatching
 from psvi.families import GuideFamily, refused
-from psvi.objective import regime_defaults, resolve_objective, trust_region_scale
+from psvi.objective import regime_defaults, resolve_objective, splits_full_covariance, trust_region_scale
 
 
 def test_defaults_and_shorthands():
@@ -50,3 +50,11 @@ def test_the_trust_region_scale_by_regime():
     assert trust_region_scale(diagonal=True, batch_ratio=4.0) == 4.0
     assert trust_region_scale(diagonal=False, batch_ratio=20.0) == 20.0
     assert trust_region_scale(diagonal=False, batch_ratio=1.0) == 1.0
+
+
+def test_the_full_covariance_split_by_regime():
+    """The split objective for full-covariance guides with a subsampled plate and more than
+    one particle (one particle has no spread); the coupled one otherwise."""
+    assert splits_full_covariance(batch_ratio=20.0, num_particles=4)
+    assert not splits_full_covariance(batch_ratio=1.0, num_particles=4)
+    assert not splits_full_covariance(batch_ratio=20.0, num_particles=1)

@@ -137,10 +137,10 @@ def test_numpyro_defaults_fit_local_latents_with_the_users_adam(lr):
     Why these bounds: the locals' own scores are exact (independent blocks), so they
     carry no batch noise, only the start's transient (measured 0.04-0.13 sd at Adam(1e-3),
     0.001 at 1e-2; their sds within 2%). The global ``mu`` carries ~sqrt(N/B) = 2 sds of
-    batch noise per update, and the average of the ~1,300 updates the ``i^3`` weights
-    keep leaves ~0.06 sd even with independent batches (measured 0.000-0.037): 0.2 is
-    over 3 standard errors, while a wrong N/B factor moves sds by 50% (see
-    :func:`test_numpyro_fits_local_latents_exactly`).
+    batch noise per update, and the average of the ~930 updates the ``i^5`` weights
+    keep (``n (2p + 1) / (p + 1)^2``) leaves ~0.07 sd even with independent batches
+    (measured 0.000-0.037 with ``i^3``): 0.2 is nearly 3 standard errors, while a wrong
+    N/B factor moves sds by 50% (see :func:`test_numpyro_fits_local_latents_exactly`).
     """
     y, w = map(jnp.asarray, hierarchical_data())
     svi = numpyro_psvi.ProximalScoreVI(

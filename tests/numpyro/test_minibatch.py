@@ -66,13 +66,18 @@ def test_reshuffled_regression_has_the_exact_full_covariance_posterior():
     minibatch.check_full_covariance_fit(loc, cov, x, y)
 
 
+@pytest.mark.slow
 def test_independent_batches_give_the_exact_mean_field_posterior():
     """The plates' own draws (``reshuffle=False``): the bound of ``check_fit``."""
     x, y = minibatch.regression(seed=0)
     guide = AutoNormal(regression_model)
     svi = ProximalScoreVI(regression_model, guide, numpyro.optim.Adam(1e-2), reshuffle=False)
     result = svi.run(
-        jax.random.PRNGKey(0), minibatch.UPDATES, jnp.asarray(x), jnp.asarray(y), progress_bar=False
+        jax.random.PRNGKey(0),
+        minibatch.INDEPENDENT_UPDATES,
+        jnp.asarray(x),
+        jnp.asarray(y),
+        progress_bar=False,
     )
     assert result.state.epoch_order is None
     loc, scale = (np.asarray(result.params[f"w_auto_{name}"], np.float64) for name in ("loc", "scale"))
