@@ -285,8 +285,10 @@ class ProximalScoreVI(ScoreEngine):
         sums (:func:`~numpyro_psvi.objective.fisher_statistics`), each inner step is
         ``O(D)``, and its objective is the split one
         (:func:`~numpyro_psvi.objective.split_diagonal_objective`) with the curvature
-        averaged over updates. Model params ascend the expected log joint, linearized at
-        ``theta_t``: their gradient is the particles' mean gradient (no score calls).
+        averaged over updates; a full-covariance one with a subsampled plate has the split
+        objective :func:`~numpyro_psvi.objective.split_full_objective`. Model params ascend
+        the expected log joint, linearized at ``theta_t``: their gradient is the
+        particles' mean gradient (no score calls).
         """
         weighting, weights = self.objective.weighting, scored.weights
         stats = scored.statistics  # reduced across devices

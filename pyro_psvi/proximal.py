@@ -339,7 +339,9 @@ class ProximalScoreVI(ScoreEngine):
         """The step's objective and loss. Non-finite scores are zeroed (the step will be
         rejected); a diagonal Gaussian guide keeps only per-coordinate sums over the
         particles (:func:`~pyro_psvi.objective.fisher_statistics`), so each inner step
-        is ``O(D)`` and the ``(S, D)`` particles and scores can be freed."""
+        is ``O(D)`` and the ``(S, D)`` particles and scores can be freed; a full-covariance
+        guide with a subsampled plate has the split objective
+        (:func:`~pyro_psvi.objective.split_full_objective`)."""
         density, weighting, weights = self.density, self.objective.weighting, scored.weights
         if scored.statistics is not None:  # reduced across ranks
             stats = scored.statistics
