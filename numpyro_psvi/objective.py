@@ -267,9 +267,8 @@ def split_full_objective(
         residuals = residuals @ tril_t
     squares = jnp.sum(residuals**2, axis=-1)
     fisher = jnp.mean(squares[:-1]) + squares[-1]
-    m = tril_inv @ tril_t  # L^-1 L_t: tr(P Sigma_t) = |m|^2, log det(P Sigma_t) = 2 log|det m|
-    log_det = 2 * jnp.sum(jnp.log(jnp.abs(jnp.diagonal(tril_t))) - jnp.log(jnp.abs(jnp.diagonal(tril))))
-    kl = 0.5 * (jnp.sum(m**2) - loc.shape[0] - log_det + delta @ held @ delta)
+    # KL(q_t || q) with P held in its location term delta' P delta / 2 (same value).
+    kl = density.kl(params_t, params) + 0.5 * delta @ (held - precision) @ delta
     return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
 
 
