@@ -69,9 +69,14 @@ def _fit(tmp_path: Path, world: int | None, case: str, steps: int = STEPS, *opti
     out = tmp_path / f"{case}-{world}.npz"
     batch = GLOBAL_BATCH // (world or 1)
     results = _run(world, out, case, str(steps), "--batch", str(batch), *options)
-    for result in results:
-        assert result.returncode == 0, result.stderr[-3000:]
+    _assert_succeeded(results)
     return dict(np.load(out))
+
+
+def _assert_succeeded(results: list[subprocess.CompletedProcess]) -> None:
+    for rank, result in enumerate(results):
+        tail = result.stderr[-3000:]
+        assert result.returncode == 0, f"rank {rank} exited with {result.returncode}:\n{tail}"
 
 
 def _params(fit: dict) -> dict:
@@ -118,7 +123,7 @@ def test_ranks_given_their_own_indices_take_the_one_process_steps(tmp_path):
 def test_a_non_finite_score_on_one_rank_rejects_the_step_on_every_rank(tmp_path):
     out = tmp_path / "nan.npz"
     results = _run(2, out, "normal", "6", "--batch", "8", "--non-finite-at", "3")
-    assert all(result.returncode == 0 for result in results), results[0].stderr[-3000:]
+    _assert_succeeded(results)
     rank0, rank1 = np.load(out), np.load(tmp_path / "nan-rank1.npz")
     for fit in (rank0, rank1):
         assert int(fit["num_rejected"]) == 1

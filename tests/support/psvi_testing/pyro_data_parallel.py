@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -149,9 +150,14 @@ def main() -> None:
             **diagnostics,
             **{f"param:{name}": value for name, value in params.items()},
         )  # fmt: skip
-    if distributed:  # leave together: a rank tearing gloo down while another still
-        torch.distributed.barrier()  # talks to it can abort ("terminate called ...")
-        torch.distributed.destroy_process_group()
+    if distributed:
+        # Leave together, then exit without tearing gloo down: a rank whose peer has
+        # already closed its sockets can abort in the teardown ("terminate called ...",
+        # seen once on a loaded CI machine), after every result has been written.
+        torch.distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
