@@ -42,8 +42,11 @@ def _compare(*options: str) -> dict:
 @pytest.mark.parametrize(
     ("case", "devices"),
     [
-        ("param", 2),  # AutoNormal (two D-vectors reduced) and a numpyro.param gradient
-        ("mvn", 2),  # the (S, D) scores reduced
+        # AutoNormal (two D-vectors reduced) and a numpyro.param gradient. Both cases are
+        # slow (~40 s each on CI); the checkpoint test below runs 4 devices by default.
+        pytest.param("param", 2, marks=pytest.mark.slow),
+        # the (S, D) scores reduced (Pyro's mvn case runs by default)
+        pytest.param("mvn", 2, marks=pytest.mark.slow),
         pytest.param("normal", 2, marks=pytest.mark.slow),
         pytest.param("normal", 4, marks=pytest.mark.slow),
         pytest.param("user", 2, marks=pytest.mark.slow),  # a hand-written guide

@@ -34,6 +34,7 @@ def mvn_moments(guide):
     )
 
 
+@pytest.mark.slow  # the NumPyro twin runs by default (suite time)
 def test_ill_conditioned_gaussian_full_covariance():
     """D=20, condition number 1e4: forward KL < 1e-2 within 3,000 score calls.
 
@@ -212,6 +213,7 @@ def test_constrained_gamma_poisson():
     assert abs(np.mean(means) / exact_mean - 1) < 1.0 / shape
 
 
+@pytest.mark.slow  # the NumPyro twin runs by default (suite time): test_simplex_and_dependent_interval
 def test_simplex_posterior_mean():
     """Dirichlet-multinomial (simplex) recovers the exact posterior mean."""
     counts = torch.tensor([30.0, 10.0, 60.0])
@@ -289,6 +291,7 @@ def test_pyro_optimizers_and_schedulers():
         ProximalScoreVI(model, AutoNormal(model), torch.optim.Adam)
 
 
+@pytest.mark.slow  # the NumPyro twin runs by default (suite time)
 def test_lowrank_guide_fits_gaussian():
     mean, cov = ill_conditioned_gaussian(6, 10.0, seed=2)
     model = gaussian_target(mean, cov)

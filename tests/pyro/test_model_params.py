@@ -8,6 +8,7 @@ exact posterior), and the weight posterior is the closed form at that ``sigma``.
 import numpy as np
 import pyro
 import pyro.distributions as pdist
+import pytest
 import torch
 from psvi_testing.em_regression import UPDATES, D, N, check, data
 from pyro.infer.autoguide import AutoMultivariateNormal as PAutoMVN
@@ -16,6 +17,7 @@ from pyro.infer.autoguide import init_to_value as p_init_to_value
 import pyro_psvi
 
 
+@pytest.mark.slow  # ~40 s on CI; the NumPyro twin (same check) runs by default
 def test_pyro_learns_model_params_by_variational_em():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)

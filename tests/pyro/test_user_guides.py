@@ -119,6 +119,7 @@ def p_gaussian_guide():
     pyro.sample("s", dist.LogNormal(m, v))
 
 
+@pytest.mark.slow  # the NumPyro twin runs by default (suite time)
 def test_pyro_user_guide_fits_its_target_exactly():
     """The family contains the target, so the fixed point is the target: KL < 0.01 (the
     project's bar) and the LogNormal's params within 0.02. The Monte Carlo KL's control
