@@ -257,8 +257,9 @@ def measure_one(method: str, width: int, particles: int, repeats: int) -> dict:
 def mnist_fit(
     method: str, width: int, num_train: int, steps: int, curve_every: int, num_test: int, seed: int = 0
 ) -> dict:
-    """Fit the ResNet on MNIST with ``method``: ``advi``, ``psvi`` (defaults) or ``psvi_K<n>``
-    (``inner_steps=n``); see the module doc."""
+    """Fit the ResNet on MNIST with ``method``: ``advi``, ``psvi`` (defaults) or ``psvi``
+    with options after underscores, ``K<n>`` (``inner_steps=n``) and ``T<c>``
+    (``trust_region=c``), e.g. ``psvi_K1`` or ``psvi_T0.004``; see the module doc."""
     import numpy as np
     import pyro
     from pyro.infer import SVI, Predictive, Trace_ELBO
@@ -285,8 +286,9 @@ def mnist_fit(
     guide = AutoNormal(model, init_loc_fn=init, init_scale=0.01)
     optim = pyro.optim.Adam({"lr": 1e-3})
     if method.startswith("psvi"):
-        inner = {"inner_steps": int(method.split("_K")[1])} if "_K" in method else {}
-        engine = ProximalScoreVI(model, guide, optim, num_particles=4, vectorize_particles=False, **inner)
+        keywords = {"K": ("inner_steps", int), "T": ("trust_region", float)}
+        options = {keywords[o[0]][0]: keywords[o[0]][1](o[1:]) for o in method.split("_")[1:]}
+        engine = ProximalScoreVI(model, guide, optim, num_particles=4, vectorize_particles=False, **options)
     else:
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=4))
 
@@ -329,7 +331,7 @@ def main() -> None:
         "--mnist-methods",
         nargs="+",
         default=["psvi", "advi"],
-        help="advi, psvi or psvi_K<n>; runs merge into the JSON by method",
+        help="advi, psvi, psvi_K<n> or psvi_T<c> (see mnist_fit); runs merge into the JSON by method",
     )
     options = parser.parse_args()
     if options.mnist:
