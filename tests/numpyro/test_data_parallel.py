@@ -43,7 +43,7 @@ def _compare(*options: str) -> dict:
     ("case", "devices"),
     [
         # AutoNormal (two D-vectors reduced) and a numpyro.param gradient. Both cases are
-        # slow (~40 s each on CI); the checkpoint test below runs 4 devices by default.
+        # slow (~75 s each on the 2-core dev machine); the checkpoint test below runs 4 devices by default.
         pytest.param("param", 2, marks=pytest.mark.slow),
         # the (S, D) scores reduced (Pyro's mvn case runs by default)
         pytest.param("mvn", 2, marks=pytest.mark.slow),

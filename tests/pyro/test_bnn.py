@@ -16,7 +16,7 @@ from pyro_psvi import ProximalScoreVI
 from pyro_psvi.contrib.models import FlatBayesianModule, bayesian_module, fan_in_prior, module_classifier
 
 
-@pytest.mark.slow  # ~30 s on CI; test_flat_module_fits_digits_and_explains_misuse fits digits by default
+@pytest.mark.slow  # 30-57 s here; test_flat_module_fits_digits_and_explains_misuse runs by default
 def test_nn_module_mlp_beats_prior_predictive_on_digits():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)

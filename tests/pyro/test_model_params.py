@@ -17,7 +17,7 @@ from pyro.infer.autoguide import init_to_value as p_init_to_value
 import pyro_psvi
 
 
-@pytest.mark.slow  # ~40 s on CI; the NumPyro twin (same check) runs by default
+@pytest.mark.slow  # ~75 s on the 2-core dev machine; the NumPyro twin (same check) runs by default
 def test_pyro_learns_model_params_by_variational_em():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)

@@ -152,8 +152,8 @@ def main() -> None:
         )  # fmt: skip
     if distributed:
         # Leave together, then exit without tearing gloo down: a rank whose peer has
-        # already closed its sockets can abort in the teardown ("terminate called ...",
-        # seen once on a loaded CI machine), after every result has been written.
+        # already closed its sockets can abort in the teardown ("terminate called ..."),
+        # the suspected cause of one CI failure whose failing rank went unreported.
         torch.distributed.barrier()
         sys.stdout.flush()
         sys.stderr.flush()
