@@ -126,6 +126,7 @@ def test_autoregressive_flow_above_32_dimensions_warns():
         svi.init(jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow  # ~46 s here; the Pyro twin (2 s) runs by default
 def test_inference_data_and_diagnostics_take_user_guides():
     """Posterior draws come from the user guide; at the exact fit the diagnostics see
     it: the importance weights p/q are constant, so k-hat is far below 0.7 and the
