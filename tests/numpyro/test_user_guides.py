@@ -46,6 +46,7 @@ def n_transformed_guide():
         numpyro.sample(name, fn)
 
 
+@pytest.mark.slow  # ~40 s here (compile-bound); the Pyro twin runs by default
 def test_numpyro_user_guide_density_is_auto_normal_density():
     params = {f"{n}_loc": jnp.array(LOCS[n]) for n in LOCS} | {
         f"{n}_scale": jnp.array(SCALES[n]) for n in SCALES
