@@ -287,10 +287,11 @@ def mnist_fit(
     optim = pyro.optim.Adam({"lr": 1e-3})
     if method.startswith("psvi"):
         keywords = {"K": ("inner_steps", int), "T": ("trust_region", float)}
-        unknown = [o for o in method.split("_")[1:] if o[:1] not in keywords]
+        given = method.split("_")[1:]
+        unknown = [o for o in given if o[:1] not in keywords]
         if unknown:
             raise ValueError(f"{method}: unknown option(s) {unknown}; use K<n> or T<c>, e.g. psvi_K1")
-        options = {keywords[o[0]][0]: keywords[o[0]][1](o[1:]) for o in method.split("_")[1:]}
+        options = {keywords[o[0]][0]: keywords[o[0]][1](o[1:]) for o in given}
         engine = ProximalScoreVI(model, guide, optim, num_particles=4, vectorize_particles=False, **options)
     else:
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=4))
