@@ -258,8 +258,9 @@ def mnist_fit(
     method: str, width: int, num_train: int, steps: int, curve_every: int, num_test: int, seed: int = 0
 ) -> dict:
     """Fit the ResNet on MNIST with ``method``: ``advi``, ``psvi`` (defaults) or ``psvi``
-    with options after underscores, ``K<n>`` (``inner_steps=n``) and ``T<c>``
-    (``trust_region=c``), e.g. ``psvi_K1`` or ``psvi_T0.004``; see the module doc."""
+    with options after underscores, ``K<n>`` (``inner_steps=n``), ``T<c>``
+    (``trust_region=c``) and ``L<lr>`` (Adam's learning rate, default 1e-3), e.g.
+    ``psvi_K1`` or ``psvi_K5_L0.0002``; see the module doc."""
     import numpy as np
     import pyro
     from pyro.infer import SVI, Predictive, Trace_ELBO
@@ -284,17 +285,17 @@ def mnist_fit(
     model = partial(module_classifier, net, subsample_size=64)
     init = init_to_value(values={"weights": net.initial_weights})
     guide = AutoNormal(model, init_loc_fn=init, init_scale=0.01)
-    optim = pyro.optim.Adam({"lr": 1e-3})
     if method.startswith("psvi"):
-        keywords = {"K": ("inner_steps", int), "T": ("trust_region", float)}
+        keywords = {"K": ("inner_steps", int), "T": ("trust_region", float), "L": ("lr", float)}
         given = method.split("_")[1:]
         unknown = [o for o in given if o[:1] not in keywords]
         if unknown:
-            raise ValueError(f"{method}: unknown option(s) {unknown}; use K<n> or T<c>, e.g. psvi_K1")
+            raise ValueError(f"{method}: unknown option(s) {unknown}; use K<n>, T<c> or L<lr>, e.g. psvi_K1")
         options = {keywords[o[0]][0]: keywords[o[0]][1](o[1:]) for o in given}
+        optim = pyro.optim.Adam({"lr": options.pop("lr", 1e-3)})
         engine = ProximalScoreVI(model, guide, optim, num_particles=4, vectorize_particles=False, **options)
     else:
-        engine = SVI(model, guide, optim, Trace_ELBO(num_particles=4))
+        engine = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO(num_particles=4))
 
     @torch.no_grad()
     def sample_probs(images: torch.Tensor, num_draws: int) -> np.ndarray:
@@ -335,7 +336,7 @@ def main() -> None:
         "--mnist-methods",
         nargs="+",
         default=["psvi", "advi"],
-        help="advi, psvi, psvi_K<n> or psvi_T<c> (see mnist_fit); runs merge into the JSON by method",
+        help="advi, psvi, psvi_K<n>, psvi_T<c>, psvi_L<lr> (see mnist_fit); runs merge into the JSON",
     )
     options = parser.parse_args()
     if options.mnist:

@@ -463,11 +463,30 @@ class ScoreEngine:
         kwargs, density = self._prepare(args, kwargs)
         _, key_particles, key_batch, _ = random.split(state.rng_key, 4)
         params = self.get_params(state)
+        density, indices = self.on_batch(density, self.batch_indices(state), key_batch, args, kwargs)
         particles, scored = self.score_particles(
             density, params, self._model_params(state), key_particles, key_batch, args, kwargs,
-            indices=self.batch_indices(state),
+            indices=indices,
         )  # fmt: skip
         return density, params, particles, scored
+
+    def on_batch(
+        self,
+        density: GuideDensity,
+        indices: dict[str, jax.Array] | None,
+        key_batch: jax.Array,
+        args: tuple,
+        kwargs: dict,
+    ) -> tuple[GuideDensity, dict[str, jax.Array] | None]:
+        """The density of the update's mini-batch and that batch's indices: for a
+        user-written guide with local latents (``density.at_indices``), the density on
+        the global batch ``indices`` or, when ``None``, on the plates' draw from
+        ``key_batch`` (the one :meth:`score_particles` would make); else both as given."""
+        if density.at_indices is None:
+            return density, indices
+        if indices is None:
+            indices = draw_plate_indices(subsampled_plates(self.model, args, kwargs), key_batch)
+        return density.at_indices(indices), indices
 
     def _model_params(self, state: EngineState) -> dict:
         """The model's unconstrained ``numpyro.param`` values (none for the closed-form engines)."""

@@ -16,7 +16,7 @@ the model), uses nested autodiff for the score and a Monte Carlo KL on extra dra
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import singledispatch
+from functools import partial, singledispatch
 from typing import Any, NamedTuple
 
 import jax
@@ -27,7 +27,6 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import autoguide
-from numpyro.infer.util import log_density
 
 from numpyro_psvi._compat import (
     autonormal_event_dims,
@@ -35,7 +34,13 @@ from numpyro_psvi._compat import (
     batched_event_size,
     unpack_latent,
 )
-from psvi.checks import GuideSite, check_user_guide_sites, full_covariance_advice
+from numpyro_psvi.scores import given_plate_indices
+from psvi.checks import (
+    GuideSite,
+    check_user_guide_sites,
+    full_covariance_advice,
+    unbatched_local_guide_message,
+)
 from psvi.families import (
     GUIDE_LIST,
     LAPLACE,
@@ -90,6 +95,17 @@ class GuideDensity(NamedTuple):
         full-covariance Gaussian guide with closed-form scores (AutoMultivariateNormal);
         ``None`` otherwise. Its proximal objective is then the split one
         (:func:`numpyro_psvi.objective.split_full_objective`).
+    at_indices : callable or None
+        A user-written guide with local latents in a subsampled plate draws only the
+        mini-batch's members, as under ``SVI``: ``at_indices({plate name: indices})``
+        is its density on that mini-batch (the model's pass gets the same indices), in
+        which a draw fills the batch's members of the full-size flat latent (the others
+        are 0 and carry no weight, :func:`numpyro_psvi.scores.coordinate_weights`).
+        ``None`` for other guides, whose functions need no batch.
+    elbo_log_prob : callable or None
+        ``elbo_log_prob(params, u) -> ()``, ``log q`` as ``Trace_ELBO`` counts it on the
+        mini-batch: the batch's local terms times their plate's ``N/B`` (a user-written
+        guide with local latents, on a batch; for AutoNormal ``loc_scale`` gives it).
     """
 
     latent_dim: int
@@ -103,6 +119,8 @@ class GuideDensity(NamedTuple):
     loc_scale: Callable[[Params], tuple[jax.Array, jax.Array]] | None = None
     local_plates: dict[str, tuple[tuple[str, int], ...]] = {}
     loc_tril: Callable[[Params], tuple[jax.Array, jax.Array]] | None = None
+    at_indices: Callable[[dict[str, jax.Array]], GuideDensity] | None = None
+    elbo_log_prob: Callable[[Params, jax.Array], jax.Array] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -503,48 +521,91 @@ def _user_guide(
     ``biject_to(support)``: the Jacobians are those of the model's log joint, so they
     cancel in the residual (docs/algorithm.md, section 3). The guide is run with the
     model's arguments and its ``numpyro.param`` values substituted.
+
+    A local latent in a subsampled plate spans the plate's full size in the flat latent
+    (``local_plates``, as AutoNormal's params do); the guide draws the members of a
+    mini-batch (``at_indices``), and ``log q`` is that of the globals and the batch's
+    members without the plate's ``N/B`` scale (the density, not the ELBO's estimate).
     """
     model_trace = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
     latents = {n: s for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"]}
-    transforms = {name: biject_to(site["fn"].support) for name, site in latents.items()}
-    template = {
-        name: jnp.zeros(transforms[name].inverse_shape(jnp.shape(site["value"])))
-        for name, site in latents.items()
+    subsampled = {
+        name: site["args"][0]
+        for name, site in model_trace.items()
+        if site["type"] == "plate" and site["args"][1] is not None and site["args"][1] < site["args"][0]
     }
+    transforms = {name: biject_to(site["fn"].support) for name, site in latents.items()}
+    template, local_plates = {}, {}
+    for name, site in latents.items():
+        shape = list(transforms[name].inverse_shape(jnp.shape(site["value"])))
+        event_dim = site["fn"].event_dim + len(shape) - jnp.ndim(site["value"])
+        plates = tuple(
+            (frame.name, frame.dim - event_dim)
+            for frame in site["cond_indep_stack"]
+            if frame.name in subsampled
+        )
+        for plate, dim in plates:
+            shape[dim] = subsampled[plate]
+        template[name] = jnp.zeros(shape)
+        if plates:
+            local_plates[name] = plates
     flat, unravel = ravel_pytree(template)
 
-    def constrain(u):
-        values = unravel(u)
-        x = {name: transforms[name](value) for name, value in values.items()}
-        log_det = sum(
-            jnp.sum(transforms[name].log_abs_det_jacobian(value, x[name])) for name, value in values.items()
-        )
-        return x, log_det
+    def on_batch(indices: dict[str, jax.Array]) -> GuideDensity:
+        at_plates = partial(given_plate_indices, indices)
 
-    def log_prob(params, u):
-        x, log_det = constrain(u)
-        return log_density(guide, args, kwargs, {**params, **x})[0] + log_det
+        def members(name: str, value: jax.Array, full: jax.Array | None = None) -> jax.Array:
+            """A local latent's batch members (or ``value`` put at them in ``full``)."""
+            for plate, dim in local_plates.get(name, ()):
+                if plate not in indices:
+                    raise NotImplementedError(unbatched_local_guide_message(name, plate))
+                axis = jnp.ndim(template[name]) + dim
+                if full is None:
+                    value = jnp.take(value, indices[plate], axis=axis)
+                else:
+                    value = full.at[(slice(None),) * axis + (indices[plate],)].set(value)
+            return value
 
-    def sample(params, rng_key, num):
-        def one(key):
-            guide_trace = trace(seed(substitute(guide, data=params), key)).get_trace(*args, **kwargs)
-            values = {name: transforms[name].inv(guide_trace[name]["value"]) for name in latents}
-            return ravel_pytree(values)[0]
+        def guide_log_prob(params, u, plate_scaled):
+            values = {name: members(name, value) for name, value in unravel(u).items()}
+            x = {name: transforms[name](value) for name, value in values.items()}
+            data = {**params, **x}
+            guide_trace = trace(substitute(substitute(guide, data=data), substitute_fn=at_plates))
+            total = 0.0
+            for name, site in guide_trace.get_trace(*args, **kwargs).items():
+                if site["type"] != "sample" or name not in x:
+                    continue
+                log_det = transforms[name].log_abs_det_jacobian(values[name], x[name])
+                term = jnp.sum(site["fn"].log_prob(site["value"])) + jnp.sum(log_det)
+                scale = 1.0 if site["scale"] is None else site["scale"]
+                if not plate_scaled:  # the guide's plates scale a batch member's term by N/B
+                    for frame in site["cond_indep_stack"]:
+                        scale = scale * (frame.size / subsampled.get(frame.name, frame.size))
+                total = total + scale * term
+            return total
 
-        return jax.vmap(one)(jax.random.split(rng_key, num))
+        def sample(params, rng_key, num):
+            def one(key):
+                seeded = seed(substitute(substitute(guide, data=params), substitute_fn=at_plates), key)
+                guide_trace = trace(seeded).get_trace(*args, **kwargs)
+                values = {
+                    name: members(name, transforms[name].inv(guide_trace[name]["value"]), template[name])
+                    for name in latents
+                }
+                return ravel_pytree(values)[0]
 
-    kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, num_kl_draws)
+            return jax.vmap(one)(jax.random.split(rng_key, num))
 
-    return GuideDensity(
-        latent_dim=flat.size,
-        sample=sample,
-        log_prob=log_prob,
-        score=_autodiff_score(log_prob),
-        kl=kl,
-        cov_quad=cov_quad,
-        unpack=unravel,
-        closed_form=False,
-    )
+        log_prob = partial(guide_log_prob, plate_scaled=False)
+        kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, num_kl_draws)
+        return GuideDensity(
+            latent_dim=flat.size, sample=sample, log_prob=log_prob, score=_autodiff_score(log_prob),
+            kl=kl, cov_quad=cov_quad, unpack=unravel, closed_form=False, local_plates=local_plates,
+            at_indices=on_batch if local_plates else None,
+            elbo_log_prob=partial(guide_log_prob, plate_scaled=True) if local_plates else None,
+        )  # fmt: skip
+
+    return on_batch({})
 
 
 def _break_zero_cov_factor(guide, params: dict, init_params: dict | None, rng_key) -> dict:
@@ -591,7 +652,7 @@ def _user_guide_setup(guide, model, args, kwargs, options: DensityOptions):
 
 
 _GENERIC = GuideFamily("an AutoContinuous guide", _autoguide_setup(_auto_continuous))
-_USER_GUIDE = GuideFamily("a user-written guide", _user_guide_setup)
+_USER_GUIDE = GuideFamily("a user-written guide", _user_guide_setup, local_latents=True)
 
 
 @singledispatch

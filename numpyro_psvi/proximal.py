@@ -261,9 +261,10 @@ class ProximalScoreVI(ScoreEngine):
         kwargs, density = self._prepare(args, kwargs)
         rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
         params_t = self._iterate_params(state)
+        density, indices = self.on_batch(density, self.batch_indices(state), key_batch, args, kwargs)
         particles, scored = self.score_particles(
             density, params_t, self._model_params(state), key_particles, key_batch, args, kwargs,
-            indices=self.batch_indices(state), statistics=True,
+            indices=indices, statistics=True,
         )  # fmt: skip
         problem = self.proximal_problem(density, params_t, particles, scored, key_kl, state.averages)
         fitted = self.inner_fit(problem.objective, state.optim_state)

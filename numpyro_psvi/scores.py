@@ -92,7 +92,7 @@ def make_log_joint(
         def log_joint(u: jax.Array, batch_key: jax.Array, indices=None) -> jax.Array:
             seeded = seed(model, batch_key)
             if indices:
-                seeded = substitute(seeded, substitute_fn=partial(_plate_indices, indices))
+                seeded = substitute(seeded, substitute_fn=partial(given_plate_indices, indices))
             return -potential_energy(seeded, model_args, model_kwargs, unpack(u))
 
         return log_joint
@@ -102,7 +102,7 @@ def make_log_joint(
 
         def unconstrain(site):
             if site["type"] == "plate":
-                return _plate_indices(indices, site)
+                return given_plate_indices(indices, site)
             name = site["name"]
             if site["type"] != "sample" or name not in values:
                 return None
@@ -118,7 +118,7 @@ def make_log_joint(
     return log_joint_with_locals
 
 
-def _plate_indices(indices: dict[str, jax.Array], site: dict) -> jax.Array | None:
+def given_plate_indices(indices: dict[str, jax.Array], site: dict) -> jax.Array | None:
     """A plate site's given indices (``None`` for a plate not in ``indices``)."""
     return indices.get(site["name"]) if site["type"] == "plate" else None
 

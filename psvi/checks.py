@@ -179,8 +179,20 @@ def local_latent_message(name: str, plate: str, guide_name: str) -> str:
     return (
         f"Latent site {name!r} is local to the subsampled plate {plate!r}: {guide_name} would "
         "reuse one set of values for every mini-batch. Use AutoNormal, whose params span the "
-        "plate's full size and are sliced by its indices, or the full plate "
-        "(subsample_size=None)."
+        "plate's full size and are sliced by its indices, a guide function that indexes its "
+        "own params by its plate's indices, or the full plate (subsample_size=None)."
+    )
+
+
+def unbatched_local_guide_message(name: str, plate: str) -> str:
+    """The error for a user-written guide's local latent evaluated without a mini-batch
+    (e.g. a full-data export)."""
+    return (
+        f"Latent site {name!r} of this user-written guide is local to the subsampled plate "
+        f"{plate!r}: its density is only defined on a mini-batch of the plate, so it cannot "
+        "give draws over the full data. For ArviZ export and full-data diagnostics use "
+        "AutoNormal, or the full plate (subsample_size=None); for predictions use "
+        "Predictive(model, guide=guide) per mini-batch."
     )
 
 

@@ -22,13 +22,14 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
+from psvi.checks import unbatched_local_guide_message
 from psvi.families import DensityOptions
 from psvi.inference_data import add_fit_stats, dim_names, pseudo_chains
 from psvi.modes import ModeCoverage, search_modes, uncovered_message
+from pyro_psvi.batches import SharedSubsample
 from pyro_psvi.guides import GuideDensity, guide_family
 from pyro_psvi.objective import weighted_fisher
 from pyro_psvi.scores import (
-    SharedSubsample,
     UnconstrainedValues,
     at_random_values,
     guess_max_plate_nesting,
@@ -157,6 +158,9 @@ def _density(model: Callable, guide: Any, args: tuple, kwargs: dict) -> tuple[Gu
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     options = DensityOptions(max_plate_nesting=guess_max_plate_nesting(model_trace))
     density = family.setup(guide, model_trace, guide_trace, args, kwargs, options)(args, kwargs)
+    local = next((site for site in density.sites if site.plates), None)
+    if density.plate_indices is not None and local is not None:  # a user guide draws one batch
+        raise NotImplementedError(unbatched_local_guide_message(local.name, local.plates[0][0]))
     params = {name: guide_trace.nodes[name]["value"].detach() for name in density.param_names}
     return density, params
 

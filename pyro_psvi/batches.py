@@ -11,11 +11,16 @@ fixed guide: averaged iterates converge far faster than with independent batches
 
 :class:`EpochOrder` is part of the engine's state (and of its checkpoints);
 :class:`~pyro_psvi.parallel.ShardedPlates` draws the plates' batches from it.
+:class:`SharedSubsample` makes every pass of one step (the guide's draws, the model's
+scores) see the step's one batch.
 """
 
 from __future__ import annotations
 
 import torch
+from pyro.poutine.messenger import Messenger
+
+from pyro_psvi._compat import Subsample
 
 
 class EpochOrder:
@@ -55,3 +60,26 @@ class EpochOrder:
         """Continue from :meth:`state_dict`'s order."""
         self.permutations = dict(state["permutations"])
         self.positions = {name: int(position) for name, position in state["positions"].items()}
+
+
+class SharedSubsample(Messenger):
+    """Draw each subsampled plate's indices once and replay them on later passes.
+
+    Parameters
+    ----------
+    indices : dict
+        Filled with ``{plate name: indices}`` on first use; pass the same dict to
+        every pass that must see the same mini-batch.
+    """
+
+    def __init__(self, indices: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.indices = indices
+
+    def _pyro_sample(self, msg) -> None:
+        if isinstance(msg["fn"], Subsample) and msg["value"] is None:
+            msg["value"] = self.indices.get(msg["name"])
+
+    def _pyro_post_sample(self, msg) -> None:
+        if isinstance(msg["fn"], Subsample):
+            self.indices.setdefault(msg["name"], msg["value"])

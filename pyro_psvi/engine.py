@@ -247,8 +247,7 @@ class ScoreEngine:
             self._setup(args, kwargs)
             if self._pending_checkpoint is not None:
                 self._restore_checkpoint()
-            return
-        self.density = self._build_density(args, kwargs)
+        self.density = self._build_density(args, kwargs)  # a fresh batch's, for a user guide
         signature = _signature(args, kwargs)
         if signature != self._arg_signature:
             with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
@@ -321,10 +320,10 @@ class ScoreEngine:
         :class:`~pyro_psvi.scores.ModelScores` on one fresh mini-batch shared by the
         particles (with the mean gradient in each tensor of ``model_params``).
         ``statistics``: see :meth:`reduce_scores`."""
-        with torch.no_grad():
-            particles = self.density.sample(params, self.num_particles)
         try:
             with self._sharded():
+                with torch.no_grad():  # a user guide's plates draw the step's batch
+                    particles = self.density.sample(params, self.num_particles)
                 scored = model_scores(
                     self.model, self.density, particles, args, kwargs,
                     max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import singledispatch
+from functools import partial, singledispatch
 from operator import attrgetter
 from typing import Any, NamedTuple
 
@@ -43,6 +43,7 @@ from psvi.families import (
     refused,
 )
 from pyro_psvi._compat import inverse, is_block_autoregressive, param_prefix, tensor_version
+from pyro_psvi.batches import SharedSubsample
 
 Params = dict[str, torch.Tensor]
 
@@ -110,6 +111,17 @@ class GuideDensity(NamedTuple):
         full-covariance Gaussian guide with closed-form scores (AutoMultivariateNormal);
         ``None`` otherwise. Its proximal objective is then the split one
         (:func:`pyro_psvi.objective.split_full_objective`).
+    plate_indices : dict or None
+        A user-written guide runs its plates on the step's mini-batch, as under ``SVI``
+        (with local latents in a subsampled plate it draws only the batch's members):
+        the ``{plate name: indices}`` of its step, filled by its first draw
+        (:class:`~pyro_psvi.batches.SharedSubsample`) and replayed by every later pass,
+        the model's included. ``None`` for autoguides (their draws run no plate).
+    elbo_log_prob : callable or None
+        ``elbo_log_prob(params, u) -> (S,)``, ``log q`` as ``Trace_ELBO`` counts it on a
+        mini-batch: the batch's local terms times their plate's ``N/B`` (a user-written
+        guide with local latents; for AutoNormal, ``loc_scale`` gives it). ``None``
+        otherwise.
     """
 
     latent_dim: int
@@ -123,6 +135,8 @@ class GuideDensity(NamedTuple):
     closed_form: bool
     loc_scale: Callable[[Params], tuple[torch.Tensor, torch.Tensor]] | None = None
     loc_tril: Callable[[Params], tuple[torch.Tensor, torch.Tensor]] | None = None
+    plate_indices: dict[str, torch.Tensor] | None = None
+    elbo_log_prob: Callable[[Params, torch.Tensor], torch.Tensor] | None = None
 
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split flat latents ``(..., D)`` into unconstrained site values ``(..., *shape)``."""
@@ -580,15 +594,25 @@ class UserGuideLayout(NamedTuple):
 
 def user_guide_layout(guide: Callable, model_trace, guide_trace) -> UserGuideLayout:
     """Check a user-written guide (:func:`check_user_guide`) against traces of the model
-    and of the guide (which created the guide's params) and return its layout."""
+    and of the guide (which created the guide's params) and return its layout.
+
+    A local latent in a subsampled plate spans the plate's full size in the flat latent
+    (as AutoNormal's params do; ``LatentSite.plates`` names the subsampled plates), of
+    which a step's guide draws fill the mini-batch's members."""
     check_user_guide(guide, model_trace, guide_trace)
     sites, supports = [], {}
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             continue
         support = site["fn"].support
-        shape = biject_to(support).inverse_shape(site["value"].shape)
-        sites.append(LatentSite(name, shape, site["fn"].event_dim + len(shape) - site["value"].dim()))
+        shape = list(biject_to(support).inverse_shape(site["value"].shape))
+        event_dim = site["fn"].event_dim + len(shape) - site["value"].dim()
+        plates = []
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized and frame.dim is not None and frame.full_size not in (None, frame.size):
+                plates.append((frame.name, frame.dim - event_dim))
+                shape[frame.dim - event_dim] = frame.full_size
+        sites.append(LatentSite(name, torch.Size(shape), event_dim, tuple(plates)))
         supports[name] = support
     param_names = tuple(name for name, site in guide_trace.nodes.items() if site["type"] == "param")
     return UserGuideLayout(tuple(sites), supports, param_names)
@@ -611,43 +635,65 @@ def user_guide_density(
     cancel in the residual (docs/algorithm.md, section 3). The guide runs with the model's
     arguments and its ``pyro.param`` values substituted, vectorized over draws under a
     plate left of its own plates (write it broadcast-safe, as for vectorized ELBOs).
+
+    With local latents in a subsampled plate (sites with ``plates``), the guide runs its
+    plate on the step's mini-batch (``plate_indices``, shared with the model's pass), as
+    under ``SVI``: a draw fills the batch's members of the full-size flat latent (the
+    others are 0 and carry no weight, see :func:`pyro_psvi.scores.coordinate_weights`)
+    and ``log q`` is that of the globals and the batch's members, without the plate's
+    ``N/B`` scale (the density, not the ELBO's estimate of its sum).
     """
     sites = layout.sites
     dim = sum(math.prod(site.shape) for site in sites)
     transforms = {site.name: biject_to(layout.supports[site.name]) for site in sites}
     draws_dim = -(max_plate_nesting + 1)
+    plate_indices: dict[str, torch.Tensor] = {}
 
     def batched(site: LatentSite, value: torch.Tensor) -> torch.Tensor:
         """``(num, *shape)`` to ``(num, 1, ..., *shape)`` under the draws plate."""
         batch_ndim = len(site.shape) - site.event_dim
-        return value.reshape(value.shape[:1] + (1,) * (max_plate_nesting - batch_ndim) + site.shape)
+        return value.reshape(value.shape[:1] + (1,) * (max_plate_nesting - batch_ndim) + value.shape[1:])
 
     def run(params, num, values=None):
         conditioned = poutine.condition(guide, data=values) if values else guide
         with poutine.trace() as tracer, poutine.substitute(data=params):
-            with pyro.plate(_DRAWS_PLATE, num, dim=draws_dim):
+            with pyro.plate(_DRAWS_PLATE, num, dim=draws_dim), SharedSubsample(plate_indices):
                 conditioned(*args, **kwargs)
         return tracer.trace
 
+    def to_full_size(site: LatentSite, value: torch.Tensor) -> torch.Tensor:
+        """A draw of the batch's members ``(num, ...)`` in the site's full-size block."""
+        for plate, dim in site.plates:
+            full = value.new_zeros(value.shape[:dim] + (site.shape[dim],) + value.shape[dim:][1:])
+            value = full.index_copy(dim, plate_indices[plate], value)
+        return value
+
+    def to_batch(site: LatentSite, value: torch.Tensor) -> torch.Tensor:
+        for plate, dim in site.plates:
+            value = value.index_select(dim, plate_indices[plate])
+        return value
+
     def sample(params, num):
         guide_trace = run(params, num)
-        flat = [
-            transforms[site.name].inv(guide_trace.nodes[site.name]["value"]).reshape(num, -1)
-            for site in sites
-        ]
+        flat = []
+        for site in sites:
+            value = transforms[site.name].inv(guide_trace.nodes[site.name]["value"])
+            value = value.reshape((num,) + value.shape[value.dim() - len(site.shape) :])
+            flat.append(to_full_size(site, value).reshape(num, -1))
         return torch.cat(flat, dim=-1)
 
-    def log_prob(params, u):
+    def log_prob(params, u, plate_scaled=False):
         num = u.shape[0]
         flat = unpack_sites(sites, u)
-        unconstrained = {site.name: batched(site, flat[site.name]) for site in sites}
+        unconstrained = {site.name: batched(site, to_batch(site, flat[site.name])) for site in sites}
         values = {name: transforms[name](value) for name, value in unconstrained.items()}
         total = u.new_zeros(num)
         for name, site in run(params, num, values).nodes.items():
             if site["type"] == "sample" and name in values:
-                log_q = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
                 log_det = transforms[name].log_abs_det_jacobian(unconstrained[name], values[name])
-                total = total + log_q.reshape(num, -1).sum(-1) + log_det.reshape(num, -1).sum(-1)
+                scale = site["scale"] if plate_scaled else _unplated(site)
+                log_q = scale_and_mask(site["fn"].log_prob(site["value"]) + log_det, scale, site["mask"])
+                total = total + log_q.reshape(num, -1).sum(-1)
         return total
 
     def draws_with_log_prob(params, num, seed):
@@ -664,8 +710,18 @@ def user_guide_density(
     return GuideDensity(
         latent_dim=dim, sites=sites, param_names=layout.param_names, sample=sample,
         log_prob=log_prob, score=_autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
-        closed_form=False,
+        closed_form=False, plate_indices=plate_indices,
+        elbo_log_prob=partial(log_prob, plate_scaled=True) if any(site.plates for site in sites) else None,
     )  # fmt: skip
+
+
+def _unplated(site) -> float | torch.Tensor:
+    """A guide site's scale without its subsampled plates' ``N/B``."""
+    scale = site["scale"]
+    for frame in site["cond_indep_stack"]:
+        if frame.full_size not in (None, frame.size):
+            scale = scale * frame.size / frame.full_size
+    return scale
 
 
 def _autoguide_setup(build: Callable[[Any, DensityOptions], GuideDensity]):
@@ -708,7 +764,7 @@ def guide_family(guide: Any) -> GuideFamily:
     class (``guide_family.register``), a user-written guide for any other callable."""
     if not callable(guide):
         raise TypeError(f"The guide must be an autoguide or a function, got {type(guide).__name__}.")
-    return GuideFamily("a user-written guide", _user_guide_setup)
+    return GuideFamily("a user-written guide", _user_guide_setup, local_latents=True)
 
 
 def _register(cls: type, family: GuideFamily) -> None:

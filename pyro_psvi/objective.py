@@ -77,13 +77,16 @@ def negative_elbo(
         ``(S, D)`` flat unconstrained particles and their ``(S,)`` log joints (the
         mini-batch's scaled by ``N/B`` by the plate, ``log|det J|`` included).
     weights : torch.Tensor, optional
-        ``(D,)`` coordinate weights of local latents (AutoNormal): ``log q`` counts the
-        global coordinates and, times ``N/B``, the mini-batch's local ones, as the log
-        joint counts their priors (the others are in neither): unbiased for the ELBO.
+        ``(D,)`` coordinate weights of local latents: ``log q`` counts the global
+        coordinates and, times ``N/B``, the mini-batch's local ones, as the log joint
+        counts their priors (the others are in neither): unbiased for the ELBO
+        (``density.elbo_log_prob`` for a user-written guide, the weights for AutoNormal).
     """
     with torch.no_grad():
         if weights is None:
             log_q = density.log_prob(params, particles)
+        elif density.elbo_log_prob is not None:
+            log_q = density.elbo_log_prob(params, particles)
         else:
             loc, scale = density.loc_scale(params)
             standardized = (particles - loc) / scale

@@ -43,7 +43,7 @@ class ShardedPlates(Messenger):
     global batch is its next one instead (random reshuffling; one rank included).
     Indices the model passes itself (``subsample=``, e.g. from a
     ``DistributedSampler``) are the rank's own batch and are left as they are. Use it
-    outside :class:`~pyro_psvi.scores.SharedSubsample`, which then replays the share.
+    outside :class:`~pyro_psvi.batches.SharedSubsample`, which then replays the share.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, order: EpochOrder | None = None) -> None:

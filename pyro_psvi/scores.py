@@ -32,7 +32,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from psvi.checks import argument_labels, half_precision_message, nonfinite_rows_message
-from pyro_psvi._compat import Subsample
+from pyro_psvi.batches import SharedSubsample
 from pyro_psvi.guides import GuideDensity
 
 PARTICLE_PLATE = "_psvi_particles"
@@ -40,29 +40,6 @@ PARTICLE_PLATE = "_psvi_particles"
 
 class VectorizationError(ValueError):
     """The model cannot be evaluated for all particles in one vectorized pass."""
-
-
-class SharedSubsample(Messenger):
-    """Draw each subsampled plate's indices once and replay them on later passes.
-
-    Parameters
-    ----------
-    indices : dict
-        Filled with ``{plate name: indices}`` on first use; pass the same dict to
-        every pass that must see the same mini-batch.
-    """
-
-    def __init__(self, indices: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.indices = indices
-
-    def _pyro_sample(self, msg) -> None:
-        if isinstance(msg["fn"], Subsample) and msg["value"] is None:
-            msg["value"] = self.indices.get(msg["name"])
-
-    def _pyro_post_sample(self, msg) -> None:
-        if isinstance(msg["fn"], Subsample):
-            self.indices.setdefault(msg["name"], msg["value"])
 
 
 class UnconstrainedValues(Messenger):
@@ -311,8 +288,9 @@ def model_scores(
 
     A local latent's coordinates in the mini-batch come out of the plate-scaled log
     joint ``N/B`` times too large; they are divided by it (see :class:`ModelScores`).
+    The mini-batch is that of ``density.plate_indices`` when the guide's draw picked it.
     """
-    subsample: dict[str, torch.Tensor] = {}
+    subsample = {} if density.plate_indices is None else density.plate_indices
     with torch.enable_grad():
         u = particles.detach().requires_grad_(True)
         values = log_joints(

@@ -167,3 +167,112 @@ def test_numpyro_inference_data_covers_local_latents_over_the_full_data():
     assert z.shape == (2, 4, N)
     expected = ndist.Normal(z, 1.0).log_prob(np.asarray(y))
     np.testing.assert_allclose(idata.log_likelihood["y"].values, expected, rtol=1e-5)
+
+
+# As the Pyro tests: a user-written guide whose params span the plate's full size and
+# which indexes them by its plate's indices (the TBIP notebook's pattern).
+def coupled_model(y, w, subsample_size=None):
+    mu = numpyro.sample("mu", ndist.Normal(0.0, 10.0))
+    with numpyro.plate("data", len(y), subsample_size=subsample_size):
+        z = numpyro.sample("z", ndist.Normal(mu, 1.0))
+        numpyro.sample("s", ndist.LogNormal(0.5, 0.5))
+        numpyro.sample("y", ndist.Normal(z, 1.0), obs=numpyro.subsample(y, event_dim=0))
+        numpyro.sample("w", ndist.Normal(mu, 1.0), obs=numpyro.subsample(w, event_dim=0))
+
+
+def indexing_guide(y, w, subsample_size=None):
+    n = len(y)
+    positive = constraints_np.positive
+    mu_loc = numpyro.param("mu_loc", 0.3)
+    mu_scale = numpyro.param("mu_scale", 0.7, constraint=positive)
+    z_loc = numpyro.param("z_loc", jnp.linspace(-1.0, 1.0, n))
+    z_scale = numpyro.param("z_scale", jnp.linspace(0.5, 1.5, n), constraint=positive)
+    s_loc = numpyro.param("s_loc", jnp.linspace(0.0, 0.5, n))
+    s_scale = numpyro.param("s_scale", jnp.linspace(0.2, 0.8, n), constraint=positive)
+    numpyro.sample("mu", ndist.Normal(mu_loc, mu_scale))
+    with numpyro.plate("data", n, subsample_size=subsample_size) as idx:
+        numpyro.sample("z", ndist.Normal(z_loc[idx], z_scale[idx]))
+        numpyro.sample("s", ndist.LogNormal(s_loc[idx], s_scale[idx]))
+
+
+def indexing_fit(n: int, b: int):
+    """The engine, initialised on the indexing guide with batches of ``b`` of ``n``."""
+    y, w = jax.random.normal(jax.random.PRNGKey(1), (2, n))
+    svi = numpyro_psvi.ProximalScoreVI(
+        coupled_model, indexing_guide, optax.adam(0.05), subsample_size=b, average_iterates=False
+    )
+    return svi, svi.init(jax.random.PRNGKey(0), y, w), (y, w)
+
+
+def test_numpyro_user_guide_with_local_latents_has_the_mean_field_density_on_the_batch():
+    """As the Pyro test of the same name."""
+    n, batch = 6, jnp.array([4, 1])
+    svi, state, _ = indexing_fit(n, 2)
+    density = svi.density.at_indices({"data": batch})
+    assert density.latent_dim == 1 + 2 * n
+    params = svi.get_params(state)
+    u = jax.random.normal(jax.random.PRNGKey(2), (3, 1 + 2 * n))
+    mu, s, z = u[:, 0], u[:, 1 : 1 + n], u[:, 1 + n :]  # the flat layout's (sorted) order
+    log_mu = ndist.Normal(params["mu_loc"], params["mu_scale"]).log_prob(mu)
+    log_z = ndist.Normal(params["z_loc"], params["z_scale"]).log_prob(z)[:, batch].sum(-1)
+    log_s = ndist.Normal(params["s_loc"], params["s_scale"]).log_prob(s)[:, batch].sum(-1)
+    log_prob = jax.vmap(density.log_prob, (None, 0))(params, u)
+    np.testing.assert_allclose(log_prob, log_mu + log_z + log_s, rtol=1e-5)
+    elbo_log_prob = jax.vmap(density.elbo_log_prob, (None, 0))(params, u)
+    np.testing.assert_allclose(elbo_log_prob, log_mu + n / 2 * (log_z + log_s), rtol=1e-5)
+    draws = density.sample(params, jax.random.PRNGKey(3), 5)
+    outside = jnp.array([i for i in range(n) if i not in (1, 4)])
+    assert (draws[:, 1 + outside] == 0).all() and (draws[:, 1 + n + outside] == 0).all()
+    assert (draws[:, 1 + batch] != 0).all() and (draws[:, 1 + n + batch] != 0).all()
+    with pytest.raises(NotImplementedError, match="'z' of this user-written guide is local"):
+        svi.density.sample(params, jax.random.PRNGKey(3), 5)  # no batch: refused by name
+
+
+def test_numpyro_user_guide_minibatch_fisher_gradient_is_unbiased_with_local_latents():
+    """As the Pyro test of the same name (the full data: the batch of all 6 members)."""
+    from numpyro_psvi.objective import weighted_fisher
+    from numpyro_psvi.scores import coordinate_weights, make_score_fn
+
+    n, b = 6, 2
+    svi, state, (y, w) = indexing_fit(n, b)
+    unconstrained_t = svi.optim.get_params(state.optim_state)
+    params_t = svi.constrain_fn(unconstrained_t)
+    particles = jax.random.normal(jax.random.PRNGKey(2), (3, svi.density.latent_dim))
+    moved = jax.tree.map(lambda v: 1.3 * v + 0.2, unconstrained_t)
+    local_plates = svi.density.local_plates
+    shapes = {k: v.shape for k, v in svi.density.unpack(particles[0]).items()}
+    score_fn = make_score_fn(coupled_model, svi.density.unpack, (y, w), {"subsample_size": b}, local_plates)
+
+    def grad_for(indices):
+        density = svi.density.at_indices(indices)
+        _, scores = score_fn(particles, jax.random.PRNGKey(3), indices)
+        weights, _ = coordinate_weights(local_plates, shapes, indices)
+        if weights is not None:
+            scores = scores / jnp.where(weights > 0, weights, 1.0)
+
+        def fisher(unconstrained):
+            params = svi.constrain_fn(unconstrained)
+            return weighted_fisher(density, params, params_t, particles, scores, "identity", weights)
+
+        return ravel_pytree(jax.grad(fisher)(moved))[0]
+
+    full = grad_for({"data": jnp.arange(n)})
+    batches = [{"data": jnp.array(c)} for c in itertools.combinations(range(n), b)]
+    mean = jnp.mean(jnp.stack([grad_for(idx) for idx in batches]), axis=0)
+    np.testing.assert_allclose(mean, full, rtol=1e-4, atol=1e-4)
+
+
+def test_numpyro_user_guide_update_moves_only_what_its_batch_reads():
+    """As the Pyro test of the same name: the first update's guide and model share one
+    batch, and only its members' params move."""
+    n = 8
+    svi, state, (y, w) = indexing_fit(n, 3)
+    before = svi.get_params(state)
+    new_state, loss = jax.jit(svi.update)(state, y, w)
+    assert np.isfinite(float(loss)) and int(new_state.num_rejected) == 0
+    after = svi.get_params(new_state)
+    moved = {name: np.asarray(after[name] != before[name]) for name in ("z_loc", "s_loc")}
+    batch = np.flatnonzero(moved["z_loc"])
+    assert len(batch) == 3
+    np.testing.assert_array_equal(np.flatnonzero(moved["s_loc"]), batch)
+    assert float(after["mu_loc"]) != float(before["mu_loc"])

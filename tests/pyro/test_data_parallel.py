@@ -26,8 +26,8 @@ import torch.distributed
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_psvi import ProximalScoreVI
+from pyro_psvi.batches import SharedSubsample
 from pyro_psvi.parallel import ScoreReducer, ShardedPlates
-from pyro_psvi.scores import SharedSubsample
 
 SUPPORT = Path(__file__).parents[1] / "support"
 GLOBAL_BATCH, STEPS = 16, 10

@@ -177,3 +177,157 @@ def test_pyro_inference_data_covers_local_latents_over_the_full_data():
     expected = dist.Normal(z, 1.0).log_prob(y)
     np.testing.assert_allclose(idata.log_likelihood["y"].values, expected.numpy(), rtol=1e-5)
     np.testing.assert_array_equal(idata.observed_data["y"].values, y.numpy())
+
+
+# A user-written guide whose params span the plate's full size and which indexes them by
+# its plate's indices (the TBIP notebook's pattern): the same mean-field family as
+# AutoNormal, so the same exact quantities hold.
+def coupled_model(y, w, subsample=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(y), subsample=subsample):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("s", dist.LogNormal(0.5, 0.5))
+        pyro.sample("y", dist.Normal(z, 1.0), obs=pyro.subsample(y, event_dim=0))
+        pyro.sample("w", dist.Normal(mu, 1.0), obs=pyro.subsample(w, event_dim=0))
+
+
+def indexing_guide(y, w, subsample=None):
+    n = len(y)
+    mu_loc = pyro.param("mu_loc", torch.tensor(0.3))
+    mu_scale = pyro.param("mu_scale", torch.tensor(0.7), constraint=constraints.positive)
+    z_loc = pyro.param("z_loc", torch.linspace(-1.0, 1.0, n))
+    z_scale = pyro.param("z_scale", torch.linspace(0.5, 1.5, n), constraint=constraints.positive)
+    s_loc = pyro.param("s_loc", torch.linspace(0.0, 0.5, n))
+    s_scale = pyro.param("s_scale", torch.linspace(0.2, 0.8, n), constraint=constraints.positive)
+    pyro.sample("mu", dist.Normal(mu_loc, mu_scale))
+    with pyro.plate("data", n, subsample=subsample) as idx:
+        pyro.sample("z", dist.Normal(z_loc[idx], z_scale[idx]))
+        pyro.sample("s", dist.LogNormal(s_loc[idx], s_scale[idx]))
+
+
+def user_density(y, w, subsample):
+    """The indexing guide's density on the mini-batch ``subsample`` (None: full data)."""
+    from pyro import poutine
+
+    from pyro_psvi.guides import user_guide_density, user_guide_layout
+
+    model_trace = poutine.trace(coupled_model).get_trace(y, w, subsample)
+    guide_trace = poutine.trace(indexing_guide).get_trace(y, w, subsample)
+    layout = user_guide_layout(indexing_guide, model_trace, guide_trace)
+    density = user_guide_density(indexing_guide, layout, (y, w), {"subsample": subsample}, 1)
+    if subsample is not None:
+        density.plate_indices["data"] = subsample
+    return density
+
+
+def test_pyro_user_guide_with_local_latents_has_the_mean_field_density_on_the_batch():
+    """On a mini-batch the density is that of the global and the batch's members, in
+    closed form here: N(mu) + sum over the batch of N(z_i) + N(log s_i) (unconstrained),
+    with no N/B; the ELBO's ``log q`` counts the members N/B times, as Trace_ELBO's guide
+    plate does. A draw fills the batch's members of the full-size latent, 0 elsewhere."""
+    n, batch = 6, torch.tensor([4, 1])
+    y, w = torch.randn(n), torch.randn(n)
+    pyro.clear_param_store()
+    density = user_density(y, w, batch)
+    assert density.latent_dim == 1 + 2 * n
+    params = {name: pyro.param(name).detach() for name in density.param_names}
+    u = torch.randn(3, 1 + 2 * n)
+    mu, z, s = u[:, 0], u[:, 1 : 1 + n], u[:, 1 + n :]
+    log_mu = dist.Normal(params["mu_loc"], params["mu_scale"]).log_prob(mu)
+    log_z = dist.Normal(params["z_loc"], params["z_scale"]).log_prob(z)[:, batch].sum(-1)
+    log_s = dist.Normal(params["s_loc"], params["s_scale"]).log_prob(s)[:, batch].sum(-1)
+    torch.testing.assert_close(density.log_prob(params, u), log_mu + log_z + log_s)
+    torch.testing.assert_close(density.elbo_log_prob(params, u), log_mu + n / 2 * (log_z + log_s))
+    draws = density.sample(params, 5)
+    outside = torch.tensor([i for i in range(n) if i not in batch.tolist()])
+    assert (draws[:, 1 + outside] == 0).all() and (draws[:, 1 + n + outside] == 0).all()
+    assert (draws[:, 1 + batch] != 0).all() and (draws[:, 1 + n + batch] != 0).all()
+
+
+def test_pyro_user_guide_minibatch_fisher_gradient_is_unbiased_with_local_latents():
+    """As the AutoNormal test above, for the indexing guide: at fixed full-size particles
+    the mean over ALL mini-batches of 2 of 6 of the gradient of the weighted Fisher term
+    (linear in the model scores, which are unbiased; identity weighting, whose weights
+    are exact) equals the full-data one. A member's guide score carrying the plate's N/B,
+    or a member's value read at another's position, fails it."""
+    from pyro_psvi.objective import weighted_fisher
+
+    n, b = 6, 2
+    y, w = torch.randn(n), torch.randn(n)
+    pyro.clear_param_store()
+    full_density = user_density(y, w, None)
+    params_t = {name: pyro.param(name).detach() for name in full_density.param_names}
+    particles = torch.randn(3, full_density.latent_dim)
+    leaves = {k: (v * 1.3 + 0.2).requires_grad_(True) for k, v in params_t.items()}
+
+    def grad_for(subsample):
+        density = full_density if subsample is None else user_density(y, w, subsample)
+        scored = model_scores(
+            coupled_model, density, particles, (y, w), {"subsample": subsample},
+            max_plate_nesting=1, vectorize=True,
+        )  # fmt: skip
+        fisher = weighted_fisher(
+            density, leaves, params_t, particles, scored.scores, "identity", scored.weights
+        )
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(fisher, list(leaves.values()))])
+
+    full = grad_for(None)
+    batches = [torch.tensor(c) for c in itertools.combinations(range(n), b)]
+    mean = torch.stack([grad_for(idx) for idx in batches]).mean(0)
+    torch.testing.assert_close(mean, full, rtol=1e-4, atol=1e-4)
+
+
+def test_pyro_user_guide_step_moves_only_what_its_batch_reads():
+    """ProximalScoreVI takes a guide that indexes its params by its plate's indices (it
+    was refused): the first step's guide and model see one batch, so only that batch's
+    members' params move (Adam's first step is zero where the gradient is), and its
+    loss is finite."""
+    n = 8
+    y, w = torch.randn(n), torch.randn(n)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    seen = {}
+
+    def batched_model(y, w):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", n, subsample_size=3) as idx:
+            seen["model"] = idx
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("s", dist.LogNormal(0.5, 0.5))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y[idx])
+
+    def batched_guide(y, w):
+        z_loc = pyro.param("z_loc", torch.zeros(n))
+        z_scale = pyro.param("z_scale", torch.ones(n), constraint=constraints.positive)
+        s_loc = pyro.param("s_loc", torch.zeros(n))
+        s_scale = pyro.param("s_scale", torch.ones(n), constraint=constraints.positive)
+        mu_loc = pyro.param("mu_loc", torch.tensor(0.0))
+        pyro.sample("mu", dist.Normal(mu_loc, 1.0))
+        with pyro.plate("data", n, subsample_size=3) as idx:
+            seen["guide"] = idx
+            pyro.sample("z", dist.Normal(z_loc[idx], z_scale[idx]))
+            pyro.sample("s", dist.LogNormal(s_loc[idx], s_scale[idx]))
+
+    svi = ProximalScoreVI(batched_model, batched_guide, pyro.optim.Adam({"lr": 0.05}), average_iterates=False)
+    svi.evaluate_loss(y, w)  # sets up (its own batch)
+    before = {k: pyro.param(k).detach().clone() for k in ("z_loc", "s_loc", "mu_loc")}
+    loss = svi.step(y, w)
+    assert np.isfinite(loss) and svi.num_rejected == 0
+    batch = seen["model"]
+    torch.testing.assert_close(seen["guide"], batch)
+    outside = torch.tensor([i for i in range(n) if i not in batch.tolist()])
+    for name in ("z_loc", "s_loc"):
+        moved = pyro.param(name).detach() != before[name]
+        assert moved[batch].all() and not moved[outside].any()
+    assert pyro.param("mu_loc").item() != before["mu_loc"].item()
+
+
+def test_pyro_inference_data_refuses_a_user_guide_with_local_latents():
+    """Such a guide's density is one mini-batch's: a full-data export would hold zeros
+    for every other member, so it is refused by name."""
+    from pyro_psvi.arviz import to_inference_data
+
+    y, w = torch.randn(6), torch.randn(6)
+    pyro.clear_param_store()
+    with pytest.raises(NotImplementedError, match="'z' of this user-written guide is local"):
+        to_inference_data(coupled_model, indexing_guide, y, w, torch.tensor([0, 3]), num_samples=4)
