@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from jax.example_libraries.optimizers import OptimizerState
 from numpyro.infer.autoguide import AutoBatchedMixin, AutoContinuous, AutoNormal
 from numpyro.infer.util import _unconstrain_reparam
 
@@ -59,3 +60,28 @@ def shard_map(fn: Callable, mesh: Any, in_specs: Any, out_specs: Any) -> Callabl
     from jax.experimental.shard_map import shard_map as experimental_shard_map
 
     return experimental_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def with_params(optim_state: Any, params: dict[str, jax.Array]) -> Any:
+    """A NumPyro optimizer state ``(step, inner)`` holding ``params`` in place of its own,
+    its moments kept. The two layouts of NumPyro's optimizers: jax.example_libraries'
+    ``OptimizerState`` (each leaf's packed state leads with its value: ``numpyro.optim``'s
+    own) and ``optax_to_numpyro``'s ``(params, optax state)``."""
+    step, inner = optim_state
+    if isinstance(inner, OptimizerState):
+        leaves = inner.tree_def.flatten_up_to(params)
+        packed = type(inner.packed_state)(
+            type(state)([leaf, *state[1:]]) for leaf, state in zip(leaves, inner.packed_state, strict=True)
+        )
+        return step, OptimizerState(packed, inner.tree_def, inner.subtree_defs)
+    if (
+        isinstance(inner, tuple)
+        and len(inner) == 2
+        and jax.tree.structure(inner[0]) == jax.tree.structure(params)
+    ):
+        return step, (params, inner[1])
+    raise NotImplementedError(
+        f"Cannot set the params of an optimizer state of type {type(inner).__name__}: a "
+        "user-written guide with local latents needs it (the params its mini-batch does not "
+        "read are held). Use a numpyro.optim optimizer or an optax transformation."
+    )

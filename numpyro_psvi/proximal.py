@@ -26,6 +26,7 @@ from jax import lax, random
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
+from numpyro_psvi._compat import with_params
 from numpyro_psvi.engine import EngineState, ScoreEngine
 from numpyro_psvi.guides import GuideDensity
 from numpyro_psvi.objective import (
@@ -268,6 +269,8 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         problem = self.proximal_problem(density, params_t, particles, scored, key_kl, state.averages)
         fitted = self.inner_fit(problem.objective, state.optim_state)
+        if density.at_indices is not None:  # a user guide's local latents
+            fitted = self.hold_unread(density, particles, state.optim_state, fitted)
         frac = self.pull_back(density, params_t, state.optim_state, fitted, scored.active_dim, key_kl)
         return self.accept(state, fitted, frac, problem, scored, rng_key)
 
@@ -349,6 +352,31 @@ class ProximalScoreVI(ScoreEngine):
             return self.optim.eval_and_update(objective, optim_state)[1]
 
         return lax.fori_loop(0, self.inner_steps, inner_step, optim_state)
+
+    def hold_unread(
+        self, density: GuideDensity, particles: jax.Array, optim_state_t: Any, fitted: Any
+    ) -> Any:
+        """``fitted`` with the params the update's guide does not read (a user-written
+        guide's params of the members outside the mini-batch: zero gradient of ``log q``
+        at the particles) back at their values in ``optim_state_t``, the moments kept.
+
+        Their objective gradient is zero, but the optimizer's momentum moves them, and the
+        proximal term, a KL over the batch's members, cannot pull them back (AutoNormal's
+        closed-form KL over the full plate does): docs/guides.md measures the drift."""
+        unconstrained_t = self.optim.get_params(optim_state_t)
+
+        def log_q(unconstrained):
+            params = self.constrain_fn(unconstrained)
+            return jnp.sum(jax.vmap(density.log_prob, (None, 0))(params, particles))
+
+        read = jax.grad(log_q)(unconstrained_t)
+        held = jax.tree.map(
+            lambda grad, new, old: jnp.where(grad != 0, new, old),
+            read,
+            self.optim.get_params(fitted),
+            unconstrained_t,
+        )
+        return with_params(fitted, held)
 
     def pull_back(
         self,

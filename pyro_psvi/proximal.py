@@ -325,8 +325,10 @@ class ProximalScoreVI(ScoreEngine):
             model_leaves = [leaves[name] for name in self._model_param_names]
             particles, scored = self.score_particles(params_t, args, kwargs, model_leaves, statistics=True)
             problem = self.proximal_problem(params_t, particles, scored)
+            unread = self.unread_entries(start, particles)
             del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
             self.inner_fit(problem, leaves)
+            self.hold(unread, start, leaves)
             frac = self.pull_back(problem, start, leaves)
             accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
             self.record(accept)
@@ -453,6 +455,42 @@ class ProximalScoreVI(ScoreEngine):
             self.optim(leaf_list)
             for leaf in leaf_list:
                 leaf.grad = None
+
+    def unread_entries(
+        self, start: dict[str, torch.Tensor], particles: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        """For a user-written guide with local latents, by guide param, the entries its
+        ``log q`` at the particles does not read (zero gradient: the params of the members
+        outside the mini-batch); ``None`` for other guides."""
+        density = self.density
+        if density.plate_indices is None or not any(site.plates for site in density.sites):
+            return None
+        with torch.enable_grad():
+            unconstrained = {name: start[name].detach().requires_grad_(True) for name in density.param_names}
+            log_q = density.log_prob(self._constrain(unconstrained), particles).sum()
+            grads = torch.autograd.grad(log_q, list(unconstrained.values()), allow_unused=True)
+        return {
+            name: torch.ones_like(leaf, dtype=torch.bool) if grad is None else grad == 0
+            for (name, leaf), grad in zip(unconstrained.items(), grads, strict=True)
+        }
+
+    def hold(
+        self,
+        unread: dict[str, torch.Tensor] | None,
+        start: dict[str, torch.Tensor],
+        leaves: dict[str, torch.Tensor],
+    ) -> None:
+        """Put the ``unread`` entries (:meth:`unread_entries`) back at their ``start``.
+
+        Their objective gradient is zero, but the optimizer's momentum moves them, and the
+        proximal term, a KL over the batch's members, cannot pull them back (AutoNormal's
+        closed-form KL over the full plate does): docs/guides.md measures the drift. The
+        optimizer's moments are kept."""
+        if unread is None:
+            return
+        with torch.no_grad():
+            for name, mask in unread.items():
+                leaves[name].copy_(torch.where(mask, start[name], leaves[name]))
 
     def pull_back(
         self, problem: ProximalProblem, start: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor]

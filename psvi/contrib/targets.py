@@ -34,3 +34,26 @@ def conjugate_linear_regression(
     cov = np.linalg.inv(precision)
     mean = cov @ x.T @ y / noise_scale**2
     return mean, 0.5 * (cov + cov.T)
+
+
+def hierarchical_data(num: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Data of a hierarchical target with one local latent per data point whose posterior
+    is exact under a mean-field Gaussian guide: ``y`` (the locals' data, ``N(0, 4)``) and
+    ``w`` (the global's, ``N(1.5, 1)``), float32. The model: ``mu ~ N(0, 10^2)``; per
+    member ``z_i ~ N(0, 1)``, ``s_i ~ LogNormal(0.5, 0.5)``, ``y_i ~ N(z_i, 1)``,
+    ``w_i ~ N(mu, 1)`` (:func:`hierarchical_posterior`)."""
+    rng = np.random.default_rng(seed)
+    return (2 * rng.normal(size=num)).astype(np.float32), (1.5 + rng.normal(size=num)).astype(np.float32)
+
+
+def hierarchical_posterior(y: np.ndarray, w: np.ndarray) -> dict[str, tuple]:
+    """``{site: (loc, sd)}`` in unconstrained space for :func:`hierarchical_data`'s model.
+    Independent blocks: ``z_i | y_i ~ N(y_i / 2, 1/2)``; ``log s_i ~ N(0.5, 0.5^2)`` (prior
+    only, exact in unconstrained space with the log-Jacobian); ``mu | w ~ N(sum w / P,
+    1 / P)`` with ``P = N + 1/100``."""
+    num, precision = len(w), len(w) + 0.01
+    return {
+        "z": (np.asarray(y, np.float64) / 2, np.full(num, 0.5**0.5)),
+        "s": (np.full(num, 0.5), np.full(num, 0.5)),
+        "mu": (float(np.sum(w, dtype=np.float64)) / precision, precision**-0.5),
+    }

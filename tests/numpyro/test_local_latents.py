@@ -263,16 +263,56 @@ def test_numpyro_user_guide_minibatch_fisher_gradient_is_unbiased_with_local_lat
 
 
 def test_numpyro_user_guide_update_moves_only_what_its_batch_reads():
-    """As the Pyro test of the same name: the first update's guide and model share one
-    batch, and only its members' params move."""
+    """As the Pyro test of the same name: each update's guide and model share one batch,
+    only its members' params move, and the second (disjoint, from the same epoch's
+    permutation) leaves the first batch's members where the first put them."""
     n = 8
     svi, state, (y, w) = indexing_fit(n, 3)
-    before = svi.get_params(state)
-    new_state, loss = jax.jit(svi.update)(state, y, w)
-    assert np.isfinite(float(loss)) and int(new_state.num_rejected) == 0
-    after = svi.get_params(new_state)
-    moved = {name: np.asarray(after[name] != before[name]) for name in ("z_loc", "s_loc")}
-    batch = np.flatnonzero(moved["z_loc"])
-    assert len(batch) == 3
-    np.testing.assert_array_equal(np.flatnonzero(moved["s_loc"]), batch)
-    assert float(after["mu_loc"]) != float(before["mu_loc"])
+    update = jax.jit(svi.update)
+    batches = []
+    for _ in range(2):
+        before = svi.get_params(state)
+        state, loss = update(state, y, w)
+        assert np.isfinite(float(loss)) and int(state.num_rejected) == 0
+        after = svi.get_params(state)
+        moved = {name: np.asarray(after[name] != before[name]) for name in ("z_loc", "s_loc")}
+        batch = np.flatnonzero(moved["z_loc"])
+        assert len(batch) == 3
+        np.testing.assert_array_equal(np.flatnonzero(moved["s_loc"]), batch)
+        assert float(after["mu_loc"]) != float(before["mu_loc"])
+        batches.append(set(batch.tolist()))
+    assert not batches[0] & batches[1]
+
+
+def test_numpyro_user_guide_fits_local_latents_exactly():
+    """As :func:`test_numpyro_fits_local_latents_exactly`, for the indexing guide (the
+    same mean-field family, written by hand): same target, tolerances and reasoning for
+    the locals and for ``mu``'s mean (measured: 0.04 / 0.06 sd, sds within 3%). Without
+    the engine holding the params a batch does not read, Adam's momentum leaves the
+    locals 0.4-0.8 sd off (docs/guides.md). ``mu``'s sd is not asserted: this guide goes
+    through the generic objective, whose mini-batch sd bias on a global is issue 19's
+    open item (0.77 of the exact here; AutoNormal's split objective is exact)."""
+    y, w = map(jnp.asarray, hierarchical_data())
+
+    def guide(y, w):
+        indexing_guide(y, w, subsample_size=B)
+
+    svi = numpyro_psvi.ProximalScoreVI(numpyro_hierarchical, guide, optax.adam(0.05), average_iterates=False)
+    result = svi.run(jax.random.PRNGKey(0), 600, y, w, progress_bar=False)
+
+    def step(state, _):
+        state, _ = svi.update(state, y, w)
+        return state, svi.get_params(state)["mu_loc"]
+
+    state, mus = jax.lax.scan(step, result.state, None, length=400)
+    assert int(state.num_rejected) == 0
+    params = svi.get_params(state)
+    exact = exact_posterior(np.asarray(y), np.asarray(w))
+    for name in ("z", "s"):
+        loc, sd = (np.asarray(v) for v in exact[name])
+        assert np.max(np.abs(params[f"{name}_loc"] - loc) / sd) < 0.1
+        np.testing.assert_allclose(params[f"{name}_scale"], sd, rtol=0.05)
+    mus = np.asarray(mus)
+    batch_means = mus.reshape(8, 50).mean(1)
+    standard_error = batch_means.std(ddof=1) / np.sqrt(8)
+    assert abs(np.mean(mus) - float(exact["mu"][0])) < 4 * standard_error

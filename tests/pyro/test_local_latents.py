@@ -7,6 +7,7 @@ out of the plate-scaled log joint ``N/B`` times too large and is divided by it; 
 residual then counts ``N/B`` times in the Fisher term, members outside the batch not
 at all, so the objective's gradient stays unbiased for the full-data one."""
 
+import functools
 import itertools
 
 import numpy as np
@@ -191,7 +192,7 @@ def coupled_model(y, w, subsample=None):
         pyro.sample("w", dist.Normal(mu, 1.0), obs=pyro.subsample(w, event_dim=0))
 
 
-def indexing_guide(y, w, subsample=None):
+def indexing_guide(y, w, subsample=None, subsample_size=None):
     n = len(y)
     mu_loc = pyro.param("mu_loc", torch.tensor(0.3))
     mu_scale = pyro.param("mu_scale", torch.tensor(0.7), constraint=constraints.positive)
@@ -200,7 +201,7 @@ def indexing_guide(y, w, subsample=None):
     s_loc = pyro.param("s_loc", torch.linspace(0.0, 0.5, n))
     s_scale = pyro.param("s_scale", torch.linspace(0.2, 0.8, n), constraint=constraints.positive)
     pyro.sample("mu", dist.Normal(mu_loc, mu_scale))
-    with pyro.plate("data", n, subsample=subsample) as idx:
+    with pyro.plate("data", n, subsample_size=subsample_size, subsample=subsample) as idx:
         pyro.sample("z", dist.Normal(z_loc[idx], z_scale[idx]))
         pyro.sample("s", dist.LogNormal(s_loc[idx], s_scale[idx]))
 
@@ -279,9 +280,11 @@ def test_pyro_user_guide_minibatch_fisher_gradient_is_unbiased_with_local_latent
 
 def test_pyro_user_guide_step_moves_only_what_its_batch_reads():
     """ProximalScoreVI takes a guide that indexes its params by its plate's indices (it
-    was refused): the first step's guide and model see one batch, so only that batch's
-    members' params move (Adam's first step is zero where the gradient is), and its
-    loss is finite."""
+    was refused): each step's guide and model see one batch, and only that batch's
+    members' params move. The second step's batch is disjoint from the first's (batches
+    of 3 of 8 from one permutation): Adam's momentum from the first step would move the
+    first batch's members again (zero gradient, non-zero moment), and the engine holds
+    them (docs/guides.md)."""
     n = 8
     y, w = torch.randn(n), torch.randn(n)
     pyro.clear_param_store()
@@ -310,16 +313,43 @@ def test_pyro_user_guide_step_moves_only_what_its_batch_reads():
 
     svi = ProximalScoreVI(batched_model, batched_guide, pyro.optim.Adam({"lr": 0.05}), average_iterates=False)
     svi.evaluate_loss(y, w)  # sets up (its own batch)
-    before = {k: pyro.param(k).detach().clone() for k in ("z_loc", "s_loc", "mu_loc")}
-    loss = svi.step(y, w)
-    assert np.isfinite(loss) and svi.num_rejected == 0
-    batch = seen["model"]
-    torch.testing.assert_close(seen["guide"], batch)
-    outside = torch.tensor([i for i in range(n) if i not in batch.tolist()])
-    for name in ("z_loc", "s_loc"):
-        moved = pyro.param(name).detach() != before[name]
-        assert moved[batch].all() and not moved[outside].any()
-    assert pyro.param("mu_loc").item() != before["mu_loc"].item()
+    for _ in range(2):
+        before = {k: pyro.param(k).detach().clone() for k in ("z_loc", "s_loc", "mu_loc")}
+        loss = svi.step(y, w)
+        assert np.isfinite(loss) and svi.num_rejected == 0
+        batch = seen["model"]
+        torch.testing.assert_close(seen["guide"], batch)
+        outside = torch.tensor([i for i in range(n) if i not in batch.tolist()])
+        for name in ("z_loc", "s_loc"):
+            moved = pyro.param(name).detach() != before[name]
+            assert moved[batch].all() and not moved[outside].any()
+        assert pyro.param("mu_loc").item() != before["mu_loc"].item()
+
+
+@pytest.mark.slow
+def test_pyro_user_guide_fits_local_latents_exactly():
+    """As NumPyro's test of the same name (~250 s here: the guide runs in every inner
+    step; the NumPyro twin runs by default)."""
+    y, w = map(torch.as_tensor, hierarchical_data())
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+
+    guide = functools.partial(indexing_guide, subsample_size=B)
+    svi = ProximalScoreVI(pyro_hierarchical, guide, pyro.optim.Adam({"lr": 0.05}), average_iterates=False)
+    svi.run(600, y, w)
+    mus = []
+    for _ in range(400):
+        svi.step(y, w)
+        mus.append(pyro.param("mu_loc").item())
+    assert svi.num_rejected == 0
+    exact = exact_posterior(y.numpy(), w.numpy())
+    for name in ("z", "s"):
+        loc, sd = (torch.as_tensor(v, dtype=torch.float32) for v in exact[name])
+        assert ((pyro.param(f"{name}_loc").detach() - loc).abs() / sd).max() < 0.1
+        torch.testing.assert_close(pyro.param(f"{name}_scale").detach(), sd, rtol=0.05, atol=0.0)
+    batch_means = np.asarray(mus).reshape(8, 50).mean(1)
+    standard_error = batch_means.std(ddof=1) / np.sqrt(8)
+    assert abs(np.mean(mus) - float(exact["mu"][0])) < 4 * standard_error
 
 
 def test_pyro_inference_data_refuses_a_user_guide_with_local_latents():
