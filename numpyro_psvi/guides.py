@@ -15,6 +15,7 @@ the model), uses nested autodiff for the score and a Monte Carlo KL on extra dra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial, singledispatch
 from typing import Any, NamedTuple
@@ -575,13 +576,14 @@ def _user_guide(
             for name, site in guide_trace.get_trace(*args, **kwargs).items():
                 if site["type"] != "sample" or name not in x:
                     continue
-                log_det = transforms[name].log_abs_det_jacobian(values[name], x[name])
-                term = jnp.sum(site["fn"].log_prob(site["value"])) + jnp.sum(log_det)
+                # The guide's plates scale a batch member's term by N/B; the density has it once.
+                factor = math.prod(subsampled.get(f.name, f.size) / f.size for f in site["cond_indep_stack"])
                 scale = 1.0 if site["scale"] is None else site["scale"]
-                if not plate_scaled:  # the guide's plates scale a batch member's term by N/B
-                    for frame in site["cond_indep_stack"]:
-                        scale = scale * (frame.size / subsampled.get(frame.name, frame.size))
-                total = total + scale * term
+                log_q = jnp.sum(site["fn"].log_prob(site["value"])) * (
+                    scale if plate_scaled else scale / factor
+                )
+                log_det = transforms[name].log_abs_det_jacobian(values[name], x[name])
+                total = total + log_q + jnp.sum(log_det) * (factor if plate_scaled else 1.0)
             return total
 
         def sample(params, rng_key, num):

@@ -690,10 +690,12 @@ def user_guide_density(
         total = u.new_zeros(num)
         for name, site in run(params, num, values).nodes.items():
             if site["type"] == "sample" and name in values:
-                log_det = transforms[name].log_abs_det_jacobian(unconstrained[name], values[name])
-                scale = site["scale"] if plate_scaled else _unplated(site)
-                log_q = scale_and_mask(site["fn"].log_prob(site["value"]) + log_det, scale, site["mask"])
-                total = total + log_q.reshape(num, -1).sum(-1)
+                # The guide's plates scale a batch member's term by N/B; the density has it once.
+                factor = _plate_factor(site) if plate_scaled else 1.0
+                scale = site["scale"] if plate_scaled else site["scale"] / _plate_factor(site)
+                log_q = scale_and_mask(site["fn"].log_prob(site["value"]), scale, site["mask"])
+                log_det = factor * transforms[name].log_abs_det_jacobian(unconstrained[name], values[name])
+                total = total + log_q.reshape(num, -1).sum(-1) + log_det.reshape(num, -1).sum(-1)
         return total
 
     def draws_with_log_prob(params, num, seed):
@@ -715,13 +717,13 @@ def user_guide_density(
     )  # fmt: skip
 
 
-def _unplated(site) -> float | torch.Tensor:
-    """A guide site's scale without its subsampled plates' ``N/B``."""
-    scale = site["scale"]
+def _plate_factor(site) -> float:
+    """The ``N/B`` (product over a site's subsampled plates) its plates scale it by."""
+    factor = 1.0
     for frame in site["cond_indep_stack"]:
         if frame.full_size not in (None, frame.size):
-            scale = scale * frame.size / frame.full_size
-    return scale
+            factor *= frame.full_size / frame.size
+    return factor
 
 
 def _autoguide_setup(build: Callable[[Any, DensityOptions], GuideDensity]):
