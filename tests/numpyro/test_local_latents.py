@@ -284,8 +284,12 @@ def test_numpyro_user_guide_update_moves_only_what_its_batch_reads():
     assert not batches[0] & batches[1]
 
 
+@pytest.mark.slow
 def test_numpyro_user_guide_fits_local_latents_exactly():
-    """As :func:`test_numpyro_fits_local_latents_exactly`, for the indexing guide (the
+    """~30 s here (slow, as its Pyro twin; the mechanism it rests on is tested by default:
+    ``test_numpyro_user_guide_update_moves_only_what_its_batch_reads`` and the exact
+    density and gradient tests). As :func:`test_numpyro_fits_local_latents_exactly`, for
+    the indexing guide (the
     same mean-field family, written by hand): same target, tolerances and reasoning for
     the locals and for ``mu``'s mean (measured: 0.04 / 0.06 sd, sds within 3%). Without
     the engine holding the params a batch does not read, Adam's momentum leaves the

@@ -329,7 +329,7 @@ def test_pyro_user_guide_step_moves_only_what_its_batch_reads():
 @pytest.mark.slow
 def test_pyro_user_guide_fits_local_latents_exactly():
     """As NumPyro's test of the same name (~160 s here: the guide runs in every inner
-    step; the NumPyro twin runs by default)."""
+    step; both twins are slow, the mechanism is tested by default)."""
     y, w = map(torch.as_tensor, hierarchical_data())
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
