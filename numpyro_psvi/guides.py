@@ -104,9 +104,12 @@ class GuideDensity(NamedTuple):
         are 0 and carry no weight, :func:`numpyro_psvi.scores.coordinate_weights`).
         ``None`` for other guides, whose functions need no batch.
     elbo_log_prob : callable or None
-        ``elbo_log_prob(params, u) -> ()``, ``log q`` as ``Trace_ELBO`` counts it on the
-        mini-batch: the batch's local terms times their plate's ``N/B`` (a user-written
-        guide with local latents, on a batch; for AutoNormal ``loc_scale`` gives it).
+        ``elbo_log_prob(params, u, weights) -> ()``, ``log q`` as ``Trace_ELBO`` counts it
+        on a mini-batch of local latents: the batch's local terms times their plate's
+        ``N/B``, the others not at all (``weights``: the update's coordinate weights,
+        :func:`numpyro_psvi.scores.coordinate_weights`; a user-written guide knows its
+        batch and ignores them). For the guides that take local latents (AutoNormal and
+        its diagonal siblings, user-written guides with local latents); ``None`` otherwise.
     """
 
     latent_dim: int
@@ -121,7 +124,7 @@ class GuideDensity(NamedTuple):
     local_plates: dict[str, tuple[tuple[str, int], ...]] = {}
     loc_tril: Callable[[Params], tuple[jax.Array, jax.Array]] | None = None
     at_indices: Callable[[dict[str, jax.Array]], GuideDensity] | None = None
-    elbo_log_prob: Callable[[Params, jax.Array], jax.Array] | None = None
+    elbo_log_prob: Callable[[Params, jax.Array, jax.Array | None], jax.Array] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -249,6 +252,10 @@ def _diagonal_density(get_loc_scale, unpack, latent_dim: int, score_method: str)
     def cov_quad(params, r):
         return jnp.sum((get_loc_scale(params)[1] * r) ** 2)
 
+    def elbo_log_prob(params, u, weights):
+        loc, scale = get_loc_scale(params)
+        return (-0.5 * ((u - loc) / scale) ** 2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)) @ weights
+
     density = _finish(
         latent_dim=latent_dim,
         sample=sample,
@@ -259,7 +266,8 @@ def _diagonal_density(get_loc_scale, unpack, latent_dim: int, score_method: str)
         unpack=unpack,
         score_method=score_method,
     )
-    return density._replace(loc_scale=get_loc_scale if density.closed_form else None)
+    loc_scale = get_loc_scale if density.closed_form else None
+    return density._replace(loc_scale=loc_scale, elbo_log_prob=elbo_log_prob)
 
 
 def _auto_normal(guide: autoguide.AutoNormal, options: DensityOptions) -> GuideDensity:
@@ -598,13 +606,16 @@ def _user_guide(
 
             return jax.vmap(one)(jax.random.split(rng_key, num))
 
+        def elbo_log_prob(params, u, weights):
+            return guide_log_prob(params, u, plate_scaled=True)
+
         log_prob = partial(guide_log_prob, plate_scaled=False)
         kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, num_kl_draws)
         return GuideDensity(
             latent_dim=flat.size, sample=sample, log_prob=log_prob, score=_autodiff_score(log_prob),
             kl=kl, cov_quad=cov_quad, unpack=unravel, closed_form=False, local_plates=local_plates,
             at_indices=on_batch if local_plates else None,
-            elbo_log_prob=partial(guide_log_prob, plate_scaled=True) if local_plates else None,
+            elbo_log_prob=elbo_log_prob if local_plates else None,
         )  # fmt: skip
 
     return on_batch({})

@@ -83,16 +83,12 @@ def negative_elbo(
         ``(D,)`` coordinate weights of local latents: ``log q`` counts the global
         coordinates and, times ``N/B``, the mini-batch's local ones, as the log joint
         counts their priors (the others are in neither): unbiased for the ELBO
-        (``density.elbo_log_prob`` for a user-written guide, the weights for AutoNormal).
+        (``density.elbo_log_prob``).
     """
     if weights is None:
         log_q = jax.vmap(density.log_prob, (None, 0))(params, particles)
-    elif density.elbo_log_prob is not None:
-        log_q = jax.vmap(density.elbo_log_prob, (None, 0))(params, particles)
     else:
-        loc, scale = density.loc_scale(params)
-        per_coordinate = -0.5 * ((particles - loc) / scale) ** 2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
-        log_q = per_coordinate @ weights
+        log_q = jax.vmap(density.elbo_log_prob, (None, 0, None))(params, particles, weights)
     return -jnp.mean(log_joints - log_q)
 
 

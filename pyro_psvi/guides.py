@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial, singledispatch
+from functools import singledispatch
 from operator import attrgetter
 from typing import Any, NamedTuple
 
@@ -118,10 +118,12 @@ class GuideDensity(NamedTuple):
         (:class:`~pyro_psvi.batches.SharedSubsample`) and replayed by every later pass,
         the model's included. ``None`` for autoguides (their draws run no plate).
     elbo_log_prob : callable or None
-        ``elbo_log_prob(params, u) -> (S,)``, ``log q`` as ``Trace_ELBO`` counts it on a
-        mini-batch: the batch's local terms times their plate's ``N/B`` (a user-written
-        guide with local latents; for AutoNormal, ``loc_scale`` gives it). ``None``
-        otherwise.
+        ``elbo_log_prob(params, u, weights) -> (S,)``, ``log q`` as ``Trace_ELBO`` counts
+        it on a mini-batch of local latents: the batch's local terms times their plate's
+        ``N/B``, the others not at all (``weights``: the step's coordinate weights,
+        :func:`pyro_psvi.scores.coordinate_weights`; a user-written guide knows its batch
+        and ignores them). For the guides that take local latents (AutoNormal and its
+        diagonal siblings, user-written guides with local latents); ``None`` otherwise.
     """
 
     latent_dim: int
@@ -136,7 +138,7 @@ class GuideDensity(NamedTuple):
     loc_scale: Callable[[Params], tuple[torch.Tensor, torch.Tensor]] | None = None
     loc_tril: Callable[[Params], tuple[torch.Tensor, torch.Tensor]] | None = None
     plate_indices: dict[str, torch.Tensor] | None = None
-    elbo_log_prob: Callable[[Params, torch.Tensor], torch.Tensor] | None = None
+    elbo_log_prob: Callable[[Params, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split flat latents ``(..., D)`` into unconstrained site values ``(..., *shape)``."""
@@ -265,11 +267,17 @@ def _diagonal_density(get_loc_scale, sites, names, score_method: str) -> GuideDe
     def cov_quad(params, r):
         return torch.sum((get_loc_scale(params)[1] * r) ** 2, dim=-1)
 
+    def elbo_log_prob(params, u, weights):
+        loc, scale = get_loc_scale(params)
+        z = (u - loc) / scale
+        return (-0.5 * z**2 - torch.log(scale) - _HALF_LOG_2PI) @ weights
+
     closed = score_method == "closed_form"
     return GuideDensity(
         latent_dim=dim, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
         score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
         closed_form=closed, loc_scale=get_loc_scale if closed else None,
+        elbo_log_prob=elbo_log_prob,
     )  # fmt: skip
 
 
@@ -698,6 +706,9 @@ def user_guide_density(
                 total = total + log_q.reshape(num, -1).sum(-1) + log_det.reshape(num, -1).sum(-1)
         return total
 
+    def elbo_log_prob(params, u, weights):
+        return log_prob(params, u, plate_scaled=True)
+
     def draws_with_log_prob(params, num, seed):
         if seed is None:
             draws = sample(params, num)
@@ -713,7 +724,7 @@ def user_guide_density(
         latent_dim=dim, sites=sites, param_names=layout.param_names, sample=sample,
         log_prob=log_prob, score=_autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
         closed_form=False, plate_indices=plate_indices,
-        elbo_log_prob=partial(log_prob, plate_scaled=True) if any(site.plates for site in sites) else None,
+        elbo_log_prob=elbo_log_prob if any(site.plates for site in sites) else None,
     )  # fmt: skip
 
 

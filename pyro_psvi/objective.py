@@ -16,7 +16,6 @@ inner steps cost ``O(D)`` instead of ``O(S D)`` plus an autograd pass over ``(S,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -80,18 +79,13 @@ def negative_elbo(
         ``(D,)`` coordinate weights of local latents: ``log q`` counts the global
         coordinates and, times ``N/B``, the mini-batch's local ones, as the log joint
         counts their priors (the others are in neither): unbiased for the ELBO
-        (``density.elbo_log_prob`` for a user-written guide, the weights for AutoNormal).
+        (``density.elbo_log_prob``).
     """
     with torch.no_grad():
         if weights is None:
             log_q = density.log_prob(params, particles)
-        elif density.elbo_log_prob is not None:
-            log_q = density.elbo_log_prob(params, particles)
         else:
-            loc, scale = density.loc_scale(params)
-            standardized = (particles - loc) / scale
-            per_coordinate = -0.5 * standardized**2 - scale.log() - 0.5 * math.log(2 * math.pi)
-            log_q = per_coordinate @ weights
+            log_q = density.elbo_log_prob(params, particles, weights)
         return -(log_joints - log_q).mean()
 
 
