@@ -356,9 +356,10 @@ class ProximalScoreVI(ScoreEngine):
     def hold_unread(
         self, density: GuideDensity, particles: jax.Array, optim_state_t: Any, fitted: Any
     ) -> Any:
-        """``fitted`` with the params the update's guide does not read (a user-written
-        guide's params of the members outside the mini-batch: zero gradient of ``log q``
-        at the particles) back at their values in ``optim_state_t``, the moments kept.
+        """``fitted`` with the guide params the update's guide does not read (a
+        user-written guide's params of the members outside the mini-batch: zero gradient
+        of ``log q`` at the particles) back at their values in ``optim_state_t``, the
+        moments kept; the model's params as fitted.
 
         Their objective gradient is zero, but the optimizer's momentum moves them, and the
         proximal term, a KL over the batch's members, cannot pull them back (AutoNormal's
@@ -370,12 +371,13 @@ class ProximalScoreVI(ScoreEngine):
             return jnp.sum(jax.vmap(density.log_prob, (None, 0))(params, particles))
 
         read = jax.grad(log_q)(unconstrained_t)
-        held = jax.tree.map(
-            lambda grad, new, old: jnp.where(grad != 0, new, old),
-            read,
-            self.optim.get_params(fitted),
-            unconstrained_t,
-        )
+        fitted_params = self.optim.get_params(fitted)
+        held = {
+            name: value if name in self._model_param_names
+            else jax.tree.map(lambda grad, new, old: jnp.where(grad != 0, new, old),
+                              read[name], value, unconstrained_t[name])
+            for name, value in fitted_params.items()
+        }  # fmt: skip
         return with_params(fitted, held)
 
     def pull_back(

@@ -664,7 +664,8 @@ def user_guide_density(
 
     def run(params, num, values=None):
         conditioned = poutine.condition(guide, data=values) if values else guide
-        with poutine.trace() as tracer, poutine.substitute(data=params):
+        own = {name: params[name] for name in layout.param_names}  # not the model's params
+        with poutine.trace() as tracer, poutine.substitute(data=own):
             with pyro.plate(_DRAWS_PLATE, num, dim=draws_dim), SharedSubsample(plate_indices):
                 conditioned(*args, **kwargs)
         return tracer.trace

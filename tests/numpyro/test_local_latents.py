@@ -195,11 +195,11 @@ def indexing_guide(y, w, subsample_size=None):
         numpyro.sample("s", ndist.LogNormal(s_loc[idx], s_scale[idx]))
 
 
-def indexing_fit(n: int, b: int):
+def indexing_fit(n: int, b: int, model=coupled_model):
     """The engine, initialised on the indexing guide with batches of ``b`` of ``n``."""
     y, w = jax.random.normal(jax.random.PRNGKey(1), (2, n))
     svi = numpyro_psvi.ProximalScoreVI(
-        coupled_model, indexing_guide, optax.adam(0.05), subsample_size=b, average_iterates=False
+        model, indexing_guide, optax.adam(0.05), subsample_size=b, average_iterates=False
     )
     return svi, svi.init(jax.random.PRNGKey(0), y, w), (y, w)
 
@@ -265,9 +265,15 @@ def test_numpyro_user_guide_minibatch_fisher_gradient_is_unbiased_with_local_lat
 def test_numpyro_user_guide_update_moves_only_what_its_batch_reads():
     """As the Pyro test of the same name: each update's guide and model share one batch,
     only its members' params move, and the second (disjoint, from the same epoch's
-    permutation) leaves the first batch's members where the first put them."""
+    permutation) leaves the first batch's members where the first put them; a
+    ``numpyro.param`` of the model (``shift``) is learned as ever, not held."""
+
+    def model_with_param(y, w, subsample_size=None):
+        shift = numpyro.param("shift", 0.0)
+        coupled_model(y + shift, w, subsample_size)
+
     n = 8
-    svi, state, (y, w) = indexing_fit(n, 3)
+    svi, state, (y, w) = indexing_fit(n, 3, model_with_param)
     update = jax.jit(svi.update)
     batches = []
     for _ in range(2):
@@ -280,6 +286,7 @@ def test_numpyro_user_guide_update_moves_only_what_its_batch_reads():
         assert len(batch) == 3
         np.testing.assert_array_equal(np.flatnonzero(moved["s_loc"]), batch)
         assert float(after["mu_loc"]) != float(before["mu_loc"])
+        assert float(after["shift"]) != float(before["shift"])
         batches.append(set(batch.tolist()))
     assert not batches[0] & batches[1]
 

@@ -293,12 +293,13 @@ def test_pyro_user_guide_step_moves_only_what_its_batch_reads():
     seen = {}
 
     def batched_model(y, w):
+        shift = pyro.param("shift", torch.tensor(0.0))  # a model param: learned, not held
         mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
         with pyro.plate("data", n, subsample_size=3) as idx:
             seen["model"] = idx
             z = pyro.sample("z", dist.Normal(mu, 1.0))
             pyro.sample("s", dist.LogNormal(0.5, 0.5))
-            pyro.sample("y", dist.Normal(z, 1.0), obs=y[idx])
+            pyro.sample("y", dist.Normal(z + shift, 1.0), obs=y[idx])
 
     def batched_guide(y, w):
         z_loc = pyro.param("z_loc", torch.zeros(n))
@@ -315,7 +316,7 @@ def test_pyro_user_guide_step_moves_only_what_its_batch_reads():
     svi = ProximalScoreVI(batched_model, batched_guide, pyro.optim.Adam({"lr": 0.05}), average_iterates=False)
     svi.evaluate_loss(y, w)  # sets up (its own batch)
     for _ in range(2):
-        before = {k: pyro.param(k).detach().clone() for k in ("z_loc", "s_loc", "mu_loc")}
+        before = {k: pyro.param(k).detach().clone() for k in ("z_loc", "s_loc", "mu_loc", "shift")}
         loss = svi.step(y, w)
         assert np.isfinite(loss) and svi.num_rejected == 0
         batch = seen["model"]
@@ -325,6 +326,7 @@ def test_pyro_user_guide_step_moves_only_what_its_batch_reads():
             moved = pyro.param(name).detach() != before[name]
             assert moved[batch].all() and not moved[outside].any()
         assert pyro.param("mu_loc").item() != before["mu_loc"].item()
+        assert pyro.param("shift").item() != before["shift"].item()
 
 
 @pytest.mark.slow
