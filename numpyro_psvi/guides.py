@@ -35,7 +35,7 @@ from numpyro_psvi._compat import (
     batched_event_size,
     unpack_latent,
 )
-from numpyro_psvi.scores import given_plate_indices
+from numpyro_psvi.scores import given_plate_indices, subsampled_plates_of
 from psvi.checks import (
     GuideSite,
     check_user_guide_sites,
@@ -538,11 +538,7 @@ def _user_guide(
     """
     model_trace = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
     latents = {n: s for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"]}
-    subsampled = {
-        name: site["args"][0]
-        for name, site in model_trace.items()
-        if site["type"] == "plate" and site["args"][1] is not None and site["args"][1] < site["args"][0]
-    }
+    subsampled = {name: size for name, (size, _) in subsampled_plates_of(model_trace).items()}
     transforms = {name: biject_to(site["fn"].support) for name, site in latents.items()}
     template, local_plates = {}, {}
     for name, site in latents.items():

@@ -130,13 +130,20 @@ def subsampled_plates(model: Callable, args: tuple, kwargs: dict) -> dict[str, t
 
     def collect():
         model_trace = trace(at_random_values(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
-        for name, site in model_trace.items():
-            size, subsample_size = (site["args"] + (None, None))[:2] if site["type"] == "plate" else (0, 0)
-            if site["type"] == "plate" and subsample_size is not None and subsample_size < size:
-                plates[name] = (size, subsample_size)
+        plates.update(subsampled_plates_of(model_trace))
         return 0
 
     jax.eval_shape(collect)
+    return plates
+
+
+def subsampled_plates_of(model_trace: dict) -> dict[str, tuple[int, int]]:
+    """``{plate name: (size, subsample_size)}`` of the subsampled plates in a model trace."""
+    plates = {}
+    for name, site in model_trace.items():
+        size, subsample_size = (site["args"] + (None, None))[:2] if site["type"] == "plate" else (0, 0)
+        if site["type"] == "plate" and subsample_size is not None and subsample_size < size:
+            plates[name] = (size, subsample_size)
     return plates
 
 

@@ -116,25 +116,32 @@ def test_pyro_fits_local_latents_exactly():
     mu sees mini-batch score noise, so its iterates jitter (~0.4 posterior sd here):
     their average over 400 steps must sit within 4 batch-means standard errors.
     """
-    y, w = map(torch.as_tensor, hierarchical_data())
     pyro.clear_param_store()
+    assert_fits_local_latents_exactly(
+        AutoNormal(pyro_hierarchical), lambda kind, site: f"AutoNormal.{kind}s.{site}"
+    )
+
+
+def assert_fits_local_latents_exactly(guide, param_name) -> None:
+    """The fit and assertions of :func:`test_pyro_fits_local_latents_exactly` for
+    ``guide``; ``param_name(kind, site)`` is the param-store name of a site's ``"loc"``
+    or ``"scale"``."""
+    y, w = map(torch.as_tensor, hierarchical_data())
     pyro.set_rng_seed(0)
-    guide = AutoNormal(pyro_hierarchical)
     # The raw iterates (not their average, which the store holds by default): their
     # batch means are what the standard error below is about.
     svi = ProximalScoreVI(pyro_hierarchical, guide, pyro.optim.Adam({"lr": 0.05}), average_iterates=False)
     svi.run(600, y, w)
-    store = pyro.get_param_store()
     mus = []
     for _ in range(400):
         svi.step(y, w)
-        mus.append(store["AutoNormal.locs.mu"].item())
+        mus.append(pyro.param(param_name("loc", "mu")).item())
     assert svi.num_rejected == 0
     exact = exact_posterior(y.numpy(), w.numpy())
     for name in ("z", "s"):
         loc, sd = (torch.as_tensor(v, dtype=torch.float32) for v in exact[name])
-        fitted_loc = store[f"AutoNormal.locs.{name}"].detach()
-        fitted_sd = store[f"AutoNormal.scales.{name}"].detach()
+        fitted_loc = pyro.param(param_name("loc", name)).detach()
+        fitted_sd = pyro.param(param_name("scale", name)).detach()
         assert ((fitted_loc - loc).abs() / sd).max() < 0.1
         torch.testing.assert_close(fitted_sd, sd, rtol=0.05, atol=0.0)
     batch_means = np.asarray(mus).reshape(8, 50).mean(1)
@@ -333,26 +340,9 @@ def test_pyro_user_guide_step_moves_only_what_its_batch_reads():
 def test_pyro_user_guide_fits_local_latents_exactly():
     """As NumPyro's test of the same name (~160 s here: the guide runs in every inner
     step; both twins are slow, the mechanism is tested by default)."""
-    y, w = map(torch.as_tensor, hierarchical_data())
     pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-
     guide = functools.partial(indexing_guide, subsample_size=B)
-    svi = ProximalScoreVI(pyro_hierarchical, guide, pyro.optim.Adam({"lr": 0.05}), average_iterates=False)
-    svi.run(600, y, w)
-    mus = []
-    for _ in range(400):
-        svi.step(y, w)
-        mus.append(pyro.param("mu_loc").item())
-    assert svi.num_rejected == 0
-    exact = exact_posterior(y.numpy(), w.numpy())
-    for name in ("z", "s"):
-        loc, sd = (torch.as_tensor(v, dtype=torch.float32) for v in exact[name])
-        assert ((pyro.param(f"{name}_loc").detach() - loc).abs() / sd).max() < 0.1
-        torch.testing.assert_close(pyro.param(f"{name}_scale").detach(), sd, rtol=0.05, atol=0.0)
-    batch_means = np.asarray(mus).reshape(8, 50).mean(1)
-    standard_error = batch_means.std(ddof=1) / np.sqrt(8)
-    assert abs(np.mean(mus) - float(exact["mu"][0])) < 4 * standard_error
+    assert_fits_local_latents_exactly(guide, lambda kind, site: f"{site}_{kind}")
 
 
 def test_pyro_inference_data_refuses_a_user_guide_with_local_latents():
