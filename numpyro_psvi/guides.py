@@ -23,9 +23,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
+from jax.extend import core as jax_core
 from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_solve, solve_triangular
-from numpyro.distributions.transforms import biject_to
+from numpyro.distributions.kl import kl_divergence
+from numpyro.distributions.transforms import IdentityTransform, IndependentTransform, biject_to
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import autoguide
 
@@ -45,9 +47,11 @@ from psvi.checks import (
 from psvi.families import (
     GUIDE_LIST,
     LAPLACE,
+    NO_CLOSED_FORMS,
     POINT_MASS,
     DensityOptions,
     GuideFamily,
+    SiteClosedForms,
     autoregressive_family_advice,
     refused,
 )
@@ -521,8 +525,73 @@ def check_user_guide(guide: Callable, model: Callable, args: tuple, kwargs: dict
     check_user_guide_sites(latents, described, "numpyro.distributions.MixtureSameFamily")
 
 
+def _dependencies(jaxpr: Any) -> list[set[int]]:
+    """For each output of ``jaxpr``, the inputs it may depend on (conservatively: an
+    equation's outputs depend on all of its inputs)."""
+    depends: dict[Any, set[int]] = {var: {i} for i, var in enumerate(jaxpr.invars)}
+
+    def of(var: Any) -> set[int]:
+        return set() if isinstance(var, jax_core.Literal) else depends.get(var, set())
+
+    for eqn in jaxpr.eqns:
+        inputs = set().union(*map(of, eqn.invars))
+        for var in eqn.outvars:
+            depends[var] = inputs
+    return [of(var) for var in jaxpr.outvars]
+
+
+def site_closed_forms(guide: Callable, args: tuple, kwargs: dict) -> SiteClosedForms:
+    """Whether a user-written guide is mean field, each site's distribution a function of
+    the params alone, never of another site's value (checked on the guide's computation
+    graph, not on values), and if so which site-wise closed forms exist: a
+    ``kl_divergence`` rule for every site's distribution, a ``variance`` for every site."""
+    key = jax.random.PRNGKey(0)
+    guide_trace = trace(seed(guide, key)).get_trace(*args, **kwargs)
+    sites = {n: s for n, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    if not _mean_field(guide, args, kwargs, sites):
+        return NO_CLOSED_FORMS
+    return SiteClosedForms(
+        all(_has_closed_form(lambda fn: kl_divergence(fn, fn), site["fn"]) for site in sites.values()),
+        all(_has_closed_form(lambda fn: fn.variance, site["fn"]) for site in sites.values()),
+    )
+
+
+def _has_closed_form(fn_of: Callable, fn: dist.Distribution) -> bool:
+    try:
+        fn_of(fn)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _mean_field(guide: Callable, args: tuple, kwargs: dict, sites: dict[str, dict]) -> bool:
+    """Whether no site's distribution reads another site's value (on the jaxpr)."""
+    key = jax.random.PRNGKey(0)
+    points = {name: jax.device_get(site["value"]) for name, site in sites.items()}  # constants
+
+    def site_log_probs(values):
+        conditioned = trace(substitute(seed(guide, key), data=values)).get_trace(*args, **kwargs)
+        return [jnp.sum(conditioned[name]["fn"].log_prob(points[name])) for name in sorted(values)]
+
+    # A dict flattens in key order, one leaf per site: input i and output i are one site's.
+    values = {name: site["value"] for name, site in sites.items()}
+    depends = _dependencies(jax.make_jaxpr(site_log_probs)(values).jaxpr)
+    return all(read <= {i} for i, read in enumerate(depends))
+
+
+def _is_identity(transform: Any) -> bool:
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, IdentityTransform)
+
+
 def _user_guide(
-    guide: Callable, model: Callable, args: tuple, kwargs: dict, num_kl_draws: int
+    guide: Callable,
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_kl_draws: int,
+    closed_forms: SiteClosedForms = NO_CLOSED_FORMS,
 ) -> GuideDensity:
     """A user-written guide, site by site on the model's constrained values.
 
@@ -555,6 +624,7 @@ def _user_guide(
         if plates:
             local_plates[name] = plates
     flat, unravel = ravel_pytree(template)
+    identity = all(_is_identity(transform) for transform in transforms.values())
 
     def on_batch(indices: dict[str, jax.Array]) -> GuideDensity:
         at_plates = partial(given_plate_indices, indices)
@@ -605,8 +675,37 @@ def _user_guide(
         def elbo_log_prob(params, u, weights):
             return guide_log_prob(params, u, plate_scaled=True)
 
+        def site_distributions(params):
+            """Each site's distribution and the weight of its terms in the density."""
+            seeded = seed(substitute(substitute(guide, data=params), substitute_fn=at_plates), 0)
+            guide_trace = trace(seeded).get_trace(*args, **kwargs)
+            weighted = {}
+            for name in latents:
+                site = guide_trace[name]
+                factor = math.prod(subsampled.get(f.name, f.size) / f.size for f in site["cond_indep_stack"])
+                weighted[name] = (site["fn"], (1.0 if site["scale"] is None else site["scale"]) / factor)
+            return weighted
+
+        def site_kl(params0, params1, rng_key=None):
+            fns0 = site_distributions(jax.lax.stop_gradient(params0))
+            return sum(
+                jnp.sum(kl_divergence(fns0[name][0], fn1) * weight)
+                for name, (fn1, weight) in site_distributions(params1).items()
+            )
+
+        def site_cov_quad(params, r):
+            variances = {}
+            for name, (fn, _) in site_distributions(params).items():
+                batch = jnp.broadcast_to(fn.variance, members(name, template[name]).shape)
+                variances[name] = members(name, batch, template[name])
+            return jnp.sum(ravel_pytree(variances)[0] * r**2)
+
         log_prob = partial(guide_log_prob, plate_scaled=False)
         kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, num_kl_draws)
+        if closed_forms.kl:
+            kl = site_kl
+        if closed_forms.variance and identity:
+            cov_quad = site_cov_quad
         return GuideDensity(
             latent_dim=flat.size, sample=sample, log_prob=log_prob, score=_autodiff_score(log_prob),
             kl=kl, cov_quad=cov_quad, unpack=unravel, closed_form=False, local_plates=local_plates,
@@ -657,7 +756,8 @@ def _user_guide_setup(guide, model, args, kwargs, options: DensityOptions):
     if model is None:
         raise ValueError("A user-written guide's density needs the model (model=...).")
     check_user_guide(guide, model, args, kwargs)
-    return lambda args, kwargs: _user_guide(guide, model, args, kwargs, options.num_kl_draws)
+    closed_forms = site_closed_forms(guide, args, kwargs)
+    return lambda args, kwargs: _user_guide(guide, model, args, kwargs, options.num_kl_draws, closed_forms)
 
 
 _GENERIC = GuideFamily("an AutoContinuous guide", _autoguide_setup(_auto_continuous))

@@ -33,6 +33,20 @@ class DensityOptions(NamedTuple):
     max_plate_nesting: int | None = None
 
 
+class SiteClosedForms(NamedTuple):
+    """Which Monte Carlo terms of a user-written guide have closed forms site by site.
+
+    Only for a mean-field guide (no site's distribution reads another site's value),
+    whose density is the product of its sites' and whose covariance is diagonal.
+    """
+
+    kl: bool  # KL(q0 || q1) is the sum of the sites' closed-form KLs
+    variance: bool  # every site's distribution has a variance
+
+
+NO_CLOSED_FORMS = SiteClosedForms(kl=False, variance=False)
+
+
 class GuideFamily(NamedTuple):
     """One guide family as the engines see it.
 

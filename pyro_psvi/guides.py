@@ -16,8 +16,9 @@ Monte Carlo covariance diagonal.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import singledispatch
 from operator import attrgetter
 from typing import Any, NamedTuple
@@ -29,16 +30,19 @@ from pyro import poutine
 from pyro.distributions.transforms import AffineAutoregressive, SplineAutoregressive
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import autoguide
+from pyro.params import user_param_name
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import ComposeTransform, biject_to
+from torch.distributions import ComposeTransform, IndependentTransform, biject_to, kl_divergence
 
 from psvi.checks import GuideSite, check_user_guide_sites, full_covariance_advice
 from psvi.families import (
     GUIDE_LIST,
     LAPLACE,
+    NO_CLOSED_FORMS,
     POINT_MASS,
     DensityOptions,
     GuideFamily,
+    SiteClosedForms,
     autoregressive_family_advice,
     refused,
 )
@@ -124,6 +128,9 @@ class GuideDensity(NamedTuple):
         :func:`pyro_psvi.scores.coordinate_weights`; a user-written guide knows its batch
         and ignores them). For the guides that take local latents (AutoNormal and its
         diagonal siblings, user-written guides with local latents); ``None`` otherwise.
+    module_param_names : tuple of str
+        A user-written guide's ``pyro.module`` parameters: the module reads its own
+        tensors, so a gradient reaches them only at those tensors (the inner steps').
     """
 
     latent_dim: int
@@ -138,6 +145,7 @@ class GuideDensity(NamedTuple):
     loc_scale: Callable[[Params], tuple[torch.Tensor, torch.Tensor]] | None = None
     loc_tril: Callable[[Params], tuple[torch.Tensor, torch.Tensor]] | None = None
     plate_indices: dict[str, torch.Tensor] | None = None
+    module_param_names: tuple[str, ...] = ()
     elbo_log_prob: Callable[[Params, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -598,6 +606,7 @@ class UserGuideLayout(NamedTuple):
     sites: tuple[LatentSite, ...]
     supports: dict[str, Any]
     param_names: tuple[str, ...]
+    module_params: dict[str, torch.Tensor]  # pyro.module's, by store name: the module's own
 
 
 def user_guide_layout(guide: Callable, model_trace, guide_trace) -> UserGuideLayout:
@@ -622,8 +631,11 @@ def user_guide_layout(guide: Callable, model_trace, guide_trace) -> UserGuideLay
                 shape[frame.dim - event_dim] = frame.full_size
         sites.append(LatentSite(name, torch.Size(shape), event_dim, tuple(plates)))
         supports[name] = support
-    param_names = tuple(name for name, site in guide_trace.nodes.items() if site["type"] == "param")
-    return UserGuideLayout(tuple(sites), supports, param_names)
+    params = {name: site for name, site in guide_trace.nodes.items() if site["type"] == "param"}
+    # pyro.module registers a module's own parameters (the site's init tensor) under
+    # "module$$$name"; its forward reads them, never a substituted value.
+    modules = {name: site["args"][1] for name, site in params.items() if user_param_name(name) != name}
+    return UserGuideLayout(tuple(sites), supports, tuple(params), modules)
 
 
 def user_guide_density(
@@ -633,6 +645,7 @@ def user_guide_density(
     kwargs: dict,
     max_plate_nesting: int,
     num_kl_draws: int = 256,
+    closed_forms: SiteClosedForms = NO_CLOSED_FORMS,
 ) -> GuideDensity:
     """The :class:`GuideDensity` of a user-written guide (a function of ``pyro.param`` and
     ``pyro.sample`` sites, one per latent site of the model), run with ``args, kwargs``.
@@ -664,10 +677,12 @@ def user_guide_density(
 
     def run(params, num, values=None):
         conditioned = poutine.condition(guide, data=values) if values else guide
-        own = {name: params[name] for name in layout.param_names}  # not the model's params
+        # Its own params (not the model's); pyro.module's take the values in place.
+        own = {name: params[name] for name in layout.param_names if name not in layout.module_params}
         with poutine.trace() as tracer, poutine.substitute(data=own):
-            with pyro.plate(_DRAWS_PLATE, num, dim=draws_dim), SharedSubsample(plate_indices):
-                conditioned(*args, **kwargs)
+            with _module_values(layout.module_params, params):
+                with pyro.plate(_DRAWS_PLATE, num, dim=draws_dim), SharedSubsample(plate_indices):
+                    conditioned(*args, **kwargs)
         return tracer.trace
 
     def to_full_size(site: LatentSite, value: torch.Tensor) -> torch.Tensor:
@@ -714,19 +729,143 @@ def user_guide_density(
         if seed is None:
             draws = sample(params, num)
         else:
-            device = next(iter(params.values())).device
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(int(seed))
+            with _seeded(next(iter(params.values())).device, int(seed)):
                 draws = sample(params, num)
         return draws, log_prob(params, draws)
 
+    def site_distributions(params):
+        """Each site's distribution, its weight in the density and its mask (one run)."""
+        guide_trace = run(params, 1)
+        return {
+            site.name: (node["fn"], node["scale"] / _plate_factor(node), node["mask"], node["value"].shape)
+            for site in sites
+            for node in (guide_trace.nodes[site.name],)
+        }
+
+    cached = _cache_by_params(site_distributions)
+
+    def site_kl(params0, params1, seed=None):
+        fns0 = cached(params0)
+        return sum(
+            scale_and_mask(kl_divergence(fns0[name][0], fn1), weight, mask).sum()
+            for name, (fn1, weight, mask, _) in site_distributions(params1).items()
+        )
+
+    def site_cov_quad(params, r):
+        variances = []
+        for site in sites:
+            fn, _, _, shape = cached(params)[site.name]
+            variance = torch.broadcast_to(fn.variance, shape).detach()
+            variance = variance.reshape((1,) + variance.shape[variance.dim() - len(site.shape) :])
+            variances.append(to_full_size(site, variance).reshape(-1))
+        return (torch.cat(variances) * r**2).sum(-1)
+
     kl, cov_quad = _monte_carlo_kl_and_cov(draws_with_log_prob, log_prob, num_kl_draws)
+    if closed_forms.kl:
+        kl = site_kl
+    if closed_forms.variance and all(_is_identity(transform) for transform in transforms.values()):
+        cov_quad = site_cov_quad
     return GuideDensity(
         latent_dim=dim, sites=sites, param_names=layout.param_names, sample=sample,
         log_prob=log_prob, score=_autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
-        closed_form=False, plate_indices=plate_indices,
+        closed_form=False, plate_indices=plate_indices, module_param_names=tuple(layout.module_params),
         elbo_log_prob=elbo_log_prob if any(site.plates for site in sites) else None,
     )  # fmt: skip
+
+
+def site_closed_forms(guide: Callable, guide_trace, args: tuple, kwargs: dict) -> SiteClosedForms:
+    """Whether a user-written guide is mean field, each site's distribution a function of
+    the params alone, never of another site's value (checked on the autograd graph, not
+    on values), and if so which site-wise closed forms exist: a ``kl_divergence`` rule
+    for every site's distribution, a ``variance`` for every site."""
+    fns = {
+        name: site["fn"]
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    }
+    values = {name: guide_trace.nodes[name]["value"].detach().requires_grad_() for name in fns}
+    with poutine.block(), poutine.trace() as tracer, torch.random.fork_rng(devices=[]):
+        poutine.condition(guide, data=values)(*args, **kwargs)
+    for name in fns:
+        log_prob = tracer.trace.nodes[name]["fn"].log_prob(values[name].detach()).sum()
+        others = [value for other, value in values.items() if other != name]
+        if log_prob.requires_grad and others:
+            if any(grad is not None for grad in torch.autograd.grad(log_prob, others, allow_unused=True)):
+                return NO_CLOSED_FORMS
+    return SiteClosedForms(
+        all(_has_closed_form(lambda fn: kl_divergence(fn, fn), fn) for fn in fns.values()),
+        all(_has_closed_form(attrgetter("variance"), fn) for fn in fns.values()),
+    )
+
+
+def _has_closed_form(fn_of: Callable, fn: dist.Distribution) -> bool:
+    try:
+        fn_of(fn)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _is_identity(transform: Any) -> bool:
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, ComposeTransform) and not transform.parts
+
+
+class _seeded:
+    """Draw from the global RNG of ``device`` seeded with ``seed``, its state restored
+    after (``torch.random.fork_rng`` with ``torch.manual_seed`` costs about a millisecond
+    a call on a CPU, seeding every accelerator backend)."""
+
+    def __init__(self, device: torch.device, seed: int) -> None:
+        if device.type == "cuda":
+            self.generator = torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+        else:
+            self.generator = torch.default_generator
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.state = self.generator.get_state()
+        self.generator.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        self.generator.set_state(self.state)
+
+
+def _cache_by_params(fn: Callable[[Params], Any]) -> Callable[[Params], Any]:
+    """``fn`` remembering its last result for one params dict whose tensors are unchanged
+    in place (one step's ``params_t``: the dict is held, so its identity cannot be
+    recycled, and the tensors' versions catch in-place changes)."""
+    memo: dict[str, Any] = {}
+
+    def cached(params: Params) -> Any:
+        key = tuple(tensor_version(value) for value in params.values())
+        if memo.get("params") is not params or memo.get("key") != key:
+            with torch.no_grad():
+                memo.update(params=params, key=key, value=fn({k: v.detach() for k, v in params.items()}))
+        return memo["value"]
+
+    return cached
+
+
+@contextlib.contextmanager
+def _module_values(modules: dict[str, torch.Tensor], params: Params) -> Iterator[None]:
+    """Give ``pyro.module`` parameters the values in ``params`` for the block.
+
+    A module's forward reads its own parameters, so values other than those tensors
+    themselves (``q_t``'s, the trust region's steps) are swapped into their data and
+    swapped back after: exact for the values, but no gradient flows to such a value
+    (the inner steps differentiate the module's own tensors, which need no swap).
+    """
+    swapped = {name: module for name, module in modules.items() if params[name] is not module}
+    saved = {name: module.data for name, module in swapped.items()}
+    try:
+        for name, module in swapped.items():
+            module.data = params[name].detach()
+        yield
+    finally:
+        for name, module in swapped.items():
+            module.data = saved[name]
 
 
 def _plate_factor(site) -> float:
@@ -760,8 +899,9 @@ def _user_guide_setup(guide, model_trace, guide_trace, args, kwargs, options: De
             "user_guide_layout and user_guide_density."
         )
     layout = user_guide_layout(guide, model_trace, guide_trace)
+    closed_forms = site_closed_forms(guide, guide_trace, args, kwargs)
     return lambda args, kwargs: user_guide_density(
-        guide, layout, args, kwargs, options.max_plate_nesting, options.num_kl_draws
+        guide, layout, args, kwargs, options.max_plate_nesting, options.num_kl_draws, closed_forms
     )
 
 

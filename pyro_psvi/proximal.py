@@ -469,9 +469,12 @@ class ProximalScoreVI(ScoreEngine):
             unconstrained = {name: start[name].detach().requires_grad_(True) for name in density.param_names}
             log_q = density.log_prob(self._constrain(unconstrained), particles).sum()
             grads = torch.autograd.grad(log_q, list(unconstrained.values()), allow_unused=True)
+        # pyro.module parameters read their own tensors (no gradient to these copies):
+        # shared by every member, they are never held.
         return {
             name: torch.ones_like(leaf, dtype=torch.bool) if grad is None else grad == 0
             for (name, leaf), grad in zip(unconstrained.items(), grads, strict=True)
+            if name not in density.module_param_names
         }
 
     def hold(

@@ -8,6 +8,8 @@ first tests check; the fits check the method end to end on a target the guide fa
 contains (a full-covariance Gaussian and a LogNormal site), where the fixed point is
 the target itself."""
 
+import warnings
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -202,3 +204,45 @@ def test_inference_data_and_diagnostics_take_user_guides():
     np.testing.assert_allclose(idata.posterior["x"].values.reshape(-1, D).mean(0), MEAN, atol=0.25)
     diagnostics = vi_diagnostics(p_gaussian_model, p_gaussian_guide, num_samples=200)
     assert diagnostics["khat"] < 0.5 and diagnostics["fisher"] < 1e-6
+
+
+def test_pyro_amortized_guide_with_pyro_module_fits_exactly():
+    """An amortized guide (``pyro.module`` encoder) on ``z_i ~ N(0, 1), x_i ~ N(z_i, 1)``:
+    the exact posterior ``N(x_i / 2, 1/2)`` is in the family (``loc = w x + b``,
+    ``scale = exp(c)``), where every particle's residual is zero, so the fit is exact up
+    to the optimizer's last steps. The density must be evaluated at ``q_t``'s and the trust
+    region's weights, not the module's current ones (before, Pyro's substitute did not
+    reach the module: every step was rejected)."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    x = torch.randn(50) * 2.0
+    encoder = torch.nn.Linear(1, 2)
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        out = encoder(x.unsqueeze(-1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
+
+    engine = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), num_particles=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "pyro.module data did not find params"
+        for _ in range(200):
+            engine.step(x)
+    assert engine.num_rejected == 0
+    # The density at weights other than the module's own is that of those weights.
+    names = engine.density.param_names
+    assert set(names) == {"encoder$$$weight", "encoder$$$bias"} == set(engine.density.module_param_names)
+    other = {"encoder$$$weight": torch.tensor([[0.3], [0.1]]), "encoder$$$bias": torch.tensor([0.2, -0.4])}
+    u = torch.randn(3, 50)
+    loc, log_scale = (other["encoder$$$weight"] * x + other["encoder$$$bias"].unsqueeze(-1)).unbind(0)
+    expected = dist.Normal(loc, log_scale.exp()).log_prob(u).sum(-1)
+    torch.testing.assert_close(engine.density.log_prob(other, u), expected)
+    (w_loc, w_scale), (b_loc, b_scale) = encoder.weight.detach()[:, 0], encoder.bias.detach()
+    assert abs(float(w_loc) - 0.5) < 0.01 and abs(float(b_loc)) < 0.01
+    assert abs(float(w_scale)) < 0.01 and abs(float(b_scale) - 0.5 * np.log(0.5)) < 0.01

@@ -1,0 +1,333 @@
+"""Time per step of ProximalScoreVI vs SVI(Trace_ELBO) with hand-written guides (issue 24).
+
+Four examples of the PPLs' tutorials, each with its hand-written guide, in both
+backends: the coin (Beta-Bernoulli, a Beta guide), eight schools (centered; Normal,
+LogNormal and a plate of Normals), Bayesian regression II (the rugged-terrain regression
+on synthetic data of the same size, N = 170; Normal weights, a scaled logit-Normal
+noise on ``Uniform(0, 10)``) and a VAE on the 8x8 digits (an amortized encoder guide,
+a decoder in the model, mini-batches of 64 as the model's arguments). Equal particles
+(4); SVI vectorized. Timed in interleaved blocks in one process; medians, and the ratio
+to SVI's. NumPyro steps are jitted; torch runs on one thread.
+
+    python -m benchmarks.user_guide_cost [--blocks 5] [--steps 20] [--inner-steps 20 5 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import numpy as np
+import sklearn.datasets
+
+from benchmarks.common import save
+from benchmarks.step_cost import _median_block_times
+
+PARTICLES = 4
+LATENT, HIDDEN = 4, 64
+
+
+def _digits_batch() -> np.ndarray:
+    images = sklearn.datasets.load_digits().data / 16.0 > 0.5
+    return images[:64].astype(np.float32)
+
+
+def _regression_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    africa = (rng.random(170) < 0.3).astype(np.float32)
+    rugged = rng.gamma(1.5, 1.0, 170).astype(np.float32)
+    y = 9.2 - 1.9 * africa - 0.2 * rugged + 0.4 * africa * rugged + rng.normal(0, 0.9, 170)
+    return africa, rugged, y.astype(np.float32)
+
+
+EIGHT_Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
+EIGHT_SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
+
+
+def pyro_examples() -> dict[str, tuple[Callable, Callable, tuple]]:
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from torch.distributions import constraints
+    from torch.distributions.transforms import AffineTransform, SigmoidTransform
+
+    def coin_model(data):
+        f = pyro.sample("f", dist.Beta(10.0, 10.0))
+        with pyro.plate("data", len(data)):
+            pyro.sample("obs", dist.Bernoulli(f), obs=data)
+
+    def coin_guide(data):
+        alpha = pyro.param("alpha_q", torch.tensor(15.0), constraint=constraints.positive)
+        beta = pyro.param("beta_q", torch.tensor(15.0), constraint=constraints.positive)
+        pyro.sample("f", dist.Beta(alpha, beta))
+
+    def eight_model(y, sigma):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("schools", len(y)):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+    def eight_guide(y, sigma):
+        positive = constraints.positive
+        mu_loc, mu_scale = (
+            pyro.param("mu_loc", torch.tensor(0.0)),
+            pyro.param("mu_scale", torch.tensor(1.0), constraint=positive),
+        )
+        tau_loc, tau_scale = (
+            pyro.param("tau_loc", torch.tensor(0.0)),
+            pyro.param("tau_scale", torch.tensor(1.0), constraint=positive),
+        )
+        theta_loc = pyro.param("theta_loc", torch.zeros(len(y)))
+        theta_scale = pyro.param("theta_scale", torch.ones(len(y)), constraint=positive)
+        pyro.sample("mu", dist.Normal(mu_loc, mu_scale))
+        pyro.sample("tau", dist.LogNormal(tau_loc, tau_scale))
+        with pyro.plate("schools", len(y)):
+            pyro.sample("theta", dist.Normal(theta_loc, theta_scale))
+
+    def regression_model(africa, rugged, y):
+        a = pyro.sample("a", dist.Normal(0.0, 10.0))
+        b_a = pyro.sample("bA", dist.Normal(0.0, 1.0))
+        b_r = pyro.sample("bR", dist.Normal(0.0, 1.0))
+        b_ar = pyro.sample("bAR", dist.Normal(0.0, 1.0))
+        sigma = pyro.sample("sigma", dist.Uniform(0.0, 10.0))
+        mean = a + b_a * africa + b_r * rugged + b_ar * africa * rugged
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+
+    def regression_guide(africa, rugged, y):
+        a_loc = pyro.param("a_loc", torch.tensor(0.0))
+        a_scale = pyro.param("a_scale", torch.tensor(1.0), constraint=constraints.positive)
+        sigma_loc = pyro.param("sigma_loc", torch.tensor(0.0))
+        weights_loc = pyro.param("weights_loc", torch.randn(3))
+        weights_scale = pyro.param("weights_scale", torch.ones(3), constraint=constraints.positive)
+        pyro.sample("a", dist.Normal(a_loc, a_scale))
+        pyro.sample("bA", dist.Normal(weights_loc[0], weights_scale[0]))
+        pyro.sample("bR", dist.Normal(weights_loc[1], weights_scale[1]))
+        pyro.sample("bAR", dist.Normal(weights_loc[2], weights_scale[2]))
+        on_support = [SigmoidTransform(), AffineTransform(0.0, 10.0)]
+        pyro.sample("sigma", dist.TransformedDistribution(dist.Normal(sigma_loc, 0.05), on_support))
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, pixels: int) -> None:
+            super().__init__()
+            self.hidden = torch.nn.Linear(pixels, HIDDEN)
+            self.loc, self.log_scale = torch.nn.Linear(HIDDEN, LATENT), torch.nn.Linear(HIDDEN, LATENT)
+
+        def forward(self, x):
+            h = torch.nn.functional.softplus(self.hidden(x))
+            return self.loc(h), self.log_scale(h).exp()
+
+    pixels = 64
+    encoder = Encoder(pixels)
+    decoder = torch.nn.Sequential(
+        torch.nn.Linear(LATENT, HIDDEN),
+        torch.nn.Softplus(),
+        torch.nn.Linear(HIDDEN, pixels),
+        torch.nn.Sigmoid(),
+    )
+
+    def vae_model(batch):
+        pyro.module("decoder", decoder)
+        with pyro.plate("batch", batch.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([LATENT]).to_event(1))
+            pyro.sample("obs", dist.Bernoulli(decoder(z)).to_event(1), obs=batch)
+
+    def vae_guide(batch):
+        pyro.module("encoder", encoder)
+        loc, scale = encoder(batch)
+        with pyro.plate("batch", batch.shape[0]):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    eight = (torch.tensor(EIGHT_Y), torch.tensor(EIGHT_SIGMA))
+    return {
+        "coin": (coin_model, coin_guide, (torch.tensor([1.0] * 6 + [0.0] * 4),)),
+        "eight schools": (eight_model, eight_guide, eight),
+        "regression II": (regression_model, regression_guide, tuple(map(torch.tensor, _regression_data()))),
+        "VAE": (vae_model, vae_guide, (torch.tensor(_digits_batch()),)),
+    }
+
+
+def numpyro_examples() -> dict[str, tuple[Callable, Callable, tuple]]:
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from jax.example_libraries import stax
+    from numpyro.distributions import constraints
+    from numpyro.distributions.transforms import AffineTransform, SigmoidTransform
+
+    def coin_model(data):
+        f = numpyro.sample("f", dist.Beta(10.0, 10.0))
+        with numpyro.plate("data", len(data)):
+            numpyro.sample("obs", dist.Bernoulli(f), obs=data)
+
+    def coin_guide(data):
+        alpha = numpyro.param("alpha_q", 15.0, constraint=constraints.positive)
+        beta = numpyro.param("beta_q", 15.0, constraint=constraints.positive)
+        numpyro.sample("f", dist.Beta(alpha, beta))
+
+    def eight_model(y, sigma):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+        with numpyro.plate("schools", len(y)):
+            theta = numpyro.sample("theta", dist.Normal(mu, tau))
+            numpyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+    def eight_guide(y, sigma):
+        positive = constraints.positive
+        mu_loc, mu_scale = numpyro.param("mu_loc", 0.0), numpyro.param("mu_scale", 1.0, constraint=positive)
+        tau_loc, tau_scale = (
+            numpyro.param("tau_loc", 0.0),
+            numpyro.param("tau_scale", 1.0, constraint=positive),
+        )
+        theta_loc = numpyro.param("theta_loc", jnp.zeros(len(y)))
+        theta_scale = numpyro.param("theta_scale", jnp.ones(len(y)), constraint=positive)
+        numpyro.sample("mu", dist.Normal(mu_loc, mu_scale))
+        numpyro.sample("tau", dist.LogNormal(tau_loc, tau_scale))
+        with numpyro.plate("schools", len(y)):
+            numpyro.sample("theta", dist.Normal(theta_loc, theta_scale))
+
+    def regression_model(africa, rugged, y):
+        a = numpyro.sample("a", dist.Normal(0.0, 10.0))
+        b_a = numpyro.sample("bA", dist.Normal(0.0, 1.0))
+        b_r = numpyro.sample("bR", dist.Normal(0.0, 1.0))
+        b_ar = numpyro.sample("bAR", dist.Normal(0.0, 1.0))
+        sigma = numpyro.sample("sigma", dist.Uniform(0.0, 10.0))
+        mean = a + b_a * africa + b_r * rugged + b_ar * africa * rugged
+        with numpyro.plate("data", len(y)):
+            numpyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+
+    def regression_guide(africa, rugged, y):
+        a_loc = numpyro.param("a_loc", 0.0)
+        a_scale = numpyro.param("a_scale", 1.0, constraint=constraints.positive)
+        sigma_loc = numpyro.param("sigma_loc", 0.0)
+        weights_loc = numpyro.param("weights_loc", jnp.array([0.5, -0.5, 0.2]))
+        weights_scale = numpyro.param("weights_scale", jnp.ones(3), constraint=constraints.positive)
+        numpyro.sample("a", dist.Normal(a_loc, a_scale))
+        numpyro.sample("bA", dist.Normal(weights_loc[0], weights_scale[0]))
+        numpyro.sample("bR", dist.Normal(weights_loc[1], weights_scale[1]))
+        numpyro.sample("bAR", dist.Normal(weights_loc[2], weights_scale[2]))
+        on_support = [SigmoidTransform(), AffineTransform(0.0, 10.0)]
+        numpyro.sample("sigma", dist.TransformedDistribution(dist.Normal(sigma_loc, 0.05), on_support))
+
+    encoder = stax.serial(
+        stax.Dense(HIDDEN), stax.Softplus, stax.FanOut(2),
+        stax.parallel(stax.Dense(LATENT), stax.serial(stax.Dense(LATENT), stax.Exp)),
+    )  # fmt: skip
+    decoder = stax.serial(stax.Dense(HIDDEN), stax.Softplus, stax.Dense(64), stax.Sigmoid)
+
+    def vae_model(batch):
+        num, pixels = batch.shape
+        decode = numpyro.module("decoder", decoder, (num, LATENT))
+        with numpyro.plate("batch", num):
+            z = numpyro.sample("z", dist.Normal(0, 1).expand([LATENT]).to_event(1))
+            numpyro.sample("obs", dist.Bernoulli(decode(z)).to_event(1), obs=batch)
+
+    def vae_guide(batch):
+        num, pixels = batch.shape
+        loc, scale = numpyro.module("encoder", encoder, (num, pixels))(batch)
+        with numpyro.plate("batch", num):
+            numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    eight = (jnp.asarray(EIGHT_Y), jnp.asarray(EIGHT_SIGMA))
+    return {
+        "coin": (coin_model, coin_guide, (jnp.asarray([1.0] * 6 + [0.0] * 4),)),
+        "eight schools": (eight_model, eight_guide, eight),
+        "regression II": (regression_model, regression_guide, tuple(map(jnp.asarray, _regression_data()))),
+        "VAE": (vae_model, vae_guide, (jnp.asarray(_digits_batch()),)),
+    }
+
+
+def _engines(inner_steps: tuple[int, ...]) -> dict[str, int | None]:
+    """Labels and inner steps: SVI (``-1``), the engine's default ``K`` (``None``), ``K``s."""
+    return {
+        "SVI": -1,
+        "ProximalScoreVI (default K)": None,
+        **{f"ProximalScoreVI, K = {k}": k for k in inner_steps},
+    }
+
+
+def pyro_steppers(example: tuple, inner_steps: tuple[int, ...]) -> dict[str, Callable[[], None]]:
+    import pyro
+    import torch
+    from pyro.infer import SVI, Trace_ELBO
+
+    from pyro_psvi import ProximalScoreVI
+
+    model, guide, args = example
+    steppers = {}
+    for label, inner in _engines(inner_steps).items():
+        torch.manual_seed(0)
+        with pyro.get_param_store().scope() as scope:  # each engine its own params
+            optim = pyro.optim.Adam({"lr": 1e-2})
+            if inner == -1:
+                engine = SVI(
+                    model, guide, optim, Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True)
+                )
+            else:
+                engine = ProximalScoreVI(model, guide, optim, num_particles=PARTICLES, inner_steps=inner)
+            engine.step(*args)
+
+        def step(engine=engine, scope=scope):
+            with pyro.get_param_store().scope(scope):
+                engine.step(*args)
+
+        steppers[label] = step
+    return steppers
+
+
+def numpyro_steppers(example: tuple, inner_steps: tuple[int, ...]) -> dict[str, Callable[[], None]]:
+    import jax
+    import numpyro
+    from numpyro.infer import SVI, Trace_ELBO
+
+    from numpyro_psvi import ProximalScoreVI
+
+    model, guide, args = example
+    steppers = {}
+    for label, inner in _engines(inner_steps).items():
+        optim = numpyro.optim.Adam(1e-2)
+        if inner == -1:
+            engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES))
+        else:
+            engine = ProximalScoreVI(model, guide, optim, num_particles=PARTICLES, inner_steps=inner)
+        state = [engine.init(jax.random.PRNGKey(0), *args)]
+        update = jax.jit(engine.update)
+
+        def step(update=update, state=state):
+            state[0] = update(state[0], *args)[0]
+            jax.block_until_ready(state[0])
+
+        steppers[label] = step
+    return steppers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--inner-steps", type=int, nargs="*", default=[5, 1])
+    parser.add_argument("--backends", nargs="*", default=["pyro", "numpyro"])
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    for backend in args.backends:
+        examples = pyro_examples() if backend == "pyro" else numpyro_examples()
+        build = pyro_steppers if backend == "pyro" else numpyro_steppers
+        for name, example in examples.items():
+            steps = args.steps * (10 if backend == "numpyro" else 1)  # sub-millisecond steps
+            times = _median_block_times(build(example, tuple(args.inner_steps)), args.blocks, steps)
+            for label, seconds in times.items():
+                ratio = seconds / times["SVI"]
+                row = {"backend": backend, "example": name, "engine": label}
+                rows.append({**row, "ms_per_step": 1e3 * seconds, "ratio_to_svi": ratio})
+                print(
+                    f"{backend:8s} {name:14s} {label:30s} {1e3 * seconds:8.3f} ms  {ratio:5.2f}x", flush=True
+                )
+    save("user_guide_cost", {"particles": PARTICLES, "blocks": args.blocks, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
