@@ -551,9 +551,17 @@ def site_closed_forms(guide: Callable, args: tuple, kwargs: dict) -> SiteClosedF
     if not _mean_field(guide, args, kwargs, sites):
         return NO_CLOSED_FORMS
     return SiteClosedForms(
-        all(_has_closed_form(lambda fn: kl_divergence(fn, fn), site["fn"]) for site in sites.values()),
+        all(_has_closed_form(lambda fn: site_kl_divergence(fn, fn), site["fn"]) for site in sites.values()),
         all(_has_closed_form(lambda fn: fn.variance, site["fn"]) for site in sites.values()),
     )
+
+
+def site_kl_divergence(p: dist.Distribution, q: dist.Distribution) -> jax.Array:
+    """``kl_divergence(p, q)``, and for two LogNormals (whose transform is fixed) the KL of
+    their Normals, as torch's rule for equal transforms gives it in Pyro."""
+    if isinstance(p, dist.LogNormal) and isinstance(q, dist.LogNormal):
+        return kl_divergence(p.base_dist, q.base_dist)
+    return kl_divergence(p, q)
 
 
 def _has_closed_form(fn_of: Callable, fn: dist.Distribution) -> bool:
@@ -689,7 +697,7 @@ def _user_guide(
         def site_kl(params0, params1, rng_key=None):
             fns0 = site_distributions(jax.lax.stop_gradient(params0))
             return sum(
-                jnp.sum(kl_divergence(fns0[name][0], fn1) * weight)
+                jnp.sum(site_kl_divergence(fns0[name][0], fn1) * weight)
                 for name, (fn1, weight) in site_distributions(params1).items()
             )
 

@@ -793,8 +793,22 @@ def site_closed_forms(guide: Callable, guide_trace, args: tuple, kwargs: dict) -
             if any(grad is not None for grad in torch.autograd.grad(log_prob, others, allow_unused=True)):
                 return NO_CLOSED_FORMS
     return SiteClosedForms(
-        all(_has_closed_form(lambda fn: kl_divergence(fn, fn), fn) for fn in fns.values()),
+        all(
+            _fixed_transforms(fn) and _has_closed_form(lambda fn: kl_divergence(fn, fn), fn)
+            for fn in fns.values()
+        ),
         all(_has_closed_form(attrgetter("variance"), fn) for fn in fns.values()),
+    )
+
+
+def _fixed_transforms(fn: torch.distributions.Distribution) -> bool:
+    """Whether ``fn`` has no transform its params could move: torch's KL rule for two
+    transformed distributions needs equal transforms and fails for unequal ones, so only
+    LogNormal's fixed one is taken (as NumPyro's ``site_kl_divergence`` does)."""
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return isinstance(fn, torch.distributions.LogNormal) or not isinstance(
+        fn, torch.distributions.TransformedDistribution
     )
 
 

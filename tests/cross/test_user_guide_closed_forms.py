@@ -141,7 +141,8 @@ def test_site_covariance_weighting_is_the_sites_variance_on_unconstrained_sites(
     closed, _ = p_density(p_guide, p_model, closed_forms=True)
     monte_carlo, _ = p_density(p_guide, p_model, closed_forms=False)
     r4 = torch.ones(2, 4)
-    torch.testing.assert_close(closed.cov_quad(tensors(P_PARAMS0), r4), monte_carlo.cov_quad(tensors(P_PARAMS0), r4))
+    params = tensors(P_PARAMS0)
+    torch.testing.assert_close(closed.cov_quad(params, r4), monte_carlo.cov_quad(params, r4))
 
 
 def n_normal_model():
@@ -152,3 +153,35 @@ def n_normal_guide():
     loc = numpyro.param("loc", jnp.array(LOC0))
     scale = numpyro.param("scale", jnp.array(SCALE0), constraint=nconstraints.positive)
     numpyro.sample("a", ndist.Normal(loc, scale).to_event(1))
+
+
+def test_lognormal_sites_take_their_normals_kl_in_both_backends_and_other_transforms_do_not():
+    def p_lognormal_guide():
+        pyro.sample("s", pdist.LogNormal(pyro.param("m", torch.tensor(0.2)), 0.5))
+
+    def n_lognormal_guide():
+        numpyro.sample("s", ndist.LogNormal(numpyro.param("m", 0.2), 0.5))
+
+    def p_shifted_guide():  # a transform the params move: torch's rule would fail mid-fit
+        shift = pyro.param("shift", torch.tensor(0.0))
+        base = pdist.Normal(0.0, 1.0)
+        shifted = torch.distributions.AffineTransform(shift, 1.0)
+        pyro.sample("s", pdist.TransformedDistribution(base, [shifted]))
+
+    def p_half_model():
+        pyro.sample("s", pdist.HalfNormal(1.0))
+
+    def n_half_model():
+        numpyro.sample("s", ndist.HalfNormal(1.0))
+
+    density, found = p_density(p_lognormal_guide, p_half_model, closed_forms=True)
+    assert found == SiteClosedForms(True, True)
+    pyro.clear_param_store()
+    shifted = pyro.poutine.trace(p_shifted_guide).get_trace()
+    assert p_site_closed_forms(p_shifted_guide, shifted, (), {}).kl is False
+    # KL(LogNormal(0.2, 0.5) || LogNormal(0.7, 0.5)) = KL of the Normals = 0.5^2 / (2 * 0.5^2) = 0.5.
+    p_kl = float(density.kl({"m": torch.tensor(0.2)}, {"m": torch.tensor(0.7)}))
+    assert abs(p_kl - 0.5) < 1e-6
+    n_density = n_guide_density(n_lognormal_guide, model=n_half_model)
+    n_kl = float(n_density.kl({"m": jnp.asarray(0.2)}, {"m": jnp.asarray(0.7)}, jax.random.PRNGKey(0)))
+    assert n_site_closed_forms(n_lognormal_guide, (), {}).kl and abs(n_kl - 0.5) < 1e-6
