@@ -9,12 +9,14 @@ a decoder in the model, mini-batches of 64 as the model's arguments). Equal part
 (4); SVI vectorized. Timed in interleaved blocks in one process; medians, and the ratio
 to SVI's. NumPyro steps are jitted; torch runs on one thread.
 
-    python -m benchmarks.user_guide_cost [--blocks 5] [--steps 20] [--inner-steps 20 5 1]
+    python -m benchmarks.user_guide_cost [--blocks 5] [--steps 20] [--inner-steps 5 1]
+    python -m benchmarks.user_guide_cost --equal-time 20   # the VAE's -ELBO at equal wall time
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -302,16 +304,93 @@ def numpyro_steppers(example: tuple, inner_steps: tuple[int, ...]) -> dict[str, 
     return steppers
 
 
+def pyro_equal_time(seconds: float, inner_steps: tuple[int, ...]) -> list[dict]:
+    """The VAE's ``-ELBO`` (256 particles) on its batch after ``seconds`` of steps."""
+    import pyro
+    import torch
+    from pyro.infer import SVI, Trace_ELBO
+
+    from pyro_psvi import ProximalScoreVI
+
+    rows = []
+    for label, inner in _engines(inner_steps).items():
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        model, guide, args = pyro_examples()["VAE"]  # fresh networks
+        optim = pyro.optim.Adam({"lr": 1e-2})
+        if inner == -1:
+            engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True))
+        else:
+            engine = ProximalScoreVI(model, guide, optim, num_particles=PARTICLES, inner_steps=inner)
+        steps = _steps_for(seconds, lambda engine=engine, args=args: engine.step(*args))
+        torch.manual_seed(1)
+        loss = Trace_ELBO(num_particles=256, vectorize_particles=True).loss(model, guide, *args)
+        rows.append({"backend": "pyro", "engine": label, "steps": steps, "neg_elbo": loss})
+    return rows
+
+
+def numpyro_equal_time(seconds: float, inner_steps: tuple[int, ...]) -> list[dict]:
+    """As :func:`pyro_equal_time`, jitted steps (the first, compiling, not counted)."""
+    import jax
+    import numpyro
+    from numpyro.infer import SVI, Trace_ELBO
+
+    from numpyro_psvi import ProximalScoreVI
+
+    model, guide, args = numpyro_examples()["VAE"]
+    rows = []
+    for label, inner in _engines(inner_steps).items():
+        optim = numpyro.optim.Adam(1e-2)
+        if inner == -1:
+            engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES))
+        else:
+            engine = ProximalScoreVI(model, guide, optim, num_particles=PARTICLES, inner_steps=inner)
+        state = [engine.init(jax.random.PRNGKey(0), *args)]
+        update = jax.jit(engine.update)
+
+        def step(update=update, state=state):
+            state[0] = update(state[0], *args)[0]
+            jax.block_until_ready(state[0])
+
+        step()
+        steps = _steps_for(seconds, step)
+        params = engine.get_params(state[0])
+        loss = Trace_ELBO(num_particles=256).loss(jax.random.PRNGKey(1), params, model, guide, *args)
+        rows.append({"backend": "numpyro", "engine": label, "steps": steps, "neg_elbo": float(loss)})
+    return rows
+
+
+def _steps_for(seconds: float, step: Callable[[], None]) -> int:
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    return steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--inner-steps", type=int, nargs="*", default=[5, 1])
     parser.add_argument("--backends", nargs="*", default=["pyro", "numpyro"])
+    parser.add_argument(
+        "--equal-time", type=float, default=None, metavar="SECONDS",
+        help="instead: the VAE's -ELBO after SECONDS of steps of each engine (NumPyro: a quarter)",
+    )  # fmt: skip
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
+    if args.equal_time is not None:
+        inner = tuple(args.inner_steps)
+        rows = pyro_equal_time(args.equal_time, inner) + numpyro_equal_time(args.equal_time / 4, inner)
+        for row in rows:
+            print(
+                f"{row['backend']:8s} {row['engine']:30s} {row['steps']:6d} steps -ELBO {row['neg_elbo']:.1f}"
+            )
+        save("user_guide_equal_time", {"seconds": args.equal_time, "particles": PARTICLES, "rows": rows})
+        return
     rows = []
     for backend in args.backends:
         examples = pyro_examples() if backend == "pyro" else numpyro_examples()
