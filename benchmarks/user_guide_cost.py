@@ -9,7 +9,7 @@ a decoder in the model, mini-batches of 64 as the model's arguments). Equal part
 (4); SVI vectorized. Timed in interleaved blocks in one process; medians, and the ratio
 to SVI's. NumPyro steps are jitted; torch runs on one thread.
 
-    python -m benchmarks.user_guide_cost [--blocks 5] [--steps 20] [--inner-steps 5 1]
+    python -m benchmarks.user_guide_cost [--blocks 5] [--steps 20] [--inner-steps 5 1] [--quick]
     python -m benchmarks.user_guide_cost --equal-time 20   # the VAE's -ELBO at equal wall time
 """
 
@@ -374,6 +374,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--inner-steps", type=int, nargs="*", default=[5, 1])
     parser.add_argument("--backends", nargs="*", default=["pyro", "numpyro"])
+    parser.add_argument("--quick", action="store_true", help="one block of 2 steps (a smoke run)")
     parser.add_argument(
         "--equal-time", type=float, default=None, metavar="SECONDS",
         help="instead: the VAE's -ELBO after SECONDS of steps of each engine (NumPyro: a quarter)",
@@ -382,6 +383,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    if args.quick:
+        args.blocks, args.steps = 1, 2
     if args.equal_time is not None:
         inner = tuple(args.inner_steps)
         rows = pyro_equal_time(args.equal_time, inner) + numpyro_equal_time(args.equal_time / 4, inner)
@@ -405,7 +408,8 @@ def main() -> None:
                 print(
                     f"{backend:8s} {name:14s} {label:30s} {1e3 * seconds:8.3f} ms  {ratio:5.2f}x", flush=True
                 )
-    save("user_guide_cost", {"particles": PARTICLES, "blocks": args.blocks, "rows": rows})
+    name = "user_guide_cost_quick" if args.quick else "user_guide_cost"
+    save(name, {"particles": PARTICLES, "blocks": args.blocks, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,17 @@ def test_gaussian_study_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_user_guide_cost_quick():
+    subprocess.run([sys.executable, "-m", "benchmarks.user_guide_cost", "--quick"], cwd=ROOT, check=True)
+    rows = json.loads((ROOT / "benchmarks/results/user_guide_cost_quick.json").read_text())["rows"]
+    examples = {"coin", "eight schools", "regression II", "VAE"}
+    assert {(r["backend"], r["example"]) for r in rows} == {
+        (b, e) for b in ("pyro", "numpyro") for e in examples
+    }
+    assert all(np.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0 for r in rows)
+
+
+@pytest.mark.slow
 def test_mixture_targets_quick():
     subprocess.run([sys.executable, "-m", "benchmarks.mixture_targets", "--quick"], cwd=ROOT, check=True)
     result = json.loads((ROOT / "benchmarks/results/mixture_targets_quick.json").read_text())
