@@ -156,6 +156,25 @@ def autoregressive_flow_advice(dim: int) -> str | None:
     )
 
 
+INNER_COST_MAX_RATIO = 10.0
+
+
+def inner_cost_advice(inner_steps: int, inner_seconds: float, score_seconds: float) -> str | None:
+    """The warning for a guide whose ``K`` inner steps (each re-evaluating its density)
+    took more than :data:`INNER_COST_MAX_RATIO` times the score phase, or ``None``."""
+    if inner_steps <= 1 or inner_seconds <= INNER_COST_MAX_RATIO * score_seconds:
+        return None
+    return (
+        f"The guide's density dominates the step: its {inner_steps} inner steps, each "
+        f"running the guide again, took {inner_seconds / score_seconds:.0f}x the score "
+        f"phase ({1e3 * inner_seconds:.0f} ms against {1e3 * score_seconds:.0f} ms) on the "
+        "first update. Fewer inner steps cut the step's cost nearly in proportion "
+        "(e.g. inner_steps=5), at some progress per score call; on a cheap model the "
+        "PPL's SVI may also fit faster per second (docs/guides.md, 'Cost of hand-written "
+        "guides')."
+    )
+
+
 def check_proximal_options(inner_steps: int | None, trust_region: float | None) -> None:
     """Raise a ``ValueError`` naming a bad ``inner_steps`` or ``trust_region``."""
     if inner_steps is not None and int(inner_steps) < 1:

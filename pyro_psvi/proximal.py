@@ -22,6 +22,7 @@ averaged iterate and the engine the last one, from which the next step starts.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -29,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from pyro.optim import PyroOptim
 
-from psvi.checks import caller_stacklevel, check_proximal_options
+from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
 from psvi.objective import (
     ProximalScoreMatching,
     resolve_objective,
@@ -250,6 +251,7 @@ class ProximalScoreVI(ScoreEngine):
         self.curvature_memory = objective.curvature_memory
         self.averages: RunningAverages | None = None
         self._iterate: dict[str, torch.Tensor] | None = None
+        self._time_inner_cost = False  # set up with the guide's density
 
     def _setup(self, args: tuple, kwargs: dict) -> None:
         super()._setup(args, kwargs)
@@ -266,6 +268,8 @@ class ProximalScoreVI(ScoreEngine):
         )
         if self.averages is None:  # else restored by load
             self._start_averages()
+        # Guides without closed-form scores re-run their density at every inner step.
+        self._time_inner_cost = not self.density.closed_form
 
     def _start_averages(self) -> None:
         """Empty curvature statistics (a diagonal guide) and, with iterate averaging, the
@@ -323,17 +327,31 @@ class ProximalScoreVI(ScoreEngine):
                         leaf.copy_(start[name])
                 params_t = self._constrain(start)
             model_leaves = [leaves[name] for name in self._model_param_names]
+            # Timed on a CPU only: elsewhere the clock would need a device sync.
+            timed = self._time_inner_cost and next(iter(start.values())).device.type == "cpu"
+            started = time.perf_counter()
             particles, scored = self.score_particles(params_t, args, kwargs, model_leaves, statistics=True)
+            scored_at = time.perf_counter()
             problem = self.proximal_problem(params_t, particles, scored)
             unread = self.unread_entries(start, particles)
             del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
+            fit_at = time.perf_counter()
             self.inner_fit(problem, leaves)
+            if timed:
+                self._advise_inner_cost(time.perf_counter() - fit_at, scored_at - started)
             self.hold(unread, start, leaves)
             frac = self.pull_back(problem, start, leaves)
             accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
             self.record(accept)
             self._advance_averages(problem.averages, leaves, accept)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
+
+    def _advise_inner_cost(self, inner_seconds: float, score_seconds: float) -> None:
+        """Warn once (first update) when the inner steps dominate the step."""
+        self._time_inner_cost = False
+        advice = inner_cost_advice(self.inner_steps, inner_seconds, score_seconds)
+        if advice:
+            warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
 
     def proximal_problem(
         self, params_t: Params, particles: torch.Tensor, scored: ModelScores
