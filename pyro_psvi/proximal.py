@@ -251,7 +251,7 @@ class ProximalScoreVI(ScoreEngine):
         self.curvature_memory = objective.curvature_memory
         self.averages: RunningAverages | None = None
         self._iterate: dict[str, torch.Tensor] | None = None
-        self._time_inner_cost = False  # set up with the guide's density
+        self._inner_cost_countdown = -1  # updates before the timed one (set up with the guide)
 
     def _setup(self, args: tuple, kwargs: dict) -> None:
         super()._setup(args, kwargs)
@@ -268,8 +268,9 @@ class ProximalScoreVI(ScoreEngine):
         )
         if self.averages is None:  # else restored by load
             self._start_averages()
-        # Guides without closed-form scores re-run their density at every inner step.
-        self._time_inner_cost = not self.density.closed_form
+        # Guides without closed-form scores re-run their density at every inner step:
+        # their second update is timed.
+        self._inner_cost_countdown = -1 if self.density.closed_form else 1
 
     def _start_averages(self) -> None:
         """Empty curvature statistics (a diagonal guide) and, with iterate averaging, the
@@ -328,7 +329,8 @@ class ProximalScoreVI(ScoreEngine):
                 params_t = self._constrain(start)
             model_leaves = [leaves[name] for name in self._model_param_names]
             # Timed on a CPU only: elsewhere the clock would need a device sync.
-            timed = self._time_inner_cost and next(iter(start.values())).device.type == "cpu"
+            timed = self._inner_cost_countdown == 0 and next(iter(start.values())).device.type == "cpu"
+            self._inner_cost_countdown -= 1
             started = time.perf_counter()
             particles, scored = self.score_particles(params_t, args, kwargs, model_leaves, statistics=True)
             scored_at = time.perf_counter()
@@ -347,8 +349,8 @@ class ProximalScoreVI(ScoreEngine):
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
 
     def _advise_inner_cost(self, inner_seconds: float, score_seconds: float) -> None:
-        """Warn once (first update) when the inner steps dominate the step."""
-        self._time_inner_cost = False
+        """Warn once (the second update: the first pays one-off costs) when the inner steps
+        dominate the step."""
         advice = inner_cost_advice(self.inner_steps, inner_seconds, score_seconds)
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
