@@ -833,7 +833,8 @@ class _seeded:
 
     def __init__(self, device: torch.device, seed: int) -> None:
         if device.type == "cuda":
-            self.generator = torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+            index = torch.cuda.current_device() if device.index is None else device.index
+            self.generator = torch.cuda.default_generators[index]
         else:
             self.generator = torch.default_generator
         self.seed = seed
