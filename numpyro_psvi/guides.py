@@ -53,6 +53,7 @@ from psvi.families import (
     GuideFamily,
     SiteClosedForms,
     autoregressive_family_advice,
+    has_closed_form,
     refused,
 )
 
@@ -551,8 +552,8 @@ def site_closed_forms(guide: Callable, args: tuple, kwargs: dict) -> SiteClosedF
     if not _mean_field(guide, args, kwargs, sites):
         return NO_CLOSED_FORMS
     return SiteClosedForms(
-        all(_has_closed_form(lambda fn: site_kl_divergence(fn, fn), site["fn"]) for site in sites.values()),
-        all(_has_closed_form(lambda fn: fn.variance, site["fn"]) for site in sites.values()),
+        all(has_closed_form(lambda fn: site_kl_divergence(fn, fn), site["fn"]) for site in sites.values()),
+        all(has_closed_form(lambda fn: fn.variance, site["fn"]) for site in sites.values()),
     )
 
 
@@ -562,14 +563,6 @@ def site_kl_divergence(p: dist.Distribution, q: dist.Distribution) -> jax.Array:
     if isinstance(p, dist.LogNormal) and isinstance(q, dist.LogNormal):
         return kl_divergence(p.base_dist, q.base_dist)
     return kl_divergence(p, q)
-
-
-def _has_closed_form(fn_of: Callable, fn: dist.Distribution) -> bool:
-    try:
-        fn_of(fn)
-    except NotImplementedError:
-        return False
-    return True
 
 
 def _mean_field(guide: Callable, args: tuple, kwargs: dict, sites: dict[str, dict]) -> bool:

@@ -47,6 +47,16 @@ class SiteClosedForms(NamedTuple):
 NO_CLOSED_FORMS = SiteClosedForms(kl=False, variance=False)
 
 
+def has_closed_form(fn_of: Callable[[Any], Any], fn: Any) -> bool:
+    """Whether ``fn_of(fn)`` exists for the distribution ``fn`` (a PPL raises
+    ``NotImplementedError`` where it has no rule, e.g. no KL or no variance)."""
+    try:
+        fn_of(fn)
+    except NotImplementedError:
+        return False
+    return True
+
+
 class GuideFamily(NamedTuple):
     """One guide family as the engines see it.
 

@@ -44,6 +44,7 @@ from psvi.families import (
     GuideFamily,
     SiteClosedForms,
     autoregressive_family_advice,
+    has_closed_form,
     refused,
 )
 from pyro_psvi._compat import inverse, is_block_autoregressive, param_prefix, tensor_version
@@ -794,10 +795,10 @@ def site_closed_forms(guide: Callable, guide_trace, args: tuple, kwargs: dict) -
                 return NO_CLOSED_FORMS
     return SiteClosedForms(
         all(
-            _fixed_transforms(fn) and _has_closed_form(lambda fn: kl_divergence(fn, fn), fn)
+            _fixed_transforms(fn) and has_closed_form(lambda fn: kl_divergence(fn, fn), fn)
             for fn in fns.values()
         ),
-        all(_has_closed_form(attrgetter("variance"), fn) for fn in fns.values()),
+        all(has_closed_form(attrgetter("variance"), fn) for fn in fns.values()),
     )
 
 
@@ -810,14 +811,6 @@ def _fixed_transforms(fn: torch.distributions.Distribution) -> bool:
     return isinstance(fn, torch.distributions.LogNormal) or not isinstance(
         fn, torch.distributions.TransformedDistribution
     )
-
-
-def _has_closed_form(fn_of: Callable, fn: dist.Distribution) -> bool:
-    try:
-        fn_of(fn)
-    except NotImplementedError:
-        return False
-    return True
 
 
 def _is_identity(transform: Any) -> bool:
