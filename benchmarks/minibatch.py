@@ -16,7 +16,11 @@
    steps, Adam(1e-3), same protocol) for ProximalScoreVI's defaults and ADVI, written
    to benchmarks/results/mnist_minibatch.json (docs/mnist.md keeps the earlier rows).
 
-    python -m benchmarks.minibatch [--quick] [--mnist 20000 60000]
+    python -m benchmarks.minibatch [--quick] [--mnist 20000 60000] [--moves]
+
+6. ``--moves``: the per-update move (K x lr) cut by 5, through the rate or through K, on
+   the regression (3,000 updates, three seeds) and the digits MLP (20,000 score calls)
+   against the defaults and ADVI; benchmarks/results/minibatch_moves.json.
 
 Writes benchmarks/results/minibatch.json; docs/minibatch.md reads it.
 """
@@ -236,11 +240,51 @@ def mnist_rows(sizes: list[int]) -> None:
     print(save("mnist_minibatch", {"model": "mlp", "prior": "standard", "steps": 3000, "results": rows}))
 
 
+# The per-update move: K inner steps of Adam(lr) carry a weight at most ~K * lr.
+MOVES = {"K = 5, Adam(lr) (defaults)": (5, 1.0), "K = 5, Adam(lr / 5)": (5, 0.2), "K = 1, Adam(lr)": (1, 1.0)}
+
+
+def move_fits(num_calls: int, num_steps: int, seeds: int) -> list[dict]:
+    """The regression (worst weight, seeds) and the digits MLP (``num_calls`` score calls)
+    with the per-update move cut by 5 (the optimizer's rate, or K), against the defaults
+    and ADVI, at the user's Adam(1e-2) and Adam(1e-3)."""
+    rows = []
+    model = partial(linear_regression, subsample_size=B)
+    for lr, (label, (inner, factor)) in itertools.product((1e-2, 1e-3), MOVES.items()):
+        errors, ratios = [], []
+        for seed in range(seeds):
+            x, y, mean, sd = regression_data(seed)
+            engine = ProximalScoreVI(
+                model, AutoNormal(model), numpyro.optim.Adam(lr * factor), inner_steps=inner
+            )
+            params = engine.run(jax.random.PRNGKey(seed), num_steps, x, y, progress_bar=False).params
+            loc, scale = (np.asarray(params[f"w_auto_{k}"], np.float64) for k in ("loc", "scale"))
+            errors.append(float(np.max(np.abs(loc - mean) / sd)))
+            ratios.append([float(np.min(scale / sd)), float(np.max(scale / sd))])
+        rows.append({"target": "regression", "lr": lr, "engine": label, "updates": num_steps,
+                     "max mean error (sd)": errors, "sd ratio range": ratios})  # fmt: skip
+        print(rows[-1], flush=True)
+    for lr, (label, (inner, factor)) in itertools.product((1e-2, 1e-3), {**MOVES, "ADVI": (0, 0.0)}.items()):
+        if label == "ADVI":
+            make = partial(make_engine, "advi", lr=lr, num_particles=4)
+        else:
+            make = partial(make_engine, "psvi", lr=lr * factor, num_particles=4, inner_steps=inner)
+        report = digits_fit(lambda model, guide, make=make: make(model, guide), num_calls, 4)
+        rows.append({"target": "digits", "lr": lr, "engine": label, "score_calls": num_calls, **report})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mnist", type=int, nargs="*", help="MNIST training sizes (MLP rows only)")
+    parser.add_argument("--moves", action="store_true", help="only the per-update move study")
     args = parser.parse_args()
+    if args.moves:
+        rows = move_fits(2000 if args.quick else 20000, 300 if args.quick else 3000, 1 if args.quick else 3)
+        print(save("minibatch_moves_quick" if args.quick else "minibatch_moves", {"rows": rows}))
+        return
     if args.mnist:
         mnist_rows(args.mnist)
         return
