@@ -11,6 +11,11 @@ from typing import Any
 
 import jax
 from jax.example_libraries.optimizers import OptimizerState
+
+try:  # a jaxpr's literal constants
+    from jax.extend.core import Literal as JaxprLiteral
+except ImportError:  # JAX before jax.extend.core
+    from jax.core import Literal as JaxprLiteral
 from numpyro.infer.autoguide import AutoBatchedMixin, AutoContinuous, AutoNormal
 from numpyro.infer.util import _unconstrain_reparam
 
@@ -85,3 +90,8 @@ def with_params(optim_state: Any, params: dict[str, jax.Array]) -> Any:
         "user-written guide with local latents needs it (the params its mini-batch does not "
         "read are held). Use a numpyro.optim optimizer or an optax transformation."
     )
+
+
+def is_jaxpr_literal(var: Any) -> bool:
+    """Whether an input of a jaxpr equation is a literal constant (not a variable)."""
+    return isinstance(var, JaxprLiteral)

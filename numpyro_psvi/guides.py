@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
-from jax.extend import core as jax_core
 from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_solve, solve_triangular
 from numpyro.distributions.kl import kl_divergence
@@ -35,6 +34,7 @@ from numpyro_psvi._compat import (
     autonormal_event_dims,
     autonormal_init_locs,
     batched_event_size,
+    is_jaxpr_literal,
     unpack_latent,
 )
 from numpyro_psvi.scores import given_plate_indices, subsampled_plates_of
@@ -532,7 +532,7 @@ def _dependencies(jaxpr: Any) -> list[set[int]]:
     depends: dict[Any, set[int]] = {var: {i} for i, var in enumerate(jaxpr.invars)}
 
     def of(var: Any) -> set[int]:
-        return set() if isinstance(var, jax_core.Literal) else depends.get(var, set())
+        return set() if is_jaxpr_literal(var) else depends.get(var, set())
 
     for eqn in jaxpr.eqns:
         inputs = set().union(*map(of, eqn.invars))

@@ -67,6 +67,16 @@ def n_guide(structured=False):
     numpyro.sample("s", ndist.Gamma(shape * (jnp.exp(a[..., 0]) if structured else 1.0), rate))
 
 
+def n_normal_model():
+    numpyro.sample("a", ndist.Normal(jnp.zeros(3), 1.0).to_event(1))
+
+
+def n_normal_guide():
+    loc = numpyro.param("loc", jnp.array(LOC0))
+    scale = numpyro.param("scale", jnp.array(SCALE0), constraint=nconstraints.positive)
+    numpyro.sample("a", ndist.Normal(loc, scale).to_event(1))
+
+
 def p_density(guide, model, closed_forms, num_kl_draws=256, **kwargs):
     pyro.clear_param_store()
     model_trace = pyro.poutine.trace(model).get_trace()
@@ -143,16 +153,6 @@ def test_site_covariance_weighting_is_the_sites_variance_on_unconstrained_sites(
     r4 = torch.ones(2, 4)
     params = tensors(P_PARAMS0)
     torch.testing.assert_close(closed.cov_quad(params, r4), monte_carlo.cov_quad(params, r4))
-
-
-def n_normal_model():
-    numpyro.sample("a", ndist.Normal(jnp.zeros(3), 1.0).to_event(1))
-
-
-def n_normal_guide():
-    loc = numpyro.param("loc", jnp.array(LOC0))
-    scale = numpyro.param("scale", jnp.array(SCALE0), constraint=nconstraints.positive)
-    numpyro.sample("a", ndist.Normal(loc, scale).to_event(1))
 
 
 def test_lognormal_sites_take_their_normals_kl_in_both_backends_and_other_transforms_do_not():
