@@ -164,6 +164,7 @@ def inner_cost_advice(inner_steps: int, inner_seconds: float, score_seconds: flo
     took more than :data:`INNER_COST_MAX_RATIO` times the score phase, or ``None``."""
     if inner_steps <= 1 or inner_seconds <= INNER_COST_MAX_RATIO * score_seconds:
         return None
+    score_seconds = max(score_seconds, 1e-9)  # a clock's tick
     return (
         f"The guide's density dominates the step: its {inner_steps} inner steps, each "
         f"running the guide again, took {inner_seconds / score_seconds:.0f}x the score "

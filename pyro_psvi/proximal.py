@@ -330,7 +330,7 @@ class ProximalScoreVI(ScoreEngine):
             model_leaves = [leaves[name] for name in self._model_param_names]
             # Timed on a CPU only: elsewhere the clock would need a device sync.
             timed = self._inner_cost_countdown == 0 and next(iter(start.values())).device.type == "cpu"
-            self._inner_cost_countdown -= 1
+            self._inner_cost_countdown = max(self._inner_cost_countdown - 1, -1)
             started = time.perf_counter()
             particles, scored = self.score_particles(params_t, args, kwargs, model_leaves, statistics=True)
             scored_at = time.perf_counter()
