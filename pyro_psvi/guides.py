@@ -434,8 +434,30 @@ def _event_sum(log_det: torch.Tensor, batch_ndim: int) -> torch.Tensor:
     return log_det.reshape(log_det.shape[:batch_ndim] + (-1,)).sum(-1)
 
 
+def _detached_call(fn: Callable[..., Any], params: Params, *extra: Any) -> Any:
+    """``fn`` on ``params`` detached, without a graph."""
+    with torch.no_grad():
+        return fn({k: v.detach() for k, v in params.items()}, *extra)
+
+
+def _cache_by_params(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(params, *extra)`` on detached params, remembering its last result for one
+    params dict whose tensors are unchanged in place and the same ``extra`` (one step's
+    ``params_t`` and seed: the dict is held, so its identity cannot be recycled, and the
+    tensors' versions catch in-place changes)."""
+    memo: dict[str, Any] = {}
+
+    def cached(params: Params, *extra: Any) -> Any:
+        key = (extra, tuple(tensor_version(value) for value in params.values()))
+        if memo.get("params") is not params or memo.get("key") != key:
+            memo.update(params=params, key=key, value=_detached_call(fn, params, *extra))
+        return memo["value"]
+
+    return cached
+
+
 def _monte_carlo_kl_and_cov(
-    draws_with_log_prob: Callable, log_prob: Callable, num_draws: int
+    draws: Callable, draws_with_log_prob: Callable, log_prob: Callable, num_draws: int
 ) -> tuple[Callable, Callable]:
     """``kl`` and ``cov_quad`` of a guide without closed forms.
 
@@ -446,41 +468,34 @@ def _monte_carlo_kl_and_cov(
     zero (the score identity) and makes the estimate's gradient vanish exactly at
     ``params1 = params0``, so the proximal term no longer pulls toward the draws' own
     maximum-likelihood fit. ``cov_quad`` weights by the covariance diagonal of fixed-seed
-    draws. With a seed, the draws (and ``g0``) are computed once per ``(params dict,
-    seed)``: one step's inner iterations share them; the dict is held, so its identity
-    cannot be recycled, and the tensors' versions catch in-place changes.
+    ``draws(params, num, seed)``. With a seed, the draws (and ``g0``) are computed once per
+    ``(params dict, seed)`` (:func:`_cache_by_params`): one step's inner iterations share them.
     """
-    memos: dict[str, dict] = {"kl": {}, "cov": {}}
 
-    def seeded(params, seed, use):
-        memo, key = memos[use], (seed, tuple(tensor_version(v) for v in params.values()))
-        if seed is not None and memo.get("params") is params and memo.get("key") == key:
-            return memo["value"]
-        with torch.no_grad():
-            detached = {k: v.detach() for k, v in params.items()}
-            draws, log_q0 = draws_with_log_prob(detached, num_draws, seed)
-        grads = {}
-        if use == "kl":
-            with torch.enable_grad():
-                leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in params.items()}
-                inputs = [v for v in leaves.values() if v.requires_grad]
-                found = torch.autograd.grad(log_prob(leaves, draws).mean(), inputs, allow_unused=True)
-            names = [k for k, v in leaves.items() if v.requires_grad]
-            grads = {k: g for k, g in zip(names, found, strict=True) if g is not None}
-        value = (draws, log_q0, grads)
-        if seed is not None:
-            memo.update(params=params, key=key, value=value)
-        return value
+    def draws_and_mean_score(params, seed):
+        kl_draws, log_q0 = draws_with_log_prob(params, num_draws, seed)
+        with torch.enable_grad():
+            leaves = {k: v.requires_grad_(v.is_floating_point()) for k, v in params.items()}
+            inputs = [v for v in leaves.values() if v.requires_grad]
+            found = torch.autograd.grad(log_prob(leaves, kl_draws).mean(), inputs, allow_unused=True)
+        names = [k for k, v in leaves.items() if v.requires_grad]
+        return kl_draws, log_q0, {k: g for k, g in zip(names, found, strict=True) if g is not None}
+
+    seeded_kl_terms = _cache_by_params(draws_and_mean_score)
+    seeded_draws = _cache_by_params(lambda params: draws(params, num_draws, 0))
 
     def kl(params0, params1, seed=None):
-        draws, log_q0, grads = seeded(params0, seed, "kl")
+        if seed is None:  # fresh draws
+            kl_draws, log_q0, grads = _detached_call(draws_and_mean_score, params0, None)
+        else:
+            kl_draws, log_q0, grads = seeded_kl_terms(params0, seed)
         correction = sum(
             torch.sum(grad * (params1[name] - params0[name].detach())) for name, grad in grads.items()
         )
-        return torch.mean(log_q0 - log_prob(params1, draws)) + correction
+        return torch.mean(log_q0 - log_prob(params1, kl_draws)) + correction
 
     def cov_quad(params, r):
-        return torch.sum(seeded(params, 0, "cov")[0].var(0) * r**2, dim=-1)
+        return torch.sum(seeded_draws(params).var(0) * r**2, dim=-1)
 
     return kl, cov_quad
 
@@ -542,7 +557,10 @@ def _flow(guide: autoguide.AutoNormalizingFlow, options: DensityOptions) -> Guid
             generator = torch.Generator(params[names[0]].device).manual_seed(int(seed))
         return draws(params, num, generator)
 
-    kl, cov_quad = _monte_carlo_kl_and_cov(draws_with_log_prob, log_prob, options.num_kl_draws)
+    def seeded_draws(params, num, seed):
+        return draws_with_log_prob(params, num, seed)[0]  # its log q is free
+
+    kl, cov_quad = _monte_carlo_kl_and_cov(seeded_draws, draws_with_log_prob, log_prob, options.num_kl_draws)
     return GuideDensity(
         latent_dim=dim, sites=_latent_sites(guide), param_names=names, sample=sample,
         log_prob=log_prob, score=_autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
@@ -726,12 +744,14 @@ def user_guide_density(
     def elbo_log_prob(params, u, weights):
         return log_prob(params, u, plate_scaled=True)
 
-    def draws_with_log_prob(params, num, seed):
+    def seeded_sample(params, num, seed):
         if seed is None:
-            draws = sample(params, num)
-        else:
-            with _seeded(next(iter(params.values())).device, int(seed)):
-                draws = sample(params, num)
+            return sample(params, num)
+        with _seeded(next(iter(params.values())).device, int(seed)):
+            return sample(params, num)
+
+    def draws_with_log_prob(params, num, seed):
+        draws = seeded_sample(params, num, seed)
         return draws, log_prob(params, draws)
 
     def site_distributions(params):
@@ -753,15 +773,15 @@ def user_guide_density(
         )
 
     def site_cov_quad(params, r):
-        variances = []
+        variances, fns = [], cached(params)
         for site in sites:
-            fn, _, _, shape = cached(params)[site.name]
+            fn, _, _, shape = fns[site.name]
             variance = torch.broadcast_to(fn.variance, shape).detach()
             variance = variance.reshape((1,) + variance.shape[variance.dim() - len(site.shape) :])
             variances.append(to_full_size(site, variance).reshape(-1))
         return (torch.cat(variances) * r**2).sum(-1)
 
-    kl, cov_quad = _monte_carlo_kl_and_cov(draws_with_log_prob, log_prob, num_kl_draws)
+    kl, cov_quad = _monte_carlo_kl_and_cov(seeded_sample, draws_with_log_prob, log_prob, num_kl_draws)
     if closed_forms.kl:
         kl = site_kl
     if closed_forms.variance and all(_is_identity(transform) for transform in transforms.values()):
@@ -838,22 +858,6 @@ class _seeded:
 
     def __exit__(self, *exc: object) -> None:
         self.generator.set_state(self.state)
-
-
-def _cache_by_params(fn: Callable[[Params], Any]) -> Callable[[Params], Any]:
-    """``fn`` remembering its last result for one params dict whose tensors are unchanged
-    in place (one step's ``params_t``: the dict is held, so its identity cannot be
-    recycled, and the tensors' versions catch in-place changes)."""
-    memo: dict[str, Any] = {}
-
-    def cached(params: Params) -> Any:
-        key = tuple(tensor_version(value) for value in params.values())
-        if memo.get("params") is not params or memo.get("key") != key:
-            with torch.no_grad():
-                memo.update(params=params, key=key, value=fn({k: v.detach() for k, v in params.items()}))
-        return memo["value"]
-
-    return cached
 
 
 @contextlib.contextmanager
