@@ -50,7 +50,7 @@ from benchmarks.common import make_engine, method_label, phases, save
 from numpyro_psvi.contrib.models import fan_in_prior, mlp_classifier, mlp_init_values
 from psvi.contrib.datasets import load_mnist
 from psvi.contrib.plots import plot_curves, plot_reliability
-from psvi.metrics import classification_report, nll, predictive_probs, reliability_bins
+from psvi.metrics import classification_report, ece, nll, paired_bootstrap, predictive_probs, reliability_bins
 
 DOCS = Path(__file__).parent.parent / "docs"
 HIDDEN = 100
@@ -186,7 +186,22 @@ def _report(
     report = classification_report(sample_probs, y_test)
     bins = reliability_bins(predictive_probs(sample_probs), y_test)
     return {**report, "score_calls": steps * NUM_PARTICLES, "seconds": fit_seconds, "curve": curve,
-            "reliability": {k: np.asarray(v).tolist() for k, v in bins.items()}}  # fmt: skip
+            "reliability": {k: np.asarray(v).tolist() for k, v in bins.items()},
+            "probs": predictive_probs(sample_probs)}  # fmt: skip
+
+
+def against_first(results: list[dict], y_test: np.ndarray) -> None:
+    """Add to each result after the first its NLL and ECE minus the first's, with the
+    paired bootstrap standard error over the test points (``vs_first``), and drop the
+    test probabilities the comparison used."""
+    first = results[0]["probs"]
+    for result in results[1:]:
+        result["vs_first"] = {
+            name: paired_bootstrap(metric, result["probs"], first, y_test)
+            for name, metric in (("nll", nll), ("ece", ece))
+        }
+    for result in results:
+        del result["probs"]
 
 
 def main() -> None:
@@ -210,12 +225,23 @@ def main() -> None:
     prior = "fan_in" if options.model == "cnn" else options.prior
     tag = ("_cnn" if options.model == "cnn" else "_fan_in" if prior == "fan_in" else "") + options.tag
     results = []
+    y_test = np.asarray(load_mnist(num_train=1000, seed=0).y_test)
     for size in sizes:
+        at_size = []
         for method in options.methods:
             out = run_one(method, options.model, prior, size, steps, seed=0, progress=not options.quick)
-            results.append({"method": method, "train_size": size, **out})
+            at_size.append({"method": method, "train_size": size, **out})
             print(f"{options.model} n={size} {method}: accuracy {out['accuracy']:.4f}, NLL {out['nll']:.4f}, "
                   f"ECE {out['ece']:.4f} ({out['seconds']:.0f} s)", flush=True)  # fmt: skip
+        against_first(at_size, y_test)
+        for result in at_size[1:]:
+            print(
+                f"  {result['method']} - {at_size[0]['method']}: "
+                + ", ".join(
+                    f"{name} {diff:+.4f} +- {se:.4f}" for name, (diff, se) in result["vs_first"].items()
+                )
+            )
+        results.extend(at_size)
     name = f"mnist{tag}_quick" if options.quick else f"mnist{tag}"
     path = save(name, {"model": options.model, "prior": prior, "hidden": HIDDEN, "batch": BATCH,
                        "num_particles": NUM_PARTICLES, "learning_rate": LEARNING_RATE, "steps": steps,

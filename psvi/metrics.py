@@ -1,8 +1,11 @@
 """Evaluation metrics (NumPy only): Gaussian KL; classification NLL, accuracy, ECE,
-reliability bins, Brier score; regression RMSE and test log-likelihood; CRPS,
-interval coverage and width for forecasts (CRPS via ``scoringrules``)."""
+reliability bins, Brier score, paired bootstrap differences; regression RMSE and test
+log-likelihood; CRPS, interval coverage and width for forecasts (CRPS via
+``scoringrules``)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -125,6 +128,27 @@ def forecast_report(point: np.ndarray, samples: np.ndarray, targets: np.ndarray)
         "coverage_90": interval_coverage(samples, targets, 0.9),
         "width_90": interval_width(samples, 0.9),
     }
+
+
+def paired_bootstrap(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    labels: np.ndarray,
+    num_resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """``metric(probs_a) - metric(probs_b)`` on the test points and its bootstrap standard
+    error: the points resampled with replacement, the same resample for both (paired), so
+    the error is the test set's sampling noise of the difference (not the fits' own
+    seed-to-seed variation)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(num_resamples):
+        picked = rng.integers(0, len(labels), len(labels))
+        differences.append(metric(probs_a[picked], labels[picked]) - metric(probs_b[picked], labels[picked]))
+    return metric(probs_a, labels) - metric(probs_b, labels), float(np.std(differences, ddof=1))
 
 
 def classification_report(sample_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
