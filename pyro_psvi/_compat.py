@@ -14,10 +14,12 @@ from pyro.optim import PyroOptim
 from pyro.optim.optim import _get_state_dict, _load_state_dict
 from pyro.poutine.subsample_messenger import _Subsample as Subsample
 from torch.distributions import Transform
+from torch.optim.adam import adam as functional_adam
 
 __all__ = [
     "Subsample",
     "forget_optimizers",
+    "grouped_optimizer_step",
     "inverse",
     "is_block_autoregressive",
     "load_optimizer_states",
@@ -73,6 +75,59 @@ def load_optimizer_states(optim: PyroOptim, params: dict[str, torch.Tensor], sta
         optimizer = optim.optim_objs[param] = optim._get_optim(param)
         optim.grad_clip[param] = optim._get_grad_clip(param)
         _load_state_dict(optimizer, state)
+
+
+def grouped_optimizer_step(optim: PyroOptim, params: list[torch.Tensor]) -> None:
+    """``optim(params)``, with the params whose torch optimizer is a plain
+    ``torch.optim.Adam`` stepped together: one multi-tensor (``foreach``) call of torch's
+    functional Adam per set of hyperparameters, instead of one ``Adam.step`` per param,
+    whose Python overhead is most of a small network's inner step. Such a param needs a
+    started state (after its first step), a gradient, a real dtype, no gradient clipping
+    and none of Adam's ``capturable``, ``differentiable`` or ``fused`` options; the
+    others, and every optimizer other than ``PyroOptim``'s Adam (schedulers included),
+    take ``optim``'s own step. Optimizer step hooks are not run for the grouped params."""
+    groups: dict[tuple, list[tuple[torch.Tensor, dict]]] = {}
+    rest = []
+    for param in params:
+        adam = optim.optim_objs.get(param) if type(optim) is PyroOptim else None
+        state = adam.state.get(param) if type(adam) is torch.optim.Adam else None
+        group = adam.param_groups[0] if state else None
+        if (
+            not state
+            or param.grad is None
+            or param.grad.is_sparse
+            or torch.is_complex(param)
+            or optim.grad_clip.get(param) is not None
+            or group["capturable"]
+            or group["differentiable"]
+            or group["fused"]
+        ):
+            rest.append(param)
+            continue
+        settings = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+        key = (*(group.get(name) for name in settings), param.device, param.dtype)
+        groups.setdefault(key, []).append((param, state))
+    if rest:
+        optim(rest)
+    for (lr, (beta1, beta2), eps, weight_decay, amsgrad, maximize, decoupled, *_), members in groups.items():
+        with torch.no_grad():
+            functional_adam(
+                [param for param, _ in members],
+                [param.grad for param, _ in members],
+                [state["exp_avg"] for _, state in members],
+                [state["exp_avg_sq"] for _, state in members],
+                [state["max_exp_avg_sq"] for _, state in members] if amsgrad else [],
+                [state["step"] for _, state in members],
+                foreach=True,
+                decoupled_weight_decay=bool(decoupled),
+                amsgrad=amsgrad,
+                beta1=beta1,
+                beta2=beta2,
+                lr=lr,
+                weight_decay=weight_decay,
+                eps=eps,
+                maximize=maximize,
+            )
 
 
 def is_block_autoregressive(guide: autoguide.AutoNormalizingFlow) -> bool:

@@ -39,7 +39,7 @@ from psvi.objective import (
     trust_region_scale,
 )
 from psvi.schedules import iterate_average_rate
-from pyro_psvi._compat import torch_optimizer
+from pyro_psvi._compat import grouped_optimizer_step, torch_optimizer
 from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.guides import Params
 from pyro_psvi.objective import (
@@ -472,7 +472,7 @@ class ProximalScoreVI(ScoreEngine):
                 leaf.grad = torch.where(finite, grad, torch.zeros_like(grad))
             for leaf, grad in zip(model_leaves, problem.param_grads, strict=True):
                 leaf.grad = torch.where(problem.scores_ok, -grad, torch.zeros_like(grad))
-            self.optim(leaf_list)
+            grouped_optimizer_step(self.optim, leaf_list)
             for leaf in leaf_list:
                 leaf.grad = None
 
