@@ -198,28 +198,52 @@ def split_diagonal_objective(
     of :func:`proximal_objective` wherever the averaged curvature is positive; elsewhere
     the spread term holds ``p`` at ``p_t``.
     """
-    loc, scale = density.loc_scale(params)
+    problem = split_diagonal_problem(
+        density, params_t, stats, curvature, prox_weight=prox_weight, weighting=weighting, weights=weights
+    )
+    return problem(params)
+
+
+def split_diagonal_problem(
+    density: GuideDensity,
+    params_t: Params,
+    stats: FisherStatistics,
+    curvature: CurvatureStatistics,
+    *,
+    prox_weight: float,
+    weighting: str,
+    weights: torch.Tensor | None = None,
+) -> Callable[[Params], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """:func:`split_diagonal_objective` as a function of ``params``, with what depends
+    only on ``q_t`` and the step's statistics computed once for the K inner steps."""
     loc_t, scale_t = density.loc_scale(params_t)
-    precision = scale.pow(-2)
-    held = precision.detach()
-    ratio = (scale_t / scale) ** 2  # p / p_t
+    variance_t = scale_t**2
     # The target p* / p_t of the precision; where the averaged curvature is not positive
     # (noise, or a non-concave direction such as a ReLU kink) it says nothing, and the
     # precision stays where the proximal term holds it (docs/minibatch.md, section 7).
     informative = (curvature.spread > 0) & (curvature.cross > 0)
     slope = curvature.cross / torch.where(informative, curvature.spread, 1.0)
-    target = torch.where(informative, slope * scale_t**2, 1.0)
-    spread = curvature.spread / stats.count * (ratio - target) ** 2 / scale_t**2
-    delta = loc - loc_t
-    mean_residual = (delta - stats.offset / stats.count) * held - stats.score / stats.count
-    per_coordinate = spread + mean_residual**2
-    if weighting == "covariance":
-        per_coordinate = per_coordinate * scale_t**2
-    if weights is not None:
-        per_coordinate = per_coordinate * weights
-    fisher = per_coordinate.sum()
-    kl = 0.5 * (ratio - 1.0 - ratio.log() + held * delta**2).sum()
-    return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
+    target = torch.where(informative, slope * variance_t, 1.0)
+    spread_weight = curvature.spread / stats.count
+    offset_mean, score_mean = stats.offset / stats.count, stats.score / stats.count
+
+    def objective(params: Params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loc, scale = density.loc_scale(params)
+        held = scale.pow(-2).detach()
+        ratio = (scale_t / scale) ** 2  # p / p_t
+        spread = spread_weight * (ratio - target) ** 2 / variance_t
+        delta = loc - loc_t
+        mean_residual = (delta - offset_mean) * held - score_mean
+        per_coordinate = spread + mean_residual**2
+        if weighting == "covariance":
+            per_coordinate = per_coordinate * variance_t
+        if weights is not None:
+            per_coordinate = per_coordinate * weights
+        fisher = per_coordinate.sum()
+        kl = 0.5 * (ratio - 1.0 - ratio.log() + held * delta**2).sum()
+        return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
+
+    return objective
 
 
 def split_full_objective(

@@ -49,7 +49,7 @@ from pyro_psvi.objective import (
     fisher_statistics,
     negative_elbo,
     proximal_objective,
-    split_diagonal_objective,
+    split_diagonal_problem,
     split_full_objective,
     trust_region_fraction,
     weighted_fisher,
@@ -392,6 +392,8 @@ class ProximalScoreVI(ScoreEngine):
         # Monte Carlo KLs (flow and user guides) use common random numbers within the step.
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
         options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
+        if stats is not None:
+            split_diagonal = split_diagonal_problem(density, params_t, stats, averages.curvature, **options)
 
         def objective(params: Params) -> torch.Tensor:
             if stats is None and self.split_covariance:
@@ -403,8 +405,7 @@ class ProximalScoreVI(ScoreEngine):
                 return proximal_objective(
                     density, params, params_t, particles, scores, kl_seed=kl_seed, **options
                 )[0]
-            curvature = averages.curvature
-            return split_diagonal_objective(density, params, params_t, stats, curvature, **options)[0]
+            return split_diagonal(params)[0]
 
         return ProximalProblem(
             objective, params_t, loss, fisher, scored.param_grads, scores_ok, scored.active_dim, kl_seed,
@@ -466,12 +467,15 @@ class ProximalScoreVI(ScoreEngine):
         for _ in range(self.inner_steps):
             objective = problem.objective(self._constrain(leaves))
             grads = torch.autograd.grad(objective, guide_leaves)
-            # A non-finite objective must not reach the optimizer's moments: zero it.
+            # A non-finite objective must not reach the optimizer's moments: zero it (read
+            # at once on a CPU, where that is free; elsewhere without waiting for the device).
             finite = torch.isfinite(objective)
+            if objective.device.type != "cpu" or not finite:
+                grads = [torch.where(finite, grad, 0.0) for grad in grads]
             for leaf, grad in zip(guide_leaves, grads, strict=True):
-                leaf.grad = torch.where(finite, grad, torch.zeros_like(grad))
+                leaf.grad = grad
             for leaf, grad in zip(model_leaves, problem.param_grads, strict=True):
-                leaf.grad = torch.where(problem.scores_ok, -grad, torch.zeros_like(grad))
+                leaf.grad = torch.where(problem.scores_ok, -grad, 0.0)
             grouped_optimizer_step(self.optim, leaf_list)
             for leaf in leaf_list:
                 leaf.grad = None
