@@ -17,7 +17,7 @@ inner steps cost ``O(D)`` instead of ``O(S D)`` plus an autograd pass over ``(S,
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -179,13 +179,11 @@ def split_diagonal_objective(
     params_t: Params,
     stats: FisherStatistics,
     curvature: CurvatureStatistics,
-    *,
-    prox_weight: float,
-    weighting: str,
-    weights: torch.Tensor | None = None,
+    **options: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The split proximal objective of a diagonal Gaussian guide (docs/algorithm.md);
-    ``params_t`` detached.
+    ``params_t`` detached; ``options``: ``prox_weight``, ``weighting`` and ``weights``
+    of :func:`split_diagonal_problem`, which builds it once for the K inner steps.
 
     The Fisher term ``(1/S) sum_s r_s^2`` is the residuals' spread around their mean
     plus the mean residual squared. The spread depends on the precision ``p`` alone:
@@ -198,10 +196,7 @@ def split_diagonal_objective(
     of :func:`proximal_objective` wherever the averaged curvature is positive; elsewhere
     the spread term holds ``p`` at ``p_t``.
     """
-    problem = split_diagonal_problem(
-        density, params_t, stats, curvature, prox_weight=prox_weight, weighting=weighting, weights=weights
-    )
-    return problem(params)
+    return split_diagonal_problem(density, params_t, stats, curvature, **options)(params)
 
 
 def split_diagonal_problem(
