@@ -77,7 +77,9 @@ def fit_pyro(
 ):
     """Fit one method with Pyro; returns ``(predict, noise, seconds)``: ``predict(x)``
     gives each of ``num_draws`` guide draws' forecast means ``(M, n, H, C)`` and ``noise``
-    their noise scales ``(M, C)``."""
+    their noise scales ``(M, C)``. Torch on one thread (the protocol's; two runs side by
+    side with torch's default threads each oversubscribe the cores, up to 100x slower)."""
+    torch.set_num_threads(1)
     x, y = train
     net = make_net(model_name, horizon, x, seed)
     init = {name: p.detach().clone() for name, p in net.named_parameters()}
