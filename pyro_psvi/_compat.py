@@ -98,9 +98,9 @@ def grouped_optimizer_step(optim: PyroOptim, params: list[torch.Tensor]) -> None
             or param.grad.is_sparse
             or torch.is_complex(param)
             or optim.grad_clip.get(param) is not None
-            or group["capturable"]
-            or group["differentiable"]
-            or group["fused"]
+            or group.get("capturable")
+            or group.get("differentiable")
+            or group.get("fused")
         ):
             rest.append(param)
             continue
@@ -119,7 +119,8 @@ def grouped_optimizer_step(optim: PyroOptim, params: list[torch.Tensor]) -> None
                 [state["max_exp_avg_sq"] for _, state in members] if amsgrad else [],
                 [state["step"] for _, state in members],
                 foreach=True,
-                decoupled_weight_decay=bool(decoupled),
+                # Only where set: older torch releases have neither the argument nor the setting.
+                **({"decoupled_weight_decay": True} if decoupled else {}),
                 amsgrad=amsgrad,
                 beta1=beta1,
                 beta2=beta2,

@@ -29,9 +29,12 @@ def _run(make_optim, step, num_steps: int = 6) -> list[torch.Tensor]:
 
 
 def per_param(name: str) -> dict:
-    # Different settings per param: two groups, one with amsgrad and weight decay.
+    # Different settings per param: three groups, with amsgrad and weight decay, with
+    # decoupled weight decay (AdamW's), and plain.
     if name in ("a", "c"):
         return {"lr": 0.05, "betas": (0.8, 0.99), "amsgrad": True, "weight_decay": 0.1}
+    if name == "b":
+        return {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}
     return {"lr": 0.01}
 
 
