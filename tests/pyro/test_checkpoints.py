@@ -222,16 +222,16 @@ def test_an_interrupt_inside_a_step_leaves_the_last_completed_step(tmp_path, ave
         for name, state in optim.get_state().items()
     }
     calls = []
-    original = type(optim).__call__
+    original = pyro_psvi.proximal.grouped_optimizer_step
 
-    def interrupted(self, params, *args, **kwargs):
+    def interrupted(optim, params):
         calls.append(1)
-        if len(calls) == 3:  # the third of the K inner steps
+        if len(calls) == 3:  # the third of the K inner steps' optimizer steps
             raise KeyboardInterrupt
-        return original(self, params, *args, **kwargs)
+        return original(optim, params)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(type(optim), "__call__", interrupted)
+        patch.setattr(pyro_psvi.proximal, "grouped_optimizer_step", interrupted)
         with pytest.raises(KeyboardInterrupt):
             svi.step(x, y)
     for name, value in _store().items():
