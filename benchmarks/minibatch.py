@@ -233,8 +233,8 @@ def mnist_rows(sizes: list[int]) -> None:
     for size in sizes:
         for method in ("psvi", "advi"):
             out = run_one(method, "mlp", "standard", size, 3000, seed=0, progress=False)
-            out.pop("curve", None)
-            out.pop("reliability", None)
+            for bulky in ("curve", "reliability", "probs"):
+                out.pop(bulky, None)
             rows.append({"method": method, "train_size": size, **out})
             print(rows[-1], flush=True)
     print(save("mnist_minibatch", {"model": "mlp", "prior": "standard", "steps": 3000, "results": rows}))
