@@ -57,6 +57,14 @@ METHOD_LABELS = {
 }
 
 
+def guide_summary(losses: list[float], scales: np.ndarray) -> dict:
+    """What the BNN benchmarks record of a returned guide: its ELBO (the mean of ``-loss``
+    over seeded mini-batches) with the standard error of that mean, and the 10/50/90%
+    quantiles of its sds."""
+    return {"elbo": -float(np.mean(losses)), "elbo_se": float(np.std(losses) / np.sqrt(len(losses))),
+            "sd_quantiles": np.quantile(scales, [0.1, 0.5, 0.9]).tolist()}  # fmt: skip
+
+
 def method_label(method: str) -> str:
     """``psvi`` -> ProximalScoreVI, ``psvi_K5`` -> ProximalScoreVI (K=5), ``advi`` -> ADVI, ..."""
     base, _, inner = method.partition("_K")

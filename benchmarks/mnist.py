@@ -50,7 +50,7 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_value
 from tqdm import tqdm
 
-from benchmarks.common import make_engine, method_label, phases, save
+from benchmarks.common import guide_summary, make_engine, method_label, phases, save
 from numpyro_psvi.contrib.models import fan_in_prior, mlp_classifier, mlp_init_values
 from psvi.contrib.datasets import load_mnist
 from psvi.contrib.plots import plot_curves, plot_reliability
@@ -184,9 +184,7 @@ def run_one(
     elbo = jax.jit(lambda key: Trace_ELBO(num_particles=NUM_PARTICLES).loss(key, params, model, guide, x, y))
     losses = [float(elbo(jax.random.PRNGKey(1000 + i))) for i in range(50)]
     scales = np.concatenate([np.ravel(v) for k, v in params.items() if k.endswith("_auto_scale")])
-    return {**_report(sample_probs, y_test, steps, fit_seconds, curve),
-            "elbo": -float(np.mean(losses)), "elbo_se": float(np.std(losses) / np.sqrt(len(losses))),
-            "sd_quantiles": np.quantile(scales, [0.1, 0.5, 0.9]).tolist()}  # fmt: skip
+    return {**_report(sample_probs, y_test, steps, fit_seconds, curve), **guide_summary(losses, scales)}
 
 
 def _report(

@@ -271,6 +271,7 @@ def mnist_fit(
     from pyro.infer.autoguide import AutoNormal, init_to_value
     from tqdm import tqdm
 
+    from benchmarks.common import guide_summary
     from psvi.contrib.datasets import load_mnist
     from psvi.metrics import classification_report, nll, predictive_probs
     from pyro_psvi import ProximalScoreVI
@@ -330,8 +331,7 @@ def mnist_fit(
     scales = pyro.param("AutoNormal.scales.weights").detach().numpy()
     return {"method": method, **report, "test_error": 1 - report["accuracy"], "score_calls": steps * 4,
             "seconds": fit_seconds, "curve": curve, "num_rejected": rejected,
-            "elbo": -float(np.mean(losses)), "elbo_se": float(np.std(losses) / np.sqrt(len(losses))),
-            "sd_quantiles": np.quantile(scales, [0.1, 0.5, 0.9]).tolist()}  # fmt: skip
+            **guide_summary(losses, scales)}  # fmt: skip
 
 
 def main() -> None:
