@@ -6,7 +6,8 @@ renames one of these breaks only this module.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from typing import Any
 
 import torch
 from pyro.infer import autoguide
@@ -14,12 +15,11 @@ from pyro.optim import PyroOptim
 from pyro.optim.optim import _get_state_dict, _load_state_dict
 from pyro.poutine.subsample_messenger import _Subsample as Subsample
 from torch.distributions import Transform
-from torch.optim.adam import adam as functional_adam
 
 __all__ = [
+    "FlatAdamSteps",
     "Subsample",
     "forget_optimizers",
-    "grouped_optimizer_step",
     "inverse",
     "is_block_autoregressive",
     "load_optimizer_states",
@@ -77,58 +77,141 @@ def load_optimizer_states(optim: PyroOptim, params: dict[str, torch.Tensor], sta
         _load_state_dict(optimizer, state)
 
 
-def grouped_optimizer_step(optim: PyroOptim, params: list[torch.Tensor]) -> None:
-    """``optim(params)``, with the params whose torch optimizer is a plain
-    ``torch.optim.Adam`` stepped together: one multi-tensor (``foreach``) call of torch's
-    functional Adam per set of hyperparameters, instead of one ``Adam.step`` per param,
-    whose Python overhead is most of a small network's inner step. Such a param needs a
-    started state (after its first step), a gradient, a real dtype, no gradient clipping
-    and none of Adam's ``capturable``, ``differentiable`` or ``fused`` options; the
-    others, and every optimizer other than ``PyroOptim``'s Adam (schedulers included),
-    take ``optim``'s own step. Optimizer step hooks are not run for the grouped params."""
-    groups: dict[tuple, list[tuple[torch.Tensor, dict]]] = {}
-    rest = []
-    for param in params:
-        adam = optim.optim_objs.get(param) if type(optim) is PyroOptim else None
-        state = adam.state.get(param) if type(adam) is torch.optim.Adam else None
-        group = adam.param_groups[0] if state else None
-        if (
-            not state
-            or param.grad is None
-            or param.grad.is_sparse
-            or torch.is_complex(param)
-            or optim.grad_clip.get(param) is not None
-            or group.get("capturable")
-            or group.get("differentiable")
-            or group.get("fused")
-        ):
-            rest.append(param)
-            continue
-        settings = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
-        key = (*(group.get(name) for name in settings), param.device, param.dtype)
-        groups.setdefault(key, []).append((param, state))
-    if rest:
-        optim(rest)
-    for (lr, (beta1, beta2), eps, weight_decay, amsgrad, maximize, decoupled, *_), members in groups.items():
+_ADAM_SETTINGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+
+
+class _FlatAdamGroup:
+    """Params sharing one plain ``torch.optim.Adam`` setting and step count, with their
+    values and Adam moments concatenated into flat tensors (one op per Adam stage)."""
+
+    def __init__(self, settings: dict, members: list[tuple[torch.Tensor, dict]], in_place: list[int]) -> None:
+        self.settings = settings
+        self.params = [param for param, _ in members]
+        self.states = [state for _, state in members]
+        self.in_place = in_place
+        keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if settings["amsgrad"] else [])
         with torch.no_grad():
-            functional_adam(
-                [param for param, _ in members],
-                [param.grad for param, _ in members],
-                [state["exp_avg"] for _, state in members],
-                [state["exp_avg_sq"] for _, state in members],
-                [state["max_exp_avg_sq"] for _, state in members] if amsgrad else [],
-                [state["step"] for _, state in members],
-                foreach=True,
-                # Only where set: older torch releases have neither the argument nor the setting.
-                **({"decoupled_weight_decay": True} if decoupled else {}),
-                amsgrad=amsgrad,
-                beta1=beta1,
-                beta2=beta2,
-                lr=lr,
-                weight_decay=weight_decay,
-                eps=eps,
-                maximize=maximize,
+            self.flat = {"param": torch.cat([param.detach().reshape(-1) for param in self.params])}
+            self.flat.update({key: torch.cat([s[key].reshape(-1) for s in self.states]) for key in keys})
+            self.step_count = self.states[0]["step"].clone()
+        sizes = [param.numel() for param in self.params]
+        self.views = {
+            key: [part.view(param.shape) for part, param in zip(flat.split(sizes), self.params, strict=True)]
+            for key, flat in self.flat.items()
+        }
+        for view in self.views["param"]:
+            view.requires_grad_(True)
+
+    def step(self, grads: list[torch.Tensor]) -> None:
+        """torch's Adam (``_single_tensor_adam``'s and ``_multi_tensor_adam``'s
+        arithmetic, op for op) on the flat tensors."""
+        lr, (beta1, beta2), eps, weight_decay, amsgrad, maximize, decoupled = (
+            self.settings[name] for name in _ADAM_SETTINGS
+        )
+        flat = self.flat
+        with torch.no_grad():
+            grad = torch.cat([grad.reshape(-1) for grad in grads])
+            if maximize:
+                grad = -grad
+            self.step_count.add_(1.0)
+            if weight_decay != 0:
+                if decoupled:
+                    flat["param"].mul_(1 - lr * weight_decay)
+                else:
+                    grad = grad.add(flat["param"], alpha=weight_decay)
+            flat["exp_avg"].lerp_(grad, 1 - beta1)
+            flat["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step = self.step_count.item()
+            second = flat["exp_avg_sq"]
+            if amsgrad:
+                second = torch.maximum(flat["max_exp_avg_sq"], second, out=flat["max_exp_avg_sq"])
+            denom = second.sqrt().div_((1 - beta2**step) ** 0.5).add_(eps)
+            flat["param"].addcdiv_(flat["exp_avg"], denom, value=(lr / (1 - beta1**step)) * -1)
+            if self.in_place:
+                torch._foreach_copy_([self.params[j] for j in self.in_place],
+                                     [self.views["param"][j] for j in self.in_place])  # fmt: skip
+
+    def write_back(self) -> None:
+        """Copy the flat values and moments into the params and their Adam states."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.views["param"])
+            for key, views in self.views.items():
+                if key != "param":
+                    torch._foreach_copy_([state[key] for state in self.states], views)
+            for state in self.states:
+                state["step"].copy_(self.step_count)
+
+
+class FlatAdamSteps:
+    """Repeated steps of ``optim`` on ``params``, those whose torch optimizer is a plain,
+    started ``torch.optim.Adam`` (a real dense param, no clipping, none of ``capturable``,
+    ``differentiable`` or ``fused``) stepped on flat copies: one op per Adam stage for
+    each set of settings and step count, where ``PyroOptim`` makes one Python-level
+    ``Adam.step`` per param. The others (first steps, clipped params, other optimizers,
+    schedulers) take ``optim``'s own step, in place. Bit-identical to ``optim``'s steps.
+
+    Read and differentiate :attr:`values` (views of the flat copies, or the params
+    themselves), give :meth:`step` their gradients, and leave the ``with`` block to copy
+    the flat values and moments back into the params and ``optim``'s states; an exception
+    inside it skips the copy. The flat params at the positions ``in_place`` (read where
+    they are, e.g. a ``pyro.module``'s own parameters) are copied back at every step.
+    Optimizer step hooks do not run for flat params.
+    """
+
+    def __init__(self, optim: PyroOptim, params: list[torch.Tensor], in_place: Collection[int] = ()) -> None:
+        members: dict[tuple, list[tuple[torch.Tensor, dict]]] = {}
+        self.values = list(params)
+        self._rest: list[int] = []
+        for i, param in enumerate(params):
+            adam = optim.optim_objs.get(param) if type(optim) is PyroOptim else None
+            state = adam.state.get(param) if type(adam) is torch.optim.Adam else None
+            settings = adam.param_groups[0] if state else None
+            if (
+                not state
+                or param.is_sparse
+                or torch.is_complex(param)
+                or optim.grad_clip.get(param) is not None
+                or any(settings.get(name) for name in ("capturable", "differentiable", "fused"))
+            ):
+                self._rest.append(i)
+                continue
+            key = (*(settings.get(name) for name in _ADAM_SETTINGS), param.device, param.dtype,
+                   state["step"].item())  # fmt: skip
+            members.setdefault(key, []).append((i, param, state))
+        self._groups = []
+        for key, group in members.items():
+            positions = [i for i, _, _ in group]
+            flat = _FlatAdamGroup(
+                dict(zip(_ADAM_SETTINGS, key, strict=False)),
+                [(param, state) for _, param, state in group],
+                [j for j, i in enumerate(positions) if i in in_place],
             )
+            for i, view in zip(positions, flat.views["param"], strict=True):
+                if i not in in_place:
+                    self.values[i] = view
+            self._groups.append((positions, flat))
+        self._optim = optim
+        self._params = params
+
+    def step(self, grads: list[torch.Tensor]) -> None:
+        """One step with ``grads``, aligned with :attr:`values`."""
+        for positions, flat in self._groups:
+            flat.step([grads[i] for i in positions])
+        if self._rest:
+            rest = [self._params[i] for i in self._rest]
+            for i, param in zip(self._rest, rest, strict=True):
+                param.grad = grads[i]
+            self._optim(rest)
+            for param in rest:
+                param.grad = None
+
+    def __enter__(self) -> FlatAdamSteps:
+        return self
+
+    def __exit__(self, error_type: type | None, *_: Any) -> None:
+        if error_type is None:
+            for _, flat in self._groups:
+                flat.write_back()
 
 
 def is_block_autoregressive(guide: autoguide.AutoNormalizingFlow) -> bool:

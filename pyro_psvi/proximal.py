@@ -39,7 +39,7 @@ from psvi.objective import (
     trust_region_scale,
 )
 from psvi.schedules import iterate_average_rate
-from pyro_psvi._compat import grouped_optimizer_step, torch_optimizer
+from pyro_psvi._compat import FlatAdamSteps, torch_optimizer
 from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.guides import Params
 from pyro_psvi.objective import (
@@ -461,24 +461,25 @@ class ProximalScoreVI(ScoreEngine):
         """``K`` steps of the user's Pyro optimizer on the problem, in place on the
         param-store tensors. Model params ascend the expected log joint, linearized at
         ``theta_t``: their gradient is the particles' mean gradient (no score calls)."""
-        guide_leaves = [leaves[name] for name in self.density.param_names]
-        model_leaves = [leaves[name] for name in self._model_param_names]
-        leaf_list = list(leaves.values())
-        for _ in range(self.inner_steps):
-            objective = problem.objective(self._constrain(leaves))
-            grads = torch.autograd.grad(objective, guide_leaves)
-            # A non-finite objective must not reach the optimizer's moments: zero it (read
-            # at once on a CPU, where that is free; elsewhere without waiting for the device).
-            finite = torch.isfinite(objective)
-            if objective.device.type != "cpu" or not finite:
-                grads = [torch.where(finite, grad, 0.0) for grad in grads]
-            for leaf, grad in zip(guide_leaves, grads, strict=True):
-                leaf.grad = grad
-            for leaf, grad in zip(model_leaves, problem.param_grads, strict=True):
-                leaf.grad = torch.where(problem.scores_ok, -grad, 0.0)
-            grouped_optimizer_step(self.optim, leaf_list)
-            for leaf in leaf_list:
-                leaf.grad = None
+        names = list(leaves)
+        guide_positions = [names.index(name) for name in self.density.param_names]
+        grads: list[torch.Tensor | None] = [None] * len(names)
+        for name, grad in zip(self._model_param_names, problem.param_grads, strict=True):
+            grads[names.index(name)] = torch.where(problem.scores_ok, -grad, 0.0)
+        # pyro.module's parameters are read by the module's forward where they are.
+        in_place = [names.index(name) for name in self.density.module_param_names]
+        with FlatAdamSteps(self.optim, list(leaves.values()), in_place) as steps:
+            for _ in range(self.inner_steps):
+                objective = problem.objective(self._constrain(dict(zip(names, steps.values, strict=True))))
+                guide_grads = torch.autograd.grad(objective, [steps.values[i] for i in guide_positions])
+                # A non-finite objective must not reach the optimizer's moments: zero it (read
+                # at once on a CPU, where that is free; elsewhere without waiting for the device).
+                finite = torch.isfinite(objective)
+                if objective.device.type != "cpu" or not finite:
+                    guide_grads = [torch.where(finite, grad, 0.0) for grad in guide_grads]
+                for i, grad in zip(guide_positions, guide_grads, strict=True):
+                    grads[i] = grad
+                steps.step(grads)
 
     def unread_entries(
         self, start: dict[str, torch.Tensor], particles: torch.Tensor

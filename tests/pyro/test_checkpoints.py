@@ -208,8 +208,32 @@ def test_the_same_guide_after_svi_does_not_warn():
 
 
 # ------------------------------------------------------------------- interrupts
+def _interrupt_third_inner_step(patch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = pyro_psvi._compat.FlatAdamSteps.step
+
+    def interrupted(self, grads):
+        calls.append(1)
+        if len(calls) == 3:  # the third of the K inner steps' optimizer steps
+            raise KeyboardInterrupt
+        return original(self, grads)
+
+    patch.setattr(pyro_psvi._compat.FlatAdamSteps, "step", interrupted)
+
+
+def _interrupt_write_back(patch: pytest.MonkeyPatch) -> None:
+    # Between the params' copy and the moments': the store holds the step's values.
+    def interrupted(self):
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.views["param"])
+        raise KeyboardInterrupt
+
+    patch.setattr(pyro_psvi._compat._FlatAdamGroup, "write_back", interrupted)
+
+
+@pytest.mark.parametrize("interrupt", [_interrupt_third_inner_step, _interrupt_write_back])
 @pytest.mark.parametrize("average_iterates", [True, False])
-def test_an_interrupt_inside_a_step_leaves_the_last_completed_step(tmp_path, average_iterates):
+def test_an_interrupt_inside_a_step_leaves_the_last_completed_step(tmp_path, average_iterates, interrupt):
     x, y = _data()
     optim = pyro.optim.Adam({"lr": 1e-2})
     svi = _engine(optim=optim, average_iterates=average_iterates)
@@ -221,17 +245,8 @@ def test_an_interrupt_inside_a_step_leaves_the_last_completed_step(tmp_path, ave
         name: {k: v.clone() for k, v in state["state"][0].items()}
         for name, state in optim.get_state().items()
     }
-    calls = []
-    original = pyro_psvi.proximal.grouped_optimizer_step
-
-    def interrupted(optim, params):
-        calls.append(1)
-        if len(calls) == 3:  # the third of the K inner steps' optimizer steps
-            raise KeyboardInterrupt
-        return original(optim, params)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pyro_psvi.proximal, "grouped_optimizer_step", interrupted)
+        interrupt(patch)
         with pytest.raises(KeyboardInterrupt):
             svi.step(x, y)
     for name, value in _store().items():
