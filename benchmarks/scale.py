@@ -49,6 +49,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -127,18 +128,47 @@ def flax_resnet_gn(width: int, blocks: tuple[int, ...] = (2, 2, 2, 2), num_class
     return ResNetGN()
 
 
+def numpyro_resnet_model(net) -> Callable:
+    """The Bayesian Flax ResNet classifier (``random_flax_module``, ``fan_in_prior()``, one
+    site per parameter tensor) with a plate subsampling mini-batches of ``BATCH``."""
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.contrib.module import random_flax_module
+
+    from numpyro_psvi.contrib.models import fan_in_prior
+
+    def model(x, y=None):
+        forward = random_flax_module("net", net, fan_in_prior(), input_shape=(1, 28, 28, 1))
+        with numpyro.plate("data", x.shape[0], subsample_size=BATCH) as idx:
+            numpyro.sample("y", dist.Categorical(logits=forward(x[idx])), obs=None if y is None else y[idx])
+
+    return model
+
+
+def pyro_resnet_model(net: nn.Module, flat: bool = True) -> tuple[Callable, dict[str, torch.Tensor]]:
+    """The Bayesian ResNet classifier (``fan_in_prior()``) with a plate subsampling
+    mini-batches of ``BATCH``, and the guide's initial values (the network's weights):
+    on ``FlatBayesianModule`` (one flat site) or ``bayesian_module`` (one per tensor)."""
+    from pyro_psvi.contrib.models import FlatBayesianModule, bayesian_module, fan_in_prior, module_classifier
+
+    if flat:
+        bayes_net = FlatBayesianModule(net, fan_in_prior())
+        init = {"weights": bayes_net.initial_weights}
+    else:
+        init = {name: p.detach().clone() for name, p in net.named_parameters()}
+        bayes_net = bayesian_module(net, fan_in_prior())
+    return partial(module_classifier, bayes_net, subsample_size=BATCH), init
+
+
 def _make_numpyro_step(method: str, width: int, particles: int):
     """``(step, num_weights, num_tensors)`` for a NumPyro method; ``step()`` blocks."""
     import jax
     import numpyro
-    import numpyro.distributions as dist
     import optax
-    from numpyro.contrib.module import random_flax_module
     from numpyro.infer import SVI, Trace_ELBO
     from numpyro.infer.autoguide import AutoNormal
 
     from numpyro_psvi import ProximalScoreVI
-    from numpyro_psvi.contrib.models import fan_in_prior
 
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (4 * BATCH, 28, 28, 1))
@@ -169,11 +199,7 @@ def _make_numpyro_step(method: str, width: int, particles: int):
 
         return step, *sizes
 
-    def model(x, y=None):
-        forward = random_flax_module("net", net, fan_in_prior(), input_shape=(1, 28, 28, 1))
-        with numpyro.plate("data", x.shape[0], subsample_size=BATCH) as idx:
-            numpyro.sample("y", dist.Categorical(logits=forward(x[idx])), obs=None if y is None else y[idx])
-
+    model = numpyro_resnet_model(net)
     guide = AutoNormal(model, init_scale=0.01)
     optim = numpyro.optim.Adam(1e-3)
     vectorize = not method.endswith("_seq")
@@ -213,16 +239,9 @@ def _make_step(method: str, net: nn.Module, x: torch.Tensor, y: torch.Tensor, pa
     from pyro.infer.autoguide import AutoNormal, init_to_value
 
     from pyro_psvi import ProximalScoreVI
-    from pyro_psvi.contrib.models import FlatBayesianModule, bayesian_module, fan_in_prior, module_classifier
 
     pyro.clear_param_store()
-    if method.endswith("flat"):
-        bayes_net = FlatBayesianModule(net, fan_in_prior())
-        init = {"weights": bayes_net.initial_weights}
-    else:
-        init = {name: p.detach().clone() for name, p in net.named_parameters()}
-        bayes_net = bayesian_module(net, fan_in_prior())
-    model = partial(module_classifier, bayes_net, subsample_size=BATCH)
+    model, init = pyro_resnet_model(net, flat=method.endswith("flat"))
     guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)
     optim = pyro.optim.Adam({"lr": 1e-3})
     if method.startswith("psvi"):

@@ -94,6 +94,8 @@ class _FlatAdamGroup:
             self.flat = {"param": torch.cat([param.detach().reshape(-1) for param in self.params])}
             self.flat.update({key: torch.cat([s[key].reshape(-1) for s in self.states]) for key in keys})
             self.step_count = self.states[0]["step"].clone()
+            # Reused by every step: a fresh buffer of this size costs more than the op.
+            self.grad, self.denom = torch.empty_like(self.flat["param"]), torch.empty_like(self.flat["param"])
         sizes = [param.numel() for param in self.params]
         self.views = {
             key: [part.view(param.shape) for part, param in zip(flat.split(sizes), self.params, strict=True)]
@@ -110,7 +112,7 @@ class _FlatAdamGroup:
         )
         flat = self.flat
         with torch.no_grad():
-            grad = torch.cat([grad.reshape(-1) for grad in grads])
+            grad = torch.cat([grad.reshape(-1) for grad in grads], out=self.grad)
             if maximize:
                 grad = -grad
             self.step_count.add_(1.0)
@@ -125,7 +127,7 @@ class _FlatAdamGroup:
             second = flat["exp_avg_sq"]
             if amsgrad:
                 second = torch.maximum(flat["max_exp_avg_sq"], second, out=flat["max_exp_avg_sq"])
-            denom = second.sqrt().div_((1 - beta2**step) ** 0.5).add_(eps)
+            denom = torch.sqrt(second, out=self.denom).div_((1 - beta2**step) ** 0.5).add_(eps)
             flat["param"].addcdiv_(flat["exp_avg"], denom, value=(lr / (1 - beta1**step)) * -1)
             if self.in_place:
                 torch._foreach_copy_([self.params[j] for j in self.in_place],

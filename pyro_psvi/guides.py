@@ -257,14 +257,15 @@ def _latent_sites(guide: autoguide.AutoGuide) -> tuple[LatentSite, ...]:
 def _diagonal_density(get_loc_scale, sites, names, score_method: str) -> GuideDensity:
     dim = sum(math.prod(s.shape) for s in sites)
 
+    # (num, D) temporaries are updated in place: at large D, allocations cost more than ops.
     def sample(params, num):
         loc, scale = get_loc_scale(params)
-        return loc + scale * torch.randn((num, dim), dtype=loc.dtype, device=loc.device)
+        return torch.randn((num, dim), dtype=loc.dtype, device=loc.device).mul_(scale).add_(loc)
 
     def log_prob(params, u):
         loc, scale = get_loc_scale(params)
-        z = (u - loc) / scale
-        return torch.sum(-0.5 * z**2 - torch.log(scale), dim=-1) - dim * _HALF_LOG_2PI
+        z_sq = (u - loc).div_(scale).square_()
+        return -0.5 * z_sq.sum(-1) - (torch.log(scale).sum() + dim * _HALF_LOG_2PI)
 
     def score(params, u):
         loc, scale = get_loc_scale(params)
@@ -313,10 +314,12 @@ def _auto_normal(guide: autoguide.AutoNormal, options: DensityOptions) -> GuideD
     loc_names = [f"{prefix}.locs.{s.name}" for s in sites]
     scale_names = [f"{prefix}.scales.{s.name}" for s in sites]
 
+    def flat(params, names):  # one site (a FlatBayesianModule's): a view, no copy
+        parts = [params[n].reshape(-1) for n in names]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def get_loc_scale(params):
-        loc = torch.cat([params[n].reshape(-1) for n in loc_names])
-        scale = torch.cat([params[n].reshape(-1) for n in scale_names])
-        return loc, scale
+        return flat(params, loc_names), flat(params, scale_names)
 
     return _diagonal_density(get_loc_scale, sites, tuple(loc_names + scale_names), score_method)
 

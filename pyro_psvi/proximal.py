@@ -83,6 +83,14 @@ class RunningAverages(NamedTuple):
     params_updates: torch.Tensor
 
 
+def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """Whether every entry of ``tensors`` is finite (0-dim bool), from their sum: one pass
+    where ``isfinite(...).all()`` takes five, and a NaN or an inf makes the sum one. So
+    may an overflow of the sum (beyond 3e38 in float32), which reads as not finite: the
+    safe side for the guards that use it."""
+    return torch.isfinite(sum(tensor.sum() for tensor in tensors))
+
+
 class ProximalProblem(NamedTuple):
     """One step's proximal problem.
 
@@ -107,6 +115,10 @@ class ProximalProblem(NamedTuple):
         Common random numbers for a Monte Carlo KL within the step.
     averages : RunningAverages
         The running averages with this step's curvature estimate folded in.
+    gradient : callable or None
+        ``gradient(loc, scale) -> (d/d loc, d/d scale)``: the objective's gradient in
+        a diagonal guide's flat location and scale, in closed form (the split objective;
+        :class:`~pyro_psvi.objective.SplitDiagonalProblem`), else ``None``.
     """
 
     objective: Callable[[Params], torch.Tensor]
@@ -118,6 +130,7 @@ class ProximalProblem(NamedTuple):
     active_dim: int
     kl_seed: int | None
     averages: RunningAverages
+    gradient: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
 
 
 class ProximalScoreVI(ScoreEngine):
@@ -367,17 +380,18 @@ class ProximalScoreVI(ScoreEngine):
         density, weighting, weights = self.density, self.objective.weighting, scored.weights
         if scored.statistics is not None:  # reduced across ranks
             stats = scored.statistics
-            scores_ok = torch.isfinite(scored.log_joints).all()
-            scores_ok &= torch.isfinite(stats.cross).all() & torch.isfinite(stats.score).all()
-            kept = {
-                name: torch.where(scores_ok, getattr(stats, name), 0.0)
-                for name in ("cross", "score", "score_sq")
-            }
-            stats = stats._replace(**kept)
+            scores_ok = _all_finite(scored.log_joints, stats.cross, stats.score)
+            if scores_ok.device.type != "cpu" or not scores_ok:  # read at once on a CPU
+                kept = {
+                    name: torch.where(scores_ok, getattr(stats, name), 0.0)
+                    for name in ("cross", "score", "score_sq")
+                }
+                stats = stats._replace(**kept)
             scores = None
         else:
-            scores_ok = torch.isfinite(scored.log_joints).all() & torch.isfinite(scored.scores).all()
-            scores = torch.where(scores_ok, scored.scores, torch.zeros_like(scored.scores))
+            scores_ok, scores = _all_finite(scored.log_joints, scored.scores), scored.scores
+            if scores_ok.device.type != "cpu" or not scores_ok:  # read at once on a CPU
+                scores = torch.where(scores_ok, scores, torch.zeros_like(scores))
             stats = fisher_statistics(density, params_t, particles, scores)
         averages = self.averages
         loss = negative_elbo(density, params_t, particles, scored.log_joints, weights)
@@ -405,11 +419,11 @@ class ProximalScoreVI(ScoreEngine):
                 return proximal_objective(
                     density, params, params_t, particles, scores, kl_seed=kl_seed, **options
                 )[0]
-            return split_diagonal(params)[0]
+            return split_diagonal.objective(params)[0]
 
         return ProximalProblem(
             objective, params_t, loss, fisher, scored.param_grads, scores_ok, scored.active_dim, kl_seed,
-            averages,
+            averages, None if stats is None else split_diagonal.gradient,
         )  # fmt: skip
 
     def _fold_curvature(
@@ -470,16 +484,34 @@ class ProximalScoreVI(ScoreEngine):
         in_place = [names.index(name) for name in self.density.module_param_names]
         with FlatAdamSteps(self.optim, list(leaves.values()), in_place) as steps:
             for _ in range(self.inner_steps):
-                objective = problem.objective(self._constrain(dict(zip(names, steps.values, strict=True))))
-                guide_grads = torch.autograd.grad(objective, [steps.values[i] for i in guide_positions])
-                # A non-finite objective must not reach the optimizer's moments: zero it (read
-                # at once on a CPU, where that is free; elsewhere without waiting for the device).
-                finite = torch.isfinite(objective)
-                if objective.device.type != "cpu" or not finite:
-                    guide_grads = [torch.where(finite, grad, 0.0) for grad in guide_grads]
+                params = self._constrain(dict(zip(names, steps.values, strict=True)))
+                values = [steps.values[i] for i in guide_positions]
+                guide_grads = self._guide_gradients(problem, params, values)
                 for i, grad in zip(guide_positions, guide_grads, strict=True):
                     grads[i] = grad
                 steps.step(grads)
+
+    def _guide_gradients(
+        self, problem: ProximalProblem, params: Params, guide_values: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The objective's gradient in the guide's unconstrained ``guide_values`` at their
+        constrained ``params``: by autograd, or in closed form in ``(loc, scale)`` and by
+        autograd through the map from the values to them. Zero where not finite."""
+        if problem.gradient is None:
+            objective = problem.objective(params)
+            grads = torch.autograd.grad(objective, guide_values)
+            finite = torch.isfinite(objective)
+        else:
+            loc, scale = self.density.loc_scale(params)
+            with torch.no_grad():
+                loc_scale_grads = problem.gradient(loc, scale)
+                finite = _all_finite(*loc_scale_grads)
+            grads = torch.autograd.grad((loc, scale), guide_values, loc_scale_grads)
+        # A non-finite gradient must not reach the optimizer's moments (read at once on
+        # a CPU, where that is free; elsewhere without waiting for the device).
+        if finite.device.type != "cpu" or not finite:
+            grads = [torch.where(finite, grad, 0.0) for grad in grads]
+        return list(grads)
 
     def unread_entries(
         self, start: dict[str, torch.Tensor], particles: torch.Tensor
@@ -557,8 +589,7 @@ class ProximalScoreVI(ScoreEngine):
         with torch.no_grad():
             accept = (frac > 0) & problem.scores_ok
             accept &= torch.isfinite(problem.fisher) & torch.isfinite(problem.loss)
-            for leaf in leaves.values():
-                accept &= torch.isfinite(leaf).all()
+            accept &= _all_finite(*leaves.values())
             if self.reducer is not None:  # every rank accepts or rejects the same step
                 accept = self.reducer.agree(accept)
             for name, leaf in leaves.items():

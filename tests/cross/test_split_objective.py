@@ -22,13 +22,18 @@ import pyro_psvi.guides
 import pyro_psvi.objective
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "coordinate-weights"])
 @pytest.mark.parametrize("weighting", ["covariance", "identity"])
-def test_pyro_and_numpyro_split_objectives_agree(weighting):
+def test_pyro_and_numpyro_split_objectives_agree(weighting, weighted):
+    # The value and the gradient in the location and the scale agree to float32 round-off:
+    # NumPyro's by autodiff, Pyro's by autograd and in closed form (what its inner steps use).
     rng = np.random.default_rng(0)
     loc_t, scale_t = rng.normal(size=6), rng.uniform(0.2, 2.0, 6)
     loc, scale = loc_t + 0.3 * rng.normal(size=6), scale_t * rng.uniform(0.5, 2.0, 6)
     particles = (loc_t + scale_t * rng.normal(size=(4, 6))).astype(np.float32)
     scores = rng.normal(size=(4, 6)).astype(np.float32)
+    weights = rng.uniform(0.0, 3.0, 6).astype(np.float32) if weighted else None
+    options = {"prox_weight": 3.0, "weighting": weighting}
 
     n_guide = NumPyroAutoNormal(lambda: numpyro.sample("z", ndist.Normal(jnp.zeros(6), 1.0).to_event(1)))
     with numpyro.handlers.seed(rng_seed=0):
@@ -43,15 +48,15 @@ def test_pyro_and_numpyro_split_objectives_agree(weighting):
         n_stats, n_params(loc_t, scale_t)["z_auto_scale"]
     )
 
-    def n_value(loc):
-        params = {**n_params(loc, scale), "z_auto_loc": loc}
+    def n_value(loc, scale):
         return numpyro_psvi.objective.split_diagonal_objective(
-            n_density, params, n_params(loc_t, scale_t), n_stats, n_curvature,
-            prox_weight=3.0, weighting=weighting,
+            n_density, n_params(loc, scale), n_params(loc_t, scale_t), n_stats, n_curvature,
+            weights=None if weights is None else jnp.asarray(weights), **options,
         )[0]  # fmt: skip
 
-    n_loc = jnp.asarray(loc, jnp.float32)
-    value_n, grad_n = jax.value_and_grad(n_value)(n_loc)
+    value_n, grads_n = jax.value_and_grad(n_value, argnums=(0, 1))(
+        jnp.asarray(loc, jnp.float32), jnp.asarray(scale, jnp.float32)
+    )
 
     pyro.clear_param_store()
     p_guide = PyroAutoNormal(lambda: pyro.sample("z", pdist.Normal(torch.zeros(6), 1.0).to_event(1)))
@@ -67,15 +72,19 @@ def test_pyro_and_numpyro_split_objectives_agree(weighting):
         p_density, params_t, torch.as_tensor(particles), torch.as_tensor(scores)
     )
     p_curvature = pyro_psvi.objective.curvature_statistics(p_stats, params_t["AutoNormal.scales.z"])
-    p_loc = torch.as_tensor(loc, dtype=torch.float32).requires_grad_()
-    value_p = pyro_psvi.objective.split_diagonal_objective(
-        p_density, {**p_params(loc, scale), "AutoNormal.locs.z": p_loc}, params_t, p_stats, p_curvature,
-        prox_weight=3.0, weighting=weighting,
-    )[0]  # fmt: skip
-    (grad_p,) = torch.autograd.grad(value_p, p_loc)
+    params = {name: value.requires_grad_() for name, value in p_params(loc, scale).items()}
+    problem = pyro_psvi.objective.split_diagonal_problem(
+        p_density, params_t, p_stats, p_curvature,
+        weights=None if weights is None else torch.as_tensor(weights), **options,
+    )  # fmt: skip
+    value_p = problem.objective(params)[0]
+    autograd_p = torch.autograd.grad(value_p, list(params.values()))
+    closed_form_p = problem.gradient(*(value.detach() for value in params.values()))
 
     np.testing.assert_allclose(float(value_p), float(value_n), rtol=1e-4)
-    np.testing.assert_allclose(grad_p.numpy(), np.asarray(grad_n), rtol=1e-4, atol=1e-4)
+    for grad_n, grad_p, closed_p in zip(grads_n, autograd_p, closed_form_p, strict=True):
+        np.testing.assert_allclose(grad_p.numpy(), np.asarray(grad_n), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(closed_p.numpy(), np.asarray(grad_n), rtol=1e-4, atol=1e-4)
 
 
 def _full_covariance_problem():
