@@ -306,8 +306,9 @@ class ScoreEngine:
         names = (*self.density.param_names, *(self._model_param_names if model_params else ()))
         if self._module_leaves is not None:
             return {name: self._module_leaves[name] for name in names}
-        store = pyro.get_param_store()
-        return {name: store.get_param(name).unconstrained() for name in names}
+        # The unconstrained tensors themselves: get_param would constrain each first.
+        unconstrained = dict(pyro.get_param_store().named_parameters())
+        return {name: unconstrained[name] for name in names}
 
     def _constrain(self, unconstrained: dict[str, torch.Tensor]) -> Params:
         return {name: self._transforms[name](value) for name, value in unconstrained.items()}

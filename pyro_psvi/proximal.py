@@ -592,6 +592,10 @@ class ProximalScoreVI(ScoreEngine):
             accept &= _all_finite(*leaves.values())
             if self.reducer is not None:  # every rank accepts or rejects the same step
                 accept = self.reducer.agree(accept)
+            # Read at once on a CPU, where that is free: a whole accepted step keeps the
+            # fitted params and the optimizer's state as they are (lerp at 1 is exact).
+            if accept.device.type == "cpu" and accept and frac == 1:
+                return accept
             for name, leaf in leaves.items():
                 leaf.copy_(torch.where(accept, torch.lerp(start[name], leaf, frac), start[name]))
             self._restore_optimizer_state(leaves, saved_optimizer_state, accept)
