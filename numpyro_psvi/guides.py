@@ -25,8 +25,15 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_solve, solve_triangular
+from jax.scipy.special import polygamma
 from numpyro.distributions.kl import kl_divergence
-from numpyro.distributions.transforms import IdentityTransform, IndependentTransform, biject_to
+from numpyro.distributions.transforms import (
+    ExpTransform,
+    IdentityTransform,
+    IndependentTransform,
+    SigmoidTransform,
+    biject_to,
+)
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import autoguide
 
@@ -47,6 +54,7 @@ from psvi.checks import (
 from psvi.families import (
     GUIDE_LIST,
     LAPLACE,
+    LOG_VARIANCE_OF_SCALE_FAMILY,
     NO_CLOSED_FORMS,
     POINT_MASS,
     DensityOptions,
@@ -541,11 +549,15 @@ def _dependencies(jaxpr: Any) -> list[set[int]]:
     return [of(var) for var in jaxpr.outvars]
 
 
-def site_closed_forms(guide: Callable, args: tuple, kwargs: dict) -> SiteClosedForms:
+def site_closed_forms(
+    guide: Callable, args: tuple, kwargs: dict, transforms: dict[str, Any]
+) -> SiteClosedForms:
     """Whether a user-written guide is mean field, each site's distribution a function of
     the params alone, never of another site's value (checked on the guide's computation
     graph, not on values), and if so which site-wise closed forms exist: a
-    ``kl_divergence`` rule for every site's distribution, a ``variance`` for every site."""
+    ``kl_divergence`` rule for every site's distribution, and for every site the variance
+    of its value under the model site's bijection ``transforms[name]``
+    (:func:`unconstrained_variance`)."""
     key = jax.random.PRNGKey(0)
     guide_trace = trace(seed(guide, key)).get_trace(*args, **kwargs)
     sites = {n: s for n, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]}
@@ -553,8 +565,49 @@ def site_closed_forms(guide: Callable, args: tuple, kwargs: dict) -> SiteClosedF
         return NO_CLOSED_FORMS
     return SiteClosedForms(
         all(has_closed_form(lambda fn: site_kl_divergence(fn, fn), site["fn"]) for site in sites.values()),
-        all(has_closed_form(lambda fn: fn.variance, site["fn"]) for site in sites.values()),
+        all(
+            has_closed_form(lambda fn, name=name: unconstrained_variance(fn, transforms[name]), site["fn"])
+            for name, site in sites.items()
+        ),
     )
+
+
+def _transform_kind(transform: Any) -> str | None:
+    """``"identity"``, ``"log"`` or ``"logit"`` for the inverse of those bijections, else ``None``."""
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    kinds = {IdentityTransform: "identity", ExpTransform: "log", SigmoidTransform: "logit"}
+    return kinds.get(type(transform))
+
+
+_UNCONSTRAINED_VARIANCES: dict[tuple[type, str], Callable[[Any], jax.Array]] = {
+    # logit(X) = log G_a - log G_b for X = G_a / (G_a + G_b), G ~ Gamma(., 1) independent.
+    (dist.Beta, "logit"): lambda fn: polygamma(1, fn.concentration1) + polygamma(1, fn.concentration0),
+    (dist.Gamma, "log"): lambda fn: polygamma(1, fn.concentration),  # log G_a - log rate
+    (dist.InverseGamma, "log"): lambda fn: polygamma(1, fn.concentration),  # -log G_a + log rate
+    (dist.LogNormal, "log"): lambda fn: fn.base_dist.scale**2,
+    **{
+        (family, "log"): lambda fn, name=family.__name__: LOG_VARIANCE_OF_SCALE_FAMILY[name]
+        for family in (dist.Exponential, dist.HalfNormal, dist.HalfCauchy)
+    },
+}
+
+
+def unconstrained_variance(fn: dist.Distribution, transform: Any) -> jax.Array:
+    """The elementwise variance of ``transform.inv(x)`` for ``x ~ fn``, in closed form:
+    ``fn.variance`` under the identity, and under the log or logit (the bijections of the
+    positive reals and the unit interval) for Beta, Gamma, InverseGamma, LogNormal,
+    Exponential, HalfNormal and HalfCauchy. Raises ``NotImplementedError`` otherwise
+    (the engine then estimates it from draws)."""
+    while isinstance(fn, dist.Independent):
+        fn = fn.base_dist
+    kind = _transform_kind(transform)
+    if kind == "identity":
+        return fn.variance
+    rule = _UNCONSTRAINED_VARIANCES.get((type(fn), kind))
+    if rule is None:
+        raise NotImplementedError(f"no closed-form variance of {type(fn).__name__} under {transform}")
+    return jnp.broadcast_to(rule(fn), fn.batch_shape + fn.event_shape)
 
 
 def site_kl_divergence(p: dist.Distribution, q: dist.Distribution) -> jax.Array:
@@ -578,12 +631,6 @@ def _mean_field(guide: Callable, args: tuple, kwargs: dict, sites: dict[str, dic
     values = {name: site["value"] for name, site in sites.items()}
     depends = _dependencies(jax.make_jaxpr(site_log_probs)(values).jaxpr)
     return all(read <= {i} for i, read in enumerate(depends))
-
-
-def _is_identity(transform: Any) -> bool:
-    while isinstance(transform, IndependentTransform):
-        transform = transform.base_transform
-    return isinstance(transform, IdentityTransform)
 
 
 def _user_guide(
@@ -625,7 +672,6 @@ def _user_guide(
         if plates:
             local_plates[name] = plates
     flat, unravel = ravel_pytree(template)
-    identity = all(_is_identity(transform) for transform in transforms.values())
 
     def on_batch(indices: dict[str, jax.Array]) -> GuideDensity:
         at_plates = partial(given_plate_indices, indices)
@@ -697,7 +743,8 @@ def _user_guide(
         def site_cov_quad(params, r):
             variances = {}
             for name, (fn, _) in site_distributions(params).items():
-                batch = jnp.broadcast_to(fn.variance, members(name, template[name]).shape)
+                variance = unconstrained_variance(fn, transforms[name])
+                batch = jnp.broadcast_to(variance, members(name, template[name]).shape)
                 variances[name] = members(name, batch, template[name])
             return jnp.sum(ravel_pytree(variances)[0] * r**2)
 
@@ -705,7 +752,7 @@ def _user_guide(
         kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, num_kl_draws)
         if closed_forms.kl:
             kl = site_kl
-        if closed_forms.variance and identity:
+        if closed_forms.variance:
             cov_quad = site_cov_quad
         return GuideDensity(
             latent_dim=flat.size, sample=sample, log_prob=log_prob, score=_autodiff_score(log_prob),
@@ -757,7 +804,10 @@ def _user_guide_setup(guide, model, args, kwargs, options: DensityOptions):
     if model is None:
         raise ValueError("A user-written guide's density needs the model (model=...).")
     check_user_guide(guide, model, args, kwargs)
-    closed_forms = site_closed_forms(guide, args, kwargs)
+    model_trace = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+    transforms = {name: biject_to(site["fn"].support) for name, site in model_trace.items()
+                  if site["type"] == "sample" and not site["is_observed"]}  # fmt: skip
+    closed_forms = site_closed_forms(guide, args, kwargs, transforms)
     return lambda args, kwargs: _user_guide(guide, model, args, kwargs, options.num_kl_draws, closed_forms)
 
 

@@ -8,6 +8,7 @@ ask the record, never the guide's class.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -41,10 +42,20 @@ class SiteClosedForms(NamedTuple):
     """
 
     kl: bool  # KL(q0 || q1) is the sum of the sites' closed-form KLs
-    variance: bool  # every site's distribution has a variance
+    variance: bool  # every site's value has a closed-form variance in the unconstrained space
 
 
 NO_CLOSED_FORMS = SiteClosedForms(kl=False, variance=False)
+
+
+# Var(log X) for the positive families whose log is a location-scale shift of a fixed
+# law (X = scale * X0): Exponential trigamma(1) = pi^2/6, HalfNormal (log|Z|) pi^2/8,
+# HalfCauchy (log|C|, a hyperbolic-secant law) pi^2/4. By class name, the same in both PPLs.
+LOG_VARIANCE_OF_SCALE_FAMILY = {
+    "Exponential": math.pi**2 / 6,
+    "HalfNormal": math.pi**2 / 8,
+    "HalfCauchy": math.pi**2 / 4,
+}
 
 
 def has_closed_form(fn_of: Callable[[Any], Any], fn: Any) -> bool:

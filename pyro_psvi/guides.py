@@ -33,11 +33,13 @@ from pyro.infer import autoguide
 from pyro.params import user_param_name
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import ComposeTransform, IndependentTransform, biject_to, kl_divergence
+from torch.distributions.transforms import AffineTransform, ExpTransform, SigmoidTransform
 
 from psvi.checks import GuideSite, check_user_guide_sites, full_covariance_advice
 from psvi.families import (
     GUIDE_LIST,
     LAPLACE,
+    LOG_VARIANCE_OF_SCALE_FAMILY,
     NO_CLOSED_FORMS,
     POINT_MASS,
     DensityOptions,
@@ -779,7 +781,7 @@ def user_guide_density(
         variances, fns = [], cached(params)
         for site in sites:
             fn, _, _, shape = fns[site.name]
-            variance = torch.broadcast_to(fn.variance, shape).detach()
+            variance = torch.broadcast_to(unconstrained_variance(fn, transforms[site.name]), shape).detach()
             variance = variance.reshape((1,) + variance.shape[variance.dim() - len(site.shape) :])
             variances.append(to_full_size(site, variance).reshape(-1))
         return (torch.cat(variances) * r**2).sum(-1)
@@ -787,7 +789,7 @@ def user_guide_density(
     kl, cov_quad = _monte_carlo_kl_and_cov(seeded_sample, draws_with_log_prob, log_prob, num_kl_draws)
     if closed_forms.kl:
         kl = site_kl
-    if closed_forms.variance and all(_is_identity(transform) for transform in transforms.values()):
+    if closed_forms.variance:
         cov_quad = site_cov_quad
     return GuideDensity(
         latent_dim=dim, sites=sites, param_names=layout.param_names, sample=sample,
@@ -797,11 +799,15 @@ def user_guide_density(
     )  # fmt: skip
 
 
-def site_closed_forms(guide: Callable, guide_trace, args: tuple, kwargs: dict) -> SiteClosedForms:
+def site_closed_forms(
+    guide: Callable, guide_trace, args: tuple, kwargs: dict, supports: dict[str, Any]
+) -> SiteClosedForms:
     """Whether a user-written guide is mean field, each site's distribution a function of
     the params alone, never of another site's value (checked on the autograd graph, not
     on values), and if so which site-wise closed forms exist: a ``kl_divergence`` rule
-    for every site's distribution, a ``variance`` for every site."""
+    for every site's distribution, and for every site the variance of its value under
+    the bijection of the model site's support ``supports[name]``
+    (:func:`unconstrained_variance`)."""
     fns = {
         name: site["fn"]
         for name, site in guide_trace.nodes.items()
@@ -821,8 +827,63 @@ def site_closed_forms(guide: Callable, guide_trace, args: tuple, kwargs: dict) -
             _fixed_transforms(fn) and has_closed_form(lambda fn: kl_divergence(fn, fn), fn)
             for fn in fns.values()
         ),
-        all(has_closed_form(attrgetter("variance"), fn) for fn in fns.values()),
+        all(
+            has_closed_form(lambda fn, name=name: unconstrained_variance(fn, biject_to(supports[name])), fn)
+            for name, fn in fns.items()
+        ),
     )
+
+
+def _transform_kind(transform: Any) -> str | None:
+    """``"identity"``, ``"log"`` or ``"logit"`` for the inverse of those bijections (torch
+    writes the positive reals' as ``exp`` then the identity ``AffineTransform(0, 1)``),
+    else ``None``."""
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    parts = transform.parts if isinstance(transform, ComposeTransform) else [transform]
+    if (
+        len(parts) == 2
+        and isinstance(parts[1], AffineTransform)
+        and bool(torch.as_tensor(parts[1].loc).eq(0).all() & torch.as_tensor(parts[1].scale).eq(1).all())
+    ):
+        parts = parts[:1]
+    if not parts:
+        return "identity"
+    kinds = {ExpTransform: "log", SigmoidTransform: "logit"}
+    return kinds.get(type(parts[0])) if len(parts) == 1 else None
+
+
+_UNCONSTRAINED_VARIANCES: dict[tuple[type, str], Callable[[Any], torch.Tensor]] = {
+    # logit(X) = log G_a - log G_b for X = G_a / (G_a + G_b), G ~ Gamma(., 1) independent.
+    (dist.Beta, "logit"): lambda fn: (
+        torch.polygamma(1, fn.concentration1) + torch.polygamma(1, fn.concentration0)
+    ),
+    (dist.Gamma, "log"): lambda fn: torch.polygamma(1, fn.concentration),  # log G_a - log rate
+    (dist.InverseGamma, "log"): lambda fn: torch.polygamma(1, fn.concentration),  # -log G_a + log rate
+    (dist.LogNormal, "log"): lambda fn: fn.scale**2,
+    **{
+        (family, "log"): lambda fn, name=family.__name__: torch.tensor(LOG_VARIANCE_OF_SCALE_FAMILY[name])
+        for family in (dist.Exponential, dist.HalfNormal, dist.HalfCauchy)
+    },
+}
+
+
+def unconstrained_variance(fn: torch.distributions.Distribution, transform: Any) -> torch.Tensor:
+    """The elementwise variance of ``transform.inv(x)`` for ``x ~ fn``, in closed form:
+    ``fn.variance`` under the identity, and under the log or logit (the bijections of the
+    positive reals and the unit interval) for Beta, Gamma, InverseGamma, LogNormal,
+    Exponential, HalfNormal and HalfCauchy. Raises ``NotImplementedError`` otherwise
+    (the engine then estimates it from draws). The twin of NumPyro's."""
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    kind = _transform_kind(transform)
+    if kind == "identity":
+        return fn.variance
+    rule = _UNCONSTRAINED_VARIANCES.get((type(fn), kind))
+    if rule is None:
+        raise NotImplementedError(f"no closed-form variance of {type(fn).__name__} under {transform}")
+    variance = rule(fn)
+    return torch.broadcast_to(variance.to(fn.mean.dtype), fn.batch_shape + fn.event_shape)
 
 
 def _fixed_transforms(fn: torch.distributions.Distribution) -> bool:
@@ -834,12 +895,6 @@ def _fixed_transforms(fn: torch.distributions.Distribution) -> bool:
     return isinstance(fn, torch.distributions.LogNormal) or not isinstance(
         fn, torch.distributions.TransformedDistribution
     )
-
-
-def _is_identity(transform: Any) -> bool:
-    while isinstance(transform, IndependentTransform):
-        transform = transform.base_transform
-    return isinstance(transform, ComposeTransform) and not transform.parts
 
 
 class _seeded:
@@ -914,7 +969,7 @@ def _user_guide_setup(guide, model_trace, guide_trace, args, kwargs, options: De
             "user_guide_layout and user_guide_density."
         )
     layout = user_guide_layout(guide, model_trace, guide_trace)
-    closed_forms = site_closed_forms(guide, guide_trace, args, kwargs)
+    closed_forms = site_closed_forms(guide, guide_trace, args, kwargs, layout.supports)
     return lambda args, kwargs: user_guide_density(
         guide, layout, args, kwargs, options.max_plate_nesting, options.num_kl_draws, closed_forms
     )
