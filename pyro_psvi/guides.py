@@ -777,14 +777,23 @@ def user_guide_density(
             for name, (fn1, weight, mask, _) in site_distributions(params1).items()
         )
 
-    def site_cov_quad(params, r):
-        variances, fns = [], cached(params)
+    def site_variances(fns):
+        """The flat latent's variances in the unconstrained space, from the sites' ``fns``."""
+        variances = []
         for site in sites:
             fn, _, _, shape = fns[site.name]
-            variance = torch.broadcast_to(unconstrained_variance(fn, transforms[site.name]), shape).detach()
+            variance = torch.broadcast_to(unconstrained_variance(fn, transforms[site.name]), shape)
             variance = variance.reshape((1,) + variance.shape[variance.dim() - len(site.shape) :])
             variances.append(to_full_size(site, variance).reshape(-1))
-        return (torch.cat(variances) * r**2).sum(-1)
+        return torch.cat(variances).detach()
+
+    variances_of: dict[str, Any] = {}  # q_t's, kept while its cached fns are: once per step
+
+    def site_cov_quad(params, r):
+        fns = cached(params)
+        if variances_of.get("fns") is not fns:
+            variances_of.update(fns=fns, variances=site_variances(fns))
+        return (variances_of["variances"] * r**2).sum(-1)
 
     kl, cov_quad = _monte_carlo_kl_and_cov(seeded_sample, draws_with_log_prob, log_prob, num_kl_draws)
     if closed_forms.kl:
