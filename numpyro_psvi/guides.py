@@ -599,8 +599,8 @@ def unconstrained_variance(fn: dist.Distribution, transform: Any) -> jax.Array:
     positive reals and the unit interval) for Beta, Gamma, InverseGamma, LogNormal,
     Exponential, HalfNormal and HalfCauchy. Raises ``NotImplementedError`` otherwise
     (the engine then estimates it from draws)."""
-    while isinstance(fn, dist.Independent):
-        fn = fn.base_dist
+    while isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
+        fn = fn.base_dist  # the variance of one element: a plate's expansion broadcasts it
     kind = _transform_kind(transform)
     if kind == "identity":
         return fn.variance

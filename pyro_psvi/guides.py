@@ -883,8 +883,9 @@ def unconstrained_variance(fn: torch.distributions.Distribution, transform: Any)
     positive reals and the unit interval) for Beta, Gamma, InverseGamma, LogNormal,
     Exponential, HalfNormal and HalfCauchy. Raises ``NotImplementedError`` otherwise
     (the engine then estimates it from draws). The twin of NumPyro's."""
-    while isinstance(fn, torch.distributions.Independent):
-        fn = fn.base_dist
+    wrappers = (torch.distributions.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)
+    while isinstance(fn, wrappers):
+        fn = fn.base_dist  # the variance of one element: a plate's expansion broadcasts it
     kind = _transform_kind(transform)
     if kind == "identity":
         return fn.variance

@@ -58,3 +58,13 @@ def test_batched_and_independent_sites_keep_their_shapes():
     torch.testing.assert_close(variance, torch.polygamma(1, torch.tensor([1.0, 2.0, 3.0])))
     n_fn = ndist.HalfCauchy(torch.ones(2, 3).numpy()).to_event(1)
     assert n_variance(n_fn, nbiject_to(n_fn.support)).shape == (2, 3)
+
+
+def test_expanded_and_masked_sites_take_their_base_distributions_variance():
+    # A plate expands a guide's scalar-parameter site; a mask leaves its draws alone.
+    exact = torch.polygamma(1, torch.tensor(2.0))
+    p_fn = pdist.Gamma(2.0, 1.0).expand([3]).mask(False)
+    torch.testing.assert_close(p_variance(p_fn, pbiject_to(p_fn.support)).expand(3), exact.expand(3))
+    n_fn = ndist.Gamma(2.0, 1.0).expand([3]).mask(False)
+    n_value = torch.as_tensor(float(n_variance(n_fn, nbiject_to(n_fn.support))))
+    torch.testing.assert_close(n_value, exact, rtol=1e-6, atol=0.0)
