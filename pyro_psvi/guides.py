@@ -893,7 +893,7 @@ def unconstrained_variance(fn: torch.distributions.Distribution, transform: Any)
     if rule is None:
         raise NotImplementedError(f"no closed-form variance of {type(fn).__name__} under {transform}")
     variance = rule(fn)
-    return torch.broadcast_to(variance.to(fn.mean.dtype), fn.batch_shape + fn.event_shape)
+    return torch.broadcast_to(variance.to(fn.mean), fn.batch_shape + fn.event_shape)  # its dtype, device
 
 
 def _fixed_transforms(fn: torch.distributions.Distribution) -> bool:
