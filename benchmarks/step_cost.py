@@ -69,13 +69,13 @@ def numpyro_steppers(case: str, inner_steps: tuple[int | None, ...]) -> dict[str
     from numpyro_psvi.contrib.models import mlp_classifier, mlp_init_values
 
     if case == "resnet16":
+        from benchmarks.scale import BATCH as RESNET_BATCH
         from benchmarks.scale import flax_resnet_gn, numpyro_resnet_model
 
         key = jax.random.PRNGKey(0)
-        x = jax.random.normal(key, (4 * 32, 28, 28, 1))
-        y = jax.random.randint(key, (4 * 32,), 0, 10)
+        x = jax.random.normal(key, (4 * RESNET_BATCH, 28, 28, 1))
+        y = jax.random.randint(key, (4 * RESNET_BATCH,), 0, 10)
         model = numpyro_resnet_model(flax_resnet_gn(RESNET_WIDTH))
-        vectorize = True
 
         def guide():
             return AutoNormal(model, init_scale=0.01)
@@ -84,7 +84,6 @@ def numpyro_steppers(case: str, inner_steps: tuple[int | None, ...]) -> dict[str
         data = load_digits()
         x, y = jax.numpy.asarray(data.x_train), jax.numpy.asarray(data.y_train)
         guide_class = AutoNormal if case.endswith("/AutoNormal") else AutoDiagonalNormal
-        vectorize = True
 
         def model(x, y):
             mlp_classifier(x, y, subsample_size=BATCH)
@@ -93,11 +92,12 @@ def numpyro_steppers(case: str, inner_steps: tuple[int | None, ...]) -> dict[str
             init = init_to_value(values=mlp_init_values(x.shape[1]))
             return guide_class(model, init_loc_fn=init, init_scale=0.01)
 
-    loss = Trace_ELBO(PARTICLES, vectorize_particles=vectorize)
+    # Particles in one vmapped pass for every case and engine (NumPyro's ResNet included).
+    loss = Trace_ELBO(PARTICLES, vectorize_particles=True)
     engines = {"Trace_ELBO": SVI(model, guide(), numpyro.optim.Adam(1e-3), loss)}
     for label, k in _engine_labels(inner_steps).items():
         engines[label] = ProximalScoreVI(model, guide(), numpyro.optim.Adam(1e-3), num_particles=PARTICLES,
-                                         inner_steps=k, vectorize_particles=vectorize)  # fmt: skip
+                                         inner_steps=k, vectorize_particles=True)  # fmt: skip
     steppers = {}
     for name, engine in engines.items():
         state = [engine.init(jax.random.PRNGKey(0), x, y)]
@@ -123,9 +123,10 @@ def pyro_steppers(case: str, inner_steps: tuple[int | None, ...]) -> dict[str, C
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if case == "resnet16":
+        from benchmarks.scale import BATCH as RESNET_BATCH
         from benchmarks.scale import pyro_resnet_model, resnet_gn
 
-        x, y = torch.randn(4 * 32, 1, 28, 28), torch.randint(0, 10, (4 * 32,))
+        x, y = torch.randn(4 * RESNET_BATCH, 1, 28, 28), torch.randint(0, 10, (4 * RESNET_BATCH,))
         model, init = pyro_resnet_model(resnet_gn(RESNET_WIDTH))
         guide_class, vectorize, nesting = AutoNormal, False, {}
     else:
