@@ -564,6 +564,7 @@ def site_closed_forms(
     if not _mean_field(guide, args, kwargs, sites):
         return NO_CLOSED_FORMS
     return SiteClosedForms(
+        True,
         all(has_closed_form(lambda fn: site_kl_divergence(fn, fn), site["fn"]) for site in sites.values()),
         all(
             has_closed_form(lambda fn, name=name: unconstrained_variance(fn, transforms[name]), site["fn"])

@@ -41,11 +41,12 @@ class SiteClosedForms(NamedTuple):
     whose density is the product of its sites' and whose covariance is diagonal.
     """
 
+    mean_field: bool  # the density is the product of the sites' (one guide pass gives it)
     kl: bool  # KL(q0 || q1) is the sum of the sites' closed-form KLs
     variance: bool  # every site's value has a closed-form variance in the unconstrained space
 
 
-NO_CLOSED_FORMS = SiteClosedForms(kl=False, variance=False)
+NO_CLOSED_FORMS = SiteClosedForms(mean_field=False, kl=False, variance=False)
 
 
 # Var(log X) for the positive families whose log is a location-scale shift of a fixed

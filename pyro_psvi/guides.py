@@ -623,6 +623,16 @@ def _spread_points(support, shape: torch.Size) -> torch.Tensor:
     return transform(4 * torch.rand((64, *transform.inverse_shape(shape))) - 2)
 
 
+class _SiteDistribution(NamedTuple):
+    """A user-written guide's site as one run of the guide gives it."""
+
+    fn: torch.distributions.Distribution
+    weight: Any  # its scale in the density: the trace's, without its plates' N/B
+    mask: Any
+    shape: torch.Size  # its value's
+    plate_factor: float  # the N/B its subsampled plates scale it by (the ELBO's count)
+
+
 class UserGuideLayout(NamedTuple):
     """The flat layout of a user-written guide: the model's latent sites (unconstrained
     shapes), each site's support, and the param-store names of the guide's params."""
@@ -700,13 +710,15 @@ def user_guide_density(
         return value.reshape(value.shape[:1] + (1,) * (max_plate_nesting - batch_ndim) + value.shape[1:])
 
     def run(params, num, values=None):
+        """A trace of the guide with ``params``, vectorized over ``num`` draws (one
+        draw of its own batch shape: ``num=None``, no draws plate)."""
         conditioned = poutine.condition(guide, data=values) if values else guide
         # Its own params (not the model's); pyro.module's take the values in place.
         own = {name: params[name] for name in layout.param_names if name not in layout.module_params}
+        draws = contextlib.nullcontext() if num is None else pyro.plate(_DRAWS_PLATE, num, dim=draws_dim)
         with poutine.trace() as tracer, poutine.substitute(data=own):
-            with _module_values(layout.module_params, params):
-                with pyro.plate(_DRAWS_PLATE, num, dim=draws_dim), SharedSubsample(plate_indices):
-                    conditioned(*args, **kwargs)
+            with _module_values(layout.module_params, params), draws, SharedSubsample(plate_indices):
+                conditioned(*args, **kwargs)
         return tracer.trace
 
     def to_full_size(site: LatentSite, value: torch.Tensor) -> torch.Tensor:
@@ -759,30 +771,69 @@ def user_guide_density(
         draws = seeded_sample(params, num, seed)
         return draws, log_prob(params, draws)
 
-    def site_distributions(params):
-        """Each site's distribution, its weight in the density and its mask (one run)."""
-        guide_trace = run(params, 1)
+    def site_distributions(params) -> dict[str, _SiteDistribution]:
+        """Each site's distribution and how the density counts it (one run, no draws
+        plate: a mean-field site's distribution broadcasts against any draws)."""
+        guide_trace = run(params, None)
         return {
-            site.name: (node["fn"], node["scale"] / _plate_factor(node), node["mask"], node["value"].shape)
+            site.name: _SiteDistribution(
+                node["fn"], node["scale"] / _plate_factor(node), node["mask"], node["value"].shape,
+                _plate_factor(node),
+            )
             for site in sites
             for node in (guide_trace.nodes[site.name],)
-        }
+        }  # fmt: skip
 
     cached = _cache_by_params(site_distributions)
+    fitted: dict[str, Any] = {}  # the last score's site distributions, for its KL
+
+    def fitted_distributions(params, keep: bool) -> dict[str, _SiteDistribution]:
+        """``site_distributions(params)``, reusing the run of the score at the same
+        ``params`` dict (unchanged in place, same grad mode) once: an inner step's KL."""
+        key = (torch.is_grad_enabled(), tuple(tensor_version(value) for value in params.values()))
+        reusable = fitted.get("params") is params and fitted.get("key") == key
+        fns = fitted["fns"] if reusable else site_distributions(params)
+        fitted.clear()
+        if keep:
+            fitted.update(params=params, key=key, fns=fns)
+        return fns
+
+    def mean_field_log_prob(fns, u, plate_scaled=False):
+        """``log_prob`` of a mean-field guide from its sites' distributions ``fns``."""
+        num, flat, total = u.shape[0], unpack_sites(sites, u), u.new_zeros(u.shape[0])
+        for site in sites:
+            fn = fns[site.name]
+            unconstrained = batched(site, to_batch(site, flat[site.name]))
+            value = transforms[site.name](unconstrained)
+            weight = fn.weight * fn.plate_factor if plate_scaled else fn.weight
+            log_q = scale_and_mask(fn.fn.log_prob(value), weight, fn.mask)
+            log_det = transforms[site.name].log_abs_det_jacobian(unconstrained, value)
+            if plate_scaled:
+                log_det = fn.plate_factor * log_det
+            total = total + log_q.reshape(num, -1).sum(-1) + log_det.reshape(num, -1).sum(-1)
+        return total
+
+    def mean_field_score(params, u):
+        # One guide run, kept for the KL of the same inner step; the score differentiates
+        # the sites' log densities only, not the guide's run.
+        fns = fitted_distributions(params, keep=closed_forms.kl)
+        with torch.enable_grad():
+            u = u.detach().requires_grad_(True)
+            return torch.autograd.grad(mean_field_log_prob(fns, u).sum(), u, create_graph=True)[0]
 
     def site_kl(params0, params1, seed=None):
         fns0 = cached(params0)
         return sum(
-            scale_and_mask(kl_divergence(fns0[name][0], fn1), weight, mask).sum()
-            for name, (fn1, weight, mask, _) in site_distributions(params1).items()
+            scale_and_mask(kl_divergence(fns0[name].fn, fn1.fn), fn1.weight, fn1.mask).sum()
+            for name, fn1 in fitted_distributions(params1, keep=False).items()
         )
 
     def site_variances(fns):
         """The flat latent's variances in the unconstrained space, from the sites' ``fns``."""
         variances = []
         for site in sites:
-            fn, _, _, shape = fns[site.name]
-            variance = torch.broadcast_to(unconstrained_variance(fn, transforms[site.name]), shape)
+            fn = fns[site.name]
+            variance = torch.broadcast_to(unconstrained_variance(fn.fn, transforms[site.name]), fn.shape)
             variance = variance.reshape((1,) + variance.shape[variance.dim() - len(site.shape) :])
             variances.append(to_full_size(site, variance).reshape(-1))
         return torch.cat(variances).detach()
@@ -800,9 +851,10 @@ def user_guide_density(
         kl = site_kl
     if closed_forms.variance:
         cov_quad = site_cov_quad
+    score = mean_field_score if closed_forms.mean_field else _autodiff_score(log_prob)
     return GuideDensity(
         latent_dim=dim, sites=sites, param_names=layout.param_names, sample=sample,
-        log_prob=log_prob, score=_autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
+        log_prob=log_prob, score=score, kl=kl, cov_quad=cov_quad,
         closed_form=False, plate_indices=plate_indices, module_param_names=tuple(layout.module_params),
         elbo_log_prob=elbo_log_prob if any(site.plates for site in sites) else None,
     )  # fmt: skip
@@ -832,6 +884,7 @@ def site_closed_forms(
             if any(grad is not None for grad in torch.autograd.grad(log_prob, others, allow_unused=True)):
                 return NO_CLOSED_FORMS
     return SiteClosedForms(
+        True,
         all(
             _fixed_transforms(fn) and has_closed_form(lambda fn: kl_divergence(fn, fn), fn)
             for fn in fns.values()

@@ -24,7 +24,7 @@ from numpyro_psvi.guides import guide_density as n_guide_density
 from numpyro_psvi.guides import site_closed_forms as n_site_closed_forms
 from psvi.families import NO_CLOSED_FORMS, SiteClosedForms
 from pyro_psvi.guides import site_closed_forms as p_site_closed_forms
-from pyro_psvi.guides import user_guide_density, user_guide_layout
+from pyro_psvi.guides import _autodiff_score, user_guide_density, user_guide_layout
 
 LOC0, SCALE0, SHAPE0, RATE0 = [0.3, -1.0, 2.0], [0.5, 1.2, 0.8], 3.0, 2.0
 LOC1, SCALE1, SHAPE1, RATE1 = [0.1, -0.4, 2.5], [0.7, 1.0, 0.6], 2.0, 1.5
@@ -106,10 +106,10 @@ N_TRANSFORMS = {"a": nbiject_to(nconstraints.real), "s": nbiject_to(nconstraints
 def test_site_closed_forms_are_found_on_the_guides_graph_only_for_mean_field_guides():
     pyro.clear_param_store()
     found = p_site_closed_forms(p_guide, pyro.poutine.trace(p_guide).get_trace(), (), {}, P_SUPPORTS)
-    assert found == SiteClosedForms(True, True)
+    assert found == SiteClosedForms(True, True, True)
     structured = pyro.poutine.trace(p_guide).get_trace(structured=True)
     assert p_site_closed_forms(p_guide, structured, (), {"structured": True}, P_SUPPORTS) == NO_CLOSED_FORMS
-    assert n_site_closed_forms(n_guide, (), {}, N_TRANSFORMS) == SiteClosedForms(True, True)
+    assert n_site_closed_forms(n_guide, (), {}, N_TRANSFORMS) == SiteClosedForms(True, True, True)
     assert n_site_closed_forms(n_guide, (), {"structured": True}, N_TRANSFORMS) == NO_CLOSED_FORMS
 
     def n_reads_a_later_site():  # dependence against the sites' alphabetical order
@@ -121,16 +121,16 @@ def test_site_closed_forms_are_found_on_the_guides_graph_only_for_mean_field_gui
     # A Gamma on a site whose support is the unit interval has no closed-form variance
     # there (its values under the model's logit): the weighting is drawn.
     unit = {"a": N_TRANSFORMS["a"], "s": nbiject_to(nconstraints.unit_interval)}
-    assert n_site_closed_forms(n_guide, (), {}, unit) == SiteClosedForms(True, False)
+    assert n_site_closed_forms(n_guide, (), {}, unit) == SiteClosedForms(True, True, False)
     p_unit = {"a": pconstraints.real, "s": pconstraints.unit_interval}
     assert p_site_closed_forms(p_guide, pyro.poutine.trace(p_guide).get_trace(), (), {}, p_unit) == (
-        SiteClosedForms(True, False)
+        SiteClosedForms(True, True, False)
     )
 
 
 def test_site_kl_is_the_monte_carlo_kl_it_replaces_and_agrees_across_backends():
     closed, found = p_density(p_guide, p_model, closed_forms=True)
-    assert found == SiteClosedForms(True, True)
+    assert found == SiteClosedForms(True, True, True)
     p_closed = float(closed.kl(tensors(P_PARAMS0), tensors(P_PARAMS1)))
     # The Monte Carlo KL with 40,000 draws: its error is the sd of the log ratio over the
     # draws / sqrt(40,000) (the control variate has mean zero); 4 standard errors.
@@ -200,7 +200,7 @@ def test_lognormal_sites_take_their_normals_kl_in_both_backends_and_other_transf
         numpyro.sample("s", ndist.HalfNormal(1.0))
 
     density, found = p_density(p_lognormal_guide, p_half_model, closed_forms=True)
-    assert found == SiteClosedForms(True, True)
+    assert found == SiteClosedForms(True, True, True)
     pyro.clear_param_store()
     shifted = pyro.poutine.trace(p_shifted_guide).get_trace()
     assert p_site_closed_forms(p_shifted_guide, shifted, (), {}, {"s": pconstraints.real}).kl is False
@@ -211,3 +211,57 @@ def test_lognormal_sites_take_their_normals_kl_in_both_backends_and_other_transf
     n_kl = float(n_density.kl({"m": jnp.asarray(0.2)}, {"m": jnp.asarray(0.7)}, jax.random.PRNGKey(0)))
     n_found = n_site_closed_forms(n_lognormal_guide, (), {}, {"s": nbiject_to(nconstraints.positive)})
     assert n_found.kl and abs(n_kl - 0.5) < 1e-6
+
+
+def p_members_model():
+    pyro.sample("s", pdist.HalfNormal(1.0))
+    with pyro.plate("members", 6, subsample_size=3):
+        pyro.sample("z", pdist.Normal(0.0, 1.0))
+
+
+def p_members_guide():
+    shape = pyro.param("shape", torch.tensor(SHAPE0), constraint=pconstraints.positive)
+    rate = pyro.param("rate", torch.tensor(RATE0), constraint=pconstraints.positive)
+    loc = pyro.param("loc", torch.linspace(-1.0, 1.0, 6))
+    scale = pyro.param("scale", torch.linspace(0.5, 1.5, 6), constraint=pconstraints.positive)
+    pyro.sample("s", pdist.Gamma(shape, rate))
+    with pyro.plate("members", 6, subsample_size=3) as members:
+        pyro.sample("z", pdist.Normal(loc[members], scale[members]))
+
+
+def test_mean_field_score_from_one_guide_run_is_the_score_of_the_guides_density():
+    """A mean-field guide's score at the particles comes from one run of the guide (its
+    sites' distributions broadcast against the draws), where the generic score runs the
+    guide at the draws themselves: the same function, so value and second-order
+    gradient in the params agree to float32 round-off, for a constrained site and a
+    local latent in a subsampled plate (the batch's members, shared with the draws)."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model_trace = pyro.poutine.trace(p_members_model).get_trace()
+    guide_trace = pyro.poutine.trace(p_members_guide).get_trace()
+    layout = user_guide_layout(p_members_guide, model_trace, guide_trace)
+    found = p_site_closed_forms(p_members_guide, guide_trace, (), {}, layout.supports)
+    assert found == SiteClosedForms(True, True, True)
+    density = user_guide_density(p_members_guide, layout, (), {}, max_plate_nesting=1, closed_forms=found)
+    params = {
+        "shape": torch.tensor(SHAPE0), "rate": torch.tensor(RATE0),
+        "loc": torch.linspace(-1.0, 1.0, 6), "scale": torch.linspace(0.5, 1.5, 6),
+    }  # fmt: skip
+    u = density.sample(params, 5)  # draws the step's members
+    weights = torch.randn(u.shape)
+    results = []
+    for score in (density.score, _autodiff_score(density.log_prob)):
+        leaves = {name: value.clone().requires_grad_() for name, value in params.items()}
+        value = score(leaves, u)
+        grads = torch.autograd.grad((value * weights).sum(), list(leaves.values()))
+        results.append((value, grads))
+    (mean_field, mean_field_grads), (generic, generic_grads) = results
+    assert bool((mean_field[:, 1:] != 0).sum(-1).eq(3).all())  # the 3 members' coordinates
+    torch.testing.assert_close(mean_field, generic)
+    for found_grad, expected_grad in zip(mean_field_grads, generic_grads, strict=True):
+        torch.testing.assert_close(found_grad, expected_grad)
+    # The KL after a score at the same params reuses its run: the value of a fresh run.
+    shifted = {name: value + 0.1 for name, value in params.items()}
+    density.score(shifted, u)
+    reused = density.kl(params, shifted)
+    torch.testing.assert_close(reused, density.kl(params, shifted))
