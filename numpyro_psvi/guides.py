@@ -22,12 +22,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_solve, solve_triangular
 from jax.scipy.special import polygamma
 from numpyro.distributions.kl import kl_divergence
 from numpyro.distributions.transforms import (
+    ComposeTransform,
     ExpTransform,
     IdentityTransform,
     IndependentTransform,
@@ -555,30 +557,104 @@ def site_closed_forms(
     """Whether a user-written guide is mean field, each site's distribution a function of
     the params alone, never of another site's value (checked on the guide's computation
     graph, not on values), and if so which site-wise closed forms exist: a
-    ``kl_divergence`` rule for every site's distribution, and for every site the variance
-    of its value under the model site's bijection ``transforms[name]``
-    (:func:`unconstrained_variance`)."""
+    ``kl_divergence`` rule for every site's distribution, for every site the variance of
+    its value under the model site's bijection ``transforms[name]``
+    (:func:`unconstrained_variance`), and whether every site is Normal there
+    (:func:`unconstrained_normal`); all only if every ``TransformedDistribution``'s
+    transforms are constants (:func:`_fixed_transforms`)."""
     key = jax.random.PRNGKey(0)
     guide_trace = trace(seed(guide, key)).get_trace(*args, **kwargs)
     sites = {n: s for n, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]}
     if not _mean_field(guide, args, kwargs, sites):
         return NO_CLOSED_FORMS
+    params = {name: site["value"] for name, site in guide_trace.items() if site["type"] == "param"}
+    if not _fixed_transforms(guide, args, kwargs, params, sorted(sites)):  # runs' sites might not compare
+        return SiteClosedForms(mean_field=True, kl=False, variance=False)
+    fns = {name: site["fn"] for name, site in sites.items()}
+    unscaled = all(site["scale"] is None for site in sites.values())  # a mask wraps the fn
     return SiteClosedForms(
         True,
-        all(has_closed_form(lambda fn: site_kl_divergence(fn, fn), site["fn"]) for site in sites.values()),
+        all(has_closed_form(lambda fn: site_kl_divergence(fn, fn), fn) for fn in fns.values()),
         all(
-            has_closed_form(lambda fn, name=name: unconstrained_variance(fn, transforms[name]), site["fn"])
-            for name, site in sites.items()
+            has_closed_form(lambda fn, name=name: unconstrained_variance(fn, transforms[name]), fn)
+            for name, fn in fns.items()
+        ),
+        unscaled
+        and all(
+            has_closed_form(lambda fn, name=name: unconstrained_normal(fn, transforms[name]), fn)
+            for name, fn in fns.items()
         ),
     )
 
 
-def _transform_kind(transform: Any) -> str | None:
-    """``"identity"``, ``"log"`` or ``"logit"`` for the inverse of those bijections, else ``None``."""
+def _fixed_transforms(guide: Callable, args: tuple, kwargs: dict, params: dict, names: list[str]) -> bool:
+    """Whether the transforms of the guide's ``TransformedDistribution`` sites depend on
+    neither the params nor the arguments (on the jaxpr): then they are the same
+    constants at every run, inside ``jit`` too, and two runs' sites compare."""
+    key = jax.random.PRNGKey(0)
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array | np.ndarray)]
+
+    def transform_leaves(params, array_leaves):
+        given = list(leaves)
+        for i, leaf in zip(arrays, array_leaves, strict=True):
+            given[i] = leaf
+        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, given)
+        guide_trace = trace(substitute(seed(guide, key), data=params)).get_trace(*call_args, **call_kwargs)
+        return [jnp.asarray(leaf) for name in names for leaf in _transform_leaves(guide_trace[name]["fn"])]
+
+    try:
+        jaxpr = jax.make_jaxpr(transform_leaves)(params, [leaves[i] for i in arrays]).jaxpr
+    except NotImplementedError:  # a transform that is not a pytree
+        return False
+    return not any(_dependencies(jaxpr))
+
+
+def _transform_leaves(fn: dist.Distribution) -> list[Any]:
+    """The array leaves of a ``TransformedDistribution``'s transforms (LogNormal's are fixed)."""
+    while isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
+        fn = fn.base_dist
+    if not isinstance(fn, dist.TransformedDistribution) or isinstance(fn, dist.LogNormal):
+        return []
+    return jax.tree_util.tree_leaves(fn.transforms)
+
+
+def _transform_parts(transform: Any) -> list[Any]:
+    """The elementwise bijections ``transform`` applies in turn (compositions and
+    ``IndependentTransform`` flattened), less identity maps."""
+    if isinstance(transform, list | tuple):
+        return [part for item in transform for part in _transform_parts(item)]
     while isinstance(transform, IndependentTransform):
         transform = transform.base_transform
-    kinds = {IdentityTransform: "identity", ExpTransform: "log", SigmoidTransform: "logit"}
-    return kinds.get(type(transform))
+    if isinstance(transform, ComposeTransform):
+        return _transform_parts(transform.parts)
+    return [] if isinstance(transform, IdentityTransform) else [transform]
+
+
+def _same_transforms(mine: Any, theirs: Any) -> bool:
+    """Whether two transforms are equal part by part: same types, equal concrete params
+    (a traced param compares unequal)."""
+    mine, theirs = _transform_parts(mine), _transform_parts(theirs)
+
+    def equal(a: Any, b: Any) -> bool:
+        a_leaves, b_leaves = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+        if type(a) is not type(b) or len(a_leaves) != len(b_leaves):
+            return False
+        try:
+            return all(np.array_equal(x, y) for x, y in zip(a_leaves, b_leaves, strict=True))
+        except jax.errors.TracerArrayConversionError:
+            return False
+
+    return len(mine) == len(theirs) and all(map(equal, mine, theirs))
+
+
+def _transform_kind(transform: Any) -> str | None:
+    """``"identity"``, ``"log"`` or ``"logit"`` for the inverse of those bijections, else ``None``."""
+    parts = _transform_parts(transform)
+    if not parts:
+        return "identity"
+    kinds = {ExpTransform: "log", SigmoidTransform: "logit"}
+    return kinds.get(type(parts[0])) if len(parts) == 1 else None
 
 
 _UNCONSTRAINED_VARIANCES: dict[tuple[type, str], Callable[[Any], jax.Array]] = {
@@ -606,9 +682,52 @@ def unconstrained_variance(fn: dist.Distribution, transform: Any) -> jax.Array:
     if kind == "identity":
         return fn.variance
     rule = _UNCONSTRAINED_VARIANCES.get((type(fn), kind))
+    if rule is None and _is_image_under(fn, transform):
+        rule = _base_variance  # the value's preimage is a base draw
     if rule is None:
         raise NotImplementedError(f"no closed-form variance of {type(fn).__name__} under {transform}")
     return jnp.broadcast_to(rule(fn), fn.batch_shape + fn.event_shape)
+
+
+_UNCONSTRAINED_NORMALS: dict[tuple[type, str], Callable[[Any], tuple[jax.Array, jax.Array]]] = {
+    (dist.Normal, "identity"): lambda fn: (fn.loc, fn.scale),
+    (dist.LogNormal, "log"): lambda fn: (fn.base_dist.loc, fn.base_dist.scale),  # log X ~ Normal
+}
+
+
+def unconstrained_normal(fn: dist.Distribution, transform: Any) -> tuple[jax.Array, jax.Array]:
+    """``(loc, scale)``, each of ``fn``'s batch and event shape, when ``transform.inv(x)``
+    for ``x ~ fn`` is elementwise Normal: a Normal under the identity, a LogNormal under
+    the log, a ``TransformedDistribution`` of a Normal whose transforms are ``transform``.
+    Raises ``NotImplementedError`` otherwise. The twin of Pyro's."""
+    while isinstance(fn, dist.Independent | dist.ExpandedDistribution):
+        fn = fn.base_dist  # a plate's expansion broadcasts it
+    rule = _UNCONSTRAINED_NORMALS.get((type(fn), _transform_kind(transform)))
+    if rule is None and _is_image_under(fn, transform) and type(fn.base_dist) is dist.Normal:
+        rule = _UNCONSTRAINED_NORMALS[dist.Normal, "identity"]
+        fn = fn.base_dist
+    if rule is None:
+        raise NotImplementedError(f"{type(fn).__name__} is not Normal under the inverse of {transform}")
+    shape = fn.batch_shape + fn.event_shape
+    return tuple(jnp.broadcast_to(value, shape) for value in rule(fn))
+
+
+def _base_variance(fn: dist.TransformedDistribution) -> jax.Array:
+    return fn.base_dist.variance
+
+
+def _is_elementwise_transformed(fn: dist.Distribution) -> bool:
+    return (
+        isinstance(fn, dist.TransformedDistribution)
+        and not isinstance(fn, dist.LogNormal)
+        and fn.base_dist.event_shape == fn.event_shape
+    )
+
+
+def _is_image_under(fn: dist.Distribution, transform: Any) -> bool:
+    """Whether ``fn`` is an elementwise ``TransformedDistribution`` whose transforms are
+    ``transform``: its values' preimages are its base's draws."""
+    return _is_elementwise_transformed(fn) and _same_transforms(fn.transforms, transform)
 
 
 def site_kl_divergence(p: dist.Distribution, q: dist.Distribution) -> jax.Array:
@@ -616,6 +735,12 @@ def site_kl_divergence(p: dist.Distribution, q: dist.Distribution) -> jax.Array:
     their Normals, as torch's rule for equal transforms gives it in Pyro."""
     if isinstance(p, dist.LogNormal) and isinstance(q, dist.LogNormal):
         return kl_divergence(p.base_dist, q.base_dist)
+    if (
+        _is_elementwise_transformed(p)
+        and _is_elementwise_transformed(q)
+        and _same_transforms(p.transforms, q.transforms)
+    ):
+        return kl_divergence(p.base_dist, q.base_dist)  # a common bijection leaves the KL
     return kl_divergence(p, q)
 
 
@@ -748,6 +873,25 @@ def _user_guide(
                 batch = jnp.broadcast_to(variance, members(name, template[name]).shape)
                 variances[name] = members(name, batch, template[name])
             return jnp.sum(ravel_pytree(variances)[0] * r**2)
+
+        if closed_forms.normal and not local_plates:
+
+            def get_loc_scale(params):
+                pairs = {
+                    name: [
+                        jnp.broadcast_to(part, template[name].shape)
+                        for part in unconstrained_normal(fn, transforms[name])
+                    ]
+                    for name, (fn, _) in site_distributions(params).items()
+                }
+                return tuple(
+                    ravel_pytree({name: pair[side] for name, pair in pairs.items()})[0] for side in (0, 1)
+                )
+
+            # A diagonal Gaussian in the unconstrained space: AutoNormal's density and fit.
+            return _diagonal_density(get_loc_scale, unravel, flat.size, "closed_form")._replace(
+                elbo_log_prob=None
+            )
 
         log_prob = partial(guide_log_prob, plate_scaled=False)
         kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, num_kl_draws)

@@ -44,6 +44,10 @@ class SiteClosedForms(NamedTuple):
     mean_field: bool  # the density is the product of the sites' (one guide pass gives it)
     kl: bool  # KL(q0 || q1) is the sum of the sites' closed-form KLs
     variance: bool  # every site's value has a closed-form variance in the unconstrained space
+    # Every site's value is Normal in the unconstrained space (unscaled, unmasked): the
+    # guide is a diagonal Gaussian there, fitted as AutoNormal is (its loc and scale read
+    # from one run of the guide).
+    normal: bool = False
 
 
 NO_CLOSED_FORMS = SiteClosedForms(mean_field=False, kl=False, variance=False)

@@ -134,6 +134,9 @@ class GuideDensity(NamedTuple):
     module_param_names : tuple of str
         A user-written guide's ``pyro.module`` parameters: the module reads its own
         tensors, so a gradient reaches them only at those tensors (the inner steps').
+    runs_guide : bool
+        Whether evaluating the density runs a user-written guide (whose cost is the
+        user's: the engine times its inner steps).
     """
 
     latent_dim: int
@@ -150,6 +153,7 @@ class GuideDensity(NamedTuple):
     plate_indices: dict[str, torch.Tensor] | None = None
     module_param_names: tuple[str, ...] = ()
     elbo_log_prob: Callable[[Params, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    runs_guide: bool = False
 
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split flat latents ``(..., D)`` into unconstrained site values ``(..., *shape)``."""
@@ -773,8 +777,10 @@ def user_guide_density(
 
     def site_distributions(params) -> dict[str, _SiteDistribution]:
         """Each site's distribution and how the density counts it (one run, no draws
-        plate: a mean-field site's distribution broadcasts against any draws)."""
-        guide_trace = run(params, None)
+        plate: a mean-field site's distribution broadcasts against any draws; its draws
+        from a seeded generator, leaving the global stream, the particles', as it was)."""
+        with _seeded(next(iter(params.values())).device, 0):
+            guide_trace = run(params, None)
         return {
             site.name: _SiteDistribution(
                 node["fn"], node["scale"] / _plate_factor(node), node["mask"], node["value"].shape,
@@ -846,6 +852,18 @@ def user_guide_density(
             variances_of.update(fns=fns, variances=site_variances(fns))
         return (variances_of["variances"] * r**2).sum(-1)
 
+    if closed_forms.normal and not any(site.plates for site in sites):
+
+        def get_loc_scale(params):
+            fns = site_distributions(params)
+            pairs = [unconstrained_normal(fns[site.name].fn, transforms[site.name]) for site in sites]
+            return tuple(torch.cat([part.reshape(-1) for part in side]) for side in zip(*pairs, strict=True))
+
+        # A diagonal Gaussian in the unconstrained space: AutoNormal's density and fit.
+        diagonal = _diagonal_density(get_loc_scale, sites, layout.param_names, "closed_form")
+        return diagonal._replace(
+            module_param_names=tuple(layout.module_params), elbo_log_prob=None, runs_guide=True
+        )
     kl, cov_quad = _monte_carlo_kl_and_cov(seeded_sample, draws_with_log_prob, log_prob, num_kl_draws)
     if closed_forms.kl:
         kl = site_kl
@@ -856,7 +874,7 @@ def user_guide_density(
         latent_dim=dim, sites=sites, param_names=layout.param_names, sample=sample,
         log_prob=log_prob, score=score, kl=kl, cov_quad=cov_quad,
         closed_form=False, plate_indices=plate_indices, module_param_names=tuple(layout.module_params),
-        elbo_log_prob=elbo_log_prob if any(site.plates for site in sites) else None,
+        elbo_log_prob=elbo_log_prob if any(site.plates for site in sites) else None, runs_guide=True,
     )  # fmt: skip
 
 
@@ -866,9 +884,10 @@ def site_closed_forms(
     """Whether a user-written guide is mean field, each site's distribution a function of
     the params alone, never of another site's value (checked on the autograd graph, not
     on values), and if so which site-wise closed forms exist: a ``kl_divergence`` rule
-    for every site's distribution, and for every site the variance of its value under
-    the bijection of the model site's support ``supports[name]``
-    (:func:`unconstrained_variance`)."""
+    for every site's distribution, for every site the variance of its value under the
+    bijection of the model site's support ``supports[name]`` (:func:`unconstrained_variance`),
+    and whether every site is Normal there (:func:`unconstrained_normal`); all only if
+    every ``TransformedDistribution``'s transforms are constants (:func:`_fixed_transforms`)."""
     fns = {
         name: site["fn"]
         for name, site in guide_trace.nodes.items()
@@ -883,32 +902,55 @@ def site_closed_forms(
         if log_prob.requires_grad and others:
             if any(grad is not None for grad in torch.autograd.grad(log_prob, others, allow_unused=True)):
                 return NO_CLOSED_FORMS
+    unscaled = all(
+        isinstance(site["scale"], int | float) and site["scale"] == 1 and site["mask"] is None
+        for name, site in guide_trace.nodes.items()
+        if name in fns
+    )
+    if not all(map(_fixed_transforms, fns.values())):  # two runs' sites might not compare
+        return SiteClosedForms(mean_field=True, kl=False, variance=False)
     return SiteClosedForms(
         True,
-        all(
-            _fixed_transforms(fn) and has_closed_form(lambda fn: kl_divergence(fn, fn), fn)
-            for fn in fns.values()
-        ),
+        all(has_closed_form(lambda fn: kl_divergence(fn, fn), fn) for fn in fns.values()),
         all(
             has_closed_form(lambda fn, name=name: unconstrained_variance(fn, biject_to(supports[name])), fn)
+            for name, fn in fns.items()
+        ),
+        unscaled
+        and all(
+            has_closed_form(lambda fn, name=name: unconstrained_normal(fn, biject_to(supports[name])), fn)
             for name, fn in fns.items()
         ),
     )
 
 
-def _transform_kind(transform: Any) -> str | None:
-    """``"identity"``, ``"log"`` or ``"logit"`` for the inverse of those bijections (torch
-    writes the positive reals' as ``exp`` then the identity ``AffineTransform(0, 1)``),
-    else ``None``."""
+def _flat_parts(transform: Any) -> list[Any]:
+    """The transforms ``transform`` (one, or a list) applies in turn, compositions and
+    ``IndependentTransform`` flattened."""
+    if isinstance(transform, list | tuple):
+        return [part for item in transform for part in _flat_parts(item)]
     while isinstance(transform, IndependentTransform):
         transform = transform.base_transform
-    parts = transform.parts if isinstance(transform, ComposeTransform) else [transform]
-    if (
-        len(parts) == 2
-        and isinstance(parts[1], AffineTransform)
-        and bool(torch.as_tensor(parts[1].loc).eq(0).all() & torch.as_tensor(parts[1].scale).eq(1).all())
-    ):
-        parts = parts[:1]
+    if isinstance(transform, ComposeTransform):
+        return _flat_parts(transform.parts)
+    return [transform]
+
+
+def _transform_parts(transform: Any) -> list[Any]:
+    """:func:`_flat_parts` less identity affine maps (torch writes the positive reals'
+    bijection as ``exp`` then ``AffineTransform(0, 1)``)."""
+
+    def identity(part: Any) -> bool:
+        return isinstance(part, AffineTransform) and bool(
+            torch.as_tensor(part.loc).eq(0).all() & torch.as_tensor(part.scale).eq(1).all()
+        )
+
+    return [part for part in _flat_parts(transform) if not identity(part)]
+
+
+def _transform_kind(transform: Any) -> str | None:
+    """``"identity"``, ``"log"`` or ``"logit"`` for the inverse of those bijections, else ``None``."""
+    parts = _transform_parts(transform)
     if not parts:
         return "identity"
     kinds = {ExpTransform: "log", SigmoidTransform: "logit"}
@@ -924,7 +966,9 @@ _UNCONSTRAINED_VARIANCES: dict[tuple[type, str], Callable[[Any], torch.Tensor]] 
     (dist.InverseGamma, "log"): lambda fn: torch.polygamma(1, fn.concentration),  # -log G_a + log rate
     (dist.LogNormal, "log"): lambda fn: fn.scale**2,
     **{
-        (family, "log"): lambda fn, name=family.__name__: torch.tensor(LOG_VARIANCE_OF_SCALE_FAMILY[name])
+        (family, "log"): lambda fn, name=family.__name__: torch.full_like(  # its dtype, device
+            fn.mean, LOG_VARIANCE_OF_SCALE_FAMILY[name]
+        )
         for family in (dist.Exponential, dist.HalfNormal, dist.HalfCauchy)
     },
 }
@@ -934,8 +978,10 @@ def unconstrained_variance(fn: torch.distributions.Distribution, transform: Any)
     """The elementwise variance of ``transform.inv(x)`` for ``x ~ fn``, in closed form:
     ``fn.variance`` under the identity, and under the log or logit (the bijections of the
     positive reals and the unit interval) for Beta, Gamma, InverseGamma, LogNormal,
-    Exponential, HalfNormal and HalfCauchy. Raises ``NotImplementedError`` otherwise
-    (the engine then estimates it from draws). The twin of NumPyro's."""
+    Exponential, HalfNormal and HalfCauchy, and the base's variance for a
+    ``TransformedDistribution`` whose elementwise transforms are ``transform`` itself.
+    Raises ``NotImplementedError`` otherwise (the engine then estimates it from draws).
+    The twin of NumPyro's."""
     wrappers = (torch.distributions.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)
     while isinstance(fn, wrappers):
         fn = fn.base_dist  # the variance of one element: a plate's expansion broadcasts it
@@ -943,21 +989,66 @@ def unconstrained_variance(fn: torch.distributions.Distribution, transform: Any)
     if kind == "identity":
         return fn.variance
     rule = _UNCONSTRAINED_VARIANCES.get((type(fn), kind))
+    if rule is None and _is_image_under(fn, transform):
+        rule = attrgetter("base_dist.variance")  # the value's preimage is a base draw
     if rule is None:
         raise NotImplementedError(f"no closed-form variance of {type(fn).__name__} under {transform}")
-    variance = rule(fn)
-    return torch.broadcast_to(variance.to(fn.mean), fn.batch_shape + fn.event_shape)  # its dtype, device
+    return torch.broadcast_to(rule(fn), fn.batch_shape + fn.event_shape)
+
+
+_UNCONSTRAINED_NORMALS: dict[tuple[type, str], Callable[[Any], tuple[torch.Tensor, torch.Tensor]]] = {
+    (dist.Normal, "identity"): attrgetter("loc", "scale"),
+    (dist.LogNormal, "log"): attrgetter("loc", "scale"),  # log X ~ Normal(loc, scale)
+}
+
+
+def unconstrained_normal(
+    fn: torch.distributions.Distribution, transform: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loc, scale)``, each of ``fn``'s batch and event shape, when ``transform.inv(x)``
+    for ``x ~ fn`` is elementwise Normal: a Normal under the identity, a LogNormal under
+    the log, a ``TransformedDistribution`` of a Normal whose transforms are ``transform``.
+    Raises ``NotImplementedError`` otherwise. The twin of NumPyro's."""
+    while isinstance(fn, torch.distributions.Independent | dist.ExpandedDistribution):
+        fn = fn.base_dist  # a plate's expansion broadcasts it
+    rule = _UNCONSTRAINED_NORMALS.get((type(fn), _transform_kind(transform)))
+    if rule is None and _is_image_under(fn, transform) and type(fn.base_dist) is dist.Normal:
+        rule = attrgetter("base_dist.loc", "base_dist.scale")
+    if rule is None:
+        raise NotImplementedError(f"{type(fn).__name__} is not Normal under the inverse of {transform}")
+    shape = fn.batch_shape + fn.event_shape
+    return tuple(torch.broadcast_to(value, shape) for value in rule(fn))
+
+
+def _is_image_under(fn: torch.distributions.Distribution, transform: Any) -> bool:
+    """Whether ``fn`` is an elementwise ``TransformedDistribution`` whose transforms are
+    ``transform`` (equal parts in turn): its values' preimages are its base's draws."""
+    if not isinstance(fn, torch.distributions.TransformedDistribution):
+        return False
+    if fn.base_dist.event_shape != fn.event_shape:
+        return False
+    mine, theirs = _transform_parts(fn.transforms), _transform_parts(transform)
+    return len(mine) == len(theirs) and all(a == b for a, b in zip(mine, theirs, strict=True))
 
 
 def _fixed_transforms(fn: torch.distributions.Distribution) -> bool:
     """Whether ``fn`` has no transform its params could move: torch's KL rule for two
-    transformed distributions needs equal transforms and fails for unequal ones, so only
-    LogNormal's fixed one is taken (as NumPyro's ``site_kl_divergence`` does)."""
+    transformed distributions needs equal transforms and fails for unequal ones.
+    LogNormal's is fixed; a ``TransformedDistribution``'s is when no part is a module
+    and no tensor of a part is on the params' autograd graph (``fn`` from a trace of
+    the guide with the param store's params, which require grad)."""
     while isinstance(fn, torch.distributions.Independent):
         fn = fn.base_dist
-    return isinstance(fn, torch.distributions.LogNormal) or not isinstance(
-        fn, torch.distributions.TransformedDistribution
-    )
+    if not isinstance(fn, torch.distributions.TransformedDistribution) or isinstance(
+        fn, torch.distributions.LogNormal
+    ):
+        return True
+    for part in _flat_parts(fn.transforms):
+        if isinstance(part, torch.nn.Module):
+            return False
+        if any(isinstance(value, torch.Tensor) and value.requires_grad for value in vars(part).values()):
+            return False
+    return True
 
 
 class _seeded:

@@ -281,9 +281,10 @@ class ProximalScoreVI(ScoreEngine):
         )
         if self.averages is None:  # else restored by load
             self._start_averages()
-        # Guides without closed-form scores re-run their density at every inner step:
-        # their second update is timed.
-        self._inner_cost_countdown = -1 if self.density.closed_form else 1
+        # Guides without closed-form scores, and user-written guides, re-run their density
+        # at every inner step: their second update is timed.
+        timed = self.density.runs_guide or not self.density.closed_form
+        self._inner_cost_countdown = 1 if timed else -1
 
     def _start_averages(self) -> None:
         """Empty curvature statistics (a diagonal guide) and, with iterate averaging, the
@@ -506,7 +507,12 @@ class ProximalScoreVI(ScoreEngine):
             with torch.no_grad():
                 loc_scale_grads = problem.gradient(loc, scale)
                 finite = _all_finite(*loc_scale_grads)
-            grads = torch.autograd.grad((loc, scale), guide_values, loc_scale_grads)
+            # A user-written guide may hold a scale (or loc) constant, or not use a param.
+            moved = [i for i, out in enumerate((loc, scale)) if out.requires_grad]
+            grads = torch.autograd.grad(
+                [(loc, scale)[i] for i in moved], guide_values, [loc_scale_grads[i] for i in moved],
+                allow_unused=True, materialize_grads=True,
+            )  # fmt: skip
         # A non-finite gradient must not reach the optimizer's moments (read at once on
         # a CPU, where that is free; elsewhere without waiting for the device).
         if finite.device.type != "cpu" or not finite:
