@@ -15,6 +15,7 @@ import numpyro
 import numpyro.distributions as ndist
 import pyro
 import pyro.distributions as pdist
+import pytest
 import torch
 from numpyro.distributions import constraints as nconstraints
 from numpyro.distributions.transforms import AffineTransform, SigmoidTransform
@@ -378,13 +379,72 @@ def n_schools_guide(y):
         numpyro.sample("theta", ndist.Normal(*loc_scale("theta", (len(y),))))
 
 
-def test_a_user_guide_that_is_normal_in_the_unconstrained_space_is_fitted_as_autonormal():
-    """A hand-written AutoNormal (a Normal, a LogNormal on a positive site, a plate of
+REG_X = np.linspace(-1.0, 1.0, 40).astype(np.float32)
+REG_Y = (0.5 + 1.5 * REG_X + 0.3 * np.sin(7.0 * REG_X)).astype(np.float32)
+
+
+def p_regression_model(x, y):  # a subsampled plate: the mini-batch regime
+    w = pyro.sample("w", pdist.Normal(torch.zeros(2), 1.0).to_event(1))
+    sigma = pyro.sample("sigma", pdist.HalfNormal(1.0))
+    with pyro.plate("data", len(x), subsample_size=10) as batch:
+        pyro.sample("obs", pdist.Normal(w[..., :1] + w[..., 1:] * x[batch], sigma), obs=y[batch])
+
+
+def p_regression_guide(x, y):
+    softplus = pdist.constraints.softplus_positive
+    w_loc = pyro.param("w_loc", torch.zeros(2))
+    w_scale = pyro.param("w_scale", torch.full((2,), 0.1), constraint=softplus)
+    pyro.sample("w", pdist.Normal(w_loc, w_scale).to_event(1))
+    sigma_loc = pyro.param("sigma_loc", torch.tensor(0.0))
+    sigma_scale = pyro.param("sigma_scale", torch.tensor(0.1), constraint=softplus)
+    pyro.sample("sigma", pdist.LogNormal(sigma_loc, sigma_scale))
+
+
+def n_regression_model(x, y):
+    w = numpyro.sample("w", ndist.Normal(jnp.zeros(2), 1.0).to_event(1))
+    sigma = numpyro.sample("sigma", ndist.HalfNormal(1.0))
+    with numpyro.plate("data", len(x), subsample_size=10) as batch:
+        numpyro.sample("obs", ndist.Normal(w[..., :1] + w[..., 1:] * x[batch], sigma), obs=y[batch])
+
+
+def n_regression_guide(x, y):
+    softplus = nconstraints.softplus_positive
+    w_loc = numpyro.param("w_loc", jnp.zeros(2))
+    w_scale = numpyro.param("w_scale", jnp.full(2, 0.1), constraint=softplus)
+    numpyro.sample("w", ndist.Normal(w_loc, w_scale).to_event(1))
+    sigma_loc = numpyro.param("sigma_loc", 0.0)
+    sigma_scale = numpyro.param("sigma_scale", 0.1, constraint=softplus)
+    numpyro.sample("sigma", ndist.LogNormal(sigma_loc, sigma_scale))
+
+
+NORMAL_USER_GUIDES = {
+    # name: Pyro model, guide, NumPyro model, guide, data, site names, regime (K, averaged)
+    "eight schools, exact scores": (
+        p_schools_model, p_schools_guide, n_schools_model, n_schools_guide, (SCHOOLS_Y,),
+        ("mu", "tau", "theta"), (20, False),
+    ),
+    "regression, a subsampled plate": (
+        p_regression_model, p_regression_guide, n_regression_model, n_regression_guide, (REG_X, REG_Y),
+        ("w", "sigma"), (5, True),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param("eight schools, exact scores", marks=pytest.mark.slow),  # 4 compiled engines
+        "regression, a subsampled plate",
+    ],
+)
+def test_a_user_guide_that_is_normal_in_the_unconstrained_space_is_fitted_as_autonormal(case):
+    """A hand-written AutoNormal (Normals, a LogNormal on a positive site, a plate of
     Normals; AutoNormal's softplus scales) has AutoNormal's density in the unconstrained
-    space, and the engine fits it as AutoNormal: from the same params and the same
-    particles, 30 updates (K = 20 inner steps each) end where AutoNormal's do, up to
-    float32 round-off (the same arithmetic, the loc and scale read from a run of the guide
-    instead of AutoNormal's own params), in both backends."""
+    space, and the engine fits it as AutoNormal, its regime included (with a subsampled
+    plate: K = 5 and the averaged iterate): from the same params, with the same particles
+    and batches, 30 updates end where AutoNormal's do, up to float32 round-off (the same
+    arithmetic, the loc and scale read from a run of the guide instead of AutoNormal's own
+    params), in both backends."""
     from numpyro.infer import init_to_feasible
     from numpyro.infer.autoguide import AutoNormal as NAutoNormal
     from pyro.infer.autoguide import AutoNormal as PAutoNormal
@@ -392,45 +452,39 @@ def test_a_user_guide_that_is_normal_in_the_unconstrained_space_is_fitted_as_aut
     import pyro_psvi
     from numpyro_psvi import ProximalScoreVI as NProximalScoreVI
 
-    y = torch.tensor(SCHOOLS_Y)
-    pyro.clear_param_store()
-    names = {"mu": (), "tau": (), "theta": (4,)}
+    p_model, p_guide, n_model, n_guide, data, names, regime = NORMAL_USER_GUIDES[case]
+    p_data = tuple(map(torch.tensor, data))
     fitted = []
-    for guide in (PAutoNormal(p_schools_model), p_schools_guide):
+    for guide in (PAutoNormal(p_model), p_guide):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        engine = pyro_psvi.ProximalScoreVI(p_schools_model, guide, pyro.optim.Adam({"lr": 0.05}))
-        engine.evaluate_loss(y)  # sets the engine up (its draws differ by guide), moves nothing
+        engine = pyro_psvi.ProximalScoreVI(p_model, guide, pyro.optim.Adam({"lr": 0.05}))
+        engine.evaluate_loss(*p_data)  # sets the engine up (its draws differ by guide), moves nothing
+        assert (engine.inner_steps, engine.average_iterates) == regime
         for step in range(30):
-            torch.manual_seed(step)  # the same particles for both guides
-            engine.step(y)
+            torch.manual_seed(step)  # the same particles and batches for both guides
+            engine.step(*p_data)
+        keys = ("{}_loc", "{}_scale") if guide is p_guide else ("AutoNormal.locs.{}", "AutoNormal.scales.{}")
         store = pyro.get_param_store()
-        if guide is p_schools_guide:
-            fitted.append({name: (store[f"{name}_loc"], store[f"{name}_scale"]) for name in names})
-        else:
-            fitted.append(
-                {
-                    name: (store[f"AutoNormal.locs.{name}"], store[f"AutoNormal.scales.{name}"])
-                    for name in names
-                }
-            )
+        fitted.append({name: tuple(store[key.format(name)].detach() for key in keys) for name in names})
     for name in names:
         for auto, user in zip(fitted[0][name], fitted[1][name], strict=True):
-            torch.testing.assert_close(user.detach(), auto.detach(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(user, auto, rtol=1e-4, atol=1e-5)
     # The fit moved from the common init (loc 0, scale 0.1).
-    assert float(fitted[0]["mu"][0].detach().abs()) > 0.1
+    assert float(fitted[0][names[0]][0].abs().max()) > 0.1
 
+    n_data = tuple(map(jnp.asarray, data))
     n_fitted = []
-    for guide in (NAutoNormal(n_schools_model, init_loc_fn=init_to_feasible), n_schools_guide):
-        engine = NProximalScoreVI(n_schools_model, guide, numpyro.optim.Adam(0.05))
-        state = engine.init(jax.random.PRNGKey(0), jnp.asarray(SCHOOLS_Y))
+    for guide in (NAutoNormal(n_model, init_loc_fn=init_to_feasible), n_guide):
+        engine = NProximalScoreVI(n_model, guide, numpyro.optim.Adam(0.05))
+        state = engine.init(jax.random.PRNGKey(0), *n_data)
         update = jax.jit(engine.update)
         for step in range(30):
-            state = update(state._replace(rng_key=jax.random.PRNGKey(step)), jnp.asarray(SCHOOLS_Y))[0]
+            state = update(state._replace(rng_key=jax.random.PRNGKey(step)), *n_data)[0]
         params = engine.get_params(state)
-        suffixes = ("_loc", "_scale") if guide is n_schools_guide else ("_auto_loc", "_auto_scale")
+        suffixes = ("_loc", "_scale") if guide is n_guide else ("_auto_loc", "_auto_scale")
         n_fitted.append({name: tuple(params[name + suffix] for suffix in suffixes) for name in names})
     for name in names:
         for auto, user in zip(n_fitted[0][name], n_fitted[1][name], strict=True):
             np.testing.assert_allclose(user, auto, rtol=1e-4, atol=1e-5)
-    assert abs(float(n_fitted[0]["mu"][0])) > 0.1
+    assert float(np.abs(n_fitted[0][names[0]][0]).max()) > 0.1
