@@ -819,10 +819,31 @@ def user_guide_density(
             total = total + log_q.reshape(num, -1).sum(-1) + log_det.reshape(num, -1).sum(-1)
         return total
 
+    def closed_form_score(fns, u) -> torch.Tensor | None:
+        """The score site by site by :func:`unconstrained_score`; ``None`` if a site has
+        no rule or is scaled or masked (its log density's weight is not its Jacobian's)."""
+        num, flat, blocks = u.shape[0], unpack_sites(sites, u), []
+        for site in sites:
+            fn = fns[site.name]
+            if not (isinstance(fn.weight, int | float) and fn.weight == 1 and fn.mask is None):
+                return None
+            unconstrained = batched(site, to_batch(site, flat[site.name]))
+            try:
+                score = unconstrained_score(fn.fn, transforms[site.name], unconstrained)
+            except NotImplementedError:
+                return None
+            score = torch.broadcast_to(score, unconstrained.shape)
+            score = score.reshape((num,) + score.shape[score.dim() - len(site.shape) :])
+            blocks.append(to_full_size(site, score).reshape(num, -1))
+        return torch.cat(blocks, dim=-1)
+
     def mean_field_score(params, u):
-        # One guide run, kept for the KL of the same inner step; the score differentiates
-        # the sites' log densities only, not the guide's run.
+        # One guide run, kept for the KL of the same inner step; the score is the sites'
+        # in closed form, or differentiates the sites' log densities only, not the run.
         fns = fitted_distributions(params, keep=closed_forms.kl)
+        score = closed_form_score(fns, u)
+        if score is not None:
+            return score
         with torch.enable_grad():
             u = u.detach().requires_grad_(True)
             return torch.autograd.grad(mean_field_log_prob(fns, u).sum(), u, create_graph=True)[0]
@@ -1018,6 +1039,40 @@ def unconstrained_normal(
         raise NotImplementedError(f"{type(fn).__name__} is not Normal under the inverse of {transform}")
     shape = fn.batch_shape + fn.event_shape
     return tuple(torch.broadcast_to(value, shape) for value in rule(fn))
+
+
+_UNCONSTRAINED_SCORES: dict[tuple[type, str], Callable[[Any, torch.Tensor], torch.Tensor]] = {
+    # d/du [log fn(T(u)) + log|T'(u)|], T the bijection: for x = sigmoid(u), the Beta's
+    # a log x + b log(1 - x); for x = exp(u), the Gamma's a u - rate x, and so on.
+    (dist.Normal, "identity"): lambda fn, u: (fn.loc - u) / fn.scale**2,
+    (dist.LogNormal, "log"): lambda fn, u: (fn.loc - u) / fn.scale**2,
+    (dist.Beta, "logit"): lambda fn, u: (
+        fn.concentration1 - (fn.concentration1 + fn.concentration0) * torch.sigmoid(u)
+    ),
+    (dist.Gamma, "log"): lambda fn, u: fn.concentration - fn.rate * u.exp(),
+    (dist.InverseGamma, "log"): lambda fn, u: fn.rate * (-u).exp() - fn.concentration,
+    (dist.Exponential, "log"): lambda fn, u: 1.0 - fn.rate * u.exp(),
+    (dist.HalfNormal, "log"): lambda fn, u: 1.0 - (2.0 * u).exp() / fn.scale**2,
+    (dist.HalfCauchy, "log"): lambda fn, u: 1.0 - 2.0 / (1.0 + fn.scale**2 * (-2.0 * u).exp()),
+}
+
+
+def unconstrained_score(
+    fn: torch.distributions.Distribution, transform: Any, u: torch.Tensor
+) -> torch.Tensor:
+    """The elementwise score in ``u`` of the density of ``u = transform.inv(x)``, ``x ~ fn``
+    (``fn``'s log density at ``transform(u)`` plus the Jacobian's), in closed form for the
+    families of :func:`unconstrained_variance` under the same bijections, and a
+    ``TransformedDistribution`` of a Normal by ``transform``. Raises
+    ``NotImplementedError`` otherwise."""
+    while isinstance(fn, torch.distributions.Independent | dist.ExpandedDistribution):
+        fn = fn.base_dist  # elementwise: the batch broadcasts
+    rule = _UNCONSTRAINED_SCORES.get((type(fn), _transform_kind(transform)))
+    if rule is None and _is_image_under(fn, transform) and type(fn.base_dist) is dist.Normal:
+        fn, rule = fn.base_dist, _UNCONSTRAINED_SCORES[dist.Normal, "identity"]
+    if rule is None:
+        raise NotImplementedError(f"no closed-form score of {type(fn).__name__} under {transform}")
+    return rule(fn, u)
 
 
 def _is_image_under(fn: torch.distributions.Distribution, transform: Any) -> bool:
