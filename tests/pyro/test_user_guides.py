@@ -251,7 +251,7 @@ def test_pyro_amortized_guide_with_pyro_module_fits_exactly():
 
 def test_pyro_guide_whose_density_dominates_the_step_is_warned_once():
     """A guide costing 3 ms a pass on a model costing microseconds: the K = 20 inner steps
-    (two guide passes each) take far over 10x the score phase (one pass for the
+    (a guide run each) take far over 10x the score phase (one pass for the
     particles); an autoguide with closed-form scores is never timed."""
 
     def model():
