@@ -877,8 +877,14 @@ def user_guide_density(
 
         def get_loc_scale(params):
             fns = site_distributions(params)
-            pairs = [unconstrained_normal(fns[site.name].fn, transforms[site.name]) for site in sites]
-            return tuple(torch.cat([part.reshape(-1) for part in side]) for side in zip(*pairs, strict=True))
+            blocks = [
+                [
+                    torch.broadcast_to(part, site.shape).reshape(-1)  # a site its plate broadcasts
+                    for part in unconstrained_normal(fns[site.name].fn, transforms[site.name])
+                ]
+                for site in sites
+            ]
+            return tuple(torch.cat(side) for side in zip(*blocks, strict=True))
 
         # A diagonal Gaussian in the unconstrained space: AutoNormal's density and fit.
         diagonal = _diagonal_density(get_loc_scale, sites, layout.param_names, "closed_form")

@@ -63,6 +63,7 @@ def test_devices_take_the_one_device_updates(case, devices):
         assert "noise" in report["param_names"]
 
 
+@pytest.mark.slow  # 17-42 s on the 2-core CI machine: the default suite keeps its budget
 def test_a_checkpoint_of_four_devices_resumes_on_one(tmp_path):
     """Four devices for 5 updates, saved, then one device for 5: the one-device run's
     10 updates (this also checks 4 devices against one)."""

@@ -286,6 +286,7 @@ def test_optax_and_numpyro_optimizers_and_progress_bar(capsys):
     assert svi.num_particles == 3
 
 
+@pytest.mark.slow  # 17-42 s on the 2-core CI machine: the default suite keeps its budget
 def test_lowrank_guide_fits_gaussian():
     mean, cov = ill_conditioned_gaussian(6, 10.0, seed=2)
     model = gaussian_target(mean, cov)

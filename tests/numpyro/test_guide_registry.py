@@ -75,6 +75,7 @@ def batched_params(seed):
     return guide, {**params, "auto_loc": jax.random.normal(key_loc, (3, 2)), "auto_scale_tril": tril}
 
 
+@pytest.mark.slow  # 17-42 s on the 2-core CI machine: the default suite keeps its budget
 def test_batched_mvn_closed_forms_equal_numpyro_distributions():
     """Score, log density, KL and covariance weighting of the block-diagonal guide equal
     those of NumPyro's own batched MultivariateNormal (float32 round-off)."""

@@ -35,6 +35,7 @@ def numpyro_hierarchical(y, w, subsample_size=B, subsample=None):
         numpyro.sample("w", ndist.Normal(mu, 1.0), obs=numpyro.subsample(w, event_dim=0))
 
 
+@pytest.mark.slow  # 17-42 s on the 2-core CI machine: the default suite keeps its budget
 def test_numpyro_smoke_pattern_param_and_local_latent_in_subsampled_plate():
     """Pyro's ``test_subsample_model`` pattern written in NumPyro."""
 
@@ -163,6 +164,7 @@ def test_numpyro_defaults_fit_local_latents_with_the_users_adam(lr):
         np.testing.assert_allclose(result.params[f"{name}_auto_scale"], sd, rtol=0.2)
 
 
+@pytest.mark.slow  # 17-42 s on the 2-core CI machine: the default suite keeps its budget
 def test_numpyro_inference_data_covers_local_latents_over_the_full_data():
     from numpyro_psvi.arviz import to_inference_data
 
@@ -270,6 +272,7 @@ def test_numpyro_user_guide_minibatch_fisher_gradient_is_unbiased_with_local_lat
     np.testing.assert_allclose(mean, full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # 17-42 s on the 2-core CI machine: the default suite keeps its budget
 def test_numpyro_user_guide_update_moves_only_what_its_batch_reads():
     """As the Pyro test of the same name: each update's guide and model share one batch,
     only its members' params move, and the second (disjoint, from the same epoch's

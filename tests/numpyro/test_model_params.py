@@ -43,6 +43,7 @@ def test_numpyro_learns_model_params_by_variational_em():
     check(np.asarray(sigmas), np.asarray(params["auto_loc"]), tril @ tril.T, *map(np.asarray, (x, y)))
 
 
+@pytest.mark.slow  # 17-42 s on the 2-core CI machine: the default suite keeps its budget
 def test_partly_bayesian_flax_network_on_digits():
     """A Flax MLP with priors on its last layer only (NumPyro's random_flax_module with
     a partial prior dict): the body is a model param learned jointly (variational EM)."""

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
@@ -26,6 +27,7 @@ def scan_run(svi, num_updates, *args):
     )
 
 
+@pytest.mark.slow  # 17-42 s on the 2-core CI machine: the default suite keeps its budget
 @PROPERTY
 @given(dim=st.integers(2, 6), log10_condition=st.floats(0.0, 2.0), seed=st.integers(0, 10**6))
 def test_random_gaussian_targets_converge(dim, log10_condition, seed):
@@ -45,6 +47,7 @@ def test_random_gaussian_targets_converge(dim, log10_condition, seed):
     assert gaussian_kl(mean, cov, np.asarray(params["auto_loc"], np.float64), tril @ tril.T) < 0.05
 
 
+@pytest.mark.slow  # 17-42 s on the 2-core CI machine: the default suite keeps its budget
 @PROPERTY
 @given(
     rate=st.floats(0.1, 10.0),
