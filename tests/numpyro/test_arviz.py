@@ -17,6 +17,7 @@ import numpyro_psvi.arviz as narviz
 from numpyro_psvi.contrib.models import linear_regression as n_linear_regression
 
 
+@pytest.mark.slow  # 13-25 s on the 2-core CI machine, a Pyro twin or sibling in the default suite
 def test_numpyro_inference_data_round_trip():
     x, y = data()
     model = partial(n_linear_regression, subsample_size=B)
@@ -50,6 +51,7 @@ def test_numpyro_diagnostics_separate_exact_from_misfit():
     check_diagnostics(exact, misfit, x, y)
 
 
+@pytest.mark.slow  # 13-25 s on the 2-core CI machine, a Pyro twin or sibling in the default suite
 def test_numpyro_inference_data_uses_the_learned_model_params():
     x, y = map(jnp.asarray, data())
 

@@ -58,6 +58,7 @@ def test_numpyro_smoke_pattern_param_and_local_latent_in_subsampled_plate():
     assert result.params["loc"] != 0.0 and result.params["scale"] != 1.0
 
 
+@pytest.mark.slow  # 13-25 s on the 2-core CI machine, a Pyro twin or sibling in the default suite
 def test_numpyro_minibatch_gradient_is_unbiased_with_local_latents():
     """As the Pyro test: the mean over ALL mini-batches of 2 of 6 equals the full grad."""
     from numpyro_psvi.objective import proximal_objective as n_proximal_objective
@@ -214,6 +215,7 @@ def indexing_fit(n: int, b: int, model=coupled_model):
     return svi, svi.init(jax.random.PRNGKey(0), y, w), (y, w)
 
 
+@pytest.mark.slow  # 13-25 s on the 2-core CI machine, a Pyro twin or sibling in the default suite
 def test_numpyro_user_guide_with_local_latents_has_the_mean_field_density_on_the_batch():
     """As the Pyro test of the same name."""
     n, batch = 6, jnp.array([4, 1])
@@ -238,6 +240,7 @@ def test_numpyro_user_guide_with_local_latents_has_the_mean_field_density_on_the
         svi.density.sample(params, jax.random.PRNGKey(3), 5)  # no batch: refused by name
 
 
+@pytest.mark.slow  # 13-25 s on the 2-core CI machine, a Pyro twin or sibling in the default suite
 def test_numpyro_user_guide_minibatch_fisher_gradient_is_unbiased_with_local_latents():
     """As the Pyro test of the same name (the full data: the batch of all 6 members)."""
     from numpyro_psvi.objective import weighted_fisher

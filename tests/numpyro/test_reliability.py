@@ -32,6 +32,7 @@ def test_numpyro_run_raises_after_consecutive_rejections():
 
 
 # ------------------------------------------------------------ checkpoints, seeds
+@pytest.mark.slow  # 13-25 s on the 2-core CI machine, a Pyro twin or sibling in the default suite
 def test_numpyro_checkpoint_resume_is_bit_identical(tmp_path):
     x, y = map(jnp.asarray, regression_data())
     model = lambda x, y: n_linear_regression(x, y, subsample_size=20)  # noqa: E731
