@@ -90,6 +90,7 @@ def _batch_mean_tolerance(num_evaluations: int) -> float:
     return 4 * math.sqrt(variance / num_evaluations)
 
 
+@pytest.mark.slow  # 17-30 s on the 2-core CI machine: the default suite keeps its budget
 def test_numpyro_loss_with_subsampled_local_latents_is_unbiased():
     def model(y, batch):
         with numpyro.plate("data", N, subsample_size=batch) as idx:

@@ -159,6 +159,7 @@ def test_a_model_error_on_one_rank_stops_every_rank(tmp_path):
     assert "RankFailedError: 1 of the 2 ranks failed in their score phase" in results[0].stderr
 
 
+@pytest.mark.slow  # 17-30 s on the 2-core CI machine: the default suite keeps its budget
 def test_a_hanging_rank_times_out_with_a_clear_error(tmp_path):
     results = _run(2, tmp_path / "out.npz", "normal", "6", "--batch", "8", "--hang-at", "3", "--timeout", "3")
     assert results[0].returncode != 0
