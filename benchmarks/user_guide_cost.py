@@ -11,6 +11,7 @@ to SVI's. NumPyro steps are jitted; torch runs on one thread.
 
     python -m benchmarks.user_guide_cost [--blocks 5] [--steps 20] [--inner-steps 5 1] [--quick]
     python -m benchmarks.user_guide_cost --equal-time 20   # the VAE's -ELBO at equal wall time
+    python -m benchmarks.user_guide_cost --guide-runs      # Pyro's floor: plain guide runs vs SVI
 """
 
 from __future__ import annotations
@@ -360,6 +361,30 @@ def numpyro_equal_time(seconds: float, inner_steps: tuple[int, ...]) -> list[dic
     return rows
 
 
+def pyro_guide_run_floor(blocks: int, steps: int) -> list[dict]:
+    """Per Pyro example: SVI's step, one plain run of its hand-written guide (the least an
+    inner step can cost: no trace, no gradient), and twenty runs against SVI's step (the
+    floor of the default K's inner steps)."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    rows = []
+    for name, (model, guide, args) in pyro_examples().items():
+        pyro.clear_param_store()
+        elbo = Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+        steppers = {
+            "SVI": lambda svi=svi, args=args: svi.step(*args),
+            "guide run": lambda guide=guide, args=args: guide(*args),
+        }
+        times = _median_block_times(steppers, blocks, steps)
+        svi_ms, run_ms = 1e3 * times["SVI"], 1e3 * times["guide run"]
+        ratio = 20 * run_ms / svi_ms
+        rows.append({"example": name, "svi_ms": svi_ms, "guide_run_ms": run_ms, "twenty_runs_to_svi": ratio})
+        print(f"pyro {name:14s} SVI {svi_ms:.2f} ms, guide run {run_ms:.3f} ms, 20 runs / SVI {ratio:.2f}x")
+    return rows
+
+
 def _steps_for(seconds: float, step: Callable[[], None]) -> int:
     start, steps = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
@@ -379,12 +404,20 @@ def main() -> None:
         "--equal-time", type=float, default=None, metavar="SECONDS",
         help="instead: the VAE's -ELBO after SECONDS of steps of each engine (NumPyro: a quarter)",
     )  # fmt: skip
+    parser.add_argument(
+        "--guide-runs", action="store_true",
+        help="instead: Pyro's floor, one plain run of each guide against SVI's step",
+    )  # fmt: skip
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
     if args.quick:
         args.blocks, args.steps = 1, 2
+    if args.guide_runs:
+        rows = pyro_guide_run_floor(args.blocks, 2 * args.steps)
+        save("user_guide_floor", {"particles": PARTICLES, "blocks": args.blocks, "rows": rows})
+        return
     if args.equal_time is not None:
         inner = tuple(args.inner_steps)
         rows = pyro_equal_time(args.equal_time, inner) + numpyro_equal_time(args.equal_time / 4, inner)
