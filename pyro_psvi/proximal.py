@@ -306,6 +306,23 @@ class ProximalScoreVI(ScoreEngine):
 
     def _load_checkpoint_extra(self, extra: dict) -> None:
         averages = RunningAverages(**extra["averages"])
+        saved = (averages.curvature is not None, extra["iterate"] is not None)
+        current = (self.density.loc_scale is not None, self.average_iterates)
+        if saved != current:
+
+            def kind(curvature: bool, iterates: bool) -> str:
+                return (
+                    f"{'with' if curvature else 'without'} curvature averages (a diagonal Gaussian's "
+                    f"objective) and {'with' if iterates else 'without'} iterate averaging"
+                )
+
+            raise ValueError(
+                f"The checkpoint's running averages were saved by an engine fitting this guide "
+                f"{kind(*saved)}; this engine fits it {kind(*current)}. Build the engine with the "
+                "saved run's average_iterates; if the guide's fit changed with the package (a "
+                "hand-written guide that is Normal in the unconstrained space is fitted as "
+                "AutoNormal, docs/guides.md), start a new run from the saved params instead."
+            )
         if averages.curvature is not None:
             averages = averages._replace(curvature=CurvatureStatistics(*averages.curvature))
         self.averages = averages

@@ -120,6 +120,15 @@ def test_checkpoint_of_another_guide_engine_or_optimizer_is_refused(tmp_path):
         _engine(optim=pyro.optim.ClippedAdam({"lr": 1e-2})).load(path)
 
 
+def test_a_checkpoint_whose_running_averages_do_not_fit_the_engine_is_refused(tmp_path):
+    # Saved with the last iterate; the subsampled regression's default averages iterates.
+    path = _saved_fit(tmp_path, average_iterates=False)
+    engine = _engine()
+    engine.load(path)
+    with pytest.raises(ValueError, match="without iterate averaging; this engine fits it with"):
+        engine.step(*_data())
+
+
 def test_checkpoint_of_another_model_is_refused_at_the_first_step_before_any_change(tmp_path):
     path = _saved_fit(tmp_path)
     x, y = _data()
