@@ -968,9 +968,11 @@ def _transform_parts(transform: Any) -> list[Any]:
     bijection as ``exp`` then ``AffineTransform(0, 1)``)."""
 
     def identity(part: Any) -> bool:
-        return isinstance(part, AffineTransform) and bool(
-            torch.as_tensor(part.loc).eq(0).all() & torch.as_tensor(part.scale).eq(1).all()
-        )
+        if not isinstance(part, AffineTransform):
+            return False
+        if isinstance(part.loc, int | float) and isinstance(part.scale, int | float):
+            return part.loc == 0 and part.scale == 1  # biject_to's: no tensors to build
+        return bool(torch.as_tensor(part.loc).eq(0).all() & torch.as_tensor(part.scale).eq(1).all())
 
     return [part for part in _flat_parts(transform) if not identity(part)]
 
