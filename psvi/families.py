@@ -63,6 +63,15 @@ LOG_VARIANCE_OF_SCALE_FAMILY = {
 }
 
 
+def bijection_kind(parts: list[Any], kinds: dict[type, str]) -> str | None:
+    """The name the closed-form registries key a model site's bijection by, from its
+    elementwise ``parts`` (identity maps dropped): ``"identity"`` for none, the kind
+    ``kinds`` gives a single part's type (``"log"``, ``"logit"``), else ``None``."""
+    if not parts:
+        return "identity"
+    return kinds.get(type(parts[0])) if len(parts) == 1 else None
+
+
 def has_closed_form(fn_of: Callable[[Any], Any], fn: Any) -> bool:
     """Whether ``fn_of(fn)`` exists for the distribution ``fn`` (a PPL raises
     ``NotImplementedError`` where it has no rule, e.g. no KL or no variance)."""

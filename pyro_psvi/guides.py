@@ -46,6 +46,7 @@ from psvi.families import (
     GuideFamily,
     SiteClosedForms,
     autoregressive_family_advice,
+    bijection_kind,
     has_closed_form,
     refused,
 )
@@ -977,13 +978,12 @@ def _transform_parts(transform: Any) -> list[Any]:
     return [part for part in _flat_parts(transform) if not identity(part)]
 
 
+_BIJECTION_KINDS = {ExpTransform: "log", SigmoidTransform: "logit"}
+
+
 def _transform_kind(transform: Any) -> str | None:
     """``"identity"``, ``"log"`` or ``"logit"`` for the inverse of those bijections, else ``None``."""
-    parts = _transform_parts(transform)
-    if not parts:
-        return "identity"
-    kinds = {ExpTransform: "log", SigmoidTransform: "logit"}
-    return kinds.get(type(parts[0])) if len(parts) == 1 else None
+    return bijection_kind(_transform_parts(transform), _BIJECTION_KINDS)
 
 
 _UNCONSTRAINED_VARIANCES: dict[tuple[type, str], Callable[[Any], torch.Tensor]] = {
