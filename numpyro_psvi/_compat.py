@@ -26,6 +26,12 @@ def unconstrain_reparam(params: dict[str, jax.Array], site: dict) -> Any:
     return _unconstrain_reparam(params, site)
 
 
+def param_transforms(constrain_fn: Any) -> dict[str, Any]:
+    """``{param name: transform}`` from unconstrained to constrained values, as
+    ``SVI.init`` built them (its ``constrain_fn`` is ``partial(transform_fn, transforms)``)."""
+    return dict(constrain_fn.args[0])
+
+
 def autonormal_init_locs(guide: AutoNormal) -> dict[str, jax.Array]:
     """AutoNormal's initial unconstrained locations by site, in its param order."""
     return guide._init_locs

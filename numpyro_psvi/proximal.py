@@ -26,7 +26,7 @@ from jax import lax, random
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
-from numpyro_psvi._compat import with_params
+from numpyro_psvi._compat import param_transforms, with_params
 from numpyro_psvi.engine import EngineState, ScoreEngine
 from numpyro_psvi.guides import GuideDensity
 from numpyro_psvi.objective import (
@@ -34,6 +34,7 @@ from numpyro_psvi.objective import (
     curvature_statistics,
     diagonal_weighted_fisher,
     fisher_statistics,
+    gaussian_proximal_step,
     lerp_tree,
     negative_elbo,
     proximal_objective,
@@ -46,6 +47,8 @@ from numpyro_psvi.scores import ModelScores
 from psvi.checks import caller_stacklevel, check_proximal_options
 from psvi.objective import (
     ProximalScoreMatching,
+    check_inner_solver,
+    resolve_inner_solver,
     resolve_objective,
     resolve_regime,
     splits_full_covariance,
@@ -158,6 +161,15 @@ class ProximalScoreVI(ScoreEngine):
         Split each mini-batch over the devices of a one-axis mesh, every device taking
         the same updates (docs/data_parallel.md): ``True`` for all of ``jax.devices()``;
         ``None`` (the default): on in a multi-process run (``jax.distributed``), else off.
+    inner_solver : {"closed_form", "optimizer"} or None
+        How each proximal problem is solved: ``"closed_form"`` for a full-covariance
+        Gaussian guide (:func:`~numpyro_psvi.objective.gaussian_proximal_step`: the split
+        objective solved in ``q_t``'s whitened coordinates, its step the largest fraction
+        in the trust region; the optimizer then holds the guide's params but does not
+        move them), or ``"optimizer"`` (``inner_steps`` steps of ``optim``). ``None``
+        (the default): the closed form wherever it applies
+        (:func:`psvi.objective.resolve_inner_solver`: exact scores, the covariance
+        weighting, no model params) unless ``inner_steps`` is given.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`numpyro_psvi.batches`: every member once per epoch, as
@@ -187,6 +199,7 @@ class ProximalScoreVI(ScoreEngine):
         average_iterates: bool | None = None,
         data_parallel: bool | Mesh | None = None,
         reshuffle: bool = True,
+        inner_solver: str | None = None,
         **static_kwargs: Any,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
@@ -202,6 +215,8 @@ class ProximalScoreVI(ScoreEngine):
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
+        self._requested_solver = check_inner_solver(inner_solver)
+        self.inner_solver = "optimizer"  # set up with the regime
         self.inner_steps = inner_steps
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
@@ -223,6 +238,12 @@ class ProximalScoreVI(ScoreEngine):
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles
         )
+        self.inner_solver = resolve_inner_solver(
+            self._requested_solver, full_covariance=self.density.loc_tril is not None,
+            batch_ratio=self.batch_ratio, weighting=self.objective.weighting,
+            num_particles=self.num_particles, inner_steps=self._requested[0],
+            has_model_params=bool(self._model_param_names), data_parallel=self.mesh is not None,
+        )  # fmt: skip
         zeros = jnp.zeros(self.density.latent_dim)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None
@@ -268,6 +289,9 @@ class ProximalScoreVI(ScoreEngine):
             indices=indices, statistics=True,
         )  # fmt: skip
         problem = self.proximal_problem(density, params_t, particles, scored, key_kl, state.averages)
+        if self.inner_solver == "closed_form":
+            fitted, frac = self.closed_form_fit(density, params_t, particles, scored, state.optim_state)
+            return self.accept(state, fitted, frac, problem, scored, rng_key)
         fitted = self.inner_fit(problem.objective, state.optim_state)
         if density.at_indices is not None:  # a user guide's local latents
             fitted = self.hold_unread(density, particles, state.optim_state, fitted)
@@ -352,6 +376,30 @@ class ProximalScoreVI(ScoreEngine):
             return self.optim.eval_and_update(objective, optim_state)[1]
 
         return lax.fori_loop(0, self.inner_steps, inner_step, optim_state)
+
+    def closed_form_fit(
+        self,
+        density: GuideDensity,
+        params_t: dict,
+        particles: jax.Array,
+        scored: ModelScores,
+        optim_state: Any,
+    ) -> tuple[Any, jax.Array]:
+        """The optimizer state holding the closed-form step of a full-covariance Gaussian
+        guide (:func:`~numpyro_psvi.objective.gaussian_proximal_step`, its trust region
+        ``trust_region * D``), its moments kept; and 1, or 0 when no fraction of the step
+        fitted the trust region (:meth:`accept` then keeps the old state)."""
+        loc_t, tril_t = density.loc_tril(params_t)
+        max_kl = jnp.inf if self.trust_region is None else self.trust_region * scored.active_dim
+        step = gaussian_proximal_step(
+            loc_t, tril_t, particles, scored.scores, self.objective.prox_weight, max_kl
+        )
+        transforms = param_transforms(self.constrain_fn)
+        unconstrained = dict(self.optim.get_params(optim_state))
+        prefix = self.guide.prefix
+        for name, value in ((f"{prefix}_loc", step.loc), (f"{prefix}_scale_tril", step.scale_tril)):
+            unconstrained[name] = transforms[name].inv(value)
+        return with_params(optim_state, unconstrained), jnp.where(step.frac > 0, 1.0, 0.0)
 
     def hold_unread(
         self, density: GuideDensity, particles: jax.Array, optim_state_t: Any, fitted: Any

@@ -142,6 +142,61 @@ def resolve_regime(
     )
 
 
+INNER_SOLVERS = ("closed_form", "optimizer")
+
+
+def check_inner_solver(requested: str | None) -> str | None:
+    """``requested``, after checking it is one of :data:`INNER_SOLVERS` or ``None``."""
+    if requested not in (None, *INNER_SOLVERS):
+        raise ValueError(f"inner_solver must be one of {INNER_SOLVERS} or None, got {requested!r}.")
+    return requested
+
+
+def resolve_inner_solver(
+    requested: str | None,
+    *,
+    full_covariance: bool,
+    batch_ratio: float,
+    weighting: str,
+    num_particles: int,
+    inner_steps: int | None,
+    has_model_params: bool,
+    data_parallel: bool,
+) -> str:
+    """How each update's proximal problem is solved: ``"closed_form"``
+    (``gaussian_proximal_step`` of the backend's objective module: a full-covariance
+    Gaussian guide's split objective solved in ``q_t``'s whitened coordinates, one
+    ``O(D^3)`` per update) or ``"optimizer"`` (``inner_steps`` steps of the user's
+    optimizer).
+
+    ``None`` takes the closed form wherever it applies and the user set no
+    ``inner_steps``: a full-covariance Gaussian guide with exact scores, the covariance
+    weighting, two or more particles, no model params and one device. With a subsampled
+    plate the optimizer path keeps its measured mini-batch settings (docs/minibatch.md);
+    the closed form there is not measured. A ``"closed_form"`` request where it does not
+    apply is a ``ValueError`` that names the reason.
+    """
+    if check_inner_solver(requested) == "optimizer":
+        return "optimizer"
+    reasons = [
+        (not full_covariance, "the guide is not a full-covariance Gaussian (AutoMultivariateNormal)"),
+        (batch_ratio > 1, "the model subsamples a plate (the closed form needs exact scores)"),
+        (weighting != "covariance", f'the weighting is {weighting!r}, not "covariance"'),
+        (num_particles < 2, "one particle has no spread to fit the covariance to"),
+        (has_model_params, "the model has numpyro.param / pyro.param sites"),
+        (data_parallel, "the update is data-parallel"),
+    ]
+    failed = [reason for applies, reason in reasons if applies]
+    if requested == "closed_form" and failed:
+        raise ValueError(
+            f"inner_solver='closed_form' does not apply here: {'; '.join(failed)}. "
+            "Pass inner_solver='optimizer' (or leave it None)."
+        )
+    if failed or (requested is None and inner_steps is not None):
+        return "optimizer"
+    return "closed_form"
+
+
 def resolve_objective(
     loss: object, prox_weight: float | None, weighting: str | None
 ) -> ProximalScoreMatching:

@@ -372,3 +372,78 @@ def trust_region_fraction(
     ok = torch.isfinite(kls) & (kls <= max_kl)
     fracs = torch.tensor(fracs, dtype=kls.dtype, device=kls.device)
     return torch.where(ok, fracs, torch.zeros_like(fracs)).max()
+
+
+class GaussianStep(NamedTuple):
+    """A full-covariance Gaussian guide's proximal step solved in closed form
+    (:func:`gaussian_proximal_step`): the new ``loc`` and ``scale_tril``, and the
+    fraction of the solved step taken (0: no fraction kept the KL finite and in budget)."""
+
+    loc: torch.Tensor
+    scale_tril: torch.Tensor
+    frac: torch.Tensor
+
+
+def gaussian_proximal_step(
+    loc_t: torch.Tensor,
+    tril_t: torch.Tensor,
+    particles: torch.Tensor,
+    model_scores: torch.Tensor,
+    prox_weight: float,
+    max_kl: float,
+    num_bisections: int = 40,
+) -> GaussianStep:
+    """The split proximal objective of a full-covariance Gaussian guide with covariance
+    weighting, solved in closed form in ``q_t``'s whitened coordinates: the twin of
+    :func:`numpyro_psvi.objective.gaussian_proximal_step`, whose docstring has the
+    derivation (docs/algorithm.md). No host sync off a CPU: the bisection runs on the device."""
+    num, dim = particles.shape
+    z = torch.linalg.solve_triangular(tril_t, (particles - loc_t).mT, upper=False).mT
+    g = model_scores @ tril_t
+    z_bar, g_bar = z.mean(0), g.mean(0)
+    z_spread = z - z_bar
+    r_spread = (g - g_bar) + z_spread  # the residuals' spread under q_t (E = 0)
+    k = min(num - 1, dim)
+    _, singular, right = torch.linalg.svd(z_spread, full_matrices=False)
+    seen = right[:k].mT  # (D, k)
+    moments = singular[:k] ** 2 / num
+    r_seen = 0.5 * (r_spread.mT @ (z_spread @ seen) + z_spread.mT @ (r_spread @ seen)) / num
+    r_block = seen.mT @ r_seen
+    e_seen = -r_block / (0.5 * (moments[:, None] + moments[None, :]) + prox_weight / 4)
+    e_cross = -(r_seen - seen @ r_block).mT / (0.5 * moments[:, None] + prox_weight / 4)  # (k, D)
+    basis, _ = torch.linalg.qr(torch.cat([seen, e_cross.mT], dim=1))
+    seen_b, cross_b = basis.mT @ seen, basis.mT @ e_cross.mT
+    g_b, z_b = basis.mT @ g_bar, basis.mT @ z_bar
+    rest = (g_bar - basis @ g_b) + (z_bar - basis @ z_b)  # where P stays I
+    eye_k = torch.eye(k, dtype=loc_t.dtype, device=loc_t.device)
+    eye_b = torch.eye(basis.shape[1], dtype=loc_t.dtype, device=loc_t.device)
+
+    def step(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fill = torch.linalg.solve(eye_k + f * e_seen, cross_b.mT)
+        p = eye_b + f * seen_b @ e_seen @ seen_b.mT + f * (seen_b @ cross_b.mT + cross_b @ seen_b.mT)
+        p = p + f**2 * cross_b @ fill
+        d_b = f * torch.linalg.solve(2 * p + prox_weight * eye_b, 2 * (g_b + p @ z_b))
+        return p, d_b, f * 2 * rest / (2 + prox_weight)
+
+    def kl_at(f: torch.Tensor) -> torch.Tensor:
+        p, d_b, d_rest = step(f)
+        chol, info = torch.linalg.cholesky_ex(p)
+        logdet = 2 * torch.log(torch.diagonal(chol)).sum()
+        kl = 0.5 * (torch.trace(p) - p.shape[0] - logdet + d_b @ p @ d_b + d_rest @ d_rest)
+        return torch.where((info == 0) & torch.isfinite(kl), kl, torch.inf)
+
+    one = torch.ones((), dtype=loc_t.dtype, device=loc_t.device)
+    whole_fits = kl_at(one) <= max_kl
+    low, high = one * 2.0**-num_bisections, one
+    # On a CPU, where reading it costs nothing, a whole step that fits skips the search.
+    if loc_t.device.type != "cpu" or not whole_fits:
+        for _ in range(num_bisections):
+            mid = torch.sqrt(low * high)
+            fits = kl_at(mid) <= max_kl
+            low, high = torch.where(fits, mid, low), torch.where(fits, high, mid)
+    frac = torch.where(whole_fits, one, torch.where(kl_at(low) <= max_kl, low, 0.0 * one))
+    p, d_b, d_rest = step(frac)
+    eye = torch.eye(dim, dtype=loc_t.dtype, device=loc_t.device)
+    cov_w = eye + basis @ (torch.linalg.inv(p) - eye_b) @ basis.mT
+    tril = tril_t @ torch.linalg.cholesky(0.5 * (cov_w + cov_w.mT))
+    return GaussianStep(loc_t + tril_t @ (basis @ d_b + d_rest), tril, frac)

@@ -33,6 +33,8 @@ from pyro.optim import PyroOptim
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
 from psvi.objective import (
     ProximalScoreMatching,
+    check_inner_solver,
+    resolve_inner_solver,
     resolve_objective,
     resolve_regime,
     splits_full_covariance,
@@ -47,6 +49,7 @@ from pyro_psvi.objective import (
     curvature_statistics,
     diagonal_weighted_fisher,
     fisher_statistics,
+    gaussian_proximal_step,
     negative_elbo,
     proximal_objective,
     split_diagonal_problem,
@@ -202,6 +205,15 @@ class ProximalScoreVI(ScoreEngine):
         Split each mini-batch over the ranks of a ``torch.distributed`` process group,
         every rank taking the same steps (docs/data_parallel.md). ``None`` (the default):
         on when a process group of more than one rank is initialized at the first step.
+    inner_solver : {"closed_form", "optimizer"} or None
+        How each proximal problem is solved: ``"closed_form"`` for a full-covariance
+        Gaussian guide (:func:`~pyro_psvi.objective.gaussian_proximal_step`: the split
+        objective solved in ``q_t``'s whitened coordinates, its step the largest fraction
+        in the trust region; the optimizer does not move the guide's params), or
+        ``"optimizer"`` (``inner_steps`` steps of ``optim``). ``None`` (the default): the
+        closed form wherever it applies (:func:`psvi.objective.resolve_inner_solver`:
+        exact scores, the covariance weighting, no model params) unless ``inner_steps``
+        is given.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`pyro_psvi.batches`: every member once per epoch, as
@@ -237,6 +249,7 @@ class ProximalScoreVI(ScoreEngine):
         average_iterates: bool | None = None,
         data_parallel: bool | ScoreReducer | None = None,
         reshuffle: bool = True,
+        inner_solver: str | None = None,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
         check_proximal_options(inner_steps, trust_region)
@@ -257,6 +270,8 @@ class ProximalScoreVI(ScoreEngine):
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
+        self._requested_solver = check_inner_solver(inner_solver)
+        self.inner_solver = "optimizer"  # set up with the regime
         self.inner_steps = inner_steps
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
@@ -279,6 +294,12 @@ class ProximalScoreVI(ScoreEngine):
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles
         )
+        self.inner_solver = resolve_inner_solver(
+            self._requested_solver, full_covariance=self.density.loc_tril is not None,
+            batch_ratio=self.batch_ratio, weighting=self.objective.weighting,
+            num_particles=self.num_particles, inner_steps=self._requested[0],
+            has_model_params=bool(self._model_param_names), data_parallel=self.reducer is not None,
+        )  # fmt: skip
         if self.averages is None:  # else restored by load
             self._start_averages()
         # Guides without closed-form scores, and user-written guides, re-run their density
@@ -366,14 +387,17 @@ class ProximalScoreVI(ScoreEngine):
             particles, scored = self.score_particles(params_t, args, kwargs, model_leaves, statistics=True)
             scored_at = time.perf_counter()
             problem = self.proximal_problem(params_t, particles, scored)
-            unread = self.unread_entries(start, particles)
-            del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
-            fit_at = time.perf_counter()
-            self.inner_fit(problem, leaves)
-            if timed:
-                self._advise_inner_cost(time.perf_counter() - fit_at, scored_at - started)
-            self.hold(unread, start, leaves)
-            frac = self.pull_back(problem, start, leaves)
+            if self.inner_solver == "closed_form":
+                frac = self.closed_form_fit(problem, particles, scored, leaves)
+            else:
+                unread = self.unread_entries(start, particles)
+                del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
+                fit_at = time.perf_counter()
+                self.inner_fit(problem, leaves)
+                if timed:
+                    self._advise_inner_cost(time.perf_counter() - fit_at, scored_at - started)
+                self.hold(unread, start, leaves)
+                frac = self.pull_back(problem, start, leaves)
             accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
             self.record(accept)
             self._advance_averages(problem.averages, leaves, accept)
@@ -508,6 +532,31 @@ class ProximalScoreVI(ScoreEngine):
                 for i, grad in zip(guide_positions, guide_grads, strict=True):
                     grads[i] = grad
                 steps.step(grads)
+
+    def closed_form_fit(
+        self,
+        problem: ProximalProblem,
+        particles: torch.Tensor,
+        scored: ModelScores,
+        leaves: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Write the closed-form step of a full-covariance Gaussian guide
+        (:func:`~pyro_psvi.objective.gaussian_proximal_step`, its trust region
+        ``trust_region * D``) into the guide's ``leaves`` (Pyro's ``L = diag(scale) @
+        scale_tril``, ``scale_tril`` unit lower triangular); return 1, or 0 when no
+        fraction of the step fitted the trust region (:meth:`accept` then restores them)."""
+        loc_t, tril_t = self.density.loc_tril(problem.params_t)
+        max_kl = torch.inf if self.trust_region is None else self.trust_region * problem.active_dim
+        with torch.no_grad():
+            step = gaussian_proximal_step(
+                loc_t.detach(), tril_t.detach(), particles, scored.scores, self.objective.prox_weight, max_kl
+            )
+            scale = torch.diagonal(step.scale_tril)
+            loc_name, scale_name, tril_name = self.density.param_names
+            new = {loc_name: step.loc, scale_name: scale, tril_name: step.scale_tril / scale[:, None]}
+            for name, value in new.items():
+                leaves[name].copy_(self._transforms[name].inv(value))
+        return (step.frac > 0).to(problem.loss.dtype)
 
     def _guide_gradients(
         self, problem: ProximalProblem, params: Params, guide_values: list[torch.Tensor]
