@@ -87,9 +87,10 @@ def test_the_step_is_the_largest_fraction_within_the_kl_budget(dim, num):
     assert 0.99 * budget <= kl <= budget * (1 + 1e-9)
 
 
-@pytest.mark.parametrize(
-    "dim, num", [(10, 4), pytest.param(6, 12, marks=pytest.mark.slow), pytest.param(30, 8, marks=pytest.mark.slow)]
-)
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("dim, num", [(10, 4), pytest.param(6, 12, marks=SLOW), pytest.param(30, 8, marks=SLOW)])
 def test_pyro_and_numpyro_closed_form_steps_agree(dim, num):
     # Same algebra, float64: equal to round-off.
     loc_t, tril_t, particles, scores, _, _ = _problem(dim, num, seed=2)
@@ -113,7 +114,8 @@ def test_both_engines_fit_an_ill_conditioned_gaussian_with_the_closed_form_by_de
     result = n_svi.run(jax.random.PRNGKey(0), 300, progress_bar=False)
     assert n_svi.inner_solver == "closed_form"
     posterior = n_guide.get_posterior(result.params)
-    n_kl = gaussian_kl(mean, cov, np.asarray(posterior.loc, np.float64), np.asarray(posterior.covariance_matrix, np.float64))
+    n_loc, n_cov = (np.asarray(v, np.float64) for v in (posterior.loc, posterior.covariance_matrix))
+    n_kl = gaussian_kl(mean, cov, n_loc, n_cov)
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
