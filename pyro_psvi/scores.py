@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample, init_to_uniform
 from pyro.poutine.messenger import Messenger
@@ -381,7 +382,11 @@ def _uniform_or_prior(site):
     # check_model say why they cannot be fitted).
     if site["fn"].support.is_discrete:
         return init_to_sample(site)
-    return init_to_uniform(site)
+    try:
+        return init_to_uniform(site)
+    except NotImplementedError:  # an improper prior (ImproperUniform) has no draws to shape it
+        transform = biject_to(site["fn"].support)
+        return transform(4 * torch.rand(transform.inverse_shape(site["fn"].shape())) - 2)
 
 
 def check_model(model: Callable, args: tuple, kwargs: dict):

@@ -348,3 +348,22 @@ def test_user_given_subsample_indices():
     prior = dist.Normal(0.0, 1.0).log_prob(u).sum(-1)
     likelihood = dist.Normal(u @ x[idx].T, 1.0).log_prob(y[idx]).sum(-1)
     torch.testing.assert_close(got, prior + 4.0 * likelihood)
+
+
+def test_a_model_with_an_improper_uniform_site_is_fitted():
+    # ImproperUniform has no draws: the model checks draw its unconstrained value
+    # uniformly in (-2, 2) instead (Pyro's init_to_uniform samples it first and failed).
+    # The log density is a proper LogNormal's in log sigma (a Normal(0, 1) factor on it):
+    # the fit ends near its mean 0 and sd 1 (200 updates, S = 16: MC error ~0.1).
+    def model():
+        sigma = pyro.sample("sigma", dist.ImproperUniform(dist.constraints.positive, (), ()))
+        pyro.factor("prior", dist.Normal(0.0, 1.0).log_prob(sigma.log()) - sigma.log())
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values={"sigma": torch.tensor(2.0)}))
+    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), num_particles=16)
+    for _ in range(200):
+        svi.step()
+    loc, scale = guide._get_loc_and_scale("sigma")
+    assert abs(float(loc)) < 0.3 and abs(float(scale) - 1) < 0.3, (float(loc), float(scale))
