@@ -420,9 +420,13 @@ def gaussian_proximal_step(
         fits = kl_at(mid) <= max_kl
         return jnp.where(fits, mid, low), jnp.where(fits, high, mid)
 
-    smallest = jnp.asarray(2.0**-num_bisections, loc_t.dtype)
-    low, _ = jax.lax.fori_loop(0, num_bisections, bisect, (smallest, jnp.ones_like(smallest)))
-    frac = jnp.where(kl_at(1.0) <= max_kl, 1.0, jnp.where(kl_at(low) <= max_kl, low, 0.0))
+    def search():
+        smallest = jnp.asarray(2.0**-num_bisections, loc_t.dtype)
+        low, _ = jax.lax.fori_loop(0, num_bisections, bisect, (smallest, jnp.ones_like(smallest)))
+        return jnp.where(kl_at(low) <= max_kl, low, 0.0)
+
+    # A whole step that fits (near convergence, every update) skips the search.
+    frac = jax.lax.cond(kl_at(1.0) <= max_kl, lambda: jnp.ones((), loc_t.dtype), search)
     p, d_b, d_rest = step(frac)
     cov_w = jnp.eye(dim, dtype=loc_t.dtype) + basis @ (jnp.linalg.inv(p) - eye_b) @ basis.T
     tril = tril_t @ jnp.linalg.cholesky(0.5 * (cov_w + cov_w.T))
