@@ -396,7 +396,8 @@ def gaussian_proximal_step(
     """The split proximal objective of a full-covariance Gaussian guide with covariance
     weighting, solved in closed form in ``q_t``'s whitened coordinates: the twin of
     :func:`numpyro_psvi.objective.gaussian_proximal_step`, whose docstring has the
-    derivation (docs/algorithm.md). No host sync off a CPU: the bisection runs on the device."""
+    derivation (docs/algorithm.md). No host sync off a CPU: the bisection runs on the device.
+    A singular or non-finite system gives non-finite values (as in JAX), not an error."""
     num, dim = particles.shape
     z = torch.linalg.solve_triangular(tril_t, (particles - loc_t).mT, upper=False).mT
     g = model_scores @ tril_t
@@ -419,10 +420,10 @@ def gaussian_proximal_step(
     eye_b = torch.eye(basis.shape[1], dtype=loc_t.dtype, device=loc_t.device)
 
     def step(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        fill = torch.linalg.solve(eye_k + f * e_seen, cross_b.mT)
+        fill = torch.linalg.solve_ex(eye_k + f * e_seen, cross_b.mT).result
         p = eye_b + f * seen_b @ e_seen @ seen_b.mT + f * (seen_b @ cross_b.mT + cross_b @ seen_b.mT)
         p = p + f**2 * cross_b @ fill
-        d_b = f * torch.linalg.solve(2 * p + prox_weight * eye_b, 2 * (g_b + p @ z_b))
+        d_b = f * torch.linalg.solve_ex(2 * p + prox_weight * eye_b, 2 * (g_b + p @ z_b)).result
         return p, d_b, f * 2 * rest / (2 + prox_weight)
 
     def kl_at(f: torch.Tensor) -> torch.Tensor:
@@ -444,6 +445,7 @@ def gaussian_proximal_step(
     frac = torch.where(whole_fits, one, torch.where(kl_at(low) <= max_kl, low, 0.0 * one))
     p, d_b, d_rest = step(frac)
     eye = torch.eye(dim, dtype=loc_t.dtype, device=loc_t.device)
-    cov_w = eye + basis @ (torch.linalg.inv(p) - eye_b) @ basis.mT
-    tril = tril_t @ torch.linalg.cholesky(0.5 * (cov_w + cov_w.mT))
+    cov_w = eye + basis @ (torch.linalg.inv_ex(p).inverse - eye_b) @ basis.mT
+    root, info = torch.linalg.cholesky_ex(0.5 * (cov_w + cov_w.mT))
+    tril = tril_t @ torch.where(info == 0, root, torch.nan)  # not finite: the engine rejects it
     return GaussianStep(loc_t + tril_t @ (basis @ d_b + d_rest), tril, frac)

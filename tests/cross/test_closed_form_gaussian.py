@@ -157,3 +157,12 @@ def test_which_updates_take_the_closed_form():
         solver(NumPyroAutoMVN(model), inner_solver="closed_form", num_particles=1)
     with pytest.raises(ValueError, match="inner_solver must be one of"):
         numpyro_psvi.ProximalScoreVI(model, NumPyroAutoMVN(model), adam, inner_solver="newton")
+
+
+def test_non_finite_scores_give_a_non_finite_step_not_an_error():
+    # torch's solve / inv / cholesky raise on singular input where JAX returns NaN: the
+    # Pyro twin uses their _ex forms, so the engine rejects such an update (as NumPyro's).
+    loc_t, tril_t, particles, scores, _, _ = _problem(dim=6, num=4, seed=3)
+    scores[1, 2] = np.nan
+    step = pyro_step(*(torch.tensor(v) for v in (loc_t, tril_t, particles, scores)), 10.0, 0.12)
+    assert not (torch.isfinite(step.loc).all() and torch.isfinite(step.scale_tril).all() and step.frac > 0)
