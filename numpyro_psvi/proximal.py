@@ -147,7 +147,8 @@ class ProximalScoreVI(ScoreEngine):
     score_method : {"closed_form", "autodiff"}
         How the guide's score is computed for Gaussian guides.
     max_halvings : int
-        Trust-region halvings before the step is rejected.
+        Trust-region halvings before the step is rejected (the optimizer path; the
+        closed-form step bisects for the largest fraction that fits, down to 2^-40).
     max_consecutive_rejections : int or None
         :meth:`run` raises once this many updates in a row were rejected (``None``:
         never); it checks at the end of each progress-bar chunk, or at the end.
