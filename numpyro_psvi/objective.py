@@ -367,8 +367,8 @@ def gaussian_proximal_step(
     ``(2 P + prox_weight I) d = 2 (g_bar + P z_bar)``. Exact for a Gaussian target in
     the limit ``prox_weight -> 0`` with ``S > D``.
 
-    The step taken is the fraction ``f`` of this solution (precision ``I + f E``, with
-    its complement block completed, and location ``f d``) largest with
+    The step taken is the fraction ``f`` of this solution (precision ``P_f = I + f E``,
+    its complement block completed, and location ``f d_f``, ``d_f`` exact for ``P_f``) largest with
     ``KL(q_t || q_f) <= max_kl`` (bisection in ``log f`` down to ``2^-num_bisections``):
     a trust region measured in the exact KL. Everything but the final factorization is
     ``O(S^2 D)``; the new ``scale_tril`` is ``L_t chol(P^{-1})``, one ``O(D^3)``.
