@@ -415,15 +415,18 @@ def gaussian_proximal_step(
         return jnp.where(jnp.isfinite(kl), kl, jnp.inf)
 
     def bisect(_, bounds):
-        low, high = bounds
+        low, high, found = bounds
         mid = jnp.sqrt(low * high)
         fits = kl_at(mid) <= max_kl
-        return jnp.where(fits, mid, low), jnp.where(fits, high, mid)
+        return jnp.where(fits, mid, low), jnp.where(fits, high, mid), found | fits
 
     def search():
+        # ``found``: whether ``low`` was seen to fit (a second evaluation of the KL at
+        # ``low``, fused differently, can differ in the last float32 bit).
         smallest = jnp.asarray(2.0**-num_bisections, loc_t.dtype)
-        low, _ = jax.lax.fori_loop(0, num_bisections, bisect, (smallest, jnp.ones_like(smallest)))
-        return jnp.where(kl_at(low) <= max_kl, low, 0.0)
+        start = (smallest, jnp.ones_like(smallest), kl_at(smallest) <= max_kl)
+        low, _, found = jax.lax.fori_loop(0, num_bisections, bisect, start)
+        return jnp.where(found, low, 0.0)
 
     # A whole step that fits (near convergence, every update) skips the search.
     frac = jax.lax.cond(kl_at(1.0) <= max_kl, lambda: jnp.ones((), loc_t.dtype), search)

@@ -436,13 +436,14 @@ def gaussian_proximal_step(
     one = torch.ones((), dtype=loc_t.dtype, device=loc_t.device)
     whole_fits = kl_at(one) <= max_kl
     low, high = one * 2.0**-num_bisections, one
+    found = kl_at(low) <= max_kl  # whether ``low`` was seen to fit (no second evaluation)
     # On a CPU, where reading it costs nothing, a whole step that fits skips the search.
     if loc_t.device.type != "cpu" or not whole_fits:
         for _ in range(num_bisections):
             mid = torch.sqrt(low * high)
             fits = kl_at(mid) <= max_kl
-            low, high = torch.where(fits, mid, low), torch.where(fits, high, mid)
-    frac = torch.where(whole_fits, one, torch.where(kl_at(low) <= max_kl, low, 0.0 * one))
+            low, high, found = torch.where(fits, mid, low), torch.where(fits, high, mid), found | fits
+    frac = torch.where(whole_fits, one, torch.where(found, low, 0.0 * one))
     p, d_b, d_rest = step(frac)
     eye = torch.eye(dim, dtype=loc_t.dtype, device=loc_t.device)
     cov_w = eye + basis @ (torch.linalg.inv_ex(p).inverse - eye_b) @ basis.mT
