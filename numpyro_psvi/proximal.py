@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax, random
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
 from numpyro_psvi._compat import param_transforms, with_params
@@ -465,12 +464,14 @@ class ProximalScoreVI(ScoreEngine):
     ) -> tuple[EngineState, jax.Array]:
         """Move the whole optimizer state (params and moments) the fraction ``frac`` toward
         the fitted one and advance the running averages, or keep the old state exactly
-        when the step is rejected (no fraction qualified, or non-finite scores, loss or
-        params); as ``SVI.stable_update`` does, a rejected step reports a NaN loss."""
+        when the step is rejected (no fraction qualified, or non-finite scores, loss,
+        params or optimizer moments); as ``SVI.stable_update`` does, a rejected step reports a NaN loss."""
         loss = problem.loss
         accept = (frac > 0) & jnp.isfinite(problem.fisher) & jnp.isfinite(loss)
         accept &= jnp.all(jnp.isfinite(scored.log_joints))
-        accept &= jnp.all(jnp.isfinite(ravel_pytree(self.optim.get_params(fitted))[0]))
+        # The whole optimizer state: a finite step can leave Adam's second moment at inf
+        # (a gradient beyond 1.8e19 squared, float32), which would spoil every later step.
+        accept &= _all_finite(fitted)
         candidate = lerp_tree(state.optim_state, fitted, frac)
         averages = problem.averages
         if averages.params is not None:
@@ -482,3 +483,9 @@ class ProximalScoreVI(ScoreEngine):
         averages = jax.tree.map(lambda old, new: jnp.where(accept, new, old), state.averages, averages)
         state = self.record(state, candidate, accept, rng_key)._replace(averages=averages)
         return state, jnp.where(accept, loss, jnp.nan)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating entry of ``tree`` is finite (0-dim bool)."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))

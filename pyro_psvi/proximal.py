@@ -657,12 +657,17 @@ class ProximalScoreVI(ScoreEngine):
     ) -> torch.Tensor:
         """Move the params the fraction ``frac`` of their step, or restore them and the
         optimizer's state exactly when the step is rejected (no fraction qualified, or
-        non-finite scores, loss or params; state a first step created goes back to
-        zeros, i.e. a fresh optimizer). Returns the accept flag (device tensor)."""
+        non-finite scores, loss, params or optimizer moments; state a first step created
+        goes back to zeros, i.e. a fresh optimizer). Returns the accept flag (device tensor)."""
         with torch.no_grad():
             accept = (frac > 0) & problem.scores_ok
             accept &= torch.isfinite(problem.fisher) & torch.isfinite(problem.loss)
-            accept &= _all_finite(*leaves.values())
+            # The optimizer's moments too: a finite step can leave Adam's second moment at
+            # inf (a gradient beyond 1.8e19 squared, float32), spoiling every later step.
+            moments = [
+                value for state in self._optimizer_state(list(leaves.values())) for value in state.values()
+            ]
+            accept &= _all_finite(*leaves.values(), *moments)
             if self.reducer is not None:  # every rank accepts or rejects the same step
                 accept = self.reducer.agree(accept)
             # Read at once on a CPU, where that is free: a whole accepted step keeps the

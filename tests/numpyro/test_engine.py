@@ -317,6 +317,30 @@ def test_non_finite_step_is_rejected():
         np.testing.assert_array_equal(before[name], after[name])
 
 
+def test_step_leaving_a_non_finite_optimizer_state_is_rejected():
+    """A step with finite params whose optimizer state is not finite (as when a gradient
+    beyond 1.8e19 makes float32 Adam's second moment inf) is rejected: the state before
+    it is kept, so later steps are not spoiled. The optimizer here writes inf into its
+    state on its first step (finite updates); with the params checked alone this step
+    was accepted and every later one rejected."""
+
+    def poison_state() -> optax.GradientTransformation:
+        def update(updates, state, params=None):
+            return updates, jnp.where(state > 0, jnp.inf, 1.0)
+
+        return optax.GradientTransformation(lambda params: jnp.zeros(()), update)
+
+    model = gaussian_target(np.zeros(2), np.eye(2))
+    svi = ProximalScoreVI(model, AutoDiagonalNormal(model), optax.chain(optax.adam(1e-2), poison_state()))
+    state = svi.init(jax.random.PRNGKey(0))
+    before = svi.get_params(state)
+    state, loss = jax.jit(svi.update)(state)
+    assert int(state.num_rejected) == 1 and not np.isfinite(float(loss))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.optim_state))
+    for name, value in svi.get_params(state).items():
+        np.testing.assert_array_equal(value, before[name])
+
+
 @pytest.mark.parametrize("with_param", [False, True])
 def test_sequential_particles_give_the_same_updates(with_param):
     """``vectorize_particles=False`` (one pass per particle, ``lax.map``) computes the

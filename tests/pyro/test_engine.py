@@ -330,6 +330,38 @@ def test_non_finite_step_is_rejected():
             assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
 
 
+class _PoisonedAdam(torch.optim.Adam):
+    """Adam that writes inf into its state after each step (its updates stay finite), as
+    float32 Adam's second moment becomes inf when a gradient exceeds 1.8e19."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                self.state[param]["moment"] = torch.full_like(param, torch.inf)
+        return loss
+
+
+def test_step_leaving_a_non_finite_optimizer_state_is_rejected():
+    """A step with finite params whose optimizer state is not finite is rejected: the
+    params and the state before it are kept, so later steps are not spoiled (with the
+    params checked alone this step was accepted and every later one rejected)."""
+    model = gaussian_target(torch.zeros(2), torch.eye(2))
+    guide = AutoDiagonalNormal(model)
+    svi = ProximalScoreVI(model, guide, pyro.optim.PyroOptim(_PoisonedAdam, {"lr": 1e-2}))
+    svi.evaluate_loss()
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    with pytest.warns(RuntimeWarning, match="rejected 1 update"):
+        loss = svi.step()
+    assert svi.num_rejected == 1 and not np.isfinite(loss)
+    for name, value in pyro.get_param_store().items():
+        torch.testing.assert_close(value.detach(), before[name], rtol=0, atol=0)
+    for optimizer in svi.optim.optim_objs.values():
+        for state in optimizer.state.values():
+            assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
+
+
 def test_user_given_subsample_indices():
     """`pyro.plate(..., subsample=idx)`: the likelihood of the given rows, scaled by N/B."""
     x, y = regression_data(n=40)
