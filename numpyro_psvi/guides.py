@@ -51,6 +51,7 @@ from psvi.checks import (
     GuideSite,
     check_user_guide_sites,
     full_covariance_advice,
+    lowrank_advice,
     unbatched_local_guide_message,
 )
 from psvi.families import (
@@ -1000,7 +1001,7 @@ _register(
     autoguide.AutoLowRankMultivariateNormal,
     GuideFamily(
         "AutoLowRankMultivariateNormal", _autoguide_setup(_auto_lowrank),
-        init_params=_break_zero_cov_factor,
+        advice=lowrank_advice, init_params=_break_zero_cov_factor,
     ),
 )  # fmt: skip
 _register(

@@ -35,7 +35,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import ComposeTransform, IndependentTransform, biject_to, kl_divergence
 from torch.distributions.transforms import AffineTransform, ExpTransform, SigmoidTransform
 
-from psvi.checks import GuideSite, check_user_guide_sites, full_covariance_advice
+from psvi.checks import GuideSite, check_user_guide_sites, full_covariance_advice, lowrank_advice
 from psvi.families import (
     GUIDE_LIST,
     LAPLACE,
@@ -1252,7 +1252,7 @@ _register(
 )  # fmt: skip
 _register(
     autoguide.AutoLowRankMultivariateNormal,
-    GuideFamily("AutoLowRankMultivariateNormal", _autoguide_setup(_auto_lowrank)),
+    GuideFamily("AutoLowRankMultivariateNormal", _autoguide_setup(_auto_lowrank), advice=lowrank_advice),
 )
 _register(autoguide.AutoDelta, refused("AutoDelta", POINT_MASS))
 _register(autoguide.AutoLaplaceApproximation, refused("AutoLaplaceApproximation", LAPLACE))

@@ -56,6 +56,15 @@ def test_full_covariance_advice_depends_on_the_particles():
     assert advice(64, 4) is None
 
 
+def test_lowrank_advice_depends_on_the_dimension_and_the_particles():
+    """A low-rank guide with D > min(100, 10 S) stalled or diverged with exact scores
+    (docs/lowrank_study.md)."""
+    advice = guide_family(ag.AutoLowRankMultivariateNormal(model)).advice
+    assert "AutoLowRankMultivariateNormal with D=90" in advice(90, 8)
+    assert "D=1000 with S=8 and S=125" in advice(1000, 125)
+    assert advice(90, 9) is None and advice(100, 10) is None
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
