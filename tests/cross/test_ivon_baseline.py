@@ -11,6 +11,7 @@ pytest.importorskip("ivon")
 from benchmarks.ivon_baseline import IVONSettings, draws, make_ivon, train  # noqa: E402
 
 
+@pytest.mark.slow  # 32 s: the default suite is at its 10-minute budget on the CI machine
 def test_ivon_mapping_reaches_the_mean_field_optimum_of_a_conjugate_regression():
     """Bayesian linear regression (N=2000, D=5, unit noise, N(0, 1) prior): the exact
     posterior is N(mu, P^-1) with P = I + X'X, and the mean-field optimum of KL(q || p)

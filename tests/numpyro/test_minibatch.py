@@ -160,8 +160,9 @@ def test_iterates_are_averaged_only_with_a_subsampled_plate():
         state = svi.init(jax.random.PRNGKey(0), x, y)
         assert (state.averages.params is not None) is averaged
         assert svi.batch_ratio == (minibatch.N / minibatch.B if averaged else 1.0)
+        update = jax.jit(svi.update)
         for _ in range(2):  # the first update's average is its iterate
-            state, _ = svi.update(state, x, y)
+            state, _ = update(state, x, y)
         iterate = svi.constrain_fn(svi.optim.get_params(state.optim_state))
         same = np.array_equal(svi.get_params(state)["w_auto_loc"], iterate["w_auto_loc"])
         assert same is not averaged
