@@ -134,7 +134,16 @@ def test_flat_module_is_the_same_model_as_bayesian_module():
     torch.testing.assert_close(flat_log_joint, log_joint(plain, views))
 
 
-def test_flat_module_fits_digits_and_explains_misuse():
+def test_flat_module_explains_misuse():
+    net = FlatBayesianModule(nn.Sequential(nn.Linear(64, 50), nn.Tanh(), nn.Linear(50, 10)), prior=1.0)
+    with pytest.raises(ValueError, match="vectorize_particles=False"):
+        net.apply(torch.zeros(2, net.num_weights), torch.zeros(3, 64))
+    with pytest.raises(ValueError, match="Normal priors.*bayesian_module"):
+        FlatBayesianModule(nn.Linear(2, 2), prior=lambda name, p: dist.Laplace(torch.zeros_like(p), 1.0))
+
+
+@pytest.mark.slow  # 40 s (the default suite's budget); the flat module's log joint is tested above
+def test_flat_module_fits_digits():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     torch.manual_seed(0)
@@ -155,7 +164,3 @@ def test_flat_module_fits_digits_and_explains_misuse():
     report = classification_report(predictive(torch.as_tensor(data.x_test))["probs"].numpy(), data.y_test)
     # 2,400 score calls from a random network (NLL ~ log 10 = 2.3); measured NLL 0.16.
     assert report["nll"] < 0.5 and report["accuracy"] > 0.9
-    with pytest.raises(ValueError, match="vectorize_particles=False"):
-        net.apply(torch.zeros(2, net.num_weights), x[:3])
-    with pytest.raises(ValueError, match="Normal priors.*bayesian_module"):
-        FlatBayesianModule(nn.Linear(2, 2), prior=lambda name, p: dist.Laplace(torch.zeros_like(p), 1.0))
