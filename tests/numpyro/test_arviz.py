@@ -33,6 +33,7 @@ def test_numpyro_inference_data_round_trip():
     assert idata.sample_stats["loss"].shape == (500,)
 
 
+@pytest.mark.slow  # 24 s on this 2-core machine; the Pyro twin is in the default suite
 def test_numpyro_diagnostics_separate_exact_from_misfit():
     model = partial(n_linear_regression, subsample_size=B)
 
