@@ -321,8 +321,8 @@ def test_step_leaving_a_non_finite_optimizer_state_is_rejected():
     """A step with finite params whose optimizer state is not finite (as when a gradient
     beyond 1.8e19 makes float32 Adam's second moment inf) is rejected: the state before
     it is kept, so later steps are not spoiled. The optimizer here writes inf into its
-    state on its first step (finite updates); with the params checked alone this step
-    was accepted and every later one rejected."""
+    state from its second inner step on (its updates stay finite); with the params
+    checked alone this update was accepted and every later one rejected."""
 
     def poison_state() -> optax.GradientTransformation:
         def update(updates, state, params=None):
