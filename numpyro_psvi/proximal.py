@@ -465,7 +465,8 @@ class ProximalScoreVI(ScoreEngine):
         """Move the whole optimizer state (params and moments) the fraction ``frac`` toward
         the fitted one and advance the running averages, or keep the old state exactly
         when the step is rejected (no fraction qualified, or non-finite scores, loss,
-        params or optimizer moments); as ``SVI.stable_update`` does, a rejected step reports a NaN loss."""
+        params or optimizer moments); as ``SVI.stable_update`` does, a rejected step
+        reports a NaN loss."""
         loss = problem.loss
         accept = (frac > 0) & jnp.isfinite(problem.fisher) & jnp.isfinite(loss)
         accept &= jnp.all(jnp.isfinite(scored.log_joints))

@@ -371,7 +371,8 @@ class ProximalScoreVI(ScoreEngine):
         averages, iterate = self.averages, self._iterate
 
         def restore() -> None:
-            self._restore_optimizer_state(leaves, saved_optimizer_state, torch.tensor(False))
+            current = self._optimizer_state(list(leaves.values()))
+            self._restore_optimizer_state(current, saved_optimizer_state, torch.tensor(False))
             self.averages, self._iterate = averages, iterate
 
         with self._restored_on_interrupt(leaves, stored, restore):
@@ -664,10 +665,8 @@ class ProximalScoreVI(ScoreEngine):
             accept &= torch.isfinite(problem.fisher) & torch.isfinite(problem.loss)
             # The optimizer's moments too: a finite step can leave Adam's second moment at
             # inf (a gradient beyond 1.8e19 squared, float32), spoiling every later step.
-            moments = [
-                value for state in self._optimizer_state(list(leaves.values())) for value in state.values()
-            ]
-            accept &= _all_finite(*leaves.values(), *moments)
+            current = self._optimizer_state(list(leaves.values()))
+            accept &= _all_finite(*leaves.values(), *(value for state in current for value in state.values()))
             if self.reducer is not None:  # every rank accepts or rejects the same step
                 accept = self.reducer.agree(accept)
             # Read at once on a CPU, where that is free: a whole accepted step keeps the
@@ -676,7 +675,7 @@ class ProximalScoreVI(ScoreEngine):
                 return accept
             for name, leaf in leaves.items():
                 leaf.copy_(torch.where(accept, torch.lerp(start[name], leaf, frac), start[name]))
-            self._restore_optimizer_state(leaves, saved_optimizer_state, accept)
+            self._restore_optimizer_state(current, saved_optimizer_state, accept)
         return accept
 
     def _optimizer_state(self, leaves: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -688,12 +687,12 @@ class ProximalScoreVI(ScoreEngine):
             states.append({k: v for k, v in state.items() if torch.is_tensor(v)})
         return states
 
+    @staticmethod
     def _restore_optimizer_state(
-        self, leaves: dict[str, torch.Tensor], saved: list[dict[str, torch.Tensor]], keep: torch.Tensor
+        current: list[dict[str, torch.Tensor]], saved: list[dict[str, torch.Tensor]], keep: torch.Tensor
     ) -> None:
-        """Unless ``keep``, put the optimizer's state back to ``saved`` (state created
-        since goes to zeros: a fresh optimizer's)."""
-        current = self._optimizer_state(list(leaves.values()))
+        """Unless ``keep``, put the optimizer's ``current`` state (:meth:`_optimizer_state`)
+        back to ``saved`` (state created since goes to zeros: a fresh optimizer's)."""
         for before, after in zip(saved, current, strict=True):
             for key, value in after.items():
                 old = before.get(key, torch.zeros_like(value))

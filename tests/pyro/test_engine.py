@@ -318,14 +318,20 @@ def test_non_finite_step_is_rejected():
     svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), vectorize_particles=False)
     # Pyro's validation would raise on the NaN first; without it the engine must cope.
     with pyro.validation_enabled(False):
-        svi.evaluate_loss()
-        before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
-        with pytest.warns(RuntimeWarning, match="rejected 1 update"):
-            loss = svi.step()
+        assert_the_next_step_is_rejected(svi)
+
+
+def assert_the_next_step_is_rejected(svi: ProximalScoreVI) -> None:
+    """``svi``'s next step is rejected with the warning and a NaN loss, the params are kept
+    bit for bit and the optimizer's state stays finite."""
+    svi.evaluate_loss()
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    with pytest.warns(RuntimeWarning, match="rejected 1 update"):
+        loss = svi.step()
     assert svi.num_rejected == 1 and not np.isfinite(loss)
     for name, value in pyro.get_param_store().items():
         torch.testing.assert_close(value.detach(), before[name], rtol=0, atol=0)
-    for optimizer in svi.optim.optim_objs.values():  # the optimizer saw no NaN
+    for optimizer in svi.optim.optim_objs.values():
         for state in optimizer.state.values():
             assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
 
@@ -350,16 +356,7 @@ def test_step_leaving_a_non_finite_optimizer_state_is_rejected():
     model = gaussian_target(torch.zeros(2), torch.eye(2))
     guide = AutoDiagonalNormal(model)
     svi = ProximalScoreVI(model, guide, pyro.optim.PyroOptim(_PoisonedAdam, {"lr": 1e-2}))
-    svi.evaluate_loss()
-    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
-    with pytest.warns(RuntimeWarning, match="rejected 1 update"):
-        loss = svi.step()
-    assert svi.num_rejected == 1 and not np.isfinite(loss)
-    for name, value in pyro.get_param_store().items():
-        torch.testing.assert_close(value.detach(), before[name], rtol=0, atol=0)
-    for optimizer in svi.optim.optim_objs.values():
-        for state in optimizer.state.values():
-            assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
+    assert_the_next_step_is_rejected(svi)
 
 
 def test_user_given_subsample_indices():
