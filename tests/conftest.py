@@ -3,6 +3,10 @@
 Library code never guesses data locations; tests find them here: ``$PSVI_DATA``, else
 the ``shared/datasets`` folder beside the checkout (the project's data folder). Tests
 that need a data set take a fixture and are skipped where it is absent.
+
+JAX compiles through a persistent cache in each worker's temporary folder, so that the
+many tests that build the same model and guide compile its programs once (the cache
+serves an executable only for the same program, so no result changes).
 """
 
 from __future__ import annotations
@@ -19,6 +23,19 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 def _data_folder() -> Path | None:
     root = Path(os.environ.get("PSVI_DATA", REPOSITORY.parent / "shared" / "datasets"))
     return root if root.is_dir() else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every compiled JAX program cached in this worker's temporary folder (a fresh,
+    per-worker folder: no other process writes to it while it is read)."""
+    try:
+        import jax
+    except ImportError:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
