@@ -726,9 +726,11 @@ class ScoreEngine:
             checkpoint.check_match(path, f"{field} classes", saved[field], current[field], fix)
         checkpoint.check_match(path, "latent sites", saved["latent_sites"], current["latent_sites"], fix)
         current_specs = current["state"]
-        if not any(key.startswith(".epoch_order") for key in saved["state"]):
-            # Saved without reshuffling (or before it existed): a fresh epoch starts.
-            current_specs = {k: v for k, v in current_specs.items() if not k.startswith(".epoch_order")}
+        for fresh in (".epoch_order", ".averages.trust"):
+            if not any(key.startswith(fresh) for key in saved["state"]):
+                # Saved without reshuffling, or before it or the trust region's growth existed:
+                # a fresh epoch starts, the budget at its default.
+                current_specs = {k: v for k, v in current_specs.items() if not k.startswith(fresh)}
         checkpoint.check_match(path, "state leaves (shape, dtype)", saved["state"], current_specs, fix)
         saved_leaves = {}
         for key, name, tag in saved["leaves"]:
@@ -790,6 +792,9 @@ def _read_legacy_state(path: str | os.PathLike, template: EngineState) -> Engine
         state = state._replace(averages=template.averages)
     if state.epoch_order is None:  # saved before reshuffling: a fresh epoch starts
         state = state._replace(epoch_order=template.epoch_order)
+    trust = getattr(template.averages, "trust", None)
+    if trust is not None and state.averages.trust is None:  # saved before the budget grew
+        state = state._replace(averages=state.averages._replace(trust=trust))
     checkpoint.check_match(
         path, "state leaves (shape, dtype)", _leaf_specs(state), _leaf_specs(template),
         "Build the engine, guide and optimizer as for the saved run, from the same model.",

@@ -92,6 +92,16 @@ def negative_elbo(
     return -jnp.mean(log_joints - log_q)
 
 
+def negative_elbo_error(
+    density: GuideDensity, params: Params, particles: jax.Array, log_joints: jax.Array
+) -> jax.Array:
+    """The standard error of :func:`negative_elbo` (no local latents): the sd of the
+    ``S`` terms ``log p(u_s) - log q(u_s)`` over ``sqrt(S)``; 0 when ``q`` is the
+    posterior, where every term is ``log p(x)``."""
+    terms = log_joints - jax.vmap(density.log_prob, (None, 0))(params, particles)
+    return jnp.std(terms) / jnp.sqrt(terms.shape[0])
+
+
 class FisherStatistics(NamedTuple):
     """Per-coordinate sums over ``S`` particles ``u_s`` with model scores ``g_s``, the
     particles centred at the step's guide location ``loc_t`` (``v_s = u_s - loc_t``, so

@@ -36,6 +36,7 @@ from numpyro_psvi.objective import (
     gaussian_proximal_step,
     lerp_tree,
     negative_elbo,
+    negative_elbo_error,
     proximal_objective,
     split_diagonal_objective,
     split_full_objective,
@@ -47,6 +48,7 @@ from psvi.checks import caller_stacklevel, check_proximal_options
 from psvi.objective import (
     ProximalScoreMatching,
     check_inner_solver,
+    grow_trust_region,
     resolve_inner_solver,
     resolve_objective,
     resolve_regime,
@@ -73,12 +75,40 @@ class RunningAverages(NamedTuple):
         updates, iterate ``i`` weighted by ``i^5`` (Polyak-Ruppert averaging that forgets
         the start: the first half of a run carries 1.6% of the weight), and the number
         of updates averaged.
+    trust : TrustRegionGrowth or None
+        The closed-form step's KL budget growth (:class:`TrustRegionGrowth`).
     """
 
     curvature: CurvatureStatistics | None
     curvature_updates: jax.Array | None
     params: dict | None
     params_updates: jax.Array
+    trust: TrustRegionGrowth | None = None
+
+
+class TrustRegionGrowth(NamedTuple):
+    """The closed-form step's trust region, grown while its steps pay off
+    (:func:`psvi.objective.grow_trust_region`), and the iterate to return to when one did not.
+
+    Attributes
+    ----------
+    scale : jax.Array
+        The multiple of the default KL budget the last step had (1: the default).
+    last_cut : jax.Array
+        Whether the trust region cut the last step short.
+    last_loss, last_error : jax.Array
+        The ``-ELBO`` estimate of the iterate the last step started from, and its
+        standard error.
+    loc, scale_tril : jax.Array
+        The guide the last step started from.
+    """
+
+    scale: jax.Array
+    last_cut: jax.Array
+    last_loss: jax.Array
+    last_error: jax.Array
+    loc: jax.Array
+    scale_tril: jax.Array
 
 
 class ProximalProblem(NamedTuple):
@@ -137,7 +167,10 @@ class ProximalScoreVI(ScoreEngine):
         each update moves less than the batch's noise would carry it (docs/minibatch.md
         section 10), and ``N/B`` (the largest ratio of a plate's size to its subsample
         size) for other guides: mini-batch noise alone moves each update by a KL that
-        grows like ``N/B``. ``None`` turns it off.
+        grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
+        Gaussian guide grows its budget (up to 1024 times) while its steps pay off and
+        undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
+        that start far from the posterior otherwise crawl. ``None`` turns it off.
     vectorize_particles : bool
         Score the particles in one batched pass (``vmap``, the default) or one pass per
         particle (``lax.map``, as Pyro's ``vectorize_particles=False``): batched
@@ -248,7 +281,12 @@ class ProximalScoreVI(ScoreEngine):
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None
         params = self.optim.get_params(state.optim_state) if self.average_iterates else None
-        averages = RunningAverages(curvature, updates, params, jnp.zeros((), jnp.int32))
+        trust = None
+        if self.inner_solver == "closed_form":
+            loc, scale_tril = self.density.loc_tril(self._iterate_params(state))
+            start = (jnp.ones(()), jnp.zeros((), bool), jnp.full((), jnp.inf), jnp.zeros(()))
+            trust = TrustRegionGrowth(*start, loc, scale_tril)
+        averages = RunningAverages(curvature, updates, params, jnp.zeros((), jnp.int32), trust)
         return state._replace(averages=averages)
 
     def get_params(self, state: EngineState) -> dict:
@@ -290,8 +328,7 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         problem = self.proximal_problem(density, params_t, particles, scored, key_kl, state.averages)
         if self.inner_solver == "closed_form":
-            fitted, frac = self.closed_form_fit(density, params_t, particles, scored, state.optim_state)
-            return self.accept(state, fitted, frac, problem, scored, rng_key)
+            return self.closed_form_update(state, density, params_t, particles, scored, problem, rng_key)
         fitted = self.inner_fit(problem.objective, state.optim_state)
         if density.at_indices is not None:  # a user guide's local latents
             fitted = self.hold_unread(density, particles, state.optim_state, fitted)
@@ -377,29 +414,66 @@ class ProximalScoreVI(ScoreEngine):
 
         return lax.fori_loop(0, self.inner_steps, inner_step, optim_state)
 
-    def closed_form_fit(
+    def closed_form_update(
         self,
+        state: EngineState,
         density: GuideDensity,
         params_t: dict,
         particles: jax.Array,
         scored: ModelScores,
-        optim_state: Any,
-    ) -> tuple[Any, jax.Array]:
-        """The optimizer state holding the closed-form step of a full-covariance Gaussian
-        guide (:func:`~numpyro_psvi.objective.gaussian_proximal_step`, its trust region
-        ``trust_region * D``), its moments kept; and 1, or 0 when no fraction of the step
-        fitted the trust region (:meth:`accept` then keeps the old state)."""
+        problem: ProximalProblem,
+        rng_key: jax.Array,
+    ) -> tuple[EngineState, jax.Array]:
+        """The closed-form step of a full-covariance Gaussian guide
+        (:func:`~numpyro_psvi.objective.gaussian_proximal_step`) in a KL budget of
+        ``trust_region * D`` times the growth of :func:`psvi.objective.grow_trust_region`,
+        accepted as by :meth:`accept`; or, when the last step had a grown budget and raised
+        the ``-ELBO`` estimate, the guide it started from, restored (not a rejection: the
+        loss is this update's estimate). The optimizer holds the params and keeps its moments."""
+        growth = state.averages.trust
+        error = negative_elbo_error(density, params_t, particles, scored.log_joints)
+        scale, undo = grow_trust_region(*growth[:4], problem.loss, error)
         loc_t, tril_t = density.loc_tril(params_t)
-        max_kl = jnp.inf if self.trust_region is None else self.trust_region * scored.active_dim
+        max_kl = jnp.inf if self.trust_region is None else self.trust_region * scored.active_dim * scale
         step = gaussian_proximal_step(
             loc_t, tril_t, particles, scored.scores, self.objective.prox_weight, max_kl
         )
+        taken, loss = self.accept(
+            state, self._with_loc_tril(state.optim_state, step.loc, step.scale_tril),
+            jnp.where(step.frac > 0, 1.0, 0.0), problem, scored, rng_key,
+        )  # fmt: skip
+        accepted = jnp.isfinite(loss)
+        taken_growth = TrustRegionGrowth(
+            jnp.where(accepted, scale, 1.0),
+            accepted & (step.frac < 1),
+            jnp.where(accepted, problem.loss, growth.last_loss),
+            jnp.where(accepted, error, growth.last_error),
+            jnp.where(accepted, loc_t, growth.loc),
+            jnp.where(accepted, tril_t, growth.scale_tril),
+        )
+        restored = (
+            self._with_loc_tril(state.optim_state, growth.loc, growth.scale_tril),
+            state.averages._replace(trust=growth._replace(scale=jnp.ones(()), last_cut=jnp.zeros((), bool))),
+        )
+        optim_state, averages = jax.tree.map(
+            lambda back, on: jnp.where(undo, back, on),
+            restored, (taken.optim_state, taken.averages._replace(trust=taken_growth)),
+        )  # fmt: skip
+        new_state = taken._replace(
+            optim_state=optim_state, averages=averages,
+            num_rejected=jnp.where(undo, state.num_rejected, taken.num_rejected),
+            consecutive_rejected=jnp.where(undo, 0, taken.consecutive_rejected),
+        )  # fmt: skip
+        return new_state, jnp.where(undo, problem.loss, loss)
+
+    def _with_loc_tril(self, optim_state: Any, loc: jax.Array, scale_tril: jax.Array) -> Any:
+        """``optim_state`` holding the guide ``N(loc, scale_tril scale_tril')`` (moments kept)."""
         transforms = param_transforms(self.constrain_fn)
         unconstrained = dict(self.optim.get_params(optim_state))
         prefix = self.guide.prefix
-        for name, value in ((f"{prefix}_loc", step.loc), (f"{prefix}_scale_tril", step.scale_tril)):
+        for name, value in ((f"{prefix}_loc", loc), (f"{prefix}_scale_tril", scale_tril)):
             unconstrained[name] = transforms[name].inv(value)
-        return with_params(optim_state, unconstrained), jnp.where(step.frac > 0, 1.0, 0.0)
+        return with_params(optim_state, unconstrained)
 
     def hold_unread(
         self, density: GuideDensity, particles: jax.Array, optim_state_t: Any, fitted: Any

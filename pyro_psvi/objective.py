@@ -89,6 +89,17 @@ def negative_elbo(
         return -(log_joints - log_q).mean()
 
 
+def negative_elbo_error(
+    density: GuideDensity, params: Params, particles: torch.Tensor, log_joints: torch.Tensor
+) -> torch.Tensor:
+    """The standard error of :func:`negative_elbo` (no local latents): the sd of the
+    ``S`` terms ``log p(u_s) - log q(u_s)`` over ``sqrt(S)``; 0 when ``q`` is the
+    posterior, where every term is ``log p(x)``."""
+    with torch.no_grad():
+        terms = log_joints - density.log_prob(params, particles)
+        return terms.std(correction=0) / terms.shape[0] ** 0.5
+
+
 class FisherStatistics(NamedTuple):
     """Per-coordinate sums over ``S`` particles ``u_s`` with model scores ``g_s``, the
     particles centred at the step's guide location ``loc_t`` (``v_s = u_s - loc_t``, so

@@ -34,6 +34,7 @@ from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_ad
 from psvi.objective import (
     ProximalScoreMatching,
     check_inner_solver,
+    grow_trust_region,
     resolve_inner_solver,
     resolve_objective,
     resolve_regime,
@@ -51,6 +52,7 @@ from pyro_psvi.objective import (
     fisher_statistics,
     gaussian_proximal_step,
     negative_elbo,
+    negative_elbo_error,
     proximal_objective,
     split_diagonal_problem,
     split_full_objective,
@@ -78,12 +80,40 @@ class RunningAverages(NamedTuple):
         accepted steps, iterate ``i`` weighted by ``i^5`` (Polyak-Ruppert averaging that
         forgets the start: the first half of a run carries 1.6% of the weight), and the
         number of steps averaged (a 0-dim tensor).
+    trust : TrustRegionGrowth or None
+        The closed-form step's KL budget growth (:class:`TrustRegionGrowth`).
     """
 
     curvature: CurvatureStatistics | None
     curvature_updates: torch.Tensor | None
     params: dict[str, torch.Tensor] | None
     params_updates: torch.Tensor
+    trust: TrustRegionGrowth | None = None
+
+
+class TrustRegionGrowth(NamedTuple):
+    """The closed-form step's trust region, grown while its steps pay off
+    (:func:`psvi.objective.grow_trust_region`), and the iterate to return to when one did not.
+
+    Attributes
+    ----------
+    scale : torch.Tensor
+        The multiple of the default KL budget the last step had (1: the default).
+    last_cut : torch.Tensor
+        Whether the trust region cut the last step short.
+    last_loss, last_error : torch.Tensor
+        The ``-ELBO`` estimate of the iterate the last step started from, and its
+        standard error.
+    loc, scale_tril : torch.Tensor
+        The guide the last step started from.
+    """
+
+    scale: torch.Tensor
+    last_cut: torch.Tensor
+    last_loss: torch.Tensor
+    last_error: torch.Tensor
+    loc: torch.Tensor
+    scale_tril: torch.Tensor
 
 
 def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
@@ -180,7 +210,10 @@ class ProximalScoreVI(ScoreEngine):
         each step moves less than the batch's noise would carry it (docs/minibatch.md
         section 10), and ``N/B`` (the largest ratio of a plate's size to its subsample
         size) for other guides: mini-batch noise alone moves each step by a KL that
-        grows like ``N/B``. ``None`` turns it off.
+        grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
+        Gaussian guide grows its budget (up to 1024 times) while its steps pay off and
+        undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
+        that start far from the posterior otherwise crawl. ``None`` turns it off.
     vectorize_particles : bool
         Evaluate all particles in one model pass under an outer plate (the model
         must be broadcast-safe, as for ``Trace_ELBO(vectorize_particles=True)``).
@@ -347,6 +380,8 @@ class ProximalScoreVI(ScoreEngine):
             )
         if averages.curvature is not None:
             averages = averages._replace(curvature=CurvatureStatistics(*averages.curvature))
+        if averages.trust is not None:  # a checkpoint without one starts at the default budget
+            averages = averages._replace(trust=TrustRegionGrowth(*averages.trust))
         self.averages = averages
         self._iterate = extra["iterate"]
 
@@ -390,7 +425,10 @@ class ProximalScoreVI(ScoreEngine):
             scored_at = time.perf_counter()
             problem = self.proximal_problem(params_t, particles, scored)
             if self.inner_solver == "closed_form":
-                frac = self.closed_form_fit(problem, particles, scored, leaves)
+                growth = self._trust_growth(problem)
+                error = negative_elbo_error(self.density, params_t, particles, scored.log_joints)
+                budget_scale, undo = grow_trust_region(*growth[:4], problem.loss, error)
+                frac, cut = self.closed_form_fit(problem, particles, scored, leaves, budget_scale)
             else:
                 unread = self.unread_entries(start, particles)
                 del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
@@ -401,8 +439,14 @@ class ProximalScoreVI(ScoreEngine):
                 self.hold(unread, start, leaves)
                 frac = self.pull_back(problem, start, leaves)
             accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
+            if self.inner_solver == "closed_form":
+                accept, growth = self.undo_or_grow(
+                    problem, leaves, accept, growth, budget_scale, undo, cut, error
+                )
             self.record(accept)
             self._advance_averages(problem.averages, leaves, accept)
+            if self.inner_solver == "closed_form":
+                self.averages = self.averages._replace(trust=growth)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
 
     def _advise_inner_cost(self, inner_seconds: float, score_seconds: float) -> None:
@@ -541,24 +585,73 @@ class ProximalScoreVI(ScoreEngine):
         particles: torch.Tensor,
         scored: ModelScores,
         leaves: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
+        budget_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the closed-form step of a full-covariance Gaussian guide
         (:func:`~pyro_psvi.objective.gaussian_proximal_step`, its trust region
-        ``trust_region * D``) into the guide's ``leaves`` (Pyro's ``L = diag(scale) @
-        scale_tril``, ``scale_tril`` unit lower triangular); return 1, or 0 when no
-        fraction of the step fitted the trust region (:meth:`accept` then restores them)."""
+        ``trust_region * D`` times ``budget_scale``) into the guide's ``leaves``; return 1,
+        or 0 when no fraction of the step fitted the trust region (:meth:`accept` then
+        restores them), and whether the trust region cut the step."""
         loc_t, tril_t = self.density.loc_tril(problem.params_t)
-        max_kl = torch.inf if self.trust_region is None else self.trust_region * problem.active_dim
+        max_kl = torch.inf
+        if self.trust_region is not None:
+            max_kl = self.trust_region * problem.active_dim * budget_scale
         with torch.no_grad():
             step = gaussian_proximal_step(
                 loc_t.detach(), tril_t.detach(), particles, scored.scores, self.objective.prox_weight, max_kl
             )
-            scale = torch.diagonal(step.scale_tril)
-            loc_name, scale_name, tril_name = self.density.param_names
-            new = {loc_name: step.loc, scale_name: scale, tril_name: step.scale_tril / scale[:, None]}
-            for name, value in new.items():
-                leaves[name].copy_(self._transforms[name].inv(value))
-        return (step.frac > 0).to(problem.loss.dtype)
+            for name, value in self._loc_tril_leaves(step.loc, step.scale_tril).items():
+                leaves[name].copy_(value)
+        return (step.frac > 0).to(problem.loss.dtype), step.frac < 1
+
+    def _loc_tril_leaves(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unconstrained leaves of the guide ``N(loc, scale_tril scale_tril')`` (Pyro's
+        ``L = diag(scale) @ scale_tril``, ``scale_tril`` unit lower triangular)."""
+        scale = torch.diagonal(scale_tril)
+        loc_name, scale_name, tril_name = self.density.param_names
+        new = {loc_name: loc, scale_name: scale, tril_name: scale_tril / scale[:, None]}
+        return {name: self._transforms[name].inv(value) for name, value in new.items()}
+
+    def _trust_growth(self, problem: ProximalProblem) -> TrustRegionGrowth:
+        """The closed-form step's :class:`TrustRegionGrowth`: the last step's, or the
+        default budget's at the first step (and after loading a checkpoint without one)."""
+        if self.averages.trust is not None:
+            return self.averages.trust
+        loc_t, tril_t = (value.detach() for value in self.density.loc_tril(problem.params_t))
+        loss = problem.loss.detach()
+        return TrustRegionGrowth(
+            torch.ones_like(loss), torch.zeros_like(loss, dtype=torch.bool), torch.full_like(loss, torch.inf),
+            torch.zeros_like(loss), loc_t, tril_t,
+        )  # fmt: skip
+
+    def undo_or_grow(
+        self,
+        problem: ProximalProblem,
+        leaves: dict[str, torch.Tensor],
+        accept: torch.Tensor,
+        growth: TrustRegionGrowth,
+        budget_scale: torch.Tensor,
+        undo: torch.Tensor,
+        cut: torch.Tensor,
+        error: torch.Tensor,
+    ) -> tuple[torch.Tensor, TrustRegionGrowth]:
+        """Undo the last step where :func:`psvi.objective.grow_trust_region` says so (its
+        grown budget raised the ``-ELBO`` estimate: the guide it started from goes back
+        into ``leaves``, not a rejection); return whether the update counts as accepted
+        (this step taken, or the last one undone) and the growth state for the next one."""
+        with torch.no_grad():
+            for name, value in self._loc_tril_leaves(growth.loc, growth.scale_tril).items():
+                leaves[name].copy_(torch.where(undo, value, leaves[name]))
+            taken = accept & ~undo
+            loc_t, tril_t = (value.detach() for value in self.density.loc_tril(problem.params_t))
+            return accept | undo, TrustRegionGrowth(
+                torch.where(taken, budget_scale, 1.0),
+                taken & cut,
+                torch.where(taken, problem.loss, growth.last_loss),
+                torch.where(taken, error, growth.last_error),
+                torch.where(taken, loc_t, growth.loc),
+                torch.where(taken, tril_t, growth.scale_tril),
+            )
 
     def _guide_gradients(
         self, problem: ProximalProblem, params: Params, guide_values: list[torch.Tensor]

@@ -58,3 +58,37 @@ def test_the_full_covariance_split_by_regime():
     assert splits_full_covariance(batch_ratio=20.0, num_particles=4)
     assert not splits_full_covariance(batch_ratio=1.0, num_particles=4)
     assert not splits_full_covariance(batch_ratio=20.0, num_particles=1)
+
+
+def _grow(scale, last_cut, last_loss, last_error, loss, error):
+    """``grow_trust_region`` on 0-dim NumPy arrays (its arithmetic is that of JAX and torch)."""
+    import numpy as np
+
+    from psvi.objective import grow_trust_region
+
+    args = (scale, last_cut, last_loss, last_error, loss, error)
+    new_scale, undo = grow_trust_region(*(np.asarray(a) for a in args))
+    return float(new_scale), bool(undo)
+
+
+def test_trust_region_grows_only_after_a_cut_step_that_clearly_paid_off():
+    # The margin is twice the difference's standard error: 2 * sqrt(3^2 + 4^2) = 10.
+    assert _grow(4.0, True, 100.0, 3.0, 89.0, 4.0) == (8.0, False)  # fell by 11 > 10, cut: doubles
+    assert _grow(4.0, False, 100.0, 3.0, 89.0, 4.0) == (4.0, False)  # not cut: stays
+    assert _grow(4.0, True, 100.0, 3.0, 91.0, 4.0) == (4.0, False)  # fell within the noise: stays
+    assert _grow(4.0, True, 100.0, 3.0, 109.0, 4.0) == (4.0, False)  # rose within the noise: stays
+
+
+def test_trust_region_resets_and_undoes_a_grown_step_that_clearly_did_not_pay_off():
+    assert _grow(4.0, True, 100.0, 3.0, 111.0, 4.0) == (1.0, True)  # rose by 11 > 10
+    assert _grow(4.0, True, 100.0, 3.0, float("nan"), 4.0) == (1.0, True)  # not finite
+    assert _grow(4.0, True, 100.0, 3.0, float("inf"), 4.0) == (1.0, True)
+    # The default budget's step is never undone (it is what the engine took before).
+    assert _grow(1.0, True, 100.0, 3.0, 111.0, 4.0) == (1.0, False)
+
+
+def test_trust_region_growth_starts_at_the_default_and_is_capped():
+    from psvi.objective import MAX_TRUST_REGION_GROWTH
+
+    assert _grow(1.0, False, float("inf"), 0.0, 5.0, 1.0) == (1.0, False)  # the first update
+    assert _grow(MAX_TRUST_REGION_GROWTH, True, 100.0, 0.0, 0.0, 0.0) == (MAX_TRUST_REGION_GROWTH, False)

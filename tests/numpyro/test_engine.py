@@ -362,3 +362,20 @@ def test_sequential_particles_give_the_same_updates(with_param):
         finals.append(svi.get_params(state))
     for name in finals[0]:
         np.testing.assert_allclose(finals[1][name], finals[0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_far_start_reaches_an_exact_gaussian_posterior():
+    """A posterior 300-3,000 of its sds from the guide's start (data far from unit scale):
+    the closed-form step's KL budget grows while its steps pay off, so the fit gets there in
+    under 150 updates (with the fixed budget it was still at KL 1.6e3 after 400). The
+    target is Gaussian, so the guide's family holds it exactly: KL < 0.01 is a fit whose
+    moments are right to about a tenth of an sd."""
+    mean, cov = np.array([100.0, -50.0, 30.0]), np.diag([0.01, 0.04, 0.0025])
+    model = gaussian_target(mean, cov)
+    init = init_to_value(values={"x": jnp.zeros(3)})
+    guide = AutoMultivariateNormal(model, init_loc_fn=init, init_scale=1.0)
+    engine = ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), num_particles=4)
+    result = engine.run(jax.random.PRNGKey(0), 150, progress_bar=False)
+    posterior = guide.get_posterior(result.params)
+    loc, q_cov = np.asarray(posterior.loc, np.float64), np.asarray(posterior.covariance_matrix, np.float64)
+    assert gaussian_kl(mean, cov, loc, q_cov) < 0.01
