@@ -170,7 +170,7 @@ class ProximalScoreVI(ScoreEngine):
         grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
         Gaussian guide grows its budget (up to 1024 times) while its steps pay off and
         undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
-        that start far from the posterior otherwise crawl. ``None`` turns it off.
+        that start far from the posterior otherwise crawl. ``None`` turns the trust region off.
     vectorize_particles : bool
         Score the particles in one batched pass (``vmap``, the default) or one pass per
         particle (``lax.map``, as Pyro's ``vectorize_particles=False``): batched

@@ -213,7 +213,7 @@ class ProximalScoreVI(ScoreEngine):
         grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
         Gaussian guide grows its budget (up to 1024 times) while its steps pay off and
         undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
-        that start far from the posterior otherwise crawl. ``None`` turns it off.
+        that start far from the posterior otherwise crawl. ``None`` turns the trust region off.
     vectorize_particles : bool
         Evaluate all particles in one model pass under an outer plate (the model
         must be broadcast-safe, as for ``Trace_ELBO(vectorize_particles=True)``).

@@ -202,3 +202,30 @@ def test_a_run_rejecting_most_updates_raises_with_advice_on_hard_constraints():
         RuntimeError, match=r"of this run's 30 updates.*-inf factor.*constrained distribution"
     ):
         svi.run(jax.random.PRNGKey(0), 30, progress_bar=False)
+
+
+def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path):
+    """The growth of the closed-form step's KL budget is part of the state: a run saved
+    while the budget has grown continues exactly as the uninterrupted one."""
+    from numpyro_psvi.contrib.models import gaussian_target
+
+    model = gaussian_target(np.array([100.0, -50.0, 30.0]), np.diag([0.01, 0.04, 0.0025]))
+    init = init_to_value(values={"x": jnp.zeros(3)})
+    guide = AutoMultivariateNormal(model, init_loc_fn=init, init_scale=1.0)
+    svi = numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), num_particles=4)
+    update = jax.jit(svi.update)
+    state = svi.init(jax.random.PRNGKey(0))
+    for _ in range(100):  # until the budget has grown (from update 30 or so)
+        state, _ = update(state)
+        if float(state.averages.trust.scale) > 1:
+            break
+    assert float(state.averages.trust.scale) > 1  # the state saved holds a grown budget
+    svi.save(tmp_path / "ckpt", state)
+    whole = state
+    for _ in range(5):
+        whole, _ = update(whole)
+    resumed = svi.load(tmp_path / "ckpt")
+    for _ in range(5):
+        resumed, _ = update(resumed)
+    for a, b in zip(jax.tree.leaves(whole.optim_state), jax.tree.leaves(resumed.optim_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
