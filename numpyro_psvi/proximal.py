@@ -47,6 +47,7 @@ from numpyro_psvi.scores import ModelScores
 from psvi.checks import caller_stacklevel, check_proximal_options
 from psvi.objective import (
     ProximalScoreMatching,
+    TrustRegionGrowth,
     check_inner_solver,
     grow_trust_region,
     resolve_inner_solver,
@@ -76,7 +77,7 @@ class RunningAverages(NamedTuple):
         the start: the first half of a run carries 1.6% of the weight), and the number
         of updates averaged.
     trust : TrustRegionGrowth or None
-        The closed-form step's KL budget growth (:class:`TrustRegionGrowth`).
+        The closed-form step's KL budget growth (:class:`psvi.objective.TrustRegionGrowth`).
     """
 
     curvature: CurvatureStatistics | None
@@ -84,31 +85,6 @@ class RunningAverages(NamedTuple):
     params: dict | None
     params_updates: jax.Array
     trust: TrustRegionGrowth | None = None
-
-
-class TrustRegionGrowth(NamedTuple):
-    """The closed-form step's trust region, grown while its steps pay off
-    (:func:`psvi.objective.grow_trust_region`), and the iterate to return to when one did not.
-
-    Attributes
-    ----------
-    scale : jax.Array
-        The multiple of the default KL budget the last step had (1: the default).
-    last_cut : jax.Array
-        Whether the trust region cut the last step short.
-    last_loss, last_error : jax.Array
-        The ``-ELBO`` estimate of the iterate the last step started from, and its
-        standard error.
-    loc, scale_tril : jax.Array
-        The guide the last step started from.
-    """
-
-    scale: jax.Array
-    last_cut: jax.Array
-    last_loss: jax.Array
-    last_error: jax.Array
-    loc: jax.Array
-    scale_tril: jax.Array
 
 
 class ProximalProblem(NamedTuple):

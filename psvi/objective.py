@@ -112,6 +112,32 @@ def trust_region_scale(diagonal: bool, batch_ratio: float) -> float:
 MAX_TRUST_REGION_GROWTH = 2.0**10
 
 
+class TrustRegionGrowth(NamedTuple):
+    """The closed-form step's trust region, grown while its steps pay off
+    (:func:`grow_trust_region`), and the iterate to return to when one did not: JAX
+    arrays in ``numpyro_psvi``, torch tensors in ``pyro_psvi``.
+
+    Attributes
+    ----------
+    scale
+        The multiple of the default KL budget the last step had (1: the default).
+    last_cut
+        Whether the trust region cut the last step short (bool).
+    last_loss, last_error
+        The ``-ELBO`` estimate of the iterate the last step started from, and its
+        standard error.
+    loc, scale_tril
+        The guide the last step started from.
+    """
+
+    scale: Any
+    last_cut: Any
+    last_loss: Any
+    last_error: Any
+    loc: Any
+    scale_tril: Any
+
+
 def grow_trust_region(
     scale: Any, last_cut: Any, last_loss: Any, last_error: Any, loss: Any, error: Any
 ) -> tuple[Any, Any]:

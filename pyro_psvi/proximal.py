@@ -33,6 +33,7 @@ from pyro.optim import PyroOptim
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
 from psvi.objective import (
     ProximalScoreMatching,
+    TrustRegionGrowth,
     check_inner_solver,
     grow_trust_region,
     resolve_inner_solver,
@@ -81,7 +82,7 @@ class RunningAverages(NamedTuple):
         forgets the start: the first half of a run carries 1.6% of the weight), and the
         number of steps averaged (a 0-dim tensor).
     trust : TrustRegionGrowth or None
-        The closed-form step's KL budget growth (:class:`TrustRegionGrowth`).
+        The closed-form step's KL budget growth (:class:`psvi.objective.TrustRegionGrowth`).
     """
 
     curvature: CurvatureStatistics | None
@@ -89,31 +90,6 @@ class RunningAverages(NamedTuple):
     params: dict[str, torch.Tensor] | None
     params_updates: torch.Tensor
     trust: TrustRegionGrowth | None = None
-
-
-class TrustRegionGrowth(NamedTuple):
-    """The closed-form step's trust region, grown while its steps pay off
-    (:func:`psvi.objective.grow_trust_region`), and the iterate to return to when one did not.
-
-    Attributes
-    ----------
-    scale : torch.Tensor
-        The multiple of the default KL budget the last step had (1: the default).
-    last_cut : torch.Tensor
-        Whether the trust region cut the last step short.
-    last_loss, last_error : torch.Tensor
-        The ``-ELBO`` estimate of the iterate the last step started from, and its
-        standard error.
-    loc, scale_tril : torch.Tensor
-        The guide the last step started from.
-    """
-
-    scale: torch.Tensor
-    last_cut: torch.Tensor
-    last_loss: torch.Tensor
-    last_error: torch.Tensor
-    loc: torch.Tensor
-    scale_tril: torch.Tensor
 
 
 def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
