@@ -61,15 +61,17 @@ def weighted_fisher(
     return jnp.mean(quad)
 
 
-def negative_elbo(
+def elbo_terms(
     density: GuideDensity,
     params: Params,
     particles: jax.Array,
     log_joints: jax.Array,
     weights: jax.Array | None = None,
 ) -> jax.Array:
-    """``-(1/S) sum_s [log p(u_s) - log q(u_s)]``: the loss ``Trace_ELBO`` reports with
-    ``S`` particles, from an update's own particles and log joints (no score call).
+    """The ``(S,)`` terms ``log p(u_s) - log q(u_s)`` whose mean is the ELBO estimate
+    ``Trace_ELBO`` reports with ``S`` particles, from an update's own particles and log
+    joints (no score call); their sd over ``sqrt(S)`` is its standard error (0 when ``q``
+    is the posterior: every term is then ``log p(x)``).
 
     Parameters
     ----------
@@ -89,17 +91,19 @@ def negative_elbo(
         log_q = jax.vmap(density.log_prob, (None, 0))(params, particles)
     else:
         log_q = jax.vmap(density.elbo_log_prob, (None, 0, None))(params, particles, weights)
-    return -jnp.mean(log_joints - log_q)
+    return log_joints - log_q
 
 
-def negative_elbo_error(
-    density: GuideDensity, params: Params, particles: jax.Array, log_joints: jax.Array
+def negative_elbo(
+    density: GuideDensity,
+    params: Params,
+    particles: jax.Array,
+    log_joints: jax.Array,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
-    """The standard error of :func:`negative_elbo` (no local latents): the sd of the
-    ``S`` terms ``log p(u_s) - log q(u_s)`` over ``sqrt(S)``; 0 when ``q`` is the
-    posterior, where every term is ``log p(x)``."""
-    terms = log_joints - jax.vmap(density.log_prob, (None, 0))(params, particles)
-    return jnp.std(terms) / jnp.sqrt(terms.shape[0])
+    """``-(1/S) sum_s [log p(u_s) - log q(u_s)]``: the loss ``Trace_ELBO`` reports with
+    ``S`` particles (:func:`elbo_terms`, the same arguments)."""
+    return -jnp.mean(elbo_terms(density, params, particles, log_joints, weights))
 
 
 class FisherStatistics(NamedTuple):

@@ -32,11 +32,10 @@ from numpyro_psvi.objective import (
     CurvatureStatistics,
     curvature_statistics,
     diagonal_weighted_fisher,
+    elbo_terms,
     fisher_statistics,
     gaussian_proximal_step,
     lerp_tree,
-    negative_elbo,
-    negative_elbo_error,
     proximal_objective,
     split_diagonal_objective,
     split_full_objective,
@@ -90,12 +89,14 @@ class RunningAverages(NamedTuple):
 class ProximalProblem(NamedTuple):
     """One update's proximal problem: ``objective(unconstrained) -> (value, terms)``
     over all params (guide and model); ``loss``, the ``-ELBO`` estimate of ``q_t`` from
-    the update's particles (:func:`~numpyro_psvi.objective.negative_elbo`); ``fisher``,
-    its weighted Fisher divergence on them; ``averages``, the running averages with this
-    update's curvature estimate folded in."""
+    the update's particles (:func:`~numpyro_psvi.objective.elbo_terms`), and
+    ``loss_error`` its standard error; ``fisher``, its weighted Fisher divergence on
+    them; ``averages``, the running averages with this update's curvature estimate
+    folded in."""
 
     objective: Callable[[dict], tuple[jax.Array, dict]]
     loss: jax.Array
+    loss_error: jax.Array
     fisher: jax.Array
     averages: RunningAverages
 
@@ -335,7 +336,8 @@ class ProximalScoreVI(ScoreEngine):
         stats = scored.statistics  # reduced across devices
         if stats is None:
             stats = fisher_statistics(density, params_t, particles, scored.scores)
-        loss = negative_elbo(density, params_t, particles, scored.log_joints, weights)
+        terms = elbo_terms(density, params_t, particles, scored.log_joints, weights)
+        loss, loss_error = -jnp.mean(terms), jnp.std(terms) / jnp.sqrt(terms.shape[0])
         if stats is None:
             scores = scored.scores
             fisher = weighted_fisher(density, params_t, params_t, particles, scores, weighting, weights)
@@ -365,7 +367,7 @@ class ProximalScoreVI(ScoreEngine):
                 value = value - sum(jax.tree.leaves(products))
             return value, terms
 
-        return ProximalProblem(objective, loss, fisher, averages)
+        return ProximalProblem(objective, loss, loss_error, fisher, averages)
 
     def _fold_curvature(
         self, averages: RunningAverages, estimate: CurvatureStatistics, weights: jax.Array | None
@@ -407,8 +409,7 @@ class ProximalScoreVI(ScoreEngine):
         the ``-ELBO`` estimate, the guide it started from, restored (not a rejection: the
         loss is this update's estimate). The optimizer holds the params and keeps its moments."""
         growth = state.averages.trust
-        error = negative_elbo_error(density, params_t, particles, scored.log_joints)
-        scale, undo = grow_trust_region(*growth[:4], problem.loss, error)
+        scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error)
         loc_t, tril_t = density.loc_tril(params_t)
         max_kl = jnp.inf if self.trust_region is None else self.trust_region * scored.active_dim * scale
         step = gaussian_proximal_step(
@@ -423,7 +424,7 @@ class ProximalScoreVI(ScoreEngine):
             jnp.where(accepted, scale, 1.0),
             accepted & (step.frac < 1),
             jnp.where(accepted, problem.loss, growth.last_loss),
-            jnp.where(accepted, error, growth.last_error),
+            jnp.where(accepted, problem.loss_error, growth.last_error),
             jnp.where(accepted, loc_t, growth.loc),
             jnp.where(accepted, tril_t, growth.scale_tril),
         )

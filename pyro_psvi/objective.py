@@ -57,15 +57,17 @@ def weighted_fisher(
     return residuals.pow(2).sum(-1).mean()
 
 
-def negative_elbo(
+def elbo_terms(
     density: GuideDensity,
     params: Params,
     particles: torch.Tensor,
     log_joints: torch.Tensor,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``-(1/S) sum_s [log p(u_s) - log q(u_s)]``: the loss ``Trace_ELBO`` reports with
-    ``S`` particles, from a step's own particles and log joints (no score call).
+    """The ``(S,)`` terms ``log p(u_s) - log q(u_s)`` whose mean is the ELBO estimate
+    ``Trace_ELBO`` reports with ``S`` particles, from a step's own particles and log
+    joints (no score call); their sd over ``sqrt(S)`` is its standard error (0 when ``q``
+    is the posterior: every term is then ``log p(x)``).
 
     Parameters
     ----------
@@ -86,18 +88,19 @@ def negative_elbo(
             log_q = density.log_prob(params, particles)
         else:
             log_q = density.elbo_log_prob(params, particles, weights)
-        return -(log_joints - log_q).mean()
+        return log_joints - log_q
 
 
-def negative_elbo_error(
-    density: GuideDensity, params: Params, particles: torch.Tensor, log_joints: torch.Tensor
+def negative_elbo(
+    density: GuideDensity,
+    params: Params,
+    particles: torch.Tensor,
+    log_joints: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The standard error of :func:`negative_elbo` (no local latents): the sd of the
-    ``S`` terms ``log p(u_s) - log q(u_s)`` over ``sqrt(S)``; 0 when ``q`` is the
-    posterior, where every term is ``log p(x)``."""
-    with torch.no_grad():
-        terms = log_joints - density.log_prob(params, particles)
-        return terms.std(correction=0) / terms.shape[0] ** 0.5
+    """``-(1/S) sum_s [log p(u_s) - log q(u_s)]``: the loss ``Trace_ELBO`` reports with
+    ``S`` particles (:func:`elbo_terms`, the same arguments)."""
+    return -elbo_terms(density, params, particles, log_joints, weights).mean()
 
 
 class FisherStatistics(NamedTuple):

@@ -50,10 +50,9 @@ from pyro_psvi.objective import (
     CurvatureStatistics,
     curvature_statistics,
     diagonal_weighted_fisher,
+    elbo_terms,
     fisher_statistics,
     gaussian_proximal_step,
-    negative_elbo,
-    negative_elbo_error,
     proximal_objective,
     split_diagonal_problem,
     split_full_objective,
@@ -109,9 +108,9 @@ class ProximalProblem(NamedTuple):
         ``objective(params) -> ()``: ``L_t`` at constrained guide params.
     params_t : dict
         The constrained params the particles came from (detached).
-    loss : torch.Tensor
+    loss, loss_error : torch.Tensor
         The ``-ELBO`` estimate of ``q_t`` from the step's particles
-        (:func:`~pyro_psvi.objective.negative_elbo`).
+        (:func:`~pyro_psvi.objective.elbo_terms`) and its standard error.
     fisher : torch.Tensor
         The weighted Fisher divergence of ``q_t`` on the step's particles and batch.
     param_grads : list of torch.Tensor
@@ -133,6 +132,7 @@ class ProximalProblem(NamedTuple):
     objective: Callable[[Params], torch.Tensor]
     params_t: Params
     loss: torch.Tensor
+    loss_error: torch.Tensor
     fisher: torch.Tensor
     param_grads: list[torch.Tensor]
     scores_ok: torch.Tensor
@@ -401,10 +401,10 @@ class ProximalScoreVI(ScoreEngine):
             scored_at = time.perf_counter()
             problem = self.proximal_problem(params_t, particles, scored)
             if self.inner_solver == "closed_form":
-                growth = self._trust_growth(problem)
-                error = negative_elbo_error(self.density, params_t, particles, scored.log_joints)
-                budget_scale, undo = grow_trust_region(*growth[:4], problem.loss, error)
-                frac, cut = self.closed_form_fit(problem, particles, scored, leaves, budget_scale)
+                accept, growth = self.closed_form_step(
+                    problem, particles, scored, start, leaves, saved_optimizer_state
+                )
+                problem = problem._replace(averages=problem.averages._replace(trust=growth))
             else:
                 unread = self.unread_entries(start, particles)
                 del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
@@ -414,15 +414,9 @@ class ProximalScoreVI(ScoreEngine):
                     self._advise_inner_cost(time.perf_counter() - fit_at, scored_at - started)
                 self.hold(unread, start, leaves)
                 frac = self.pull_back(problem, start, leaves)
-            accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
-            if self.inner_solver == "closed_form":
-                accept, growth = self.undo_or_grow(
-                    problem, leaves, accept, growth, budget_scale, undo, cut, error
-                )
+                accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
             self.record(accept)
             self._advance_averages(problem.averages, leaves, accept)
-            if self.inner_solver == "closed_form":
-                self.averages = self.averages._replace(trust=growth)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
 
     def _advise_inner_cost(self, inner_seconds: float, score_seconds: float) -> None:
@@ -458,7 +452,8 @@ class ProximalScoreVI(ScoreEngine):
                 scores = torch.where(scores_ok, scores, torch.zeros_like(scores))
             stats = fisher_statistics(density, params_t, particles, scores)
         averages = self.averages
-        loss = negative_elbo(density, params_t, particles, scored.log_joints, weights)
+        terms = elbo_terms(density, params_t, particles, scored.log_joints, weights)
+        loss, loss_error = -terms.mean(), terms.std(correction=0) / terms.shape[0] ** 0.5
         with torch.no_grad():
             if stats is None:
                 fisher = weighted_fisher(density, params_t, params_t, particles, scores, weighting, weights)
@@ -486,7 +481,8 @@ class ProximalScoreVI(ScoreEngine):
             return split_diagonal.objective(params)[0]
 
         return ProximalProblem(
-            objective, params_t, loss, fisher, scored.param_grads, scores_ok, scored.active_dim, kl_seed,
+            objective, params_t, loss, loss_error, fisher, scored.param_grads, scores_ok, scored.active_dim,
+            kl_seed,
             averages, None if stats is None else split_diagonal.gradient,
         )  # fmt: skip
 
@@ -555,79 +551,66 @@ class ProximalScoreVI(ScoreEngine):
                     grads[i] = grad
                 steps.step(grads)
 
-    def closed_form_fit(
+    def closed_form_step(
         self,
         problem: ProximalProblem,
         particles: torch.Tensor,
         scored: ModelScores,
+        start: dict[str, torch.Tensor],
         leaves: dict[str, torch.Tensor],
-        budget_scale: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        saved_optimizer_state: list[dict[str, torch.Tensor]],
+    ) -> tuple[torch.Tensor, TrustRegionGrowth]:
         """Write the closed-form step of a full-covariance Gaussian guide
-        (:func:`~pyro_psvi.objective.gaussian_proximal_step`, its trust region
-        ``trust_region * D`` times ``budget_scale``) into the guide's ``leaves``; return 1,
-        or 0 when no fraction of the step fitted the trust region (:meth:`accept` then
-        restores them), and whether the trust region cut the step."""
-        loc_t, tril_t = self.density.loc_tril(problem.params_t)
+        (:func:`~pyro_psvi.objective.gaussian_proximal_step`) into the guide's ``leaves``,
+        in a KL budget of ``trust_region * D`` times the growth of
+        :func:`psvi.objective.grow_trust_region`, accepted as by :meth:`accept`; or, when
+        the last step had a grown budget and raised the ``-ELBO`` estimate, write back the
+        guide it started from (not a rejection). Returns whether the update counts as
+        accepted and the growth state for the next step (Pyro's ``L = diag(scale) @
+        scale_tril``, ``scale_tril`` unit lower triangular; the optimizer's moments kept)."""
+        loc_t, tril_t = (value.detach() for value in self.density.loc_tril(problem.params_t))
+        growth = self.averages.trust
+        if growth is None:  # the first step, or a checkpoint saved before the growth existed
+            loss = problem.loss
+            growth = TrustRegionGrowth(
+                torch.ones_like(loss),
+                torch.zeros_like(loss, dtype=torch.bool),
+                torch.full_like(loss, torch.inf),
+                torch.zeros_like(loss),
+                loc_t,
+                tril_t,
+            )
+        budget_scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error)
         max_kl = torch.inf
         if self.trust_region is not None:
             max_kl = self.trust_region * problem.active_dim * budget_scale
         with torch.no_grad():
             step = gaussian_proximal_step(
-                loc_t.detach(), tril_t.detach(), particles, scored.scores, self.objective.prox_weight, max_kl
+                loc_t, tril_t, particles, scored.scores, self.objective.prox_weight, max_kl
             )
             for name, value in self._loc_tril_leaves(step.loc, step.scale_tril).items():
                 leaves[name].copy_(value)
-        return (step.frac > 0).to(problem.loss.dtype), step.frac < 1
-
-    def _loc_tril_leaves(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The unconstrained leaves of the guide ``N(loc, scale_tril scale_tril')`` (Pyro's
-        ``L = diag(scale) @ scale_tril``, ``scale_tril`` unit lower triangular)."""
-        scale = torch.diagonal(scale_tril)
-        loc_name, scale_name, tril_name = self.density.param_names
-        new = {loc_name: loc, scale_name: scale, tril_name: scale_tril / scale[:, None]}
-        return {name: self._transforms[name].inv(value) for name, value in new.items()}
-
-    def _trust_growth(self, problem: ProximalProblem) -> TrustRegionGrowth:
-        """The closed-form step's :class:`TrustRegionGrowth`: the last step's, or the
-        default budget's at the first step (and after loading a checkpoint without one)."""
-        if self.averages.trust is not None:
-            return self.averages.trust
-        loc_t, tril_t = (value.detach() for value in self.density.loc_tril(problem.params_t))
-        loss = problem.loss.detach()
-        return TrustRegionGrowth(
-            torch.ones_like(loss), torch.zeros_like(loss, dtype=torch.bool), torch.full_like(loss, torch.inf),
-            torch.zeros_like(loss), loc_t, tril_t,
-        )  # fmt: skip
-
-    def undo_or_grow(
-        self,
-        problem: ProximalProblem,
-        leaves: dict[str, torch.Tensor],
-        accept: torch.Tensor,
-        growth: TrustRegionGrowth,
-        budget_scale: torch.Tensor,
-        undo: torch.Tensor,
-        cut: torch.Tensor,
-        error: torch.Tensor,
-    ) -> tuple[torch.Tensor, TrustRegionGrowth]:
-        """Undo the last step where :func:`psvi.objective.grow_trust_region` says so (its
-        grown budget raised the ``-ELBO`` estimate: the guide it started from goes back
-        into ``leaves``, not a rejection); return whether the update counts as accepted
-        (this step taken, or the last one undone) and the growth state for the next one."""
+        frac = (step.frac > 0).to(problem.loss.dtype)
+        accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
         with torch.no_grad():
             for name, value in self._loc_tril_leaves(growth.loc, growth.scale_tril).items():
                 leaves[name].copy_(torch.where(undo, value, leaves[name]))
             taken = accept & ~undo
-            loc_t, tril_t = (value.detach() for value in self.density.loc_tril(problem.params_t))
             return accept | undo, TrustRegionGrowth(
                 torch.where(taken, budget_scale, 1.0),
-                taken & cut,
+                taken & (step.frac < 1),
                 torch.where(taken, problem.loss, growth.last_loss),
-                torch.where(taken, error, growth.last_error),
+                torch.where(taken, problem.loss_error, growth.last_error),
                 torch.where(taken, loc_t, growth.loc),
                 torch.where(taken, tril_t, growth.scale_tril),
             )
+
+    def _loc_tril_leaves(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unconstrained leaves of the guide ``N(loc, scale_tril scale_tril')``."""
+        scale = torch.diagonal(scale_tril)
+        loc_name, scale_name, tril_name = self.density.param_names
+        new = {loc_name: loc, scale_name: scale, tril_name: scale_tril / scale[:, None]}
+        return {name: self._transforms[name].inv(value) for name, value in new.items()}
 
     def _guide_gradients(
         self, problem: ProximalProblem, params: Params, guide_values: list[torch.Tensor]
