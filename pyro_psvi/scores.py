@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample, init_to_uniform
@@ -74,6 +75,7 @@ class UnconstrainedValues(Messenger):
         self.indices = indices
         self.log_abs_det_jacobians: dict[str, torch.Tensor] = {}
         self.jacobian_scales: dict[str, float] = {}
+        self.outside: dict[str, torch.Tensor] = {}
 
     def _pyro_sample(self, msg) -> None:
         name = msg["name"]
@@ -84,10 +86,30 @@ class UnconstrainedValues(Messenger):
             indices = self.indices[plate]
             scale *= unconstrained.shape[dim] / len(indices)
             unconstrained = unconstrained.index_select(dim, indices)
-        transform = torch.distributions.biject_to(msg["fn"].support)
-        msg["value"] = transform(unconstrained)
-        self.log_abs_det_jacobians[name] = transform.log_abs_det_jacobian(unconstrained, msg["value"])
+        support = msg["fn"].support
+        transform = torch.distributions.biject_to(support)
+        value = transform(unconstrained)
+        if not _unbounded(support):
+            # A float overflow of the bijection (exp(800) = inf, exp(-800) = 0) leaves its
+            # image, where the model's distributions may raise under validation (a
+            # HalfNormal's support holds 0, a Normal's scale may not be 0): such a value
+            # does not map back to a finite one. The site gets T(0) there, its particle is marked.
+            outside = ~(
+                _all_event(torch.isfinite(value), support.event_dim)
+                & _all_event(torch.isfinite(transform.inv(value)), transform.domain.event_dim)
+            )
+            self.outside[name] = outside
+            fill = transform(torch.zeros_like(unconstrained))
+            value = torch.where(outside.reshape(outside.shape + (1,) * support.event_dim), fill, value)
+        msg["value"] = value
+        self.log_abs_det_jacobians[name] = transform.log_abs_det_jacobian(unconstrained, value)
         self.jacobian_scales[name] = scale
+
+    def particles_outside(self, num: int) -> torch.Tensor:
+        """``(num,)``: whether each particle's value left a site's support (see
+        :meth:`_pyro_sample`); the particle dim leads every value's batch shape (``num=1``
+        for one particle's pass)."""
+        return torch.stack([flag.reshape(num, -1).any(-1) for flag in self.outside.values()]).any(0)
 
     def scaled_log_abs_det_jacobians(self) -> dict[str, torch.Tensor]:
         """``log|det J|`` of each site times its plates' ``N/B``."""
@@ -95,6 +117,18 @@ class UnconstrainedValues(Messenger):
             name: term if self.jacobian_scales[name] == 1.0 else self.jacobian_scales[name] * term
             for name, term in self.log_abs_det_jacobians.items()
         }
+
+
+def _unbounded(support) -> bool:
+    """Whether ``support`` is the real line (per coordinate): its bijection cannot overflow."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _all_event(flags: torch.Tensor, event_dim: int) -> torch.Tensor:
+    """``flags`` reduced with ``all`` over its ``event_dim`` rightmost dims."""
+    return flags.flatten(-event_dim).all(-1) if event_dim else flags
 
 
 def _site_log_probs(model_trace) -> dict[str, torch.Tensor]:
@@ -196,6 +230,8 @@ def log_joints(
         total = total + _per_particle(name, term, num, particle_dim)
     for name, term in handler.scaled_log_abs_det_jacobians().items():
         total = total + _per_particle(name, term, num, particle_dim)
+    if handler.outside:  # an update with such a particle is rejected
+        total = torch.where(handler.particles_outside(num), torch.nan, total)
     return total
 
 
@@ -205,7 +241,8 @@ def _log_joint_once(model, density, u, args, kwargs, subsample) -> torch.Tensor:
         model(*args, **kwargs)
     terms = list(_site_log_probs(tracer.trace).values())
     terms += list(handler.scaled_log_abs_det_jacobians().values())
-    return sum(torch.as_tensor(t).sum() for t in terms)
+    total = sum(torch.as_tensor(t).sum() for t in terms)
+    return torch.where(handler.particles_outside(1)[0], torch.nan, total) if handler.outside else total
 
 
 def local_plates(density: GuideDensity) -> dict[str, tuple[tuple[str, int], ...]]:

@@ -336,6 +336,39 @@ def assert_the_next_step_is_rejected(svi: ProximalScoreVI) -> None:
             assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
 
 
+def _scale_model():
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))  # support [0, inf): 0 passes its check
+    pyro.sample("y", dist.Normal(0.0, sigma), obs=torch.tensor(0.5))
+
+
+def test_particles_overflowing_their_bijection_get_a_nan_log_joint():
+    """exp(900) = inf and exp(-900) = 0 are no values of ``sigma`` (the Normal's scale
+    must be positive): with Pyro's validation on, such particles get a NaN log joint,
+    where the model raised; the others are exact."""
+    svi = ProximalScoreVI(_scale_model, AutoNormal(_scale_model), pyro.optim.Adam({"lr": 1e-2}))
+    svi.step()
+    u = torch.tensor([[0.3], [900.0], [-900.0]])
+    sigma = u[0].exp()
+    exact = dist.HalfNormal(1.0).log_prob(sigma) + dist.Normal(0.0, sigma).log_prob(torch.tensor(0.5))
+    with pyro.validation_enabled(True):
+        for vectorize in (True, False):
+            got = log_joints(
+                _scale_model, svi.density, u, (), {}, subsample={}, max_plate_nesting=0, vectorize=vectorize
+            )
+            torch.testing.assert_close(got[0], (exact + u[0]).squeeze())  # + log|det J| of exp
+            assert torch.isnan(got[1:]).all()
+
+
+def test_a_step_whose_particles_overflow_is_rejected():
+    """A guide so wide that its draws of log sigma overflow ``exp``: the step is rejected
+    (params and optimizer state kept), as NumPyro's is, instead of Pyro's validation error."""
+    init = init_to_value(values={"sigma": torch.tensor(1.0)})
+    guide = AutoNormal(_scale_model, init_loc_fn=init, init_scale=1e4)  # P(|u| < 88) ~ 0.007 a draw
+    svi = ProximalScoreVI(_scale_model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    with pyro.validation_enabled(True):
+        assert_the_next_step_is_rejected(svi)
+
+
 class _PoisonedAdam(torch.optim.Adam):
     """Adam that writes inf into its state after each step (its updates stay finite), as
     float32 Adam's second moment becomes inf when a gradient exceeds 1.8e19."""
