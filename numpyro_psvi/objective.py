@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from numpyro_psvi.guides import GuideDensity, Params
+from psvi.objective import SMALLEST_STEP_FRACTION
 
 
 def weighted_fisher(
@@ -383,7 +384,8 @@ def gaussian_proximal_step(
 
     The step taken is the fraction ``f`` of this solution (precision ``P_f = I + f E``,
     its complement block completed, and location ``f d_f``, ``d_f`` exact for ``P_f``) largest with
-    ``KL(q_t || q_f) <= max_kl`` (bisection in ``log f`` down to ``2^-num_bisections``):
+    ``KL(q_t || q_f) <= max_kl`` (``num_bisections`` bisections in ``log f`` down to
+    :data:`psvi.objective.SMALLEST_STEP_FRACTION`):
     a trust region measured in the exact KL. Everything but the final factorization is
     ``O(S^2 D)``; the new ``scale_tril`` is ``L_t chol(P^{-1})``, one ``O(D^3)``.
     """
@@ -430,14 +432,14 @@ def gaussian_proximal_step(
 
     def bisect(_, bounds):
         low, high, found = bounds
-        mid = jnp.sqrt(low * high)
+        mid = low * jnp.sqrt(high / low)  # low * high underflows
         fits = kl_at(mid) <= max_kl
         return jnp.where(fits, mid, low), jnp.where(fits, high, mid), found | fits
 
     def search():
         # ``found``: whether ``low`` was seen to fit (a second evaluation of the KL at
         # ``low``, fused differently, can differ in the last float32 bit).
-        smallest = jnp.asarray(2.0**-num_bisections, loc_t.dtype)
+        smallest = jnp.asarray(SMALLEST_STEP_FRACTION, loc_t.dtype)
         start = (smallest, jnp.ones_like(smallest), kl_at(smallest) <= max_kl)
         low, _, found = jax.lax.fori_loop(0, num_bisections, bisect, start)
         return jnp.where(found, low, 0.0)

@@ -145,7 +145,7 @@ class ProximalScoreVI(ScoreEngine):
         section 10), and ``N/B`` (the largest ratio of a plate's size to its subsample
         size) for other guides: mini-batch noise alone moves each update by a KL that
         grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
-        Gaussian guide grows its budget (up to 1024 times) while its steps pay off and
+        Gaussian guide grows its budget (up to 2^30 times) while its steps pay off and
         undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
         that start far from the posterior otherwise crawl. ``None`` turns the trust region off.
     vectorize_particles : bool
@@ -157,7 +157,7 @@ class ProximalScoreVI(ScoreEngine):
         How the guide's score is computed for Gaussian guides.
     max_halvings : int
         Trust-region halvings before the step is rejected (the optimizer path; the
-        closed-form step bisects for the largest fraction that fits, down to 2^-40).
+        closed-form step bisects for the largest fraction that fits, down to 2^-120).
     max_consecutive_rejections : int or None
         :meth:`run` raises once this many updates in a row were rejected (``None``:
         never); it checks at the end of each progress-bar chunk, or at the end.

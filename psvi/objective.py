@@ -109,7 +109,13 @@ def trust_region_scale(diagonal: bool, batch_ratio: float) -> float:
     return min(SPLIT_TRUST_REGION_SCALE, batch_ratio) if diagonal else batch_ratio
 
 
-MAX_TRUST_REGION_GROWTH = 2.0**10
+MAX_TRUST_REGION_GROWTH = 2.0**30
+"""A bound that keeps the budget finite in float32; the undo of :func:`grow_trust_region`
+is what guards the fit (at 2^10 a Pyro fit of earnings still crawled: docs/posteriordb.md)."""
+SMALLEST_STEP_FRACTION = 2.0**-120
+"""The closed-form step's smallest fraction (float32's smallest normal number is 2^-126):
+a start far in the tails (likelihood curvature ~1e17 times the guide's precision) needs
+fractions far below 2^-40 to fit the KL budget, and was rejected at every update there."""
 
 
 class TrustRegionGrowth(NamedTuple):

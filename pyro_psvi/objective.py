@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from psvi.objective import SMALLEST_STEP_FRACTION
 from pyro_psvi.guides import GuideDensity, Params
 
 
@@ -449,12 +450,12 @@ def gaussian_proximal_step(
 
     one = torch.ones((), dtype=loc_t.dtype, device=loc_t.device)
     whole_fits = kl_at(one) <= max_kl
-    low, high = one * 2.0**-num_bisections, one
+    low, high = one * SMALLEST_STEP_FRACTION, one
     found = kl_at(low) <= max_kl  # whether ``low`` was seen to fit (no second evaluation)
     # On a CPU, where reading it costs nothing, a whole step that fits skips the search.
     if loc_t.device.type != "cpu" or not whole_fits:
         for _ in range(num_bisections):
-            mid = torch.sqrt(low * high)
+            mid = low * torch.sqrt(high / low)  # low * high underflows
             fits = kl_at(mid) <= max_kl
             low, high, found = torch.where(fits, mid, low), torch.where(fits, high, mid), found | fits
     frac = torch.where(whole_fits, one, torch.where(found, low, 0.0 * one))

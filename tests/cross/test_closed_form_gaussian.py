@@ -167,3 +167,31 @@ def test_non_finite_scores_give_a_non_finite_step_not_an_error():
     scores[1, 2] = np.nan
     step = pyro_step(*(torch.tensor(v) for v in (loc_t, tril_t, particles, scores)), 10.0, 0.12)
     assert not (torch.isfinite(step.loc).all() and torch.isfinite(step.scale_tril).all() and step.frac > 0)
+
+
+@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
+def test_a_start_far_in_the_tails_takes_a_step(backend):
+    # q_t = N(0, I) against curvature 1e16 in two directions (earnings from Pyro's
+    # init_to_median: ~1e17). The precision moves as P_f = I + f E with E ~ 1e16, so the
+    # KL (~ (f E)^2 / 4 for small f E) fits the budget 0.02 D only for f ~ 1e-17, far
+    # below the old floor 2^-40 ~ 1e-12, where every update was rejected. In float32 (the
+    # PPLs' default) the step now moves, within the budget up to float32 rounding of the
+    # KL's terms (relative 1e-5 of traces ~ D).
+    rng = np.random.default_rng(0)
+    dim, num = 3, 8
+    precision = np.diag([1e16, 1e16, 1.0])
+    mean = np.array([1e-3, -1e-3, 5.0])
+    particles = rng.normal(size=(num, dim))
+    scores = -(particles - mean) @ precision
+    args = [np.zeros(dim), np.eye(dim), particles, scores]
+    budget = 0.02 * dim
+    if backend == "numpyro":
+        step = numpyro_step(*(jnp.asarray(v, jnp.float32) for v in args), 10.0, budget)
+    else:
+        step = pyro_step(*(torch.tensor(v, dtype=torch.float32) for v in args), 10.0, budget)
+    loc, tril, frac = (np.asarray(v, np.float64) for v in (step.loc, step.scale_tril, step.frac))
+    assert 0 < frac < 2.0**-40
+    assert np.all(np.isfinite(loc)) and np.all(np.isfinite(tril))
+    assert _kl(np.zeros(dim), np.eye(dim), loc, tril) <= budget + 1e-4
+    new_precision = np.linalg.inv(tril @ tril.T)
+    assert new_precision[0, 0] > 1.05 and new_precision[1, 1] > 1.05  # it sharpened where the target is sharp
