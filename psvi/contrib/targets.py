@@ -57,3 +57,28 @@ def hierarchical_posterior(y: np.ndarray, w: np.ndarray) -> dict[str, tuple]:
         "s": (np.full(num, 0.5), np.full(num, 0.5)),
         "mu": (float(np.sum(w, dtype=np.float64)) / precision, precision**-0.5),
     }
+
+
+EARNINGS_ROWS = 1059
+
+
+def earnings_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Heights (inches) and earnings (dollars) of PosteriorDB's earnings size and scale: a
+    regression far from unit scale (sds 1e4 and 160 for the coefficients, 0.02 for log sigma)."""
+    rng = np.random.default_rng(seed)
+    height = rng.normal(66.6, 3.8, EARNINGS_ROWS)
+    return height, -61000 + 1300 * height + rng.normal(0, 19000, EARNINGS_ROWS)
+
+
+def earnings_posterior(height: np.ndarray, earn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Means and sds of (intercept, slope, log sigma) for ``earn ~ N(b1 + b2 height, sigma)``
+    under flat priors: the coefficients' Student-t (least-squares mean, covariance
+    ``s^2 (X'X)^-1 (N-2)/(N-4)``), and log sigma ~ log s with sd ``1/sqrt(2N)`` (its
+    Gaussian limit; the error is O(1/N) of an sd)."""
+    design = np.column_stack([np.ones(len(height)), height])
+    coef, rss = np.linalg.lstsq(design, earn, rcond=None)[:2]
+    dof = len(height) - 2
+    s2 = rss[0] / dof
+    coef_cov = s2 * np.linalg.inv(design.T @ design) * dof / (dof - 2)
+    mean = np.append(coef, 0.5 * np.log(s2))
+    return mean, np.append(np.sqrt(np.diag(coef_cov)), 1 / np.sqrt(2 * len(height)))

@@ -17,13 +17,17 @@ from numpyro.infer.autoguide import (
     AutoNormal,
 )
 from numpyro.infer.initialization import init_to_median, init_to_value
-from psvi_testing.earnings import earnings_data, earnings_posterior
 
 from numpyro_psvi import ProximalScoreVI
 from numpyro_psvi.contrib.models import gaussian_target, linear_regression
 from numpyro_psvi.objective import proximal_objective
 from numpyro_psvi.scores import make_score_fn
-from psvi.contrib.targets import conjugate_linear_regression, ill_conditioned_gaussian
+from psvi.contrib.targets import (
+    conjugate_linear_regression,
+    earnings_data,
+    earnings_posterior,
+    ill_conditioned_gaussian,
+)
 from psvi.metrics import gaussian_kl
 
 

@@ -8,7 +8,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from psvi_testing.earnings import earnings_data, earnings_posterior
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import (
     AutoDiagonalNormal,
@@ -19,7 +18,7 @@ from pyro.infer.autoguide import (
     init_to_value,
 )
 
-from psvi.contrib.targets import ill_conditioned_gaussian
+from psvi.contrib.targets import earnings_data, earnings_posterior, ill_conditioned_gaussian
 from psvi.metrics import gaussian_kl
 from pyro_psvi import ProximalScoreVI
 from pyro_psvi.contrib.models import gaussian_target, linear_regression, mlp_classifier
