@@ -875,17 +875,34 @@ def user_guide_density(
         return (variances_of["variances"] * r**2).sum(-1)
 
     if closed_forms.normal and not any(site.plates for site in sites):
+        passed_as_is: dict[str, Any] = {}  # "names": each site's (loc, scale) params, or None
 
-        def get_loc_scale(params):
-            fns = site_distributions(params)
+        def flat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+            """The flat ``(loc, scale)`` from each site's (a site its plate broadcasts)."""
             blocks = [
-                [
-                    torch.broadcast_to(part, site.shape).reshape(-1)  # a site its plate broadcasts
-                    for part in unconstrained_normal(fns[site.name].fn, transforms[site.name])
-                ]
-                for site in sites
+                [torch.broadcast_to(part, site.shape).reshape(-1) for part in pair]
+                for site, pair in zip(sites, parts, strict=True)
             ]
             return tuple(torch.cat(side) for side in zip(*blocks, strict=True))
+
+        def get_loc_scale(params):
+            # The inner steps' calls (params that carry gradients) skip the guide's run
+            # when its sites take their loc and scale from params as they are: a run
+            # through Pyro's handlers costs about an SVI step's guide pass. Every other
+            # call (q_t's draws, objective, trust region: several a step) runs it and
+            # checks that this still holds.
+            names = passed_as_is.get("names")
+            if names is not None and any(value.requires_grad for value in params.values()):
+                return flat([tuple(params[name] for name in pair) for pair in names])
+            fns = site_distributions(params)
+            parts = [unconstrained_normal(fns[site.name].fn, transforms[site.name]) for site in sites]
+            names = [
+                tuple(_param_passed_as_is(part, params, site.shape) for part in pair)
+                for site, pair in zip(sites, parts, strict=True)
+            ]
+            complete = all(name is not None for pair in names for name in pair)
+            passed_as_is["names"] = names if complete else None
+            return flat(parts)
 
         # A diagonal Gaussian in the unconstrained space: AutoNormal's density and fit.
         diagonal = _diagonal_density(get_loc_scale, sites, layout.param_names, "closed_form")
@@ -1112,6 +1129,22 @@ def _fixed_transforms(fn: torch.distributions.Distribution) -> bool:
         if any(isinstance(value, torch.Tensor) and value.requires_grad for value in vars(part).values()):
             return False
     return True
+
+
+def _param_passed_as_is(value: torch.Tensor, params: Params, shape: torch.Size) -> str | None:
+    """The name of the param that ``value`` is, broadcast to ``shape`` (the same memory,
+    shape and strides: a distribution's ``broadcast_all`` view of it), or ``None``."""
+    target = torch.broadcast_to(value, shape)
+    for name, param in params.items():
+        if param.data_ptr() != value.data_ptr() or param.dtype != value.dtype:
+            continue
+        try:
+            view = torch.broadcast_to(param, shape)
+        except RuntimeError:  # e.g. an element of a vector param: another shape
+            continue
+        if view.stride() == target.stride():
+            return name
+    return None
 
 
 class _seeded:
