@@ -889,12 +889,13 @@ def user_guide_density(
             # The inner steps' calls (params that carry gradients) skip the guide's run
             # when its sites take their loc and scale from params as they are: a run
             # through Pyro's handlers costs about an SVI step's guide pass. Every other
-            # call (q_t's draws, objective, trust region: several a step) runs it and
-            # checks that this still holds.
+            # call (q_t's draws, objective, trust region) runs it, once per params dict,
+            # and checks that this still holds.
             names = passed_as_is.get("names")
-            if names is not None and any(value.requires_grad for value in params.values()):
+            differentiated = any(value.requires_grad for value in params.values())
+            if names is not None and differentiated:
                 return flat([tuple(params[name] for name in pair) for pair in names])
-            fns = site_distributions(params)
+            fns = site_distributions(params) if differentiated else cached(params)
             parts = [unconstrained_normal(fns[site.name].fn, transforms[site.name]) for site in sites]
             names = [
                 tuple(_param_passed_as_is(part, params, site.shape) for part in pair)
