@@ -875,7 +875,7 @@ def user_guide_density(
         return (variances_of["variances"] * r**2).sum(-1)
 
     if closed_forms.normal and not any(site.plates for site in sites):
-        passed_as_is: dict[str, Any] = {}  # "names": each site's (loc, scale) params, or None
+        made: dict[str, Any] = {}  # the last probe's params dict, versions, parts and recipes
 
         def flat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
             """The flat ``(loc, scale)`` from each site's (a site its plate broadcasts)."""
@@ -885,25 +885,38 @@ def user_guide_density(
             ]
             return tuple(torch.cat(side) for side in zip(*blocks, strict=True))
 
+        def normal_parts(fns) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            """Each site's unconstrained ``(loc, scale)`` from its distribution."""
+            return [unconstrained_normal(fns[site.name].fn, transforms[site.name]) for site in sites]
+
+        def probe(params):
+            """One run of the guide on ``params`` as leaves of a graph: each site's ``(loc,
+            scale)`` (detached) and how it was made (:func:`_part_recipe`), or ``None``
+            for the recipes when some part is computed from the params."""
+            leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
+            with torch.enable_grad():
+                parts = normal_parts(site_distributions(leaves))
+            recipes = [tuple(_part_recipe(part, leaves) for part in pair) for pair in parts]
+            complete = all(recipe is not None for pair in recipes for recipe in pair)
+            return [tuple(part.detach() for part in pair) for pair in parts], recipes if complete else None
+
         def get_loc_scale(params):
             # The inner steps' calls (params that carry gradients) skip the guide's run
-            # when its sites take their loc and scale from params as they are: a run
-            # through Pyro's handlers costs about an SVI step's guide pass. Every other
-            # call (q_t's draws, objective, trust region) runs it, once per params dict,
-            # and checks that this still holds.
-            names = passed_as_is.get("names")
+            # when each site's loc and scale are a view of a param (what a distribution
+            # makes of ``pyro.param`` values passed as they are, or indexed) or a constant:
+            # a run through Pyro's handlers costs about an SVI step's guide pass. Every
+            # other call (q_t's draws, objective, trust region) runs it, once per params
+            # dict, as leaves of a graph, and finds the recipes again.
             differentiated = any(value.requires_grad for value in params.values())
-            if names is not None and differentiated:
-                return flat([tuple(params[name] for name in pair) for pair in names])
-            fns = site_distributions(params) if differentiated else cached(params)
-            parts = [unconstrained_normal(fns[site.name].fn, transforms[site.name]) for site in sites]
-            names = [
-                tuple(_param_passed_as_is(part, params, site.shape) for part in pair)
-                for site, pair in zip(sites, parts, strict=True)
-            ]
-            complete = all(name is not None for pair in names for name in pair)
-            passed_as_is["names"] = names if complete else None
-            return flat(parts)
+            if differentiated and made.get("recipes") is not None:
+                return flat([tuple(_follow(recipe, params) for recipe in pair) for pair in made["recipes"]])
+            if differentiated:
+                return flat(normal_parts(site_distributions(params)))
+            versions = tuple(tensor_version(value) for value in params.values())
+            if made.get("params") is not params or made.get("versions") != versions:
+                parts, recipes = probe(params)
+                made.update(params=params, versions=versions, parts=parts, recipes=recipes)
+            return flat(made["parts"])
 
         # A diagonal Gaussian in the unconstrained space: AutoNormal's density and fit.
         diagonal = _diagonal_density(get_loc_scale, sites, layout.param_names, "closed_form")
@@ -1132,20 +1145,31 @@ def _fixed_transforms(fn: torch.distributions.Distribution) -> bool:
     return True
 
 
-def _param_passed_as_is(value: torch.Tensor, params: Params, shape: torch.Size) -> str | None:
-    """The name of the param that ``value`` is, broadcast to ``shape`` (the same memory,
-    shape and strides: a distribution's ``broadcast_all`` view of it), or ``None``."""
-    target = torch.broadcast_to(value, shape)
-    for name, param in params.items():
-        if param.data_ptr() != value.data_ptr() or param.dtype != value.dtype:
-            continue
-        try:
-            view = torch.broadcast_to(param, shape)
-        except RuntimeError:  # e.g. an element of a vector param: another shape
-            continue
-        if view.stride() == target.stride():
-            return name
+def _part_recipe(part: torch.Tensor, leaves: Params) -> tuple | None:
+    """How a guide made ``part`` from the ``leaves`` its run read: ``("view", name, size,
+    stride, offset)`` for a view of a leaf (a distribution's ``broadcast_all`` of a param,
+    or an element of one: the same storage, reached by the graph), ``("constant", part)``
+    for one no leaf's gradient reaches, ``None`` for one computed from them."""
+    if not part.requires_grad:
+        return ("constant", part.detach())
+    storage = part.untyped_storage().data_ptr()
+    for name, leaf in leaves.items():
+        if (
+            leaf.untyped_storage().data_ptr() == storage
+            and leaf.storage_offset() == 0
+            and leaf.is_contiguous()
+        ):
+            return ("view", name, tuple(part.shape), part.stride(), part.storage_offset())
     return None
+
+
+def _follow(recipe: tuple, params: Params) -> torch.Tensor:
+    """The part ``recipe`` (:func:`_part_recipe`) makes from ``params``."""
+    if recipe[0] == "constant":
+        return recipe[1]
+    _, name, size, stride, offset = recipe
+    param = params[name].contiguous()  # the probe's leaf was (the inner steps' may be a flat view)
+    return param.as_strided(size, stride, param.storage_offset() + offset)
 
 
 class _seeded:

@@ -261,7 +261,7 @@ def test_pyro_guide_whose_density_dominates_the_step_is_warned_once():
     def slow_guide():
         time.sleep(0.003)
         loc = pyro.param("loc", torch.tensor(0.5))
-        pyro.sample("a", dist.Normal(loc, 1.0))
+        pyro.sample("a", dist.Normal(2.0 * loc, 1.0))  # computed: each inner step runs it
 
     pyro.clear_param_store()
     engine = pyro_psvi.ProximalScoreVI(model, slow_guide, pyro.optim.Adam({"lr": 0.01}))
@@ -277,12 +277,15 @@ def test_pyro_guide_whose_density_dominates_the_step_is_warned_once():
         auto.step()
 
 
-def test_pyro_guide_passing_its_params_as_they_are_skips_its_run_in_the_inner_steps():
-    """Eight schools' hand-written guide (Normal and LogNormal sites on its params): the
-    inner steps take each site's loc and scale from the params themselves instead of
-    running the guide (a run through Pyro's handlers is most of their cost); a guide
-    that computes them (``param + 0.0``: equal values, other tensors) runs each inner step.
-    Both give the same updates to the last bit: the shortcut reads the same numbers."""
+@pytest.mark.parametrize("indexed", [False, True], ids=["whole params", "indexed, constant scale"])
+def test_pyro_guide_passing_its_params_as_they_are_skips_its_run_in_the_inner_steps(indexed):
+    """Eight schools' hand-written guide (Normal and LogNormal sites on its params; or, as
+    Bayesian regression II's, locs indexed from one vector param and a constant scale):
+    the inner steps take each site's loc and scale from the params (views of them) and
+    the constants instead of running the guide (a run through Pyro's handlers is most of
+    their cost); a guide that computes its locs (``param + 0.0``: equal values, other
+    tensors) runs each inner step. Both give the same updates to the last bit: the
+    shortcut reads the same numbers."""
     y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
     sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
     sizes = {"mu": (), "tau": (), "theta": (8,)}
@@ -304,6 +307,10 @@ def test_pyro_guide_passing_its_params_as_they_are_skips_its_run_in_the_inner_st
                 name: pyro.param(f"{name}_scale", torch.ones(size), constraint=constraints.positive)
                 for name, size in sizes.items()
             }
+            if indexed:
+                globals_loc = pyro.param("globals_loc", torch.zeros(2))
+                loc.update(mu=globals_loc[0], tau=globals_loc[1])
+                scale["mu"] = torch.tensor(0.5)
             if computed:
                 loc = {name: value + 0.0 for name, value in loc.items()}
             pyro.sample("mu", dist.Normal(loc["mu"], scale["mu"]))
