@@ -906,7 +906,9 @@ def user_guide_density(
             # makes of ``pyro.param`` values passed as they are, or indexed) or a constant:
             # a run through Pyro's handlers costs about an SVI step's guide pass. Every
             # other call (q_t's draws, objective, trust region) runs it, once per params
-            # dict, as leaves of a graph, and finds the recipes again.
+            # dict, as leaves of a graph, and finds the recipes again. (A constant made from
+            # a param's value without its gradient, ``param.detach()``, keeps q_t's value
+            # in the inner steps.)
             differentiated = any(value.requires_grad for value in params.values())
             if differentiated and made.get("recipes") is not None:
                 return flat([tuple(_follow(recipe, params) for recipe in pair) for pair in made["recipes"]])
