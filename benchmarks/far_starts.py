@@ -1,7 +1,8 @@
 """Far starts with exact scores (issue 20, item 3): earnings in dollars from the PPLs' inits.
 
-The earnings regression of :func:`psvi.contrib.targets.earnings_data` (1,059 rows;
-coefficients with Normal(0, 1e6) priors, sigma ~ LogNormal(0, 10)), AutoMultivariateNormal,
+The earnings regression (``earnings_regression`` of the backends' ``contrib.models`` on
+:func:`psvi.contrib.targets.earnings_data`: 1,059 rows; coefficients with Normal(0, 1e6)
+priors, sigma ~ LogNormal(0, 10)), AutoMultivariateNormal,
 S = 8, Adam 1e-2, in both backends (float32, the PPLs' default), started by
 ``init_to_median`` (Pyro's autoguide default: coefficients drawn ~4e5 from their priors,
 sigma ~0.7 against ~19,500), ``init_to_uniform`` (NumPyro's default) and
@@ -41,18 +42,11 @@ def pyro_fit(init: str, updates: int) -> Iterator[tuple[np.ndarray, np.ndarray, 
     """The guide's unconstrained (loc, sd) and the rejections so far, every ``CHECK_EVERY``
     updates of a Pyro fit."""
     import pyro
-    import pyro.distributions as dist
     import torch
     from pyro.infer import autoguide
 
     from pyro_psvi import ProximalScoreVI
-
-    def model(height, earn):
-        b1 = pyro.sample("b1", dist.Normal(0.0, 1e6))
-        b2 = pyro.sample("b2", dist.Normal(0.0, 1e6))
-        sigma = pyro.sample("sigma", dist.LogNormal(0.0, 10.0))
-        with pyro.plate("rows", len(height)):
-            pyro.sample("earn", dist.Normal(b1 + b2 * height, sigma), obs=earn)
+    from pyro_psvi.contrib.models import earnings_regression as model
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
@@ -72,18 +66,11 @@ def numpyro_fit(init: str, updates: int) -> Iterator[tuple[np.ndarray, np.ndarra
     import jax
     import jax.numpy as jnp
     import numpyro
-    import numpyro.distributions as dist
     from numpyro.infer import initialization
     from numpyro.infer.autoguide import AutoMultivariateNormal
 
     from numpyro_psvi import ProximalScoreVI
-
-    def model(height, earn):
-        b1 = numpyro.sample("b1", dist.Normal(0.0, 1e6))
-        b2 = numpyro.sample("b2", dist.Normal(0.0, 1e6))
-        sigma = numpyro.sample("sigma", dist.LogNormal(0.0, 10.0))
-        with numpyro.plate("rows", len(height)):
-            numpyro.sample("earn", dist.Normal(b1 + b2 * height, sigma), obs=earn)
+    from numpyro_psvi.contrib.models import earnings_regression as model
 
     data = tuple(jnp.asarray(v) for v in earnings_data())
     guide = AutoMultivariateNormal(model, init_loc_fn=getattr(initialization, init))

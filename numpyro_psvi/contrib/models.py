@@ -36,6 +36,17 @@ def linear_regression(
         numpyro.sample("y", dist.Normal(x[idx] @ w, noise_scale), obs=None if y is None else y[idx])
 
 
+def earnings_regression(height: jax.Array, earn: jax.Array | None = None) -> None:
+    """Earnings on height in dollars (:func:`psvi.contrib.targets.earnings_data`): Normal(0,
+    1e6) priors on intercept ``b1`` and slope ``b2``, LogNormal(0, 10) on ``sigma``; a
+    regression far from unit scale (the far-start tests and ``benchmarks.far_starts``)."""
+    b1 = numpyro.sample("b1", dist.Normal(0.0, 1e6))
+    b2 = numpyro.sample("b2", dist.Normal(0.0, 1e6))
+    sigma = numpyro.sample("sigma", dist.LogNormal(0.0, 10.0))
+    with numpyro.plate("rows", len(height)):
+        numpyro.sample("earn", dist.Normal(b1 + b2 * height, sigma), obs=earn)
+
+
 def mlp_classifier(
     x: jnp.ndarray,
     y: jnp.ndarray | None = None,

@@ -46,6 +46,17 @@ def linear_regression(
         pyro.sample("y", dist.Normal(mean, noise_scale), obs=None if y is None else y[idx])
 
 
+def earnings_regression(height: torch.Tensor, earn: torch.Tensor | None = None) -> None:
+    """Earnings on height in dollars (:func:`psvi.contrib.targets.earnings_data`): Normal(0,
+    1e6) priors on intercept ``b1`` and slope ``b2``, LogNormal(0, 10) on ``sigma``; a
+    regression far from unit scale (the far-start tests and ``benchmarks.far_starts``)."""
+    b1 = pyro.sample("b1", dist.Normal(0.0, 1e6))
+    b2 = pyro.sample("b2", dist.Normal(0.0, 1e6))
+    sigma = pyro.sample("sigma", dist.LogNormal(0.0, 10.0))
+    with pyro.plate("rows", len(height)):
+        pyro.sample("earn", dist.Normal(b1 + b2 * height, sigma), obs=earn)
+
+
 def mlp_classifier(
     x: torch.Tensor,
     y: torch.Tensor | None = None,

@@ -19,7 +19,7 @@ from numpyro.infer.autoguide import (
 from numpyro.infer.initialization import init_to_median, init_to_value
 
 from numpyro_psvi import ProximalScoreVI
-from numpyro_psvi.contrib.models import gaussian_target, linear_regression
+from numpyro_psvi.contrib.models import earnings_regression, gaussian_target, linear_regression
 from numpyro_psvi.objective import proximal_objective
 from numpyro_psvi.scores import make_score_fn
 from psvi.contrib.targets import (
@@ -397,15 +397,8 @@ def test_earnings_in_dollars_from_init_to_median_reaches_the_posterior():
     height, earn = earnings_data()
     ref_mean, ref_sd = earnings_posterior(height, earn)
 
-    def model(height, earn):
-        b1 = numpyro.sample("b1", dist.Normal(0.0, 1e6))
-        b2 = numpyro.sample("b2", dist.Normal(0.0, 1e6))
-        sigma = numpyro.sample("sigma", dist.LogNormal(0.0, 10.0))
-        with numpyro.plate("rows", len(height)):
-            numpyro.sample("earn", dist.Normal(b1 + b2 * height, sigma), obs=earn)
-
-    guide = AutoMultivariateNormal(model, init_loc_fn=init_to_median)
-    engine = ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), num_particles=8)
+    guide = AutoMultivariateNormal(earnings_regression, init_loc_fn=init_to_median)
+    engine = ProximalScoreVI(earnings_regression, guide, numpyro.optim.Adam(1e-2), num_particles=8)
     data = (jnp.asarray(height), jnp.asarray(earn))
     result = engine.run(jax.random.PRNGKey(0), 400, *data, progress_bar=False)
     posterior = guide.get_posterior(result.params)

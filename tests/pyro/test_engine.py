@@ -21,7 +21,7 @@ from pyro.infer.autoguide import (
 from psvi.contrib.targets import earnings_data, earnings_posterior, ill_conditioned_gaussian
 from psvi.metrics import gaussian_kl
 from pyro_psvi import ProximalScoreVI
-from pyro_psvi.contrib.models import gaussian_target, linear_regression, mlp_classifier
+from pyro_psvi.contrib.models import earnings_regression, gaussian_target, linear_regression, mlp_classifier
 from pyro_psvi.objective import proximal_objective
 from pyro_psvi.scores import log_joints, model_scores
 
@@ -463,16 +463,9 @@ def test_earnings_in_dollars_from_init_to_median_reaches_the_posterior():
     height, earn = earnings_data()
     ref_mean, ref_sd = earnings_posterior(height, earn)
 
-    def model(height, earn):
-        b1 = pyro.sample("b1", dist.Normal(0.0, 1e6))
-        b2 = pyro.sample("b2", dist.Normal(0.0, 1e6))
-        sigma = pyro.sample("sigma", dist.LogNormal(0.0, 10.0))
-        with pyro.plate("rows", len(height)):
-            pyro.sample("earn", dist.Normal(b1 + b2 * height, sigma), obs=earn)
-
     data = (torch.tensor(height, dtype=torch.float32), torch.tensor(earn, dtype=torch.float32))
-    guide = AutoMultivariateNormal(model, init_loc_fn=init_to_median)
-    engine = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
+    guide = AutoMultivariateNormal(earnings_regression, init_loc_fn=init_to_median)
+    engine = ProximalScoreVI(earnings_regression, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an update or two rejected on the way
         for _ in range(400):
