@@ -1150,18 +1150,18 @@ def _fixed_transforms(fn: torch.distributions.Distribution) -> bool:
 def _part_recipe(part: torch.Tensor, leaves: Params) -> tuple | None:
     """How a guide made ``part`` from the ``leaves`` its run read: ``("view", name, size,
     stride, offset)`` for a view of a leaf (a distribution's ``broadcast_all`` of a param,
-    or an element of one: the same storage, reached by the graph), ``("constant", part)``
-    for one no leaf's gradient reaches, ``None`` for one computed from them."""
+    or an element of one: reached by the graph, its elements within the leaf's, ``offset``
+    counted from the leaf's first), ``("constant", part)`` for one no leaf's gradient
+    reaches, ``None`` for one computed from them."""
     if not part.requires_grad:
         return ("constant", part.detach())
     storage = part.untyped_storage().data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(part.shape, part.stride(), strict=True))
     for name, leaf in leaves.items():
-        if (
-            leaf.untyped_storage().data_ptr() == storage
-            and leaf.storage_offset() == 0
-            and leaf.is_contiguous()
-        ):
-            return ("view", name, tuple(part.shape), part.stride(), part.storage_offset())
+        offset = part.storage_offset() - leaf.storage_offset()
+        same = leaf.untyped_storage().data_ptr() == storage and leaf.is_contiguous()
+        if same and part.numel() and 0 <= offset and offset + last < leaf.numel():
+            return ("view", name, tuple(part.shape), part.stride(), offset)
     return None
 
 
@@ -1170,7 +1170,7 @@ def _follow(recipe: tuple, params: Params) -> torch.Tensor:
     if recipe[0] == "constant":
         return recipe[1]
     _, name, size, stride, offset = recipe
-    param = params[name].contiguous()  # the probe's leaf was (the inner steps' may be a flat view)
+    param = params[name].contiguous()  # as the probe's leaf was (an inner step's may be a flat view)
     return param.as_strided(size, stride, param.storage_offset() + offset)
 
 

@@ -335,3 +335,32 @@ def test_pyro_guide_passing_its_params_as_they_are_skips_its_run_in_the_inner_st
     assert runs_computed >= 10 * inner_steps > 2 * runs_as_is
     for name, value in as_is.items():
         torch.testing.assert_close(value, computed[name], rtol=0, atol=0)
+
+
+def test_recipes_of_a_guides_locs_and_scales_name_the_param_that_holds_them():
+    """``_part_recipe`` and ``_follow``: a broadcast view, an element of a vector param and a
+    view of the second of two params sharing one flat buffer each name their own param and
+    are rebuilt exactly from other params of the same layout; a constant is kept; a
+    computed part has no recipe."""
+    from pyro_psvi.guides import _follow, _part_recipe
+
+    flat = torch.arange(5.0)  # "b" starts at storage offset 2
+    leaves = {name: view.detach().requires_grad_(True) for name, view in (("a", flat[:2]), ("b", flat[2:]))}
+    parts = {
+        "broadcast b": torch.broadcast_to(leaves["b"], (2, 3)),
+        "element of a": leaves["a"][1],
+        "whole b": leaves["b"].view(3),
+        "constant": torch.tensor(0.05),
+        "computed": leaves["a"] * 2.0,
+    }
+    recipes = {key: _part_recipe(part, leaves) for key, part in parts.items()}
+    assert [recipes[key][:2] for key in ("broadcast b", "element of a", "whole b")] == [
+        ("view", "b"),
+        ("view", "a"),
+        ("view", "b"),
+    ]
+    assert recipes["constant"][0] == "constant" and recipes["computed"] is None
+    others = {"a": torch.tensor([10.0, 11.0]), "b": torch.tensor([12.0, 13.0, 14.0])}
+    torch.testing.assert_close(_follow(recipes["broadcast b"], others), others["b"].expand(2, 3))
+    torch.testing.assert_close(_follow(recipes["element of a"], others), others["a"][1])
+    torch.testing.assert_close(_follow(recipes["constant"], others), torch.tensor(0.05))
