@@ -875,7 +875,7 @@ def user_guide_density(
         return (variances_of["variances"] * r**2).sum(-1)
 
     if closed_forms.normal and not any(site.plates for site in sites):
-        made: dict[str, Any] = {}  # the last probe's params dict, versions, parts and recipes
+        made: dict[str, Any] = {}  # "recipes": the last probe's
 
         def flat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
             """The flat ``(loc, scale)`` from each site's (a site its plate broadcasts)."""
@@ -900,6 +900,8 @@ def user_guide_density(
             complete = all(recipe is not None for pair in recipes for recipe in pair)
             return [tuple(part.detach() for part in pair) for pair in parts], recipes if complete else None
 
+        probed = _cache_by_params(probe)
+
         def get_loc_scale(params):
             # The inner steps' calls (params that carry gradients) skip the guide's run
             # when each site's loc and scale are a view of a param (what a distribution
@@ -914,11 +916,8 @@ def user_guide_density(
                 return flat([tuple(_follow(recipe, params) for recipe in pair) for pair in made["recipes"]])
             if differentiated:
                 return flat(normal_parts(site_distributions(params)))
-            versions = tuple(tensor_version(value) for value in params.values())
-            if made.get("params") is not params or made.get("versions") != versions:
-                parts, recipes = probe(params)
-                made.update(params=params, versions=versions, parts=parts, recipes=recipes)
-            return flat(made["parts"])
+            parts, made["recipes"] = probed(params)
+            return flat(parts)
 
         # A diagonal Gaussian in the unconstrained space: AutoNormal's density and fit.
         diagonal = _diagonal_density(get_loc_scale, sites, layout.param_names, "closed_form")
