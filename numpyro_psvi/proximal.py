@@ -420,13 +420,8 @@ class ProximalScoreVI(ScoreEngine):
             jnp.where(step.frac > 0, 1.0, 0.0), problem, scored, rng_key,
         )  # fmt: skip
         accepted = jnp.isfinite(loss)
-        taken_growth = TrustRegionGrowth(
-            jnp.where(accepted, scale, 1.0),
-            accepted & (step.frac < 1),
-            jnp.where(accepted, problem.loss, growth.last_loss),
-            jnp.where(accepted, problem.loss_error, growth.last_error),
-            jnp.where(accepted, loc_t, growth.loc),
-            jnp.where(accepted, tril_t, growth.scale_tril),
+        taken_growth = growth.advanced(
+            accepted, scale, step.frac < 1, problem.loss, problem.loss_error, loc_t, tril_t, jnp.where
         )
         restored = (
             self._with_loc_tril(state.optim_state, growth.loc, growth.scale_tril),

@@ -6,6 +6,7 @@ docs/algorithm.md for the method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 WEIGHTINGS = ("covariance", "identity")
@@ -142,6 +143,31 @@ class TrustRegionGrowth(NamedTuple):
     last_error: Any
     loc: Any
     scale_tril: Any
+
+    def advanced(
+        self,
+        taken: Any,
+        scale: Any,
+        cut: Any,
+        loss: Any,
+        error: Any,
+        loc: Any,
+        scale_tril: Any,
+        where: Callable,
+    ) -> TrustRegionGrowth:
+        """The state after an update: where ``taken`` (its step kept), that step's budget
+        multiplier ``scale``, whether the trust region ``cut`` it, the ``-ELBO`` estimate
+        ``loss`` and its ``error`` and the guide the step started from (``loc``,
+        ``scale_tril``); elsewhere the default budget, no cut, and this state's estimates
+        and guide. ``where`` is ``jnp.where`` or ``torch.where``."""
+        return TrustRegionGrowth(
+            where(taken, scale, 1.0),
+            taken & cut,
+            where(taken, loss, self.last_loss),
+            where(taken, error, self.last_error),
+            where(taken, loc, self.loc),
+            where(taken, scale_tril, self.scale_tril),
+        )
 
 
 def grow_trust_region(

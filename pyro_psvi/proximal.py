@@ -596,13 +596,15 @@ class ProximalScoreVI(ScoreEngine):
             for name, value in self._loc_tril_leaves(growth.loc, growth.scale_tril).items():
                 leaves[name].copy_(torch.where(undo, value, leaves[name]))
             taken = accept & ~undo
-            return accept | undo, TrustRegionGrowth(
-                torch.where(taken, budget_scale, 1.0),
-                taken & (step.frac < 1),
-                torch.where(taken, problem.loss, growth.last_loss),
-                torch.where(taken, problem.loss_error, growth.last_error),
-                torch.where(taken, loc_t, growth.loc),
-                torch.where(taken, tril_t, growth.scale_tril),
+            return accept | undo, growth.advanced(
+                taken,
+                budget_scale,
+                step.frac < 1,
+                problem.loss,
+                problem.loss_error,
+                loc_t,
+                tril_t,
+                torch.where,
             )
 
     def _loc_tril_leaves(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> dict[str, torch.Tensor]:
