@@ -719,6 +719,7 @@ class ScoreEngine:
         except checkpoint.LegacyCheckpointError as error:
             recipe = "state = engine.load(path, *args, allow_pickle=True), then engine.save(path, state)."
             raise checkpoint.LegacyCheckpointError(path, checkpoint.legacy_message(error, recipe)) from None
+        saved = _renamed_state_fields(saved)
         current = self._checkpoint_header(template)
         checkpoint.check_match(path, "backend", saved["backend"], "numpyro", "Load it with pyro_psvi.")
         fix = "Build the engine, guide and optimizer as for the saved run, from the same model."
@@ -743,6 +744,24 @@ class ScoreEngine:
         template_leaves = jax.tree_util.tree_flatten_with_path(template)[0]
         leaves = [saved_leaves.get(jax.tree_util.keystr(key), leaf) for key, leaf in template_leaves]
         return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+RENAMED_STATE_FIELDS = {".averages.trust.scale_tril": ".averages.trust.guide_scale"}
+"""Old state leaf paths and their names now (the growth's guide scale, named for a full
+covariance until the diagonal guides' closed-form step shared it)."""
+
+
+def _renamed_state_fields(saved: dict) -> dict:
+    """A checkpoint header with the leaf paths of :data:`RENAMED_STATE_FIELDS` renamed."""
+
+    def renamed(key: str) -> str:
+        return RENAMED_STATE_FIELDS.get(key, key)
+
+    return {
+        **saved,
+        "state": {renamed(key): spec for key, spec in saved["state"].items()},
+        "leaves": [(renamed(key), *rest) for key, *rest in saved["leaves"]],
+    }
 
 
 def _split_static(tree: Any) -> tuple[list, tuple]:

@@ -127,6 +127,12 @@ class GuideDensity(NamedTuple):
         :func:`numpyro_psvi.scores.coordinate_weights`; a user-written guide knows its
         batch and ignores them). For the guides that take local latents (AutoNormal and
         its diagonal siblings, user-written guides with local latents); ``None`` otherwise.
+    gaussian_params : callable or None
+        ``gaussian_params(loc, scale) -> params``: the guide's constrained params holding
+        the Gaussian with ``loc`` and ``scale`` (the sds where ``loc_scale`` is set, the
+        Cholesky factor where ``loc_tril`` is), for the autoguides whose closed-form
+        proximal step writes them (AutoNormal, AutoDiagonalNormal,
+        AutoMultivariateNormal); ``None`` otherwise.
     """
 
     latent_dim: int
@@ -142,6 +148,7 @@ class GuideDensity(NamedTuple):
     loc_tril: Callable[[Params], tuple[jax.Array, jax.Array]] | None = None
     at_indices: Callable[[dict[str, jax.Array]], GuideDensity] | None = None
     elbo_log_prob: Callable[[Params, jax.Array, jax.Array | None], jax.Array] | None = None
+    gaussian_params: Callable[[jax.Array, jax.Array], Params] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -307,8 +314,18 @@ def _auto_normal(guide: autoguide.AutoNormal, options: DensityOptions) -> GuideD
         for name in names
         if guide.prototype_trace[name]["cond_indep_stack"]
     }
+
+    def gaussian_params(loc, scale):
+        locs, scales = unravel(loc), unravel(scale)
+        return {
+            **{f"{k}_{prefix}_loc": locs[k] for k in names},
+            **{f"{k}_{prefix}_scale": scales[k] for k in names},
+        }
+
     density = _diagonal_density(get_loc_scale, unravel, flat0.size, options.score_method)
-    return density._replace(local_plates=local_plates)
+    return density._replace(
+        local_plates=local_plates, gaussian_params=gaussian_params if density.closed_form else None
+    )
 
 
 def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions) -> GuideDensity:
@@ -317,7 +334,11 @@ def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions)
     def get_loc_scale(params):
         return params[f"{prefix}_loc"], params[f"{prefix}_scale"]
 
-    return _diagonal_density(get_loc_scale, unpack_latent(guide), guide.latent_dim, options.score_method)
+    def gaussian_params(loc, scale):
+        return {f"{prefix}_loc": loc, f"{prefix}_scale": scale}
+
+    density = _diagonal_density(get_loc_scale, unpack_latent(guide), guide.latent_dim, options.score_method)
+    return density._replace(gaussian_params=gaussian_params if density.closed_form else None)
 
 
 def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) -> GuideDensity:
@@ -353,7 +374,13 @@ def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) 
         unpack=unpack_latent(guide),
         score_method=options.score_method,
     )
-    return density._replace(loc_tril=get if density.closed_form else None)
+
+    def gaussian_params(loc, scale_tril):
+        return {f"{prefix}_loc": loc, f"{prefix}_scale_tril": scale_tril}
+
+    if not density.closed_form:
+        return density
+    return density._replace(loc_tril=get, gaussian_params=gaussian_params)
 
 
 def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, options: DensityOptions) -> GuideDensity:

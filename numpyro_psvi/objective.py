@@ -16,6 +16,7 @@ inner steps cost ``O(D)`` instead of ``O(S D)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -347,13 +348,40 @@ def trust_region_fraction(kl_at: Any, max_kl: jax.Array | float, max_halvings: i
 
 
 class GaussianStep(NamedTuple):
-    """A full-covariance Gaussian guide's proximal step solved in closed form
-    (:func:`gaussian_proximal_step`): the new ``loc`` and ``scale_tril``, and the
-    fraction of the solved step taken (0: no fraction kept the KL finite and in budget)."""
+    """A Gaussian guide's proximal step solved in closed form
+    (:func:`gaussian_proximal_step`, :func:`diagonal_proximal_step`): the new ``loc``
+    and ``scale`` (the Cholesky factor of a full covariance, the sds of a diagonal
+    one), and the fraction of the solved step taken (0: no fraction kept the KL finite
+    and in budget)."""
 
     loc: jax.Array
-    scale_tril: jax.Array
+    scale: jax.Array
     frac: jax.Array
+
+
+def largest_step_fraction(
+    kl_at: Callable[[jax.Array], jax.Array], max_kl: jax.Array | float, dtype: Any, num_bisections: int
+) -> jax.Array:
+    """The largest fraction ``f`` of a solved step with ``kl_at(f) <= max_kl``: 1 when
+    the whole step fits (near convergence, every update), else ``num_bisections``
+    bisections in ``log f`` down to :data:`psvi.objective.SMALLEST_STEP_FRACTION`; 0
+    when not even that fits."""
+
+    def bisect(_, bounds):
+        low, high, found = bounds
+        mid = low * jnp.sqrt(high / low)  # low * high underflows
+        fits = kl_at(mid) <= max_kl
+        return jnp.where(fits, mid, low), jnp.where(fits, high, mid), found | fits
+
+    def search():
+        # ``found``: whether ``low`` was seen to fit (a second evaluation of the KL at
+        # ``low``, fused differently, can differ in the last float32 bit).
+        smallest = jnp.asarray(SMALLEST_STEP_FRACTION, dtype)
+        start = (smallest, jnp.ones_like(smallest), kl_at(smallest) <= max_kl)
+        low, _, found = jax.lax.fori_loop(0, num_bisections, bisect, start)
+        return jnp.where(found, low, 0.0)
+
+    return jax.lax.cond(kl_at(jnp.ones((), dtype)) <= max_kl, lambda: jnp.ones((), dtype), search)
 
 
 def gaussian_proximal_step(
@@ -430,23 +458,70 @@ def gaussian_proximal_step(
         kl = 0.5 * (jnp.trace(p) - p.shape[0] - logdet + d_b @ p @ d_b + d_rest @ d_rest)
         return jnp.where(jnp.isfinite(kl), kl, jnp.inf)
 
-    def bisect(_, bounds):
-        low, high, found = bounds
-        mid = low * jnp.sqrt(high / low)  # low * high underflows
-        fits = kl_at(mid) <= max_kl
-        return jnp.where(fits, mid, low), jnp.where(fits, high, mid), found | fits
-
-    def search():
-        # ``found``: whether ``low`` was seen to fit (a second evaluation of the KL at
-        # ``low``, fused differently, can differ in the last float32 bit).
-        smallest = jnp.asarray(SMALLEST_STEP_FRACTION, loc_t.dtype)
-        start = (smallest, jnp.ones_like(smallest), kl_at(smallest) <= max_kl)
-        low, _, found = jax.lax.fori_loop(0, num_bisections, bisect, start)
-        return jnp.where(found, low, 0.0)
-
-    # A whole step that fits (near convergence, every update) skips the search.
-    frac = jax.lax.cond(kl_at(1.0) <= max_kl, lambda: jnp.ones((), loc_t.dtype), search)
+    frac = largest_step_fraction(kl_at, max_kl, loc_t.dtype, num_bisections)
     p, d_b, d_rest = step(frac)
     cov_w = jnp.eye(dim, dtype=loc_t.dtype) + basis @ (jnp.linalg.inv(p) - eye_b) @ basis.T
     tril = tril_t @ jnp.linalg.cholesky(0.5 * (cov_w + cov_w.T))
     return GaussianStep(loc_t + tril_t @ (basis @ d_b + d_rest), tril, frac)
+
+
+def diagonal_proximal_step(
+    loc_t: jax.Array,
+    scale_t: jax.Array,
+    stats: FisherStatistics,
+    curvature: CurvatureStatistics,
+    prox_weight: float,
+    weighting: str,
+    max_kl: jax.Array | float,
+    weights: jax.Array | None = None,
+    num_bisections: int = 40,
+) -> GaussianStep:
+    """:func:`split_diagonal_objective` solved in closed form, coordinate by coordinate.
+
+    With ``rho = p / p_t`` the precision's ratio, ``c`` the coordinate's weight
+    (``sigma_t^2`` or 1, times ``weights``) and ``A = c spread / (S sigma_t^2)``, the
+    precision minimizes ``A (rho - tau)^2 + prox_weight (rho - 1 - log rho) / 2``: the
+    positive root of ``2 A rho^2 + (prox_weight / 2 - 2 A tau) rho - prox_weight / 2``.
+    The location then minimizes ``c ((delta - v_bar) p - g_bar)^2 + prox_weight p
+    delta^2 / 2``: ``delta = 2 c (p v_bar + g_bar) / (2 c p + prox_weight)``. These are
+    the fixed points the ``K`` optimizer steps of the other solver approach.
+
+    The step taken is the fraction ``f`` of this solution (``rho_f = 1 + f (rho - 1)``
+    and ``f`` times the location exact for ``rho_f``) largest with ``KL(q_t || q_f) <=
+    max_kl`` (:func:`largest_step_fraction`), as in :func:`gaussian_proximal_step`.
+    ``O(D)`` per evaluation.
+    """
+    variance_t = scale_t**2
+    informative = (curvature.spread > 0) & (curvature.cross > 0)
+    slope = curvature.cross / jnp.where(informative, curvature.spread, 1.0)
+    target = jnp.where(informative, slope * variance_t, 1.0)
+    weight = variance_t if weighting == "covariance" else jnp.ones_like(variance_t)
+    if weights is not None:
+        weight = weight * weights
+    fitted = weight * curvature.spread / (stats.count * variance_t)  # A
+    linear = prox_weight / 2 - 2 * fitted * target
+    root = jnp.sqrt(linear**2 + 4 * fitted * prox_weight)
+    # The positive root without cancellation: prox_weight / (linear + root) when linear > 0.
+    ratio = jnp.where(
+        linear > 0,
+        prox_weight / jnp.where(linear > 0, linear + root, 1.0),
+        (root - linear) / jnp.where(fitted > 0, 4 * fitted, 1.0),
+    )
+    ratio = jnp.where(fitted > 0, ratio, 1.0)
+    offset_mean, score_mean = stats.offset / stats.count, stats.score / stats.count
+
+    def step(f):
+        ratio_f = 1 + f * (ratio - 1)
+        precision = ratio_f / variance_t
+        denominator = 2 * weight * precision + prox_weight
+        safe = jnp.where(denominator > 0, denominator, 1.0)
+        return ratio_f, f * 2 * weight * (precision * offset_mean + score_mean) / safe
+
+    def kl_at(f):
+        ratio_f, delta = step(f)
+        kl = 0.5 * jnp.sum(ratio_f - 1 - jnp.log(ratio_f) + ratio_f * delta**2 / variance_t)
+        return jnp.where(jnp.isfinite(kl), kl, jnp.inf)
+
+    frac = largest_step_fraction(kl_at, max_kl, loc_t.dtype, num_bisections)
+    ratio_f, delta = step(frac)
+    return GaussianStep(loc_t + delta, scale_t / jnp.sqrt(ratio_f), frac)

@@ -30,7 +30,9 @@ from numpyro_psvi.engine import EngineState, ScoreEngine
 from numpyro_psvi.guides import GuideDensity
 from numpyro_psvi.objective import (
     CurvatureStatistics,
+    FisherStatistics,
     curvature_statistics,
+    diagonal_proximal_step,
     diagonal_weighted_fisher,
     elbo_terms,
     fisher_statistics,
@@ -92,13 +94,15 @@ class ProximalProblem(NamedTuple):
     the update's particles (:func:`~numpyro_psvi.objective.elbo_terms`), and
     ``loss_error`` its standard error; ``fisher``, its weighted Fisher divergence on
     them; ``averages``, the running averages with this update's curvature estimate
-    folded in."""
+    folded in; ``statistics``, a diagonal Gaussian guide's
+    :class:`~numpyro_psvi.objective.FisherStatistics` (else ``None``)."""
 
     objective: Callable[[dict], tuple[jax.Array, dict]]
     loss: jax.Array
     loss_error: jax.Array
     fisher: jax.Array
     averages: RunningAverages
+    statistics: FisherStatistics | None = None
 
 
 class ProximalScoreVI(ScoreEngine):
@@ -172,14 +176,16 @@ class ProximalScoreVI(ScoreEngine):
         the same updates (docs/data_parallel.md): ``True`` for all of ``jax.devices()``;
         ``None`` (the default): on in a multi-process run (``jax.distributed``), else off.
     inner_solver : {"closed_form", "optimizer"} or None
-        How each proximal problem is solved: ``"closed_form"`` for a full-covariance
-        Gaussian guide (:func:`~numpyro_psvi.objective.gaussian_proximal_step`: the split
-        objective solved in ``q_t``'s whitened coordinates, its step the largest fraction
-        in the trust region; the optimizer then holds the guide's params but does not
-        move them), or ``"optimizer"`` (``inner_steps`` steps of ``optim``). ``None``
-        (the default): the closed form wherever it applies
-        (:func:`psvi.objective.resolve_inner_solver`: exact scores, the covariance
-        weighting, no model params) unless ``inner_steps`` is given.
+        How each proximal problem is solved: ``"closed_form"`` for an autoguide
+        Gaussian (:func:`~numpyro_psvi.objective.gaussian_proximal_step` for a full
+        covariance, the split objective solved in ``q_t``'s whitened coordinates;
+        :func:`~numpyro_psvi.objective.diagonal_proximal_step` for AutoNormal and
+        AutoDiagonalNormal, coordinate by coordinate; the step the largest fraction in
+        the trust region, which grows while its steps pay off; the optimizer then holds
+        the guide's params but does not move them), or ``"optimizer"`` (``inner_steps``
+        steps of ``optim``). ``None`` (the default): the closed form where it is the
+        default (:func:`psvi.objective.resolve_inner_solver`: a full covariance, exact
+        scores, no model params) unless ``inner_steps`` is given.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`numpyro_psvi.batches`: every member once per epoch, as
@@ -249,7 +255,8 @@ class ProximalScoreVI(ScoreEngine):
             self.batch_ratio, self.num_particles
         )
         self.inner_solver = resolve_inner_solver(
-            self._requested_solver, full_covariance=self.density.loc_tril is not None,
+            self._requested_solver, gaussian_step=self.density.gaussian_params is not None,
+            full_covariance=self.density.loc_tril is not None,
             batch_ratio=self.batch_ratio, weighting=self.objective.weighting,
             num_particles=self.num_particles, inner_steps=self._requested[0],
             has_model_params=bool(self._model_param_names), data_parallel=self.mesh is not None,
@@ -260,9 +267,8 @@ class ProximalScoreVI(ScoreEngine):
         params = self.optim.get_params(state.optim_state) if self.average_iterates else None
         trust = None
         if self.inner_solver == "closed_form":
-            loc, scale_tril = self.density.loc_tril(self._iterate_params(state))
             start = (jnp.ones(()), jnp.zeros((), bool), jnp.full((), jnp.inf), jnp.zeros(()))
-            trust = TrustRegionGrowth(*start, loc, scale_tril)
+            trust = TrustRegionGrowth(*start, *self._loc_scale(self._iterate_params(state)))
         averages = RunningAverages(curvature, updates, params, jnp.zeros((), jnp.int32), trust)
         return state._replace(averages=averages)
 
@@ -367,7 +373,7 @@ class ProximalScoreVI(ScoreEngine):
                 value = value - sum(jax.tree.leaves(products))
             return value, terms
 
-        return ProximalProblem(objective, loss, loss_error, fisher, averages)
+        return ProximalProblem(objective, loss, loss_error, fisher, averages, stats)
 
     def _fold_curvature(
         self, averages: RunningAverages, estimate: CurvatureStatistics, weights: jax.Array | None
@@ -402,29 +408,35 @@ class ProximalScoreVI(ScoreEngine):
         problem: ProximalProblem,
         rng_key: jax.Array,
     ) -> tuple[EngineState, jax.Array]:
-        """The closed-form step of a full-covariance Gaussian guide
-        (:func:`~numpyro_psvi.objective.gaussian_proximal_step`) in a KL budget of
+        """The closed-form step of an autoguide Gaussian
+        (:func:`~numpyro_psvi.objective.gaussian_proximal_step`,
+        :func:`~numpyro_psvi.objective.diagonal_proximal_step`) in a KL budget of
         ``trust_region * D`` times the growth of :func:`psvi.objective.grow_trust_region`,
         accepted as by :meth:`accept`; or, when the last step had a grown budget and raised
         the ``-ELBO`` estimate, the guide it started from, restored (not a rejection: the
         loss is this update's estimate). The optimizer holds the params and keeps its moments."""
         growth = state.averages.trust
         scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error)
-        loc_t, tril_t = density.loc_tril(params_t)
+        loc_t, scale_t = self._loc_scale(params_t)
         max_kl = jnp.inf if self.trust_region is None else self.trust_region * scored.active_dim * scale
-        step = gaussian_proximal_step(
-            loc_t, tril_t, particles, scored.scores, self.objective.prox_weight, max_kl
-        )
+        prox_weight = self.objective.prox_weight
+        if density.loc_tril is not None:
+            step = gaussian_proximal_step(loc_t, scale_t, particles, scored.scores, prox_weight, max_kl)
+        else:
+            step = diagonal_proximal_step(
+                loc_t, scale_t, problem.statistics, problem.averages.curvature, prox_weight,
+                self.objective.weighting, max_kl, scored.weights,
+            )  # fmt: skip
         taken, loss = self.accept(
-            state, self._with_loc_tril(state.optim_state, step.loc, step.scale_tril),
+            state, self._with_guide(state.optim_state, step.loc, step.scale),
             jnp.where(step.frac > 0, 1.0, 0.0), problem, scored, rng_key,
         )  # fmt: skip
         accepted = jnp.isfinite(loss)
         taken_growth = growth.advanced(
-            accepted, scale, step.frac < 1, problem.loss, problem.loss_error, loc_t, tril_t, jnp.where
+            accepted, scale, step.frac < 1, problem.loss, problem.loss_error, loc_t, scale_t, jnp.where
         )
         restored = (
-            self._with_loc_tril(state.optim_state, growth.loc, growth.scale_tril),
+            self._with_guide(state.optim_state, growth.loc, growth.guide_scale),
             state.averages._replace(trust=growth._replace(scale=jnp.ones(()), last_cut=jnp.zeros((), bool))),
         )
         optim_state, averages = jax.tree.map(
@@ -438,12 +450,16 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         return new_state, jnp.where(undo, problem.loss, loss)
 
-    def _with_loc_tril(self, optim_state: Any, loc: jax.Array, scale_tril: jax.Array) -> Any:
-        """``optim_state`` holding the guide ``N(loc, scale_tril scale_tril')`` (moments kept)."""
+    def _loc_scale(self, params: dict) -> tuple[jax.Array, jax.Array]:
+        """An autoguide Gaussian's loc and scale: its sds (diagonal) or Cholesky factor."""
+        return (self.density.loc_scale or self.density.loc_tril)(params)
+
+    def _with_guide(self, optim_state: Any, loc: jax.Array, scale: jax.Array) -> Any:
+        """``optim_state`` holding the autoguide Gaussian with ``loc`` and ``scale`` (its sds
+        or Cholesky factor; the optimizer's moments kept)."""
         transforms = param_transforms(self.constrain_fn)
         unconstrained = dict(self.optim.get_params(optim_state))
-        prefix = self.guide.prefix
-        for name, value in ((f"{prefix}_loc", loc), (f"{prefix}_scale_tril", scale_tril)):
+        for name, value in self.density.gaussian_params(loc, scale).items():
             unconstrained[name] = transforms[name].inv(value)
         return with_params(optim_state, unconstrained)
 

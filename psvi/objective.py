@@ -133,8 +133,9 @@ class TrustRegionGrowth(NamedTuple):
     last_loss, last_error
         The ``-ELBO`` estimate of the iterate the last step started from, and its
         standard error.
-    loc, scale_tril
-        The guide the last step started from.
+    loc, guide_scale
+        The guide the last step started from: its loc and its sds (a diagonal Gaussian)
+        or Cholesky factor (a full covariance).
     """
 
     scale: Any
@@ -142,7 +143,7 @@ class TrustRegionGrowth(NamedTuple):
     last_loss: Any
     last_error: Any
     loc: Any
-    scale_tril: Any
+    guide_scale: Any
 
     def advanced(
         self,
@@ -152,13 +153,13 @@ class TrustRegionGrowth(NamedTuple):
         loss: Any,
         error: Any,
         loc: Any,
-        scale_tril: Any,
+        guide_scale: Any,
         where: Callable,
     ) -> TrustRegionGrowth:
         """The state after an update: where ``taken`` (its step kept), that step's budget
         multiplier ``scale``, whether the trust region ``cut`` it, the ``-ELBO`` estimate
         ``loss`` and its ``error`` and the guide the step started from (``loc``,
-        ``scale_tril``); elsewhere the default budget, no cut, and this state's estimates
+        ``guide_scale``); elsewhere the default budget, no cut, and this state's estimates
         and guide. ``where`` is ``jnp.where`` or ``torch.where``."""
         return TrustRegionGrowth(
             where(taken, scale, 1.0),
@@ -166,7 +167,7 @@ class TrustRegionGrowth(NamedTuple):
             where(taken, loss, self.last_loss),
             where(taken, error, self.last_error),
             where(taken, loc, self.loc),
-            where(taken, scale_tril, self.scale_tril),
+            where(taken, guide_scale, self.guide_scale),
         )
 
 
@@ -259,6 +260,7 @@ def check_inner_solver(requested: str | None) -> str | None:
 def resolve_inner_solver(
     requested: str | None,
     *,
+    gaussian_step: bool,
     full_covariance: bool,
     batch_ratio: float,
     weighting: str,
@@ -267,26 +269,35 @@ def resolve_inner_solver(
     has_model_params: bool,
     data_parallel: bool,
 ) -> str:
-    """How each update's proximal problem is solved: ``"closed_form"``
-    (``gaussian_proximal_step`` of the backend's objective module: a full-covariance
-    Gaussian guide's split objective solved in ``q_t``'s whitened coordinates, one
-    ``O(D^3)`` per update) or ``"optimizer"`` (``inner_steps`` steps of the user's
-    optimizer).
+    """How each update's proximal problem is solved: ``"closed_form"`` (the backend's
+    ``gaussian_proximal_step`` for a full-covariance Gaussian guide, the split objective
+    solved in ``q_t``'s whitened coordinates, one ``O(D^3)`` per update;
+    ``diagonal_proximal_step`` for a diagonal one, coordinate by coordinate, ``O(D)``)
+    or ``"optimizer"`` (``inner_steps`` steps of the user's optimizer).
 
-    ``None`` takes the closed form wherever it applies and the user set no
-    ``inner_steps``: a full-covariance Gaussian guide with exact scores, the covariance
-    weighting, two or more particles, no model params and one device. With a subsampled
-    plate the optimizer path keeps its measured mini-batch settings (docs/minibatch.md);
-    the closed form there is not measured. A ``"closed_form"`` request where it does not
-    apply is a ``ValueError`` that names the reason.
+    It applies to an autoguide Gaussian (``gaussian_step``: AutoNormal,
+    AutoDiagonalNormal, AutoMultivariateNormal) with exact scores, no model params and
+    one device; a full covariance also needs the covariance weighting and two or more
+    particles. ``None`` takes it for a full covariance where it applies and the user set
+    no ``inner_steps``; a diagonal guide takes it on request: on the Gaussian study's
+    targets it fits as the optimizer path does, and it is scale-free where Adam's steps
+    crawl (docs/gaussian_study.md, "Diagonal guides"), but the exact-score benchmarks
+    that would make it the default are not run. With a subsampled plate the optimizer
+    path keeps its measured mini-batch settings (docs/minibatch.md); the closed form
+    there is not measured. A ``"closed_form"`` request where it does not apply is a
+    ``ValueError`` that names the reason.
     """
     if check_inner_solver(requested) == "optimizer":
         return "optimizer"
     reasons = [
-        (not full_covariance, "the guide is not a full-covariance Gaussian (AutoMultivariateNormal)"),
+        (
+            not gaussian_step,
+            "the guide is not an autoguide Gaussian with closed-form scores "
+            "(AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal)",
+        ),
         (batch_ratio > 1, "the model subsamples a plate (the closed form needs exact scores)"),
-        (weighting != "covariance", f'the weighting is {weighting!r}, not "covariance"'),
-        (num_particles < 2, "one particle has no spread to fit the covariance to"),
+        (full_covariance and weighting != "covariance", f'the weighting is {weighting!r}, not "covariance"'),
+        (full_covariance and num_particles < 2, "one particle has no spread to fit the covariance to"),
         (has_model_params, "the model has numpyro.param / pyro.param sites"),
         (data_parallel, "the update is data-parallel"),
     ]
@@ -296,7 +307,7 @@ def resolve_inner_solver(
             f"inner_solver='closed_form' does not apply here: {'; '.join(failed)}. "
             "Pass inner_solver='optimizer' (or leave it None)."
         )
-    if failed or (requested is None and inner_steps is not None):
+    if failed or (requested is None and (inner_steps is not None or not full_covariance)):
         return "optimizer"
     return "closed_form"
 

@@ -138,6 +138,12 @@ class GuideDensity(NamedTuple):
     runs_guide : bool
         Whether evaluating the density runs a user-written guide (whose cost is the
         user's: the engine times its inner steps).
+    gaussian_params : callable or None
+        ``gaussian_params(loc, scale) -> params``: the guide's constrained params holding
+        the Gaussian with ``loc`` and ``scale`` (the sds where ``loc_scale`` is set, the
+        Cholesky factor where ``loc_tril`` is), for the autoguides whose closed-form
+        proximal step writes them (AutoNormal, AutoDiagonalNormal,
+        AutoMultivariateNormal); ``None`` otherwise.
     """
 
     latent_dim: int
@@ -155,6 +161,7 @@ class GuideDensity(NamedTuple):
     module_param_names: tuple[str, ...] = ()
     elbo_log_prob: Callable[[Params, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
     runs_guide: bool = False
+    gaussian_params: Callable[[torch.Tensor, torch.Tensor], Params] | None = None
 
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split flat latents ``(..., D)`` into unconstrained site values ``(..., *shape)``."""
@@ -328,7 +335,15 @@ def _auto_normal(guide: autoguide.AutoNormal, options: DensityOptions) -> GuideD
     def get_loc_scale(params):
         return flat(params, loc_names), flat(params, scale_names)
 
-    return _diagonal_density(get_loc_scale, sites, tuple(loc_names + scale_names), score_method)
+    def gaussian_params(loc, scale):
+        locs, scales = unpack_sites(sites, loc), unpack_sites(sites, scale)
+        return {
+            **{name: locs[s.name] for name, s in zip(loc_names, sites, strict=True)},
+            **{name: scales[s.name] for name, s in zip(scale_names, sites, strict=True)},
+        }
+
+    density = _diagonal_density(get_loc_scale, sites, tuple(loc_names + scale_names), score_method)
+    return density._replace(gaussian_params=gaussian_params if density.closed_form else None)
 
 
 def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions) -> GuideDensity:
@@ -338,7 +353,11 @@ def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions)
     def get_loc_scale(params):
         return params[names[0]], params[names[1]]
 
-    return _diagonal_density(get_loc_scale, _latent_sites(guide), names, score_method)
+    def gaussian_params(loc, scale):
+        return dict(zip(names, (loc, scale), strict=True))
+
+    density = _diagonal_density(get_loc_scale, _latent_sites(guide), names, score_method)
+    return density._replace(gaussian_params=gaussian_params if density.closed_form else None)
 
 
 def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) -> GuideDensity:
@@ -371,11 +390,16 @@ def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) 
     def cov_quad(params, r):
         return torch.sum((r @ get(params)[1]) ** 2, dim=-1)
 
+    def gaussian_params(loc, scale_tril):
+        scale = torch.diagonal(scale_tril)
+        return dict(zip(names, (loc, scale, scale_tril / scale[:, None]), strict=True))
+
     closed = score_method == "closed_form"
     return GuideDensity(
         latent_dim=dim, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
         score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
         closed_form=closed, loc_tril=get if closed else None,
+        gaussian_params=gaussian_params if closed else None,
     )  # fmt: skip
 
 

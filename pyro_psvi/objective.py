@@ -390,13 +390,33 @@ def trust_region_fraction(
 
 
 class GaussianStep(NamedTuple):
-    """A full-covariance Gaussian guide's proximal step solved in closed form
-    (:func:`gaussian_proximal_step`): the new ``loc`` and ``scale_tril``, and the
-    fraction of the solved step taken (0: no fraction kept the KL finite and in budget)."""
+    """A Gaussian guide's proximal step solved in closed form
+    (:func:`gaussian_proximal_step`, :func:`diagonal_proximal_step`): the new ``loc``
+    and ``scale`` (the Cholesky factor of a full covariance, the sds of a diagonal
+    one), and the fraction of the solved step taken (0: no fraction kept the KL finite
+    and in budget)."""
 
     loc: torch.Tensor
-    scale_tril: torch.Tensor
+    scale: torch.Tensor
     frac: torch.Tensor
+
+
+def largest_step_fraction(
+    kl_at: Callable[[torch.Tensor], torch.Tensor], max_kl: float, like: torch.Tensor, num_bisections: int
+) -> torch.Tensor:
+    """The twin of :func:`numpyro_psvi.objective.largest_step_fraction` (0-dim, the dtype
+    and device of ``like``). No host sync off a CPU: the bisection runs on the device;
+    on a CPU, where reading it costs nothing, a whole step that fits skips the search."""
+    one = torch.ones((), dtype=like.dtype, device=like.device)
+    whole_fits = kl_at(one) <= max_kl
+    low, high = one * SMALLEST_STEP_FRACTION, one
+    found = kl_at(low) <= max_kl  # whether ``low`` was seen to fit (no second evaluation)
+    if like.device.type != "cpu" or not whole_fits:
+        for _ in range(num_bisections):
+            mid = low * torch.sqrt(high / low)  # low * high underflows
+            fits = kl_at(mid) <= max_kl
+            low, high, found = torch.where(fits, mid, low), torch.where(fits, high, mid), found | fits
+    return torch.where(whole_fits, one, torch.where(found, low, 0.0 * one))
 
 
 def gaussian_proximal_step(
@@ -448,20 +468,60 @@ def gaussian_proximal_step(
         kl = 0.5 * (torch.trace(p) - p.shape[0] - logdet + d_b @ p @ d_b + d_rest @ d_rest)
         return torch.where((info == 0) & torch.isfinite(kl), kl, torch.inf)
 
-    one = torch.ones((), dtype=loc_t.dtype, device=loc_t.device)
-    whole_fits = kl_at(one) <= max_kl
-    low, high = one * SMALLEST_STEP_FRACTION, one
-    found = kl_at(low) <= max_kl  # whether ``low`` was seen to fit (no second evaluation)
-    # On a CPU, where reading it costs nothing, a whole step that fits skips the search.
-    if loc_t.device.type != "cpu" or not whole_fits:
-        for _ in range(num_bisections):
-            mid = low * torch.sqrt(high / low)  # low * high underflows
-            fits = kl_at(mid) <= max_kl
-            low, high, found = torch.where(fits, mid, low), torch.where(fits, high, mid), found | fits
-    frac = torch.where(whole_fits, one, torch.where(found, low, 0.0 * one))
+    frac = largest_step_fraction(kl_at, max_kl, loc_t, num_bisections)
     p, d_b, d_rest = step(frac)
     eye = torch.eye(dim, dtype=loc_t.dtype, device=loc_t.device)
     cov_w = eye + basis @ (torch.linalg.inv_ex(p).inverse - eye_b) @ basis.mT
     root, info = torch.linalg.cholesky_ex(0.5 * (cov_w + cov_w.mT))
     tril = tril_t @ torch.where(info == 0, root, torch.nan)  # not finite: the engine rejects it
     return GaussianStep(loc_t + tril_t @ (basis @ d_b + d_rest), tril, frac)
+
+
+def diagonal_proximal_step(
+    loc_t: torch.Tensor,
+    scale_t: torch.Tensor,
+    stats: FisherStatistics,
+    curvature: CurvatureStatistics,
+    prox_weight: float,
+    weighting: str,
+    max_kl: float,
+    weights: torch.Tensor | None = None,
+    num_bisections: int = 40,
+) -> GaussianStep:
+    """:func:`split_diagonal_objective` solved in closed form, coordinate by coordinate:
+    the twin of :func:`numpyro_psvi.objective.diagonal_proximal_step`, whose docstring
+    has the derivation."""
+    variance_t = scale_t**2
+    informative = (curvature.spread > 0) & (curvature.cross > 0)
+    slope = curvature.cross / torch.where(informative, curvature.spread, 1.0)
+    target = torch.where(informative, slope * variance_t, 1.0)
+    weight = variance_t if weighting == "covariance" else torch.ones_like(variance_t)
+    if weights is not None:
+        weight = weight * weights
+    fitted = weight * curvature.spread / (stats.count * variance_t)  # A
+    linear = prox_weight / 2 - 2 * fitted * target
+    root = torch.sqrt(linear**2 + 4 * fitted * prox_weight)
+    # The positive root without cancellation: prox_weight / (linear + root) when linear > 0.
+    ratio = torch.where(
+        linear > 0,
+        prox_weight / torch.where(linear > 0, linear + root, 1.0),
+        (root - linear) / torch.where(fitted > 0, 4 * fitted, 1.0),
+    )
+    ratio = torch.where(fitted > 0, ratio, 1.0)
+    offset_mean, score_mean = stats.offset / stats.count, stats.score / stats.count
+
+    def step(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ratio_f = 1 + f * (ratio - 1)
+        precision = ratio_f / variance_t
+        denominator = 2 * weight * precision + prox_weight
+        safe = torch.where(denominator > 0, denominator, 1.0)
+        return ratio_f, f * 2 * weight * (precision * offset_mean + score_mean) / safe
+
+    def kl_at(f: torch.Tensor) -> torch.Tensor:
+        ratio_f, delta = step(f)
+        kl = 0.5 * (ratio_f - 1 - torch.log(ratio_f) + ratio_f * delta**2 / variance_t).sum()
+        return torch.where(torch.isfinite(kl), kl, torch.inf)
+
+    frac = largest_step_fraction(kl_at, max_kl, loc_t, num_bisections)
+    ratio_f, delta = step(frac)
+    return GaussianStep(loc_t + delta, scale_t / torch.sqrt(ratio_f), frac)

@@ -48,7 +48,9 @@ from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.guides import Params
 from pyro_psvi.objective import (
     CurvatureStatistics,
+    FisherStatistics,
     curvature_statistics,
+    diagonal_proximal_step,
     diagonal_weighted_fisher,
     elbo_terms,
     fisher_statistics,
@@ -127,6 +129,9 @@ class ProximalProblem(NamedTuple):
         ``gradient(loc, scale) -> (d/d loc, d/d scale)``: the objective's gradient in
         a diagonal guide's flat location and scale, in closed form (the split objective;
         :class:`~pyro_psvi.objective.SplitDiagonalProblem`), else ``None``.
+    statistics : FisherStatistics or None
+        A diagonal Gaussian guide's per-coordinate sums over the particles (the
+        closed-form step's), else ``None``.
     """
 
     objective: Callable[[Params], torch.Tensor]
@@ -140,6 +145,7 @@ class ProximalProblem(NamedTuple):
     kl_seed: int | None
     averages: RunningAverages
     gradient: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+    statistics: FisherStatistics | None = None
 
 
 class ProximalScoreVI(ScoreEngine):
@@ -216,14 +222,16 @@ class ProximalScoreVI(ScoreEngine):
         every rank taking the same steps (docs/data_parallel.md). ``None`` (the default):
         on when a process group of more than one rank is initialized at the first step.
     inner_solver : {"closed_form", "optimizer"} or None
-        How each proximal problem is solved: ``"closed_form"`` for a full-covariance
-        Gaussian guide (:func:`~pyro_psvi.objective.gaussian_proximal_step`: the split
-        objective solved in ``q_t``'s whitened coordinates, its step the largest fraction
-        in the trust region; the optimizer does not move the guide's params), or
-        ``"optimizer"`` (``inner_steps`` steps of ``optim``). ``None`` (the default): the
-        closed form wherever it applies (:func:`psvi.objective.resolve_inner_solver`:
-        exact scores, the covariance weighting, no model params) unless ``inner_steps``
-        is given.
+        How each proximal problem is solved: ``"closed_form"`` for an autoguide
+        Gaussian (:func:`~pyro_psvi.objective.gaussian_proximal_step` for a full
+        covariance, the split objective solved in ``q_t``'s whitened coordinates;
+        :func:`~pyro_psvi.objective.diagonal_proximal_step` for AutoNormal and
+        AutoDiagonalNormal, coordinate by coordinate; the step the largest fraction in
+        the trust region, which grows while its steps pay off; the optimizer does not
+        move the guide's params), or ``"optimizer"`` (``inner_steps`` steps of
+        ``optim``). ``None`` (the default): the closed form where it is the default
+        (:func:`psvi.objective.resolve_inner_solver`: a full covariance, exact scores,
+        no model params) unless ``inner_steps`` is given.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`pyro_psvi.batches`: every member once per epoch, as
@@ -305,7 +313,8 @@ class ProximalScoreVI(ScoreEngine):
             self.batch_ratio, self.num_particles
         )
         self.inner_solver = resolve_inner_solver(
-            self._requested_solver, full_covariance=self.density.loc_tril is not None,
+            self._requested_solver, gaussian_step=self.density.gaussian_params is not None,
+            full_covariance=self.density.loc_tril is not None,
             batch_ratio=self.batch_ratio, weighting=self.objective.weighting,
             num_particles=self.num_particles, inner_steps=self._requested[0],
             has_model_params=bool(self._model_param_names), data_parallel=self.reducer is not None,
@@ -483,7 +492,7 @@ class ProximalScoreVI(ScoreEngine):
         return ProximalProblem(
             objective, params_t, loss, loss_error, fisher, scored.param_grads, scores_ok, scored.active_dim,
             kl_seed,
-            averages, None if stats is None else split_diagonal.gradient,
+            averages, None if stats is None else split_diagonal.gradient, stats,
         )  # fmt: skip
 
     def _fold_curvature(
@@ -560,15 +569,17 @@ class ProximalScoreVI(ScoreEngine):
         leaves: dict[str, torch.Tensor],
         saved_optimizer_state: list[dict[str, torch.Tensor]],
     ) -> tuple[torch.Tensor, TrustRegionGrowth]:
-        """Write the closed-form step of a full-covariance Gaussian guide
-        (:func:`~pyro_psvi.objective.gaussian_proximal_step`) into the guide's ``leaves``,
+        """Write the closed-form step of an autoguide Gaussian
+        (:func:`~pyro_psvi.objective.gaussian_proximal_step`,
+        :func:`~pyro_psvi.objective.diagonal_proximal_step`) into the guide's ``leaves``,
         in a KL budget of ``trust_region * D`` times the growth of
         :func:`psvi.objective.grow_trust_region`, accepted as by :meth:`accept`; or, when
         the last step had a grown budget and raised the ``-ELBO`` estimate, write back the
         guide it started from (not a rejection). Returns whether the update counts as
-        accepted and the growth state for the next step (Pyro's ``L = diag(scale) @
-        scale_tril``, ``scale_tril`` unit lower triangular; the optimizer's moments kept)."""
-        loc_t, tril_t = (value.detach() for value in self.density.loc_tril(problem.params_t))
+        accepted and the growth state for the next step (the optimizer's moments kept)."""
+        density = self.density
+        loc_t, scale_t = (density.loc_scale or density.loc_tril)(problem.params_t)
+        loc_t, scale_t = loc_t.detach(), scale_t.detach()
         growth = self.averages.trust
         if growth is None:  # the first step, or a checkpoint saved before the growth existed
             loss = problem.loss
@@ -578,22 +589,27 @@ class ProximalScoreVI(ScoreEngine):
                 torch.full_like(loss, torch.inf),
                 torch.zeros_like(loss),
                 loc_t,
-                tril_t,
+                scale_t,
             )
         budget_scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error)
         max_kl = torch.inf
         if self.trust_region is not None:
             max_kl = self.trust_region * problem.active_dim * budget_scale
+        prox_weight = self.objective.prox_weight
         with torch.no_grad():
-            step = gaussian_proximal_step(
-                loc_t, tril_t, particles, scored.scores, self.objective.prox_weight, max_kl
-            )
-            for name, value in self._loc_tril_leaves(step.loc, step.scale_tril).items():
+            if density.loc_tril is not None:
+                step = gaussian_proximal_step(loc_t, scale_t, particles, scored.scores, prox_weight, max_kl)
+            else:
+                step = diagonal_proximal_step(
+                    loc_t, scale_t, problem.statistics, problem.averages.curvature, prox_weight,
+                    self.objective.weighting, max_kl, scored.weights,
+                )  # fmt: skip
+            for name, value in self._guide_leaves(step.loc, step.scale).items():
                 leaves[name].copy_(value)
         frac = (step.frac > 0).to(problem.loss.dtype)
         accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
         with torch.no_grad():
-            for name, value in self._loc_tril_leaves(growth.loc, growth.scale_tril).items():
+            for name, value in self._guide_leaves(growth.loc, growth.guide_scale).items():
                 leaves[name].copy_(torch.where(undo, value, leaves[name]))
             taken = accept & ~undo
             return accept | undo, growth.advanced(
@@ -603,16 +619,15 @@ class ProximalScoreVI(ScoreEngine):
                 problem.loss,
                 problem.loss_error,
                 loc_t,
-                tril_t,
+                scale_t,
                 torch.where,
             )
 
-    def _loc_tril_leaves(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The unconstrained leaves of the guide ``N(loc, scale_tril scale_tril')``."""
-        scale = torch.diagonal(scale_tril)
-        loc_name, scale_name, tril_name = self.density.param_names
-        new = {loc_name: loc, scale_name: scale, tril_name: scale_tril / scale[:, None]}
-        return {name: self._transforms[name].inv(value) for name, value in new.items()}
+    def _guide_leaves(self, loc: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unconstrained leaves of the autoguide Gaussian with ``loc`` and ``scale`` (its
+        sds or Cholesky factor)."""
+        params = self.density.gaussian_params(loc, scale)
+        return {name: self._transforms[name].inv(value) for name, value in params.items()}
 
     def _guide_gradients(
         self, problem: ProximalProblem, params: Params, guide_values: list[torch.Tensor]

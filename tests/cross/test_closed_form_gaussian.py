@@ -9,6 +9,7 @@ import numpyro
 import pyro
 import pytest
 import torch
+from numpyro.infer.autoguide import AutoLowRankMultivariateNormal as NumPyroAutoLowRank
 from numpyro.infer.autoguide import AutoMultivariateNormal as NumPyroAutoMVN
 from numpyro.infer.autoguide import AutoNormal as NumPyroAutoNormal
 from numpyro.infer.initialization import init_to_value as numpyro_init_to_value
@@ -63,10 +64,10 @@ def test_one_unconstrained_step_lands_on_a_gaussian_target(backend):
     loc_t, tril_t, particles, scores, mean, precision = _problem(dim=5, num=12)
     if backend == "numpyro":
         step = numpyro_step(*(jnp.asarray(v) for v in (loc_t, tril_t, particles, scores)), 1e-9, jnp.inf)
-        loc, tril = np.asarray(step.loc), np.asarray(step.scale_tril)
+        loc, tril = np.asarray(step.loc), np.asarray(step.scale)
     else:
         step = pyro_step(*(torch.tensor(v) for v in (loc_t, tril_t, particles, scores)), 1e-9, float("inf"))
-        loc, tril = step.loc.numpy(), step.scale_tril.numpy()
+        loc, tril = step.loc.numpy(), step.scale.numpy()
     assert float(step.frac) == 1.0
     np.testing.assert_allclose(loc, mean, atol=1e-6)
     np.testing.assert_allclose(np.linalg.inv(tril @ tril.T), precision, atol=1e-6)
@@ -83,9 +84,9 @@ def test_the_step_is_the_largest_fraction_within_the_kl_budget(dim, num):
     budget = 0.02 * dim
     args = [jnp.asarray(v) for v in (loc_t, tril_t, particles, scores)]
     free = numpyro_step(*args, 10.0, jnp.inf)
-    assert _kl(loc_t, tril_t, np.asarray(free.loc), np.asarray(free.scale_tril)) > budget  # it binds
+    assert _kl(loc_t, tril_t, np.asarray(free.loc), np.asarray(free.scale)) > budget  # it binds
     step = numpyro_step(*args, 10.0, budget)
-    kl = _kl(loc_t, tril_t, np.asarray(step.loc), np.asarray(step.scale_tril))
+    kl = _kl(loc_t, tril_t, np.asarray(step.loc), np.asarray(step.scale))
     assert 0 < float(step.frac) < 1
     assert 0.99 * budget <= kl <= budget * (1 + 1e-9)
 
@@ -104,7 +105,7 @@ def test_pyro_and_numpyro_closed_form_steps_agree(dim, num):
     tstep = pyro_step(*(torch.tensor(v) for v in (loc_t, tril_t, particles, scores)), 10.0, 0.02 * dim)
     np.testing.assert_allclose(float(jstep.frac), float(tstep.frac), rtol=1e-9)
     np.testing.assert_allclose(np.asarray(jstep.loc), tstep.loc.numpy(), atol=1e-9)
-    np.testing.assert_allclose(np.asarray(jstep.scale_tril), tstep.scale_tril.numpy(), atol=1e-9)
+    np.testing.assert_allclose(np.asarray(jstep.scale), tstep.scale.numpy(), atol=1e-9)
 
 
 @pytest.mark.slow  # the default run has each backend's test_ill_conditioned_gaussian_full_covariance
@@ -151,9 +152,11 @@ def test_which_updates_take_the_closed_form():
     assert solver(NumPyroAutoMVN(model), inner_steps=20) == "optimizer"  # the user's K: the optimizer
     assert solver(NumPyroAutoMVN(model), inner_solver="optimizer") == "optimizer"
     assert solver(NumPyroAutoMVN(model), weighting="identity") == "optimizer"
-    assert solver(NumPyroAutoNormal(model)) == "optimizer"
-    with pytest.raises(ValueError, match="not a full-covariance Gaussian"):
-        solver(NumPyroAutoNormal(model), inner_solver="closed_form")
+    assert solver(NumPyroAutoNormal(model)) == "optimizer"  # a diagonal guide: on request
+    assert solver(NumPyroAutoNormal(model), inner_solver="closed_form") == "closed_form"
+    assert solver(NumPyroAutoNormal(model), inner_solver="closed_form", num_particles=1) == "closed_form"
+    with pytest.raises(ValueError, match="not an autoguide Gaussian"):
+        solver(NumPyroAutoLowRank(model), inner_solver="closed_form")
     with pytest.raises(ValueError, match="one particle has no spread"):
         solver(NumPyroAutoMVN(model), inner_solver="closed_form", num_particles=1)
     with pytest.raises(ValueError, match="inner_solver must be one of"):
@@ -166,7 +169,7 @@ def test_non_finite_scores_give_a_non_finite_step_not_an_error():
     loc_t, tril_t, particles, scores, _, _ = _problem(dim=6, num=4, seed=3)
     scores[1, 2] = np.nan
     step = pyro_step(*(torch.tensor(v) for v in (loc_t, tril_t, particles, scores)), 10.0, 0.12)
-    assert not (torch.isfinite(step.loc).all() and torch.isfinite(step.scale_tril).all() and step.frac > 0)
+    assert not (torch.isfinite(step.loc).all() and torch.isfinite(step.scale).all() and step.frac > 0)
 
 
 @pytest.mark.parametrize("backend", ["numpyro", "pyro"])
@@ -189,7 +192,7 @@ def test_a_start_far_in_the_tails_takes_a_step(backend):
         step = numpyro_step(*(jnp.asarray(v, jnp.float32) for v in args), 10.0, budget)
     else:
         step = pyro_step(*(torch.tensor(v, dtype=torch.float32) for v in args), 10.0, budget)
-    loc, tril, frac = (np.asarray(v, np.float64) for v in (step.loc, step.scale_tril, step.frac))
+    loc, tril, frac = (np.asarray(v, np.float64) for v in (step.loc, step.scale, step.frac))
     assert 0 < frac < 2.0**-40
     assert np.all(np.isfinite(loc)) and np.all(np.isfinite(tril))
     assert _kl(np.zeros(dim), np.eye(dim), loc, tril) <= budget + 1e-4

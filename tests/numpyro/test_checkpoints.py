@@ -229,3 +229,28 @@ def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path):
         resumed, _ = update(resumed)
     for a, b in zip(jax.tree.leaves(whole.optim_state), jax.tree.leaves(resumed.optim_state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_checkpoint_saved_before_the_growths_guide_scale_was_renamed_loads(tmp_path):
+    """The growth's guide scale was ``.averages.trust.scale_tril`` until the diagonal
+    guides' closed-form step shared it: such a checkpoint loads to the same state."""
+    from numpyro_psvi.contrib.models import gaussian_target
+    from psvi import checkpoint
+
+    model = gaussian_target(np.array([1.0, -2.0]), np.diag([0.5, 2.0]))
+    svi = numpyro_psvi.ProximalScoreVI(model, AutoMultivariateNormal(model), numpyro.optim.Adam(1e-2))
+    state = svi.init(jax.random.PRNGKey(0))
+    state, _ = svi.update(state)
+    svi.save(tmp_path / "ckpt", state)
+    header, arrays = checkpoint.read(tmp_path / "ckpt")
+
+    def old(key):
+        return key.replace(".averages.trust.guide_scale", ".averages.trust.scale_tril")
+
+    assert any(key != old(key) for key in header["state"])
+    header["state"] = {old(key): spec for key, spec in header["state"].items()}
+    header["leaves"] = [(old(key), *rest) for key, *rest in header["leaves"]]
+    checkpoint.write(tmp_path / "old", header, arrays)
+    loaded = svi.load(tmp_path / "old")
+    for a, b in zip(jax.tree.leaves(state.averages), jax.tree.leaves(loaded.averages), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,172 @@
+"""Diagonal Gaussian guides with exact scores (issue 20): the closed-form step against the
+optimizer path, with and without iterate averaging, and ADVI.
+
+NumPyro, AutoDiagonalNormal, Adam 1e-2, float32, S = max(4, D/8), one seed. Targets:
+
+- ``gauss D=.. well|ill``: the Gaussian study's ``N(m, Sigma)`` (condition number 10 or
+  1e4, random rotation). The best diagonal Gaussian (reverse KL) has mean ``m`` and
+  variances ``1 / diag(Sigma^-1)``; the metric is the excess ``KL(q || p) - KL(q* || p)``
+  (exact), checked every 10 updates: score calls to the first excess < 0.01 and the
+  final one.
+- ``far separable``: ``N(3e3 (1, -1, 1), diag(1e-2, 1, 50)^2)`` from loc 0, scale 0.1
+  (3e5 sds away), and ``earnings``: the earnings regression in dollars
+  (``earnings_regression``, far from unit scale, intercept and slope correlated -0.999)
+  from ``init_to_uniform``. Metric: max |mean error| in the diagonal optimum's sds and
+  its sd ratios (the earnings optimum from the flat-prior Gaussian: least-squares means,
+  conditional sds ``1/sqrt(diag(X'X)/s^2)``, log sigma sd ``1/sqrt(2N)``); updates to
+  the band (errors <= 0.25 sd, ratios in [0.6, 1.5], as ``benchmarks.posteriordb``).
+
+Time per update: the mean over the run's jitted chunks after the first (compilation).
+
+    python -m benchmarks.diagonal_study [--updates 2000] [--out diagonal_study]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+from numpyro.infer import SVI, Trace_ELBO, initialization
+from numpyro.infer.autoguide import AutoDiagonalNormal
+
+from benchmarks.common import save
+from numpyro_psvi import ProximalScoreVI
+from numpyro_psvi.contrib.models import earnings_regression, gaussian_target
+from psvi.contrib.targets import earnings_data, ill_conditioned_gaussian
+
+METHODS = {
+    "optimizer": {"inner_solver": "optimizer"},
+    "closed_form": {"inner_solver": "closed_form"},
+    "optimizer+avg": {"inner_solver": "optimizer", "average_iterates": True},
+    "closed_form+avg": {"inner_solver": "closed_form", "average_iterates": True},
+    "advi": None,
+}
+CHUNK = 10
+
+
+def _engine(method: str, model, guide, num_particles: int):
+    options = METHODS[method]
+    if options is None:
+        return SVI(model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO(num_particles))
+    return ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), num_particles=num_particles, **options)
+
+
+def _fit(method: str, model, guide, num_particles: int, updates: int, data: tuple, measure) -> dict:
+    """Run ``updates`` updates in jitted chunks of ``CHUNK``; ``measure(loc, scale)`` after each."""
+    engine = _engine(method, model, guide, num_particles)
+    state = engine.init(jax.random.PRNGKey(0), *data)
+    chunk = jax.jit(lambda s: jax.lax.scan(lambda s, _: engine.update(s, *data), s, None, length=CHUNK)[0])
+    values, seconds = [], []
+    for _ in range(updates // CHUNK):
+        started = time.perf_counter()
+        state = jax.block_until_ready(chunk(state))
+        seconds.append(time.perf_counter() - started)
+        params = engine.get_params(state)
+        values.append(measure(*(np.asarray(params[f"auto_{p}"], np.float64) for p in ("loc", "scale"))))
+    return {
+        "values": values,
+        "ms_per_update": 1e3 * float(np.mean(seconds[1:])) / CHUNK,
+        "rejected": int(getattr(state, "num_rejected", 0)),
+    }
+
+
+def gaussian_case(dim: int, condition: float, method: str, updates: int) -> dict:
+    mean, cov = ill_conditioned_gaussian(dim, condition, seed=0)
+    precision = np.linalg.inv(cov)
+    logdet_precision = np.linalg.slogdet(precision)[1]
+
+    def reverse_kl(loc, scale):
+        delta = loc - mean
+        trace = np.sum(np.diag(precision) * scale**2)
+        return 0.5 * (trace + delta @ precision @ delta - dim - np.sum(np.log(scale**2)) - logdet_precision)
+
+    best = reverse_kl(mean, 1 / np.sqrt(np.diag(precision)))
+    model = gaussian_target(mean, cov)
+    num_particles = max(4, dim // 8)
+    fit = _fit(
+        method, model, AutoDiagonalNormal(model), num_particles, updates, (),
+        lambda loc, scale: reverse_kl(loc, scale) - best,
+    )  # fmt: skip
+    below = [i for i, excess in enumerate(fit["values"]) if excess < 0.01]
+    fit["calls_to_excess_0.01"] = (below[0] + 1) * CHUNK * num_particles if below else None
+    fit["final_excess"] = fit["values"][-1]
+    return fit
+
+
+def _band(reference: tuple[np.ndarray, np.ndarray]):
+    ref_mean, ref_sd = reference
+
+    def measure(loc, scale):
+        ratios = scale / ref_sd
+        return [float(np.max(np.abs(loc - ref_mean) / ref_sd)), float(ratios.min()), float(ratios.max())]
+
+    return measure
+
+
+def _reached(fit: dict) -> dict:
+    inside = [
+        i for i, (err, low, high) in enumerate(fit["values"]) if err <= 0.25 and 0.6 <= low and high <= 1.5
+    ]
+    fit["updates_to_band"] = (inside[0] + 1) * CHUNK if inside else None
+    fit["final"] = fit["values"][-1]
+    return fit
+
+
+def far_separable_case(method: str, updates: int) -> dict:
+    mean, sd = np.array([3e3, -3e3, 3e3]), np.array([1e-2, 1.0, 50.0])
+    model = gaussian_target(mean, np.diag(sd**2))
+    init = initialization.init_to_value(values={"x": jnp.zeros(3)})
+    guide = AutoDiagonalNormal(model, init_loc_fn=init)
+    return _reached(_fit(method, model, guide, 4, updates, (), _band((mean, sd))))
+
+
+def earnings_case(method: str, updates: int) -> dict:
+    height, earn = earnings_data()
+    design = np.column_stack([np.ones(len(height)), height])
+    coef, rss = np.linalg.lstsq(design, earn, rcond=None)[:2]
+    s2 = rss[0] / (len(height) - 2)
+    conditional_sd = 1 / np.sqrt(np.diag(design.T @ design) / s2)
+    reference = (np.append(coef, 0.5 * np.log(s2)), np.append(conditional_sd, 1 / np.sqrt(2 * len(height))))
+    guide = AutoDiagonalNormal(earnings_regression, init_loc_fn=initialization.init_to_uniform)
+    data = tuple(jnp.asarray(v) for v in (height, earn))
+    return _reached(_fit(method, earnings_regression, guide, 8, updates, data, _band(reference)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--updates", type=int, default=2000)
+    parser.add_argument("--out", default="diagonal_study")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore", RuntimeWarning)
+    results = {}
+    for dim in (10, 50):
+        for label, condition in (("well", 10.0), ("ill", 1e4)):
+            for method in METHODS:
+                fit = gaussian_case(dim, condition, method, args.updates)
+                results[f"gauss D={dim} {label} {method}"] = fit
+                print(
+                    f"gauss D={dim:3d} {label:4s} {method:16s} calls to excess<0.01: "
+                    f"{fit['calls_to_excess_0.01']}, final {fit['final_excess']:.3g}, "
+                    f"{fit['ms_per_update']:.3f} ms/update",
+                    flush=True,
+                )
+    for name, case in (("far separable", far_separable_case), ("earnings", earnings_case)):
+        for method in METHODS:
+            fit = case(method, args.updates)
+            results[f"{name} {method}"] = fit
+            err, low, high = fit["final"]
+            print(
+                f"{name:14s} {method:16s} updates to band: {fit['updates_to_band']}, final err {err:.3g} sd, "
+                f"sd ratio [{low:.3g}, {high:.3g}], {fit['rejected']} rejected",
+                flush=True,
+            )
+    print("wrote", save(args.out, {"updates": args.updates, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
