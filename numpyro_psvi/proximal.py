@@ -267,8 +267,10 @@ class ProximalScoreVI(ScoreEngine):
         params = self.optim.get_params(state.optim_state) if self.average_iterates else None
         trust = None
         if self.inner_solver == "closed_form":
-            start = (jnp.ones(()), jnp.zeros((), bool), jnp.full((), jnp.inf), jnp.zeros(()))
-            trust = TrustRegionGrowth(*start, *self._loc_scale(self._iterate_params(state)))
+            loc, scale = self._loc_scale(self._iterate_params(state))
+            # Strongly typed as the update's values are: a weak type would recompile it.
+            start = (jnp.ones((), loc.dtype), jnp.zeros((), bool), jnp.full((), jnp.inf, loc.dtype))
+            trust = TrustRegionGrowth(*start, jnp.zeros((), loc.dtype), loc, scale)
         averages = RunningAverages(curvature, updates, params, jnp.zeros((), jnp.int32), trust)
         return state._replace(averages=averages)
 

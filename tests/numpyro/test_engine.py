@@ -406,3 +406,20 @@ def test_earnings_in_dollars_from_init_to_median_reaches_the_posterior():
     sd = np.sqrt(np.diag(np.asarray(posterior.covariance_matrix, np.float64)))
     assert np.all(np.abs(loc - ref_mean) / ref_sd < 0.2), (loc, ref_mean)
     assert np.all(np.abs(sd / ref_sd - 1) < 0.2), (sd, ref_sd)
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoMultivariateNormal])
+@pytest.mark.parametrize("inner_solver", ["closed_form", "optimizer"])
+def test_an_update_keeps_the_states_types_so_a_jitted_update_compiles_once(guide_cls, inner_solver):
+    # jax.jit keys its cache on each leaf's shape, dtype and weak type: a state whose
+    # types an update changes (the closed-form step's growth started from a weakly typed
+    # inf) recompiled the jitted update at its second call: ~2 s, which made 200 timed
+    # closed-form updates at D = 10 cost 9 ms each instead of 0.2 ms.
+    model = gaussian_target(np.zeros(3), np.eye(3))
+    svi = ProximalScoreVI(model, guide_cls(model), numpyro.optim.Adam(1e-2), inner_solver=inner_solver)
+    state = svi.init(jax.random.PRNGKey(0))
+    update = jax.jit(svi.update)
+    after = update(state)[0]
+    assert jax.tree.map(jax.typeof, after) == jax.tree.map(jax.typeof, state)
+    update(after)
+    assert update._cache_size() == 1
