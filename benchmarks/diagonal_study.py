@@ -11,14 +11,20 @@ NumPyro, AutoDiagonalNormal, Adam 1e-2, float32, S = max(4, D/8), one seed. Targ
 - ``far separable``: ``N(3e3 (1, -1, 1), diag(1e-2, 1, 50)^2)`` from loc 0, scale 0.1
   (3e5 sds away), and ``earnings``: the earnings regression in dollars
   (``earnings_regression``, far from unit scale, intercept and slope correlated -0.999)
-  from ``init_to_uniform``. Metric: max |mean error| in the diagonal optimum's sds and
-  its sd ratios (the earnings optimum from the flat-prior Gaussian: least-squares means,
-  conditional sds ``1/sqrt(diag(X'X)/s^2)``, log sigma sd ``1/sqrt(2N)``); updates to
-  the band (errors <= 0.25 sd, ratios in [0.6, 1.5], as ``benchmarks.posteriordb``).
+  from ``init_to_uniform`` (NumPyro's default) and ``init_to_median`` (Pyro's). Metric:
+  max |mean error| in the diagonal optimum's sds and its sd ratios (the earnings
+  optimum from the flat-prior Gaussian: least-squares means, conditional sds
+  ``1/sqrt(diag(X'X)/s^2)``, log sigma sd ``1/sqrt(2N)``); updates to the band (errors
+  <= 0.25 sd, ratios in [0.6, 1.5], as ``benchmarks.posteriordb``).
 
 Time per update: the mean over the run's jitted chunks after the first (compilation).
 
-    python -m benchmarks.diagonal_study [--updates 2000] [--out diagonal_study]
+``--existing`` also reruns the ``psvi_diag`` rows of the other exact-score benchmarks with
+each solver (``benchmarks.posteriordb``'s five posteriors at 16,000 calls, S = 8, and
+``benchmarks.lowrank_study``'s D = 100 / 1,000 / 10,000 targets): what a change of the
+default would move.
+
+    python -m benchmarks.diagonal_study [--updates 2000] [--existing] [--out diagonal_study]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -125,21 +132,52 @@ def far_separable_case(method: str, updates: int) -> dict:
     return _reached(_fit(method, model, guide, 4, updates, (), _band((mean, sd))))
 
 
-def earnings_case(method: str, updates: int) -> dict:
+def earnings_case(method: str, updates: int, init: str) -> dict:
     height, earn = earnings_data()
     design = np.column_stack([np.ones(len(height)), height])
     coef, rss = np.linalg.lstsq(design, earn, rcond=None)[:2]
     s2 = rss[0] / (len(height) - 2)
     conditional_sd = 1 / np.sqrt(np.diag(design.T @ design) / s2)
     reference = (np.append(coef, 0.5 * np.log(s2)), np.append(conditional_sd, 1 / np.sqrt(2 * len(height))))
-    guide = AutoDiagonalNormal(earnings_regression, init_loc_fn=initialization.init_to_uniform)
+    guide = AutoDiagonalNormal(earnings_regression, init_loc_fn=getattr(initialization, init))
     data = tuple(jnp.asarray(v) for v in (height, earn))
     return _reached(_fit(method, earnings_regression, guide, 8, updates, data, _band(reference)))
+
+
+def existing_benchmarks() -> dict:
+    """The ``psvi_diag`` rows of ``benchmarks.posteriordb`` and ``benchmarks.lowrank_study``
+    with each solver."""
+    from benchmarks import lowrank_study, posteriordb
+    from numpyro_psvi.contrib.posteriordb import MODELS
+
+    rows = {}
+    for solver in ("optimizer", "closed_form"):
+        for name in MODELS:
+            curve = posteriordb.run(name, "psvi_diag", 16_000, 20, 8, inner_solver=solver)
+            rows[f"posteriordb {name} {solver}"] = curve
+            print(
+                f"posteriordb {name:40s} {solver:11s} reached at {curve['calls_to_reach']}; final err "
+                f"{curve['max_mean_err'][-1]:.3g} sd, sd ratio [{curve['min_sd_ratio'][-1]:.3g}, "
+                f"{curve['max_sd_ratio'][-1]:.3g}]",
+                flush=True,
+            )
+        for dim in (100, 1000, 10_000):
+            updates = 2000 if dim < 10_000 else 400
+            curve = lowrank_study.fit("psvi_diag", dim, 10, 8, updates, inner_solver=solver)
+            rows[f"lowrank D={dim} {solver}"] = curve
+            kl = curve["kl"]
+            print(
+                f"lowrank D={dim:6d} {solver:11s} forward KL at 10% / 50% / 100%: "
+                f"{kl[0]:.4g} / {kl[4]:.4g} / {kl[-1]:.4g} ({curve['seconds'][-1]:.1f} s)",
+                flush=True,
+            )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=2000)
+    parser.add_argument("--existing", action="store_true")
     parser.add_argument("--out", default="diagonal_study")
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -155,16 +193,23 @@ def main() -> None:
                     f"{fit['ms_per_update']:.3f} ms/update",
                     flush=True,
                 )
-    for name, case in (("far separable", far_separable_case), ("earnings", earnings_case)):
+    cases = {
+        "far separable": far_separable_case,
+        "earnings init_to_uniform": partial(earnings_case, init="init_to_uniform"),
+        "earnings init_to_median": partial(earnings_case, init="init_to_median"),
+    }
+    for name, case in cases.items():
         for method in METHODS:
             fit = case(method, args.updates)
             results[f"{name} {method}"] = fit
             err, low, high = fit["final"]
             print(
-                f"{name:14s} {method:16s} updates to band: {fit['updates_to_band']}, final err {err:.3g} sd, "
+                f"{name:24s} {method:16s} updates to band: {fit['updates_to_band']}, final err {err:.3g} sd, "
                 f"sd ratio [{low:.3g}, {high:.3g}], {fit['rejected']} rejected",
                 flush=True,
             )
+    if args.existing:
+        results["existing"] = existing_benchmarks()
     print("wrote", save(args.out, {"updates": args.updates, "results": results}))
 
 

@@ -85,7 +85,8 @@ def forward_kl(method: str, guide, params, mean, factor, diag) -> float:
     return lowrank_kl(mean, factor, diag, loc, cov_factor, cov_diag)
 
 
-def fit(method: str, dim: int, rank: int, num_particles: int, updates: int) -> dict:
+def fit(method: str, dim: int, rank: int, num_particles: int, updates: int, **psvi_options) -> dict:
+    """KL curve of one method; ``psvi_options`` go to ``ProximalScoreVI``."""
     mean, factor, diag = target(dim, rank)
     as_f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
 
@@ -103,7 +104,7 @@ def fit(method: str, dim: int, rank: int, num_particles: int, updates: int) -> d
     if method == "advi":
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles))
     else:
-        engine = ProximalScoreVI(model, guide, optim, num_particles=num_particles)
+        engine = ProximalScoreVI(model, guide, optim, num_particles=num_particles, **psvi_options)
     state = engine.init(jax.random.PRNGKey(0))
     per_check = max(updates // NUM_CHECKS, 1)
     chunk = jax.jit(lambda s: jax.lax.scan(lambda s, _: engine.update(s), s, None, length=per_check)[0])

@@ -32,10 +32,12 @@ DOCS = Path(__file__).parent.parent / "docs"
 METHODS = ("psvi_full", "psvi_diag", "advi", "gsm", "bam")
 
 
-def make_engine(method: str, model, num_particles: int):
+def make_engine(method: str, model, num_particles: int, **psvi_options):
+    """The method's engine and guide; ``psvi_options`` go to ``ProximalScoreVI``."""
     guide = (AutoDiagonalNormal if method == "psvi_diag" else AutoMultivariateNormal)(model)
     if method.startswith("psvi"):
-        engine = ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), num_particles=num_particles)
+        optim = numpyro.optim.Adam(1e-2)
+        engine = ProximalScoreVI(model, guide, optim, num_particles=num_particles, **psvi_options)
     elif method == "advi":
         engine = SVI(model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO(num_particles))
     elif method == "gsm":
@@ -58,10 +60,12 @@ def errors(model, guide, params, post: posteriordb.Posterior, key) -> tuple[floa
     return float(np.max(mean_err)), float(np.min(ratio)), float(np.max(ratio))
 
 
-def run(name: str, method: str, calls: int, checks: int, num_particles: int, seed: int = 0) -> dict:
+def run(
+    name: str, method: str, calls: int, checks: int, num_particles: int, seed: int = 0, **psvi_options
+) -> dict:
     post = posteriordb.load(name)
     model = MODELS[name]
-    engine, guide = make_engine(method, model, num_particles)
+    engine, guide = make_engine(method, model, num_particles, **psvi_options)
     state = engine.init(jax.random.PRNGKey(seed), post.data)
     per_check = max(calls // num_particles // checks, 1)
     chunk = jax.jit(
