@@ -192,6 +192,20 @@ def curvature_statistics(stats: FisherStatistics, scale_t: jax.Array) -> Curvatu
     return CurvatureStatistics(spread / variance, -cross / variance)
 
 
+def discounted_updates(
+    updates: jax.Array, loc_t: jax.Array, scale_t: jax.Array, loc: jax.Array, scale: jax.Array
+) -> jax.Array:
+    """The curvature average's effective update counts after a step from ``N(loc_t,
+    scale_t^2)`` to ``N(loc, scale^2)`` (diagonal): each coordinate's count times
+    ``exp(-KL)`` of the step along it. Statistics gathered where the guide was far from
+    it (in KL) then weigh little: a closed-form step can travel many sds in an update
+    (a far start), where the curvature of the start would otherwise linger for
+    ``curvature_memory`` updates (docs/gaussian_study.md, "Diagonal guides")."""
+    ratio = (scale_t / scale) ** 2
+    kl = 0.5 * (ratio - 1 - jnp.log(ratio) + (loc - loc_t) ** 2 / scale**2)
+    return updates * jnp.exp(-kl)
+
+
 def split_diagonal_objective(
     density: GuideDensity,
     params: Params,

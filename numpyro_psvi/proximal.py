@@ -34,6 +34,7 @@ from numpyro_psvi.objective import (
     curvature_statistics,
     diagonal_proximal_step,
     diagonal_weighted_fisher,
+    discounted_updates,
     elbo_terms,
     fisher_statistics,
     gaussian_proximal_step,
@@ -71,7 +72,8 @@ class RunningAverages(NamedTuple):
         ``curvature_memory`` updates (all of them while fewer).
     curvature_updates : jax.Array or None
         How many updates saw each coordinate (a local latent only when its data are in
-        the mini-batch).
+        the mini-batch); after closed-form steps, discounted by the KL they travelled
+        (:func:`~numpyro_psvi.objective.discounted_updates`).
     params, params_updates
         With iterate averaging: the unconstrained params averaged over accepted
         updates, iterate ``i`` weighted by ``i^5`` (Polyak-Ruppert averaging that forgets
@@ -416,7 +418,9 @@ class ProximalScoreVI(ScoreEngine):
         ``trust_region * D`` times the growth of :func:`psvi.objective.grow_trust_region`,
         accepted as by :meth:`accept`; or, when the last step had a grown budget and raised
         the ``-ELBO`` estimate, the guide it started from, restored (not a rejection: the
-        loss is this update's estimate). The optimizer holds the params and keeps its moments."""
+        loss is this update's estimate). The optimizer holds the params and keeps its
+        moments. A diagonal guide's curvature average is discounted by the KL the update
+        travelled (:func:`~numpyro_psvi.objective.discounted_updates`)."""
         growth = state.averages.trust
         scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error)
         loc_t, scale_t = self._loc_scale(params_t)
@@ -445,6 +449,10 @@ class ProximalScoreVI(ScoreEngine):
             lambda back, on: jnp.where(undo, back, on),
             restored, (taken.optim_state, taken.averages._replace(trust=taken_growth)),
         )  # fmt: skip
+        if density.loc_scale is not None:
+            loc, scale = self._loc_scale(self.constrain_fn(self.optim.get_params(optim_state)))
+            updates = discounted_updates(averages.curvature_updates, loc_t, scale_t, loc, scale)
+            averages = averages._replace(curvature_updates=updates)
         new_state = taken._replace(
             optim_state=optim_state, averages=averages,
             num_rejected=jnp.where(undo, state.num_rejected, taken.num_rejected),

@@ -189,6 +189,20 @@ def curvature_statistics(stats: FisherStatistics, scale_t: torch.Tensor) -> Curv
     return CurvatureStatistics(spread / variance, -cross / variance)
 
 
+def discounted_updates(
+    updates: torch.Tensor, loc_t: torch.Tensor, scale_t: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """The curvature average's effective update counts after a step from ``N(loc_t,
+    scale_t^2)`` to ``N(loc, scale^2)`` (diagonal): each coordinate's count times
+    ``exp(-KL)`` of the step along it. Statistics gathered where the guide was far from
+    it (in KL) then weigh little: a closed-form step can travel many sds in an update
+    (a far start), where the curvature of the start would otherwise linger for
+    ``curvature_memory`` updates (docs/gaussian_study.md, "Diagonal guides")."""
+    ratio = (scale_t / scale) ** 2
+    kl = 0.5 * (ratio - 1 - torch.log(ratio) + (loc - loc_t) ** 2 / scale**2)
+    return updates * torch.exp(-kl)
+
+
 def split_diagonal_objective(
     density: GuideDensity,
     params: Params,

@@ -52,6 +52,7 @@ from pyro_psvi.objective import (
     curvature_statistics,
     diagonal_proximal_step,
     diagonal_weighted_fisher,
+    discounted_updates,
     elbo_terms,
     fisher_statistics,
     gaussian_proximal_step,
@@ -76,7 +77,8 @@ class RunningAverages(NamedTuple):
         ``curvature_memory`` steps (all of them while fewer).
     curvature_updates : torch.Tensor or None
         How many steps saw each coordinate (a local latent only when its data are in
-        the mini-batch).
+        the mini-batch); after closed-form steps, discounted by the KL they travelled
+        (:func:`~pyro_psvi.objective.discounted_updates`).
     params, params_updates
         With iterate averaging: the unconstrained params (guide and model) averaged over
         accepted steps, iterate ``i`` weighted by ``i^5`` (Polyak-Ruppert averaging that
@@ -410,10 +412,10 @@ class ProximalScoreVI(ScoreEngine):
             scored_at = time.perf_counter()
             problem = self.proximal_problem(params_t, particles, scored)
             if self.inner_solver == "closed_form":
-                accept, growth = self.closed_form_step(
+                accept, averages = self.closed_form_step(
                     problem, particles, scored, start, leaves, saved_optimizer_state
                 )
-                problem = problem._replace(averages=problem.averages._replace(trust=growth))
+                problem = problem._replace(averages=averages)
             else:
                 unread = self.unread_entries(start, particles)
                 del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
@@ -568,7 +570,7 @@ class ProximalScoreVI(ScoreEngine):
         start: dict[str, torch.Tensor],
         leaves: dict[str, torch.Tensor],
         saved_optimizer_state: list[dict[str, torch.Tensor]],
-    ) -> tuple[torch.Tensor, TrustRegionGrowth]:
+    ) -> tuple[torch.Tensor, RunningAverages]:
         """Write the closed-form step of an autoguide Gaussian
         (:func:`~pyro_psvi.objective.gaussian_proximal_step`,
         :func:`~pyro_psvi.objective.diagonal_proximal_step`) into the guide's ``leaves``,
@@ -576,7 +578,10 @@ class ProximalScoreVI(ScoreEngine):
         :func:`psvi.objective.grow_trust_region`, accepted as by :meth:`accept`; or, when
         the last step had a grown budget and raised the ``-ELBO`` estimate, write back the
         guide it started from (not a rejection). Returns whether the update counts as
-        accepted and the growth state for the next step (the optimizer's moments kept)."""
+        accepted and the problem's running averages with the growth state for the next
+        step and, for a diagonal guide, the curvature average discounted by the KL the
+        update travelled (:func:`~pyro_psvi.objective.discounted_updates`). The
+        optimizer's moments are kept."""
         density = self.density
         loc_t, scale_t = (density.loc_scale or density.loc_tril)(problem.params_t)
         loc_t, scale_t = loc_t.detach(), scale_t.detach()
@@ -612,7 +617,7 @@ class ProximalScoreVI(ScoreEngine):
             for name, value in self._guide_leaves(growth.loc, growth.guide_scale).items():
                 leaves[name].copy_(torch.where(undo, value, leaves[name]))
             taken = accept & ~undo
-            return accept | undo, growth.advanced(
+            growth = growth.advanced(
                 taken,
                 budget_scale,
                 step.frac < 1,
@@ -622,6 +627,12 @@ class ProximalScoreVI(ScoreEngine):
                 scale_t,
                 torch.where,
             )
+            averages = problem.averages._replace(trust=growth)
+            if density.loc_scale is not None:
+                loc, scale = density.loc_scale(self._constrain(leaves))
+                updates = discounted_updates(averages.curvature_updates, loc_t, scale_t, loc, scale)
+                averages = averages._replace(curvature_updates=updates)
+            return accept | undo, averages
 
     def _guide_leaves(self, loc: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
         """The unconstrained leaves of the autoguide Gaussian with ``loc`` and ``scale`` (its

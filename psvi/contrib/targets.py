@@ -70,6 +70,18 @@ def earnings_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return height, -61000 + 1300 * height + rng.normal(0, 19000, EARNINGS_ROWS)
 
 
+def earnings_diagonal_optimum(height: np.ndarray, earn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Means and sds of the best diagonal Gaussian (reverse KL) to the flat-prior posterior of
+    :func:`earnings_posterior` in its Gaussian form: the least-squares means, the
+    coefficients' conditional sds ``1/sqrt(diag(X'X)/s^2)`` (theirs correlate -0.999), log
+    sigma's ``1/sqrt(2N)``."""
+    design = np.column_stack([np.ones(len(height)), height])
+    coef, rss = np.linalg.lstsq(design, earn, rcond=None)[:2]
+    s2 = rss[0] / (len(height) - 2)
+    conditional_sd = 1 / np.sqrt(np.diag(design.T @ design) / s2)
+    return np.append(coef, 0.5 * np.log(s2)), np.append(conditional_sd, 1 / np.sqrt(2 * len(height)))
+
+
 def earnings_posterior(height: np.ndarray, earn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Means and sds of (intercept, slope, log sigma) for ``earn ~ N(b1 + b2 height, sigma)``
     under flat priors: the coefficients' Student-t (least-squares mean, covariance
