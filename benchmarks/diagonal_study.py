@@ -23,7 +23,10 @@ each solver (``benchmarks.posteriordb``'s five posteriors at 16,000 calls, S = 8
 ``benchmarks.lowrank_study``'s D = 100 / 1,000 / 10,000 targets): what a change of the
 default would move.
 
+``--seeds N`` runs only the two solvers over N engine seeds (:func:`seed_study`).
+
     python -m benchmarks.diagonal_study [--updates 2000] [--existing] [--out diagonal_study]
+    python -m benchmarks.diagonal_study --seeds 5 --out diagonal_study_seeds
 """
 
 from __future__ import annotations
@@ -62,10 +65,12 @@ def _engine(method: str, model, guide, num_particles: int):
     return ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), num_particles=num_particles, **options)
 
 
-def _fit(method: str, model, guide, num_particles: int, updates: int, data: tuple, measure) -> dict:
+def _fit(
+    method: str, model, guide, num_particles: int, updates: int, data: tuple, measure, seed: int = 0
+) -> dict:
     """Run ``updates`` updates in jitted chunks of ``CHUNK``; ``measure(loc, scale)`` after each."""
     engine = _engine(method, model, guide, num_particles)
-    state = engine.init(jax.random.PRNGKey(0), *data)
+    state = engine.init(jax.random.PRNGKey(seed), *data)
     chunk = jax.jit(lambda s: jax.lax.scan(lambda s, _: engine.update(s, *data), s, None, length=CHUNK)[0])
     values, seconds = [], []
     for _ in range(updates // CHUNK):
@@ -81,7 +86,7 @@ def _fit(method: str, model, guide, num_particles: int, updates: int, data: tupl
     }
 
 
-def gaussian_case(dim: int, condition: float, method: str, updates: int) -> dict:
+def gaussian_case(dim: int, condition: float, method: str, updates: int, seed: int = 0) -> dict:
     mean, cov = ill_conditioned_gaussian(dim, condition, seed=0)
     precision = np.linalg.inv(cov)
     logdet_precision = np.linalg.slogdet(precision)[1]
@@ -96,7 +101,7 @@ def gaussian_case(dim: int, condition: float, method: str, updates: int) -> dict
     num_particles = max(4, dim // 8)
     fit = _fit(
         method, model, AutoDiagonalNormal(model), num_particles, updates, (),
-        lambda loc, scale: reverse_kl(loc, scale) - best,
+        lambda loc, scale: reverse_kl(loc, scale) - best, seed,
     )  # fmt: skip
     below = [i for i, excess in enumerate(fit["values"]) if excess < 0.01]
     fit["calls_to_excess_0.01"] = (below[0] + 1) * CHUNK * num_particles if below else None
@@ -169,13 +174,62 @@ def existing_benchmarks() -> dict:
     return rows
 
 
+def seed_study(seeds: int, updates: int) -> dict:
+    """The two solvers (no averaging) over ``seeds`` engine seeds: the Gaussian targets'
+    final excess and PosteriorDB's final max error and calls to the band (three
+    posteriors: the ones where a diagonal guide reaches it, and arK)."""
+    from benchmarks import posteriordb
+
+    rows = {}
+    for solver in ("optimizer", "closed_form"):
+        for dim, label, condition in (
+            (10, "well", 10.0),
+            (10, "ill", 1e4),
+            (50, "well", 10.0),
+            (50, "ill", 1e4),
+        ):
+            finals = [
+                gaussian_case(dim, condition, solver, updates, seed)["final_excess"] for seed in range(seeds)
+            ]
+            rows[f"gauss D={dim} {label} {solver}"] = finals
+            print(
+                f"seeds gauss D={dim} {label} {solver:11s} final excess", " ".join(f"{v:.3g}" for v in finals)
+            )
+        for name in (
+            "eight_schools-eight_schools_noncentered",
+            "arK-arK",
+            "low_dim_gauss_mix-low_dim_gauss_mix",
+        ):
+            curves = [
+                posteriordb.run(name, "psvi_diag", 16_000, 20, 8, seed=seed, inner_solver=solver)
+                for seed in range(seeds)
+            ]
+            rows[f"posteriordb {name} {solver}"] = [
+                {"final_max_mean_err": c["max_mean_err"][-1], "calls_to_reach": c["calls_to_reach"]}
+                for c in curves
+            ]
+            print(
+                f"seeds {name} {solver:11s} final err",
+                " ".join(f"{c['max_mean_err'][-1]:.3g}" for c in curves),
+                "reached at",
+                [c["calls_to_reach"] for c in curves],
+                flush=True,
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=2000)
     parser.add_argument("--existing", action="store_true")
+    parser.add_argument("--seeds", type=int, default=0, help="only the seed study, over this many seeds")
     parser.add_argument("--out", default="diagonal_study")
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
+    if args.seeds:
+        rows = seed_study(args.seeds, args.updates)
+        print("wrote", save(args.out, {"updates": args.updates, "seeds": args.seeds, "results": rows}))
+        return
     results = {}
     for dim in (10, 50):
         for label, condition in (("well", 10.0), ("ill", 1e4)):
