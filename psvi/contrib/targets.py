@@ -70,16 +70,13 @@ def earnings_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return height, -61000 + 1300 * height + rng.normal(0, 19000, EARNINGS_ROWS)
 
 
-def earnings_diagonal_optimum(height: np.ndarray, earn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Means and sds of the best diagonal Gaussian (reverse KL) to the flat-prior posterior of
-    :func:`earnings_posterior` in its Gaussian form: the least-squares means, the
-    coefficients' conditional sds ``1/sqrt(diag(X'X)/s^2)`` (theirs correlate -0.999), log
-    sigma's ``1/sqrt(2N)``."""
+def _earnings_least_squares(height: np.ndarray, earn: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The earnings regression's design ``X``, least-squares coefficients, ``s^2 = RSS / (N -
+    2)`` and degrees of freedom ``N - 2``."""
     design = np.column_stack([np.ones(len(height)), height])
     coef, rss = np.linalg.lstsq(design, earn, rcond=None)[:2]
-    s2 = rss[0] / (len(height) - 2)
-    conditional_sd = 1 / np.sqrt(np.diag(design.T @ design) / s2)
-    return np.append(coef, 0.5 * np.log(s2)), np.append(conditional_sd, 1 / np.sqrt(2 * len(height)))
+    dof = len(height) - 2
+    return design, coef, rss[0] / dof, dof
 
 
 def earnings_posterior(height: np.ndarray, earn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,10 +84,16 @@ def earnings_posterior(height: np.ndarray, earn: np.ndarray) -> tuple[np.ndarray
     under flat priors: the coefficients' Student-t (least-squares mean, covariance
     ``s^2 (X'X)^-1 (N-2)/(N-4)``), and log sigma ~ log s with sd ``1/sqrt(2N)`` (its
     Gaussian limit; the error is O(1/N) of an sd)."""
-    design = np.column_stack([np.ones(len(height)), height])
-    coef, rss = np.linalg.lstsq(design, earn, rcond=None)[:2]
-    dof = len(height) - 2
-    s2 = rss[0] / dof
+    design, coef, s2, dof = _earnings_least_squares(height, earn)
     coef_cov = s2 * np.linalg.inv(design.T @ design) * dof / (dof - 2)
     mean = np.append(coef, 0.5 * np.log(s2))
     return mean, np.append(np.sqrt(np.diag(coef_cov)), 1 / np.sqrt(2 * len(height)))
+
+
+def earnings_diagonal_optimum(height: np.ndarray, earn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Means and sds of the best diagonal Gaussian (reverse KL) to :func:`earnings_posterior`'s
+    posterior in its Gaussian form: the least-squares means, the coefficients' conditional
+    sds ``1/sqrt(diag(X'X)/s^2)`` (they correlate -0.999), log sigma's ``1/sqrt(2N)``."""
+    design, coef, s2, _ = _earnings_least_squares(height, earn)
+    conditional_sd = 1 / np.sqrt(np.diag(design.T @ design) / s2)
+    return np.append(coef, 0.5 * np.log(s2)), np.append(conditional_sd, 1 / np.sqrt(2 * len(height)))
