@@ -35,6 +35,26 @@ for _variable, _folder in (("PSVI_UCI", "uci"), ("PSVI_MNIST", "mnist"), ("PSVI_
         os.environ.setdefault(_variable, str(DATASETS / _folder))
 
 
+def band_errors(
+    loc: np.ndarray, sd: np.ndarray, reference: tuple[np.ndarray, np.ndarray]
+) -> tuple[float, float, float]:
+    """The max |mean error| of a fit's ``loc`` in the reference's sds, and the min and
+    max ratio of its ``sd`` to the reference's."""
+    ref_mean, ref_sd = reference
+    ratios = sd / ref_sd
+    return float(np.max(np.abs(loc - ref_mean) / ref_sd)), float(ratios.min()), float(ratios.max())
+
+
+def first_in_band(points: list, errors: list, lows: list, highs: list) -> int | None:
+    """The first of ``points`` (calls or updates) whose fit is in the reference band of the
+    posterior studies: every |mean error| <= 0.25 sd and every sd ratio in [0.6, 1.5]."""
+    inside = [
+        point for point, err, low, high in zip(points, errors, lows, highs, strict=True)
+        if err <= 0.25 and 0.6 <= low and high <= 1.5
+    ]  # fmt: skip
+    return inside[0] if inside else None
+
+
 def machine() -> str:
     """A one-line description of the machine the numbers come from."""
     return f"{platform.machine()} CPU, {jax.device_count()} JAX device(s), {platform.processor() or 'cpu'}"

@@ -43,7 +43,7 @@ import numpyro
 from numpyro.infer import SVI, Trace_ELBO, initialization
 from numpyro.infer.autoguide import AutoDiagonalNormal
 
-from benchmarks.common import save
+from benchmarks.common import band_errors, first_in_band, save
 from numpyro_psvi import ProximalScoreVI
 from numpyro_psvi.contrib.models import earnings_regression, gaussian_target
 from psvi.contrib.targets import earnings_data, earnings_diagonal_optimum, ill_conditioned_gaussian
@@ -109,21 +109,9 @@ def gaussian_case(dim: int, condition: float, method: str, updates: int, seed: i
     return fit
 
 
-def _band(reference: tuple[np.ndarray, np.ndarray]):
-    ref_mean, ref_sd = reference
-
-    def measure(loc, scale):
-        ratios = scale / ref_sd
-        return [float(np.max(np.abs(loc - ref_mean) / ref_sd)), float(ratios.min()), float(ratios.max())]
-
-    return measure
-
-
 def _reached(fit: dict) -> dict:
-    inside = [
-        i for i, (err, low, high) in enumerate(fit["values"]) if err <= 0.25 and 0.6 <= low and high <= 1.5
-    ]
-    fit["updates_to_band"] = (inside[0] + 1) * CHUNK if inside else None
+    points = [(i + 1) * CHUNK for i in range(len(fit["values"]))]
+    fit["updates_to_band"] = first_in_band(points, *zip(*fit["values"], strict=True))
     fit["final"] = fit["values"][-1]
     return fit
 
@@ -133,7 +121,7 @@ def far_separable_case(method: str, updates: int) -> dict:
     model = gaussian_target(mean, np.diag(sd**2))
     init = initialization.init_to_value(values={"x": jnp.zeros(3)})
     guide = AutoDiagonalNormal(model, init_loc_fn=init)
-    return _reached(_fit(method, model, guide, 4, updates, (), _band((mean, sd))))
+    return _reached(_fit(method, model, guide, 4, updates, (), partial(band_errors, reference=(mean, sd))))
 
 
 def earnings_case(method: str, updates: int, init: str) -> dict:
@@ -141,7 +129,9 @@ def earnings_case(method: str, updates: int, init: str) -> dict:
     reference = earnings_diagonal_optimum(height, earn)
     guide = AutoDiagonalNormal(earnings_regression, init_loc_fn=getattr(initialization, init))
     data = tuple(jnp.asarray(v) for v in (height, earn))
-    return _reached(_fit(method, earnings_regression, guide, 8, updates, data, _band(reference)))
+    return _reached(
+        _fit(method, earnings_regression, guide, 8, updates, data, partial(band_errors, reference=reference))
+    )
 
 
 def existing_benchmarks() -> dict:

@@ -25,17 +25,11 @@ from collections.abc import Iterator
 import numpy as np
 
 import psvi.objective
-from benchmarks.common import save
+from benchmarks.common import band_errors, first_in_band, save
 from psvi.contrib.targets import earnings_data, earnings_posterior
 
 INITS = ("init_to_median", "init_to_uniform", "init_to_feasible")
 CHECK_EVERY = 20
-
-
-def _errors(loc: np.ndarray, sd: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> tuple[float, ...]:
-    ref_mean, ref_sd = reference
-    ratios = sd / ref_sd
-    return float(np.max(np.abs(loc - ref_mean) / ref_sd)), float(ratios.min()), float(ratios.max())
 
 
 def pyro_fit(init: str, updates: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
@@ -92,16 +86,13 @@ def run(backend: str, init: str, updates: int) -> dict:
     curve = {"updates": [], "max_mean_err": [], "min_sd_ratio": [], "max_sd_ratio": [], "rejected": []}
     start = time.perf_counter()
     for check, (loc, sd, rejected) in enumerate(fit(init, updates), start=1):
-        err, low, high = _errors(loc, sd, reference) if np.all(np.isfinite(sd)) else (np.inf, np.nan, np.nan)
+        err, low, high = (
+            band_errors(loc, sd, reference) if np.all(np.isfinite(sd)) else (np.inf, np.nan, np.nan)
+        )
         for key, value in zip(curve, (check * CHECK_EVERY, err, low, high, rejected), strict=True):
             curve[key].append(value)
     curve["seconds"] = time.perf_counter() - start
-    reached = [
-        u
-        for u, e, lo, hi in zip(*list(curve.values())[:4], strict=True)
-        if e <= 0.25 and lo >= 0.6 and hi <= 1.5
-    ]
-    curve["updates_to_reach"] = reached[0] if reached else None
+    curve["updates_to_reach"] = first_in_band(*list(curve.values())[:4])
     return curve
 
 

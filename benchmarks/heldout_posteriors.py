@@ -32,7 +32,7 @@ from numpyro.distributions import constraints
 from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from numpyro.infer.autoguide import AutoMultivariateNormal
 
-from benchmarks.common import save
+from benchmarks.common import first_in_band, save
 from numpyro_psvi import GSM, BaM, ProximalScoreVI
 
 METHODS = ("psvi", "advi", "gsm", "bam")
@@ -163,10 +163,7 @@ def run(model, args, reference, method: str, calls: int, checks: int, num_partic
             low, high = min(ratios), max(ratios)
         for key, value in zip(curve, (check * per_check * num_particles, err, low, high), strict=True):
             curve[key].append(float(value))
-    reached = [
-        c for c, e, lo, hi in zip(*curve.values(), strict=True) if e <= 0.25 and lo >= 0.6 and hi <= 1.5
-    ]
-    curve["calls_to_reach"] = reached[0] if reached else None
+    curve["calls_to_reach"] = first_in_band(*curve.values())
     return curve
 
 

@@ -22,7 +22,7 @@ import numpyro
 from numpyro.infer import SVI, Predictive, Trace_ELBO
 from numpyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal
 
-from benchmarks.common import save
+from benchmarks.common import first_in_band, save
 from numpyro_psvi import GSM, BaM, ProximalScoreVI
 from numpyro_psvi.contrib.posteriordb import MODELS
 from psvi.contrib import posteriordb
@@ -85,14 +85,7 @@ def run(
         curve["max_mean_err"].append(err)
         curve["min_sd_ratio"].append(lo)
         curve["max_sd_ratio"].append(hi)
-    reached = [
-        c
-        for c, e, lo, hi in zip(
-            curve["calls"], curve["max_mean_err"], curve["min_sd_ratio"], curve["max_sd_ratio"], strict=True
-        )
-        if e <= 0.25 and 0.6 <= lo and hi <= 1.5
-    ]
-    curve["calls_to_reach"] = reached[0] if reached else None
+    curve["calls_to_reach"] = first_in_band(*curve.values())
     return curve
 
 
