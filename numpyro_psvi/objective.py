@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from numpyro_psvi.guides import GuideDensity, Params
-from psvi.objective import SMALLEST_STEP_FRACTION
+from psvi.objective import SMALLEST_STEP_FRACTION, diagonal_step_path
 
 
 def weighted_fisher(
@@ -190,20 +190,6 @@ def curvature_statistics(stats: FisherStatistics, scale_t: jax.Array) -> Curvatu
         cross = cross - stats.offset * stats.score / stats.count
     variance = scale_t**2
     return CurvatureStatistics(spread / variance, -cross / variance)
-
-
-def discounted_updates(
-    updates: jax.Array, loc_t: jax.Array, scale_t: jax.Array, loc: jax.Array, scale: jax.Array
-) -> jax.Array:
-    """The curvature average's effective update counts after a step from ``N(loc_t,
-    scale_t^2)`` to ``N(loc, scale^2)`` (diagonal): each coordinate's count times
-    ``exp(-KL)`` of the step along it. Statistics gathered where the guide was far from
-    it (in KL) then weigh little: a closed-form step can travel many sds in an update
-    (a far start), where the curvature of the start would otherwise linger for
-    ``curvature_memory`` updates (docs/gaussian_study.md, "Diagonal guides")."""
-    ratio = (scale_t / scale) ** 2
-    kl = 0.5 * (ratio - 1 - jnp.log(ratio) + (loc - loc_t) ** 2 / scale**2)
-    return updates * jnp.exp(-kl)
 
 
 def split_diagonal_objective(
@@ -490,52 +476,11 @@ def diagonal_proximal_step(
     weights: jax.Array | None = None,
     num_bisections: int = 40,
 ) -> GaussianStep:
-    """:func:`split_diagonal_objective` solved in closed form, coordinate by coordinate.
-
-    With ``rho = p / p_t`` the precision's ratio, ``c`` the coordinate's weight
-    (``sigma_t^2`` or 1, times ``weights``) and ``A = c spread / (S sigma_t^2)``, the
-    precision minimizes ``A (rho - tau)^2 + prox_weight (rho - 1 - log rho) / 2``: the
-    positive root of ``2 A rho^2 + (prox_weight / 2 - 2 A tau) rho - prox_weight / 2``.
-    The location then minimizes ``c ((delta - v_bar) p - g_bar)^2 + prox_weight p
-    delta^2 / 2``: ``delta = 2 c (p v_bar + g_bar) / (2 c p + prox_weight)``. These are
-    the fixed points the ``K`` optimizer steps of the other solver approach.
-
-    The step taken is the fraction ``f`` of this solution (``rho_f = 1 + f (rho - 1)``
-    and ``f`` times the location exact for ``rho_f``) largest with ``KL(q_t || q_f) <=
-    max_kl`` (:func:`largest_step_fraction`), as in :func:`gaussian_proximal_step`.
-    ``O(D)`` per evaluation.
-    """
-    variance_t = scale_t**2
-    informative = (curvature.spread > 0) & (curvature.cross > 0)
-    slope = curvature.cross / jnp.where(informative, curvature.spread, 1.0)
-    target = jnp.where(informative, slope * variance_t, 1.0)
-    weight = variance_t if weighting == "covariance" else jnp.ones_like(variance_t)
-    if weights is not None:
-        weight = weight * weights
-    fitted = weight * curvature.spread / (stats.count * variance_t)  # A
-    linear = prox_weight / 2 - 2 * fitted * target
-    root = jnp.sqrt(linear**2 + 4 * fitted * prox_weight)
-    # The positive root without cancellation: prox_weight / (linear + root) when linear > 0.
-    ratio = jnp.where(
-        linear > 0,
-        prox_weight / jnp.where(linear > 0, linear + root, 1.0),
-        (root - linear) / jnp.where(fitted > 0, 4 * fitted, 1.0),
-    )
-    ratio = jnp.where(fitted > 0, ratio, 1.0)
-    offset_mean, score_mean = stats.offset / stats.count, stats.score / stats.count
-
-    def step(f):
-        ratio_f = 1 + f * (ratio - 1)
-        precision = ratio_f / variance_t
-        denominator = 2 * weight * precision + prox_weight
-        safe = jnp.where(denominator > 0, denominator, 1.0)
-        return ratio_f, f * 2 * weight * (precision * offset_mean + score_mean) / safe
-
-    def kl_at(f):
-        ratio_f, delta = step(f)
-        kl = 0.5 * jnp.sum(ratio_f - 1 - jnp.log(ratio_f) + ratio_f * delta**2 / variance_t)
-        return jnp.where(jnp.isfinite(kl), kl, jnp.inf)
-
-    frac = largest_step_fraction(kl_at, max_kl, loc_t.dtype, num_bisections)
-    ratio_f, delta = step(frac)
+    """:func:`split_diagonal_objective` solved in closed form, coordinate by coordinate
+    (:func:`psvi.objective.diagonal_step_path` has the algebra); the step taken is the
+    fraction ``f`` of the solution largest with ``KL(q_t || q_f) <= max_kl``
+    (:func:`largest_step_fraction`), as in :func:`gaussian_proximal_step`."""
+    path = diagonal_step_path(jnp, scale_t, stats, curvature, prox_weight, weighting, weights)
+    frac = largest_step_fraction(path.kl, max_kl, loc_t.dtype, num_bisections)
+    ratio_f, delta = path.step(frac)
     return GaussianStep(loc_t + delta, scale_t / jnp.sqrt(ratio_f), frac)

@@ -34,7 +34,6 @@ from numpyro_psvi.objective import (
     curvature_statistics,
     diagonal_proximal_step,
     diagonal_weighted_fisher,
-    discounted_updates,
     elbo_terms,
     fisher_statistics,
     gaussian_proximal_step,
@@ -51,6 +50,7 @@ from psvi.objective import (
     ProximalScoreMatching,
     TrustRegionGrowth,
     check_inner_solver,
+    discounted_updates,
     grow_trust_region,
     resolve_inner_solver,
     resolve_objective,
@@ -73,7 +73,7 @@ class RunningAverages(NamedTuple):
     curvature_updates : jax.Array or None
         How many updates saw each coordinate (a local latent only when its data are in
         the mini-batch); after closed-form steps, discounted by the KL they travelled
-        (:func:`~numpyro_psvi.objective.discounted_updates`).
+        (:func:`psvi.objective.discounted_updates`).
     params, params_updates
         With iterate averaging: the unconstrained params averaged over accepted
         updates, iterate ``i`` weighted by ``i^5`` (Polyak-Ruppert averaging that forgets
@@ -420,7 +420,7 @@ class ProximalScoreVI(ScoreEngine):
         the ``-ELBO`` estimate, the guide it started from, restored (not a rejection: the
         loss is this update's estimate). The optimizer holds the params and keeps its
         moments. A diagonal guide's curvature average is discounted by the KL the update
-        travelled (:func:`~numpyro_psvi.objective.discounted_updates`)."""
+        travelled (:func:`psvi.objective.discounted_updates`)."""
         growth = state.averages.trust
         scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error)
         loc_t, scale_t = self._loc_scale(params_t)
@@ -451,7 +451,7 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         if density.loc_scale is not None:
             loc, scale = self._loc_scale(self.constrain_fn(self.optim.get_params(optim_state)))
-            updates = discounted_updates(averages.curvature_updates, loc_t, scale_t, loc, scale)
+            updates = discounted_updates(jnp, averages.curvature_updates, loc_t, scale_t, loc, scale)
             averages = averages._replace(curvature_updates=updates)
         new_state = taken._replace(
             optim_state=optim_state, averages=averages,

@@ -214,6 +214,95 @@ def grow_trust_region(
     return capped, (scale > 1) & higher
 
 
+class DiagonalStepPath(NamedTuple):
+    """The closed-form proximal step of a diagonal Gaussian guide as a function of the
+    fraction ``f`` taken (:func:`diagonal_step_path`), JAX arrays or torch tensors.
+
+    Attributes
+    ----------
+    step : callable
+        ``step(f) -> (ratio, delta)``: the precision ratio ``p / p_t`` and the location's
+        move ``loc - loc_t`` of the fraction ``f``, per coordinate.
+    kl : callable
+        ``kl(f) -> ()``: ``KL(q_t || q_f)``, ``inf`` where it is not finite.
+    """
+
+    step: Callable[[Any], tuple[Any, Any]]
+    kl: Callable[[Any], Any]
+
+
+def diagonal_step_path(
+    xp: Any,
+    scale_t: Any,
+    stats: Any,
+    curvature: Any,
+    prox_weight: float,
+    weighting: str,
+    weights: Any = None,
+) -> DiagonalStepPath:
+    """The split proximal objective of a diagonal Gaussian guide (the backends'
+    ``split_diagonal_objective``) solved in closed form, coordinate by coordinate, for
+    both backends' ``diagonal_proximal_step`` (``xp``: ``jax.numpy`` or ``torch``;
+    ``stats`` and ``curvature``: the backend's ``FisherStatistics`` and
+    ``CurvatureStatistics``).
+
+    With ``rho = p / p_t`` the precision's ratio, ``c`` the coordinate's weight
+    (``sigma_t^2`` or 1, times ``weights``) and ``A = c spread / (S sigma_t^2)``, the
+    precision minimizes ``A (rho - tau)^2 + prox_weight (rho - 1 - log rho) / 2``: the
+    positive root of ``2 A rho^2 + (prox_weight / 2 - 2 A tau) rho - prox_weight / 2``.
+    The location then minimizes ``c ((delta - v_bar) p - g_bar)^2 + prox_weight p
+    delta^2 / 2``: ``delta = 2 c (p v_bar + g_bar) / (2 c p + prox_weight)``. These are
+    the fixed points the ``K`` optimizer steps of the other solver approach. The
+    fraction ``f`` of the step has ``rho_f = 1 + f (rho - 1)`` and ``f`` times the
+    location exact for ``rho_f``, as the full-covariance step's path. ``O(D)`` per
+    evaluation.
+    """
+    variance_t = scale_t**2
+    informative = (curvature.spread > 0) & (curvature.cross > 0)
+    slope = curvature.cross / xp.where(informative, curvature.spread, 1.0)
+    target = xp.where(informative, slope * variance_t, 1.0)
+    weight = variance_t if weighting == "covariance" else xp.ones_like(variance_t)
+    if weights is not None:
+        weight = weight * weights
+    fitted = weight * curvature.spread / (stats.count * variance_t)  # A
+    linear = prox_weight / 2 - 2 * fitted * target
+    root = xp.sqrt(linear**2 + 4 * fitted * prox_weight)
+    # The positive root without cancellation: prox_weight / (linear + root) when linear > 0.
+    ratio = xp.where(
+        linear > 0,
+        prox_weight / xp.where(linear > 0, linear + root, 1.0),
+        (root - linear) / xp.where(fitted > 0, 4 * fitted, 1.0),
+    )
+    ratio = xp.where(fitted > 0, ratio, 1.0)
+    offset_mean, score_mean = stats.offset / stats.count, stats.score / stats.count
+
+    def step(f: Any) -> tuple[Any, Any]:
+        ratio_f = 1 + f * (ratio - 1)
+        precision = ratio_f / variance_t
+        denominator = 2 * weight * precision + prox_weight
+        safe = xp.where(denominator > 0, denominator, 1.0)
+        return ratio_f, f * 2 * weight * (precision * offset_mean + score_mean) / safe
+
+    def kl(f: Any) -> Any:
+        ratio_f, delta = step(f)
+        value = 0.5 * (ratio_f - 1 - xp.log(ratio_f) + ratio_f * delta**2 / variance_t).sum()
+        return xp.where(xp.isfinite(value), value, xp.inf)
+
+    return DiagonalStepPath(step, kl)
+
+
+def discounted_updates(xp: Any, updates: Any, loc_t: Any, scale_t: Any, loc: Any, scale: Any) -> Any:
+    """The curvature average's effective update counts after a step from ``N(loc_t,
+    scale_t^2)`` to ``N(loc, scale^2)`` (diagonal; ``xp``: ``jax.numpy`` or ``torch``): each
+    coordinate's count times ``exp(-KL)`` of the step along it. Statistics gathered where
+    the guide was far from it (in KL) then weigh little: a closed-form step can travel
+    many sds in an update (a far start), where the curvature of the start would otherwise
+    linger for ``curvature_memory`` updates (docs/gaussian_study.md, "Diagonal guides")."""
+    ratio = (scale_t / scale) ** 2
+    kl = 0.5 * (ratio - 1 - xp.log(ratio) + (loc - loc_t) ** 2 / scale**2)
+    return updates * xp.exp(-kl)
+
+
 def splits_full_covariance(batch_ratio: float, num_particles: int) -> bool:
     """Whether a full-covariance Gaussian guide's proximal objective is the split one
     (the precision fitted to the residuals' spread over the ``num_particles``

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from psvi.objective import SMALLEST_STEP_FRACTION
+from psvi.objective import SMALLEST_STEP_FRACTION, diagonal_step_path
 from pyro_psvi.guides import GuideDensity, Params
 
 
@@ -187,20 +187,6 @@ def curvature_statistics(stats: FisherStatistics, scale_t: torch.Tensor) -> Curv
         cross = cross - stats.offset * stats.score / stats.count
     variance = scale_t**2
     return CurvatureStatistics(spread / variance, -cross / variance)
-
-
-def discounted_updates(
-    updates: torch.Tensor, loc_t: torch.Tensor, scale_t: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    """The curvature average's effective update counts after a step from ``N(loc_t,
-    scale_t^2)`` to ``N(loc, scale^2)`` (diagonal): each coordinate's count times
-    ``exp(-KL)`` of the step along it. Statistics gathered where the guide was far from
-    it (in KL) then weigh little: a closed-form step can travel many sds in an update
-    (a far start), where the curvature of the start would otherwise linger for
-    ``curvature_memory`` updates (docs/gaussian_study.md, "Diagonal guides")."""
-    ratio = (scale_t / scale) ** 2
-    kl = 0.5 * (ratio - 1 - torch.log(ratio) + (loc - loc_t) ** 2 / scale**2)
-    return updates * torch.exp(-kl)
 
 
 def split_diagonal_objective(
@@ -502,40 +488,9 @@ def diagonal_proximal_step(
     weights: torch.Tensor | None = None,
     num_bisections: int = 40,
 ) -> GaussianStep:
-    """:func:`split_diagonal_objective` solved in closed form, coordinate by coordinate:
-    the twin of :func:`numpyro_psvi.objective.diagonal_proximal_step`, whose docstring
-    has the derivation."""
-    variance_t = scale_t**2
-    informative = (curvature.spread > 0) & (curvature.cross > 0)
-    slope = curvature.cross / torch.where(informative, curvature.spread, 1.0)
-    target = torch.where(informative, slope * variance_t, 1.0)
-    weight = variance_t if weighting == "covariance" else torch.ones_like(variance_t)
-    if weights is not None:
-        weight = weight * weights
-    fitted = weight * curvature.spread / (stats.count * variance_t)  # A
-    linear = prox_weight / 2 - 2 * fitted * target
-    root = torch.sqrt(linear**2 + 4 * fitted * prox_weight)
-    # The positive root without cancellation: prox_weight / (linear + root) when linear > 0.
-    ratio = torch.where(
-        linear > 0,
-        prox_weight / torch.where(linear > 0, linear + root, 1.0),
-        (root - linear) / torch.where(fitted > 0, 4 * fitted, 1.0),
-    )
-    ratio = torch.where(fitted > 0, ratio, 1.0)
-    offset_mean, score_mean = stats.offset / stats.count, stats.score / stats.count
-
-    def step(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ratio_f = 1 + f * (ratio - 1)
-        precision = ratio_f / variance_t
-        denominator = 2 * weight * precision + prox_weight
-        safe = torch.where(denominator > 0, denominator, 1.0)
-        return ratio_f, f * 2 * weight * (precision * offset_mean + score_mean) / safe
-
-    def kl_at(f: torch.Tensor) -> torch.Tensor:
-        ratio_f, delta = step(f)
-        kl = 0.5 * (ratio_f - 1 - torch.log(ratio_f) + ratio_f * delta**2 / variance_t).sum()
-        return torch.where(torch.isfinite(kl), kl, torch.inf)
-
-    frac = largest_step_fraction(kl_at, max_kl, loc_t, num_bisections)
-    ratio_f, delta = step(frac)
+    """The twin of :func:`numpyro_psvi.objective.diagonal_proximal_step` (the algebra is
+    :func:`psvi.objective.diagonal_step_path`, shared)."""
+    path = diagonal_step_path(torch, scale_t, stats, curvature, prox_weight, weighting, weights)
+    frac = largest_step_fraction(path.kl, max_kl, loc_t, num_bisections)
+    ratio_f, delta = path.step(frac)
     return GaussianStep(loc_t + delta, scale_t / torch.sqrt(ratio_f), frac)

@@ -35,6 +35,7 @@ from psvi.objective import (
     ProximalScoreMatching,
     TrustRegionGrowth,
     check_inner_solver,
+    discounted_updates,
     grow_trust_region,
     resolve_inner_solver,
     resolve_objective,
@@ -52,7 +53,6 @@ from pyro_psvi.objective import (
     curvature_statistics,
     diagonal_proximal_step,
     diagonal_weighted_fisher,
-    discounted_updates,
     elbo_terms,
     fisher_statistics,
     gaussian_proximal_step,
@@ -78,7 +78,7 @@ class RunningAverages(NamedTuple):
     curvature_updates : torch.Tensor or None
         How many steps saw each coordinate (a local latent only when its data are in
         the mini-batch); after closed-form steps, discounted by the KL they travelled
-        (:func:`~pyro_psvi.objective.discounted_updates`).
+        (:func:`psvi.objective.discounted_updates`).
     params, params_updates
         With iterate averaging: the unconstrained params (guide and model) averaged over
         accepted steps, iterate ``i`` weighted by ``i^5`` (Polyak-Ruppert averaging that
@@ -580,7 +580,7 @@ class ProximalScoreVI(ScoreEngine):
         guide it started from (not a rejection). Returns whether the update counts as
         accepted and the problem's running averages with the growth state for the next
         step and, for a diagonal guide, the curvature average discounted by the KL the
-        update travelled (:func:`~pyro_psvi.objective.discounted_updates`). The
+        update travelled (:func:`psvi.objective.discounted_updates`). The
         optimizer's moments are kept."""
         density = self.density
         loc_t, scale_t = (density.loc_scale or density.loc_tril)(problem.params_t)
@@ -630,7 +630,7 @@ class ProximalScoreVI(ScoreEngine):
             averages = problem.averages._replace(trust=growth)
             if density.loc_scale is not None:
                 loc, scale = density.loc_scale(self._constrain(leaves))
-                updates = discounted_updates(averages.curvature_updates, loc_t, scale_t, loc, scale)
+                updates = discounted_updates(torch, averages.curvature_updates, loc_t, scale_t, loc, scale)
                 averages = averages._replace(curvature_updates=updates)
             return accept | undo, averages
 
