@@ -43,12 +43,14 @@ CONDITIONS = {"well": 10.0, "ill": 1e4}
 STARTS = {"standard": 1.0, "small": 1e-2}
 
 
-def make_engine(method: str, model, dim: int, start_scale: float, num_particles: int):
+def make_engine(method: str, model, dim: int, start_scale: float, num_particles: int, **psvi_options):
+    """The method's engine and guide; ``psvi_options`` go to ``ProximalScoreVI``."""
     init = init_to_value(values={"x": jnp.zeros(dim)})
     guide_cls = AutoDiagonalNormal if method == "psvi_diag" else AutoMultivariateNormal
     guide = guide_cls(model, init_loc_fn=init, init_scale=start_scale)
     if method.startswith("psvi"):
-        engine = ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), num_particles=num_particles)
+        optim = numpyro.optim.Adam(1e-2)
+        engine = ProximalScoreVI(model, guide, optim, num_particles=num_particles, **psvi_options)
     elif method == "advi":
         engine = SVI(model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO(num_particles))
     elif method == "gsm":
@@ -65,11 +67,13 @@ def moments(guide, params) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(posterior.loc, np.float64), np.asarray(posterior.covariance_matrix, np.float64)
 
 
-def fit_curve(method, mean, cov, start_scale, num_particles, max_calls, num_checks, seed=0) -> dict:
+def fit_curve(
+    method, mean, cov, start_scale, num_particles, max_calls, num_checks, seed=0, **psvi_options
+) -> dict:
     """KL and relative errors at ``num_checks`` points up to ``max_calls`` score calls."""
     dim = len(mean)
     model = gaussian_target(mean, cov)
-    engine, guide = make_engine(method, model, dim, start_scale, num_particles)
+    engine, guide = make_engine(method, model, dim, start_scale, num_particles, **psvi_options)
     state = engine.init(jax.random.PRNGKey(seed))
     updates_per_check = max(max_calls // num_particles // num_checks, 1)
     chunk = jax.jit(

@@ -129,10 +129,12 @@ def flatten(draws: dict) -> dict[str, np.ndarray]:
     return flat
 
 
-def make_engine(method: str, model: Callable, num_particles: int):
+def make_engine(method: str, model: Callable, num_particles: int, **psvi_options):
+    """The method's engine and guide; ``psvi_options`` go to ``ProximalScoreVI``."""
     guide = AutoMultivariateNormal(model)
     if method == "psvi":
-        return ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), num_particles=num_particles), guide
+        optim = numpyro.optim.Adam(1e-2)
+        return ProximalScoreVI(model, guide, optim, num_particles=num_particles, **psvi_options), guide
     if method == "advi":
         return SVI(model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO(num_particles)), guide
     if method == "gsm":
@@ -140,11 +142,13 @@ def make_engine(method: str, model: Callable, num_particles: int):
     return BaM(model, guide, num_particles=num_particles, learning_rate=1.0), guide
 
 
-def run(model, args, reference, method: str, calls: int, checks: int, num_particles: int) -> dict:
+def run(
+    model, args, reference, method: str, calls: int, checks: int, num_particles: int, **psvi_options
+) -> dict:
     ref_mean = {k: v.mean() for k, v in reference.items()}
     ref_std = {k: v.std() for k, v in reference.items()}
     sites = sorted({k.split("[")[0] for k in reference})
-    engine, guide = make_engine(method, model, num_particles)
+    engine, guide = make_engine(method, model, num_particles, **psvi_options)
     state = engine.init(jax.random.PRNGKey(0), *args)
     per_check = calls // num_particles // checks
     chunk = jax.jit(

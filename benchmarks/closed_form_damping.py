@@ -1,0 +1,127 @@
+"""The closed-form step's damping (issue 20, item 2): the proximal weight and the first KL
+budget of AutoMultivariateNormal's closed-form step, measured where they trade off.
+
+The step's location moves ``2 / (2 + prox_weight)`` of the way to the one its particles
+fit (in ``q_t``'s whitened coordinates), so ``prox_weight`` damps every update. Three
+settings of ``ProximalScoreVI(prox_weight=, trust_region=)``: the defaults (10, 0.02
+nats per dimension), (3, 0.05) and (1, 0.05), on
+
+- ``gaussian``: the Gaussian study's targets at D = 10, 50, 100 (benchmarks.gaussian_study,
+  its budgets and S), score calls to the first KL < 0.01 with the KL checked after every
+  update, GSM and BaM alongside;
+- ``posteriordb``: the shared eight schools (non-centered and centered; S = 8, 16,000
+  calls, 20 checks) over seeds: calls to the band and, over the last 10 checks, the share
+  in the band and the median max |mean error| and max sd ratio (where a fit that has
+  arrived wanders);
+- ``heldout``: benchmarks.heldout_posteriors' cases (one seed): calls to the band.
+
+NumPyro, float32, CPU. Each part writes ``closed_form_damping_<part>.json``.
+
+    python -m benchmarks.closed_form_damping [--parts gaussian posteriordb heldout] [--seeds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import jax
+import numpy as np
+from numpyro.infer import MCMC, NUTS
+
+from benchmarks import gaussian_study, heldout_posteriors, posteriordb
+from benchmarks.common import save
+from psvi.contrib.targets import ill_conditioned_gaussian
+
+CONFIGS = {
+    "default (10, 0.02)": {},
+    "(3, 0.05)": {"prox_weight": 3.0, "trust_region": 0.05},
+    "(1, 0.05)": {"prox_weight": 1.0, "trust_region": 0.05},
+}
+BUDGETS = {10: 2000, 50: 8000, 100: 8000}
+EIGHT_SCHOOLS = ("eight_schools-eight_schools_noncentered", "eight_schools-eight_schools_centered")
+
+
+def gaussian_part() -> dict:
+    results = {}
+    for dim, budget in BUDGETS.items():
+        num_particles = max(4, dim // 8)
+        checks = budget // num_particles
+        for cond_name, condition in gaussian_study.CONDITIONS.items():
+            mean, cov = ill_conditioned_gaussian(dim, condition, seed=0)
+            for start_name, scale in gaussian_study.STARTS.items():
+                key = f"D={dim} {cond_name} {start_name} S={num_particles}"
+                runs = {f"psvi_full {name}": ("psvi_full", options) for name, options in CONFIGS.items()}
+                runs.update({"gsm": ("gsm", {}), "bam": ("bam", {})})
+                results[key] = {}
+                for label, (method, options) in runs.items():
+                    curve = gaussian_study.fit_curve(
+                        method, mean, cov, scale, num_particles, budget, checks, **options
+                    )
+                    calls = gaussian_study.calls_to(curve, 0.01)
+                    results[key][label] = {"calls_to_0.01": calls, "final_kl": curve["kl"][-1]}
+                print(key, {k: v["calls_to_0.01"] for k, v in results[key].items()}, flush=True)
+    return results
+
+
+def arrived(curve: dict, last: int = 10) -> dict:
+    """Where a fit is over its last ``last`` checks: the share in the band, the median
+    max |mean error| and the median max sd ratio."""
+    err, low, high = (np.asarray(curve[k][-last:]) for k in ("max_mean_err", "min_sd_ratio", "max_sd_ratio"))
+    in_band = (err <= 0.25) & (low >= 0.6) & (high <= 1.5)
+    return {
+        "calls_to_reach": curve["calls_to_reach"],
+        "share_in_band": float(in_band.mean()),
+        "median_err": float(np.median(err)),
+        "median_max_sd_ratio": float(np.median(high)),
+    }
+
+
+def posteriordb_part(seeds: int) -> dict:
+    results = {}
+    for name in EIGHT_SCHOOLS:
+        results[name] = {}
+        for label, options in CONFIGS.items():
+            runs = [
+                arrived(posteriordb.run(name, "psvi_full", 16000, 20, 8, seed=seed, **options))
+                for seed in range(seeds)
+            ]
+            results[name][label] = runs
+            print(name, label, [(r["calls_to_reach"], r["share_in_band"]) for r in runs], flush=True)
+    return results
+
+
+def heldout_part() -> dict:
+    results = {}
+    for name, (model, data) in heldout_posteriors.cases().items():
+        mcmc = MCMC(NUTS(model), num_warmup=1000, num_samples=3000, progress_bar=False)
+        mcmc.run(jax.random.PRNGKey(1), *data)
+        reference = heldout_posteriors.flatten(mcmc.get_samples())
+        results[name] = {}
+        for label, options in CONFIGS.items():
+            curve = heldout_posteriors.run(model, data, reference, "psvi", 10000, 25, 8, **options)
+            results[name][label] = arrived(curve)
+        print(name, {k: v["calls_to_reach"] for k, v in results[name].items()}, flush=True)
+    return results
+
+
+def main() -> None:
+    warnings.simplefilter("ignore", UserWarning)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=("gaussian", "posteriordb", "heldout"),
+                        default=["gaussian", "posteriordb", "heldout"])  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args()
+    parts = {
+        "gaussian": gaussian_part,
+        "posteriordb": lambda: posteriordb_part(args.seeds),
+        "heldout": heldout_part,
+    }
+    for part in args.parts:
+        result = parts[part]()
+        payload = {"configs": {k: v or "defaults" for k, v in CONFIGS.items()}, "results": result}
+        print("wrote", save(f"closed_form_damping_{part}", payload))
+
+
+if __name__ == "__main__":
+    main()
