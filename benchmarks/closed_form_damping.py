@@ -43,6 +43,7 @@ EIGHT_SCHOOLS = ("eight_schools-eight_schools_noncentered", "eight_schools-eight
 
 
 def gaussian_part() -> dict:
+    """Calls to KL < 0.01 (checked every update) and the final KL, per target and method."""
     results = {}
     for dim, budget in BUDGETS.items():
         num_particles = max(4, dim // 8)
@@ -78,6 +79,7 @@ def arrived(curve: dict, last: int = 10) -> dict:
 
 
 def posteriordb_part(seeds: int) -> dict:
+    """:func:`arrived` for each eight schools, setting and seed."""
     results = {}
     for name in EIGHT_SCHOOLS:
         results[name] = {}
@@ -92,6 +94,7 @@ def posteriordb_part(seeds: int) -> dict:
 
 
 def heldout_part() -> dict:
+    """:func:`arrived` for each held-out posterior and setting (NUTS references, seed 1)."""
     results = {}
     for name, (model, data) in heldout_posteriors.cases().items():
         mcmc = MCMC(NUTS(model), num_warmup=1000, num_samples=3000, progress_bar=False)
