@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import warnings
 
-import jax
 import numpy as np
-from numpyro.infer import MCMC, NUTS
 
 from benchmarks import gaussian_study, heldout_posteriors, posteriordb
-from benchmarks.common import save
+from benchmarks.common import in_band, save
 from psvi.contrib.targets import ill_conditioned_gaussian
 
 CONFIGS = {
@@ -69,10 +67,9 @@ def arrived(curve: dict, last: int = 10) -> dict:
     """Where a fit is over its last ``last`` checks: the share in the band, the median
     max |mean error| and the median max sd ratio."""
     err, low, high = (np.asarray(curve[k][-last:]) for k in ("max_mean_err", "min_sd_ratio", "max_sd_ratio"))
-    in_band = (err <= 0.25) & (low >= 0.6) & (high <= 1.5)
     return {
         "calls_to_reach": curve["calls_to_reach"],
-        "share_in_band": float(in_band.mean()),
+        "share_in_band": float(in_band(err, low, high).mean()),
         "median_err": float(np.median(err)),
         "median_max_sd_ratio": float(np.median(high)),
     }
@@ -97,9 +94,7 @@ def heldout_part() -> dict:
     """:func:`arrived` for each held-out posterior and setting (NUTS references, seed 1)."""
     results = {}
     for name, (model, data) in heldout_posteriors.cases().items():
-        mcmc = MCMC(NUTS(model), num_warmup=1000, num_samples=3000, progress_bar=False)
-        mcmc.run(jax.random.PRNGKey(1), *data)
-        reference = heldout_posteriors.flatten(mcmc.get_samples())
+        reference = heldout_posteriors.reference_draws(model, data)
         results[name] = {}
         for label, options in CONFIGS.items():
             curve = heldout_posteriors.run(model, data, reference, "psvi", 10000, 25, 8, **options)

@@ -45,12 +45,19 @@ def band_errors(
     return float(np.max(np.abs(loc - ref_mean) / ref_sd)), float(ratios.min()), float(ratios.max())
 
 
+def in_band(errors, lows, highs) -> np.ndarray:
+    """Whether each fit (scalars or arrays of them) is in the reference band of the
+    posterior studies: every |mean error| <= 0.25 sd and every sd ratio in [0.6, 1.5]
+    (NaN: not in it)."""
+    errors, lows, highs = (np.asarray(v, np.float64) for v in (errors, lows, highs))
+    return (errors <= 0.25) & (lows >= 0.6) & (highs <= 1.5)
+
+
 def first_in_band(points: list, errors: list, lows: list, highs: list) -> int | None:
-    """The first of ``points`` (calls or updates) whose fit is in the reference band of the
-    posterior studies: every |mean error| <= 0.25 sd and every sd ratio in [0.6, 1.5]."""
+    """The first of ``points`` (calls or updates) whose fit is :func:`in_band`."""
     inside = [
         point for point, err, low, high in zip(points, errors, lows, highs, strict=True)
-        if err <= 0.25 and 0.6 <= low and high <= 1.5
+        if in_band(err, low, high)
     ]  # fmt: skip
     return inside[0] if inside else None
 

@@ -129,6 +129,13 @@ def flatten(draws: dict) -> dict[str, np.ndarray]:
     return flat
 
 
+def reference_draws(model: Callable, data: tuple) -> dict[str, np.ndarray]:
+    """The NUTS reference (1,000 warm-up, 3,000 draws, key 1), flattened per element."""
+    mcmc = MCMC(NUTS(model), num_warmup=1000, num_samples=3000, progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(1), *data)
+    return flatten(mcmc.get_samples())
+
+
 def make_engine(method: str, model: Callable, num_particles: int, **psvi_options):
     """The method's engine and guide; ``psvi_options`` go to ``ProximalScoreVI``."""
     guide = AutoMultivariateNormal(model)
@@ -185,9 +192,7 @@ def main() -> None:
     results = {}
     for name in args.names:
         model, data = all_cases[name]
-        mcmc = MCMC(NUTS(model), num_warmup=1000, num_samples=3000, progress_bar=False)
-        mcmc.run(jax.random.PRNGKey(1), *data)
-        reference = flatten(mcmc.get_samples())
+        reference = reference_draws(model, data)
         results[name] = {}
         for method in args.methods:
             start = time.perf_counter()
