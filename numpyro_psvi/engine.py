@@ -727,10 +727,21 @@ class ScoreEngine:
             checkpoint.check_match(path, f"{field} classes", saved[field], current[field], fix)
         checkpoint.check_match(path, "latent sites", saved["latent_sites"], current["latent_sites"], fix)
         current_specs = current["state"]
-        for fresh in (".epoch_order", ".averages.trust"):
+
+        def averages_iterates(specs: dict) -> bool:
+            return any(key.startswith(".averages.params[") for key in specs)
+
+        averaged = (averages_iterates(saved["state"]), averages_iterates(current_specs))
+        checkpoint.check_match(
+            path, "iterate averaging settings", *averaged,
+            "Build the engine with the saved run's average_iterates (the closed-form step of a full "
+            "covariance averages its iterates by default: docs/gaussian_study.md, \"Averaged iterates\").",
+        )  # fmt: skip
+        for fresh in (".epoch_order", ".averages.trust", ".averages.window"):
             if not any(key.startswith(fresh) for key in saved["state"]):
-                # Saved without reshuffling, or before it or the trust region's growth existed:
-                # a fresh epoch starts, the budget at its default.
+                # Saved without reshuffling, or before it, the trust region's growth or the
+                # averages' restarts existed: a fresh epoch starts, the budget at its
+                # default, the average restarting at the next update.
                 current_specs = {k: v for k, v in current_specs.items() if not k.startswith(fresh)}
         checkpoint.check_match(path, "state leaves (shape, dtype)", saved["state"], current_specs, fix)
         saved_leaves = {}
@@ -811,9 +822,10 @@ def _read_legacy_state(path: str | os.PathLike, template: EngineState) -> Engine
         state = state._replace(averages=template.averages)
     if state.epoch_order is None:  # saved before reshuffling: a fresh epoch starts
         state = state._replace(epoch_order=template.epoch_order)
-    trust = getattr(template.averages, "trust", None)
-    if trust is not None and state.averages.trust is None:  # saved before the budget grew
-        state = state._replace(averages=state.averages._replace(trust=trust))
+    for fresh in ("trust", "window"):  # saved before the budget grew, or the average restarted
+        started = getattr(template.averages, fresh, None)
+        if started is not None and getattr(state.averages, fresh) is None:
+            state = state._replace(averages=state.averages._replace(**{fresh: started}))
     checkpoint.check_match(
         path, "state leaves (shape, dtype)", _leaf_specs(state), _leaf_specs(template),
         "Build the engine, guide and optimizer as for the saved run, from the same model.",

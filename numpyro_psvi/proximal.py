@@ -47,6 +47,7 @@ from numpyro_psvi.objective import (
 from numpyro_psvi.scores import ModelScores
 from psvi.checks import caller_stacklevel, check_proximal_options
 from psvi.objective import (
+    PROX_WEIGHT,
     ProximalScoreMatching,
     TrustRegionGrowth,
     check_inner_solver,
@@ -54,11 +55,12 @@ from psvi.objective import (
     grow_trust_region,
     resolve_inner_solver,
     resolve_objective,
+    resolve_prox_weight,
     resolve_regime,
     splits_full_covariance,
     trust_region_scale,
 )
-from psvi.schedules import iterate_average_rate
+from psvi.schedules import LossWindow, iterate_average_rate, progress_budget_scale, restarts_average
 
 
 class RunningAverages(NamedTuple):
@@ -78,9 +80,13 @@ class RunningAverages(NamedTuple):
         With iterate averaging: the unconstrained params averaged over accepted
         updates, iterate ``i`` weighted by ``i^5`` (Polyak-Ruppert averaging that forgets
         the start: the first half of a run carries 1.6% of the weight), and the number
-        of updates averaged.
+        of updates averaged since the average (re)started.
     trust : TrustRegionGrowth or None
         The closed-form step's KL budget growth (:class:`psvi.objective.TrustRegionGrowth`).
+    window : LossWindow or None
+        The closed-form step with iterate averaging: the ``-ELBO`` estimates of the
+        averaged iterates (:class:`psvi.schedules.LossWindow`), which restart the average
+        while the fit progresses (:func:`psvi.schedules.restarts_average`).
     """
 
     curvature: CurvatureStatistics | None
@@ -88,6 +94,7 @@ class RunningAverages(NamedTuple):
     params: dict | None
     params_updates: jax.Array
     trust: TrustRegionGrowth | None = None
+    window: LossWindow | None = None
 
 
 class ProximalProblem(NamedTuple):
@@ -140,7 +147,8 @@ class ProximalScoreVI(ScoreEngine):
         (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
-        ``1/eta`` of ``KL(q_t || q)`` (default 10) and the residual weighting
+        ``1/eta`` of ``KL(q_t || q)`` (default 10; 3 for the closed-form step of a full
+        covariance: :func:`psvi.objective.resolve_prox_weight`) and the residual weighting
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
     trust_region : float or None
         Per-dimension KL budget: each update is pulled back toward ``q_t`` until
@@ -153,7 +161,9 @@ class ProximalScoreVI(ScoreEngine):
         grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
         Gaussian guide grows its budget (up to 2^30 times) while its steps pay off and
         undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
-        that start far from the posterior otherwise crawl. ``None`` turns the trust region off.
+        that start far from the posterior otherwise crawl; with iterate averaging its
+        budget is 2.5 times larger while the fit progresses
+        (:func:`psvi.schedules.progress_budget_scale`). ``None`` turns the trust region off.
     vectorize_particles : bool
         Score the particles in one batched pass (``vmap``, the default) or one pass per
         particle (``lax.map``, as Pyro's ``vectorize_particles=False``): batched
@@ -172,7 +182,9 @@ class ProximalScoreVI(ScoreEngine):
         :meth:`get_params` and :meth:`run`, while the updates continue from the last
         iterate. ``None`` (the default): on for a diagonal or full-covariance Gaussian
         guide when the model subsamples a plate, whose mini-batch noise moves every
-        iterate; off with exact scores and for other guides (not measured there).
+        iterate, and for the closed-form step of a full covariance, whose average restarts
+        while the fit progresses (:func:`psvi.schedules.restarts_average`); off otherwise
+        (not measured there).
     data_parallel : bool, jax.sharding.Mesh or None
         Split each mini-batch over the devices of a one-axis mesh, every device taking
         the same updates (docs/data_parallel.md): ``True`` for all of ``jax.devices()``;
@@ -232,6 +244,7 @@ class ProximalScoreVI(ScoreEngine):
         self.objective = objective
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
+        self.prox_weight = PROX_WEIGHT  # likewise, where the objective leaves it None
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self._requested_solver = check_inner_solver(inner_solver)
         self.inner_solver = "optimizer"  # set up with the regime
@@ -250,12 +263,6 @@ class ProximalScoreVI(ScoreEngine):
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
-        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
-        self.inner_steps, self.average_iterates, self.curvature_memory = regime
-        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
-        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
-            self.batch_ratio, self.num_particles
-        )
         self.inner_solver = resolve_inner_solver(
             self._requested_solver, gaussian_step=self.density.gaussian_params is not None,
             full_covariance=self.density.loc_tril is not None,
@@ -263,17 +270,27 @@ class ProximalScoreVI(ScoreEngine):
             num_particles=self.num_particles, inner_steps=self._requested[0],
             has_model_params=bool(self._model_param_names), data_parallel=self.mesh is not None,
         )  # fmt: skip
+        full_step = self.inner_solver == "closed_form" and self.density.loc_tril is not None
+        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested, full_step=full_step)
+        self.inner_steps, self.average_iterates, self.curvature_memory = regime
+        self.prox_weight = resolve_prox_weight(self.objective.prox_weight, full_step)
+        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
+        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
+            self.batch_ratio, self.num_particles
+        )
         zeros = jnp.zeros(self.density.latent_dim)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None
         params = self.optim.get_params(state.optim_state) if self.average_iterates else None
-        trust = None
+        trust = window = None
         if self.inner_solver == "closed_form":
             loc, scale = self._loc_scale(self._iterate_params(state))
             # Strongly typed as the update's values are: a weak type would recompile it.
             start = (jnp.ones((), loc.dtype), jnp.zeros((), bool), jnp.full((), jnp.inf, loc.dtype))
             trust = TrustRegionGrowth(*start, jnp.zeros((), loc.dtype), loc, scale)
-        averages = RunningAverages(curvature, updates, params, jnp.zeros((), jnp.int32), trust)
+            if params is not None:
+                window = LossWindow(start[2], jnp.zeros((), loc.dtype))
+        averages = RunningAverages(curvature, updates, params, jnp.zeros((), jnp.int32), trust, window)
         return state._replace(averages=averages)
 
     def get_params(self, state: EngineState) -> dict:
@@ -358,11 +375,11 @@ class ProximalScoreVI(ScoreEngine):
 
         def objective(unconstrained):
             params = self.constrain_fn(unconstrained)
-            options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
+            options = {"prox_weight": self.prox_weight, "weighting": weighting, "weights": weights}
             if stats is None and self.split_covariance:
                 value, terms = split_full_objective(
                     density, params, params_t, particles, scored.scores,
-                    prox_weight=self.objective.prox_weight, weighting=weighting,
+                    prox_weight=self.prox_weight, weighting=weighting,
                 )  # fmt: skip
             elif stats is None:
                 value, terms = proximal_objective(
@@ -425,7 +442,9 @@ class ProximalScoreVI(ScoreEngine):
         scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error)
         loc_t, scale_t = self._loc_scale(params_t)
         max_kl = jnp.inf if self.trust_region is None else self.trust_region * scored.active_dim * scale
-        prox_weight = self.objective.prox_weight
+        if state.averages.window is not None:
+            max_kl = max_kl * progress_budget_scale(state.averages.params_updates)
+        prox_weight = self.prox_weight
         if density.loc_tril is not None:
             step = gaussian_proximal_step(loc_t, scale_t, particles, scored.scores, prox_weight, max_kl)
         else:
@@ -548,11 +567,18 @@ class ProximalScoreVI(ScoreEngine):
         candidate = lerp_tree(state.optim_state, fitted, frac)
         averages = problem.averages
         if averages.params is not None:
-            rate = iterate_average_rate(averages.params_updates)
+            count = averages.params_updates
+            if averages.window is not None:
+                count = jnp.where(restarts_average(averages.window, loss, problem.loss_error), 0, count)
+            rate = iterate_average_rate(count)
             averages = averages._replace(
                 params=lerp_tree(averages.params, self.optim.get_params(candidate), rate),
-                params_updates=averages.params_updates + 1,
+                params_updates=count + 1,
             )
+            if averages.window is not None:
+                averages = averages._replace(
+                    window=averages.window.advanced(loss, problem.loss_error, rate, jnp.where)
+                )
         averages = jax.tree.map(lambda old, new: jnp.where(accept, new, old), state.averages, averages)
         state = self.record(state, candidate, accept, rng_key)._replace(averages=averages)
         return state, jnp.where(accept, loss, jnp.nan)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -32,6 +33,7 @@ from pyro.optim import PyroOptim
 
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
 from psvi.objective import (
+    PROX_WEIGHT,
     ProximalScoreMatching,
     TrustRegionGrowth,
     check_inner_solver,
@@ -39,11 +41,12 @@ from psvi.objective import (
     grow_trust_region,
     resolve_inner_solver,
     resolve_objective,
+    resolve_prox_weight,
     resolve_regime,
     splits_full_covariance,
     trust_region_scale,
 )
-from psvi.schedules import iterate_average_rate
+from psvi.schedules import LossWindow, iterate_average_rate, progress_budget_scale, restarts_average
 from pyro_psvi._compat import FlatAdamSteps, torch_optimizer
 from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.guides import Params
@@ -83,9 +86,13 @@ class RunningAverages(NamedTuple):
         With iterate averaging: the unconstrained params (guide and model) averaged over
         accepted steps, iterate ``i`` weighted by ``i^5`` (Polyak-Ruppert averaging that
         forgets the start: the first half of a run carries 1.6% of the weight), and the
-        number of steps averaged (a 0-dim tensor).
+        number of steps averaged since the average (re)started (a 0-dim tensor).
     trust : TrustRegionGrowth or None
         The closed-form step's KL budget growth (:class:`psvi.objective.TrustRegionGrowth`).
+    window : LossWindow or None
+        The closed-form step with iterate averaging: the ``-ELBO`` estimates of the
+        averaged iterates (:class:`psvi.schedules.LossWindow`), which restart the average
+        while the fit progresses (:func:`psvi.schedules.restarts_average`).
     """
 
     curvature: CurvatureStatistics | None
@@ -93,6 +100,7 @@ class RunningAverages(NamedTuple):
     params: dict[str, torch.Tensor] | None
     params_updates: torch.Tensor
     trust: TrustRegionGrowth | None = None
+    window: LossWindow | None = None
 
 
 def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
@@ -184,7 +192,8 @@ class ProximalScoreVI(ScoreEngine):
         (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
-        ``1/eta`` of ``KL(q_t || q)`` (default 10) and the residual weighting
+        ``1/eta`` of ``KL(q_t || q)`` (default 10; 3 for the closed-form step of a full
+        covariance: :func:`psvi.objective.resolve_prox_weight`) and the residual weighting
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
     trust_region : float or None
         Per-dimension KL budget: each step is pulled back toward ``q_t`` until
@@ -197,7 +206,9 @@ class ProximalScoreVI(ScoreEngine):
         grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
         Gaussian guide grows its budget (up to 2^30 times) while its steps pay off and
         undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
-        that start far from the posterior otherwise crawl. ``None`` turns the trust region off.
+        that start far from the posterior otherwise crawl; with iterate averaging its
+        budget is 2.5 times larger while the fit progresses
+        (:func:`psvi.schedules.progress_budget_scale`). ``None`` turns the trust region off.
     vectorize_particles : bool
         Evaluate all particles in one model pass under an outer plate (the model
         must be broadcast-safe, as for ``Trace_ELBO(vectorize_particles=True)``).
@@ -217,8 +228,10 @@ class ProximalScoreVI(ScoreEngine):
         Keep the running average of the iterates (:class:`RunningAverages`) in the
         param store, while the steps continue from the last iterate. ``None`` (the
         default): on for a diagonal or full-covariance Gaussian guide when the model
-        subsamples a plate, whose mini-batch noise moves every iterate; off with exact
-        scores and for other guides (not measured there).
+        subsamples a plate, whose mini-batch noise moves every iterate, and for the
+        closed-form step of a full covariance, whose average restarts while the fit
+        progresses (:func:`psvi.schedules.restarts_average`); off otherwise (not
+        measured there).
     data_parallel : bool, ScoreReducer or None
         Split each mini-batch over the ranks of a ``torch.distributed`` process group,
         every rank taking the same steps (docs/data_parallel.md). ``None`` (the default):
@@ -289,6 +302,7 @@ class ProximalScoreVI(ScoreEngine):
         self.objective = objective
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
+        self.prox_weight = PROX_WEIGHT  # likewise, where the objective leaves it None
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self._requested_solver = check_inner_solver(inner_solver)
         self.inner_solver = "optimizer"  # set up with the regime
@@ -308,12 +322,6 @@ class ProximalScoreVI(ScoreEngine):
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
-        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
-        self.inner_steps, self.average_iterates, self.curvature_memory = regime
-        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
-        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
-            self.batch_ratio, self.num_particles
-        )
         self.inner_solver = resolve_inner_solver(
             self._requested_solver, gaussian_step=self.density.gaussian_params is not None,
             full_covariance=self.density.loc_tril is not None,
@@ -321,6 +329,14 @@ class ProximalScoreVI(ScoreEngine):
             num_particles=self.num_particles, inner_steps=self._requested[0],
             has_model_params=bool(self._model_param_names), data_parallel=self.reducer is not None,
         )  # fmt: skip
+        full_step = self.inner_solver == "closed_form" and self.density.loc_tril is not None
+        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested, full_step=full_step)
+        self.inner_steps, self.average_iterates, self.curvature_memory = regime
+        self.prox_weight = resolve_prox_weight(self.objective.prox_weight, full_step)
+        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
+        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
+            self.batch_ratio, self.num_particles
+        )
         if self.averages is None:  # else restored by load
             self._start_averages()
         # Guides without closed-form scores, and user-written guides, re-run their density
@@ -337,11 +353,20 @@ class ProximalScoreVI(ScoreEngine):
         zeros = torch.zeros(self.density.latent_dim, device=device)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if diagonal else None
-        params = None
+        params = window = None
         if self.average_iterates:
             self._iterate = {name: leaf.detach().clone() for name, leaf in leaves.items()}
             params = {name: leaf.detach().clone() for name, leaf in leaves.items()}
-        self.averages = RunningAverages(curvature, updates, params, torch.zeros((), device=device))
+            window = self._fresh_window(device)
+        count = torch.zeros((), device=device)
+        self.averages = RunningAverages(curvature, updates, params, count, window=window)
+
+    def _fresh_window(self, device: torch.device) -> LossWindow | None:
+        """An empty :class:`~psvi.schedules.LossWindow` for the closed-form step with iterate
+        averaging, else ``None``."""
+        if self.inner_solver != "closed_form":
+            return None
+        return LossWindow(torch.full((), torch.inf, device=device), torch.zeros((), device=device))
 
     def _checkpoint_extra(self) -> dict:
         return {"averages": self.averages._asdict(), "iterate": self._iterate}
@@ -369,6 +394,10 @@ class ProximalScoreVI(ScoreEngine):
             averages = averages._replace(curvature=CurvatureStatistics(*averages.curvature))
         if averages.trust is not None:  # a checkpoint without one starts at the default budget
             averages = averages._replace(trust=TrustRegionGrowth(*averages.trust))
+        if averages.window is not None:
+            averages = averages._replace(window=LossWindow(*averages.window))
+        elif averages.params is not None:  # saved before the window existed: a fresh one
+            averages = averages._replace(window=self._fresh_window(averages.params_updates.device))
         self.averages = averages
         self._iterate = extra["iterate"]
 
@@ -427,7 +456,7 @@ class ProximalScoreVI(ScoreEngine):
                 frac = self.pull_back(problem, start, leaves)
                 accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
             self.record(accept)
-            self._advance_averages(problem.averages, leaves, accept)
+            self._advance_averages(problem, leaves, accept)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
 
     def _advise_inner_cost(self, inner_seconds: float, score_seconds: float) -> None:
@@ -475,7 +504,7 @@ class ProximalScoreVI(ScoreEngine):
                 averages = self._fold_curvature(averages, estimate, weights)
         # Monte Carlo KLs (flow and user guides) use common random numbers within the step.
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
-        options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
+        options = {"prox_weight": self.prox_weight, "weighting": weighting, "weights": weights}
         if stats is not None:
             split_diagonal = split_diagonal_problem(density, params_t, stats, averages.curvature, **options)
 
@@ -483,7 +512,7 @@ class ProximalScoreVI(ScoreEngine):
             if stats is None and self.split_covariance:
                 return split_full_objective(
                     density, params, params_t, particles, scores,
-                    prox_weight=self.objective.prox_weight, weighting=weighting,
+                    prox_weight=self.prox_weight, weighting=weighting,
                 )[0]  # fmt: skip
             if stats is None:
                 return proximal_objective(
@@ -513,11 +542,13 @@ class ProximalScoreVI(ScoreEngine):
         return averages._replace(curvature=curvature, curvature_updates=updates)
 
     def _advance_averages(
-        self, averages: RunningAverages, leaves: dict[str, torch.Tensor], accept: torch.Tensor
+        self, problem: ProximalProblem, leaves: dict[str, torch.Tensor], accept: torch.Tensor
     ) -> None:
-        """Keep the folded curvature and average the new iterate in (an accepted step
-        only); with iterate averaging, the store gets the average and the engine keeps
-        the iterate."""
+        """Keep the problem's folded curvature and average the new iterate in (an accepted
+        step only; the closed-form step's average restarts where
+        :func:`psvi.schedules.restarts_average` says); with iterate averaging, the store
+        gets the average and the engine keeps the iterate."""
+        averages = problem.averages
         with torch.no_grad():
             if averages.curvature is not None:
 
@@ -530,15 +561,24 @@ class ProximalScoreVI(ScoreEngine):
                 )
             iterate = self._iterate
             if iterate is not None:  # out of place: an interrupt restores the old ones
-                rate = torch.where(accept, iterate_average_rate(averages.params_updates), 0.0)
+                count, window = averages.params_updates, averages.window
+                if window is not None:
+                    restart = restarts_average(window, problem.loss, problem.loss_error)
+                    count = torch.where(restart, torch.zeros_like(count), count)
+                rate = torch.where(accept, iterate_average_rate(count), 0.0)
                 iterate = {name: leaf.clone() for name, leaf in leaves.items()}
                 params = {
                     name: torch.lerp(averages.params[name], leaf, rate) for name, leaf in leaves.items()
                 }
                 for name, leaf in leaves.items():
                     leaf.copy_(params[name])
+                if window is not None:
+                    advanced = window.advanced(problem.loss, problem.loss_error, rate, torch.where)
+                    window = LossWindow(*map(partial(torch.where, accept), advanced, window))
                 averages = averages._replace(
-                    params=params, params_updates=averages.params_updates + accept.to(rate.dtype)
+                    params=params,
+                    params_updates=torch.where(accept, count + 1, averages.params_updates),
+                    window=window,
                 )
         self.averages, self._iterate = averages, iterate
 
@@ -600,7 +640,9 @@ class ProximalScoreVI(ScoreEngine):
         max_kl = torch.inf
         if self.trust_region is not None:
             max_kl = self.trust_region * problem.active_dim * budget_scale
-        prox_weight = self.objective.prox_weight
+            if self.averages.window is not None:
+                max_kl = max_kl * progress_budget_scale(self.averages.params_updates)
+        prox_weight = self.prox_weight
         with torch.no_grad():
             if density.loc_tril is not None:
                 step = gaussian_proximal_step(loc_t, scale_t, particles, scored.scores, prox_weight, max_kl)
