@@ -8,6 +8,7 @@ the ratio of standard deviations. "Reached" = every |mean error| <= 0.25 and eve
 sd ratio in [0.6, 1.5].
 
     python -m benchmarks.posteriordb [--calls 16000] [--checks 20] [--particles 8]
+        [--names ...] [--methods psvi_full ...] [--out posteriordb]
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--checks", type=int, default=20)
     parser.add_argument("--particles", type=int, default=8)
     parser.add_argument("--names", nargs="+", default=list(posteriordb.NAMES))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--out", default="posteriordb")
     args = parser.parse_args()
     results = {}
     for name in args.names:
@@ -105,7 +108,7 @@ def main() -> None:
             print(f"skip {name}: {error}")
             continue
         results[name] = {}
-        for method in METHODS:
+        for method in args.methods:
             curve = run(name, method, args.calls, args.checks, args.particles)
             results[name][method] = curve
             print(
@@ -114,6 +117,8 @@ def main() -> None:
                 f"[{curve['min_sd_ratio'][-1]:.3g}, {curve['max_sd_ratio'][-1]:.3g}]",
                 flush=True,
             )
+        if args.out != "posteriordb":  # a partial rerun: the plots stay those of the full table
+            continue
         plot_curves(
             {m: (c["calls"], np.clip(c["max_mean_err"], 1e-3, 1e3)) for m, c in results[name].items()},
             "score calls",
@@ -122,9 +127,7 @@ def main() -> None:
             str(DOCS / f"posteriordb_{name.split('-')[-1]}.png"),
             logy=True,
         )
-    print(
-        "wrote", save("posteriordb", {"particles": args.particles, "calls": args.calls, "results": results})
-    )
+    print("wrote", save(args.out, {"particles": args.particles, "calls": args.calls, "results": results}))
 
 
 if __name__ == "__main__":

@@ -734,8 +734,7 @@ class ScoreEngine:
         averaged = (averages_iterates(saved["state"]), averages_iterates(current_specs))
         checkpoint.check_match(
             path, "iterate averaging settings", *averaged,
-            "Build the engine with the saved run's average_iterates (the closed-form step of a full "
-            "covariance averages its iterates by default: docs/gaussian_study.md, \"Averaged iterates\").",
+            "Build the engine with the saved run's average_iterates.",
         )  # fmt: skip
         for fresh in (".epoch_order", ".averages.trust", ".averages.window"):
             if not any(key.startswith(fresh) for key in saved["state"]):

@@ -47,7 +47,6 @@ from numpyro_psvi.objective import (
 from numpyro_psvi.scores import ModelScores
 from psvi.checks import caller_stacklevel, check_proximal_options
 from psvi.objective import (
-    PROX_WEIGHT,
     ProximalScoreMatching,
     TrustRegionGrowth,
     check_inner_solver,
@@ -55,7 +54,6 @@ from psvi.objective import (
     grow_trust_region,
     resolve_inner_solver,
     resolve_objective,
-    resolve_prox_weight,
     resolve_regime,
     splits_full_covariance,
     trust_region_scale,
@@ -147,8 +145,7 @@ class ProximalScoreVI(ScoreEngine):
         (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
-        ``1/eta`` of ``KL(q_t || q)`` (default 10; 3 for the closed-form step of a full
-        covariance: :func:`psvi.objective.resolve_prox_weight`) and the residual weighting
+        ``1/eta`` of ``KL(q_t || q)`` (default 10) and the residual weighting
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
     trust_region : float or None
         Per-dimension KL budget: each update is pulled back toward ``q_t`` until
@@ -182,9 +179,11 @@ class ProximalScoreVI(ScoreEngine):
         :meth:`get_params` and :meth:`run`, while the updates continue from the last
         iterate. ``None`` (the default): on for a diagonal or full-covariance Gaussian
         guide when the model subsamples a plate, whose mini-batch noise moves every
-        iterate, and for the closed-form step of a full covariance, whose average restarts
-        while the fit progresses (:func:`psvi.schedules.restarts_average`); off otherwise
-        (not measured there).
+        iterate; off with exact scores and for other guides. With the closed-form step
+        (``inner_solver``) the average restarts at the iterate while the fit progresses
+        (:func:`psvi.schedules.restarts_average`; with ``prox_weight=3`` it settles the
+        iterates that wander about a non-Gaussian posterior and follows them on Gaussian
+        ones, but delays some far starts: docs/gaussian_study.md, "Averaged iterates").
     data_parallel : bool, jax.sharding.Mesh or None
         Split each mini-batch over the devices of a one-axis mesh, every device taking
         the same updates (docs/data_parallel.md): ``True`` for all of ``jax.devices()``;
@@ -244,7 +243,6 @@ class ProximalScoreVI(ScoreEngine):
         self.objective = objective
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
-        self.prox_weight = PROX_WEIGHT  # likewise, where the objective leaves it None
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self._requested_solver = check_inner_solver(inner_solver)
         self.inner_solver = "optimizer"  # set up with the regime
@@ -263,6 +261,12 @@ class ProximalScoreVI(ScoreEngine):
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
+        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
+        self.inner_steps, self.average_iterates, self.curvature_memory = regime
+        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
+        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
+            self.batch_ratio, self.num_particles
+        )
         self.inner_solver = resolve_inner_solver(
             self._requested_solver, gaussian_step=self.density.gaussian_params is not None,
             full_covariance=self.density.loc_tril is not None,
@@ -270,14 +274,6 @@ class ProximalScoreVI(ScoreEngine):
             num_particles=self.num_particles, inner_steps=self._requested[0],
             has_model_params=bool(self._model_param_names), data_parallel=self.mesh is not None,
         )  # fmt: skip
-        full_step = self.inner_solver == "closed_form" and self.density.loc_tril is not None
-        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested, full_step=full_step)
-        self.inner_steps, self.average_iterates, self.curvature_memory = regime
-        self.prox_weight = resolve_prox_weight(self.objective.prox_weight, full_step)
-        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
-        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
-            self.batch_ratio, self.num_particles
-        )
         zeros = jnp.zeros(self.density.latent_dim)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None
@@ -375,11 +371,11 @@ class ProximalScoreVI(ScoreEngine):
 
         def objective(unconstrained):
             params = self.constrain_fn(unconstrained)
-            options = {"prox_weight": self.prox_weight, "weighting": weighting, "weights": weights}
+            options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
             if stats is None and self.split_covariance:
                 value, terms = split_full_objective(
                     density, params, params_t, particles, scored.scores,
-                    prox_weight=self.prox_weight, weighting=weighting,
+                    prox_weight=self.objective.prox_weight, weighting=weighting,
                 )  # fmt: skip
             elif stats is None:
                 value, terms = proximal_objective(
@@ -444,7 +440,7 @@ class ProximalScoreVI(ScoreEngine):
         max_kl = jnp.inf if self.trust_region is None else self.trust_region * scored.active_dim * scale
         if state.averages.window is not None:
             max_kl = max_kl * progress_budget_scale(state.averages.params_updates)
-        prox_weight = self.prox_weight
+        prox_weight = self.objective.prox_weight
         if density.loc_tril is not None:
             step = gaussian_proximal_step(loc_t, scale_t, particles, scored.scores, prox_weight, max_kl)
         else:

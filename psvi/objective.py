@@ -17,10 +17,8 @@ class ProximalScoreMatching(NamedTuple):
 
     Attributes
     ----------
-    prox_weight : float or None
-        Weight ``1/eta`` of the proximal term. ``None`` (the default): by solver
-        (:func:`resolve_prox_weight`), 10, or 3 for the closed-form step of a
-        full-covariance Gaussian guide.
+    prox_weight : float
+        Weight ``1/eta`` of the proximal term.
     weighting : {"covariance", "identity"}
         ``W_t``: the covariance of ``q_t`` (scale-free, the default) or the identity.
     num_kl_draws : int
@@ -35,15 +33,15 @@ class ProximalScoreMatching(NamedTuple):
         scores.
     """
 
-    prox_weight: float | None = None
+    prox_weight: float = 10.0
     weighting: str = "covariance"
     num_kl_draws: int = 256
     curvature_memory: int | None = None
 
     def checked(self) -> ProximalScoreMatching:
         """This record, after checking its fields (``ValueError`` naming the bad one)."""
-        if self.prox_weight is not None and not self.prox_weight >= 0:
-            raise ValueError(f"prox_weight (1/eta) must be >= 0 or None, got {self.prox_weight}.")
+        if not self.prox_weight >= 0:
+            raise ValueError(f"prox_weight (1/eta) must be >= 0, got {self.prox_weight}.")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
         if int(self.num_kl_draws) < 1:
@@ -52,7 +50,7 @@ class ProximalScoreMatching(NamedTuple):
         if memory is not None and int(memory) < 1:
             raise ValueError(f"curvature_memory must be a positive integer or None, got {memory}.")
         return self._replace(
-            prox_weight=None if self.prox_weight is None else float(self.prox_weight),
+            prox_weight=float(self.prox_weight),
             num_kl_draws=int(self.num_kl_draws),
             curvature_memory=None if memory is None else int(memory),
         )
@@ -73,12 +71,6 @@ class RegimeDefaults(NamedTuple):
     a diagonal guide's curvature is this update's alone, as a network's curvature
     moves while it learns (a 100-update memory left UCI networks and the MNIST MLP in a
     worse basin: MNIST test NLL 0.246 against 0.161, UCI test LL 0.02-0.5 nats lower).
-    With exact scores, the closed-form step of a full-covariance Gaussian guide returns its
-    averaged iterate, the average restarted while the fit still progresses
-    (:func:`psvi.schedules.restarts_average`): its steps wander about a non-Gaussian
-    posterior (non-centered eight schools in the reference band at 0.74 of the last ten
-    checks over five seeds, against 0.38 for the last iterate) while the average follows
-    the iterate on Gaussian ones (docs/gaussian_study.md, "Averaged iterates").
     Elsewhere (exact scores; low-rank and flow guides, not measured) the settings the
     Gaussian study chose.
     """
@@ -88,37 +80,13 @@ class RegimeDefaults(NamedTuple):
     curvature_memory: int
 
 
-def regime_defaults(gaussian: bool, batch_ratio: float, full_step: bool = False) -> RegimeDefaults:
+def regime_defaults(gaussian: bool, batch_ratio: float) -> RegimeDefaults:
     """:class:`RegimeDefaults` for a guide that is (or is not) a diagonal or
-    full-covariance Gaussian, a model whose largest plate-to-subsample ratio is
-    ``batch_ratio``, and (``full_step``) the closed-form step of a full covariance."""
+    full-covariance Gaussian and a model whose largest plate-to-subsample ratio is
+    ``batch_ratio``."""
     if gaussian and batch_ratio > 1:
         return RegimeDefaults(inner_steps=5, average_iterates=True, curvature_memory=1)
-    return RegimeDefaults(inner_steps=20, average_iterates=full_step, curvature_memory=100)
-
-
-PROX_WEIGHT = 10.0
-"""The default proximal weight ``1/eta`` (the Gaussian study's choice for the optimizer's
-inner steps)."""
-FULL_STEP_PROX_WEIGHT = 3.0
-"""The default proximal weight of the closed-form step of a full covariance."""
-
-
-def resolve_prox_weight(prox_weight: float | None, full_step: bool) -> float:
-    """The user's ``prox_weight``, or where it is ``None`` the default: :data:`PROX_WEIGHT`,
-    or :data:`FULL_STEP_PROX_WEIGHT` for the closed-form step of a full covariance.
-
-    That step moves the guide's location ``2 / (2 + prox_weight)`` of the way to the
-    particles' fit in ``q_t``'s whitened coordinates (a sixth at 10), every update, also
-    where the fit is exact: at 3 (two fifths), with the averaged iterates of
-    :func:`regime_defaults` and the budget of :func:`psvi.schedules.progress_budget_scale`,
-    the Gaussian study's D = 10 fits need 0.6-0.75 of the calls to KL < 0.01 and the
-    held-out PosteriorDB posteriors reach the reference band sooner
-    (docs/gaussian_study.md, "The closed-form step's damping" and "Averaged iterates").
-    """
-    if prox_weight is not None:
-        return prox_weight
-    return FULL_STEP_PROX_WEIGHT if full_step else PROX_WEIGHT
+    return RegimeDefaults(inner_steps=20, average_iterates=False, curvature_memory=100)
 
 
 # A diagonal Gaussian guide's per-update KL budget with a subsampled plate, in units of
@@ -357,11 +325,10 @@ def resolve_regime(
     inner_steps: int | None,
     average_iterates: bool | None,
     curvature_memory: int | None,
-    full_step: bool = False,
 ) -> RegimeDefaults:
     """The engine's settings: the user's ``inner_steps``, ``average_iterates`` and
     ``curvature_memory``, and :func:`regime_defaults` for those left ``None``."""
-    defaults = regime_defaults(gaussian, batch_ratio, full_step)
+    defaults = regime_defaults(gaussian, batch_ratio)
     return RegimeDefaults(
         inner_steps=defaults.inner_steps if inner_steps is None else int(inner_steps),
         average_iterates=defaults.average_iterates if average_iterates is None else bool(average_iterates),

@@ -33,7 +33,6 @@ from pyro.optim import PyroOptim
 
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
 from psvi.objective import (
-    PROX_WEIGHT,
     ProximalScoreMatching,
     TrustRegionGrowth,
     check_inner_solver,
@@ -41,7 +40,6 @@ from psvi.objective import (
     grow_trust_region,
     resolve_inner_solver,
     resolve_objective,
-    resolve_prox_weight,
     resolve_regime,
     splits_full_covariance,
     trust_region_scale,
@@ -192,8 +190,7 @@ class ProximalScoreVI(ScoreEngine):
         (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
-        ``1/eta`` of ``KL(q_t || q)`` (default 10; 3 for the closed-form step of a full
-        covariance: :func:`psvi.objective.resolve_prox_weight`) and the residual weighting
+        ``1/eta`` of ``KL(q_t || q)`` (default 10) and the residual weighting
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
     trust_region : float or None
         Per-dimension KL budget: each step is pulled back toward ``q_t`` until
@@ -228,10 +225,12 @@ class ProximalScoreVI(ScoreEngine):
         Keep the running average of the iterates (:class:`RunningAverages`) in the
         param store, while the steps continue from the last iterate. ``None`` (the
         default): on for a diagonal or full-covariance Gaussian guide when the model
-        subsamples a plate, whose mini-batch noise moves every iterate, and for the
-        closed-form step of a full covariance, whose average restarts while the fit
-        progresses (:func:`psvi.schedules.restarts_average`); off otherwise (not
-        measured there).
+        subsamples a plate, whose mini-batch noise moves every iterate; off with exact
+        scores and for other guides. With the closed-form step (``inner_solver``) the
+        average restarts at the iterate while the fit progresses
+        (:func:`psvi.schedules.restarts_average`; with ``prox_weight=3`` it settles the
+        iterates that wander about a non-Gaussian posterior and follows them on Gaussian
+        ones, but delays some far starts: docs/gaussian_study.md, "Averaged iterates").
     data_parallel : bool, ScoreReducer or None
         Split each mini-batch over the ranks of a ``torch.distributed`` process group,
         every rank taking the same steps (docs/data_parallel.md). ``None`` (the default):
@@ -302,7 +301,6 @@ class ProximalScoreVI(ScoreEngine):
         self.objective = objective
         self._requested = (inner_steps, average_iterates, objective.curvature_memory)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
-        self.prox_weight = PROX_WEIGHT  # likewise, where the objective leaves it None
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self._requested_solver = check_inner_solver(inner_solver)
         self.inner_solver = "optimizer"  # set up with the regime
@@ -322,6 +320,12 @@ class ProximalScoreVI(ScoreEngine):
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
+        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
+        self.inner_steps, self.average_iterates, self.curvature_memory = regime
+        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
+        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
+            self.batch_ratio, self.num_particles
+        )
         self.inner_solver = resolve_inner_solver(
             self._requested_solver, gaussian_step=self.density.gaussian_params is not None,
             full_covariance=self.density.loc_tril is not None,
@@ -329,14 +333,6 @@ class ProximalScoreVI(ScoreEngine):
             num_particles=self.num_particles, inner_steps=self._requested[0],
             has_model_params=bool(self._model_param_names), data_parallel=self.reducer is not None,
         )  # fmt: skip
-        full_step = self.inner_solver == "closed_form" and self.density.loc_tril is not None
-        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested, full_step=full_step)
-        self.inner_steps, self.average_iterates, self.curvature_memory = regime
-        self.prox_weight = resolve_prox_weight(self.objective.prox_weight, full_step)
-        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
-        self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
-            self.batch_ratio, self.num_particles
-        )
         if self.averages is None:  # else restored by load
             self._start_averages()
         # Guides without closed-form scores, and user-written guides, re-run their density
@@ -504,7 +500,7 @@ class ProximalScoreVI(ScoreEngine):
                 averages = self._fold_curvature(averages, estimate, weights)
         # Monte Carlo KLs (flow and user guides) use common random numbers within the step.
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
-        options = {"prox_weight": self.prox_weight, "weighting": weighting, "weights": weights}
+        options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
         if stats is not None:
             split_diagonal = split_diagonal_problem(density, params_t, stats, averages.curvature, **options)
 
@@ -512,7 +508,7 @@ class ProximalScoreVI(ScoreEngine):
             if stats is None and self.split_covariance:
                 return split_full_objective(
                     density, params, params_t, particles, scores,
-                    prox_weight=self.prox_weight, weighting=weighting,
+                    prox_weight=self.objective.prox_weight, weighting=weighting,
                 )[0]  # fmt: skip
             if stats is None:
                 return proximal_objective(
@@ -642,7 +638,7 @@ class ProximalScoreVI(ScoreEngine):
             max_kl = self.trust_region * problem.active_dim * budget_scale
             if self.averages.window is not None:
                 max_kl = max_kl * progress_budget_scale(self.averages.params_updates)
-        prox_weight = self.prox_weight
+        prox_weight = self.objective.prox_weight
         with torch.no_grad():
             if density.loc_tril is not None:
                 step = gaussian_proximal_step(loc_t, scale_t, particles, scored.scores, prox_weight, max_kl)

@@ -4,17 +4,11 @@ import pytest
 
 from psvi import ProximalScoreMatching
 from psvi.families import GuideFamily, refused
-from psvi.objective import (
-    regime_defaults,
-    resolve_objective,
-    resolve_prox_weight,
-    splits_full_covariance,
-    trust_region_scale,
-)
+from psvi.objective import regime_defaults, resolve_objective, splits_full_covariance, trust_region_scale
 
 
 def test_defaults_and_shorthands():
-    assert resolve_objective(None, None, None) == ProximalScoreMatching(None, "covariance", 256)
+    assert resolve_objective(None, None, None) == ProximalScoreMatching(10.0, "covariance", 256)
     assert resolve_objective(None, 3, "identity") == ProximalScoreMatching(3.0, "identity", 256)
     record = ProximalScoreMatching(prox_weight=1.0, num_kl_draws=64)
     assert resolve_objective(record, None, None) == record
@@ -46,15 +40,6 @@ def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_on
     assert regime_defaults(gaussian=True, batch_ratio=20.0) == (5, True, 1)
     for gaussian, ratio in ((True, 1.0), (False, 20.0), (False, 1.0)):
         assert regime_defaults(gaussian, ratio) == (20, False, 100)
-
-
-def test_the_full_covariance_closed_form_step_averages_its_iterates_with_proximal_weight_3():
-    """Exact scores, the closed-form step of a full covariance: averaged iterates and a
-    proximal weight of 3 unless the user gives one; everything else keeps 10."""
-    assert regime_defaults(gaussian=True, batch_ratio=1.0, full_step=True) == (20, True, 100)
-    assert resolve_prox_weight(None, full_step=True) == 3.0
-    assert resolve_prox_weight(None, full_step=False) == 10.0
-    assert resolve_prox_weight(10.0, full_step=True) == 10.0
 
 
 def test_the_trust_region_scale_by_regime():

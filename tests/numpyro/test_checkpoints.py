@@ -204,6 +204,14 @@ def test_a_run_rejecting_most_updates_raises_with_advice_on_hard_constraints():
         svi.run(jax.random.PRNGKey(0), 30, progress_bar=False)
 
 
+def _assert_same_fit(state, other) -> None:
+    """The two states' optimizer states and running averages are equal."""
+    for part in ("optim_state", "averages"):
+        pairs = zip(jax.tree.leaves(getattr(state, part)), jax.tree.leaves(getattr(other, part)), strict=True)
+        for a, b in pairs:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path):
     """The growth of the closed-form step's KL budget is part of the state: a run saved
     while the budget has grown continues exactly as the uninterrupted one."""
@@ -212,7 +220,10 @@ def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path):
     model = gaussian_target(np.array([100.0, -50.0, 30.0]), np.diag([0.01, 0.04, 0.0025]))
     init = init_to_value(values={"x": jnp.zeros(3)})
     guide = AutoMultivariateNormal(model, init_loc_fn=init, init_scale=1.0)
-    svi = numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), num_particles=4)
+    # Averaged iterates: the average and the window of its -ELBO estimates are state too.
+    svi = numpyro_psvi.ProximalScoreVI(
+        model, guide, numpyro.optim.Adam(1e-2), num_particles=4, average_iterates=True
+    )
     update = jax.jit(svi.update)
     state = svi.init(jax.random.PRNGKey(0))
     for _ in range(100):  # until the budget has grown (from update 30 or so)
@@ -227,8 +238,27 @@ def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path):
     resumed = svi.load(tmp_path / "ckpt")
     for _ in range(5):
         resumed, _ = update(resumed)
-    for a, b in zip(jax.tree.leaves(whole.optim_state), jax.tree.leaves(resumed.optim_state), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _assert_same_fit(whole, resumed)
+
+
+def test_a_checkpoint_without_iterate_averaging_is_refused_by_an_engine_with_it(tmp_path):
+    """A run saved with the last iterate loads into an engine built as it was and is
+    refused, naming the setting, by one that averages its iterates."""
+    from numpyro_psvi.contrib.models import gaussian_target
+
+    model = gaussian_target(np.array([1.0, -2.0]), np.diag([0.5, 2.0]))
+
+    def engine(**options):
+        guide = AutoMultivariateNormal(model)
+        return numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), **options)
+
+    last_iterate = engine()
+    state, _ = last_iterate.update(last_iterate.init(jax.random.PRNGKey(0)))
+    last_iterate.save(tmp_path / "ckpt", state)
+    _assert_same_fit(state, engine().load(tmp_path / "ckpt"))
+    match = "iterate averaging settings differ [(]False saved, True here[)].*saved run's average_iterates"
+    with pytest.raises(checkpoint.CheckpointMismatch, match=match):
+        engine(average_iterates=True).load(tmp_path / "ckpt")
 
 
 def test_a_checkpoint_saved_before_the_growths_guide_scale_was_renamed_loads(tmp_path):

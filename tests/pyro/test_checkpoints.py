@@ -374,7 +374,8 @@ def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         guide = AutoMultivariateNormal(model, init_loc_fn=init_to_value(values={"x": torch.zeros(3)}))
-        return pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=4)
+        optim = pyro.optim.Adam({"lr": 1e-2})  # averaged: the window of -ELBO estimates is saved too
+        return pyro_psvi.ProximalScoreVI(model, guide, optim, num_particles=4, average_iterates=True)
 
     svi = engine()
     for _ in range(30):
@@ -384,9 +385,11 @@ def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path):
     for _ in range(5):
         svi.step()
     whole = _store()
+    whole_window = svi.averages.window  # the -ELBO estimates of the averaged iterates
     svi = engine()
     svi.load(tmp_path / "ckpt")
     for _ in range(5):
         svi.step()
     for name, value in _store().items():
         torch.testing.assert_close(value, whole[name], rtol=0, atol=0)
+    torch.testing.assert_close(tuple(svi.averages.window), tuple(whole_window), rtol=0, atol=0)
