@@ -108,6 +108,41 @@ def test_pyro_and_numpyro_closed_form_steps_agree(dim, num):
     np.testing.assert_allclose(np.asarray(jstep.scale), tstep.scale.numpy(), atol=1e-9)
 
 
+def _numpyro_fit(mean, cov, updates: int, **options):
+    """NumPyro's engine (AutoMultivariateNormal from 0, Adam(1e-2), float32) after ``updates``
+    updates on the Gaussian target: the engine, the KL to the target of the guide it
+    returns, and the count of updates averaged after each update (0 without averaging)."""
+    dim = len(mean)
+    jax.config.update("jax_enable_x64", False)
+    model = numpyro_psvi.contrib.models.gaussian_target(mean, cov)
+    guide = NumPyroAutoMVN(model, init_loc_fn=numpyro_init_to_value(values={"x": jnp.zeros(dim)}))
+    svi = numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), **options)
+    state, update = svi.init(jax.random.PRNGKey(0)), jax.jit(svi.update)
+    counts = []
+    for _ in range(updates):
+        state, _ = update(state)
+        counts.append(int(state.averages.params_updates))
+    posterior = guide.get_posterior(svi.get_params(state))
+    loc, q_cov = (np.asarray(v, np.float64) for v in (posterior.loc, posterior.covariance_matrix))
+    return svi, gaussian_kl(mean, cov, loc, q_cov), counts
+
+
+def _pyro_fit(mean, cov, updates: int, **options):
+    """As :func:`_numpyro_fit`, Pyro's engine (seed 0)."""
+    dim = len(mean)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = pyro_psvi.contrib.models.gaussian_target(mean, cov)
+    guide = PyroAutoMVN(model, init_loc_fn=pyro_init_to_value(values={"x": torch.zeros(dim)}))
+    svi = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), **options)
+    counts = []
+    for _ in range(updates):
+        svi.step()
+        counts.append(int(svi.averages.params_updates))
+    cov_q = guide.get_posterior().covariance_matrix.detach().double().numpy()
+    return svi, gaussian_kl(mean, cov, guide.loc.detach().double().numpy(), cov_q), counts
+
+
 @pytest.mark.slow  # the default run has each backend's test_ill_conditioned_gaussian_full_covariance
 def test_both_engines_fit_an_ill_conditioned_gaussian_with_the_closed_form_by_default():
     # D = 10, condition number 1e4, S = 4 < D, defaults, Adam(1e-2) (which the closed form
@@ -115,26 +150,9 @@ def test_both_engines_fit_an_ill_conditioned_gaussian_with_the_closed_form_by_de
     # fit ends at float32 round-off within 150 updates (KL ~1e-9 measured), far below the
     # 1e-4 asserted; the Adam path ended this target at KL 0.11 after 2,000 calls (docs/gaussian_study.md).
     mean, cov = ill_conditioned_gaussian(10, 1e4, seed=0)
-    jax.config.update("jax_enable_x64", False)
-    n_model = numpyro_psvi.contrib.models.gaussian_target(mean, cov)
-    n_guide = NumPyroAutoMVN(n_model, init_loc_fn=numpyro_init_to_value(values={"x": jnp.zeros(10)}))
-    n_svi = numpyro_psvi.ProximalScoreVI(n_model, n_guide, numpyro.optim.Adam(1e-2), num_particles=4)
-    result = n_svi.run(jax.random.PRNGKey(0), 150, progress_bar=False)
-    assert n_svi.inner_solver == "closed_form"
-    posterior = n_guide.get_posterior(result.params)
-    n_loc, n_cov = (np.asarray(v, np.float64) for v in (posterior.loc, posterior.covariance_matrix))
-    n_kl = gaussian_kl(mean, cov, n_loc, n_cov)
-
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    p_model = pyro_psvi.contrib.models.gaussian_target(mean, cov)
-    p_guide = PyroAutoMVN(p_model, init_loc_fn=pyro_init_to_value(values={"x": torch.zeros(10)}))
-    p_svi = pyro_psvi.ProximalScoreVI(p_model, p_guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=4)
-    for _ in range(150):
-        p_svi.step()
-    assert p_svi.inner_solver == "closed_form"
-    cov_q = p_guide.get_posterior().covariance_matrix.detach().double().numpy()
-    p_kl = gaussian_kl(mean, cov, p_guide.loc.detach().double().numpy(), cov_q)
+    n_svi, n_kl, _ = _numpyro_fit(mean, cov, 150, num_particles=4)
+    p_svi, p_kl, _ = _pyro_fit(mean, cov, 150, num_particles=4)
+    assert n_svi.inner_solver == "closed_form" and p_svi.inner_solver == "closed_form"
     assert n_kl < 1e-4 and p_kl < 1e-4, (n_kl, p_kl)
 
 
@@ -209,32 +227,9 @@ def test_both_engines_restart_the_closed_form_steps_average_while_the_fit_progre
     updates; 1e-3 asserted, a tenth of the Gaussian study's threshold)."""
     mean, cov = np.array([30.0, -20.0, 10.0]), np.diag([1.0, 0.25, 4.0])
     options = {"prox_weight": 3.0, "average_iterates": True}
-    jax.config.update("jax_enable_x64", False)
-    n_model = numpyro_psvi.contrib.models.gaussian_target(mean, cov)
-    n_guide = NumPyroAutoMVN(n_model, init_loc_fn=numpyro_init_to_value(values={"x": jnp.zeros(3)}))
-    n_svi = numpyro_psvi.ProximalScoreVI(n_model, n_guide, numpyro.optim.Adam(1e-2), **options)
-    state, update = n_svi.init(jax.random.PRNGKey(0)), jax.jit(n_svi.update)
-    assert n_svi.inner_solver == "closed_form"
-    n_counts = []
-    for _ in range(80):
-        state, _ = update(state)
-        n_counts.append(int(state.averages.params_updates))
-    posterior = n_guide.get_posterior(n_svi.get_params(state))
-    n_loc, n_cov = (np.asarray(v, np.float64) for v in (posterior.loc, posterior.covariance_matrix))
-    n_kl = gaussian_kl(mean, cov, n_loc, n_cov)
-
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    p_model = pyro_psvi.contrib.models.gaussian_target(mean, cov)
-    p_guide = PyroAutoMVN(p_model, init_loc_fn=pyro_init_to_value(values={"x": torch.zeros(3)}))
-    p_svi = pyro_psvi.ProximalScoreVI(p_model, p_guide, pyro.optim.Adam({"lr": 1e-2}), **options)
-    p_counts = []
-    for _ in range(80):
-        p_svi.step()
-        p_counts.append(int(p_svi.averages.params_updates))
-    assert p_svi.inner_solver == "closed_form"
-    cov_q = p_guide.get_posterior().covariance_matrix.detach().double().numpy()
-    p_kl = gaussian_kl(mean, cov, p_guide.loc.detach().double().numpy(), cov_q)
+    n_svi, n_kl, n_counts = _numpyro_fit(mean, cov, 80, **options)
+    p_svi, p_kl, p_counts = _pyro_fit(mean, cov, 80, **options)
+    assert n_svi.inner_solver == "closed_form" and p_svi.inner_solver == "closed_form"
     for counts in (n_counts, p_counts):
         assert counts[0] == 1 and 1 in counts[1:], counts  # restarted after the first update
     assert n_kl < 1e-3 and p_kl < 1e-3, (n_kl, p_kl)
