@@ -58,7 +58,13 @@ from psvi.objective import (
     splits_full_covariance,
     trust_region_scale,
 )
-from psvi.schedules import LossWindow, iterate_average_rate, progress_budget_scale, restarts_average
+from psvi.schedules import (
+    LossWindow,
+    far_from_posterior,
+    iterate_average_rate,
+    progress_budget_scale,
+    restarts_average,
+)
 
 
 class RunningAverages(NamedTuple):
@@ -159,7 +165,7 @@ class ProximalScoreVI(ScoreEngine):
         Gaussian guide grows its budget (up to 2^30 times) while its steps pay off and
         undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
         that start far from the posterior otherwise crawl; with iterate averaging its
-        budget is 2.5 times larger while the fit progresses
+        budget is at least 2.5 times the default while the fit progresses
         (:func:`psvi.schedules.progress_budget_scale`). ``None`` turns the trust region off.
     vectorize_particles : bool
         Score the particles in one batched pass (``vmap``, the default) or one pass per
@@ -181,9 +187,11 @@ class ProximalScoreVI(ScoreEngine):
         guide when the model subsamples a plate, whose mini-batch noise moves every
         iterate; off with exact scores and for other guides. With the closed-form step
         (``inner_solver``) the average restarts at the iterate while the fit progresses
-        (:func:`psvi.schedules.restarts_average`; with ``prox_weight=3`` it settles the
-        iterates that wander about a non-Gaussian posterior and follows them on Gaussian
-        ones, but delays some far starts: docs/gaussian_study.md, "Averaged iterates").
+        (:func:`psvi.schedules.restarts_average`, and at every update while its trust
+        region has grown far: :func:`psvi.schedules.far_from_posterior`; with
+        ``prox_weight=3`` it settles the iterates that wander about a non-Gaussian
+        posterior and follows them on Gaussian ones: docs/gaussian_study.md, "Averaged
+        iterates").
     data_parallel : bool, jax.sharding.Mesh or None
         Split each mini-batch over the devices of a one-axis mesh, every device taking
         the same updates (docs/data_parallel.md): ``True`` for all of ``jax.devices()``;
@@ -428,7 +436,9 @@ class ProximalScoreVI(ScoreEngine):
         """The closed-form step of an autoguide Gaussian
         (:func:`~numpyro_psvi.objective.gaussian_proximal_step`,
         :func:`~numpyro_psvi.objective.diagonal_proximal_step`) in a KL budget of
-        ``trust_region * D`` times the growth of :func:`psvi.objective.grow_trust_region`,
+        ``trust_region * D`` times the growth of :func:`psvi.objective.grow_trust_region`
+        (with averaged iterates: :func:`psvi.schedules.progress_budget_scale`, the average
+        restarted while :func:`psvi.schedules.far_from_posterior`),
         accepted as by :meth:`accept`; or, when the last step had a grown budget and raised
         the ``-ELBO`` estimate, the guide it started from, restored (not a rejection: the
         loss is this update's estimate). The optimizer holds the params and keeps its
@@ -437,9 +447,14 @@ class ProximalScoreVI(ScoreEngine):
         growth = state.averages.trust
         scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error)
         loc_t, scale_t = self._loc_scale(params_t)
-        max_kl = jnp.inf if self.trust_region is None else self.trust_region * scored.active_dim * scale
-        if state.averages.window is not None:
-            max_kl = max_kl * progress_budget_scale(state.averages.params_updates)
+        budget_scale = scale
+        if state.averages.window is not None:  # a far fit's average restarts at every update
+            budget_scale = progress_budget_scale(state.averages.params_updates, scale)
+            count = jnp.where(far_from_posterior(scale), 0, problem.averages.params_updates)
+            problem = problem._replace(averages=problem.averages._replace(params_updates=count))
+        max_kl = jnp.inf
+        if self.trust_region is not None:
+            max_kl = self.trust_region * scored.active_dim * budget_scale
         prox_weight = self.objective.prox_weight
         if density.loc_tril is not None:
             step = gaussian_proximal_step(loc_t, scale_t, particles, scored.scores, prox_weight, max_kl)

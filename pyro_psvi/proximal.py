@@ -44,7 +44,13 @@ from psvi.objective import (
     splits_full_covariance,
     trust_region_scale,
 )
-from psvi.schedules import LossWindow, iterate_average_rate, progress_budget_scale, restarts_average
+from psvi.schedules import (
+    LossWindow,
+    far_from_posterior,
+    iterate_average_rate,
+    progress_budget_scale,
+    restarts_average,
+)
 from pyro_psvi._compat import FlatAdamSteps, torch_optimizer
 from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.guides import Params
@@ -204,7 +210,7 @@ class ProximalScoreVI(ScoreEngine):
         Gaussian guide grows its budget (up to 2^30 times) while its steps pay off and
         undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
         that start far from the posterior otherwise crawl; with iterate averaging its
-        budget is 2.5 times larger while the fit progresses
+        budget is at least 2.5 times the default while the fit progresses
         (:func:`psvi.schedules.progress_budget_scale`). ``None`` turns the trust region off.
     vectorize_particles : bool
         Evaluate all particles in one model pass under an outer plate (the model
@@ -228,9 +234,11 @@ class ProximalScoreVI(ScoreEngine):
         subsamples a plate, whose mini-batch noise moves every iterate; off with exact
         scores and for other guides. With the closed-form step (``inner_solver``) the
         average restarts at the iterate while the fit progresses
-        (:func:`psvi.schedules.restarts_average`; with ``prox_weight=3`` it settles the
-        iterates that wander about a non-Gaussian posterior and follows them on Gaussian
-        ones, but delays some far starts: docs/gaussian_study.md, "Averaged iterates").
+        (:func:`psvi.schedules.restarts_average`, and at every update while its trust
+        region has grown far: :func:`psvi.schedules.far_from_posterior`; with
+        ``prox_weight=3`` it settles the iterates that wander about a non-Gaussian
+        posterior and follows them on Gaussian ones: docs/gaussian_study.md, "Averaged
+        iterates").
     data_parallel : bool, ScoreReducer or None
         Split each mini-batch over the ranks of a ``torch.distributed`` process group,
         every rank taking the same steps (docs/data_parallel.md). ``None`` (the default):
@@ -611,9 +619,11 @@ class ProximalScoreVI(ScoreEngine):
         (:func:`~pyro_psvi.objective.gaussian_proximal_step`,
         :func:`~pyro_psvi.objective.diagonal_proximal_step`) into the guide's ``leaves``,
         in a KL budget of ``trust_region * D`` times the growth of
-        :func:`psvi.objective.grow_trust_region`, accepted as by :meth:`accept`; or, when
-        the last step had a grown budget and raised the ``-ELBO`` estimate, write back the
-        guide it started from (not a rejection). Returns whether the update counts as
+        :func:`psvi.objective.grow_trust_region`
+        (with averaged iterates: :func:`psvi.schedules.progress_budget_scale`, the average
+        restarted while :func:`psvi.schedules.far_from_posterior`), accepted as by
+        :meth:`accept`; or, when the last step had a grown budget and raised the ``-ELBO``
+        estimate, write back the guide it started from (not a rejection). Returns whether the update counts as
         accepted and the problem's running averages with the growth state for the next
         step and, for a diagonal guide, the curvature average discounted by the KL the
         update travelled (:func:`psvi.objective.discounted_updates`). The
@@ -633,11 +643,14 @@ class ProximalScoreVI(ScoreEngine):
                 scale_t,
             )
         budget_scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error)
+        averages, step_scale = problem.averages, budget_scale
+        if averages.window is not None:  # a far fit's average restarts at every update
+            step_scale = progress_budget_scale(averages.params_updates, budget_scale)
+            count = torch.where(far_from_posterior(budget_scale), 0, averages.params_updates)
+            averages = averages._replace(params_updates=count)
         max_kl = torch.inf
         if self.trust_region is not None:
-            max_kl = self.trust_region * problem.active_dim * budget_scale
-            if self.averages.window is not None:
-                max_kl = max_kl * progress_budget_scale(self.averages.params_updates)
+            max_kl = self.trust_region * problem.active_dim * step_scale
         prox_weight = self.objective.prox_weight
         with torch.no_grad():
             if density.loc_tril is not None:
@@ -665,7 +678,7 @@ class ProximalScoreVI(ScoreEngine):
                 scale_t,
                 torch.where,
             )
-            averages = problem.averages._replace(trust=growth)
+            averages = averages._replace(trust=growth)
             if density.loc_scale is not None:
                 loc, scale = density.loc_scale(self._constrain(leaves))
                 updates = discounted_updates(torch, averages.curvature_updates, loc_t, scale_t, loc, scale)

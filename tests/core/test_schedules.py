@@ -8,9 +8,11 @@ import pytest
 
 from psvi.schedules import (
     AVERAGE_RESTART_MARGIN,
+    FAR_PHASE_GROWTH,
     PROGRESS_BUDGET_SCALE,
     SETTLED_AFTER,
     LossWindow,
+    far_from_posterior,
     iterate_average_rate,
     progress_budget_scale,
     restarts_average,
@@ -81,5 +83,27 @@ def test_the_budget_is_larger_while_the_fit_progresses(xp):
         array_module = np
     progressing = array_module.asarray(SETTLED_AFTER)
     settled = array_module.asarray(SETTLED_AFTER + 1)
-    assert float(progress_budget_scale(progressing)) == PROGRESS_BUDGET_SCALE
-    assert float(progress_budget_scale(settled)) == 1.0
+    one, doubled, grown = (array_module.asarray(value) for value in (1.0, 2.0, 4.0))
+    assert float(progress_budget_scale(progressing, one)) == PROGRESS_BUDGET_SCALE
+    assert float(progress_budget_scale(progressing, doubled)) == PROGRESS_BUDGET_SCALE
+    assert float(progress_budget_scale(settled, one)) == 1.0
+    assert float(progress_budget_scale(settled, doubled)) == 2.0
+    # The larger of the growth and the progress budget, never their product.
+    assert float(progress_budget_scale(progressing, grown)) == 4.0
+    assert float(progress_budget_scale(settled, grown)) == 4.0
+
+
+@pytest.mark.parametrize("xp", ["numpy", "jax", "torch"])
+def test_a_fit_is_far_from_the_posterior_from_three_doublings_of_its_trust_region(xp):
+    """grow_trust_region doubles the budget after each cut step whose estimate fell
+    significantly and resets it to 1 after a rise: 8 = three such steps in a row."""
+    if xp == "jax":
+        import jax.numpy as array_module
+    elif xp == "torch":
+        import torch as array_module
+    else:
+        array_module = np
+    assert FAR_PHASE_GROWTH == 8.0
+    assert not bool(far_from_posterior(array_module.asarray(4.0)))
+    assert bool(far_from_posterior(array_module.asarray(8.0)))
+    assert bool(far_from_posterior(array_module.asarray(2.0**30)))

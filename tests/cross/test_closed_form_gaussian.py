@@ -23,6 +23,7 @@ import pyro_psvi.contrib.models
 from numpyro_psvi.objective import gaussian_proximal_step
 from psvi.contrib.targets import ill_conditioned_gaussian
 from psvi.metrics import gaussian_kl
+from psvi.schedules import FAR_PHASE_GROWTH
 from pyro_psvi.objective import gaussian_proximal_step as pyro_step
 
 # One compilation per shape (eager dispatch of the step's ops costs seconds).
@@ -111,20 +112,22 @@ def test_pyro_and_numpyro_closed_form_steps_agree(dim, num):
 def _numpyro_fit(mean, cov, updates: int, **options):
     """NumPyro's engine (AutoMultivariateNormal from 0, Adam(1e-2), float32) after ``updates``
     updates on the Gaussian target: the engine, the KL to the target of the guide it
-    returns, and the count of updates averaged after each update (0 without averaging)."""
+    returns, and after each update the count of updates averaged (0 without averaging) and
+    the trust region's growth."""
     dim = len(mean)
     jax.config.update("jax_enable_x64", False)
     model = numpyro_psvi.contrib.models.gaussian_target(mean, cov)
     guide = NumPyroAutoMVN(model, init_loc_fn=numpyro_init_to_value(values={"x": jnp.zeros(dim)}))
     svi = numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), **options)
     state, update = svi.init(jax.random.PRNGKey(0)), jax.jit(svi.update)
-    counts = []
+    counts, growths = [], []
     for _ in range(updates):
         state, _ = update(state)
         counts.append(int(state.averages.params_updates))
+        growths.append(float(state.averages.trust.scale))
     posterior = guide.get_posterior(svi.get_params(state))
     loc, q_cov = (np.asarray(v, np.float64) for v in (posterior.loc, posterior.covariance_matrix))
-    return svi, gaussian_kl(mean, cov, loc, q_cov), counts
+    return svi, gaussian_kl(mean, cov, loc, q_cov), counts, growths
 
 
 def _pyro_fit(mean, cov, updates: int, **options):
@@ -135,12 +138,13 @@ def _pyro_fit(mean, cov, updates: int, **options):
     model = pyro_psvi.contrib.models.gaussian_target(mean, cov)
     guide = PyroAutoMVN(model, init_loc_fn=pyro_init_to_value(values={"x": torch.zeros(dim)}))
     svi = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), **options)
-    counts = []
+    counts, growths = [], []
     for _ in range(updates):
         svi.step()
         counts.append(int(svi.averages.params_updates))
+        growths.append(float(svi.averages.trust.scale))
     cov_q = guide.get_posterior().covariance_matrix.detach().double().numpy()
-    return svi, gaussian_kl(mean, cov, guide.loc.detach().double().numpy(), cov_q), counts
+    return svi, gaussian_kl(mean, cov, guide.loc.detach().double().numpy(), cov_q), counts, growths
 
 
 @pytest.mark.slow  # the default run has each backend's test_ill_conditioned_gaussian_full_covariance
@@ -150,8 +154,8 @@ def test_both_engines_fit_an_ill_conditioned_gaussian_with_the_closed_form_by_de
     # fit ends at float32 round-off within 150 updates (KL ~1e-9 measured), far below the
     # 1e-4 asserted; the Adam path ended this target at KL 0.11 after 2,000 calls (docs/gaussian_study.md).
     mean, cov = ill_conditioned_gaussian(10, 1e4, seed=0)
-    n_svi, n_kl, _ = _numpyro_fit(mean, cov, 150, num_particles=4)
-    p_svi, p_kl, _ = _pyro_fit(mean, cov, 150, num_particles=4)
+    n_svi, n_kl, _, _ = _numpyro_fit(mean, cov, 150, num_particles=4)
+    p_svi, p_kl, _, _ = _pyro_fit(mean, cov, 150, num_particles=4)
     assert n_svi.inner_solver == "closed_form" and p_svi.inner_solver == "closed_form"
     assert n_kl < 1e-4 and p_kl < 1e-4, (n_kl, p_kl)
 
@@ -227,9 +231,27 @@ def test_both_engines_restart_the_closed_form_steps_average_while_the_fit_progre
     updates; 1e-3 asserted, a tenth of the Gaussian study's threshold)."""
     mean, cov = np.array([30.0, -20.0, 10.0]), np.diag([1.0, 0.25, 4.0])
     options = {"prox_weight": 3.0, "average_iterates": True}
-    n_svi, n_kl, n_counts = _numpyro_fit(mean, cov, 80, **options)
-    p_svi, p_kl, p_counts = _pyro_fit(mean, cov, 80, **options)
+    n_svi, n_kl, n_counts, _ = _numpyro_fit(mean, cov, 80, **options)
+    p_svi, p_kl, p_counts, _ = _pyro_fit(mean, cov, 80, **options)
     assert n_svi.inner_solver == "closed_form" and p_svi.inner_solver == "closed_form"
     for counts in (n_counts, p_counts):
         assert counts[0] == 1 and 1 in counts[1:], counts  # restarted after the first update
     assert n_kl < 1e-3 and p_kl < 1e-3, (n_kl, p_kl)
+
+
+def test_both_engines_restart_the_average_at_every_update_of_a_far_start():
+    """A start 2,000 sds from a D = 3 Gaussian (sds 0.1-0.3): the trust region grows while
+    its cut steps pay off, and at every update where it has grown to at least 8 (three
+    doublings: ``psvi.schedules.far_from_posterior``) the average restarts at the iterate
+    (1 update averaged), so the guide returned is the iterate on the way in; after the
+    arrival the average accumulates again, and it ends at the target (a fixed point of the
+    step; KL 1e-3 asserted, as above)."""
+    mean, cov = np.array([300.0, -200.0, 400.0]), np.diag([0.01, 0.04, 0.09])
+    options = {"prox_weight": 3.0, "average_iterates": True}
+    for fit in (_numpyro_fit, _pyro_fit):
+        _, kl, counts, growths = fit(mean, cov, 150, **options)
+        far = [i for i, growth in enumerate(growths) if growth >= FAR_PHASE_GROWTH]
+        assert len(far) >= 3, growths
+        assert all(counts[i] == 1 for i in far), (counts, growths)
+        assert max(counts) > 10, counts  # accumulating once arrived
+        assert kl < 1e-3, kl
