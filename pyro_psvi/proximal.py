@@ -196,7 +196,9 @@ class ProximalScoreVI(ScoreEngine):
         (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
-        ``1/eta`` of ``KL(q_t || q)`` (default 10) and the residual weighting
+        ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
+        of a full-covariance Gaussian guide, else 10; :func:`psvi.objective.regime_defaults`)
+        and the residual weighting
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
     trust_region : float or None
         Per-dimension KL budget: each step is pulled back toward ``q_t`` until
@@ -231,14 +233,16 @@ class ProximalScoreVI(ScoreEngine):
         Keep the running average of the iterates (:class:`RunningAverages`) in the
         param store, while the steps continue from the last iterate. ``None`` (the
         default): on for a diagonal or full-covariance Gaussian guide when the model
-        subsamples a plate, whose mini-batch noise moves every iterate; off with exact
-        scores and for other guides. With the closed-form step (``inner_solver``) the
-        average restarts at the iterate while the fit progresses
+        subsamples a plate, whose mini-batch noise moves every iterate, and for the
+        closed-form step of a full-covariance Gaussian guide (``inner_solver``); off
+        otherwise. With the closed-form step the average restarts at the iterate while
+        the fit progresses
         (:func:`psvi.schedules.restarts_average`, and at every update while its trust
-        region has grown far: :func:`psvi.schedules.far_from_posterior`; with
-        ``prox_weight=3`` it settles the iterates that wander about a non-Gaussian
-        posterior and follows them on Gaussian ones: docs/gaussian_study.md, "Averaged
-        iterates").
+        region has grown far: :func:`psvi.schedules.far_from_posterior`); with the
+        default ``prox_weight`` (3 there) it settles the iterates that wander about a
+        non-Gaussian posterior, follows them on Gaussian ones and on far starts
+        (docs/gaussian_study.md, "Averaged iterates"). A checkpoint saved with the other
+        setting is refused by name.
     data_parallel : bool, ScoreReducer or None
         Split each mini-batch over the ranks of a ``torch.distributed`` process group,
         every rank taking the same steps (docs/data_parallel.md). ``None`` (the default):
@@ -307,7 +311,7 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         self.optim = optim
         self.objective = objective
-        self._requested = (inner_steps, average_iterates, objective.curvature_memory)
+        self._requested = (inner_steps, average_iterates, objective.curvature_memory, objective.prox_weight)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self._requested_solver = check_inner_solver(inner_solver)
@@ -328,8 +332,6 @@ class ProximalScoreVI(ScoreEngine):
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
-        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested)
-        self.inner_steps, self.average_iterates, self.curvature_memory = regime
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles
@@ -341,6 +343,10 @@ class ProximalScoreVI(ScoreEngine):
             num_particles=self.num_particles, inner_steps=self._requested[0],
             has_model_params=bool(self._model_param_names), data_parallel=self.reducer is not None,
         )  # fmt: skip
+        closed_form = self.inner_solver == "closed_form" and self.density.loc_tril is not None
+        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested, closed_form)
+        self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight = regime
+        self.objective = self.objective._replace(prox_weight=prox_weight)
         if self.averages is None:  # else restored by load
             self._start_averages()
         # Guides without closed-form scores, and user-written guides, re-run their density

@@ -4,11 +4,17 @@ import pytest
 
 from psvi import ProximalScoreMatching
 from psvi.families import GuideFamily, refused
-from psvi.objective import regime_defaults, resolve_objective, splits_full_covariance, trust_region_scale
+from psvi.objective import (
+    regime_defaults,
+    resolve_objective,
+    resolve_regime,
+    splits_full_covariance,
+    trust_region_scale,
+)
 
 
 def test_defaults_and_shorthands():
-    assert resolve_objective(None, None, None) == ProximalScoreMatching(10.0, "covariance", 256)
+    assert resolve_objective(None, None, None) == ProximalScoreMatching(None, "covariance", 256)  # by regime
     assert resolve_objective(None, 3, "identity") == ProximalScoreMatching(3.0, "identity", 256)
     record = ProximalScoreMatching(prox_weight=1.0, num_kl_draws=64)
     assert resolve_objective(record, None, None) == record
@@ -37,9 +43,17 @@ def test_a_refused_family_says_why():
 
 
 def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_only():
-    assert regime_defaults(gaussian=True, batch_ratio=20.0) == (5, True, 1)
+    assert regime_defaults(gaussian=True, batch_ratio=20.0) == (5, True, 1, 10.0)
     for gaussian, ratio in ((True, 1.0), (False, 20.0), (False, 1.0)):
-        assert regime_defaults(gaussian, ratio) == (20, False, 100)
+        assert regime_defaults(gaussian, ratio) == (20, False, 100, 10.0)
+
+
+def test_the_closed_form_step_of_a_full_covariance_averages_its_iterates_at_weight_3():
+    assert regime_defaults(gaussian=True, batch_ratio=1.0, closed_form=True) == (20, True, 100, 3.0)
+    # What the user sets is kept; the rest comes from the regime.
+    assert resolve_regime(True, 1.0, None, False, None, 10.0, closed_form=True) == (20, False, 100, 10.0)
+    assert resolve_regime(True, 1.0, None, None, None, None, closed_form=True) == (20, True, 100, 3.0)
+    assert resolve_regime(True, 1.0, None, None, None, None) == (20, False, 100, 10.0)
 
 
 def test_the_trust_region_scale_by_regime():

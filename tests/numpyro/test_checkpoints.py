@@ -252,10 +252,10 @@ def test_a_checkpoint_without_iterate_averaging_is_refused_by_an_engine_with_it(
         guide = AutoMultivariateNormal(model)
         return numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), **options)
 
-    last_iterate = engine()
+    last_iterate = engine(average_iterates=False)
     state, _ = last_iterate.update(last_iterate.init(jax.random.PRNGKey(0)))
     last_iterate.save(tmp_path / "ckpt", state)
-    _assert_same_fit(state, engine().load(tmp_path / "ckpt"))
+    _assert_same_fit(state, engine(average_iterates=False).load(tmp_path / "ckpt"))
     match = "iterate averaging settings differ [(]False saved, True here[)].*saved run's average_iterates"
     with pytest.raises(checkpoint.CheckpointMismatch, match=match):
         engine(average_iterates=True).load(tmp_path / "ckpt")
