@@ -17,6 +17,7 @@ Monte Carlo covariance diagonal.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from functools import singledispatch
@@ -144,6 +145,13 @@ class GuideDensity(NamedTuple):
         Cholesky factor where ``loc_tril`` is), for the autoguides whose closed-form
         proximal step writes them (AutoNormal, AutoDiagonalNormal,
         AutoMultivariateNormal); ``None`` otherwise.
+    loc_scale_vjp : callable or None
+        ``loc_scale_vjp(params) -> (loc, scale, pullback)`` or ``None``: ``loc_scale``
+        without an autograd graph, and ``pullback(loc_grad, scale_grad) -> {name:
+        grad}``, the gradients of the constrained params it read; for a user-written
+        guide whose sites' locs and scales are its params (or views of them, or
+        constants), where it saves the inner steps an autograd pass. ``None`` (the
+        field, or its result): differentiate ``loc_scale``.
     """
 
     latent_dim: int
@@ -162,6 +170,7 @@ class GuideDensity(NamedTuple):
     elbo_log_prob: Callable[[Params, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
     runs_guide: bool = False
     gaussian_params: Callable[[torch.Tensor, torch.Tensor], Params] | None = None
+    loc_scale_vjp: Callable[[Params], tuple | None] | None = None
 
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split flat latents ``(..., D)`` into unconstrained site values ``(..., *shape)``."""
@@ -936,18 +945,32 @@ def user_guide_density(
             # a param's value without its gradient, ``param.detach()``, keeps q_t's value
             # in the inner steps.)
             differentiated = any(value.requires_grad for value in params.values())
-            if differentiated and made.get("recipes") is not None:
-                return flat([tuple(_follow(recipe, params) for recipe in pair) for pair in made["recipes"]])
+            if differentiated and made.get("gather") is not None:
+                return made["gather"](params)
             if differentiated:
                 return flat(normal_parts(site_distributions(params)))
-            parts, made["recipes"] = probed(params)
+            parts, recipes = probed(params)
+            if recipes is None:
+                made.clear()
+            elif made.get("recipes") is not recipes:
+                made.update(recipes=recipes, gather=_RecipeGather(recipes, params, flat))
             return flat(parts)
+
+        def loc_scale_vjp(params):
+            # The inner steps' (params read as they are, the recipes of this step's q_t):
+            # the flat loc and scale and their pullback, without an autograd graph.
+            gather = made.get("gather")
+            if gather is None:
+                return None
+            with torch.no_grad():
+                return (*gather(params), gather.pullback)
 
         # A diagonal Gaussian in the unconstrained space: AutoNormal's density and fit.
         diagonal = _diagonal_density(get_loc_scale, sites, layout.param_names, "closed_form")
         return diagonal._replace(
-            module_param_names=tuple(layout.module_params), elbo_log_prob=None, runs_guide=True
-        )
+            module_param_names=tuple(layout.module_params), elbo_log_prob=None, runs_guide=True,
+            loc_scale_vjp=loc_scale_vjp,
+        )  # fmt: skip
     kl, cov_quad = _monte_carlo_kl_and_cov(seeded_sample, draws_with_log_prob, log_prob, num_kl_draws)
     if closed_forms.kl:
         kl = site_kl
@@ -1186,6 +1209,64 @@ def _part_recipe(part: torch.Tensor, leaves: Params) -> tuple | None:
         if same and part.numel() and 0 <= offset and offset + last < leaf.numel():
             return ("view", name, tuple(part.shape), part.stride(), offset)
     return None
+
+
+class _RecipeGather:
+    """The flat ``(loc, scale)`` the parts ``recipes`` (:func:`_part_recipe`) make from
+    params, as one gather from the concatenated params (and a select of the constants):
+    the same numbers as following each recipe, in a handful of ops; and the pullback of
+    their gradients to the params (an index-add), so that an inner step needs no autograd
+    graph through the guide's sites. ``params`` gives the params' shapes."""
+
+    def __init__(self, recipes: list[tuple[tuple, tuple]], params: Params, flat: Callable) -> None:
+        self.names = sorted({recipe[1] for pair in recipes for recipe in pair if recipe[0] == "view"})
+        self.shapes = [params[name].shape for name in self.names]
+        self.sizes = [params[name].numel() for name in self.names]
+        device = next(iter(params.values())).device
+        starts = [0, *itertools.accumulate(self.sizes)]
+        positions = {
+            name: torch.arange(start, start + size, device=device).reshape(shape)
+            for name, start, size, shape in zip(self.names, starts[:-1], self.sizes, self.shapes, strict=True)
+        }
+        indices = flat([
+            tuple(_follow(r, positions) if r[0] == "view" else torch.full_like(r[1], -1, dtype=torch.long)
+                  for r in pair)
+            for pair in recipes
+        ])  # fmt: skip
+        constants = flat([
+            tuple(r[1] if r[0] == "constant" else params[r[1]].new_zeros(r[2]) for r in pair)
+            for pair in recipes
+        ])  # fmt: skip
+        self.total = starts[-1]
+        self.sides = []  # per side: (index, None) or (index, kept, constant, kept positions)
+        for index, constant in zip(indices, constants, strict=True):
+            kept = index >= 0
+            if bool(kept.all()):
+                self.sides.append((index, None))
+            else:
+                self.sides.append((index.clamp(min=0), (kept, constant, kept.nonzero().squeeze(-1))))
+
+    def __call__(self, values: Params) -> tuple[torch.Tensor, ...]:
+        """The flat ``(loc, scale)`` from the constrained ``values`` (differentiable)."""
+        if not self.names:
+            return tuple(fixed[1] for _, fixed in self.sides)
+        joined = torch.cat([values[name].reshape(-1) for name in self.names])
+        return tuple(
+            joined[index] if fixed is None else torch.where(fixed[0], joined[index], fixed[1])
+            for index, fixed in self.sides
+        )
+
+    def pullback(self, *grads: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The gradients of the params named in the recipes, from those of the flat
+        ``(loc, scale)`` (a constant part passes none)."""
+        total = grads[0].new_zeros(self.total)
+        for (index, fixed), grad in zip(self.sides, grads, strict=True):
+            if fixed is None:
+                total.index_add_(0, index, grad)
+            else:
+                total.index_add_(0, index[fixed[2]], grad[fixed[2]])
+        parts = zip(self.names, total.split(self.sizes), self.shapes, strict=True)
+        return {name: part.view(shape) for name, part, shape in parts}
 
 
 def _follow(recipe: tuple, params: Params) -> torch.Tensor:

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 from pyro.optim import PyroOptim
+from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform
 
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
 from psvi.objective import (
@@ -105,6 +106,32 @@ class RunningAverages(NamedTuple):
     params_updates: torch.Tensor
     trust: TrustRegionGrowth | None = None
     window: LossWindow | None = None
+
+
+def _elementwise_derivative(transform: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``(u, c) -> dc/du`` for an elementwise, monotone bijection ``c = transform(u)``:
+    ``None`` for the identity, ``c`` itself for ``exp`` (and Pyro's ``positive``, ``exp``
+    then ``+ 0``: autograd's arithmetic, ``grad * 1 * exp(u)``), else ``sign *
+    exp(log_abs_det_jacobian)``. Raises ``NotImplementedError`` for any other."""
+    parts = transform.parts if isinstance(transform, ComposeTransform) else [transform]
+    if not parts:
+        return None
+    exp_then_identity = type(parts[0]) is ExpTransform and all(
+        isinstance(part, AffineTransform) and _is_constant(part.loc, 0.0) and _is_constant(part.scale, 1.0)
+        for part in parts[1:]
+    )
+    if exp_then_identity:
+        return lambda u, c: c
+    elementwise = transform.domain.event_dim == 0 and transform.codomain.event_dim == 0
+    sign = transform.sign if elementwise and transform.bijective else 0  # may raise: not monotone
+    if sign not in (1, -1):
+        raise NotImplementedError(f"{transform} is not an elementwise monotone bijection")
+    return lambda u, c: sign * transform.log_abs_det_jacobian(u, c).exp()
+
+
+def _is_constant(value: Any, number: float) -> bool:
+    """Whether ``value`` (a number or tensor) is ``number`` everywhere."""
+    return bool(torch.all(torch.as_tensor(value) == number))
 
 
 def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
@@ -324,6 +351,8 @@ class ProximalScoreVI(ScoreEngine):
         self.averages: RunningAverages | None = None
         self._iterate: dict[str, torch.Tensor] | None = None
         self._inner_cost_countdown = -1  # updates before the timed one (set up with the guide)
+        self._derivatives: dict[str, Callable | None] | None = None  # found at the first inner step
+        self._derivatives_found = False
 
     def _setup(self, args: tuple, kwargs: dict) -> None:
         super()._setup(args, kwargs)
@@ -349,6 +378,7 @@ class ProximalScoreVI(ScoreEngine):
         self.objective = self.objective._replace(prox_weight=prox_weight)
         if self.averages is None:  # else restored by load
             self._start_averages()
+        self._derivatives_found = False  # the guide params' transforms may be new
         # Guides without closed-form scores, and user-written guides, re-run their density
         # at every inner step: their second update is timed.
         timed = self.density.runs_guide or not self.density.closed_form
@@ -605,9 +635,7 @@ class ProximalScoreVI(ScoreEngine):
         in_place = [names.index(name) for name in self.density.module_param_names]
         with FlatAdamSteps(self.optim, list(leaves.values()), in_place) as steps:
             for _ in range(self.inner_steps):
-                params = self._constrain(dict(zip(names, steps.values, strict=True)))
-                values = [steps.values[i] for i in guide_positions]
-                guide_grads = self._guide_gradients(problem, params, values)
+                guide_grads = self._guide_gradients(problem, dict(zip(names, steps.values, strict=True)))
                 for i, grad in zip(guide_positions, guide_grads, strict=True):
                     grads[i] = grad
                 steps.step(grads)
@@ -698,24 +726,29 @@ class ProximalScoreVI(ScoreEngine):
         return {name: self._transforms[name].inv(value) for name, value in params.items()}
 
     def _guide_gradients(
-        self, problem: ProximalProblem, params: Params, guide_values: list[torch.Tensor]
+        self, problem: ProximalProblem, unconstrained: dict[str, torch.Tensor]
     ) -> list[torch.Tensor]:
-        """The objective's gradient in the guide's unconstrained ``guide_values`` at their
-        constrained ``params``: by autograd, or in closed form in ``(loc, scale)`` and by
-        autograd through the map from the values to them. Zero where not finite."""
-        if problem.gradient is None:
-            objective = problem.objective(params)
-            grads = torch.autograd.grad(objective, guide_values)
+        """The objective's gradient in the guide's unconstrained values (of
+        ``unconstrained``, by ``density.param_names``): by autograd, or in closed form in
+        ``(loc, scale)`` and then by the guide's pullback (:attr:`GuideDensity.loc_scale_vjp`)
+        or by autograd through the map from the values to them. Zero where not finite."""
+        values = [unconstrained[name] for name in self.density.param_names]
+        pulled = self._pulled_back_gradients(problem, unconstrained)
+        if pulled is not None:
+            grads, finite = pulled
+        elif problem.gradient is None:
+            objective = problem.objective(self._constrain(unconstrained))
+            grads = torch.autograd.grad(objective, values)
             finite = torch.isfinite(objective)
         else:
-            loc, scale = self.density.loc_scale(params)
+            loc, scale = self.density.loc_scale(self._constrain(unconstrained))
             with torch.no_grad():
                 loc_scale_grads = problem.gradient(loc, scale)
                 finite = _all_finite(*loc_scale_grads)
             # A user-written guide may hold a scale (or loc) constant, or not use a param.
             moved = [i for i, out in enumerate((loc, scale)) if out.requires_grad]
             grads = torch.autograd.grad(
-                [(loc, scale)[i] for i in moved], guide_values, [loc_scale_grads[i] for i in moved],
+                [(loc, scale)[i] for i in moved], values, [loc_scale_grads[i] for i in moved],
                 allow_unused=True, materialize_grads=True,
             )  # fmt: skip
         # A non-finite gradient must not reach the optimizer's moments (read at once on
@@ -723,6 +756,50 @@ class ProximalScoreVI(ScoreEngine):
         if finite.device.type != "cpu" or not finite:
             grads = [torch.where(finite, grad, 0.0) for grad in grads]
         return list(grads)
+
+    def _pulled_back_gradients(
+        self, problem: ProximalProblem, unconstrained: dict[str, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """The guide's gradients and whether they are finite without an autograd pass,
+        where the guide offers a pullback of its ``(loc, scale)`` and every guide param's
+        constraint is an elementwise monotone bijection (its derivative is
+        ``sign * exp(log_abs_det_jacobian)``); else ``None``."""
+        density = self.density
+        derivatives = self._constraint_derivatives()
+        if problem.gradient is None or density.loc_scale_vjp is None or derivatives is None:
+            return None
+        with torch.no_grad():
+            params = {name: self._transforms[name](unconstrained[name]) for name in density.param_names}
+            vjp = density.loc_scale_vjp(params)
+            if vjp is None:
+                return None
+            loc, scale, pullback = vjp
+            loc_scale_grads = problem.gradient(loc, scale)
+            constrained = pullback(*loc_scale_grads)
+            grads = []
+            for name in density.param_names:
+                value, grad = unconstrained[name], constrained.get(name)
+                derivative = derivatives[name]
+                if grad is None:
+                    grad = torch.zeros_like(value)
+                elif derivative is not None:
+                    grad = grad * derivative(value, params[name])
+                grads.append(grad)
+            return grads, _all_finite(*loc_scale_grads)
+
+    def _constraint_derivatives(self) -> dict[str, Callable | None] | None:
+        """By guide param, the derivative ``(u, c) -> dc/du`` of its constraint transform
+        (:func:`_elementwise_derivative`), or ``None`` when some transform is not an
+        elementwise monotone bijection: what :meth:`_pulled_back_gradients` needs."""
+        if not self._derivatives_found:
+            try:
+                transforms = [self._transforms[name] for name in self.density.param_names]
+                found = [_elementwise_derivative(transform) for transform in transforms]
+                self._derivatives = dict(zip(self.density.param_names, found, strict=True))
+            except NotImplementedError:
+                self._derivatives = None
+            self._derivatives_found = True
+        return self._derivatives
 
     def unread_entries(
         self, start: dict[str, torch.Tensor], particles: torch.Tensor
