@@ -77,8 +77,8 @@ class RegimeDefaults(NamedTuple):
     :func:`resolve_inner_solver`), measured in docs/gaussian_study.md ("Averaged iterates
     ..."): the proximal weight 3 with the running average of its iterates, restarted while
     the fit progresses (:mod:`psvi.schedules`), reaches the Gaussian study's targets in
-    0.6-0.7x the score calls of the weight 10's last iterate at D = 10 and 0.85-1.0x at
-    D = 50, far starts in 0.5-1.1x the updates, and wanders less about a non-Gaussian
+    0.50-0.71x the score calls of the weight 10's last iterate at D = 10 and 0.85-1.02x at
+    D = 50, far starts in 0.46-1.13x the updates, and wanders less about a non-Gaussian
     posterior (non-centered eight schools in the reference band at 0.62 of the last checks
     against 0.38). Elsewhere (exact scores; low-rank and flow guides, not measured) the
     settings the Gaussian study chose.

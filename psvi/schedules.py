@@ -46,7 +46,7 @@ FAR_PHASE_GROWTH = 8.0
 """The closed-form step's trust-region growth (:func:`psvi.objective.grow_trust_region`)
 from which :func:`far_from_posterior` holds: three doublings, each after a step the budget
 cut whose ``-ELBO`` estimate then fell by more than two standard errors, and no rise since
-(docs/gaussian_study.md, "Far starts with averaged iterates")."""
+(docs/gaussian_study.md, "Averaged iterates for the closed-form step")."""
 
 
 class LossWindow(NamedTuple):

@@ -1238,7 +1238,8 @@ class _RecipeGather:
             for pair in recipes
         ])  # fmt: skip
         self.total = starts[-1]
-        self.sides = []  # per side: (index, None) or (index, kept, constant, kept positions)
+        # Per side (loc, scale): (index, None), or (index, (kept, constant, kept's positions)).
+        self.sides = []
         for index, constant in zip(indices, constants, strict=True):
             kept = index >= 0
             if bool(kept.all()):

@@ -653,11 +653,11 @@ class ProximalScoreVI(ScoreEngine):
         (:func:`~pyro_psvi.objective.gaussian_proximal_step`,
         :func:`~pyro_psvi.objective.diagonal_proximal_step`) into the guide's ``leaves``,
         in a KL budget of ``trust_region * D`` times the growth of
-        :func:`psvi.objective.grow_trust_region`
-        (with averaged iterates: :func:`psvi.schedules.progress_budget_scale`, the average
-        restarted while :func:`psvi.schedules.far_from_posterior`), accepted as by
-        :meth:`accept`; or, when the last step had a grown budget and raised the ``-ELBO``
-        estimate, write back the guide it started from (not a rejection). Returns whether the update counts as
+        :func:`psvi.objective.grow_trust_region` (with averaged iterates:
+        :func:`psvi.schedules.progress_budget_scale`, the average restarted while
+        :func:`psvi.schedules.far_from_posterior`), accepted as by :meth:`accept`; or, when
+        the last step had a grown budget and raised the ``-ELBO`` estimate, write back the
+        guide it started from (not a rejection). Returns whether the update counts as
         accepted and the problem's running averages with the growth state for the next
         step and, for a diagonal guide, the curvature average discounted by the KL the
         update travelled (:func:`psvi.objective.discounted_updates`). The
