@@ -148,10 +148,10 @@ class GuideDensity(NamedTuple):
     loc_scale_vjp : callable or None
         ``loc_scale_vjp(params) -> (loc, scale, pullback)`` or ``None``: ``loc_scale``
         without an autograd graph, and ``pullback(loc_grad, scale_grad) -> {name:
-        grad}``, the gradients of the constrained params it read; for a user-written
-        guide whose sites' locs and scales are its params (or views of them, or
-        constants), where it saves the inner steps an autograd pass. ``None`` (the
-        field, or its result): differentiate ``loc_scale``.
+        grad}``, the gradients of the constrained params it read; for AutoNormal,
+        AutoDiagonalNormal and a user-written guide whose sites' locs and scales are its
+        params (or views of them, or constants), where it saves the inner steps an
+        autograd pass. ``None`` (the field, or its result): differentiate ``loc_scale``.
     """
 
     latent_dim: int
@@ -351,8 +351,24 @@ def _auto_normal(guide: autoguide.AutoNormal, options: DensityOptions) -> GuideD
             **{name: scales[s.name] for name, s in zip(scale_names, sites, strict=True)},
         }
 
+    def loc_scale_vjp(params):
+        shapes = {name: params[name].shape for name in loc_names + scale_names}
+
+        def pullback(loc_grad, scale_grad):
+            grads = {}
+            for names, grad in ((loc_names, loc_grad), (scale_names, scale_grad)):
+                parts = grad.split([math.prod(shapes[name]) for name in names])
+                grads.update({name: part.view(shapes[name]) for name, part in zip(names, parts, strict=True)})
+            return grads
+
+        with torch.no_grad():
+            return (*get_loc_scale(params), pullback)
+
     density = _diagonal_density(get_loc_scale, sites, tuple(loc_names + scale_names), score_method)
-    return density._replace(gaussian_params=gaussian_params if density.closed_form else None)
+    return density._replace(
+        gaussian_params=gaussian_params if density.closed_form else None,
+        loc_scale_vjp=loc_scale_vjp if density.closed_form else None,
+    )
 
 
 def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions) -> GuideDensity:
@@ -365,8 +381,18 @@ def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions)
     def gaussian_params(loc, scale):
         return dict(zip(names, (loc, scale), strict=True))
 
+    def loc_scale_vjp(params):
+        def pullback(loc_grad, scale_grad):
+            return {names[0]: loc_grad, names[1]: scale_grad}
+
+        with torch.no_grad():
+            return (*get_loc_scale(params), pullback)
+
     density = _diagonal_density(get_loc_scale, _latent_sites(guide), names, score_method)
-    return density._replace(gaussian_params=gaussian_params if density.closed_form else None)
+    return density._replace(
+        gaussian_params=gaussian_params if density.closed_form else None,
+        loc_scale_vjp=loc_scale_vjp if density.closed_form else None,
+    )
 
 
 def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) -> GuideDensity:

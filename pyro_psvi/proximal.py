@@ -29,8 +29,9 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import torch
+from pyro.distributions.transforms import SoftplusTransform as PyroSoftplusTransform
 from pyro.optim import PyroOptim
-from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform
+from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, SoftplusTransform
 
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
 from psvi.objective import (
@@ -108,11 +109,13 @@ class RunningAverages(NamedTuple):
     window: LossWindow | None = None
 
 
-def _elementwise_derivative(transform: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """``(u, c) -> dc/du`` for an elementwise, monotone bijection ``c = transform(u)``:
-    ``None`` for the identity, ``c`` itself for ``exp`` (and Pyro's ``positive``, ``exp``
-    then ``+ 0``: autograd's arithmetic, ``grad * 1 * exp(u)``), else ``sign *
-    exp(log_abs_det_jacobian)``. Raises ``NotImplementedError`` for any other."""
+def _constraint_vjp(transform: Any) -> Callable[..., torch.Tensor] | None:
+    """``(grad, u, c) -> grad * dc/du`` for an elementwise, monotone bijection ``c =
+    transform(u)``, in autograd's arithmetic where it is one op: ``None`` for the
+    identity; ``grad * c`` for ``exp`` (and Pyro's ``positive``, ``exp`` then ``+ 0``:
+    autograd's ``grad * 1 * exp(u)``); autograd's own kernel for ``softplus`` (AutoNormal's
+    scales); else ``grad * sign * exp(log_abs_det_jacobian)``. Raises
+    ``NotImplementedError`` for any other transform."""
     parts = transform.parts if isinstance(transform, ComposeTransform) else [transform]
     if not parts:
         return None
@@ -121,12 +124,14 @@ def _elementwise_derivative(transform: Any) -> Callable[[torch.Tensor, torch.Ten
         for part in parts[1:]
     )
     if exp_then_identity:
-        return lambda u, c: c
+        return lambda grad, u, c: grad * c
+    if isinstance(transform, SoftplusTransform | PyroSoftplusTransform):  # softplus: beta 1, threshold 20
+        return lambda grad, u, c: torch.ops.aten.softplus_backward(grad, u, 1.0, 20.0)
     elementwise = transform.domain.event_dim == 0 and transform.codomain.event_dim == 0
     sign = transform.sign if elementwise and transform.bijective else 0  # may raise: not monotone
     if sign not in (1, -1):
         raise NotImplementedError(f"{transform} is not an elementwise monotone bijection")
-    return lambda u, c: sign * transform.log_abs_det_jacobian(u, c).exp()
+    return lambda grad, u, c: grad * (sign * transform.log_abs_det_jacobian(u, c).exp())
 
 
 def _is_constant(value: Any, number: float) -> bool:
@@ -351,8 +356,8 @@ class ProximalScoreVI(ScoreEngine):
         self.averages: RunningAverages | None = None
         self._iterate: dict[str, torch.Tensor] | None = None
         self._inner_cost_countdown = -1  # updates before the timed one (set up with the guide)
-        self._derivatives: dict[str, Callable | None] | None = None  # found at the first inner step
-        self._derivatives_found = False
+        self._vjps: dict[str, Callable | None] | None = None  # found at the first inner step
+        self._vjps_found = False
 
     def _setup(self, args: tuple, kwargs: dict) -> None:
         super()._setup(args, kwargs)
@@ -378,7 +383,7 @@ class ProximalScoreVI(ScoreEngine):
         self.objective = self.objective._replace(prox_weight=prox_weight)
         if self.averages is None:  # else restored by load
             self._start_averages()
-        self._derivatives_found = False  # the guide params' transforms may be new
+        self._vjps_found = False  # the guide params' transforms may be new
         # Guides without closed-form scores, and user-written guides, re-run their density
         # at every inner step: their second update is timed.
         timed = self.density.runs_guide or not self.density.closed_form
@@ -762,11 +767,11 @@ class ProximalScoreVI(ScoreEngine):
     ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         """The guide's gradients and whether they are finite without an autograd pass,
         where the guide offers a pullback of its ``(loc, scale)`` and every guide param's
-        constraint is an elementwise monotone bijection (its derivative is
-        ``sign * exp(log_abs_det_jacobian)``); else ``None``."""
+        constraint is an elementwise monotone bijection (:func:`_constraint_vjp`); else
+        ``None``."""
         density = self.density
-        derivatives = self._constraint_derivatives()
-        if problem.gradient is None or density.loc_scale_vjp is None or derivatives is None:
+        vjps = self._constraint_vjps()
+        if problem.gradient is None or density.loc_scale_vjp is None or vjps is None:
             return None
         with torch.no_grad():
             params = {name: self._transforms[name](unconstrained[name]) for name in density.param_names}
@@ -779,27 +784,27 @@ class ProximalScoreVI(ScoreEngine):
             grads = []
             for name in density.param_names:
                 value, grad = unconstrained[name], constrained.get(name)
-                derivative = derivatives[name]
+                vjp = vjps[name]
                 if grad is None:
                     grad = torch.zeros_like(value)
-                elif derivative is not None:
-                    grad = grad * derivative(value, params[name])
+                elif vjp is not None:
+                    grad = vjp(grad, value, params[name])
                 grads.append(grad)
             return grads, _all_finite(*loc_scale_grads)
 
-    def _constraint_derivatives(self) -> dict[str, Callable | None] | None:
-        """By guide param, the derivative ``(u, c) -> dc/du`` of its constraint transform
-        (:func:`_elementwise_derivative`), or ``None`` when some transform is not an
-        elementwise monotone bijection: what :meth:`_pulled_back_gradients` needs."""
-        if not self._derivatives_found:
+    def _constraint_vjps(self) -> dict[str, Callable | None] | None:
+        """By guide param, the vector-Jacobian product of its constraint transform
+        (:func:`_constraint_vjp`), or ``None`` when some transform is not an elementwise
+        monotone bijection: what :meth:`_pulled_back_gradients` needs."""
+        if not self._vjps_found:
             try:
                 transforms = [self._transforms[name] for name in self.density.param_names]
-                found = [_elementwise_derivative(transform) for transform in transforms]
-                self._derivatives = dict(zip(self.density.param_names, found, strict=True))
+                found = [_constraint_vjp(transform) for transform in transforms]
+                self._vjps = dict(zip(self.density.param_names, found, strict=True))
             except NotImplementedError:
-                self._derivatives = None
-            self._derivatives_found = True
-        return self._derivatives
+                self._vjps = None
+            self._vjps_found = True
+        return self._vjps
 
     def unread_entries(
         self, start: dict[str, torch.Tensor], particles: torch.Tensor

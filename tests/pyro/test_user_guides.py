@@ -380,7 +380,7 @@ def test_pyro_guide_gradients_pulled_back_through_the_params_constraints_match_a
             for _ in range(10):
                 engine.step()
         constrained = {name: pyro.param(name).detach() for name in engine.density.param_names}
-        pulls = engine._derivatives is not None and engine.density.loc_scale_vjp(constrained) is not None
+        pulls = engine._vjps is not None and engine.density.loc_scale_vjp(constrained) is not None
         params = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
         return params, pulls
 
