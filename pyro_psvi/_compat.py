@@ -6,6 +6,7 @@ renames one of these breaks only this module.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -107,12 +108,16 @@ class _FlatAdamGroup:
     def step(self, grads: list[torch.Tensor]) -> None:
         """torch's Adam (``_single_tensor_adam``'s and ``_multi_tensor_adam``'s
         arithmetic, op for op) on the flat tensors."""
+        with torch.no_grad():
+            self.step_flat(torch.cat([grad.reshape(-1) for grad in grads], out=self.grad))
+
+    def step_flat(self, grad: torch.Tensor) -> None:
+        """:meth:`step` with the gradients concatenated in the flat tensor's layout."""
         lr, (beta1, beta2), eps, weight_decay, amsgrad, maximize, decoupled = (
             self.settings[name] for name in _ADAM_SETTINGS
         )
         flat = self.flat
         with torch.no_grad():
-            grad = torch.cat([grad.reshape(-1) for grad in grads], out=self.grad)
             if maximize:
                 grad = -grad
             self.step_count.add_(1.0)
@@ -194,6 +199,22 @@ class FlatAdamSteps:
             self._groups.append((positions, flat))
         self._optim = optim
         self._params = params
+
+    def flat_layout(self) -> tuple[torch.Tensor, list[int]] | None:
+        """The flat tensor of the params' values and each param's offset in it, when all
+        of them are stepped as one flat tensor (:meth:`step_flat`); else ``None``."""
+        if self._rest or len(self._groups) != 1:
+            return None
+        positions, flat = self._groups[0]
+        offsets = [0] * len(positions)
+        starts = itertools.accumulate((param.numel() for param in flat.params), initial=0)
+        for i, start in zip(positions, starts, strict=False):  # starts has one more
+            offsets[i] = start
+        return flat.flat["param"], offsets
+
+    def step_flat(self, grad: torch.Tensor) -> None:
+        """One step with the gradients in :meth:`flat_layout`'s layout."""
+        self._groups[0][1].step_flat(grad)
 
     def step(self, grads: list[torch.Tensor]) -> None:
         """One step with ``grads``, aligned with :attr:`values`."""

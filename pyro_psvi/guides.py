@@ -83,6 +83,32 @@ class LatentSite(NamedTuple):
     plates: tuple[tuple[str, int], ...] = ()
 
 
+class FlatRead(NamedTuple):
+    """Where each coordinate of a guide's flat ``loc`` (or ``scale``) reads one flat
+    vector of its constrained params (each param's entries contiguous, row-major, from
+    its offset).
+
+    Attributes
+    ----------
+    index : torch.Tensor
+        ``(D,)`` long: the entry of the flat params each coordinate equals; ``-1`` for a
+        coordinate no param gives.
+    constants : torch.Tensor or None
+        ``(D,)``: the value of each ``-1`` coordinate (other entries unused); ``None``
+        when there is none.
+    """
+
+    index: torch.Tensor
+    constants: torch.Tensor | None
+
+
+def _contiguous_read(offsets: dict[str, int], sizes: dict[str, int], device: torch.device) -> FlatRead:
+    """The :class:`FlatRead` of a flat side that concatenates whole params (``sizes``:
+    their entries, in order)."""
+    parts = [torch.arange(offsets[name], offsets[name] + size, device=device) for name, size in sizes.items()]
+    return FlatRead(torch.cat(parts), None)
+
+
 class GuideDensity(NamedTuple):
     """Batched functions of a guide's density over the flat unconstrained latent.
 
@@ -152,6 +178,12 @@ class GuideDensity(NamedTuple):
         AutoDiagonalNormal and a user-written guide whose sites' locs and scales are its
         params (or views of them, or constants), where it saves the inner steps an
         autograd pass. ``None`` (the field, or its result): differentiate ``loc_scale``.
+    loc_scale_index : callable or None
+        ``loc_scale_index(offsets, device) -> (loc_read, scale_read)`` or ``None``: for the
+        guide's constrained params laid out in one flat vector on ``device`` (``offsets``:
+        by param name, its first entry), the :class:`FlatRead` of the flat loc and scale, for the densities
+        with ``loc_scale_vjp`` (the same gather, read by the engine from its flat
+        optimizer state).
     """
 
     latent_dim: int
@@ -171,6 +203,7 @@ class GuideDensity(NamedTuple):
     runs_guide: bool = False
     gaussian_params: Callable[[torch.Tensor, torch.Tensor], Params] | None = None
     loc_scale_vjp: Callable[[Params], tuple | None] | None = None
+    loc_scale_index: Callable[[dict[str, int], torch.device], tuple[FlatRead, FlatRead] | None] | None = None
 
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split flat latents ``(..., D)`` into unconstrained site values ``(..., *shape)``."""
@@ -364,10 +397,18 @@ def _auto_normal(guide: autoguide.AutoNormal, options: DensityOptions) -> GuideD
         with torch.no_grad():
             return (*get_loc_scale(params), pullback)
 
+    def loc_scale_index(offsets, device):
+        sizes = [math.prod(s.shape) for s in sites]
+        return tuple(
+            _contiguous_read(offsets, dict(zip(names, sizes, strict=True)), device)
+            for names in (loc_names, scale_names)
+        )
+
     density = _diagonal_density(get_loc_scale, sites, tuple(loc_names + scale_names), score_method)
     return density._replace(
         gaussian_params=gaussian_params if density.closed_form else None,
         loc_scale_vjp=loc_scale_vjp if density.closed_form else None,
+        loc_scale_index=loc_scale_index if density.closed_form else None,
     )
 
 
@@ -388,10 +429,14 @@ def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions)
         with torch.no_grad():
             return (*get_loc_scale(params), pullback)
 
+    def loc_scale_index(offsets, device):
+        return tuple(_contiguous_read(offsets, {name: density.latent_dim}, device) for name in names)
+
     density = _diagonal_density(get_loc_scale, _latent_sites(guide), names, score_method)
     return density._replace(
         gaussian_params=gaussian_params if density.closed_form else None,
         loc_scale_vjp=loc_scale_vjp if density.closed_form else None,
+        loc_scale_index=loc_scale_index if density.closed_form else None,
     )
 
 
@@ -991,11 +1036,23 @@ def user_guide_density(
             with torch.no_grad():
                 return (*gather(params), gather.pullback)
 
+        def loc_scale_index(offsets, device):
+            gather = made.get("gather")
+            return None if gather is None else gather.flat_reads(offsets, device)
+
+        def kl(params_t, params, seed=None):
+            # q_t's params are probed (this step's recipes); a moved guide's, the trust
+            # region's candidate, are read by those recipes, as the inner steps read them:
+            # no second run of the guide per update.
+            loc_scale_t = get_loc_scale(params_t)
+            gather = made.get("gather")
+            return _diag_kl(*loc_scale_t, *(get_loc_scale if gather is None else gather)(params))
+
         # A diagonal Gaussian in the unconstrained space: AutoNormal's density and fit.
         diagonal = _diagonal_density(get_loc_scale, sites, layout.param_names, "closed_form")
         return diagonal._replace(
             module_param_names=tuple(layout.module_params), elbo_log_prob=None, runs_guide=True,
-            loc_scale_vjp=loc_scale_vjp,
+            loc_scale_vjp=loc_scale_vjp, loc_scale_index=loc_scale_index, kl=kl,
         )  # fmt: skip
     kl, cov_quad = _monte_carlo_kl_and_cov(seeded_sample, draws_with_log_prob, log_prob, num_kl_draws)
     if closed_forms.kl:
@@ -1282,6 +1339,18 @@ class _RecipeGather:
             joined[index] if fixed is None else torch.where(fixed[0], joined[index], fixed[1])
             for index, fixed in self.sides
         )
+
+    def flat_reads(self, offsets: dict[str, int], device: torch.device) -> tuple[FlatRead, ...] | None:
+        """The gather as :class:`FlatRead` s of the params laid out from ``offsets``
+        (``None`` when it reads no param)."""
+        if not self.names:
+            return None
+        moved = _contiguous_read(offsets, dict(zip(self.names, self.sizes, strict=True)), device).index
+        return tuple(
+            FlatRead(moved[index], None) if fixed is None
+            else FlatRead(torch.where(fixed[0], moved[index], -1), fixed[1])
+            for index, fixed in self.sides
+        )  # fmt: skip
 
     def pullback(self, *grads: torch.Tensor) -> dict[str, torch.Tensor]:
         """The gradients of the params named in the recipes, from those of the flat

@@ -55,7 +55,7 @@ from psvi.schedules import (
 )
 from pyro_psvi._compat import FlatAdamSteps, torch_optimizer
 from pyro_psvi.engine import ScoreEngine
-from pyro_psvi.guides import Params
+from pyro_psvi.guides import FlatRead, Params
 from pyro_psvi.objective import (
     CurvatureStatistics,
     FisherStatistics,
@@ -109,28 +109,52 @@ class RunningAverages(NamedTuple):
     window: LossWindow | None = None
 
 
-def _constraint_vjp(transform: Any) -> Callable[..., torch.Tensor] | None:
-    """``(grad, u, c) -> grad * dc/du`` for an elementwise, monotone bijection ``c =
-    transform(u)``, in autograd's arithmetic where it is one op: ``None`` for the
-    identity; ``grad * c`` for ``exp`` (and Pyro's ``positive``, ``exp`` then ``+ 0``:
-    autograd's ``grad * 1 * exp(u)``); autograd's own kernel for ``softplus`` (AutoNormal's
-    scales); else ``grad * sign * exp(log_abs_det_jacobian)``. Raises
+# The elementwise constraints whose forward and backward an inner step applies to all
+# the entries they cover at once, in the transforms' own arithmetic: (forward, backward).
+_ELEMENTWISE_CONSTRAINTS: dict[str, tuple[Callable, Callable]] = {
+    "exp": (torch.exp, lambda grad, u, c: grad * c),
+    "softplus": (
+        torch.nn.functional.softplus,  # beta 1, threshold 20, as both transforms
+        lambda grad, u, c: torch.ops.aten.softplus_backward(grad, u, 1.0, 20.0),
+    ),
+}
+
+
+def _constraint_kind(transform: Any) -> str:
+    """``"identity"``, ``"exp"`` (also Pyro's ``positive``: ``exp`` then ``+ 0``, the same
+    numbers), ``"softplus"`` (AutoNormal's scales) or ``"monotone"`` (another elementwise
+    monotone bijection) for a param's constraint transform. Raises
     ``NotImplementedError`` for any other transform."""
     parts = transform.parts if isinstance(transform, ComposeTransform) else [transform]
     if not parts:
-        return None
+        return "identity"
     exp_then_identity = type(parts[0]) is ExpTransform and all(
         isinstance(part, AffineTransform) and _is_constant(part.loc, 0.0) and _is_constant(part.scale, 1.0)
         for part in parts[1:]
     )
     if exp_then_identity:
-        return lambda grad, u, c: grad * c
-    if isinstance(transform, SoftplusTransform | PyroSoftplusTransform):  # softplus: beta 1, threshold 20
-        return lambda grad, u, c: torch.ops.aten.softplus_backward(grad, u, 1.0, 20.0)
+        return "exp"
+    if isinstance(transform, SoftplusTransform | PyroSoftplusTransform):
+        return "softplus"
     elementwise = transform.domain.event_dim == 0 and transform.codomain.event_dim == 0
     sign = transform.sign if elementwise and transform.bijective else 0  # may raise: not monotone
     if sign not in (1, -1):
         raise NotImplementedError(f"{transform} is not an elementwise monotone bijection")
+    return "monotone"
+
+
+def _constraint_vjp(transform: Any) -> Callable[..., torch.Tensor] | None:
+    """``(grad, u, c) -> grad * dc/du`` for an elementwise, monotone bijection ``c =
+    transform(u)`` (:func:`_constraint_kind`), in autograd's arithmetic where it is one
+    op: ``None`` for the identity; ``grad * c`` for ``exp`` (autograd's ``grad * 1 *
+    exp(u)``); autograd's own kernel for ``softplus``; else ``grad * sign *
+    exp(log_abs_det_jacobian)``. Raises ``NotImplementedError`` for any other transform."""
+    kind = _constraint_kind(transform)
+    if kind == "identity":
+        return None
+    if kind in _ELEMENTWISE_CONSTRAINTS:
+        return _ELEMENTWISE_CONSTRAINTS[kind][1]
+    sign = transform.sign
     return lambda grad, u, c: grad * (sign * transform.log_abs_det_jacobian(u, c).exp())
 
 
@@ -145,6 +169,98 @@ def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
     may an overflow of the sum (beyond 3e38 in float32), which reads as not finite: the
     safe side for the guards that use it."""
     return torch.isfinite(sum(tensor.sum() for tensor in tensors))
+
+
+class _FlatSidePart(NamedTuple):
+    """The coordinates of a flat ``loc`` or ``scale`` that one constraint kind gives:
+    ``positions`` among them (``None``: all), the flat params' entries they read."""
+
+    positions: torch.Tensor | None
+    index: torch.Tensor
+    kind: str
+
+
+class FlatGuideGradient:
+    """An inner step's gradient of every param at once, in the layout of one flat vector
+    of their unconstrained values (:meth:`~pyro_psvi._compat.FlatAdamSteps.flat_layout`).
+
+    The guide's flat ``(loc, scale)`` are gathered from that vector
+    (:attr:`~pyro_psvi.guides.GuideDensity.loc_scale_index`), each constraint kind
+    applied to all the entries it covers in one op; the problem's closed-form gradient
+    in ``(loc, scale)`` goes back by each kind's backward and an index-add; the model
+    params take their constant gradients (``base``, zero at the guide's entries), which
+    are all that is left where the guide's gradient is not finite. The numbers of
+    :meth:`ProximalScoreVI._guide_gradients` (up to the order of a sum where the guide
+    reads an entry twice), in a fixed handful of ops whatever the number of params.
+
+    Parameters
+    ----------
+    reads : tuple of FlatRead
+        Where the flat ``loc`` and ``scale`` read the flat params.
+    kinds : dict of str to torch.Tensor
+        By constraint kind (``"identity"`` or a key of ``_ELEMENTWISE_CONSTRAINTS``), the
+        mask of the flat entries whose param has it.
+    base : torch.Tensor
+        The flat gradient of the model params (zeros elsewhere).
+    flat : torch.Tensor
+        The flat values, read at each call (the optimizer steps them in place).
+    gradient : callable
+        ``gradient(loc, scale) -> (loc_grad, scale_grad)``: the objective's.
+    """
+
+    def __init__(
+        self,
+        reads: tuple[FlatRead, FlatRead],
+        kinds: dict[str, torch.Tensor],
+        base: torch.Tensor,
+        flat: torch.Tensor,
+        gradient: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.base, self.flat, self.gradient = base, flat, gradient
+        self.sides: list[tuple[list[_FlatSidePart], torch.Tensor | None]] = []
+        for index, constants in reads:
+            given = index >= 0
+            parts = []
+            for kind, mask in kinds.items():
+                covered = given & mask[index.clamp(min=0)]
+                if bool(covered.all()):
+                    parts.append(_FlatSidePart(None, index, kind))
+                elif bool(covered.any()):
+                    positions = covered.nonzero().squeeze(-1)
+                    parts.append(_FlatSidePart(positions, index[positions], kind))
+            self.sides.append((parts, None if bool(given.all()) else constants))
+
+    def __call__(self) -> torch.Tensor:
+        """The flat gradient at the current flat values."""
+        flat = self.flat
+        with torch.no_grad():
+            values, read = [], []
+            for parts, constants in self.sides:
+                if constants is None and len(parts) == 1 and parts[0].positions is None:
+                    value = None  # the one part is the whole side
+                else:
+                    value = flat.new_empty(parts[0].index.shape) if constants is None else constants.clone()
+                for part in parts:
+                    u = flat[part.index]
+                    c = u if part.kind == "identity" else _ELEMENTWISE_CONSTRAINTS[part.kind][0](u)
+                    if value is None:
+                        value = c
+                    else:
+                        value[part.positions] = c
+                    read.append((part, u, c))
+                values.append(value)
+            grads = self.gradient(*values)
+            total = self.base.clone()
+            sides = [grad for grad, (parts, _) in zip(grads, self.sides, strict=True) for _ in parts]
+            for grad, (part, u, c) in zip(sides, read, strict=True):
+                grad = grad if part.positions is None else grad[part.positions]
+                if part.kind != "identity":
+                    grad = _ELEMENTWISE_CONSTRAINTS[part.kind][1](grad, u, c)
+                total.index_add_(0, part.index, grad)
+            finite = _all_finite(*grads)
+            if finite.device.type != "cpu" or not finite:  # read at once on a CPU
+                total = torch.where(finite, total, self.base)
+            return total
 
 
 class ProximalProblem(NamedTuple):
@@ -639,7 +755,11 @@ class ProximalScoreVI(ScoreEngine):
         # pyro.module's parameters are read by the module's forward where they are.
         in_place = [names.index(name) for name in self.density.module_param_names]
         with FlatAdamSteps(self.optim, list(leaves.values()), in_place) as steps:
+            flat_gradient = self._flat_guide_gradient(problem, steps, names, grads)
             for _ in range(self.inner_steps):
+                if flat_gradient is not None:
+                    steps.step_flat(flat_gradient())
+                    continue
                 guide_grads = self._guide_gradients(problem, dict(zip(names, steps.values, strict=True)))
                 for i, grad in zip(guide_positions, guide_grads, strict=True):
                     grads[i] = grad
@@ -792,17 +912,53 @@ class ProximalScoreVI(ScoreEngine):
                 grads.append(grad)
             return grads, _all_finite(*loc_scale_grads)
 
+    def _flat_guide_gradient(
+        self,
+        problem: ProximalProblem,
+        steps: FlatAdamSteps,
+        names: list[str],
+        grads: list[torch.Tensor | None],
+    ) -> FlatGuideGradient | None:
+        """The inner steps' gradient in the flat layout of ``steps``
+        (:class:`FlatGuideGradient`), where all params are stepped as one flat tensor, the
+        guide's ``(loc, scale)`` are a gather of them and its constraints elementwise
+        kinds; else ``None``. ``grads``: the model params' (``None`` for the guide's)."""
+        density, layout = self.density, steps.flat_layout()
+        if problem.gradient is None or density.loc_scale_index is None or layout is None:
+            return None
+        if self._constraint_vjps() is None:  # finds the kinds
+            return None
+        kinds = {name: self._kinds[name] for name in density.param_names}
+        if any(kind not in ("identity", *_ELEMENTWISE_CONSTRAINTS) for kind in kinds.values()):
+            return None
+        flat, offsets = layout
+        offset_of = dict(zip(names, offsets, strict=True))
+        reads = density.loc_scale_index({name: offset_of[name] for name in kinds}, flat.device)
+        if reads is None:
+            return None
+        with torch.no_grad():
+            masks = {kind: torch.zeros_like(flat, dtype=torch.bool) for kind in set(kinds.values())}
+            base = torch.zeros_like(flat)
+            for name, offset, grad in zip(names, offsets, grads, strict=True):
+                entries = slice(offset, offset + steps.values[names.index(name)].numel())
+                if name in kinds:
+                    masks[kinds[name]][entries] = True
+                elif grad is not None:
+                    base[entries] = grad.reshape(-1)
+        return FlatGuideGradient(reads, masks, base, flat, problem.gradient)
+
     def _constraint_vjps(self) -> dict[str, Callable | None] | None:
         """By guide param, the vector-Jacobian product of its constraint transform
         (:func:`_constraint_vjp`), or ``None`` when some transform is not an elementwise
         monotone bijection: what :meth:`_pulled_back_gradients` needs."""
         if not self._vjps_found:
+            names = self.density.param_names
             try:
-                transforms = [self._transforms[name] for name in self.density.param_names]
-                found = [_constraint_vjp(transform) for transform in transforms]
-                self._vjps = dict(zip(self.density.param_names, found, strict=True))
+                transforms = [self._transforms[name] for name in names]
+                self._kinds = dict(zip(names, map(_constraint_kind, transforms), strict=True))
+                self._vjps = dict(zip(names, map(_constraint_vjp, transforms), strict=True))
             except NotImplementedError:
-                self._vjps = None
+                self._kinds, self._vjps = None, None
             self._vjps_found = True
         return self._vjps
 

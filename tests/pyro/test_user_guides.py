@@ -392,6 +392,67 @@ def test_pyro_guide_gradients_pulled_back_through_the_params_constraints_match_a
     assert not torch.equal(as_is["loc"], torch.tensor(0.0))  # the fit moved
 
 
+@pytest.mark.parametrize("guide_kind", ["user guide", "AutoNormal", "AutoDiagonalNormal"])
+def test_flat_inner_steps_give_the_per_param_pullbacks_updates(guide_kind, monkeypatch):
+    """With every param in one flat Adam tensor, an inner step gathers the guide's
+    ``(loc, scale)`` from it and pulls the gradient back in a few flat ops
+    (``FlatGuideGradient``). 8 updates against the per-param pullback (the flat path
+    switched off), the same guide and seed: the same params to the last bit, for a user
+    guide with an element of a vector param, a constant scale, a LogNormal site and a
+    model param, and for AutoNormal (softplus scales) and AutoDiagonalNormal; and the flat
+    path was taken at every inner step after the first update (whose Adam states do not
+    exist yet)."""
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+
+    def model():
+        spread = pyro.param("spread", torch.tensor(10.0), constraint=constraints.positive)
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("schools", 8):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            pyro.sample("obs", dist.Normal(theta, spread), obs=y)
+
+    def user_guide():
+        globals_loc = pyro.param("globals_loc", torch.zeros(2))
+        tau_scale = pyro.param("tau_scale", torch.tensor(1.0), constraint=constraints.positive)
+        theta_loc = pyro.param("theta_loc", torch.zeros(8))
+        theta_scale = pyro.param("theta_scale", torch.ones(8), constraint=constraints.positive)
+        pyro.sample("mu", dist.Normal(globals_loc[0], 0.5))
+        pyro.sample("tau", dist.LogNormal(globals_loc[1], tau_scale))
+        with pyro.plate("schools", 8):
+            pyro.sample("theta", dist.Normal(theta_loc, theta_scale))
+
+    calls = []
+    flat_call = pyro_psvi.proximal.FlatGuideGradient.__call__
+    monkeypatch.setattr(
+        pyro_psvi.proximal.FlatGuideGradient, "__call__", lambda self: calls.append(1) or flat_call(self)
+    )
+
+    def fit() -> tuple[dict[str, torch.Tensor], pyro_psvi.ProximalScoreVI]:
+        guide = {"user guide": user_guide, "AutoNormal": AutoNormal(model)}.get(
+            guide_kind, pyro.infer.autoguide.AutoDiagonalNormal(model)
+        )
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        engine = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), num_particles=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the user guide's cost advice
+            for _ in range(8):
+                engine.step()
+        return {name: value.detach().clone() for name, value in pyro.get_param_store().items()}, engine
+
+    flat, engine = fit()
+    assert len(calls) == 7 * engine.inner_steps
+    with monkeypatch.context() as patch:
+        patch.setattr(pyro_psvi.ProximalScoreVI, "_flat_guide_gradient", lambda *a: None)
+        per_param, _ = fit()
+    assert len(calls) == 7 * engine.inner_steps  # none without the flat path
+    assert flat.keys() == per_param.keys() and "spread" in flat
+    for name, value in flat.items():
+        torch.testing.assert_close(value, per_param[name], rtol=0, atol=0)
+    assert not torch.equal(flat["spread"], torch.tensor(10.0))  # the model param moved too
+
+
 def test_recipes_of_a_guides_locs_and_scales_name_the_param_that_holds_them():
     """``_part_recipe`` and ``_follow``: a broadcast view, an element of a vector param and a
     view of the second of two params sharing one flat buffer each name their own param and
