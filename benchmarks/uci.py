@@ -130,6 +130,7 @@ def fit_pyro(
     from tqdm import tqdm
 
     from pyro_psvi import ProximalScoreVI
+    from pyro_psvi.batches import EpochOrder, SharedSubsample
     from pyro_psvi.contrib.models import bnn_regression
 
     pyro.clear_param_store()
@@ -157,13 +158,22 @@ def fit_pyro(
         if kind in ("psvi", "psvi_iid"):
             reshuffle = kind == "psvi"
             engine = ProximalScoreVI(model, guide, optim, num_particles=NUM_PARTICLES, reshuffle=reshuffle)
-        elif kind == "advi":
+        elif kind in ("advi", "advi_reshuffled"):
             elbo = Trace_ELBO(num_particles=NUM_PARTICLES, vectorize_particles=True, max_plate_nesting=1)
             engine = SVI(model, guide, optim, elbo)
         else:
-            raise ValueError(f"The Pyro twin runs psvi, psvi_iid, advi and advi_psvi, not {kind!r}.")
+            raise ValueError(
+                f"The Pyro twin runs psvi, psvi_iid, advi, advi_reshuffled and advi_psvi, not {kind!r}."
+            )
+        # advi_reshuffled: SVI on the batches ProximalScoreVI(reshuffle=True) draws.
+        order = EpochOrder() if kind == "advi_reshuffled" else None
         for _ in tqdm(range(phase_steps), disable=not progress, desc=kind):
-            engine.step(x, y)
+            if order is None:
+                engine.step(x, y)
+            else:
+                batch_indices = {"data": order.next("data", len(y), model.keywords["subsample_size"])}
+                with SharedSubsample(batch_indices):
+                    engine.step(x, y)
             step += 1
             if curve and (step % every == 0 or step == steps):
                 points.append((step * NUM_PARTICLES, evaluate()[1]))
