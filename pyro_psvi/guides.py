@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from functools import singledispatch
+from functools import lru_cache, singledispatch
 from operator import attrgetter
 from typing import Any, NamedTuple
 
@@ -397,12 +397,16 @@ def _auto_normal(guide: autoguide.AutoNormal, options: DensityOptions) -> GuideD
         with torch.no_grad():
             return (*get_loc_scale(params), pullback)
 
-    def loc_scale_index(offsets, device):
-        sizes = [math.prod(s.shape) for s in sites]
+    @lru_cache(maxsize=1)
+    def reads_for(layout, device):
+        offsets, sizes = dict(layout), [math.prod(s.shape) for s in sites]
         return tuple(
             _contiguous_read(offsets, dict(zip(names, sizes, strict=True)), device)
             for names in (loc_names, scale_names)
         )
+
+    def loc_scale_index(offsets, device):  # the same objects for the same layout
+        return reads_for(tuple(offsets.items()), device)
 
     density = _diagonal_density(get_loc_scale, sites, tuple(loc_names + scale_names), score_method)
     return density._replace(
@@ -429,8 +433,12 @@ def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions)
         with torch.no_grad():
             return (*get_loc_scale(params), pullback)
 
-    def loc_scale_index(offsets, device):
-        return tuple(_contiguous_read(offsets, {name: density.latent_dim}, device) for name in names)
+    @lru_cache(maxsize=1)
+    def reads_for(layout, device):
+        return tuple(_contiguous_read(dict(layout), {name: density.latent_dim}, device) for name in names)
+
+    def loc_scale_index(offsets, device):  # the same objects for the same layout
+        return reads_for(tuple(offsets.items()), device)
 
     density = _diagonal_density(get_loc_scale, _latent_sites(guide), names, score_method)
     return density._replace(
@@ -789,6 +797,7 @@ def user_guide_density(
     max_plate_nesting: int,
     num_kl_draws: int = 256,
     closed_forms: SiteClosedForms = NO_CLOSED_FORMS,
+    recipe_memory: dict | None = None,
 ) -> GuideDensity:
     """The :class:`GuideDensity` of a user-written guide (a function of ``pyro.param`` and
     ``pyro.sample`` sites, one per latent site of the model), run with ``args, kwargs``.
@@ -806,6 +815,10 @@ def user_guide_density(
     others are 0 and carry no weight, see :func:`pyro_psvi.scores.coordinate_weights`)
     and ``log q`` is that of the globals and the batch's members, without the plate's
     ``N/B`` scale (the density, not the ELBO's estimate of its sum).
+
+    ``recipe_memory``: a dict kept across the densities of one fit (one per step, built
+    with each step's arguments), holding the last recipes of a Normal guide's locs and
+    scales and their gather, reused while the recipes repeat.
     """
     sites = layout.sites
     dim = sum(math.prod(site.shape) for site in sites)
@@ -979,7 +992,7 @@ def user_guide_density(
         return (variances_of["variances"] * r**2).sum(-1)
 
     if closed_forms.normal and not any(site.plates for site in sites):
-        made: dict[str, Any] = {}  # "recipes": the last probe's
+        made: dict[str, Any] = {} if recipe_memory is None else recipe_memory  # the last probe's
 
         def flat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
             """The flat ``(loc, scale)`` from each site's (a site its plate broadcasts)."""
@@ -1023,8 +1036,9 @@ def user_guide_density(
             parts, recipes = probed(params)
             if recipes is None:
                 made.clear()
-            elif made.get("recipes") is not recipes:
+            elif not _same_recipes(made.get("recipes"), recipes, made.get("shapes"), params):
                 made.update(recipes=recipes, gather=_RecipeGather(recipes, params, flat))
+                made["shapes"] = {name: value.shape for name, value in params.items()}
             return flat(parts)
 
         def loc_scale_vjp(params):
@@ -1294,6 +1308,32 @@ def _part_recipe(part: torch.Tensor, leaves: Params) -> tuple | None:
     return None
 
 
+def _same_recipes(
+    old: list[tuple[tuple, tuple]] | None,
+    new: list[tuple[tuple, tuple]],
+    old_shapes: dict[str, torch.Size] | None,
+    params: Params,
+) -> bool:
+    """Whether a probe found the recipes of the last one (the same views of params of the
+    same shapes, and equal constants: compared on a CPU only, where reading them is free),
+    so that its :class:`_RecipeGather` serves again."""
+    if old is None or old_shapes is None or len(old) != len(new):
+        return False
+    if any(params[name].shape != shape for name, shape in old_shapes.items() if name in params):
+        return False
+    for before, after in zip(itertools.chain(*old), itertools.chain(*new), strict=True):
+        if before[0] != after[0]:
+            return False
+        if before[0] == "view" and before != after:
+            return False
+        if before[0] == "constant":
+            kept, found = before[1], after[1]
+            same_kind = (kept.shape, kept.dtype, kept.device) == (found.shape, found.dtype, found.device)
+            if not (same_kind and found.device.type == "cpu" and torch.equal(kept, found)):
+                return False
+    return True
+
+
 class _RecipeGather:
     """The flat ``(loc, scale)`` the parts ``recipes`` (:func:`_part_recipe`) make from
     params, as one gather from the concatenated params (and a select of the constants):
@@ -1321,6 +1361,7 @@ class _RecipeGather:
             for pair in recipes
         ])  # fmt: skip
         self.total = starts[-1]
+        self._reads: tuple[tuple, tuple[FlatRead, ...]] | None = None  # flat_reads' last layout
         # Per side (loc, scale): (index, None), or (index, (kept, constant, kept's positions)).
         self.sides = []
         for index, constant in zip(indices, constants, strict=True):
@@ -1342,15 +1383,19 @@ class _RecipeGather:
 
     def flat_reads(self, offsets: dict[str, int], device: torch.device) -> tuple[FlatRead, ...] | None:
         """The gather as :class:`FlatRead` s of the params laid out from ``offsets``
-        (``None`` when it reads no param)."""
+        (``None`` when it reads no param); the same objects for the same layout."""
         if not self.names:
             return None
-        moved = _contiguous_read(offsets, dict(zip(self.names, self.sizes, strict=True)), device).index
-        return tuple(
-            FlatRead(moved[index], None) if fixed is None
-            else FlatRead(torch.where(fixed[0], moved[index], -1), fixed[1])
-            for index, fixed in self.sides
-        )  # fmt: skip
+        key = (tuple(offsets[name] for name in self.names), device)
+        if self._reads is None or self._reads[0] != key:
+            moved = _contiguous_read(offsets, dict(zip(self.names, self.sizes, strict=True)), device).index
+            reads = tuple(
+                FlatRead(moved[index], None) if fixed is None
+                else FlatRead(torch.where(fixed[0], moved[index], -1), fixed[1])
+                for index, fixed in self.sides
+            )  # fmt: skip
+            self._reads = (key, reads)
+        return self._reads[1]
 
     def pullback(self, *grads: torch.Tensor) -> dict[str, torch.Tensor]:
         """The gradients of the params named in the recipes, from those of the flat
@@ -1447,9 +1492,11 @@ def _user_guide_setup(guide, model_trace, guide_trace, args, kwargs, options: De
         )
     layout = user_guide_layout(guide, model_trace, guide_trace)
     closed_forms = site_closed_forms(guide, guide_trace, args, kwargs, layout.supports)
+    recipe_memory: dict[str, Any] = {}
     return lambda args, kwargs: user_guide_density(
-        guide, layout, args, kwargs, options.max_plate_nesting, options.num_kl_draws, closed_forms
-    )
+        guide, layout, args, kwargs, options.max_plate_nesting, options.num_kl_draws, closed_forms,
+        recipe_memory,
+    )  # fmt: skip
 
 
 def _has_autoregressive_layers(guide: autoguide.AutoNormalizingFlow) -> bool:

@@ -171,92 +171,155 @@ def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(sum(tensor.sum() for tensor in tensors))
 
 
+Index = torch.Tensor | slice  # entries of a vector: a long tensor, or one run as a slice (a view)
+
+
+def _as_run(index: torch.Tensor) -> Index:
+    """``index`` as a slice where it is one increasing run of entries, else itself."""
+    count = index.numel()
+    if count == 0:
+        return index
+    start = int(index[0])
+    run = torch.arange(start, start + count, device=index.device)
+    return slice(start, start + count) if bool((index == run).all()) else index
+
+
+def _take(vector: torch.Tensor, index: Index) -> torch.Tensor:
+    return vector[index] if isinstance(index, slice) else vector.index_select(0, index)
+
+
+def _add_at(total: torch.Tensor, index: Index, values: torch.Tensor) -> None:
+    if isinstance(index, slice):
+        total[index].add_(values)
+    else:
+        total.index_add_(0, index, values)
+
+
 class _FlatSidePart(NamedTuple):
     """The coordinates of a flat ``loc`` or ``scale`` that one constraint kind gives:
     ``positions`` among them (``None``: all), the flat params' entries they read."""
 
-    positions: torch.Tensor | None
-    index: torch.Tensor
+    positions: Index | None
+    index: Index
     kind: str
 
 
-class FlatGuideGradient:
+class _FlatSide(NamedTuple):
+    """One of the guide's flat ``loc`` and ``scale`` as read from the flat params: its
+    parts by constraint kind, its constants (``None``: every coordinate is read) and
+    its size."""
+
+    parts: list[_FlatSidePart]
+    constants: torch.Tensor | None
+    size: int
+
+
+def _tiling(sides: list[_FlatSide], size: int) -> list[int] | None:
+    """The order of the sides' parts (counted over both sides) whose index runs tile
+    ``range(size)`` exactly, or ``None``."""
+    parts = [part.index for side in sides for part in side.parts]
+    if not all(isinstance(index, slice) for index in parts):
+        return None
+    order = sorted(range(len(parts)), key=lambda i: parts[i].start)
+    ends = [0] + [parts[i].stop for i in order]
+    tiled = all(parts[i].start == end for i, end in zip(order, ends, strict=False)) and ends[-1] == size
+    return order if tiled else None
+
+
+def flat_sides(reads: tuple[FlatRead, FlatRead], kinds: dict[str, torch.Tensor]) -> list[_FlatSide]:
+    """The :class:`_FlatSide` s of the guide's flat ``(loc, scale)`` read as ``reads``
+    say from flat params whose entries have the constraint kinds ``kinds`` (by kind,
+    ``"identity"`` or a key of ``_ELEMENTWISE_CONSTRAINTS``, the mask of its entries);
+    each index one run (a slice) where it is."""
+    sides = []
+    for index, constants in reads:
+        given = index >= 0
+        parts = []
+        for kind, mask in kinds.items():
+            covered = given & mask[index.clamp(min=0)]
+            if bool(covered.all()):
+                parts.append(_FlatSidePart(None, _as_run(index), kind))
+            elif bool(covered.any()):
+                positions = covered.nonzero().squeeze(-1)
+                parts.append(_FlatSidePart(_as_run(positions), _as_run(index[positions]), kind))
+        sides.append(_FlatSide(parts, None if bool(given.all()) else constants, index.numel()))
+    return sides
+
+
+class FlatGuideGradient(NamedTuple):
     """An inner step's gradient of every param at once, in the layout of one flat vector
     of their unconstrained values (:meth:`~pyro_psvi._compat.FlatAdamSteps.flat_layout`).
 
-    The guide's flat ``(loc, scale)`` are gathered from that vector
-    (:attr:`~pyro_psvi.guides.GuideDensity.loc_scale_index`), each constraint kind
-    applied to all the entries it covers in one op; the problem's closed-form gradient
-    in ``(loc, scale)`` goes back by each kind's backward and an index-add; the model
-    params take their constant gradients (``base``, zero at the guide's entries), which
-    are all that is left where the guide's gradient is not finite. The numbers of
+    Calling it gathers the guide's flat ``(loc, scale)`` from that vector
+    (:func:`flat_sides`, from :attr:`~pyro_psvi.guides.GuideDensity.loc_scale_index`),
+    applies each constraint kind to all the entries it covers in one op, takes the
+    problem's closed-form gradient in ``(loc, scale)`` back by each kind's backward and
+    an index-add (a slice-add for a run), and gives the model params their constant
+    gradients (``base``, zero at the guide's entries), all that is left where the
+    guide's gradient is not finite. The numbers of
     :meth:`ProximalScoreVI._guide_gradients` (up to the order of a sum where the guide
     reads an entry twice), in a fixed handful of ops whatever the number of params.
 
-    Parameters
+    Attributes
     ----------
-    reads : tuple of FlatRead
-        Where the flat ``loc`` and ``scale`` read the flat params.
-    kinds : dict of str to torch.Tensor
-        By constraint kind (``"identity"`` or a key of ``_ELEMENTWISE_CONSTRAINTS``), the
-        mask of the flat entries whose param has it.
+    sides : list of _FlatSide
+        The flat ``loc`` and ``scale``.
     base : torch.Tensor
         The flat gradient of the model params (zeros elsewhere).
+    total : torch.Tensor
+        A buffer of ``base``'s size for the result (a fresh one costs more than the op).
+    tiling : list of int or None
+        Where the parts' indices are runs that tile the whole flat vector (no model
+        params, each entry read once, as for AutoNormal and AutoDiagonalNormal): the
+        parts in the order of their runs, whose gradients are then concatenated.
     flat : torch.Tensor
         The flat values, read at each call (the optimizer steps them in place).
     gradient : callable
         ``gradient(loc, scale) -> (loc_grad, scale_grad)``: the objective's.
     """
 
-    def __init__(
-        self,
-        reads: tuple[FlatRead, FlatRead],
-        kinds: dict[str, torch.Tensor],
-        base: torch.Tensor,
-        flat: torch.Tensor,
-        gradient: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-    ) -> None:
-        self.base, self.flat, self.gradient = base, flat, gradient
-        self.sides: list[tuple[list[_FlatSidePart], torch.Tensor | None]] = []
-        for index, constants in reads:
-            given = index >= 0
-            parts = []
-            for kind, mask in kinds.items():
-                covered = given & mask[index.clamp(min=0)]
-                if bool(covered.all()):
-                    parts.append(_FlatSidePart(None, index, kind))
-                elif bool(covered.any()):
-                    positions = covered.nonzero().squeeze(-1)
-                    parts.append(_FlatSidePart(positions, index[positions], kind))
-            self.sides.append((parts, None if bool(given.all()) else constants))
+    sides: list[_FlatSide]
+    base: torch.Tensor
+    total: torch.Tensor
+    tiling: list[int] | None
+    flat: torch.Tensor
+    gradient: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
     def __call__(self) -> torch.Tensor:
         """The flat gradient at the current flat values."""
         flat = self.flat
         with torch.no_grad():
             values, read = [], []
-            for parts, constants in self.sides:
+            for parts, constants, size in self.sides:
                 if constants is None and len(parts) == 1 and parts[0].positions is None:
                     value = None  # the one part is the whole side
                 else:
-                    value = flat.new_empty(parts[0].index.shape) if constants is None else constants.clone()
+                    value = flat.new_empty(size) if constants is None else constants.clone()
                 for part in parts:
-                    u = flat[part.index]
+                    u = _take(flat, part.index)
                     c = u if part.kind == "identity" else _ELEMENTWISE_CONSTRAINTS[part.kind][0](u)
                     if value is None:
                         value = c
-                    else:
+                    elif isinstance(part.positions, slice):
                         value[part.positions] = c
+                    else:
+                        value.index_copy_(0, part.positions, c)
                     read.append((part, u, c))
                 values.append(value)
             grads = self.gradient(*values)
-            total = self.base.clone()
-            sides = [grad for grad, (parts, _) in zip(grads, self.sides, strict=True) for _ in parts]
+            sides = [grad for grad, side in zip(grads, self.sides, strict=True) for _ in side.parts]
+            pieces = []
             for grad, (part, u, c) in zip(sides, read, strict=True):
-                grad = grad if part.positions is None else grad[part.positions]
+                grad = grad if part.positions is None else _take(grad, part.positions)
                 if part.kind != "identity":
                     grad = _ELEMENTWISE_CONSTRAINTS[part.kind][1](grad, u, c)
-                total.index_add_(0, part.index, grad)
+                pieces.append(grad)
+            if self.tiling is not None:
+                total = torch.cat([pieces[i] for i in self.tiling], out=self.total)
+            else:
+                total = self.total.copy_(self.base)
+                for (part, _, _), grad in zip(read, pieces, strict=True):
+                    _add_at(total, part.index, grad)
             finite = _all_finite(*grads)
             if finite.device.type != "cpu" or not finite:  # read at once on a CPU
                 total = torch.where(finite, total, self.base)
@@ -473,7 +536,9 @@ class ProximalScoreVI(ScoreEngine):
         self._iterate: dict[str, torch.Tensor] | None = None
         self._inner_cost_countdown = -1  # updates before the timed one (set up with the guide)
         self._vjps: dict[str, Callable | None] | None = None  # found at the first inner step
+        self._kinds: dict[str, str] | None = None  # the guide params' constraint kinds, likewise
         self._vjps_found = False
+        self._flat_sides: tuple | None = None
 
     def _setup(self, args: tuple, kwargs: dict) -> None:
         super()._setup(args, kwargs)
@@ -500,6 +565,7 @@ class ProximalScoreVI(ScoreEngine):
         if self.averages is None:  # else restored by load
             self._start_averages()
         self._vjps_found = False  # the guide params' transforms may be new
+        self._flat_sides = None  # (reads, layout, sides, tiling, base, total) of _flat_guide_gradient
         # Guides without closed-form scores, and user-written guides, re-run their density
         # at every inner step: their second update is timed.
         timed = self.density.runs_guide or not self.density.closed_form
@@ -936,16 +1002,24 @@ class ProximalScoreVI(ScoreEngine):
         reads = density.loc_scale_index({name: offset_of[name] for name in kinds}, flat.device)
         if reads is None:
             return None
+        sizes = [value.numel() for value in steps.values]
+        layout_key = (tuple(offsets), tuple(sizes), tuple(kinds.items()), flat.dtype)
         with torch.no_grad():
-            masks = {kind: torch.zeros_like(flat, dtype=torch.bool) for kind in set(kinds.values())}
-            base = torch.zeros_like(flat)
-            for name, offset, grad in zip(names, offsets, grads, strict=True):
-                entries = slice(offset, offset + steps.values[names.index(name)].numel())
-                if name in kinds:
-                    masks[kinds[name]][entries] = True
-                elif grad is not None:
-                    base[entries] = grad.reshape(-1)
-        return FlatGuideGradient(reads, masks, base, flat, problem.gradient)
+            cached = self._flat_sides
+            if cached is None or cached[0] is not reads or cached[1] != layout_key:
+                masks = {kind: torch.zeros_like(flat, dtype=torch.bool) for kind in set(kinds.values())}
+                for name, offset, size in zip(names, offsets, sizes, strict=True):
+                    if name in kinds:
+                        masks[kinds[name]][offset : offset + size] = True
+                sides = flat_sides(reads, masks)
+                tiling = _tiling(sides, flat.numel())
+                buffers = torch.zeros_like(flat), torch.empty_like(flat)
+                self._flat_sides = cached = (reads, layout_key, sides, tiling, *buffers)
+            _, _, sides, tiling, base, total = cached
+            for name, offset, size, grad in zip(names, offsets, sizes, grads, strict=True):
+                if name not in kinds and grad is not None:
+                    base[offset : offset + size] = grad.reshape(-1)
+        return FlatGuideGradient(sides, base, total, tiling, flat, problem.gradient)
 
     def _constraint_vjps(self) -> dict[str, Callable | None] | None:
         """By guide param, the vector-Jacobian product of its constraint transform

@@ -219,15 +219,23 @@ def test_the_same_guide_after_svi_does_not_warn():
 # ------------------------------------------------------------------- interrupts
 def _interrupt_third_inner_step(patch: pytest.MonkeyPatch) -> None:
     calls = []
-    original = pyro_psvi._compat.FlatAdamSteps.step
 
-    def interrupted(self, grads):
-        calls.append(1)
-        if len(calls) == 3:  # the third of the K inner steps' optimizer steps
-            raise KeyboardInterrupt
-        return original(self, grads)
+    def interrupting(original):
+        def interrupted(self, grads):
+            calls.append(1)
+            if len(calls) == 3:  # the third of the K inner steps' optimizer steps
+                raise KeyboardInterrupt
+            return original(self, grads)
 
-    patch.setattr(pyro_psvi._compat.FlatAdamSteps, "step", interrupted)
+        return interrupted
+
+    # Per param (a first step) or on the flat tensor (FlatGuideGradient's steps).
+    for method in ("step", "step_flat"):
+        patch.setattr(
+            pyro_psvi._compat.FlatAdamSteps,
+            method,
+            interrupting(getattr(pyro_psvi._compat.FlatAdamSteps, method)),
+        )
 
 
 def _interrupt_write_back(patch: pytest.MonkeyPatch) -> None:

@@ -392,20 +392,26 @@ def test_pyro_guide_gradients_pulled_back_through_the_params_constraints_match_a
     assert not torch.equal(as_is["loc"], torch.tensor(0.0))  # the fit moved
 
 
-@pytest.mark.parametrize("guide_kind", ["user guide", "AutoNormal", "AutoDiagonalNormal"])
+@pytest.mark.parametrize(
+    "guide_kind", ["user guide", "user guide, two constraints", "AutoNormal", "AutoDiagonalNormal"]
+)
 def test_flat_inner_steps_give_the_per_param_pullbacks_updates(guide_kind, monkeypatch):
     """With every param in one flat Adam tensor, an inner step gathers the guide's
     ``(loc, scale)`` from it and pulls the gradient back in a few flat ops
     (``FlatGuideGradient``). 8 updates against the per-param pullback (the flat path
     switched off), the same guide and seed: the same params to the last bit, for a user
     guide with an element of a vector param, a constant scale, a LogNormal site and a
-    model param, and for AutoNormal (softplus scales) and AutoDiagonalNormal; and the flat
+    model param, for one whose scales mix ``softplus`` and ``exp`` constraints, and for
+    AutoNormal (softplus scales) and AutoDiagonalNormal (without a model param: its
+    gradient is one concatenation of the two runs it reads); and the flat
     path was taken at every inner step after the first update (whose Adam states do not
     exist yet)."""
     y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
 
     def model():
-        spread = pyro.param("spread", torch.tensor(10.0), constraint=constraints.positive)
+        spread = torch.tensor(10.0)
+        if guide_kind != "AutoDiagonalNormal":  # its flat params are then the guide's alone
+            spread = pyro.param("spread", spread, constraint=constraints.positive)
         mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
         tau = pyro.sample("tau", dist.HalfCauchy(5.0))
         with pyro.plate("schools", 8):
@@ -417,7 +423,12 @@ def test_flat_inner_steps_give_the_per_param_pullbacks_updates(guide_kind, monke
         tau_scale = pyro.param("tau_scale", torch.tensor(1.0), constraint=constraints.positive)
         theta_loc = pyro.param("theta_loc", torch.zeros(8))
         theta_scale = pyro.param("theta_scale", torch.ones(8), constraint=constraints.positive)
-        pyro.sample("mu", dist.Normal(globals_loc[0], 0.5))
+        mu_scale = torch.tensor(0.5)
+        if guide_kind == "user guide, two constraints":
+            mu_scale = pyro.param(
+                "mu_scale", torch.tensor(0.5), constraint=dist.constraints.softplus_positive
+            )
+        pyro.sample("mu", dist.Normal(globals_loc[0], mu_scale))
         pyro.sample("tau", dist.LogNormal(globals_loc[1], tau_scale))
         with pyro.plate("schools", 8):
             pyro.sample("theta", dist.Normal(theta_loc, theta_scale))
@@ -429,9 +440,10 @@ def test_flat_inner_steps_give_the_per_param_pullbacks_updates(guide_kind, monke
     )
 
     def fit() -> tuple[dict[str, torch.Tensor], pyro_psvi.ProximalScoreVI]:
-        guide = {"user guide": user_guide, "AutoNormal": AutoNormal(model)}.get(
+        guide = {"AutoNormal": AutoNormal(model)}.get(
             guide_kind, pyro.infer.autoguide.AutoDiagonalNormal(model)
         )
+        guide = user_guide if guide_kind.startswith("user guide") else guide
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         engine = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), num_particles=4)
@@ -447,10 +459,50 @@ def test_flat_inner_steps_give_the_per_param_pullbacks_updates(guide_kind, monke
         patch.setattr(pyro_psvi.ProximalScoreVI, "_flat_guide_gradient", lambda *a: None)
         per_param, _ = fit()
     assert len(calls) == 7 * engine.inner_steps  # none without the flat path
-    assert flat.keys() == per_param.keys() and "spread" in flat
+    assert flat.keys() == per_param.keys()
     for name, value in flat.items():
         torch.testing.assert_close(value, per_param[name], rtol=0, atol=0)
-    assert not torch.equal(flat["spread"], torch.tensor(10.0))  # the model param moved too
+    if guide_kind != "AutoDiagonalNormal":
+        assert not torch.equal(flat["spread"], torch.tensor(10.0))  # the model param moved too
+
+
+def test_recipe_gather_is_kept_while_the_recipes_repeat_and_rebuilt_when_a_constant_changes(monkeypatch):
+    """The recipes of a guide's locs and scales are found again at each update's probe of
+    ``q_t``; the gather built from them is kept while they are the same (views of the
+    same params, equal constants) and rebuilt when they change: a guide whose constant
+    scale the user changes between steps (an annealed scale) is read with its new value,
+    by the inner steps and the trust region's KL alike."""
+    y = torch.tensor([0.3, -1.2, 2.0, 0.7])
+    fixed_scale = [0.5]
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+        with pyro.plate("data", 4):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=y)
+
+    def guide():
+        pyro.sample("mu", dist.Normal(pyro.param("loc", torch.tensor(0.0)), torch.tensor(fixed_scale[0])))
+
+    built = []
+    gather_init = pyro_psvi.guides._RecipeGather.__init__
+    monkeypatch.setattr(
+        pyro_psvi.guides._RecipeGather, "__init__", lambda self, *a: built.append(1) or gather_init(self, *a)
+    )
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    engine = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), num_particles=4)
+    for _ in range(6):
+        engine.step()
+    assert len(built) == 1
+    fixed_scale[0] = 0.25
+    engine.step()
+    assert len(built) == 2
+    params = {"loc": pyro.param("loc").detach()}
+    loc, scale, _ = engine.density.loc_scale_vjp(params)
+    assert float(scale) == 0.25 and float(loc) == float(params["loc"])
+    # The trust region's KL from q_t to a moved loc: the new scale's closed form.
+    moved = {"loc": params["loc"] + 0.1}
+    torch.testing.assert_close(engine.density.kl(params, moved), torch.tensor(0.5 * (0.1 / 0.25) ** 2))
 
 
 def test_recipes_of_a_guides_locs_and_scales_name_the_param_that_holds_them():
