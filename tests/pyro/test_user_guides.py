@@ -10,6 +10,7 @@ the target itself."""
 
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pyro
@@ -337,6 +338,19 @@ def test_pyro_guide_passing_its_params_as_they_are_skips_its_run_in_the_inner_st
         torch.testing.assert_close(value, computed[name], rtol=0, atol=0)
 
 
+def _fitted(model: Callable, guide: Callable, steps: int) -> pyro_psvi.ProximalScoreVI:
+    """An engine after ``steps`` updates from a cleared param store and seed 0, Adam(0.05)
+    and 4 particles (a user guide's cost advice silenced)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    engine = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), num_particles=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            engine.step()
+    return engine
+
+
 @pytest.mark.parametrize(
     ("scale_constraint", "pulled_back"),
     [
@@ -372,13 +386,7 @@ def test_pyro_guide_gradients_pulled_back_through_the_params_constraints_match_a
                 scale = scale + 0.0
             pyro.sample("mu", dist.Normal(loc, scale))
 
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        engine = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), num_particles=4)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the computed guide's cost advice
-            for _ in range(10):
-                engine.step()
+        engine = _fitted(model, guide, 10)
         constrained = {name: pyro.param(name).detach() for name in engine.density.param_names}
         pulls = engine._vjps is not None and engine.density.loc_scale_vjp(constrained) is not None
         params = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
@@ -444,13 +452,7 @@ def test_flat_inner_steps_give_the_per_param_pullbacks_updates(guide_kind, monke
             guide_kind, pyro.infer.autoguide.AutoDiagonalNormal(model)
         )
         guide = user_guide if guide_kind.startswith("user guide") else guide
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        engine = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), num_particles=4)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the user guide's cost advice
-            for _ in range(8):
-                engine.step()
+        engine = _fitted(model, guide, 8)
         return {name: value.detach().clone() for name, value in pyro.get_param_store().items()}, engine
 
     flat, engine = fit()
