@@ -181,9 +181,9 @@ class GuideDensity(NamedTuple):
     loc_scale_index : callable or None
         ``loc_scale_index(offsets, device) -> (loc_read, scale_read)`` or ``None``: for the
         guide's constrained params laid out in one flat vector on ``device`` (``offsets``:
-        by param name, its first entry), the :class:`FlatRead` of the flat loc and scale, for the densities
-        with ``loc_scale_vjp`` (the same gather, read by the engine from its flat
-        optimizer state).
+        by param name, its first entry), the :class:`FlatRead` of the flat loc and
+        scale; for the densities with ``loc_scale_vjp`` (the same gather, read by the
+        engine from its flat optimizer state).
     """
 
     latent_dim: int
@@ -992,7 +992,8 @@ def user_guide_density(
         return (variances_of["variances"] * r**2).sum(-1)
 
     if closed_forms.normal and not any(site.plates for site in sites):
-        made: dict[str, Any] = {} if recipe_memory is None else recipe_memory  # the last probe's
+        # The last probe's "recipes", their "gather" and the params' "shapes" they were found at.
+        made: dict[str, Any] = {} if recipe_memory is None else recipe_memory
 
         def flat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
             """The flat ``(loc, scale)`` from each site's (a site its plate broadcasts)."""

@@ -1007,7 +1007,8 @@ class ProximalScoreVI(ScoreEngine):
         with torch.no_grad():
             cached = self._flat_sides
             if cached is None or cached[0] is not reads or cached[1] != layout_key:
-                masks = {kind: torch.zeros_like(flat, dtype=torch.bool) for kind in set(kinds.values())}
+                in_order = dict.fromkeys(kinds.values())
+                masks = {kind: torch.zeros_like(flat, dtype=torch.bool) for kind in in_order}
                 for name, offset, size in zip(names, offsets, sizes, strict=True):
                     if name in kinds:
                         masks[kinds[name]][offset : offset + size] = True
@@ -1017,8 +1018,8 @@ class ProximalScoreVI(ScoreEngine):
                 self._flat_sides = cached = (reads, layout_key, sides, tiling, *buffers)
             _, _, sides, tiling, base, total = cached
             for name, offset, size, grad in zip(names, offsets, sizes, grads, strict=True):
-                if name not in kinds and grad is not None:
-                    base[offset : offset + size] = grad.reshape(-1)
+                if name not in kinds:
+                    base[offset : offset + size] = 0.0 if grad is None else grad.reshape(-1)
         return FlatGuideGradient(sides, base, total, tiling, flat, problem.gradient)
 
     def _constraint_vjps(self) -> dict[str, Callable | None] | None:
