@@ -6,7 +6,9 @@ full batch; reference: NumPyro's NUTS, 4,000 draws) and a 3-D correlated Gaussia
 Guides: NumPyro's AutoIAFNormal (2 flows, hidden 16-16), Pyro's AutoIAFNormal (2
 transforms, hidden 16-16) and an affine-coupling AutoNormalizingFlow (2 layers). Methods,
 S = 4 particles each and the guide's init and Adam(1e-2) shared: ``svi``
-(``Trace_ELBO(4)``), ``psvi`` (the engine's defaults) and ``psvi_kN`` (``inner_steps=N``).
+(``Trace_ELBO(4)``), ``psvi`` (the engine's defaults) and ``psvi_kN`` (``inner_steps=N``);
+a suffix ``_sN`` (``psvi_s8``, ``svi_s8``) runs ``N`` particles instead, for the score
+calls of the 4-particle runs (fewer updates, checks at the same calls).
 Every ``--every`` updates the guide's means and sds (``--draws`` draws) are compared with
 the reference; a fit is in the band when every mean is within 0.2 reference sds and every
 sd within 20% of the reference's.
@@ -20,6 +22,7 @@ checks in it, and the last check's largest mean error (in sds) and sd-ratio rang
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from functools import partial
 
@@ -118,11 +121,12 @@ def numpyro_fit(
     model, args = numpyro_model(target)
     guide = NAutoIAFNormal(model, num_flows=2, hidden_dims=[16, 16])
     optim = numpyro.optim.Adam(LEARNING_RATE)
+    method, num_particles = particles(method)
     if method == "svi":
-        engine = NSVI(model, guide, optim, NTrace_ELBO(NUM_PARTICLES))
+        engine = NSVI(model, guide, optim, NTrace_ELBO(num_particles))
     else:
         engine = numpyro_psvi.ProximalScoreVI(
-            model, guide, optim, num_particles=NUM_PARTICLES, **inner_steps(method)
+            model, guide, optim, num_particles=num_particles, **inner_steps(method)
         )
     state = engine.init(jax.random.PRNGKey(seed), *args)
     update = jax.jit(engine.update)
@@ -133,7 +137,7 @@ def numpyro_fit(
         if step % every == 0:
             draws = np.asarray(sample(jax.random.PRNGKey(10_000 + step), engine.get_params(state)))
             checks.append(
-                {"calls": step * NUM_PARTICLES, "seconds": time.perf_counter() - start, **check(draws, ref)}
+                {"calls": step * num_particles, "seconds": time.perf_counter() - start, **check(draws, ref)}
             )
     return checks
 
@@ -152,11 +156,12 @@ def pyro_fit(target: str, kind: str, method: str, seed: int, updates: int, every
     guide(*args)  # build the flow under this seed, whatever the engine
     pyro.set_rng_seed(seed)
     optim = pyro.optim.Adam({"lr": LEARNING_RATE})
+    method, num_particles = particles(method)
     if method == "svi":
-        engine = SVI(model, guide, optim, Trace_ELBO(num_particles=NUM_PARTICLES, vectorize_particles=True))
+        engine = SVI(model, guide, optim, Trace_ELBO(num_particles=num_particles, vectorize_particles=True))
     else:
         engine = pyro_psvi.ProximalScoreVI(
-            model, guide, optim, num_particles=NUM_PARTICLES, **inner_steps(method)
+            model, guide, optim, num_particles=num_particles, **inner_steps(method)
         )
     checks, start = [], time.perf_counter()
     for step in range(1, updates + 1):
@@ -165,9 +170,22 @@ def pyro_fit(target: str, kind: str, method: str, seed: int, updates: int, every
             with torch.no_grad(), pyro.plate("draws", num_draws):
                 draws = guide(*args)["w"].numpy()
             checks.append(
-                {"calls": step * NUM_PARTICLES, "seconds": time.perf_counter() - start, **check(draws, ref)}
+                {"calls": step * num_particles, "seconds": time.perf_counter() - start, **check(draws, ref)}
             )
     return checks
+
+
+def particles(method: str) -> tuple[str, int]:
+    """A method name without its ``_sN`` suffix and its particles: ``N``, else 4."""
+    found = re.fullmatch(r"(.+)_s(\d+)", method)
+    return (found[1], int(found[2])) if found else (method, NUM_PARTICLES)
+
+
+def at_equal_calls(method: str, updates: int, every: int) -> tuple[int, int]:
+    """The updates and check interval of ``method`` that spend the score calls of
+    ``updates`` and ``every`` updates at 4 particles."""
+    scale = NUM_PARTICLES / particles(method)[1]
+    return max(round(updates * scale), 1), max(round(every * scale), 1)
 
 
 def inner_steps(method: str) -> dict:
@@ -211,10 +229,12 @@ def main() -> None:
             for method in opts.methods:
                 for seed in opts.seeds:
                     if backend == "numpyro":
-                        checks = numpyro_fit(target, method, seed, opts.updates, opts.every, opts.draws, ref)
+                        updates, every = at_equal_calls(method, opts.updates, opts.every)
+                        checks = numpyro_fit(target, method, seed, updates, every, opts.draws, ref)
                     else:
                         updates = opts.pyro_k20_updates if method == "psvi_k20" else opts.updates
-                        checks = pyro_fit(target, kind, method, seed, updates, opts.every, opts.draws, ref)
+                        updates, every = at_equal_calls(method, updates, opts.every)
+                        checks = pyro_fit(target, kind, method, seed, updates, every, opts.draws, ref)
                     row = {
                         "target": target,
                         "backend": backend,
