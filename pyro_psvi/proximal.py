@@ -1025,7 +1025,9 @@ class ProximalScoreVI(ScoreEngine):
     def _constraint_vjps(self) -> dict[str, Callable | None] | None:
         """By guide param, the vector-Jacobian product of its constraint transform
         (:func:`_constraint_vjp`), or ``None`` when some transform is not an elementwise
-        monotone bijection: what :meth:`_pulled_back_gradients` needs."""
+        monotone bijection: what :meth:`_pulled_back_gradients` needs. Finds the
+        transforms' kinds (:func:`_constraint_kind`, ``self._kinds``) with them, for
+        :meth:`_flat_guide_gradient`."""
         if not self._vjps_found:
             names = self.density.param_names
             try:
