@@ -109,6 +109,19 @@ def _contiguous_read(offsets: dict[str, int], sizes: dict[str, int], device: tor
     return FlatRead(torch.cat(parts), None)
 
 
+def _contiguous_loc_scale_index(loc_sizes: dict[str, int], scale_sizes: dict[str, int]) -> Callable:
+    """:attr:`GuideDensity.loc_scale_index` of a guide whose flat loc and scale each
+    concatenate whole params (``*_sizes``: their entries, in order), as AutoNormal's and
+    AutoDiagonalNormal's do: the same :class:`FlatRead` objects for the same layout."""
+
+    @lru_cache(maxsize=1)
+    def reads_for(layout: tuple, device: torch.device) -> tuple[FlatRead, FlatRead]:
+        offsets = dict(layout)
+        return _contiguous_read(offsets, loc_sizes, device), _contiguous_read(offsets, scale_sizes, device)
+
+    return lambda offsets, device: reads_for(tuple(offsets.items()), device)
+
+
 class GuideDensity(NamedTuple):
     """Batched functions of a guide's density over the flat unconstrained latent.
 
@@ -397,17 +410,10 @@ def _auto_normal(guide: autoguide.AutoNormal, options: DensityOptions) -> GuideD
         with torch.no_grad():
             return (*get_loc_scale(params), pullback)
 
-    @lru_cache(maxsize=1)
-    def reads_for(layout, device):
-        offsets, sizes = dict(layout), [math.prod(s.shape) for s in sites]
-        return tuple(
-            _contiguous_read(offsets, dict(zip(names, sizes, strict=True)), device)
-            for names in (loc_names, scale_names)
-        )
-
-    def loc_scale_index(offsets, device):  # the same objects for the same layout
-        return reads_for(tuple(offsets.items()), device)
-
+    sizes = [math.prod(s.shape) for s in sites]
+    loc_scale_index = _contiguous_loc_scale_index(
+        dict(zip(loc_names, sizes, strict=True)), dict(zip(scale_names, sizes, strict=True))
+    )
     density = _diagonal_density(get_loc_scale, sites, tuple(loc_names + scale_names), score_method)
     return density._replace(
         gaussian_params=gaussian_params if density.closed_form else None,
@@ -433,14 +439,9 @@ def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions)
         with torch.no_grad():
             return (*get_loc_scale(params), pullback)
 
-    @lru_cache(maxsize=1)
-    def reads_for(layout, device):
-        return tuple(_contiguous_read(dict(layout), {name: density.latent_dim}, device) for name in names)
-
-    def loc_scale_index(offsets, device):  # the same objects for the same layout
-        return reads_for(tuple(offsets.items()), device)
-
     density = _diagonal_density(get_loc_scale, _latent_sites(guide), names, score_method)
+    dim = density.latent_dim
+    loc_scale_index = _contiguous_loc_scale_index({names[0]: dim}, {names[1]: dim})
     return density._replace(
         gaussian_params=gaussian_params if density.closed_form else None,
         loc_scale_vjp=loc_scale_vjp if density.closed_form else None,

@@ -143,13 +143,12 @@ def _constraint_kind(transform: Any) -> str:
     return "monotone"
 
 
-def _constraint_vjp(transform: Any) -> Callable[..., torch.Tensor] | None:
+def _constraint_vjp(transform: Any, kind: str) -> Callable[..., torch.Tensor] | None:
     """``(grad, u, c) -> grad * dc/du`` for an elementwise, monotone bijection ``c =
-    transform(u)`` (:func:`_constraint_kind`), in autograd's arithmetic where it is one
-    op: ``None`` for the identity; ``grad * c`` for ``exp`` (autograd's ``grad * 1 *
-    exp(u)``); autograd's own kernel for ``softplus``; else ``grad * sign *
-    exp(log_abs_det_jacobian)``. Raises ``NotImplementedError`` for any other transform."""
-    kind = _constraint_kind(transform)
+    transform(u)`` of the :func:`_constraint_kind` ``kind``, in autograd's arithmetic
+    where it is one op: ``None`` for the identity; ``grad * c`` for ``exp`` (autograd's
+    ``grad * 1 * exp(u)``); autograd's own kernel for ``softplus``; else ``grad * sign *
+    exp(log_abs_det_jacobian)``."""
     if kind == "identity":
         return None
     if kind in _ELEMENTWISE_CONSTRAINTS:
@@ -1033,7 +1032,10 @@ class ProximalScoreVI(ScoreEngine):
             try:
                 transforms = [self._transforms[name] for name in names]
                 self._kinds = dict(zip(names, map(_constraint_kind, transforms), strict=True))
-                self._vjps = dict(zip(names, map(_constraint_vjp, transforms), strict=True))
+                self._vjps = {
+                    name: _constraint_vjp(transform, self._kinds[name])
+                    for name, transform in zip(names, transforms, strict=True)
+                }
             except NotImplementedError:
                 self._kinds, self._vjps = None, None
             self._vjps_found = True
