@@ -127,12 +127,17 @@ class GuideDensity(NamedTuple):
         :func:`numpyro_psvi.scores.coordinate_weights`; a user-written guide knows its
         batch and ignores them). For the guides that take local latents (AutoNormal and
         its diagonal siblings, user-written guides with local latents); ``None`` otherwise.
+    loc_lowrank : callable or None
+        ``loc_lowrank(params) -> (loc, (cov_factor, scale))``, ``Cov = s (I + F F') s``
+        with ``F = cov_factor`` ``(D, R)`` and ``s = diag(scale)``, for
+        AutoLowRankMultivariateNormal with closed-form scores; ``None`` otherwise.
     gaussian_params : callable or None
         ``gaussian_params(loc, scale) -> params``: the guide's constrained params holding
         the Gaussian with ``loc`` and ``scale`` (the sds where ``loc_scale`` is set, the
-        Cholesky factor where ``loc_tril`` is), for the autoguides whose closed-form
-        proximal step writes them (AutoNormal, AutoDiagonalNormal,
-        AutoMultivariateNormal); ``None`` otherwise.
+        Cholesky factor where ``loc_tril`` is, the pair ``(cov_factor, scale)`` where
+        ``loc_lowrank`` is), for the autoguides whose closed-form proximal step writes
+        them (AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
+        AutoLowRankMultivariateNormal); ``None`` otherwise.
     """
 
     latent_dim: int
@@ -148,7 +153,8 @@ class GuideDensity(NamedTuple):
     loc_tril: Callable[[Params], tuple[jax.Array, jax.Array]] | None = None
     at_indices: Callable[[dict[str, jax.Array]], GuideDensity] | None = None
     elbo_log_prob: Callable[[Params, jax.Array, jax.Array | None], jax.Array] | None = None
-    gaussian_params: Callable[[jax.Array, jax.Array], Params] | None = None
+    loc_lowrank: Callable[[Params], tuple[jax.Array, tuple[jax.Array, jax.Array]]] | None = None
+    gaussian_params: Callable[[jax.Array, Any], Params] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -417,7 +423,7 @@ def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, options: Densi
         _, factor, scale = pieces(params)
         return jnp.sum((r @ factor) ** 2) + jnp.sum((scale * r) ** 2)
 
-    return _finish(
+    density = _finish(
         latent_dim=dim,
         sample=sample,
         log_prob=log_prob,
@@ -427,6 +433,17 @@ def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, options: Densi
         unpack=unpack_latent(guide),
         score_method=options.score_method,
     )
+
+    def loc_lowrank(params):
+        return params[f"{prefix}_loc"], (params[f"{prefix}_cov_factor"], params[f"{prefix}_scale"])
+
+    def gaussian_params(loc, factor_scale):
+        factor, scale = factor_scale
+        return {f"{prefix}_loc": loc, f"{prefix}_cov_factor": factor, f"{prefix}_scale": scale}
+
+    if not density.closed_form:
+        return density
+    return density._replace(loc_lowrank=loc_lowrank, gaussian_params=gaussian_params)
 
 
 def _auto_batched_mvn(

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from numpyro_psvi.guides import GuideDensity, Params
-from psvi.objective import SMALLEST_STEP_FRACTION, diagonal_step_path
+from psvi.objective import LOWRANK_DIAG_FLOOR, SMALLEST_STEP_FRACTION, diagonal_step_path
 
 
 def weighted_fisher(
@@ -349,13 +349,14 @@ def trust_region_fraction(kl_at: Any, max_kl: jax.Array | float, max_halvings: i
 
 class GaussianStep(NamedTuple):
     """A Gaussian guide's proximal step solved in closed form
-    (:func:`gaussian_proximal_step`, :func:`diagonal_proximal_step`): the new ``loc``
-    and ``scale`` (the Cholesky factor of a full covariance, the sds of a diagonal
-    one), and the fraction of the solved step taken (0: no fraction kept the KL finite
+    (:func:`gaussian_proximal_step`, :func:`lowrank_proximal_step`,
+    :func:`diagonal_proximal_step`): the new ``loc`` and ``scale`` (the Cholesky factor
+    of a full covariance, the pair ``(cov_factor, scale)`` of a low-rank one, the sds of
+    a diagonal one), and the fraction of the solved step taken (0: no fraction kept the KL finite
     and in budget)."""
 
     loc: jax.Array
-    scale: jax.Array
+    scale: jax.Array | tuple[jax.Array, jax.Array]
     frac: jax.Array
 
 
@@ -384,20 +385,28 @@ def largest_step_fraction(
     return jax.lax.cond(kl_at(jnp.ones((), dtype)) <= max_kl, lambda: jnp.ones((), dtype), search)
 
 
-def gaussian_proximal_step(
-    loc_t: jax.Array,
-    tril_t: jax.Array,
-    particles: jax.Array,
-    model_scores: jax.Array,
-    prox_weight: float,
-    max_kl: jax.Array | float,
-    num_bisections: int = 40,
-) -> GaussianStep:
-    """The split proximal objective of a full-covariance Gaussian guide with covariance
-    weighting, solved in closed form in ``q_t``'s whitened coordinates (docs/algorithm.md).
+class WhitenedStep(NamedTuple):
+    """The closed-form step in ``q_t``'s whitened coordinates
+    (:func:`whitened_proximal_step`): the new guide is ``N(shift, I + basis
+    cov_change basis')`` there, ``basis`` ``(D, b)`` orthonormal with ``b <= 2 (S - 1)``;
+    ``frac`` as in :class:`GaussianStep`."""
 
-    With ``z_s = L_t^{-1}(u_s - loc_t)``, whitened scores ``g_s = L_t' grad log p(u_s)``
-    and the new guide ``N(d, P^{-1})`` in those coordinates, the residuals are
+    basis: jax.Array
+    cov_change: jax.Array
+    shift: jax.Array
+    frac: jax.Array
+
+
+def whitened_proximal_step(
+    z: jax.Array, g: jax.Array, prox_weight: float, max_kl: jax.Array | float, num_bisections: int = 40
+) -> WhitenedStep:
+    """The split proximal objective of a Gaussian guide with covariance weighting,
+    solved in closed form in ``q_t``'s whitened coordinates (docs/algorithm.md), from
+    the particles ``z = L_t^{-1}(u - loc_t)`` and the whitened scores
+    ``g = L_t' grad log p(u)``, each ``(S, D)``, for any ``L_t`` with ``L_t L_t' =
+    Cov(q_t)``.
+
+    With the new guide ``N(d, P^{-1})`` in those coordinates, the residuals are
     ``g_s + P (z_s - d)`` and the objective is their mean square plus
     ``prox_weight * KL(N(0, I) || N(d, P^{-1}))``. As in :func:`split_full_objective`,
     ``P = I + E`` is fitted to the residuals' spread around the particles' mean, with
@@ -411,15 +420,12 @@ def gaussian_proximal_step(
     the limit ``prox_weight -> 0`` with ``S > D``.
 
     The step taken is the fraction ``f`` of this solution (precision ``P_f = I + f E``,
-    its complement block completed, and location ``f d_f``, ``d_f`` exact for ``P_f``) largest with
-    ``KL(q_t || q_f) <= max_kl`` (``num_bisections`` bisections in ``log f`` down to
-    :data:`psvi.objective.SMALLEST_STEP_FRACTION`):
-    a trust region measured in the exact KL. Everything but the final factorization is
-    ``O(S^2 D)``; the new ``scale_tril`` is ``L_t chol(P^{-1})``, one ``O(D^3)``.
+    its complement block completed, and location ``f d_f``, ``d_f`` exact for ``P_f``)
+    largest with ``KL(N(0, I) || N(f d_f, P_f^{-1})) <= max_kl`` (``num_bisections``
+    bisections in ``log f`` down to :data:`psvi.objective.SMALLEST_STEP_FRACTION`): a
+    trust region measured in the exact KL. ``O(S^2 D)``.
     """
-    num, dim = particles.shape
-    z = solve_triangular(tril_t, (particles - loc_t).T, lower=True).T
-    g = model_scores @ tril_t
+    num, dim = z.shape
     z_bar, g_bar = z.mean(0), g.mean(0)
     z_spread = z - z_bar
     r_spread = (g - g_bar) + z_spread  # the residuals' spread under q_t (E = 0)
@@ -436,7 +442,7 @@ def gaussian_proximal_step(
     seen_b, cross_b = basis.T @ seen, basis.T @ e_cross.T
     g_b, z_b = basis.T @ g_bar, basis.T @ z_bar
     rest = (g_bar - basis @ g_b) + (z_bar - basis @ z_b)  # where P stays I
-    eye_k, eye_b = jnp.eye(k, dtype=loc_t.dtype), jnp.eye(basis.shape[1], dtype=loc_t.dtype)
+    eye_k, eye_b = jnp.eye(k, dtype=z.dtype), jnp.eye(basis.shape[1], dtype=z.dtype)
 
     def precision(f):
         """``P_f`` in the basis (identity on its complement)."""
@@ -458,11 +464,92 @@ def gaussian_proximal_step(
         kl = 0.5 * (jnp.trace(p) - p.shape[0] - logdet + d_b @ p @ d_b + d_rest @ d_rest)
         return jnp.where(jnp.isfinite(kl), kl, jnp.inf)
 
-    frac = largest_step_fraction(kl_at, max_kl, loc_t.dtype, num_bisections)
+    frac = largest_step_fraction(kl_at, max_kl, z.dtype, num_bisections)
     p, d_b, d_rest = step(frac)
-    cov_w = jnp.eye(dim, dtype=loc_t.dtype) + basis @ (jnp.linalg.inv(p) - eye_b) @ basis.T
+    cov_change = jnp.linalg.inv(p) - eye_b
+    return WhitenedStep(basis, 0.5 * (cov_change + cov_change.T), basis @ d_b + d_rest, frac)
+
+
+def gaussian_proximal_step(
+    loc_t: jax.Array,
+    tril_t: jax.Array,
+    particles: jax.Array,
+    model_scores: jax.Array,
+    prox_weight: float,
+    max_kl: jax.Array | float,
+    num_bisections: int = 40,
+) -> GaussianStep:
+    """The closed-form step of a full-covariance Gaussian guide
+    (:func:`whitened_proximal_step`, whitened by the Cholesky factor ``L_t``). The new
+    ``scale_tril`` is ``L_t chol(I + basis cov_change basis')``, the update's one
+    ``O(D^3)``; everything else is ``O(S^2 D)``."""
+    z = solve_triangular(tril_t, (particles - loc_t).T, lower=True).T
+    step = whitened_proximal_step(z, model_scores @ tril_t, prox_weight, max_kl, num_bisections)
+    dim = loc_t.shape[0]
+    cov_w = jnp.eye(dim, dtype=loc_t.dtype) + step.basis @ step.cov_change @ step.basis.T
     tril = tril_t @ jnp.linalg.cholesky(0.5 * (cov_w + cov_w.T))
-    return GaussianStep(loc_t + tril_t @ (basis @ d_b + d_rest), tril, frac)
+    return GaussianStep(loc_t + tril_t @ step.shift, tril, step.frac)
+
+
+def lowrank_proximal_step(
+    loc_t: jax.Array,
+    factor_t: jax.Array,
+    scale_t: jax.Array,
+    particles: jax.Array,
+    model_scores: jax.Array,
+    prox_weight: float,
+    max_kl: jax.Array | float,
+    num_bisections: int = 40,
+) -> GaussianStep:
+    """The closed-form step of a low-rank-plus-diagonal guide, ``Cov = s (I + F F') s``
+    (``s = diag(scale)``, ``F`` the raw ``(D, R)`` cov factor, as NumPyro's and Pyro's
+    AutoLowRankMultivariateNormal), projected back onto its family.
+
+    Whitened by ``L_t = s (I + F F')^{1/2}`` (products in ``O(D R)`` from the thin SVD of
+    ``F``), :func:`whitened_proximal_step` gives the full-covariance solution
+    ``C = Cov(q_t) + G M G'`` with ``G = L_t basis`` (rank ``b <= 2 (S - 1)``). The new
+    guide is its factor-analysis projection (``KL(N(0, C) || N(0, Lam Lam' + Psi))``
+    minimized over ``Lam`` for ``Psi = s^2``: the top ``R`` eigenpairs of
+    ``Psi^{-1/2} C Psi^{-1/2} = I + A N A'``, ``A = s^{-1} [s F, G]``, from one QR of
+    ``A`` and an ``(R + b)``-square eigenproblem), then ``Psi = diag(C - Lam Lam')``,
+    each coordinate held at or above :data:`psvi.objective.LOWRANK_DIAG_FLOOR` times its ``s^2``;
+    ``Lam`` rotated to the nearest of ``q_t``'s factor.
+    A guide in the family that the whitened step keeps is kept: a Gaussian target of
+    rank ``R`` plus diagonal is a fixed point. ``O(D (R + S)^2)``; ``frac`` is the
+    whitened step's.
+
+    Returns
+    -------
+    GaussianStep
+        ``loc``, ``scale`` the pair ``(F, s)`` of the new guide, ``frac``.
+    """
+    rank = factor_t.shape[1]
+    left, singular, _ = jnp.linalg.svd(factor_t, full_matrices=False)
+    root = jnp.sqrt(1 + singular**2)
+
+    def times_root(x, power):
+        """``(I + F F')^{power/2} x`` for ``x`` of shape ``(D, n)``."""
+        return x + left @ ((root**power - 1)[:, None] * (left.T @ x))
+
+    z = times_root(((particles - loc_t) / scale_t).T, -1).T
+    g = times_root((model_scores * scale_t).T, 1).T
+    step = whitened_proximal_step(z, g, prox_weight, max_kl, num_bisections)
+    loc = loc_t + scale_t * times_root(step.shift[:, None], 1)[:, 0]
+    spread = times_root(step.basis, 1)  # s^{-1} G
+    pieces = jnp.concatenate([factor_t, spread], axis=1)
+    ortho, tri = jnp.linalg.qr(pieces)
+    middle = jax.scipy.linalg.block_diag(jnp.eye(rank, dtype=loc_t.dtype), step.cov_change)
+    excess, vectors = jnp.linalg.eigh(tri @ middle @ tri.T)
+    top = (ortho @ vectors[:, -rank:]) * jnp.sqrt(jnp.maximum(excess[-rank:], 0))  # s^{-1} Lam
+    # Lam is defined up to a rotation: take the one nearest q_t's (orthogonal Procrustes),
+    # so that the factor moves as little as the covariance does.
+    u, _, vt = jnp.linalg.svd(top.T @ factor_t)
+    top = top @ (u @ vt)
+    # diag(C) / s^2 = 1 + rows of F F' + rows of spread M spread'
+    own = 1 + jnp.sum(factor_t**2, 1) + jnp.sum((spread @ step.cov_change) * spread, 1) - jnp.sum(top**2, 1)
+    ratio = jnp.maximum(own, LOWRANK_DIAG_FLOOR)  # Psi / s^2
+    scale = scale_t * jnp.sqrt(ratio)
+    return GaussianStep(loc, (top / jnp.sqrt(ratio)[:, None], scale), step.frac)
 
 
 def diagonal_proximal_step(

@@ -38,6 +38,7 @@ from numpyro_psvi.objective import (
     fisher_statistics,
     gaussian_proximal_step,
     lerp_tree,
+    lowrank_proximal_step,
     proximal_objective,
     split_diagonal_objective,
     split_full_objective,
@@ -204,13 +205,15 @@ class ProximalScoreVI(ScoreEngine):
         How each proximal problem is solved: ``"closed_form"`` for an autoguide
         Gaussian (:func:`~numpyro_psvi.objective.gaussian_proximal_step` for a full
         covariance, the split objective solved in ``q_t``'s whitened coordinates;
+        :func:`~numpyro_psvi.objective.lowrank_proximal_step` for
+        AutoLowRankMultivariateNormal, that solution projected onto its family;
         :func:`~numpyro_psvi.objective.diagonal_proximal_step` for AutoNormal and
         AutoDiagonalNormal, coordinate by coordinate; the step the largest fraction in
         the trust region, which grows while its steps pay off; the optimizer then holds
         the guide's params but does not move them), or ``"optimizer"`` (``inner_steps``
         steps of ``optim``). ``None`` (the default): the closed form where it is the
-        default (:func:`psvi.objective.resolve_inner_solver`: a full covariance, exact
-        scores, no model params) unless ``inner_steps`` is given.
+        default (:func:`psvi.objective.resolve_inner_solver`: a full or low-rank
+        covariance, exact scores, no model params) unless ``inner_steps`` is given.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`numpyro_psvi.batches`: every member once per epoch, as
@@ -268,9 +271,6 @@ class ProximalScoreVI(ScoreEngine):
         """Return the initial :class:`EngineState` (see :meth:`ScoreEngine.init`), with a
         warning where the guide family advises against these settings."""
         state = super().init(rng_key, *args, init_params=init_params, **kwargs)
-        advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
-        if advice:
-            warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
@@ -279,13 +279,19 @@ class ProximalScoreVI(ScoreEngine):
         )
         self.inner_solver = resolve_inner_solver(
             self._requested_solver, gaussian_step=self.density.gaussian_params is not None,
-            full_covariance=self.density.loc_tril is not None,
+            full_covariance=self.density.loc_tril is not None or self.density.loc_lowrank is not None,
             batch_ratio=self.batch_ratio, weighting=self.objective.weighting,
             num_particles=self.num_particles, inner_steps=self._requested[0],
             has_model_params=bool(self._model_param_names), data_parallel=self.mesh is not None,
         )  # fmt: skip
+        # The families' advice measured the optimizer's inner steps (the closed forms do
+        # not take the optimizer's step size, and converged where those diverged).
+        advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
+        if advice and self.inner_solver == "optimizer":
+            warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         closed_form = self.inner_solver == "closed_form" and self.density.loc_tril is not None
-        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested, closed_form)
+        low_rank_step = self.inner_solver == "closed_form" and self.density.loc_lowrank is not None
+        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step)
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)
         zeros = jnp.zeros(self.density.latent_dim)
@@ -464,6 +470,8 @@ class ProximalScoreVI(ScoreEngine):
         prox_weight = self.objective.prox_weight
         if density.loc_tril is not None:
             step = gaussian_proximal_step(loc_t, scale_t, particles, scored.scores, prox_weight, max_kl)
+        elif density.loc_lowrank is not None:
+            step = lowrank_proximal_step(loc_t, *scale_t, particles, scored.scores, prox_weight, max_kl)
         else:
             step = diagonal_proximal_step(
                 loc_t, scale_t, problem.statistics, problem.averages.curvature, prox_weight,
@@ -497,8 +505,9 @@ class ProximalScoreVI(ScoreEngine):
         return new_state, jnp.where(undo, problem.loss, loss)
 
     def _loc_scale(self, params: dict) -> tuple[jax.Array, jax.Array]:
-        """An autoguide Gaussian's loc and scale: its sds (diagonal) or Cholesky factor."""
-        return (self.density.loc_scale or self.density.loc_tril)(params)
+        """An autoguide Gaussian's loc and scale: its sds (diagonal), Cholesky factor, or
+        ``(cov_factor, scale)`` pair (low rank)."""
+        return (self.density.loc_scale or self.density.loc_tril or self.density.loc_lowrank)(params)
 
     def _with_guide(self, optim_state: Any, loc: jax.Array, scale: jax.Array) -> Any:
         """``optim_state`` holding the autoguide Gaussian with ``loc`` and ``scale`` (its sds

@@ -138,25 +138,30 @@ def full_covariance_advice(dim: int, num_particles: int) -> str | None:
     )
 
 
-# AutoLowRankMultivariateNormal with exact scores (docs/lowrank_study.md, rank 10): fits
-# converged at D = 50, 70 (S = 8) and 100 (S = 16), stalled at D = 100 with S = 8 and
-# diverged at D = 1000 with S = 8 and 125.
+# AutoLowRankMultivariateNormal fitted by the optimizer's inner steps (docs/lowrank_study.md,
+# rank 10, exact scores): fits converged at D = 50, 70 (S = 8) and 100 (S = 16), stalled
+# at D = 100 with S = 8 and diverged at D = 1000 with S = 8 and 125. The closed-form step
+# (the default with exact scores) has no such limit; the engines warn only for the
+# optimizer path.
 LOWRANK_MAX_DIM = 100
 LOWRANK_MAX_DIMS_PER_PARTICLE = 10
 
 
 def lowrank_advice(dim: int, num_particles: int) -> str | None:
-    """The warning for a low-rank-plus-diagonal guide above :data:`LOWRANK_MAX_DIM` latent
-    dimensions or :data:`LOWRANK_MAX_DIMS_PER_PARTICLE` per particle, or ``None``."""
+    """The warning for a low-rank-plus-diagonal guide fitted by the optimizer's inner
+    steps above :data:`LOWRANK_MAX_DIM` latent dimensions or
+    :data:`LOWRANK_MAX_DIMS_PER_PARTICLE` per particle, or ``None``."""
     if dim <= min(LOWRANK_MAX_DIM, LOWRANK_MAX_DIMS_PER_PARTICLE * num_particles):
         return None
     return (
         f"AutoLowRankMultivariateNormal with D={dim} latent dimensions and "
-        f"num_particles={num_particles}: on low-rank-plus-diagonal Gaussian targets with exact "
-        "scores, ProximalScoreVI's fits of this guide converged up to D=100 with D <= 10 "
-        "num_particles, stalled at D=100 with S=8 (KL 135 where SVI reached 7.9) and diverged "
-        "at D=1000 with S=8 and S=125 (docs/lowrank_study.md). Use AutoMultivariateNormal "
-        "(closed-form steps, D up to ~500) or AutoNormal, or SVI for this guide"
+        f"num_particles={num_particles}, fitted by the optimizer's inner steps (the closed-form "
+        "step needs exact scores, num_particles >= 2, the covariance weighting, no model params "
+        "and no inner_steps): on low-rank-plus-diagonal Gaussian targets, such fits converged "
+        "up to D=100 with D <= 10 num_particles, stalled at D=100 with S=8 (KL 135 where SVI "
+        "reached 7.9) and diverged at D=1000 with S=8 and S=125 (docs/lowrank_study.md). Use "
+        "the closed-form step where it applies, AutoMultivariateNormal or AutoNormal, or SVI "
+        "for this guide"
         + (
             f"; up to D=100, num_particles >= {-(-dim // LOWRANK_MAX_DIMS_PER_PARTICLE)}."
             if dim <= LOWRANK_MAX_DIM

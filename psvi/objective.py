@@ -19,8 +19,8 @@ class ProximalScoreMatching(NamedTuple):
     ----------
     prox_weight : float or None
         Weight ``1/eta`` of the proximal term. ``None``: by regime
-        (:func:`regime_defaults`), 3 for the closed-form step of a full-covariance
-        Gaussian guide, else 10.
+        (:func:`regime_defaults`), 3 for the closed-form step of a full-covariance or
+        low-rank Gaussian guide, else 10.
     weighting : {"covariance", "identity"}
         ``W_t``: the covariance of ``q_t`` (scale-free, the default) or the identity.
     num_kl_draws : int
@@ -90,13 +90,19 @@ class RegimeDefaults(NamedTuple):
     prox_weight: float
 
 
-def regime_defaults(gaussian: bool, batch_ratio: float, closed_form: bool = False) -> RegimeDefaults:
+def regime_defaults(
+    gaussian: bool, batch_ratio: float, closed_form: bool = False, low_rank_step: bool = False
+) -> RegimeDefaults:
     """:class:`RegimeDefaults` for a guide that is (or is not) a diagonal or
     full-covariance Gaussian, a model whose largest plate-to-subsample ratio is
     ``batch_ratio``, and whether the updates take the closed-form step of a
-    full-covariance Gaussian (``closed_form``; ``inner_steps`` then goes unused)."""
+    full-covariance Gaussian (``closed_form``; ``inner_steps`` then goes unused) or of a
+    low-rank one (``low_rank_step``: the proximal weight 3, the last iterate;
+    docs/lowrank_study.md)."""
     if gaussian and batch_ratio > 1:
         return RegimeDefaults(inner_steps=5, average_iterates=True, curvature_memory=1, prox_weight=10.0)
+    if low_rank_step:
+        return RegimeDefaults(inner_steps=20, average_iterates=False, curvature_memory=100, prox_weight=3.0)
     if closed_form:
         return RegimeDefaults(inner_steps=20, average_iterates=True, curvature_memory=100, prox_weight=3.0)
     return RegimeDefaults(inner_steps=20, average_iterates=False, curvature_memory=100, prox_weight=10.0)
@@ -126,6 +132,10 @@ def trust_region_scale(diagonal: bool, batch_ratio: float) -> float:
 MAX_TRUST_REGION_GROWTH = 2.0**30
 """A bound that keeps the budget finite in float32; the undo of :func:`grow_trust_region`
 is what guards the fit (at 2^10 a Pyro fit of earnings still crawled: docs/posteriordb.md)."""
+LOWRANK_DIAG_FLOOR = 1e-3
+"""The low-rank closed-form step's floor on each coordinate's own variance, as a fraction
+of ``q_t``'s: the projection drops the whitened step's negative components (where it
+shrinks the covariance), which can take ``diag(C - Lam Lam')`` past zero."""
 SMALLEST_STEP_FRACTION = 2.0**-120
 """The closed-form step's smallest fraction (float32's smallest normal number is 2^-126):
 a start far in the tails (likelihood curvature ~1e17 times the guide's precision) needs
@@ -147,8 +157,8 @@ class TrustRegionGrowth(NamedTuple):
         The ``-ELBO`` estimate of the iterate the last step started from, and its
         standard error.
     loc, guide_scale
-        The guide the last step started from: its loc and its sds (a diagonal Gaussian)
-        or Cholesky factor (a full covariance).
+        The guide the last step started from: its loc and its sds (a diagonal Gaussian),
+        Cholesky factor (a full covariance) or ``(cov_factor, scale)`` pair (low rank).
     """
 
     scale: Any
@@ -174,13 +184,19 @@ class TrustRegionGrowth(NamedTuple):
         ``loss`` and its ``error`` and the guide the step started from (``loc``,
         ``guide_scale``); elsewhere the default budget, no cut, and this state's estimates
         and guide. ``where`` is ``jnp.where`` or ``torch.where``."""
+
+        def pick(new: Any, old: Any) -> Any:
+            if isinstance(new, tuple):  # a low-rank guide's (cov_factor, scale)
+                return tuple(where(taken, a, b) for a, b in zip(new, old, strict=True))
+            return where(taken, new, old)
+
         return TrustRegionGrowth(
             where(taken, scale, 1.0),
             taken & cut,
             where(taken, loss, self.last_loss),
             where(taken, error, self.last_error),
             where(taken, loc, self.loc),
-            where(taken, guide_scale, self.guide_scale),
+            pick(guide_scale, self.guide_scale),
         )
 
 
@@ -340,11 +356,12 @@ def resolve_regime(
     curvature_memory: int | None,
     prox_weight: float | None,
     closed_form: bool = False,
+    low_rank_step: bool = False,
 ) -> RegimeDefaults:
     """The engine's settings: the user's ``inner_steps``, ``average_iterates``,
     ``curvature_memory`` and ``prox_weight``, and :func:`regime_defaults` for those left
     ``None``."""
-    defaults = regime_defaults(gaussian, batch_ratio, closed_form)
+    defaults = regime_defaults(gaussian, batch_ratio, closed_form, low_rank_step)
     return RegimeDefaults(
         inner_steps=defaults.inner_steps if inner_steps is None else int(inner_steps),
         average_iterates=defaults.average_iterates if average_iterates is None else bool(average_iterates),
@@ -378,14 +395,17 @@ def resolve_inner_solver(
     """How each update's proximal problem is solved: ``"closed_form"`` (the backend's
     ``gaussian_proximal_step`` for a full-covariance Gaussian guide, the split objective
     solved in ``q_t``'s whitened coordinates, one ``O(D^3)`` per update;
-    ``diagonal_proximal_step`` for a diagonal one, coordinate by coordinate, ``O(D)``)
-    or ``"optimizer"`` (``inner_steps`` steps of the user's optimizer).
+    ``lowrank_proximal_step`` for a low-rank-plus-diagonal one, the same solution
+    projected back onto the family, ``O(D (R + S)^2)``; ``diagonal_proximal_step`` for a
+    diagonal one, coordinate by coordinate, ``O(D)``) or ``"optimizer"``
+    (``inner_steps`` steps of the user's optimizer).
 
     It applies to an autoguide Gaussian (``gaussian_step``: AutoNormal,
-    AutoDiagonalNormal, AutoMultivariateNormal) with exact scores, no model params and
-    one device; a full covariance also needs the covariance weighting and two or more
-    particles. ``None`` takes it for a full covariance where it applies and the user set
-    no ``inner_steps``; a diagonal guide takes it on request: scale-free where Adam's
+    AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal) with
+    exact scores, no model params and one device; a covariance fitted from the
+    particles' spread (``full_covariance``: full or low rank) also needs the covariance
+    weighting and two or more particles. ``None`` takes it for those where it applies
+    and the user set no ``inner_steps``; a diagonal guide takes it on request: scale-free where Adam's
     steps crawl (a start far from unit scale), better on well-conditioned targets, but
     noisier than the damped optimizer steps on rotated ill-conditioned ones (five seeds,
     docs/gaussian_study.md, "Diagonal guides"). With a subsampled plate the optimizer
@@ -399,7 +419,7 @@ def resolve_inner_solver(
         (
             not gaussian_step,
             "the guide is not an autoguide Gaussian with closed-form scores "
-            "(AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal)",
+            "(AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal)",
         ),
         (batch_ratio > 1, "the model subsamples a plate (the closed form needs exact scores)"),
         (full_covariance and weighting != "covariance", f'the weighting is {weighting!r}, not "covariance"'),

@@ -159,6 +159,10 @@ class GuideDensity(NamedTuple):
         full-covariance Gaussian guide with closed-form scores (AutoMultivariateNormal);
         ``None`` otherwise. Its proximal objective is then the split one
         (:func:`pyro_psvi.objective.split_full_objective`).
+    loc_lowrank : callable or None
+        ``loc_lowrank(params) -> (loc, (cov_factor, scale))``, ``Cov = s (I + F F') s``
+        with ``F = cov_factor`` ``(D, R)`` and ``s = diag(scale)``, for
+        AutoLowRankMultivariateNormal with closed-form scores; ``None`` otherwise.
     plate_indices : dict or None
         A user-written guide runs its plates on the step's mini-batch, as under ``SVI``
         (with local latents in a subsampled plate it draws only the batch's members):
@@ -181,9 +185,10 @@ class GuideDensity(NamedTuple):
     gaussian_params : callable or None
         ``gaussian_params(loc, scale) -> params``: the guide's constrained params holding
         the Gaussian with ``loc`` and ``scale`` (the sds where ``loc_scale`` is set, the
-        Cholesky factor where ``loc_tril`` is), for the autoguides whose closed-form
-        proximal step writes them (AutoNormal, AutoDiagonalNormal,
-        AutoMultivariateNormal); ``None`` otherwise.
+        Cholesky factor where ``loc_tril`` is, the pair ``(cov_factor, scale)`` where
+        ``loc_lowrank`` is), for the autoguides whose closed-form proximal step writes
+        them (AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
+        AutoLowRankMultivariateNormal); ``None`` otherwise.
     loc_scale_vjp : callable or None
         ``loc_scale_vjp(params) -> (loc, scale, pullback)`` or ``None``: ``loc_scale``
         without an autograd graph, and ``pullback(loc_grad, scale_grad) -> {name:
@@ -210,11 +215,12 @@ class GuideDensity(NamedTuple):
     closed_form: bool
     loc_scale: Callable[[Params], tuple[torch.Tensor, torch.Tensor]] | None = None
     loc_tril: Callable[[Params], tuple[torch.Tensor, torch.Tensor]] | None = None
+    loc_lowrank: Callable[[Params], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] | None = None
     plate_indices: dict[str, torch.Tensor] | None = None
     module_param_names: tuple[str, ...] = ()
     elbo_log_prob: Callable[[Params, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
     runs_guide: bool = False
-    gaussian_params: Callable[[torch.Tensor, torch.Tensor], Params] | None = None
+    gaussian_params: Callable[[torch.Tensor, Any], Params] | None = None
     loc_scale_vjp: Callable[[Params], tuple | None] | None = None
     loc_scale_index: Callable[[dict[str, int], torch.device], tuple[FlatRead, FlatRead] | None] | None = None
 
@@ -530,11 +536,20 @@ def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, options: Densi
         _, factor, scale = pieces(params)
         return torch.sum((r @ factor) ** 2, dim=-1) + torch.sum((scale * r) ** 2, dim=-1)
 
+    def loc_lowrank(params):
+        loc, scale, factor = (params[n] for n in names)
+        return loc, (factor, scale)
+
+    def gaussian_params(loc, factor_scale):
+        factor, scale = factor_scale
+        return dict(zip(names, (loc, scale, factor), strict=True))
+
     closed = score_method == "closed_form"
     return GuideDensity(
         latent_dim=dim, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
         score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
-        closed_form=closed,
+        closed_form=closed, loc_lowrank=loc_lowrank if closed else None,
+        gaussian_params=gaussian_params if closed else None,
     )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from psvi.objective import SMALLEST_STEP_FRACTION, diagonal_step_path
+from psvi.objective import LOWRANK_DIAG_FLOOR, SMALLEST_STEP_FRACTION, diagonal_step_path
 from pyro_psvi.guides import GuideDensity, Params
 
 
@@ -391,13 +391,14 @@ def trust_region_fraction(
 
 class GaussianStep(NamedTuple):
     """A Gaussian guide's proximal step solved in closed form
-    (:func:`gaussian_proximal_step`, :func:`diagonal_proximal_step`): the new ``loc``
-    and ``scale`` (the Cholesky factor of a full covariance, the sds of a diagonal
-    one), and the fraction of the solved step taken (0: no fraction kept the KL finite
-    and in budget)."""
+    (:func:`gaussian_proximal_step`, :func:`lowrank_proximal_step`,
+    :func:`diagonal_proximal_step`): the new ``loc`` and ``scale`` (the Cholesky factor
+    of a full covariance, the pair ``(cov_factor, scale)`` of a low-rank one, the sds of
+    a diagonal one), and the fraction of the solved step taken (0: no fraction kept the
+    KL finite and in budget)."""
 
     loc: torch.Tensor
-    scale: torch.Tensor
+    scale: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
     frac: torch.Tensor
 
 
@@ -419,23 +420,24 @@ def largest_step_fraction(
     return torch.where(whole_fits, one, torch.where(found, low, 0.0 * one))
 
 
-def gaussian_proximal_step(
-    loc_t: torch.Tensor,
-    tril_t: torch.Tensor,
-    particles: torch.Tensor,
-    model_scores: torch.Tensor,
-    prox_weight: float,
-    max_kl: float,
-    num_bisections: int = 40,
-) -> GaussianStep:
-    """The split proximal objective of a full-covariance Gaussian guide with covariance
-    weighting, solved in closed form in ``q_t``'s whitened coordinates: the twin of
-    :func:`numpyro_psvi.objective.gaussian_proximal_step`, whose docstring has the
+class WhitenedStep(NamedTuple):
+    """The twin of :class:`numpyro_psvi.objective.WhitenedStep`."""
+
+    basis: torch.Tensor
+    cov_change: torch.Tensor
+    shift: torch.Tensor
+    frac: torch.Tensor
+
+
+def whitened_proximal_step(
+    z: torch.Tensor, g: torch.Tensor, prox_weight: float, max_kl: float, num_bisections: int = 40
+) -> WhitenedStep:
+    """The split proximal objective of a Gaussian guide with covariance weighting, solved
+    in closed form in ``q_t``'s whitened coordinates: the twin of
+    :func:`numpyro_psvi.objective.whitened_proximal_step`, whose docstring has the
     derivation (docs/algorithm.md). No host sync off a CPU: the bisection runs on the device.
     A singular or non-finite system gives non-finite values (as in JAX), not an error."""
-    num, dim = particles.shape
-    z = torch.linalg.solve_triangular(tril_t, (particles - loc_t).mT, upper=False).mT
-    g = model_scores @ tril_t
+    num, dim = z.shape
     z_bar, g_bar = z.mean(0), g.mean(0)
     z_spread = z - z_bar
     r_spread = (g - g_bar) + z_spread  # the residuals' spread under q_t (E = 0)
@@ -451,8 +453,8 @@ def gaussian_proximal_step(
     seen_b, cross_b = basis.mT @ seen, basis.mT @ e_cross.mT
     g_b, z_b = basis.mT @ g_bar, basis.mT @ z_bar
     rest = (g_bar - basis @ g_b) + (z_bar - basis @ z_b)  # where P stays I
-    eye_k = torch.eye(k, dtype=loc_t.dtype, device=loc_t.device)
-    eye_b = torch.eye(basis.shape[1], dtype=loc_t.dtype, device=loc_t.device)
+    eye_k = torch.eye(k, dtype=z.dtype, device=z.device)
+    eye_b = torch.eye(basis.shape[1], dtype=z.dtype, device=z.device)
 
     def step(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fill = torch.linalg.solve_ex(eye_k + f * e_seen, cross_b.mT).result
@@ -468,13 +470,69 @@ def gaussian_proximal_step(
         kl = 0.5 * (torch.trace(p) - p.shape[0] - logdet + d_b @ p @ d_b + d_rest @ d_rest)
         return torch.where((info == 0) & torch.isfinite(kl), kl, torch.inf)
 
-    frac = largest_step_fraction(kl_at, max_kl, loc_t, num_bisections)
+    frac = largest_step_fraction(kl_at, max_kl, z, num_bisections)
     p, d_b, d_rest = step(frac)
-    eye = torch.eye(dim, dtype=loc_t.dtype, device=loc_t.device)
-    cov_w = eye + basis @ (torch.linalg.inv_ex(p).inverse - eye_b) @ basis.mT
+    cov_change = torch.linalg.inv_ex(p).inverse - eye_b
+    return WhitenedStep(basis, 0.5 * (cov_change + cov_change.mT), basis @ d_b + d_rest, frac)
+
+
+def gaussian_proximal_step(
+    loc_t: torch.Tensor,
+    tril_t: torch.Tensor,
+    particles: torch.Tensor,
+    model_scores: torch.Tensor,
+    prox_weight: float,
+    max_kl: float,
+    num_bisections: int = 40,
+) -> GaussianStep:
+    """The twin of :func:`numpyro_psvi.objective.gaussian_proximal_step`."""
+    z = torch.linalg.solve_triangular(tril_t, (particles - loc_t).mT, upper=False).mT
+    step = whitened_proximal_step(z, model_scores @ tril_t, prox_weight, max_kl, num_bisections)
+    eye = torch.eye(loc_t.shape[0], dtype=loc_t.dtype, device=loc_t.device)
+    cov_w = eye + step.basis @ step.cov_change @ step.basis.mT
     root, info = torch.linalg.cholesky_ex(0.5 * (cov_w + cov_w.mT))
     tril = tril_t @ torch.where(info == 0, root, torch.nan)  # not finite: the engine rejects it
-    return GaussianStep(loc_t + tril_t @ (basis @ d_b + d_rest), tril, frac)
+    return GaussianStep(loc_t + tril_t @ step.shift, tril, step.frac)
+
+
+def lowrank_proximal_step(
+    loc_t: torch.Tensor,
+    factor_t: torch.Tensor,
+    scale_t: torch.Tensor,
+    particles: torch.Tensor,
+    model_scores: torch.Tensor,
+    prox_weight: float,
+    max_kl: float,
+    num_bisections: int = 40,
+) -> GaussianStep:
+    """The twin of :func:`numpyro_psvi.objective.lowrank_proximal_step` (``scale`` of the
+    result: the pair ``(cov_factor, scale)``). A non-finite system gives non-finite
+    values, which the engine rejects."""
+    rank = factor_t.shape[1]
+    left, singular, _ = torch.linalg.svd(factor_t, full_matrices=False)
+    root = torch.sqrt(1 + singular**2)
+
+    def times_root(x: torch.Tensor, power: int) -> torch.Tensor:
+        """``(I + F F')^{power/2} x`` for ``x`` of shape ``(D, n)``."""
+        return x + left @ ((root**power - 1)[:, None] * (left.mT @ x))
+
+    z = times_root(((particles - loc_t) / scale_t).mT, -1).mT
+    g = times_root((model_scores * scale_t).mT, 1).mT
+    step = whitened_proximal_step(z, g, prox_weight, max_kl, num_bisections)
+    loc = loc_t + scale_t * times_root(step.shift[:, None], 1)[:, 0]
+    spread = times_root(step.basis, 1)  # s^{-1} G
+    ortho, tri = torch.linalg.qr(torch.cat([factor_t, spread], dim=1))
+    middle = torch.block_diag(torch.eye(rank, dtype=loc_t.dtype, device=loc_t.device), step.cov_change)
+    finite = torch.isfinite(middle).all() & torch.isfinite(tri).all()
+    inner = torch.where(finite, tri @ middle @ tri.mT, 0.0)  # eigh raises on NaN
+    excess, vectors = torch.linalg.eigh(inner)
+    top = (ortho @ vectors[:, -rank:]) * torch.sqrt(torch.clamp(excess[-rank:], min=0))  # s^{-1} Lam
+    u, _, vt = torch.linalg.svd(top.mT @ factor_t)
+    top = top @ (u @ vt)  # the rotation nearest q_t's factor
+    own = 1 + (factor_t**2).sum(1) + ((spread @ step.cov_change) * spread).sum(1) - (top**2).sum(1)
+    ratio = torch.clamp(own, min=LOWRANK_DIAG_FLOOR)  # Psi / s^2
+    scale = torch.where(finite, scale_t * torch.sqrt(ratio), torch.nan)
+    return GaussianStep(loc, (top / torch.sqrt(ratio)[:, None], scale), step.frac)
 
 
 def diagonal_proximal_step(

@@ -65,6 +65,7 @@ from pyro_psvi.objective import (
     elbo_terms,
     fisher_statistics,
     gaussian_proximal_step,
+    lowrank_proximal_step,
     proximal_objective,
     split_diagonal_problem,
     split_full_objective,
@@ -461,13 +462,15 @@ class ProximalScoreVI(ScoreEngine):
         How each proximal problem is solved: ``"closed_form"`` for an autoguide
         Gaussian (:func:`~pyro_psvi.objective.gaussian_proximal_step` for a full
         covariance, the split objective solved in ``q_t``'s whitened coordinates;
+        :func:`~pyro_psvi.objective.lowrank_proximal_step` for
+        AutoLowRankMultivariateNormal, that solution projected onto its family;
         :func:`~pyro_psvi.objective.diagonal_proximal_step` for AutoNormal and
         AutoDiagonalNormal, coordinate by coordinate; the step the largest fraction in
         the trust region, which grows while its steps pay off; the optimizer does not
         move the guide's params), or ``"optimizer"`` (``inner_steps`` steps of
         ``optim``). ``None`` (the default): the closed form where it is the default
-        (:func:`psvi.objective.resolve_inner_solver`: a full covariance, exact scores,
-        no model params) unless ``inner_steps`` is given.
+        (:func:`psvi.objective.resolve_inner_solver`: a full or low-rank covariance,
+        exact scores, no model params) unless ``inner_steps`` is given.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`pyro_psvi.batches`: every member once per epoch, as
@@ -541,9 +544,6 @@ class ProximalScoreVI(ScoreEngine):
 
     def _setup(self, args: tuple, kwargs: dict) -> None:
         super()._setup(args, kwargs)
-        advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
-        if advice:
-            warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
@@ -552,13 +552,19 @@ class ProximalScoreVI(ScoreEngine):
         )
         self.inner_solver = resolve_inner_solver(
             self._requested_solver, gaussian_step=self.density.gaussian_params is not None,
-            full_covariance=self.density.loc_tril is not None,
+            full_covariance=self.density.loc_tril is not None or self.density.loc_lowrank is not None,
             batch_ratio=self.batch_ratio, weighting=self.objective.weighting,
             num_particles=self.num_particles, inner_steps=self._requested[0],
             has_model_params=bool(self._model_param_names), data_parallel=self.reducer is not None,
         )  # fmt: skip
+        # The families' advice measured the optimizer's inner steps (the closed forms do
+        # not take the optimizer's step size, and converged where those diverged).
+        advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
+        if advice and self.inner_solver == "optimizer":
+            warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         closed_form = self.inner_solver == "closed_form" and self.density.loc_tril is not None
-        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested, closed_form)
+        low_rank_step = self.inner_solver == "closed_form" and self.density.loc_lowrank is not None
+        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step)
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)
         if self.averages is None:  # else restored by load
@@ -841,6 +847,7 @@ class ProximalScoreVI(ScoreEngine):
     ) -> tuple[torch.Tensor, RunningAverages]:
         """Write the closed-form step of an autoguide Gaussian
         (:func:`~pyro_psvi.objective.gaussian_proximal_step`,
+        :func:`~pyro_psvi.objective.lowrank_proximal_step`,
         :func:`~pyro_psvi.objective.diagonal_proximal_step`) into the guide's ``leaves``,
         in a KL budget of ``trust_region * D`` times the growth of
         :func:`psvi.objective.grow_trust_region` (with averaged iterates:
@@ -853,8 +860,7 @@ class ProximalScoreVI(ScoreEngine):
         update travelled (:func:`psvi.objective.discounted_updates`). The
         optimizer's moments are kept."""
         density = self.density
-        loc_t, scale_t = (density.loc_scale or density.loc_tril)(problem.params_t)
-        loc_t, scale_t = loc_t.detach(), scale_t.detach()
+        loc_t, scale_t = self._loc_scale(problem.params_t)
         growth = self.averages.trust
         if growth is None:  # the first step, or a checkpoint saved before the growth existed
             loss = problem.loss
@@ -879,6 +885,8 @@ class ProximalScoreVI(ScoreEngine):
         with torch.no_grad():
             if density.loc_tril is not None:
                 step = gaussian_proximal_step(loc_t, scale_t, particles, scored.scores, prox_weight, max_kl)
+            elif density.loc_lowrank is not None:
+                step = lowrank_proximal_step(loc_t, *scale_t, particles, scored.scores, prox_weight, max_kl)
             else:
                 step = diagonal_proximal_step(
                     loc_t, scale_t, problem.statistics, problem.averages.curvature, prox_weight,
@@ -909,9 +917,18 @@ class ProximalScoreVI(ScoreEngine):
                 averages = averages._replace(curvature_updates=updates)
             return accept | undo, averages
 
-    def _guide_leaves(self, loc: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _loc_scale(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """An autoguide Gaussian's loc and scale, detached: its sds (diagonal), Cholesky
+        factor, or ``(cov_factor, scale)`` pair (low rank)."""
+        density = self.density
+        loc, scale = (density.loc_scale or density.loc_tril or density.loc_lowrank)(params)
+        if isinstance(scale, tuple):
+            return loc.detach(), tuple(part.detach() for part in scale)
+        return loc.detach(), scale.detach()
+
+    def _guide_leaves(self, loc: torch.Tensor, scale: Any) -> dict[str, torch.Tensor]:
         """The unconstrained leaves of the autoguide Gaussian with ``loc`` and ``scale`` (its
-        sds or Cholesky factor)."""
+        sds, Cholesky factor or ``(cov_factor, scale)`` pair)."""
         params = self.density.gaussian_params(loc, scale)
         return {name: self._transforms[name].inv(value) for name, value in params.items()}
 

@@ -9,6 +9,7 @@ import numpyro
 import pyro
 import pytest
 import torch
+from numpyro.infer.autoguide import AutoIAFNormal as NumPyroAutoIAF
 from numpyro.infer.autoguide import AutoLowRankMultivariateNormal as NumPyroAutoLowRank
 from numpyro.infer.autoguide import AutoMultivariateNormal as NumPyroAutoMVN
 from numpyro.infer.autoguide import AutoNormal as NumPyroAutoNormal
@@ -177,8 +178,10 @@ def test_which_updates_take_the_closed_form():
     assert solver(NumPyroAutoNormal(model)) == "optimizer"  # a diagonal guide: on request
     assert solver(NumPyroAutoNormal(model), inner_solver="closed_form") == "closed_form"
     assert solver(NumPyroAutoNormal(model), inner_solver="closed_form", num_particles=1) == "closed_form"
+    assert solver(NumPyroAutoLowRank(model, rank=1)) == "closed_form"  # projected onto its family
+    assert solver(NumPyroAutoLowRank(model, rank=1), inner_steps=20) == "optimizer"
     with pytest.raises(ValueError, match="not an autoguide Gaussian"):
-        solver(NumPyroAutoLowRank(model), inner_solver="closed_form")
+        solver(NumPyroAutoIAF(model), inner_solver="closed_form")
     with pytest.raises(ValueError, match="one particle has no spread"):
         solver(NumPyroAutoMVN(model), inner_solver="closed_form", num_particles=1)
     with pytest.raises(ValueError, match="inner_solver must be one of"):
