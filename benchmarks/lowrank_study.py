@@ -6,11 +6,16 @@ Target: ``N(m, F F' + diag(d))`` in ``D`` dimensions, ``F`` of rank ``R`` (entri
 Gaussian that the guide of rank ``R`` represents exactly. Both methods start from the
 guide's defaults (``loc = 0``, ``init_scale = 0.1``), take ``S`` particles per update and
 Adam(1e-2); the forward ``KL(target || q)`` (closed form, float64, by Woodbury) at ten
-checks. AutoDiagonalNormal (``psvi_diag``) and, where ``D <= 100``, AutoMultivariateNormal
-(``psvi_full``: the closed-form step) fitted by ProximalScoreVI are shown too.
+checks. ``psvi`` takes the engine's defaults (the closed-form step of
+``numpyro_psvi.objective.lowrank_proximal_step``); ``psvi_optimizer`` the optimizer's
+``K = 20`` inner steps of the earlier default (``--optimizer``: it takes minutes at
+``D = 10,000``). AutoDiagonalNormal (``psvi_diag``) and, where ``D <= 100``,
+AutoMultivariateNormal (``psvi_full``: the closed-form step) fitted by ProximalScoreVI are
+shown too.
 
-``python -m benchmarks.lowrank_study [--dims 100 1000 10000]`` writes
-``benchmarks/results/lowrank_study.json`` and prints a markdown table.
+``python -m benchmarks.lowrank_study [--dims 100 1000 10000] [--optimizer] [--out NAME]``
+writes ``benchmarks/results/lowrank_study.json`` (or ``NAME.json``) and prints a markdown
+table.
 """
 
 from __future__ import annotations
@@ -104,6 +109,8 @@ def fit(method: str, dim: int, rank: int, num_particles: int, updates: int, **ps
     if method == "advi":
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles))
     else:
+        if method == "psvi_optimizer":
+            psvi_options = {"inner_solver": "optimizer", **psvi_options}
         engine = ProximalScoreVI(model, guide, optim, num_particles=num_particles, **psvi_options)
     state = engine.init(jax.random.PRNGKey(0))
     per_check = max(updates // NUM_CHECKS, 1)
@@ -125,18 +132,21 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=10)
     parser.add_argument("--particles", type=int, default=8)
     parser.add_argument("--updates", type=int, default=2000)
-    parser.add_argument("--updates-at-1e4", type=int, default=400, help="updates at D >= 10,000")
+    parser.add_argument("--updates-at-1e4", type=int, default=2000, help="updates at D >= 10,000")
+    parser.add_argument("--optimizer", action="store_true", help="also the optimizer path (psvi_optimizer)")
+    parser.add_argument("--out", default="lowrank_study")
     opts = parser.parse_args()
     results = {"rank": opts.rank, "num_particles": opts.particles, "curves": {}}
     for dim in opts.dims:
         updates = opts.updates if dim < 10_000 else opts.updates_at_1e4
-        methods = ["advi", "psvi", "psvi_diag"] + (["psvi_full"] if dim <= 100 else [])
+        methods = ["advi", "psvi"] + (["psvi_optimizer"] if opts.optimizer else []) + ["psvi_diag"]
+        methods += ["psvi_full"] if dim <= 100 else []
         for method in methods:
             curve = fit(method, dim, opts.rank, opts.particles, updates)
             results["curves"].setdefault(str(dim), {})[method] = curve
             kls = ", ".join(f"{k:.3g}" for k in curve["kl"])
             print(f"D={dim} {method}: KL {kls} ({curve['seconds'][-1]:.0f} s)", flush=True)
-    print("wrote", save("lowrank_study", results))
+    print("wrote", save(opts.out, results))
     print("\n| D | updates | method | KL at 10% / 50% / 100% of the calls | seconds |")
     print("| --- | --- | --- | --- | --- |")
     for dim, by_method in results["curves"].items():
