@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from numpyro_psvi.guides import GuideDensity, Params
-from psvi.objective import LOWRANK_DIAG_FLOOR, SMALLEST_STEP_FRACTION, diagonal_step_path
+from psvi.objective import LOWRANK_AXIS_STEP, LOWRANK_DIAG_FLOOR, SMALLEST_STEP_FRACTION, diagonal_step_path
 
 
 def weighted_fisher(
@@ -491,6 +491,30 @@ def gaussian_proximal_step(
     return GaussianStep(loc_t + tril_t @ step.shift, tril, step.frac)
 
 
+def lowrank_axis_precision(z: jax.Array, g: jax.Array, step: WhitenedStep, prox_weight: float) -> jax.Array:
+    """Each whitened axis's precision change off the step's basis, ``1 + f w_i e_i``: the
+    low-rank step's use of the family's diagonal (:func:`lowrank_proximal_step`).
+
+    The whitened step fits ``P`` only in the ``b`` directions of its basis and keeps the
+    rest at ``I``, which a full covariance must (the particles say nothing there), but a
+    diagonal ``Psi`` is told something on every axis by every particle. So, as the seen
+    block is fitted, each axis ``i`` fits ``e_i = -c_i / (m_i + prox_weight / 4)`` to the
+    residual spread along it (``c_i``: the mean of ``(g_si - g_bar_i + z_si - z_bar_i)
+    (z_si - z_bar_i)``, ``m_i`` of ``(z_si - z_bar_i)^2``), bounded to
+    ``[-LOWRANK_AXIS_STEP, 1 / (1 - LOWRANK_AXIS_STEP) - 1]`` (a factor 2 at most in the
+    axis's variance per update), weighted by the fraction ``w_i`` of the axis outside the
+    basis and by the step's fraction ``f``. Off ``F``'s span the whitened axes are the
+    coordinates' own (scaled by ``s``), so it divides ``Psi_i``. 1 wherever the residuals
+    vanish: a target in the family stays a fixed point.
+    """
+    z_spread = z - z.mean(0)
+    r_spread = (g - g.mean(0)) + z_spread
+    fit = -jnp.mean(r_spread * z_spread, 0) / (jnp.mean(z_spread**2, 0) + prox_weight / 4)
+    bounded = jnp.clip(fit, -LOWRANK_AXIS_STEP, 1 / (1 - LOWRANK_AXIS_STEP) - 1)
+    outside = 1 - jnp.sum(step.basis**2, 1)
+    return 1 + step.frac * outside * bounded
+
+
 def lowrank_proximal_step(
     loc_t: jax.Array,
     factor_t: jax.Array,
@@ -512,8 +536,10 @@ def lowrank_proximal_step(
     minimized over ``Lam`` for ``Psi = s^2``: the top ``R`` eigenpairs of
     ``Psi^{-1/2} C Psi^{-1/2} = I + A N A'``, ``A = s^{-1} [s F, G]``, from one QR of
     ``A`` and an ``(R + b)``-square eigenproblem), then ``Psi = diag(C - Lam Lam')``,
-    each coordinate held at or above :data:`psvi.objective.LOWRANK_DIAG_FLOOR` times its ``s^2``;
-    ``Lam`` rotated to the nearest of ``q_t``'s factor.
+    divided by each axis's own precision change off the basis
+    (:func:`lowrank_axis_precision`), each coordinate held at or above
+    :data:`psvi.objective.LOWRANK_DIAG_FLOOR` times its ``s^2``; ``Lam`` rotated to the
+    nearest of ``q_t``'s factor.
     A guide in the family that the whitened step keeps is kept: a Gaussian target of
     rank ``R`` plus diagonal is a fixed point. ``O(D (R + S)^2)``; ``frac`` is the
     whitened step's.
@@ -547,6 +573,7 @@ def lowrank_proximal_step(
     top = top @ (u @ vt)
     # diag(C) / s^2 = 1 + rows of F F' + rows of spread M spread'
     own = 1 + jnp.sum(factor_t**2, 1) + jnp.sum((spread @ step.cov_change) * spread, 1) - jnp.sum(top**2, 1)
+    own = own / lowrank_axis_precision(z, g, step, prox_weight)
     ratio = jnp.maximum(own, LOWRANK_DIAG_FLOOR)  # Psi / s^2
     scale = scale_t * jnp.sqrt(ratio)
     return GaussianStep(loc, (top / jnp.sqrt(ratio)[:, None], scale), step.frac)

@@ -80,7 +80,9 @@ class RegimeDefaults(NamedTuple):
     0.50-0.71x the score calls of the weight 10's last iterate at D = 10 and 0.85-1.02x at
     D = 50, far starts in 0.46-1.13x the updates, and wanders less about a non-Gaussian
     posterior (non-centered eight schools in the reference band at 0.62 of the last checks
-    against 0.38). Elsewhere (exact scores; low-rank and flow guides, not measured) the
+    against 0.38). The closed-form step of a low-rank guide: the weight 3 and the last
+    iterate (docs/lowrank_study.md; averaging a factor the projection re-derives each
+    update is not measured). Elsewhere (exact scores; flow guides, not measured) the
     settings the Gaussian study chose.
     """
 
@@ -136,6 +138,10 @@ LOWRANK_DIAG_FLOOR = 1e-3
 """The low-rank closed-form step's floor on each coordinate's own variance, as a fraction
 of ``q_t``'s: the projection drops the whitened step's negative components (where it
 shrinks the covariance), which can take ``diag(C - Lam Lam')`` past zero."""
+LOWRANK_AXIS_STEP = 0.5
+"""The bound on the low-rank step's per-axis precision change (``lowrank_axis_precision``
+in both backends): ``e_i`` in ``[-0.5, 1]``, a factor 2 at most in an axis's variance per
+update (0.5 and 0.9 measured level in docs/lowrank_study.md)."""
 SMALLEST_STEP_FRACTION = 2.0**-120
 """The closed-form step's smallest fraction (float32's smallest normal number is 2^-126):
 a start far in the tails (likelihood curvature ~1e17 times the guide's precision) needs

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from psvi.objective import LOWRANK_DIAG_FLOOR, SMALLEST_STEP_FRACTION, diagonal_step_path
+from psvi.objective import LOWRANK_AXIS_STEP, LOWRANK_DIAG_FLOOR, SMALLEST_STEP_FRACTION, diagonal_step_path
 from pyro_psvi.guides import GuideDensity, Params
 
 
@@ -495,6 +495,18 @@ def gaussian_proximal_step(
     return GaussianStep(loc_t + tril_t @ step.shift, tril, step.frac)
 
 
+def lowrank_axis_precision(
+    z: torch.Tensor, g: torch.Tensor, step: WhitenedStep, prox_weight: float
+) -> torch.Tensor:
+    """The twin of :func:`numpyro_psvi.objective.lowrank_axis_precision`."""
+    z_spread = z - z.mean(0)
+    r_spread = (g - g.mean(0)) + z_spread
+    fit = -(r_spread * z_spread).mean(0) / ((z_spread**2).mean(0) + prox_weight / 4)
+    bounded = torch.clamp(fit, -LOWRANK_AXIS_STEP, 1 / (1 - LOWRANK_AXIS_STEP) - 1)
+    outside = 1 - (step.basis**2).sum(1)
+    return 1 + step.frac * outside * bounded
+
+
 def lowrank_proximal_step(
     loc_t: torch.Tensor,
     factor_t: torch.Tensor,
@@ -530,6 +542,7 @@ def lowrank_proximal_step(
     u, _, vt = torch.linalg.svd(top.mT @ factor_t)
     top = top @ (u @ vt)  # the rotation nearest q_t's factor
     own = 1 + (factor_t**2).sum(1) + ((spread @ step.cov_change) * spread).sum(1) - (top**2).sum(1)
+    own = own / lowrank_axis_precision(z, g, step, prox_weight)
     ratio = torch.clamp(own, min=LOWRANK_DIAG_FLOOR)  # Psi / s^2
     scale = torch.where(finite, scale_t * torch.sqrt(ratio), torch.nan)
     return GaussianStep(loc, (top / torch.sqrt(ratio)[:, None], scale), step.frac)

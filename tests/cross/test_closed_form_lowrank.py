@@ -78,21 +78,48 @@ def test_the_location_is_the_full_covariance_steps_and_the_covariance_its_projec
     # the Cholesky factor gives the same location and full covariance C. The projection is
     # then checked against a dense one: for Psi = s^2 the optimal Lam Lam' is s times the
     # top R eigen-part of s^-1 C s^-1 - I (kept where positive) times s, and Psi = diag(C -
-    # Lam Lam'). Agreement to float64 round-off of O(D^3) dense algebra (1e-8 relative).
-    loc_t, factor_t, scale_t, particles, scores = _problem(dim=15, rank=2, num=6, seed=1)
+    # Lam Lam'). With 2 (S - 1) >= D the step's basis spans every axis, so the per-axis
+    # precision change off it (lowrank_axis_precision) is 1. Agreement to float64 round-off
+    # of O(D^3) dense algebra (1e-8 relative).
+    dim, rank = 10, 2
+    loc_t, factor_t, scale_t, particles, scores = _problem(dim=dim, rank=rank, num=6, seed=1)
     tril_t = np.linalg.cholesky(_covariance(factor_t, scale_t))
-    full = numpyro_full_step(loc_t, tril_t, particles, scores, 3.0, 0.3 * 15)
-    low = numpyro_lowrank_step(loc_t, factor_t, scale_t, particles, scores, 3.0, 0.3 * 15)
+    full = numpyro_full_step(loc_t, tril_t, particles, scores, 3.0, 0.3 * dim)
+    low = numpyro_lowrank_step(loc_t, factor_t, scale_t, particles, scores, 3.0, 0.3 * dim)
     np.testing.assert_allclose(float(low.frac), float(full.frac), rtol=1e-9)
     assert 0 < float(low.frac)
     np.testing.assert_allclose(np.asarray(low.loc), np.asarray(full.loc), rtol=1e-8, atol=1e-9)
     full_cov = np.asarray(full.scale) @ np.asarray(full.scale).T
-    excess, vectors = np.linalg.eigh(full_cov / np.outer(scale_t, scale_t) - np.eye(15))
-    top = vectors[:, -2:] * np.sqrt(np.maximum(excess[-2:], 0))
+    excess, vectors = np.linalg.eigh(full_cov / np.outer(scale_t, scale_t) - np.eye(dim))
+    top = vectors[:, -rank:] * np.sqrt(np.maximum(excess[-rank:], 0))
     lam = scale_t[:, None] * top
     psi = np.diag(full_cov - lam @ lam.T)
     factor, scale = (np.asarray(a) for a in low.scale)
     np.testing.assert_allclose(_covariance(factor, scale), lam @ lam.T + np.diag(psi), rtol=1e-8, atol=1e-10)
+
+
+def test_each_axis_off_the_basis_moves_its_variance_toward_the_targets():
+    # q_t = N(0, diag(s^2)) (F = 0: the whitened axes are the coordinates) against a
+    # diagonal target whose precision is rho_i / s_i^2. Whitened scores are -rho z, so the
+    # residual spread along axis i is (1 - rho_i) z_i and e_i = (rho_i - 1) m_i / (m_i +
+    # prox / 4) has the sign of rho_i - 1 on every axis; the step's basis (14 of 400
+    # directions, rows of squared norm ~0.035) changes each axis's variance by a few
+    # percent at most. So where |log rho_i| > 0.5 (|e_i| > 0.19 even for a second moment
+    # m_i as low as 0.3 from 8 draws) every coordinate's variance moves toward the
+    # target's; and by a factor of 2 at most (the bound) plus those few percent.
+    rng = np.random.default_rng(4)
+    dim, num = 400, 8
+    scale_t = np.exp(rng.uniform(-1, 1, dim))
+    rho = np.exp(rng.uniform(-1.5, 1.5, dim))
+    particles = rng.normal(size=(num, dim)) * scale_t
+    scores = -particles * rho / scale_t**2
+    step = numpyro_lowrank_step(np.zeros(dim), np.zeros((dim, 1)), scale_t, particles, scores, 3.0, 1e9)
+    factor, scale = (np.asarray(a) for a in step.scale)
+    change = np.diag(_covariance(factor, scale)) / scale_t**2
+    clear = np.abs(np.log(rho)) > 0.5
+    assert clear.sum() > 200
+    assert np.all(np.sign(change - 1)[clear] == np.sign(1 / rho - 1)[clear])
+    assert change.min() >= 0.5 * (1 - 0.05) and change.max() <= 2 * (1 + 0.05)
 
 
 def test_the_pyro_twin_gives_the_same_step():
