@@ -4,6 +4,7 @@ completed state attached to an exception, periodic checkpoints, bad data refused
 from __future__ import annotations
 
 import pickle
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import numpyro
 import numpyro.distributions as ndist
 import pytest
 from numpyro.infer import init_to_value
-from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal
 from psvi_testing.checkpoints import Payload
 from psvi_testing.checkpoints import damage as damage_file
 from psvi_testing.regression import regression_data
@@ -212,14 +213,18 @@ def _assert_same_fit(state, other) -> None:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path):
-    """The growth of the closed-form step's KL budget is part of the state: a run saved
-    while the budget has grown continues exactly as the uninterrupted one."""
+@pytest.mark.parametrize(
+    "guide_cls", [AutoMultivariateNormal, partial(AutoLowRankMultivariateNormal, rank=2)]
+)
+def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path, guide_cls):
+    """The growth of the closed-form step's KL budget is part of the state (for a low-rank
+    guide with the ``(cov_factor, scale)`` pair it would return to): a run saved while the
+    budget has grown continues exactly as the uninterrupted one."""
     from numpyro_psvi.contrib.models import gaussian_target
 
     model = gaussian_target(np.array([100.0, -50.0, 30.0]), np.diag([0.01, 0.04, 0.0025]))
     init = init_to_value(values={"x": jnp.zeros(3)})
-    guide = AutoMultivariateNormal(model, init_loc_fn=init, init_scale=1.0)
+    guide = guide_cls(model, init_loc_fn=init, init_scale=1.0)
     # Averaged iterates: the average and the window of its -ELBO estimates are state too.
     svi = numpyro_psvi.ProximalScoreVI(
         model, guide, numpyro.optim.Adam(1e-2), num_particles=4, average_iterates=True

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from functools import partial
 
 import numpy as np
 import pyro
@@ -17,7 +18,12 @@ import torch
 from psvi_testing.checkpoints import Payload
 from psvi_testing.checkpoints import damage as damage_file
 from psvi_testing.regression import regression_data
-from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
+from pyro.infer.autoguide import (
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    init_to_value,
+)
 
 import pyro_psvi
 from psvi import checkpoint
@@ -371,9 +377,13 @@ def test_a_save_that_fails_midway_keeps_the_last_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path):
-    """The growth of the closed-form step's KL budget is saved: a run saved while the
-    budget has grown continues exactly as the uninterrupted one."""
+@pytest.mark.parametrize(
+    "guide_cls", [AutoMultivariateNormal, partial(AutoLowRankMultivariateNormal, rank=2)]
+)
+def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path, guide_cls):
+    """The growth of the closed-form step's KL budget is saved (for a low-rank guide with
+    the ``(cov_factor, scale)`` pair it would return to): a run saved while the budget has
+    grown continues exactly as the uninterrupted one."""
     from pyro_psvi.contrib.models import gaussian_target
 
     model = gaussian_target(np.array([100.0, -50.0, 30.0]), np.diag([0.01, 0.04, 0.0025]))
@@ -381,7 +391,7 @@ def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path):
     def engine():
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        guide = AutoMultivariateNormal(model, init_loc_fn=init_to_value(values={"x": torch.zeros(3)}))
+        guide = guide_cls(model, init_loc_fn=init_to_value(values={"x": torch.zeros(3)}))
         optim = pyro.optim.Adam({"lr": 1e-2})  # averaged: the window of -ELBO estimates is saved too
         return pyro_psvi.ProximalScoreVI(model, guide, optim, num_particles=4, average_iterates=True)
 
