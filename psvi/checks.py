@@ -126,13 +126,14 @@ def half_precision_message(label: str, dtype: str) -> str:
 
 
 def full_covariance_advice(dim: int, num_particles: int) -> str | None:
-    """The warning for a full-covariance guide with too few particles for its dimension
-    (docs/gaussian_targets.md), or ``None``."""
+    """The warning for a full-covariance guide fitted by the optimizer's inner steps with
+    too few particles for its dimension (docs/gaussian_targets.md), or ``None``."""
     if dim <= 16 * num_particles:
         return None
     return (
         f"Full-covariance guide with D={dim} latent dimensions and only "
-        f"num_particles={num_particles}: such fits diverged at lr 1e-2 and converged at "
+        f"num_particles={num_particles}, fitted by the optimizer's inner steps: such fits "
+        "diverged at lr 1e-2 and converged at "
         "3e-3 or with more particles (docs/gaussian_targets.md). Use a smaller step size "
         f"or num_particles >= {-(-dim // 8)}."
     )
