@@ -504,14 +504,14 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         return new_state, jnp.where(undo, problem.loss, loss)
 
-    def _loc_scale(self, params: dict) -> tuple[jax.Array, jax.Array]:
+    def _loc_scale(self, params: dict) -> tuple[jax.Array, Any]:
         """An autoguide Gaussian's loc and scale: its sds (diagonal), Cholesky factor, or
         ``(cov_factor, scale)`` pair (low rank)."""
         return (self.density.loc_scale or self.density.loc_tril or self.density.loc_lowrank)(params)
 
-    def _with_guide(self, optim_state: Any, loc: jax.Array, scale: jax.Array) -> Any:
-        """``optim_state`` holding the autoguide Gaussian with ``loc`` and ``scale`` (its sds
-        or Cholesky factor; the optimizer's moments kept)."""
+    def _with_guide(self, optim_state: Any, loc: jax.Array, scale: Any) -> Any:
+        """``optim_state`` holding the autoguide Gaussian with ``loc`` and ``scale`` (its sds,
+        Cholesky factor or ``(cov_factor, scale)`` pair; the optimizer's moments kept)."""
         transforms = param_transforms(self.constrain_fn)
         unconstrained = dict(self.optim.get_params(optim_state))
         for name, value in self.density.gaussian_params(loc, scale).items():
