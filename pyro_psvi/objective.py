@@ -429,13 +429,6 @@ class WhitenedStep(NamedTuple):
     frac: torch.Tensor
 
 
-def _orthonormal(vectors: torch.Tensor) -> torch.Tensor:
-    """The twin of :func:`numpyro_psvi.objective._orthonormal`."""
-    values, rotation = torch.linalg.eigh(vectors.mT @ vectors)
-    inv_root = rotation / torch.sqrt(torch.clamp(values, min=torch.finfo(vectors.dtype).tiny))
-    return vectors @ inv_root @ rotation.mT
-
-
 def whitened_proximal_step(
     z: torch.Tensor, g: torch.Tensor, prox_weight: float, max_kl: float, num_bisections: int = 40
 ) -> WhitenedStep:
@@ -449,13 +442,9 @@ def whitened_proximal_step(
     z_spread = z - z_bar
     r_spread = (g - g_bar) + z_spread  # the residuals' spread under q_t (E = 0)
     k = min(num - 1, dim)
-    # As the twin: the top k right singular vectors of z_spread from its Gram matrix,
-    # made orthonormal to round-off by a second pass.
-    values, vectors = torch.linalg.eigh(z_spread @ z_spread.mT)
-    values, vectors = torch.clamp(values.flip(0)[:k], min=0), vectors.flip(1)[:, :k]
-    singular = torch.sqrt(torch.clamp(values, min=torch.finfo(z.dtype).tiny))
-    seen = _orthonormal((z_spread.mT @ vectors) / singular)  # (D, k)
-    moments = values / num
+    _, singular, right = torch.linalg.svd(z_spread, full_matrices=False)  # as the twin: an SVD
+    seen = right[:k].mT  # (D, k)
+    moments = singular[:k] ** 2 / num
     r_seen = 0.5 * (r_spread.mT @ (z_spread @ seen) + z_spread.mT @ (r_spread @ seen)) / num
     r_block = seen.mT @ r_seen
     e_seen = -r_block / (0.5 * (moments[:, None] + moments[None, :]) + prox_weight / 4)
