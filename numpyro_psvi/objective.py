@@ -388,7 +388,8 @@ def largest_step_fraction(
 class WhitenedStep(NamedTuple):
     """The closed-form step in ``q_t``'s whitened coordinates
     (:func:`whitened_proximal_step`): the new guide is ``N(shift, I + basis
-    cov_change basis')`` there, ``basis`` ``(D, b)`` orthonormal with ``b <= 2 (S - 1)``;
+    cov_change basis')`` there (``cov_change`` symmetric to round-off), ``basis`` ``(D, b)``
+    orthonormal with ``b <= 2 (S - 1)``;
     ``frac`` as in :class:`GaussianStep`."""
 
     basis: jax.Array
@@ -470,7 +471,7 @@ def whitened_proximal_step(
     frac = largest_step_fraction(kl_at, max_kl, z.dtype, num_bisections)
     p, d_b, d_rest = step(frac)
     cov_change = jnp.linalg.inv(p) - eye_b
-    return WhitenedStep(basis, 0.5 * (cov_change + cov_change.T), basis @ d_b + d_rest, frac)
+    return WhitenedStep(basis, cov_change, basis @ d_b + d_rest, frac)
 
 
 def gaussian_proximal_step(
@@ -569,9 +570,10 @@ def lowrank_proximal_step(
     step = whitened_proximal_step(z, g, prox_weight, max_kl, num_bisections)
     loc = loc_t + scale_t * times_root(step.shift[:, None], 1)[:, 0]
     spread = times_root(step.basis, 1)  # s^{-1} G
+    change = 0.5 * (step.cov_change + step.cov_change.T)  # symmetric to round-off
     pieces = jnp.concatenate([factor_t, spread], axis=1)
     ortho, tri = jnp.linalg.qr(pieces)
-    middle = jax.scipy.linalg.block_diag(jnp.eye(rank, dtype=loc_t.dtype), step.cov_change)
+    middle = jax.scipy.linalg.block_diag(jnp.eye(rank, dtype=loc_t.dtype), change)
     excess, vectors = jnp.linalg.eigh(tri @ middle @ tri.T)
     top = (ortho @ vectors[:, -rank:]) * jnp.sqrt(jnp.maximum(excess[-rank:], 0))  # s^{-1} Lam
     # Lam is defined up to a rotation: take the one nearest q_t's (orthogonal Procrustes),
@@ -579,7 +581,7 @@ def lowrank_proximal_step(
     u, _, vt = jnp.linalg.svd(top.T @ factor_t)
     top = top @ (u @ vt)
     # diag(C) / s^2 = 1 + rows of F F' + rows of spread M spread'
-    own = 1 + jnp.sum(factor_t**2, 1) + jnp.sum((spread @ step.cov_change) * spread, 1) - jnp.sum(top**2, 1)
+    own = 1 + jnp.sum(factor_t**2, 1) + jnp.sum((spread @ change) * spread, 1) - jnp.sum(top**2, 1)
     own = own / lowrank_axis_precision(z, g, step, prox_weight)
     ratio = jnp.maximum(own, LOWRANK_DIAG_FLOOR)  # Psi / s^2
     scale = scale_t * jnp.sqrt(ratio)

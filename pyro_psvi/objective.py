@@ -473,7 +473,7 @@ def whitened_proximal_step(
     frac = largest_step_fraction(kl_at, max_kl, z, num_bisections)
     p, d_b, d_rest = step(frac)
     cov_change = torch.linalg.inv_ex(p).inverse - eye_b
-    return WhitenedStep(basis, 0.5 * (cov_change + cov_change.mT), basis @ d_b + d_rest, frac)
+    return WhitenedStep(basis, cov_change, basis @ d_b + d_rest, frac)
 
 
 def gaussian_proximal_step(
@@ -535,15 +535,16 @@ def lowrank_proximal_step(
     step = whitened_proximal_step(z, g, prox_weight, max_kl, num_bisections)
     loc = loc_t + scale_t * times_root(step.shift[:, None], 1)[:, 0]
     spread = times_root(step.basis, 1)  # s^{-1} G
+    change = 0.5 * (step.cov_change + step.cov_change.mT)  # symmetric to round-off
     ortho, tri = torch.linalg.qr(torch.cat([factor_t, spread], dim=1))
-    middle = torch.block_diag(torch.eye(rank, dtype=loc_t.dtype, device=loc_t.device), step.cov_change)
+    middle = torch.block_diag(torch.eye(rank, dtype=loc_t.dtype, device=loc_t.device), change)
     finite = torch.isfinite(middle).all() & torch.isfinite(tri).all()
     inner = torch.where(finite, tri @ middle @ tri.mT, 0.0)  # eigh raises on NaN
     excess, vectors = torch.linalg.eigh(inner)
     top = (ortho @ vectors[:, -rank:]) * torch.sqrt(torch.clamp(excess[-rank:], min=0))  # s^{-1} Lam
     u, _, vt = torch.linalg.svd(top.mT @ factor_t)
     top = top @ (u @ vt)  # the rotation nearest q_t's factor
-    own = 1 + (factor_t**2).sum(1) + ((spread @ step.cov_change) * spread).sum(1) - (top**2).sum(1)
+    own = 1 + (factor_t**2).sum(1) + ((spread @ change) * spread).sum(1) - (top**2).sum(1)
     own = own / lowrank_axis_precision(z, g, step, prox_weight)
     ratio = torch.clamp(own, min=LOWRANK_DIAG_FLOOR)  # Psi / s^2
     scale = torch.where(finite, scale_t * torch.sqrt(ratio), torch.nan)
