@@ -542,7 +542,7 @@ def lowrank_proximal_step(
     ``A`` and an ``(R + b)``-square eigenproblem), then ``Psi = diag(C - Lam Lam')``,
     divided by each axis's own precision change off the basis
     (:func:`lowrank_axis_precision`), each coordinate held at or above
-    :data:`psvi.objective.LOWRANK_DIAG_FLOOR` times its ``s^2``; ``Lam`` rotated to the
+    :data:`psvi.objective.LOWRANK_DIAG_FLOOR` times its variance ``C_ii``; ``Lam`` rotated to the
     nearest of ``q_t``'s factor.
     A guide in the family that the whitened step keeps is kept: a Gaussian target of
     rank ``R`` plus diagonal is a fixed point. ``O(D (R + S)^2)``; ``frac`` is the
@@ -581,9 +581,9 @@ def lowrank_proximal_step(
     u, _, vt = jnp.linalg.svd(top.T @ factor_t)
     top = top @ (u @ vt)
     # diag(C) / s^2 = 1 + rows of F F' + rows of spread M spread'
-    own = 1 + jnp.sum(factor_t**2, 1) + jnp.sum((spread @ change) * spread, 1) - jnp.sum(top**2, 1)
-    own = own / lowrank_axis_precision(z, g, step, prox_weight)
-    ratio = jnp.maximum(own, LOWRANK_DIAG_FLOOR)  # Psi / s^2
+    total = 1 + jnp.sum(factor_t**2, 1) + jnp.sum((spread @ change) * spread, 1)  # diag(C) / s^2
+    own = (total - jnp.sum(top**2, 1)) / lowrank_axis_precision(z, g, step, prox_weight)
+    ratio = jnp.maximum(own, LOWRANK_DIAG_FLOOR * total)  # Psi / s^2
     scale = scale_t * jnp.sqrt(ratio)
     return GaussianStep(loc, (top / jnp.sqrt(ratio)[:, None], scale), step.frac)
 

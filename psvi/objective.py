@@ -135,9 +135,14 @@ MAX_TRUST_REGION_GROWTH = 2.0**30
 """A bound that keeps the budget finite in float32; the undo of :func:`grow_trust_region`
 is what guards the fit (at 2^10 a Pyro fit of earnings still crawled: docs/posteriordb.md)."""
 LOWRANK_DIAG_FLOOR = 1e-3
-"""The low-rank closed-form step's floor on each coordinate's own variance, as a fraction
-of ``q_t``'s: the projection drops the whitened step's negative components (where it
-shrinks the covariance), which can take ``diag(C - Lam Lam')`` past zero."""
+"""The low-rank closed-form step's floor on each coordinate's own variance ``Psi_ii``, as
+a fraction of its variance ``C_ii`` in the new guide: the projection drops the whitened
+step's negative components (where it shrinks the covariance), which can take
+``diag(C - Lam Lam')`` past zero, and where the factors explain nearly all of a
+coordinate (a Heywood case of factor analysis) ``Psi_ii`` would shrink at every update
+while that row of ``F = s^{-1} Lam`` grew without bound (centered eight schools: past
+1e9 after 670 updates, then not finite). Relative to ``C_ii`` it bounds ``|F_i|^2`` by
+``1 / LOWRANK_DIAG_FLOOR``, as R's ``factanal`` bounds uniquenesses (at 0.005)."""
 LOWRANK_AXIS_STEP = 0.5
 """The bound on the low-rank step's per-axis precision change (``lowrank_axis_precision``
 in both backends): ``e_i`` in ``[-0.5, 1]``, a factor 2 at most in an axis's variance per

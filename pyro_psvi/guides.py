@@ -277,7 +277,10 @@ class _LowRank(NamedTuple):
     def build(cls, loc, factor, diag) -> _LowRank:
         capacitance = torch.eye(factor.shape[-1], dtype=loc.dtype, device=loc.device)
         capacitance = capacitance + (factor.mT / diag) @ factor
-        return cls(loc, factor, diag, torch.linalg.cholesky(capacitance))
+        # Not positive definite (params past float's range): NaN, whose step the engine
+        # rejects, as NumPyro's Cholesky gives, not an exception from inside the update.
+        tril, info = torch.linalg.cholesky_ex(capacitance)
+        return cls(loc, factor, diag, torch.where(info == 0, tril, torch.nan))
 
     def precision_rows(self, v: torch.Tensor) -> torch.Tensor:
         """``v Cov^{-1}`` for row vectors ``v`` of shape ``(S, D)`` (Cov is symmetric)."""

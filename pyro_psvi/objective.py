@@ -442,7 +442,8 @@ def whitened_proximal_step(
     z_spread = z - z_bar
     r_spread = (g - g_bar) + z_spread  # the residuals' spread under q_t (E = 0)
     k = min(num - 1, dim)
-    _, singular, right = torch.linalg.svd(z_spread, full_matrices=False)  # as the twin: an SVD
+    # As the twin: an SVD (of zeros where z is not finite, which raises; NaN follows anyway).
+    _, singular, right = torch.linalg.svd(torch.where(torch.isfinite(z_spread).all(), z_spread, 0.0), False)
     seen = right[:k].mT  # (D, k)
     moments = singular[:k] ** 2 / num
     r_seen = 0.5 * (r_spread.mT @ (z_spread @ seen) + z_spread.mT @ (r_spread @ seen)) / num
@@ -521,8 +522,10 @@ def lowrank_proximal_step(
     result: the pair ``(cov_factor, scale)``). A non-finite system gives non-finite
     values, which the engine rejects."""
     rank = factor_t.shape[1]
-    squares, right = torch.linalg.eigh(factor_t.mT @ factor_t)  # as the twin: F's Gram matrix
-    squares = torch.clamp(squares, min=0)
+    gram = factor_t.mT @ factor_t  # as the twin: F's Gram matrix (eigh raises where not finite)
+    gram_finite = torch.isfinite(gram).all()
+    squares, right = torch.linalg.eigh(torch.where(gram_finite, gram, 0.0))
+    squares = torch.where(gram_finite, torch.clamp(squares, min=0), torch.nan)
     left = (factor_t @ right) / torch.sqrt(torch.clamp(squares, min=torch.finfo(factor_t.dtype).tiny))
     root = torch.sqrt(1 + squares)
 
@@ -542,11 +545,11 @@ def lowrank_proximal_step(
     inner = torch.where(finite, tri @ middle @ tri.mT, 0.0)  # eigh raises on NaN
     excess, vectors = torch.linalg.eigh(inner)
     top = (ortho @ vectors[:, -rank:]) * torch.sqrt(torch.clamp(excess[-rank:], min=0))  # s^{-1} Lam
-    u, _, vt = torch.linalg.svd(top.mT @ factor_t)
+    u, _, vt = torch.linalg.svd(torch.where(finite, top.mT @ factor_t, 0.0))  # svd raises on NaN
     top = top @ (u @ vt)  # the rotation nearest q_t's factor
-    own = 1 + (factor_t**2).sum(1) + ((spread @ change) * spread).sum(1) - (top**2).sum(1)
-    own = own / lowrank_axis_precision(z, g, step, prox_weight)
-    ratio = torch.clamp(own, min=LOWRANK_DIAG_FLOOR)  # Psi / s^2
+    total = 1 + (factor_t**2).sum(1) + ((spread @ change) * spread).sum(1)  # diag(C) / s^2
+    own = (total - (top**2).sum(1)) / lowrank_axis_precision(z, g, step, prox_weight)
+    ratio = torch.maximum(own, LOWRANK_DIAG_FLOOR * total)  # Psi / s^2
     scale = torch.where(finite, scale_t * torch.sqrt(ratio), torch.nan)
     return GaussianStep(loc, (top / torch.sqrt(ratio)[:, None], scale), step.frac)
 

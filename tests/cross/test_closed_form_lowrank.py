@@ -122,6 +122,37 @@ def test_each_axis_off_the_basis_moves_its_variance_toward_the_targets():
     assert change.min() >= 0.5 * (1 - 0.05) and change.max() <= 2 * (1 + 0.05)
 
 
+@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
+def test_a_factor_row_past_the_floor_is_brought_back_within_it(backend):
+    # A Heywood case of factor analysis: coordinate 0's own variance Psi_00 = s_0^2 is
+    # 1/5001 of its variance C_00 = s_0^2 (1 + |F_0|^2), the factors explaining the rest.
+    # (On centered eight schools the fit drifted there gradually, s_i shrinking and F_i
+    # growing with Lam_i = s_i F_i fixed, until F was not finite.) With the exact scores of
+    # q_t the step keeps C (test above), so all that moves is the floor Psi_ii >=
+    # LOWRANK_DIAG_FLOOR C_ii: Psi_00 / s_0^2 goes from 1 to 5001 floor, |F_0|^2 =
+    # |Lam_0|^2 / Psi_00 from 5000 to 5000 / (5001 floor) < 1 / floor, C_00 rises by
+    # (5001 floor - 1) / 5001 < floor of itself, and the other rows stay (float64
+    # round-off aside). A floor relative to q_t's own s_0^2, as before, left the row at 5,000.
+    from psvi.objective import LOWRANK_DIAG_FLOOR
+
+    rng = np.random.default_rng(5)
+    loc_t, factor_t, scale_t = _guide(6, 2, rng)
+    factor_t[0] *= np.sqrt(5000 / (factor_t[0] ** 2).sum())
+    cov_t = _covariance(factor_t, scale_t)
+    particles = loc_t + rng.normal(size=(8, 6)) @ np.linalg.cholesky(cov_t).T
+    problem = (loc_t, factor_t, scale_t, particles, -np.linalg.solve(cov_t, (particles - loc_t).T).T)
+    if backend == "numpyro":
+        factor, scale = (np.asarray(a) for a in numpyro_lowrank_step(*problem, 3.0, 0.12).scale)
+    else:
+        factor, scale = (a.numpy() for a in pyro_lowrank_step(*(torch.tensor(a) for a in problem), 3.0, 0.12).scale)
+    rows = (factor**2).sum(1)
+    assert rows[0] == pytest.approx(5000 / (5001 * LOWRANK_DIAG_FLOOR), rel=1e-9)
+    np.testing.assert_allclose(rows[1:], (factor_t[1:] ** 2).sum(1), rtol=1e-9)
+    cov = _covariance(factor, scale)
+    assert 0 < cov[0, 0] / cov_t[0, 0] - 1 <= LOWRANK_DIAG_FLOOR * (1 + 1e-9)
+    np.testing.assert_allclose(cov[1:, 1:], cov_t[1:, 1:], rtol=1e-9, atol=1e-12)
+
+
 def test_the_pyro_twin_gives_the_same_step():
     # Same algebra in float64 in both backends: their SVD/QR/eigh differ by round-off only.
     problem = _problem(dim=20, rank=3, num=8, seed=2)

@@ -31,6 +31,32 @@ def test_numpyro_run_raises_after_consecutive_rejections():
         np.testing.assert_array_equal(value, before[name])
 
 
+def test_numpyro_lowrank_guide_on_centered_eight_schools_stays_finite():
+    # The low-rank closed-form step on the centered eight schools (float32, defaults): the
+    # factor-analysis projection drifted into a Heywood case, s_i shrinking and the factor
+    # rows F_i growing with Lam_i = s_i F_i fixed (|F_i|^2 past 1e5 by update 600), until
+    # update 676 and every one after it was rejected (F not finite). The floor
+    # Psi_ii >= LOWRANK_DIAG_FLOOR C_ii bounds |F_i|^2 by 1 / LOWRANK_DIAG_FLOOR (float32
+    # round-off: 1e-4 relative).
+    from numpyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    from psvi.objective import LOWRANK_DIAG_FLOOR
+
+    def model(y):
+        mu = numpyro.sample("mu", ndist.Normal(0.0, 5.0))
+        tau = numpyro.sample("tau", ndist.HalfCauchy(5.0))
+        with numpyro.plate("J", 8):
+            theta = numpyro.sample("theta", ndist.Normal(mu, tau))
+            numpyro.sample("y", ndist.Normal(theta, jnp.array([15.0, 10, 16, 11, 9, 11, 10, 18])), obs=y)
+
+    y = jnp.array([28.0, 8, -3, 7, -1, 1, 18, 12])
+    svi = numpyro_psvi.ProximalScoreVI(model, AutoLowRankMultivariateNormal(model), numpyro.optim.Adam(1e-2))
+    result = svi.run(jax.random.PRNGKey(0), 700, y, progress_bar=False)
+    rows = np.sum(np.asarray(result.params["auto_cov_factor"]) ** 2, 1)
+    assert int(result.state.num_rejected) == 0
+    assert np.all(np.isfinite(rows)) and rows.max() <= (1 + 1e-4) / LOWRANK_DIAG_FLOOR
+
+
 # ------------------------------------------------------------ checkpoints, seeds
 @pytest.mark.slow  # 13-25 s on the 2-core CI machine, a Pyro twin or sibling in the default suite
 def test_numpyro_checkpoint_resume_is_bit_identical(tmp_path):

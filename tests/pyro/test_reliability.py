@@ -48,6 +48,29 @@ def test_pyro_step_raises_after_consecutive_rejections_and_keeps_optimizer_state
             torch.testing.assert_close(value, before[key], rtol=0, atol=0)
 
 
+def test_pyro_lowrank_guide_past_floats_range_is_rejected_not_raised():
+    # A low-rank guide whose cov factor overflows float32 (1e30: its Gram matrix is inf):
+    # the Cholesky factor of its capacitance, the particles' SVD, F's Gram eigenpairs and
+    # the Procrustes SVD all meet non-finite input, on which torch raises (NumPyro gives
+    # NaN). The update is rejected and the params kept, as in NumPyro, not a LinAlgError
+    # from inside the step.
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    def model():
+        pyro.sample("x", pdist.Normal(torch.zeros(4), 1.0).to_event(1))
+
+    svi = pyro_psvi.ProximalScoreVI(model, AutoLowRankMultivariateNormal(model), pyro.optim.Adam({"lr": 1e-2}))
+    svi.step()
+    factor = pyro.get_param_store().get_param("AutoLowRankMultivariateNormal.cov_factor")
+    factor.unconstrained().data.fill_(1e30)
+    params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    with pytest.warns(RuntimeWarning, match="rejected 1 update"):
+        assert np.isnan(svi.step())
+    assert svi.num_rejected == 1
+    for name, value in pyro.get_param_store().items():
+        torch.testing.assert_close(value.detach(), params[name], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("engine", ["psvi", "gsm"])
 def test_pyro_checkpoint_resume_is_bit_identical(tmp_path, engine):
     x, y = map(torch.as_tensor, regression_data())
