@@ -144,7 +144,8 @@ def test_a_factor_row_past_the_floor_is_brought_back_within_it(backend):
     if backend == "numpyro":
         factor, scale = (np.asarray(a) for a in numpyro_lowrank_step(*problem, 3.0, 0.12).scale)
     else:
-        factor, scale = (a.numpy() for a in pyro_lowrank_step(*(torch.tensor(a) for a in problem), 3.0, 0.12).scale)
+        step = pyro_lowrank_step(*(torch.tensor(a) for a in problem), 3.0, 0.12)
+        factor, scale = (a.numpy() for a in step.scale)
     rows = (factor**2).sum(1)
     assert rows[0] == pytest.approx(5000 / (5001 * LOWRANK_DIAG_FLOOR), rel=1e-9)
     np.testing.assert_allclose(rows[1:], (factor_t[1:] ** 2).sum(1), rtol=1e-9)

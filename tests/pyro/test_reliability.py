@@ -59,7 +59,8 @@ def test_pyro_lowrank_guide_past_floats_range_is_rejected_not_raised():
     def model():
         pyro.sample("x", pdist.Normal(torch.zeros(4), 1.0).to_event(1))
 
-    svi = pyro_psvi.ProximalScoreVI(model, AutoLowRankMultivariateNormal(model), pyro.optim.Adam({"lr": 1e-2}))
+    guide = AutoLowRankMultivariateNormal(model)
+    svi = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
     svi.step()
     factor = pyro.get_param_store().get_param("AutoLowRankMultivariateNormal.cov_factor")
     factor.unconstrained().data.fill_(1e30)
