@@ -56,6 +56,7 @@ from psvi.checks import (
     local_latent_message,
     no_mini_batch_message,
     rejection_message,
+    rising_loss_message,
 )
 from psvi.families import DensityOptions
 
@@ -598,6 +599,8 @@ class ScoreEngine:
         check_rejection_rate(type(self).__name__, rejected, num_steps)
         if rejected:
             message = rejection_message(type(self).__name__, rejected)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if (message := rising_loss_message(type(self).__name__, np.asarray(losses).tolist())) is not None:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         return SVIRunResult(self.get_params(state), state, losses)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 import sys
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -65,6 +67,49 @@ def check_rejection_rate(engine: str, num_rejected: int, num_updates: int) -> No
             f"{_HARD_CONSTRAINT_ADVICE} Otherwise lower the learning rate or rescale the "
             "data. The parameters of the last accepted update are intact."
         )
+
+
+RISING_LOSS_WINDOWS = 10
+"""``run`` cuts its losses into this many windows for :func:`rising_loss_message`."""
+MIN_LOSSES_FOR_TREND = 50
+
+
+def rising_loss_message(engine: str, losses: Iterable[float]) -> str | None:
+    """The warning after a run whose ``-ELBO`` estimates rose, else ``None``.
+
+    The run's losses (NaN where an update was rejected) are cut into
+    :data:`RISING_LOSS_WINDOWS` windows; it warns when the median of the last is above the
+    lowest median of the others by more than 1 nat and by more than twice that window's
+    spread (1.4826 times its median absolute deviation: the sd of its single estimates,
+    for Gaussian noise). A fit that settles does not do this, whatever its noise: its
+    windows' medians differ by their standard errors, a fraction ``1/sqrt(window)`` of
+    that spread. Runs with fewer than :data:`MIN_LOSSES_FOR_TREND` finite losses are not
+    judged."""
+    values = [float(loss) for loss in losses]
+    if sum(math.isfinite(value) for value in values) < MIN_LOSSES_FOR_TREND:
+        return None
+    size = len(values) // RISING_LOSS_WINDOWS
+    start = len(values) - RISING_LOSS_WINDOWS * size  # the first few go uncounted
+    windows = [values[start + i * size : start + (i + 1) * size] for i in range(RISING_LOSS_WINDOWS)]
+    finite = [[value for value in window if math.isfinite(value)] for window in windows]
+    if any(len(window) < size / 2 for window in finite):  # mostly rejected: run's other checks say so
+        return None
+    medians = [statistics.median(window) for window in finite]
+    best = min(range(RISING_LOSS_WINDOWS - 1), key=medians.__getitem__)
+    spread = 1.4826 * statistics.median(abs(value - medians[best]) for value in finite[best])
+    rise = medians[-1] - medians[best]
+    if rise <= max(1.0, 2.0 * spread):
+        return None
+    first = start + best * size + 1
+    return (
+        f"{engine}'s -ELBO estimate rose during this run: its median over the last {size} "
+        f"updates is {medians[-1]:.6g}, against {medians[best]:.6g} over updates {first}-"
+        f"{first + size - 1} (more than twice the spread of those estimates, {spread:.3g}). "
+        "The guide is moving away from the posterior. Check the fit (vi_diagnostics: PSIS "
+        "k-hat) before using it; lower the learning rate, or, for a flow guide (known to "
+        "drift with few particles, docs/guides.md 'Flows with exact scores against SVI'), "
+        "fit it with more particles, with the PPL's SVI, or use AutoMultivariateNormal."
+    )
 
 
 def check_checkpointing(checkpoint_every: int | None, checkpoint_path: object) -> None:

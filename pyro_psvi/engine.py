@@ -37,6 +37,7 @@ from psvi.checks import (
     local_latent_message,
     no_mini_batch_message,
     rejection_message,
+    rising_loss_message,
 )
 from psvi.families import DensityOptions
 from pyro_psvi._compat import forget_optimizers, load_optimizer_states, optimizer_states
@@ -664,7 +665,10 @@ class ScoreEngine:
         if rejected:
             message = rejection_message(type(self).__name__, rejected)
             warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
-        return torch.stack(losses)
+        losses = torch.stack(losses)
+        if (message := rising_loss_message(type(self).__name__, losses.tolist())) is not None:
+            warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
+        return losses
 
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
         """The ``-ELBO`` estimate of the current guide from fresh particles, as

@@ -1,5 +1,7 @@
 """Reliability (NumPyro): rejection streaks, checkpoints, determinism."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +57,26 @@ def test_numpyro_lowrank_guide_on_centered_eight_schools_stays_finite():
     rows = np.sum(np.asarray(result.params["auto_cov_factor"]) ** 2, 1)
     assert int(result.state.num_rejected) == 0
     assert np.all(np.isfinite(rows)) and rows.max() <= (1 + 1e-4) / LOWRANK_DIAG_FLOOR
+
+
+def test_numpyro_run_warns_when_its_loss_rose():
+    # As the Pyro twin: run() reads its losses (psvi.checks.rising_loss_message).
+    def model():
+        numpyro.sample("x", ndist.Normal(0.0, 1.0))
+
+    class Rising(numpyro_psvi.ProximalScoreVI):
+        def update(self, state, *args, **kwargs):
+            state = state._replace(num_score_calls=state.num_score_calls + 1)
+            return state, state.num_score_calls.astype(jnp.float32)
+
+    optim = numpyro.optim.Adam(1e-2)
+    with pytest.warns(RuntimeWarning, match="-ELBO estimate rose during this run"):
+        Rising(model, NAutoNormal(model), optim).run(jax.random.PRNGKey(0), 100, progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*estimate rose")
+        numpyro_psvi.ProximalScoreVI(model, NAutoNormal(model), optim).run(
+            jax.random.PRNGKey(0), 100, progress_bar=False
+        )
 
 
 # ------------------------------------------------------------ checkpoints, seeds

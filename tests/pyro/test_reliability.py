@@ -1,5 +1,7 @@
 """Reliability (Pyro): rejection streaks, checkpoints, determinism."""
 
+import warnings
+
 import numpy as np
 import pyro
 import pyro.distributions as pdist
@@ -70,6 +72,26 @@ def test_pyro_lowrank_guide_past_floats_range_is_rejected_not_raised():
     assert svi.num_rejected == 1
     for name, value in pyro.get_param_store().items():
         torch.testing.assert_close(value.detach(), params[name], rtol=0, atol=0)
+
+
+def test_pyro_run_warns_when_its_loss_rose():
+    # run() reads its losses (psvi.checks.rising_loss_message, tested in tests/core): an
+    # engine whose -ELBO estimates rise 1, 2, ..., 100 is warned about; the real engine's
+    # falling ones are not.
+    def model():
+        pyro.sample("x", pdist.Normal(0.0, 1.0))
+
+    class Rising(pyro_psvi.ProximalScoreVI):
+        def update(self, *args, **kwargs):
+            self.calls = getattr(self, "calls", 0) + 1
+            return torch.tensor(float(self.calls))
+
+    optim = pyro.optim.Adam({"lr": 1e-2})
+    with pytest.warns(RuntimeWarning, match="-ELBO estimate rose during this run"):
+        Rising(model, PAutoNormal(model), optim).run(100)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*estimate rose")
+        pyro_psvi.ProximalScoreVI(model, PAutoNormal(model), optim).run(100)
 
 
 @pytest.mark.parametrize("engine", ["psvi", "gsm"])
