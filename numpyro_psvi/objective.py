@@ -581,7 +581,7 @@ def lowrank_proximal_step(
     u, _, vt = jnp.linalg.svd(top.T @ factor_t)
     top = top @ (u @ vt)
     # diag(C) / s^2 = 1 + rows of F F' + rows of spread M spread'
-    total = 1 + jnp.sum(factor_t**2, 1) + jnp.sum((spread @ change) * spread, 1)  # diag(C) / s^2
+    total = 1 + jnp.sum(factor_t**2, 1) + jnp.sum((spread @ change) * spread, 1)
     own = (total - jnp.sum(top**2, 1)) / lowrank_axis_precision(z, g, step, prox_weight)
     ratio = jnp.maximum(own, LOWRANK_DIAG_FLOOR * total)  # Psi / s^2
     scale = scale_t * jnp.sqrt(ratio)

@@ -72,6 +72,7 @@ def check_rejection_rate(engine: str, num_rejected: int, num_updates: int) -> No
 RISING_LOSS_WINDOWS = 10
 """``run`` cuts its losses into this many windows for :func:`rising_loss_message`."""
 MIN_LOSSES_FOR_TREND = 50
+"""Runs with fewer finite losses are not judged by :func:`rising_loss_message`."""
 
 
 def rising_loss_message(engine: str, losses: Iterable[float]) -> str | None:

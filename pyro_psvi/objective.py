@@ -442,8 +442,9 @@ def whitened_proximal_step(
     z_spread = z - z_bar
     r_spread = (g - g_bar) + z_spread  # the residuals' spread under q_t (E = 0)
     k = min(num - 1, dim)
-    # As the twin: an SVD (of zeros where z is not finite, which raises; NaN follows anyway).
-    _, singular, right = torch.linalg.svd(torch.where(torch.isfinite(z_spread).all(), z_spread, 0.0), False)
+    # As the twin: an SVD (of zeros where z is not finite, on which it raises: NaN follows).
+    z_finite = torch.where(torch.isfinite(z_spread).all(), z_spread, 0.0)
+    _, singular, right = torch.linalg.svd(z_finite, full_matrices=False)
     seen = right[:k].mT  # (D, k)
     moments = singular[:k] ** 2 / num
     r_seen = 0.5 * (r_spread.mT @ (z_spread @ seen) + z_spread.mT @ (r_spread @ seen)) / num
