@@ -551,6 +551,12 @@ class ScoreEngine:
             during the updates (``KeyboardInterrupt`` included) carries the state of the
             last completed update (or chunk of them) as ``error.last_state``: continue
             with ``run(None, steps_left, *args, init_state=error.last_state)``.
+
+        Warns
+        -----
+        RuntimeWarning
+            When some updates were rejected, or when the run's ``-ELBO`` estimates rose
+            (:func:`psvi.checks.rising_loss_message`).
         """
         if num_steps < 1:
             raise ValueError("num_steps must be a positive integer.")

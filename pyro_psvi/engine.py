@@ -649,6 +649,12 @@ class ScoreEngine:
             rejected, or ``max_consecutive_rejections`` in a row. An exception inside a
             step (``KeyboardInterrupt`` included) leaves the engine at its last completed
             step.
+
+        Warns
+        -----
+        RuntimeWarning
+            When some updates were rejected, or when the run's ``-ELBO`` estimates rose
+            (:func:`psvi.checks.rising_loss_message`).
         """
         if num_steps < 1:
             raise ValueError("num_steps must be a positive integer.")
