@@ -329,22 +329,33 @@ def model_scores(
     The mini-batch is that of ``density.plate_indices`` when the guide's draw picked it.
     """
     subsample = {} if density.plate_indices is None else density.plate_indices
-    with torch.enable_grad():
-        u = particles.detach().requires_grad_(True)
-        values = log_joints(
-            model, density, u, args, kwargs,
-            subsample=subsample, max_plate_nesting=max_plate_nesting, vectorize=vectorize,
-        )  # fmt: skip
-        grads = torch.autograd.grad(values.sum(), [u, *model_params], allow_unused=True)
+
+    def value_and_grads(u: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        with torch.enable_grad():
+            u = u.detach().requires_grad_(True)
+            values = log_joints(
+                model, density, u, args, kwargs,
+                subsample=subsample, max_plate_nesting=max_plate_nesting, vectorize=vectorize,
+            )  # fmt: skip
+            return values.detach(), torch.autograd.grad(values.sum(), [u, *model_params], allow_unused=True)
+
+    if vectorize:
+        values, (scores, *grads) = value_and_grads(particles)
+    else:  # one particle's graph alive at a time, as Trace_ELBO's loop over particles
+        values, scores = particles.new_empty(len(particles)), torch.empty_like(particles)
+        grads = [None] * len(model_params)
+        for i in range(len(particles)):
+            values[i : i + 1], (scores[i : i + 1], *particle_grads) = value_and_grads(particles[i : i + 1])
+            pairs = zip(grads, particle_grads, strict=True)
+            grads = [g if a is None else a if g is None else a + g for a, g in pairs]
     param_grads = [
         torch.zeros_like(p) if g is None else g / len(particles)
-        for p, g in zip(model_params, grads[1:], strict=True)
+        for p, g in zip(model_params, grads, strict=True)
     ]
-    weights, active_dim = coordinate_weights(density, subsample, u)
-    scores = grads[0]
+    weights, active_dim = coordinate_weights(density, subsample, particles)
     if weights is not None:
         scores = scores / torch.where(weights > 0, weights, torch.ones_like(weights))
-    return ModelScores(values.detach(), scores, param_grads, weights, active_dim)
+    return ModelScores(values, scores, param_grads, weights, active_dim)
 
 
 def _same_support(a, b) -> bool:

@@ -22,6 +22,7 @@ from psvi.contrib.targets import earnings_data, earnings_posterior, ill_conditio
 from psvi.metrics import gaussian_kl
 from pyro_psvi import ProximalScoreVI
 from pyro_psvi.contrib.models import earnings_regression, gaussian_target, linear_regression, mlp_classifier
+from pyro_psvi.guides import guide_density
 from pyro_psvi.objective import proximal_objective
 from pyro_psvi.scores import log_joints, model_scores
 
@@ -133,6 +134,44 @@ def test_vectorized_and_sequential_particles_agree():
     lj_s, g_s, *_ = model_scores(model, density, u, (x, labels), {}, max_plate_nesting=1, vectorize=False)
     torch.testing.assert_close(lj_v, lj_s)
     torch.testing.assert_close(g_v, g_s)
+
+
+def test_sequential_particles_hold_one_graph_at_a_time():
+    """With vectorize_particles=False each particle's autograd graph is freed before the
+    next particle's pass, as in Trace_ELBO's loop: the tensors saved for backward at any
+    moment are those of one pass, however many particles (S graphs at once would hold
+    S times as many)."""
+    x, y = regression_data(n=50)
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[1], 4), 1.0).to_event(2))
+        with pyro.plate("data", len(x), subsample_size=20) as idx:
+            pyro.sample("y", dist.Normal(torch.tanh(x[idx] @ w).sum(-1), 1.0), obs=y[idx])
+
+    guide = AutoNormal(model)
+    ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2})).step(x, y)
+    density = guide_density(guide)
+    live, peak = [0], [0]
+
+    class Saved:
+        def __init__(self, tensor: torch.Tensor) -> None:
+            self.tensor = tensor
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self) -> None:
+            live[0] -= 1
+
+    def peak_saved(num_particles: int) -> int:
+        u = torch.randn(num_particles, density.latent_dim)
+        with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
+            model_scores(model, density, u, (x, y), {}, max_plate_nesting=1, vectorize=False)
+        assert live[0] == 0
+        held, peak[0] = peak[0], 0
+        return held
+
+    assert peak_saved(1) > 0
+    assert peak_saved(4) == peak_saved(1)
 
 
 def test_broadcast_unsafe_model_falls_back_with_warning():
