@@ -145,9 +145,11 @@ def numpyro_resnet_model(net) -> Callable:
     return model
 
 
-def pyro_resnet_model(net: nn.Module, flat: bool = True) -> tuple[Callable, dict[str, torch.Tensor]]:
-    """The Bayesian ResNet classifier (``fan_in_prior()``) with a plate subsampling
-    mini-batches of ``BATCH``, and the guide's initial values (the network's weights):
+def pyro_resnet_model(
+    net: nn.Module, flat: bool = True, batch: int = BATCH
+) -> tuple[Callable, dict[str, torch.Tensor]]:
+    """The Bayesian classifier of ``net`` (``fan_in_prior()``) with a plate subsampling
+    mini-batches of ``batch``, and the guide's initial values (the network's weights):
     on ``FlatBayesianModule`` (one flat site) or ``bayesian_module`` (one per tensor)."""
     from pyro_psvi.contrib.models import FlatBayesianModule, bayesian_module, fan_in_prior, module_classifier
 
@@ -157,7 +159,7 @@ def pyro_resnet_model(net: nn.Module, flat: bool = True) -> tuple[Callable, dict
     else:
         init = {name: p.detach().clone() for name, p in net.named_parameters()}
         bayes_net = bayesian_module(net, fan_in_prior())
-    return partial(module_classifier, bayes_net, subsample_size=BATCH), init
+    return partial(module_classifier, bayes_net, subsample_size=batch), init
 
 
 def _make_numpyro_step(method: str, width: int, particles: int):
@@ -222,15 +224,17 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _make_step(method: str, net: nn.Module, x: torch.Tensor, y: torch.Tensor, particles: int):
-    """A zero-argument callable doing one step of ``method``."""
+def _make_step(
+    method: str, net: nn.Module, x: torch.Tensor, y: torch.Tensor, particles: int, batch: int = BATCH
+):
+    """A zero-argument callable doing one step of ``method`` (mini-batches of ``batch``)."""
     if method == "sgd":
         optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
 
         def sgd_steps():
             for _ in range(particles):  # S SGD steps, each on its own mini-batch draw
                 optimizer.zero_grad()
-                nn.functional.cross_entropy(net(x[:BATCH]), y[:BATCH]).backward()
+                nn.functional.cross_entropy(net(x[:batch]), y[:batch]).backward()
                 optimizer.step()
 
         return sgd_steps
@@ -241,7 +245,7 @@ def _make_step(method: str, net: nn.Module, x: torch.Tensor, y: torch.Tensor, pa
     from pyro_psvi import ProximalScoreVI
 
     pyro.clear_param_store()
-    model, init = pyro_resnet_model(net, flat=method.endswith("flat"))
+    model, init = pyro_resnet_model(net, flat=method.endswith("flat"), batch=batch)
     guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)
     optim = pyro.optim.Adam({"lr": 1e-3})
     if method.startswith("psvi"):
@@ -277,7 +281,14 @@ def measure_one(method: str, width: int, particles: int, repeats: int) -> dict:
 
 
 def mnist_fit(
-    method: str, width: int, num_train: int, steps: int, curve_every: int, num_test: int, seed: int = 0
+    method: str,
+    width: int,
+    num_train: int,
+    steps: int,
+    curve_every: int,
+    num_test: int,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> dict:
     """Fit the ResNet on MNIST with ``method``: ``advi``, ``advi_L<lr>`` (ADVI at Adam's
     rate ``lr``), ``psvi`` (defaults) or ``psvi`` with options after underscores,
@@ -301,11 +312,11 @@ def mnist_fit(
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     data = load_mnist(num_train=num_train, seed=seed)
-    x = torch.as_tensor(data.x_train).reshape(-1, 1, 28, 28)
-    y = torch.as_tensor(data.y_train).long()
-    x_test = torch.as_tensor(data.x_test[:num_test]).reshape(-1, 1, 28, 28)
+    x = torch.as_tensor(data.x_train, device=device).reshape(-1, 1, 28, 28)
+    y = torch.as_tensor(data.y_train, device=device).long()
+    x_test = torch.as_tensor(data.x_test[:num_test], device=device).reshape(-1, 1, 28, 28)
     y_test = data.y_test[:num_test]
-    net = FlatBayesianModule(resnet_gn(width), fan_in_prior())
+    net = FlatBayesianModule(resnet_gn(width).to(device), fan_in_prior())
     model = partial(module_classifier, net, subsample_size=64)
     init = init_to_value(values={"weights": net.initial_weights})
     guide = AutoNormal(model, init_loc_fn=init, init_scale=0.01)
@@ -330,7 +341,7 @@ def mnist_fit(
                                 return_sites=["probs"])  # fmt: skip
         draws = [torch.cat([predictive(chunk)["probs"][0] for chunk in images.split(1000)])
                  for _ in range(num_draws)]  # fmt: skip
-        return torch.stack(draws).numpy()
+        return torch.stack(draws).cpu().numpy()
 
     curve, fit_seconds = [], 0.0
     for step in tqdm(range(1, steps + 1), desc=f"resnet w={width} {method}", mininterval=10):
@@ -347,7 +358,7 @@ def mnist_fit(
         for i in range(50):
             pyro.set_rng_seed(1000 + i)
             losses.append(Trace_ELBO(num_particles=4).loss(model, guide, x, y))
-    scales = pyro.param("AutoNormal.scales.weights").detach().numpy()
+    scales = pyro.param("AutoNormal.scales.weights").detach().cpu().numpy()
     return {"method": method, **report, "test_error": 1 - report["accuracy"], "score_calls": steps * 4,
             "seconds": fit_seconds, "curve": curve, "num_rejected": rejected,
             **guide_summary(losses, scales)}  # fmt: skip
@@ -366,6 +377,9 @@ def main() -> None:
     parser.add_argument("--mnist-width", type=int, default=8)
     parser.add_argument("--mnist-train", type=int, default=10000)
     parser.add_argument("--mnist-steps", type=int, default=600)
+    parser.add_argument(
+        "--mnist-device", default="cpu", help="e.g. cuda; the JSON is then scale_mnist_<device>"
+    )
     parser.add_argument(
         "--mnist-methods",
         nargs="+",
@@ -426,28 +440,32 @@ def mnist_main(options: argparse.Namespace) -> None:
     num_test = 10000
     if options.quick:
         width, num_train, steps, every, num_test = 4, 500, 10, 5, 200
-    runs = [mnist_fit(method, width, num_train, steps, every, num_test) for method in options.mnist_methods]
+    device = options.mnist_device
+    runs = [mnist_fit(method, width, num_train, steps, every, num_test, device=device)
+            for method in options.mnist_methods]  # fmt: skip
     for run in runs:
         print(f"{run['method']}: test error {run['test_error']:.4f}, NLL {run['nll']:.4f}, "
               f"ECE {run['ece']:.4f}, ELBO {run['elbo']:.0f}, {run['seconds']:.0f} s, "
               f"{run['num_rejected']} rejected")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / ("scale_mnist_quick.json" if options.quick else "scale_mnist.json")
+    name = "scale_mnist" if device == "cpu" else f"scale_mnist_{device}"
+    path = RESULTS / (f"{name}_quick.json" if options.quick else f"{name}.json")
     settings = {"width": width, "train_images": num_train, "test_images": num_test, "steps": steps}
     if path.exists() and not options.quick:  # keep other methods' runs made with the same settings
         previous = json.loads(path.read_text())
         if all(previous.get(key) == value for key, value in settings.items()):
             names = {run["method"] for run in runs}
             runs = [run for run in previous["runs"] if run["method"] not in names] + runs
-    payload = {"machine": machine() + ", 1 torch thread", **settings, "runs": runs}
+    where = machine() + ", 1 torch thread" if device == "cpu" else torch.cuda.get_device_name(device)
+    payload = {"machine": where, **settings, "runs": runs}
     path.write_text(json.dumps(payload, indent=1))
     print(f"wrote {path}")
     if not options.quick:
-        plot_mnist(payload)
+        plot_mnist(payload, name)
 
 
-def plot_mnist(payload: dict) -> None:
-    """``docs/scale_mnist_convergence.png`` from a ``scale_mnist.json`` payload."""
+def plot_mnist(payload: dict, name: str = "scale_mnist") -> None:
+    """``docs/<name>_convergence.png`` from a ``<name>.json`` payload."""
     from psvi.contrib.plots import plot_curves
 
     def label(method: str) -> str:
@@ -457,7 +475,7 @@ def plot_mnist(payload: dict) -> None:
 
     curves = {label(r["method"]): tuple(zip(*r["curve"], strict=True)) for r in payload["runs"]}
     title = f"Bayesian ResNet (width {payload['width']}) on {payload['train_images']} MNIST images"
-    path = Path(__file__).parent.parent / "docs" / "scale_mnist_convergence.png"
+    path = Path(__file__).parent.parent / "docs" / f"{name}_convergence.png"
     plot_curves(curves, "score calls", "test cross-entropy (1k images)", title, str(path))
 
 
