@@ -30,7 +30,9 @@ bytes):
 NumPyro methods run the ``flax_`` networks and the others the torch ones. Rows merge into
 ``benchmarks/results/scale_gpu.json`` (``--out``) as they are measured,
 keyed by network and method, so a run cut short keeps what it measured; a row that would
-start after ``--budget`` seconds is skipped. ``--table`` prints the table for
+start after ``--budget`` seconds is skipped. ``--memory-snapshots DIR`` saves each torch row's
+CUDA allocation history (``torch.cuda.memory._dump_snapshot``: what is allocated at the
+peak, with stacks). ``--table`` prints the table for
 ``docs/scale.md`` from the JSON. ``--device cpu`` runs the same code on a CPU (the slow
 test, small networks; no peak memory there).
 """
@@ -49,6 +51,7 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX beside torch on one GPU
 
+import pyro  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS  # noqa: E402
@@ -83,10 +86,14 @@ def measure_torch(name: str, method: str, options: argparse.Namespace) -> dict:
     num_weights, num_tensors = sum(p.numel() for p in net.parameters()), len(list(net.parameters()))
     x = torch.randn(2 * options.batch, *image_shape, device=device)
     y = torch.randint(0, 10, (2 * options.batch,), device=device)
+    pyro.clear_param_store()  # the previous row's guide params, before the baseline
+    gc.collect()
     _synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
+        if options.memory_snapshots:
+            torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     step = _make_step(method, net, x, y, options.particles, batch=options.batch)
     times = []
     for i in range(options.repeats + 2):  # two warm-ups
@@ -97,6 +104,10 @@ def measure_torch(name: str, method: str, options: argparse.Namespace) -> dict:
         if i >= 2:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
+    if device.type == "cuda" and options.memory_snapshots:  # for torch.cuda's memory_viz
+        options.memory_snapshots.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(options.memory_snapshots / f"{name}_{method}.pickle"))
+        torch.cuda.memory._record_memory_history(enabled=None)
     return _row(name, method, num_weights, num_tensors, times, peak)
 
 
@@ -159,6 +170,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale_gpu.json")
     parser.add_argument("--table", action="store_true", help="print the table from --out and stop")
+    parser.add_argument(
+        "--memory-snapshots", type=Path, help="a folder for each row's CUDA allocation history"
+    )
     parser.add_argument("--one", nargs=2, metavar=("NETWORK", "METHOD"), help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.table:

@@ -81,16 +81,14 @@ def test_update_does_not_synchronize_with_the_host():
     x, y = (torch.as_tensor(a, device=CUDA) for a in minibatch.regression(seed=0))
     pyro.clear_param_store()
     svi = ProximalScoreVI(regression_model, AutoNormal(regression_model), pyro.optim.Adam({"lr": 1e-2}))
-    validation = pyro.util.is_validation_enabled()
-    pyro.enable_validation(False)
-    try:
+    with pyro.validation_enabled(False):
         for _ in range(3):  # set-up and the first updates may sync
             svi.update(x, y)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
-        for _ in range(3):
-            loss = svi.update(x, y)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-        pyro.enable_validation(validation)
+        try:
+            for _ in range(3):
+                loss = svi.update(x, y)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     assert loss.device.type == "cuda" and torch.isfinite(loss)
