@@ -471,7 +471,7 @@ def plot_mnist(payload: dict, name: str = "scale_mnist") -> None:
     def label(method: str) -> str:
         if method == "advi":
             return "ADVI"
-        return "ProximalScoreVI, K = " + (method.split("_K")[1] if "_K" in method else "20 (default)")
+        return "ProximalScoreVI, " + (method.removeprefix("psvi_") if "_" in method else "defaults")
 
     curves = {label(r["method"]): tuple(zip(*r["curve"], strict=True)) for r in payload["runs"]}
     title = f"Bayesian ResNet (width {payload['width']}) on {payload['train_images']} MNIST images"

@@ -32,7 +32,8 @@ NumPyro methods run the ``flax_`` networks and the others the torch ones. Rows m
 keyed by network and method, so a run cut short keeps what it measured; a row that would
 start after ``--budget`` seconds is skipped. ``--memory-snapshots DIR`` saves each torch row's
 CUDA allocation history (``torch.cuda.memory._dump_snapshot``: what is allocated at the
-peak, with stacks). ``--table`` prints the table for
+peak, with stacks), and ``--memory-report FILE --num-weights D`` prints what one holds at its
+peak. ``--table`` prints the table for
 ``docs/scale.md`` from the JSON. ``--device cpu`` runs the same code on a CPU (the slow
 test, small networks; no peak memory there).
 """
@@ -158,6 +159,37 @@ def print_table(path: Path) -> None:
               f"{r['seconds']:.4f} | {ratio} | {gigabytes} | {vectors} |")  # fmt: skip
 
 
+def memory_report(path: Path, num_weights: int, top: int = 25) -> list[dict]:
+    """What is allocated at the peak of a ``--memory-snapshots`` file, grouped by the first
+    three frames in Pyro, the engine or the benchmarks, in D-vectors (``4 D`` bytes).
+
+    The file is torch's own pickle (``torch.cuda.memory._dump_snapshot``): read only
+    snapshots this script wrote.
+    """
+    import pickle
+
+    with open(path, "rb") as f:
+        trace = pickle.load(f)["device_traces"][0]
+    live, current, peak, at_peak = {}, 0, 0, {}
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            current += event["size"]
+            if current > peak:
+                peak, at_peak = current, dict(live)
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            current -= live.pop(event["addr"])["size"]
+    groups: dict[str, list[int]] = {}
+    for event in at_peak.values():
+        frames = [f for f in event["frames"] if any(part in f["filename"] for part in ("pyro", "benchmarks"))]
+        key = " <- ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in frames[:3]) or "?"
+        size, count = groups.get(key, [0, 0])
+        groups[key] = [size + event["size"], count + 1]
+    rows = [{"where": key, "d_vectors": size / (4 * num_weights), "allocations": count}
+            for key, (size, count) in sorted(groups.items(), key=lambda item: -item[1][0])]  # fmt: skip
+    return rows[:top]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(TORCHVISION))
@@ -174,7 +206,15 @@ def main() -> None:
         "--memory-snapshots", type=Path, help="a folder for each row's CUDA allocation history"
     )
     parser.add_argument("--one", nargs=2, metavar=("NETWORK", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-report", type=Path, help="print the peak's breakdown of a snapshot and stop"
+    )
+    parser.add_argument("--num-weights", type=int, help="D of the snapshot's network (with --memory-report)")
     options = parser.parse_args()
+    if options.memory_report:
+        for row in memory_report(options.memory_report, options.num_weights):
+            print(f"{row['d_vectors']:6.2f} D  {row['allocations']:4d}  {row['where']}")
+        return
     if options.table:
         print_table(options.out)
         return

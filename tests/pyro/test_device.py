@@ -74,13 +74,21 @@ def test_ill_conditioned_full_covariance_on_cuda():
 
 
 def test_update_does_not_synchronize_with_the_host():
-    """``update`` returns its loss without a host sync (README: GPU use): with
-    ``torch.cuda.set_sync_debug_mode("error")`` any synchronizing call raises. Pyro's
-    argument validation reads values on the host, so it is off here, as in production runs
-    that want no syncs."""
+    """``update`` returns its loss without a host sync: with
+    ``torch.cuda.set_sync_debug_mode("error")`` any synchronizing call raises. The model
+    builds its distributions from device tensors only (a Python float in a torch
+    distribution is copied to the device, a sync) and Pyro's argument validation, which
+    reads values on the host, is off."""
     x, y = (torch.as_tensor(a, device=CUDA) for a in minibatch.regression(seed=0))
+    zeros, ones = torch.zeros(minibatch.D, device=CUDA), torch.ones(minibatch.D, device=CUDA)
+
+    def model(x, y):
+        w = pyro.sample("w", pyro.distributions.Normal(zeros, ones).to_event(1))
+        with pyro.plate("data", len(x), subsample_size=minibatch.B, device=x.device) as idx:
+            pyro.sample("y", pyro.distributions.Normal(x[idx] @ w, ones[0]), obs=y[idx])
+
     pyro.clear_param_store()
-    svi = ProximalScoreVI(regression_model, AutoNormal(regression_model), pyro.optim.Adam({"lr": 1e-2}))
+    svi = ProximalScoreVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 1e-2}))
     with pyro.validation_enabled(False):
         for _ in range(3):  # set-up and the first updates may sync
             svi.update(x, y)
