@@ -112,6 +112,23 @@ def test_scale_quick():
 
 
 @pytest.mark.slow
+def test_scale_gpu_on_a_cpu(tmp_path):
+    """benchmarks/scale_gpu.py's code path on a CPU (small ResNet; torchvision's networks
+    need torchvision, absent here): rows for each method, merged into one JSON."""
+    out = tmp_path / "scale_gpu.json"
+    command = [sys.executable, "-m", "benchmarks.scale_gpu", "--device", "cpu", "--models", "resnet_gn4",
+               "--methods", "sgd", "advi_flat", "psvi_flat", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True)
+    payload = json.loads(out.read_text())
+    assert [r["method"] for r in payload["rows"]] == ["sgd", "advi_flat", "psvi_flat"]
+    for row in payload["rows"]:
+        assert row["num_weights"] == 44_550 and row["seconds"] > 0 and row["peak_extra_bytes"] is None
+    table = subprocess.run([*command[:3], "--table", "--out", str(out)], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert "| resnet_gn4 | 4.46e+04 | 62 | psvi_flat |" in table
+
+
+@pytest.mark.slow
 def test_scale_mnist_quick():
     subprocess.run([sys.executable, "-m", "benchmarks.scale", "--mnist", "--quick"], cwd=ROOT, check=True)
     runs = json.loads((ROOT / "benchmarks/results/scale_mnist_quick.json").read_text())["runs"]
