@@ -95,8 +95,9 @@ class _FlatAdamGroup:
             self.flat = {"param": torch.cat([param.detach().reshape(-1) for param in self.params])}
             self.flat.update({key: torch.cat([s[key].reshape(-1) for s in self.states]) for key in keys})
             self.step_count = self.states[0]["step"].clone()
-            # Reused by every step: a fresh buffer of this size costs more than the op.
-            self.grad, self.denom = torch.empty_like(self.flat["param"]), torch.empty_like(self.flat["param"])
+            # Reused by every step: a fresh buffer of this size costs more than the op. The
+            # gradient's is made by the first :meth:`step` (:meth:`step_flat` is given one).
+            self.grad, self.denom = None, torch.empty_like(self.flat["param"])
         sizes = [param.numel() for param in self.params]
         self.views = {
             key: [part.view(param.shape) for part, param in zip(flat.split(sizes), self.params, strict=True)]
@@ -109,6 +110,8 @@ class _FlatAdamGroup:
         """torch's Adam (``_single_tensor_adam``'s and ``_multi_tensor_adam``'s
         arithmetic, op for op) on the flat tensors."""
         with torch.no_grad():
+            if self.grad is None:
+                self.grad = torch.empty_like(self.flat["param"])
             self.step_flat(torch.cat([grad.reshape(-1) for grad in grads], out=self.grad))
 
     def step_flat(self, grad: torch.Tensor) -> None:
@@ -138,15 +141,67 @@ class _FlatAdamGroup:
                 torch._foreach_copy_([self.params[j] for j in self.in_place],
                                      [self.views["param"][j] for j in self.in_place])  # fmt: skip
 
-    def write_back(self) -> None:
-        """Copy the flat values and moments into the params and their Adam states."""
+    def write_back(self, moments: bool = True) -> None:
+        """Copy the flat values, and with ``moments`` the moments, into the params and
+        their Adam states; without, free the flat values (the moments wait for
+        :meth:`replace_moments`)."""
         with torch.no_grad():
             torch._foreach_copy_(self.params, self.views["param"])
-            for key, views in self.views.items():
-                if key != "param":
-                    torch._foreach_copy_([state[key] for state in self.states], views)
+            if moments:
+                for key, views in self.views.items():
+                    if key != "param":
+                        torch._foreach_copy_([state[key] for state in self.states], views)
+                for state in self.states:
+                    state["step"].copy_(self.step_count)
+            else:
+                del self.flat["param"], self.views["param"]
+                self.grad = self.denom = None
+
+    def replace_moments(self, keep: torch.Tensor, replaced: list[tuple[dict, str, torch.Tensor]]) -> None:
+        """Give the Adam states new moment and step-count tensors: the flat ones where the
+        0-dim ``keep`` holds, else equal to their own; each ``(state, key, old tensor)``
+        goes to ``replaced`` as it is made (to undo them), and each flat moment is freed
+        once written."""
+        accepted = keep.device.type == "cpu" and bool(keep)  # read at once on a CPU
+        with torch.no_grad():
+            for key in [key for key in self.flat if key != "param"]:
+                views = self.views.pop(key)
+                for state, view in zip(self.states, views, strict=True):
+                    old = state[key]
+                    state[key] = view.clone() if accepted else torch.where(keep, view, old)
+                    replaced.append((state, key, old))
+                del views, self.flat[key]
             for state in self.states:
-                state["step"].copy_(self.step_count)
+                old = state["step"]
+                new = (
+                    self.step_count.clone()
+                    if accepted
+                    else torch.where(keep.to(old.device), self.step_count, old)
+                )
+                state["step"] = new
+                replaced.append((state, "step", old))
+
+    def moments(self) -> list[torch.Tensor]:
+        """The flat moments (not yet written when deferred)."""
+        return [flat for key, flat in self.flat.items() if key != "param"]
+
+
+def flat_adam_state(optim: PyroOptim, param: torch.Tensor) -> dict | None:
+    """The Adam state :class:`FlatAdamSteps` steps ``param`` with on flat copies (a plain,
+    started ``torch.optim.Adam`` of a dense real param, no clipping, none of
+    ``capturable``, ``differentiable`` or ``fused``); ``None`` when it takes ``optim``'s
+    own step."""
+    adam = optim.optim_objs.get(param) if type(optim) is PyroOptim else None
+    state = adam.state.get(param) if type(adam) is torch.optim.Adam else None
+    if (
+        not state
+        or param.is_sparse
+        or torch.is_complex(param)
+        or optim.grad_clip.get(param) is not None
+        or any(adam.param_groups[0].get(name) for name in ("capturable", "differentiable", "fused"))
+    ):
+        return None
+    return state
 
 
 class FlatAdamSteps:
@@ -162,26 +217,31 @@ class FlatAdamSteps:
     the flat values and moments back into the params and ``optim``'s states; an exception
     inside it skips the copy. The flat params at the positions ``in_place`` (read where
     they are, e.g. a ``pyro.module``'s own parameters) are copied back at every step.
+    With ``defer_moments`` the block copies back the values only: :meth:`write_moments`
+    then gives the flat params' Adam states their moments (and nothing else, the states
+    of the others having been stepped in place) and :meth:`undo_moments` takes them
+    back, so the caller needs no copy of those states to undo a step.
     Optimizer step hooks do not run for flat params.
     """
 
-    def __init__(self, optim: PyroOptim, params: list[torch.Tensor], in_place: Collection[int] = ()) -> None:
+    def __init__(
+        self,
+        optim: PyroOptim,
+        params: list[torch.Tensor],
+        in_place: Collection[int] = (),
+        defer_moments: bool = False,
+    ) -> None:
         members: dict[tuple, list[tuple[torch.Tensor, dict]]] = {}
         self.values = list(params)
         self._rest: list[int] = []
+        self._defer_moments = defer_moments
+        self._replaced: list[tuple[dict, str, torch.Tensor]] = []
         for i, param in enumerate(params):
-            adam = optim.optim_objs.get(param) if type(optim) is PyroOptim else None
-            state = adam.state.get(param) if type(adam) is torch.optim.Adam else None
-            settings = adam.param_groups[0] if state else None
-            if (
-                not state
-                or param.is_sparse
-                or torch.is_complex(param)
-                or optim.grad_clip.get(param) is not None
-                or any(settings.get(name) for name in ("capturable", "differentiable", "fused"))
-            ):
+            state = flat_adam_state(optim, param)
+            if state is None:
                 self._rest.append(i)
                 continue
+            settings = optim.optim_objs[param].param_groups[0]
             key = (*(settings.get(name) for name in _ADAM_SETTINGS), param.device, param.dtype,
                    state["step"].item())  # fmt: skip
             members.setdefault(key, []).append((i, param, state))
@@ -234,7 +294,25 @@ class FlatAdamSteps:
     def __exit__(self, error_type: type | None, *_: Any) -> None:
         if error_type is None:
             for _, flat in self._groups:
-                flat.write_back()
+                flat.write_back(moments=not self._defer_moments)
+
+    def moments(self) -> list[torch.Tensor]:
+        """The flat params' moments, written back or (``defer_moments``) not yet."""
+        return [moment for _, flat in self._groups for moment in flat.moments()]
+
+    def write_moments(self, keep: torch.Tensor) -> None:
+        """With ``defer_moments``, after the block: give the flat params' Adam states
+        their stepped moments and step counts where the 0-dim ``keep`` holds (new tensors;
+        the old ones are kept for :meth:`undo_moments` while this object lives)."""
+        for _, flat in self._groups:
+            flat.replace_moments(keep, self._replaced)
+
+    def undo_moments(self) -> None:
+        """Put back the Adam states' tensors :meth:`write_moments` replaced (all of them,
+        also after an interrupt inside it)."""
+        for state, key, old in reversed(self._replaced):
+            state[key] = old
+        self._replaced = []
 
 
 def is_block_autoregressive(guide: autoguide.AutoNormalizingFlow) -> bool:

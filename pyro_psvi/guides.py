@@ -90,23 +90,26 @@ class FlatRead(NamedTuple):
 
     Attributes
     ----------
-    index : torch.Tensor
+    index : torch.Tensor or slice
         ``(D,)`` long: the entry of the flat params each coordinate equals; ``-1`` for a
-        coordinate no param gives.
+        coordinate no param gives. A ``slice`` when the coordinates read one run of
+        entries in order (no index tensor: at D weights a long index is 2 D floats).
     constants : torch.Tensor or None
         ``(D,)``: the value of each ``-1`` coordinate (other entries unused); ``None``
         when there is none.
     """
 
-    index: torch.Tensor
+    index: torch.Tensor | slice
     constants: torch.Tensor | None
 
 
 def _contiguous_read(offsets: dict[str, int], sizes: dict[str, int], device: torch.device) -> FlatRead:
     """The :class:`FlatRead` of a flat side that concatenates whole params (``sizes``:
-    their entries, in order)."""
-    parts = [torch.arange(offsets[name], offsets[name] + size, device=device) for name, size in sizes.items()]
-    return FlatRead(torch.cat(parts), None)
+    their entries, in order): a slice where they lie in that order, one after another."""
+    runs = [(offsets[name], offsets[name] + size) for name, size in sizes.items()]
+    if all(stop == start for (_, stop), (start, _) in itertools.pairwise(runs)):
+        return FlatRead(slice(runs[0][0], runs[-1][1]), None)
+    return FlatRead(torch.cat([torch.arange(*run, device=device) for run in runs]), None)
 
 
 def _contiguous_loc_scale_index(loc_sizes: dict[str, int], scale_sizes: dict[str, int]) -> Callable:
@@ -1409,6 +1412,8 @@ class _RecipeGather:
         key = (tuple(offsets[name] for name in self.names), device)
         if self._reads is None or self._reads[0] != key:
             moved = _contiguous_read(offsets, dict(zip(self.names, self.sizes, strict=True)), device).index
+            if isinstance(moved, slice):  # the recipes index into it
+                moved = torch.arange(moved.start, moved.stop, device=device)
             reads = tuple(
                 FlatRead(moved[index], None) if fixed is None
                 else FlatRead(torch.where(fixed[0], moved[index], -1), fixed[1])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -53,7 +53,7 @@ from psvi.schedules import (
     progress_budget_scale,
     restarts_average,
 )
-from pyro_psvi._compat import FlatAdamSteps, torch_optimizer
+from pyro_psvi._compat import FlatAdamSteps, flat_adam_state, torch_optimizer
 from pyro_psvi.engine import ScoreEngine
 from pyro_psvi.guides import FlatRead, Params
 from pyro_psvi.objective import (
@@ -233,6 +233,9 @@ def flat_sides(reads: tuple[FlatRead, FlatRead], kinds: dict[str, torch.Tensor])
     each index one run (a slice) where it is."""
     sides = []
     for index, constants in reads:
+        if isinstance(index, slice):  # one run: the side is whole entries of the kinds' masks
+            sides.append(_run_side(index, kinds))
+            continue
         given = index >= 0
         parts = []
         for kind, mask in kinds.items():
@@ -244,6 +247,19 @@ def flat_sides(reads: tuple[FlatRead, FlatRead], kinds: dict[str, torch.Tensor])
                 parts.append(_FlatSidePart(_as_run(positions), _as_run(index[positions]), kind))
         sides.append(_FlatSide(parts, None if bool(given.all()) else constants, index.numel()))
     return sides
+
+
+def _run_side(run: slice, kinds: dict[str, torch.Tensor]) -> _FlatSide:
+    """:func:`flat_sides`'s side of a :class:`FlatRead` that is one run of entries."""
+    parts = []
+    for kind, mask in kinds.items():
+        covered = mask[run]
+        if bool(covered.all()):
+            parts.append(_FlatSidePart(None, run, kind))
+        elif bool(covered.any()):
+            positions = covered.nonzero().squeeze(-1)
+            parts.append(_FlatSidePart(_as_run(positions), _as_run(positions + run.start), kind))
+    return _FlatSide(parts, None, run.stop - run.start)
 
 
 class FlatGuideGradient(NamedTuple):
@@ -265,7 +281,8 @@ class FlatGuideGradient(NamedTuple):
     sides : list of _FlatSide
         The flat ``loc`` and ``scale``.
     base : torch.Tensor
-        The flat gradient of the model params (zeros elsewhere).
+        The flat gradient of the model params (zeros elsewhere; a 0-dim zero when there
+        are none).
     total : torch.Tensor
         A buffer of ``base``'s size for the result (a fresh one costs more than the op).
     tiling : list of int or None
@@ -650,10 +667,15 @@ class ProximalScoreVI(ScoreEngine):
             start = {name: (leaf if self._iterate is None else self._iterate[name]).detach().clone()
                      for name, leaf in leaves.items()}  # fmt: skip
         stored = start if self._iterate is None else self.averages.params
-        saved_optimizer_state = self._optimizer_state_copy(leaves)
+        # The inner steps defer the moments of the params they step on flat copies: only
+        # the others' optimizer state is copied here, to undo a rejected step.
+        saved_optimizer_state = self._optimizer_state_copy(leaves, flat=self.inner_solver != "closed_form")
         averages, iterate = self.averages, self._iterate
+        pending: list[FlatAdamSteps] = []  # whose moments written here an interrupt takes back
 
         def restore() -> None:
+            for steps in pending:
+                steps.undo_moments()
             current = self._optimizer_state(list(leaves.values()))
             self._restore_optimizer_state(current, saved_optimizer_state, torch.tensor(False))
             self.averages, self._iterate = averages, iterate
@@ -681,14 +703,17 @@ class ProximalScoreVI(ScoreEngine):
                 unread = self.unread_entries(start, particles)
                 del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
                 fit_at = time.perf_counter()
-                self.inner_fit(problem, leaves)
+                steps = self.inner_fit(problem, leaves)
+                pending.append(steps)
                 if timed:
                     self._advise_inner_cost(time.perf_counter() - fit_at, scored_at - started)
                 self.hold(unread, start, leaves)
                 frac = self.pull_back(problem, start, leaves)
-                accept = self.accept(problem, start, leaves, frac, saved_optimizer_state)
+                accept = self.accept(problem, start, leaves, frac, saved_optimizer_state, steps.moments())
             self.record(accept)
             self._advance_averages(problem, leaves, accept)
+            if self.inner_solver != "closed_form":  # last (an interrupt inside it: restore undoes it)
+                steps.write_moments(accept)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
 
     def _advise_inner_cost(self, inner_seconds: float, score_seconds: float) -> None:
@@ -814,10 +839,12 @@ class ProximalScoreVI(ScoreEngine):
                 )
         self.averages, self._iterate = averages, iterate
 
-    def inner_fit(self, problem: ProximalProblem, leaves: dict[str, torch.Tensor]) -> None:
+    def inner_fit(self, problem: ProximalProblem, leaves: dict[str, torch.Tensor]) -> FlatAdamSteps:
         """``K`` steps of the user's Pyro optimizer on the problem, in place on the
         param-store tensors. Model params ascend the expected log joint, linearized at
-        ``theta_t``: their gradient is the particles' mean gradient (no score calls)."""
+        ``theta_t``: their gradient is the particles' mean gradient (no score calls).
+        Returns the steps, whose flat params' Adam moments are not yet written back
+        (:meth:`~pyro_psvi._compat.FlatAdamSteps.write_moments`)."""
         names = list(leaves)
         guide_positions = [names.index(name) for name in self.density.param_names]
         grads: list[torch.Tensor | None] = [None] * len(names)
@@ -825,7 +852,7 @@ class ProximalScoreVI(ScoreEngine):
             grads[names.index(name)] = torch.where(problem.scores_ok, -grad, 0.0)
         # pyro.module's parameters are read by the module's forward where they are.
         in_place = [names.index(name) for name in self.density.module_param_names]
-        with FlatAdamSteps(self.optim, list(leaves.values()), in_place) as steps:
+        with FlatAdamSteps(self.optim, list(leaves.values()), in_place, defer_moments=True) as steps:
             flat_gradient = self._flat_guide_gradient(problem, steps, names, grads)
             for _ in range(self.inner_steps):
                 if flat_gradient is not None:
@@ -835,6 +862,7 @@ class ProximalScoreVI(ScoreEngine):
                 for i, grad in zip(guide_positions, guide_grads, strict=True):
                     grads[i] = grad
                 steps.step(grads)
+        return steps
 
     def closed_form_step(
         self,
@@ -1030,7 +1058,9 @@ class ProximalScoreVI(ScoreEngine):
                         masks[kinds[name]][offset : offset + size] = True
                 sides = flat_sides(reads, masks)
                 tiling = _tiling(sides, flat.numel())
-                buffers = torch.zeros_like(flat), torch.empty_like(flat)
+                # No model params: their gradient is a 0-dim zero (broadcast), not a D-vector.
+                base = torch.zeros_like(flat) if set(names) - set(kinds) else flat.new_zeros(())
+                buffers = base, torch.empty_like(flat)
                 self._flat_sides = cached = (reads, layout_key, sides, tiling, *buffers)
             _, _, sides, tiling, base, total = cached
             for name, offset, size, grad in zip(names, offsets, sizes, grads, strict=True):
@@ -1125,19 +1155,22 @@ class ProximalScoreVI(ScoreEngine):
         start: dict[str, torch.Tensor],
         leaves: dict[str, torch.Tensor],
         frac: torch.Tensor,
-        saved_optimizer_state: list[dict[str, torch.Tensor]],
+        saved_optimizer_state: list[dict[str, torch.Tensor] | None],
+        pending_moments: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
         """Move the params the fraction ``frac`` of their step, or restore them and the
         optimizer's state exactly when the step is rejected (no fraction qualified, or
-        non-finite scores, loss, params or optimizer moments; state a first step created
-        goes back to zeros, i.e. a fresh optimizer). Returns the accept flag (device tensor)."""
+        non-finite scores, loss, params or optimizer moments, ``pending_moments`` (those
+        not yet written back) included; state a first step created goes back to zeros,
+        i.e. a fresh optimizer). Returns the accept flag (device tensor)."""
         with torch.no_grad():
             accept = (frac > 0) & problem.scores_ok
             accept &= torch.isfinite(problem.fisher) & torch.isfinite(problem.loss)
             # The optimizer's moments too: a finite step can leave Adam's second moment at
             # inf (a gradient beyond 1.8e19 squared, float32), spoiling every later step.
             current = self._optimizer_state(list(leaves.values()))
-            accept &= _all_finite(*leaves.values(), *(value for state in current for value in state.values()))
+            moments = [value for state in current for value in state.values()]
+            accept &= _all_finite(*leaves.values(), *moments, *pending_moments)
             if self.reducer is not None:  # every rank accepts or rejects the same step
                 accept = self.reducer.agree(accept)
             # Read at once on a CPU, where that is free: a whole accepted step keeps the
@@ -1160,16 +1193,29 @@ class ProximalScoreVI(ScoreEngine):
 
     @staticmethod
     def _restore_optimizer_state(
-        current: list[dict[str, torch.Tensor]], saved: list[dict[str, torch.Tensor]], keep: torch.Tensor
+        current: list[dict[str, torch.Tensor]],
+        saved: list[dict[str, torch.Tensor] | None],
+        keep: torch.Tensor,
     ) -> None:
         """Unless ``keep``, put the optimizer's ``current`` state (:meth:`_optimizer_state`)
-        back to ``saved`` (state created since goes to zeros: a fresh optimizer's)."""
+        back to ``saved`` (state created since goes to zeros: a fresh optimizer's); a
+        ``None`` in ``saved`` (a state stepped on flat copies) is left as it is."""
         for before, after in zip(saved, current, strict=True):
+            if before is None:
+                continue
             for key, value in after.items():
                 old = before.get(key, torch.zeros_like(value))
                 value.copy_(torch.where(keep.to(value.device), value, old))
 
-    def _optimizer_state_copy(self, leaves: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def _optimizer_state_copy(
+        self, leaves: dict[str, torch.Tensor], flat: bool
+    ) -> list[dict[str, torch.Tensor] | None]:
+        """A copy of each leaf's optimizer state; with ``flat``, ``None`` for those the
+        inner steps step on flat copies (:func:`~pyro_psvi._compat.flat_adam_state`)."""
+        states = self._optimizer_state(list(leaves.values()))
         return [
-            {k: v.clone() for k, v in state.items()} for state in self._optimizer_state(list(leaves.values()))
+            None
+            if flat and flat_adam_state(self.optim, leaf) is not None
+            else {k: v.clone() for k, v in state.items()}
+            for leaf, state in zip(leaves.values(), states, strict=True)
         ]

@@ -245,8 +245,8 @@ def _interrupt_third_inner_step(patch: pytest.MonkeyPatch) -> None:
 
 
 def _interrupt_write_back(patch: pytest.MonkeyPatch) -> None:
-    # Between the params' copy and the moments': the store holds the step's values.
-    def interrupted(self):
+    # After the params' copy: the store holds the step's values.
+    def interrupted(self, moments=True):
         with torch.no_grad():
             torch._foreach_copy_(self.params, self.views["param"])
         raise KeyboardInterrupt
@@ -254,7 +254,36 @@ def _interrupt_write_back(patch: pytest.MonkeyPatch) -> None:
     patch.setattr(pyro_psvi._compat._FlatAdamGroup, "write_back", interrupted)
 
 
-@pytest.mark.parametrize("interrupt", [_interrupt_third_inner_step, _interrupt_write_back])
+def _interrupt_moments(patch: pytest.MonkeyPatch) -> None:
+    # The update's last act, the Adam states given the step's moments (a deferred write):
+    # interrupted inside it after its first moment, then after all of them.
+    replace = pyro_psvi._compat._FlatAdamGroup.replace_moments
+
+    def interrupted(self, keep, replaced):
+        class FirstThenInterrupt(list):
+            def append(self, item):
+                replaced.append(item)
+                raise KeyboardInterrupt
+
+        replace(self, keep, FirstThenInterrupt())
+
+    patch.setattr(pyro_psvi._compat._FlatAdamGroup, "replace_moments", interrupted)
+
+
+def _interrupt_after_moments(patch: pytest.MonkeyPatch) -> None:
+    replace = pyro_psvi._compat._FlatAdamGroup.replace_moments
+
+    def interrupted(self, keep, replaced):
+        replace(self, keep, replaced)
+        raise KeyboardInterrupt
+
+    patch.setattr(pyro_psvi._compat._FlatAdamGroup, "replace_moments", interrupted)
+
+
+@pytest.mark.parametrize(
+    "interrupt",
+    [_interrupt_third_inner_step, _interrupt_write_back, _interrupt_moments, _interrupt_after_moments],
+)
 @pytest.mark.parametrize("average_iterates", [True, False])
 def test_an_interrupt_inside_a_step_leaves_the_last_completed_step(tmp_path, average_iterates, interrupt):
     x, y = _data()
