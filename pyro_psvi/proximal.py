@@ -250,7 +250,9 @@ def flat_sides(reads: tuple[FlatRead, FlatRead], kinds: dict[str, torch.Tensor])
 
 
 def _run_side(run: slice, kinds: dict[str, torch.Tensor]) -> _FlatSide:
-    """:func:`flat_sides`'s side of a :class:`FlatRead` that is one run of entries."""
+    """:func:`flat_sides`'s side of a :class:`FlatRead` that is one run of entries, read
+    as views of the masks: the index path's gathers allocate D-sized indices (a run sent
+    through them peaked at 57.7 D-vectors against 55.7 at D = 1.1e7, one CPU run each)."""
     parts = []
     for kind, mask in kinds.items():
         covered = mask[run]
@@ -712,7 +714,7 @@ class ProximalScoreVI(ScoreEngine):
                 accept = self.accept(problem, start, leaves, frac, saved_optimizer_state, steps.moments())
             self.record(accept)
             self._advance_averages(problem, leaves, accept)
-            if self.inner_solver != "closed_form":  # last (an interrupt inside it: restore undoes it)
+            for steps in pending:  # last (an interrupt inside it: restore undoes it)
                 steps.write_moments(accept)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
 
