@@ -35,7 +35,8 @@ Adam 1e-3, mini-batches of 64, equal score calls): test cross-entropy against sc
 calls (the paper's Figure 4; 1k test images, 10 draws) and, at the end, test error,
 NLL and ECE on the 10k test images (20 draws), the ELBO of the returned guide (50
 seeded mini-batches of the training set, 4 particles each) and the 10/50/90% quantiles
-of its sds; ``scale_mnist[_quick].json`` and ``docs/scale_mnist_convergence.png``.
+of its sds; ``scale_mnist[<tag>][_quick].json`` and ``docs/scale_mnist[<tag>]_convergence.png``
+(``--mnist-tag``).
 Methods: ``advi``, ``advi_L<lr>`` (another Adam rate), ``psvi`` and its variants
 (:func:`mnist_fit`).
 """
@@ -380,6 +381,7 @@ def main() -> None:
     parser.add_argument(
         "--mnist-device", default="cpu", help="e.g. cuda; the JSON is then scale_mnist_<device>"
     )
+    parser.add_argument("--mnist-tag", default="", help="suffix of the JSON and plot names, e.g. _long")
     parser.add_argument(
         "--mnist-methods",
         nargs="+",
@@ -448,7 +450,7 @@ def mnist_main(options: argparse.Namespace) -> None:
               f"ECE {run['ece']:.4f}, ELBO {run['elbo']:.0f}, {run['seconds']:.0f} s, "
               f"{run['num_rejected']} rejected")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    name = "scale_mnist" if device == "cpu" else f"scale_mnist_{device}"
+    name = ("scale_mnist" if device == "cpu" else f"scale_mnist_{device}") + options.mnist_tag
     path = RESULTS / (f"{name}_quick.json" if options.quick else f"{name}.json")
     settings = {"width": width, "train_images": num_train, "test_images": num_test, "steps": steps}
     if path.exists() and not options.quick:  # keep other methods' runs made with the same settings

@@ -24,7 +24,7 @@ from numpyro.infer.util import log_likelihood
 from numpyro_psvi.guides import guide_density
 from numpyro_psvi.objective import weighted_fisher
 from numpyro_psvi.scores import at_random_values, make_log_joint, make_score_fn
-from psvi.inference_data import add_fit_stats, dim_names, pseudo_chains
+from psvi.inference_data import add_fit_stats, dim_names, pareto_khat, pseudo_chains
 from psvi.modes import ModeCoverage, search_modes, uncovered_message
 
 
@@ -170,7 +170,9 @@ def vi_diagnostics(
     dict
         ``khat``: PSIS Pareto k-hat of the importance weights ``p(z, y) / q(z)``
         (ArviZ's ``psislw``); below 0.7 the importance-sampling-corrected estimates are
-        reliable, above it q misses mass of the posterior (Yao et al. 2018).
+        reliable, above it q misses mass of the posterior (Yao et al. 2018); ``-inf``
+        when the log weights are constant to within 0.01 nats (an exact fit, whose
+        weights have no tail: a Pareto fit would fit their round-off).
         ``elbo``: the mean of ``log p(z, y) - log q(z)`` over the draws.
         ``fisher``: the covariance-weighted Fisher divergence on the draws
         (zero exactly when q's score equals the posterior's).
@@ -183,10 +185,9 @@ def vi_diagnostics(
     log_joint = jax.vmap(make_log_joint(full_model, density.unpack, args, kwargs), (0, None))
     log_w = log_joint(draws, key_model) - jax.vmap(density.log_prob, (None, 0))(params, draws)
     log_w = np.asarray(log_w, np.float64)
-    _, khat = az.psislw(log_w)
     _, scores = make_score_fn(full_model, density.unpack, args, kwargs)(draws, key_model)
     fisher = weighted_fisher(density, params, params, draws, scores, "covariance")
-    return {"khat": float(khat), "elbo": float(np.mean(log_w)), "fisher": float(fisher)}
+    return {"khat": pareto_khat(log_w), "elbo": float(np.mean(log_w)), "fisher": float(fisher)}
 
 
 def mode_coverage(

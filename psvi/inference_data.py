@@ -6,6 +6,23 @@ from typing import Any
 
 import numpy as np
 
+# Log weights within this many nats of each other agree to 1%: importance sampling is
+# exact to that precision (bounded weights have no tail), and a Pareto fit to their tail
+# would fit the float round-off of the log densities (~1e-5 nats for float32 log joints
+# of a few hundred nats), which gives any k-hat, inf included.
+CONSTANT_LOG_WEIGHTS = 1e-2
+
+
+def pareto_khat(log_weights: np.ndarray) -> float:
+    """PSIS Pareto k-hat of ``log_weights`` (ArviZ's ``psislw``); ``-inf`` when they are
+    constant to within :data:`CONSTANT_LOG_WEIGHTS` nats (an exact fit)."""
+    log_weights = np.asarray(log_weights, np.float64)
+    if np.ptp(log_weights) < CONSTANT_LOG_WEIGHTS:
+        return float("-inf")
+    import arviz as az
+
+    return float(az.psislw(log_weights)[1])
+
 
 def pseudo_chains(samples: dict, num_chains: int) -> dict[str, np.ndarray]:
     """Split iid draws ``(S, ...)`` into ``(num_chains, S // num_chains, ...)`` pseudo-chains."""

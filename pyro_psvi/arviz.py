@@ -4,7 +4,10 @@ The twin of ``numpyro_psvi.arviz``. Pyro's plate refuses indices of another leng
 than its ``subsample_size``, so the FULL data are covered chunk by chunk: the
 subsampled plate's indices are set to consecutive blocks of ``subsample_size``
 (the last block overlaps the one before), and each observed datum's unscaled log
-density (or predictive draw) is kept once. Draws are evaluated one at a time.
+density (or predictive draw) is kept once. The log joints and scores of the diagnostics
+take all draws in one model pass per block (under a plate left of the model's, as the
+engine runs its particles) when the model is broadcast-safe, probed once against one draw
+at a time; the export's pointwise values and predictive draws are one draw at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import arviz as az
 import numpy as np
+import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
@@ -24,17 +28,22 @@ from torch.distributions import biject_to
 
 from psvi.checks import unbatched_local_guide_message
 from psvi.families import DensityOptions
-from psvi.inference_data import add_fit_stats, dim_names, pseudo_chains
+from psvi.inference_data import add_fit_stats, dim_names, pareto_khat, pseudo_chains
 from psvi.modes import ModeCoverage, search_modes, uncovered_message
 from pyro_psvi.batches import SharedSubsample
 from pyro_psvi.guides import GuideDensity, guide_family
 from pyro_psvi.objective import weighted_fisher
 from pyro_psvi.scores import (
+    PARTICLE_PLATE,
     UnconstrainedValues,
     at_random_values,
     guess_max_plate_nesting,
     local_plates,
+    particle_values,
+    per_particle,
 )
+
+DRAWS_PER_PASS = 256  # bounds a vectorized pass's memory: draws x one block of the data
 
 
 class _Unobserve(Messenger):
@@ -275,25 +284,86 @@ def _observed_values(model, values, plates, args, kwargs, plate, site_name: str)
     return torch.cat(parts, dim=frame.dim - site["fn"].event_dim).detach().cpu().numpy()
 
 
+def _log_joints_at_once(model, density, u, plates, args, kwargs, plate, max_plate_nesting) -> torch.Tensor:
+    """The full-data log joints of draws ``u (m, D)``, shape ``(m,)``: the terms of
+    :func:`_full_data_sites` summed per draw, all draws in one model pass per block of
+    the subsampled plate, under a plate of the draws left of the model's."""
+    num, draws_dim = u.shape[0], -(max_plate_nesting + 1)
+    values = particle_values(density, u, max_plate_nesting)
+    blocks = [(None, None)] if plate is None else list(_chunks(plate[1], plate[2]))
+    total = u.new_zeros(num)
+    for block, (indices, fresh) in enumerate(blocks):
+        subsample = {} if plate is None else {plate[0]: indices}
+        handler = UnconstrainedValues(values, plates, subsample)
+        with poutine.trace() as tracer, SharedSubsample(subsample), handler:
+            with pyro.plate(PARTICLE_PLATE, num, dim=draws_dim):
+                model(*args, **kwargs)
+        for name, site in tracer.trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site) or _is_deterministic(site):
+                continue
+            if name in values:
+                term = site["fn"].log_prob(site["value"]) + handler.log_abs_det_jacobians[name]
+            else:
+                term = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
+            frame = _plate_frame(site, plate)
+            if frame is not None:  # this block's new members
+                term = term.index_select(frame.dim, fresh)
+            elif block:  # a term outside the plate counts once
+                continue
+            total = total + per_particle(name, term, num, draws_dim)
+    return total
+
+
+def _with_scores(log_joints: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor):
+    with torch.enable_grad():
+        u = u.detach().requires_grad_(True)
+        values = log_joints(u)
+        return values.detach(), torch.autograd.grad(values.sum(), u)[0]
+
+
 def _full_data_log_joints(model: Callable, density: GuideDensity, args: tuple, kwargs: dict) -> Callable:
     """``u (m, D) -> (log p (m,), scores (m, D))``: the full-data log joint in
-    unconstrained space and its gradient, one draw at a time."""
+    unconstrained space and its gradient. All draws at once when the model is
+    broadcast-safe: decided at the first call with two draws or more, whose first four
+    are evaluated both ways (a model that fails or differs under the draws' plate is run
+    one draw at a time, as written)."""
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
         model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
     plate = _subsampled_plate(model_trace)
     plates = local_plates(density)
+    max_plate_nesting = guess_max_plate_nesting(model_trace)
+
+    def one_draw(u: torch.Tensor) -> torch.Tensor:  # (1, D) -> (1,)
+        values = density.unpack(u[0])
+        prior, logs = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=False)
+        return (prior + sum(value.sum() for _, value in logs.values())).reshape(1)
+
+    def at_once(u: torch.Tensor) -> torch.Tensor:
+        return _log_joints_at_once(model, density, u, plates, args, kwargs, plate, max_plate_nesting)
+
+    def broadcast_safe(draws: torch.Tensor) -> bool:
+        with torch.no_grad():
+            try:
+                vectorized = at_once(draws[:4])
+            # Model code may fail in any way under the extra dimension (as in the engine's probe).
+            except Exception:  # noqa: BLE001
+                return False
+            one_at_a_time = torch.cat([one_draw(u) for u in draws[:4].split(1)])
+        magnitude = torch.where(torch.isfinite(one_at_a_time), one_at_a_time.abs(), 0.0)
+        atol = 1e-4 * float(magnitude.max().clamp(min=1.0))
+        return torch.allclose(vectorized, one_at_a_time, rtol=1e-4, atol=atol, equal_nan=True)
+
+    vectorize: list[bool] = []  # decided once
 
     def log_joints_and_scores(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_joints, scores = [], []
-        for u in draws:
-            u = u.detach().requires_grad_(True)
-            prior, logs = _full_data_sites(
-                model, density.unpack(u), plates, args, kwargs, plate, unobserve=False
-            )
-            log_joint = prior + sum(value.sum() for _, value in logs.values())
-            scores.append(torch.autograd.grad(log_joint, u)[0])
-            log_joints.append(log_joint.detach())
-        return torch.stack(log_joints), torch.stack(scores)
+        if not vectorize and len(draws) > 1:
+            vectorize.append(broadcast_safe(draws))
+        if vectorize and vectorize[0]:
+            parts = [_with_scores(at_once, block) for block in draws.split(DRAWS_PER_PASS)]
+        else:
+            parts = [_with_scores(one_draw, u) for u in draws.split(1)]
+        log_joints, scores = zip(*parts, strict=True)
+        return torch.cat(log_joints), torch.cat(scores)
 
     return log_joints_and_scores
 
@@ -316,9 +386,8 @@ def _diagnostics(
     log_joints, scores = _full_data_log_joints(model, density, args, kwargs)(draws)
     with torch.no_grad():
         log_w = (log_joints - density.log_prob(params, draws)).double().cpu().numpy()
-        _, khat = az.psislw(log_w)
         fisher = weighted_fisher(density, params, params, draws, scores, "covariance")
-    return {"khat": float(khat), "elbo": float(np.mean(log_w)), "fisher": float(fisher)}
+    return {"khat": pareto_khat(log_w), "elbo": float(np.mean(log_w)), "fisher": float(fisher)}
 
 
 def mode_coverage(

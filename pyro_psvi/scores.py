@@ -141,7 +141,7 @@ def _site_log_probs(model_trace) -> dict[str, torch.Tensor]:
     return out
 
 
-def _per_particle(name: str, term: torch.Tensor, num: int, particle_dim: int) -> torch.Tensor:
+def per_particle(name: str, term: torch.Tensor, num: int, particle_dim: int) -> torch.Tensor:
     """Sum ``term`` over all dims but the particle dim; shape ``(num,)``."""
     if not torch.is_tensor(term) or term.dim() < -particle_dim:
         return torch.as_tensor(term).sum().expand(num)  # does not vary over particles
@@ -209,15 +209,7 @@ def log_joints(
             [_log_joint_once(model, density, u[i], args, kwargs, subsample) for i in range(num)]
         )
     particle_dim = -(max_plate_nesting + 1)
-    values = {}
-    for site, value in zip(density.sites, density.unpack(u).values(), strict=True):
-        batch_ndim = len(site.shape) - site.event_dim
-        if batch_ndim > max_plate_nesting:
-            raise VectorizationError(
-                f"Latent site {site.name!r} has {batch_ndim} batch dims but the model nests "
-                f"{max_plate_nesting} plates; pass max_plate_nesting."
-            )
-        values[site.name] = value.reshape((num,) + (1,) * (max_plate_nesting - batch_ndim) + site.shape)
+    values = particle_values(density, u, max_plate_nesting)
     handler = UnconstrainedValues(values, local_plates(density), subsample)
     with SharedSubsample(subsample), handler:
         with poutine.trace() as tracer, pyro.plate(PARTICLE_PLATE, num, dim=particle_dim):
@@ -227,12 +219,30 @@ def log_joints(
     for name, term in _site_log_probs(model_trace).items():
         if check_shapes:
             _check_plate_shape(name, model_trace.nodes[name], term, particle_dim)
-        total = total + _per_particle(name, term, num, particle_dim)
+        total = total + per_particle(name, term, num, particle_dim)
     for name, term in handler.scaled_log_abs_det_jacobians().items():
-        total = total + _per_particle(name, term, num, particle_dim)
+        total = total + per_particle(name, term, num, particle_dim)
     if handler.outside:  # an update with such a particle is rejected
         total = torch.where(handler.particles_outside(num), torch.nan, total)
     return total
+
+
+def particle_values(
+    density: GuideDensity, u: torch.Tensor, max_plate_nesting: int
+) -> dict[str, torch.Tensor]:
+    """Each site's values of the flat latents ``u (S, D)``, shaped for a particle plate at
+    ``-(max_plate_nesting + 1)``: ``(S, 1, ..., *site shape)``."""
+    values = {}
+    for site, value in zip(density.sites, density.unpack(u).values(), strict=True):
+        batch_ndim = len(site.shape) - site.event_dim
+        if batch_ndim > max_plate_nesting:
+            raise VectorizationError(
+                f"Latent site {site.name!r} has {batch_ndim} batch dims but the model nests "
+                f"{max_plate_nesting} plates; pass max_plate_nesting."
+            )
+        shape = (len(u),) + (1,) * (max_plate_nesting - batch_ndim) + site.shape
+        values[site.name] = value.reshape(shape)
+    return values
 
 
 def _log_joint_once(model, density, u, args, kwargs, subsample) -> torch.Tensor:

@@ -262,7 +262,7 @@ def swap_script(make_engine):
 
     guide = AutoNormal(model)
     svi = make_engine(model, guide, numpyro.optim.Adam(1e-2))
-    svi_result = svi.run(jax.random.PRNGKey(0), 2000, x, y, progress_bar=False)
+    svi_result = svi.run(jax.random.PRNGKey(0), 1000, x, y, progress_bar=False)
     params = svi_result.params
     samples = guide.sample_posterior(jax.random.PRNGKey(1), params, sample_shape=(500,))
     predictive = Predictive(model, guide=guide, params=params, num_samples=50)

@@ -290,7 +290,7 @@ def swap_script(make_engine):
     pyro.set_rng_seed(0)
     guide = AutoNormal(model)
     svi = make_engine(model, guide, pyro.optim.Adam({"lr": 1e-2}))
-    for _ in range(1000):
+    for _ in range(500):
         loss = svi.step(x, y)
     assert isinstance(loss, float) and isinstance(svi.evaluate_loss(x, y), float)
     predictive = Predictive(model, guide=guide, num_samples=50)
