@@ -41,7 +41,7 @@ def pyro_model(x, y):
 def reference():
     """Data, and the NUTS posterior's means and sds of ``(b, w)`` on the full data."""
     x, y = minibatch.logistic_data(seed=0)
-    mcmc = MCMC(NUTS(numpyro_model), num_warmup=500, num_samples=2000, num_chains=4,
+    mcmc = MCMC(NUTS(numpyro_model), num_warmup=500, num_samples=1000, num_chains=2,
                 chain_method="sequential", progress_bar=False)  # fmt: skip
     mcmc.run(jax.random.PRNGKey(0), jnp.asarray(x), jnp.asarray(y))
     samples = mcmc.get_samples()
