@@ -41,6 +41,7 @@ from pyro_psvi.scores import (
     local_plates,
     particle_values,
     per_particle,
+    same_log_joints,
 )
 
 DRAWS_PER_PASS = 256  # bounds a vectorized pass's memory: draws x one block of the data
@@ -348,10 +349,7 @@ def _full_data_log_joints(model: Callable, density: GuideDensity, args: tuple, k
             # Model code may fail in any way under the extra dimension (as in the engine's probe).
             except Exception:  # noqa: BLE001
                 return False
-            one_at_a_time = torch.cat([one_draw(u) for u in draws[:4].split(1)])
-        magnitude = torch.where(torch.isfinite(one_at_a_time), one_at_a_time.abs(), 0.0)
-        atol = 1e-4 * float(magnitude.max().clamp(min=1.0))
-        return torch.allclose(vectorized, one_at_a_time, rtol=1e-4, atol=atol, equal_nan=True)
+            return same_log_joints(vectorized, torch.cat([one_draw(u) for u in draws[:4].split(1)]))
 
     vectorize: list[bool] = []  # decided once
 

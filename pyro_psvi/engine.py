@@ -55,6 +55,7 @@ from pyro_psvi.scores import (
     local_latents,
     log_joints,
     model_scores,
+    same_log_joints,
 )
 
 
@@ -283,10 +284,7 @@ class ScoreEngine:
                 one_at_a_time = log_joints(
                     self.model, self.density, particles, args, kwargs, vectorize=False, **common
                 )
-                # A particle outside the model's support is NaN both ways.
-                magnitude = torch.where(torch.isfinite(one_at_a_time), one_at_a_time.abs(), 0.0)
-                atol = 1e-4 * float(magnitude.max().clamp(min=1.0))
-                if torch.allclose(vectorized, one_at_a_time, rtol=1e-4, atol=atol, equal_nan=True):
+                if same_log_joints(vectorized, one_at_a_time):
                     return True
                 reason = (
                     f"its vectorized log joints {vectorized.tolist()} differ from those of "

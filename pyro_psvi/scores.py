@@ -245,6 +245,14 @@ def particle_values(
     return values
 
 
+def same_log_joints(vectorized: torch.Tensor, one_at_a_time: torch.Tensor) -> bool:
+    """Whether a vectorized pass's log joints are those of one model call per particle, to
+    1e-4 of their magnitude (a particle outside the model's support is NaN both ways)."""
+    magnitude = torch.where(torch.isfinite(one_at_a_time), one_at_a_time.abs(), 0.0)
+    atol = 1e-4 * float(magnitude.max().clamp(min=1.0))
+    return torch.allclose(vectorized, one_at_a_time, rtol=1e-4, atol=atol, equal_nan=True)
+
+
 def _log_joint_once(model, density, u, args, kwargs, subsample) -> torch.Tensor:
     handler = UnconstrainedValues(density.unpack(u), local_plates(density), subsample)
     with SharedSubsample(subsample), handler, poutine.trace() as tracer:
