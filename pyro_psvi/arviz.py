@@ -44,7 +44,9 @@ from pyro_psvi.scores import (
     same_log_joints,
 )
 
-DRAWS_PER_PASS = 256  # bounds a vectorized pass's memory: draws x one block of the data
+# Draws per vectorized pass: its memory is this many times one draw's pass over one block
+# of the data (a few times the engine's particles; a search's 32 starts are one pass).
+DRAWS_PER_PASS = 32
 
 
 class _Unobserve(Messenger):
