@@ -12,6 +12,7 @@ at a time; the export's pointwise values and predictive draws are one draw at a 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -86,16 +87,22 @@ def _plate_frame(site, plate):
     return next((f for f in site["cond_indep_stack"] if plate and f.name == plate[0]), None)
 
 
-def _full_data_sites(model, values, plates, args, kwargs, plate, unobserve: bool):
+def _full_data_sites(model, values, plates, args, kwargs, plate, unobserve: bool, draws=None):
     """One draw over the full data: latent log prior + log|J| and, per observed site,
     its pointwise unscaled log density (or predictive draw when ``unobserve``).
-    ``plates``: the local latents' plates (:func:`pyro_psvi.scores.local_plates`)."""
+    ``plates``: the local latents' plates (:func:`pyro_psvi.scores.local_plates`).
+    ``draws``: ``(number, dim)`` of draws that ``values`` carry left of the model's plates
+    (:func:`pyro_psvi.scores.particle_values`): the model runs under a plate of them and
+    the log prior is per draw."""
     blocks = [(None, None)] if plate is None else list(_chunks(plate[1], plate[2]))
     prior, pieces = 0.0, {}
     for block, (indices, fresh) in enumerate(blocks):
         subsample = {} if plate is None else {plate[0]: indices}
         handler = UnconstrainedValues(values, plates, subsample)
-        with poutine.trace() as tracer, SharedSubsample(subsample), handler:
+        draws_plate = (
+            contextlib.nullcontext() if draws is None else pyro.plate(PARTICLE_PLATE, draws[0], dim=draws[1])
+        )
+        with poutine.trace() as tracer, SharedSubsample(subsample), handler, draws_plate:
             if unobserve:
                 with _Unobserve():
                     model(*args, **kwargs)
@@ -108,9 +115,10 @@ def _full_data_sites(model, values, plates, args, kwargs, plate, unobserve: bool
             term = site["fn"].log_prob(site["value"]) + handler.log_abs_det_jacobians[name]
             frame = _plate_frame(site, plate)
             if frame is not None:  # a local latent: this block's new members
-                prior = prior + term.index_select(frame.dim, fresh).sum()
-            elif block == 0:
-                prior = prior + term.sum()
+                term = term.index_select(frame.dim, fresh)
+            elif block:
+                continue
+            prior = prior + (term.sum() if draws is None else per_particle(name, term, *draws))
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or name in values or site_is_subsample(site):
                 continue
@@ -288,36 +296,18 @@ def _observed_values(model, values, plates, args, kwargs, plate, site_name: str)
 
 
 def _log_joints_at_once(model, density, u, plates, args, kwargs, plate, max_plate_nesting) -> torch.Tensor:
-    """The full-data log joints of draws ``u (m, D)``, shape ``(m,)``: the terms of
-    :func:`_full_data_sites` summed per draw, all draws in one model pass per block of
-    the subsampled plate, under a plate of the draws left of the model's."""
-    num, draws_dim = u.shape[0], -(max_plate_nesting + 1)
+    """The full-data log joints of draws ``u (m, D)``, shape ``(m,)``: :func:`_full_data_sites`
+    with all draws in one model pass per block of the subsampled plate."""
+    draws = (u.shape[0], -(max_plate_nesting + 1))
     values = particle_values(density, u, max_plate_nesting)
-    blocks = [(None, None)] if plate is None else list(_chunks(plate[1], plate[2]))
-    total = u.new_zeros(num)
-    for block, (indices, fresh) in enumerate(blocks):
-        subsample = {} if plate is None else {plate[0]: indices}
-        handler = UnconstrainedValues(values, plates, subsample)
-        with poutine.trace() as tracer, SharedSubsample(subsample), handler:
-            with pyro.plate(PARTICLE_PLATE, num, dim=draws_dim):
-                model(*args, **kwargs)
-        for name, site in tracer.trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site) or _is_deterministic(site):
-                continue
-            if name in values:
-                term = site["fn"].log_prob(site["value"]) + handler.log_abs_det_jacobians[name]
-            else:
-                term = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
-            frame = _plate_frame(site, plate)
-            if frame is not None:  # this block's new members
-                term = term.index_select(frame.dim, fresh)
-            elif block:  # a term outside the plate counts once
-                continue
-            total = total + per_particle(name, term, num, draws_dim)
-    return total
+    prior, logs = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=False, draws=draws)
+    return prior + sum(per_particle(name, value, *draws) for name, (_, value) in logs.items())
 
 
-def _with_scores(log_joints: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor):
+def _with_scores(
+    log_joints: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log_joints(u)`` and its gradient in ``u``."""
     with torch.enable_grad():
         u = u.detach().requires_grad_(True)
         values = log_joints(u)
@@ -353,12 +343,13 @@ def _full_data_log_joints(model: Callable, density: GuideDensity, args: tuple, k
                 return False
             return same_log_joints(vectorized, torch.cat([one_draw(u) for u in draws[:4].split(1)]))
 
-    vectorize: list[bool] = []  # decided once
+    vectorize: bool | None = None  # decided at the first call with two draws or more
 
     def log_joints_and_scores(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not vectorize and len(draws) > 1:
-            vectorize.append(broadcast_safe(draws))
-        if vectorize and vectorize[0]:
+        nonlocal vectorize
+        if vectorize is None and len(draws) > 1:
+            vectorize = broadcast_safe(draws)
+        if vectorize:
             parts = [_with_scores(at_once, block) for block in draws.split(DRAWS_PER_PASS)]
         else:
             parts = [_with_scores(one_draw, u) for u in draws.split(1)]
