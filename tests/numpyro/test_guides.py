@@ -73,8 +73,8 @@ def test_closed_form_and_autodiff_scores_agree(guide_cls):
     assert closed.closed_form and not auto.closed_form
     u = closed.sample(params, jax.random.PRNGKey(3), 6)
     np.testing.assert_allclose(
-        jax.vmap(closed.score, (None, 0))(params, u),
-        jax.vmap(auto.score, (None, 0))(params, u),
+        jax.jit(jax.vmap(closed.score, (None, 0)))(params, u),
+        jax.jit(jax.vmap(auto.score, (None, 0)))(params, u),
         rtol=1e-4,
         atol=1e-4,
     )
@@ -88,7 +88,7 @@ def test_closed_form_and_autodiff_scores_agree(guide_cls):
                 density, p, params_t, u, scores, None, prox_weight=1.0, weighting="covariance"
             )[0]
 
-        return jax.grad(loss)(params)
+        return jax.jit(jax.grad(loss))(params)
 
     g_closed, g_auto = grad_of(closed), grad_of(auto)
     for name in params:

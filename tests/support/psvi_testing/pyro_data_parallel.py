@@ -1,11 +1,12 @@
 """One rank of a data-parallel Pyro fit, or the one-process fit it must reproduce.
 
-Run as ``python -m psvi_testing.pyro_data_parallel CASE STEPS OUT [options]`` with the
+Run as ``python -m psvi_testing.pyro_data_parallel CASE STEPS OUT [options] [+ CASE ...]``
+(fits separated by ``+`` run one after the other, in one process group) with the
 ``torch.distributed`` environment variables of a rank (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``: what ``torchrun`` sets), or without them for one
-process; ``--batch`` is the plate's ``subsample_size`` (one rank's batch). Rank 0 (or
-the one process) writes the final params, the losses and the counters to ``OUT``
-(``.npz``).
+process (or call :func:`run_fits` in the test's process); ``--batch`` is the plate's
+``subsample_size`` (one rank's batch). Rank 0 (or the one process) writes the final
+params, the losses and the counters to ``OUT`` (``.npz``).
 
 Cases: ``normal`` (AutoNormal), ``mvn`` (AutoMultivariateNormal), ``param`` (AutoNormal
 and a ``pyro.param`` noise scale in the model), ``user`` (a hand-written mean-field
@@ -38,6 +39,7 @@ from pyro_psvi import GSM, ProximalScoreVI
 from pyro_psvi.parallel import ScoreReducer
 
 NUM_DATA = 64
+JOB_SEPARATOR = "+"
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +88,7 @@ def user_guide(x: torch.Tensor, y: torch.Tensor) -> None:
     pyro.sample("b", dist.Normal(loc_b, scale_b))
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("case", choices=["normal", "mvn", "param", "user"])
     parser.add_argument("steps", type=int)
@@ -101,13 +103,13 @@ def main() -> None:
     parser.add_argument("--gsm", action="store_true", help="fit with GSM instead (case mvn)")
     parser.add_argument("--non-finite-at", type=int, help="rank 1's log joint is infinite at this step")
     parser.add_argument("--given-indices", action="store_true", help="pass each rank's batch to the plate")
-    options = parser.parse_args()
-    torch.set_num_threads(1)
-    distributed = "WORLD_SIZE" in os.environ
-    rank = 0
-    if distributed:
-        torch.distributed.init_process_group("gloo")
-        rank = torch.distributed.get_rank()
+    return parser
+
+
+def fit(options: argparse.Namespace, distributed: bool) -> None:
+    """One fit; this rank writes its results to ``options.out`` (rank ``r > 0``: with
+    ``-rank<r>`` before ``.npz``)."""
+    rank = torch.distributed.get_rank() if distributed else 0
     pyro.clear_param_store()
     pyro.set_rng_seed(rank if options.seed_by_rank else 0)
     now = {"fail": False, "non_finite": False, "indices": None}
@@ -150,6 +152,23 @@ def main() -> None:
             **diagnostics,
             **{f"param:{name}": value for name, value in params.items()},
         )  # fmt: skip
+
+
+def run_fits(argv: list[str]) -> None:
+    """The fits ``argv`` lists, separated by ``+``, one after the other in this process
+    (one process group for all of them when the rank's environment is set)."""
+    jobs, job = [], []
+    for word in [*argv, JOB_SEPARATOR]:
+        if word == JOB_SEPARATOR:
+            jobs.append(_parser().parse_args(job))
+            job = []
+        else:
+            job.append(word)
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        torch.distributed.init_process_group("gloo")
+    for options in jobs:
+        fit(options, distributed)
     if distributed:
         # Leave together, then exit without tearing gloo down: a rank whose peer has
         # already closed its sockets can abort in the teardown ("terminate called ..."),
@@ -161,4 +180,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    torch.set_num_threads(1)
+    run_fits(sys.argv[1:])
