@@ -5,9 +5,9 @@ than its ``subsample_size``, so the FULL data are covered chunk by chunk: the
 subsampled plate's indices are set to consecutive blocks of ``subsample_size``
 (the last block overlaps the one before), and each observed datum's unscaled log
 density (or predictive draw) is kept once. The log joints and scores of the diagnostics
-take all draws in one model pass per block (under a plate left of the model's, as the
-engine runs its particles) when the model is broadcast-safe, probed once against one draw
-at a time; the export's pointwise values and predictive draws are one draw at a time.
+and the export's pointwise log-likelihoods and predictive draws take all draws in one model
+pass per block (under a plate left of the model's, as the engine runs its particles) when
+the model is broadcast-safe, probed once against one draw at a time.
 """
 
 from __future__ import annotations
@@ -235,22 +235,19 @@ def to_inference_data(
         model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
         plate = _subsampled_plate(model_trace)
         plates = local_plates(density)
-        posterior: dict[str, list] = {}
-        pointwise: dict[str, list] = {}
-        predictive: dict[str, list] = {}
-        dims: dict[str, list[str]] = {}
+        latents: dict[str, list] = {}
         for u in draws:
-            values = density.unpack(u)
             for name, value in _constrained(density, model_trace, u).items():
-                posterior.setdefault(name, []).append(value.detach().cpu().numpy())
-            _, logs = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=False)
-            _, preds = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=True)
-            for name, (_site, value) in logs.items():
-                pointwise.setdefault(name, []).append(value.detach().cpu().numpy())
-            for name, (site, value) in preds.items():  # deterministic sites go with the latents
-                group = posterior if _is_deterministic(site) else predictive
-                group.setdefault(name, []).append(value.detach().cpu().numpy())
-                dims[name] = _site_dims(site, name, value.dim(), _event_dim(site))
+                latents.setdefault(name, []).append(value.detach().cpu().numpy())
+        posterior = {name: np.stack(values) for name, values in latents.items()}
+        logs, preds = _observed_sites(model, density, args, kwargs, model_trace)(draws)
+        pointwise = {name: value.detach().cpu().numpy() for name, (_, value) in logs.items()}
+        predictive: dict[str, np.ndarray] = {}
+        dims: dict[str, list[str]] = {}
+        for name, (site, value) in preds.items():  # deterministic sites go with the latents
+            group = posterior if _is_deterministic(site) else predictive
+            group[name] = value.detach().cpu().numpy()
+            dims[name] = _site_dims(site, name, value.dim() - 1, _event_dim(site))
         first = density.unpack(draws[0])
         observed = {
             name: _observed_values(model, first, plates, args, kwargs, plate, name) for name in predictive
@@ -266,9 +263,9 @@ def to_inference_data(
         if frame.vectorized
     }
     idata = az.from_dict(
-        posterior=pseudo_chains({k: np.stack(v) for k, v in posterior.items()}, num_chains),
-        posterior_predictive=pseudo_chains({k: np.stack(v) for k, v in predictive.items()}, num_chains),
-        log_likelihood=pseudo_chains({k: np.stack(v) for k, v in pointwise.items()}, num_chains),
+        posterior=pseudo_chains(posterior, num_chains),
+        posterior_predictive=pseudo_chains(predictive, num_chains),
+        log_likelihood=pseudo_chains(pointwise, num_chains),
         observed_data=observed,
         coords=coords,
         dims=dims,
@@ -276,6 +273,93 @@ def to_inference_data(
     fit = _diagnostics(model, density, params, args, kwargs, num_samples) if diagnostics else None
     add_fit_stats(idata, losses, num_score_calls, fit)
     return idata
+
+
+def _per_draw(value: torch.Tensor, number: int, shape: torch.Size) -> torch.Tensor:
+    """A site's value from the draws' plate as ``(number, *shape)``, ``shape`` being its
+    value for one draw: the draws' dim leads, with dims of size 1 between it and the
+    model's; a value without it (one that no latent moves) is the same for every draw.
+    Any other layout is a ``ValueError`` (the model is not broadcast-safe)."""
+    lead, trailing = value.shape[: value.dim() - len(shape)], value.shape[value.dim() - len(shape) :]
+    if (
+        value.dim() < len(shape)
+        or trailing != shape
+        or lead[:1] not in ((), (1,), (number,))
+        or any(size != 1 for size in lead[1:])
+    ):
+        raise ValueError(f"a value of shape {tuple(value.shape)} for {number} draws of {tuple(shape)}")
+    return value.reshape(-1, *shape).expand(number, *shape)
+
+
+def _joined(parts: list[tuple[dict, dict]], join: Callable) -> tuple[dict, dict]:
+    """Each site's values in ``parts`` (pairs of ``{name: (site, values)}``) joined by
+    ``join`` (``torch.stack`` or ``torch.cat``), with the sites of the first part."""
+    return tuple(
+        {name: (site, join([part[kind][name][1] for part in parts])) for name, (site, _) in sites.items()}
+        for kind, sites in enumerate(parts[0])
+    )
+
+
+def _observed_sites(
+    model: Callable, density: GuideDensity, args: tuple, kwargs: dict, model_trace
+) -> Callable:
+    """``draws (m, D) -> (pointwise log-likelihoods, predictive draws)``, each
+    ``{site name: (site, (m, ...) values)}`` over the full data (:func:`_full_data_sites`;
+    the sites as one draw's pass records them). All draws in one model pass per block of
+    the subsampled plate when the model is broadcast-safe: decided at the first call by
+    the first four draws, whose log-likelihoods and deterministic values must be those of
+    one draw at a time and whose predictive draws must have the same shapes (else one
+    draw at a time, as written)."""
+    plate = _subsampled_plate(model_trace)
+    plates = local_plates(density)
+    max_plate_nesting = guess_max_plate_nesting(model_trace)
+
+    def one_draw(u: torch.Tensor) -> tuple[dict, dict]:  # (D,) -> one draw's sites
+        values = density.unpack(u)
+        return tuple(
+            _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=unobserve)[1]
+            for unobserve in (False, True)
+        )
+
+    def one_at_a_time(block: torch.Tensor) -> tuple[dict, dict]:
+        return _joined([one_draw(u) for u in block], torch.stack)
+
+    def at_once(block: torch.Tensor, reference: tuple[dict, dict]) -> tuple[dict, dict]:
+        draws = (len(block), -(max_plate_nesting + 1))
+        values = particle_values(density, block, max_plate_nesting)
+        return tuple(
+            {
+                name: (sites[name][0], _per_draw(value, len(block), sites[name][1].shape))
+                for name, (_, value) in _full_data_sites(
+                    model, values, plates, args, kwargs, plate, unobserve=unobserve, draws=draws
+                )[1].items()
+            }
+            for unobserve, sites in zip((False, True), reference, strict=True)
+        )
+
+    def broadcast_safe(block: torch.Tensor, reference: tuple[dict, dict]) -> bool:
+        try:
+            logs, preds = at_once(block, reference)
+        # Model code may fail in any way under the extra dimension (as in the engine's probe).
+        except Exception:  # noqa: BLE001
+            return False
+        expected_logs, expected_preds = one_at_a_time(block)
+        deterministic = [name for name, (site, _) in expected_preds.items() if _is_deterministic(site)]
+        fixed = [(logs, expected_logs, name) for name in expected_logs]
+        fixed += [(preds, expected_preds, name) for name in deterministic]
+        return (
+            logs.keys() == expected_logs.keys()
+            and preds.keys() == expected_preds.keys()
+            and all(same_log_joints(got[name][1], expected[name][1]) for got, expected, name in fixed)
+        )
+
+    def observed_sites(draws: torch.Tensor) -> tuple[dict, dict]:
+        reference = one_draw(draws[0])
+        if len(draws) < 2 or not broadcast_safe(draws[:4], reference):
+            return one_at_a_time(draws)
+        return _joined([at_once(block, reference) for block in draws.split(DRAWS_PER_PASS)], torch.cat)
+
+    return observed_sites
 
 
 def _observed_values(model, values, plates, args, kwargs, plate, site_name: str) -> np.ndarray:

@@ -125,6 +125,7 @@ def regression_data(n=400, dim=3, seed=0):
     return x, y
 
 
+@pytest.mark.slow  # 34 s on the CI machine; the default suite's mini-batch posteriors: test_minibatch.py
 def test_conjugate_regression_with_subsampling():
     """Mini-batch scores (B=40 of N=400) recover the exact posterior.
 

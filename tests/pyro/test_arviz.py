@@ -55,8 +55,9 @@ def test_pyro_diagnostics_separate_exact_from_misfit():
 
 
 def test_pyro_diagnostics_of_a_model_written_for_one_draw_are_those_of_a_broadcast_safe_one():
-    """``x[idx] @ w`` fails under a plate of draws: its diagnostics are computed one draw
-    at a time, and equal those of the same model written broadcast-safe (draws at once)."""
+    """``x[idx] @ w`` fails under a plate of draws: its diagnostics and export are computed
+    one draw at a time, and equal those of the same model written broadcast-safe (draws at
+    once)."""
     x, y = map(torch.as_tensor, data())
 
     def for_one_draw(x, y):
@@ -74,6 +75,15 @@ def test_pyro_diagnostics_of_a_model_written_for_one_draw_are_those_of_a_broadca
     # float32 log joints of ~-300 nats summed in another order: ~1e-5 relative.
     for name in ("elbo", "fisher", "khat"):
         assert results[0][name] == pytest.approx(results[1][name], rel=1e-4), name
+    # So is the export: the same draws, their pointwise log-likelihoods (the predictive
+    # draws take torch's random stream in another order: their shapes agree).
+    exports = []
+    for model in (broadcast_safe, for_one_draw):
+        pyro.set_rng_seed(2)
+        exports.append(parviz.to_inference_data(model, guide, x, y, num_samples=40, diagnostics=False))
+    np.testing.assert_array_equal(exports[1].posterior["w"], exports[0].posterior["w"])
+    np.testing.assert_allclose(exports[1].log_likelihood["y"], exports[0].log_likelihood["y"], rtol=1e-5)
+    assert exports[1].posterior_predictive["y"].shape == exports[0].posterior_predictive["y"].shape
 
 
 def test_arviz_functions_are_exported_at_the_package_top():

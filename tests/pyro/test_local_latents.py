@@ -170,8 +170,9 @@ def test_pyro_defaults_fit_local_latents_with_the_users_adam(lr):
 
 
 def test_pyro_inference_data_covers_local_latents_over_the_full_data():
-    """Posterior draws of z span all N members; the pointwise log-likelihood of each
-    draw is N(y_i | z_i, 1) over the full data, chunk by chunk."""
+    """Posterior draws of z span all N members; the pointwise log-likelihoods of each
+    draw are N(y_i | z_i, 1) and N(w_i | mu, 1) over the full data, chunk by chunk, with
+    all draws in one model pass per block of the plate (two passes of draws: 32 and 8)."""
     from pyro_psvi.arviz import to_inference_data
 
     y, w = map(torch.as_tensor, hierarchical_data())
@@ -179,12 +180,25 @@ def test_pyro_inference_data_covers_local_latents_over_the_full_data():
     pyro.set_rng_seed(0)
     guide = AutoNormal(pyro_hierarchical)
     ProximalScoreVI(pyro_hierarchical, guide, pyro.optim.Adam({"lr": 0.05})).run(5, y, w)
-    idata = to_inference_data(pyro_hierarchical, guide, y, w, num_samples=8, num_chains=2)
-    z = torch.as_tensor(idata.posterior["z"].values)
-    assert z.shape == (2, 4, N)
-    expected = dist.Normal(z, 1.0).log_prob(y)
-    np.testing.assert_allclose(idata.log_likelihood["y"].values, expected.numpy(), rtol=1e-5)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(None)
+        return pyro_hierarchical(*args, **kwargs)
+
+    idata = to_inference_data(counted, guide, y, w, num_samples=40, num_chains=2, diagnostics=False)
+    z, mu = (torch.as_tensor(idata.posterior[name].values) for name in ("z", "mu"))
+    assert z.shape == (2, 20, N) and idata.posterior_predictive["y"].shape == (2, 20, N)
+    np.testing.assert_allclose(idata.log_likelihood["y"].values, dist.Normal(z, 1.0).log_prob(y), rtol=1e-5)
+    expected_w = dist.Normal(mu[..., None], 1.0).log_prob(w)
+    np.testing.assert_allclose(idata.log_likelihood["w"].values, expected_w, rtol=1e-5)
     np.testing.assert_array_equal(idata.observed_data["y"].values, y.numpy())
+    # Two traces, then block by block of the plate: one draw's two passes (the sites'
+    # shapes), the probe (four draws at once, then one at a time, two passes each), two
+    # passes per block of draws, and y's and w's observed values. One draw at a time
+    # would take 2 + 82 blocks.
+    blocks = -(-N // B)
+    assert len(calls) == 2 + (2 + 2 + 8 + 2 * 2 + 2) * blocks
 
 
 def test_pyro_diagnostics_log_joints_take_all_draws_at_once_over_the_full_data():
