@@ -685,11 +685,19 @@ class ScoreEngine:
             leaves.append([jax.tree_util.keystr(key_path), f"a{i}", tag])
         checkpoint.write(path, {**self._checkpoint_header(state), "leaves": leaves}, arrays)
 
+    def _class_names(self) -> dict[str, str | None]:
+        """The engine's, guide's and optimizer's class names (a checkpoint's first check)."""
+        return {
+            "engine": type(self).__name__,
+            "guide": type(self.guide).__name__,
+            "optimizer": None if self.optim is None else type(self.optim).__name__,
+        }
+
     def _checkpoint_header(self, state: EngineState) -> dict:
         """What a checkpoint must agree on with the engine it is loaded into."""
+        names = self._class_names()
         return checkpoint.header(
-            "numpyro", type(self).__name__, guide=type(self.guide).__name__,
-            optimizer=None if self.optim is None else type(self.optim).__name__,
+            "numpyro", names["engine"], guide=names["guide"], optimizer=names["optimizer"],
             latent_sites={name: list(shape) for name, shape in self._latent_shapes.items()},
             state=_leaf_specs(state),
         )  # fmt: skip
@@ -699,9 +707,10 @@ class ScoreEngine:
     ) -> EngineState:
         """The state saved at ``path`` by :meth:`save`, checked against this engine.
 
-        Sets the engine up with ``args``/``kwargs`` (:meth:`init`), then refuses a
-        checkpoint of another engine, guide, optimizer or model with an error naming both
-        sides. Nothing in the file can run code.
+        Refuses a damaged file and a checkpoint of another backend, engine, guide or
+        optimizer class before the model runs; then sets the engine up with
+        ``args``/``kwargs`` (:meth:`init`) and refuses one of another model or settings.
+        Each error names both sides. Nothing in the file can run code.
 
         Parameters
         ----------
@@ -720,20 +729,20 @@ class ScoreEngine:
         psvi.checkpoint.CheckpointMismatch
             It was written by another engine, guide, optimizer or model.
         """
-        template = self.init(random.PRNGKey(0), *args, **kwargs)
         if allow_pickle:
-            return _read_legacy_state(path, template)
+            return _read_legacy_state(path, self.init(random.PRNGKey(0), *args, **kwargs))
         try:
             saved, arrays = checkpoint.read(path)
         except checkpoint.LegacyCheckpointError as error:
             recipe = "state = engine.load(path, *args, allow_pickle=True), then engine.save(path, state)."
             raise checkpoint.LegacyCheckpointError(path, checkpoint.legacy_message(error, recipe)) from None
         saved = _renamed_state_fields(saved)
-        current = self._checkpoint_header(template)
         checkpoint.check_match(path, "backend", saved["backend"], "numpyro", "Load it with pyro_psvi.")
         fix = "Build the engine, guide and optimizer as for the saved run, from the same model."
-        for field in ("engine", "guide", "optimizer"):
-            checkpoint.check_match(path, f"{field} classes", saved[field], current[field], fix)
+        for field, name in self._class_names().items():
+            checkpoint.check_match(path, f"{field} classes", saved[field], name, fix)
+        template = self.init(random.PRNGKey(0), *args, **kwargs)
+        current = self._checkpoint_header(template)
         checkpoint.check_match(path, "latent sites", saved["latent_sites"], current["latent_sites"], fix)
         current_specs = current["state"]
 

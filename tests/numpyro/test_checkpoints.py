@@ -55,7 +55,7 @@ def test_a_crafted_checkpoint_does_not_run_its_payload(tmp_path):
     marker, path = tmp_path / "ran", tmp_path / "ckpt"
     path.write_bytes(pickle.dumps(Payload(str(marker))))  # what load_state used to unpickle
     with pytest.raises(checkpoint.LegacyCheckpointError, match="refuses.*allow_pickle=True"):
-        _engine().load(path, *_data())
+        _engine(model=_never_run).load(path, *_data())
     assert not marker.exists()
 
 
@@ -97,10 +97,15 @@ def test_a_damaged_checkpoint_is_named_as_such(tmp_path, damage):
     path, _ = _saved(tmp_path)
     damage_file(path, damage)
     with pytest.raises(checkpoint.CheckpointError, match=f"not a valid psvi checkpoint: {path}"):
-        _engine().load(path, *_data())
+        _engine(model=_never_run).load(path, *_data())
+
+
+def _never_run(x, y):
+    raise AssertionError("the model ran")
 
 
 def test_checkpoint_of_another_guide_engine_optimizer_or_model_is_refused(tmp_path):
+    """Another class is refused before the model runs; another model after set-up."""
     path, _ = _saved(tmp_path)
     x, y = _data()
     fits = "does not fit this engine: its"
@@ -108,15 +113,15 @@ def test_checkpoint_of_another_guide_engine_optimizer_or_model_is_refused(tmp_pa
         checkpoint.CheckpointMismatch,
         match=f"{fits} guide classes.*AutoNormal saved, AutoMultivariateNormal here",
     ):
-        _engine(AutoMultivariateNormal).load(path, x, y)
+        _engine(AutoMultivariateNormal, model=_never_run).load(path, x, y)
     with pytest.raises(
         checkpoint.CheckpointMismatch, match=f"{fits} engine classes.*ProximalScoreVI saved, GSM here"
     ):
-        numpyro_psvi.GSM(_model, AutoMultivariateNormal(_model)).load(path, x, y)
+        numpyro_psvi.GSM(_never_run, AutoMultivariateNormal(_never_run)).load(path, x, y)
     with pytest.raises(
         checkpoint.CheckpointMismatch, match=f"{fits} optimizer classes.*Adam saved, SGD here"
     ):
-        _engine(optim=numpyro.optim.SGD(1e-2)).load(path, x, y)
+        _engine(optim=numpyro.optim.SGD(1e-2), model=_never_run).load(path, x, y)
     with pytest.raises(
         checkpoint.CheckpointMismatch, match=rf"{fits} latent sites.*'w': \[3\] saved, \[2\] here"
     ):
