@@ -249,9 +249,7 @@ def to_inference_data(
             group[name] = value.detach().cpu().numpy()
             dims[name] = _site_dims(site, name, value.dim() - 1, _event_dim(site))
         first = density.unpack(draws[0])
-        observed = {
-            name: _observed_values(model, first, plates, args, kwargs, plate, name) for name in predictive
-        }
+        observed = _observed_values(model, first, plates, args, kwargs, plate, list(predictive))
     for name, site in model_trace.nodes.items():
         if name in posterior and name not in dims:
             dims[name] = _site_dims(site, name, site["value"].dim(), _event_dim(site))
@@ -321,8 +319,10 @@ def _observed_sites(
             for unobserve in (False, True)
         )
 
-    def one_at_a_time(block: torch.Tensor) -> tuple[dict, dict]:
-        return _joined([one_draw(u) for u in block], torch.stack)
+    def one_at_a_time(block: torch.Tensor, first: tuple[dict, dict] | None = None) -> tuple[dict, dict]:
+        """``first``: the first draw's sites, when already computed."""
+        runs = [one_draw(u) for u in block[first is not None :]]
+        return _joined(runs if first is None else [first, *runs], torch.stack)
 
     def at_once(block: torch.Tensor, reference: tuple[dict, dict]) -> tuple[dict, dict]:
         draws = (len(block), -(max_plate_nesting + 1))
@@ -343,7 +343,7 @@ def _observed_sites(
         # Model code may fail in any way under the extra dimension (as in the engine's probe).
         except Exception:  # noqa: BLE001
             return False
-        expected_logs, expected_preds = one_at_a_time(block)
+        expected_logs, expected_preds = one_at_a_time(block, reference)
         deterministic = [name for name, (site, _) in expected_preds.items() if _is_deterministic(site)]
         fixed = [(logs, expected_logs, name) for name in expected_logs]
         fixed += [(preds, expected_preds, name) for name in deterministic]
@@ -356,27 +356,39 @@ def _observed_sites(
     def observed_sites(draws: torch.Tensor) -> tuple[dict, dict]:
         reference = one_draw(draws[0])
         if len(draws) < 2 or not broadcast_safe(draws[:4], reference):
-            return one_at_a_time(draws)
+            return one_at_a_time(draws, reference)
         return _joined([at_once(block, reference) for block in draws.split(DRAWS_PER_PASS)], torch.cat)
 
     return observed_sites
 
 
-def _observed_values(model, values, plates, args, kwargs, plate, site_name: str) -> np.ndarray:
-    """The observed values of one site over the full data (chunk by chunk)."""
+def _observed_values(model, values, plates, args, kwargs, plate, site_names) -> dict[str, np.ndarray]:
+    """The observed values of the sites ``site_names`` over the full data: one model pass
+    per block of the subsampled plate, a site outside it read from the first."""
+    if not site_names:
+        return {}
     blocks = [(None, None)] if plate is None else list(_chunks(plate[1], plate[2]))
-    parts = []
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in site_names}
+    dims: dict[str, int | None] = {}  # where a site's blocks join; None: outside the plate
     for indices, fresh in blocks:
         subsample = {} if plate is None else {plate[0]: indices}
         handler = UnconstrainedValues(values, plates, subsample)
         with poutine.trace() as tracer, SharedSubsample(subsample), handler:
             model(*args, **kwargs)
-        site = tracer.trace.nodes[site_name]
-        frame = _plate_frame(site, plate)
-        if frame is None:
-            return site["value"].detach().cpu().numpy()
-        parts.append(site["value"].index_select(frame.dim - site["fn"].event_dim, fresh))
-    return torch.cat(parts, dim=frame.dim - site["fn"].event_dim).detach().cpu().numpy()
+        for name in site_names:
+            site = tracer.trace.nodes[name]
+            frame = _plate_frame(site, plate)
+            dims[name] = None if frame is None else frame.dim - site["fn"].event_dim
+            if dims[name] is not None:
+                parts[name].append(site["value"].index_select(dims[name], fresh))
+            elif not parts[name]:
+                parts[name].append(site["value"])
+        if all(dim is None for dim in dims.values()):
+            break
+    return {
+        name: (pieces[0] if dims[name] is None else torch.cat(pieces, dim=dims[name])).detach().cpu().numpy()
+        for name, pieces in parts.items()
+    }
 
 
 def _log_joints_at_once(model, density, u, plates, args, kwargs, plate, max_plate_nesting) -> torch.Tensor:

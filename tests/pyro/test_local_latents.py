@@ -193,12 +193,12 @@ def test_pyro_inference_data_covers_local_latents_over_the_full_data():
     expected_w = dist.Normal(mu[..., None], 1.0).log_prob(w)
     np.testing.assert_allclose(idata.log_likelihood["w"].values, expected_w, rtol=1e-5)
     np.testing.assert_array_equal(idata.observed_data["y"].values, y.numpy())
-    # Two traces, then block by block of the plate: one draw's two passes (the sites'
-    # shapes), the probe (four draws at once, then one at a time, two passes each), two
-    # passes per block of draws, and y's and w's observed values. One draw at a time
-    # would take 2 + 82 blocks.
+    # Two traces, then block by block of the plate: the first draw's two passes (the
+    # sites' shapes), the probe (four draws at once, then the other three one at a time,
+    # two passes each), two passes per block of draws, and one for the observed values.
+    # One draw at a time would take 2 + 81 blocks.
     blocks = -(-N // B)
-    assert len(calls) == 2 + (2 + 2 + 8 + 2 * 2 + 2) * blocks
+    assert len(calls) == 2 + (2 + 2 + 6 + 2 * 2 + 1) * blocks
 
 
 def test_pyro_diagnostics_log_joints_take_all_draws_at_once_over_the_full_data():
