@@ -163,15 +163,15 @@ def test_generic_path_matches_closed_form(guide_cls):
     assert not generic.closed_form
     u = closed.sample(p0, jax.random.PRNGKey(12), 5)
     np.testing.assert_allclose(
-        jax.vmap(generic.score, (None, 0))(p0, u),
-        jax.vmap(closed.score, (None, 0))(p0, u),
+        jax.jit(jax.vmap(generic.score, (None, 0)))(p0, u),
+        jax.jit(jax.vmap(closed.score, (None, 0)))(p0, u),
         rtol=1e-4,
         atol=1e-4,
     )
     draws = closed.sample(p0, jax.random.PRNGKey(13), num_draws)
-    lp = jax.vmap(closed.log_prob, (None, 0))
+    lp = jax.jit(jax.vmap(closed.log_prob, (None, 0)))
     diff_sd = float(jnp.std(lp(p0, draws) - lp(p1, draws)))
-    mc_kl = float(generic.kl(p0, p1, jax.random.PRNGKey(14)))
+    mc_kl = float(jax.jit(generic.kl)(p0, p1, jax.random.PRNGKey(14)))
     # Monte Carlo KL on 20k draws: standard error diff_sd / sqrt(20k); allow 5 of them.
     assert abs(mc_kl - float(closed.kl(p0, p1, None))) < 5 * diff_sd / np.sqrt(num_draws)
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
@@ -82,7 +83,7 @@ def _fit(tmp_path: Path, world: int | None, case: str, steps: int = STEPS, *opti
 
 
 @pytest.fixture(scope="module")
-def two_rank_fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+def two_rank_fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The two-rank fits of the default tests, by name: one launch of two ranks runs them
     all, one after the other (each rank's start, seconds of importing torch and Pyro, is
     paid once). ``saved``'s checkpoint is ``checkpoint``'s value."""
@@ -99,7 +100,7 @@ def two_rank_fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     argv = []
     for name, (case, steps, *options) in fits.items():
         argv += [JOB_SEPARATOR] * bool(argv) + _argv(2, case, steps, folder / f"{name}.npz", *options)
-    _assert_succeeded(_run(2, argv))
+    _assert_succeeded(_run(2, argv, wait=60.0 * len(fits)))
     loaded = {name: dict(np.load(folder / f"{name}.npz")) for name in fits}
     loaded["non-finite-rank1"] = dict(np.load(folder / "non-finite-rank1.npz"))
     loaded["checkpoint"] = checkpoint

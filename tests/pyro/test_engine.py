@@ -229,6 +229,7 @@ def test_minibatch_gradient_is_unbiased():
     assert torch.all(grads.std(0) > 1e-3 * full.abs())
 
 
+@pytest.mark.slow  # 1,000 Pyro steps (14-24 s here); the NumPyro twin runs by default
 def test_constrained_gamma_poisson():
     """Positive latent: lam ~ Gamma(a, b), y ~ Poisson(lam); exact posterior Gamma(a + sum y, b + N)."""
     y = torch.as_tensor(np.random.default_rng(0).poisson(4.0, size=60), dtype=torch.float32)
