@@ -64,6 +64,9 @@ def test_numpyro_subsampled_logistic_regression_matches_nuts(reference, lr):
     minibatch.check_against_reference(loc, scale, mean, sd)
 
 
+# Slow (suite time): the mean-field fit against NUTS and the full-covariance regression
+# (tests/numpyro/test_minibatch.py) run by default.
+@pytest.mark.slow
 def test_numpyro_full_covariance_fit_of_the_logistic_regression_matches_nuts(reference):
     """AutoMultivariateNormal, Adam(1e-2): before the split objective its sds were 0.77-0.87
     of NUTS's (seeds 0 and 1); measured now 0.98-1.01, means within 0.03 sd."""

@@ -219,7 +219,12 @@ def _assert_same_fit(state, other) -> None:
 
 
 @pytest.mark.parametrize(
-    "guide_cls", [AutoMultivariateNormal, partial(AutoLowRankMultivariateNormal, rank=2)]
+    "guide_cls",
+    # The low-rank case slow (suite time): the default run keeps AutoMultivariateNormal's.
+    [
+        AutoMultivariateNormal,
+        pytest.param(partial(AutoLowRankMultivariateNormal, rank=2), marks=pytest.mark.slow),
+    ],
 )
 def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path, guide_cls):
     """The growth of the closed-form step's KL budget is part of the state (for a low-rank

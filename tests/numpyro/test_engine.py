@@ -347,7 +347,8 @@ def test_step_leaving_a_non_finite_optimizer_state_is_rejected():
         np.testing.assert_array_equal(value, before[name])
 
 
-@pytest.mark.parametrize("with_param", [False, True])
+# Without a param: slow (suite time); the default run keeps the case with one, a superset.
+@pytest.mark.parametrize("with_param", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_sequential_particles_give_the_same_updates(with_param):
     """``vectorize_particles=False`` (one pass per particle, ``lax.map``) computes the
     same scores as the batched pass, hence the same updates, to float32 rounding;
