@@ -325,17 +325,18 @@ def _observed_sites(
         return _joined(runs if first is None else [first, *runs], torch.stack)
 
     def at_once(block: torch.Tensor, reference: tuple[dict, dict]) -> tuple[dict, dict]:
-        draws = (len(block), -(max_plate_nesting + 1))
-        values = particle_values(density, block, max_plate_nesting)
-        return tuple(
-            {
-                name: (sites[name][0], _per_draw(value, len(block), sites[name][1].shape))
-                for name, (_, value) in _full_data_sites(
-                    model, values, plates, args, kwargs, plate, unobserve=unobserve, draws=draws
-                )[1].items()
-            }
-            for unobserve, sites in zip((False, True), reference, strict=True)
-        )
+        passes = []
+        for unobserve, sites in zip((False, True), reference, strict=True):
+            (_, values), _ = _sites_at_once(
+                model, density, block, plates, args, kwargs, plate, max_plate_nesting, unobserve
+            )
+            passes.append(
+                {
+                    name: (sites[name][0], _per_draw(value, len(block), sites[name][1].shape))
+                    for name, (_, value) in values.items()
+                }
+            )
+        return tuple(passes)
 
     def broadcast_safe(block: torch.Tensor, reference: tuple[dict, dict]) -> bool:
         try:
@@ -391,12 +392,20 @@ def _observed_values(model, values, plates, args, kwargs, plate, site_names) -> 
     }
 
 
-def _log_joints_at_once(model, density, u, plates, args, kwargs, plate, max_plate_nesting) -> torch.Tensor:
-    """The full-data log joints of draws ``u (m, D)``, shape ``(m,)``: :func:`_full_data_sites`
-    with all draws in one model pass per block of the subsampled plate."""
+def _sites_at_once(model, density, u, plates, args, kwargs, plate, max_plate_nesting, unobserve: bool):
+    """:func:`_full_data_sites` of draws ``u (m, D)``, all in one model pass per block of the
+    subsampled plate, under a plate of the draws left of the model's; and that plate's
+    ``(m, dim)``."""
     draws = (u.shape[0], -(max_plate_nesting + 1))
     values = particle_values(density, u, max_plate_nesting)
-    prior, logs = _full_data_sites(model, values, plates, args, kwargs, plate, unobserve=False, draws=draws)
+    return _full_data_sites(model, values, plates, args, kwargs, plate, unobserve, draws=draws), draws
+
+
+def _log_joints_at_once(model, density, u, plates, args, kwargs, plate, max_plate_nesting) -> torch.Tensor:
+    """The full-data log joints of draws ``u (m, D)``, shape ``(m,)``."""
+    (prior, logs), draws = _sites_at_once(
+        model, density, u, plates, args, kwargs, plate, max_plate_nesting, unobserve=False
+    )
     return prior + sum(per_particle(name, value, *draws) for name, (_, value) in logs.items())
 
 
