@@ -28,6 +28,9 @@ is step time over the time of ``S`` SGD steps of the same backend. CPU threads: 
 writes ``benchmarks/results/scale.json`` (``scale_quick.json``) and prints the table
 for ``docs/scale.md``.
 
+``--memory-map advi_flat psvi_flat --widths W`` instead maps the live memory of those
+steps at width ``W`` (:func:`memory_map`; ``scale_memory_map.json``).
+
 ``--mnist`` instead fits the ResNet (``--mnist-width``, default 8) on real MNIST
 (``psvi.contrib.datasets.load_mnist``; ``--mnist-train`` images, default 10k) with
 ProximalScoreVI and ADVI on ``FlatBayesianModule`` (the same model, guide, S=4,
@@ -282,6 +285,78 @@ def measure_one(method: str, width: int, particles: int, repeats: int) -> dict:
             "seconds": times[len(times) // 2], "peak_extra_mb": peak - baseline}  # fmt: skip
 
 
+PHASES = ("score_particles", "proximal_problem", "inner_fit", "pull_back", "accept")
+
+
+def memory_map(method: str, width: int, particles: int, steps: int = 3) -> dict:
+    """The live memory of ``method``'s steps (``advi_flat`` or ``psvi_flat``) at ``width``,
+    in D-vectors (``4 D`` bytes), above the baseline of the data and network built.
+
+    Run with glibc's mmap threshold at 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so that a
+    freed large tensor leaves the resident set at once: the resident set then follows the
+    live tensors, as CUDA's allocated bytes do, where ``getrusage``'s peak (the step-cost
+    table) also counts what the heap keeps after a free. A thread reads the resident set
+    every 0.5 ms: the peak within each phase of ``ProximalScoreVI.update``
+    (:data:`PHASES`; ``update`` is the rest of it) and what stays live between steps."""
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * page
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, y = torch.randn(4 * BATCH, 1, 28, 28), torch.randint(0, 10, (4 * BATCH,))
+    net = resnet_gn(width)
+    vector = 4 * sum(p.numel() for p in net.parameters())
+    phase, peaks, done = ["set-up"], {}, threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peaks[phase[0]] = max(peaks.get(phase[0], 0), resident())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    time.sleep(0.05)
+    baseline = resident()
+    step = _make_step(method, net, x, y, particles)
+    if method.startswith("psvi"):
+        from pyro_psvi import ProximalScoreVI
+
+        def labelled(name: str, method_fn: Callable) -> Callable:
+            def run(self, *args, **kwargs):
+                outer, phase[0] = phase[0], name
+                try:
+                    return method_fn(self, *args, **kwargs)
+                finally:
+                    phase[0] = outer
+
+            return run
+
+        for name in PHASES:
+            setattr(ProximalScoreVI, name, labelled(name, getattr(ProximalScoreVI, name)))
+    between = []
+    for _ in range(steps):
+        phase[0] = "update"
+        step()
+        phase[0] = "between steps"
+        time.sleep(0.05)
+        between.append(resident())
+    done.set()
+    sampler.join()
+
+    def in_vectors(size: int) -> float:
+        return round((size - baseline) / vector, 1)
+
+    return {"method": method, "width": width, "num_weights": vector // 4,
+            "live_between_steps": in_vectors(between[-1]),
+            "peak": in_vectors(max(value for name, value in peaks.items() if name != "set-up")),
+            "phase_peaks": {name: in_vectors(value) for name, value in peaks.items()}}  # fmt: skip
+
+
 def mnist_fit(
     method: str,
     width: int,
@@ -402,6 +477,10 @@ def main() -> None:
     parser.add_argument("--numpyro-max-width", type=int, default=16, help="NumPyro methods up to this width")
     parser.add_argument("--quick", action="store_true", help="widths 4 and 8, 2 repeats")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "WIDTH"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-map", nargs="+", choices=("advi_flat", "psvi_flat"),
+        help="the live memory of these methods' steps by phase, at the first of --widths",
+    )  # fmt: skip
     parser.add_argument("--mnist", action="store_true", help="the MNIST convergence run instead")
     parser.add_argument("--mnist-width", type=int, default=8)
     parser.add_argument("--mnist-train", type=int, default=10000)
@@ -417,6 +496,26 @@ def main() -> None:
         help="advi, psvi, psvi_K<n>, psvi_T<c>, psvi_L<lr> (see mnist_fit); runs merge into the JSON",
     )
     options = parser.parse_args()
+    if options.memory_map and len(options.memory_map) == 1:  # one method, in its own process
+        print(json.dumps(memory_map(options.memory_map[0], options.widths[0], options.particles)))
+        return
+    if options.memory_map:
+        from benchmarks.common import machine
+
+        rows = []
+        for method in options.memory_map:  # the threshold is read at a process's start
+            command = [sys.executable, "-m", "benchmarks.scale", "--memory-map", method,
+                       "--widths", str(options.widths[0]), "--particles", str(options.particles)]  # fmt: skip
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / "scale_memory_map.json"
+        path.write_text(json.dumps({"machine": machine() + ", 1 torch thread", "batch": BATCH,
+                                    "particles": options.particles, "rows": rows}, indent=1))  # fmt: skip
+        print(f"wrote {path}")
+        return
     if options.mnist:
         mnist_main(options)
         return
