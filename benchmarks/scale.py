@@ -496,14 +496,15 @@ def main() -> None:
         help="advi, psvi, psvi_K<n>, psvi_T<c>, psvi_L<lr> (see mnist_fit); runs merge into the JSON",
     )
     options = parser.parse_args()
-    if options.memory_map and len(options.memory_map) == 1:  # one method, in its own process
+    mapping = os.environ.get("MALLOC_MMAP_THRESHOLD_") == "131072"  # set for the child process
+    if options.memory_map and mapping and len(options.memory_map) == 1:
         print(json.dumps(memory_map(options.memory_map[0], options.widths[0], options.particles)))
         return
     if options.memory_map:
         from benchmarks.common import machine
 
         rows = []
-        for method in options.memory_map:  # the threshold is read at a process's start
+        for method in options.memory_map:  # each in its own process: the threshold is read at its start
             command = [sys.executable, "-m", "benchmarks.scale", "--memory-map", method,
                        "--widths", str(options.widths[0]), "--particles", str(options.particles)]  # fmt: skip
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}

@@ -374,8 +374,9 @@ class ProximalProblem(NamedTuple):
         a diagonal guide's flat location and scale, in closed form (the split objective;
         :class:`~pyro_psvi.objective.SplitDiagonalProblem`), else ``None``.
     statistics : FisherStatistics or None
-        A diagonal Gaussian guide's per-coordinate sums over the particles (the
-        closed-form step's), else ``None``.
+        A diagonal Gaussian guide's per-coordinate sums over the particles, for the
+        closed-form step; ``None`` otherwise (the optimizer's inner steps read the split
+        objective's own constants, and the sums are freed before them).
     """
 
     objective: Callable[[Params], torch.Tensor]
@@ -764,25 +765,27 @@ class ProximalScoreVI(ScoreEngine):
         # Monte Carlo KLs (flow and user guides) use common random numbers within the step.
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
         options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
+        split_diagonal = None
         if stats is not None:
             split_diagonal = split_diagonal_problem(density, params_t, stats, averages.curvature, **options)
 
+        # The closures hold what the inner steps read, not the statistics (5 D-vectors).
         def objective(params: Params) -> torch.Tensor:
-            if stats is None and self.split_covariance:
+            if split_diagonal is not None:
+                return split_diagonal.objective(params)[0]
+            if self.split_covariance:
                 return split_full_objective(
                     density, params, params_t, particles, scores,
                     prox_weight=self.objective.prox_weight, weighting=weighting,
                 )[0]  # fmt: skip
-            if stats is None:
-                return proximal_objective(
-                    density, params, params_t, particles, scores, kl_seed=kl_seed, **options
-                )[0]
-            return split_diagonal.objective(params)[0]
+            return proximal_objective(
+                density, params, params_t, particles, scores, kl_seed=kl_seed, **options
+            )[0]
 
         return ProximalProblem(
             objective, params_t, loss, loss_error, fisher, scored.param_grads, scores_ok, scored.active_dim,
-            kl_seed,
-            averages, None if stats is None else split_diagonal.gradient, stats,
+            kl_seed, averages, None if split_diagonal is None else split_diagonal.gradient,
+            stats if self.inner_solver == "closed_form" else None,
         )  # fmt: skip
 
     def _fold_curvature(
