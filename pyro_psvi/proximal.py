@@ -762,6 +762,7 @@ class ProximalScoreVI(ScoreEngine):
                 particles = scores = None
                 estimate = curvature_statistics(stats, density.loc_scale(params_t)[1])
                 averages = self._fold_curvature(averages, estimate, weights)
+                del estimate  # folded in: 2 D-vectors less while the rest of the problem is built
         # Monte Carlo KLs (flow and user guides) use common random numbers within the step.
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
         options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
