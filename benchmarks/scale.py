@@ -38,7 +38,8 @@ Adam 1e-3, mini-batches of 64, equal score calls): test cross-entropy against sc
 calls (the paper's Figure 4; 1k test images, 10 draws) and, at the end, test error,
 NLL and ECE on the 10k test images (20 draws), the ELBO of the returned guide (50
 seeded mini-batches of the training set, 4 particles each) and the 10/50/90% quantiles
-of its sds; ``scale_mnist[<tag>][_quick].json`` and ``docs/scale_mnist[<tag>]_convergence.png``
+of its sds (with iterate averaging, also the engine's last iterate's metrics and curve:
+``last_iterate``); ``scale_mnist[<tag>][_quick].json`` and ``docs/scale_mnist[<tag>]_convergence.png``
 (``--mnist-tag``).
 Methods: ``advi``, ``advi_L<lr>`` (another Adam rate), ``psvi`` and its variants
 (:func:`mnist_fit`).
