@@ -38,9 +38,10 @@ Adam 1e-3, mini-batches of 64, equal score calls): test cross-entropy against sc
 calls (the paper's Figure 4; 1k test images, 10 draws) and, at the end, test error,
 NLL and ECE on the 10k test images (20 draws), the ELBO of the returned guide (50
 seeded mini-batches of the training set, 4 particles each) and the 10/50/90% quantiles
-of its sds (with iterate averaging, also the engine's last iterate's metrics and curve:
-``last_iterate``); ``scale_mnist[<tag>][_quick].json`` and ``docs/scale_mnist[<tag>]_convergence.png``
-(``--mnist-tag``).
+of its sds, and the test error, NLL and ECE of the network at the guide's means
+(``mean_network``; with iterate averaging, also the engine's last iterate's metrics,
+curve and mean network: ``last_iterate``); ``scale_mnist[<tag>][_quick].json`` and
+``docs/scale_mnist[<tag>]_convergence.png`` (``--mnist-tag``).
 Methods: ``advi``, ``advi_L<lr>`` (another Adam rate), ``psvi`` and its variants
 (:func:`mnist_fit`).
 """
@@ -421,6 +422,15 @@ def mnist_fit(
                  for _ in range(num_draws)]  # fmt: skip
         return torch.stack(draws).cpu().numpy()
 
+    @torch.no_grad()
+    def mean_network_report(images: torch.Tensor, labels: np.ndarray) -> dict:
+        """Test error, NLL and ECE of the network at the guide's means (no weight draws)."""
+        predictive = Predictive(partial(module_classifier, net), posterior_samples={
+            name: value[None] for name, value in guide.median().items()}, return_sites=["probs"])  # fmt: skip
+        probs = torch.cat([predictive(chunk)["probs"][0] for chunk in images.split(1000)])
+        report = classification_report(probs[None].cpu().numpy(), labels)
+        return {**report, "test_error": 1 - report["accuracy"]}
+
     @contextmanager
     def last_iterate():
         """The engine's last iterate in the store for a while (with iterate averaging the
@@ -453,10 +463,13 @@ def mnist_fit(
                     probs = predictive_probs(sample_probs(x_test[:1000], 10))
                     last_curve.append((step * 4, nll(probs, y_test[:1000])))
     report = classification_report(sample_probs(x_test, 20), y_test)
+    mean_network = mean_network_report(x_test, y_test)
     with last_iterate() as averaged:
         last = classification_report(sample_probs(x_test, 20), y_test) if averaged else None
+        last_mean_network = mean_network_report(x_test, y_test) if averaged else None
     if last is not None:  # the returned (averaged) guide's metrics above; the last iterate's here
-        last = {**last, "test_error": 1 - last["accuracy"], "curve": last_curve}
+        last = {**last, "test_error": 1 - last["accuracy"], "curve": last_curve,
+                "mean_network": last_mean_network}  # fmt: skip
     rejected = getattr(engine, "num_rejected", 0)  # SVI has no rejections
     with torch.no_grad():  # the ELBO of the returned guide: 50 seeded mini-batches, 4 particles each
         losses = []
@@ -465,7 +478,7 @@ def mnist_fit(
             losses.append(Trace_ELBO(num_particles=4).loss(model, guide, x, y))
     scales = pyro.param("AutoNormal.scales.weights").detach().cpu().numpy()
     return {"method": method, **report, "test_error": 1 - report["accuracy"], "score_calls": steps * 4,
-            "seconds": fit_seconds, "curve": curve, "num_rejected": rejected,
+            "seconds": fit_seconds, "curve": curve, "num_rejected": rejected, "mean_network": mean_network,
             **guide_summary(losses, scales), **({"last_iterate": last} if last else {})}  # fmt: skip
 
 
@@ -578,10 +591,15 @@ def mnist_main(options: argparse.Namespace) -> None:
         print(f"{run['method']}: test error {run['test_error']:.4f}, NLL {run['nll']:.4f}, "
               f"ECE {run['ece']:.4f}, ELBO {run['elbo']:.0f}, {run['seconds']:.0f} s, "
               f"{run['num_rejected']} rejected")  # fmt: skip
-        if "last_iterate" in run:
-            last = run["last_iterate"]
-            print(f"  its last iterate: test error {last['test_error']:.4f}, NLL {last['nll']:.4f}, "
-                  f"ECE {last['ece']:.4f}")  # fmt: skip
+        for label, result in [("", run), ("its last iterate", run.get("last_iterate"))]:
+            if result is None:
+                continue
+            mean = result["mean_network"]
+            if label:
+                print(f"  {label}: test error {result['test_error']:.4f}, NLL {result['nll']:.4f}, "
+                      f"ECE {result['ece']:.4f}")  # fmt: skip
+            print(f"  {label or 'its'} mean network: test error {mean['test_error']:.4f}, "
+                  f"NLL {mean['nll']:.4f}, ECE {mean['ece']:.4f}")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     name = ("scale_mnist" if device == "cpu" else f"scale_mnist_{device}") + options.mnist_tag
     path = RESULTS / (f"{name}_quick.json" if options.quick else f"{name}.json")
