@@ -3,9 +3,10 @@
 A ResNet-18-layout network (``resnet_gn``: BasicBlocks (2, 2, 2, 2), GroupNorm, a
 3x3 stem for 28x28 inputs) at channel widths 4 .. 64 spans D = 1e4 .. 1e7; on one
 mini-batch of 32 MNIST-sized images (random pixels: only the cost is measured) each
-method's step is timed (median of ``--repeats`` after two warm-ups) in its own
-process, and the process's peak resident memory above its baseline (data and
-network built, engine not yet) is read from ``getrusage``:
+method's step is timed (median of ``--repeats`` after two warm-ups; the first step,
+with its set-up and compilation, is recorded too) in its own process, and the
+process's peak resident memory above its baseline (data and network built, engine not
+yet) is read from ``getrusage``:
 
 - ``sgd``: ``S`` plain SGD steps of the deterministic network (the reference);
 - ``advi_plain`` / ``psvi_plain``: ``SVI`` + ``Trace_ELBO(S)`` and ``ProximalScoreVI``
@@ -16,16 +17,18 @@ network built, engine not yet) is read from ``getrusage``:
   (``S`` optax SGD steps), ``numpyro_advi`` and ``numpyro_psvi`` on
   ``random_flax_module(net, fan_in_prior())`` (one site per parameter tensor), every
   update ``jax.jit``-compiled; particles in one ``vmap`` pass, or one pass each
-  (``_seq``: ``vectorize_particles=False`` for both).
+  (``_seq``: ``vectorize_particles=False`` for both); ``numpyro_advi_flat`` and
+  ``numpyro_psvi_flat`` on ``numpyro_psvi.contrib.models.FlatBayesianModule(net)``
+  (one flat site).
 
 All Bayesian variants use AutoNormal, Adam and ``fan_in_prior()``. The ratio reported
 is step time over the time of ``S`` SGD steps of the same backend. CPU threads: 1
 (``torch.set_num_threads``; XLA's CPU client with ``intra_op_parallelism_threads=1``).
 
     python -m benchmarks.scale [--widths 4 8 16 32 64] [--particles 4] [--repeats 5] [--numpyro]
-        [--numpyro-max-width 16] [--quick]
+        [--numpyro-max-width 16] [--methods M ...] [--tag TAG] [--quick]
 
-writes ``benchmarks/results/scale.json`` (``scale_quick.json``) and prints the table
+writes ``benchmarks/results/scale<tag>.json`` (``scale<tag>_quick.json``) and prints the table
 for ``docs/scale.md``.
 
 ``--memory-map advi_flat psvi_flat --widths W`` instead maps the live memory of those
@@ -66,7 +69,8 @@ from torch import nn
 from benchmarks.common import RESULTS
 
 METHODS = ("sgd", "advi_plain", "psvi_plain", "advi_flat", "psvi_flat")
-NUMPYRO_METHODS = ("numpyro_sgd", "numpyro_advi", "numpyro_psvi", "numpyro_advi_seq", "numpyro_psvi_seq")
+NUMPYRO_METHODS = ("numpyro_sgd", "numpyro_advi", "numpyro_psvi", "numpyro_advi_seq", "numpyro_psvi_seq",
+                   "numpyro_advi_flat", "numpyro_psvi_flat")  # fmt: skip
 BATCH = 32
 
 
@@ -135,21 +139,28 @@ def flax_resnet_gn(width: int, blocks: tuple[int, ...] = (2, 2, 2, 2), num_class
     return ResNetGN()
 
 
-def numpyro_resnet_model(net) -> Callable:
-    """The Bayesian Flax ResNet classifier (``random_flax_module``, ``fan_in_prior()``, one
-    site per parameter tensor) with a plate subsampling mini-batches of ``BATCH``."""
+def numpyro_resnet_model(net, flat: bool = False) -> tuple[Callable, dict | None]:
+    """The Bayesian Flax ResNet classifier (``fan_in_prior()``) with a plate subsampling
+    mini-batches of ``BATCH``, and the guide's initial values (``None``: the autoguide's
+    default): on ``FlatBayesianModule`` (one flat site) or ``random_flax_module`` (one per
+    tensor)."""
     import numpyro
     import numpyro.distributions as dist
     from numpyro.contrib.module import random_flax_module
 
-    from numpyro_psvi.contrib.models import fan_in_prior
+    from numpyro_psvi.contrib.models import FlatBayesianModule, fan_in_prior, module_classifier
+
+    if flat:
+        bayes_net = FlatBayesianModule(net, (1, 28, 28, 1), fan_in_prior())
+        init = {"weights": bayes_net.initial_weights}
+        return partial(module_classifier, bayes_net, subsample_size=BATCH), init
 
     def model(x, y=None):
         forward = random_flax_module("net", net, fan_in_prior(), input_shape=(1, 28, 28, 1))
         with numpyro.plate("data", x.shape[0], subsample_size=BATCH) as idx:
             numpyro.sample("y", dist.Categorical(logits=forward(x[idx])), obs=None if y is None else y[idx])
 
-    return model
+    return model, None
 
 
 def pyro_resnet_model(
@@ -174,7 +185,7 @@ def _make_numpyro_step(method: str, width: int, particles: int):
     import jax
     import numpyro
     import optax
-    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer import SVI, Trace_ELBO, init_to_value
     from numpyro.infer.autoguide import AutoNormal
 
     from numpyro_psvi import ProximalScoreVI
@@ -208,8 +219,9 @@ def _make_numpyro_step(method: str, width: int, particles: int):
 
         return step, *sizes
 
-    model = numpyro_resnet_model(net)
-    guide = AutoNormal(model, init_scale=0.01)
+    model, init = numpyro_resnet_model(net, flat=method.endswith("_flat"))
+    init_loc = {} if init is None else {"init_loc_fn": init_to_value(values=init)}
+    guide = AutoNormal(model, init_scale=0.01, **init_loc)
     optim = numpyro.optim.Adam(1e-3)
     vectorize = not method.endswith("_seq")
     if method.startswith("numpyro_psvi"):
@@ -276,15 +288,15 @@ def measure_one(method: str, width: int, particles: int, repeats: int) -> dict:
         baseline = _current_rss_mb()
         step = _make_step(method, net, x, y, particles)
     times = []
-    for i in range(repeats + 2):  # two warm-ups (set-up, compilation)
+    for _ in range(repeats + 2):  # two warm-ups (set-up, compilation)
         start = time.perf_counter()
         step()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times.sort()
+    first, timed = times[0], sorted(times[2:])
     return {"method": method, "width": width, "num_weights": num_weights, "num_tensors": num_tensors,
-            "seconds": times[len(times) // 2], "peak_extra_mb": peak - baseline}  # fmt: skip
+            "seconds": timed[len(timed) // 2], "first_step_seconds": first,
+            "peak_extra_mb": peak - baseline}  # fmt: skip
 
 
 PHASES = ("score_particles", "proximal_problem", "inner_fit", "pull_back", "accept")
@@ -490,6 +502,8 @@ def main() -> None:
     parser.add_argument("--numpyro", action="store_true", help="also the NumPyro methods")
     parser.add_argument("--numpyro-max-width", type=int, default=16, help="NumPyro methods up to this width")
     parser.add_argument("--quick", action="store_true", help="widths 4 and 8, 2 repeats")
+    parser.add_argument("--methods", nargs="+", help="only these methods (each backend's sgd is added)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON's name, e.g. _flax_flat")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "WIDTH"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--memory-map", nargs="+", choices=("advi_flat", "psvi_flat"),
@@ -540,6 +554,12 @@ def main() -> None:
         return
     widths, repeats = ([4, 8], 2) if options.quick else (options.widths, options.repeats)
     methods = METHODS + (NUMPYRO_METHODS if options.numpyro else ())
+    if options.methods:
+        unknown = set(options.methods) - set(METHODS + NUMPYRO_METHODS)
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS + NUMPYRO_METHODS}")
+        backends = {"numpyro_sgd" if m.startswith("numpyro") else "sgd" for m in options.methods}
+        methods = tuple(m for m in METHODS + NUMPYRO_METHODS if m in backends or m in options.methods)
     rows = []
     for width in widths:
         for method in methods:
@@ -566,15 +586,16 @@ def main() -> None:
     from benchmarks.common import machine
 
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / ("scale_quick.json" if options.quick else "scale.json")
+    path = RESULTS / (f"scale{options.tag}_quick.json" if options.quick else f"scale{options.tag}.json")
     path.write_text(json.dumps({"machine": machine() + ", 1 torch thread", "batch": BATCH,
                                 "particles": options.particles, "rows": rows}, indent=1))  # fmt: skip
     print(f"wrote {path}\n")
-    print("| width | D | tensors | method | s / step | ratio to S SGD steps | peak extra MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| width | D | tensors | method | s / step | ratio to S SGD steps | first step s | peak extra MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['width']} | {row['num_weights']:.2e} | {row['num_tensors']} | {row['method']} | "
-              f"{row['seconds']:.3f} | {row['ratio_to_sgd']:.2f} | {row['peak_extra_mb']:.0f} |")  # fmt: skip
+              f"{row['seconds']:.3f} | {row['ratio_to_sgd']:.2f} | {row['first_step_seconds']:.1f} | "
+              f"{row['peak_extra_mb']:.0f} |")  # fmt: skip
 
 
 def mnist_main(options: argparse.Namespace) -> None:

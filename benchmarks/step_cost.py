@@ -75,7 +75,7 @@ def numpyro_steppers(case: str, inner_steps: tuple[int | None, ...]) -> dict[str
         key = jax.random.PRNGKey(0)
         x = jax.random.normal(key, (4 * RESNET_BATCH, 28, 28, 1))
         y = jax.random.randint(key, (4 * RESNET_BATCH,), 0, 10)
-        model = numpyro_resnet_model(flax_resnet_gn(RESNET_WIDTH))
+        model = numpyro_resnet_model(flax_resnet_gn(RESNET_WIDTH))[0]
 
         def guide():
             return AutoNormal(model, init_scale=0.01)

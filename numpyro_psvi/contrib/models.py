@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -129,3 +132,124 @@ def fan_in_prior(scale: float = 1.0):
         return dist.Normal(0.0, scale / fan_in**0.5)
 
     return prior
+
+
+class FlatBayesianModule:
+    """A Flax module whose parameters are one flat latent vector (the fast path); the twin
+    of :class:`pyro_psvi.contrib.models.FlatBayesianModule`.
+
+    Calling it samples the site ``name`` (default ``"weights"``), of shape ``(D,)`` with
+    a ``Normal(loc, scale).to_event(1)`` prior assembled from per-parameter Normal
+    priors, and applies the module to those weights (``jax.flatten_util.ravel_pytree``'s
+    unravel: slices and reshapes the compiler fuses). Against ``random_flax_module``,
+    whose network has one sample site per parameter tensor, a model and an autoguide
+    see one site whatever the network's size, so tracing and compiling them stay
+    constant as the network grows.
+
+    Parameters
+    ----------
+    module : flax.linen.Module
+        The network; its only variable collection must be ``"params"`` (no batch
+        statistics: use GroupNorm or LayerNorm).
+    input_shape : tuple of int
+        The shape of an example input (as ``random_flax_module``'s), for ``module.init``.
+    prior : float or callable
+        A scale ``s`` for ``Normal(0, s)`` on every weight, or ``prior(name, shape)``
+        returning a Normal (e.g. :func:`fan_in_prior`; names as ``random_flax_module``
+        gives them, ``"Dense_0.kernel"``), whose loc and scale are used.
+    name : str
+        The sample site's name.
+    rng_key : jax.Array, optional
+        For ``module.init`` (default ``PRNGKey(0)``): the :attr:`initial_weights`.
+
+    Examples
+    --------
+    >>> net = FlatBayesianModule(resnet, (1, 28, 28, 1), fan_in_prior())
+    >>> model = partial(module_classifier, net, subsample_size=128)
+    >>> guide = AutoNormal(model, init_loc_fn=init_to_value(values={"weights": net.initial_weights}))
+    >>> ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-3))
+    >>> net.unflatten(guide.median(params)["weights"])  # {"Dense_0": {"kernel": ...}, ...}
+    """
+
+    def __init__(
+        self,
+        module,
+        input_shape: tuple[int, ...],
+        prior: float | Callable[[str, tuple[int, ...]], dist.Distribution] = 1.0,
+        *,
+        name: str = "weights",
+        rng_key: jax.Array | None = None,
+    ) -> None:
+        key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+        variables = module.init(key, jnp.ones(input_shape))
+        others = sorted(set(variables) - {"params"})
+        if others:
+            raise ValueError(
+                f"FlatBayesianModule needs a module whose only variables are 'params'; this one "
+                f"also has {others} (e.g. BatchNorm's batch statistics). Use GroupNorm or LayerNorm, "
+                "or random_flax_module(..., mutable=[...]) with one site per tensor."
+            )
+        self.module, self.name = module, name
+        self.initial_weights, self.unflatten = jax.flatten_util.ravel_pytree(variables["params"])
+        locs, scales = [], []
+        for path, param in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+            param_name = ".".join(str(entry.key) for entry in path)
+            loc, scale = _normal_loc_scale(param_name, param.shape, prior)
+            locs.append(jnp.broadcast_to(loc, param.shape).reshape(-1))
+            scales.append(jnp.broadcast_to(scale, param.shape).reshape(-1))
+        self.prior_loc, self.prior_scale = jnp.concatenate(locs), jnp.concatenate(scales)
+
+    @property
+    def num_weights(self) -> int:
+        """``D``, the length of the flat weight vector."""
+        return len(self.initial_weights)
+
+    def apply(self, weights: jax.Array, *inputs: jax.Array) -> jax.Array:
+        """The module's output at flat ``weights (D,)``."""
+        if jnp.ndim(weights) != 1:
+            raise ValueError(
+                f"FlatBayesianModule applies one weight vector: got weights of shape "
+                f"{jnp.shape(weights)}; vmap over particles (as ProximalScoreVI and Trace_ELBO's "
+                "vectorize_particles do) instead of passing a batch."
+            )
+        return self.module.apply({"params": self.unflatten(weights)}, *inputs)
+
+    def __call__(self, *inputs: jax.Array) -> jax.Array:
+        weights = numpyro.sample(self.name, dist.Normal(self.prior_loc, self.prior_scale).to_event(1))
+        return self.apply(weights, *inputs)
+
+
+def _normal_loc_scale(name: str, shape: tuple[int, ...], prior) -> tuple[jax.Array, jax.Array]:
+    """The loc and scale of a parameter's Normal prior (a float scale or a callable)."""
+    if not callable(prior):
+        return jnp.zeros(()), jnp.full((), float(prior))
+    site_prior = prior(name, shape)
+    base = site_prior.base_dist if isinstance(site_prior, dist.Independent) else site_prior
+    if not isinstance(base, dist.Normal):
+        raise ValueError(
+            f"FlatBayesianModule needs Normal priors; the prior of {name!r} is "
+            f"{type(base).__name__}. Use random_flax_module for other priors."
+        )
+    return base.loc, base.scale
+
+
+def module_classifier(
+    net: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    y: jax.Array | None = None,
+    *,
+    subsample_size: int | None = None,
+) -> None:
+    """Categorical likelihood on the logits of ``net`` (e.g. a :class:`FlatBayesianModule`);
+    the twin of :func:`pyro_psvi.contrib.models.module_classifier`.
+
+    The network runs outside the data plate: its weights are global latents.
+    """
+    check_same_rows(x.shape, None if y is None else y.shape)
+    data = numpyro.plate("data", x.shape[0], subsample_size=subsample_size)  # draws the rows once
+    with data as idx:
+        pass
+    logits = net(x[idx])  # outside the plate, which would otherwise batch the weights' site
+    with data:
+        numpyro.deterministic("probs", jax.nn.softmax(logits))
+        numpyro.sample("y", dist.Categorical(logits=logits), obs=None if y is None else y[idx])

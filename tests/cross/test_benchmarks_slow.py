@@ -105,10 +105,12 @@ def test_scale_quick():
     subprocess.run([sys.executable, "-m", "benchmarks.scale", "--quick", "--numpyro"], cwd=ROOT, check=True)
     rows = json.loads((ROOT / "benchmarks/results/scale_quick.json").read_text())["rows"]
     methods = {"sgd", "advi_plain", "psvi_plain", "advi_flat", "psvi_flat", "numpyro_sgd", "numpyro_advi",
-               "numpyro_psvi", "numpyro_advi_seq", "numpyro_psvi_seq"}  # fmt: skip
+               "numpyro_psvi", "numpyro_advi_seq", "numpyro_psvi_seq", "numpyro_advi_flat",
+               "numpyro_psvi_flat"}  # fmt: skip
     assert {(r["method"], r["width"]) for r in rows} == {(m, w) for m in methods for w in (4, 8)}
     for row in rows:
         assert row["seconds"] > 0 and np.isfinite(row["ratio_to_sgd"]) and row["peak_extra_mb"] >= 0
+        assert row["first_step_seconds"] > 0
 
 
 @pytest.mark.slow
@@ -136,3 +138,5 @@ def test_scale_mnist_quick():
     for run in runs:  # 10 steps: finite, calibrated-or-not, but a valid predictive
         assert run["num_rejected"] == 0 and len(run["curve"]) == 2 and 0 <= run["test_error"] <= 1
         assert np.isfinite(run["nll"]) and 0 <= run["ece"] <= 1
+        assert 0 <= run["mean_network"]["test_error"] <= 1 and np.isfinite(run["mean_network"]["nll"])
+    assert 0 <= runs[0]["last_iterate"]["mean_network"]["test_error"] <= 1  # psvi averages its iterates
