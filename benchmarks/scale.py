@@ -608,19 +608,18 @@ def mnist_main(options: argparse.Namespace) -> None:
     device = options.mnist_device
     runs = [mnist_fit(method, width, num_train, steps, every, num_test, device=device)
             for method in options.mnist_methods]  # fmt: skip
+
+    def metrics(result: dict) -> str:
+        return f"test error {result['test_error']:.4f}, NLL {result['nll']:.4f}, ECE {result['ece']:.4f}"
+
     for run in runs:
-        print(f"{run['method']}: test error {run['test_error']:.4f}, NLL {run['nll']:.4f}, "
-              f"ECE {run['ece']:.4f}, ELBO {run['elbo']:.0f}, {run['seconds']:.0f} s, "
+        print(f"{run['method']}: {metrics(run)}, ELBO {run['elbo']:.0f}, {run['seconds']:.0f} s, "
               f"{run['num_rejected']} rejected")  # fmt: skip
-        for label, result in [("", run), ("its last iterate", run.get("last_iterate"))]:
-            if result is None:
-                continue
-            mean = result["mean_network"]
-            if label:
-                print(f"  {label}: test error {result['test_error']:.4f}, NLL {result['nll']:.4f}, "
-                      f"ECE {result['ece']:.4f}")  # fmt: skip
-            print(f"  {label or 'its'} mean network: test error {mean['test_error']:.4f}, "
-                  f"NLL {mean['nll']:.4f}, ECE {mean['ece']:.4f}")  # fmt: skip
+        print(f"  its mean network: {metrics(run['mean_network'])}")
+        if "last_iterate" in run:
+            last = run["last_iterate"]
+            print(f"  its last iterate: {metrics(last)}")
+            print(f"  its last iterate mean network: {metrics(last['mean_network'])}")
     RESULTS.mkdir(exist_ok=True)
     name = ("scale_mnist" if device == "cpu" else f"scale_mnist_{device}") + options.mnist_tag
     path = RESULTS / (f"{name}_quick.json" if options.quick else f"{name}.json")
