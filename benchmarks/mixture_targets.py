@@ -14,7 +14,7 @@ for the IAF (reparameterized). Both start from the same params. Recorded: forwar
 KL(target || q), by Monte Carlo on 4000 target draws, against score calls (model
 gradient evaluations: S per step for both). NumPyro backend, CPU.
 
-    python -m benchmarks.mixture_targets [--quick]
+    python -m benchmarks.mixture_targets [--quick] [--guides iaf] [--methods psvi] [--out NAME]
 """
 
 from __future__ import annotations
@@ -124,7 +124,11 @@ def run_one(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="case 1, one seed, 200 steps")
+    parser.add_argument("--guides", nargs="+", help="only these guides (e.g. iaf); no table or plots")
+    parser.add_argument("--methods", nargs="+", default=["psvi", "advi"], choices=["psvi", "advi"])
+    parser.add_argument("--out", help="name of the JSON in benchmarks/results (default mixture_targets)")
     options = parser.parse_args()
+    partial_run = options.quick or options.guides is not None or len(options.methods) < 2
     cases = {"case1_order2_d2": CASES["case1_order2_d2"]} if options.quick else CASES
     seeds = (0,) if options.quick else (0, 1, 2)
     steps, every = (200, 50) if options.quick else (1500, 100)
@@ -133,7 +137,9 @@ def main() -> None:
     for spread in spreads:
         for case_name, case in cases.items():
             for guide_name in case["guides"]:
-                for method in ("psvi", "advi"):
+                if options.guides is not None and guide_name not in options.guides:
+                    continue
+                for method in options.methods:
                     for seed in seeds:
                         lr = 0.01 if guide_name == "iaf" else 0.05
                         out = run_one(case, spread, guide_name, method, seed, steps, every, lr)
@@ -142,10 +148,10 @@ def main() -> None:
                         print(f"spread {spread} {case_name} {guide_name:8s} {method:4s} seed {seed}: "
                               f"forward KL {out['forward_kl'][0]:.3g} -> {out['forward_kl'][-1]:.3g} "
                               f"({out['seconds']:.1f} s)", flush=True)  # fmt: skip
-    name = "mixture_targets_quick" if options.quick else "mixture_targets"
+    name = options.out or ("mixture_targets_quick" if options.quick else "mixture_targets")
     path = save(name, {"num_particles": NUM_PARTICLES, "steps": steps, "results": results})
     print(f"wrote {path}")
-    if options.quick:
+    if partial_run:
         return
     print("\n| spread | case | guide | ProximalScoreVI | ADVI |\n|---|---|---|---|---|")
     for spread in spreads:

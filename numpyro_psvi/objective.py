@@ -24,7 +24,14 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from numpyro_psvi.guides import GuideDensity, Params
-from psvi.objective import LOWRANK_AXIS_STEP, LOWRANK_DIAG_FLOOR, SMALLEST_STEP_FRACTION, diagonal_step_path
+from psvi.objective import (
+    LOWRANK_AXIS_STEP,
+    LOWRANK_DIAG_FLOOR,
+    SMALLEST_STEP_FRACTION,
+    TRANSPORT_FISHER_WEIGHT,
+    diagonal_step_path,
+    path_elbo_weight,
+)
 
 
 def weighted_fisher(
@@ -310,6 +317,66 @@ def proximal_objective(
         fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting, weights)
     kl = density.kl(params_t, params, kl_key)
     return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
+
+
+class TransportPath(NamedTuple):
+    """What a flow guide's linearized path ``-ELBO`` reads from the update's particles.
+
+    Attributes
+    ----------
+    base : jax.Array
+        ``(S, D)`` base draws ``z_s = T_t^{-1}(x_s)`` of the particles.
+    residuals : jax.Array
+        ``(S, D)`` ``g_s - s_t(x_s)``: the model's scores minus ``q_t``'s.
+    weight : jax.Array
+        The term's weight, :func:`psvi.objective.path_elbo_weight` of the Fisher term at
+        ``q_t``.
+    """
+
+    base: jax.Array
+    residuals: jax.Array
+    weight: jax.Array
+
+
+def transport_path(
+    density: GuideDensity,
+    params_t: Params,
+    particles: jax.Array,
+    model_scores: jax.Array,
+    fisher_t: jax.Array,
+) -> TransportPath:
+    """The :class:`TransportPath` of an update of a flow guide (``density.transport``);
+    ``fisher_t``: the Fisher term at ``params_t``."""
+    params_t = jax.lax.stop_gradient(params_t)
+    base = density.transport.pull(params_t, particles)
+    residuals = model_scores - jax.vmap(density.score, (None, 0))(params_t, particles)
+    weight = path_elbo_weight(fisher_t, density.latent_dim)
+    return jax.lax.stop_gradient(TransportPath(base, residuals, weight))
+
+
+def transport_objective(
+    density: GuideDensity,
+    params: Params,
+    params_t: Params,
+    particles: jax.Array,
+    model_scores: jax.Array,
+    path: TransportPath,
+    kl_key: jax.Array,
+    *,
+    prox_weight: float,
+    weighting: str,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """A flow guide's ``L_t(params)`` (:func:`psvi.objective.path_elbo_weight`): the
+    Fisher term, the map's displacement (``density.kl``) and the path ``-ELBO``
+    linearized at ``q_t`` (``path``: :func:`transport_path`); the three terms as
+    auxiliary output (``fisher``, ``kl``, ``path_elbo``)."""
+    params_t = jax.lax.stop_gradient(params_t)
+    fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting)
+    kl = density.kl(params_t, params, kl_key)
+    moved = density.transport.push(params, path.base) - particles
+    path_elbo = -jnp.mean(jnp.sum(path.residuals * moved, axis=-1))
+    value = TRANSPORT_FISHER_WEIGHT * fisher + prox_weight * kl + path.weight * path_elbo
+    return value, {"fisher": fisher, "kl": kl, "path_elbo": path_elbo}
 
 
 def lerp_tree(tree_from: Any, tree_to: Any, frac: jax.Array) -> Any:

@@ -42,6 +42,8 @@ from numpyro_psvi.objective import (
     proximal_objective,
     split_diagonal_objective,
     split_full_objective,
+    transport_objective,
+    transport_path,
     trust_region_fraction,
     weighted_fisher,
 )
@@ -371,7 +373,8 @@ class ProximalScoreVI(ScoreEngine):
         ``O(D)``, and its objective is the split one
         (:func:`~numpyro_psvi.objective.split_diagonal_objective`) with the curvature
         averaged over updates; a full-covariance one with a subsampled plate has the split
-        objective :func:`~numpyro_psvi.objective.split_full_objective`. Model params ascend
+        objective :func:`~numpyro_psvi.objective.split_full_objective`; a flow's is
+        :func:`~numpyro_psvi.objective.transport_objective`. Model params ascend
         the expected log joint, linearized at ``theta_t``: their gradient is the
         particles' mean gradient (no score calls).
         """
@@ -388,6 +391,9 @@ class ProximalScoreVI(ScoreEngine):
             fisher = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
             estimate = curvature_statistics(stats, density.loc_scale(params_t)[1])
             averages = self._fold_curvature(averages, estimate, weights)
+        path = None
+        if density.transport is not None:
+            path = transport_path(density, params_t, particles, scored.scores, fisher)
 
         def objective(unconstrained):
             params = self.constrain_fn(unconstrained)
@@ -395,6 +401,11 @@ class ProximalScoreVI(ScoreEngine):
             if stats is None and self.split_covariance:
                 value, terms = split_full_objective(
                     density, params, params_t, particles, scored.scores,
+                    prox_weight=self.objective.prox_weight, weighting=weighting,
+                )  # fmt: skip
+            elif path is not None:
+                value, terms = transport_objective(
+                    density, params, params_t, particles, scored.scores, path, key_kl,
                     prox_weight=self.objective.prox_weight, weighting=weighting,
                 )  # fmt: skip
             elif stats is None:

@@ -24,8 +24,9 @@ class ProximalScoreMatching(NamedTuple):
     weighting : {"covariance", "identity"}
         ``W_t``: the covariance of ``q_t`` (scale-free, the default) or the identity.
     num_kl_draws : int
-        Draws from ``q_t`` for the Monte Carlo KL of guides without a closed form
-        (they cost no score calls).
+        Draws from ``q_t`` for the Monte Carlo KL of guides without a closed form, and
+        base draws for a flow guide's displacement (:func:`path_elbo_weight`); they
+        cost no score calls.
     curvature_memory : int or None
         Diagonal Gaussian guides: the per-coordinate curvature in the Fisher term is
         averaged over the last ``curvature_memory`` updates (1: this update's alone).
@@ -129,6 +130,31 @@ def trust_region_scale(diagonal: bool, batch_ratio: float) -> float:
     if batch_ratio <= 1:
         return 1.0
     return min(SPLIT_TRUST_REGION_SCALE, batch_ratio) if diagonal else batch_ratio
+
+
+TRANSPORT_FISHER_WEIGHT = 0.1
+"""A flow guide's weight on the Fisher term (:func:`path_elbo_weight`'s objective)."""
+TRANSPORT_PATH_WEIGHT = 3.0
+"""A flow guide's weight on its linearized path ELBO far from the posterior."""
+
+
+def path_elbo_weight(fisher_t: Any, latent_dim: int) -> Any:
+    """The weight of the linearized path ELBO in a flow guide's proximal objective.
+
+    A flow guide's update minimizes ``TRANSPORT_FISHER_WEIGHT * F(q) + prox_weight *
+    Disp(q_t, q) + c * E_lin(q)``: the weighted Fisher divergence, the displacement of
+    the flow's map (its proximal term and trust-region measure), and the ``-ELBO``
+    linearized at ``q_t`` along the map, ``-mean_s (g_s - s_t(x_s))' (T(z_s) - x_s)``
+    from the update's own particles ``x_s = T_t(z_s)`` and scores (no extra score call).
+    Far from the posterior the Fisher term alone let flows drift (one NumPyro seed in
+    three diverged); the ELBO term is faded out by ``c = TRANSPORT_PATH_WEIGHT * r / (1 +
+    r)`` as the whitened Fisher term per dimension ``r = F_t / D`` falls below 1, near the
+    posterior where the Fisher term is exact. The constants are the best of a grid on a
+    logistic regression and a correlated Gaussian (docs/guides.md, "Flows with exact
+    scores"). Works on floats, JAX arrays and torch tensors.
+    """
+    ratio = fisher_t / latent_dim
+    return TRANSPORT_PATH_WEIGHT * ratio / (1 + ratio)
 
 
 MAX_TRUST_REGION_GROWTH = 2.0**30

@@ -19,6 +19,7 @@ from torch.distributions import Transform
 
 __all__ = [
     "FlatAdamSteps",
+    "apply",
     "Subsample",
     "forget_optimizers",
     "inverse",
@@ -40,6 +41,12 @@ def inverse(transform: Transform, y: torch.Tensor) -> torch.Tensor:
     """``transform``'s inverse at ``y``, computed afresh: ``Transform.inv`` would return a
     cached inverse, stale once the transform's params have changed."""
     return transform._inverse(y)
+
+
+def apply(transform: Transform, x: torch.Tensor) -> torch.Tensor:
+    """``transform`` at ``x``, computed afresh: ``Transform.__call__`` returns its cached
+    value for the tensor it was last called with, stale once the params have changed."""
+    return transform._call(x)
 
 
 def tensor_version(tensor: torch.Tensor) -> int:

@@ -21,7 +21,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from psvi.objective import LOWRANK_AXIS_STEP, LOWRANK_DIAG_FLOOR, SMALLEST_STEP_FRACTION, diagonal_step_path
+from psvi.objective import (
+    LOWRANK_AXIS_STEP,
+    LOWRANK_DIAG_FLOOR,
+    SMALLEST_STEP_FRACTION,
+    TRANSPORT_FISHER_WEIGHT,
+    diagonal_step_path,
+    path_elbo_weight,
+)
 from pyro_psvi.guides import GuideDensity, Params
 
 
@@ -364,6 +371,65 @@ def proximal_objective(
         fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting, weights)
     kl = density.kl(params_t, params, kl_seed)
     return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
+
+
+class TransportPath(NamedTuple):
+    """What a flow guide's linearized path ``-ELBO`` reads from the step's particles.
+
+    Attributes
+    ----------
+    base : torch.Tensor
+        ``(S, D)`` base draws ``z_s = T_t^{-1}(x_s)`` of the particles.
+    residuals : torch.Tensor
+        ``(S, D)`` ``g_s - s_t(x_s)``: the model's scores minus ``q_t``'s.
+    weight : torch.Tensor
+        The term's weight, :func:`psvi.objective.path_elbo_weight` of the Fisher term at
+        ``q_t``.
+    """
+
+    base: torch.Tensor
+    residuals: torch.Tensor
+    weight: torch.Tensor
+
+
+def transport_path(
+    density: GuideDensity,
+    params_t: Params,
+    particles: torch.Tensor,
+    model_scores: torch.Tensor,
+    fisher_t: torch.Tensor,
+) -> TransportPath:
+    """The :class:`TransportPath` of a step of a flow guide (``density.transport``);
+    ``fisher_t``: the Fisher term at ``params_t`` (detached params)."""
+    residuals = model_scores - density.score(params_t, particles)
+    with torch.no_grad():
+        base = density.transport.pull(params_t, particles)
+        weight = path_elbo_weight(fisher_t, density.latent_dim)
+    return TransportPath(base, residuals.detach(), weight)
+
+
+def transport_objective(
+    density: GuideDensity,
+    params: Params,
+    params_t: Params,
+    particles: torch.Tensor,
+    model_scores: torch.Tensor,
+    path: TransportPath,
+    *,
+    prox_weight: float,
+    weighting: str,
+    kl_seed: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A flow guide's ``L_t(params)`` (:func:`psvi.objective.path_elbo_weight`): the
+    Fisher term, the map's displacement (``density.kl``) and the path ``-ELBO``
+    linearized at ``q_t`` (``path``: :func:`transport_path`); ``params_t`` detached; the
+    three terms as auxiliary output (``fisher``, ``kl``, ``path_elbo``)."""
+    fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting)
+    kl = density.kl(params_t, params, kl_seed)
+    moved = density.transport.push(params, path.base) - particles
+    path_elbo = -(path.residuals * moved).sum(-1).mean()
+    value = TRANSPORT_FISHER_WEIGHT * fisher + prox_weight * kl + path.weight * path_elbo
+    return value, {"fisher": fisher, "kl": kl, "path_elbo": path_elbo}
 
 
 def trust_region_fraction(

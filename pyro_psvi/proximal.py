@@ -69,6 +69,8 @@ from pyro_psvi.objective import (
     proximal_objective,
     split_diagonal_problem,
     split_full_objective,
+    transport_objective,
+    transport_path,
     trust_region_fraction,
     weighted_fisher,
 )
@@ -734,7 +736,8 @@ class ProximalScoreVI(ScoreEngine):
         particles (:func:`~pyro_psvi.objective.fisher_statistics`), so each inner step
         is ``O(D)`` and the ``(S, D)`` particles and scores can be freed; a full-covariance
         guide with a subsampled plate has the split objective
-        (:func:`~pyro_psvi.objective.split_full_objective`)."""
+        (:func:`~pyro_psvi.objective.split_full_objective`); a flow's is
+        :func:`~pyro_psvi.objective.transport_objective`."""
         density, weighting, weights = self.density, self.objective.weighting, scored.weights
         if scored.statistics is not None:  # reduced across ranks
             stats = scored.statistics
@@ -766,9 +769,11 @@ class ProximalScoreVI(ScoreEngine):
         # Monte Carlo KLs (flow and user guides) use common random numbers within the step.
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
         options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
-        split_diagonal = None
+        split_diagonal = path = None
         if stats is not None:
             split_diagonal = split_diagonal_problem(density, params_t, stats, averages.curvature, **options)
+        elif density.transport is not None:
+            path = transport_path(density, params_t, particles, scores, fisher)
 
         # The closures hold what the inner steps read, not the statistics (5 D-vectors).
         def objective(params: Params) -> torch.Tensor:
@@ -778,6 +783,11 @@ class ProximalScoreVI(ScoreEngine):
                 return split_full_objective(
                     density, params, params_t, particles, scores,
                     prox_weight=self.objective.prox_weight, weighting=weighting,
+                )[0]  # fmt: skip
+            if path is not None:
+                return transport_objective(
+                    density, params, params_t, particles, scores, path,
+                    prox_weight=self.objective.prox_weight, weighting=weighting, kl_seed=kl_seed,
                 )[0]  # fmt: skip
             return proximal_objective(
                 density, params, params_t, particles, scores, kl_seed=kl_seed, **options

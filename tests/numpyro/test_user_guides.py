@@ -141,3 +141,23 @@ def test_inference_data_and_diagnostics_take_user_guides():
     np.testing.assert_allclose(idata.posterior["x"].values.reshape(-1, D).mean(0), MEAN, atol=0.25)
     diagnostics = vi_diagnostics(n_gaussian_model, n_gaussian_guide, params, num_samples=200)
     assert diagnostics["khat"] < 0.5 and diagnostics["fisher"] < 1e-6
+
+
+@pytest.mark.slow
+def test_numpyro_flow_guide_fits_a_correlated_gaussian():
+    """The Pyro twin's check: forward KL(target || q) by Monte Carlo on 4000 target
+    draws (standard error below 0.002 here) under 0.05 nats after 150 updates (the KL at
+    init is above 20), none rejected (seeds 0-3 are at 0.003 or below by then). The
+    flow update's terms are checked one by one in test_guides.py."""
+
+    def model():
+        numpyro.sample("x", ndist.MultivariateNormal(jnp.array(MEAN), jnp.array(COV)))
+
+    guide = AutoIAFNormal(model, num_flows=2, hidden_dims=[16])
+    svi = numpyro_psvi.ProximalScoreVI(model, guide, optax.adam(0.01))
+    result = svi.run(jax.random.PRNGKey(0), 150, progress_bar=False)
+    assert int(result.state.num_rejected) == 0
+    target = ndist.MultivariateNormal(jnp.array(MEAN), jnp.array(COV))
+    draws = target.sample(jax.random.PRNGKey(1), (4000,))
+    log_q = jax.vmap(svi.density.log_prob, (None, 0))(result.params, draws)
+    assert float(jnp.mean(target.log_prob(draws) - log_q)) < 0.05
