@@ -119,7 +119,8 @@ class ScoreEngine:
     score_method : {"closed_form", "autodiff"}
         How the guide's score is computed for Gaussian guides.
     num_kl_draws : int
-        Draws for the Monte Carlo KL of guides without a closed form.
+        Draws for the Monte Carlo KL of guides without a closed form, and base draws
+        for a flow guide's displacement.
     max_consecutive_rejections : int or None
         :meth:`run` raises once this many updates in a row were rejected (``None``:
         never); it checks at the end of each progress-bar chunk, or at the end.

@@ -139,8 +139,9 @@ class ProximalScoreVI(ScoreEngine):
     guide : numpyro.infer.autoguide.AutoGuide or callable
         AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
         AutoLowRankMultivariateNormal (closed-form scores), any AutoContinuous guide
-        with a tractable density (e.g. AutoIAFNormal), or a user-written guide with one
-        ``numpyro.sample`` site per latent site (nested autodiff, Monte Carlo KL).
+        with a tractable density (e.g. AutoIAFNormal: a flow's update, docs/algorithm.md),
+        or a user-written guide with one ``numpyro.sample`` site per latent site (nested
+        autodiff, Monte Carlo KL).
     optim
         A ``numpyro.optim`` optimizer or an optax ``GradientTransformation``.
     loss : psvi.ProximalScoreMatching, optional

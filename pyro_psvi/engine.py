@@ -76,7 +76,8 @@ class ScoreEngine:
     score_method : {"closed_form", "autodiff"}
         How the guide's score is computed for Gaussian guides.
     num_kl_draws : int
-        Draws for the Monte Carlo KL of guides without a closed form.
+        Draws for the Monte Carlo KL of guides without a closed form, and base draws
+        for a flow guide's displacement.
     max_consecutive_rejections : int or None
         :meth:`step` raises once this many steps in a row were rejected (``None``:
         never); :meth:`run` checks at its end.

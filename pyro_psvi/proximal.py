@@ -368,7 +368,8 @@ class ProximalProblem(NamedTuple):
     active_dim : int
         Coordinates the step can move (the trust region's ``D``).
     kl_seed : int or None
-        Common random numbers for a Monte Carlo KL within the step.
+        Common random numbers for a Monte Carlo KL (or a flow's displacement) within
+        the step.
     averages : RunningAverages
         The running averages with this step's curvature estimate folded in.
     gradient : callable or None
@@ -414,8 +415,8 @@ class ProximalScoreVI(ScoreEngine):
     guide : pyro.infer.autoguide.AutoGuide or callable
         AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
         AutoLowRankMultivariateNormal (closed-form scores), AutoIAFNormal,
-        AutoNormalizingFlow, or a user-written guide with one ``pyro.sample`` site per
-        latent site (nested autograd, Monte Carlo KL).
+        AutoNormalizingFlow (a flow's update, docs/algorithm.md), or a user-written guide
+        with one ``pyro.sample`` site per latent site (nested autograd, Monte Carlo KL).
     optim : pyro.optim.PyroOptim
         Any Pyro optimizer (Adam, ClippedAdam, the LR schedulers).
     loss : psvi.ProximalScoreMatching, optional
@@ -766,7 +767,8 @@ class ProximalScoreVI(ScoreEngine):
                 estimate = curvature_statistics(stats, density.loc_scale(params_t)[1])
                 averages = self._fold_curvature(averages, estimate, weights)
                 del estimate  # folded in: 2 D-vectors less while the rest of the problem is built
-        # Monte Carlo KLs (flow and user guides) use common random numbers within the step.
+        # Monte Carlo KLs (user guides) and flows' displacements use common random numbers
+        # within the step.
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
         options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
         split_diagonal = path = None
