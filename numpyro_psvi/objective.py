@@ -29,6 +29,7 @@ from psvi.objective import (
     LOWRANK_DIAG_FLOOR,
     SMALLEST_STEP_FRACTION,
     TRANSPORT_FISHER_WEIGHT,
+    TransportPath,
     diagonal_step_path,
     path_elbo_weight,
 )
@@ -319,25 +320,6 @@ def proximal_objective(
     return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
 
 
-class TransportPath(NamedTuple):
-    """What a flow guide's linearized path ``-ELBO`` reads from the update's particles.
-
-    Attributes
-    ----------
-    base : jax.Array
-        ``(S, D)`` base draws ``z_s = T_t^{-1}(x_s)`` of the particles.
-    residuals : jax.Array
-        ``(S, D)`` ``g_s - s_t(x_s)``: the model's scores minus ``q_t``'s.
-    weight : jax.Array
-        The term's weight, :func:`psvi.objective.path_elbo_weight` of the Fisher term at
-        ``q_t``.
-    """
-
-    base: jax.Array
-    residuals: jax.Array
-    weight: jax.Array
-
-
 def transport_path(
     density: GuideDensity,
     params_t: Params,
@@ -345,7 +327,7 @@ def transport_path(
     model_scores: jax.Array,
     fisher_t: jax.Array,
 ) -> TransportPath:
-    """The :class:`TransportPath` of an update of a flow guide (``density.transport``);
+    """The :class:`~psvi.objective.TransportPath` of an update of a flow guide (``density.transport``);
     ``fisher_t``: the Fisher term at ``params_t``."""
     params_t = jax.lax.stop_gradient(params_t)
     base = density.transport.pull(params_t, particles)

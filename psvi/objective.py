@@ -157,6 +157,26 @@ def path_elbo_weight(fisher_t: Any, latent_dim: int) -> Any:
     return TRANSPORT_PATH_WEIGHT * ratio / (1 + ratio)
 
 
+class TransportPath(NamedTuple):
+    """What a flow guide's linearized path ``-ELBO`` (:func:`path_elbo_weight`) reads from
+    an update's particles: JAX arrays in ``numpyro_psvi``, torch tensors in ``pyro_psvi``
+    (``transport_path`` of each backend's ``objective`` module builds it).
+
+    Attributes
+    ----------
+    base
+        ``(S, D)`` base draws ``z_s = T_t^{-1}(x_s)`` of the particles.
+    residuals
+        ``(S, D)`` ``g_s - s_t(x_s)``: the model's scores minus ``q_t``'s.
+    weight
+        The term's weight, :func:`path_elbo_weight` of the Fisher term at ``q_t``.
+    """
+
+    base: Any
+    residuals: Any
+    weight: Any
+
+
 MAX_TRUST_REGION_GROWTH = 2.0**30
 """A bound that keeps the budget finite in float32; the undo of :func:`grow_trust_region`
 is what guards the fit (at 2^10 a Pyro fit of earnings still crawled: docs/posteriordb.md)."""

@@ -26,6 +26,7 @@ from psvi.objective import (
     LOWRANK_DIAG_FLOOR,
     SMALLEST_STEP_FRACTION,
     TRANSPORT_FISHER_WEIGHT,
+    TransportPath,
     diagonal_step_path,
     path_elbo_weight,
 )
@@ -373,25 +374,6 @@ def proximal_objective(
     return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
 
 
-class TransportPath(NamedTuple):
-    """What a flow guide's linearized path ``-ELBO`` reads from the step's particles.
-
-    Attributes
-    ----------
-    base : torch.Tensor
-        ``(S, D)`` base draws ``z_s = T_t^{-1}(x_s)`` of the particles.
-    residuals : torch.Tensor
-        ``(S, D)`` ``g_s - s_t(x_s)``: the model's scores minus ``q_t``'s.
-    weight : torch.Tensor
-        The term's weight, :func:`psvi.objective.path_elbo_weight` of the Fisher term at
-        ``q_t``.
-    """
-
-    base: torch.Tensor
-    residuals: torch.Tensor
-    weight: torch.Tensor
-
-
 def transport_path(
     density: GuideDensity,
     params_t: Params,
@@ -399,7 +381,7 @@ def transport_path(
     model_scores: torch.Tensor,
     fisher_t: torch.Tensor,
 ) -> TransportPath:
-    """The :class:`TransportPath` of a step of a flow guide (``density.transport``);
+    """The :class:`~psvi.objective.TransportPath` of a step of a flow guide (``density.transport``);
     ``fisher_t``: the Fisher term at ``params_t`` (detached params)."""
     residuals = model_scores - density.score(params_t, particles)
     with torch.no_grad():

@@ -198,17 +198,23 @@ def _perturb_flow(guide):
             param.add_(0.1 * torch.randn_like(param))
 
 
-@pytest.mark.parametrize("name", list(FLOWS))
-def test_flow_density_matches_pyro_and_ignores_stale_caches(name):
-    """The density at given points equals Pyro's own ``log_prob`` (on fresh tensors),
-    also at draws made before the params changed (which Pyro's transforms may hold in
-    their one-entry caches, computed with the old params)."""
+def _perturbed_flow(name: str):
+    """The flow ``FLOWS[name]`` set up under seed 0 with its params perturbed, and its
+    density."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = FLOWS[name](model)
     guide()
     _perturb_flow(guide)
-    density = guide_density(guide)
+    return guide, guide_density(guide)
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_flow_density_matches_pyro_and_ignores_stale_caches(name):
+    """The density at given points equals Pyro's own ``log_prob`` (on fresh tensors),
+    also at draws made before the params changed (which Pyro's transforms may hold in
+    their one-entry caches, computed with the old params)."""
+    guide, density = _perturbed_flow(name)
     with torch.no_grad():
         draws = guide.get_posterior().rsample((6,))  # this tensor is cached by Pyro's transforms
     _perturb_flow(guide)  # an optimizer step: same tensors, new values
@@ -259,12 +265,7 @@ def test_flow_path_elbo_term_has_the_reparameterized_elbo_gradient(name):
     the reparameterized ("sticking the landing") ``-ELBO`` gradient on the particles'
     base draws, ``-mean_s J_s' (grad log p - grad log q_t)(x_s)``: an identity, for any
     ``log p`` (here not a Gaussian); ``transport_path`` recovers the base draws."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    guide = FLOWS[name](model)
-    guide()
-    _perturb_flow(guide)
-    density = guide_density(guide)
+    guide, density = _perturbed_flow(name)
     params_t = {k: pyro.param(k).detach().clone() for k in density.param_names}
     z = torch.randn(5, density.latent_dim)
 
