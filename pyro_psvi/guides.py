@@ -626,10 +626,13 @@ def _cache_by_params(fn: Callable[..., Any]) -> Callable[..., Any]:
     return cached
 
 
-def _monte_carlo_kl_and_cov(
-    draws: Callable, draws_with_log_prob: Callable, log_prob: Callable, num_draws: int
-) -> tuple[Callable, Callable]:
-    """``kl`` and ``cov_quad`` of a guide without closed forms.
+def _seeded_generator(ref: torch.Tensor, seed: int | None) -> torch.Generator | None:
+    """A generator on ``ref``'s device seeded by ``seed`` (``None``: torch's global RNG)."""
+    return None if seed is None else torch.Generator(ref.device).manual_seed(int(seed))
+
+
+def _monte_carlo_kl(draws_with_log_prob: Callable, log_prob: Callable, num_draws: int) -> Callable:
+    """``kl`` of a guide without a closed form.
 
     ``kl(params0, params1, seed)`` is the Monte Carlo ``mean(log q0(x) - log q1(x))`` on
     ``num_draws`` fresh draws ``x ~ q0`` (never the S particles, whose sample KL is
@@ -637,8 +640,7 @@ def _monte_carlo_kl_and_cov(
     params0>`` with ``g0 = mean grad_params log q_params(x)`` at ``params0``: it has mean
     zero (the score identity) and makes the estimate's gradient vanish exactly at
     ``params1 = params0``, so the proximal term no longer pulls toward the draws' own
-    maximum-likelihood fit. ``cov_quad`` weights by the covariance diagonal of fixed-seed
-    ``draws(params, num, seed)``. With a seed, the draws (and ``g0``) are computed once per
+    maximum-likelihood fit. With a seed, the draws (and ``g0``) are computed once per
     ``(params dict, seed)`` (:func:`_cache_by_params`): one step's inner iterations share them.
     """
 
@@ -652,7 +654,6 @@ def _monte_carlo_kl_and_cov(
         return kl_draws, log_q0, {k: g for k, g in zip(names, found, strict=True) if g is not None}
 
     seeded_kl_terms = _cache_by_params(draws_and_mean_score)
-    seeded_draws = _cache_by_params(lambda params: draws(params, num_draws, 0))
 
     def kl(params0, params1, seed=None):
         if seed is None:  # fresh draws
@@ -664,10 +665,19 @@ def _monte_carlo_kl_and_cov(
         )
         return torch.mean(log_q0 - log_prob(params1, kl_draws)) + correction
 
+    return kl
+
+
+def _draws_cov_quad(draws: Callable, num_draws: int) -> Callable:
+    """``cov_quad`` of a guide without closed forms: weighted by the covariance diagonal of
+    ``num_draws`` fixed-seed ``draws(params, num, seed)``, computed once per params dict
+    (:func:`_cache_by_params`)."""
+    seeded_draws = _cache_by_params(lambda params: draws(params, num_draws, 0))
+
     def cov_quad(params, r):
         return torch.sum(seeded_draws(params).var(0) * r**2, dim=-1)
 
-    return kl, cov_quad
+    return cov_quad
 
 
 def transport_displacement(transport: Transport, num_draws: int) -> Callable[..., torch.Tensor]:
@@ -685,11 +695,7 @@ def transport_displacement(transport: Transport, num_draws: int) -> Callable[...
     """
 
     def start(params0: Params, seed: int | None):
-        generator = None
-        if seed is not None:
-            ref = next(iter(params0.values()))
-            generator = torch.Generator(ref.device).manual_seed(int(seed))
-        z = transport.base_sample(params0, num_draws, generator)
+        z = transport.base_sample(params0, num_draws, _seeded_generator(next(iter(params0.values())), seed))
         moved = transport.push(params0, z)
         return z, moved, moved.var(0, correction=0)
 
@@ -728,13 +734,6 @@ def _flow(guide: autoguide.AutoNormalizingFlow, options: DensityOptions) -> Guid
     def base_log_prob(z):
         return -0.5 * z.pow(2).sum(-1) - dim * _HALF_LOG_2PI
 
-    def forward(z):
-        log_det = z.new_zeros(z.shape[:-1])
-        for part in parts:
-            x, z = z, part(z)
-            log_det = log_det + _event_sum(part.log_abs_det_jacobian(x, z), z.dim() - 1)
-        return z, log_det
-
     def inverse_log_prob(u):
         log_det = u.new_zeros(u.shape[:-1])
         for part in reversed(parts):
@@ -757,38 +756,24 @@ def _flow(guide: autoguide.AutoNormalizingFlow, options: DensityOptions) -> Guid
         ref = params[names[0]]
         return torch.randn((num, dim), dtype=ref.dtype, device=ref.device, generator=generator)
 
-    def draws(params, num, generator=None):
-        z = base_sample(params, num, generator)
-        u, log_det = run(params, forward, z)
-        return u, base_log_prob(z) - log_det
+    def push(params, z):
+        return run(params, forward_map, z)
 
-    def sample(params, num):
-        return draws(params, num)[0]
+    def seeded_draws(params, num, seed):
+        return push(params, base_sample(params, num, _seeded_generator(params[names[0]], seed)))
 
     def log_prob(params, u):
         return run(params, inverse_log_prob, u)
 
-    def draws_with_log_prob(params, num, seed):
-        # log q at the flow's own draws comes from the forward pass: no inverse.
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(params[names[0]].device).manual_seed(int(seed))
-        return draws(params, num, generator)
-
-    def seeded_draws(params, num, seed):
-        return draws_with_log_prob(params, num, seed)[0]  # its log q is free
-
     transport = Transport(
-        base_sample=base_sample,
-        push=lambda params, z: run(params, forward_map, z),
-        pull=lambda params, u: run(params, inverse_map, u),
+        base_sample=base_sample, push=push, pull=lambda params, u: run(params, inverse_map, u)
     )
-    _, cov_quad = _monte_carlo_kl_and_cov(seeded_draws, draws_with_log_prob, log_prob, options.num_kl_draws)
     return GuideDensity(
-        latent_dim=dim, sites=_latent_sites(guide), param_names=names, sample=sample,
-        log_prob=log_prob, score=_autodiff_score(log_prob),
-        kl=transport_displacement(transport, options.num_kl_draws), cov_quad=cov_quad,
-        closed_form=False, transport=transport,
+        latent_dim=dim, sites=_latent_sites(guide), param_names=names,
+        sample=lambda params, num: seeded_draws(params, num, None), log_prob=log_prob,
+        score=_autodiff_score(log_prob), kl=transport_displacement(transport, options.num_kl_draws),
+        cov_quad=_draws_cov_quad(seeded_draws, options.num_kl_draws), closed_form=False,
+        transport=transport,
     )  # fmt: skip
 
 
@@ -1171,7 +1156,8 @@ def user_guide_density(
             module_param_names=tuple(layout.module_params), elbo_log_prob=None, runs_guide=True,
             loc_scale_vjp=loc_scale_vjp, loc_scale_index=loc_scale_index, kl=kl,
         )  # fmt: skip
-    kl, cov_quad = _monte_carlo_kl_and_cov(seeded_sample, draws_with_log_prob, log_prob, num_kl_draws)
+    kl = _monte_carlo_kl(draws_with_log_prob, log_prob, num_kl_draws)
+    cov_quad = _draws_cov_quad(seeded_sample, num_kl_draws)
     if closed_forms.kl:
         kl = site_kl
     if closed_forms.variance:
