@@ -62,6 +62,17 @@ def weighted_fisher(
         (AutoNormal).
     """
     residuals = jax.vmap(density.score, (None, 0))(params, particles) - model_scores
+    return residual_fisher(density, params_t, residuals, weighting, weights)
+
+
+def residual_fisher(
+    density: GuideDensity,
+    params_t: Params,
+    residuals: jax.Array,
+    weighting: str,
+    weights: jax.Array | None = None,
+) -> jax.Array:
+    """:func:`weighted_fisher` from its ``(S, D)`` residuals ``grad log q - g``."""
     if weights is not None:
         residuals = residuals * jnp.sqrt(weights)
     if weighting == "covariance":
@@ -324,16 +335,16 @@ def transport_path(
     density: GuideDensity,
     params_t: Params,
     particles: jax.Array,
-    model_scores: jax.Array,
+    residuals_t: jax.Array,
     fisher_t: jax.Array,
 ) -> TransportPath:
     """The :class:`~psvi.objective.TransportPath` of an update of a flow guide (``density.transport``);
-    ``fisher_t``: the Fisher term at ``params_t``."""
+    ``residuals_t`` and ``fisher_t``: the residuals ``grad log q_t - g`` at the particles
+    and the Fisher term at ``params_t`` (:func:`residual_fisher`)."""
     params_t = jax.lax.stop_gradient(params_t)
     base = density.transport.pull(params_t, particles)
-    residuals = model_scores - jax.vmap(density.score, (None, 0))(params_t, particles)
     weight = path_elbo_weight(fisher_t, density.latent_dim)
-    return jax.lax.stop_gradient(TransportPath(base, residuals, weight))
+    return jax.lax.stop_gradient(TransportPath(base, -residuals_t, weight))
 
 
 def transport_objective(

@@ -40,12 +40,12 @@ from numpyro_psvi.objective import (
     lerp_tree,
     lowrank_proximal_step,
     proximal_objective,
+    residual_fisher,
     split_diagonal_objective,
     split_full_objective,
     transport_objective,
     transport_path,
     trust_region_fraction,
-    weighted_fisher,
 )
 from numpyro_psvi.scores import ModelScores
 from psvi.checks import caller_stacklevel, check_proximal_options
@@ -386,15 +386,15 @@ class ProximalScoreVI(ScoreEngine):
         terms = elbo_terms(density, params_t, particles, scored.log_joints, weights)
         loss, loss_error = -jnp.mean(terms), jnp.std(terms) / jnp.sqrt(terms.shape[0])
         if stats is None:
-            scores = scored.scores
-            fisher = weighted_fisher(density, params_t, params_t, particles, scores, weighting, weights)
+            residuals_t = jax.vmap(density.score, (None, 0))(params_t, particles) - scored.scores
+            fisher = residual_fisher(density, params_t, residuals_t, weighting, weights)
         else:
             fisher = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
             estimate = curvature_statistics(stats, density.loc_scale(params_t)[1])
             averages = self._fold_curvature(averages, estimate, weights)
         path = None
         if density.transport is not None:
-            path = transport_path(density, params_t, particles, scored.scores, fisher)
+            path = transport_path(density, params_t, particles, residuals_t, fisher)
 
         def objective(unconstrained):
             params = self.constrain_fn(unconstrained)

@@ -59,6 +59,17 @@ def weighted_fisher(
         (...)_d``, unbiased for the full sum. Only for a diagonal ``W_t`` (AutoNormal).
     """
     residuals = density.score(params, particles) - model_scores
+    return residual_fisher(density, params_t, residuals, weighting, weights)
+
+
+def residual_fisher(
+    density: GuideDensity,
+    params_t: Params,
+    residuals: torch.Tensor,
+    weighting: str,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`weighted_fisher` from its ``(S, D)`` residuals ``grad log q - g``."""
     if weights is not None:
         residuals = residuals * weights.sqrt()
     if weighting == "covariance":
@@ -378,16 +389,16 @@ def transport_path(
     density: GuideDensity,
     params_t: Params,
     particles: torch.Tensor,
-    model_scores: torch.Tensor,
+    residuals_t: torch.Tensor,
     fisher_t: torch.Tensor,
 ) -> TransportPath:
     """The :class:`~psvi.objective.TransportPath` of a step of a flow guide (``density.transport``);
-    ``fisher_t``: the Fisher term at ``params_t`` (detached params)."""
-    residuals = model_scores - density.score(params_t, particles)
+    ``residuals_t`` and ``fisher_t``: the residuals ``grad log q_t - g`` at the particles
+    and the Fisher term at ``params_t`` (:func:`residual_fisher`; detached params)."""
     with torch.no_grad():
         base = density.transport.pull(params_t, particles)
         weight = path_elbo_weight(fisher_t, density.latent_dim)
-    return TransportPath(base, residuals.detach(), weight)
+    return TransportPath(base, -residuals_t.detach(), weight)
 
 
 def transport_objective(

@@ -67,12 +67,12 @@ from pyro_psvi.objective import (
     gaussian_proximal_step,
     lowrank_proximal_step,
     proximal_objective,
+    residual_fisher,
     split_diagonal_problem,
     split_full_objective,
     transport_objective,
     transport_path,
     trust_region_fraction,
-    weighted_fisher,
 )
 from pyro_psvi.parallel import ScoreReducer
 from pyro_psvi.scores import ModelScores
@@ -760,7 +760,8 @@ class ProximalScoreVI(ScoreEngine):
         loss, loss_error = -terms.mean(), terms.std(correction=0) / terms.shape[0] ** 0.5
         with torch.no_grad():
             if stats is None:
-                fisher = weighted_fisher(density, params_t, params_t, particles, scores, weighting, weights)
+                residuals_t = density.score(params_t, particles) - scores
+                fisher = residual_fisher(density, params_t, residuals_t, weighting, weights)
             else:
                 fisher = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
                 particles = scores = None
@@ -775,7 +776,7 @@ class ProximalScoreVI(ScoreEngine):
         if stats is not None:
             split_diagonal = split_diagonal_problem(density, params_t, stats, averages.curvature, **options)
         elif density.transport is not None:
-            path = transport_path(density, params_t, particles, scores, fisher)
+            path = transport_path(density, params_t, particles, residuals_t, fisher)
 
         # The closures hold what the inner steps read, not the statistics (5 D-vectors).
         def objective(params: Params) -> torch.Tensor:

@@ -245,7 +245,8 @@ def test_flow_path_elbo_term_has_the_reparameterized_elbo_gradient():
 
     particles = density.transport.push(params_t, z)
     scores = jax.grad(lambda u: jnp.sum(log_p(u)))(particles)
-    path = jax.jit(partial(transport_path, density))(params_t, particles, scores, jnp.asarray(3.0))
+    residuals_t = jax.vmap(density.score, (None, 0))(params_t, particles) - scores
+    path = jax.jit(partial(transport_path, density))(params_t, particles, residuals_t, jnp.asarray(3.0))
     np.testing.assert_allclose(path.base, z, rtol=1e-4, atol=1e-4)
 
     def path_elbo(params):

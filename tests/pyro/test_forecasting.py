@@ -59,7 +59,11 @@ def _small_koopa(x):
     return Koopa(24, 12, 2, mask_spectrum(x), dynamic_dim=8, hidden_dim=8)
 
 
-@pytest.mark.parametrize(("make", "steps"), [(lambda x: DLinear(24, 12), 60), (_small_koopa, 125)])
+@pytest.mark.parametrize(
+    ("make", "steps"),
+    # Koopa slow (28 s, the suite's budget): DLinear runs the same pipeline by default.
+    [(lambda x: DLinear(24, 12), 60), pytest.param(_small_koopa, 125, marks=pytest.mark.slow)],
+)
 def test_bayesian_forecaster_fits_a_sine(make, steps):
     """ProximalScoreVI brings the forecast of a noisy two-channel sine (noise sd 0.05) far
     below the series' variance (0.5 per channel): the whole pipeline learns. Measured
