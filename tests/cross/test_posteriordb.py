@@ -18,10 +18,10 @@ def test_pyro_translation_matches_numpyro(name, load_posterior):
     """Both translations give the same log density at random points (same constants)."""
     data = load_posterior(name).data
     model = NUMPYRO_MODELS[name]
-    for seed_ in range(3):
+    for draw in range(3):
         # Points as NumPyro's init_to_uniform draws them (uniform on (-2, 2),
         # unconstrained), by one traced run: initialize_model compiles (12 s here).
-        points = trace(substitute(seed(model, seed_), substitute_fn=init_to_uniform)).get_trace(data)
+        points = trace(substitute(seed(model, draw), substitute_fn=init_to_uniform)).get_trace(data)
         latent = {
             name: site["value"]
             for name, site in points.items()
