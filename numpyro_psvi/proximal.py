@@ -385,16 +385,16 @@ class ProximalScoreVI(ScoreEngine):
             stats = fisher_statistics(density, params_t, particles, scored.scores)
         terms = elbo_terms(density, params_t, particles, scored.log_joints, weights)
         loss, loss_error = -jnp.mean(terms), jnp.std(terms) / jnp.sqrt(terms.shape[0])
+        path = None
         if stats is None:
             residuals_t = jax.vmap(density.score, (None, 0))(params_t, particles) - scored.scores
             fisher = residual_fisher(density, params_t, residuals_t, weighting, weights)
+            if density.transport is not None:
+                path = transport_path(density, params_t, particles, residuals_t, fisher)
         else:
             fisher = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
             estimate = curvature_statistics(stats, density.loc_scale(params_t)[1])
             averages = self._fold_curvature(averages, estimate, weights)
-        path = None
-        if density.transport is not None:
-            path = transport_path(density, params_t, particles, residuals_t, fisher)
 
         def objective(unconstrained):
             params = self.constrain_fn(unconstrained)

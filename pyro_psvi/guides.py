@@ -1156,12 +1156,8 @@ def user_guide_density(
             module_param_names=tuple(layout.module_params), elbo_log_prob=None, runs_guide=True,
             loc_scale_vjp=loc_scale_vjp, loc_scale_index=loc_scale_index, kl=kl,
         )  # fmt: skip
-    kl = _monte_carlo_kl(draws_with_log_prob, log_prob, num_kl_draws)
-    cov_quad = _draws_cov_quad(seeded_sample, num_kl_draws)
-    if closed_forms.kl:
-        kl = site_kl
-    if closed_forms.variance:
-        cov_quad = site_cov_quad
+    kl = site_kl if closed_forms.kl else _monte_carlo_kl(draws_with_log_prob, log_prob, num_kl_draws)
+    cov_quad = site_cov_quad if closed_forms.variance else _draws_cov_quad(seeded_sample, num_kl_draws)
     score = mean_field_score if closed_forms.mean_field else _autodiff_score(log_prob)
     return GuideDensity(
         latent_dim=dim, sites=sites, param_names=layout.param_names, sample=sample,
