@@ -8,9 +8,12 @@ transforms, hidden 16-16) and an affine-coupling AutoNormalizingFlow (2 layers, 
 coordinates flipped after each: a coupling layer passes its first half through unchanged,
 so without a permutation those coordinates would keep the base's N(0, 1)). Methods,
 S = 4 particles each and the guide's init and Adam(1e-2) shared: ``svi``
-(``Trace_ELBO(4)``), ``psvi`` (the engine's defaults) and ``psvi_kN`` (``inner_steps=N``);
-a suffix ``_sN`` (``psvi_s8``, ``svi_s8``) runs ``N`` particles instead, for the score
-calls of the 4-particle runs (fewer updates, checks at the same calls).
+(``Trace_ELBO(4)``), ``psvi`` (the engine's defaults) with options after underscores
+(``psvi_k20_last``: 20 inner steps, the last iterate; :func:`inner_steps`); a suffix
+``_sN`` (``psvi_s8``, ``svi_s8``) runs ``N`` particles instead, for the score calls of the
+4-particle runs (fewer updates, checks at the same calls). ``--subsample B`` fits the
+regression with its plate subsampled to ``B`` rows (mini-batch scores; the reference stays
+the full-data posterior), ``--lr`` sets Adam's rate.
 Every ``--every`` updates the guide's means and sds (``--draws`` draws) are compared with
 the reference; a fit is in the band when every mean is within 0.2 reference sds and every
 sd within 20% of the reference's.
@@ -63,7 +66,9 @@ def logistic_data() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def numpyro_model(target: str):
+def numpyro_model(target: str, subsample: int | None = None):
+    """The target's model and arguments; the regression's plate subsampled to ``subsample``
+    rows when given."""
     if target == "gaussian":
         mean, cov = jnp.asarray(GAUSSIAN_MEAN), jnp.asarray(GAUSSIAN_COV)
         return lambda: numpyro.sample("w", ndist.MultivariateNormal(mean, cov)), ()
@@ -71,12 +76,13 @@ def numpyro_model(target: str):
 
     def model(x, y):
         w = numpyro.sample("w", ndist.Normal(jnp.zeros(3), 1.0).to_event(1))
-        numpyro.sample("y", ndist.Bernoulli(logits=x @ w).to_event(1), obs=y)
+        with numpyro.plate("data", len(y), subsample_size=subsample) as rows:
+            numpyro.sample("y", ndist.Bernoulli(logits=x[rows] @ w), obs=y[rows])
 
     return model, (x, y)
 
 
-def pyro_model(target: str):
+def pyro_model(target: str, subsample: int | None = None):
     if target == "gaussian":
         mean, cov = (
             torch.tensor(GAUSSIAN_MEAN, dtype=torch.float32),
@@ -87,7 +93,8 @@ def pyro_model(target: str):
 
     def model(x, y):
         w = pyro.sample("w", pdist.Normal(torch.zeros(3), 1.0).to_event(1))
-        pyro.sample("y", pdist.Bernoulli(logits=(w.unsqueeze(-2) * x).sum(-1)).to_event(1), obs=y)
+        with pyro.plate("data", len(y), subsample_size=subsample, dim=-1) as rows:
+            pyro.sample("y", pdist.Bernoulli(logits=(x[rows] * w).sum(-1)), obs=y[rows])  # w: (..., 1, 3)
 
     return model, (x, y)
 
@@ -117,11 +124,19 @@ def check(draws: np.ndarray, ref: tuple[np.ndarray, np.ndarray]) -> dict:
 
 
 def numpyro_fit(
-    target: str, method: str, seed: int, updates: int, every: int, num_draws: int, ref
+    target: str,
+    method: str,
+    seed: int,
+    updates: int,
+    every: int,
+    num_draws: int,
+    ref,
+    subsample: int | None = None,
+    lr: float = LEARNING_RATE,
 ) -> list[dict]:
-    model, args = numpyro_model(target)
+    model, args = numpyro_model(target, subsample)
     guide = NAutoIAFNormal(model, num_flows=2, hidden_dims=[16, 16])
-    optim = numpyro.optim.Adam(LEARNING_RATE)
+    optim = numpyro.optim.Adam(lr)
     method, num_particles = particles(method)
     if method == "svi":
         engine = NSVI(model, guide, optim, NTrace_ELBO(num_particles))
@@ -156,14 +171,25 @@ def coupling_flow(dim: int) -> ComposeTransformModule:
     return ComposeTransformModule([t for layer in layers for t in layer])
 
 
-def pyro_fit(target: str, kind: str, method: str, seed: int, updates: int, every: int, num_draws: int, ref):
-    model, args = pyro_model(target)
+def pyro_fit(
+    target: str,
+    kind: str,
+    method: str,
+    seed: int,
+    updates: int,
+    every: int,
+    num_draws: int,
+    ref,
+    subsample: int | None = None,
+    lr: float = LEARNING_RATE,
+) -> list[dict]:
+    model, args = pyro_model(target, subsample)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     guide = pyro_guide(kind, model)
     guide(*args)  # build the flow under this seed, whatever the engine
     pyro.set_rng_seed(seed)
-    optim = pyro.optim.Adam({"lr": LEARNING_RATE})
+    optim = pyro.optim.Adam({"lr": lr})
     method, num_particles = particles(method)
     if method == "svi":
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=num_particles, vectorize_particles=True))
@@ -197,8 +223,18 @@ def at_equal_calls(method: str, updates: int, every: int) -> tuple[int, int]:
 
 
 def inner_steps(method: str) -> dict:
-    """``psvi``: the defaults; ``psvi_kN``: ``inner_steps=N``."""
-    return {"inner_steps": int(method.removeprefix("psvi_k"))} if method.startswith("psvi_k") else {}
+    """The engine's options of ``method``: ``psvi``, the defaults, then any of ``_kN``
+    (``inner_steps=N``), ``_avg`` (``average_iterates=True``) and ``_last``
+    (``average_iterates=False``), e.g. ``psvi_k20_last``."""
+    options = {}
+    for token in method.split("_")[1:]:
+        if re.fullmatch(r"k\d+", token):
+            options["inner_steps"] = int(token[1:])
+        elif token in ("avg", "last"):
+            options["average_iterates"] = token == "avg"
+        else:
+            raise SystemExit(f"{method}: unknown option {token!r}; use _kN, _avg or _last")
+    return options
 
 
 def summary(checks: list[dict]) -> dict:
@@ -227,8 +263,11 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--pyro-guides", nargs="+", default=["iaf", "coupling"], choices=["iaf", "coupling"])
     parser.add_argument("--out", default="flow_fits", help="name of the JSON in benchmarks/results")
+    parser.add_argument("--subsample", type=int, help="the regression's plate subsampled to this many rows")
+    parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam's rate")
     opts = parser.parse_args()
     torch.set_num_threads(1)
+    setting = {"num_draws": opts.draws, "subsample": opts.subsample, "lr": opts.lr}
     rows = []
     for target in opts.targets:
         ref = reference(target)
@@ -239,11 +278,11 @@ def main() -> None:
                 for seed in opts.seeds:
                     if backend == "numpyro":
                         updates, every = at_equal_calls(method, opts.updates, opts.every)
-                        checks = numpyro_fit(target, method, seed, updates, every, opts.draws, ref)
+                        checks = numpyro_fit(target, method, seed, updates, every, ref=ref, **setting)
                     else:
                         updates = opts.pyro_k20_updates if method == "psvi_k20" else opts.updates
                         updates, every = at_equal_calls(method, updates, opts.every)
-                        checks = pyro_fit(target, kind, method, seed, updates, every, opts.draws, ref)
+                        checks = pyro_fit(target, kind, method, seed, updates, every, ref=ref, **setting)
                     row = {
                         "target": target,
                         "backend": backend,
@@ -253,7 +292,8 @@ def main() -> None:
                     }
                     rows.append({**row, **summary(checks), "checks": checks})
                     print(row, summary(checks), flush=True)
-    save(opts.out, {"machine": machine(), "num_particles": NUM_PARTICLES, "lr": LEARNING_RATE, "rows": rows})
+    save(opts.out, {"machine": machine(), "num_particles": NUM_PARTICLES, "lr": opts.lr,
+                    "subsample": opts.subsample, "rows": rows})  # fmt: skip
     columns = "calls to band (per seed) | late share in band | final mean error (sd) | final sd ratios"
     print(f"\n| target | backend | guide | method | {columns} |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

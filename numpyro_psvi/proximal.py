@@ -151,8 +151,8 @@ class ProximalScoreVI(ScoreEngine):
         Particles ``S`` per update, hence score calls per update.
     inner_steps : int or None
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
-        ``None``: 5 for a diagonal or full-covariance Gaussian guide with mini-batch scores, else 20
-        (:func:`psvi.objective.regime_defaults`).
+        ``None``: with mini-batch scores 5 for a diagonal or full-covariance Gaussian
+        guide and 1 for a flow, else 20 (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
         ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
@@ -165,9 +165,10 @@ class ProximalScoreVI(ScoreEngine):
         subsamples (:func:`psvi.objective.trust_region_scale`): 5 for AutoNormal and
         AutoDiagonalNormal (at most ``N/B``), whose averaged guide settles better when
         each update moves less than the batch's noise would carry it (docs/minibatch.md
-        section 10), and ``N/B`` (the largest ratio of a plate's size to its subsample
-        size) for other guides: mini-batch noise alone moves each update by a KL that
-        grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
+        section 10), 1 for a flow guide (its returned average of network weights
+        needs small moves, docs/guides.md), and ``N/B`` (the largest ratio of a plate's
+        size to its subsample size) for other guides: mini-batch noise alone moves each
+        update by a KL that grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
         Gaussian guide grows its budget (up to 2^30 times) while its steps pay off and
         undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
         that start far from the posterior otherwise crawl; with iterate averaging its
@@ -190,8 +191,8 @@ class ProximalScoreVI(ScoreEngine):
         Return the running average of the iterates (:class:`RunningAverages`) from
         :meth:`get_params` and :meth:`run`, while the updates continue from the last
         iterate. ``None`` (the default): on for a diagonal or full-covariance Gaussian
-        guide when the model subsamples a plate, whose mini-batch noise moves every
-        iterate, and for the closed-form step of a full-covariance Gaussian guide
+        guide and for a flow when the model subsamples a plate, whose mini-batch noise
+        moves every iterate, and for the closed-form step of a full-covariance Gaussian guide
         (``inner_solver``); off otherwise. With the closed-form step the average restarts
         at the iterate while the fit progresses
         (:func:`psvi.schedules.restarts_average`, and at every update while its trust
@@ -276,7 +277,8 @@ class ProximalScoreVI(ScoreEngine):
         state = super().init(rng_key, *args, init_params=init_params, **kwargs)
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
-        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
+        transport = self.density.transport is not None
+        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport)
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles
         )
@@ -294,7 +296,9 @@ class ProximalScoreVI(ScoreEngine):
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         closed_form = self.inner_solver == "closed_form" and self.density.loc_tril is not None
         low_rank_step = self.inner_solver == "closed_form" and self.density.loc_lowrank is not None
-        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step)
+        regime = resolve_regime(
+            gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step, transport
+        )
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)
         zeros = jnp.zeros(self.density.latent_dim)

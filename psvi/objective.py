@@ -83,8 +83,16 @@ class RegimeDefaults(NamedTuple):
     posterior (non-centered eight schools in the reference band at 0.62 of the last checks
     against 0.38). The closed-form step of a low-rank guide: the weight 3 and the last
     iterate (docs/lowrank_study.md; averaging a factor the projection re-derives each
-    update is not measured). Elsewhere (exact scores; flow guides, not measured) the
-    settings the Gaussian study chose.
+    update is not measured). A flow guide (its update is the transport one) with a
+    subsampled plate, in NumPyro: one inner step and the averaged iterate
+    (docs/guides.md, "Mini-batch scores: one inner step ..."): each update's optimum
+    follows the batch's noise (the iterates' means jitter 0.5-1.9 posterior sds about the
+    right ones on subsampled regressions), and the average of a flow's network weights
+    stands for the average of its distributions only while those weights move little
+    per update: with K = 20 the averaged flow ended 0.44-1.65 sds off, with one step
+    0.03-0.29. Pyro's AutoIAFNormal diverged with these settings on 2 of 3 seeds, so its
+    engine leaves ``transport`` False. Elsewhere (exact scores) the settings the
+    Gaussian study chose.
     """
 
     inner_steps: int
@@ -94,16 +102,23 @@ class RegimeDefaults(NamedTuple):
 
 
 def regime_defaults(
-    gaussian: bool, batch_ratio: float, closed_form: bool = False, low_rank_step: bool = False
+    gaussian: bool,
+    batch_ratio: float,
+    closed_form: bool = False,
+    low_rank_step: bool = False,
+    transport: bool = False,
 ) -> RegimeDefaults:
     """:class:`RegimeDefaults` for a guide that is (or is not) a diagonal or
     full-covariance Gaussian, a model whose largest plate-to-subsample ratio is
-    ``batch_ratio``, and whether the updates take the closed-form step of a
+    ``batch_ratio``, whether the updates take the closed-form step of a
     full-covariance Gaussian (``closed_form``; ``inner_steps`` then goes unused) or of a
     low-rank one (``low_rank_step``: the proximal weight 3, the last iterate;
-    docs/lowrank_study.md)."""
+    docs/lowrank_study.md), and whether the guide is a flow fitted by the transport
+    update (``transport``)."""
     if gaussian and batch_ratio > 1:
         return RegimeDefaults(inner_steps=5, average_iterates=True, curvature_memory=1, prox_weight=10.0)
+    if transport and batch_ratio > 1:
+        return RegimeDefaults(inner_steps=1, average_iterates=True, curvature_memory=100, prox_weight=10.0)
     if low_rank_step:
         return RegimeDefaults(inner_steps=20, average_iterates=False, curvature_memory=100, prox_weight=3.0)
     if closed_form:
@@ -116,18 +131,23 @@ def regime_defaults(
 SPLIT_TRUST_REGION_SCALE = 5.0
 
 
-def trust_region_scale(diagonal: bool, batch_ratio: float) -> float:
+def trust_region_scale(diagonal: bool, batch_ratio: float, transport: bool = False) -> float:
     """What an update's KL budget multiplies ``trust_region * D`` by.
 
     1 with exact scores. With a subsampled plate the batch's noise alone moves an update
-    by about ``N/(2B)`` nats per dimension: guides other than a diagonal Gaussian keep
-    ``N/B`` (their updates may follow that noise), while a diagonal Gaussian guide (the
-    split objective) gets at most 5: with reshuffled batches, whose noise cancels over
-    an epoch, a budget that binds lets the averaged guide settle where ``N/B`` let each
-    update chase its batch (UCI test log-likelihood over 5 splits up 0.02-0.18 nats on
-    five of seven datasets, level on Boston and wine; docs/minibatch.md section 10).
+    by about ``N/(2B)`` nats per dimension: guides other than a diagonal Gaussian or a
+    flow keep ``N/B`` (their updates may follow that noise), while a diagonal Gaussian
+    guide (the split objective) gets at most 5: with reshuffled batches, whose noise
+    cancels over an epoch, a budget that binds lets the averaged guide settle where
+    ``N/B`` let each update chase its batch (UCI test log-likelihood over 5 splits up
+    0.02-0.18 nats on five of seven datasets, level on Boston and wine;
+    docs/minibatch.md section 10). A flow (``transport``, NumPyro's engine: its budget
+    bounds the displacement of its map) keeps 1: its returned guide averages network weights,
+    which stands for the average of its distributions only while each update moves
+    them little (a subsampled regression, N/B = 20: means 0.10-0.14 sds off with 1,
+    0.13-0.18 with 5, 0.48 with N/B; docs/guides.md, "Mini-batch scores").
     """
-    if batch_ratio <= 1:
+    if batch_ratio <= 1 or transport:
         return 1.0
     return min(SPLIT_TRUST_REGION_SCALE, batch_ratio) if diagonal else batch_ratio
 
@@ -414,11 +434,12 @@ def resolve_regime(
     prox_weight: float | None,
     closed_form: bool = False,
     low_rank_step: bool = False,
+    transport: bool = False,
 ) -> RegimeDefaults:
     """The engine's settings: the user's ``inner_steps``, ``average_iterates``,
     ``curvature_memory`` and ``prox_weight``, and :func:`regime_defaults` for those left
     ``None``."""
-    defaults = regime_defaults(gaussian, batch_ratio, closed_form, low_rank_step)
+    defaults = regime_defaults(gaussian, batch_ratio, closed_form, low_rank_step, transport)
     return RegimeDefaults(
         inner_steps=defaults.inner_steps if inner_steps is None else int(inner_steps),
         average_iterates=defaults.average_iterates if average_iterates is None else bool(average_iterates),

@@ -569,6 +569,10 @@ class ProximalScoreVI(ScoreEngine):
         super()._setup(args, kwargs)
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
+        # A flow keeps the exact-score settings with mini-batch scores here (one inner
+        # step, the average and the unscaled budget are NumPyro's): Pyro's AutoIAFNormal
+        # diverged with them on 2 of 3 seeds of a subsampled regression (docs/guides.md,
+        # "Mini-batch scores: one inner step ...").
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles

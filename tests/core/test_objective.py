@@ -48,6 +48,12 @@ def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_on
         assert regime_defaults(gaussian, ratio) == (20, False, 100, 10.0)
 
 
+def test_a_flow_with_mini_batch_scores_takes_one_inner_step_and_averages_its_iterates():
+    assert regime_defaults(False, 20.0, transport=True) == (1, True, 100, 10.0)
+    assert regime_defaults(False, 1.0, transport=True) == (20, False, 100, 10.0)  # exact scores
+    assert resolve_regime(False, 20.0, 5, None, None, None, transport=True) == (5, True, 100, 10.0)
+
+
 def test_the_closed_form_step_of_a_full_covariance_averages_its_iterates_at_weight_3():
     assert regime_defaults(gaussian=True, batch_ratio=1.0, closed_form=True) == (20, True, 100, 3.0)
     # What the user sets is kept; the rest comes from the regime.
@@ -58,12 +64,13 @@ def test_the_closed_form_step_of_a_full_covariance_averages_its_iterates_at_weig
 
 def test_the_trust_region_scale_by_regime():
     """Exact scores: 1; a subsampled plate: 5 for a diagonal Gaussian guide, never more
-    than ``N/B``, and ``N/B`` for other guides."""
+    than ``N/B``, 1 for a flow, and ``N/B`` for other guides."""
     assert trust_region_scale(diagonal=True, batch_ratio=1.0) == 1.0
     assert trust_region_scale(diagonal=True, batch_ratio=20.0) == 5.0
     assert trust_region_scale(diagonal=True, batch_ratio=4.0) == 4.0
     assert trust_region_scale(diagonal=False, batch_ratio=20.0) == 20.0
     assert trust_region_scale(diagonal=False, batch_ratio=1.0) == 1.0
+    assert trust_region_scale(diagonal=False, batch_ratio=20.0, transport=True) == 1.0
 
 
 def test_the_full_covariance_split_by_regime():

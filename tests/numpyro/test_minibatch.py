@@ -6,7 +6,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from numpyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 from psvi_testing import minibatch
 
 from numpyro_psvi import ProximalScoreVI
@@ -166,6 +166,34 @@ def test_iterates_are_averaged_only_with_a_subsampled_plate():
         iterate = svi.constrain_fn(svi.optim.get_params(state.optim_state))
         same = np.array_equal(svi.get_params(state)["w_auto_loc"], iterate["w_auto_loc"])
         assert same is not averaged
+
+
+def test_a_flow_with_mini_batch_scores_takes_one_small_step_and_returns_the_average():
+    x, y = map(jnp.asarray, minibatch.regression(seed=0))
+    svi = ProximalScoreVI(
+        regression_model, AutoIAFNormal(regression_model, hidden_dims=[8]), numpyro.optim.Adam(1e-2)
+    )
+    state = svi.init(jax.random.PRNGKey(0), x, y)
+    assert (svi.inner_steps, svi.average_iterates, svi.trust_region_scale) == (1, True, 1.0)
+    update = jax.jit(svi.update)
+    for _ in range(2):  # the first update's average is its iterate
+        state, _ = update(state, x, y)
+    iterate = svi.constrain_fn(svi.optim.get_params(state.optim_state))
+    pairs = zip(jax.tree.leaves(svi.get_params(state)), jax.tree.leaves(iterate), strict=True)
+    assert not all(np.array_equal(averaged, last) for averaged, last in pairs)
+
+
+@pytest.mark.slow
+def test_a_flow_with_mini_batch_scores_has_the_exact_posterior():
+    x, y = minibatch.regression(seed=0)
+    guide = AutoIAFNormal(regression_model, num_flows=2, hidden_dims=[16, 16])
+    svi = ProximalScoreVI(regression_model, guide, numpyro.optim.Adam(1e-2))
+    result = svi.run(
+        jax.random.PRNGKey(0), minibatch.RESHUFFLED_UPDATES, jnp.asarray(x), jnp.asarray(y),
+        progress_bar=False,
+    )  # fmt: skip
+    draws = guide.sample_posterior(jax.random.PRNGKey(1), result.params, sample_shape=(20000,))["w"]
+    minibatch.check_flow_fit(np.asarray(draws, np.float64), x, y)
 
 
 def _diagonal_problem(seed):
