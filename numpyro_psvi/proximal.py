@@ -168,9 +168,10 @@ class ProximalScoreVI(ScoreEngine):
         section 10), 1 for a flow guide (its returned average of network weights
         needs small moves, docs/guides.md), and ``N/B`` (the largest ratio of a plate's
         size to its subsample size) for other guides: mini-batch noise alone moves each
-        update by a KL that grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
-        Gaussian guide grows its budget (up to 2^30 times) while its steps pay off and
-        undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
+        update by a KL that grows like ``N/B``. With exact scores, the closed-form step
+        of a full-covariance Gaussian guide grows its budget (up to 2^30 times) while
+        its steps pay off and undoes a grown step that did not
+        (:func:`psvi.objective.grow_trust_region`): fits
         that start far from the posterior otherwise crawl; with iterate averaging its
         budget is at least 2.5 times the default while the fit progresses
         (:func:`psvi.schedules.progress_budget_scale`). ``None`` turns the trust region off.
@@ -192,8 +193,8 @@ class ProximalScoreVI(ScoreEngine):
         :meth:`get_params` and :meth:`run`, while the updates continue from the last
         iterate. ``None`` (the default): on for a diagonal or full-covariance Gaussian
         guide and for a flow when the model subsamples a plate, whose mini-batch noise
-        moves every iterate, and for the closed-form step of a full-covariance Gaussian guide
-        (``inner_solver``); off otherwise. With the closed-form step the average restarts
+        moves every iterate, and for the closed-form step of a full-covariance Gaussian
+        guide (``inner_solver``); off otherwise. With the closed-form step the average restarts
         at the iterate while the fit progresses
         (:func:`psvi.schedules.restarts_average`, and at every update while its trust
         region has grown far: :func:`psvi.schedules.far_from_posterior`); with the

@@ -142,10 +142,10 @@ def trust_region_scale(diagonal: bool, batch_ratio: float, transport: bool = Fal
     ``N/B`` let each update chase its batch (UCI test log-likelihood over 5 splits up
     0.02-0.18 nats on five of seven datasets, level on Boston and wine;
     docs/minibatch.md section 10). A flow (``transport``, NumPyro's engine: its budget
-    bounds the displacement of its map) keeps 1: its returned guide averages network weights,
-    which stands for the average of its distributions only while each update moves
-    them little (a subsampled regression, N/B = 20: means 0.10-0.14 sds off with 1,
-    0.13-0.18 with 5, 0.48 with N/B; docs/guides.md, "Mini-batch scores").
+    bounds the displacement of its map) keeps 1: its returned guide averages network
+    weights, which stands for the average of its distributions only while each update
+    moves them little (a subsampled regression, N/B = 20: means 0.10-0.14 sds off with
+    1, 0.13-0.18 with 5, 0.48 with N/B; docs/guides.md, "Mini-batch scores").
     """
     if batch_ratio <= 1 or transport:
         return 1.0
