@@ -474,7 +474,12 @@ class ProximalScoreVI(ScoreEngine):
         moments. A diagonal guide's curvature average is discounted by the KL the update
         travelled (:func:`psvi.objective.discounted_updates`)."""
         growth = state.averages.trust
-        scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error)
+        # Non-finite scores or Fisher term at q_t say the last step made things worse, even
+        # where the -ELBO estimate stays finite with an error as large as itself: NaN
+        # counts as a raised estimate.
+        finite = jnp.isfinite(problem.fisher) & jnp.all(jnp.isfinite(scored.log_joints))
+        evidence = jnp.where(finite, problem.loss, jnp.nan)
+        scale, undo = grow_trust_region(*growth[:4], evidence, problem.loss_error)
         loc_t, scale_t = self._loc_scale(params_t)
         budget_scale = scale
         if state.averages.window is not None:  # a far fit's average restarts at every update

@@ -292,8 +292,10 @@ def grow_trust_region(
     update's particles), with their standard errors, say whether the step paid off: the
     budget doubles (up to ``MAX_TRUST_REGION_GROWTH`` times the default) when the last
     step was cut and the estimate fell by more than twice the error of the difference;
-    it returns to the default when it rose by more (or is not finite), and the last step
-    is then undone if its budget had grown; otherwise it stays. Without the undo a grown
+    it returns to the default when it rose by more (or is not finite: the engines pass
+    NaN when this update's scores or Fisher term are not finite, whose estimate can be
+    finite with an error as large as itself), and the last step is then undone if its
+    budget had grown; otherwise it stays. Without the undo a grown
     budget diverged on one PosteriorDB posterior of five (arK); a rule without the
     errors undid good steps on noise (docs/posteriordb.md, "A trust region that grows").
 
