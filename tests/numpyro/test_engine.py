@@ -323,6 +323,33 @@ def test_non_finite_step_is_rejected():
         np.testing.assert_array_equal(before[name], after[name])
 
 
+def test_a_grown_step_whose_guide_overflows_the_fisher_term_is_undone():
+    """The closed-form step with a grown budget (4x) moved the guide to sds 1e6 on a model
+    whose scores there square past float32 (curvature 1e25): the next update's Fisher
+    term is inf while its ``-ELBO`` estimate stays finite with an error as large as
+    itself. That counts as a rise: the grown step is undone (the guide it started from
+    restored, not a rejection), where before the update was rejected and the wide guide
+    kept, so that no later update could undo it."""
+
+    def steep_model():
+        x = numpyro.sample("x", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
+        numpyro.factor("steep", -0.5e25 * jnp.sum(x**2))
+
+    svi = ProximalScoreVI(steep_model, AutoMultivariateNormal(steep_model), numpyro.optim.Adam(1e-2))
+    wide = {"auto_loc": jnp.zeros(2), "auto_scale_tril": 1e6 * jnp.eye(2)}
+    state = svi.init(jax.random.PRNGKey(0), init_params=wide)
+    assert svi.inner_solver == "closed_form"
+    narrow = 1e-12 * jnp.eye(2)
+    grown = state.averages.trust._replace(
+        scale=jnp.asarray(4.0), last_cut=jnp.asarray(True), last_loss=jnp.asarray(10.0),
+        last_error=jnp.asarray(0.0), loc=jnp.zeros(2), guide_scale=narrow,
+    )  # fmt: skip
+    state, loss = svi.update(state._replace(averages=state.averages._replace(trust=grown)))
+    assert np.isfinite(loss) and int(state.num_rejected) == 0
+    iterate = svi.constrain_fn(svi.optim.get_params(state.optim_state))
+    np.testing.assert_allclose(iterate["auto_scale_tril"], narrow, rtol=1e-5)
+
+
 def test_step_leaving_a_non_finite_optimizer_state_is_rejected():
     """A step with finite params whose optimizer state is not finite (as when a gradient
     beyond 1.8e19 makes float32 Adam's second moment inf) is rejected: the state before

@@ -452,6 +452,41 @@ class _PoisonedAdam(torch.optim.Adam):
         return loss
 
 
+def test_a_grown_step_whose_guide_overflows_the_fisher_term_is_undone():
+    """As NumPyro's twin: after a grown step (4x budget) to sds 1e6 on a model of
+    curvature 1e25, the next update's Fisher term is inf and its ``-ELBO`` estimate
+    finite; the grown step is undone (the last iterate is the guide it started from, no
+    rejection) where before it was rejected and the wide guide kept."""
+
+    def steep_model():
+        x = pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.factor("steep", -0.5e25 * (x**2).sum(-1))
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoMultivariateNormal(steep_model, init_scale=1e-12)
+    svi = ProximalScoreVI(steep_model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    svi.step()  # sets the engine up
+    assert svi.inner_solver == "closed_form" and svi.num_rejected == 0
+    started = {name: value.clone() for name, value in svi._iterate.items()}
+    leaves = svi._leaves(model_params=True)
+    with torch.no_grad():  # the grown step's result: sds 1e6, from the guide it started from
+        for name, value in svi._guide_leaves(torch.zeros(2), 1e6 * torch.eye(2)).items():
+            leaves[name].copy_(value)
+            svi._iterate[name].copy_(value)
+    loc_t, tril_t = svi._loc_scale(svi._constrain(started))
+    svi.averages = svi.averages._replace(
+        trust=svi.averages.trust._replace(
+            scale=torch.tensor(4.0), last_cut=torch.tensor(True), last_loss=torch.tensor(10.0),
+            last_error=torch.tensor(0.0), loc=loc_t, guide_scale=tril_t,
+        )
+    )  # fmt: skip
+    loss = svi.step()
+    assert np.isfinite(loss) and svi.num_rejected == 0
+    for name, value in started.items():
+        torch.testing.assert_close(svi._iterate[name], value)
+
+
 def test_step_leaving_a_non_finite_optimizer_state_is_rejected():
     """A step with finite params whose optimizer state is not finite is rejected: the
     params and the state before it are kept, so later steps are not spoiled (with the
