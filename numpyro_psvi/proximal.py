@@ -171,8 +171,8 @@ class ProximalScoreVI(ScoreEngine):
         update by a KL that grows like ``N/B``. With exact scores, the closed-form step
         of a full-covariance Gaussian guide grows its budget (up to 2^30 times) while
         its steps pay off and undoes a grown step that did not
-        (:func:`psvi.objective.grow_trust_region`): fits
-        that start far from the posterior otherwise crawl; with iterate averaging its
+        (:func:`psvi.objective.grow_trust_region`): fits that start far from the
+        posterior otherwise crawl; with iterate averaging its
         budget is at least 2.5 times the default while the fit progresses
         (:func:`psvi.schedules.progress_budget_scale`). ``None`` turns the trust region off.
     vectorize_particles : bool
@@ -194,8 +194,8 @@ class ProximalScoreVI(ScoreEngine):
         iterate. ``None`` (the default): on for a diagonal or full-covariance Gaussian
         guide and for a flow when the model subsamples a plate, whose mini-batch noise
         moves every iterate, and for the closed-form step of a full-covariance Gaussian
-        guide (``inner_solver``); off otherwise. With the closed-form step the average restarts
-        at the iterate while the fit progresses
+        guide (``inner_solver``); off otherwise. With the closed-form step the average
+        restarts at the iterate while the fit progresses
         (:func:`psvi.schedules.restarts_average`, and at every update while its trust
         region has grown far: :func:`psvi.schedules.far_from_posterior`); with the
         default ``prox_weight`` (3 there) it settles the iterates that wander about a
@@ -474,12 +474,8 @@ class ProximalScoreVI(ScoreEngine):
         moments. A diagonal guide's curvature average is discounted by the KL the update
         travelled (:func:`psvi.objective.discounted_updates`)."""
         growth = state.averages.trust
-        # Non-finite scores or Fisher term at q_t say the last step made things worse, even
-        # where the -ELBO estimate stays finite with an error as large as itself: NaN
-        # counts as a raised estimate.
         finite = jnp.isfinite(problem.fisher) & jnp.all(jnp.isfinite(scored.log_joints))
-        evidence = jnp.where(finite, problem.loss, jnp.nan)
-        scale, undo = grow_trust_region(*growth[:4], evidence, problem.loss_error)
+        scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error, finite)
         loc_t, scale_t = self._loc_scale(params_t)
         budget_scale = scale
         if state.averages.window is not None:  # a far fit's average restarts at every update

@@ -278,7 +278,7 @@ class TrustRegionGrowth(NamedTuple):
 
 
 def grow_trust_region(
-    scale: Any, last_cut: Any, last_loss: Any, last_error: Any, loss: Any, error: Any
+    scale: Any, last_cut: Any, last_loss: Any, last_error: Any, loss: Any, error: Any, finite: Any = True
 ) -> tuple[Any, Any]:
     """The closed-form step's KL budget multiplier for this update, and whether to undo
     the last step instead (JAX arrays or torch tensors, no host sync).
@@ -292,12 +292,13 @@ def grow_trust_region(
     update's particles), with their standard errors, say whether the step paid off: the
     budget doubles (up to ``MAX_TRUST_REGION_GROWTH`` times the default) when the last
     step was cut and the estimate fell by more than twice the error of the difference;
-    it returns to the default when it rose by more (or is not finite: the engines pass
-    NaN when this update's scores or Fisher term are not finite, whose estimate can be
-    finite with an error as large as itself), and the last step is then undone if its
-    budget had grown; otherwise it stays. Without the undo a grown
-    budget diverged on one PosteriorDB posterior of five (arK); a rule without the
-    errors undid good steps on noise (docs/posteriordb.md, "A trust region that grows").
+    it returns to the default when it rose by more, or is not finite, or this update's
+    scores or Fisher term are not finite (``finite`` false: the estimate can then stay
+    finite with an error as large as itself, and the test above would not see the rise),
+    and the last step is then undone if its budget had grown; otherwise it stays.
+    Without the undo a grown budget diverged on one PosteriorDB posterior of five (arK);
+    a rule without the errors undid good steps on noise (docs/posteriordb.md, "A trust
+    region that grows").
 
     Parameters
     ----------
@@ -307,6 +308,8 @@ def grow_trust_region(
         Whether the trust region cut the last step (bool).
     last_loss, last_error, loss, error : array
         The ``-ELBO`` estimates and their standard errors (``inf`` and 0 at the start).
+    finite : array or bool
+        Whether this update's scores and Fisher term are finite.
 
     Returns
     -------
@@ -315,7 +318,7 @@ def grow_trust_region(
     """
     margin = 2 * (error**2 + last_error**2) ** 0.5
     lower = loss < last_loss - margin
-    higher = ~(loss <= last_loss + margin)  # NaN included
+    higher = ~((loss <= last_loss + margin) & finite)  # NaN included
     grown = scale * (1 + lower * last_cut)
     grown = grown - higher * (grown - 1)
     capped = grown - (grown > MAX_TRUST_REGION_GROWTH) * (grown - MAX_TRUST_REGION_GROWTH)

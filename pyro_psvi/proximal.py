@@ -923,12 +923,8 @@ class ProximalScoreVI(ScoreEngine):
                 loc_t,
                 scale_t,
             )
-        # Non-finite scores or Fisher term at q_t say the last step made things worse, even
-        # where the -ELBO estimate stays finite with an error as large as itself: NaN
-        # counts as a raised estimate.
         finite = problem.scores_ok & torch.isfinite(problem.fisher)
-        evidence = torch.where(finite, problem.loss, torch.nan)
-        budget_scale, undo = grow_trust_region(*growth[:4], evidence, problem.loss_error)
+        budget_scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error, finite)
         averages, step_scale = problem.averages, budget_scale
         if averages.window is not None:  # a far fit's average restarts at every update
             step_scale = progress_budget_scale(averages.params_updates, budget_scale)

@@ -81,13 +81,13 @@ def test_the_full_covariance_split_by_regime():
     assert not splits_full_covariance(batch_ratio=20.0, num_particles=1)
 
 
-def _grow(scale, last_cut, last_loss, last_error, loss, error):
+def _grow(scale, last_cut, last_loss, last_error, loss, error, finite=True):
     """``grow_trust_region`` on 0-dim NumPy arrays (its arithmetic is that of JAX and torch)."""
     import numpy as np
 
     from psvi.objective import grow_trust_region
 
-    args = (scale, last_cut, last_loss, last_error, loss, error)
+    args = (scale, last_cut, last_loss, last_error, loss, error, finite)
     new_scale, undo = grow_trust_region(*(np.asarray(a) for a in args))
     return float(new_scale), bool(undo)
 
@@ -104,6 +104,9 @@ def test_trust_region_resets_and_undoes_a_grown_step_that_clearly_did_not_pay_of
     assert _grow(4.0, True, 100.0, 3.0, 111.0, 4.0) == (1.0, True)  # rose by 11 > 10
     assert _grow(4.0, True, 100.0, 3.0, float("nan"), 4.0) == (1.0, True)  # not finite
     assert _grow(4.0, True, 100.0, 3.0, float("inf"), 4.0) == (1.0, True)
+    # Non-finite scores or Fisher term: a rise, whatever the estimate and its error say.
+    assert _grow(4.0, True, 100.0, 3.0, 1e29, 1e29, finite=False) == (1.0, True)
+    assert _grow(4.0, True, 100.0, 3.0, 1e29, 1e29) == (4.0, False)  # the rule's test alone
     # The default budget's step is never undone (it is what the engine took before).
     assert _grow(1.0, True, 100.0, 3.0, 111.0, 4.0) == (1.0, False)
 
