@@ -6,7 +6,8 @@ full batch; reference: NumPyro's NUTS, 4,000 draws) and a 3-D correlated Gaussia
 Guides: NumPyro's AutoIAFNormal (2 flows, hidden 16-16), Pyro's AutoIAFNormal (2
 transforms, hidden 16-16) and an affine-coupling AutoNormalizingFlow (2 layers, the
 coordinates flipped after each: a coupling layer passes its first half through unchanged,
-so without a permutation those coordinates would keep the base's N(0, 1)). Methods,
+so without a permutation those coordinates would keep the base's N(0, 1)); for Pyro also
+the IAF with ELU units or in NumPyro's layout (:func:`pyro_guide`). Methods,
 S = 4 particles each and the guide's init and Adam(1e-2) shared: ``svi``
 (``Trace_ELBO(4)``), ``psvi`` (the engine's defaults) with options after underscores
 (``psvi_k20_last``: 20 inner steps, the last iterate; :func:`inner_steps`); a suffix
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -38,13 +40,20 @@ import numpyro.distributions as ndist
 import pyro
 import pyro.distributions as pdist
 import torch
+import torch.nn as nn
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer import SVI as NSVI
 from numpyro.infer import Trace_ELBO as NTrace_ELBO
 from numpyro.infer.autoguide import AutoIAFNormal as NAutoIAFNormal
-from pyro.distributions.transforms import ComposeTransformModule, affine_coupling, permute
+from pyro.distributions.transforms import (
+    AffineAutoregressive,
+    ComposeTransformModule,
+    affine_coupling,
+    permute,
+)
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormalizingFlow
+from pyro.nn import AutoRegressiveNN
 
 import numpyro_psvi
 import pyro_psvi
@@ -159,9 +168,30 @@ def numpyro_fit(
 
 
 def pyro_guide(kind: str, model):
+    """``iaf``: Pyro's AutoIAFNormal (ReLU units, each layer's order drawn at random);
+    ``iaf_elu``: the same with ELU units; ``iaf_ordered``: ReLU units in NumPyro's
+    layout (each layer in the coordinates' order, reversed after each); ``coupling``:
+    :func:`coupling_flow`."""
     if kind == "iaf":
         return AutoIAFNormal(model, hidden_dim=[16, 16], num_transforms=2)
+    if kind == "iaf_elu":
+        return AutoNormalizingFlow(model, partial(autoregressive_flow, nonlinearity=nn.ELU, ordered=False))
+    if kind == "iaf_ordered":
+        return AutoNormalizingFlow(model, partial(autoregressive_flow, nonlinearity=nn.ReLU, ordered=True))
     return AutoNormalizingFlow(model, coupling_flow)
+
+
+def autoregressive_flow(dim: int, nonlinearity: type[nn.Module], ordered: bool) -> ComposeTransformModule:
+    """Two affine autoregressive layers (hidden 16-16) with ``nonlinearity`` units; with
+    ``ordered``, each in the coordinates' order and followed by a flip of them (NumPyro's
+    AutoIAFNormal), else each in an order drawn at random (Pyro's)."""
+    flip = permute(dim, torch.arange(dim - 1, -1, -1))
+    layers = []
+    for _ in range(2):
+        order = torch.arange(dim) if ordered else None
+        network = AutoRegressiveNN(dim, [16, 16], nonlinearity=nonlinearity(), permutation=order)
+        layers += [AffineAutoregressive(network), flip] if ordered else [AffineAutoregressive(network)]
+    return ComposeTransformModule(layers)
 
 
 def coupling_flow(dim: int) -> ComposeTransformModule:
@@ -261,7 +291,10 @@ def main() -> None:
                         help="Pyro's K = 20 flows take seconds per update: a shorter run")  # fmt: skip
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--draws", type=int, default=2000)
-    parser.add_argument("--pyro-guides", nargs="+", default=["iaf", "coupling"], choices=["iaf", "coupling"])
+    parser.add_argument(
+        "--pyro-guides", nargs="+", default=["iaf", "coupling"],
+        choices=["iaf", "iaf_elu", "iaf_ordered", "coupling"],
+    )  # fmt: skip
     parser.add_argument("--out", default="flow_fits", help="name of the JSON in benchmarks/results")
     parser.add_argument("--subsample", type=int, help="the regression's plate subsampled to this many rows")
     parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam's rate")

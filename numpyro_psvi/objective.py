@@ -358,17 +358,25 @@ def transport_objective(
     *,
     prox_weight: float,
     weighting: str,
+    fisher_weight: float = TRANSPORT_FISHER_WEIGHT,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """A flow guide's ``L_t(params)`` (:func:`psvi.objective.path_elbo_weight`): the
     Fisher term, the map's displacement (``density.kl``) and the path ``-ELBO``
-    linearized at ``q_t`` (``path``: :func:`transport_path`); the three terms as
-    auxiliary output (``fisher``, ``kl``, ``path_elbo``)."""
+    linearized at ``q_t`` (``path``: :func:`transport_path`); the terms as auxiliary
+    output (``kl``, ``path_elbo``, and ``fisher`` unless ``fisher_weight`` is 0:
+    :func:`psvi.objective.transport_fisher_weight`)."""
     params_t = jax.lax.stop_gradient(params_t)
-    fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting)
+    # The Fisher term first (``None`` at weight 0): the order of the operations sets the
+    # updates' round-off, which a flow's fit carries far.
+    fisher = None
+    if fisher_weight:
+        fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting)
     kl = density.kl(params_t, params, kl_key)
     moved = density.transport.push(params, path.base) - particles
     path_elbo = -jnp.mean(jnp.sum(path.residuals * moved, axis=-1))
-    value = TRANSPORT_FISHER_WEIGHT * fisher + prox_weight * kl + path.weight * path_elbo
+    if fisher is None:  # ``fisher_weight`` 0: no second derivatives of the flow
+        return prox_weight * kl + path.weight * path_elbo, {"kl": kl, "path_elbo": path_elbo}
+    value = fisher_weight * fisher + prox_weight * kl + path.weight * path_elbo
     return value, {"fisher": fisher, "kl": kl, "path_elbo": path_elbo}
 
 

@@ -50,6 +50,7 @@ from numpyro_psvi.objective import (
 from numpyro_psvi.scores import ModelScores
 from psvi.checks import caller_stacklevel, check_proximal_options
 from psvi.objective import (
+    TRANSPORT_FISHER_WEIGHT,
     ProximalScoreMatching,
     TrustRegionGrowth,
     check_inner_solver,
@@ -59,6 +60,7 @@ from psvi.objective import (
     resolve_objective,
     resolve_regime,
     splits_full_covariance,
+    transport_fisher_weight,
     trust_region_scale,
 )
 from psvi.schedules import (
@@ -264,6 +266,7 @@ class ProximalScoreVI(ScoreEngine):
         self._requested = (inner_steps, average_iterates, objective.curvature_memory, objective.prox_weight)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
+        self.transport_fisher_weight = TRANSPORT_FISHER_WEIGHT  # a flow's Fisher term's, likewise
         self._requested_solver = check_inner_solver(inner_solver)
         self.inner_solver = "optimizer"  # set up with the regime
         self.inner_steps = inner_steps
@@ -280,6 +283,7 @@ class ProximalScoreVI(ScoreEngine):
         gaussian = diagonal or self.family.full_covariance
         transport = self.density.transport is not None
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport)
+        self.transport_fisher_weight = transport_fisher_weight(self.batch_ratio)
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles
         )
@@ -413,6 +417,7 @@ class ProximalScoreVI(ScoreEngine):
                 value, terms = transport_objective(
                     density, params, params_t, particles, scored.scores, path, key_kl,
                     prox_weight=self.objective.prox_weight, weighting=weighting,
+                    fisher_weight=self.transport_fisher_weight,
                 )  # fmt: skip
             elif stats is None:
                 value, terms = proximal_objective(

@@ -412,16 +412,24 @@ def transport_objective(
     prox_weight: float,
     weighting: str,
     kl_seed: int | None = None,
+    fisher_weight: float = TRANSPORT_FISHER_WEIGHT,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A flow guide's ``L_t(params)`` (:func:`psvi.objective.path_elbo_weight`): the
     Fisher term, the map's displacement (``density.kl``) and the path ``-ELBO``
     linearized at ``q_t`` (``path``: :func:`transport_path`); ``params_t`` detached; the
-    three terms as auxiliary output (``fisher``, ``kl``, ``path_elbo``)."""
-    fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting)
+    terms as auxiliary output (``kl``, ``path_elbo``, and ``fisher`` unless
+    ``fisher_weight`` is 0: :func:`psvi.objective.transport_fisher_weight`)."""
+    # The Fisher term first (``None`` at weight 0): the order of the operations sets the
+    # updates' round-off, which a flow's fit carries far.
+    fisher = None
+    if fisher_weight:
+        fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting)
     kl = density.kl(params_t, params, kl_seed)
     moved = density.transport.push(params, path.base) - particles
     path_elbo = -(path.residuals * moved).sum(-1).mean()
-    value = TRANSPORT_FISHER_WEIGHT * fisher + prox_weight * kl + path.weight * path_elbo
+    if fisher is None:  # ``fisher_weight`` 0: no second derivatives of the flow
+        return prox_weight * kl + path.weight * path_elbo, {"kl": kl, "path_elbo": path_elbo}
+    value = fisher_weight * fisher + prox_weight * kl + path.weight * path_elbo
     return value, {"fisher": fisher, "kl": kl, "path_elbo": path_elbo}
 
 

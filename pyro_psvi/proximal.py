@@ -35,6 +35,7 @@ from torch.distributions.transforms import AffineTransform, ComposeTransform, Ex
 
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
 from psvi.objective import (
+    TRANSPORT_FISHER_WEIGHT,
     ProximalScoreMatching,
     TrustRegionGrowth,
     check_inner_solver,
@@ -44,6 +45,7 @@ from psvi.objective import (
     resolve_objective,
     resolve_regime,
     splits_full_covariance,
+    transport_fisher_weight,
     trust_region_scale,
 )
 from psvi.schedules import (
@@ -426,8 +428,8 @@ class ProximalScoreVI(ScoreEngine):
         Particles ``S`` per step, hence model score calls per step.
     inner_steps : int or None
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
-        ``None``: 5 for a diagonal or full-covariance Gaussian guide with mini-batch scores, else 20
-        (:func:`psvi.objective.regime_defaults`).
+        ``None``: with mini-batch scores 5 for a diagonal or full-covariance Gaussian
+        guide and 1 for a flow, else 20 (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
         ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
@@ -440,9 +442,10 @@ class ProximalScoreVI(ScoreEngine):
         subsamples (:func:`psvi.objective.trust_region_scale`): 5 for AutoNormal and
         AutoDiagonalNormal (at most ``N/B``), whose averaged guide settles better when
         each step moves less than the batch's noise would carry it (docs/minibatch.md
-        section 10), and ``N/B`` (the largest ratio of a plate's size to its subsample
-        size) for other guides: mini-batch noise alone moves each step by a KL that
-        grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
+        section 10), 1 for a flow guide (its returned average of network weights
+        needs small moves, docs/guides.md), and ``N/B`` (the largest ratio of a plate's
+        size to its subsample size) for other guides: mini-batch noise alone moves each
+        step by a KL that grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
         Gaussian guide grows its budget (up to 2^30 times) while its steps pay off and
         undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
         that start far from the posterior otherwise crawl; with iterate averaging its
@@ -466,11 +469,11 @@ class ProximalScoreVI(ScoreEngine):
     average_iterates : bool or None
         Keep the running average of the iterates (:class:`RunningAverages`) in the
         param store, while the steps continue from the last iterate. ``None`` (the
-        default): on for a diagonal or full-covariance Gaussian guide when the model
-        subsamples a plate, whose mini-batch noise moves every iterate, and for the
-        closed-form step of a full-covariance Gaussian guide (``inner_solver``); off
-        otherwise. With the closed-form step the average restarts at the iterate while
-        the fit progresses
+        default): on for a diagonal or full-covariance Gaussian guide and for a flow
+        when the model subsamples a plate, whose mini-batch noise moves every iterate,
+        and for the closed-form step of a full-covariance Gaussian guide
+        (``inner_solver``); off otherwise. With the closed-form step the average
+        restarts at the iterate while the fit progresses
         (:func:`psvi.schedules.restarts_average`, and at every update while its trust
         region has grown far: :func:`psvi.schedules.far_from_posterior`); with the
         default ``prox_weight`` (3 there) it settles the iterates that wander about a
@@ -549,6 +552,7 @@ class ProximalScoreVI(ScoreEngine):
         self.objective = objective
         self._requested = (inner_steps, average_iterates, objective.curvature_memory, objective.prox_weight)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
+        self.transport_fisher_weight = TRANSPORT_FISHER_WEIGHT  # a flow's Fisher term's, likewise
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self._requested_solver = check_inner_solver(inner_solver)
         self.inner_solver = "optimizer"  # set up with the regime
@@ -569,11 +573,9 @@ class ProximalScoreVI(ScoreEngine):
         super()._setup(args, kwargs)
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
-        # A flow keeps the exact-score settings with mini-batch scores here (one inner
-        # step, the average and the unscaled budget are NumPyro's): Pyro's AutoIAFNormal
-        # diverged with them on 2 of 3 seeds of a subsampled regression (docs/guides.md,
-        # "Mini-batch scores: one inner step ...").
-        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio)
+        transport = self.density.transport is not None
+        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport)
+        self.transport_fisher_weight = transport_fisher_weight(self.batch_ratio)
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles
         )
@@ -591,7 +593,9 @@ class ProximalScoreVI(ScoreEngine):
             warnings.warn(advice, UserWarning, stacklevel=caller_stacklevel())
         closed_form = self.inner_solver == "closed_form" and self.density.loc_tril is not None
         low_rank_step = self.inner_solver == "closed_form" and self.density.loc_lowrank is not None
-        regime = resolve_regime(gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step)
+        regime = resolve_regime(
+            gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step, transport
+        )
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)
         if self.averages is None:  # else restored by load
@@ -795,6 +799,7 @@ class ProximalScoreVI(ScoreEngine):
                 return transport_objective(
                     density, params, params_t, particles, scores, path,
                     prox_weight=self.objective.prox_weight, weighting=weighting, kl_seed=kl_seed,
+                    fisher_weight=self.transport_fisher_weight,
                 )[0]  # fmt: skip
             return proximal_objective(
                 density, params, params_t, particles, scores, kl_seed=kl_seed, **options

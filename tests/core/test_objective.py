@@ -5,10 +5,12 @@ import pytest
 from psvi import ProximalScoreMatching
 from psvi.families import GuideFamily, refused
 from psvi.objective import (
+    TRANSPORT_FISHER_WEIGHT,
     regime_defaults,
     resolve_objective,
     resolve_regime,
     splits_full_covariance,
+    transport_fisher_weight,
     trust_region_scale,
 )
 
@@ -52,6 +54,9 @@ def test_a_flow_with_mini_batch_scores_takes_one_inner_step_and_averages_its_ite
     assert regime_defaults(False, 20.0, transport=True) == (1, True, 100, 10.0)
     assert regime_defaults(False, 1.0, transport=True) == (20, False, 100, 10.0)  # exact scores
     assert resolve_regime(False, 20.0, 5, None, None, None, transport=True) == (5, True, 100, 10.0)
+    # Its Fisher term goes with mini-batch scores (the proximal path -ELBO step remains).
+    assert transport_fisher_weight(20.0) == 0.0
+    assert transport_fisher_weight(1.0) == TRANSPORT_FISHER_WEIGHT > 0
 
 
 def test_the_closed_form_step_of_a_full_covariance_averages_its_iterates_at_weight_3():

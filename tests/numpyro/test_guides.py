@@ -264,3 +264,16 @@ def test_flow_path_elbo_term_has_the_reparameterized_elbo_gradient():
     expected = jax.jit(jax.grad(sticking_the_landing))(params_t)
     for mine, theirs in zip(jax.tree.leaves(ours), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(mine, theirs, rtol=1e-3, atol=1e-5)
+
+    # Without the Fisher term (mini-batch scores) the objective's gradient at q_t is the
+    # path term's weight times that gradient: the displacement's is zero there.
+    def without_fisher(params):
+        return transport_objective(
+            density, params, params_t, particles, scores, path, jax.random.PRNGKey(1),
+            prox_weight=10.0, weighting="covariance", fisher_weight=0.0,
+        )  # fmt: skip
+
+    assert "fisher" not in jax.jit(without_fisher)(params_t)[1]
+    ours = jax.jit(jax.grad(lambda params: without_fisher(params)[0]))(params_t)
+    for mine, theirs in zip(jax.tree.leaves(ours), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(mine, path.weight * theirs, rtol=1e-3, atol=1e-4)

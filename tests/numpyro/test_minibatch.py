@@ -168,13 +168,14 @@ def test_iterates_are_averaged_only_with_a_subsampled_plate():
         assert same is not averaged
 
 
-def test_a_flow_with_mini_batch_scores_takes_one_small_step_and_returns_the_average():
+def test_a_flow_with_mini_batch_scores_takes_one_small_step_without_the_fisher_term():
     x, y = map(jnp.asarray, minibatch.regression(seed=0))
     svi = ProximalScoreVI(
         regression_model, AutoIAFNormal(regression_model, hidden_dims=[8]), numpyro.optim.Adam(1e-2)
     )
     state = svi.init(jax.random.PRNGKey(0), x, y)
     assert (svi.inner_steps, svi.average_iterates, svi.trust_region_scale) == (1, True, 1.0)
+    assert svi.transport_fisher_weight == 0.0
     update = jax.jit(svi.update)
     for _ in range(2):  # the first update's average is its iterate
         state, _ = update(state, x, y)

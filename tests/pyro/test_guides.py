@@ -300,3 +300,18 @@ def test_flow_path_elbo_term_has_the_reparameterized_elbo_gradient(name):
             assert mine is None or float(mine.abs().max()) == 0.0
         else:
             torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-5)
+
+    # Without the Fisher term (mini-batch scores) the objective's gradient at q_t is the
+    # path term's weight times that gradient: the displacement's is zero there.
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params_t.items()}
+    value, terms = transport_objective(
+        density, leaves, params_t, particles, scores, path,
+        prox_weight=10.0, weighting="covariance", kl_seed=1, fisher_weight=0.0,
+    )  # fmt: skip
+    assert "fisher" not in terms
+    ours = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    for mine, theirs in zip(ours, expected, strict=True):
+        if theirs is None:
+            assert mine is None or float(mine.abs().max()) == 0.0
+        else:
+            torch.testing.assert_close(mine, path.weight * theirs, rtol=1e-3, atol=1e-4)

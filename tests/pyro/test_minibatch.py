@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from psvi_testing import minibatch
-from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 
 from pyro_psvi import ProximalScoreVI
 from pyro_psvi.contrib.models import linear_regression
@@ -119,6 +119,35 @@ def test_the_param_store_holds_the_average_and_a_checkpoint_the_iterate(tmp_path
     resumed.load(tmp_path / "ckpt.pt")
     resumed.update(x, y)
     assert torch.equal(pyro.param("AutoNormal.locs.w").detach(), after)
+
+
+def _flow_fit(num_steps: int, hidden_dim: list[int]) -> tuple[ProximalScoreVI, AutoIAFNormal]:
+    x, y = map(torch.as_tensor, minibatch.regression(seed=0))
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoIAFNormal(regression_model, hidden_dim=hidden_dim, num_transforms=2)
+    svi = ProximalScoreVI(regression_model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    for _ in range(num_steps):
+        svi.update(x, y)
+    return svi, guide
+
+
+def test_a_flow_with_mini_batch_scores_takes_one_small_step_without_the_fisher_term():
+    svi, _ = _flow_fit(2, [8])  # the first update's average is its iterate
+    assert (svi.inner_steps, svi.average_iterates, svi.trust_region_scale) == (1, True, 1.0)
+    assert svi.transport_fisher_weight == 0.0
+    names = svi.density.param_names  # the param store holds the average, not the iterate
+    assert not all(torch.equal(pyro.param(name).detach(), svi._iterate[name]) for name in names)
+
+
+@pytest.mark.slow
+def test_a_flow_with_mini_batch_scores_has_the_exact_posterior():
+    svi, guide = _flow_fit(minibatch.RESHUFFLED_UPDATES, [16, 16])
+    assert svi.num_rejected == 0
+    x, y = map(torch.as_tensor, minibatch.regression(seed=0))
+    with torch.no_grad(), pyro.plate("draws", 20000):
+        draws = guide(x, y)["w"]
+    minibatch.check_flow_fit(draws.double().numpy(), *minibatch.regression(seed=0))
 
 
 def test_a_shift_common_to_all_scores_leaves_the_curvature_unchanged():
