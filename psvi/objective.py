@@ -182,11 +182,11 @@ def transport_fisher_weight(batch_ratio: float) -> float:
     scores, 0 when the model subsamples a plate (``batch_ratio > 1``).
 
     With mini-batch scores the Fisher term was not needed and in Pyro it was what failed
-    (docs/guides.md, "Mini-batch scores ..."): on a logistic regression (B = 300 of 3,000,
-    Adam(1e-2), 3,000 updates of one inner step, the averaged iterate) Pyro's
-    AutoIAFNormal diverged on three of six seeds with the weight 0.1 (final mean errors
-    17-83 posterior sds) and ended within 0.1 sd on all six without it, while NumPyro's
-    ended within 0.05-0.26 sd on all six seeds either way. The update is then the
+    (docs/guides.md, "Mini-batch scores without the Fisher term"): on a logistic
+    regression (B = 300 of 3,000, Adam(1e-2), 3,000 updates of one inner step, the
+    averaged iterate) Pyro's AutoIAFNormal diverged on three of six seeds with the weight
+    0.1 (final mean errors 17-83 posterior sds) and ended within 0.1 sd on all six
+    without it, while NumPyro's ended within 0.04-0.26 sd on all six seeds either way. The update is then the
     proximal path ``-ELBO`` step: the map's displacement and the ``-ELBO`` linearized at
     ``q_t`` (:func:`path_elbo_weight`), with no second derivatives of the flow.
     """

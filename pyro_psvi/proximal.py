@@ -445,11 +445,12 @@ class ProximalScoreVI(ScoreEngine):
         section 10), 1 for a flow guide (its returned average of network weights
         needs small moves, docs/guides.md), and ``N/B`` (the largest ratio of a plate's
         size to its subsample size) for other guides: mini-batch noise alone moves each
-        step by a KL that grows like ``N/B``. With exact scores, the closed-form step of a full-covariance
-        Gaussian guide grows its budget (up to 2^30 times) while its steps pay off and
-        undoes a grown step that did not (:func:`psvi.objective.grow_trust_region`): fits
-        that start far from the posterior otherwise crawl; with iterate averaging its
-        budget is at least 2.5 times the default while the fit progresses
+        step by a KL that grows like ``N/B``. With exact scores, the closed-form step of
+        a full-covariance Gaussian guide grows its budget (up to 2^30 times) while its
+        steps pay off and undoes a grown step that did not
+        (:func:`psvi.objective.grow_trust_region`): fits that start far from the
+        posterior otherwise crawl; with iterate averaging its budget is at least 2.5
+        times the default while the fit progresses
         (:func:`psvi.schedules.progress_budget_scale`). ``None`` turns the trust region off.
     vectorize_particles : bool
         Evaluate all particles in one model pass under an outer plate (the model
