@@ -84,15 +84,15 @@ class RegimeDefaults(NamedTuple):
     against 0.38). The closed-form step of a low-rank guide: the weight 3 and the last
     iterate (docs/lowrank_study.md; averaging a factor the projection re-derives each
     update is not measured). A flow guide (its update is the transport one) with a
-    subsampled plate, in NumPyro: one inner step and the averaged iterate
-    (docs/guides.md, "Mini-batch scores: one inner step ..."): each update's optimum
-    follows the batch's noise (the iterates' means jitter 0.5-1.9 posterior sds about the
-    right ones on subsampled regressions), and the average of a flow's network weights
-    stands for the average of its distributions only while those weights move little
-    per update: with K = 20 the averaged flow ended 0.44-1.65 sds off, with one step
-    0.03-0.29. Pyro's AutoIAFNormal diverged with these settings on 2 of 3 seeds, so its
-    engine leaves ``transport`` False. Elsewhere (exact scores) the settings the
-    Gaussian study chose.
+    subsampled plate: one inner step and the averaged iterate (docs/guides.md,
+    "Mini-batch scores: one inner step ..."): each update's optimum follows the batch's
+    noise (the iterates' means jitter 0.5-1.9 posterior sds about the right ones on
+    subsampled regressions), and the average of a flow's network weights stands for the
+    average of its distributions only while those weights move little per update: with
+    K = 20 the averaged flow ended 0.44-1.65 sds off, with one step 0.03-0.29 (NumPyro).
+    Pyro's AutoIAFNormal diverged with these settings on half the seeds until its Fisher
+    term was dropped (:func:`transport_fisher_weight`).
+    Elsewhere (exact scores) the settings the Gaussian study chose.
     """
 
     inner_steps: int
@@ -141,11 +141,11 @@ def trust_region_scale(diagonal: bool, batch_ratio: float, transport: bool = Fal
     cancels over an epoch, a budget that binds lets the averaged guide settle where
     ``N/B`` let each update chase its batch (UCI test log-likelihood over 5 splits up
     0.02-0.18 nats on five of seven datasets, level on Boston and wine;
-    docs/minibatch.md section 10). A flow (``transport``, NumPyro's engine: its budget
-    bounds the displacement of its map) keeps 1: its returned guide averages network
-    weights, which stands for the average of its distributions only while each update
-    moves them little (a subsampled regression, N/B = 20: means 0.10-0.14 sds off with
-    1, 0.13-0.18 with 5, 0.48 with N/B; docs/guides.md, "Mini-batch scores").
+    docs/minibatch.md section 10). A flow (``transport``: its budget bounds the
+    displacement of its map) keeps 1: its returned guide averages network weights,
+    which stands for the average of its distributions only while each update moves them
+    little (a subsampled regression, N/B = 20: means 0.10-0.14 sds off with 1, 0.13-0.18
+    with 5, 0.48 with N/B; docs/guides.md, "Mini-batch scores").
     """
     if batch_ratio <= 1 or transport:
         return 1.0
@@ -186,9 +186,10 @@ def transport_fisher_weight(batch_ratio: float) -> float:
     regression (B = 300 of 3,000, Adam(1e-2), 3,000 updates of one inner step, the
     averaged iterate) Pyro's AutoIAFNormal diverged on three of six seeds with the weight
     0.1 (final mean errors 17-83 posterior sds) and ended within 0.1 sd on all six
-    without it, while NumPyro's ended within 0.04-0.26 sd on all six seeds either way. The update is then the
-    proximal path ``-ELBO`` step: the map's displacement and the ``-ELBO`` linearized at
-    ``q_t`` (:func:`path_elbo_weight`), with no second derivatives of the flow.
+    without it, while NumPyro's ended within 0.04-0.26 sd on all six seeds either way.
+    The update is then the proximal path ``-ELBO`` step: the map's displacement and the
+    ``-ELBO`` linearized at ``q_t`` (:func:`path_elbo_weight`), with no second
+    derivatives of the flow.
     """
     return TRANSPORT_FISHER_WEIGHT if batch_ratio <= 1 else 0.0
 
