@@ -60,6 +60,7 @@ from psvi.objective import (
     resolve_objective,
     resolve_regime,
     splits_full_covariance,
+    stops_at_trust_region,
     transport_fisher_weight,
     trust_region_scale,
 )
@@ -153,8 +154,9 @@ class ProximalScoreVI(ScoreEngine):
         Particles ``S`` per update, hence score calls per update.
     inner_steps : int or None
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
-        ``None``: with mini-batch scores 5 for a diagonal or full-covariance Gaussian
-        guide and 1 for a flow, else 20 (:func:`psvi.objective.regime_defaults`).
+        ``None``: with mini-batch scores 5 (a flow's stop once its map has moved past the
+        trust region's budget: :func:`psvi.objective.stops_at_trust_region`), else 20
+        (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
         ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
@@ -267,6 +269,7 @@ class ProximalScoreVI(ScoreEngine):
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self.transport_fisher_weight = TRANSPORT_FISHER_WEIGHT  # a flow's Fisher term's, likewise
+        self.stops_at_budget = False  # whether the inner steps stop past the budget, likewise
         self._requested_solver = check_inner_solver(inner_solver)
         self.inner_solver = "optimizer"  # set up with the regime
         self.inner_steps = inner_steps
@@ -284,6 +287,9 @@ class ProximalScoreVI(ScoreEngine):
         transport = self.density.transport is not None
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport)
         self.transport_fisher_weight = transport_fisher_weight(self.batch_ratio)
+        self.stops_at_budget = self.trust_region is not None and stops_at_trust_region(
+            transport, self.batch_ratio
+        )
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles
         )
@@ -361,7 +367,8 @@ class ProximalScoreVI(ScoreEngine):
         problem = self.proximal_problem(density, params_t, particles, scored, key_kl, state.averages)
         if self.inner_solver == "closed_form":
             return self.closed_form_update(state, density, params_t, particles, scored, problem, rng_key)
-        fitted = self.inner_fit(problem.objective, state.optim_state)
+        stop = self._budget(scored.active_dim) if self.stops_at_budget else None
+        fitted = self.inner_fit(problem.objective, state.optim_state, density, params_t, key_kl, stop)
         if density.at_indices is not None:  # a user guide's local latents
             fitted = self.hold_unread(density, particles, state.optim_state, fitted)
         frac = self.pull_back(density, params_t, state.optim_state, fitted, scored.active_dim, key_kl)
@@ -448,14 +455,38 @@ class ProximalScoreVI(ScoreEngine):
         curvature = jax.tree.map(lambda old, new: old + rate * (new - old), averages.curvature, estimate)
         return averages._replace(curvature=curvature, curvature_updates=updates)
 
-    def inner_fit(self, objective: Callable, optim_state: Any) -> Any:
-        """``K`` steps of the user's optimizer on ``objective`` (``lax.fori_loop``, no host
-        round trip); the optimizer state carries over between updates."""
+    def inner_fit(
+        self,
+        objective: Callable,
+        optim_state: Any,
+        density: GuideDensity,
+        params_t: dict,
+        key_kl: jax.Array,
+        max_kl: jax.Array | float | None = None,
+    ) -> Any:
+        """``K`` steps of the user's optimizer on ``objective`` (no host round trip); the
+        optimizer state carries over between updates. With ``max_kl``, the steps stop
+        after the first whose guide is more than ``max_kl`` from ``q_t`` (``density.kl``
+        from ``params_t``, a flow's displacement: :func:`psvi.objective.stops_at_trust_region`)."""
 
-        def inner_step(_, optim_state):
+        def inner_step(optim_state):
             return self.optim.eval_and_update(objective, optim_state)[1]
 
-        return lax.fori_loop(0, self.inner_steps, inner_step, optim_state)
+        if max_kl is None:
+            return lax.fori_loop(0, self.inner_steps, lambda _, state: inner_step(state), optim_state)
+
+        def within(carry):
+            step, _, kl = carry
+            return (step < self.inner_steps) & ~(kl > max_kl)
+
+        def body(carry):
+            step, optim_state, _ = carry
+            optim_state = inner_step(optim_state)
+            kl = density.kl(params_t, self.constrain_fn(self.optim.get_params(optim_state)), key_kl)
+            return step + 1, optim_state, kl
+
+        start = (jnp.asarray(0), optim_state, jnp.zeros(()))
+        return lax.while_loop(within, body, start)[1]
 
     def closed_form_update(
         self,
@@ -590,8 +621,11 @@ class ProximalScoreVI(ScoreEngine):
 
         if self.trust_region is None:
             return jnp.where(jnp.isfinite(kl_at(jnp.asarray(1.0))), 1.0, 0.0)
-        budget = self.trust_region * active_dim * self.trust_region_scale
-        return trust_region_fraction(kl_at, budget, self.max_halvings)
+        return trust_region_fraction(kl_at, self._budget(active_dim), self.max_halvings)
+
+    def _budget(self, active_dim: int) -> float:
+        """The trust region's KL budget of an update (``trust_region`` set)."""
+        return self.trust_region * active_dim * self.trust_region_scale
 
     def accept(
         self,

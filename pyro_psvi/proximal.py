@@ -45,6 +45,7 @@ from psvi.objective import (
     resolve_objective,
     resolve_regime,
     splits_full_covariance,
+    stops_at_trust_region,
     transport_fisher_weight,
     trust_region_scale,
 )
@@ -428,8 +429,9 @@ class ProximalScoreVI(ScoreEngine):
         Particles ``S`` per step, hence model score calls per step.
     inner_steps : int or None
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
-        ``None``: with mini-batch scores 5 for a diagonal or full-covariance Gaussian
-        guide and 1 for a flow, else 20 (:func:`psvi.objective.regime_defaults`).
+        ``None``: with mini-batch scores 5 (a flow's stop once its map has moved past the
+        trust region's budget: :func:`psvi.objective.stops_at_trust_region`), else 20
+        (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
         ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
@@ -554,6 +556,7 @@ class ProximalScoreVI(ScoreEngine):
         self._requested = (inner_steps, average_iterates, objective.curvature_memory, objective.prox_weight)
         self.trust_region_scale = 1.0  # the KL budget's regime factor, set up with the regime
         self.transport_fisher_weight = TRANSPORT_FISHER_WEIGHT  # a flow's Fisher term's, likewise
+        self.stops_at_budget = False  # whether the inner steps stop past the budget, likewise
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self._requested_solver = check_inner_solver(inner_solver)
         self.inner_solver = "optimizer"  # set up with the regime
@@ -577,6 +580,9 @@ class ProximalScoreVI(ScoreEngine):
         transport = self.density.transport is not None
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport)
         self.transport_fisher_weight = transport_fisher_weight(self.batch_ratio)
+        self.stops_at_budget = self.trust_region is not None and stops_at_trust_region(
+            transport, self.batch_ratio
+        )
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles
         )
@@ -873,7 +879,10 @@ class ProximalScoreVI(ScoreEngine):
         param-store tensors. Model params ascend the expected log joint, linearized at
         ``theta_t``: their gradient is the particles' mean gradient (no score calls).
         Returns the steps, whose flat params' Adam moments are not yet written back
-        (:meth:`~pyro_psvi._compat.FlatAdamSteps.write_moments`)."""
+        (:meth:`~pyro_psvi._compat.FlatAdamSteps.write_moments`). Where the regime says so
+        (:func:`psvi.objective.stops_at_trust_region`), the steps stop after the first whose
+        guide is further from ``q_t`` than the trust region's budget (one read of a flag per
+        step: a host sync off a CPU, for a flow guide with a subsampled plate only)."""
         names = list(leaves)
         guide_positions = [names.index(name) for name in self.density.param_names]
         grads: list[torch.Tensor | None] = [None] * len(names)
@@ -891,7 +900,22 @@ class ProximalScoreVI(ScoreEngine):
                 for i, grad in zip(guide_positions, guide_grads, strict=True):
                     grads[i] = grad
                 steps.step(grads)
+                if self.stops_at_budget and self._past_budget(problem, names, steps.values):
+                    break
         return steps
+
+    def _past_budget(self, problem: ProximalProblem, names: list[str], values: list[torch.Tensor]) -> bool:
+        """Whether the guide at the unconstrained ``values`` (of the params ``names``) is
+        further from ``q_t`` than the trust region's budget (``density.kl``: a flow's
+        displacement)."""
+        unconstrained = dict(zip(names, values, strict=True))
+        with torch.no_grad():
+            kl = self.density.kl(problem.params_t, self._constrain(unconstrained), problem.kl_seed)
+            return bool(kl > self._budget(problem))
+
+    def _budget(self, problem: ProximalProblem) -> float:
+        """The trust region's KL budget of the step (``trust_region`` set)."""
+        return self.trust_region * problem.active_dim * self.trust_region_scale
 
     def closed_form_step(
         self,
@@ -1175,8 +1199,9 @@ class ProximalScoreVI(ScoreEngine):
             if self.trust_region is None:
                 frac = torch.isfinite(kl_at(1.0)).to(loss.dtype)
             else:
-                max_kl = self.trust_region * problem.active_dim * self.trust_region_scale
-                frac = trust_region_fraction(kl_at, max_kl, self.max_halvings, lazy=loss.device.type == "cpu")
+                frac = trust_region_fraction(
+                    kl_at, self._budget(problem), self.max_halvings, lazy=loss.device.type == "cpu"
+                )
             return frac.to(loss.device)
 
     def accept(

@@ -10,6 +10,7 @@ from psvi.objective import (
     resolve_objective,
     resolve_regime,
     splits_full_covariance,
+    stops_at_trust_region,
     transport_fisher_weight,
     trust_region_scale,
 )
@@ -50,10 +51,13 @@ def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_on
         assert regime_defaults(gaussian, ratio) == (20, False, 100, 10.0)
 
 
-def test_a_flow_with_mini_batch_scores_takes_one_inner_step_and_averages_its_iterates():
-    assert regime_defaults(False, 20.0, transport=True) == (1, True, 100, 10.0)
+def test_a_flow_with_mini_batch_scores_steps_to_its_budget_and_averages_its_iterates():
+    assert regime_defaults(False, 20.0, transport=True) == (5, True, 100, 10.0)
     assert regime_defaults(False, 1.0, transport=True) == (20, False, 100, 10.0)  # exact scores
-    assert resolve_regime(False, 20.0, 5, None, None, None, transport=True) == (5, True, 100, 10.0)
+    assert resolve_regime(False, 20.0, 2, None, None, None, transport=True) == (2, True, 100, 10.0)
+    # Its inner steps stop once past the trust region's budget, with mini-batch scores only.
+    assert stops_at_trust_region(True, 20.0)
+    assert not stops_at_trust_region(True, 1.0) and not stops_at_trust_region(False, 20.0)
     # Its Fisher term goes with mini-batch scores (the proximal path -ELBO step remains).
     assert transport_fisher_weight(20.0) == 0.0
     assert transport_fisher_weight(1.0) == TRANSPORT_FISHER_WEIGHT > 0

@@ -168,20 +168,24 @@ def test_iterates_are_averaged_only_with_a_subsampled_plate():
         assert same is not averaged
 
 
-def test_a_flow_with_mini_batch_scores_takes_one_small_step_without_the_fisher_term():
+def test_a_flow_with_mini_batch_scores_steps_without_the_fisher_term_until_past_the_budget():
+    """At most five inner steps, stopped after the first that moves the map further than
+    the trust region's budget: one step when Adam(1) leaves it at once, all five when
+    Adam(1e-6) stays within it (the optimizer's step count)."""
     x, y = map(jnp.asarray, minibatch.regression(seed=0))
-    svi = ProximalScoreVI(
-        regression_model, AutoIAFNormal(regression_model, hidden_dims=[8]), numpyro.optim.Adam(1e-2)
-    )
-    state = svi.init(jax.random.PRNGKey(0), x, y)
-    assert (svi.inner_steps, svi.average_iterates, svi.trust_region_scale) == (1, True, 1.0)
-    assert svi.transport_fisher_weight == 0.0
-    update = jax.jit(svi.update)
-    for _ in range(2):  # the first update's average is its iterate
+    for step_size, steps in ((1.0, 1), (1e-6, 5)):
+        guide = AutoIAFNormal(regression_model, hidden_dims=[8])
+        svi = ProximalScoreVI(regression_model, guide, numpyro.optim.Adam(step_size))
+        state = svi.init(jax.random.PRNGKey(0), x, y)
+        assert (svi.inner_steps, svi.average_iterates, svi.trust_region_scale) == (5, True, 1.0)
+        assert svi.stops_at_budget and svi.transport_fisher_weight == 0.0
+        update = jax.jit(svi.update)
         state, _ = update(state, x, y)
-    iterate = svi.constrain_fn(svi.optim.get_params(state.optim_state))
-    pairs = zip(jax.tree.leaves(svi.get_params(state)), jax.tree.leaves(iterate), strict=True)
-    assert not all(np.array_equal(averaged, last) for averaged, last in pairs)
+        assert int(state.num_rejected) == 0 and int(state.optim_state[0]) == steps
+        state, _ = update(state, x, y)  # the first update's average is its iterate
+        iterate = svi.constrain_fn(svi.optim.get_params(state.optim_state))
+        pairs = zip(jax.tree.leaves(svi.get_params(state)), jax.tree.leaves(iterate), strict=True)
+        assert not all(np.array_equal(averaged, last) for averaged, last in pairs)
 
 
 @pytest.mark.slow

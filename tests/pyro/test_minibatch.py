@@ -132,12 +132,24 @@ def _flow_fit(num_steps: int, hidden_dim: list[int]) -> tuple[ProximalScoreVI, A
     return svi, guide
 
 
-def test_a_flow_with_mini_batch_scores_takes_one_small_step_without_the_fisher_term():
-    svi, _ = _flow_fit(2, [8])  # the first update's average is its iterate
-    assert (svi.inner_steps, svi.average_iterates, svi.trust_region_scale) == (1, True, 1.0)
-    assert svi.transport_fisher_weight == 0.0
-    names = svi.density.param_names  # the param store holds the average, not the iterate
-    assert not all(torch.equal(pyro.param(name).detach(), svi._iterate[name]) for name in names)
+def test_a_flow_with_mini_batch_scores_steps_without_the_fisher_term_until_past_the_budget():
+    """At most five inner steps, stopped after the first that moves the map further than
+    the trust region's budget: one step when Adam(1) leaves it at once, all five when
+    Adam(1e-6) stays within it (the optimizer's step counts)."""
+    x, y = map(torch.as_tensor, minibatch.regression(seed=0))
+    for lr, steps in ((1.0, 1), (1e-6, 5)):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        optim = pyro.optim.Adam({"lr": lr})
+        svi = ProximalScoreVI(regression_model, AutoIAFNormal(regression_model, hidden_dim=[8]), optim)
+        svi.update(x, y)
+        assert (svi.inner_steps, svi.average_iterates, svi.trust_region_scale) == (5, True, 1.0)
+        assert svi.stops_at_budget and svi.transport_fisher_weight == 0.0
+        assert svi.num_rejected == 0
+        assert {int(state["state"][0]["step"]) for state in optim.get_state().values()} == {steps}
+        svi.update(x, y)  # the first update's average is its iterate
+        names = svi.density.param_names  # the param store holds the average, not the iterate
+        assert not all(torch.equal(pyro.param(name).detach(), svi._iterate[name]) for name in names)
 
 
 @pytest.mark.slow
