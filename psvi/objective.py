@@ -111,18 +111,23 @@ def regime_defaults(
     closed_form: bool = False,
     low_rank_step: bool = False,
     transport: bool = False,
+    bounded: bool = True,
 ) -> RegimeDefaults:
     """:class:`RegimeDefaults` for a guide that is (or is not) a diagonal or
     full-covariance Gaussian, a model whose largest plate-to-subsample ratio is
     ``batch_ratio``, whether the updates take the closed-form step of a
     full-covariance Gaussian (``closed_form``; ``inner_steps`` then goes unused) or of a
     low-rank one (``low_rank_step``: the proximal weight 3, the last iterate;
-    docs/lowrank_study.md), and whether the guide is a flow fitted by the transport
-    update (``transport``)."""
+    docs/lowrank_study.md), whether the guide is a flow fitted by the transport
+    update (``transport``), and whether the updates have a trust region (``bounded``:
+    without one a flow's steps cannot stop at its budget, so it takes one step, the
+    setting measured before the stop)."""
     if gaussian and batch_ratio > 1:
         return RegimeDefaults(inner_steps=5, average_iterates=True, curvature_memory=1, prox_weight=10.0)
     if transport and batch_ratio > 1:
-        return RegimeDefaults(inner_steps=5, average_iterates=True, curvature_memory=100, prox_weight=10.0)
+        return RegimeDefaults(
+            inner_steps=5 if bounded else 1, average_iterates=True, curvature_memory=100, prox_weight=10.0
+        )
     if low_rank_step:
         return RegimeDefaults(inner_steps=20, average_iterates=False, curvature_memory=100, prox_weight=3.0)
     if closed_form:
@@ -482,11 +487,12 @@ def resolve_regime(
     closed_form: bool = False,
     low_rank_step: bool = False,
     transport: bool = False,
+    bounded: bool = True,
 ) -> RegimeDefaults:
     """The engine's settings: the user's ``inner_steps``, ``average_iterates``,
     ``curvature_memory`` and ``prox_weight``, and :func:`regime_defaults` for those left
     ``None``."""
-    defaults = regime_defaults(gaussian, batch_ratio, closed_form, low_rank_step, transport)
+    defaults = regime_defaults(gaussian, batch_ratio, closed_form, low_rank_step, transport, bounded)
     return RegimeDefaults(
         inner_steps=defaults.inner_steps if inner_steps is None else int(inner_steps),
         average_iterates=defaults.average_iterates if average_iterates is None else bool(average_iterates),

@@ -430,8 +430,8 @@ class ProximalScoreVI(ScoreEngine):
     inner_steps : int or None
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
         ``None``: with mini-batch scores 5 (a flow's stop once its map has moved past the
-        trust region's budget: :func:`psvi.objective.stops_at_trust_region`), else 20
-        (:func:`psvi.objective.regime_defaults`).
+        trust region's budget, :func:`psvi.objective.stops_at_trust_region`; one without
+        a trust region), else 20 (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
         ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
@@ -601,8 +601,9 @@ class ProximalScoreVI(ScoreEngine):
         closed_form = self.inner_solver == "closed_form" and self.density.loc_tril is not None
         low_rank_step = self.inner_solver == "closed_form" and self.density.loc_lowrank is not None
         regime = resolve_regime(
-            gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step, transport
-        )
+            gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step, transport,
+            bounded=self.trust_region is not None,
+        )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)
         if self.averages is None:  # else restored by load

@@ -53,6 +53,8 @@ def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_on
 
 def test_a_flow_with_mini_batch_scores_steps_to_its_budget_and_averages_its_iterates():
     assert regime_defaults(False, 20.0, transport=True) == (5, True, 100, 10.0)
+    # Without a trust region its steps cannot stop at the budget: one step, as before.
+    assert regime_defaults(False, 20.0, transport=True, bounded=False) == (1, True, 100, 10.0)
     assert regime_defaults(False, 1.0, transport=True) == (20, False, 100, 10.0)  # exact scores
     assert resolve_regime(False, 20.0, 2, None, None, None, transport=True) == (2, True, 100, 10.0)
     # Its inner steps stop once past the trust region's budget, with mini-batch scores only.

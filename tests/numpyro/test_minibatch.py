@@ -186,6 +186,11 @@ def test_a_flow_with_mini_batch_scores_steps_without_the_fisher_term_until_past_
         iterate = svi.constrain_fn(svi.optim.get_params(state.optim_state))
         pairs = zip(jax.tree.leaves(svi.get_params(state)), jax.tree.leaves(iterate), strict=True)
         assert not all(np.array_equal(averaged, last) for averaged, last in pairs)
+    # Without a trust region there is no budget to stop at: one step per update, as before.
+    guide = AutoIAFNormal(regression_model, hidden_dims=[8])
+    svi = ProximalScoreVI(regression_model, guide, numpyro.optim.Adam(1e-2), trust_region=None)
+    svi.init(jax.random.PRNGKey(0), x, y)
+    assert svi.inner_steps == 1 and not svi.stops_at_budget
 
 
 @pytest.mark.slow

@@ -150,6 +150,12 @@ def test_a_flow_with_mini_batch_scores_steps_without_the_fisher_term_until_past_
         svi.update(x, y)  # the first update's average is its iterate
         names = svi.density.param_names  # the param store holds the average, not the iterate
         assert not all(torch.equal(pyro.param(name).detach(), svi._iterate[name]) for name in names)
+    # Without a trust region there is no budget to stop at: one step per update, as before.
+    pyro.clear_param_store()
+    guide = AutoIAFNormal(regression_model, hidden_dim=[8])
+    svi = ProximalScoreVI(regression_model, guide, pyro.optim.Adam({"lr": 1e-2}), trust_region=None)
+    svi.update(x, y)
+    assert svi.inner_steps == 1 and not svi.stops_at_budget
 
 
 @pytest.mark.slow
