@@ -212,7 +212,7 @@ def stops_at_trust_region(transport: bool, batch_ratio: float) -> bool:
     parameters, so the steps past the budget only bend that line: a flow's linearized
     ``-ELBO`` is unbounded below, and five steps of Adam(1e-2) on a subsampled logistic
     regression (B = 300 of 3,000) carried the map to displacements of 2-1,500 against a
-    budget of 0.06, whose halved steps drove the guide's sds up about 1.5% per update
+    budget of 0.06, whose halved steps drove the guide's sds up about 1.6% per update
     until it diverged (NumPyro seed 3: 429 posterior sds after 3,000 updates; near-exact
     scores, B = 2,999, did not). Stopped there, the fits took 1.3-1.7 steps per update at
     Adam(1e-2) and 3.4-4.8 at Adam(1e-3), and all 27 benchmark fits (NumPyro's and Pyro's
