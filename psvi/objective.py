@@ -85,7 +85,8 @@ class RegimeDefaults(NamedTuple):
     iterate (docs/lowrank_study.md; averaging a factor the projection re-derives each
     update is not measured). A flow guide (its update is the transport one) with a
     subsampled plate: at most five inner steps, stopped once the map has moved past the
-    trust region's budget (:func:`stops_at_trust_region`), and the averaged iterate
+    trust region's budget (:func:`stops_at_trust_region`; one step without a trust
+    region), and the averaged iterate
     (docs/guides.md, "Mini-batch scores: one inner step ..." and "... stopped at the
     budget"): each update's optimum follows the batch's noise (the iterates' means
     jitter 0.5-1.9 posterior sds about the right ones on subsampled regressions), and the
