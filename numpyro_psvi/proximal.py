@@ -154,9 +154,10 @@ class ProximalScoreVI(ScoreEngine):
         Particles ``S`` per update, hence score calls per update.
     inner_steps : int or None
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
-        ``None``: with mini-batch scores 5 (a flow's stop once its map has moved past the
-        trust region's budget, :func:`psvi.objective.stops_at_trust_region`; one without
-        a trust region), else 20 (:func:`psvi.objective.regime_defaults`).
+        ``None``: with mini-batch scores 5 for a diagonal or full-covariance Gaussian guide
+        and for a flow, whose steps stop once its map has moved past the trust region's
+        budget (:func:`psvi.objective.stops_at_trust_region`; one step without a trust
+        region), else 20 (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
         ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
