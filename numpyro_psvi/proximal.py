@@ -288,8 +288,8 @@ class ProximalScoreVI(ScoreEngine):
         transport = self.density.transport is not None
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport)
         self.transport_fisher_weight = transport_fisher_weight(self.batch_ratio)
-        self.stops_at_budget = self.trust_region is not None and stops_at_trust_region(
-            transport, self.batch_ratio
+        self.stops_at_budget = stops_at_trust_region(
+            transport, self.batch_ratio, bounded=self.trust_region is not None
         )
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles

@@ -127,7 +127,10 @@ def regime_defaults(
         return RegimeDefaults(inner_steps=5, average_iterates=True, curvature_memory=1, prox_weight=10.0)
     if transport and batch_ratio > 1:
         return RegimeDefaults(
-            inner_steps=5 if bounded else 1, average_iterates=True, curvature_memory=100, prox_weight=10.0
+            inner_steps=5 if stops_at_trust_region(transport, batch_ratio, bounded) else 1,
+            average_iterates=True,
+            curvature_memory=100,
+            prox_weight=10.0,
         )
     if low_rank_step:
         return RegimeDefaults(inner_steps=20, average_iterates=False, curvature_memory=100, prox_weight=3.0)
@@ -204,10 +207,11 @@ def transport_fisher_weight(batch_ratio: float) -> float:
     return TRANSPORT_FISHER_WEIGHT if batch_ratio <= 1 else 0.0
 
 
-def stops_at_trust_region(transport: bool, batch_ratio: float) -> bool:
+def stops_at_trust_region(transport: bool, batch_ratio: float, bounded: bool = True) -> bool:
     """Whether an update's inner steps stop at the first iterate whose KL (a flow's
     displacement) from ``q_t`` exceeds the trust region's budget: a flow guide's
-    (``transport``) when the model subsamples a plate (``batch_ratio > 1``).
+    (``transport``) when the model subsamples a plate (``batch_ratio > 1``) and the
+    updates have a trust region (``bounded``; without one there is no budget to stop at).
 
     The trust region takes a fraction of the fitted step along a line in the
     parameters, so the steps past the budget only bend that line: a flow's linearized
@@ -222,7 +226,7 @@ def stops_at_trust_region(transport: bool, batch_ratio: float) -> bool:
     (docs/guides.md, "Mini-batch scores: inner steps stopped at the budget"). With exact
     scores the steps are not stopped (not measured enough to change).
     """
-    return transport and batch_ratio > 1
+    return transport and batch_ratio > 1 and bounded
 
 
 class TransportPath(NamedTuple):

@@ -581,8 +581,8 @@ class ProximalScoreVI(ScoreEngine):
         transport = self.density.transport is not None
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport)
         self.transport_fisher_weight = transport_fisher_weight(self.batch_ratio)
-        self.stops_at_budget = self.trust_region is not None and stops_at_trust_region(
-            transport, self.batch_ratio
+        self.stops_at_budget = stops_at_trust_region(
+            transport, self.batch_ratio, bounded=self.trust_region is not None
         )
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles
@@ -913,11 +913,11 @@ class ProximalScoreVI(ScoreEngine):
         unconstrained = dict(zip(names, values, strict=True))
         with torch.no_grad():
             kl = self.density.kl(problem.params_t, self._constrain(unconstrained), problem.kl_seed)
-            return bool(kl > self._budget(problem))
+            return bool(kl > self._budget(problem.active_dim))
 
-    def _budget(self, problem: ProximalProblem) -> float:
-        """The trust region's KL budget of the step (``trust_region`` set)."""
-        return self.trust_region * problem.active_dim * self.trust_region_scale
+    def _budget(self, active_dim: int) -> float:
+        """The trust region's KL budget of a step (``trust_region`` set)."""
+        return self.trust_region * active_dim * self.trust_region_scale
 
     def closed_form_step(
         self,
@@ -1202,7 +1202,7 @@ class ProximalScoreVI(ScoreEngine):
                 frac = torch.isfinite(kl_at(1.0)).to(loss.dtype)
             else:
                 frac = trust_region_fraction(
-                    kl_at, self._budget(problem), self.max_halvings, lazy=loss.device.type == "cpu"
+                    kl_at, self._budget(problem.active_dim), self.max_halvings, lazy=loss.device.type == "cpu"
                 )
             return frac.to(loss.device)
 

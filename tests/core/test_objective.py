@@ -60,6 +60,7 @@ def test_a_flow_with_mini_batch_scores_steps_to_its_budget_and_averages_its_iter
     # Its inner steps stop once past the trust region's budget, with mini-batch scores only.
     assert stops_at_trust_region(True, 20.0)
     assert not stops_at_trust_region(True, 1.0) and not stops_at_trust_region(False, 20.0)
+    assert not stops_at_trust_region(True, 20.0, bounded=False)  # no budget to stop at
     # Its Fisher term goes with mini-batch scores (the proximal path -ELBO step remains).
     assert transport_fisher_weight(20.0) == 0.0
     assert transport_fisher_weight(1.0) == TRANSPORT_FISHER_WEIGHT > 0
