@@ -14,7 +14,8 @@ for the IAF (reparameterized). Both start from the same params. Recorded: forwar
 KL(target || q), by Monte Carlo on 4000 target draws, against score calls (model
 gradient evaluations: S per step for both). NumPyro backend, CPU.
 
-    python -m benchmarks.mixture_targets [--quick] [--guides iaf] [--methods psvi] [--out NAME]
+    python -m benchmarks.mixture_targets [--quick] [--guides iaf] [--methods psvi] [--seeds 3 4 5]
+        [--spreads 4] [--out NAME]
 """
 
 from __future__ import annotations
@@ -127,12 +128,15 @@ def main() -> None:
     parser.add_argument("--guides", nargs="+", help="only these guides (e.g. iaf); no table or plots")
     parser.add_argument("--methods", nargs="+", default=["psvi", "advi"], choices=["psvi", "advi"])
     parser.add_argument("--out", help="name of the JSON in benchmarks/results (default mixture_targets)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2); no table or plots")
+    parser.add_argument("--spreads", nargs="+", type=float, help=f"of {SPREADS}; no table or plots")
     options = parser.parse_args()
-    partial_run = options.quick or options.guides is not None or len(options.methods) < 2
+    partial_run = options.quick or len(options.methods) < 2
+    partial_run |= any(given is not None for given in (options.guides, options.seeds, options.spreads))
     cases = {"case1_order2_d2": CASES["case1_order2_d2"]} if options.quick else CASES
-    seeds = (0,) if options.quick else (0, 1, 2)
+    seeds = (0,) if options.quick else tuple(options.seeds or (0, 1, 2))
     steps, every = (200, 50) if options.quick else (1500, 100)
-    spreads = (1.0,) if options.quick else SPREADS
+    spreads = (1.0,) if options.quick else tuple(options.spreads or SPREADS)
     results = []
     for spread in spreads:
         for case_name, case in cases.items():

@@ -31,6 +31,7 @@ from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
     TransportPath,
     diagonal_step_path,
+    fisher_fade,
     path_elbo_weight,
 )
 
@@ -344,7 +345,8 @@ def transport_path(
     params_t = jax.lax.stop_gradient(params_t)
     base = density.transport.pull(params_t, particles)
     weight = path_elbo_weight(fisher_t, density.latent_dim)
-    return jax.lax.stop_gradient(TransportPath(base, -residuals_t, weight))
+    fade = fisher_fade(fisher_t, density.latent_dim)
+    return jax.lax.stop_gradient(TransportPath(base, -residuals_t, weight, fade))
 
 
 def transport_objective(
@@ -376,7 +378,7 @@ def transport_objective(
     path_elbo = -jnp.mean(jnp.sum(path.residuals * moved, axis=-1))
     if fisher is None:  # ``fisher_weight`` 0: no second derivatives of the flow
         return prox_weight * kl + path.weight * path_elbo, {"kl": kl, "path_elbo": path_elbo}
-    value = fisher_weight * fisher + prox_weight * kl + path.weight * path_elbo
+    value = fisher_weight * path.fisher_scale * fisher + prox_weight * kl + path.weight * path_elbo
     return value, {"fisher": fisher, "kl": kl, "path_elbo": path_elbo}
 
 

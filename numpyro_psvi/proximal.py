@@ -154,10 +154,11 @@ class ProximalScoreVI(ScoreEngine):
         Particles ``S`` per update, hence score calls per update.
     inner_steps : int or None
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
-        ``None``: with mini-batch scores 5 for a diagonal or full-covariance Gaussian guide
-        and for a flow, whose steps stop once its map has moved past the trust region's
-        budget (:func:`psvi.objective.stops_at_trust_region`; one step without a trust
-        region), else 20 (:func:`psvi.objective.regime_defaults`).
+        ``None``: 5 for a flow, whose steps stop once its map has moved past the trust
+        region's budget (:func:`psvi.objective.stops_at_trust_region`; without a trust
+        region 1 with mini-batch scores, else 20), 5 for a diagonal or full-covariance
+        Gaussian guide with mini-batch scores, else 20
+        (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
         ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
@@ -196,10 +197,11 @@ class ProximalScoreVI(ScoreEngine):
     average_iterates : bool or None
         Return the running average of the iterates (:class:`RunningAverages`) from
         :meth:`get_params` and :meth:`run`, while the updates continue from the last
-        iterate. ``None`` (the default): on for a diagonal or full-covariance Gaussian
-        guide and for a flow when the model subsamples a plate, whose mini-batch noise
-        moves every iterate, and for the closed-form step of a full-covariance Gaussian
-        guide (``inner_solver``); off otherwise. With the closed-form step the average
+        iterate. ``None`` (the default): on for a flow (with a trust region, or with
+        mini-batch scores), for a diagonal or full-covariance Gaussian guide when the model
+        subsamples a plate, whose mini-batch noise moves every iterate, and for the
+        closed-form step of a full-covariance Gaussian guide (``inner_solver``); off
+        otherwise. With the closed-form step the average
         restarts at the iterate while the fit progresses
         (:func:`psvi.schedules.restarts_average`, and at every update while its trust
         region has grown far: :func:`psvi.schedules.far_from_posterior`); with the
@@ -288,9 +290,7 @@ class ProximalScoreVI(ScoreEngine):
         transport = self.density.transport is not None
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport)
         self.transport_fisher_weight = transport_fisher_weight(self.batch_ratio)
-        self.stops_at_budget = stops_at_trust_region(
-            transport, self.batch_ratio, bounded=self.trust_region is not None
-        )
+        self.stops_at_budget = stops_at_trust_region(transport, bounded=self.trust_region is not None)
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles
         )

@@ -28,6 +28,7 @@ from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
     TransportPath,
     diagonal_step_path,
+    fisher_fade,
     path_elbo_weight,
 )
 from pyro_psvi.guides import GuideDensity, Params
@@ -398,7 +399,8 @@ def transport_path(
     with torch.no_grad():
         base = density.transport.pull(params_t, particles)
         weight = path_elbo_weight(fisher_t, density.latent_dim)
-    return TransportPath(base, -residuals_t.detach(), weight)
+        fade = fisher_fade(fisher_t, density.latent_dim)
+    return TransportPath(base, -residuals_t.detach(), weight, fade)
 
 
 def transport_objective(
@@ -429,7 +431,7 @@ def transport_objective(
     path_elbo = -(path.residuals * moved).sum(-1).mean()
     if fisher is None:  # ``fisher_weight`` 0: no second derivatives of the flow
         return prox_weight * kl + path.weight * path_elbo, {"kl": kl, "path_elbo": path_elbo}
-    value = fisher_weight * fisher + prox_weight * kl + path.weight * path_elbo
+    value = fisher_weight * path.fisher_scale * fisher + prox_weight * kl + path.weight * path_elbo
     return value, {"fisher": fisher, "kl": kl, "path_elbo": path_elbo}
 
 

@@ -6,6 +6,9 @@ from psvi import ProximalScoreMatching
 from psvi.families import GuideFamily, refused
 from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
+    TRANSPORT_PATH_WEIGHT,
+    fisher_fade,
+    path_elbo_weight,
     regime_defaults,
     resolve_objective,
     resolve_regime,
@@ -51,19 +54,30 @@ def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_on
         assert regime_defaults(gaussian, ratio) == (20, False, 100, 10.0)
 
 
-def test_a_flow_with_mini_batch_scores_steps_to_its_budget_and_averages_its_iterates():
-    assert regime_defaults(False, 20.0, transport=True) == (5, True, 100, 10.0)
-    # Without a trust region its steps cannot stop at the budget: one step, as before.
+def test_a_flow_steps_to_its_budget_and_averages_its_iterates():
+    for ratio in (20.0, 1.0):  # mini-batch and exact scores
+        assert regime_defaults(False, ratio, transport=True) == (5, True, 100, 10.0)
+    # Without a trust region its steps cannot stop at the budget: one step with mini-batch
+    # scores, twenty unaveraged with exact scores, as before the stop.
     assert regime_defaults(False, 20.0, transport=True, bounded=False) == (1, True, 100, 10.0)
-    assert regime_defaults(False, 1.0, transport=True) == (20, False, 100, 10.0)  # exact scores
+    assert regime_defaults(False, 1.0, transport=True, bounded=False) == (20, False, 100, 10.0)
     assert resolve_regime(False, 20.0, 2, None, None, None, transport=True) == (2, True, 100, 10.0)
-    # Its inner steps stop once past the trust region's budget, with mini-batch scores only.
-    assert stops_at_trust_region(True, 20.0)
-    assert not stops_at_trust_region(True, 1.0) and not stops_at_trust_region(False, 20.0)
-    assert not stops_at_trust_region(True, 20.0, bounded=False)  # no budget to stop at
+    # Its inner steps stop once past the trust region's budget; no other guide's do.
+    assert stops_at_trust_region(True)
+    assert not stops_at_trust_region(False) and not stops_at_trust_region(True, bounded=False)
     # Its Fisher term goes with mini-batch scores (the proximal path -ELBO step remains).
     assert transport_fisher_weight(20.0) == 0.0
     assert transport_fisher_weight(1.0) == TRANSPORT_FISHER_WEIGHT > 0
+
+
+def test_a_flows_fisher_term_fades_in_as_its_path_elbo_fades_out():
+    # r = F_t / D: the Fisher term keeps 1 / (1 + r) of its weight, the path -ELBO term
+    # takes 3 r / (1 + r), so the two factors sum to one in units of their largest weights.
+    for fisher_t, dim, fade in ((0.0, 3, 1.0), (3.0, 3, 0.5), (3e5, 3, 1 / (1 + 1e5))):
+        assert fisher_fade(fisher_t, dim) == pytest.approx(fade, rel=1e-12)
+        assert fisher_fade(fisher_t, dim) + path_elbo_weight(fisher_t, dim) / TRANSPORT_PATH_WEIGHT == (
+            pytest.approx(1.0, rel=1e-12)
+        )
 
 
 def test_the_closed_form_step_of_a_full_covariance_averages_its_iterates_at_weight_3():

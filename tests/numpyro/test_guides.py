@@ -195,6 +195,49 @@ def test_iaf_guide_runs_through_its_transport_path():
     assert np.isfinite(np.asarray(result.losses)).all()
 
 
+def test_a_flow_with_exact_scores_steps_with_its_faded_fisher_term_until_past_the_budget():
+    """At most five inner steps, stopped after the first that moves the map further than
+    the trust region's budget: one step when Adam(1) leaves it at once, all five when
+    Adam(1e-6) stays within it (the optimizer's step count); the Fisher term kept, weighted
+    by ``fisher_fade``; the iterates averaged. Without a trust region: twenty unstopped
+    steps and the last iterate, as before the stop."""
+    from numpyro.infer.autoguide import AutoIAFNormal
+
+    from numpyro_psvi import ProximalScoreVI
+    from psvi.objective import TRANSPORT_FISHER_WEIGHT
+
+    for step_size, steps in ((1.0, 1), (1e-6, 5)):
+        guide = AutoIAFNormal(model, num_flows=1, hidden_dims=[8])
+        svi = ProximalScoreVI(model, guide, numpyro.optim.Adam(step_size))
+        state = svi.init(jax.random.PRNGKey(0))
+        assert (svi.inner_steps, svi.average_iterates, svi.stops_at_budget) == (5, True, True)
+        assert svi.transport_fisher_weight == TRANSPORT_FISHER_WEIGHT
+        state, _ = jax.jit(svi.update)(state)
+        assert int(state.num_rejected) == 0 and int(state.optim_state[0]) == steps
+    svi = ProximalScoreVI(model, AutoIAFNormal(model, num_flows=1, hidden_dims=[8]), numpyro.optim.Adam(1e-2),
+                          trust_region=None)  # fmt: skip
+    svi.init(jax.random.PRNGKey(0))
+    assert (svi.inner_steps, svi.average_iterates, svi.stops_at_budget) == (20, False, False)
+
+
+def test_a_flows_fisher_term_is_weighted_by_its_fade():
+    """``transport_path`` carries ``fisher_fade`` of the Fisher term at ``q_t``, and the
+    objective's Fisher term is weighted by it: the objective at weight ``w`` minus the one
+    at weight 0 is ``w * fade * F``."""
+    guide, params = _iaf_params(jax.random.PRNGKey(0))
+    density = guide_density(guide)
+    params_t = _iaf_params(jax.random.PRNGKey(1))[1]
+    particles = guide.get_transform(params_t)(guide.get_base_dist().sample(jax.random.PRNGKey(2), (4,)))
+    scores = -particles  # a standard normal target's
+    path = transport_path(density, params_t, particles, jnp.ones_like(particles), jnp.asarray(12.0))
+    assert float(path.fisher_scale) == pytest.approx(1 / (1 + 12.0 / 6), rel=1e-6)  # r = F_t / D, D = 6
+    kwargs = dict(prox_weight=10.0, weighting="covariance")
+    terms = [transport_objective(density, params, params_t, particles, scores, path, jax.random.PRNGKey(3),
+                                 fisher_weight=weight, **kwargs) for weight in (0.1, 0.0)]  # fmt: skip
+    fisher = terms[0][1]["fisher"]
+    np.testing.assert_allclose(terms[0][0] - terms[1][0], 0.1 * path.fisher_scale * fisher, rtol=1e-5)
+
+
 def _iaf_params(key):
     """An AutoIAFNormal (2 flows) on ``model``'s 6 unconstrained coordinates, its params
     perturbed away from the init (whose last layers are near zero)."""

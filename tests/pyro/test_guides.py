@@ -259,6 +259,49 @@ def test_flow_proximal_term_is_the_displacement_of_its_map():
     assert all(float(g.abs().max()) == 0.0 for g in grads)
 
 
+def test_a_flow_with_exact_scores_steps_with_its_faded_fisher_term_until_past_the_budget():
+    """At most five inner steps, stopped after the first that moves the map further than
+    the trust region's budget: one step when Adam(1) leaves it at once, all five when
+    Adam(1e-6) stays within it (the optimizer's step counts); the Fisher term kept, weighted
+    by ``fisher_fade``; the iterates averaged. Without a trust region: twenty unstopped
+    steps and the last iterate, as before the stop."""
+    from psvi.objective import TRANSPORT_FISHER_WEIGHT
+    from pyro_psvi import ProximalScoreVI
+
+    for lr, steps in ((1.0, 1), (1e-6, 5)):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        optim = pyro.optim.Adam({"lr": lr})
+        svi = ProximalScoreVI(model, FLOWS["iaf"](model), optim)
+        svi.step()
+        assert (svi.inner_steps, svi.average_iterates, svi.stops_at_budget) == (5, True, True)
+        assert svi.transport_fisher_weight == TRANSPORT_FISHER_WEIGHT and svi.num_rejected == 0
+        assert {int(state["state"][0]["step"]) for state in optim.get_state().values()} == {steps}
+    pyro.clear_param_store()
+    svi = ProximalScoreVI(model, FLOWS["iaf"](model), pyro.optim.Adam({"lr": 1e-2}), trust_region=None)
+    svi.step()
+    assert (svi.inner_steps, svi.average_iterates, svi.stops_at_budget) == (20, False, False)
+
+
+def test_a_flows_fisher_term_is_weighted_by_its_fade():
+    """``transport_path`` carries ``fisher_fade`` of the Fisher term at ``q_t``, and the
+    objective's Fisher term is weighted by it: the objective at weight ``w`` minus the one
+    at weight 0 is ``w * fade * F``."""
+    guide, density = _perturbed_flow("iaf")
+    params_t = {k: pyro.param(k).detach().clone() for k in density.param_names}
+    particles = density.transport.push(params_t, torch.randn(4, density.latent_dim)).detach()
+    scores = -particles  # a standard normal target's
+    path = transport_path(density, params_t, particles, torch.ones_like(particles), torch.tensor(12.0))
+    assert float(path.fisher_scale) == pytest.approx(1 / (1 + 12.0 / 6), rel=1e-6)  # r = F_t / D, D = 6
+    params = {k: v + 0.05 for k, v in params_t.items()}
+    kwargs = dict(prox_weight=10.0, weighting="covariance", kl_seed=1)
+    terms = [transport_objective(density, params, params_t, particles, scores, path, fisher_weight=weight,
+                                 **kwargs) for weight in (0.1, 0.0)]  # fmt: skip
+    fisher = terms[0][1]["fisher"]
+    expected = 0.1 * path.fisher_scale * fisher
+    torch.testing.assert_close(terms[0][0] - terms[1][0], expected, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["iaf", "affine_coupling"])
 def test_flow_path_elbo_term_has_the_reparameterized_elbo_gradient(name):
     """At ``q_t`` the gradient in the flow's params of its linearized path ``-ELBO`` is
