@@ -249,9 +249,9 @@ def stops_at_trust_region(transport: bool, bounded: bool = True) -> bool:
     off, where one step left Pyro's AutoIAFNormal 0.66-0.95 sd off at Adam(1e-3)
     (docs/guides.md, "Mini-batch scores: inner steps stopped at the budget"). With exact
     scores (five steps, the averaged iterate and :func:`fisher_fade`) flows reached the band
-    in no more score calls than SVI with the same guide on 18 of the 19 fits of
-    benchmarks/flow_fits.py where SVI reaches it (twenty unstopped steps: 17), in 5-20x
-    less time per fit; with separated modes, which neither fits, the mixture study's final
+    in no more score calls than SVI with the same guide on 32 of the 33 fits of
+    benchmarks/flow_fits.py where SVI reaches it (on the first 19, twenty unstopped steps:
+    17), in 5-20x less time per fit; with separated modes, which neither fits, the mixture study's final
     KL was worse on 9 of 12 seeds (docs/guides.md, "Flows with exact scores against SVI",
     "Inner steps stopped at the budget, ...").
     """
