@@ -3,7 +3,8 @@
 The density of an inverse autoregressive flow (AutoIAFNormal) at a given point needs
 ``D`` sequential passes of its network (the flow's inverse), at every inner step; a
 coupling flow inverts in one pass. This measures seconds per ``ProximalScoreVI`` step
-(defaults S=4, K=20) on a standard-normal target of dimension ``D``, for
+(the defaults: S=4; K=20 for AutoMultivariateNormal, at most five stopped steps for a
+flow) on a standard-normal target of dimension ``D``, for
 AutoMultivariateNormal, AutoIAFNormal (both backends) and an affine-coupling
 AutoNormalizingFlow (Pyro; NumPyro has no coupling-flow autoguide), all on one machine
 in one run. ``python -m benchmarks.flow_cost [--quick]`` writes

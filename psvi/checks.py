@@ -249,9 +249,9 @@ def inner_cost_advice(inner_steps: int, inner_seconds: float, score_seconds: flo
         f"running the guide again, took {inner_seconds / score_seconds:.0f}x the score "
         f"phase ({1e3 * inner_seconds:.0f} ms against {1e3 * score_seconds:.0f} ms) on the "
         "second update. Fewer inner steps cut the step's cost nearly in proportion "
-        "(e.g. inner_steps=5), at some progress per score call; on a cheap model the "
-        "PPL's SVI may also fit faster per second (docs/guides.md, 'Cost of hand-written "
-        "guides')."
+        f"(e.g. inner_steps={max(1, inner_steps // 4)}), at some progress per score call; on a "
+        "cheap model the PPL's SVI may also fit faster per second (docs/guides.md, 'Cost of "
+        "hand-written guides')."
     )
 
 
