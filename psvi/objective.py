@@ -87,7 +87,7 @@ class RegimeDefaults(NamedTuple):
     region: at most five inner steps, stopped once the map has moved past the trust
     region's budget (:func:`stops_at_trust_region`), and the averaged iterate, with exact
     scores as with mini-batch ones (docs/guides.md, "Inner steps stopped at the budget":
-    on a logistic regression NumPyro's AutoIAFNormal reached the posterior in 0.25-0.5x
+    on a logistic regression NumPyro's AutoIAFNormal reached the posterior in 0.25-0.57x
     the calls of twenty unstopped steps and stayed there 0.80-1.00 of the time against
     0.45-0.75); without a trust region one step with a subsampled plate, else twenty and
     the last iterate. With a subsampled plate (docs/guides.md, "Mini-batch scores: one
