@@ -33,6 +33,7 @@ from pyro.distributions.transforms import SoftplusTransform as PyroSoftplusTrans
 from pyro.optim import PyroOptim
 from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, SoftplusTransform
 
+from psvi.checkpoint import CheckpointMismatch
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
 from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
@@ -654,7 +655,7 @@ class ProximalScoreVI(ScoreEngine):
                     f"objective) and {'with' if iterates else 'without'} iterate averaging"
                 )
 
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"The checkpoint's running averages were saved by an engine fitting this guide "
                 f"{kind(*saved)}; this engine fits it {kind(*current)}. Build the engine with the "
                 "saved run's average_iterates; if the guide's fit changed with the package (a "
