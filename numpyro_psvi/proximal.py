@@ -288,9 +288,10 @@ class ProximalScoreVI(ScoreEngine):
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
         transport = self.density.transport is not None
+        bounded = self.trust_region is not None  # a budget the steps can stop at
         self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport)
         self.transport_fisher_weight = transport_fisher_weight(self.batch_ratio)
-        self.stops_at_budget = stops_at_trust_region(transport, bounded=self.trust_region is not None)
+        self.stops_at_budget = stops_at_trust_region(transport, bounded)
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(
             self.batch_ratio, self.num_particles
         )
@@ -310,7 +311,7 @@ class ProximalScoreVI(ScoreEngine):
         low_rank_step = self.inner_solver == "closed_form" and self.density.loc_lowrank is not None
         regime = resolve_regime(
             gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step, transport,
-            bounded=self.trust_region is not None,
+            bounded=bounded,
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)

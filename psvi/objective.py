@@ -92,15 +92,14 @@ class RegimeDefaults(NamedTuple):
     0.45-0.75); without a trust region one step with a subsampled plate, else twenty and
     the last iterate. With a subsampled plate (docs/guides.md, "Mini-batch scores: one
     inner step ..." and "... stopped at the budget"): each update's optimum follows the
-    batch's noise (the iterates' means
-    jitter 0.5-1.9 posterior sds about the right ones on subsampled regressions), and the
-    average of a flow's network weights stands for the average of its distributions
-    only while those weights move little per update: with K = 20 the averaged flow ended
-    0.44-1.65 sds off, with one step 0.03-0.29 (NumPyro). Five steps without the stop
-    diverged on a seed in six at Adam(1e-2); one step leaves a start 24 sds off short of
-    the posterior after 3,000 updates at Adam(1e-3). Pyro's AutoIAFNormal diverged with
-    one step on half the seeds until its Fisher term was dropped
-    (:func:`transport_fisher_weight`).
+    batch's noise (the iterates' means jitter 0.5-1.9 posterior sds about the right ones on
+    subsampled regressions), and the average of a flow's network weights stands for the
+    average of its distributions only while those weights move little per update: with
+    K = 20 the averaged flow ended 0.44-1.65 sds off, with one step 0.03-0.29 (NumPyro).
+    Five steps without the stop diverged on a seed in six at Adam(1e-2); one step leaves a
+    start 24 sds off short of the posterior after 3,000 updates at Adam(1e-3). Pyro's
+    AutoIAFNormal diverged with one step on half the seeds until its Fisher term was
+    dropped (:func:`transport_fisher_weight`).
     Elsewhere (exact scores) the settings the Gaussian study chose.
     """
 
@@ -251,9 +250,9 @@ def stops_at_trust_region(transport: bool, bounded: bool = True) -> bool:
     scores (five steps, the averaged iterate and :func:`fisher_fade`) flows reached the band
     in no more score calls than SVI with the same guide on 32 of the 33 fits of
     benchmarks/flow_fits.py where SVI reaches it (on the first 19, twenty unstopped steps:
-    17), in 5-20x less time per fit; with separated modes, which neither fits, the mixture study's final
-    KL was worse on 9 of 12 seeds (docs/guides.md, "Flows with exact scores against SVI",
-    "Inner steps stopped at the budget, ...").
+    17), in 5-20x less time per fit; with separated modes, which neither fits, the mixture
+    study's final KL was worse on 9 of 12 seeds (docs/guides.md, "Flows with exact scores
+    against SVI", "Inner steps stopped at the budget, ...").
     """
     return transport and bounded
 
