@@ -56,6 +56,7 @@ from psvi.objective import (
     check_inner_solver,
     discounted_updates,
     grow_trust_region,
+    inner_objective_scale,
     resolve_inner_solver,
     resolve_objective,
     resolve_regime,
@@ -394,9 +395,10 @@ class ProximalScoreVI(ScoreEngine):
         (:func:`~numpyro_psvi.objective.split_diagonal_objective`) with the curvature
         averaged over updates; a full-covariance one with a subsampled plate has the split
         objective :func:`~numpyro_psvi.objective.split_full_objective`; a flow's is
-        :func:`~numpyro_psvi.objective.transport_objective`. Model params ascend
-        the expected log joint, linearized at ``theta_t``: their gradient is the
-        particles' mean gradient (no score calls).
+        :func:`~numpyro_psvi.objective.transport_objective`; the optimizer steps on it
+        times :func:`psvi.objective.inner_objective_scale` (the ``-ELBO``'s scale). Model
+        params ascend the expected log joint, linearized at ``theta_t``: their gradient is
+        the particles' mean gradient (no score calls).
         """
         weighting, weights = self.objective.weighting, scored.weights
         stats = scored.statistics  # reduced across devices
@@ -437,6 +439,7 @@ class ProximalScoreVI(ScoreEngine):
                 value, terms = split_diagonal_objective(
                     density, params, params_t, stats, averages.curvature, **options
                 )
+            value = value * inner_objective_scale(self.objective.prox_weight)
             for name, grad in scored.param_grads.items():
                 products = jax.tree.map(jnp.vdot, lax.stop_gradient(grad), unconstrained[name])
                 value = value - sum(jax.tree.leaves(products))

@@ -195,6 +195,23 @@ def path_elbo_weight(fisher_t: Any, latent_dim: int) -> Any:
     return TRANSPORT_PATH_WEIGHT * ratio / (1 + ratio)
 
 
+def inner_objective_scale(prox_weight: float) -> float:
+    """What the optimizer's inner steps multiply the guide's proximal objective by:
+    ``1 / (2 + prox_weight)``, which puts the objective on the ``-ELBO``'s scale.
+
+    Near ``q_t`` a Gaussian guide's objective ``F + prox_weight * KL`` has curvature
+    ``(2 + prox_weight) / sigma^2`` in its location (the Fisher term's ``2 / sigma^2``
+    under the covariance weighting, the KL's ``1 / sigma^2``) and ``8 + 2 prox_weight``
+    in its log-scale, where the ``-ELBO`` at the posterior has ``1 / sigma^2`` and 2. So
+    a step size that is stable for ``SVI`` is stable for the inner steps: without the
+    scale, plain SGD at a rate ``SVI`` fits with diverged (docs/defaults.md, "The
+    user's optimizer"). Adam, RMSProp and Adagrad normalize their steps and see only
+    their ``eps`` move. The minimizer, the reported loss and the Fisher divergence are
+    unchanged; a model param's gradient (the ``-ELBO``'s already) is not scaled.
+    """
+    return 1.0 / (2.0 + prox_weight)
+
+
 def fisher_fade(fisher_t: Any, latent_dim: int) -> Any:
     """What a flow guide's Fisher term is weighted by besides
     :func:`transport_fisher_weight`: ``1 / (1 + r)``, ``r = F_t / D`` (the whitened Fisher

@@ -262,9 +262,11 @@ def split_diagonal_problem(
     prox_weight: float,
     weighting: str,
     weights: torch.Tensor | None = None,
+    objective_scale: float = 1.0,
 ) -> SplitDiagonalProblem:
-    """:func:`split_diagonal_objective` and its gradient as functions of the guide's
-    params (:class:`SplitDiagonalProblem`)."""
+    """:func:`split_diagonal_objective` times ``objective_scale`` (the inner steps':
+    :func:`psvi.objective.inner_objective_scale`) and its gradient as functions of the
+    guide's params (:class:`SplitDiagonalProblem`); the terms it reports are unscaled."""
     loc_t, scale_t = density.loc_scale(params_t)
     variance_t = scale_t**2
     # The target p* / p_t of the precision; where the averaged curvature is not positive
@@ -290,17 +292,20 @@ def split_diagonal_problem(
             per_coordinate = per_coordinate * weights
         fisher = per_coordinate.sum()
         kl = 0.5 * (ratio - 1.0 - ratio.log() + held * delta**2).sum()
-        return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
+        return objective_scale * (fisher + prox_weight * kl), {"fisher": fisher, "kl": kl}
 
     # The gradient's constants. With c the coordinate weight, p = scale^-2 held fixed and
     # r the mean residual: d/d loc = (2 c r + prox_weight delta) p; through the ratio
     # p / p_t = ratio, d/d scale = d/d ratio * (-2 ratio / scale) with d/d ratio =
-    # 2 c spread_weight (ratio - target) / sigma_t^2 + prox_weight (1 - 1 / ratio) / 2.
+    # 2 c spread_weight (ratio - target) / sigma_t^2 + prox_weight (1 - 1 / ratio) / 2;
+    # all times objective_scale, folded into the constants.
     coordinate_weight = variance_t if weighting == "covariance" else torch.ones_like(variance_t)
+    coordinate_weight = objective_scale * coordinate_weight
     if weights is not None:
         coordinate_weight = coordinate_weight * weights
     residual_coefficient = 2.0 * coordinate_weight
     excess_coefficient = -4.0 * coordinate_weight * spread_weight / variance_t
+    scaled_prox_weight = objective_scale * prox_weight
 
     def gradient(loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Each op one pass over D, in place where the operand is a temporary.
@@ -308,9 +313,9 @@ def split_diagonal_problem(
         ratio = variance_t * held
         delta = loc - loc_t
         residual = (delta - offset_mean).mul_(held).sub_(score_mean)
-        loc_grad = residual.mul_(residual_coefficient).add_(delta, alpha=prox_weight).mul_(held)
+        loc_grad = residual.mul_(residual_coefficient).add_(delta, alpha=scaled_prox_weight).mul_(held)
         scale_grad = (ratio - target).mul_(excess_coefficient).mul_(ratio)
-        scale_grad = scale_grad.sub_(ratio.sub_(1.0), alpha=prox_weight).div_(scale)
+        scale_grad = scale_grad.sub_(ratio.sub_(1.0), alpha=scaled_prox_weight).div_(scale)
         return loc_grad, scale_grad
 
     return SplitDiagonalProblem(objective, gradient)

@@ -42,6 +42,7 @@ from psvi.objective import (
     check_inner_solver,
     discounted_updates,
     grow_trust_region,
+    inner_objective_scale,
     resolve_inner_solver,
     resolve_objective,
     resolve_regime,
@@ -756,7 +757,9 @@ class ProximalScoreVI(ScoreEngine):
         is ``O(D)`` and the ``(S, D)`` particles and scores can be freed; a full-covariance
         guide with a subsampled plate has the split objective
         (:func:`~pyro_psvi.objective.split_full_objective`); a flow's is
-        :func:`~pyro_psvi.objective.transport_objective`."""
+        :func:`~pyro_psvi.objective.transport_objective`. The inner steps take it (and
+        the closed-form gradient) times :func:`psvi.objective.inner_objective_scale`, the
+        ``-ELBO``'s scale."""
         density, weighting, weights = self.density, self.objective.weighting, scored.weights
         if scored.statistics is not None:  # reduced across ranks
             stats = scored.statistics
@@ -790,16 +793,22 @@ class ProximalScoreVI(ScoreEngine):
         # within the step.
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
         options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
+        scale = inner_objective_scale(self.objective.prox_weight)
         split_diagonal = path = None
         if stats is not None:
-            split_diagonal = split_diagonal_problem(density, params_t, stats, averages.curvature, **options)
+            split_diagonal = split_diagonal_problem(
+                density, params_t, stats, averages.curvature, **options, objective_scale=scale
+            )
         elif density.transport is not None:
             path = transport_path(density, params_t, particles, residuals_t, fisher)
 
         # The closures hold what the inner steps read, not the statistics (5 D-vectors).
         def objective(params: Params) -> torch.Tensor:
             if split_diagonal is not None:
-                return split_diagonal.objective(params)[0]
+                return split_diagonal.objective(params)[0]  # scaled
+            return scale * unscaled_objective(params)
+
+        def unscaled_objective(params: Params) -> torch.Tensor:
             if self.split_covariance:
                 return split_full_objective(
                     density, params, params_t, particles, scores,

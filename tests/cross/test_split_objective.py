@@ -86,6 +86,19 @@ def test_pyro_and_numpyro_split_objectives_agree(weighting, weighted):
         np.testing.assert_allclose(grad_p.numpy(), np.asarray(grad_n), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(closed_p.numpy(), np.asarray(grad_n), rtol=1e-4, atol=1e-4)
 
+    # The inner steps' scale (folded into the closed form's constants) scales the value
+    # and both gradients alike, and leaves the reported terms as they were.
+    scaled = pyro_psvi.objective.split_diagonal_problem(
+        p_density, params_t, p_stats, p_curvature,
+        weights=None if weights is None else torch.as_tensor(weights), **options, objective_scale=0.25,
+    )  # fmt: skip
+    value_s, terms_s = scaled.objective(params)
+    np.testing.assert_allclose(float(value_s), 0.25 * float(value_p), rtol=1e-6)
+    assert float(terms_s["fisher"]) == float(problem.objective(params)[1]["fisher"])
+    closed_form_s = scaled.gradient(*(value.detach() for value in params.values()))
+    for closed_s, closed_p in zip(closed_form_s, closed_form_p, strict=True):
+        np.testing.assert_allclose(closed_s.numpy(), 0.25 * closed_p.numpy(), rtol=1e-5, atol=1e-7)
+
 
 def _full_covariance_problem():
     """A 4-D full-covariance ``q_t``, a nearby ``q``, particles from ``q_t`` and random
