@@ -442,6 +442,25 @@ class ScoreEngine:
         the update was rejected)."""
         raise NotImplementedError
 
+    def stable_update(
+        self, state: EngineState, *args: Any, forward_mode_differentiation: bool = False, **kwargs: Any
+    ) -> tuple[EngineState, jax.Array]:
+        """:meth:`update` under ``SVI.stable_update``'s name and signature: every update
+        is stable (one whose scores, loss, params or optimizer state are not finite is
+        rejected: the params and optimizer state passed are kept, ``num_rejected``
+        counts it and the loss is NaN)."""
+        self._refuse_forward_mode(forward_mode_differentiation)
+        return self.update(state, *args, **kwargs)
+
+    def _refuse_forward_mode(self, forward_mode_differentiation: bool) -> None:
+        if forward_mode_differentiation:
+            raise NotImplementedError(
+                f"{type(self).__name__} takes the model's scores as reverse-mode gradients "
+                "(jax.grad); forward_mode_differentiation=True (for models with "
+                "lax.while_loop) is not supported. Rewrite the loop with lax.scan or "
+                "lax.fori_loop with static bounds."
+            )
+
     # --------------------------------------------------------- run, evaluate
     def evaluate(self, state: EngineState, *args: Any, **kwargs: Any) -> jax.Array:
         """The ``-ELBO`` estimate of the current guide from fresh particles, as
@@ -563,13 +582,7 @@ class ScoreEngine:
             raise ValueError("num_steps must be a positive integer.")
         check_checkpointing(checkpoint_every, checkpoint_path)
         del stable_update  # every update is stable
-        if forward_mode_differentiation:
-            raise NotImplementedError(
-                f"{type(self).__name__} takes the model's scores as reverse-mode gradients "
-                "(jax.grad); forward_mode_differentiation=True (for models with "
-                "lax.while_loop) is not supported. Rewrite the loop with lax.scan or "
-                "lax.fori_loop with static bounds."
-            )
+        self._refuse_forward_mode(forward_mode_differentiation)
         if init_state is None:
             state = self.init(rng_key, *args, init_params=init_params, **kwargs)
         else:

@@ -4,6 +4,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
@@ -178,3 +179,18 @@ def test_svi_run_keywords_are_taken_by_name_not_passed_to_the_model():
     assert result.losses.shape == (3,)
     with pytest.raises(NotImplementedError, match="forward_mode_differentiation=True .* not supported"):
         svi.run(jax.random.PRNGKey(0), 3, progress_bar=False, forward_mode_differentiation=True)
+
+
+def test_stable_update_is_the_update_under_svis_name():
+    def model():
+        numpyro.sample("x", dist.Normal(0.0, 1.0))
+
+    svi = ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(1e-2))
+    state = svi.init(jax.random.PRNGKey(0))
+    updated, loss = svi.update(state)
+    stable, stable_loss = svi.stable_update(state)
+    assert float(stable_loss) == float(loss)
+    for name, value in svi.get_params(updated).items():
+        np.testing.assert_array_equal(svi.get_params(stable)[name], value)
+    with pytest.raises(NotImplementedError, match="forward_mode_differentiation=True .* not supported"):
+        svi.stable_update(state, forward_mode_differentiation=True)
