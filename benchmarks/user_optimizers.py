@@ -9,6 +9,10 @@ guide's largest mean error in posterior sds, its sd ratios to the exact ones, th
 rejected updates, or the error a fit stopped with.
 
     python -m benchmarks.user_optimizers [--backends numpyro pyro] [--updates 2000] [--out NAME]
+
+docs/defaults.md ("The user's optimizer") reads ``user_optimizers_{numpyro,pyro}.json``
+(``--backends numpyro --out user_optimizers_numpyro``, likewise for Pyro) and the same
+runs on the commit before the inner objective's scale (``..._before.json``).
 """
 
 from __future__ import annotations
