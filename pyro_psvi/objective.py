@@ -300,11 +300,10 @@ def split_diagonal_problem(
     # 2 c spread_weight (ratio - target) / sigma_t^2 + prox_weight (1 - 1 / ratio) / 2;
     # all times objective_scale, folded into the constants.
     coordinate_weight = variance_t if weighting == "covariance" else torch.ones_like(variance_t)
-    coordinate_weight = objective_scale * coordinate_weight
     if weights is not None:
         coordinate_weight = coordinate_weight * weights
-    residual_coefficient = 2.0 * coordinate_weight
-    excess_coefficient = -4.0 * coordinate_weight * spread_weight / variance_t
+    residual_coefficient = (2.0 * objective_scale) * coordinate_weight
+    excess_coefficient = (-4.0 * objective_scale) * coordinate_weight * spread_weight / variance_t
     scaled_prox_weight = objective_scale * prox_weight
 
     def gradient(loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
