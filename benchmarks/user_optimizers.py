@@ -8,7 +8,7 @@ optimizer below fits AutoNormal with ``ProximalScoreVI`` (defaults) and with ``S
 guide's largest mean error in posterior sds, its sd ratios to the exact ones, the
 rejected updates, or the error a fit stopped with.
 
-    python -m benchmarks.user_optimizers [--backends numpyro pyro] [--updates 2000] [--out NAME]
+    python -m benchmarks.user_optimizers [--backends numpyro pyro] [--updates 2000] [--out NAME] [--quick]
 
 docs/defaults.md ("The user's optimizer") reads ``user_optimizers_{numpyro,pyro}.json``
 (``--backends numpyro --out user_optimizers_numpyro``, likewise for Pyro) and the same
@@ -103,7 +103,11 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default="user_optimizers")
+    parser.add_argument("--quick", action="store_true", help="Adam and SGD, 50 updates (the slow test)")
     options = parser.parse_args()
+    if options.quick:
+        options.optimizers, options.updates = ["Adam(1e-2)", "SGD(5e-4)"], 50
+        options.out = "user_optimizers_quick"
     fits = {"numpyro": numpyro_fit, "pyro": pyro_fit}
     rows = []
     for backend, regime, optimizer, engine, seed in itertools.product(

@@ -34,6 +34,17 @@ def test_user_guide_cost_quick():
 
 
 @pytest.mark.slow
+def test_user_optimizers_quick():
+    subprocess.run([sys.executable, "-m", "benchmarks.user_optimizers", "--quick"], cwd=ROOT, check=True)
+    rows = json.loads((ROOT / "benchmarks/results/user_optimizers_quick.json").read_text())["rows"]
+    assert {(r["backend"], r["regime"], r["optimizer"], r["engine"]) for r in rows} == {
+        (b, regime, o, e) for b in ("numpyro", "pyro") for regime in ("exact", "mini-batch")
+        for o in ("Adam(1e-2)", "SGD(5e-4)") for e in ("psvi", "svi")
+    }  # fmt: skip
+    assert all("failed" not in r and np.isfinite(r["max mean error (sd)"]) for r in rows)
+
+
+@pytest.mark.slow
 def test_mixture_targets_quick():
     subprocess.run([sys.executable, "-m", "benchmarks.mixture_targets", "--quick"], cwd=ROOT, check=True)
     result = json.loads((ROOT / "benchmarks/results/mixture_targets_quick.json").read_text())
