@@ -707,6 +707,10 @@ class ScoreEngine:
             "optimizer": None if self.optim is None else type(self.optim).__name__,
         }
 
+    def _check_resumed(self, saved_header: dict) -> None:
+        """Warnings about a checkpoint that fits the engine but resumes differently
+        (its ``saved_header``; after :meth:`init`)."""
+
     def _checkpoint_header(self, state: EngineState) -> dict:
         """What a checkpoint must agree on with the engine it is loaded into."""
         names = self._class_names()
@@ -757,6 +761,7 @@ class ScoreEngine:
             checkpoint.check_match(path, f"{field} classes", saved[field], name, fix)
         template = self.init(random.PRNGKey(0), *args, **kwargs)
         current = self._checkpoint_header(template)
+        self._check_resumed(saved)
         checkpoint.check_match(path, "latent sites", saved["latent_sites"], current["latent_sites"], fix)
         current_specs = current["state"]
 

@@ -48,6 +48,7 @@ from numpyro_psvi.objective import (
     trust_region_fraction,
 )
 from numpyro_psvi.scores import ModelScores
+from psvi.checkpoint import inner_scale_message
 from psvi.checks import caller_stacklevel, check_proximal_options
 from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
@@ -330,6 +331,17 @@ class ProximalScoreVI(ScoreEngine):
                 window = LossWindow(start[2], jnp.zeros((), loc.dtype))
         averages = RunningAverages(curvature, updates, params, jnp.zeros((), jnp.int32), trust, window)
         return state._replace(averages=averages)
+
+    def _checkpoint_header(self, state: EngineState) -> dict:
+        scale = inner_objective_scale(self.objective.prox_weight)
+        return {**super()._checkpoint_header(state), "inner_objective_scale": scale}
+
+    def _check_resumed(self, saved_header: dict) -> None:
+        if self.inner_solver == "optimizer":  # the closed-form steps do not step it
+            scale = inner_objective_scale(self.objective.prox_weight)
+            message = inner_scale_message(saved_header.get("inner_objective_scale"), scale)
+            if message is not None:
+                warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
 
     def get_params(self, state: EngineState) -> dict:
         """Constrained guide params, exactly as ``SVI.get_params`` returns them: the averaged

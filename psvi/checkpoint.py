@@ -219,3 +219,22 @@ def legacy_message(error: LegacyCheckpointError, backend_recipe: str) -> str:
         f"refuses. If you wrote this file yourself and trust it, convert it once: "
         f"{backend_recipe}"
     )
+
+
+def inner_scale_message(saved_scale: float | None, scale: float) -> str | None:
+    """Why a resumed run's optimizer state does not fit the scale its inner steps now
+    take the objective at (:func:`psvi.objective.inner_objective_scale`; ``saved_scale``
+    ``None``: written before psvi scaled it, i.e. at 1), or ``None`` when it does."""
+    saved_scale = 1.0 if saved_scale is None else saved_scale
+    if abs(saved_scale - scale) <= 1e-9 * scale:
+        return None
+    ratio = saved_scale / scale
+    return (
+        f"The checkpoint's optimizer state was accumulated with the inner steps' objective "
+        f"scaled by {saved_scale:.4g}; this engine scales it by {scale:.4g} (psvi.objective."
+        f"inner_objective_scale), so the saved moments are {ratio:.3g}x those of the gradients "
+        "to come. The run continues from the saved params; an adaptive optimizer (Adam) takes "
+        f"steps up to {ratio:.3g}x {'smaller' if ratio > 1 else 'larger'} until its second "
+        "moment forgets the old scale (about 1 / (1 - beta2) inner steps). docs/defaults.md, "
+        "'The user's optimizer'."
+    )

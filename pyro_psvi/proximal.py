@@ -33,7 +33,7 @@ from pyro.distributions.transforms import SoftplusTransform as PyroSoftplusTrans
 from pyro.optim import PyroOptim
 from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, SoftplusTransform
 
-from psvi.checkpoint import CheckpointMismatch
+from psvi.checkpoint import CheckpointMismatch, inner_scale_message
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
 from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
@@ -643,9 +643,15 @@ class ProximalScoreVI(ScoreEngine):
         return LossWindow(torch.full((), torch.inf, device=device), torch.zeros((), device=device))
 
     def _checkpoint_extra(self) -> dict:
-        return {"averages": self.averages._asdict(), "iterate": self._iterate}
+        scale = inner_objective_scale(self.objective.prox_weight)
+        return {"averages": self.averages._asdict(), "iterate": self._iterate, "inner_objective_scale": scale}
 
     def _load_checkpoint_extra(self, extra: dict) -> None:
+        if self.inner_solver == "optimizer":  # the closed-form steps do not step it
+            scale = inner_objective_scale(self.objective.prox_weight)
+            message = inner_scale_message(extra.get("inner_objective_scale"), scale)
+            if message is not None:
+                warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
         averages = RunningAverages(**extra["averages"])
         saved = (averages.curvature is not None, extra["iterate"] is not None)
         current = (self.density.loc_scale is not None, self.average_iterates)

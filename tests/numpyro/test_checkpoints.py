@@ -4,6 +4,7 @@ completed state attached to an exception, periodic checkpoints, bad data refused
 from __future__ import annotations
 
 import pickle
+import warnings
 from functools import partial
 
 import jax
@@ -299,3 +300,20 @@ def test_a_checkpoint_saved_before_the_growths_guide_scale_was_renamed_loads(tmp
     loaded = svi.load(tmp_path / "old")
     for a, b in zip(jax.tree.leaves(state.averages), jax.tree.leaves(loaded.averages), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_checkpoint_of_another_inner_objective_scale_loads_with_a_warning(tmp_path):
+    """A run saved before the inner steps scaled their objective (the header has no
+    ``inner_objective_scale``) loads to the same state and warns that its optimizer's
+    moments are 12x those of the gradients to come; one saved now loads silently."""
+    path, result = _saved(tmp_path)
+    x, y = _data()
+    header, arrays = checkpoint.read(path)
+    assert header.pop("inner_objective_scale") == pytest.approx(1 / 12)
+    checkpoint.write(tmp_path / "old", header, arrays)
+    with pytest.warns(RuntimeWarning, match="scaled by 1; this engine scales it by 0.08333.* 12x"):
+        loaded = _engine().load(tmp_path / "old", x, y)
+    _assert_same_state(result.state, loaded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _engine().load(path, x, y)

@@ -442,3 +442,27 @@ def test_the_closed_form_steps_grown_trust_region_resumes_exactly(tmp_path, guid
     for name, value in _store().items():
         torch.testing.assert_close(value, whole[name], rtol=0, atol=0)
     torch.testing.assert_close(tuple(svi.averages.window), tuple(whole_window), rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_another_inner_objective_scale_loads_with_a_warning(tmp_path):
+    # Saved before the inner steps scaled their objective (no inner_objective_scale among
+    # the engine's extras): restored, with a warning at the first step (where Pyro checks
+    # and restores a checkpoint loaded before it) that the optimizer's moments are 12x
+    # those of the gradients to come; one saved now is silent.
+    path = _saved_fit(tmp_path)
+    header, arrays = checkpoint.read(path)
+    extra = dict(header["state"]["dict"])["extra"]["dict"]
+    kept = [item for item in extra if item[0] != "inner_objective_scale"]
+    assert len(kept) == len(extra) - 1
+    extra[:] = kept
+    checkpoint.write(tmp_path / "old", header, arrays)
+    engine = _engine()
+    engine.load(tmp_path / "old")
+    with pytest.warns(RuntimeWarning, match="scaled by 1; this engine scales it by 0.08333.* 12x"):
+        engine.step(*_data())
+    pyro.clear_param_store()
+    engine = _engine()
+    engine.load(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        engine.step(*_data())
