@@ -487,8 +487,11 @@ class ProximalScoreVI(ScoreEngine):
         after the first whose guide is more than ``max_kl`` from ``q_t`` (``density.kl``
         from ``params_t``, a flow's displacement: :func:`psvi.objective.stops_at_trust_region`)."""
 
+        def value(unconstrained):  # no auxiliary output: numpyro.optim.Minimize refuses one
+            return objective(unconstrained)[0], None
+
         def inner_step(optim_state):
-            return self.optim.eval_and_update(objective, optim_state)[1]
+            return self.optim.eval_and_update(value, optim_state)[1]
 
         if max_kl is None:
             return lax.fori_loop(0, self.inner_steps, lambda _, state: inner_step(state), optim_state)
