@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.handlers import Messenger, substitute, trace
 from numpyro.infer import Predictive
+from numpyro.infer.autoguide import AutoGuideList
 from numpyro.infer.util import log_likelihood
 
 from numpyro_psvi.guides import guide_density
@@ -62,6 +63,19 @@ def _dims(site, name: str) -> list[str]:
     # A deterministic site has no distribution to say its event dims: all count as batch.
     event_dim = site["fn"].event_dim if site["type"] == "sample" else 0
     return dim_names(name, ndim, event_dim, plates)
+
+
+def _autoguide_draws(guide: Any, rng_key: jax.Array, params: dict, num_samples: int) -> dict:
+    """``guide.sample_posterior`` draws; an AutoGuideList's part by part, each with its own
+    key (its ``sample_posterior`` gives every part the same one, correlating them)."""
+    if not isinstance(guide, AutoGuideList):
+        return guide.sample_posterior(rng_key, params, sample_shape=(num_samples,))
+    keys = jax.random.split(rng_key, len(guide))
+    return {
+        name: value
+        for part, key in zip(guide, keys, strict=True)
+        for name, value in part.sample_posterior(key, params, sample_shape=(num_samples,)).items()
+    }
 
 
 def to_inference_data(
@@ -112,7 +126,7 @@ def to_inference_data(
     # The fitted model params (numpyro.param sites learned with the guide) are in params.
     full_model = full_data(substitute(model, data=params))
     if hasattr(guide, "sample_posterior"):  # an autoguide
-        posterior = guide.sample_posterior(key_draws, params, sample_shape=(num_samples,))
+        posterior = _autoguide_draws(guide, key_draws, params, num_samples)
     else:  # a user-written guide: its sample sites are the latent sites
         posterior = Predictive(guide, params=params, num_samples=num_samples)(key_draws, *args, **kwargs)
     model_trace = trace(at_random_values(full_model, key_trace)).get_trace(*args, **kwargs)

@@ -55,7 +55,6 @@ from psvi.checks import (
     unbatched_local_guide_message,
 )
 from psvi.families import (
-    GUIDE_LIST,
     LAPLACE,
     LOG_VARIANCE_OF_SCALE_FAMILY,
     NO_CLOSED_FORMS,
@@ -1060,6 +1059,102 @@ def _user_guide_setup(guide, model, args, kwargs, options: DensityOptions):
     return lambda args, kwargs: _user_guide(guide, model, args, kwargs, options.num_kl_draws, closed_forms)
 
 
+def _product_density(parts: list[GuideDensity]) -> GuideDensity:
+    """The density of independent guides over consecutive blocks of the flat latent (an
+    AutoGuideList's parts): draws and scores side by side, log densities, KLs and
+    covariance quadratic forms summed; a diagonal Gaussian (the split objective, the
+    closed-form step) when every part is one."""
+    bounds = np.cumsum([0] + [part.latent_dim for part in parts]).tolist()
+    spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def blocks(u):
+        return [u[..., start:stop] for start, stop in spans]
+
+    def sample(params, rng_key, num):
+        keys = jax.random.split(rng_key, len(parts))
+        return jnp.concatenate(
+            [part.sample(params, key, num) for part, key in zip(parts, keys, strict=True)], -1
+        )
+
+    def log_prob(params, u):
+        return sum(part.log_prob(params, block) for part, block in zip(parts, blocks(u), strict=True))
+
+    def score(params, u):
+        return jnp.concatenate(
+            [part.score(params, block) for part, block in zip(parts, blocks(u), strict=True)], -1
+        )
+
+    def kl(params0, params1, rng_key):
+        keys = jax.random.split(rng_key, len(parts))
+        return sum(part.kl(params0, params1, key) for part, key in zip(parts, keys, strict=True))
+
+    def cov_quad(params, r):
+        return sum(part.cov_quad(params, block) for part, block in zip(parts, blocks(r), strict=True))
+
+    def unpack(u):
+        return {
+            name: value
+            for part, block in zip(parts, blocks(u), strict=True)
+            for name, value in part.unpack(block).items()
+        }
+
+    density = GuideDensity(
+        latent_dim=bounds[-1], sample=sample, log_prob=log_prob, score=score, kl=kl, cov_quad=cov_quad,
+        unpack=unpack, closed_form=all(part.closed_form for part in parts),
+    )  # fmt: skip
+    if not all(part.loc_scale is not None and part.gaussian_params is not None for part in parts):
+        return density
+
+    def loc_scale(params):
+        pairs = [part.loc_scale(params) for part in parts]
+        return tuple(jnp.concatenate(side) for side in zip(*pairs, strict=True))
+
+    def gaussian_params(loc, scale):
+        return {
+            name: value
+            for part, (start, stop) in zip(parts, spans, strict=True)
+            for name, value in part.gaussian_params(loc[start:stop], scale[start:stop]).items()
+        }
+
+    return density._replace(loc_scale=loc_scale, gaussian_params=gaussian_params)
+
+
+def _guide_list_setup(guide: autoguide.AutoGuideList, model, args, kwargs, options: DensityOptions):
+    """``GuideFamily.setup`` of an AutoGuideList: each part's own setup, their densities
+    multiplied (:func:`_product_density`). A part must be an autoguide with a density of
+    its own and without local latents (a flow's proximal term is not a KL)."""
+    setups = []
+    for index, part in enumerate(guide):
+        family = guide_family(part)
+        if not isinstance(part, autoguide.AutoGuide) or family.refusal is not None:
+            why = family.refusal or "a part must be an autoguide (or write one guide for the whole model)."
+            name = f"the AutoGuideList's part {index} ({family.name})"
+            raise TypeError(f"ProximalScoreVI cannot fit {name}: {why}")
+        setups.append(family.setup(part, model, args, kwargs, options))
+
+    def density(args, kwargs):
+        parts = [setup(args, kwargs) for setup in setups]
+        for index, part in enumerate(parts):
+            if part.transport is not None:
+                raise TypeError(
+                    f"ProximalScoreVI cannot fit the AutoGuideList's part {index} (a normalizing "
+                    "flow) beside other parts: a flow's update measures its map's displacement, "
+                    "not a KL. Fit the flow over all latent sites instead."
+                )
+        return _product_density(parts)
+
+    return density
+
+
+def _guide_list_init_params(guide: autoguide.AutoGuideList, params: dict, init_params, rng_key) -> dict:
+    """Each part's fix-up of the initial params (``GuideFamily.init_params``), in turn."""
+    for part in guide:
+        fix = guide_family(part).init_params
+        if fix is not None:
+            params = fix(part, params, init_params, rng_key)
+    return params
+
+
 _GENERIC = GuideFamily("an AutoContinuous guide", _autoguide_setup(_auto_continuous))
 _USER_GUIDE = GuideFamily("a user-written guide", _user_guide_setup, local_latents=True)
 
@@ -1116,7 +1211,10 @@ _register(
 )
 _register(autoguide.AutoDelta, refused("AutoDelta", POINT_MASS))
 _register(autoguide.AutoLaplaceApproximation, refused("AutoLaplaceApproximation", LAPLACE))
-_register(autoguide.AutoGuideList, refused("AutoGuideList", GUIDE_LIST))
+_register(
+    autoguide.AutoGuideList,
+    GuideFamily("AutoGuideList", _guide_list_setup, init_params=_guide_list_init_params),
+)
 _register(
     autoguide.AutoBNAFNormal,
     refused(

@@ -141,7 +141,3 @@ LAPLACE = (
     "afterwards), so it has no density to match scores with. Use "
     "AutoMultivariateNormal instead."
 )
-GUIDE_LIST = (
-    "AutoGuideList is not supported yet: use one autoguide over all latent sites "
-    "(e.g. AutoNormal or AutoMultivariateNormal)."
-)

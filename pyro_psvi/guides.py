@@ -38,7 +38,6 @@ from torch.distributions.transforms import AffineTransform, ExpTransform, Sigmoi
 
 from psvi.checks import GuideSite, check_user_guide_sites, full_covariance_advice, lowrank_advice
 from psvi.families import (
-    GUIDE_LIST,
     LAPLACE,
     LOG_VARIANCE_OF_SCALE_FAMILY,
     NO_CLOSED_FORMS,
@@ -1586,6 +1585,84 @@ def _user_guide_setup(guide, model_trace, guide_trace, args, kwargs, options: De
     )  # fmt: skip
 
 
+def _product_density(parts: list[GuideDensity]) -> GuideDensity:
+    """The density of independent guides over consecutive blocks of the flat latent (an
+    AutoGuideList's parts): draws and scores side by side, log densities, KLs and
+    covariance quadratic forms summed; a diagonal Gaussian (the split objective, the
+    closed-form step) when every part is one."""
+    sizes = [part.latent_dim for part in parts]
+
+    def blocks(u):
+        return u.split(sizes, dim=-1)
+
+    def sample(params, num):
+        return torch.cat([part.sample(params, num) for part in parts], dim=-1)
+
+    def log_prob(params, u):
+        return sum(part.log_prob(params, block) for part, block in zip(parts, blocks(u), strict=True))
+
+    def score(params, u):
+        return torch.cat(
+            [part.score(params, block) for part, block in zip(parts, blocks(u), strict=True)], -1
+        )
+
+    def kl(params0, params1, seed=None):
+        return sum(part.kl(params0, params1, seed) for part in parts)
+
+    def cov_quad(params, r):
+        return sum(part.cov_quad(params, block) for part, block in zip(parts, blocks(r), strict=True))
+
+    density = GuideDensity(
+        latent_dim=sum(sizes), sites=tuple(site for part in parts for site in part.sites),
+        param_names=tuple(name for part in parts for name in part.param_names), sample=sample,
+        log_prob=log_prob, score=score, kl=kl, cov_quad=cov_quad,
+        closed_form=all(part.closed_form for part in parts),
+    )  # fmt: skip
+    if not all(part.loc_scale is not None and part.gaussian_params is not None for part in parts):
+        return density
+
+    def loc_scale(params):
+        pairs = [part.loc_scale(params) for part in parts]
+        return tuple(torch.cat(side) for side in zip(*pairs, strict=True))
+
+    def gaussian_params(loc, scale):
+        pairs = zip(loc.split(sizes), scale.split(sizes), strict=True)
+        return {
+            name: value
+            for part, (part_loc, part_scale) in zip(parts, pairs, strict=True)
+            for name, value in part.gaussian_params(part_loc, part_scale).items()
+        }
+
+    return density._replace(loc_scale=loc_scale, gaussian_params=gaussian_params)
+
+
+def _guide_list_setup(guide, model_trace, guide_trace, args, kwargs, options: DensityOptions):
+    """``GuideFamily.setup`` of an AutoGuideList: each part's own setup, their densities
+    multiplied (:func:`_product_density`). A part must be an autoguide with a density of
+    its own that is not a flow (a flow's proximal term is not a KL)."""
+    builds = []
+    for index, part in enumerate(guide):
+        family = guide_family(part)
+        if not isinstance(part, autoguide.AutoGuide) or family.refusal is not None:
+            why = family.refusal or "a part must be an autoguide (or write one guide for the whole model)."
+            name = f"the AutoGuideList's part {index} ({family.name})"
+            raise TypeError(f"ProximalScoreVI cannot fit {name}: {why}")
+        builds.append(family.setup(part, model_trace, guide_trace, args, kwargs, options))
+
+    def density(args, kwargs):
+        parts = [build(args, kwargs) for build in builds]
+        for index, part in enumerate(parts):
+            if part.transport is not None:
+                raise TypeError(
+                    f"ProximalScoreVI cannot fit the AutoGuideList's part {index} (a normalizing "
+                    "flow) beside other parts: a flow's update measures its map's displacement, "
+                    "not a KL. Fit the flow over all latent sites instead."
+                )
+        return _product_density(parts)
+
+    return density
+
+
 def _has_autoregressive_layers(guide: autoguide.AutoNormalizingFlow) -> bool:
     """Whether a flow guide has layers that invert in D sequential passes."""
     flow = guide.transform
@@ -1650,7 +1727,7 @@ _register(
 )
 _register(autoguide.AutoDelta, refused("AutoDelta", POINT_MASS))
 _register(autoguide.AutoLaplaceApproximation, refused("AutoLaplaceApproximation", LAPLACE))
-_register(autoguide.AutoGuideList, refused("AutoGuideList", GUIDE_LIST))
+_register(autoguide.AutoGuideList, GuideFamily("AutoGuideList", _guide_list_setup))
 
 
 def guide_density(

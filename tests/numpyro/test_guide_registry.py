@@ -66,7 +66,6 @@ def test_lowrank_advice_depends_on_the_dimension_and_the_particles():
         (ag.AutoDelta(block_model), "AutoDelta: it is a point mass"),
         (ag.AutoLaplaceApproximation(block_model), "AutoLaplaceApproximation: it is a point mass"),
         (ag.AutoBNAFNormal(block_model), "AutoBNAFNormal: block neural autoregressive"),
-        (ag.AutoGuideList(block_model), "AutoGuideList is not supported yet"),
         (42, "must be an autoguide or a function, got int"),
     ],
 )

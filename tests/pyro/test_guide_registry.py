@@ -70,7 +70,6 @@ def test_lowrank_advice_depends_on_the_dimension_and_the_particles():
     [
         (lambda: ag.AutoDelta(model), "AutoDelta: it is a point mass"),
         (lambda: ag.AutoLaplaceApproximation(model), "AutoLaplaceApproximation: it is a point mass"),
-        (lambda: ag.AutoGuideList(model), "AutoGuideList is not supported yet"),
         (lambda: ag.AutoStructured(model), "AutoStructured: ProximalScoreVI needs the guide's density"),
         (
             lambda: ag.AutoNormalizingFlow(model, partial(iterated, 2, block_autoregressive)),
