@@ -55,6 +55,7 @@ from psvi.checks import (
     unbatched_local_guide_message,
 )
 from psvi.families import (
+    GUIDE_LIST_FLOW,
     LAPLACE,
     LOG_VARIANCE_OF_SCALE_FAMILY,
     NO_CLOSED_FORMS,
@@ -64,6 +65,7 @@ from psvi.families import (
     SiteClosedForms,
     autoregressive_family_advice,
     bijection_kind,
+    guide_list_part_refusal,
     has_closed_form,
     refused,
 )
@@ -1127,20 +1129,14 @@ def _guide_list_setup(guide: autoguide.AutoGuideList, model, args, kwargs, optio
     for index, part in enumerate(guide):
         family = guide_family(part)
         if not isinstance(part, autoguide.AutoGuide) or family.refusal is not None:
-            why = family.refusal or "a part must be an autoguide (or write one guide for the whole model)."
-            name = f"the AutoGuideList's part {index} ({family.name})"
-            raise TypeError(f"ProximalScoreVI cannot fit {name}: {why}")
+            raise TypeError(guide_list_part_refusal(index, family.name, family.refusal))
         setups.append(family.setup(part, model, args, kwargs, options))
 
     def density(args, kwargs):
         parts = [setup(args, kwargs) for setup in setups]
         for index, part in enumerate(parts):
             if part.transport is not None:
-                raise TypeError(
-                    f"ProximalScoreVI cannot fit the AutoGuideList's part {index} (a normalizing "
-                    "flow) beside other parts: a flow's update measures its map's displacement, "
-                    "not a KL. Fit the flow over all latent sites instead."
-                )
+                raise TypeError(guide_list_part_refusal(index, "a normalizing flow", GUIDE_LIST_FLOW))
         return _product_density(parts)
 
     return density

@@ -141,3 +141,16 @@ LAPLACE = (
     "afterwards), so it has no density to match scores with. Use "
     "AutoMultivariateNormal instead."
 )
+
+
+GUIDE_LIST_FLOW = (
+    "beside other parts a flow cannot be fitted: its update measures its map's displacement, "
+    "not a KL. Fit the flow over all latent sites instead."
+)
+
+
+def guide_list_part_refusal(index: int, name: str, why: str | None) -> str:
+    """The refusal of an AutoGuideList's part ``index`` (``name``: its family) and why
+    (``None``: it is not an autoguide)."""
+    why = why or "a part must be an autoguide (or write one guide for the whole model)."
+    return f"ProximalScoreVI cannot fit the AutoGuideList's part {index} ({name}): {why}"

@@ -38,6 +38,7 @@ from torch.distributions.transforms import AffineTransform, ExpTransform, Sigmoi
 
 from psvi.checks import GuideSite, check_user_guide_sites, full_covariance_advice, lowrank_advice
 from psvi.families import (
+    GUIDE_LIST_FLOW,
     LAPLACE,
     LOG_VARIANCE_OF_SCALE_FAMILY,
     NO_CLOSED_FORMS,
@@ -47,6 +48,7 @@ from psvi.families import (
     SiteClosedForms,
     autoregressive_family_advice,
     bijection_kind,
+    guide_list_part_refusal,
     has_closed_form,
     refused,
 )
@@ -1644,20 +1646,14 @@ def _guide_list_setup(guide, model_trace, guide_trace, args, kwargs, options: De
     for index, part in enumerate(guide):
         family = guide_family(part)
         if not isinstance(part, autoguide.AutoGuide) or family.refusal is not None:
-            why = family.refusal or "a part must be an autoguide (or write one guide for the whole model)."
-            name = f"the AutoGuideList's part {index} ({family.name})"
-            raise TypeError(f"ProximalScoreVI cannot fit {name}: {why}")
+            raise TypeError(guide_list_part_refusal(index, family.name, family.refusal))
         builds.append(family.setup(part, model_trace, guide_trace, args, kwargs, options))
 
     def density(args, kwargs):
         parts = [build(args, kwargs) for build in builds]
         for index, part in enumerate(parts):
             if part.transport is not None:
-                raise TypeError(
-                    f"ProximalScoreVI cannot fit the AutoGuideList's part {index} (a normalizing "
-                    "flow) beside other parts: a flow's update measures its map's displacement, "
-                    "not a KL. Fit the flow over all latent sites instead."
-                )
+                raise TypeError(guide_list_part_refusal(index, "a normalizing flow", GUIDE_LIST_FLOW))
         return _product_density(parts)
 
     return density

@@ -115,7 +115,7 @@ def test_parts_without_a_density_of_their_own_are_refused_by_position():
     flow.append(nag.AutoNormal(numpyro.handlers.block(numpyro_model, expose=["a"])))
     flow.append(nag.AutoIAFNormal(numpyro.handlers.block(numpyro_model, expose=["b"])))
     engine = numpyro_psvi.ProximalScoreVI(numpyro_model, flow, numpyro.optim.Adam(1e-2))
-    with pytest.raises(TypeError, match="part 1 [(]a normalizing flow[)] beside other parts"):
+    with pytest.raises(TypeError, match="part 1 [(]a normalizing flow[)]: beside other parts a flow cannot"):
         engine.init(jax.random.PRNGKey(0))
 
     pyro.clear_param_store()
