@@ -1124,7 +1124,8 @@ def _product_density(parts: list[GuideDensity]) -> GuideDensity:
 def _guide_list_setup(guide: autoguide.AutoGuideList, model, args, kwargs, options: DensityOptions):
     """``GuideFamily.setup`` of an AutoGuideList: each part's own setup, their densities
     multiplied (:func:`_product_density`). A part must be an autoguide with a density of
-    its own and without local latents (a flow's proximal term is not a KL)."""
+    its own that is not a flow (a flow's proximal term is not a KL); local latents in a
+    subsampled plate are refused by the engine, as for every family without them."""
     setups = []
     for index, part in enumerate(guide):
         family = guide_family(part)

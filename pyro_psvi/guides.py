@@ -1641,16 +1641,17 @@ def _product_density(parts: list[GuideDensity]) -> GuideDensity:
 def _guide_list_setup(guide, model_trace, guide_trace, args, kwargs, options: DensityOptions):
     """``GuideFamily.setup`` of an AutoGuideList: each part's own setup, their densities
     multiplied (:func:`_product_density`). A part must be an autoguide with a density of
-    its own that is not a flow (a flow's proximal term is not a KL)."""
-    builds = []
+    its own that is not a flow (a flow's proximal term is not a KL); local latents in a
+    subsampled plate are refused by the engine, as for every family without them."""
+    setups = []
     for index, part in enumerate(guide):
         family = guide_family(part)
         if not isinstance(part, autoguide.AutoGuide) or family.refusal is not None:
             raise TypeError(guide_list_part_refusal(index, family.name, family.refusal))
-        builds.append(family.setup(part, model_trace, guide_trace, args, kwargs, options))
+        setups.append(family.setup(part, model_trace, guide_trace, args, kwargs, options))
 
     def density(args, kwargs):
-        parts = [build(args, kwargs) for build in builds]
+        parts = [setup(args, kwargs) for setup in setups]
         for index, part in enumerate(parts):
             if part.transport is not None:
                 raise TypeError(guide_list_part_refusal(index, "a normalizing flow", GUIDE_LIST_FLOW))
