@@ -33,14 +33,29 @@ def pyro_model():
     pyro.sample("b", pdist.MultivariateNormal(mean[2:], cov[2:, 2:]))
 
 
-def numpyro_fit(kinds, updates=UPDATES):
-    """The fitted list's draws' means and covariance (20,000 draws) and the engine."""
+def numpyro_engine(kinds):
+    """An engine fitting an AutoGuideList of the autoguides ``kinds``, one for site a and
+    one for site b."""
     guide = nag.AutoGuideList(numpyro_model)
     for index, (kind, site) in enumerate(zip(kinds, "ab", strict=True)):
         guide.append(
             getattr(nag, kind)(numpyro.handlers.block(numpyro_model, expose=[site]), prefix=f"p{index}")
         )
-    engine = numpyro_psvi.ProximalScoreVI(numpyro_model, guide, numpyro.optim.Adam(1e-2))
+    return numpyro_psvi.ProximalScoreVI(numpyro_model, guide, numpyro.optim.Adam(1e-2))
+
+
+def pyro_engine(kinds):
+    pyro.clear_param_store()
+    guide = pag.AutoGuideList(pyro_model)
+    for kind, site in zip(kinds, "ab", strict=True):
+        guide.append(getattr(pag, kind)(pyro.poutine.block(pyro_model, expose=[site])))
+    return pyro_psvi.ProximalScoreVI(pyro_model, guide, pyro.optim.Adam({"lr": 1e-2}))
+
+
+def numpyro_fit(kinds, updates=UPDATES):
+    """The fitted list's draws' means and covariance (20,000 draws) and the engine."""
+    engine = numpyro_engine(kinds)
+    guide = engine.guide
     result = engine.run(jax.random.PRNGKey(0), updates, progress_bar=False)
     # Each part with its own key: AutoGuideList.sample_posterior gives every part the
     # same key, which correlates their draws (docs/pitfalls.md).
@@ -54,12 +69,9 @@ def numpyro_fit(kinds, updates=UPDATES):
 
 
 def pyro_fit(kinds, updates=UPDATES):
-    pyro.clear_param_store()
+    engine = pyro_engine(kinds)
+    guide = engine.guide
     pyro.set_rng_seed(0)
-    guide = pag.AutoGuideList(pyro_model)
-    for kind, site in zip(kinds, "ab", strict=True):
-        guide.append(getattr(pag, kind)(pyro.poutine.block(pyro_model, expose=[site])))
-    engine = pyro_psvi.ProximalScoreVI(pyro_model, guide, pyro.optim.Adam({"lr": 1e-2}))
     for _ in range(updates):
         engine.step()
     predictive = pyro.infer.Predictive(pyro_model, guide=guide, num_samples=20000, parallel=True)
@@ -104,27 +116,12 @@ def test_diagonal_parts_are_fitted_as_one_diagonal_gaussian(fit):
 
 
 def test_parts_without_a_density_of_their_own_are_refused_by_position():
-    guide = nag.AutoGuideList(numpyro_model)
-    guide.append(nag.AutoNormal(numpyro.handlers.block(numpyro_model, expose=["a"])))
-    guide.append(nag.AutoDelta(numpyro.handlers.block(numpyro_model, expose=["b"])))
-    engine = numpyro_psvi.ProximalScoreVI(numpyro_model, guide, numpyro.optim.Adam(1e-2))
     with pytest.raises(TypeError, match="part 1 [(]AutoDelta[)]: it is a point mass"):
-        engine.init(jax.random.PRNGKey(0))
-
-    flow = nag.AutoGuideList(numpyro_model)
-    flow.append(nag.AutoNormal(numpyro.handlers.block(numpyro_model, expose=["a"])))
-    flow.append(nag.AutoIAFNormal(numpyro.handlers.block(numpyro_model, expose=["b"])))
-    engine = numpyro_psvi.ProximalScoreVI(numpyro_model, flow, numpyro.optim.Adam(1e-2))
+        numpyro_engine(["AutoNormal", "AutoDelta"]).init(jax.random.PRNGKey(0))
     with pytest.raises(TypeError, match="part 1 [(]a normalizing flow[)]: beside other parts a flow cannot"):
-        engine.init(jax.random.PRNGKey(0))
-
-    pyro.clear_param_store()
-    guide = pag.AutoGuideList(pyro_model)
-    guide.append(pag.AutoNormal(pyro.poutine.block(pyro_model, expose=["a"])))
-    guide.append(pag.AutoDelta(pyro.poutine.block(pyro_model, expose=["b"])))
-    engine = pyro_psvi.ProximalScoreVI(pyro_model, guide, pyro.optim.Adam({"lr": 1e-2}))
+        numpyro_engine(["AutoNormal", "AutoIAFNormal"]).init(jax.random.PRNGKey(0))
     with pytest.raises(TypeError, match="part 1 [(]AutoDelta[)]: it is a point mass"):
-        engine.step()
+        pyro_engine(["AutoNormal", "AutoDelta"]).step()
 
 
 def test_the_numpyro_export_draws_each_part_with_its_own_key():
@@ -132,17 +129,10 @@ def test_the_numpyro_export_draws_each_part_with_its_own_key():
     # draws would be the same and a[0], b[0] correlated (1.0 here). The export draws part
     # by part; 4,000 independent draws put the sample correlation's standard error at
     # 1/sqrt(4000) = 0.016, so 0.08 is 5 of them.
-    guide = nag.AutoGuideList(numpyro_model)
-    for index, site in enumerate("ab"):
-        guide.append(
-            nag.AutoMultivariateNormal(
-                numpyro.handlers.block(numpyro_model, expose=[site]), prefix=f"p{index}"
-            )
-        )
-    engine = numpyro_psvi.ProximalScoreVI(numpyro_model, guide, numpyro.optim.Adam(1e-2))
+    engine = numpyro_engine(["AutoMultivariateNormal", "AutoMultivariateNormal"])
     result = engine.run(jax.random.PRNGKey(0), 50, progress_bar=False)
     idata = numpyro_psvi.to_inference_data(
-        numpyro_model, guide, result.params, num_samples=4000, diagnostics=False
+        numpyro_model, engine.guide, result.params, num_samples=4000, diagnostics=False
     )
     a = idata.posterior["a"].values.reshape(-1, 2)[:, 0]
     b = idata.posterior["b"].values.reshape(-1, 2)[:, 0]
