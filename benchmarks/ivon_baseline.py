@@ -16,6 +16,7 @@ initial means), so that the metrics come from the same functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,35 +98,73 @@ def fit_uci(split, hidden: int, steps: int, seed: int, batch: int, num_particles
     return both[:, :-1], both[:, -1]
 
 
-def fit_mlp_classifier(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, init: dict[str, np.ndarray],
-                       *, prior_scale: float, scale_by_fan_in: bool, steps: int, seed: int, batch: int,
-                       num_particles: int, num_draws: int, settings: IVONSettings,
-                       curve: tuple[np.ndarray, int, int] | None = None):  # fmt: skip
+@dataclass(frozen=True)
+class Classifier:
+    """A torch twin of a PPL classifier: its parameters (started at the PPL run's initial
+    means), each one's prior precision (a zero-mean Gaussian) and its logits."""
+
+    params: dict[str, torch.nn.Parameter]
+    precisions: dict[str, float]
+    logits: Callable[[torch.Tensor], torch.Tensor]
+
+
+def mlp_classifier(init: dict[str, np.ndarray], prior_scale: float, scale_by_fan_in: bool) -> Classifier:
     """The MNIST MLP (``mlp_classifier``: tanh hidden layer, N(0, prior_scale^2) priors, or
-    N(0, prior_scale^2 / fan_in) on the weight matrices). Returns the test class
-    probabilities at ``num_draws`` posterior draws (draws x images x classes) and, for
-    ``curve = (inputs, every, draws)``, ``(step, probabilities)`` every ``every`` steps."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    x, y, x_test = torch.as_tensor(x), torch.as_tensor(y, dtype=torch.long), torch.as_tensor(x_test)
-    num_train = len(y)
+    N(0, prior_scale^2 / fan_in) on the weight matrices)."""
     params = {k: torch.nn.Parameter(torch.tensor(np.array(init[k]))) for k in ("w1", "b1", "w2", "b2")}
 
     def logits(inputs):
         return torch.tanh(inputs @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
 
-    def loss(idx):
-        return F.cross_entropy(logits(x[idx]), y[idx])
-
     def precision(name):
         fan_in = params[name].shape[0] if scale_by_fan_in and params[name].dim() > 1 else 1
         return fan_in / prior_scale**2
 
-    groups = [{"params": [p], "weight_decay": precision(k) / num_train} for k, p in params.items()]
+    return Classifier(params, {name: precision(name) for name in params}, logits)
+
+
+def cnn_classifier(init: dict[str, np.ndarray]) -> Classifier:
+    """The MNIST CNN (``benchmarks.mnist.cnn_classifier``: two 5x5 VALID convolutions with
+    8 and 16 ReLU channels, each followed by 2x2 average pooling, then a dense layer;
+    ``fan_in_prior()``: N(0, 1 / fan_in) on the kernels, N(0, 1) on the biases), from its
+    Flax initial values (kernels ``(kh, kw, in, out)``, flattening in NHWC order)."""
+    params = {
+        key.split("/")[1]: torch.nn.Parameter(torch.tensor(np.array(value))) for key, value in init.items()
+    }
+
+    def conv(images, layer):
+        kernel = params[f"PatchConv_{layer}.kernel"].permute(3, 2, 0, 1)  # (out, in, kh, kw)
+        return F.avg_pool2d(F.relu(F.conv2d(images, kernel, params[f"PatchConv_{layer}.bias"])), 2)
+
+    def logits(inputs):
+        hidden = conv(conv(inputs.reshape(-1, 1, 28, 28), 0), 1)
+        flat = hidden.permute(0, 2, 3, 1).reshape(hidden.shape[0], -1)
+        return flat @ params["Dense_0.kernel"] + params["Dense_0.bias"]
+
+    precisions = {name: float(np.prod(p.shape[:-1])) if p.dim() > 1 else 1.0 for name, p in params.items()}
+    return Classifier(params, precisions, logits)
+
+
+def fit_classifier(net: Classifier, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, *, steps: int,
+                   seed: int, batch: int, num_particles: int, num_draws: int, settings: IVONSettings,
+                   curve: tuple[np.ndarray, int, int] | None = None):  # fmt: skip
+    """IVON on the classifier ``net`` (softmax likelihood, its priors as weight decay).
+    Returns the test class probabilities at ``num_draws`` posterior draws (draws x images
+    x classes) and, for ``curve = (inputs, every, draws)``, ``(step, probabilities)``
+    every ``every`` steps."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    x, y, x_test = torch.as_tensor(x), torch.as_tensor(y, dtype=torch.long), torch.as_tensor(x_test)
+    num_train = len(y)
+
+    def loss(idx):
+        return F.cross_entropy(net.logits(x[idx]), y[idx])
+
+    groups = [{"params": [p], "weight_decay": net.precisions[k] / num_train} for k, p in net.params.items()]
     optimizer = make_ivon(groups, num_train, num_particles, settings)
 
     def probabilities(inputs, count):
-        return draws(optimizer, lambda: torch.softmax(logits(inputs), -1), count)
+        return draws(optimizer, lambda: torch.softmax(net.logits(inputs), -1), count)
 
     every = curve[1] if curve else steps
     points = []

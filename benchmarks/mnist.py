@@ -13,7 +13,7 @@ initialisation for the CNN; scale 0.01) with the same particles (S=4), optimizer
 number of steps, S score calls each); ``psvi`` is ProximalScoreVI with its defaults
 (the mini-batch regime's), ``psvi_K<n>`` the same with ``inner_steps=n``, ``advi`` the PPL's SVI with
 Trace_ELBO(S), ``advi_psvi`` ADVI for the first half of the steps and ProximalScoreVI from
-ADVI's guide for the second half, ``ivon`` IVON on the MLP (``benchmarks.ivon_baseline``,
+ADVI's guide for the second half, ``ivon`` IVON (``benchmarks.ivon_baseline``,
 torch: the same network, priors, initial means, mini-batches and S gradient samples per
 step; IVON's published small-network recipe). Metrics from 100 guide draws: test
 accuracy, NLL and ECE (15 bins) of the posterior predictive, reliability bins, and test
@@ -123,16 +123,18 @@ def make_model(model_name: str, prior: str, num_inputs: int, seed: int):
 
 def run_ivon(data, model_name: str, prior: str, steps: int, seed: int) -> tuple[np.ndarray, list]:
     """IVON's test probabilities (100 draws) and its curve (test NLL on 2k images, 30 draws)."""
-    from benchmarks.ivon_baseline import IVONSettings, fit_mlp_classifier
+    from benchmarks.ivon_baseline import IVONSettings, cnn_classifier, fit_classifier, mlp_classifier
 
-    if model_name != "mlp":
-        raise ValueError("The IVON baseline runs the MLP only (--model mlp).")
-    init = mlp_init_values(data.x_train.shape[1], hidden=HIDDEN, seed=seed)
+    _, init = make_model(model_name, prior, data.x_train.shape[1], seed)
+    if model_name == "cnn":
+        net = cnn_classifier(init)
+    else:
+        net = mlp_classifier(init, prior_scale=1.0, scale_by_fan_in=prior == "fan_in")
     every = max(steps // CURVE_POINTS, 1)
-    probs, points = fit_mlp_classifier(
-        data.x_train, data.y_train, data.x_test, init, prior_scale=1.0, scale_by_fan_in=prior == "fan_in",
-        steps=steps, seed=seed, batch=BATCH, num_particles=NUM_PARTICLES, num_draws=100,
-        settings=IVONSettings(), curve=(data.x_test[:2000], every, 30),
+    probs, points = fit_classifier(
+        net, data.x_train, data.y_train, data.x_test, steps=steps, seed=seed, batch=BATCH,
+        num_particles=NUM_PARTICLES, num_draws=100, settings=IVONSettings(),
+        curve=(data.x_test[:2000], every, 30),
     )  # fmt: skip
     y_curve = np.asarray(data.y_test[:2000])
     return probs, [(step * NUM_PARTICLES, nll(predictive_probs(p), y_curve)) for step, p in points]

@@ -55,3 +55,28 @@ def test_ivon_mapping_reaches_the_mean_field_optimum_of_a_conjugate_regression()
     assert np.all(np.abs(weights.detach().numpy() - mean) < 0.2 * mean_field_sd)
     # 4000 draws estimate an sd to 1.1%; the 10% is IVON's own error above.
     np.testing.assert_allclose(samples.std(0), mean_field_sd, rtol=0.1)
+
+
+def test_the_cnn_twin_computes_the_flax_cnns_logits_and_priors():
+    """IVON's torch CNN is the NumPyro benchmark's SmallCNN: the same logits from the same
+    initial values (float32 round-off: 1e-5), and the prior precision ``fan_in`` of
+    ``fan_in_prior()`` on each kernel, 1 on each bias."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.ivon_baseline import cnn_classifier
+    from benchmarks.mnist import SmallCNN, cnn_init_values
+
+    init = cnn_init_values(seed=0)
+    images = np.random.default_rng(0).uniform(size=(3, 784)).astype(np.float32)
+    flax_params = jax.tree_util.tree_map(
+        jnp.asarray, {"params": SmallCNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]}
+    )
+    expected = np.asarray(SmallCNN().apply(flax_params, jnp.asarray(images).reshape(-1, 28, 28, 1)))
+    net = cnn_classifier(init)
+    with torch.no_grad():
+        np.testing.assert_allclose(net.logits(torch.as_tensor(images)).numpy(), expected, atol=1e-5)
+    assert net.precisions == {
+        "PatchConv_0.kernel": 25.0, "PatchConv_0.bias": 1.0, "PatchConv_1.kernel": 200.0,
+        "PatchConv_1.bias": 1.0, "Dense_0.kernel": 256.0, "Dense_0.bias": 1.0,
+    }  # fmt: skip
