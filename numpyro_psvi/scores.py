@@ -22,12 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import log_density, potential_energy
 
 from numpyro_psvi._compat import unconstrain_reparam
-from psvi.checks import argument_labels, half_precision_message, nonfinite_rows_message
+from psvi.checks import (
+    argument_labels,
+    half_precision_message,
+    nonfinite_rows_message,
+    support_check_points,
+    support_density_message,
+)
 
 ScoreFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -317,6 +324,7 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
                 "in the model (e.g. a mixture via MixtureSameFamily) or use "
                 "numpyro.infer.TraceEnum_ELBO with SVI."
             )
+        _check_density_on_support(name, site, rng_key)
         latents.append(name)
     if not latents:
         raise ValueError(
@@ -342,6 +350,29 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
                     "impute them before fitting (or mask them with numpyro.handlers.mask)."
                 )
     return local
+
+
+def _check_density_on_support(name: str, site: dict, rng_key: jax.Array) -> None:
+    """Raise :func:`psvi.checks.support_density_message` when the site's log density is
+    NaN at any of 64 points (:func:`psvi.checks.support_check_points`) of its declared
+    support, uniform in (-2, 2) in the space of ``biject_to(support)``, the space its
+    autoguide lives in; ``-inf`` (a density that underflows) passes. Skipped under a
+    caller's jit, where the values are not concrete."""
+    support = site["fn"].support
+    try:
+        transform = biject_to(support)
+    except NotImplementedError:  # no bijection: the guides refuse the site with their own error
+        return
+    shape = transform.inverse_shape(jnp.shape(site["value"]))
+    count = support_check_points(math.prod(shape))
+    points = transform(jax.random.uniform(rng_key, (count, *shape), minval=-2, maxval=2))
+    log_prob = site["fn"].log_prob(points)
+    if isinstance(log_prob, jax.core.Tracer):
+        return
+    if np.isnan(np.asarray(log_prob)).any():
+        raise ValueError(
+            support_density_message(name, support, "biject_to(positive_ordered_vector) declares positive")
+        )
 
 
 def _check_data_arguments(model_trace, args: tuple, kwargs: dict) -> None:

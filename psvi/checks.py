@@ -339,6 +339,28 @@ class GuideSite(NamedTuple):
     model_support: str
 
 
+SUPPORT_CHECK_ENTRIES = 2**20
+"""The most values the support check draws for one latent site (64 points of it, fewer
+for a site this large: one point of a network's flat weight vector)."""
+
+
+def support_check_points(size: int) -> int:
+    """How many points of a latent site of ``size`` values the support check draws."""
+    return max(1, min(64, SUPPORT_CHECK_ENTRIES // max(size, 1)))
+
+
+def support_density_message(name: str, support: object, example: str) -> str:
+    """The error for a latent site whose log density is NaN at values inside the support
+    it declares (what its autoguide draws over, through ``biject_to(support)``)."""
+    return (
+        f"Latent site {name!r}: its log density is NaN at values inside its declared support "
+        f"{support}, which is where its guide draws. A TransformedDistribution declares its "
+        f"last transform's codomain, which can be wider than the set its values lie in ({example}); "
+        "SVI fails on such a site too. Sample the site through a transform whose codomain is "
+        "that set, or with a distribution on it, and apply further transforms in the model."
+    )
+
+
 def check_user_guide_sites(
     latent_names: Iterable[str], sites: Mapping[str, GuideSite], mixture_class: str
 ) -> None:

@@ -33,7 +33,13 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample, i
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from psvi.checks import argument_labels, half_precision_message, nonfinite_rows_message
+from psvi.checks import (
+    argument_labels,
+    half_precision_message,
+    nonfinite_rows_message,
+    support_check_points,
+    support_density_message,
+)
 from pyro_psvi.batches import SharedSubsample
 from pyro_psvi.guides import GuideDensity
 
@@ -494,6 +500,7 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
                 "x = s * v with v ~ Uniform(-1, 1) instead of x ~ Uniform(-s, s)), or use "
                 "numpyro_psvi, whose guides follow dependent supports."
             )
+        _check_density_on_support(name, site)
         latents.append(name)
     if not latents:
         raise ValueError(
@@ -510,6 +517,31 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
                     "impute them before fitting (or mask them with poutine.mask)."
                 )
     return model_trace
+
+
+def _check_density_on_support(name: str, site: dict) -> None:
+    """Raise :func:`psvi.checks.support_density_message` when the site's log density is
+    NaN (or its validation raises) at any of 64 points
+    (:func:`psvi.checks.support_check_points`) of its declared support (uniform in
+    (-2, 2) in the space of ``biject_to(support)``, the space its autoguide lives in);
+    ``-inf`` (a density that underflows) passes."""
+    support = site["fn"].support
+    try:
+        transform = biject_to(support)
+    except NotImplementedError:  # no bijection: the guides refuse the site with their own error
+        return
+    value = site["value"]
+    shape = transform.inverse_shape(value.shape)
+    count = support_check_points(math.prod(shape))
+    uniform = torch.rand((count, *shape), generator=torch.Generator().manual_seed(0), dtype=value.dtype)
+    points = transform((4 * uniform - 2).to(value.device))
+    try:
+        with torch.no_grad():
+            finite = not torch.isnan(site["fn"].log_prob(points)).any()
+    except ValueError:  # Pyro's validation of a NaN reached inside the distribution
+        finite = False
+    if not finite:
+        raise ValueError(support_density_message(name, support, "torch's biject_to(positive) declares real"))
 
 
 def _check_data_arguments(model_trace, args: tuple, kwargs: dict) -> None:

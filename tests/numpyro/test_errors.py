@@ -58,6 +58,26 @@ def test_discrete_latent_is_refused():
         svi.init(jax.random.PRNGKey(0))
 
 
+def test_latent_whose_density_is_nan_inside_its_declared_support_is_refused():
+    """biject_to(positive_ordered_vector) ends in an exp, so a TransformedDistribution
+    through it declares the support positive; its autoguide would draw unordered values,
+    where its density is NaN (NumPyro's SVI ends NaN; the engine rejected updates and ended
+    1.1 sds off)."""
+    from numpyro.distributions.transforms import biject_to
+
+    def model():
+        base = dist.Normal(jnp.zeros(3), 1.0).to_event(1)
+        numpyro.sample(
+            "x", dist.TransformedDistribution(base, biject_to(dist.constraints.positive_ordered_vector))
+        )
+
+    svi = ProximalScoreVI(model, AutoNormal(model), adam())
+    with pytest.raises(
+        ValueError, match=r"'x'.*NaN at values inside its declared support.*transform whose codomain"
+    ):
+        svi.init(jax.random.PRNGKey(0))
+
+
 def test_model_param_is_refused_by_the_baselines():
     from numpyro_psvi import GSM
 

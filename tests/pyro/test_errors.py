@@ -54,6 +54,24 @@ def test_discrete_latent_is_refused():
         svi.step()
 
 
+def test_latent_whose_density_is_nan_inside_its_declared_support_is_refused():
+    """torch's biject_to(positive) ends in an AffineTransform (codomain real), so a
+    TransformedDistribution through it declares the support real; its autoguide would draw
+    negative values, whose log density is NaN (Pyro's validation raised inside the model)."""
+    from torch.distributions import biject_to
+
+    def model():
+        pyro.sample(
+            "x", dist.TransformedDistribution(dist.Normal(0.0, 1.0), [biject_to(dist.constraints.positive)])
+        )
+
+    svi = ProximalScoreVI(model, AutoNormal(model), adam())
+    with pytest.raises(
+        ValueError, match=r"'x'.*NaN at values inside its declared support.*transform whose codomain"
+    ):
+        svi.step()
+
+
 def test_model_param_is_refused_by_the_baselines():
     from pyro_psvi import GSM
 
