@@ -48,7 +48,7 @@ from numpyro_psvi.objective import (
     trust_region_fraction,
 )
 from numpyro_psvi.scores import ModelScores
-from psvi.checkpoint import inner_scale_message
+from psvi.checkpoint import warn_if_inner_scale_changed
 from psvi.checks import caller_stacklevel, check_proximal_options
 from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
@@ -338,10 +338,7 @@ class ProximalScoreVI(ScoreEngine):
 
     def _check_resumed(self, saved_header: dict) -> None:
         if self.inner_solver == "optimizer":  # the closed-form steps do not step it
-            scale = inner_objective_scale(self.objective.prox_weight)
-            message = inner_scale_message(saved_header.get("inner_objective_scale"), scale)
-            if message is not None:
-                warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
+            warn_if_inner_scale_changed(saved_header.get("inner_objective_scale"), self.objective.prox_weight)
 
     def get_params(self, state: EngineState) -> dict:
         """Constrained guide params, exactly as ``SVI.get_params`` returns them: the averaged

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from psvi import __version__
+from psvi.checks import caller_stacklevel
+from psvi.objective import inner_objective_scale
 
 FORMAT = "psvi-checkpoint"
 FORMAT_VERSION = 1
@@ -221,15 +224,17 @@ def legacy_message(error: LegacyCheckpointError, backend_recipe: str) -> str:
     )
 
 
-def inner_scale_message(saved_scale: float | None, scale: float) -> str | None:
-    """Why a resumed run's optimizer state does not fit the scale its inner steps now
-    take the objective at (:func:`psvi.objective.inner_objective_scale`; ``saved_scale``
-    ``None``: written before psvi scaled it, i.e. at 1), or ``None`` when it does."""
+def warn_if_inner_scale_changed(saved_scale: float | None, prox_weight: float) -> None:
+    """Warn (``RuntimeWarning``) when a resumed run's optimizer state was accumulated at
+    another scale of the inner steps' objective than :func:`psvi.objective.inner_objective_scale`
+    gives at ``prox_weight`` (``saved_scale`` ``None``: written before psvi scaled it,
+    i.e. at 1), naming both scales and what the saved moments do."""
+    scale = inner_objective_scale(prox_weight)
     saved_scale = 1.0 if saved_scale is None else saved_scale
     if abs(saved_scale - scale) <= 1e-9 * scale:
-        return None
+        return
     ratio = saved_scale / scale
-    return (
+    message = (
         f"The checkpoint's optimizer state was accumulated with the inner steps' objective "
         f"scaled by {saved_scale:.4g}; this engine scales it by {scale:.4g} (psvi.objective."
         f"inner_objective_scale), so the saved moments are {ratio:.3g}x those of the gradients "
@@ -238,3 +243,4 @@ def inner_scale_message(saved_scale: float | None, scale: float) -> str | None:
         "moment forgets the old scale (about 1 / (1 - beta2) inner steps). docs/defaults.md, "
         "'The user's optimizer'."
     )
+    warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())

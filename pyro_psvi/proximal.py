@@ -33,7 +33,7 @@ from pyro.distributions.transforms import SoftplusTransform as PyroSoftplusTrans
 from pyro.optim import PyroOptim
 from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, SoftplusTransform
 
-from psvi.checkpoint import CheckpointMismatch, inner_scale_message
+from psvi.checkpoint import CheckpointMismatch, warn_if_inner_scale_changed
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
 from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
@@ -648,10 +648,7 @@ class ProximalScoreVI(ScoreEngine):
 
     def _load_checkpoint_extra(self, extra: dict) -> None:
         if self.inner_solver == "optimizer":  # the closed-form steps do not step it
-            scale = inner_objective_scale(self.objective.prox_weight)
-            message = inner_scale_message(extra.get("inner_objective_scale"), scale)
-            if message is not None:
-                warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
+            warn_if_inner_scale_changed(extra.get("inner_objective_scale"), self.objective.prox_weight)
         averages = RunningAverages(**extra["averages"])
         saved = (averages.curvature is not None, extra["iterate"] is not None)
         current = (self.density.loc_scale is not None, self.average_iterates)
