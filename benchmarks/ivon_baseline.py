@@ -16,6 +16,8 @@ initial means), so that the metrics come from the same functions.
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -173,3 +175,68 @@ def fit_classifier(net: Classifier, x: np.ndarray, y: np.ndarray, x_test: np.nda
         if curve:
             points.append((done + every, probabilities(torch.as_tensor(curve[0]), curve[2])))
     return probabilities(x_test, num_draws), points
+
+
+RESNET_RECIPE = IVONSettings(lr=0.2, beta1=0.9, beta2=0.99999, hess_init=0.5)
+"""IVON's published ResNet recipe (``ivon-experiments``, ``bdl_indomain/train_ivon.sh``:
+ResNet-20 on CIFAR-10), used with :func:`recipe_schedule`."""
+
+
+def recipe_schedule(steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of IVON's ResNet recipe over ``steps`` steps: a linear
+    warm-up from 1/5 over the first 5/200 of the run (its 5 of 200 epochs), then cosine
+    annealing to 0."""
+    warmup = max(1, round(steps * 5 / 200))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.2 + 0.8 * step / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+    return factor
+
+
+class FlatModuleIVON:
+    """IVON on the network of a ``FlatBayesianModule`` (``net``), stepped like an SVI
+    engine: ``step(x, y)`` takes one IVON step (``num_particles`` sampled-weight gradients
+    on a mini-batch of ``batch`` rows drawn without replacement) on a twin of the network
+    started at ``net.initial_weights``, with ``net``'s zero-mean Normal prior per parameter
+    tensor as weight decay, and :meth:`posterior` gives IVON's Gaussian as the flat
+    ``(loc, scale)`` of ``net``'s weights, so the benchmark can write it into the PPL
+    guide and evaluate it with the same code as the other methods."""
+
+    def __init__(self, net, num_train: int, batch: int, num_particles: int, steps: int,
+                 settings: IVONSettings = RESNET_RECIPE, seed: int = 0) -> None:  # fmt: skip
+        if bool((net.prior_loc != 0).any()):
+            raise ValueError("IVON's weight decay is a zero-mean Gaussian prior; this prior has a mean")
+        self.twin = copy.deepcopy(net.module)
+        initial, params = net.unflatten(net.initial_weights), dict(self.twin.named_parameters())
+        if list(params) != net.param_names:
+            raise ValueError("the twin's parameters are not in the order of net's flat weights")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(initial[name])
+                param.requires_grad_(True)
+        groups = []
+        for param, scale in zip(params.values(), torch.split(net.prior_scale, net.sizes), strict=True):
+            if not bool((scale == scale[0]).all()):
+                raise ValueError("IVON's weight decay is one prior precision per parameter tensor")
+            groups.append({"params": [param], "weight_decay": float(scale[0]) ** -2 / num_train})
+        self.optimizer = make_ivon(groups, num_train, num_particles, settings)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, recipe_schedule(steps))
+        self.num_train, self.batch = num_train, batch
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        def loss(idx):
+            return F.cross_entropy(self.twin(x[idx]), y[idx])
+
+        train(self.optimizer, loss, self.num_train, self.batch, 1, self.generator)
+        self.scheduler.step()
+
+    def posterior(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """IVON's flat mean and sd, in the order of ``net``'s flat weights."""
+        loc = torch.cat([param.detach().reshape(-1) for param in self.twin.parameters()])
+        scale = torch.cat([(group["ess"] * (group["hess"] + group["weight_decay"])).rsqrt()
+                           for group in self.optimizer.param_groups])  # fmt: skip
+        return loc, scale

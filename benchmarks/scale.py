@@ -45,7 +45,8 @@ of its sds, and the test error, NLL and ECE of the network at the guide's means
 (``mean_network``; with iterate averaging, also the engine's last iterate's metrics,
 curve and mean network: ``last_iterate``); ``scale_mnist[<tag>][_quick].json`` and
 ``docs/scale_mnist[<tag>]_convergence.png`` (``--mnist-tag``).
-Methods: ``advi``, ``advi_L<lr>`` (another Adam rate), ``psvi`` and its variants
+Methods: ``advi``, ``advi_L<lr>`` (another Adam rate), ``ivon`` (IVON with its ResNet
+recipe, the same budget of S = 4 gradients per step), ``psvi`` and its variants
 (:func:`mnist_fit`).
 """
 
@@ -371,6 +372,27 @@ def memory_map(method: str, width: int, particles: int, steps: int = 3) -> dict:
             "phase_peaks": {name: in_vectors(value) for name, value in peaks.items()}}  # fmt: skip
 
 
+class IVONIntoGuide:
+    """An IVON fit (:class:`benchmarks.ivon_baseline.FlatModuleIVON`) stepped like an SVI
+    engine, its Gaussian written into the AutoNormal ``guide`` after every step (the
+    guide's params are made by one run of it first), so that the evaluation reads it as
+    it reads the other methods' guides."""
+
+    def __init__(self, fit, guide, *args) -> None:
+        self.fit, self.guide = fit, guide
+        guide(*args)
+
+    def step(self, *args) -> None:
+        import pyro
+
+        self.fit.step(*args)
+        loc, scale = self.fit.posterior()
+        with torch.no_grad():  # in place: the guide module reads its params' unconstrained leaves
+            pyro.param("AutoNormal.locs.weights").unconstrained().copy_(loc)
+            unconstrained_scale = torch.distributions.transform_to(self.guide.scale_constraint).inv(scale)
+            pyro.param("AutoNormal.scales.weights").unconstrained().copy_(unconstrained_scale)
+
+
 def mnist_fit(
     method: str,
     width: int,
@@ -382,10 +404,10 @@ def mnist_fit(
     device: str = "cpu",
 ) -> dict:
     """Fit the ResNet on MNIST with ``method``: ``advi``, ``advi_L<lr>`` (ADVI at Adam's
-    rate ``lr``), ``psvi`` (defaults) or ``psvi`` with options after underscores,
-    ``K<n>`` (``inner_steps=n``), ``T<c>`` (``trust_region=c``) and ``L<lr>`` (Adam's
-    learning rate, default 1e-3), e.g. ``psvi_K1`` or ``psvi_K5_L0.0002``; see the module
-    doc."""
+    rate ``lr``), ``ivon`` (IVON's ResNet recipe, :class:`IVONIntoGuide`), ``psvi``
+    (defaults) or ``psvi`` with options after underscores, ``K<n>`` (``inner_steps=n``),
+    ``T<c>`` (``trust_region=c``) and ``L<lr>`` (Adam's learning rate, default 1e-3),
+    e.g. ``psvi_K1`` or ``psvi_K5_L0.0002``; see the module doc."""
     import numpy as np
     import pyro
     from pyro.infer import SVI, Predictive, Trace_ELBO
@@ -393,6 +415,7 @@ def mnist_fit(
     from tqdm import tqdm
 
     from benchmarks.common import guide_summary
+    from benchmarks.ivon_baseline import FlatModuleIVON
     from psvi.contrib.datasets import load_mnist
     from psvi.metrics import classification_report, nll, predictive_probs
     from pyro_psvi import ProximalScoreVI
@@ -423,8 +446,10 @@ def mnist_fit(
     elif method == "advi" or method.startswith("advi_L"):
         lr = float(method.removeprefix("advi_L")) if method != "advi" else 1e-3
         engine = SVI(model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO(num_particles=4))
+    elif method == "ivon":
+        engine = IVONIntoGuide(FlatModuleIVON(net, len(y), 64, 4, steps, seed=seed), guide, x, y)
     else:
-        raise ValueError(f"{method}: use advi, advi_L<lr>, psvi or psvi_<options>")
+        raise ValueError(f"{method}: use advi, advi_L<lr>, ivon, psvi or psvi_<options>")
 
     @torch.no_grad()
     def sample_probs(images: torch.Tensor, num_draws: int) -> np.ndarray:
@@ -521,7 +546,8 @@ def main() -> None:
         "--mnist-methods",
         nargs="+",
         default=["psvi", "advi"],
-        help="advi, psvi, psvi_K<n>, psvi_T<c>, psvi_L<lr> (see mnist_fit); runs merge into the JSON",
+        help="advi, advi_L<lr>, ivon, psvi, psvi_K<n>, psvi_T<c>, psvi_L<lr> (see mnist_fit); "
+        "runs merge into the JSON",
     )
     options = parser.parse_args()
     mapping = os.environ.get("MALLOC_MMAP_THRESHOLD_") == "131072"  # set for the child process
@@ -644,6 +670,10 @@ def plot_mnist(payload: dict, name: str = "scale_mnist") -> None:
     def label(method: str) -> str:
         if method == "advi":
             return "ADVI"
+        if method.startswith("advi_L"):
+            return f"ADVI, Adam({method.removeprefix('advi_L')})"
+        if method == "ivon":
+            return "IVON"
         return "ProximalScoreVI, " + (method.removeprefix("psvi_") if "_" in method else "defaults")
 
     curves = {label(r["method"]): tuple(zip(*r["curve"], strict=True)) for r in payload["runs"]}

@@ -2,6 +2,8 @@
 runs: its ``ess = N`` and ``weight_decay = prior precision / N`` mapping, checked on a
 conjugate regression whose mean-field optimum is known in closed form."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -80,3 +82,41 @@ def test_the_cnn_twin_computes_the_flax_cnns_logits_and_priors():
         "PatchConv_0.kernel": 25.0, "PatchConv_0.bias": 1.0, "PatchConv_1.kernel": 200.0,
         "PatchConv_1.bias": 1.0, "Dense_0.kernel": 256.0, "Dense_0.bias": 1.0,
     }  # fmt: skip
+
+
+def test_ivon_on_a_flat_module_hands_the_guide_ivons_own_gaussian():
+    """The ResNet benchmark's IVON (``FlatModuleIVON``, written into the AutoNormal guide
+    by ``IVONIntoGuide``): each parameter tensor's weight decay is its ``fan_in_prior``
+    precision over N, and after a few steps the guide holds IVON's mean and sd, the sd
+    being that of IVON's own weight draws. Tolerance: 4,000 draws estimate an sd to
+    1/sqrt(2 * 4000) = 1.1% and a mean to 1.6% of the sd; 6% and 8% are five of those."""
+    import pyro
+    from pyro.infer.autoguide import AutoNormal, init_to_value
+
+    from benchmarks.ivon_baseline import FlatModuleIVON
+    from benchmarks.scale import IVONIntoGuide
+    from pyro_psvi.contrib.models import FlatBayesianModule, fan_in_prior, module_classifier
+
+    torch.manual_seed(0)
+    pyro.clear_param_store()
+    layers = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    net = FlatBayesianModule(layers, fan_in_prior())
+    x, y = torch.randn(50, 3), torch.randint(0, 3, (50,))
+    initial = net.initial_weights.clone()  # the guide's loc param starts as this very tensor
+    model = partial(module_classifier, net, subsample_size=10)
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values={"weights": net.initial_weights}))
+    fit = FlatModuleIVON(net, len(y), 10, 2, steps=5)
+    assert [group["weight_decay"] * 50 for group in fit.optimizer.param_groups] == pytest.approx([3, 1, 4, 1])
+    engine = IVONIntoGuide(fit, guide, x, y)
+    for _ in range(5):
+        engine.step(x, y)
+    loc, scale = fit.posterior()
+    assert not torch.equal(loc, initial)  # it moved
+    torch.testing.assert_close(guide.median()["weights"], loc)
+    torch.testing.assert_close(pyro.param("AutoNormal.scales.weights"), scale, rtol=1e-5, atol=0)
+    flat = torch.cat  # IVON's draws of the twin's parameters, flattened as the guide's weights
+    samples = torch.as_tensor(
+        draws(fit.optimizer, lambda: flat([p.reshape(-1) for p in fit.twin.parameters()]), 4000)
+    )
+    np.testing.assert_allclose(samples.std(0), scale, rtol=0.06)
+    assert float(((samples.mean(0) - loc) / scale).abs().max()) < 0.08
