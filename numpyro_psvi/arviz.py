@@ -1,4 +1,5 @@
-"""From a VI fit to ArviZ: ``InferenceData`` and diagnostics (NumPyro).
+"""From a VI fit to ArviZ (NumPyro): ``InferenceData`` (ArviZ 0.x) or ``DataTree``
+(ArviZ 1.x) and diagnostics.
 
 ``to_inference_data`` draws from the fitted guide and evaluates the model on the
 FULL data: every subsampled plate's indices are replaced by ``arange(size)`` (so its
@@ -13,7 +14,6 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import arviz as az
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +25,14 @@ from numpyro.infer.util import log_likelihood
 from numpyro_psvi.guides import guide_density
 from numpyro_psvi.objective import weighted_fisher
 from numpyro_psvi.scores import at_random_values, make_log_joint, make_score_fn
-from psvi.inference_data import add_fit_stats, dim_names, pareto_khat, pseudo_chains
+from psvi.inference_data import (
+    add_fit_stats,
+    dim_names,
+    from_groups,
+    pareto_khat,
+    pseudo_chains,
+    use_datatree,
+)
 from psvi.modes import ModeCoverage, search_modes, uncovered_message
 
 
@@ -89,8 +96,9 @@ def to_inference_data(
     losses: Any = None,
     num_score_calls: int | None = None,
     diagnostics: bool = True,
+    datatree: bool | None = None,
     **kwargs: Any,
-) -> az.InferenceData:
+) -> Any:
     """An ``arviz.InferenceData`` of a fitted guide.
 
     Parameters
@@ -113,14 +121,18 @@ def to_inference_data(
         Also store :func:`vi_diagnostics` (PSIS ``khat``, ``elbo``, ``fisher``, on
         ``num_samples`` draws of their own) in ``sample_stats``: what describes a VI fit,
         where the pseudo-chains' ESS and R-hat describe nothing.
+    datatree : bool, optional
+        Return ArviZ 1.x's ``xarray.DataTree`` (``arviz-base``; ``True``) or ArviZ 0.x's
+        ``InferenceData`` (``False``); by default what the installed ArviZ makes.
 
     Returns
     -------
-    arviz.InferenceData
+    arviz.InferenceData or xarray.DataTree
         ``posterior`` (latent and deterministic sites), ``posterior_predictive`` and ``log_likelihood``
         (observed sites, pointwise over the full data), ``observed_data`` and
         ``sample_stats``; dims named after the model's plates.
     """
+    datatree = use_datatree(datatree)  # before the draws: a missing ArviZ loses no work
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     key_draws, key_predict, key_trace, key_diagnostics = jax.random.split(rng_key, 4)
     # The fitted model params (numpyro.param sites learned with the guide) are in params.
@@ -151,14 +163,13 @@ def to_inference_data(
         if site["type"] == "sample"
         for frame in site["cond_indep_stack"]
     }
-    idata = az.from_dict(
-        posterior=pseudo_chains({k: v for k, v in posterior.items() if k in dims}, num_chains),
-        posterior_predictive=pseudo_chains(predictive, num_chains),
-        log_likelihood=pseudo_chains(pointwise, num_chains),
-        observed_data={name: np.asarray(site["value"]) for name, site in observed.items()},
-        coords=coords,
-        dims=dims,
-    )
+    groups = {
+        "posterior": pseudo_chains({k: v for k, v in posterior.items() if k in dims}, num_chains),
+        "posterior_predictive": pseudo_chains(predictive, num_chains),
+        "log_likelihood": pseudo_chains(pointwise, num_chains),
+        "observed_data": {name: np.asarray(site["value"]) for name, site in observed.items()},
+    }
+    idata = from_groups(groups, coords, dims, datatree)
     fit = None
     if diagnostics:
         fit = vi_diagnostics(

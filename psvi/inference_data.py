@@ -1,7 +1,11 @@
-"""Pieces of an ArviZ export that need neither backend (NumPy; xarray imported lazily)."""
+"""Pieces of an ArviZ export that need neither backend (NumPy; xarray and ArviZ imported
+lazily). The export is ArviZ 0.x's ``InferenceData`` or ArviZ 1.x's ``xarray.DataTree``
+(its data layer, ``arviz-base``), whichever the installed ArviZ makes (:func:`use_datatree`)."""
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 from typing import Any
 
 import numpy as np
@@ -13,15 +17,69 @@ import numpy as np
 CONSTANT_LOG_WEIGHTS = 1e-2
 
 
+def _arviz_major() -> int | None:
+    """The installed ``arviz``'s major version (read without importing it), ``None`` without one."""
+    try:
+        return int(version("arviz").split(".")[0])
+    except PackageNotFoundError:
+        return None
+
+
+ARVIZ_1_PACKAGES = "pip install arviz-base arviz-stats (ArviZ 1.x's data and statistics layers)"
+
+
+def use_datatree(datatree: bool | None) -> bool:
+    """Whether an export is ArviZ 1.x's ``xarray.DataTree`` (built by ``arviz-base``) rather
+    than ArviZ 0.x's ``InferenceData``: ``datatree`` when given, else what the installed
+    ArviZ makes (a DataTree with ArviZ >= 1, or with no ``arviz`` but ``arviz-base``). A
+    container whose library is missing is an ``ImportError`` that names the package."""
+    major = _arviz_major()
+    if datatree is None:
+        datatree = major is None or major >= 1
+    if datatree and find_spec("arviz_base") is None:
+        raise ImportError(f"An xarray.DataTree export needs arviz-base: {ARVIZ_1_PACKAGES}.")
+    if not datatree and (major is None or major >= 1):
+        installed = "no arviz is installed" if major is None else f"arviz {version('arviz')} makes DataTrees"
+        raise ImportError(
+            f"An InferenceData export needs ArviZ 0.x ({installed}): pip install 'arviz<1', "
+            "or pass datatree=True (or leave it None) for a DataTree."
+        )
+    return datatree
+
+
+def from_groups(groups: dict[str, dict], coords: dict, dims: dict, datatree: bool | None) -> Any:
+    """The export of ``groups`` (``{group: {variable: array}}``, the sampled groups'
+    arrays ``(chain, draw, ...)``) with ``coords`` and ``dims``: ``arviz_base.from_dict``'s
+    ``xarray.DataTree`` or ``arviz.from_dict``'s ``InferenceData`` (:func:`use_datatree`)."""
+    if use_datatree(datatree):
+        import arviz_base
+
+        return arviz_base.from_dict(groups, coords=coords, dims=dims)
+    import arviz as az
+
+    return az.from_dict(**groups, coords=coords, dims=dims)
+
+
 def pareto_khat(log_weights: np.ndarray) -> float:
-    """PSIS Pareto k-hat of ``log_weights`` (ArviZ's ``psislw``); ``-inf`` when they are
-    constant to within :data:`CONSTANT_LOG_WEIGHTS` nats (an exact fit)."""
+    """PSIS Pareto k-hat of ``log_weights`` (ArviZ's ``psislw``: ArviZ 0.x's, else
+    ``arviz-stats``'); ``-inf`` when they are constant to within
+    :data:`CONSTANT_LOG_WEIGHTS` nats (an exact fit)."""
     log_weights = np.asarray(log_weights, np.float64)
     if np.ptp(log_weights) < CONSTANT_LOG_WEIGHTS:
         return float("-inf")
-    import arviz as az
+    major = _arviz_major()
+    if major is not None and major < 1:
+        import arviz as az
 
-    return float(az.psislw(log_weights)[1])
+        return float(az.psislw(log_weights)[1])
+    if find_spec("arviz_stats") is None:
+        raise ImportError(f"The PSIS k-hat needs ArviZ: {ARVIZ_1_PACKAGES}, or pip install 'arviz<1'.")
+    import arviz_stats  # noqa: F401  (registers the .azstats accessor)
+    import xarray as xr
+
+    # arviz-stats' psislw takes the log-likelihood values of PSIS-LOO, whose log weights are
+    # their negatives: pass -log_weights (checked against ArviZ 0.x's on known tail shapes).
+    return float(xr.DataArray(-log_weights, dims=["draw"]).azstats.psislw(dim="draw")[1])
 
 
 def pseudo_chains(samples: dict, num_chains: int) -> dict[str, np.ndarray]:
@@ -56,10 +114,11 @@ def add_fit_stats(
     num_score_calls: int | None = None,
     diagnostics: dict[str, float] | None = None,
 ) -> None:
-    """Describe the VI fit in ``idata``: a ``sample_stats`` group with the fit's loss
-    trace (dim ``step``), its score-call count and the guide's diagnostics (``khat``,
-    ``elbo``, ``fisher`` as ``vi_diagnostics`` returns them), when given; and a note on
-    the posterior group that its draws are iid (:data:`VI_DRAWS_NOTE`)."""
+    """Describe the VI fit in ``idata`` (an ``InferenceData`` or a ``DataTree``): a
+    ``sample_stats`` group with the fit's loss trace (dim ``step``), its score-call count
+    and the guide's diagnostics (``khat``, ``elbo``, ``fisher`` as ``vi_diagnostics``
+    returns them), when given; and a note on the posterior group that its draws are iid
+    (:data:`VI_DRAWS_NOTE`)."""
     import xarray as xr
 
     idata.posterior.attrs["inference"] = "variational"
@@ -71,5 +130,7 @@ def add_fit_stats(
         stats["num_score_calls"] = xr.DataArray(int(num_score_calls))
     for name, value in (diagnostics or {}).items():
         stats[name] = xr.DataArray(float(value))
-    if stats:
+    if stats and hasattr(idata, "add_groups"):  # InferenceData
         idata.add_groups(sample_stats=xr.Dataset(stats))
+    elif stats:  # DataTree
+        idata["sample_stats"] = xr.Dataset(stats)

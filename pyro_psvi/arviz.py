@@ -1,4 +1,5 @@
-"""From a VI fit to ArviZ: ``InferenceData`` and diagnostics (Pyro).
+"""From a VI fit to ArviZ (Pyro): ``InferenceData`` (ArviZ 0.x) or ``DataTree``
+(ArviZ 1.x) and diagnostics.
 
 The twin of ``numpyro_psvi.arviz``. Pyro's plate refuses indices of another length
 than its ``subsample_size``, so the FULL data are covered chunk by chunk: the
@@ -17,7 +18,6 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import arviz as az
 import numpy as np
 import pyro
 import torch
@@ -29,7 +29,14 @@ from torch.distributions import biject_to
 
 from psvi.checks import unbatched_local_guide_message
 from psvi.families import DensityOptions
-from psvi.inference_data import add_fit_stats, dim_names, pareto_khat, pseudo_chains
+from psvi.inference_data import (
+    add_fit_stats,
+    dim_names,
+    from_groups,
+    pareto_khat,
+    pseudo_chains,
+    use_datatree,
+)
 from psvi.modes import ModeCoverage, search_modes, uncovered_message
 from pyro_psvi.batches import SharedSubsample
 from pyro_psvi.guides import GuideDensity, guide_family
@@ -199,8 +206,9 @@ def to_inference_data(
     losses: Any = None,
     num_score_calls: int | None = None,
     diagnostics: bool = True,
+    datatree: bool | None = None,
     **kwargs: Any,
-) -> az.InferenceData:
+) -> Any:
     """An ``arviz.InferenceData`` of a fitted guide (its params as the guide reads them).
 
     Parameters
@@ -221,14 +229,18 @@ def to_inference_data(
         Also store :func:`vi_diagnostics` (PSIS ``khat``, ``elbo``, ``fisher``, on
         ``num_samples`` draws of their own) in ``sample_stats``: what describes a VI fit,
         where the pseudo-chains' ESS and R-hat describe nothing.
+    datatree : bool, optional
+        Return ArviZ 1.x's ``xarray.DataTree`` (``arviz-base``; ``True``) or ArviZ 0.x's
+        ``InferenceData`` (``False``); by default what the installed ArviZ makes.
 
     Returns
     -------
-    arviz.InferenceData
+    arviz.InferenceData or xarray.DataTree
         ``posterior`` (latent and ``pyro.deterministic`` sites), ``posterior_predictive``
         and ``log_likelihood`` (observed sites, pointwise over the full data, no ``N/B``
         scale), ``observed_data`` and ``sample_stats``; dims named after the model's plates.
     """
+    datatree = use_datatree(datatree)  # before the draws: a missing ArviZ loses no work
     density, params = _density(model, guide, args, kwargs)
     with torch.no_grad():
         draws = density.sample(params, num_samples)
@@ -260,14 +272,13 @@ def to_inference_data(
         for frame in site["cond_indep_stack"]
         if frame.vectorized
     }
-    idata = az.from_dict(
-        posterior=pseudo_chains(posterior, num_chains),
-        posterior_predictive=pseudo_chains(predictive, num_chains),
-        log_likelihood=pseudo_chains(pointwise, num_chains),
-        observed_data=observed,
-        coords=coords,
-        dims=dims,
-    )
+    groups = {
+        "posterior": pseudo_chains(posterior, num_chains),
+        "posterior_predictive": pseudo_chains(predictive, num_chains),
+        "log_likelihood": pseudo_chains(pointwise, num_chains),
+        "observed_data": observed,
+    }
+    idata = from_groups(groups, coords, dims, datatree)
     fit = _diagnostics(model, density, params, args, kwargs, num_samples) if diagnostics else None
     add_fit_stats(idata, losses, num_score_calls, fit)
     return idata

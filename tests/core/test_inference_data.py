@@ -1,7 +1,10 @@
-"""PSIS k-hat of a VI fit's log weights (``psvi.inference_data.pareto_khat``)."""
+"""PSIS k-hat of a VI fit's log weights (``psvi.inference_data.pareto_khat``) and the export's
+container (``use_datatree``)."""
 
 import numpy as np
+import pytest
 
+from psvi import inference_data
 from psvi.inference_data import CONSTANT_LOG_WEIGHTS, pareto_khat
 
 
@@ -23,3 +26,34 @@ def test_light_and_heavy_tails_are_told_apart():
     # Gaussian log weights with sd 0.3 (a close fit): lognormal weights, k-hat well below 0.5.
     light = 0.3 * rng.standard_normal(4000)
     assert pareto_khat(light) < 0.5
+
+
+@pytest.mark.parametrize("library", ["arviz 0.x", "arviz-stats"])
+def test_each_arviz_generation_estimates_a_known_tail_shape(monkeypatch, library):
+    """k-hat from ArviZ 0.x's ``psislw`` and from ``arviz-stats``' (ArviZ 1.x), whichever the
+    installed ArviZ has. Log weights exponential with mean xi are Pareto weights of shape
+    k = xi; 4,000 draws fit the tail's 3 sqrt(4000) = 190 largest, whose k-hat has sd about
+    (1 + k) / sqrt(190) = 0.11 at k = 0.5: 0.35 is three of those."""
+    if library == "arviz-stats":
+        pytest.importorskip("arviz_stats")
+        monkeypatch.setattr(inference_data, "_arviz_major", lambda: 1)
+    elif inference_data._arviz_major() is None or inference_data._arviz_major() >= 1:
+        pytest.skip("ArviZ 0.x is not installed")
+    log_weights = np.random.default_rng(1).exponential(0.5, size=4000)
+    assert pareto_khat(log_weights) == pytest.approx(0.5, abs=0.35)
+
+
+def test_the_export_container_follows_the_installed_arviz_and_names_what_is_missing(monkeypatch):
+    """``use_datatree``: ArviZ 0.x makes InferenceData, ArviZ >= 1 (or arviz-base alone)
+    DataTrees; asking for a container whose library is missing names the package."""
+    monkeypatch.setattr(inference_data, "_arviz_major", lambda: 0)
+    assert inference_data.use_datatree(None) is False
+    monkeypatch.setattr(inference_data, "_arviz_major", lambda: 1)
+    with pytest.raises(ImportError, match=r"pip install 'arviz<1'"):
+        inference_data.use_datatree(False)
+    monkeypatch.setattr(inference_data, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="pip install arviz-base arviz-stats"):
+        inference_data.use_datatree(None)
+    monkeypatch.setattr(inference_data, "_arviz_major", lambda: None)
+    with pytest.raises(ImportError, match="arviz-base"):
+        inference_data.use_datatree(True)

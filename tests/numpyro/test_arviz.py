@@ -9,12 +9,21 @@ import numpy as np
 import numpyro
 import pytest
 from numpyro.infer.autoguide import AutoMultivariateNormal as NAutoMVN
-from psvi_testing.arviz_checks import B, N, check_diagnostics, check_idata, data, exact_and_misfit
+from psvi_testing.arviz_checks import (
+    B,
+    N,
+    check_datatree_matches_inference_data,
+    check_diagnostics,
+    check_idata,
+    data,
+    exact_and_misfit,
+)
 from scipy import stats
 
 import numpyro_psvi
 import numpyro_psvi.arviz as narviz
 from numpyro_psvi.contrib.models import linear_regression as n_linear_regression
+from psvi.contrib.targets import conjugate_linear_regression
 
 
 @pytest.mark.slow  # 13-25 s on the 2-core CI machine, a Pyro twin or sibling in the default suite
@@ -78,6 +87,37 @@ def test_numpyro_inference_data_uses_the_learned_model_params():
     assert list(idata.log_likelihood.data_vars) == ["y"] and "mean" not in idata.posterior_predictive
     mean = idata.posterior["mean"].values.reshape(-1, N)
     np.testing.assert_allclose(mean, w @ np.asarray(x).T, rtol=1e-4, atol=1e-4)
+
+
+def test_numpyro_export_as_an_arviz_1_datatree_equals_the_inference_data():
+    """``datatree=True`` (ArviZ 1.x's ``arviz-base``) and ``datatree=False`` (ArviZ 0.x)
+    from the same key: the same draws, log-likelihoods and diagnostics, and the same
+    PSIS-LOO, right to its Monte Carlo error (:func:`check_datatree_matches_inference_data`;
+    the guide is the exact posterior)."""
+    pytest.importorskip("arviz_base")
+    pytest.importorskip("arviz_stats")
+    model = partial(n_linear_regression, subsample_size=B)
+    guide = NAutoMVN(model)
+    x, y = map(jnp.asarray, data())
+    numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2)).init(jax.random.PRNGKey(0), x, y)
+    mean, cov = conjugate_linear_regression(np.asarray(x), np.asarray(y), prior_scale=1.0, noise_scale=1.0)
+    params = {"auto_loc": jnp.asarray(mean, jnp.float32),
+              "auto_scale_tril": jnp.asarray(np.linalg.cholesky(cov), jnp.float32)}  # fmt: skip
+    exports = [
+        narviz.to_inference_data(
+            model,
+            guide,
+            params,
+            x,
+            y,
+            num_samples=400,
+            losses=np.arange(5.0),
+            num_score_calls=20,
+            datatree=datatree,
+        )  # fmt: skip
+        for datatree in (True, False)
+    ]
+    check_datatree_matches_inference_data(*exports, np.asarray(x), np.asarray(y))
 
 
 def test_arviz_functions_are_exported_at_the_package_top():

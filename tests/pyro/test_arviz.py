@@ -8,12 +8,20 @@ import pyro
 import pyro.distributions as pdist
 import pytest
 import torch
-from psvi_testing.arviz_checks import B, check_diagnostics, check_idata, data, exact_and_misfit
+from psvi_testing.arviz_checks import (
+    B,
+    check_datatree_matches_inference_data,
+    check_diagnostics,
+    check_idata,
+    data,
+    exact_and_misfit,
+)
 from pyro.infer.autoguide import AutoMultivariateNormal as PAutoMVN
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_psvi
 import pyro_psvi.arviz as parviz
+from psvi.contrib.targets import conjugate_linear_regression
 from pyro_psvi.contrib.models import linear_regression as p_linear_regression
 
 pytestmark = pytest.mark.usefixtures("fresh_pyro")
@@ -84,6 +92,30 @@ def test_pyro_diagnostics_of_a_model_written_for_one_draw_are_those_of_a_broadca
     np.testing.assert_array_equal(exports[1].posterior["w"], exports[0].posterior["w"])
     np.testing.assert_allclose(exports[1].log_likelihood["y"], exports[0].log_likelihood["y"], rtol=1e-5)
     assert exports[1].posterior_predictive["y"].shape == exports[0].posterior_predictive["y"].shape
+
+
+def test_pyro_export_as_an_arviz_1_datatree_equals_the_inference_data():
+    """The twin of NumPyro's: ``datatree=True`` and ``datatree=False`` from the same seed
+    give the same export, and PSIS-LOO right to its Monte Carlo error."""
+    pytest.importorskip("arviz_base")
+    pytest.importorskip("arviz_stats")
+    model = partial(p_linear_regression, subsample_size=B)
+    pyro.clear_param_store()
+    guide = PAutoMVN(model)
+    x, y = map(torch.as_tensor, data())
+    guide(x, y)
+    mean, cov = conjugate_linear_regression(data()[0], data()[1], prior_scale=1.0, noise_scale=1.0)
+    tril = torch.as_tensor(np.linalg.cholesky(cov), dtype=torch.float32)
+    store = pyro.get_param_store()
+    store["AutoMultivariateNormal.loc"] = torch.as_tensor(mean, dtype=torch.float32)
+    store["AutoMultivariateNormal.scale"] = tril.diagonal()
+    store["AutoMultivariateNormal.scale_tril"] = tril / tril.diagonal()[:, None]
+    exports = []
+    for datatree in (True, False):
+        pyro.set_rng_seed(3)
+        exports.append(parviz.to_inference_data(model, guide, x, y, num_samples=1000, losses=np.arange(5.0),
+                                                num_score_calls=20, datatree=datatree))  # fmt: skip
+    check_datatree_matches_inference_data(*exports, np.asarray(x), np.asarray(y))
 
 
 def test_arviz_functions_are_exported_at_the_package_top():

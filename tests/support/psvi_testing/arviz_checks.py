@@ -78,3 +78,43 @@ def check_diagnostics(exact, misfit, x, y):
     # A guide 10x too narrow and 3 sd off: heavy-tailed weights.
     assert misfit["khat"] > 0.7
     assert misfit["elbo"] < exact["elbo"] - 1 and misfit["fisher"] > 1.0
+
+
+def exact_loo(x, y):
+    """The conjugate regression's leave-one-out elpd in closed form: ``sum_i log N(y_i |
+    x_i' m_-i, 1 + x_i' P_-i^-1 x_i)``, ``P_-i = I + X'X - x_i x_i'``, ``m_-i = P_-i^-1 (X'y
+    - x_i y_i)``."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    precision, total = np.eye(x.shape[1]) + x.T @ x, 0.0
+    for xi, yi in zip(x, y, strict=True):
+        left_out = precision - np.outer(xi, xi)
+        mean = np.linalg.solve(left_out, x.T @ y - xi * yi)
+        total += stats.norm.logpdf(yi, xi @ mean, np.sqrt(1 + xi @ np.linalg.solve(left_out, xi)))
+    return total
+
+
+def check_datatree_matches_inference_data(datatree, idata, x, y):
+    """ArviZ 1.x's export (``datatree=True``) against ArviZ 0.x's from the same draws of the
+    exact posterior: the same groups, dims, values and diagnostics, and each library's
+    PSIS-LOO on its container within its Monte Carlo error of the closed form
+    (:func:`exact_loo`). Tolerance: a point's importance-sampling estimate
+    ``-log mean_s 1/p(y_i | w_s)`` has standard error ``sd_s(1/p) / (sqrt(S) mean_s(1/p))``
+    (delta method); the points share the draws, so the sum's standard error is at most
+    the sum of theirs: three of those."""
+    import arviz_stats
+    import xarray as xr
+
+    assert isinstance(datatree, xr.DataTree)
+    for group in ("posterior", "posterior_predictive", "log_likelihood", "observed_data"):
+        for name, value in idata[group].data_vars.items():
+            assert datatree[group][name].dims == value.dims, (group, name)
+            np.testing.assert_array_equal(datatree[group][name].values, value.values)
+    assert datatree["sample_stats"]["loss"].dims == ("step",)
+    for name in ("num_score_calls", "khat", "elbo", "fisher"):
+        assert datatree["sample_stats"][name].item() == idata.sample_stats[name].item(), name
+    assert "no information" in datatree["posterior"].attrs["draws"]
+    log_lik = idata.log_likelihood["y"].values.reshape(-1, N).astype(np.float64)
+    inverse = np.exp(-log_lik)
+    tolerance = 3 * np.sum(inverse.std(0) / (np.sqrt(len(inverse)) * inverse.mean(0)))
+    assert arviz_stats.loo(datatree).elpd == pytest.approx(exact_loo(x, y), abs=tolerance)
+    assert az.loo(idata).elpd_loo == pytest.approx(exact_loo(x, y), abs=tolerance)
