@@ -10,20 +10,50 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpyro
 from jax.example_libraries.optimizers import OptimizerState
 
 try:  # a jaxpr's literal constants
     from jax.extend.core import Literal as JaxprLiteral
 except ImportError:  # JAX before jax.extend.core
     from jax.core import Literal as JaxprLiteral
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
+from numpyro.distributions.util import sum_rightmost
 from numpyro.infer.autoguide import AutoBatchedMixin, AutoContinuous, AutoNormal
-from numpyro.infer.util import _unconstrain_reparam
+
+from numpyro_psvi.jacobians import log_abs_det_jacobian
 
 
 def unconstrain_reparam(params: dict[str, jax.Array], site: dict) -> Any:
-    """NumPyro's substitute function for unconstrained site values: the constrained
-    value, with ``log|det J|`` added to the trace (as ``potential_energy`` does)."""
-    return _unconstrain_reparam(params, site)
+    """NumPyro's substitute function for unconstrained site values
+    (``numpyro.infer.util._unconstrain_reparam``, what ``potential_energy`` substitutes,
+    mirrored): the constrained value, with ``log|det J|`` added to the trace as a factor,
+    that ``log|det J|`` from :func:`numpyro_psvi.jacobians.log_abs_det_jacobian` (finite
+    gradients where the transform's own formula overflows in float32)."""
+    name = site["name"]
+    if name not in params:
+        return None
+    if site["type"] != "sample":
+        return params[name]
+    unconstrained, support = params[name], site["fn"].support
+    transform = biject_to(support)
+    # Inside scan a site may take one step's item of a whole sequence (NumPyro's own rule).
+    index = site["infer"].get("_scan_current_index", None)
+    if index is not None:
+        shift = transform.codomain.event_dim - transform.domain.event_dim
+        if jnp.ndim(unconstrained) > len(site["fn"].shape()) - shift:
+            unconstrained = unconstrained[index]
+    if support is constraints.real or (
+        isinstance(support, constraints.independent) and support.base_constraint is constraints.real
+    ):
+        return unconstrained
+    value = transform(unconstrained)
+    log_det = log_abs_det_jacobian(transform, unconstrained, value)
+    log_det = sum_rightmost(log_det, jnp.ndim(log_det) - jnp.ndim(value) + len(site["fn"].event_shape))
+    numpyro.factor(f"_{name}_log_det", log_det)
+    return value
 
 
 def param_transforms(constrain_fn: Any) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from numpyro_psvi._compat import (
     is_jaxpr_literal,
     unpack_latent,
 )
+from numpyro_psvi.jacobians import log_abs_det_jacobian
 from numpyro_psvi.scores import given_plate_indices, subsampled_plates_of
 from psvi.checks import (
     GuideSite,
@@ -934,7 +935,7 @@ def _user_guide(
                 log_q = jnp.sum(site["fn"].log_prob(site["value"])) * (
                     scale if plate_scaled else scale / factor
                 )
-                log_det = transforms[name].log_abs_det_jacobian(values[name], x[name])
+                log_det = log_abs_det_jacobian(transforms[name], values[name], x[name])
                 total = total + log_q + jnp.sum(log_det) * (factor if plate_scaled else 1.0)
             return total
 

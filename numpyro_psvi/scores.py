@@ -7,8 +7,9 @@ The score at a particle ``u`` (flat, unconstrained) is the gradient of
 where the N/B scale and the mini-batch come from the model's own
 ``numpyro.plate(..., subsample_size=B)``, seeded by a per-iteration key so that the
 particles of one iteration share one mini-batch. The transform ``T`` is
-``biject_to(site.support)`` evaluated inside the model
-(:func:`numpyro.infer.util.potential_energy`), so dependent supports work.
+``biject_to(site.support)`` evaluated inside the model (as
+:func:`numpyro.infer.util.potential_energy` does; ``log|det J|`` from
+:mod:`numpyro_psvi.jacobians`), so dependent supports work.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.initialization import init_to_uniform
-from numpyro.infer.util import log_density, potential_energy
+from numpyro.infer.util import log_density
 
 from numpyro_psvi._compat import unconstrain_reparam
 from psvi.checks import (
@@ -100,7 +101,8 @@ def make_log_joint(
             seeded = seed(model, batch_key)
             if indices:
                 seeded = substitute(seeded, substitute_fn=partial(given_plate_indices, indices))
-            return -potential_energy(seeded, model_args, model_kwargs, unpack(u))
+            substituted = substitute(seeded, substitute_fn=partial(unconstrain_reparam, unpack(u)))
+            return log_density(substituted, model_args, model_kwargs, {})[0]
 
         return log_joint
 

@@ -54,6 +54,7 @@ from psvi.families import (
 )
 from pyro_psvi._compat import apply, inverse, is_block_autoregressive, param_prefix, tensor_version
 from pyro_psvi.batches import SharedSubsample
+from pyro_psvi.jacobians import log_abs_det_jacobian
 
 Params = dict[str, torch.Tensor]
 
@@ -964,7 +965,7 @@ def user_guide_density(
                 factor = _plate_factor(site) if plate_scaled else 1.0
                 scale = site["scale"] if plate_scaled else site["scale"] / _plate_factor(site)
                 log_q = scale_and_mask(site["fn"].log_prob(site["value"]), scale, site["mask"])
-                log_det = factor * transforms[name].log_abs_det_jacobian(unconstrained[name], values[name])
+                log_det = factor * log_abs_det_jacobian(transforms[name], unconstrained[name], values[name])
                 total = total + log_q.reshape(num, -1).sum(-1) + log_det.reshape(num, -1).sum(-1)
         return total
 
@@ -1019,7 +1020,7 @@ def user_guide_density(
             value = transforms[site.name](unconstrained)
             weight = fn.weight * fn.plate_factor if plate_scaled else fn.weight
             log_q = scale_and_mask(fn.fn.log_prob(value), weight, fn.mask)
-            log_det = transforms[site.name].log_abs_det_jacobian(unconstrained, value)
+            log_det = log_abs_det_jacobian(transforms[site.name], unconstrained, value)
             if plate_scaled:
                 log_det = fn.plate_factor * log_det
             total = total + log_q.reshape(num, -1).sum(-1) + log_det.reshape(num, -1).sum(-1)

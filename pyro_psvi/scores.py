@@ -42,6 +42,7 @@ from psvi.checks import (
 )
 from pyro_psvi.batches import SharedSubsample
 from pyro_psvi.guides import GuideDensity
+from pyro_psvi.jacobians import log_abs_det_jacobian
 
 PARTICLE_PLATE = "_psvi_particles"
 
@@ -108,7 +109,7 @@ class UnconstrainedValues(Messenger):
             fill = transform(torch.zeros_like(unconstrained))
             value = torch.where(outside.reshape(outside.shape + (1,) * support.event_dim), fill, value)
         msg["value"] = value
-        self.log_abs_det_jacobians[name] = transform.log_abs_det_jacobian(unconstrained, value)
+        self.log_abs_det_jacobians[name] = log_abs_det_jacobian(transform, unconstrained, value)
         self.jacobian_scales[name] = scale
 
     def particles_outside(self, num: int) -> torch.Tensor:
