@@ -1,14 +1,7 @@
 """``log|det J|`` of the support bijections, computed where their own formula fails in
-float32 (the twin of :mod:`numpyro_psvi.jacobians`).
-
-torch's ``StickBreakingTransform`` (the simplex's bijection) takes ``log y`` of the
-simplex point it maps to: a coordinate at float32's smallest normal (``y ~ 1e-38``, where
-the transform clamps it; a Dirichlet draw with a concentration near 0.05 lands there about
-once in 80 coordinates) has a cotangent ``1 / y ~ 8.5e37``, which a plate's ``N/B > 4``
-scales past float32's range: the score of that coordinate comes out inf, NaN or 0 where
-it is about ``N/B`` (NumPyro's ProdLDA example rejected 371 of 1,000 updates on it). The
-same ``log|det J|`` computed from ``x`` alone (each ``log y_i`` a sum of log-sigmoids) has
-the right, finite gradient there and the same value to round-off elsewhere.
+float32: the twin of :mod:`numpyro_psvi.jacobians`, whose docstring says why (torch's
+``StickBreakingTransform`` takes the same ``log y``; its clamp turns the overflowed
+cotangent of a coordinate near 1.18e-38 into a score of 0 or inf where it is about ``N/B``).
 """
 
 from __future__ import annotations
