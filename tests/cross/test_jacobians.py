@@ -79,6 +79,7 @@ def _dirichlet_guide(y, num, batch):
         numpyro.sample("theta", ndist.Dirichlet(concentration[idx]))
 
 
+@pytest.mark.slow  # 19 s (compiling a user-guide engine); the formula's tests above are in the default suite
 def test_a_dirichlet_user_guide_at_small_concentrations_is_not_rejected():
     """A local Dirichlet(0.05) user guide in a plate subsampled 20 of 200: about 1.3% of its
     draws' coordinates underflow to 1.18e-38 (Gamma(0.05) below float32's smallest normal),

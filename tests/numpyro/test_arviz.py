@@ -89,6 +89,7 @@ def test_numpyro_inference_data_uses_the_learned_model_params():
     np.testing.assert_allclose(mean, w @ np.asarray(x).T, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # 13 s on this 2-core machine; the Pyro twin is in the default suite
 def test_numpyro_export_as_an_arviz_1_datatree_equals_the_inference_data():
     """``datatree=True`` (ArviZ 1.x's ``arviz-base``) and ``datatree=False`` (ArviZ 0.x)
     from the same key: the same draws, log-likelihoods and diagnostics, and the same
