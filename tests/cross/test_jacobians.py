@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as ndist
+import pytest
 import torch
 from numpyro.distributions import constraints as nconstraints
 from numpyro.distributions.transforms import biject_to as nbiject_to
