@@ -34,6 +34,7 @@ from numpyro.distributions.transforms import (
     IdentityTransform,
     IndependentTransform,
     SigmoidTransform,
+    StickBreakingTransform,
     biject_to,
 )
 from numpyro.handlers import seed, substitute, trace
@@ -755,12 +756,24 @@ def _same_transforms(mine: Any, theirs: Any) -> bool:
     return len(mine) == len(theirs) and all(map(equal, mine, theirs))
 
 
-_BIJECTION_KINDS = {ExpTransform: "log", SigmoidTransform: "logit"}
+_BIJECTION_KINDS = {ExpTransform: "log", SigmoidTransform: "logit", StickBreakingTransform: "stick_breaking"}
 
 
 def _transform_kind(transform: Any) -> str | None:
-    """``"identity"``, ``"log"`` or ``"logit"`` for the inverse of those bijections, else ``None``."""
+    """``"identity"``, ``"log"``, ``"logit"`` or ``"stick_breaking"`` for the inverse of
+    those bijections, else ``None``."""
     return bijection_kind(_transform_parts(transform), _BIJECTION_KINDS)
+
+
+def _dirichlet_stick_variance(concentration: jax.Array) -> jax.Array:
+    """The variances of ``StickBreakingTransform.inv(y)``, ``y ~ Dirichlet(a)``, shape
+    ``(..., K - 1)``: its coordinates are ``logit(z_i)`` plus constants, with the stick
+    fractions ``z_i = y_i / (1 - sum_{j<i} y_j)`` of a Dirichlet independent and
+    ``Beta(a_i, sum_{j>i} a_j)``, so ``trigamma(a_i) + trigamma(sum_{j>i} a_j)`` each, and
+    uncorrelated (the tail sums are summed from the end, not as total minus a prefix,
+    which loses a small tail in float32)."""
+    tails = jnp.flip(jnp.cumsum(jnp.flip(concentration, -1), -1), -1)[..., 1:]
+    return polygamma(1, concentration[..., :-1]) + polygamma(1, tails)
 
 
 _UNCONSTRAINED_VARIANCES: dict[tuple[type, str], Callable[[Any], jax.Array]] = {
@@ -769,6 +782,7 @@ _UNCONSTRAINED_VARIANCES: dict[tuple[type, str], Callable[[Any], jax.Array]] = {
     (dist.Gamma, "log"): lambda fn: polygamma(1, fn.concentration),  # log G_a - log rate
     (dist.InverseGamma, "log"): lambda fn: polygamma(1, fn.concentration),  # -log G_a + log rate
     (dist.LogNormal, "log"): lambda fn: fn.base_dist.scale**2,
+    (dist.Dirichlet, "stick_breaking"): lambda fn: _dirichlet_stick_variance(fn.concentration),
     **{
         (family, "log"): lambda fn, name=family.__name__: LOG_VARIANCE_OF_SCALE_FAMILY[name]
         for family in (dist.Exponential, dist.HalfNormal, dist.HalfCauchy)
@@ -780,8 +794,10 @@ def unconstrained_variance(fn: dist.Distribution, transform: Any) -> jax.Array:
     """The elementwise variance of ``transform.inv(x)`` for ``x ~ fn``, in closed form:
     ``fn.variance`` under the identity, and under the log or logit (the bijections of the
     positive reals and the unit interval) for Beta, Gamma, InverseGamma, LogNormal,
-    Exponential, HalfNormal and HalfCauchy. Raises ``NotImplementedError`` otherwise
-    (the engine then estimates it from draws)."""
+    Exponential, HalfNormal and HalfCauchy, and under the stick-breaking bijection of the
+    simplex for a Dirichlet (:func:`_dirichlet_stick_variance`), in the
+    unconstrained value's shape. Raises ``NotImplementedError`` otherwise (the engine then
+    estimates it from draws)."""
     while isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
         fn = fn.base_dist  # the variance of one element: a plate's expansion broadcasts it
     kind = _transform_kind(transform)
@@ -792,7 +808,7 @@ def unconstrained_variance(fn: dist.Distribution, transform: Any) -> jax.Array:
         rule = _base_variance  # the value's preimage is a base draw
     if rule is None:
         raise NotImplementedError(f"no closed-form variance of {type(fn).__name__} under {transform}")
-    return jnp.broadcast_to(rule(fn), fn.batch_shape + fn.event_shape)
+    return jnp.broadcast_to(rule(fn), fn.batch_shape + tuple(transform.inverse_shape(fn.event_shape)))
 
 
 _UNCONSTRAINED_NORMALS: dict[tuple[type, str], Callable[[Any], tuple[jax.Array, jax.Array]]] = {

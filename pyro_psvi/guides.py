@@ -34,7 +34,12 @@ from pyro.infer import autoguide
 from pyro.params import user_param_name
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import ComposeTransform, IndependentTransform, biject_to, kl_divergence
-from torch.distributions.transforms import AffineTransform, ExpTransform, SigmoidTransform
+from torch.distributions.transforms import (
+    AffineTransform,
+    ExpTransform,
+    SigmoidTransform,
+    StickBreakingTransform,
+)
 
 from psvi.checks import GuideSite, check_user_guide_sites, full_covariance_advice, lowrank_advice
 from psvi.families import (
@@ -1067,7 +1072,10 @@ def user_guide_density(
         variances = []
         for site in sites:
             fn = fns[site.name]
-            variance = torch.broadcast_to(unconstrained_variance(fn.fn, transforms[site.name]), fn.shape)
+            transform = transforms[site.name]  # the unconstrained shape (a simplex's has one coordinate less)
+            variance = torch.broadcast_to(
+                unconstrained_variance(fn.fn, transform), transform.inverse_shape(fn.shape)
+            )
             variance = variance.reshape((1,) + variance.shape[variance.dim() - len(site.shape) :])
             variances.append(to_full_size(site, variance).reshape(-1))
         return torch.cat(variances).detach()
@@ -1241,12 +1249,20 @@ def _transform_parts(transform: Any) -> list[Any]:
     return [part for part in _flat_parts(transform) if not identity(part)]
 
 
-_BIJECTION_KINDS = {ExpTransform: "log", SigmoidTransform: "logit"}
+_BIJECTION_KINDS = {ExpTransform: "log", SigmoidTransform: "logit", StickBreakingTransform: "stick_breaking"}
 
 
 def _transform_kind(transform: Any) -> str | None:
     """``"identity"``, ``"log"`` or ``"logit"`` for the inverse of those bijections, else ``None``."""
     return bijection_kind(_transform_parts(transform), _BIJECTION_KINDS)
+
+
+def _dirichlet_stick_variance(concentration: torch.Tensor) -> torch.Tensor:
+    """The variances of ``StickBreakingTransform.inv(y)``, ``y ~ Dirichlet(a)``, shape
+    ``(..., K - 1)``: ``trigamma(a_i) + trigamma(sum_{j>i} a_j)`` (the twin of NumPyro's,
+    whose docstring derives it)."""
+    tails = concentration.flip(-1).cumsum(-1).flip(-1)[..., 1:]
+    return torch.polygamma(1, concentration[..., :-1]) + torch.polygamma(1, tails)
 
 
 _UNCONSTRAINED_VARIANCES: dict[tuple[type, str], Callable[[Any], torch.Tensor]] = {
@@ -1256,6 +1272,7 @@ _UNCONSTRAINED_VARIANCES: dict[tuple[type, str], Callable[[Any], torch.Tensor]] 
     ),
     (dist.Gamma, "log"): lambda fn: torch.polygamma(1, fn.concentration),  # log G_a - log rate
     (dist.InverseGamma, "log"): lambda fn: torch.polygamma(1, fn.concentration),  # -log G_a + log rate
+    (dist.Dirichlet, "stick_breaking"): lambda fn: _dirichlet_stick_variance(fn.concentration),
     (dist.LogNormal, "log"): lambda fn: fn.scale**2,
     **{
         (family, "log"): lambda fn, name=family.__name__: torch.full_like(  # its dtype, device
@@ -1270,7 +1287,9 @@ def unconstrained_variance(fn: torch.distributions.Distribution, transform: Any)
     """The elementwise variance of ``transform.inv(x)`` for ``x ~ fn``, in closed form:
     ``fn.variance`` under the identity, and under the log or logit (the bijections of the
     positive reals and the unit interval) for Beta, Gamma, InverseGamma, LogNormal,
-    Exponential, HalfNormal and HalfCauchy, and the base's variance for a
+    Exponential, HalfNormal and HalfCauchy, under the stick-breaking bijection of the
+    simplex for a Dirichlet (:func:`_dirichlet_stick_variance`; these in the
+    unconstrained value's shape), and the base's variance for a
     ``TransformedDistribution`` whose elementwise transforms are ``transform`` itself.
     Raises ``NotImplementedError`` otherwise (the engine then estimates it from draws).
     The twin of NumPyro's."""
@@ -1285,7 +1304,7 @@ def unconstrained_variance(fn: torch.distributions.Distribution, transform: Any)
         rule = attrgetter("base_dist.variance")  # the value's preimage is a base draw
     if rule is None:
         raise NotImplementedError(f"no closed-form variance of {type(fn).__name__} under {transform}")
-    return torch.broadcast_to(rule(fn), fn.batch_shape + fn.event_shape)
+    return torch.broadcast_to(rule(fn), fn.batch_shape + transform.inverse_shape(fn.event_shape))
 
 
 _UNCONSTRAINED_NORMALS: dict[tuple[type, str], Callable[[Any], tuple[torch.Tensor, torch.Tensor]]] = {
