@@ -99,7 +99,7 @@ def to_inference_data(
     datatree: bool | None = None,
     **kwargs: Any,
 ) -> Any:
-    """An ``arviz.InferenceData`` of a fitted guide.
+    """An ArviZ export (``InferenceData`` or ``DataTree``) of a fitted guide.
 
     Parameters
     ----------

@@ -209,7 +209,8 @@ def to_inference_data(
     datatree: bool | None = None,
     **kwargs: Any,
 ) -> Any:
-    """An ``arviz.InferenceData`` of a fitted guide (its params as the guide reads them).
+    """An ArviZ export (``InferenceData`` or ``DataTree``) of a fitted guide, its params
+    as the guide reads them.
 
     Parameters
     ----------
