@@ -23,15 +23,15 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import sum_rightmost
 from numpyro.infer.autoguide import AutoBatchedMixin, AutoContinuous, AutoNormal
 
-from numpyro_psvi.jacobians import log_abs_det_jacobian
+from numpyro_psvi.jacobians import constrained_value, log_abs_det_jacobian
 
 
 def unconstrain_reparam(params: dict[str, jax.Array], site: dict) -> Any:
     """NumPyro's substitute function for unconstrained site values
     (``numpyro.infer.util._unconstrain_reparam``, what ``potential_energy`` substitutes,
     mirrored): the constrained value, with ``log|det J|`` added to the trace as a factor,
-    that ``log|det J|`` from :func:`numpyro_psvi.jacobians.log_abs_det_jacobian` (finite
-    gradients where the transform's own formula overflows in float32)."""
+    the value and ``log|det J|`` from :mod:`numpyro_psvi.jacobians` (inside the support and
+    with finite gradients where the transform's own float32 arithmetic fails)."""
     name = site["name"]
     if name not in params:
         return None
@@ -49,7 +49,7 @@ def unconstrain_reparam(params: dict[str, jax.Array], site: dict) -> Any:
         isinstance(support, constraints.independent) and support.base_constraint is constraints.real
     ):
         return unconstrained
-    value = transform(unconstrained)
+    value = constrained_value(transform, unconstrained)
     log_det = log_abs_det_jacobian(transform, unconstrained, value)
     log_det = sum_rightmost(log_det, jnp.ndim(log_det) - jnp.ndim(value) + len(site["fn"].event_shape))
     numpyro.factor(f"_{name}_log_det", log_det)

@@ -47,7 +47,7 @@ from numpyro_psvi._compat import (
     is_jaxpr_literal,
     unpack_latent,
 )
-from numpyro_psvi.jacobians import log_abs_det_jacobian
+from numpyro_psvi.jacobians import constrained_value, log_abs_det_jacobian
 from numpyro_psvi.scores import given_plate_indices, subsampled_plates_of
 from psvi.checks import (
     GuideSite,
@@ -938,7 +938,7 @@ def _user_guide(
 
         def guide_log_prob(params, u, plate_scaled):
             values = {name: members(name, value) for name, value in unravel(u).items()}
-            x = {name: transforms[name](value) for name, value in values.items()}
+            x = {name: constrained_value(transforms[name], value) for name, value in values.items()}
             data = {**params, **x}
             guide_trace = trace(substitute(substitute(guide, data=data), substitute_fn=at_plates))
             total = 0.0

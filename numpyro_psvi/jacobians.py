@@ -1,5 +1,6 @@
 """``log|det J|`` of the support bijections, computed where their own formula fails in
-float32 (the twin of :mod:`pyro_psvi.jacobians`).
+float32 (the twin of :mod:`pyro_psvi.jacobians`), and their images kept in the support
+where float32 leaves it.
 
 NumPyro's ``StickBreakingTransform`` (the simplex's bijection) takes ``log y`` of the
 simplex point it maps to: a coordinate at float32's smallest normal (``y ~ 1e-38``, where
@@ -35,6 +36,29 @@ STABLE_LOG_DETS: dict[type, Callable[[jax.Array], jax.Array]] = {
 }
 """``{transform type: log|det J| from x alone}``, one registered function per bijection
 whose own formula loses its gradient in float32."""
+
+
+def stick_breaking_forward(transform: StickBreakingTransform, x: jax.Array) -> jax.Array:
+    """The simplex point of ``x``, each coordinate at least float32's smallest normal: the
+    transform clips each stick fraction there, but a later coordinate is that fraction times
+    the stick left, which falls below it, and XLA's CPU flushes such subnormals to 0, where
+    a Dirichlet's density is NaN. The clip is the one the PPLs' Dirichlet samplers apply to
+    their draws, so a guide's draw maps back to the point it was."""
+    value = transform(x)
+    return jnp.maximum(value, jnp.finfo(value.dtype).tiny)
+
+
+STABLE_FORWARDS: dict[type, Callable[[Transform, jax.Array], jax.Array]] = {
+    StickBreakingTransform: stick_breaking_forward
+}
+"""``{transform type: transform(x) kept in the support's interior}``, one registered
+function per bijection whose float32 image can leave it."""
+
+
+def constrained_value(transform: Transform, x: jax.Array) -> jax.Array:
+    """``transform(x)``, or the one of :data:`STABLE_FORWARDS`."""
+    stable = STABLE_FORWARDS.get(type(transform))
+    return transform(x) if stable is None else stable(transform, x)
 
 
 def log_abs_det_jacobian(transform: Transform, x: jax.Array, y: jax.Array) -> jax.Array:
