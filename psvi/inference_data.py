@@ -47,11 +47,12 @@ def use_datatree(datatree: bool | None) -> bool:
     return datatree
 
 
-def from_groups(groups: dict[str, dict], coords: dict, dims: dict, datatree: bool | None) -> Any:
+def from_groups(groups: dict[str, dict], coords: dict, dims: dict, datatree: bool) -> Any:
     """The export of ``groups`` (``{group: {variable: array}}``, the sampled groups'
     arrays ``(chain, draw, ...)``) with ``coords`` and ``dims``: ``arviz_base.from_dict``'s
-    ``xarray.DataTree`` or ``arviz.from_dict``'s ``InferenceData`` (:func:`use_datatree`)."""
-    if use_datatree(datatree):
+    ``xarray.DataTree`` or ``arviz.from_dict``'s ``InferenceData``, as ``datatree``
+    (resolved by :func:`use_datatree` before the export's draws) says."""
+    if datatree:
         import arviz_base
 
         return arviz_base.from_dict(groups, coords=coords, dims=dims)
