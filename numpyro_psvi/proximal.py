@@ -164,7 +164,10 @@ class ProximalScoreVI(ScoreEngine):
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
         ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
-        of a full-covariance Gaussian guide, else 10; :func:`psvi.objective.regime_defaults`)
+        of a full-covariance Gaussian guide, ``max(10, 5 N/B)`` with mini-batch scores for
+        a guide that is neither a diagonal or full-covariance Gaussian nor a flow
+        (:func:`psvi.objective.generic_prox_weight`), else 10;
+        :func:`psvi.objective.regime_defaults`)
         and the residual weighting
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
     trust_region : float or None
@@ -200,8 +203,8 @@ class ProximalScoreVI(ScoreEngine):
         Return the running average of the iterates (:class:`RunningAverages`) from
         :meth:`get_params` and :meth:`run`, while the updates continue from the last
         iterate. ``None`` (the default): on for a flow (with a trust region, or with
-        mini-batch scores), for a diagonal or full-covariance Gaussian guide when the model
-        subsamples a plate, whose mini-batch noise moves every iterate, and for the
+        mini-batch scores), for any other guide when the model subsamples a plate, whose
+        mini-batch noise moves every iterate, and for the
         closed-form step of a full-covariance Gaussian guide (``inner_solver``); off
         otherwise. With the closed-form step the average
         restarts at the iterate while the fit progresses

@@ -439,7 +439,10 @@ class ProximalScoreVI(ScoreEngine):
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
         ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
-        of a full-covariance Gaussian guide, else 10; :func:`psvi.objective.regime_defaults`)
+        of a full-covariance Gaussian guide, ``max(10, 5 N/B)`` with mini-batch scores for
+        a guide that is neither a diagonal or full-covariance Gaussian nor a flow
+        (:func:`psvi.objective.generic_prox_weight`), else 10;
+        :func:`psvi.objective.regime_defaults`)
         and the residual weighting
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
     trust_region : float or None
@@ -476,9 +479,9 @@ class ProximalScoreVI(ScoreEngine):
     average_iterates : bool or None
         Keep the running average of the iterates (:class:`RunningAverages`) in the
         param store, while the steps continue from the last iterate. ``None`` (the
-        default): on for a flow (with a trust region, or with mini-batch scores), for a
-        diagonal or full-covariance Gaussian guide when the model subsamples a plate, whose
-        mini-batch noise moves every iterate, and for the closed-form step of a
+        default): on for a flow (with a trust region, or with mini-batch scores), for any
+        other guide when the model subsamples a plate, whose mini-batch noise moves
+        every iterate, and for the closed-form step of a
         full-covariance Gaussian guide (``inner_solver``); off otherwise. With the
         closed-form step the average restarts at the iterate while the fit progresses
         (:func:`psvi.schedules.restarts_average`, and at every update while its trust
