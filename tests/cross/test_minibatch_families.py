@@ -52,8 +52,8 @@ def check_fit(target: str, a: float, b: float) -> None:
     over three seeds in each backend, so 0.2 is far above it, while the last iterate of
     the weight 10 ended 0.05-1.0 sd off. The sd is the family's (``trigamma``), fitted from
     the averaged iterate's shape: measured 0.91-0.99 of the exact one, against 0.70-0.78
-    with the weight 10 (a bias: the seeds agree to 0.03), so 20% lies between the two, 0.11
-    from the worst seed now and 0.02-0.10 short of the old bias.
+    with the weight 10 (a bias: the seeds agree to 0.03), so the 20% bound passes the
+    worst seed now by 0.11 and fails every seed of the old bias (by 0.02-0.10).
     """
     mean, sd = unconstrained_moments(target, *exact_posterior(target))
     fitted_mean, fitted_sd = unconstrained_moments(target, a, b)
