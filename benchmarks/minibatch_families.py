@@ -28,43 +28,24 @@ import argparse
 import itertools
 import time
 
-import numpy as np
-from scipy.special import digamma, polygamma
-
 from benchmarks.common import save
+from psvi.contrib.targets import conjugate_data, conjugate_posterior, conjugate_unconstrained_moments
 
-NUM, BATCH, PRIOR = 2_000, 100, 2.0
+BATCH = 100
 TARGETS = ("precision", "coin")
 GUIDES = ("conjugate", "normal")
 PARTICLES = 4
 
 
-def data() -> tuple[np.ndarray, np.ndarray]:
-    """The precision target's observations (sd 0.5) and the coin's flips (bias 0.3)."""
-    rng = np.random.default_rng(0)
-    return rng.normal(0.0, 0.5, NUM).astype(np.float32), (rng.random(NUM) < 0.3).astype(np.float32)
-
-
-def exact_moments(target: str, y: np.ndarray, flips: np.ndarray) -> tuple[float, float]:
-    """The exact posterior's mean and sd of ``log tau`` or ``logit p``."""
-    if target == "precision":
-        squares = float(np.sum(y.astype(np.float64) ** 2))
-        return conjugate_moments(target, PRIOR + NUM / 2, PRIOR + squares / 2)
-    heads = float(flips.sum())
-    return conjugate_moments(target, PRIOR + heads, PRIOR + NUM - heads)
-
-
-def conjugate_moments(target: str, a: float, b: float) -> tuple[float, float]:
-    """Mean and sd of ``log tau`` for ``tau ~ Gamma(a, b)``, of ``logit p`` for ``p ~ Beta(a, b)``."""
-    if target == "precision":
-        return float(digamma(a) - np.log(b)), float(np.sqrt(polygamma(1, a)))
-    return float(digamma(a) - digamma(b)), float(np.sqrt(polygamma(1, a) + polygamma(1, b)))
+def target_data(target: str):
+    """The target's N = 2,000 observations (:func:`psvi.contrib.targets.conjugate_data`)."""
+    return conjugate_data()[TARGETS.index(target)]
 
 
 def fitted_moments(target: str, guide: str, params: dict) -> tuple[float, float]:
     values = {name: float(value) for name, value in params.items()}
     if guide == "conjugate":
-        return conjugate_moments(target, values["a"], values["b"])
+        return conjugate_unconstrained_moments(target, values["a"], values["b"])
     return values["loc"], values["scale"]
 
 
@@ -79,41 +60,27 @@ def numpyro_fit(
     from numpyro.infer import SVI, Trace_ELBO
 
     from numpyro_psvi import ProximalScoreVI
+    from numpyro_psvi.contrib.models import coin_model, conjugate_guide, precision_model
 
-    y, flips = map(jnp.asarray, data())
-    site = "tau" if target == "precision" else "p"
-
-    def model(y, flips):
-        if target == "precision":
-            tau = numpyro.sample("tau", dist.Gamma(PRIOR, PRIOR))
-            with numpyro.plate("data", NUM, subsample_size=BATCH) as idx:
-                numpyro.sample("obs", dist.Normal(0.0, 1.0 / jnp.sqrt(tau)), obs=y[idx])
-        else:
-            p = numpyro.sample("p", dist.Beta(PRIOR, PRIOR))
-            with numpyro.plate("data", NUM, subsample_size=BATCH) as idx:
-                numpyro.sample("obs", dist.Bernoulli(p), obs=flips[idx])
-
-    def guide(y, flips):
-        if guide_name == "conjugate":
-            a = numpyro.param("a", 5.0, constraint=constraints.positive)
-            b = numpyro.param("b", 5.0, constraint=constraints.positive)
-            numpyro.sample(site, dist.Gamma(a, b) if target == "precision" else dist.Beta(a, b))
-            return
+    def normal_guide(data, *, subsample_size=None):
         loc = numpyro.param("loc", 0.0)
         scale = numpyro.param("scale", 0.5, constraint=constraints.positive)
         if target == "precision":
-            numpyro.sample(site, dist.LogNormal(loc, scale))
+            numpyro.sample("tau", dist.LogNormal(loc, scale))
         else:
             logistic = dist.transforms.SigmoidTransform()
-            numpyro.sample(site, dist.TransformedDistribution(dist.Normal(loc, scale), logistic))
+            numpyro.sample("p", dist.TransformedDistribution(dist.Normal(loc, scale), logistic))
 
+    model = precision_model if target == "precision" else coin_model
+    guide = conjugate_guide(target) if guide_name == "conjugate" else normal_guide
     optim = numpyro.optim.Adam(lr)
     if method == "svi":
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES))
     else:
         engine = ProximalScoreVI(model, guide, optim, num_particles=PARTICLES, **engine_options)
+    data = jnp.asarray(target_data(target))
     start = time.perf_counter()
-    result = engine.run(jax.random.PRNGKey(seed), updates, y, flips, progress_bar=False)
+    result = engine.run(jax.random.PRNGKey(seed), updates, data, subsample_size=BATCH, progress_bar=False)
     return {"params": result.params, "seconds": time.perf_counter() - start}
 
 
@@ -127,44 +94,30 @@ def pyro_fit(
     from torch.distributions import constraints
 
     from pyro_psvi import ProximalScoreVI
+    from pyro_psvi.contrib.models import coin_model, conjugate_guide, precision_model
 
-    y, flips = map(torch.tensor, data())
-    site = "tau" if target == "precision" else "p"
-
-    def model(y, flips):
-        if target == "precision":
-            tau = pyro.sample("tau", dist.Gamma(PRIOR, PRIOR))
-            with pyro.plate("data", NUM, subsample_size=BATCH) as idx:
-                pyro.sample("obs", dist.Normal(0.0, tau.rsqrt()), obs=y[idx])
-        else:
-            p = pyro.sample("p", dist.Beta(PRIOR, PRIOR))
-            with pyro.plate("data", NUM, subsample_size=BATCH) as idx:
-                pyro.sample("obs", dist.Bernoulli(p), obs=flips[idx])
-
-    def guide(y, flips):
-        if guide_name == "conjugate":
-            a = pyro.param("a", torch.tensor(5.0), constraint=constraints.positive)
-            b = pyro.param("b", torch.tensor(5.0), constraint=constraints.positive)
-            pyro.sample(site, dist.Gamma(a, b) if target == "precision" else dist.Beta(a, b))
-            return
+    def normal_guide(data, *, subsample_size=None):
         loc = pyro.param("loc", torch.tensor(0.0))
         scale = pyro.param("scale", torch.tensor(0.5), constraint=constraints.positive)
         if target == "precision":
-            pyro.sample(site, dist.LogNormal(loc, scale))
+            pyro.sample("tau", dist.LogNormal(loc, scale))
         else:
             logistic = dist.transforms.SigmoidTransform()
-            pyro.sample(site, dist.TransformedDistribution(dist.Normal(loc, scale), [logistic]))
+            pyro.sample("p", dist.TransformedDistribution(dist.Normal(loc, scale), [logistic]))
 
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
+    model = precision_model if target == "precision" else coin_model
+    guide = conjugate_guide(target) if guide_name == "conjugate" else normal_guide
     optim = pyro.optim.Adam({"lr": lr})
     if method == "svi":
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True))
     else:
         engine = ProximalScoreVI(model, guide, optim, num_particles=PARTICLES, **engine_options)
+    data = torch.tensor(target_data(target))
     start = time.perf_counter()
     for _ in range(updates):
-        engine.step(y, flips)
+        engine.step(data, subsample_size=BATCH)
     seconds = time.perf_counter() - start
     store = pyro.get_param_store()
     return {"params": {name: store[name].detach() for name in store.keys()}, "seconds": seconds}
@@ -177,7 +130,7 @@ def row_of(
     backend: str, target: str, guide: str, lr: float, method: str, engine_options: dict, options
 ) -> dict:
     """One configuration's fits over the seeds, against the exact posterior."""
-    mean, sd = exact_moments(target, *data())
+    mean, sd = conjugate_unconstrained_moments(target, *conjugate_posterior(target, target_data(target)))
     runs = []
     for seed in range(options.seeds):
         fit = FITS[backend](target, guide, method, lr, seed, options.updates, engine_options)
@@ -219,7 +172,12 @@ def main() -> None:
             rows.append(row_of(*config, method, engine_options, options))
             cells = [(round(run["mean_err"], 2), round(run["sd_ratio"], 2)) for run in rows[-1]["runs"]]
             print(*config, method, engine_options, cells, flush=True)
-    payload = {"updates": options.updates, "num": NUM, "batch": BATCH, "particles": PARTICLES}
+    payload = {
+        "updates": options.updates,
+        "num": len(target_data("coin")),
+        "batch": BATCH,
+        "particles": PARTICLES,
+    }
     save(options.out, {**payload, "rows": rows})
     columns = ("backend", "target", "guide", "Adam lr", "method", "mean error (sd)", "sd ratio")
     print("\n| " + " | ".join(columns) + " |")

@@ -12,6 +12,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from psvi.checks import check_same_rows
+from psvi.contrib.targets import CONJUGATE_PRIOR
 
 
 def gaussian_target(mean: np.ndarray, cov: np.ndarray):
@@ -37,6 +38,36 @@ def linear_regression(
     check_same_rows(x.shape, None if y is None else y.shape)
     with numpyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
         numpyro.sample("y", dist.Normal(x[idx] @ w, noise_scale), obs=None if y is None else y[idx])
+
+
+def precision_model(y: jax.Array, *, subsample_size: int | None = None) -> None:
+    """A Normal likelihood's precision, ``tau ~ Gamma(2, 2)``, ``y_n ~ N(0, 1 / tau)``: its
+    posterior is Gamma (:func:`psvi.contrib.targets.conjugate_posterior`)."""
+    tau = numpyro.sample("tau", dist.Gamma(CONJUGATE_PRIOR, CONJUGATE_PRIOR))
+    with numpyro.plate("data", y.shape[0], subsample_size=subsample_size) as idx:
+        numpyro.sample("obs", dist.Normal(0.0, 1.0 / jnp.sqrt(tau)), obs=y[idx])
+
+
+def coin_model(flips: jax.Array, *, subsample_size: int | None = None) -> None:
+    """A coin's bias, ``p ~ Beta(2, 2)``, ``flips_n ~ Bernoulli(p)``: its posterior is Beta
+    (:func:`psvi.contrib.targets.conjugate_posterior`)."""
+    p = numpyro.sample("p", dist.Beta(CONJUGATE_PRIOR, CONJUGATE_PRIOR))
+    with numpyro.plate("data", flips.shape[0], subsample_size=subsample_size) as idx:
+        numpyro.sample("obs", dist.Bernoulli(p), obs=flips[idx])
+
+
+def conjugate_guide(target: str, init: float = 5.0) -> Callable:
+    """A user-written guide of :func:`precision_model` (``Gamma(a, b)``, ``target =
+    "precision"``) or :func:`coin_model` (``Beta(a, b)``), params ``a`` and ``b`` started at
+    ``init``: the posterior's own family."""
+    site, family = ("tau", dist.Gamma) if target == "precision" else ("p", dist.Beta)
+
+    def guide(data, *, subsample_size=None):
+        a = numpyro.param("a", init, constraint=dist.constraints.positive)
+        b = numpyro.param("b", init, constraint=dist.constraints.positive)
+        numpyro.sample(site, family(a, b))
+
+    return guide
 
 
 def earnings_regression(height: jax.Array, earn: jax.Array | None = None) -> None:

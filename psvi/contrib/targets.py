@@ -59,6 +59,37 @@ def hierarchical_posterior(y: np.ndarray, w: np.ndarray) -> dict[str, tuple]:
     }
 
 
+CONJUGATE_PRIOR = 2.0
+
+
+def conjugate_data(num: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Data of the two one-latent conjugate targets (:func:`conjugate_posterior`):
+    observations of precision 4 (``N(0, 0.5^2)``) and coin flips of bias 0.3, float32."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(0.0, 0.5, num).astype(np.float32), (rng.random(num) < 0.3).astype(np.float32)
+
+
+def conjugate_posterior(target: str, data: np.ndarray) -> tuple[float, float]:
+    """The exact posterior's ``(a, b)``: ``Gamma(a, b)`` of the precision ``tau`` for
+    ``"precision"`` (``tau ~ Gamma(2, 2)``, ``data_n ~ N(0, 1 / tau)``), ``Beta(a, b)`` of
+    the bias ``p`` for ``"coin"`` (``p ~ Beta(2, 2)``, ``data_n ~ Bernoulli(p)``)."""
+    data = np.asarray(data, np.float64)
+    if target == "precision":
+        return CONJUGATE_PRIOR + len(data) / 2, CONJUGATE_PRIOR + float(np.sum(data**2)) / 2
+    heads = float(np.sum(data))
+    return CONJUGATE_PRIOR + heads, CONJUGATE_PRIOR + len(data) - heads
+
+
+def conjugate_unconstrained_moments(target: str, a: float, b: float) -> tuple[float, float]:
+    """Mean and sd of ``log tau`` for ``tau ~ Gamma(a, b)`` (``"precision"``), of ``logit p``
+    for ``p ~ Beta(a, b)`` (``"coin"``): the coordinates the engines fit them in."""
+    from scipy.special import digamma, polygamma  # scipy comes with either backend (arviz)
+
+    if target == "precision":
+        return float(digamma(a) - np.log(b)), float(np.sqrt(polygamma(1, a)))
+    return float(digamma(a) - digamma(b)), float(np.sqrt(polygamma(1, a) + polygamma(1, b)))
+
+
 EARNINGS_ROWS = 1059
 
 

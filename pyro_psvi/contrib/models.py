@@ -14,6 +14,7 @@ from pyro.nn.module import to_pyro_module_
 from torch import nn
 
 from psvi.checks import check_same_rows
+from psvi.contrib.targets import CONJUGATE_PRIOR
 
 
 def gaussian_target(mean: np.ndarray, cov: np.ndarray):
@@ -44,6 +45,36 @@ def linear_regression(
     with pyro.plate("data", x.shape[0], subsample_size=subsample_size, device=x.device) as idx:
         mean = (x[idx] * w).sum(-1)  # w: (..., 1, D) under a particle plate
         pyro.sample("y", dist.Normal(mean, noise_scale), obs=None if y is None else y[idx])
+
+
+def precision_model(y: torch.Tensor, *, subsample_size: int | None = None) -> None:
+    """A Normal likelihood's precision, ``tau ~ Gamma(2, 2)``, ``y_n ~ N(0, 1 / tau)``: its
+    posterior is Gamma (:func:`psvi.contrib.targets.conjugate_posterior`)."""
+    tau = pyro.sample("tau", dist.Gamma(CONJUGATE_PRIOR, CONJUGATE_PRIOR))
+    with pyro.plate("data", y.shape[0], subsample_size=subsample_size, device=y.device) as idx:
+        pyro.sample("obs", dist.Normal(0.0, tau.rsqrt()), obs=y[idx])
+
+
+def coin_model(flips: torch.Tensor, *, subsample_size: int | None = None) -> None:
+    """A coin's bias, ``p ~ Beta(2, 2)``, ``flips_n ~ Bernoulli(p)``: its posterior is Beta
+    (:func:`psvi.contrib.targets.conjugate_posterior`)."""
+    p = pyro.sample("p", dist.Beta(CONJUGATE_PRIOR, CONJUGATE_PRIOR))
+    with pyro.plate("data", flips.shape[0], subsample_size=subsample_size, device=flips.device) as idx:
+        pyro.sample("obs", dist.Bernoulli(p), obs=flips[idx])
+
+
+def conjugate_guide(target: str, init: float = 5.0) -> Callable:
+    """A user-written guide of :func:`precision_model` (``Gamma(a, b)``, ``target =
+    "precision"``) or :func:`coin_model` (``Beta(a, b)``), params ``a`` and ``b`` started at
+    ``init``: the posterior's own family."""
+    site, family = ("tau", dist.Gamma) if target == "precision" else ("p", dist.Beta)
+
+    def guide(data, *, subsample_size=None):
+        a = pyro.param("a", torch.tensor(init), constraint=dist.constraints.positive)
+        b = pyro.param("b", torch.tensor(init), constraint=dist.constraints.positive)
+        pyro.sample(site, family(a, b))
+
+    return guide
 
 
 def earnings_regression(height: torch.Tensor, earn: torch.Tensor | None = None) -> None:

@@ -12,32 +12,17 @@ sds ended 0.70-0.78 of the exact ones and their means up to 1.0 sd off
 
 import numpy as np
 import pytest
-from scipy.special import digamma, polygamma
 
+from psvi.contrib.targets import conjugate_data, conjugate_posterior, conjugate_unconstrained_moments
 from psvi.objective import generic_prox_weight, regime_defaults
 
-N, B, PRIOR, UPDATES = 2000, 100, 2.0, 3000
+B, UPDATES = 100, 3000
+TARGETS = ["precision", "coin"]
 
 
-def data() -> tuple[np.ndarray, np.ndarray]:
-    """Observations of precision 4 and flips of bias 0.3, float32."""
-    rng = np.random.default_rng(0)
-    return rng.normal(0.0, 0.5, N).astype(np.float32), (rng.random(N) < 0.3).astype(np.float32)
-
-
-def unconstrained_moments(target: str, a: float, b: float) -> tuple[float, float]:
-    """Mean and sd of ``log tau``, ``tau ~ Gamma(a, b)``, or of ``logit p``, ``p ~ Beta(a, b)``."""
-    if target == "precision":
-        return float(digamma(a) - np.log(b)), float(np.sqrt(polygamma(1, a)))
-    return float(digamma(a) - digamma(b)), float(np.sqrt(polygamma(1, a) + polygamma(1, b)))
-
-
-def exact_posterior(target: str) -> tuple[float, float]:
-    y, flips = data()
-    if target == "precision":
-        return PRIOR + N / 2, PRIOR + float(np.sum(y.astype(np.float64) ** 2)) / 2
-    heads = float(flips.sum())
-    return PRIOR + heads, PRIOR + N - heads
+def target_data(target: str) -> np.ndarray:
+    """The target's N = 2,000 observations."""
+    return conjugate_data()[TARGETS.index(target)]
 
 
 def check_fit(target: str, a: float, b: float) -> None:
@@ -55,8 +40,8 @@ def check_fit(target: str, a: float, b: float) -> None:
     with the weight 10 (a bias: the seeds agree to 0.03), so the 20% bound passes the
     worst seed now by 0.11 and fails every seed of the old bias (by 0.02-0.10).
     """
-    mean, sd = unconstrained_moments(target, *exact_posterior(target))
-    fitted_mean, fitted_sd = unconstrained_moments(target, a, b)
+    mean, sd = conjugate_unconstrained_moments(target, *conjugate_posterior(target, target_data(target)))
+    fitted_mean, fitted_sd = conjugate_unconstrained_moments(target, a, b)
     assert abs(fitted_mean - mean) / sd < 0.2, (fitted_mean, mean, sd)
     assert abs(fitted_sd / sd - 1.0) < 0.2, (fitted_sd, sd)
 
@@ -70,39 +55,22 @@ def test_the_generic_objectives_weight_grows_with_the_batch_ratio_only_with_mini
     assert regime_defaults(False, 20.0, transport=True).prox_weight == 10.0
 
 
-def numpyro_fit(target: str, seed: int = 0):
+def numpyro_fit(target: str):
     import jax
     import jax.numpy as jnp
     import numpyro
-    import numpyro.distributions as dist
-    from numpyro.distributions import constraints
 
     from numpyro_psvi import ProximalScoreVI
+    from numpyro_psvi.contrib.models import coin_model, conjugate_guide, precision_model
 
-    y, flips = map(jnp.asarray, data())
-
-    def model(y, flips):
-        if target == "precision":
-            tau = numpyro.sample("tau", dist.Gamma(PRIOR, PRIOR))
-            with numpyro.plate("data", N, subsample_size=B) as idx:
-                numpyro.sample("obs", dist.Normal(0.0, 1.0 / jnp.sqrt(tau)), obs=y[idx])
-        else:
-            p = numpyro.sample("p", dist.Beta(PRIOR, PRIOR))
-            with numpyro.plate("data", N, subsample_size=B) as idx:
-                numpyro.sample("obs", dist.Bernoulli(p), obs=flips[idx])
-
-    def guide(y, flips):
-        a = numpyro.param("a", 5.0, constraint=constraints.positive)
-        b = numpyro.param("b", 5.0, constraint=constraints.positive)
-        family = dist.Gamma if target == "precision" else dist.Beta
-        numpyro.sample("tau" if target == "precision" else "p", family(a, b))
-
-    svi = ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2))
-    result = svi.run(jax.random.PRNGKey(seed), UPDATES, y, flips, progress_bar=False)
+    model = precision_model if target == "precision" else coin_model
+    svi = ProximalScoreVI(model, conjugate_guide(target), numpyro.optim.Adam(1e-2))
+    data = jnp.asarray(target_data(target))
+    result = svi.run(jax.random.PRNGKey(0), UPDATES, data, subsample_size=B, progress_bar=False)
     return svi, result
 
 
-@pytest.mark.parametrize("target", ["precision", "coin"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_numpyro_conjugate_guide_has_the_exact_posterior_under_mini_batch_scores(target):
     svi, result = numpyro_fit(target)
     assert (svi.objective.prox_weight, svi.average_iterates) == (100.0, True)
@@ -112,48 +80,33 @@ def test_numpyro_conjugate_guide_has_the_exact_posterior_under_mini_batch_scores
 
 def pyro_engine(target: str):
     import pyro
-    import pyro.distributions as dist
     import torch
-    from torch.distributions import constraints
 
     from pyro_psvi import ProximalScoreVI
-
-    def model(y, flips):
-        if target == "precision":
-            tau = pyro.sample("tau", dist.Gamma(PRIOR, PRIOR))
-            with pyro.plate("data", N, subsample_size=B) as idx:
-                pyro.sample("obs", dist.Normal(0.0, tau.rsqrt()), obs=y[idx])
-        else:
-            p = pyro.sample("p", dist.Beta(PRIOR, PRIOR))
-            with pyro.plate("data", N, subsample_size=B) as idx:
-                pyro.sample("obs", dist.Bernoulli(p), obs=flips[idx])
-
-    def guide(y, flips):
-        a = pyro.param("a", torch.tensor(5.0), constraint=constraints.positive)
-        b = pyro.param("b", torch.tensor(5.0), constraint=constraints.positive)
-        family = dist.Gamma if target == "precision" else dist.Beta
-        pyro.sample("tau" if target == "precision" else "p", family(a, b))
+    from pyro_psvi.contrib.models import coin_model, conjugate_guide, precision_model
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    return ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2})), tuple(map(torch.tensor, data()))
+    model = precision_model if target == "precision" else coin_model
+    svi = ProximalScoreVI(model, conjugate_guide(target), pyro.optim.Adam({"lr": 1e-2}))
+    return svi, torch.tensor(target_data(target))
 
 
 def test_pyro_conjugate_guide_takes_the_generic_mini_batch_defaults():
-    svi, args = pyro_engine("precision")
-    svi.step(*args)
+    svi, data = pyro_engine("precision")
+    svi.step(data, subsample_size=B)
     assert (svi.objective.prox_weight, svi.average_iterates, svi.inner_steps) == (100.0, True, 20)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["precision", "coin"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_pyro_conjugate_guide_has_the_exact_posterior_under_mini_batch_scores(target):
     """~2.5 min each: twenty inner steps of a guide the engine runs at each."""
     import pyro
 
-    svi, args = pyro_engine(target)
+    svi, data = pyro_engine(target)
     for _ in range(UPDATES):
-        svi.step(*args)
+        svi.step(data, subsample_size=B)
     assert svi.num_rejected == 0
     store = pyro.get_param_store()
     check_fit(target, float(store["a"]), float(store["b"]))
