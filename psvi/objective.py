@@ -101,14 +101,15 @@ class RegimeDefaults(NamedTuple):
     AutoIAFNormal diverged with one step on half the seeds until its Fisher term was
     dropped (:func:`transport_fisher_weight`).
     Any other guide with a subsampled plate (a user-written guide of another family, e.g.
-    Gamma or Beta sites, an amortized Dirichlet; AutoLowRankMultivariateNormal) goes through
-    the generic objective, whose per-update optimum absorbs the batch's noise into the
-    guide's shape: on conjugate targets (docs/minibatch.md, section 15) its sds ended
-    0.75-0.78 of the exact ones at N/B = 20 with the weight 10 (0.90-0.94 at N/B = 5,
-    0.49-0.53 at 80), a shortfall falling as ``(N/B) / prox_weight``;
-    so the weight grows with ``N/B`` (:func:`generic_prox_weight`: an epoch of updates
-    then moves the guide about as far as at ``N/B = 2``) and the guide returned is the
-    averaged iterate (means 0.4-1.0 sds off without).
+    Gamma or Beta sites, an amortized Dirichlet, a Normal user guide with local latents;
+    AutoLowRankMultivariateNormal) goes through the generic objective, whose per-update
+    optimum absorbs the batch's noise into the guide's shape: on conjugate targets
+    (docs/minibatch.md, section 15) its sds ended 0.70-0.78 of the exact ones at N/B = 20
+    with the weight 10 (0.90-0.94 at N/B = 5, 0.49-0.53 at 80), a shortfall of roughly
+    ``0.1-0.15 (N/B) / prox_weight``; so the weight grows with ``N/B``
+    (:func:`generic_prox_weight`: an epoch of updates then moves the guide about as far as
+    at ``N/B = 2``) and the guide returned is the averaged iterate (the last iterate's
+    means were up to 1.0 sd off).
     Elsewhere (exact scores) the settings the Gaussian study chose.
     """
 
@@ -165,9 +166,9 @@ def generic_prox_weight(batch_ratio: float) -> float:
     is ``batch_ratio``: ``max(10, 5 N/B)``, 10 with exact scores.
 
     Measured on conjugate targets (docs/minibatch.md, section 15; Gamma and Beta guides,
-    the averaged iterate): sd ratios 0.93-0.96 at N/B = 5 (weight 25), 0.95-0.99 at 20
-    (100), 0.97-1.09 at 80 (400), against 0.90-0.94, 0.75-0.78 and 0.49-0.53 with the
-    weight 10 and the last iterate.
+    the averaged iterate): sd ratios 0.93-0.96 at N/B = 5 (weight 25, NumPyro), 0.91-0.99
+    at 20 (100, both backends), 0.97-1.09 at 80 (400, NumPyro), against 0.90-0.94,
+    0.70-0.78 and 0.49-0.53 with the weight 10 and the last iterate.
     """
     return max(10.0, GENERIC_PROX_WEIGHT_PER_BATCH_RATIO * batch_ratio)
 
