@@ -16,11 +16,13 @@
    steps, Adam(1e-3), same protocol) for ProximalScoreVI's defaults and ADVI, written
    to benchmarks/results/mnist_minibatch.json (docs/mnist.md keeps the earlier rows).
 
-    python -m benchmarks.minibatch [--quick] [--mnist 20000 60000] [--moves]
+    python -m benchmarks.minibatch [--quick] [--mnist 20000 60000] [--moves] [--lowrank]
 
 6. ``--moves``: the per-update move (K x lr) cut by 5, through the rate or through K, on
    the regression (3,000 updates, three seeds) and the digits MLP (20,000 score calls)
    against the defaults and ADVI; benchmarks/results/minibatch_moves.json.
+7. ``--lowrank``: AutoLowRankMultivariateNormal (rank 2) on the regression, the settings
+   before and after docs/minibatch.md section 15; benchmarks/results/minibatch_lowrank.json.
 
 Writes benchmarks/results/minibatch.json; docs/minibatch.md reads it.
 """
@@ -37,7 +39,7 @@ import numpy as np
 import numpyro
 from jax.flatten_util import ravel_pytree
 from jax.scipy.optimize import minimize
-from numpyro.infer.autoguide import AutoNormal
+from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
 from numpyro.infer.initialization import init_to_value
 
 from benchmarks.common import digits_fit, make_engine, save
@@ -216,6 +218,40 @@ def regression_fits(step_counts: tuple[int, ...], seeds: int) -> list[dict]:
     return rows
 
 
+LOWRANK_SETTINGS = {
+    "before (K = 20, prox_weight 10, last iterate)": {
+        "inner_steps": 20,
+        "prox_weight": 10.0,
+        "average_iterates": False,
+    },
+    "K = 20, the generic weight, averaged": {"inner_steps": 20},
+    "defaults (K = 5, the generic weight, averaged)": {},
+}
+
+
+def lowrank_fits(num_steps: int, seeds: int) -> list[dict]:
+    """AutoLowRankMultivariateNormal (rank 2) on the regression of :func:`regression_fits`
+    under each of :data:`LOWRANK_SETTINGS`: the worst mean error in exact posterior sds and
+    the marginal sds' ratios to the exact ones."""
+    rows = []
+    model = partial(linear_regression, subsample_size=B)
+    for (label, options), lr, seed in itertools.product(LOWRANK_SETTINGS.items(), (1e-2, 1e-3), range(seeds)):
+        x, y, mean, sd = regression_data(seed)
+        guide = AutoLowRankMultivariateNormal(model, rank=2)
+        engine = ProximalScoreVI(model, guide, numpyro.optim.Adam(lr), **options)
+        result = engine.run(jax.random.PRNGKey(seed), num_steps, x, y, progress_bar=False)
+        posterior = guide.get_posterior(result.params)
+        loc = np.asarray(posterior.loc, np.float64)
+        fitted_sd = np.sqrt(np.diag(np.asarray(posterior.covariance_matrix, np.float64)))
+        rows.append({
+            "settings": label, "lr": lr, "seed": seed, "updates": num_steps,
+            "max mean error (sd)": float(np.max(np.abs(loc - mean) / sd)),
+            "sd ratio min": float(np.min(fitted_sd / sd)), "sd ratio max": float(np.max(fitted_sd / sd)),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
 def digits_fits(num_calls: int) -> list[dict]:
     rows = []
     for method, lr in itertools.product(("psvi", "advi"), (1e-2, 1e-3)):
@@ -280,7 +316,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mnist", type=int, nargs="*", help="MNIST training sizes (MLP rows only)")
     parser.add_argument("--moves", action="store_true", help="only the per-update move study")
+    parser.add_argument("--lowrank", action="store_true", help="only AutoLowRankMultivariateNormal's fits")
     args = parser.parse_args()
+    if args.lowrank:
+        rows = lowrank_fits(300 if args.quick else 3000, 1 if args.quick else 3)
+        print(save("minibatch_lowrank_quick" if args.quick else "minibatch_lowrank", {"rows": rows}))
+        return
     if args.moves:
         rows = move_fits(2000 if args.quick else 20000, 300 if args.quick else 3000, 1 if args.quick else 3)
         print(save("minibatch_moves_quick" if args.quick else "minibatch_moves", {"rows": rows}))

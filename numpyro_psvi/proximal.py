@@ -158,8 +158,8 @@ class ProximalScoreVI(ScoreEngine):
         Optimizer steps ``K`` on each proximal objective (they cost no score calls).
         ``None``: 5 for a flow, whose steps stop once its map has moved past the trust
         region's budget (:func:`psvi.objective.stops_at_trust_region`; without a trust
-        region 1 with mini-batch scores, else 20), 5 for a diagonal or full-covariance
-        Gaussian guide with mini-batch scores, else 20
+        region 1 with mini-batch scores, else 20), 5 for a diagonal, full-covariance or
+        low-rank Gaussian guide with mini-batch scores, else 20
         (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
         Shorthands for the fields of ``loss`` (not together with it): the weight
@@ -316,7 +316,7 @@ class ProximalScoreVI(ScoreEngine):
         low_rank_step = self.inner_solver == "closed_form" and self.density.loc_lowrank is not None
         regime = resolve_regime(
             gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step, transport,
-            bounded=bounded,
+            bounded=bounded, low_rank=self.density.loc_lowrank is not None,
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)

@@ -109,7 +109,10 @@ class RegimeDefaults(NamedTuple):
     ``0.1-0.15 (N/B) / prox_weight``; so the weight grows with ``N/B``
     (:func:`generic_prox_weight`: an epoch of updates then moves the guide about as far as
     at ``N/B = 2``) and the guide returned is the averaged iterate (the last iterate's
-    means were up to 1.0 sd off).
+    means were up to 1.0 sd off). A low-rank Gaussian guide takes five inner steps there,
+    as the other Gaussian guides do (a subsampled regression's sds 0.88-0.96 of the exact
+    ones at Adam(1e-2) and 0.96-1.14 at Adam(1e-3), against 0.70-0.80 and 0.87-0.95 with
+    twenty; docs/minibatch.md section 15).
     Elsewhere (exact scores) the settings the Gaussian study chose.
     """
 
@@ -126,6 +129,7 @@ def regime_defaults(
     low_rank_step: bool = False,
     transport: bool = False,
     bounded: bool = True,
+    low_rank: bool = False,
 ) -> RegimeDefaults:
     """:class:`RegimeDefaults` for a guide that is (or is not) a diagonal or
     full-covariance Gaussian, a model whose largest plate-to-subsample ratio is
@@ -136,7 +140,8 @@ def regime_defaults(
     update (``transport``), and whether the updates have a trust region (``bounded``:
     without one a flow's steps cannot stop at its budget, so it takes the settings
     measured before the stop: one step with mini-batch scores, twenty and the last
-    iterate with exact scores)."""
+    iterate with exact scores), and whether it is a low-rank Gaussian (``low_rank``: with
+    mini-batch scores the generic objective's weight, and the Gaussian guides' five steps)."""
     if gaussian and batch_ratio > 1:
         return RegimeDefaults(inner_steps=5, average_iterates=True, curvature_memory=1, prox_weight=10.0)
     if transport and (bounded or batch_ratio > 1):
@@ -152,7 +157,8 @@ def regime_defaults(
         return RegimeDefaults(inner_steps=20, average_iterates=True, curvature_memory=100, prox_weight=3.0)
     if batch_ratio > 1:
         weight = generic_prox_weight(batch_ratio)
-        return RegimeDefaults(inner_steps=20, average_iterates=True, curvature_memory=100, prox_weight=weight)
+        inner_steps = 5 if low_rank else 20
+        return RegimeDefaults(inner_steps, average_iterates=True, curvature_memory=100, prox_weight=weight)
     return RegimeDefaults(inner_steps=20, average_iterates=False, curvature_memory=100, prox_weight=10.0)
 
 
@@ -572,11 +578,14 @@ def resolve_regime(
     low_rank_step: bool = False,
     transport: bool = False,
     bounded: bool = True,
+    low_rank: bool = False,
 ) -> RegimeDefaults:
     """The engine's settings: the user's ``inner_steps``, ``average_iterates``,
     ``curvature_memory`` and ``prox_weight``, and :func:`regime_defaults` for those left
     ``None``."""
-    defaults = regime_defaults(gaussian, batch_ratio, closed_form, low_rank_step, transport, bounded)
+    defaults = regime_defaults(
+        gaussian, batch_ratio, closed_form, low_rank_step, transport, bounded, low_rank
+    )
     return RegimeDefaults(
         inner_steps=defaults.inner_steps if inner_steps is None else int(inner_steps),
         average_iterates=defaults.average_iterates if average_iterates is None else bool(average_iterates),

@@ -6,7 +6,12 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from numpyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
+from numpyro.infer.autoguide import (
+    AutoIAFNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 from psvi_testing import minibatch
 
 from numpyro_psvi import ProximalScoreVI
@@ -64,6 +69,27 @@ def test_reshuffled_regression_has_the_exact_full_covariance_posterior():
     posterior = guide.get_posterior(result.params)
     loc, cov = (np.asarray(a, np.float64) for a in (posterior.loc, posterior.covariance_matrix))
     minibatch.check_full_covariance_fit(loc, cov, x, y)
+
+
+@pytest.mark.parametrize("lr", [1e-2, 1e-3])
+def test_reshuffled_regression_has_the_exact_marginals_with_a_low_rank_guide(lr):
+    """AutoLowRankMultivariateNormal (rank 2) takes the generic objective with mini-batch
+    scores (docs/minibatch.md section 15): :func:`minibatch.check_fit`'s bounds on its
+    marginals (with these independent features the exact marginal sds are within 0.2% of
+    the conditional ones that function compares to). Measured over seeds 0-2: means within
+    0.08 sd, sds 0.88-1.14 of the exact ones, where K = 20 with the weight 10 and the last
+    iterate ended 0.22-1.58 sd off with sds 0.47-0.96."""
+    x, y = minibatch.regression(seed=0)
+    guide = AutoLowRankMultivariateNormal(regression_model, rank=2)
+    svi = ProximalScoreVI(regression_model, guide, numpyro.optim.Adam(lr))
+    result = svi.run(
+        jax.random.PRNGKey(0), minibatch.RESHUFFLED_UPDATES, jnp.asarray(x), jnp.asarray(y),
+        progress_bar=False,
+    )  # fmt: skip
+    assert (svi.inner_steps, svi.average_iterates, svi.objective.prox_weight) == (5, True, 100.0)
+    posterior = guide.get_posterior(result.params)
+    loc, cov = (np.asarray(a, np.float64) for a in (posterior.loc, posterior.covariance_matrix))
+    minibatch.check_fit(loc, np.sqrt(np.diag(cov)), x, y)
 
 
 @pytest.mark.slow

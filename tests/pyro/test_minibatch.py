@@ -6,7 +6,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 from psvi_testing import minibatch
-from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide import (
+    AutoIAFNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 
 from pyro_psvi import ProximalScoreVI
 from pyro_psvi.contrib.models import linear_regression
@@ -71,6 +76,25 @@ def test_reshuffled_regression_has_the_exact_full_covariance_posterior():
         posterior = guide.get_posterior()
         loc, cov = (a.double().numpy() for a in (posterior.loc, posterior.covariance_matrix))
     minibatch.check_full_covariance_fit(loc, cov, x.numpy(), y.numpy())
+
+
+@pytest.mark.slow
+def test_reshuffled_regression_has_the_exact_marginals_with_a_low_rank_guide():
+    """~1.5 min. The NumPyro twin's bounds (:func:`minibatch.check_fit` on the marginals; the
+    generic objective's mini-batch defaults, docs/minibatch.md section 15)."""
+    x, y = map(torch.as_tensor, minibatch.regression(seed=0))
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoLowRankMultivariateNormal(regression_model, rank=2)
+    svi = ProximalScoreVI(regression_model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    for _ in range(minibatch.RESHUFFLED_UPDATES):
+        svi.update(x, y)
+    assert (svi.inner_steps, svi.average_iterates, svi.objective.prox_weight) == (5, True, 100.0)
+    assert svi.num_rejected == 0
+    with torch.no_grad():
+        posterior = guide.get_posterior()
+        loc, cov = (a.double().numpy() for a in (posterior.loc, posterior.covariance_matrix))
+    minibatch.check_fit(loc, np.sqrt(np.diag(cov)), x.numpy(), y.numpy())
 
 
 @pytest.mark.usefixtures("fresh_pyro")
