@@ -20,7 +20,8 @@ class ProximalScoreMatching(NamedTuple):
     prox_weight : float or None
         Weight ``1/eta`` of the proximal term. ``None``: by regime
         (:func:`regime_defaults`), 3 for the closed-form step of a full-covariance or
-        low-rank Gaussian guide, else 10.
+        low-rank Gaussian guide, ``max(10, 5 N/B)`` with mini-batch scores for a guide the
+        split objective does not reach (:func:`generic_prox_weight`), else 10.
     weighting : {"covariance", "identity"}
         ``W_t``: the covariance of ``q_t`` (scale-free, the default) or the identity.
     num_kl_draws : int
@@ -167,9 +168,10 @@ GENERIC_PROX_WEIGHT_PER_BATCH_RATIO = 5.0
 
 
 def generic_prox_weight(batch_ratio: float) -> float:
-    """The default proximal weight of a guide fitted by the generic objective (neither
-    a Gaussian autoguide nor a flow) when the model's largest plate-to-subsample ratio
-    is ``batch_ratio``: ``max(10, 5 N/B)``, 10 with exact scores.
+    """The default proximal weight of a guide fitted by the generic objective (neither a
+    diagonal or full-covariance Gaussian, whose split objective has its own regime, nor a
+    flow) when the model's largest plate-to-subsample ratio is ``batch_ratio``:
+    ``max(10, 5 N/B)``, 10 with exact scores.
 
     Measured on conjugate targets (docs/minibatch.md, section 15; Gamma and Beta guides,
     the averaged iterate): sd ratios 0.93-0.96 at N/B = 5 (weight 25, NumPyro), 0.91-0.99
