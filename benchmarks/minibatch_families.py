@@ -50,7 +50,14 @@ def fitted_moments(target: str, guide: str, params: dict) -> tuple[float, float]
 
 
 def numpyro_fit(
-    target: str, guide_name: str, method: str, lr: float, seed: int, updates: int, engine_options: dict
+    target: str,
+    guide_name: str,
+    method: str,
+    lr: float,
+    seed: int,
+    updates: int,
+    batch: int,
+    engine_options: dict,
 ) -> dict:
     import jax
     import jax.numpy as jnp
@@ -80,12 +87,19 @@ def numpyro_fit(
         engine = ProximalScoreVI(model, guide, optim, num_particles=PARTICLES, **engine_options)
     data = jnp.asarray(target_data(target))
     start = time.perf_counter()
-    result = engine.run(jax.random.PRNGKey(seed), updates, data, subsample_size=BATCH, progress_bar=False)
+    result = engine.run(jax.random.PRNGKey(seed), updates, data, subsample_size=batch, progress_bar=False)
     return {"params": result.params, "seconds": time.perf_counter() - start}
 
 
 def pyro_fit(
-    target: str, guide_name: str, method: str, lr: float, seed: int, updates: int, engine_options: dict
+    target: str,
+    guide_name: str,
+    method: str,
+    lr: float,
+    seed: int,
+    updates: int,
+    batch: int,
+    engine_options: dict,
 ) -> dict:
     import pyro
     import pyro.distributions as dist
@@ -117,7 +131,7 @@ def pyro_fit(
     data = torch.tensor(target_data(target))
     start = time.perf_counter()
     for _ in range(updates):
-        engine.step(data, subsample_size=BATCH)
+        engine.step(data, subsample_size=batch)
     seconds = time.perf_counter() - start
     store = pyro.get_param_store()
     return {"params": {name: store[name].detach() for name in store.keys()}, "seconds": seconds}
@@ -133,7 +147,7 @@ def row_of(
     mean, sd = conjugate_unconstrained_moments(target, *conjugate_posterior(target, target_data(target)))
     runs = []
     for seed in range(options.seeds):
-        fit = FITS[backend](target, guide, method, lr, seed, options.updates, engine_options)
+        fit = FITS[backend](target, guide, method, lr, seed, options.updates, options.batch, engine_options)
         loc, scale = fitted_moments(target, guide, fit["params"])
         runs.append({"mean_err": (loc - mean) / sd, "sd_ratio": scale / sd, "seconds": fit["seconds"]})
     config = {"backend": backend, "target": target, "guide": guide, "lr": lr, "method": method}
@@ -151,7 +165,6 @@ def engine_settings(options) -> list[dict]:
 
 
 def main() -> None:
-    global BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["numpyro"], choices=sorted(FITS))
     parser.add_argument("--methods", nargs="+", default=["psvi", "svi"], choices=["psvi", "svi"])
@@ -164,7 +177,6 @@ def main() -> None:
     parser.add_argument("--average", nargs="+", default=["default"], choices=["default", "on", "off"])
     parser.add_argument("--out", default="minibatch_families")
     options = parser.parse_args()
-    BATCH = options.batch
     rows = []
     configs = itertools.product(options.backends, TARGETS, options.guides, options.lrs, options.methods)
     for *config, method in configs:
@@ -175,7 +187,7 @@ def main() -> None:
     payload = {
         "updates": options.updates,
         "num": len(target_data("coin")),
-        "batch": BATCH,
+        "batch": options.batch,
         "particles": PARTICLES,
     }
     save(options.out, {**payload, "rows": rows})
