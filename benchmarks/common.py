@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import os
 import platform
@@ -65,6 +67,32 @@ def first_in_band(points: list, errors: list, lows: list, highs: list) -> int | 
 def machine() -> str:
     """A one-line description of the machine the numbers come from."""
     return f"{platform.machine()} CPU, {jax.device_count()} JAX device(s), {platform.processor() or 'cpu'}"
+
+
+ENGINE_SETTINGS = ("prox_weight", "average_iterates")
+
+
+def add_engine_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--prox-weights`` and ``--average``: ProximalScoreVI's options in place of its
+    defaults, every pair of them (:func:`engine_settings`)."""
+    parser.add_argument("--prox-weights", type=float, nargs="+", default=[None], help="ProximalScoreVI only")
+    parser.add_argument("--average", nargs="+", default=["default"], choices=["default", "on", "off"])
+
+
+def engine_settings(options: argparse.Namespace) -> list[dict]:
+    """ProximalScoreVI's keyword options of each ``--prox-weights`` x ``--average`` pair
+    (none given: the engine's default)."""
+    settings = []
+    for weight, average in itertools.product(options.prox_weights, options.average):
+        chosen = {"prox_weight": weight, "average_iterates": {"on": True, "off": False}.get(average)}
+        settings.append({name: value for name, value in chosen.items() if value is not None})
+    return settings
+
+
+def row_method_label(row: dict) -> str:
+    """A result row's method with the engine settings it was run with, if any."""
+    settings = ", ".join(f"{name} {row[name]}" for name in ENGINE_SETTINGS if name in row)
+    return f"{row['method']} ({settings})" if settings else row["method"]
 
 
 def save(name: str, payload: dict) -> Path:

@@ -28,7 +28,7 @@ import argparse
 import itertools
 import time
 
-from benchmarks.common import save
+from benchmarks.common import add_engine_setting_arguments, engine_settings, row_method_label, save
 from psvi.contrib.targets import conjugate_data, conjugate_posterior, conjugate_unconstrained_moments
 
 BATCH = 100
@@ -154,16 +154,6 @@ def row_of(
     return {**config, **engine_options, "runs": runs}
 
 
-def engine_settings(options) -> list[dict]:
-    """The engine's options of each ``--prox-weights`` x ``--average`` pair (the
-    defaults: none given)."""
-    settings = []
-    for weight, average in itertools.product(options.prox_weights, options.average):
-        chosen = {"prox_weight": weight, "average_iterates": {"on": True, "off": False}.get(average)}
-        settings.append({name: value for name, value in chosen.items() if value is not None})
-    return settings
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["numpyro"], choices=sorted(FITS))
@@ -173,8 +163,7 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 1e-3])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=BATCH, help="the plate's subsample size B")
-    parser.add_argument("--prox-weights", type=float, nargs="+", default=[None], help="ProximalScoreVI only")
-    parser.add_argument("--average", nargs="+", default=["default"], choices=["default", "on", "off"])
+    add_engine_setting_arguments(parser)
     parser.add_argument("--out", default="minibatch_families")
     options = parser.parse_args()
     rows = []
@@ -197,10 +186,7 @@ def main() -> None:
     for row in rows:
         errors = ", ".join(f"{run['mean_err']:.2f}" for run in row["runs"])
         ratios = ", ".join(f"{run['sd_ratio']:.2f}" for run in row["runs"])
-        settings = ", ".join(
-            f"{name} {row[name]}" for name in ("prox_weight", "average_iterates") if name in row
-        )
-        method = f"{row['method']} ({settings})" if settings else row["method"]
+        method = row_method_label(row)
         cells = (row["backend"], row["target"], row["guide"], row["lr"], method, errors, ratios)
         print("| " + " | ".join(map(str, cells)) + " |")
 

@@ -19,7 +19,6 @@ needs the ``flax`` extra; writes ``benchmarks/results/prodlda.json`` (``--out``)
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 
 import flax.linen as nn
@@ -31,7 +30,7 @@ import numpyro.distributions as dist
 from numpyro.contrib.module import flax_module
 from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
-from benchmarks.common import save
+from benchmarks.common import add_engine_setting_arguments, engine_settings, row_method_label, save
 from numpyro_psvi import ProximalScoreVI
 
 VOCAB, TOPICS, HIDDEN, DOCS, BATCH, WORDS = 100, 5, 32, 600, 60, 80
@@ -102,20 +101,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["svi", "psvi"], choices=["svi", "psvi"])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--prox-weights", type=float, nargs="+", default=[None], help="ProximalScoreVI only")
-    parser.add_argument("--average", nargs="+", default=["default"], choices=["default", "on", "off"])
+    add_engine_setting_arguments(parser)
     parser.add_argument("--out", default="prodlda")
     options = parser.parse_args()
     rows = []
     for method in options.methods:
-        settings = (
-            itertools.product(options.prox_weights, options.average)
-            if method == "psvi"
-            else [(None, "default")]
-        )
-        for weight, average in settings:
-            chosen = {"prox_weight": weight, "average_iterates": {"on": True, "off": False}.get(average)}
-            engine_options = {name: value for name, value in chosen.items() if value is not None}
+        for engine_options in engine_settings(options) if method == "psvi" else [{}]:
             runs = [fit(method, engine_options, seed, options.steps) for seed in range(options.seeds)]
             rows.append({"method": method, **engine_options, "runs": runs})
             print(
@@ -127,10 +118,7 @@ def main() -> None:
     print("\n| method | -ELBO (all documents) per seed | mean topic recovery per seed | seconds |")
     print("| --- | --- | --- | --- |")
     for row in rows:
-        settings = ", ".join(
-            f"{name} {row[name]}" for name in ("prox_weight", "average_iterates") if name in row
-        )
-        label = f"{row['method']} ({settings})" if settings else row["method"]
+        label = row_method_label(row)
         elbos = ", ".join(f"{run['neg_elbo']:,.0f}" for run in row["runs"])
         recovery = ", ".join(f"{np.mean(run['recovery']):.3f}" for run in row["runs"])
         seconds = ", ".join(f"{run['seconds']:.0f}" for run in row["runs"])
