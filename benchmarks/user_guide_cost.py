@@ -11,6 +11,7 @@ to SVI's. NumPyro steps are jitted; torch runs on one thread.
 
     python -m benchmarks.user_guide_cost [--blocks 5] [--steps 20] [--inner-steps 5 1] [--quick]
     python -m benchmarks.user_guide_cost --equal-time 20   # the VAE's -ELBO at equal wall time
+    python -m benchmarks.user_guide_cost --equal-steps --inner-steps 20 5 3   # ... at equal updates
     python -m benchmarks.user_guide_cost --guide-runs      # Pyro's floor: plain guide runs vs SVI
 """
 
@@ -385,6 +386,100 @@ def pyro_guide_run_floor(blocks: int, steps: int) -> list[dict]:
     return rows
 
 
+def _digits_split() -> tuple[np.ndarray, np.ndarray]:
+    """The binarized digits in examples/numpyro_vae.py's split: 1,500 to train, the rest held out."""
+    images = (sklearn.datasets.load_digits().data / 16.0 > 0.5).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(images))
+    return images[order[:1500]], images[order[1500:]]
+
+
+# The VAE at equal steps: (Adam's step size, checkpoints in updates) of each protocol.
+EQUAL_STEPS = {"batch": (1e-2, (250, 1000, 2000)), "epochs": (1e-3, (23, 115, 460, 1380))}
+
+
+def vae_equal_steps(backend: str, protocol: str, inner_steps: tuple[int, ...], seed: int) -> list[dict]:
+    """The VAE's ``-ELBO`` after each checkpoint's number of updates of SVI and of each
+    ``K`` (the same score calls). ``"batch"``: on its one batch of 64 (256 particles),
+    Adam(1e-2); ``"epochs"``: trained on 1,500 digits in batches of 64 passed as the
+    model's arguments (examples/numpyro_vae.py), Adam(1e-3), and the held-out ``-ELBO`` per
+    image (64 particles) after 1, 5, 20 and 60 epochs."""
+    lr, checkpoints = EQUAL_STEPS[protocol]
+    train, test = _digits_split()
+    batches = [train[i : i + 64] for i in range(0, len(train) - 63, 64)] if protocol == "epochs" else None
+    rows = []
+    for inner in [-1, *inner_steps]:
+        fit = _pyro_vae_fit if backend == "pyro" else _numpyro_vae_fit
+        step, loss = fit(inner, lr, seed)
+        done, losses = 0, []
+        for checkpoint in checkpoints:
+            for i in range(done, checkpoint):
+                step(None if batches is None else batches[i % len(batches)])
+            done = checkpoint
+            losses.append(loss(None) if batches is None else loss(test) / len(test))
+        engine = "SVI" if inner == -1 else f"ProximalScoreVI, K = {inner}"
+        rows.append({"backend": backend, "protocol": protocol, "engine": engine, "seed": seed,
+                     "updates": list(checkpoints), "neg_elbo": losses})  # fmt: skip
+        print(f"{backend:8s} {protocol:7s} seed {seed} {engine:26s}", " ".join(f"{x:8.2f}" for x in losses))
+    return rows
+
+
+def _pyro_vae_fit(inner: int, lr: float, seed: int) -> tuple[Callable, Callable]:
+    """``step(batch)`` and ``loss(batch)`` of a fresh VAE (``None``: its own batch)."""
+    import pyro
+    import torch
+    from pyro.infer import SVI, Trace_ELBO
+
+    from pyro_psvi import ProximalScoreVI
+
+    pyro.clear_param_store()
+    torch.manual_seed(seed)
+    model, guide, (own,) = pyro_examples()["VAE"]  # fresh networks
+    optim = pyro.optim.Adam({"lr": lr})
+    if inner == -1:
+        engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True))
+    else:
+        engine = ProximalScoreVI(model, guide, optim, num_particles=PARTICLES, inner_steps=inner)
+
+    def loss(batch):
+        torch.manual_seed(1)
+        particles = 256 if batch is None else 64
+        batch = own if batch is None else torch.as_tensor(batch)
+        return Trace_ELBO(num_particles=particles, vectorize_particles=True).loss(model, guide, batch)
+
+    return lambda batch: engine.step(own if batch is None else torch.as_tensor(batch)), loss
+
+
+def _numpyro_vae_fit(inner: int, lr: float, seed: int) -> tuple[Callable, Callable]:
+    """As :func:`_pyro_vae_fit`, jitted updates."""
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    from numpyro.infer import SVI, Trace_ELBO
+
+    from numpyro_psvi import ProximalScoreVI
+
+    model, guide, (own,) = numpyro_examples()["VAE"]
+    optim = numpyro.optim.Adam(lr)
+    if inner == -1:
+        engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES))
+    else:
+        engine = ProximalScoreVI(model, guide, optim, num_particles=PARTICLES, inner_steps=inner)
+    state = [engine.init(jax.random.PRNGKey(seed), own)]
+    update = jax.jit(engine.update)
+
+    def step(batch):
+        state[0] = update(state[0], own if batch is None else jnp.asarray(batch))[0]
+
+    def loss(batch):
+        particles = 256 if batch is None else 64
+        batch = own if batch is None else jnp.asarray(batch)
+        params = engine.get_params(state[0])
+        estimate = Trace_ELBO(num_particles=particles)
+        return float(estimate.loss(jax.random.PRNGKey(1), params, model, guide, batch))
+
+    return step, loss
+
+
 def _steps_for(seconds: float, step: Callable[[], None]) -> int:
     start, steps = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
@@ -408,6 +503,11 @@ def main() -> None:
         "--guide-runs", action="store_true",
         help="instead: Pyro's floor, one plain run of each guide against SVI's step",
     )  # fmt: skip
+    parser.add_argument(
+        "--equal-steps", nargs="*", choices=sorted(EQUAL_STEPS), default=None, metavar="PROTOCOL",
+        help="instead: the VAE's -ELBO at equal updates of SVI and each --inner-steps (batch, epochs)",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=2, help="--equal-steps only")
     args = parser.parse_args()
     import torch
 
@@ -417,6 +517,16 @@ def main() -> None:
     if args.guide_runs:
         rows = pyro_guide_run_floor(args.blocks, 2 * args.steps)
         save("user_guide_floor", {"particles": PARTICLES, "blocks": args.blocks, "rows": rows})
+        return
+    if args.equal_steps is not None:
+        rows = [
+            row
+            for backend in args.backends
+            for protocol in args.equal_steps or sorted(EQUAL_STEPS)
+            for seed in range(args.seeds)
+            for row in vae_equal_steps(backend, protocol, tuple(args.inner_steps), seed)
+        ]
+        save("user_guide_equal_steps", {"particles": PARTICLES, "protocols": EQUAL_STEPS, "rows": rows})
         return
     if args.equal_time is not None:
         inner = tuple(args.inner_steps)

@@ -161,3 +161,32 @@ def test_numpyro_flow_guide_fits_a_correlated_gaussian():
     draws = target.sample(jax.random.PRNGKey(1), (4000,))
     log_q = jax.vmap(svi.density.log_prob, (None, 0))(result.params, draws)
     assert float(jnp.mean(target.log_prob(draws) - log_q)) < 0.05
+
+
+def test_numpyro_amortized_guide_with_a_module_fits_exactly():
+    """The twin of Pyro's ``pyro.module`` test: an amortized guide (a ``numpyro.module``
+    encoder, stax's ``Dense``) on ``z_i ~ N(0, 1), x_i ~ N(z_i, 1)``, whose exact
+    posterior ``N(x_i / 2, 1/2)`` is in the family (``loc = w x + b``, ``scale = exp(c)``):
+    every particle's residual is zero there, so the fit is exact up to the optimizer's
+    last steps."""
+    from jax.example_libraries import stax
+
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (50,))
+
+    def model(x):
+        with numpyro.plate("data", len(x)):
+            z = numpyro.sample("z", ndist.Normal(0.0, 1.0))
+            numpyro.sample("x", ndist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        encoder = numpyro.module("encoder", stax.Dense(2), (len(x), 1))
+        out = encoder(x[:, None])
+        with numpyro.plate("data", len(x)):
+            numpyro.sample("z", ndist.Normal(out[:, 0], jnp.exp(out[:, 1])))
+
+    engine = numpyro_psvi.ProximalScoreVI(model, guide, numpyro.optim.Adam(0.05), num_particles=4)
+    result = engine.run(jax.random.PRNGKey(0), 200, x, progress_bar=False)
+    assert int(result.state.num_rejected) == 0
+    (weight, bias) = result.params["encoder$params"]
+    np.testing.assert_allclose(np.asarray(weight[0]), [0.5, 0.0], atol=0.01)
+    np.testing.assert_allclose(np.asarray(bias), [0.0, 0.5 * np.log(0.5)], atol=0.01)
