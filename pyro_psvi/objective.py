@@ -31,7 +31,7 @@ from psvi.objective import (
     fisher_fade,
     path_elbo_weight,
 )
-from pyro_psvi.guides import GuideDensity, Params
+from pyro_psvi.guides import GuideDensity, LinearScoreStatistics, Params
 
 
 def weighted_fisher(
@@ -388,6 +388,27 @@ def proximal_objective(
         fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting, weights)
     kl = density.kl(params_t, params, kl_seed)
     return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
+
+
+def linear_score_gradient(
+    stats: LinearScoreStatistics, prox_weight: float, weighting: str, objective_scale: float
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The gradient in a guide's flat args ``(a, b)`` of :func:`proximal_objective` times
+    ``objective_scale``, for a guide with linear scores (:attr:`GuideDensity.linear_scores`):
+    with the residual ``r_s = a phi_a(u_s) + b phi_b(u_s) - g_s`` and the weight ``w`` of
+    each coordinate (``q_t``'s variance, or 1), ``d/da (1/S) sum_s w r_s^2 = (2 w / S)
+    (a S_aa + b S_ab - S_ag)``, likewise in ``b``, plus ``prox_weight`` times the KL's
+    gradient. ``O(D)`` per call, no autograd pass and no run of the guide."""
+    s_aa, s_ab, s_bb, s_ag, s_bg = stats.sums
+    weight = stats.variances if weighting == "covariance" else torch.ones_like(stats.variances)
+    fisher_scale = 2.0 * objective_scale / stats.count * weight
+
+    def gradient(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kl_a, kl_b = stats.kl_gradient(a, b)
+        grad_a = fisher_scale * (a * s_aa + b * s_ab - s_ag) + (objective_scale * prox_weight) * kl_a
+        return grad_a, fisher_scale * (a * s_ab + b * s_bb - s_bg) + (objective_scale * prox_weight) * kl_b
+
+    return gradient
 
 
 def transport_path(

@@ -70,6 +70,7 @@ from pyro_psvi.objective import (
     elbo_terms,
     fisher_statistics,
     gaussian_proximal_step,
+    linear_score_gradient,
     lowrank_proximal_step,
     proximal_objective,
     residual_fisher,
@@ -800,13 +801,18 @@ class ProximalScoreVI(ScoreEngine):
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
         options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
         scale = inner_objective_scale(self.objective.prox_weight)
-        split_diagonal = path = None
+        split_diagonal = path = gradient = None
         if stats is not None:
             split_diagonal = split_diagonal_problem(
                 density, params_t, stats, averages.curvature, **options, objective_scale=scale
             )
+            gradient = split_diagonal.gradient
         elif density.transport is not None:
             path = transport_path(density, params_t, particles, residuals_t, fisher)
+        elif density.linear_scores is not None and weights is None:
+            linear = density.linear_scores(params_t, particles, scores)
+            if linear is not None:
+                gradient = linear_score_gradient(linear, self.objective.prox_weight, weighting, scale)
 
         # The closures hold what the inner steps read, not the statistics (5 D-vectors).
         def objective(params: Params) -> torch.Tensor:
@@ -832,7 +838,7 @@ class ProximalScoreVI(ScoreEngine):
 
         return ProximalProblem(
             objective, params_t, loss, loss_error, fisher, scored.param_grads, scores_ok, scored.active_dim,
-            kl_seed, averages, None if split_diagonal is None else split_diagonal.gradient,
+            kl_seed, averages, gradient,
             stats if self.inner_solver == "closed_form" else None,
         )  # fmt: skip
 
@@ -1043,7 +1049,7 @@ class ProximalScoreVI(ScoreEngine):
         pulled = self._pulled_back_gradients(problem, unconstrained)
         if pulled is not None:
             grads, finite = pulled
-        elif problem.gradient is None:
+        elif problem.gradient is None or self.density.loc_scale is None:  # (linear scores: no gather)
             objective = problem.objective(self._constrain(unconstrained))
             grads = torch.autograd.grad(objective, values)
             finite = torch.isfinite(objective)
