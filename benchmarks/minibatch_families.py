@@ -4,10 +4,12 @@ on conjugate targets whose posterior is exact.
 Two one-latent models with a subsampled plate (N = 2,000 observations, B = ``--batch``
 at a time, 100 by default; ProximalScoreVI reshuffles the batches, SVI takes the plate's
 own): a Normal likelihood's precision ``tau ~ Gamma(2, 2)`` (posterior Gamma) and a
-coin's bias ``p ~ Beta(2, 2)`` (posterior Beta). Each fitted with two user-written guides:
-the conjugate family (``Gamma(a, b)``, ``Beta(a, b)``, params started at 5) and a Normal on
-the site's unconstrained value (``LogNormal``; a ``Normal`` pushed through the sigmoid),
-params started at ``loc = 0, scale = 0.5``. Methods: ProximalScoreVI with its defaults and
+coin's bias ``p ~ Beta(2, 2)`` (posterior Beta). Each fitted with three user-written
+guides: the conjugate family (``conjugate``: ``Gamma(a, b)``, ``Beta(a, b)``, params
+started at 5), the same family and start parameterized by its mean and shape
+(``conjugate_mean``: ``Gamma(k, k / m)``, ``Beta(k m, k (1 - m))``) and a Normal on the
+site's unconstrained value (``normal``: ``LogNormal``; a ``Normal`` pushed through the
+sigmoid), params started at ``loc = 0, scale = 0.5``. Methods: ProximalScoreVI with its defaults and
 ``SVI(Trace_ELBO(4))`` (the same score calls), the user's Adam at each ``--lrs``, seeds 0 ..
 ``--seeds`` - 1; ``--prox-weights`` and ``--average`` set the engine's options instead of
 its defaults (the weight's study). Reported: the error of the fitted mean of the
@@ -33,7 +35,7 @@ from psvi.contrib.targets import conjugate_data, conjugate_posterior, conjugate_
 
 BATCH = 100
 TARGETS = ("precision", "coin")
-GUIDES = ("conjugate", "normal")
+GUIDES = ("conjugate", "conjugate_mean", "normal")
 PARTICLES = 4
 
 
@@ -46,6 +48,10 @@ def fitted_moments(target: str, guide: str, params: dict) -> tuple[float, float]
     values = {name: float(value) for name, value in params.items()}
     if guide == "conjugate":
         return conjugate_unconstrained_moments(target, values["a"], values["b"])
+    if guide == "conjugate_mean":
+        shape, mean = values["k"], values["m"]
+        args = (shape, shape / mean) if target == "precision" else (shape * mean, shape * (1 - mean))
+        return conjugate_unconstrained_moments(target, *args)
     return values["loc"], values["scale"]
 
 
@@ -67,7 +73,7 @@ def numpyro_fit(
     from numpyro.infer import SVI, Trace_ELBO
 
     from numpyro_psvi import ProximalScoreVI
-    from numpyro_psvi.contrib.models import coin_model, conjugate_guide, precision_model
+    from numpyro_psvi.contrib.models import coin_model, conjugate_guide, conjugate_mean_guide, precision_model
 
     def normal_guide(data, *, subsample_size=None):
         loc = numpyro.param("loc", 0.0)
@@ -79,7 +85,8 @@ def numpyro_fit(
             numpyro.sample("p", dist.TransformedDistribution(dist.Normal(loc, scale), logistic))
 
     model = precision_model if target == "precision" else coin_model
-    guide = conjugate_guide(target) if guide_name == "conjugate" else normal_guide
+    guide = {"conjugate": conjugate_guide, "conjugate_mean": conjugate_mean_guide}.get(guide_name)
+    guide = normal_guide if guide is None else guide(target)
     optim = numpyro.optim.Adam(lr)
     if method == "svi":
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES))
@@ -108,7 +115,7 @@ def pyro_fit(
     from torch.distributions import constraints
 
     from pyro_psvi import ProximalScoreVI
-    from pyro_psvi.contrib.models import coin_model, conjugate_guide, precision_model
+    from pyro_psvi.contrib.models import coin_model, conjugate_guide, conjugate_mean_guide, precision_model
 
     def normal_guide(data, *, subsample_size=None):
         loc = pyro.param("loc", torch.tensor(0.0))
@@ -122,7 +129,8 @@ def pyro_fit(
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = precision_model if target == "precision" else coin_model
-    guide = conjugate_guide(target) if guide_name == "conjugate" else normal_guide
+    guide = {"conjugate": conjugate_guide, "conjugate_mean": conjugate_mean_guide}.get(guide_name)
+    guide = normal_guide if guide is None else guide(target)
     optim = pyro.optim.Adam({"lr": lr})
     if method == "svi":
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True))

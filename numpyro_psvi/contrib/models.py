@@ -70,6 +70,29 @@ def conjugate_guide(target: str, init: float = 5.0) -> Callable:
     return guide
 
 
+def conjugate_mean_guide(target: str, init: float = 5.0) -> Callable:
+    """:func:`conjugate_guide`'s family and start parameterized by its mean and its shape:
+    ``Gamma(k, k / m)`` (``m`` the mean, ``k`` the shape) or ``Beta(k m, k (1 - m))``
+    (``m`` the mean, ``k`` the concentration), started at ``Gamma(init, init)`` and
+    ``Beta(init, init)`` as that guide is. In the args' parameterization a narrow posterior
+    makes ``log a - log b`` (its location) stiff and ``log a + log b`` (its width) soft,
+    which Adam's per-coordinate steps cross slowly; here the two are separate params
+    (docs/minibatch.md section 15)."""
+    site = "tau" if target == "precision" else "p"
+
+    def guide(data, *, subsample_size=None):
+        if target == "precision":
+            shape = numpyro.param("k", init, constraint=dist.constraints.positive)
+            mean = numpyro.param("m", 1.0, constraint=dist.constraints.positive)
+            numpyro.sample(site, dist.Gamma(shape, shape / mean))
+        else:
+            total = numpyro.param("k", 2 * init, constraint=dist.constraints.positive)
+            mean = numpyro.param("m", 0.5, constraint=dist.constraints.unit_interval)
+            numpyro.sample(site, dist.Beta(total * mean, total * (1 - mean)))
+
+    return guide
+
+
 def earnings_regression(height: jax.Array, earn: jax.Array | None = None) -> None:
     """Earnings on height in dollars (:func:`psvi.contrib.targets.earnings_data`): Normal(0,
     1e6) priors on intercept ``b1`` and slope ``b2``, LogNormal(0, 10) on ``sigma``; a
