@@ -1231,6 +1231,12 @@ def user_guide_density(
             made.clear()
             return None
         kept_recipes(recipes, params_t, flat_args)
+        a_t, b_t = (side.detach() for side in flat_args(pairs))
+        # The tags may have taken another branch of the guide than q_t's values (a
+        # condition on a param's value): its args at q_t must be what the recipes read.
+        if not all(map(torch.equal, made["gather"](params_t), (a_t, b_t))):
+            made.clear()
+            return None
         rules = [linear_score_rule(fns[site.name].fn, transforms[site.name]) for site in sites]
         blocks = unpack_sites(sites, particles)
         features = [
@@ -1242,7 +1248,6 @@ def user_guide_density(
             product.sum(0)
             for product in (phi_a * phi_a, phi_a * phi_b, phi_b * phi_b, phi_a * scores, phi_b * scores)
         )
-        a_t, b_t = (side.detach() for side in flat_args(pairs))
         families = list(dict.fromkeys(rules))
         if len(families) == 1:
             kl_gradient = partial(families[0].kl_gradient, a_t, b_t)

@@ -569,8 +569,8 @@ def test_linear_score_inner_steps_match_the_guide_runs(monkeypatch):
     arithmetic (closed-form digamma and residual sums against autograd through the
     sites' densities; 1e-4 relative over 140 Adam steps, about 100 ulps, where a wrong
     term would move them by the step size, 5%); the flat path taken at every inner step
-    after the first update. A guide computing an arg from a param (``2 * a``) keeps the
-    guide runs."""
+    after the first update. A guide computing an arg from a param (``2 * a``), or whose
+    tagged run takes another branch than its values do, keeps the guide runs."""
     calls = []
     flat_call = pyro_psvi.proximal.FlatGuideGradient.__call__
     monkeypatch.setattr(
@@ -598,6 +598,16 @@ def test_linear_score_inner_steps_match_the_guide_runs(monkeypatch):
         pyro.sample("v", dist.InverseGamma(4.0 * torch.ones(3), 3.0).to_event(1))
 
     _fitted(_linear_score_model, computed_guide, 3)
+    assert len(calls) == 7 * engine.inner_steps
+
+    def branching_guide():  # the tagged run (a = 1) takes the other branch than a = 15
+        a = pyro.param("a", torch.tensor(15.0), constraint=constraints.positive)
+        b = pyro.param("b", torch.tensor(12.0), constraint=constraints.positive)
+        pyro.sample("f", dist.Beta(a, b if float(a) < 3.0 else 2.0 * b))
+        pyro.sample("t", dist.Gamma(2.5, 3.0))
+        pyro.sample("v", dist.InverseGamma(4.0 * torch.ones(3), 3.0).to_event(1))
+
+    _fitted(_linear_score_model, branching_guide, 3)
     assert len(calls) == 7 * engine.inner_steps
 
 
