@@ -381,7 +381,9 @@ class ProximalProblem(NamedTuple):
     gradient : callable or None
         ``gradient(loc, scale) -> (d/d loc, d/d scale)``: the objective's gradient in
         a diagonal guide's flat location and scale, in closed form (the split objective;
-        :class:`~pyro_psvi.objective.SplitDiagonalProblem`), else ``None``.
+        :class:`~pyro_psvi.objective.SplitDiagonalProblem`), or in the two flat args of a
+        guide with linear scores (:func:`~pyro_psvi.objective.linear_score_gradient`),
+        else ``None``.
     statistics : FisherStatistics or None
         A diagonal Gaussian guide's per-coordinate sums over the particles, for the
         closed-form step; ``None`` otherwise (the optimizer's inner steps read the split
@@ -764,9 +766,10 @@ class ProximalScoreVI(ScoreEngine):
         is ``O(D)`` and the ``(S, D)`` particles and scores can be freed; a full-covariance
         guide with a subsampled plate has the split objective
         (:func:`~pyro_psvi.objective.split_full_objective`); a flow's is
-        :func:`~pyro_psvi.objective.transport_objective`. The inner steps take it (and
-        the closed-form gradient) times :func:`psvi.objective.inner_objective_scale`, the
-        ``-ELBO``'s scale."""
+        :func:`~pyro_psvi.objective.transport_objective`; a guide with linear scores
+        (:attr:`~pyro_psvi.guides.GuideDensity.linear_scores`) has its gradient in closed
+        form in its args. The inner steps take it (and the closed-form gradient) times
+        :func:`psvi.objective.inner_objective_scale`, the ``-ELBO``'s scale."""
         density, weighting, weights = self.density, self.objective.weighting, scored.weights
         if scored.statistics is not None:  # reduced across ranks
             stats = scored.statistics
@@ -1049,7 +1052,7 @@ class ProximalScoreVI(ScoreEngine):
         pulled = self._pulled_back_gradients(problem, unconstrained)
         if pulled is not None:
             grads, finite = pulled
-        elif problem.gradient is None or self.density.loc_scale is None:  # (linear scores: no gather)
+        elif problem.gradient is None or self.density.loc_scale is None:  # linear scores not gathered
             objective = problem.objective(self._constrain(unconstrained))
             grads = torch.autograd.grad(objective, values)
             finite = torch.isfinite(objective)
