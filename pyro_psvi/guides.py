@@ -1535,18 +1535,19 @@ def _tagged_recipes(
     """How a guide reads each site's args from ``params``, in :func:`_part_recipe`'s form,
     found where the args are not views of the params' storage (a Beta stacks its two):
     ``run_args`` runs the guide on params whose entries are tagged with their positions
-    (1, 2, ... across all params, exact in float32 below 2^24), as leaves of a graph. An
-    arg that no leaf's gradient reaches is a constant; one that holds tags, whose tags lie
-    on a strided view of one param and whose gradient is that view's (a random
-    cotangent's pullback), reads that view; anything else (computed from the params) is
-    ``None`` for all. Also ``None`` where the tagged run fails (the guide's own arithmetic
-    on positions that are no valid values)."""
+    (1, 2, ... across all params: exact below 2^24 in float32, 2^53 in float64; other
+    dtypes are not probed), as leaves of a graph. An arg that no leaf's gradient reaches is
+    a constant; one that holds tags, whose tags lie on a strided view of one param and
+    whose gradient is that view's (a random cotangent's pullback), reads that view;
+    anything else (computed from the params) is ``None`` for all. Also ``None`` where the
+    tagged run fails (the guide's own arithmetic on positions that are no valid values)."""
     tags, start = {}, 1
     for name, value in params.items():
         positions = torch.arange(start, start + value.numel(), dtype=value.dtype, device=value.device)
         tags[name] = positions.reshape(value.shape).requires_grad_(True)
         start += value.numel()
-    if start >= 2**24 or not all(value.dtype.is_floating_point for value in params.values()):
+    exact = {torch.float32: 2**24, torch.float64: 2**53}  # the integers each dtype holds exactly
+    if not all(start < exact.get(value.dtype, 0) for value in params.values()):
         return None
     try:
         with torch.enable_grad():

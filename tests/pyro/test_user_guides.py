@@ -625,3 +625,6 @@ def test_tagged_recipes_find_views_constants_and_nothing_else():
     assert recipes[1][1][0] == "constant" and torch.equal(recipes[1][1][1], torch.tensor(4.0))
     assert pyro_psvi.guides._tagged_recipes(lambda tags: [(tags["a"] * 1.5, tags["s"])], params) is None
     assert pyro_psvi.guides._tagged_recipes(lambda tags: [(tags["a"].flip(0), tags["s"])], params) is None
+    # Half precision holds the positions exactly only up to 2,048: not probed.
+    half = {name: value.half() for name, value in params.items()}
+    assert pyro_psvi.guides._tagged_recipes(run_args, half) is None
