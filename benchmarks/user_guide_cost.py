@@ -1,7 +1,9 @@
 """Time per step of ProximalScoreVI vs SVI(Trace_ELBO) with hand-written guides (issue 24).
 
-Four examples of the PPLs' tutorials, each with its hand-written guide, in both
-backends: the coin (Beta-Bernoulli, a Beta guide), eight schools (centered; Normal,
+Four examples of the PPLs' tutorials, each with its hand-written guide, and a plate of
+Gamma latents, in both backends: the coin (Beta-Bernoulli, a Beta guide), Poisson rates
+(100 counts, ``rate_i ~ Gamma(2, 1)``, a ``Gamma(a, b)`` guide with vector params under the
+plate), eight schools (centered; Normal,
 LogNormal and a plate of Normals), Bayesian regression II (the rugged-terrain regression
 on synthetic data of the same size, N = 170; Normal weights, a scaled logit-Normal
 noise on ``Uniform(0, 10)``) and a VAE on the 8x8 digits (an amortized encoder guide,
@@ -42,6 +44,11 @@ def _regression_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rugged = rng.gamma(1.5, 1.0, 170).astype(np.float32)
     y = 9.2 - 1.9 * africa - 0.2 * rugged + 0.4 * africa * rugged + rng.normal(0, 0.9, 170)
     return africa, rugged, y.astype(np.float32)
+
+
+def _counts() -> np.ndarray:
+    """100 Poisson counts of rate 3 (the rates example)."""
+    return np.random.default_rng(0).poisson(3.0, 100).astype(np.float32)
 
 
 EIGHT_Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
@@ -143,9 +150,21 @@ def pyro_examples() -> dict[str, tuple[Callable, Callable, tuple]]:
         with pyro.plate("batch", batch.shape[0]):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
+    def rates_model(y):
+        with pyro.plate("units", len(y)):
+            rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+            pyro.sample("y", dist.Poisson(rate), obs=y)
+
+    def rates_guide(y):
+        a = pyro.param("rate_a", torch.full((len(y),), 2.0), constraint=constraints.positive)
+        b = pyro.param("rate_b", torch.ones(len(y)), constraint=constraints.positive)
+        with pyro.plate("units", len(y)):
+            pyro.sample("rate", dist.Gamma(a, b))
+
     eight = (torch.tensor(EIGHT_Y), torch.tensor(EIGHT_SIGMA))
     return {
         "coin": (coin_model, coin_guide, (torch.tensor([1.0] * 6 + [0.0] * 4),)),
+        "Poisson rates": (rates_model, rates_guide, (torch.tensor(_counts()),)),
         "eight schools": (eight_model, eight_guide, eight),
         "regression II": (regression_model, regression_guide, tuple(map(torch.tensor, _regression_data()))),
         "VAE": (vae_model, vae_guide, (torch.tensor(_digits_batch()),)),
@@ -233,9 +252,21 @@ def numpyro_examples() -> dict[str, tuple[Callable, Callable, tuple]]:
         with numpyro.plate("batch", num):
             numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
+    def rates_model(y):
+        with numpyro.plate("units", len(y)):
+            rate = numpyro.sample("rate", dist.Gamma(2.0, 1.0))
+            numpyro.sample("y", dist.Poisson(rate), obs=y)
+
+    def rates_guide(y):
+        a = numpyro.param("rate_a", jnp.full((len(y),), 2.0), constraint=constraints.positive)
+        b = numpyro.param("rate_b", jnp.ones(len(y)), constraint=constraints.positive)
+        with numpyro.plate("units", len(y)):
+            numpyro.sample("rate", dist.Gamma(a, b))
+
     eight = (jnp.asarray(EIGHT_Y), jnp.asarray(EIGHT_SIGMA))
     return {
         "coin": (coin_model, coin_guide, (jnp.asarray([1.0] * 6 + [0.0] * 4),)),
+        "Poisson rates": (rates_model, rates_guide, (jnp.asarray(_counts()),)),
         "eight schools": (eight_model, eight_guide, eight),
         "regression II": (regression_model, regression_guide, tuple(map(jnp.asarray, _regression_data()))),
         "VAE": (vae_model, vae_guide, (jnp.asarray(_digits_batch()),)),
