@@ -26,7 +26,7 @@ def test_gaussian_study_quick(tmp_path):
 def test_user_guide_cost_quick():
     subprocess.run([sys.executable, "-m", "benchmarks.user_guide_cost", "--quick"], cwd=ROOT, check=True)
     rows = json.loads((ROOT / "benchmarks/results/user_guide_cost_quick.json").read_text())["rows"]
-    examples = {"coin", "eight schools", "regression II", "VAE"}
+    examples = {"coin", "Poisson rates", "eight schools", "regression II", "VAE"}
     assert {(r["backend"], r["example"]) for r in rows} == {
         (b, e) for b in ("pyro", "numpyro") for e in examples
     }
