@@ -1225,7 +1225,7 @@ def user_guide_density(
         recipes = (
             None
             if pairs is None
-            else _tagged_recipes(lambda tags: site_args(site_distributions(tags)), params_t)
+            else _tagged_recipes(lambda tags: site_args(site_distributions(tags)) or [], params_t)
         )
         if not recipes:
             made.clear()

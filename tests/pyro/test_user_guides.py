@@ -570,7 +570,8 @@ def test_linear_score_inner_steps_match_the_guide_runs(monkeypatch):
     sites' densities; 1e-4 relative over 140 Adam steps, about 100 ulps, where a wrong
     term would move them by the step size, 5%); the flat path taken at every inner step
     after the first update. A guide computing an arg from a param (``2 * a``), or whose
-    tagged run takes another branch than its values do, keeps the guide runs."""
+    tagged run takes another branch than its values do (other args, another family),
+    keeps the guide runs."""
     calls = []
     flat_call = pyro_psvi.proximal.FlatGuideGradient.__call__
     monkeypatch.setattr(
@@ -608,6 +609,16 @@ def test_linear_score_inner_steps_match_the_guide_runs(monkeypatch):
         pyro.sample("v", dist.InverseGamma(4.0 * torch.ones(3), 3.0).to_event(1))
 
     _fitted(_linear_score_model, branching_guide, 3)
+    assert len(calls) == 7 * engine.inner_steps
+
+    def family_branching_guide():  # the tagged run (a = 1) draws from another family
+        a = pyro.param("a", torch.tensor(15.0), constraint=constraints.positive)
+        b = pyro.param("b", torch.tensor(12.0), constraint=constraints.positive)
+        pyro.sample("f", dist.Beta(a, b) if float(a) > 3.0 else dist.Uniform(0.0, 1.0))
+        pyro.sample("t", dist.Gamma(2.5, 3.0))
+        pyro.sample("v", dist.InverseGamma(4.0 * torch.ones(3), 3.0).to_event(1))
+
+    _fitted(_linear_score_model, family_branching_guide, 3)
     assert len(calls) == 7 * engine.inner_steps
 
 
