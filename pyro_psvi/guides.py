@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from functools import lru_cache, partial, singledispatch
 from operator import attrgetter
@@ -1549,8 +1550,9 @@ def _tagged_recipes(
     exact = {torch.float32: 2**24, torch.float64: 2**53}  # the integers each dtype holds exactly
     if not all(start < exact.get(value.dtype, 0) for value in params.values()):
         return None
-    try:
-        with torch.enable_grad():
+    try:  # the guide's own warnings come from its runs on values, not from this probe
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             parts = run_args(tags)
     except Exception:  # noqa: BLE001 - the guide's code on positions, not values: no fast path
         return None
