@@ -11,8 +11,8 @@ started at 5), the same family and start parameterized by its mean and shape
 site's unconstrained value (``normal``: ``LogNormal``; a ``Normal`` pushed through the
 sigmoid), params started at ``loc = 0, scale = 0.5``. Methods: ProximalScoreVI with its defaults and
 ``SVI(Trace_ELBO(4))`` (the same score calls), the user's Adam at each ``--lrs``, seeds 0 ..
-``--seeds`` - 1; ``--prox-weights`` and ``--average`` set the engine's options instead of
-its defaults (the weight's study). Reported: the error of the fitted mean of the
+``--seeds`` - 1; ``--prox-weights``, ``--average`` and ``--inner-steps`` set the engine's
+options instead of its defaults (the weight's study). Reported: the error of the fitted mean of the
 unconstrained value (``log tau``, ``logit p``) in exact posterior sds and the ratio of the
 fitted sd to the exact one, both in closed form (``digamma``/``trigamma`` for the
 conjugate families).
@@ -31,7 +31,12 @@ import itertools
 import time
 
 from benchmarks.common import add_engine_setting_arguments, engine_settings, row_method_label, save
-from psvi.contrib.targets import conjugate_data, conjugate_posterior, conjugate_unconstrained_moments
+from psvi.contrib.targets import (
+    conjugate_data,
+    conjugate_mean_args,
+    conjugate_posterior,
+    conjugate_unconstrained_moments,
+)
 
 BATCH = 100
 TARGETS = ("precision", "coin")
@@ -49,9 +54,7 @@ def fitted_moments(target: str, guide: str, params: dict) -> tuple[float, float]
     if guide == "conjugate":
         return conjugate_unconstrained_moments(target, values["a"], values["b"])
     if guide == "conjugate_mean":
-        shape, mean = values["k"], values["m"]
-        args = (shape, shape / mean) if target == "precision" else (shape * mean, shape * (1 - mean))
-        return conjugate_unconstrained_moments(target, *args)
+        return conjugate_unconstrained_moments(target, *conjugate_mean_args(target, values["k"], values["m"]))
     return values["loc"], values["scale"]
 
 

@@ -80,6 +80,12 @@ def conjugate_posterior(target: str, data: np.ndarray) -> tuple[float, float]:
     return CONJUGATE_PRIOR + heads, CONJUGATE_PRIOR + len(data) - heads
 
 
+def conjugate_mean_args(target: str, shape: float, mean: float) -> tuple[float, float]:
+    """The ``(a, b)`` of the backends' ``conjugate_mean_guide`` with shape ``k`` and mean
+    ``m``: ``Gamma(k, k / m)`` (``"precision"``) or ``Beta(k m, k (1 - m))``."""
+    return (shape, shape / mean) if target == "precision" else (shape * mean, shape * (1 - mean))
+
+
 def conjugate_unconstrained_moments(target: str, a: float, b: float) -> tuple[float, float]:
     """Mean and sd of ``log tau`` for ``tau ~ Gamma(a, b)`` (``"precision"``), of ``logit p``
     for ``p ~ Beta(a, b)`` (``"coin"``): the coordinates the engines fit them in."""

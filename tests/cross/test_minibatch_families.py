@@ -13,7 +13,12 @@ sds ended 0.70-0.78 of the exact ones and their means up to 1.0 sd off
 import numpy as np
 import pytest
 
-from psvi.contrib.targets import conjugate_data, conjugate_posterior, conjugate_unconstrained_moments
+from psvi.contrib.targets import (
+    conjugate_data,
+    conjugate_mean_args,
+    conjugate_posterior,
+    conjugate_unconstrained_moments,
+)
 from psvi.objective import generic_prox_weight, regime_defaults
 
 B, UPDATES = 100, 3000
@@ -91,10 +96,7 @@ def test_numpyro_mean_and_shape_guide_arrives_from_a_far_start_at_adam_1e_3(targ
     svi = ProximalScoreVI(model, conjugate_mean_guide(target), numpyro.optim.Adam(1e-3))
     data = jnp.asarray(target_data(target))
     result = svi.run(jax.random.PRNGKey(0), UPDATES, data, subsample_size=B, progress_bar=False)
-    shape, mean = float(result.params["k"]), float(result.params["m"])
-    check_fit(
-        target, *((shape, shape / mean) if target == "precision" else (shape * mean, shape * (1 - mean)))
-    )
+    check_fit(target, *conjugate_mean_args(target, float(result.params["k"]), float(result.params["m"])))
 
 
 @pytest.mark.parametrize("target", TARGETS)
