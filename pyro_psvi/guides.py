@@ -1264,7 +1264,8 @@ def user_guide_density(
     cov_quad = site_cov_quad if closed_forms.variance else _draws_cov_quad(seeded_sample, num_kl_draws)
     score = mean_field_score if closed_forms.mean_field else _autodiff_score(log_prob)
     # Linear scores: a mean-field guide whose sites' KLs and variances have closed forms,
-    # without plates or networks (a module reads its own weights, not the gathered ones).
+    # without local latents in a subsampled plate or networks (a module reads its own
+    # weights, not the gathered ones).
     linear = closed_forms.kl and closed_forms.variance and not any(site.plates for site in sites)
     linear = linear and not layout.module_params
     return GuideDensity(
