@@ -117,14 +117,18 @@ class LinearScoreStatistics(NamedTuple):
     particles, ``g_s`` the model's scores and ``(phi_a, phi_b)`` the coordinate's family's
     features (:class:`LinearScoreRule`), the sums over the ``S`` particles of
     ``phi_a^2, phi_a phi_b, phi_b^2, phi_a g, phi_b g``; ``q_t``'s args and variances in
-    the unconstrained space; and ``kl_gradient(a, b)``, the gradient of ``KL(q_t || q)``
-    in the flat args ``(a, b)`` of ``q``."""
+    the unconstrained space; ``kl_gradient(a, b)``, the gradient of ``KL(q_t || q)``
+    in the flat args ``(a, b)`` of ``q``; ``natural(a, b)``, the functions of the args the
+    scores are linear in (:class:`LinearScoreRule`), and ``natural_pullback(a, b, g_1,
+    g_2)``, a gradient in those taken to the args."""
 
     args_t: tuple[torch.Tensor, torch.Tensor]
     sums: tuple[torch.Tensor, ...]
     count: int
     variances: torch.Tensor
     kl_gradient: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    natural: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    natural_pullback: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _contiguous_read(offsets: dict[str, int], sizes: dict[str, int], device: torch.device) -> FlatRead:
@@ -1206,12 +1210,13 @@ def user_guide_density(
         pairs = []
         for site in sites:
             fn = fns[site.name]
-            rule = linear_score_rule(fn.fn, transforms[site.name])
-            if rule is None or not (
+            found = linear_score_rule(fn.fn, transforms[site.name])
+            if found is None or not (
                 isinstance(fn.weight, int | float) and fn.weight == 1 and fn.mask is None
             ):
                 return None
-            pairs.append(tuple(torch.broadcast_to(arg, site.shape) for arg in rule.args(_elementwise(fn.fn))))
+            rule, source = found
+            pairs.append(tuple(torch.broadcast_to(arg, site.shape) for arg in rule.args(source)))
         return pairs
 
     def flat_args(pairs) -> tuple[torch.Tensor, ...]:
@@ -1238,7 +1243,7 @@ def user_guide_density(
         if not all(map(torch.equal, made["gather"](params_t), (a_t, b_t))):
             made.clear()
             return None
-        rules = [linear_score_rule(fns[site.name].fn, transforms[site.name]) for site in sites]
+        rules = [linear_score_rule(fns[site.name].fn, transforms[site.name])[0] for site in sites]
         blocks = unpack_sites(sites, particles)
         features = [
             rule.features(blocks[site.name].reshape(particles.shape[0], -1))
@@ -1249,16 +1254,18 @@ def user_guide_density(
             product.sum(0)
             for product in (phi_a * phi_a, phi_a * phi_b, phi_b * phi_b, phi_a * scores, phi_b * scores)
         )
-        families = list(dict.fromkeys(rules))
-        if len(families) == 1:
-            kl_gradient = partial(families[0].kl_gradient, a_t, b_t)
-        else:  # each family's rule on its own coordinates
+        families, owner = list(dict.fromkeys(rules)), None
+        if len(families) > 1:  # each family's rule on its own coordinates
             owner = torch.repeat_interleave(
                 torch.tensor([families.index(rule) for rule in rules]),
                 torch.tensor([math.prod(site.shape) for site in sites]),
             ).to(a_t.device)
-            kl_gradient = partial(_kl_gradient_by_family, families, owner, a_t, b_t)
-        return LinearScoreStatistics((a_t, b_t), sums, particles.shape[0], site_variances(fns), kl_gradient)
+        return LinearScoreStatistics(
+            (a_t, b_t), sums, particles.shape[0], site_variances(fns),
+            partial(_by_family, families, owner, "kl_gradient", a_t, b_t),
+            partial(_by_family, families, owner, "natural"),
+            partial(_by_family, families, owner, "natural_pullback"),
+        )  # fmt: skip
 
     kl = site_kl if closed_forms.kl else _monte_carlo_kl(draws_with_log_prob, log_prob, num_kl_draws)
     cov_quad = site_cov_quad if closed_forms.variance else _draws_cov_quad(seeded_sample, num_kl_draws)
@@ -1450,22 +1457,31 @@ _UNCONSTRAINED_SCORES: dict[tuple[type, str], Callable[[Any, torch.Tensor], torc
 
 class LinearScoreRule(NamedTuple):
     """A family whose score in the unconstrained coordinate ``u`` (its log density at
-    ``T(u)`` plus ``log|T'(u)|``, ``T`` the support's bijection) is linear in its two args
-    ``(a, b)``: ``a phi_a(u) + b phi_b(u)`` (:data:`_UNCONSTRAINED_SCORES`).
+    ``T(u)`` plus ``log|T'(u)|``, ``T`` the support's bijection) is linear in two functions
+    ``(e_1, e_2)`` of its two args ``(a, b)``: ``e_1 phi_1(u) + e_2 phi_2(u)``
+    (:data:`_UNCONSTRAINED_SCORES`); the args themselves for Beta, Gamma and InverseGamma,
+    ``(loc / scale^2, 1 / scale^2)`` for a Normal in the unconstrained coordinate.
 
     Attributes
     ----------
     args : callable
         ``args(fn) -> (a, b)``, the distribution's two args.
     features : callable
-        ``features(u) -> (phi_a(u), phi_b(u))``.
+        ``features(u) -> (phi_1(u), phi_2(u))``.
     kl_gradient : callable
         ``kl_gradient(a_t, b_t, a, b) -> (d/da, d/db) KL(q_t || q)``, elementwise.
+    natural : callable or None
+        ``natural(a, b) -> (e_1, e_2)``; ``None``: the args.
+    natural_pullback : callable or None
+        ``natural_pullback(a, b, g_1, g_2) -> (g_a, g_b)``, a gradient in ``(e_1, e_2)``
+        taken to the args; ``None``: the args.
     """
 
     args: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
     features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     kl_gradient: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    natural: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    natural_pullback: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _gamma_kl_gradient(a_t, b_t, a, b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1483,7 +1499,28 @@ def _beta_kl_gradient(a_t, b_t, a, b) -> tuple[torch.Tensor, torch.Tensor]:
     return grad_a, torch.digamma(b) - total - torch.digamma(b_t) + total_t
 
 
+def _normal_kl_gradient(loc_t, scale_t, loc, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(N(loc_t, scale_t^2) || N(loc, scale^2))``'s gradient in ``loc`` and ``scale``."""
+    return (loc - loc_t) / scale**2, 1 / scale - (scale_t**2 + (loc - loc_t) ** 2) / scale**3
+
+
+def _normal_pullback(loc, scale, grad_1, grad_2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gradient in ``(loc / scale^2, 1 / scale^2)`` taken to ``(loc, scale)``."""
+    return grad_1 / scale**2, -2 * (loc * grad_1 + grad_2) / scale**3
+
+
+# The unconstrained score of a Normal there, (loc - u) / scale^2 = e_1 - e_2 u.
+_NORMAL_LINEAR_SCORE = LinearScoreRule(
+    attrgetter("loc", "scale"),
+    lambda u: (torch.ones_like(u), -u),
+    _normal_kl_gradient,
+    lambda loc, scale: (loc / scale**2, scale**-2),
+    _normal_pullback,
+)
+
 _LINEAR_SCORES: dict[tuple[type, str], LinearScoreRule] = {
+    (dist.Normal, "identity"): _NORMAL_LINEAR_SCORE,
+    (dist.LogNormal, "log"): _NORMAL_LINEAR_SCORE,  # log X ~ Normal(loc, scale)
     # The scores of _UNCONSTRAINED_SCORES: a - b e^u (Gamma), -a + b e^-u (InverseGamma),
     # a (1 - sigmoid(u)) - b sigmoid(u) (Beta).
     (dist.Gamma, "log"): LinearScoreRule(
@@ -1500,28 +1537,36 @@ _LINEAR_SCORES: dict[tuple[type, str], LinearScoreRule] = {
 }
 
 
-def linear_score_rule(fn: torch.distributions.Distribution, transform: Any) -> LinearScoreRule | None:
-    """The :class:`LinearScoreRule` of ``fn`` (its elementwise base) under ``transform``, or
-    ``None``."""
-    return _LINEAR_SCORES.get((type(_elementwise(fn)), _transform_kind(transform)))
+def linear_score_rule(
+    fn: torch.distributions.Distribution, transform: Any
+) -> tuple[LinearScoreRule, torch.distributions.Distribution] | None:
+    """The :class:`LinearScoreRule` of ``fn`` (its elementwise base) under ``transform`` and
+    the distribution its args are read from (a ``TransformedDistribution`` of a Normal by
+    ``transform``: its base), or ``None``."""
+    fn = _elementwise(fn)
+    rule = _LINEAR_SCORES.get((type(fn), _transform_kind(transform)))
+    if rule is None and _is_image_under(fn, transform) and type(fn.base_dist) is dist.Normal:
+        return _NORMAL_LINEAR_SCORE, fn.base_dist
+    return None if rule is None else (rule, fn)
 
 
-def _kl_gradient_by_family(
-    rules: list[LinearScoreRule],
-    owner: torch.Tensor,
-    a_t: torch.Tensor,
-    b_t: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
+def _by_family(
+    rules: list[LinearScoreRule], owner: torch.Tensor | None, part: str, *args: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``KL(q_t || q)``'s gradient in the flat args where coordinate ``i`` is of the family
-    ``rules[owner[i]]``."""
-    grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
-    for position, rule in enumerate(rules):
+    """The rules' ``part`` (``"kl_gradient"``, ``"natural"``, ``"natural_pullback"``) of
+    flat ``args``, coordinate ``i`` by ``rules[owner[i]]`` (``owner`` ``None``: one rule);
+    a ``None`` part passes the last two args through."""
+    results = []
+    for rule in rules:
+        fn = getattr(rule, part)
+        results.append(args[-2:] if fn is None else fn(*args))
+    if owner is None:
+        return results[0]
+    first, second = torch.zeros_like(args[-2]), torch.zeros_like(args[-1])
+    for position, (one, two) in enumerate(results):
         mine = owner == position
-        rule_a, rule_b = rule.kl_gradient(a_t, b_t, a, b)
-        grad_a, grad_b = torch.where(mine, rule_a, grad_a), torch.where(mine, rule_b, grad_b)
-    return grad_a, grad_b
+        first, second = torch.where(mine, one, first), torch.where(mine, two, second)
+    return first, second
 
 
 def _elementwise(fn: torch.distributions.Distribution) -> torch.distributions.Distribution:

@@ -395,18 +395,23 @@ def linear_score_gradient(
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The gradient in a guide's flat args ``(a, b)`` of :func:`proximal_objective` times
     ``objective_scale``, for a guide with linear scores (:attr:`GuideDensity.linear_scores`):
-    with the residual ``r_s = a phi_a(u_s) + b phi_b(u_s) - g_s`` and the weight ``w`` of
-    each coordinate (``q_t``'s variance, or 1), ``d/da (1/S) sum_s w r_s^2 = (2 w / S)
-    (a S_aa + b S_ab - S_ag)``, likewise in ``b``, plus ``prox_weight`` times the KL's
-    gradient. ``O(D)`` per call, no autograd pass and no run of the guide."""
-    s_aa, s_ab, s_bb, s_ag, s_bg = stats.sums
+    with ``(e_1, e_2)`` the functions of the args the scores are linear in, the residual
+    ``r_s = e_1 phi_1(u_s) + e_2 phi_2(u_s) - g_s`` and the weight ``w`` of each coordinate
+    (``q_t``'s variance, or 1), ``d/de_1 (1/S) sum_s w r_s^2 = (2 w / S) (e_1 S_11 + e_2
+    S_12 - S_1g)``, likewise in ``e_2``, taken to the args, plus ``prox_weight`` times the
+    KL's gradient. ``O(D)`` per call, no autograd pass and no run of the guide."""
+    s_11, s_12, s_22, s_1g, s_2g = stats.sums
     weight = stats.variances if weighting == "covariance" else torch.ones_like(stats.variances)
     fisher_scale = 2.0 * objective_scale / stats.count * weight
+    kl_scale = objective_scale * prox_weight
 
     def gradient(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e_1, e_2 = stats.natural(a, b)
+        grad_1 = fisher_scale * (e_1 * s_11 + e_2 * s_12 - s_1g)
+        grad_2 = fisher_scale * (e_1 * s_12 + e_2 * s_22 - s_2g)
+        grad_a, grad_b = stats.natural_pullback(a, b, grad_1, grad_2)
         kl_a, kl_b = stats.kl_gradient(a, b)
-        grad_a = fisher_scale * (a * s_aa + b * s_ab - s_ag) + (objective_scale * prox_weight) * kl_a
-        return grad_a, fisher_scale * (a * s_ab + b * s_bb - s_bg) + (objective_scale * prox_weight) * kl_b
+        return grad_a + kl_scale * kl_a, grad_b + kl_scale * kl_b
 
     return gradient
 

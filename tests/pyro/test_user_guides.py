@@ -639,3 +639,55 @@ def test_tagged_recipes_find_views_constants_and_nothing_else():
     # Half precision holds the positions exactly only up to 2,048: not probed.
     half = {name: value.half() for name, value in params.items()}
     assert pyro_psvi.guides._tagged_recipes(run_args, half) is None
+
+
+def _mixed_model():
+    """Normal, Gamma, Beta, LogNormal and Uniform(0, 10) latents, each with data."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.Gamma(2.0, 2.0))
+    p = pyro.sample("p", dist.Beta(2.0, 2.0))
+    s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+    u = pyro.sample("u", dist.Uniform(0.0, 10.0))
+    with pyro.plate("i", 8):
+        y = torch.tensor([0.3, -1.2, 0.8, 2.1, -0.4, 1.0, 0.2, -0.9])
+        pyro.sample("y", dist.Normal(mu, tau.rsqrt() * s), obs=y)
+    pyro.sample("z", dist.Bernoulli(p), obs=torch.tensor(1.0))
+    pyro.sample("w", dist.Normal(u, 1.0), obs=torch.tensor(4.0))
+
+
+def _mixed_guide():
+    """A Normal, a LogNormal and a Normal mapped onto ``(0, 10)`` (a constant loc, a shared
+    scale) beside a Gamma and a Beta: not all Normal, so not fitted as AutoNormal."""
+    m = pyro.param("m", torch.tensor([0.1, 0.0]))
+    sd = pyro.param("sd", torch.tensor([1.0, 0.5]), constraint=constraints.positive)
+    ab = pyro.param("ab", torch.tensor([3.0, 3.0, 2.0, 2.0]), constraint=constraints.positive)
+    pyro.sample("mu", dist.Normal(m[0], sd[0]))
+    pyro.sample("tau", dist.Gamma(ab[0], ab[1]))
+    pyro.sample("p", dist.Beta(ab[2], ab[3]))
+    pyro.sample("s", dist.LogNormal(m[1], sd[1]))
+    on_support = [dist.transforms.SigmoidTransform(), dist.transforms.AffineTransform(0.0, 10.0)]
+    pyro.sample("u", dist.TransformedDistribution(dist.Normal(0.2, sd[1]), on_support))
+
+
+def test_normal_sites_beside_gamma_and_beta_sites_take_the_linear_score_steps(monkeypatch):
+    """A Normal site's unconstrained score is linear in ``(loc / scale^2, 1 / scale^2)``,
+    so a guide mixing Normal-like sites with Gamma and Beta ones also steps on the
+    closed-form gradient (taken from those to ``(loc, scale)``): 8 updates against the
+    guide-run path, the same params up to float32 arithmetic (the bound of
+    ``test_linear_score_inner_steps_match_the_guide_runs``), the flat path at every inner
+    step after the first update."""
+    calls = []
+    flat_call = pyro_psvi.proximal.FlatGuideGradient.__call__
+    monkeypatch.setattr(
+        pyro_psvi.proximal.FlatGuideGradient, "__call__", lambda self: calls.append(1) or flat_call(self)
+    )
+    engine = _fitted(_mixed_model, _mixed_guide, 8)
+    closed_form = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    assert len(calls) == 7 * engine.inner_steps
+    with monkeypatch.context() as patch:
+        patch.setattr(pyro_psvi.guides, "_tagged_recipes", lambda *args: None)
+        _fitted(_mixed_model, _mixed_guide, 8)
+    guide_runs = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    for name, value in closed_form.items():
+        torch.testing.assert_close(value, guide_runs[name], rtol=1e-4, atol=1e-6)
+    assert bool((closed_form["m"] - torch.tensor([0.1, 0.0])).abs().min() > 0.05)  # moved
