@@ -236,7 +236,8 @@ class GuideDensity(NamedTuple):
     linear_scores : callable or None
         ``linear_scores(params_t, particles, scores) -> LinearScoreStatistics | None`` for
         a mean-field user guide whose every site is of a family with a score linear in
-        its two args (:data:`_LINEAR_SCORES`: Gamma, InverseGamma, Beta) read from its
+        (functions of) its two args (:data:`_LINEAR_SCORES`: Gamma, InverseGamma, Beta,
+        Normal-like sites beside them) read from its
         params as they are (or views of them) or constants: the per-coordinate sums of an
         update, which make the inner steps' gradient closed form in the two args
         (:func:`pyro_psvi.objective.linear_score_gradient`); ``loc_scale_vjp`` and
