@@ -559,6 +559,29 @@ def _linear_score_guide():
     pyro.sample("v", dist.InverseGamma(concentration, 3.0).to_event(1))
 
 
+def _closed_form_and_guide_run_fits(
+    model: Callable, guide: Callable, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int], int]:
+    """The params after 8 updates (:func:`_fitted`) with the linear-score steps and with
+    the guide runs (the tagged probe switched off); the flat steps counted across both
+    and later fits (``calls``), and the inner steps per update."""
+    calls: list[int] = []
+    flat_call = pyro_psvi.proximal.FlatGuideGradient.__call__
+    monkeypatch.setattr(
+        pyro_psvi.proximal.FlatGuideGradient, "__call__", lambda self: calls.append(1) or flat_call(self)
+    )
+    engine = _fitted(model, guide, 8)
+    closed_form = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    assert len(calls) == 7 * engine.inner_steps  # every inner step after the first update
+    with monkeypatch.context() as patch:
+        patch.setattr(pyro_psvi.guides, "_tagged_recipes", lambda *args: None)
+        _fitted(model, guide, 8)
+    assert len(calls) == 7 * engine.inner_steps  # none more
+    guide_runs = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    assert closed_form.keys() == guide_runs.keys()
+    return closed_form, guide_runs, calls, engine.inner_steps
+
+
 def test_linear_score_inner_steps_match_the_guide_runs(monkeypatch):
     """A mean-field guide of Beta, Gamma and InverseGamma sites whose args are its params
     (or elements of them) and constants: its scores in the unconstrained space are linear
@@ -572,20 +595,9 @@ def test_linear_score_inner_steps_match_the_guide_runs(monkeypatch):
     after the first update. A guide computing an arg from a param (``2 * a``), or whose
     tagged run takes another branch than its values do (other args, another family),
     keeps the guide runs."""
-    calls = []
-    flat_call = pyro_psvi.proximal.FlatGuideGradient.__call__
-    monkeypatch.setattr(
-        pyro_psvi.proximal.FlatGuideGradient, "__call__", lambda self: calls.append(1) or flat_call(self)
+    closed_form, guide_runs, calls, inner_steps = _closed_form_and_guide_run_fits(
+        _linear_score_model, _linear_score_guide, monkeypatch
     )
-    engine = _fitted(_linear_score_model, _linear_score_guide, 8)
-    closed_form = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
-    assert len(calls) == 7 * engine.inner_steps
-    with monkeypatch.context() as patch:
-        patch.setattr(pyro_psvi.guides, "_tagged_recipes", lambda *args: None)
-        _fitted(_linear_score_model, _linear_score_guide, 8)
-    assert len(calls) == 7 * engine.inner_steps  # none more
-    guide_runs = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
-    assert closed_form.keys() == guide_runs.keys()
     for name, value in closed_form.items():
         torch.testing.assert_close(value, guide_runs[name], rtol=1e-4, atol=0)
     starts = {"ab": [15.0, 12.0], "rate": 3.0, "concentration": [4.0] * 3}  # every entry moved
@@ -599,7 +611,7 @@ def test_linear_score_inner_steps_match_the_guide_runs(monkeypatch):
         pyro.sample("v", dist.InverseGamma(4.0 * torch.ones(3), 3.0).to_event(1))
 
     _fitted(_linear_score_model, computed_guide, 3)
-    assert len(calls) == 7 * engine.inner_steps
+    assert len(calls) == 7 * inner_steps
 
     def branching_guide():  # the tagged run (a = 1) takes the other branch than a = 15
         a = pyro.param("a", torch.tensor(15.0), constraint=constraints.positive)
@@ -609,7 +621,7 @@ def test_linear_score_inner_steps_match_the_guide_runs(monkeypatch):
         pyro.sample("v", dist.InverseGamma(4.0 * torch.ones(3), 3.0).to_event(1))
 
     _fitted(_linear_score_model, branching_guide, 3)
-    assert len(calls) == 7 * engine.inner_steps
+    assert len(calls) == 7 * inner_steps
 
     def family_branching_guide():  # the tagged run (a = 1) draws from another family
         a = pyro.param("a", torch.tensor(15.0), constraint=constraints.positive)
@@ -619,7 +631,7 @@ def test_linear_score_inner_steps_match_the_guide_runs(monkeypatch):
         pyro.sample("v", dist.InverseGamma(4.0 * torch.ones(3), 3.0).to_event(1))
 
     _fitted(_linear_score_model, family_branching_guide, 3)
-    assert len(calls) == 7 * engine.inner_steps
+    assert len(calls) == 7 * inner_steps
 
 
 def test_tagged_recipes_find_views_constants_and_nothing_else():
@@ -676,18 +688,7 @@ def test_normal_sites_beside_gamma_and_beta_sites_take_the_linear_score_steps(mo
     guide-run path, the same params up to float32 arithmetic (the bound of
     ``test_linear_score_inner_steps_match_the_guide_runs``), the flat path at every inner
     step after the first update."""
-    calls = []
-    flat_call = pyro_psvi.proximal.FlatGuideGradient.__call__
-    monkeypatch.setattr(
-        pyro_psvi.proximal.FlatGuideGradient, "__call__", lambda self: calls.append(1) or flat_call(self)
-    )
-    engine = _fitted(_mixed_model, _mixed_guide, 8)
-    closed_form = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
-    assert len(calls) == 7 * engine.inner_steps
-    with monkeypatch.context() as patch:
-        patch.setattr(pyro_psvi.guides, "_tagged_recipes", lambda *args: None)
-        _fitted(_mixed_model, _mixed_guide, 8)
-    guide_runs = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    closed_form, guide_runs, _, _ = _closed_form_and_guide_run_fits(_mixed_model, _mixed_guide, monkeypatch)
     for name, value in closed_form.items():
         torch.testing.assert_close(value, guide_runs[name], rtol=1e-4, atol=1e-6)
     assert bool((closed_form["m"] - torch.tensor([0.1, 0.0])).abs().min() > 0.05)  # moved
