@@ -1429,8 +1429,7 @@ def unconstrained_normal(
     for ``x ~ fn`` is elementwise Normal: a Normal under the identity, a LogNormal under
     the log, a ``TransformedDistribution`` of a Normal whose transforms are ``transform``.
     Raises ``NotImplementedError`` otherwise. The twin of NumPyro's."""
-    while isinstance(fn, torch.distributions.Independent | dist.ExpandedDistribution):
-        fn = fn.base_dist  # a plate's expansion broadcasts it
+    fn = _elementwise(fn)  # a plate's expansion broadcasts it
     rule = _UNCONSTRAINED_NORMALS.get((type(fn), _transform_kind(transform)))
     if rule is None and _is_image_under(fn, transform) and type(fn.base_dist) is dist.Normal:
         rule = attrgetter("base_dist.loc", "base_dist.scale")
@@ -1659,8 +1658,7 @@ def unconstrained_score(
     families of :func:`unconstrained_variance` under the same bijections, and a
     ``TransformedDistribution`` of a Normal by ``transform``. Raises
     ``NotImplementedError`` otherwise."""
-    while isinstance(fn, torch.distributions.Independent | dist.ExpandedDistribution):
-        fn = fn.base_dist  # elementwise: the batch broadcasts
+    fn = _elementwise(fn)  # the batch broadcasts
     rule = _UNCONSTRAINED_SCORES.get((type(fn), _transform_kind(transform)))
     if rule is None and _is_image_under(fn, transform) and type(fn.base_dist) is dist.Normal:
         fn, rule = fn.base_dist, _UNCONSTRAINED_SCORES[dist.Normal, "identity"]
