@@ -71,25 +71,13 @@ def numpyro_fit(
     import jax
     import jax.numpy as jnp
     import numpyro
-    import numpyro.distributions as dist
-    from numpyro.distributions import constraints
     from numpyro.infer import SVI, Trace_ELBO
 
     from numpyro_psvi import ProximalScoreVI
-    from numpyro_psvi.contrib.models import coin_model, conjugate_guide, conjugate_mean_guide, precision_model
-
-    def normal_guide(data, *, subsample_size=None):
-        loc = numpyro.param("loc", 0.0)
-        scale = numpyro.param("scale", 0.5, constraint=constraints.positive)
-        if target == "precision":
-            numpyro.sample("tau", dist.LogNormal(loc, scale))
-        else:
-            logistic = dist.transforms.SigmoidTransform()
-            numpyro.sample("p", dist.TransformedDistribution(dist.Normal(loc, scale), logistic))
+    from numpyro_psvi.contrib.models import CONJUGATE_TARGET_GUIDES, coin_model, precision_model
 
     model = precision_model if target == "precision" else coin_model
-    guide = {"conjugate": conjugate_guide, "conjugate_mean": conjugate_mean_guide}.get(guide_name)
-    guide = normal_guide if guide is None else guide(target)
+    guide = CONJUGATE_TARGET_GUIDES[guide_name](target)
     optim = numpyro.optim.Adam(lr)
     if method == "svi":
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES))
@@ -112,28 +100,16 @@ def pyro_fit(
     engine_options: dict,
 ) -> dict:
     import pyro
-    import pyro.distributions as dist
     import torch
     from pyro.infer import SVI, Trace_ELBO
-    from torch.distributions import constraints
 
     from pyro_psvi import ProximalScoreVI
-    from pyro_psvi.contrib.models import coin_model, conjugate_guide, conjugate_mean_guide, precision_model
-
-    def normal_guide(data, *, subsample_size=None):
-        loc = pyro.param("loc", torch.tensor(0.0))
-        scale = pyro.param("scale", torch.tensor(0.5), constraint=constraints.positive)
-        if target == "precision":
-            pyro.sample("tau", dist.LogNormal(loc, scale))
-        else:
-            logistic = dist.transforms.SigmoidTransform()
-            pyro.sample("p", dist.TransformedDistribution(dist.Normal(loc, scale), [logistic]))
+    from pyro_psvi.contrib.models import CONJUGATE_TARGET_GUIDES, coin_model, precision_model
 
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = precision_model if target == "precision" else coin_model
-    guide = {"conjugate": conjugate_guide, "conjugate_mean": conjugate_mean_guide}.get(guide_name)
-    guide = normal_guide if guide is None else guide(target)
+    guide = CONJUGATE_TARGET_GUIDES[guide_name](target)
     optim = pyro.optim.Adam({"lr": lr})
     if method == "svi":
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True))

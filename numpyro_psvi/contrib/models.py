@@ -93,6 +93,31 @@ def conjugate_mean_guide(target: str, init: float = 5.0) -> Callable:
     return guide
 
 
+def unconstrained_normal_guide(target: str) -> Callable:
+    """A user-written guide of :func:`precision_model` or :func:`coin_model` that is Normal
+    on the site's unconstrained value (``LogNormal``; a ``Normal`` pushed through the
+    sigmoid), ``loc`` started at 0 and ``scale`` at 0.5: fitted as AutoNormal is."""
+
+    def guide(data, *, subsample_size=None):
+        loc = numpyro.param("loc", 0.0)
+        scale = numpyro.param("scale", 0.5, constraint=dist.constraints.positive)
+        if target == "precision":
+            numpyro.sample("tau", dist.LogNormal(loc, scale))
+        else:
+            logistic = dist.transforms.SigmoidTransform()
+            numpyro.sample("p", dist.TransformedDistribution(dist.Normal(loc, scale), logistic))
+
+    return guide
+
+
+# The guides of the conjugate targets by the names ``benchmarks.minibatch_families`` uses.
+CONJUGATE_TARGET_GUIDES = {
+    "conjugate": conjugate_guide,
+    "conjugate_mean": conjugate_mean_guide,
+    "normal": unconstrained_normal_guide,
+}
+
+
 def earnings_regression(height: jax.Array, earn: jax.Array | None = None) -> None:
     """Earnings on height in dollars (:func:`psvi.contrib.targets.earnings_data`): Normal(0,
     1e6) priors on intercept ``b1`` and slope ``b2``, LogNormal(0, 10) on ``sigma``; a
