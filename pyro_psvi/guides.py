@@ -649,18 +649,23 @@ def _detached_call(fn: Callable[..., Any], params: Params, *extra: Any) -> Any:
         return fn({k: v.detach() for k, v in params.items()}, *extra)
 
 
-def _cache_by_params(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn(params, *extra)`` on detached params, remembering its last result for one
-    params dict whose tensors are unchanged in place and the same ``extra`` (one step's
-    ``params_t`` and seed: the dict is held, so its identity cannot be recycled, and the
-    tensors' versions catch in-place changes)."""
-    memo: dict[str, Any] = {}
+def _cache_by_params(fn: Callable[..., Any], size: int = 1) -> Callable[..., Any]:
+    """``fn(params, *extra)`` on detached params, remembering its results for the last
+    ``size`` params dicts whose tensors are unchanged in place, each with the same
+    ``extra`` (one step's ``params_t`` and seed, and with ``size=2`` a trust region's
+    candidate beside them: the dicts are held, so their identities cannot be recycled,
+    and the tensors' versions catch in-place changes)."""
+    memo: list[tuple[Params, tuple, Any]] = []  # the most recent last
 
     def cached(params: Params, *extra: Any) -> Any:
         key = (extra, tuple(tensor_version(value) for value in params.values()))
-        if memo.get("params") is not params or memo.get("key") != key:
-            memo.update(params=params, key=key, value=_detached_call(fn, params, *extra))
-        return memo["value"]
+        for i, (held, held_key, value) in enumerate(memo):
+            if held is params and held_key == key:
+                memo.append(memo.pop(i))
+                return value
+        memo.append((params, key, _detached_call(fn, params, *extra)))
+        del memo[:-size]
+        return memo[-1][2]
 
     return cached
 
@@ -991,6 +996,8 @@ def user_guide_density(
         return torch.cat(flat, dim=-1)
 
     def log_prob(params, u, plate_scaled=False):
+        if closed_forms.mean_field and not torch.is_grad_enabled():  # no run of its own
+            return mean_field_log_prob(cached(params), u, plate_scaled)
         num = u.shape[0]
         flat = unpack_sites(sites, u)
         unconstrained = {site.name: batched(site, to_batch(site, flat[site.name])) for site in sites}
@@ -1034,12 +1041,17 @@ def user_guide_density(
             for node in (guide_trace.nodes[site.name],)
         }  # fmt: skip
 
-    cached = _cache_by_params(site_distributions)
+    # q_t's (its draws' density, score and variances, the KL's first side) and a trust
+    # region's candidate: one run each per update.
+    cached = _cache_by_params(site_distributions, size=2)
     fitted: dict[str, Any] = {}  # the last score's site distributions, for its KL
 
     def fitted_distributions(params, keep: bool) -> dict[str, _SiteDistribution]:
         """``site_distributions(params)``, reusing the run of the score at the same
-        ``params`` dict (unchanged in place, same grad mode) once: an inner step's KL."""
+        ``params`` dict (unchanged in place, same grad mode) once: an inner step's KL.
+        Without a graph to build, :func:`cached`'s: q_t's or a candidate's."""
+        if not torch.is_grad_enabled():
+            return cached(params)
         key = (torch.is_grad_enabled(), tuple(tensor_version(value) for value in params.values()))
         reusable = fitted.get("params") is params and fitted.get("key") == key
         fns = fitted["fns"] if reusable else site_distributions(params)
@@ -1223,27 +1235,33 @@ def user_guide_density(
     def flat_args(pairs) -> tuple[torch.Tensor, ...]:
         return tuple(torch.cat([part.reshape(-1) for part in side]) for side in zip(*pairs, strict=True))
 
+    def reads_args(params_t, args_t) -> bool:
+        """Whether the kept recipes read ``args_t``, q_t's flat args, from ``params_t``."""
+        shapes = {name: value.shape for name, value in params_t.items()}
+        if made.get("gather") is None or made.get("shapes") != shapes:
+            return False
+        return all(map(torch.equal, made["gather"](params_t), args_t))
+
     def linear_scores(params_t, particles, scores) -> LinearScoreStatistics | None:
-        # q_t's args, and the recipes that read them from the params (a tagged run of the
-        # guide, once per update): the inner steps then gather the args from the
-        # optimizer's flat tensor and take the objective's gradient in closed form.
-        fns = cached(params_t)
-        pairs = site_args(fns)
-        recipes = (
-            None
-            if pairs is None
-            else _tagged_recipes(lambda tags: site_args(site_distributions(tags)) or [], params_t)
-        )
-        if not recipes:
+        # q_t's args, and the recipes that read them from the params: the inner steps then
+        # gather the args from the optimizer's flat tensor and take the objective's
+        # gradient in closed form. The recipes are found by a tagged run of the guide and
+        # kept while they read each update's q_t args; where they do not (a condition on
+        # a param's value took another branch of the guide), a new tagged run, whose
+        # recipes must read them (the tags, too, may take another branch than q_t's values).
+        pairs = site_args(cached(params_t))
+        if pairs is None:
             made.clear()
             return None
-        kept_recipes(recipes, params_t, flat_args)
-        a_t, b_t = (side.detach() for side in flat_args(pairs))
-        # The tags may have taken another branch of the guide than q_t's values (a
-        # condition on a param's value): its args at q_t must be what the recipes read.
-        if not all(map(torch.equal, made["gather"](params_t), (a_t, b_t))):
-            made.clear()
-            return None
+        args_t = tuple(side.detach() for side in flat_args(pairs))
+        if not reads_args(params_t, args_t):
+            recipes = _tagged_recipes(lambda tags: site_args(site_distributions(tags)) or [], params_t)
+            if recipes:
+                kept_recipes(recipes, params_t, flat_args)
+            if not (recipes and reads_args(params_t, args_t)):
+                made.clear()
+                return None
+        fns, (a_t, b_t) = cached(params_t), args_t
         rules = [linear_score_rule(fns[site.name].fn, transforms[site.name])[0] for site in sites]
         blocks = unpack_sites(sites, particles)
         features = [

@@ -634,6 +634,60 @@ def test_linear_score_inner_steps_match_the_guide_runs(monkeypatch):
     assert len(calls) == 7 * inner_steps
 
 
+def test_kept_recipes_serve_while_they_read_q_t_and_are_found_again_when_not(monkeypatch):
+    """The recipes of the tagged run are kept across updates while they read each update's
+    q_t args; a guide that switches (a flag between updates) to an arg computed from a
+    param takes the guide runs, and one that switches to other views is probed again and
+    takes the flat steps on them. 3 + 3 + 3 updates against the guide-run path (the probe
+    switched off), the same seed: the same params (float32, as in
+    ``test_linear_score_inner_steps_match_the_guide_runs``); the flat steps counted: every
+    inner step of the first and third phases but the fit's first update's, none in the
+    second. One tagged run per phase, none while the recipes serve."""
+    phase = {"form": "views"}
+
+    def switching_guide():
+        a = pyro.param("a", torch.tensor(15.0), constraint=constraints.positive)
+        b = pyro.param("b", torch.tensor(12.0), constraint=constraints.positive)
+        args = {"views": (a, b), "computed": (a, 2.0 * b), "swapped": (b, a)}[phase["form"]]
+        pyro.sample("f", dist.Beta(*args))
+        pyro.sample("t", dist.Gamma(2.5, 3.0))
+        pyro.sample("v", dist.InverseGamma(4.0 * torch.ones(3), 3.0).to_event(1))
+
+    def fit() -> tuple[dict[str, torch.Tensor], list[int], int]:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        engine = pyro_psvi.ProximalScoreVI(
+            _linear_score_model, switching_guide, pyro.optim.Adam({"lr": 0.05}), num_particles=4
+        )
+        per_phase = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for form in ("views", "computed", "swapped"):
+                phase["form"], before = form, len(calls)
+                for _ in range(3):
+                    engine.step()
+                per_phase.append(len(calls) - before)
+        params = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+        return params, per_phase, engine.inner_steps
+
+    calls: list[int] = []
+    probes: list[int] = []
+    flat_call = pyro_psvi.proximal.FlatGuideGradient.__call__
+    tagged = pyro_psvi.guides._tagged_recipes
+    monkeypatch.setattr(
+        pyro_psvi.proximal.FlatGuideGradient, "__call__", lambda self: calls.append(1) or flat_call(self)
+    )
+    monkeypatch.setattr(pyro_psvi.guides, "_tagged_recipes", lambda *args: probes.append(1) or tagged(*args))
+    kept, per_phase, inner_steps = fit()
+    assert per_phase == [2 * inner_steps, 0, 3 * inner_steps]
+    assert len(probes) == 1 + 3 + 1  # the first phase once; each computed update; the swap once
+    monkeypatch.setattr(pyro_psvi.guides, "_tagged_recipes", lambda *args: None)
+    guide_runs, per_phase, _ = fit()
+    assert per_phase == [0, 0, 0]
+    for name, value in kept.items():
+        torch.testing.assert_close(value, guide_runs[name], rtol=1e-4, atol=0)
+
+
 def test_tagged_recipes_find_views_constants_and_nothing_else():
     """``_tagged_recipes``: a param read whole, broadcast (stride 0) or as an element is a
     view; a tensor no param reaches a constant; an arg computed from a param none."""
