@@ -1105,6 +1105,11 @@ def user_guide_density(
             return torch.autograd.grad(mean_field_log_prob(fns, u).sum(), u, create_graph=True)[0]
 
     def site_kl(params0, params1, seed=None):
+        kl_t = made.get("kl_t")
+        if kl_t is not None and kl_t[0] is params0 and not torch.is_grad_enabled():
+            # The trust region's candidate of an update with linear-score steps: read by
+            # the recipes, as the inner steps read it (no run of the guide).
+            return kl_t[1](*made["gather"](params1))
         fns0 = cached(params0)
         return sum(
             scale_and_mask(kl_divergence(fns0[name].fn, fn1.fn), fn1.weight, fn1.mask).sum()
@@ -1279,6 +1284,7 @@ def user_guide_density(
                 torch.tensor([families.index(rule) for rule in rules]),
                 torch.tensor([math.prod(site.shape) for site in sites]),
             ).to(a_t.device)
+        made["kl_t"] = (params_t, partial(_linear_kl, families, owner, a_t, b_t))
         return LinearScoreStatistics(
             (a_t, b_t), sums, particles.shape[0], site_variances(fns),
             partial(_by_family, families, owner, "kl_gradient", a_t, b_t),
@@ -1488,6 +1494,10 @@ class LinearScoreRule(NamedTuple):
         ``features(u) -> (phi_1(u), phi_2(u))``.
     kl_gradient : callable
         ``kl_gradient(a_t, b_t, a, b) -> (d/da, d/db) KL(q_t || q)``, elementwise.
+    family : callable
+        ``family(a, b)``, an elementwise distribution whose KLs are the family's in the
+        unconstrained coordinate (the base Normal of a LogNormal, a Gamma for an
+        InverseGamma: a bijection keeps a KL).
     natural : callable or None
         ``natural(a, b) -> (e_1, e_2)``; ``None``: the args.
     natural_pullback : callable or None
@@ -1498,6 +1508,7 @@ class LinearScoreRule(NamedTuple):
     args: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
     features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     kl_gradient: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    family: Callable[[torch.Tensor, torch.Tensor], torch.distributions.Distribution]
     natural: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     natural_pullback: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -1532,6 +1543,7 @@ _NORMAL_LINEAR_SCORE = LinearScoreRule(
     attrgetter("loc", "scale"),
     lambda u: (torch.ones_like(u), -u),
     _normal_kl_gradient,
+    dist.Normal,
     lambda loc, scale: (loc / scale**2, scale**-2),
     _normal_pullback,
 )
@@ -1542,15 +1554,22 @@ _LINEAR_SCORES: dict[tuple[type, str], LinearScoreRule] = {
     # The scores of _UNCONSTRAINED_SCORES: a - b e^u (Gamma), -a + b e^-u (InverseGamma),
     # a (1 - sigmoid(u)) - b sigmoid(u) (Beta).
     (dist.Gamma, "log"): LinearScoreRule(
-        attrgetter("concentration", "rate"), lambda u: (torch.ones_like(u), -u.exp()), _gamma_kl_gradient
+        attrgetter("concentration", "rate"),
+        lambda u: (torch.ones_like(u), -u.exp()),
+        _gamma_kl_gradient,
+        dist.Gamma,
     ),
     (dist.InverseGamma, "log"): LinearScoreRule(
-        attrgetter("concentration", "rate"), lambda u: (-torch.ones_like(u), (-u).exp()), _gamma_kl_gradient
+        attrgetter("concentration", "rate"),
+        lambda u: (-torch.ones_like(u), (-u).exp()),
+        _gamma_kl_gradient,
+        dist.Gamma,  # 1 / x of an InverseGamma(a, b) is Gamma(a, b)
     ),
     (dist.Beta, "logit"): LinearScoreRule(
         attrgetter("concentration1", "concentration0"),
         lambda u: (torch.sigmoid(-u), -torch.sigmoid(u)),
         _beta_kl_gradient,
+        dist.Beta,
     ),
 }
 
@@ -1585,6 +1604,25 @@ def _by_family(
         mine = owner == position
         first, second = torch.where(mine, one, first), torch.where(mine, two, second)
     return first, second
+
+
+def _linear_kl(
+    rules: list[LinearScoreRule],
+    owner: torch.Tensor | None,
+    a_t: torch.Tensor,
+    b_t: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+) -> torch.Tensor:
+    """``KL(q_t || q)`` summed over the flat coordinates from the flat args of ``q_t``
+    and ``q``, coordinate ``i`` in ``rules[owner[i]]``'s family (``owner`` ``None``: one)."""
+    if owner is None:
+        return kl_divergence(rules[0].family(a_t, b_t), rules[0].family(a, b)).sum()
+    total = a.new_zeros(())
+    for position, rule in enumerate(rules):
+        mine = owner == position
+        total = total + kl_divergence(rule.family(a_t[mine], b_t[mine]), rule.family(a[mine], b[mine])).sum()
+    return total
 
 
 def _elementwise(fn: torch.distributions.Distribution) -> torch.distributions.Distribution:

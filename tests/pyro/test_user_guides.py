@@ -18,9 +18,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 from psvi_testing.user_guide_target import COV, LOCS, MEAN, SCALES, D, target_kl
+from pyro import poutine
 from pyro.distributions.transforms import ComposeTransformModule, affine_coupling, permute
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
-from torch.distributions import constraints
+from torch.distributions import constraints, kl_divergence
 
 import pyro_psvi
 from pyro_psvi.guides import guide_density, user_guide_density, user_guide_layout
@@ -746,3 +747,49 @@ def test_normal_sites_beside_gamma_and_beta_sites_take_the_linear_score_steps(mo
     for name, value in closed_form.items():
         torch.testing.assert_close(value, guide_runs[name], rtol=1e-4, atol=1e-6)
     assert bool((closed_form["m"] - torch.tensor([0.1, 0.0])).abs().min() > 0.05)  # moved
+
+
+def _sites_kl(guide: Callable, params0: dict, params1: dict) -> torch.Tensor:
+    """``KL(q_0 || q_1)`` summed over the guide's sites, from two runs of the guide."""
+    traces = []
+    for params in (params0, params1):
+        with poutine.trace() as tracer, poutine.substitute(data=params):
+            guide()
+        traces.append(tracer.trace)
+    return sum(
+        kl_divergence(site["fn"], traces[1].nodes[name]["fn"]).sum()
+        for name, site in traces[0].nodes.items()
+        if site["type"] == "sample"
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "guide"),
+    [(_linear_score_model, _linear_score_guide), (_mixed_model, _mixed_guide)],
+    ids=["beta gamma inverse gamma", "mixed with normals"],
+)
+def test_trust_region_kl_of_linear_score_steps_is_the_sites_kl(model, guide, monkeypatch):
+    """The trust region's ``KL(q_t || q)`` of an update with linear-score steps, read from
+    the candidate's args through the recipes (no guide run), is the sites' KL of two runs
+    of the guide, at the update's candidates 1, 1/2 and 1/10 of the way (float32 digamma
+    and lgamma sums: 1e-4 relative), and that path is taken after the first update."""
+    checked, linear = [], []
+    pull_back = pyro_psvi.proximal.ProximalScoreVI.pull_back
+    linear_kl = pyro_psvi.guides._linear_kl
+
+    def checked_pull_back(self, problem, start, leaves):
+        with torch.no_grad():
+            for frac in (1.0, 0.5, 0.1):
+                moved = {name: torch.lerp(start[name], leaf.detach(), frac) for name, leaf in leaves.items()}
+                candidate = self._constrain(moved)
+                got = self.density.kl(problem.params_t, candidate, problem.kl_seed)
+                checked.append((got, _sites_kl(guide, problem.params_t, candidate)))
+        return pull_back(self, problem, start, leaves)
+
+    monkeypatch.setattr(pyro_psvi.proximal.ProximalScoreVI, "pull_back", checked_pull_back)
+    monkeypatch.setattr(pyro_psvi.guides, "_linear_kl", lambda *args: linear.append(1) or linear_kl(*args))
+    _fitted(model, guide, 4)
+    assert len(linear) >= 3 * 3  # the three candidates of every update after the first
+    assert all(float(want) > 1e-6 for _, want in checked)  # the candidates moved
+    for got, want in checked:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
