@@ -151,3 +151,17 @@ def test_scale_mnist_quick():
         assert np.isfinite(run["nll"]) and 0 <= run["ece"] <= 1
         assert 0 <= run["mean_network"]["test_error"] <= 1 and np.isfinite(run["mean_network"]["nll"])
     assert 0 <= runs[0]["last_iterate"]["mean_network"]["test_error"] <= 1  # psvi averages its iterates
+
+
+@pytest.mark.slow
+def test_conjugate_exact_solve_quick():
+    command = [sys.executable, "-m", "benchmarks.conjugate_exact_solve", "--quick"]
+    subprocess.run(command, cwd=ROOT, check=True)
+    rows = json.loads((ROOT / "benchmarks/results/conjugate_exact_solve_quick.json").read_text())["rows"]
+    assert {(r["target"], r["updates"]) for r in rows} == {
+        (t, u) for t in ("precision", "coin") for u in (20, 50, 100)
+    }
+    # The start a = b = 5 is about 14 times as wide as either posterior (a Gamma's sd of
+    # log tau is sqrt(trigamma(a)): a = 5 against about 1,000); after 100 updates the
+    # averaged sds are within a factor of 2 (measured: 0.82 and 0.77).
+    assert all(0.5 < r["average sd ratio"] < 2.0 for r in rows if r["updates"] == 100)
