@@ -1048,11 +1048,11 @@ def user_guide_density(
 
     def fitted_distributions(params, keep: bool) -> dict[str, _SiteDistribution]:
         """``site_distributions(params)``, reusing the run of the score at the same
-        ``params`` dict (unchanged in place, same grad mode) once: an inner step's KL.
-        Without a graph to build, :func:`cached`'s: q_t's or a candidate's."""
+        ``params`` dict (unchanged in place) once: an inner step's KL. Without a graph to
+        build, :func:`cached`'s: q_t's or a candidate's."""
         if not torch.is_grad_enabled():
             return cached(params)
-        key = (torch.is_grad_enabled(), tuple(tensor_version(value) for value in params.values()))
+        key = tuple(tensor_version(value) for value in params.values())
         reusable = fitted.get("params") is params and fitted.get("key") == key
         fns = fitted["fns"] if reusable else site_distributions(params)
         fitted.clear()
@@ -1254,7 +1254,8 @@ def user_guide_density(
         # kept while they read each update's q_t args; where they do not (a condition on
         # a param's value took another branch of the guide), a new tagged run, whose
         # recipes must read them (the tags, too, may take another branch than q_t's values).
-        pairs = site_args(cached(params_t))
+        fns = cached(params_t)
+        pairs = site_args(fns)
         if pairs is None:
             made.clear()
             return None
@@ -1266,7 +1267,7 @@ def user_guide_density(
             if not (recipes and reads_args(params_t, args_t)):
                 made.clear()
                 return None
-        fns, (a_t, b_t) = cached(params_t), args_t
+        a_t, b_t = args_t
         rules = [linear_score_rule(fns[site.name].fn, transforms[site.name])[0] for site in sites]
         blocks = unpack_sites(sites, particles)
         features = [
