@@ -48,6 +48,10 @@ class SiteClosedForms(NamedTuple):
     # guide is a diagonal Gaussian there, fitted as AutoNormal is (its loc and scale read
     # from one run of the guide).
     normal: bool = False
+    # Every site's score in the unconstrained space is linear in two functions of its two
+    # args (Beta, Gamma, InverseGamma, LogNormal, Normal; unscaled, unmasked): the guide's
+    # inner steps have a closed-form gradient, and its updates an exact solve (Pyro).
+    linear: bool = False
 
 
 NO_CLOSED_FORMS = SiteClosedForms(mean_field=False, kl=False, variance=False)

@@ -119,8 +119,15 @@ class LinearScoreStatistics(NamedTuple):
     ``phi_a^2, phi_a phi_b, phi_b^2, phi_a g, phi_b g``; ``q_t``'s args and variances in
     the unconstrained space; ``kl_gradient(a, b)``, the gradient of ``KL(q_t || q)``
     in the flat args ``(a, b)`` of ``q``; ``natural(a, b)``, the functions of the args the
-    scores are linear in (:class:`LinearScoreRule`), and ``natural_pullback(a, b, g_1,
-    g_2)``, a gradient in those taken to the args."""
+    scores are linear in (:class:`LinearScoreRule`), ``natural_pullback(a, b, g_1,
+    g_2)``, a gradient in those taken to the args, ``log_partition(e_1, e_2)``,
+    ``log_partition_derivatives(e_1, e_2)`` and ``from_natural(e_1, e_2)``
+    (:class:`LinearScoreRule`); ``free``, per arg, the
+    coordinates a param gives (the others are constants of the guide); and
+    ``write(a, b)``, the constrained params that give the args ``(a, b)`` (those the
+    args read, the entries no coordinate reads kept at ``q_t``'s), or ``None`` where
+    a param entry gives more than one coordinate (a shared or broadcast param), or a
+    constant arg of a Normal (its natural coordinates then move together)."""
 
     args_t: tuple[torch.Tensor, torch.Tensor]
     sums: tuple[torch.Tensor, ...]
@@ -129,6 +136,11 @@ class LinearScoreStatistics(NamedTuple):
     kl_gradient: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     natural: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     natural_pullback: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    log_partition: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    log_partition_derivatives: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+    from_natural: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    free: tuple[torch.Tensor, torch.Tensor]
+    write: Callable[[torch.Tensor, torch.Tensor], Params] | None
 
 
 def _contiguous_read(offsets: dict[str, int], sizes: dict[str, int], device: torch.device) -> FlatRead:
@@ -1286,20 +1298,36 @@ def user_guide_density(
                 torch.tensor([math.prod(site.shape) for site in sites]),
             ).to(a_t.device)
         made["kl_t"] = (params_t, partial(_linear_kl, families, owner, a_t, b_t))
+        gather = made["gather"]
+        free = gather.free()
+        # A constant arg of a Normal moves both its natural coordinates: not solved for.
+        normal = torch.zeros_like(a_t, dtype=torch.bool)
+        for position, rule in enumerate(families):
+            if rule.natural is not None:
+                normal |= True if owner is None else owner == position
+        fixed_normal = bool((normal & ~(free[0] & free[1])).any())
+        write = None
+        if gather.one_to_one and not fixed_normal and gather.names:
+            write = partial(gather.scatter, params_t)
         return LinearScoreStatistics(
             (a_t, b_t), sums, particles.shape[0], site_variances(fns),
             partial(_by_family, families, owner, "kl_gradient", a_t, b_t),
             partial(_by_family, families, owner, "natural"),
             partial(_by_family, families, owner, "natural_pullback"),
+            partial(_by_family, families, owner, "log_partition"),
+            partial(_by_family, families, owner, "log_partition_derivatives"),
+            partial(_by_family, families, owner, "from_natural"),
+            free, write,
         )  # fmt: skip
 
     kl = site_kl if closed_forms.kl else _monte_carlo_kl(draws_with_log_prob, log_prob, num_kl_draws)
     cov_quad = site_cov_quad if closed_forms.variance else _draws_cov_quad(seeded_sample, num_kl_draws)
     score = mean_field_score if closed_forms.mean_field else _autodiff_score(log_prob)
-    # Linear scores: a mean-field guide whose sites' KLs and variances have closed forms,
-    # without local latents in a subsampled plate or networks (a module reads its own
-    # weights, not the gathered ones).
-    linear = closed_forms.kl and closed_forms.variance and not any(site.plates for site in sites)
+    # Linear scores: a mean-field guide whose sites' scores are linear in their args and
+    # whose KLs and variances have closed forms, without local latents in a subsampled
+    # plate or networks (a module reads its own weights, not the gathered ones).
+    linear = closed_forms.linear and closed_forms.kl and closed_forms.variance
+    linear = linear and not any(site.plates for site in sites)
     linear = linear and not layout.module_params
     return GuideDensity(
         latent_dim=dim, sites=sites, param_names=layout.param_names, sample=sample,
@@ -1354,6 +1382,8 @@ def site_closed_forms(
             has_closed_form(lambda fn, name=name: unconstrained_normal(fn, biject_to(supports[name])), fn)
             for name, fn in fns.items()
         ),
+        unscaled
+        and all(linear_score_rule(fn, biject_to(supports[name])) is not None for name, fn in fns.items()),
     )
 
 
@@ -1499,19 +1529,31 @@ class LinearScoreRule(NamedTuple):
         ``family(a, b)``, an elementwise distribution whose KLs are the family's in the
         unconstrained coordinate (the base Normal of a LogNormal, a Gamma for an
         InverseGamma: a bijection keeps a KL).
+    log_partition : callable
+        ``log_partition(e_1, e_2) -> A``, elementwise, ``inf`` outside the family's domain:
+        the family is an exponential family whose natural parameters are affine in
+        ``(e_1, e_2)``, so ``KL(q_t || q) = A(e) - A(e_t) - grad A(e_t) . (e - e_t)``,
+        convex in ``e``.
+    log_partition_derivatives : callable
+        ``(e_1, e_2) -> (dA/de_1, dA/de_2, d2A/de_1^2, d2A/de_1 de_2, d2A/de_2^2)``.
     natural : callable or None
         ``natural(a, b) -> (e_1, e_2)``; ``None``: the args.
     natural_pullback : callable or None
         ``natural_pullback(a, b, g_1, g_2) -> (g_a, g_b)``, a gradient in ``(e_1, e_2)``
         taken to the args; ``None``: the args.
+    from_natural : callable or None
+        ``from_natural(e_1, e_2) -> (a, b)``, the inverse of ``natural``; ``None``: the args.
     """
 
     args: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
     features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     kl_gradient: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     family: Callable[[torch.Tensor, torch.Tensor], torch.distributions.Distribution]
+    log_partition: Callable[..., torch.Tensor]
+    log_partition_derivatives: Callable[..., tuple[torch.Tensor, ...]]
     natural: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     natural_pullback: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    from_natural: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _gamma_kl_gradient(a_t, b_t, a, b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1539,14 +1581,55 @@ def _normal_pullback(loc, scale, grad_1, grad_2) -> tuple[torch.Tensor, torch.Te
     return grad_1 / scale**2, -2 * (loc * grad_1 + grad_2) / scale**3
 
 
+def _gamma_log_partition(a, b) -> torch.Tensor:
+    """A Gamma's (or, of ``1 / x``, an InverseGamma's) ``lgamma(a) - a log b`` in its args,
+    the natural parameters of the statistics ``(log x, -x)``; ``inf`` outside ``a, b > 0``."""
+    inside = (a > 0) & (b > 0)
+    return torch.where(inside, torch.lgamma(a) - a * torch.where(inside, b, 1.0).log(), torch.inf)
+
+
+def _gamma_log_partition_derivatives(a, b) -> tuple[torch.Tensor, ...]:
+    return torch.digamma(a) - b.log(), -a / b, torch.polygamma(1, a), -1 / b, a / b**2
+
+
+def _beta_log_partition(a, b) -> torch.Tensor:
+    """A Beta's ``lgamma(a) + lgamma(b) - lgamma(a + b)`` in its args, the natural
+    parameters of ``(log x, log(1 - x))``; ``inf`` outside ``a, b > 0``."""
+    inside = (a > 0) & (b > 0)
+    return torch.where(inside, torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b), torch.inf)
+
+
+def _beta_log_partition_derivatives(a, b) -> tuple[torch.Tensor, ...]:
+    total, curve_total = torch.digamma(a + b), torch.polygamma(1, a + b)
+    return (
+        torch.digamma(a) - total, torch.digamma(b) - total,
+        torch.polygamma(1, a) - curve_total, -curve_total, torch.polygamma(1, b) - curve_total,
+    )  # fmt: skip
+
+
+def _normal_log_partition(e_1, e_2) -> torch.Tensor:
+    """A Normal's ``e_1^2 / (2 e_2) - log(e_2) / 2`` in ``(loc / scale^2, 1 / scale^2)``,
+    the natural parameters of ``(u, -u^2 / 2)``; ``inf`` outside ``e_2 > 0``."""
+    inside = e_2 > 0
+    return torch.where(inside, e_1**2 / (2 * e_2) - torch.where(inside, e_2, 1.0).log() / 2, torch.inf)
+
+
+def _normal_log_partition_derivatives(e_1, e_2) -> tuple[torch.Tensor, ...]:
+    mean = e_1 / e_2
+    return mean, -(mean**2 + 1 / e_2) / 2, 1 / e_2, -mean / e_2, (mean**2 + 0.5 / e_2) / e_2
+
+
 # The unconstrained score of a Normal there, (loc - u) / scale^2 = e_1 - e_2 u.
 _NORMAL_LINEAR_SCORE = LinearScoreRule(
     attrgetter("loc", "scale"),
     lambda u: (torch.ones_like(u), -u),
     _normal_kl_gradient,
     dist.Normal,
+    _normal_log_partition,
+    _normal_log_partition_derivatives,
     lambda loc, scale: (loc / scale**2, scale**-2),
     _normal_pullback,
+    lambda e_1, e_2: (e_1 / e_2, e_2.rsqrt()),
 )
 
 _LINEAR_SCORES: dict[tuple[type, str], LinearScoreRule] = {
@@ -1559,18 +1642,24 @@ _LINEAR_SCORES: dict[tuple[type, str], LinearScoreRule] = {
         lambda u: (torch.ones_like(u), -u.exp()),
         _gamma_kl_gradient,
         dist.Gamma,
+        _gamma_log_partition,
+        _gamma_log_partition_derivatives,
     ),
     (dist.InverseGamma, "log"): LinearScoreRule(
         attrgetter("concentration", "rate"),
         lambda u: (-torch.ones_like(u), (-u).exp()),
         _gamma_kl_gradient,
         dist.Gamma,  # 1 / x of an InverseGamma(a, b) is Gamma(a, b)
+        _gamma_log_partition,
+        _gamma_log_partition_derivatives,
     ),
     (dist.Beta, "logit"): LinearScoreRule(
         attrgetter("concentration1", "concentration0"),
         lambda u: (torch.sigmoid(-u), -torch.sigmoid(u)),
         _beta_kl_gradient,
         dist.Beta,
+        _beta_log_partition,
+        _beta_log_partition_derivatives,
     ),
 }
 
@@ -1590,21 +1679,24 @@ def linear_score_rule(
 
 def _by_family(
     rules: list[LinearScoreRule], owner: torch.Tensor | None, part: str, *args: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rules' ``part`` (``"kl_gradient"``, ``"natural"``, ``"natural_pullback"``) of
+) -> tuple[torch.Tensor, ...]:
+    """The rules' ``part`` (``"kl_gradient"``, ``"natural"``, ``"natural_pullback"``,
+    ``"log_partition_derivatives"``, ``"from_natural"``; ``"log_partition"``, a tensor) of
     flat ``args``, coordinate ``i`` by ``rules[owner[i]]`` (``owner`` ``None``: one rule);
     a ``None`` part passes the last two args through."""
     results = []
     for rule in rules:
         fn = getattr(rule, part)
-        results.append(args[-2:] if fn is None else fn(*args))
+        result = args[-2:] if fn is None else fn(*args)
+        results.append((result,) if isinstance(result, torch.Tensor) else result)
     if owner is None:
-        return results[0]
-    first, second = torch.zeros_like(args[-2]), torch.zeros_like(args[-1])
-    for position, (one, two) in enumerate(results):
+        outputs = results[0]
+        return outputs[0] if part == "log_partition" else tuple(outputs)
+    outputs = list(results[0])
+    for position, result in enumerate(results[1:], start=1):
         mine = owner == position
-        first, second = torch.where(mine, one, first), torch.where(mine, two, second)
-    return first, second
+        outputs = [torch.where(mine, one, out) for one, out in zip(result, outputs, strict=True)]
+    return outputs[0] if part == "log_partition" else tuple(outputs)
 
 
 def _linear_kl(
@@ -1835,6 +1927,26 @@ class _RecipeGather:
                 self.sides.append((index, None))
             else:
                 self.sides.append((index.clamp(min=0), (kept, constant, kept.nonzero().squeeze(-1))))
+        read = torch.cat([index if fixed is None else index[fixed[2]] for index, fixed in self.sides])
+        self.one_to_one = bool(torch.unique(read).numel() == read.numel())
+
+    def free(self) -> tuple[torch.Tensor, ...]:
+        """Per side, the coordinates a param gives (bool; the others are constants)."""
+        everywhere = torch.ones_like(self.sides[0][0], dtype=torch.bool)
+        return tuple(everywhere if fixed is None else fixed[0] for _, fixed in self.sides)
+
+    def scatter(self, values: Params, *sides: torch.Tensor) -> Params:
+        """The constrained ``values`` of the params the recipes read, with the entries that
+        give the flat ``sides`` set to them (each entry gives at most one coordinate:
+        :attr:`one_to_one`); the constant coordinates of ``sides`` are not read."""
+        joined = torch.cat([values[name].reshape(-1) for name in self.names])
+        for (index, fixed), side in zip(self.sides, sides, strict=True):
+            if fixed is None:
+                joined = joined.index_copy(0, index, side.to(joined.dtype))
+            else:
+                joined = joined.index_copy(0, index[fixed[2]], side[fixed[2]].to(joined.dtype))
+        parts = zip(self.names, joined.split(self.sizes), self.shapes, strict=True)
+        return {name: part.view(shape) for name, part, shape in parts}
 
     def __call__(self, values: Params) -> tuple[torch.Tensor, ...]:
         """The flat ``(loc, scale)`` from the constrained ``values`` (differentiable)."""

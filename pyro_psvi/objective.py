@@ -16,6 +16,7 @@ inner steps cost ``O(D)`` instead of ``O(S D)`` plus an autograd pass over ``(S,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -414,6 +415,111 @@ def linear_score_gradient(
         return grad_a + kl_scale * kl_a, grad_b + kl_scale * kl_b
 
     return gradient
+
+
+# Damped Newton on an update's convex problem (linear_score_solve): the iterations at most
+# (on a CPU it stops once no coordinate moves), the step fractions each tries, and the
+# proximal weights a trust region tries (the update's times 2^k).
+NEWTON_ITERATIONS = 50
+_LINE_SEARCH_FRACTIONS = tuple(2.0**-k for k in range(20))
+_TRUST_REGION_WEIGHTS = tuple(2.0**k for k in range(31))
+
+
+def linear_score_solve(
+    stats: LinearScoreStatistics,
+    prox_weight: float,
+    weighting: str,
+    max_kl: float = math.inf,
+    iterations: int = NEWTON_ITERATIONS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat args ``(a, b)`` that minimize :func:`proximal_objective` for a guide with
+    linear scores (:attr:`GuideDensity.linear_scores`), solved exactly, whatever the
+    optimizer: with ``e = natural(a, b)`` the Fisher term is quadratic in ``e`` (the sums of
+    :class:`LinearScoreStatistics`) and ``KL(q_t || q) = A(e) - A(e_t) - grad A(e_t) . (e -
+    e_t)`` (``A`` the family's log-partition, :class:`~pyro_psvi.guides.LinearScoreRule`) is
+    convex, so the problem separates into one convex problem in two unknowns per
+    coordinate (one where the other arg is a constant of the guide).
+
+    With a finite ``max_kl`` (the trust region's budget) the solution is that of the
+    smallest weight ``prox_weight * 2^k`` whose ``KL(q_t || q)`` is within it (the largest
+    tried where none is): the trust region solved in the KL's own geometry, where a
+    fraction of the way to a far solution in the params (a line in ``(log a, log b)``)
+    narrows the guide before it moves it. Newton's method from ``e_t`` with a backtracking
+    (Armijo) line search over fixed fractions, all coordinates and weights at once, in
+    float64 (``A`` at large args cancels in float32); a coordinate whose line search finds
+    no decrease stays. ``O(D)`` per iteration and weight."""
+    dtype = stats.args_t[0].dtype
+    wide = torch.float64 if stats.args_t[0].device.type != "mps" else dtype
+    s_11, s_12, s_22, s_1g, s_2g = (total.to(wide) for total in stats.sums)
+    variances = stats.variances.to(wide)
+    fisher = (variances if weighting == "covariance" else torch.ones_like(variances)) / stats.count
+    free_1, free_2 = stats.free
+    e_t1, e_t2 = (part.to(wide) for part in stats.natural(*stats.args_t))
+    grad_t1, grad_t2, *_ = stats.log_partition_derivatives(e_t1, e_t2)
+    fractions = torch.tensor(_LINE_SEARCH_FRACTIONS, dtype=wide, device=e_t1.device).view(-1, 1, 1)
+    on_cpu = e_t1.device.type == "cpu"
+
+    def kl(x_1: torch.Tensor, x_2: torch.Tensor) -> torch.Tensor:
+        return stats.log_partition(x_1, x_2) - grad_t1 * x_1 - grad_t2 * x_2  # + a constant
+
+    def solve(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The solutions (K, D) at the (K, 1) weights."""
+
+        def value(x_1: torch.Tensor, x_2: torch.Tensor) -> torch.Tensor:
+            quadratic = x_1 * (x_1 * s_11 + 2 * x_2 * s_12 - 2 * s_1g) + x_2 * (x_2 * s_22 - 2 * s_2g)
+            total = fisher * quadratic + weight * kl(x_1, x_2)
+            return torch.where(torch.isnan(total), torch.inf, total)
+
+        e_1, e_2 = e_t1.expand(weight.shape[0], -1), e_t2.expand(weight.shape[0], -1)
+        current = value(e_1, e_2)
+        for _ in range(iterations):
+            derivatives = stats.log_partition_derivatives(e_1, e_2)
+            g_1, g_2, h_11, h_12, h_22 = (weight * part for part in derivatives)
+            grad_1 = 2 * fisher * (e_1 * s_11 + e_2 * s_12 - s_1g) + g_1 - weight * grad_t1
+            grad_2 = 2 * fisher * (e_1 * s_12 + e_2 * s_22 - s_2g) + g_2 - weight * grad_t2
+            grad_1, grad_2 = torch.where(free_1, grad_1, 0), torch.where(free_2, grad_2, 0)
+            h_11 = torch.where(free_1, 2 * fisher * s_11 + h_11, 1)
+            h_22 = torch.where(free_2, 2 * fisher * s_22 + h_22, 1)
+            h_12 = torch.where(free_1 & free_2, 2 * fisher * s_12 + h_12, 0)
+            det = h_11 * h_22 - h_12**2
+            step_1, step_2 = -(h_22 * grad_1 - h_12 * grad_2) / det, -(h_11 * grad_2 - h_12 * grad_1) / det
+            slope = grad_1 * step_1 + grad_2 * step_2  # < 0 where the Hessian is positive definite
+            # On a CPU the whole step first (Newton's near the solution), the fractions
+            # where it does not decrease every coordinate; elsewhere all at once.
+            tried = value(e_1 + step_1, e_2 + step_2).unsqueeze(0)
+            decreases = (tried <= current + 1e-4 * slope) & (slope < 0)
+            if not (on_cpu and bool(decreases.all())):
+                tried = value(e_1 + fractions * step_1, e_2 + fractions * step_2)
+                decreases = (tried <= current + 1e-4 * fractions * slope) & (slope < 0)
+            first = decreases.to(torch.int8).argmax(0, keepdim=True)  # the largest that decreases
+            found = decreases.any(0)
+            fraction = torch.where(found, fractions.view(-1)[first.squeeze(0)], 0.0)
+            moved_1, moved_2 = fraction * step_1, fraction * step_2
+            e_1, e_2 = e_1 + moved_1, e_2 + moved_2
+            current = torch.where(found, tried.gather(0, first).squeeze(0), current)
+            if on_cpu:  # read at once on a CPU only: no host sync elsewhere
+                tolerance = 1e-9 * (1 + torch.maximum(e_1.abs(), e_2.abs()))
+                if bool((moved_1.abs() <= tolerance).all() and (moved_2.abs() <= tolerance).all()):
+                    break
+        return e_1, e_2
+
+    def travelled(e_1: torch.Tensor, e_2: torch.Tensor) -> torch.Tensor:
+        """``KL(q_t || q)`` of each row's solution."""
+        return (kl(e_1, e_2) - kl(e_t1, e_t2)).sum(-1)
+
+    def args(e_1: torch.Tensor, e_2: torch.Tensor, row: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
+        return tuple(part[row].to(dtype) for part in stats.from_natural(e_1, e_2))
+
+    # On a CPU the update's weight first: near the posterior its solution is in the trust
+    # region; the ladder of weights where it is not (elsewhere the ladder at once).
+    weights = torch.tensor(_TRUST_REGION_WEIGHTS, dtype=wide, device=e_t1.device).unsqueeze(-1)
+    if on_cpu or not math.isfinite(max_kl):
+        e_1, e_2 = solve(prox_weight * weights[:1])
+        if not math.isfinite(max_kl) or bool(travelled(e_1, e_2) <= max_kl):
+            return args(e_1, e_2, 0)
+    e_1, e_2 = solve(prox_weight * weights)
+    within = travelled(e_1, e_2) <= max_kl
+    return args(e_1, e_2, torch.where(within.any(), within.to(torch.int8).argmax(), weights.shape[0] - 1))
 
 
 def transport_path(

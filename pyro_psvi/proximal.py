@@ -22,6 +22,7 @@ averaged iterate and the engine the last one, from which the next step starts.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -71,6 +72,7 @@ from pyro_psvi.objective import (
     fisher_statistics,
     gaussian_proximal_step,
     linear_score_gradient,
+    linear_score_solve,
     lowrank_proximal_step,
     proximal_objective,
     residual_fisher,
@@ -388,6 +390,10 @@ class ProximalProblem(NamedTuple):
         A diagonal Gaussian guide's per-coordinate sums over the particles, for the
         closed-form step; ``None`` otherwise (the optimizer's inner steps read the split
         objective's own constants, and the sums are freed before them).
+    solution : dict or None
+        With the closed-form solver, the constrained guide params that solve the problem
+        of a guide with linear scores exactly
+        (:func:`~pyro_psvi.objective.linear_score_solve`); ``None`` otherwise.
     """
 
     objective: Callable[[Params], torch.Tensor]
@@ -402,6 +408,7 @@ class ProximalProblem(NamedTuple):
     averages: RunningAverages
     gradient: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
     statistics: FisherStatistics | None = None
+    solution: Params | None = None
 
 
 class ProximalScoreVI(ScoreEngine):
@@ -582,6 +589,7 @@ class ProximalScoreVI(ScoreEngine):
         self._kinds: dict[str, str] | None = None  # the guide params' constraint kinds, likewise
         self._vjps_found = False
         self._flat_sides: tuple | None = None
+        self.gaussian_step = False  # set up with the regime
 
     def _setup(self, args: tuple, kwargs: dict) -> None:
         super()._setup(args, kwargs)
@@ -601,7 +609,11 @@ class ProximalScoreVI(ScoreEngine):
             batch_ratio=self.batch_ratio, weighting=self.objective.weighting,
             num_particles=self.num_particles, inner_steps=self._requested[0],
             has_model_params=bool(self._model_param_names), data_parallel=self.reducer is not None,
+            linear_step=self.density.linear_scores is not None,
         )  # fmt: skip
+        # The closed form of an autoguide Gaussian (closed_form_step) rather than a guide
+        # with linear scores' exact solve (inner_fit's).
+        self.gaussian_step = self.inner_solver == "closed_form" and self.density.gaussian_params is not None
         # The families' advice measured the optimizer's inner steps (the closed forms do
         # not take the optimizer's step size, and converged where those diverged).
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
@@ -644,7 +656,7 @@ class ProximalScoreVI(ScoreEngine):
     def _fresh_window(self, device: torch.device) -> LossWindow | None:
         """An empty :class:`~psvi.schedules.LossWindow` for the closed-form step with iterate
         averaging, else ``None``."""
-        if self.inner_solver != "closed_form":
+        if not self.gaussian_step:
             return None
         return LossWindow(torch.full((), torch.inf, device=device), torch.zeros((), device=device))
 
@@ -703,7 +715,7 @@ class ProximalScoreVI(ScoreEngine):
         stored = start if self._iterate is None else self.averages.params
         # The inner steps defer the moments of the params they step on flat copies: only
         # the others' optimizer state is copied here, to undo a rejected step.
-        saved_optimizer_state = self._optimizer_state_copy(leaves, flat=self.inner_solver != "closed_form")
+        saved_optimizer_state = self._optimizer_state_copy(leaves, flat=not self.gaussian_step)
         averages, iterate = self.averages, self._iterate
         pending: list[FlatAdamSteps] = []  # whose moments written here an interrupt takes back
 
@@ -728,7 +740,7 @@ class ProximalScoreVI(ScoreEngine):
             particles, scored = self.score_particles(params_t, args, kwargs, model_leaves, statistics=True)
             scored_at = time.perf_counter()
             problem = self.proximal_problem(params_t, particles, scored)
-            if self.inner_solver == "closed_form":
+            if self.gaussian_step:
                 accept, averages = self.closed_form_step(
                     problem, particles, scored, start, leaves, saved_optimizer_state
                 )
@@ -737,18 +749,30 @@ class ProximalScoreVI(ScoreEngine):
                 unread = self.unread_entries(start, particles)
                 del particles, scored  # what the problem needs, it holds (a diagonal guide: sums)
                 fit_at = time.perf_counter()
-                steps = self.inner_fit(problem, leaves)
-                pending.append(steps)
-                if timed:
-                    self._advise_inner_cost(time.perf_counter() - fit_at, scored_at - started)
+                if problem.solution is not None:  # solved: the optimizer does not step
+                    self._write_solution(problem.solution, leaves)
+                    moments = ()
+                else:
+                    steps = self.inner_fit(problem, leaves)
+                    pending.append(steps)
+                    moments = steps.moments()
+                    if timed:
+                        self._advise_inner_cost(time.perf_counter() - fit_at, scored_at - started)
                 self.hold(unread, start, leaves)
                 frac = self.pull_back(problem, start, leaves)
-                accept = self.accept(problem, start, leaves, frac, saved_optimizer_state, steps.moments())
+                accept = self.accept(problem, start, leaves, frac, saved_optimizer_state, moments)
             self.record(accept)
             self._advance_averages(problem, leaves, accept)
             for steps in pending:  # last (an interrupt inside it: restore undoes it)
                 steps.write_moments(accept)
         return torch.where(accept, problem.loss, torch.full_like(problem.loss, float("nan")))
+
+    def _write_solution(self, solution: Params, leaves: dict[str, torch.Tensor]) -> None:
+        """Write the constrained ``solution`` (:attr:`ProximalProblem.solution`) into the
+        guide's unconstrained ``leaves``."""
+        with torch.no_grad():
+            for name, value in solution.items():
+                leaves[name].copy_(self._transforms[name].inv(value))
 
     def _advise_inner_cost(self, inner_seconds: float, score_seconds: float) -> None:
         """Warn once (the second update: the first pays one-off costs) when the inner steps
@@ -804,7 +828,7 @@ class ProximalScoreVI(ScoreEngine):
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
         options = {"prox_weight": self.objective.prox_weight, "weighting": weighting, "weights": weights}
         scale = inner_objective_scale(self.objective.prox_weight)
-        split_diagonal = path = gradient = None
+        split_diagonal = path = gradient = solution = None
         if stats is not None:
             split_diagonal = split_diagonal_problem(
                 density, params_t, stats, averages.curvature, **options, objective_scale=scale
@@ -814,7 +838,12 @@ class ProximalScoreVI(ScoreEngine):
             path = transport_path(density, params_t, particles, residuals_t, fisher)
         elif density.linear_scores is not None and weights is None:
             linear = density.linear_scores(params_t, particles, scores)
-            if linear is not None:
+            if linear is not None and linear.write is not None and self.inner_solver == "closed_form":
+                with torch.no_grad():
+                    max_kl = math.inf if self.trust_region is None else self._budget(scored.active_dim)
+                    solved = linear_score_solve(linear, self.objective.prox_weight, weighting, max_kl)
+                    solution = linear.write(*solved)
+            elif linear is not None:
                 gradient = linear_score_gradient(linear, self.objective.prox_weight, weighting, scale)
 
         # The closures hold what the inner steps read, not the statistics (5 D-vectors).
@@ -842,7 +871,7 @@ class ProximalScoreVI(ScoreEngine):
         return ProximalProblem(
             objective, params_t, loss, loss_error, fisher, scored.param_grads, scores_ok, scored.active_dim,
             kl_seed, averages, gradient,
-            stats if self.inner_solver == "closed_form" else None,
+            stats if self.inner_solver == "closed_form" else None, solution,
         )  # fmt: skip
 
     def _fold_curvature(
