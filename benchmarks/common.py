@@ -69,27 +69,34 @@ def machine() -> str:
     return f"{platform.machine()} CPU, {jax.device_count()} JAX device(s), {platform.processor() or 'cpu'}"
 
 
-ENGINE_SETTINGS = ("prox_weight", "average_iterates", "inner_steps")
+ENGINE_SETTINGS = ("prox_weight", "average_iterates", "inner_steps", "inner_solver")
 
 
 def add_engine_setting_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--prox-weights``, ``--average`` and ``--inner-steps``: ProximalScoreVI's options in
-    place of its defaults, every combination of them (:func:`engine_settings`)."""
+    """``--prox-weights``, ``--average``, ``--inner-steps`` and ``--inner-solvers``:
+    ProximalScoreVI's options in place of its defaults, every combination of them
+    (:func:`engine_settings`)."""
     parser.add_argument("--prox-weights", type=float, nargs="+", default=[None], help="ProximalScoreVI only")
     parser.add_argument("--average", nargs="+", default=["default"], choices=["default", "on", "off"])
     parser.add_argument("--inner-steps", type=int, nargs="+", default=[None], help="ProximalScoreVI only")
+    parser.add_argument(
+        "--inner-solvers", nargs="+", default=["default"], choices=["default", "closed_form", "optimizer"]
+    )
 
 
 def engine_settings(options: argparse.Namespace) -> list[dict]:
     """ProximalScoreVI's keyword options of each ``--prox-weights`` x ``--average`` x
-    ``--inner-steps`` combination (none given: the engine's default)."""
+    ``--inner-steps`` x ``--inner-solvers`` combination (none given: the engine's default)."""
     settings = []
-    combinations = itertools.product(options.prox_weights, options.average, options.inner_steps)
-    for weight, average, steps in combinations:
+    combinations = itertools.product(
+        options.prox_weights, options.average, options.inner_steps, options.inner_solvers
+    )
+    for weight, average, steps, solver in combinations:
         chosen = {
             "prox_weight": weight,
             "average_iterates": {"on": True, "off": False}.get(average),
             "inner_steps": steps,
+            "inner_solver": None if solver == "default" else solver,
         }
         settings.append({name: value for name, value in chosen.items() if value is not None})
     return settings

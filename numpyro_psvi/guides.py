@@ -26,7 +26,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_solve, solve_triangular
-from jax.scipy.special import polygamma
+from jax.scipy.special import digamma, gammaln, polygamma
 from numpyro.distributions.kl import kl_divergence
 from numpyro.distributions.transforms import (
     ComposeTransform,
@@ -146,6 +146,13 @@ class GuideDensity(NamedTuple):
         whose ``kl`` is then the transport displacement
         (:func:`transport_displacement`) and whose proximal objective is
         :func:`numpyro_psvi.objective.transport_objective`; ``None`` otherwise.
+    linear_scores : callable or None
+        ``linear_scores(params_t, particles, scores) -> LinearScoreStatistics`` for a
+        mean-field user guide whose sites' scores in the unconstrained space are linear
+        in their args (:class:`LinearScoreRule`) and whose free args are each read from
+        one param entry (found once, by :func:`_linear_reads`), without local latents:
+        its update then has an exact solve
+        (:func:`numpyro_psvi.objective.linear_score_solve`); ``None`` otherwise.
     """
 
     latent_dim: int
@@ -164,6 +171,31 @@ class GuideDensity(NamedTuple):
     loc_lowrank: Callable[[Params], tuple[jax.Array, tuple[jax.Array, jax.Array]]] | None = None
     gaussian_params: Callable[[jax.Array, Any], Params] | None = None
     transport: Transport | None = None
+    linear_scores: Callable[..., LinearScoreStatistics] | None = None
+
+
+class LinearScoreStatistics(NamedTuple):
+    """What an update of a guide with linear scores (:attr:`GuideDensity.linear_scores`)
+    needs from its particles, the twin of Pyro's: per coordinate ``i`` of the flat latent,
+    with ``u_s`` the particles, ``g_s`` the model's scores and ``(phi_a, phi_b)`` the
+    coordinate's family's features (:class:`LinearScoreRule`), the sums over the ``S``
+    particles of ``phi_a^2, phi_a phi_b, phi_b^2, phi_a g, phi_b g``; ``q_t``'s args and
+    variances in the unconstrained space; the rules' ``natural``, ``from_natural``,
+    ``log_partition`` and ``log_partition_derivatives`` by coordinate; ``free``, per
+    arg, the coordinates a param gives (the others are constants of the guide); and
+    ``write(a, b)``, the constrained params that give the args ``(a, b)`` (the entries no
+    coordinate reads kept at ``q_t``'s)."""
+
+    args_t: tuple[jax.Array, jax.Array]
+    sums: tuple[jax.Array, ...]
+    count: int
+    variances: jax.Array
+    natural: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+    log_partition: Callable[[jax.Array, jax.Array], jax.Array]
+    log_partition_derivatives: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]]
+    from_natural: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+    free: tuple[np.ndarray, np.ndarray]
+    write: Callable[[jax.Array, jax.Array], Params]
 
 
 class Transport(NamedTuple):
@@ -692,6 +724,7 @@ def site_closed_forms(
             has_closed_form(lambda fn, name=name: unconstrained_normal(fn, transforms[name]), fn)
             for name, fn in fns.items()
         ),
+        unscaled and all(linear_score_rule(fn, transforms[name]) for name, fn in fns.items()),
     )
 
 
@@ -834,6 +867,246 @@ def unconstrained_normal(fn: dist.Distribution, transform: Any) -> tuple[jax.Arr
     return tuple(jnp.broadcast_to(value, shape) for value in rule(fn))
 
 
+class LinearScoreRule(NamedTuple):
+    """A family whose score in the unconstrained coordinate ``u`` is linear in two
+    functions ``(e_1, e_2)`` of its two args ``(a, b)``: ``e_1 phi_1(u) + e_2 phi_2(u)``;
+    the args themselves for Beta, Gamma and InverseGamma, ``(loc / scale^2, 1 / scale^2)``
+    for a Normal in the unconstrained coordinate. The twin of Pyro's (the fields the
+    exact solve reads).
+
+    Attributes
+    ----------
+    args : callable
+        ``args(fn) -> (a, b)``, the distribution's two args.
+    features : callable
+        ``features(u) -> (phi_1(u), phi_2(u))``.
+    log_partition : callable
+        ``log_partition(e_1, e_2) -> A``, elementwise, ``inf`` outside the family's domain:
+        the family is an exponential family whose natural parameters are affine in
+        ``(e_1, e_2)``, so ``KL(q_t || q) = A(e) - A(e_t) - grad A(e_t) . (e - e_t)``.
+    log_partition_derivatives : callable
+        ``(e_1, e_2) -> (dA/de_1, dA/de_2, d2A/de_1^2, d2A/de_1 de_2, d2A/de_2^2)``.
+    natural, from_natural : callable or None
+        ``natural(a, b) -> (e_1, e_2)`` and its inverse; ``None``: the args.
+    """
+
+    args: Callable[[Any], tuple[jax.Array, jax.Array]]
+    features: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+    log_partition: Callable[..., jax.Array]
+    log_partition_derivatives: Callable[..., tuple[jax.Array, ...]]
+    natural: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    from_natural: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+
+
+def _gamma_log_partition(a, b) -> jax.Array:
+    """A Gamma's (or, of ``1 / x``, an InverseGamma's) ``lgamma(a) - a log b``."""
+    inside = (a > 0) & (b > 0)
+    return jnp.where(inside, gammaln(a) - a * jnp.log(jnp.where(inside, b, 1.0)), jnp.inf)
+
+
+def _gamma_log_partition_derivatives(a, b) -> tuple[jax.Array, ...]:
+    return digamma(a) - jnp.log(b), -a / b, polygamma(1, a), -1 / b, a / b**2
+
+
+def _beta_log_partition(a, b) -> jax.Array:
+    """A Beta's ``lgamma(a) + lgamma(b) - lgamma(a + b)``."""
+    inside = (a > 0) & (b > 0)
+    return jnp.where(inside, gammaln(a) + gammaln(b) - gammaln(a + b), jnp.inf)
+
+
+def _beta_log_partition_derivatives(a, b) -> tuple[jax.Array, ...]:
+    total, curve_total = digamma(a + b), polygamma(1, a + b)
+    return (
+        digamma(a) - total, digamma(b) - total,
+        polygamma(1, a) - curve_total, -curve_total, polygamma(1, b) - curve_total,
+    )  # fmt: skip
+
+
+def _normal_log_partition(e_1, e_2) -> jax.Array:
+    """A Normal's ``e_1^2 / (2 e_2) - log(e_2) / 2`` in ``(loc / scale^2, 1 / scale^2)``."""
+    inside = e_2 > 0
+    return jnp.where(inside, e_1**2 / (2 * e_2) - jnp.log(jnp.where(inside, e_2, 1.0)) / 2, jnp.inf)
+
+
+def _normal_log_partition_derivatives(e_1, e_2) -> tuple[jax.Array, ...]:
+    mean = e_1 / e_2
+    return mean, -(mean**2 + 1 / e_2) / 2, 1 / e_2, -mean / e_2, (mean**2 + 0.5 / e_2) / e_2
+
+
+# The unconstrained score of a Normal there, (loc - u) / scale^2 = e_1 - e_2 u.
+_NORMAL_LINEAR_SCORE = LinearScoreRule(
+    lambda fn: (fn.loc, fn.scale),
+    lambda u: (jnp.ones_like(u), -u),
+    _normal_log_partition,
+    _normal_log_partition_derivatives,
+    lambda loc, scale: (loc / scale**2, scale**-2.0),
+    lambda e_1, e_2: (e_1 / e_2, jax.lax.rsqrt(e_2)),
+)
+
+_LINEAR_SCORES: dict[tuple[type, str], LinearScoreRule] = {
+    (dist.Normal, "identity"): _NORMAL_LINEAR_SCORE,
+    (dist.LogNormal, "log"): _NORMAL_LINEAR_SCORE._replace(
+        args=lambda fn: (fn.base_dist.loc, fn.base_dist.scale)
+    ),
+    # Scores a - b e^u (Gamma), -a + b e^-u (InverseGamma), a (1 - sigmoid u) - b sigmoid u (Beta).
+    (dist.Gamma, "log"): LinearScoreRule(
+        lambda fn: (fn.concentration, fn.rate),
+        lambda u: (jnp.ones_like(u), -jnp.exp(u)),
+        _gamma_log_partition,
+        _gamma_log_partition_derivatives,
+    ),
+    (dist.InverseGamma, "log"): LinearScoreRule(
+        lambda fn: (fn.concentration, fn.rate),
+        lambda u: (-jnp.ones_like(u), jnp.exp(-u)),
+        _gamma_log_partition,  # 1 / x of an InverseGamma(a, b) is Gamma(a, b)
+        _gamma_log_partition_derivatives,
+    ),
+    (dist.Beta, "logit"): LinearScoreRule(
+        lambda fn: (fn.concentration1, fn.concentration0),
+        lambda u: (jax.nn.sigmoid(-u), -jax.nn.sigmoid(u)),
+        _beta_log_partition,
+        _beta_log_partition_derivatives,
+    ),
+}
+
+
+def linear_score_rule(fn: dist.Distribution, transform: Any) -> tuple[LinearScoreRule, Any] | None:
+    """The :class:`LinearScoreRule` of ``fn`` (its elementwise base) under ``transform`` and
+    the distribution its args are read from (a ``TransformedDistribution`` of a Normal by
+    ``transform``: its base), or ``None``. The twin of Pyro's."""
+    while isinstance(fn, dist.Independent | dist.ExpandedDistribution):
+        fn = fn.base_dist
+    rule = _LINEAR_SCORES.get((type(fn), _transform_kind(transform)))
+    if rule is None and _is_image_under(fn, transform) and type(fn.base_dist) is dist.Normal:
+        return _NORMAL_LINEAR_SCORE, fn.base_dist
+    return None if rule is None else (rule, fn)
+
+
+def _by_family(
+    rules: list[LinearScoreRule], owner: np.ndarray | None, part: str, *args: jax.Array
+) -> jax.Array | tuple[jax.Array, ...]:
+    """The rules' ``part`` of flat ``args``, coordinate ``i`` by ``rules[owner[i]]``
+    (``owner`` ``None``: one rule); a ``None`` part passes the last two args through; the
+    twin of Pyro's."""
+    results = []
+    for rule in rules:
+        fn = getattr(rule, part)
+        result = args[-2:] if fn is None else fn(*args)
+        results.append((result,) if isinstance(result, jax.Array) else tuple(result))
+    outputs = list(results[0])
+    for position, result in enumerate(results[1:], start=1):
+        mine = owner == position
+        outputs = [jnp.where(mine, one, out) for one, out in zip(result, outputs, strict=True)]
+    return outputs[0] if part == "log_partition" else tuple(outputs)
+
+
+class _LinearReads(NamedTuple):
+    """Where a guide with linear scores reads its sites' flat args (:func:`_linear_reads`):
+    the rules by family and each coordinate's (``owner``, ``None`` for one family), per
+    arg the coordinates a param entry gives (``free``) and those entries' positions in
+    the concatenation of the params ``names`` (``slots``, shapes ``shapes``)."""
+
+    rules: dict[str, LinearScoreRule]
+    families: list[LinearScoreRule]
+    owner: np.ndarray | None
+    free: tuple[np.ndarray, np.ndarray]
+    slots: tuple[np.ndarray, np.ndarray]
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+
+
+def _site_args(rules: dict[str, LinearScoreRule], fns: dict[str, Any], transforms, shapes) -> list:
+    """Each site's flat args ``(a, b)`` (sites in sorted order, as the flat latent)."""
+    pairs = []
+    for name in sorted(rules):
+        source = linear_score_rule(fns[name], transforms[name])[1]
+        pairs.append([jnp.broadcast_to(arg, shapes[name]).reshape(-1) for arg in rules[name].args(source)])
+    return [jnp.concatenate(side) for side in zip(*pairs, strict=True)]
+
+
+def _linear_reads(
+    guide: Callable, args: tuple, kwargs: dict, transforms: dict[str, Any], shapes: dict[str, tuple]
+) -> _LinearReads | None:
+    """How a mean-field guide whose sites all have linear scores reads their args from its
+    params, found once, outside ``jit``, by two runs on tagged params (each entry its
+    position ``p`` in the concatenated params: ``p + 0.5``, then ``2 p + 1.5``): an arg
+    equal in both runs is a constant; one that is the same entry's tag in both, and whose
+    tangent is that entry's (a random direction's ``jvp``), reads that entry; anything
+    else (computed from the params) is ``None`` for all, as is a param entry read by two
+    coordinates (a shared or broadcast param), a constant arg of a Normal (its natural
+    coordinates move together), or a run that fails on the tags."""
+    key = jax.random.PRNGKey(0)
+    guide_trace = trace(seed(guide, key)).get_trace(*args, **kwargs)
+    params = {name: site["value"] for name, site in guide_trace.items() if site["type"] == "param"}
+    fns = {name: guide_trace[name]["fn"] for name in shapes}
+    found = {name: linear_score_rule(fns[name], transforms[name]) for name in shapes}
+    arrays = all(isinstance(value, jax.Array | np.ndarray | float) for value in params.values())
+    if not (params and arrays) or any(rule is None for rule in found.values()):
+        return None  # (a module's params are a network's, which reads them itself)
+    rules = {name: rule for name, (rule, _) in found.items()}
+    names = sorted(params)
+    sizes = [int(np.size(params[name])) for name in names]
+    starts = np.cumsum([0, *sizes])[:-1]
+    if sum(sizes) >= 2**22:  # tags exact in float32 (2^24), with room for 2 p + 1.5
+        return None
+
+    def tagged(scale: float, shift: float) -> dict[str, jax.Array]:
+        return {
+            name: (scale * (start + jnp.arange(size, dtype=jnp.result_type(float))) + shift).reshape(
+                jnp.shape(params[name])
+            )
+            for name, start, size in zip(names, starts, sizes, strict=True)
+        }
+
+    def run(tags: dict[str, jax.Array]) -> list[jax.Array]:
+        seeded = trace(substitute(seed(guide, key), data=tags)).get_trace(*args, **kwargs)
+        return _site_args(rules, {name: seeded[name]["fn"] for name in shapes}, transforms, shapes)
+
+    try:
+        with jax.ensure_compile_time_eval():
+            first, second = run(tagged(1.0, 0.5)), run(tagged(2.0, 1.5))
+            tangent = {
+                name: jax.random.normal(
+                    jax.random.fold_in(key, i), jnp.shape(params[name]), jnp.result_type(float)
+                )
+                for i, name in enumerate(names)
+            }
+            _, moved = jax.jvp(run, (tagged(1.0, 0.5),), (tangent,))
+    except Exception:  # noqa: BLE001 - the guide's code on positions, not values: no fast path
+        return None
+    joined_tangent = np.concatenate([np.ravel(tangent[name]) for name in names])
+    free, slots = [], []
+    for one, two, direction in zip(first, second, moved, strict=True):
+        one, two, direction = np.asarray(one), np.asarray(two), np.asarray(direction)
+        constant = one == two
+        slot = np.rint(one - 0.5).astype(np.int64)
+        read = ~constant & (slot >= 0) & (slot < sum(sizes))
+        slot = np.where(read, slot, 0)
+        if not np.all(constant | (read & (one == slot + 0.5) & (two == 2 * slot + 1.5))):
+            return None
+        if not np.allclose(np.where(read, direction, 0), np.where(read, joined_tangent[slot], 0), atol=1e-6):
+            return None
+        free.append(read)
+        slots.append(slot[read])
+    every = np.concatenate(slots)
+    if np.unique(every).size != every.size:
+        return None
+    families = list(dict.fromkeys(rules[name] for name in sorted(rules)))
+    owner = None
+    if len(families) > 1:
+        owner = np.concatenate(
+            [np.full(math.prod(shapes[name]), families.index(rules[name])) for name in sorted(rules)]
+        )
+    normal = np.zeros(free[0].shape, bool)
+    for position, rule in enumerate(families):
+        if rule.natural is not None:
+            normal |= True if owner is None else owner == position
+    if np.any(normal & ~(free[0] & free[1])):
+        return None
+    shapes_read = [tuple(np.shape(params[name])) for name in names]
+    return _LinearReads(rules, families, owner, (free[0], free[1]), (slots[0], slots[1]), names, shapes_read)
+
+
 def _base_variance(fn: dist.TransformedDistribution) -> jax.Array:
     return fn.base_dist.variance
 
@@ -854,7 +1127,15 @@ def _is_image_under(fn: dist.Distribution, transform: Any) -> bool:
 
 def site_kl_divergence(p: dist.Distribution, q: dist.Distribution) -> jax.Array:
     """``kl_divergence(p, q)``, and for two LogNormals (whose transform is fixed) the KL of
-    their Normals, as torch's rule for equal transforms gives it in Pyro."""
+    their Normals, as torch's rule for equal transforms gives it in Pyro; through matching
+    ``Independent`` wrappers (a vector InverseGamma under ``to_event``)."""
+    if (
+        isinstance(p, dist.Independent)
+        and isinstance(q, dist.Independent)
+        and p.reinterpreted_batch_ndims == q.reinterpreted_batch_ndims
+    ):  # NumPyro's own rule would not reach this function's cases in the bases
+        kl = site_kl_divergence(p.base_dist, q.base_dist)
+        return jnp.sum(kl, axis=tuple(range(-p.reinterpreted_batch_ndims, 0)))
     if isinstance(p, dist.LogNormal) and isinstance(q, dist.LogNormal):
         return kl_divergence(p.base_dist, q.base_dist)
     if (
@@ -888,6 +1169,7 @@ def _user_guide(
     kwargs: dict,
     num_kl_draws: int,
     closed_forms: SiteClosedForms = NO_CLOSED_FORMS,
+    reads: _LinearReads | None = None,
 ) -> GuideDensity:
     """A user-written guide, site by site on the model's constrained values.
 
@@ -900,6 +1182,9 @@ def _user_guide(
     (``local_plates``, as AutoNormal's params do); the guide draws the members of a
     mini-batch (``at_indices``), and ``log q`` is that of the globals and the batch's
     members without the plate's ``N/B`` scale (the density, not the ELBO's estimate).
+
+    ``reads`` (:func:`_linear_reads`): where a guide with linear scores reads its args;
+    without local latents its density then has ``linear_scores``.
     """
     model_trace = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
     latents = {n: s for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"]}
@@ -1015,6 +1300,41 @@ def _user_guide(
                 elbo_log_prob=None
             )
 
+        def linear_scores(params_t, particles, scores) -> LinearScoreStatistics:
+            fns = {name: fn for name, (fn, _) in site_distributions(params_t).items()}
+            shapes = {name: value.shape for name, value in template.items()}
+            a_t, b_t = _site_args(reads.rules, fns, transforms, shapes)
+            blocks = jax.vmap(unravel)(particles)
+            features = [
+                reads.rules[name].features(blocks[name].reshape(particles.shape[0], -1))
+                for name in sorted(shapes)
+            ]
+            phi_a, phi_b = (jnp.concatenate(side, axis=-1) for side in zip(*features, strict=True))
+            products = (phi_a * phi_a, phi_a * phi_b, phi_b * phi_b, phi_a * scores, phi_b * scores)
+            variances = jnp.concatenate([
+                jnp.broadcast_to(unconstrained_variance(fns[name], transforms[name]), shape).reshape(-1)
+                for name, shape in sorted(shapes.items())
+            ])  # fmt: skip
+
+            def write(a: jax.Array, b: jax.Array) -> Params:
+                joined = jnp.concatenate([jnp.ravel(params_t[name]) for name in reads.names])
+                for side, free, slots in zip((a, b), reads.free, reads.slots, strict=True):
+                    joined = joined.at[slots].set(side[free].astype(joined.dtype))
+                parts = jnp.split(joined, np.cumsum([math.prod(shape) for shape in reads.shapes])[:-1])
+                return {
+                    name: part.reshape(shape)
+                    for name, part, shape in zip(reads.names, parts, reads.shapes, strict=True)
+                }
+
+            by_family = partial(_by_family, reads.families, reads.owner)
+            stop = jax.lax.stop_gradient
+            return LinearScoreStatistics(
+                (stop(a_t), stop(b_t)), tuple(jnp.sum(product, axis=0) for product in products),
+                particles.shape[0], stop(variances), partial(by_family, "natural"),
+                partial(by_family, "log_partition"), partial(by_family, "log_partition_derivatives"),
+                partial(by_family, "from_natural"), reads.free, write,
+            )  # fmt: skip
+
         log_prob = partial(guide_log_prob, plate_scaled=False)
         kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, num_kl_draws)
         if closed_forms.kl:
@@ -1026,6 +1346,7 @@ def _user_guide(
             kl=kl, cov_quad=cov_quad, unpack=unravel, closed_form=False, local_plates=local_plates,
             at_indices=on_batch if local_plates else None,
             elbo_log_prob=elbo_log_prob if local_plates else None,
+            linear_scores=linear_scores if reads is not None and not local_plates else None,
         )  # fmt: skip
 
     return on_batch({})
@@ -1075,7 +1396,16 @@ def _user_guide_setup(guide, model, args, kwargs, options: DensityOptions):
     transforms = {name: biject_to(site["fn"].support) for name, site in model_trace.items()
                   if site["type"] == "sample" and not site["is_observed"]}  # fmt: skip
     closed_forms = site_closed_forms(guide, args, kwargs, transforms)
-    return lambda args, kwargs: _user_guide(guide, model, args, kwargs, options.num_kl_draws, closed_forms)
+    reads = None
+    if closed_forms.linear and closed_forms.kl and closed_forms.variance:
+        shapes = {
+            name: tuple(transform.inverse_shape(jnp.shape(model_trace[name]["value"])))
+            for name, transform in transforms.items()
+        }
+        reads = _linear_reads(guide, args, kwargs, transforms, shapes)
+    return lambda args, kwargs: _user_guide(
+        guide, model, args, kwargs, options.num_kl_draws, closed_forms, reads
+    )
 
 
 def _product_density(parts: list[GuideDensity]) -> GuideDensity:

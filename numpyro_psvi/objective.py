@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from numpyro_psvi.guides import GuideDensity, Params
+from numpyro_psvi.guides import GuideDensity, LinearScoreStatistics, Params
 from psvi.objective import (
     LOWRANK_AXIS_STEP,
     LOWRANK_DIAG_FLOOR,
@@ -330,6 +330,105 @@ def proximal_objective(
         fisher = weighted_fisher(density, params, params_t, particles, model_scores, weighting, weights)
     kl = density.kl(params_t, params, kl_key)
     return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
+
+
+# Damped Newton on an update's convex problem (linear_score_solve), as Pyro's: the
+# iterations at most (it stops once no coordinate moves), the step fractions each tries,
+# and the proximal weights a trust region tries (the update's times 2^k).
+NEWTON_ITERATIONS = 50
+_LINE_SEARCH_FRACTIONS = tuple(2.0**-k for k in range(20))
+_TRUST_REGION_WEIGHTS = tuple(2.0**k for k in range(31))
+
+
+def linear_score_solve(
+    stats: LinearScoreStatistics,
+    prox_weight: float,
+    weighting: str,
+    max_kl: float | jax.Array | None = None,
+    iterations: int = NEWTON_ITERATIONS,
+) -> tuple[jax.Array, jax.Array]:
+    """The flat args ``(a, b)`` that minimize :func:`proximal_objective` for a guide with
+    linear scores (:attr:`GuideDensity.linear_scores`), solved exactly, whatever the
+    optimizer; with ``max_kl`` (the trust region's budget) the solution of the smallest weight ``prox_weight
+    * 2^k`` whose ``KL(q_t || q)`` is within it. The twin of Pyro's (docs there), in the
+    params' dtype: a full Newton step whose predicted decrease is below the objective's
+    round-off is taken without the line search (float32 values cannot compare it); the
+    ladder of weights solved only where the update's own weight leaves the trust region
+    (``lax.cond``)."""
+    s_11, s_12, s_22, s_1g, s_2g = stats.sums
+    fisher = (stats.variances if weighting == "covariance" else jnp.ones_like(stats.variances)) / stats.count
+    free_1, free_2 = (jnp.asarray(mask) for mask in stats.free)
+    e_t1, e_t2 = stats.natural(*stats.args_t)
+    grad_t1, grad_t2, *_ = stats.log_partition_derivatives(e_t1, e_t2)
+    fractions = jnp.asarray(_LINE_SEARCH_FRACTIONS, e_t1.dtype).reshape(-1, 1, 1)
+    round_off = 100 * jnp.finfo(e_t1.dtype).eps
+
+    def kl(x_1: jax.Array, x_2: jax.Array) -> jax.Array:
+        return stats.log_partition(x_1, x_2) - grad_t1 * x_1 - grad_t2 * x_2  # + a constant
+
+    def solve(weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The solutions (K, D) at the (K, 1) weights."""
+
+        def value(x_1: jax.Array, x_2: jax.Array) -> jax.Array:
+            quadratic = x_1 * (x_1 * s_11 + 2 * x_2 * s_12 - 2 * s_1g) + x_2 * (x_2 * s_22 - 2 * s_2g)
+            total = fisher * quadratic + weight * kl(x_1, x_2)
+            return jnp.where(jnp.isnan(total), jnp.inf, total)
+
+        def newton(carry):
+            count, e_1, e_2, current, _ = carry
+            derivatives = stats.log_partition_derivatives(e_1, e_2)
+            g_1, g_2, h_11, h_12, h_22 = (weight * part for part in derivatives)
+            grad_1 = 2 * fisher * (e_1 * s_11 + e_2 * s_12 - s_1g) + g_1 - weight * grad_t1
+            grad_2 = 2 * fisher * (e_1 * s_12 + e_2 * s_22 - s_2g) + g_2 - weight * grad_t2
+            grad_1, grad_2 = jnp.where(free_1, grad_1, 0), jnp.where(free_2, grad_2, 0)
+            h_11 = jnp.where(free_1, 2 * fisher * s_11 + h_11, 1)
+            h_22 = jnp.where(free_2, 2 * fisher * s_22 + h_22, 1)
+            h_12 = jnp.where(free_1 & free_2, 2 * fisher * s_12 + h_12, 0)
+            det = h_11 * h_22 - h_12**2
+            step_1, step_2 = -(h_22 * grad_1 - h_12 * grad_2) / det, -(h_11 * grad_2 - h_12 * grad_1) / det
+            slope = grad_1 * step_1 + grad_2 * step_2  # < 0 where the Hessian is positive definite
+            negligible = -slope <= round_off * (1 + jnp.abs(current))
+
+            def search(trials: jax.Array) -> tuple[jax.Array, jax.Array]:
+                """The largest of ``trials`` (F, 1, 1) that decreases each entry, and its value."""
+                tried = value(e_1 + trials * step_1, e_2 + trials * step_2)
+                decreases = (tried <= current + 1e-4 * trials * slope) & (slope < 0)
+                decreases = decreases.at[0].set(decreases[0] | (negligible & jnp.isfinite(tried[0])))
+                first = jnp.argmax(decreases, axis=0)
+                found = jnp.any(decreases, axis=0)
+                fraction = jnp.where(found, trials.reshape(-1)[first], 0.0)
+                return fraction, jnp.where(found, jnp.take_along_axis(tried, first[None], 0)[0], current)
+
+            # The whole step first (Newton's near the solution); the fractions where it
+            # does not decrease every entry.
+            whole = search(fractions[:1])
+            fraction, current = jax.lax.cond(jnp.all(whole[0] == 1), lambda: whole, lambda: search(fractions))
+            moved_1, moved_2 = fraction * step_1, fraction * step_2
+            tolerance = 1e-9 * (1 + jnp.maximum(jnp.abs(e_1), jnp.abs(e_2)))
+            still = jnp.any(jnp.abs(moved_1) > tolerance) | jnp.any(jnp.abs(moved_2) > tolerance)
+            return count + 1, e_1 + moved_1, e_2 + moved_2, current, still
+
+        e_1, e_2 = (jnp.broadcast_to(part, (weight.shape[0],) + part.shape) for part in (e_t1, e_t2))
+        start = (jnp.asarray(0), e_1, e_2, value(e_1, e_2), jnp.asarray(True))
+        _, e_1, e_2, _, _ = jax.lax.while_loop(lambda c: (c[0] < iterations) & c[4], newton, start)
+        return e_1, e_2
+
+    def travelled(e_1: jax.Array, e_2: jax.Array) -> jax.Array:
+        """``KL(q_t || q)`` of each row's solution."""
+        return jnp.sum(kl(e_1, e_2) - kl(e_t1, e_t2), axis=-1)
+
+    def ladder() -> tuple[jax.Array, jax.Array]:
+        e_1, e_2 = solve(prox_weight * jnp.asarray(_TRUST_REGION_WEIGHTS, e_t1.dtype)[:, None])
+        within = travelled(e_1, e_2) <= max_kl
+        row = jnp.where(jnp.any(within), jnp.argmax(within), len(_TRUST_REGION_WEIGHTS) - 1)
+        return e_1[row], e_2[row]
+
+    e_1, e_2 = solve(jnp.full((1, 1), prox_weight, e_t1.dtype))
+    if max_kl is not None:
+        e_1, e_2 = jax.lax.cond(travelled(e_1, e_2)[0] <= max_kl, lambda: (e_1[0], e_2[0]), ladder)
+    else:
+        e_1, e_2 = e_1[0], e_2[0]
+    return stats.from_natural(e_1, e_2)
 
 
 def transport_path(

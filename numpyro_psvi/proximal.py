@@ -38,6 +38,7 @@ from numpyro_psvi.objective import (
     fisher_statistics,
     gaussian_proximal_step,
     lerp_tree,
+    linear_score_solve,
     lowrank_proximal_step,
     proximal_objective,
     residual_fisher,
@@ -116,7 +117,10 @@ class ProximalProblem(NamedTuple):
     ``loss_error`` its standard error; ``fisher``, its weighted Fisher divergence on
     them; ``averages``, the running averages with this update's curvature estimate
     folded in; ``statistics``, a diagonal Gaussian guide's
-    :class:`~numpyro_psvi.objective.FisherStatistics` (else ``None``)."""
+    :class:`~numpyro_psvi.objective.FisherStatistics` (else ``None``); ``solution``, with
+    the closed-form solver, the constrained guide params that solve the problem of a
+    guide with linear scores exactly (:func:`~numpyro_psvi.objective.linear_score_solve`;
+    else ``None``)."""
 
     objective: Callable[[dict], tuple[jax.Array, dict]]
     loss: jax.Array
@@ -124,6 +128,7 @@ class ProximalProblem(NamedTuple):
     fisher: jax.Array
     averages: RunningAverages
     statistics: FisherStatistics | None = None
+    solution: dict | None = None
 
 
 class ProximalScoreVI(ScoreEngine):
@@ -280,6 +285,7 @@ class ProximalScoreVI(ScoreEngine):
         self.stops_at_budget = False  # whether the inner steps stop past the budget, likewise
         self._requested_solver = check_inner_solver(inner_solver)
         self.inner_solver = "optimizer"  # set up with the regime
+        self.gaussian_step = False  # likewise
         self.inner_steps = inner_steps
         self.trust_region = trust_region
         self.max_halvings = int(max_halvings)
@@ -306,7 +312,11 @@ class ProximalScoreVI(ScoreEngine):
             batch_ratio=self.batch_ratio, weighting=self.objective.weighting,
             num_particles=self.num_particles, inner_steps=self._requested[0],
             has_model_params=bool(self._model_param_names), data_parallel=self.mesh is not None,
+            linear_step=self.density.linear_scores is not None,
         )  # fmt: skip
+        # The closed form of an autoguide Gaussian (closed_form_update) rather than a guide
+        # with linear scores' exact solve (linear_score_solve, in update).
+        self.gaussian_step = self.inner_solver == "closed_form" and self.density.gaussian_params is not None
         # The families' advice measured the optimizer's inner steps (the closed forms do
         # not take the optimizer's step size, and converged where those diverged).
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
@@ -325,7 +335,7 @@ class ProximalScoreVI(ScoreEngine):
         updates = zeros if curvature is not None else None
         params = self.optim.get_params(state.optim_state) if self.average_iterates else None
         trust = window = None
-        if self.inner_solver == "closed_form":
+        if self.gaussian_step:
             loc, scale = self._loc_scale(self._iterate_params(state))
             # Strongly typed as the update's values are: a weak type would recompile it.
             start = (jnp.ones((), loc.dtype), jnp.zeros((), bool), jnp.full((), jnp.inf, loc.dtype))
@@ -381,10 +391,13 @@ class ProximalScoreVI(ScoreEngine):
             indices=indices, statistics=True,
         )  # fmt: skip
         problem = self.proximal_problem(density, params_t, particles, scored, key_kl, state.averages)
-        if self.inner_solver == "closed_form":
+        if self.gaussian_step:
             return self.closed_form_update(state, density, params_t, particles, scored, problem, rng_key)
-        stop = self._budget(scored.active_dim) if self.stops_at_budget else None
-        fitted = self.inner_fit(problem.objective, state.optim_state, density, params_t, key_kl, stop)
+        if problem.solution is not None:  # solved: the optimizer holds the params, its moments kept
+            fitted = self._with_params(state.optim_state, problem.solution)
+        else:
+            stop = self._budget(scored.active_dim) if self.stops_at_budget else None
+            fitted = self.inner_fit(problem.objective, state.optim_state, density, params_t, key_kl, stop)
         if density.at_indices is not None:  # a user guide's local latents
             fitted = self.hold_unread(density, particles, state.optim_state, fitted)
         frac = self.pull_back(density, params_t, state.optim_state, fitted, scored.active_dim, key_kl)
@@ -457,7 +470,14 @@ class ProximalScoreVI(ScoreEngine):
                 value = value - sum(jax.tree.leaves(products))
             return value, terms
 
-        return ProximalProblem(objective, loss, loss_error, fisher, averages, stats)
+        solution = None
+        if density.linear_scores is not None and self.inner_solver == "closed_form":
+            budget = None if self.trust_region is None else self._budget(scored.active_dim)
+            linear = density.linear_scores(params_t, particles, scored.scores)
+            solution = linear.write(
+                *linear_score_solve(linear, self.objective.prox_weight, weighting, budget)
+            )
+        return ProximalProblem(objective, loss, loss_error, fisher, averages, stats, solution)
 
     def _fold_curvature(
         self, averages: RunningAverages, estimate: CurvatureStatistics, weights: jax.Array | None
@@ -590,6 +610,15 @@ class ProximalScoreVI(ScoreEngine):
         transforms = param_transforms(self.constrain_fn)
         unconstrained = dict(self.optim.get_params(optim_state))
         for name, value in self.density.gaussian_params(loc, scale).items():
+            unconstrained[name] = transforms[name].inv(value)
+        return with_params(optim_state, unconstrained)
+
+    def _with_params(self, optim_state: Any, constrained: dict) -> Any:
+        """``optim_state`` holding the guide params ``constrained`` (the others and the
+        optimizer's moments kept)."""
+        transforms = param_transforms(self.constrain_fn)
+        unconstrained = dict(self.optim.get_params(optim_state))
+        for name, value in constrained.items():
             unconstrained[name] = transforms[name].inv(value)
         return with_params(optim_state, unconstrained)
 

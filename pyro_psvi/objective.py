@@ -447,7 +447,8 @@ def linear_score_solve(
     narrows the guide before it moves it. Newton's method from ``e_t`` with a backtracking
     (Armijo) line search over fixed fractions, all coordinates and weights at once, in
     float64 (``A`` at large args cancels in float32); a coordinate whose line search finds
-    no decrease stays. ``O(D)`` per iteration and weight."""
+    no decrease stays (a whole step predicted to decrease it by less than round-off is
+    taken, as in float32 NumPyro). ``O(D)`` per iteration and weight."""
     dtype = stats.args_t[0].dtype
     wide = torch.float64 if stats.args_t[0].device.type != "mps" else dtype
     s_11, s_12, s_22, s_1g, s_2g = (total.to(wide) for total in stats.sums)
@@ -457,10 +458,20 @@ def linear_score_solve(
     e_t1, e_t2 = (part.to(wide) for part in stats.natural(*stats.args_t))
     grad_t1, grad_t2, *_ = stats.log_partition_derivatives(e_t1, e_t2)
     fractions = torch.tensor(_LINE_SEARCH_FRACTIONS, dtype=wide, device=e_t1.device).view(-1, 1, 1)
+    round_off = 100 * torch.finfo(wide).eps
     on_cpu = e_t1.device.type == "cpu"
 
     def kl(x_1: torch.Tensor, x_2: torch.Tensor) -> torch.Tensor:
         return stats.log_partition(x_1, x_2) - grad_t1 * x_1 - grad_t2 * x_2  # + a constant
+
+    def decreasing(value, trials, point, step, current, slope) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``value`` at each of ``trials`` (F, 1, 1) of the ``step`` from ``point`` and
+        whether it decreases each entry by Armijo's rule (the whole step, the first trial,
+        also where its predicted decrease ``-slope`` is below the value's round-off)."""
+        tried = value(point[0] + trials * step[0], point[1] + trials * step[1])
+        decreases = (tried <= current + 1e-4 * trials * slope) & (slope < 0)
+        decreases[0] |= (-slope <= round_off * (1 + current.abs())) & torch.isfinite(tried[0])
+        return tried, decreases
 
     def solve(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The solutions (K, D) at the (K, 1) weights."""
@@ -486,11 +497,10 @@ def linear_score_solve(
             slope = grad_1 * step_1 + grad_2 * step_2  # < 0 where the Hessian is positive definite
             # On a CPU the whole step first (Newton's near the solution), the fractions
             # where it does not decrease every coordinate; elsewhere all at once.
-            tried = value(e_1 + step_1, e_2 + step_2).unsqueeze(0)
-            decreases = (tried <= current + 1e-4 * slope) & (slope < 0)
+            point, step = (e_1, e_2), (step_1, step_2)
+            tried, decreases = decreasing(value, fractions[:1], point, step, current, slope)
             if not (on_cpu and bool(decreases.all())):
-                tried = value(e_1 + fractions * step_1, e_2 + fractions * step_2)
-                decreases = (tried <= current + 1e-4 * fractions * slope) & (slope < 0)
+                tried, decreases = decreasing(value, fractions, point, step, current, slope)
             first = decreases.to(torch.int8).argmax(0, keepdim=True)  # the largest that decreases
             found = decreases.any(0)
             fraction = torch.where(found, fractions.view(-1)[first.squeeze(0)], 0.0)

@@ -108,10 +108,12 @@ N_TRANSFORMS = {"a": nbiject_to(nconstraints.real), "s": nbiject_to(nconstraints
 def test_site_closed_forms_are_found_on_the_guides_graph_only_for_mean_field_guides():
     pyro.clear_param_store()
     found = p_site_closed_forms(p_guide, pyro.poutine.trace(p_guide).get_trace(), (), {}, P_SUPPORTS)
-    assert found == SiteClosedForms(True, True, True)
+    assert found == SiteClosedForms(True, True, True, linear=True)
     structured = pyro.poutine.trace(p_guide).get_trace(structured=True)
     assert p_site_closed_forms(p_guide, structured, (), {"structured": True}, P_SUPPORTS) == NO_CLOSED_FORMS
-    assert n_site_closed_forms(n_guide, (), {}, N_TRANSFORMS) == SiteClosedForms(True, True, True)
+    assert n_site_closed_forms(n_guide, (), {}, N_TRANSFORMS) == SiteClosedForms(
+        True, True, True, linear=True
+    )
     assert n_site_closed_forms(n_guide, (), {"structured": True}, N_TRANSFORMS) == NO_CLOSED_FORMS
 
     def n_reads_a_later_site():  # dependence against the sites' alphabetical order
@@ -132,7 +134,7 @@ def test_site_closed_forms_are_found_on_the_guides_graph_only_for_mean_field_gui
 
 def test_site_kl_is_the_monte_carlo_kl_it_replaces_and_agrees_across_backends():
     closed, found = p_density(p_guide, p_model, closed_forms=True)
-    assert found == SiteClosedForms(True, True, True)
+    assert found == SiteClosedForms(True, True, True, linear=True)
     p_closed = float(closed.kl(tensors(P_PARAMS0), tensors(P_PARAMS1)))
     # The Monte Carlo KL with 40,000 draws: its error is the sd of the log ratio over the
     # draws / sqrt(40,000) (the control variate has mean zero); 4 standard errors.
@@ -202,7 +204,7 @@ def test_lognormal_sites_take_their_normals_kl_in_both_backends_and_other_transf
         numpyro.sample("s", ndist.HalfNormal(1.0))
 
     density, found = p_density(p_lognormal_guide, p_half_model, closed_forms=True)
-    assert found == SiteClosedForms(True, True, True, True)
+    assert found == SiteClosedForms(True, True, True, True, linear=True)
     pyro.clear_param_store()
     shifted = pyro.poutine.trace(p_shifted_guide).get_trace()
     assert p_site_closed_forms(p_shifted_guide, shifted, (), {}, {"s": pconstraints.real}).kl is False
@@ -303,7 +305,7 @@ def test_transformed_sites_with_constant_transforms_take_their_bases_kl_and_vari
     Monte Carlo KL."""
     exact_kl = (SIGMA_LOC0 - SIGMA_LOC1) ** 2 / (2 * SIGMA_SCALE**2)
     density, found = p_density(p_sigma_guide, p_sigma_model, closed_forms=True)
-    assert found == SiteClosedForms(True, True, True, True)
+    assert found == SiteClosedForms(True, True, True, True, linear=True)
     p_params0, p_params1 = {"sigma_loc": torch.tensor(SIGMA_LOC0)}, {"sigma_loc": torch.tensor(SIGMA_LOC1)}
     np.testing.assert_allclose(float(density.kl(p_params0, p_params1)), exact_kl, rtol=1e-5)
     weight = float(density.cov_quad(p_params0, torch.ones(1, 1)))
@@ -326,7 +328,9 @@ def test_transformed_sites_with_constant_transforms_take_their_bases_kl_and_vari
     n_weight = n_density.cov_quad({"sigma_loc": jnp.asarray(SIGMA_LOC0)}, jnp.ones(1))
     np.testing.assert_allclose(float(n_weight), SIGMA_SCALE**2, rtol=1e-5)
     interval = {"sigma": nbiject_to(nconstraints.interval(0.0, 10.0))}
-    assert n_site_closed_forms(n_sigma_guide, (), {}, interval) == SiteClosedForms(True, True, True, True)
+    assert n_site_closed_forms(n_sigma_guide, (), {}, interval) == SiteClosedForms(
+        True, True, True, True, linear=True
+    )
     narrower = {"sigma": nbiject_to(nconstraints.interval(0.0, 5.0))}
     assert n_site_closed_forms(n_sigma_guide, (), {}, narrower) == SiteClosedForms(True, True, False)
     moving = n_site_closed_forms(n_sigma_guide, (), {"moving": True}, interval)
