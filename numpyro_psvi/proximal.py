@@ -327,6 +327,7 @@ class ProximalScoreVI(ScoreEngine):
         regime = resolve_regime(
             gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step, transport,
             bounded=bounded, low_rank=self.density.loc_lowrank is not None,
+            linear_solve=self.inner_solver == "closed_form" and self.density.linear_scores is not None,
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)

@@ -54,6 +54,10 @@ def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_on
         assert regime_defaults(gaussian, ratio) == (20, False, 100, 10.0)
     # Other guides with a subsampled plate: the generic objective's (test_minibatch_families.py).
     assert regime_defaults(False, 20.0) == (20, True, 100, 100.0)
+    # The exact solve of a guide with linear scores: 10 N/B (docs/minibatch.md), the same
+    # as the generic objective's with exact scores.
+    assert regime_defaults(False, 20.0, linear_solve=True) == (20, True, 100, 200.0)
+    assert regime_defaults(False, 1.0, linear_solve=True) == (20, False, 100, 10.0)
 
 
 def test_a_flow_steps_to_its_budget_and_averages_its_iterates():
