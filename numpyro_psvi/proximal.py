@@ -235,7 +235,12 @@ class ProximalScoreVI(ScoreEngine):
         the guide's params but does not move them), or ``"optimizer"`` (``inner_steps``
         steps of ``optim``). ``None`` (the default): the closed form where it is the
         default (:func:`psvi.objective.resolve_inner_solver`: a full or low-rank
-        covariance, exact scores, no model params) unless ``inner_steps`` is given.
+        covariance, exact scores, no model params) unless ``inner_steps`` is given. For a
+        mean-field user guide whose Beta, Gamma, InverseGamma, LogNormal or Normal sites
+        read their args from its params (found once, :func:`~numpyro_psvi.guides._linear_reads`),
+        ``"closed_form"`` is the exact solve of each update
+        (:func:`~numpyro_psvi.objective.linear_score_solve`), the default with exact scores
+        and the weight ``10 N/B`` on request with a subsampled plate.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`numpyro_psvi.batches`: every member once per epoch, as

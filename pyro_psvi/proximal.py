@@ -516,7 +516,12 @@ class ProximalScoreVI(ScoreEngine):
         move the guide's params), or ``"optimizer"`` (``inner_steps`` steps of
         ``optim``). ``None`` (the default): the closed form where it is the default
         (:func:`psvi.objective.resolve_inner_solver`: a full or low-rank covariance,
-        exact scores, no model params) unless ``inner_steps`` is given.
+        exact scores, no model params) unless ``inner_steps`` is given. For a mean-field
+        user guide whose Beta, Gamma, InverseGamma, LogNormal or Normal sites read their
+        args from its params, ``"closed_form"`` is the exact solve of each update
+        (:func:`~pyro_psvi.objective.linear_score_solve`), the default with exact scores
+        and the weight ``10 N/B`` on request with a subsampled plate; an update whose
+        args are not read one to one from the params takes the optimizer's steps.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`pyro_psvi.batches`: every member once per epoch, as
