@@ -25,6 +25,9 @@ from jax.scipy.linalg import solve_triangular
 
 from numpyro_psvi.guides import GuideDensity, LinearScoreStatistics, Params
 from psvi.objective import (
+    LINEAR_SOLVE_FRACTIONS,
+    LINEAR_SOLVE_ITERATIONS,
+    LINEAR_SOLVE_WEIGHTS,
     LOWRANK_AXIS_STEP,
     LOWRANK_DIAG_FLOOR,
     SMALLEST_STEP_FRACTION,
@@ -32,6 +35,7 @@ from psvi.objective import (
     TransportPath,
     diagonal_step_path,
     fisher_fade,
+    linear_newton_step,
     path_elbo_weight,
 )
 
@@ -332,20 +336,12 @@ def proximal_objective(
     return fisher + prox_weight * kl, {"fisher": fisher, "kl": kl}
 
 
-# Damped Newton on an update's convex problem (linear_score_solve), as Pyro's: the
-# iterations at most (it stops once no coordinate moves), the step fractions each tries,
-# and the proximal weights a trust region tries (the update's times 2^k).
-NEWTON_ITERATIONS = 50
-_LINE_SEARCH_FRACTIONS = tuple(2.0**-k for k in range(20))
-_TRUST_REGION_WEIGHTS = tuple(2.0**k for k in range(31))
-
-
 def linear_score_solve(
     stats: LinearScoreStatistics,
     prox_weight: float,
     weighting: str,
     max_kl: float | jax.Array | None = None,
-    iterations: int = NEWTON_ITERATIONS,
+    iterations: int = LINEAR_SOLVE_ITERATIONS,
 ) -> tuple[jax.Array, jax.Array]:
     """The flat args ``(a, b)`` that minimize :func:`proximal_objective` for a guide with
     linear scores (:attr:`GuideDensity.linear_scores`), solved exactly, whatever the
@@ -355,12 +351,13 @@ def linear_score_solve(
     round-off is taken without the line search (float32 values cannot compare it); the
     ladder of weights solved only where the update's own weight leaves the trust region
     (``lax.cond``)."""
-    s_11, s_12, s_22, s_1g, s_2g = stats.sums
+    sums = stats.sums
+    s_11, s_12, s_22, s_1g, s_2g = sums
     fisher = (stats.variances if weighting == "covariance" else jnp.ones_like(stats.variances)) / stats.count
     free_1, free_2 = (jnp.asarray(mask) for mask in stats.free)
     e_t1, e_t2 = stats.natural(*stats.args_t)
     grad_t1, grad_t2, *_ = stats.log_partition_derivatives(e_t1, e_t2)
-    fractions = jnp.asarray(_LINE_SEARCH_FRACTIONS, e_t1.dtype).reshape(-1, 1, 1)
+    fractions = jnp.asarray(LINEAR_SOLVE_FRACTIONS, e_t1.dtype).reshape(-1, 1, 1)
     round_off = 100 * jnp.finfo(e_t1.dtype).eps
 
     def kl(x_1: jax.Array, x_2: jax.Array) -> jax.Array:
@@ -377,16 +374,9 @@ def linear_score_solve(
         def newton(carry):
             count, e_1, e_2, current, _ = carry
             derivatives = stats.log_partition_derivatives(e_1, e_2)
-            g_1, g_2, h_11, h_12, h_22 = (weight * part for part in derivatives)
-            grad_1 = 2 * fisher * (e_1 * s_11 + e_2 * s_12 - s_1g) + g_1 - weight * grad_t1
-            grad_2 = 2 * fisher * (e_1 * s_12 + e_2 * s_22 - s_2g) + g_2 - weight * grad_t2
-            grad_1, grad_2 = jnp.where(free_1, grad_1, 0), jnp.where(free_2, grad_2, 0)
-            h_11 = jnp.where(free_1, 2 * fisher * s_11 + h_11, 1)
-            h_22 = jnp.where(free_2, 2 * fisher * s_22 + h_22, 1)
-            h_12 = jnp.where(free_1 & free_2, 2 * fisher * s_12 + h_12, 0)
-            det = h_11 * h_22 - h_12**2
-            step_1, step_2 = -(h_22 * grad_1 - h_12 * grad_2) / det, -(h_11 * grad_2 - h_12 * grad_1) / det
-            slope = grad_1 * step_1 + grad_2 * step_2  # < 0 where the Hessian is positive definite
+            step_1, step_2, slope = linear_newton_step(
+                jnp, sums, fisher, weight, (e_1, e_2), (grad_t1, grad_t2), derivatives, (free_1, free_2)
+            )
             negligible = -slope <= round_off * (1 + jnp.abs(current))
 
             def search(trials: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -418,9 +408,9 @@ def linear_score_solve(
         return jnp.sum(kl(e_1, e_2) - kl(e_t1, e_t2), axis=-1)
 
     def ladder() -> tuple[jax.Array, jax.Array]:
-        e_1, e_2 = solve(prox_weight * jnp.asarray(_TRUST_REGION_WEIGHTS, e_t1.dtype)[:, None])
+        e_1, e_2 = solve(prox_weight * jnp.asarray(LINEAR_SOLVE_WEIGHTS, e_t1.dtype)[:, None])
         within = travelled(e_1, e_2) <= max_kl
-        row = jnp.where(jnp.any(within), jnp.argmax(within), len(_TRUST_REGION_WEIGHTS) - 1)
+        row = jnp.where(jnp.any(within), jnp.argmax(within), len(LINEAR_SOLVE_WEIGHTS) - 1)
         return e_1[row], e_2[row]
 
     e_1, e_2 = solve(jnp.full((1, 1), prox_weight, e_t1.dtype))

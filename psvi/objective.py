@@ -571,6 +571,47 @@ def discounted_updates(xp: Any, updates: Any, loc_t: Any, scale_t: Any, loc: Any
     return updates * xp.exp(-kl)
 
 
+# The exact solve of a guide with linear scores (the backends' linear_score_solve):
+# Newton's iterations at most (Pyro on a CPU, and NumPyro's while_loop, stop once no
+# coordinate moves), the step fractions of its line search, and the proximal weights a
+# trust region tries (the update's times 2^k).
+LINEAR_SOLVE_ITERATIONS = 50
+LINEAR_SOLVE_FRACTIONS = tuple(2.0**-k for k in range(20))
+LINEAR_SOLVE_WEIGHTS = tuple(2.0**k for k in range(31))
+
+
+def linear_newton_step(
+    xp: Any,
+    sums: tuple,
+    fisher: Any,
+    weight: Any,
+    point: tuple,
+    grad_t: tuple,
+    derivatives: tuple,
+    free: tuple,
+) -> tuple[Any, Any, Any]:
+    """One Newton direction of the exact solve of a guide with linear scores (both
+    backends' ``linear_score_solve``; ``xp``: ``torch`` or ``jax.numpy``): per coordinate,
+    the 2 x 2 system of ``fisher * sum_s (e . phi_s - g_s)^2 + weight * KL(q_t || q)`` at
+    ``point = (e_1, e_2)``, from the particle sums ``(phi_1^2, phi_1 phi_2, phi_2^2, phi_1 g,
+    phi_2 g)``, the log-partition's ``derivatives`` there and its gradient ``grad_t`` at
+    ``q_t``; an arg that is not ``free`` (a constant of the guide) held (its row and column
+    the identity's). Returns the step and its slope ``grad . step`` (negative where the
+    Hessian is positive definite)."""
+    s_11, s_12, s_22, s_1g, s_2g = sums
+    (e_1, e_2), (free_1, free_2) = point, free
+    g_1, g_2, h_11, h_12, h_22 = (weight * part for part in derivatives)
+    grad_1 = 2 * fisher * (e_1 * s_11 + e_2 * s_12 - s_1g) + g_1 - weight * grad_t[0]
+    grad_2 = 2 * fisher * (e_1 * s_12 + e_2 * s_22 - s_2g) + g_2 - weight * grad_t[1]
+    grad_1, grad_2 = xp.where(free_1, grad_1, 0), xp.where(free_2, grad_2, 0)
+    h_11 = xp.where(free_1, 2 * fisher * s_11 + h_11, 1)
+    h_22 = xp.where(free_2, 2 * fisher * s_22 + h_22, 1)
+    h_12 = xp.where(free_1 & free_2, 2 * fisher * s_12 + h_12, 0)
+    det = h_11 * h_22 - h_12**2
+    step_1, step_2 = -(h_22 * grad_1 - h_12 * grad_2) / det, -(h_11 * grad_2 - h_12 * grad_1) / det
+    return step_1, step_2, grad_1 * step_1 + grad_2 * step_2
+
+
 def splits_full_covariance(batch_ratio: float, num_particles: int) -> bool:
     """Whether a full-covariance Gaussian guide's proximal objective is the split one
     (the precision fitted to the residuals' spread over the ``num_particles``

@@ -23,6 +23,9 @@ from typing import Any, NamedTuple
 import torch
 
 from psvi.objective import (
+    LINEAR_SOLVE_FRACTIONS,
+    LINEAR_SOLVE_ITERATIONS,
+    LINEAR_SOLVE_WEIGHTS,
     LOWRANK_AXIS_STEP,
     LOWRANK_DIAG_FLOOR,
     SMALLEST_STEP_FRACTION,
@@ -30,6 +33,7 @@ from psvi.objective import (
     TransportPath,
     diagonal_step_path,
     fisher_fade,
+    linear_newton_step,
     path_elbo_weight,
 )
 from pyro_psvi.guides import GuideDensity, LinearScoreStatistics, Params
@@ -417,20 +421,12 @@ def linear_score_gradient(
     return gradient
 
 
-# Damped Newton on an update's convex problem (linear_score_solve): the iterations at most
-# (on a CPU it stops once no coordinate moves), the step fractions each tries, and the
-# proximal weights a trust region tries (the update's times 2^k).
-NEWTON_ITERATIONS = 50
-_LINE_SEARCH_FRACTIONS = tuple(2.0**-k for k in range(20))
-_TRUST_REGION_WEIGHTS = tuple(2.0**k for k in range(31))
-
-
 def linear_score_solve(
     stats: LinearScoreStatistics,
     prox_weight: float,
     weighting: str,
     max_kl: float = math.inf,
-    iterations: int = NEWTON_ITERATIONS,
+    iterations: int = LINEAR_SOLVE_ITERATIONS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The flat args ``(a, b)`` that minimize :func:`proximal_objective` for a guide with
     linear scores (:attr:`GuideDensity.linear_scores`), solved exactly, whatever the
@@ -451,13 +447,14 @@ def linear_score_solve(
     taken, as in float32 NumPyro). ``O(D)`` per iteration and weight."""
     dtype = stats.args_t[0].dtype
     wide = torch.float64 if stats.args_t[0].device.type != "mps" else dtype
-    s_11, s_12, s_22, s_1g, s_2g = (total.to(wide) for total in stats.sums)
+    sums = tuple(total.to(wide) for total in stats.sums)
+    s_11, s_12, s_22, s_1g, s_2g = sums
     variances = stats.variances.to(wide)
     fisher = (variances if weighting == "covariance" else torch.ones_like(variances)) / stats.count
     free_1, free_2 = stats.free
     e_t1, e_t2 = (part.to(wide) for part in stats.natural(*stats.args_t))
     grad_t1, grad_t2, *_ = stats.log_partition_derivatives(e_t1, e_t2)
-    fractions = torch.tensor(_LINE_SEARCH_FRACTIONS, dtype=wide, device=e_t1.device).view(-1, 1, 1)
+    fractions = torch.tensor(LINEAR_SOLVE_FRACTIONS, dtype=wide, device=e_t1.device).view(-1, 1, 1)
     round_off = 100 * torch.finfo(wide).eps
     on_cpu = e_t1.device.type == "cpu"
 
@@ -485,16 +482,9 @@ def linear_score_solve(
         current = value(e_1, e_2)
         for _ in range(iterations):
             derivatives = stats.log_partition_derivatives(e_1, e_2)
-            g_1, g_2, h_11, h_12, h_22 = (weight * part for part in derivatives)
-            grad_1 = 2 * fisher * (e_1 * s_11 + e_2 * s_12 - s_1g) + g_1 - weight * grad_t1
-            grad_2 = 2 * fisher * (e_1 * s_12 + e_2 * s_22 - s_2g) + g_2 - weight * grad_t2
-            grad_1, grad_2 = torch.where(free_1, grad_1, 0), torch.where(free_2, grad_2, 0)
-            h_11 = torch.where(free_1, 2 * fisher * s_11 + h_11, 1)
-            h_22 = torch.where(free_2, 2 * fisher * s_22 + h_22, 1)
-            h_12 = torch.where(free_1 & free_2, 2 * fisher * s_12 + h_12, 0)
-            det = h_11 * h_22 - h_12**2
-            step_1, step_2 = -(h_22 * grad_1 - h_12 * grad_2) / det, -(h_11 * grad_2 - h_12 * grad_1) / det
-            slope = grad_1 * step_1 + grad_2 * step_2  # < 0 where the Hessian is positive definite
+            step_1, step_2, slope = linear_newton_step(
+                torch, sums, fisher, weight, (e_1, e_2), (grad_t1, grad_t2), derivatives, (free_1, free_2)
+            )
             # On a CPU the whole step first (Newton's near the solution), the fractions
             # where it does not decrease every coordinate; elsewhere all at once.
             point, step = (e_1, e_2), (step_1, step_2)
@@ -522,7 +512,7 @@ def linear_score_solve(
 
     # On a CPU the update's weight first: near the posterior its solution is in the trust
     # region; the ladder of weights where it is not (elsewhere the ladder at once).
-    weights = torch.tensor(_TRUST_REGION_WEIGHTS, dtype=wide, device=e_t1.device).unsqueeze(-1)
+    weights = torch.tensor(LINEAR_SOLVE_WEIGHTS, dtype=wide, device=e_t1.device).unsqueeze(-1)
     if on_cpu or not math.isfinite(max_kl):
         e_1, e_2 = solve(prox_weight * weights[:1])
         if not math.isfinite(max_kl) or bool(travelled(e_1, e_2) <= max_kl):
