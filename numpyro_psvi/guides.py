@@ -67,8 +67,10 @@ from psvi.families import (
     SiteClosedForms,
     autoregressive_family_advice,
     bijection_kind,
+    by_family,
     guide_list_part_refusal,
     has_closed_form,
+    holds_a_natural_pair_constant,
     refused,
 )
 
@@ -982,24 +984,6 @@ def linear_score_rule(fn: dist.Distribution, transform: Any) -> tuple[LinearScor
     return None if rule is None else (rule, fn)
 
 
-def _by_family(
-    rules: list[LinearScoreRule], owner: np.ndarray | None, part: str, *args: jax.Array
-) -> jax.Array | tuple[jax.Array, ...]:
-    """The rules' ``part`` of flat ``args``, coordinate ``i`` by ``rules[owner[i]]``
-    (``owner`` ``None``: one rule); a ``None`` part passes the last two args through; the
-    twin of Pyro's."""
-    results = []
-    for rule in rules:
-        fn = getattr(rule, part)
-        result = args[-2:] if fn is None else fn(*args)
-        results.append((result,) if isinstance(result, jax.Array) else tuple(result))
-    outputs = list(results[0])
-    for position, result in enumerate(results[1:], start=1):
-        mine = owner == position
-        outputs = [jnp.where(mine, one, out) for one, out in zip(result, outputs, strict=True)]
-    return outputs[0] if part == "log_partition" else tuple(outputs)
-
-
 class _LinearReads(NamedTuple):
     """Where a guide with linear scores reads its sites' flat args (:func:`_linear_reads`):
     the rules by family and each coordinate's (``owner``, ``None`` for one family), per
@@ -1097,11 +1081,7 @@ def _linear_reads(
         owner = np.concatenate(
             [np.full(math.prod(shapes[name]), families.index(rules[name])) for name in sorted(rules)]
         )
-    normal = np.zeros(free[0].shape, bool)
-    for position, rule in enumerate(families):
-        if rule.natural is not None:
-            normal |= True if owner is None else owner == position
-    if np.any(normal & ~(free[0] & free[1])):
+    if holds_a_natural_pair_constant(families, owner, free):
         return None
     shapes_read = [tuple(np.shape(params[name])) for name in names]
     return _LinearReads(rules, families, owner, (free[0], free[1]), (slots[0], slots[1]), names, shapes_read)
@@ -1326,13 +1306,13 @@ def _user_guide(
                     for name, part, shape in zip(reads.names, parts, reads.shapes, strict=True)
                 }
 
-            by_family = partial(_by_family, reads.families, reads.owner)
+            per_family = partial(by_family, jnp.where, reads.families, reads.owner)
             stop = jax.lax.stop_gradient
             return LinearScoreStatistics(
                 (stop(a_t), stop(b_t)), tuple(jnp.sum(product, axis=0) for product in products),
-                particles.shape[0], stop(variances), partial(by_family, "natural"),
-                partial(by_family, "log_partition"), partial(by_family, "log_partition_derivatives"),
-                partial(by_family, "from_natural"), reads.free, write,
+                particles.shape[0], stop(variances), partial(per_family, "natural"),
+                partial(per_family, "log_partition"), partial(per_family, "log_partition_derivatives"),
+                partial(per_family, "from_natural"), reads.free, write,
             )  # fmt: skip
 
         log_prob = partial(guide_log_prob, plate_scaled=False)

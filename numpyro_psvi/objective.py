@@ -36,6 +36,7 @@ from psvi.objective import (
     diagonal_step_path,
     fisher_fade,
     linear_newton_step,
+    linear_solve_value,
     path_elbo_weight,
 )
 
@@ -352,7 +353,6 @@ def linear_score_solve(
     ladder of weights solved only where the update's own weight leaves the trust region
     (``lax.cond``)."""
     sums = stats.sums
-    s_11, s_12, s_22, s_1g, s_2g = sums
     fisher = (stats.variances if weighting == "covariance" else jnp.ones_like(stats.variances)) / stats.count
     free_1, free_2 = (jnp.asarray(mask) for mask in stats.free)
     e_t1, e_t2 = stats.natural(*stats.args_t)
@@ -367,9 +367,7 @@ def linear_score_solve(
         """The solutions (K, D) at the (K, 1) weights."""
 
         def value(x_1: jax.Array, x_2: jax.Array) -> jax.Array:
-            quadratic = x_1 * (x_1 * s_11 + 2 * x_2 * s_12 - 2 * s_1g) + x_2 * (x_2 * s_22 - 2 * s_2g)
-            total = fisher * quadratic + weight * kl(x_1, x_2)
-            return jnp.where(jnp.isnan(total), jnp.inf, total)
+            return linear_solve_value(jnp, sums, fisher, weight, (x_1, x_2), kl(x_1, x_2))
 
         def newton(carry):
             count, e_1, e_2, current, _ = carry

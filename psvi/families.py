@@ -50,8 +50,41 @@ class SiteClosedForms(NamedTuple):
     normal: bool = False
     # Every site's score in the unconstrained space is linear in two functions of its two
     # args (Beta, Gamma, InverseGamma, LogNormal, Normal; unscaled, unmasked): the guide's
-    # inner steps have a closed-form gradient, and its updates an exact solve (Pyro).
+    # updates have an exact solve (both backends) and, in Pyro, its inner steps a
+    # closed-form gradient.
     linear: bool = False
+
+
+def by_family(where: Callable, rules: list, owner: Any, part: str, *args: Any) -> Any:
+    """The linear-score rules' ``part`` (``"kl_gradient"``, ``"natural"``,
+    ``"natural_pullback"``, ``"log_partition_derivatives"``, ``"from_natural"``: tuples;
+    ``"log_partition"``: an array) of flat ``args``, coordinate ``i`` by
+    ``rules[owner[i]]`` (``owner`` ``None``: one rule), a ``None`` part passing the last
+    two args through; ``where``: ``torch.where`` or ``jnp.where`` (both backends'
+    ``LinearScoreRule``)."""
+    results = []
+    for rule in rules:
+        fn = getattr(rule, part)
+        result = args[-2:] if fn is None else fn(*args)
+        results.append(result if isinstance(result, tuple) else (result,))
+    outputs = list(results[0])
+    for position, result in enumerate(results[1:], start=1):
+        mine = owner == position
+        outputs = [where(mine, one, out) for one, out in zip(result, outputs, strict=True)]
+    return outputs[0] if part == "log_partition" else tuple(outputs)
+
+
+def holds_a_natural_pair_constant(rules: list, owner: Any, free: tuple) -> bool:
+    """Whether a coordinate whose rule's natural coordinates are not its args (a Normal's
+    ``(loc / scale^2, 1 / scale^2)``) has an arg that is a constant of the guide (not
+    ``free``): both its natural coordinates would move together, which the exact solve
+    does not handle. ``owner`` and ``free`` as :func:`by_family` reads them (torch or
+    NumPy)."""
+    fixed = ~(free[0] & free[1])
+    for position, rule in enumerate(rules):
+        if rule.natural is not None and bool((fixed if owner is None else fixed & (owner == position)).any()):
+            return True
+    return False
 
 
 NO_CLOSED_FORMS = SiteClosedForms(mean_field=False, kl=False, variance=False)

@@ -54,8 +54,10 @@ from psvi.families import (
     SiteClosedForms,
     autoregressive_family_advice,
     bijection_kind,
+    by_family,
     guide_list_part_refusal,
     has_closed_form,
+    holds_a_natural_pair_constant,
     refused,
 )
 from pyro_psvi._compat import apply, inverse, is_block_autoregressive, param_prefix, tensor_version
@@ -1299,24 +1301,16 @@ def user_guide_density(
             ).to(a_t.device)
         made["kl_t"] = (params_t, partial(_linear_kl, families, owner, a_t, b_t))
         gather = made["gather"]
-        free = gather.free()
-        # A constant arg of a Normal moves both its natural coordinates: not solved for.
-        normal = torch.zeros_like(a_t, dtype=torch.bool)
-        for position, rule in enumerate(families):
-            if rule.natural is not None:
-                normal |= True if owner is None else owner == position
-        fixed_normal = bool((normal & ~(free[0] & free[1])).any())
+        free = gather.free
         write = None
-        if gather.one_to_one and not fixed_normal and gather.names:
+        if gather.one_to_one and gather.names and not holds_a_natural_pair_constant(families, owner, free):
             write = partial(gather.scatter, params_t)
+        per_family = partial(by_family, torch.where, families, owner)
         return LinearScoreStatistics(
             (a_t, b_t), sums, particles.shape[0], site_variances(fns),
-            partial(_by_family, families, owner, "kl_gradient", a_t, b_t),
-            partial(_by_family, families, owner, "natural"),
-            partial(_by_family, families, owner, "natural_pullback"),
-            partial(_by_family, families, owner, "log_partition"),
-            partial(_by_family, families, owner, "log_partition_derivatives"),
-            partial(_by_family, families, owner, "from_natural"),
+            partial(per_family, "kl_gradient", a_t, b_t), partial(per_family, "natural"),
+            partial(per_family, "natural_pullback"), partial(per_family, "log_partition"),
+            partial(per_family, "log_partition_derivatives"), partial(per_family, "from_natural"),
             free, write,
         )  # fmt: skip
 
@@ -1677,28 +1671,6 @@ def linear_score_rule(
     return None if rule is None else (rule, fn)
 
 
-def _by_family(
-    rules: list[LinearScoreRule], owner: torch.Tensor | None, part: str, *args: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """The rules' ``part`` (``"kl_gradient"``, ``"natural"``, ``"natural_pullback"``,
-    ``"log_partition_derivatives"``, ``"from_natural"``; ``"log_partition"``, a tensor) of
-    flat ``args``, coordinate ``i`` by ``rules[owner[i]]`` (``owner`` ``None``: one rule);
-    a ``None`` part passes the last two args through."""
-    results = []
-    for rule in rules:
-        fn = getattr(rule, part)
-        result = args[-2:] if fn is None else fn(*args)
-        results.append((result,) if isinstance(result, torch.Tensor) else result)
-    if owner is None:
-        outputs = results[0]
-        return outputs[0] if part == "log_partition" else tuple(outputs)
-    outputs = list(results[0])
-    for position, result in enumerate(results[1:], start=1):
-        mine = owner == position
-        outputs = [torch.where(mine, one, out) for one, out in zip(result, outputs, strict=True)]
-    return outputs[0] if part == "log_partition" else tuple(outputs)
-
-
 def _linear_kl(
     rules: list[LinearScoreRule],
     owner: torch.Tensor | None,
@@ -1929,11 +1901,11 @@ class _RecipeGather:
                 self.sides.append((index.clamp(min=0), (kept, constant, kept.nonzero().squeeze(-1))))
         read = torch.cat([index if fixed is None else index[fixed[2]] for index, fixed in self.sides])
         self.one_to_one = bool(torch.unique(read).numel() == read.numel())
-
-    def free(self) -> tuple[torch.Tensor, ...]:
-        """Per side, the coordinates a param gives (bool; the others are constants)."""
-        everywhere = torch.ones_like(self.sides[0][0], dtype=torch.bool)
-        return tuple(everywhere if fixed is None else fixed[0] for _, fixed in self.sides)
+        # Per side, the coordinates a param gives (the others are constants).
+        self.free = tuple(
+            torch.ones_like(index, dtype=torch.bool) if fixed is None else fixed[0]
+            for index, fixed in self.sides
+        )
 
     def scatter(self, values: Params, *sides: torch.Tensor) -> Params:
         """The constrained ``values`` of the params the recipes read, with the entries that

@@ -34,6 +34,7 @@ from psvi.objective import (
     diagonal_step_path,
     fisher_fade,
     linear_newton_step,
+    linear_solve_value,
     path_elbo_weight,
 )
 from pyro_psvi.guides import GuideDensity, LinearScoreStatistics, Params
@@ -448,7 +449,6 @@ def linear_score_solve(
     dtype = stats.args_t[0].dtype
     wide = torch.float64 if stats.args_t[0].device.type != "mps" else dtype
     sums = tuple(total.to(wide) for total in stats.sums)
-    s_11, s_12, s_22, s_1g, s_2g = sums
     variances = stats.variances.to(wide)
     fisher = (variances if weighting == "covariance" else torch.ones_like(variances)) / stats.count
     free_1, free_2 = stats.free
@@ -474,9 +474,7 @@ def linear_score_solve(
         """The solutions (K, D) at the (K, 1) weights."""
 
         def value(x_1: torch.Tensor, x_2: torch.Tensor) -> torch.Tensor:
-            quadratic = x_1 * (x_1 * s_11 + 2 * x_2 * s_12 - 2 * s_1g) + x_2 * (x_2 * s_22 - 2 * s_2g)
-            total = fisher * quadratic + weight * kl(x_1, x_2)
-            return torch.where(torch.isnan(total), torch.inf, total)
+            return linear_solve_value(torch, sums, fisher, weight, (x_1, x_2), kl(x_1, x_2))
 
         e_1, e_2 = e_t1.expand(weight.shape[0], -1), e_t2.expand(weight.shape[0], -1)
         current = value(e_1, e_2)

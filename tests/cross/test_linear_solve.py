@@ -15,6 +15,7 @@ import torch
 
 from numpyro_psvi import guides as numpyro_guides
 from numpyro_psvi.objective import linear_score_solve as numpyro_solve
+from psvi.families import by_family
 from pyro_psvi import guides as pyro_guides
 from pyro_psvi.objective import linear_score_solve as pyro_solve
 
@@ -47,14 +48,15 @@ def _statistics(backend: str, particles: np.ndarray, scores: np.ndarray):
         np.sum(x, 0) for x in (phi_a * phi_a, phi_a * phi_b, phi_b * phi_b, phi_a * scores, phi_b * scores)
     ]
     owner = torch.tensor(OWNER) if backend == "pyro" else OWNER
-    by_family = partial(module._by_family, families, owner)
+    where = torch.where if backend == "pyro" else jnp.where
+    per_family = partial(by_family, where, families, owner)
     variances = np.var(particles, 0) + 0.1
     fields = {
         "args_t": tuple(map(convert, ARGS_T)), "sums": tuple(map(convert, sums)), "count": len(particles),
-        "variances": convert(variances), "natural": partial(by_family, "natural"),
-        "log_partition": partial(by_family, "log_partition"),
-        "log_partition_derivatives": partial(by_family, "log_partition_derivatives"),
-        "from_natural": partial(by_family, "from_natural"),
+        "variances": convert(variances), "natural": partial(per_family, "natural"),
+        "log_partition": partial(per_family, "log_partition"),
+        "log_partition_derivatives": partial(per_family, "log_partition_derivatives"),
+        "from_natural": partial(per_family, "from_natural"),
         "free": tuple(torch.tensor(mask) for mask in FREE) if backend == "pyro" else FREE, "write": None,
     }  # fmt: skip
     if backend == "pyro":
