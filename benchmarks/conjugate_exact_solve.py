@@ -15,8 +15,14 @@ weighting (``q_t``'s variance of the unconstrained value), the trust region's bu
 start). Reported at each checkpoint: the averaged and the last iterate's mean error of the
 unconstrained value in exact posterior sds and their sd ratios.
 
+``--growths``: the weight ``max(weight, growth t)`` at update ``t`` (the engines' default
+with a subsampled plate: ``--weights 10 --growths 1``,
+:data:`psvi.objective.LINEAR_SOLVE_PROX_WEIGHT_GROWTH`);
+``--ladder``: the trust region solved as the engines solve it (the smallest weight ``weight
+2^k`` within the budget) in place of the pull-back.
+
     python -m benchmarks.conjugate_exact_solve [--weights 100 400] [--batches 100 400 2000]
-        [--seeds 3] [--updates 3000] [--quick]
+        [--growths 0 1] [--ladder] [--seeds 3] [--updates 3000] [--quick]
 
 writes ``benchmarks/results/conjugate_exact_solve.json`` (``--out``); docs/minibatch.md,
 "An exact inner solve, measured".
@@ -35,9 +41,10 @@ from scipy.special import betaln, digamma, gammaln, polygamma
 
 from benchmarks.common import save
 from psvi.contrib.targets import conjugate_data, conjugate_posterior, conjugate_unconstrained_moments
-from psvi.schedules import iterate_average_rate
+from psvi.objective import LINEAR_SOLVE_WEIGHTS
+from psvi.schedules import growing_prox_weight, iterate_average_rate
 
-CHECKPOINTS = (20, 50, 100, 200, 500, 1000, 3000)
+CHECKPOINTS = (20, 50, 100, 200, 300, 500, 1000, 2000, 3000)
 NEWTON_ITERATIONS = 60
 START = (5.0, 5.0)
 
@@ -178,8 +185,21 @@ def proximal_solve(
     return float(a), float(b)
 
 
-def fit(target: str, weight: float, batch: int, seed: int, updates: int, particles: int = 4) -> list[dict]:
-    """One fit; a row per checkpoint (:data:`CHECKPOINTS` up to ``updates``)."""
+def fit(
+    target: str,
+    weight: float,
+    batch: int,
+    seed: int,
+    updates: int,
+    particles: int = 4,
+    growth: float = 0.0,
+    ladder: bool = False,
+) -> list[dict]:
+    """One fit; a row per checkpoint (:data:`CHECKPOINTS` up to ``updates``). The weight at
+    update ``t = 0, 1, ...`` is ``max(weight, growth t)``
+    (:func:`psvi.schedules.growing_prox_weight`); with ``ladder`` the trust region as the
+    engines solve it (the smallest ``weight 2^k`` whose solution is within the budget),
+    else a step past it halved in ``(log a, log b)``."""
     family, data = FAMILIES[target], conjugate_data()[0 if target == "precision" else 1].astype(np.float64)
     num = len(data)
     exact_mean, exact_sd = conjugate_unconstrained_moments(target, *conjugate_posterior(target, data))
@@ -192,16 +212,25 @@ def fit(target: str, weight: float, batch: int, seed: int, updates: int, particl
             order, position = rng.permutation(num), 0
         batch_args = family.batch_args(data[order[position : position + batch]], num, batch)
         position += batch
-        solved = proximal_solve(family, args, family.draw(rng, *args, particles), batch_args, weight)
-        start, end, fraction = np.log(args), np.log(solved), 1.0
-        while family.kl(*args, *np.exp(start + fraction * (end - start))) > budget and fraction > 1e-6:
-            fraction /= 2
-        z = start + fraction * (end - start)
+        draws, weight_t = family.draw(rng, *args, particles), growing_prox_weight(weight, growth, update - 1)
+        if ladder:
+            for power in range(len(LINEAR_SOLVE_WEIGHTS)):
+                solved = proximal_solve(family, args, draws, batch_args, weight_t * 2.0**power)
+                if family.kl(*args, *solved) <= budget:
+                    break
+            z = np.log(solved)
+        else:
+            solved = proximal_solve(family, args, draws, batch_args, weight_t)
+            start, end, fraction = np.log(args), np.log(solved), 1.0
+            while family.kl(*args, *np.exp(start + fraction * (end - start))) > budget and fraction > 1e-6:
+                fraction /= 2
+            z = start + fraction * (end - start)
         args = tuple(float(v) for v in np.exp(z))
         average = z if average is None else average + iterate_average_rate(averaged) * (z - average)
         averaged += 1
         if update in CHECKPOINTS:
             row = {"target": target, "weight": weight, "batch": batch, "seed": seed, "updates": update}
+            row.update({"growth": growth, "ladder": ladder} if growth or ladder else {})
             for label, values in (("average", np.exp(average)), ("last", np.asarray(args))):
                 mean, sd = conjugate_unconstrained_moments(target, *values)
                 row[f"{label} mean error (sd)"] = float((mean - exact_mean) / exact_sd)
@@ -217,6 +246,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[100])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--updates", type=int, default=3000)
+    parser.add_argument(
+        "--growths", type=float, nargs="+", default=[0.0], help="the weight max(weight, growth t) at update t"
+    )
+    parser.add_argument("--ladder", action="store_true", help="the engines' trust region (a weight ladder)")
     parser.add_argument("--quick", action="store_true", help="one seed, 100 updates, the weight 100")
     parser.add_argument("--out", default="conjugate_exact_solve")
     args = parser.parse_args()
@@ -225,19 +258,21 @@ def main() -> None:
     rows = []
     with warnings.catch_warnings():  # the line search's overflowing trial points read as +inf
         warnings.simplefilter("ignore", RuntimeWarning)
-        for target, weight, batch, seed in itertools.product(
-            args.targets, args.weights, args.batches, range(args.seeds)
+        for target, weight, growth, batch, seed in itertools.product(
+            args.targets, args.weights, args.growths, args.batches, range(args.seeds)
         ):
-            fitted = fit(target, weight, batch, seed, args.updates)
+            fitted = fit(target, weight, batch, seed, args.updates, growth=growth, ladder=args.ladder)
             rows.extend(fitted)
             last = fitted[-1]
             print(
-                f"{target:9s} B={batch:5d} weight={weight:6g} seed={seed}: after {last['updates']} average "
+                f"{target:9s} B={batch:5d} weight={weight:6g} growth={growth:g} seed={seed}: after "
+                f"{last['updates']} average "
                 f"{last['average mean error (sd)']:+.2f} sd / {last['average sd ratio']:.2f}, last iterate "
                 f"{last['last mean error (sd)']:+.2f} / {last['last sd ratio']:.2f}",
                 flush=True,
             )
-    save(args.out, {"start": START, "budget": "0.02 N/B nats", "rows": rows})
+    trust_region = "a weight ladder" if args.ladder else "a pull-back in (log a, log b)"
+    save(args.out, {"start": START, "budget": f"0.02 N/B nats, {trust_region}", "rows": rows})
 
 
 if __name__ == "__main__":

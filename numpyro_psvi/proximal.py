@@ -70,6 +70,7 @@ from psvi.objective import (
 from psvi.schedules import (
     LossWindow,
     far_from_posterior,
+    growing_prox_weight,
     iterate_average_rate,
     progress_budget_scale,
     restarts_average,
@@ -334,8 +335,9 @@ class ProximalScoreVI(ScoreEngine):
             bounded=bounded, low_rank=self.density.loc_lowrank is not None,
             linear_solve=self.inner_solver == "closed_form" and self.density.linear_scores is not None,
         )  # fmt: skip
-        self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight = regime
+        self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)
+        self.prox_weight_growth = growth  # the exact solve's, with a subsampled plate
         zeros = jnp.zeros(self.density.latent_dim)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None
@@ -396,7 +398,8 @@ class ProximalScoreVI(ScoreEngine):
             density, params_t, self._model_params(state), key_particles, key_batch, args, kwargs,
             indices=indices, statistics=True,
         )  # fmt: skip
-        problem = self.proximal_problem(density, params_t, particles, scored, key_kl, state.averages)
+        update = state.num_score_calls // self.num_particles  # the updates before this one
+        problem = self.proximal_problem(density, params_t, particles, scored, key_kl, state.averages, update)
         if self.gaussian_step:
             return self.closed_form_update(state, density, params_t, particles, scored, problem, rng_key)
         if problem.solution is not None:  # solved: the optimizer holds the params, its moments kept
@@ -417,6 +420,7 @@ class ProximalScoreVI(ScoreEngine):
         scored: ModelScores,
         key_kl: jax.Array,
         averages: RunningAverages,
+        update: jax.Array,
     ) -> ProximalProblem:
         """The update's objective over the unconstrained params, and its loss.
 
@@ -429,7 +433,8 @@ class ProximalScoreVI(ScoreEngine):
         :func:`~numpyro_psvi.objective.transport_objective`; the optimizer steps on it
         times :func:`psvi.objective.inner_objective_scale` (the ``-ELBO``'s scale). Model
         params ascend the expected log joint, linearized at ``theta_t``: their gradient is
-        the particles' mean gradient (no score calls).
+        the particles' mean gradient (no score calls). ``update`` counts the updates before
+        this one (the exact solve's growing weight, :func:`psvi.schedules.growing_prox_weight`).
         """
         weighting, weights = self.objective.weighting, scored.weights
         stats = scored.statistics  # reduced across devices
@@ -480,9 +485,8 @@ class ProximalScoreVI(ScoreEngine):
         if density.linear_scores is not None and self.inner_solver == "closed_form":
             budget = None if self.trust_region is None else self._budget(scored.active_dim)
             linear = density.linear_scores(params_t, particles, scored.scores)
-            solution = linear.write(
-                *linear_score_solve(linear, self.objective.prox_weight, weighting, budget)
-            )
+            weight = growing_prox_weight(self.objective.prox_weight, self.prox_weight_growth, update)
+            solution = linear.write(*linear_score_solve(linear, weight, weighting, budget))
         return ProximalProblem(objective, loss, loss_error, fisher, averages, stats, solution)
 
     def _fold_curvature(

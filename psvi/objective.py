@@ -121,6 +121,9 @@ class RegimeDefaults(NamedTuple):
     average_iterates: bool
     curvature_memory: int
     prox_weight: float
+    prox_weight_growth: float = 0.0
+    """The weight's growth per update, :func:`psvi.schedules.growing_prox_weight` (the
+    exact solve of a guide with linear scores under a subsampled plate; 0 elsewhere)."""
 
 
 def regime_defaults(
@@ -145,7 +148,8 @@ def regime_defaults(
     iterate with exact scores), whether it is a low-rank Gaussian (``low_rank``: with
     mini-batch scores the generic objective's weight, and the Gaussian guides' five steps),
     and whether its updates are the exact solve of a guide with linear scores
-    (``linear_solve``: with mini-batch scores the weight :func:`linear_solve_prox_weight`)."""
+    (``linear_solve``: with mini-batch scores the weight ``max(10, t)`` at update ``t``,
+    :data:`LINEAR_SOLVE_PROX_WEIGHT_GROWTH`)."""
     if gaussian and batch_ratio > 1:
         return RegimeDefaults(inner_steps=5, average_iterates=True, curvature_memory=1, prox_weight=10.0)
     if transport and (bounded or batch_ratio > 1):
@@ -159,10 +163,12 @@ def regime_defaults(
         return RegimeDefaults(inner_steps=20, average_iterates=False, curvature_memory=100, prox_weight=3.0)
     if closed_form:
         return RegimeDefaults(inner_steps=20, average_iterates=True, curvature_memory=100, prox_weight=3.0)
+    if batch_ratio > 1 and linear_solve:
+        growth = LINEAR_SOLVE_PROX_WEIGHT_GROWTH
+        return RegimeDefaults(20, True, curvature_memory=100, prox_weight=10.0, prox_weight_growth=growth)
     if batch_ratio > 1:
-        weight = linear_solve_prox_weight(batch_ratio) if linear_solve else generic_prox_weight(batch_ratio)
-        inner_steps = 5 if low_rank else 20
-        return RegimeDefaults(inner_steps, average_iterates=True, curvature_memory=100, prox_weight=weight)
+        weight, inner_steps = generic_prox_weight(batch_ratio), 5 if low_rank else 20
+        return RegimeDefaults(inner_steps, True, curvature_memory=100, prox_weight=weight)
     return RegimeDefaults(inner_steps=20, average_iterates=False, curvature_memory=100, prox_weight=10.0)
 
 
@@ -184,19 +190,16 @@ def generic_prox_weight(batch_ratio: float) -> float:
     return max(10.0, GENERIC_PROX_WEIGHT_PER_BATCH_RATIO * batch_ratio)
 
 
-# The exact solve's proximal weight per unit of N/B with a subsampled plate.
-LINEAR_SOLVE_PROX_WEIGHT_PER_BATCH_RATIO = 10.0
-
-
-def linear_solve_prox_weight(batch_ratio: float) -> float:
-    """The default proximal weight of the exact solve of a guide with linear scores
-    (``inner_solver="closed_form"``) when the model's largest plate-to-subsample ratio is
-    ``batch_ratio``: ``max(10, 10 N/B)``. Solved exactly, an update takes its whole share of
-    the batch's noise, which the optimizer's partial solve damps: on the conjugate targets
-    (N/B = 20, 3,000 updates, docs/minibatch.md "An exact inner solve, in the engines")
-    sd ratios 0.84-0.95 at ``5 N/B``, 0.90-0.99 at ``10 N/B``, 0.94-1.02 at ``20 N/B``,
-    whose means were still up to 0.32 sd off after 1,000 updates (``10 N/B``: 0.05)."""
-    return max(10.0, LINEAR_SOLVE_PROX_WEIGHT_PER_BATCH_RATIO * batch_ratio)
+LINEAR_SOLVE_PROX_WEIGHT_GROWTH = 1.0
+"""The exact solve's proximal weight with a subsampled plate grows by this much per update
+(``max(10, t)`` at update ``t``, :func:`psvi.schedules.growing_prox_weight`). Solved
+exactly, an update takes its whole share of the batch's noise, and a constant weight ``w``
+leaves a bias of about ``0.7 (N/B) / w`` in the sds (conjugate targets, docs/minibatch.md
+"A weight that grows with the updates") while slowing a far start by ``w``; the weight
+``t`` makes the update (for a conjugate model, where each batch's solution is the batch's
+posterior) nearly the running mean of the batches' solutions, stochastic approximation's
+``1/t`` step (Robbins-Monro; Hoffman et al.'s stochastic VI): the bias and the noise
+shrink as ``1/t`` and the start is not slowed."""
 
 
 # A diagonal Gaussian guide's per-update KL budget with a subsampled plate, in units of
@@ -655,8 +658,8 @@ def resolve_regime(
     linear_solve: bool = False,
 ) -> RegimeDefaults:
     """The engine's settings: the user's ``inner_steps``, ``average_iterates``,
-    ``curvature_memory`` and ``prox_weight``, and :func:`regime_defaults` for those left
-    ``None``."""
+    ``curvature_memory`` and ``prox_weight`` (a constant weight: no growth), and
+    :func:`regime_defaults` for those left ``None``."""
     defaults = regime_defaults(
         gaussian, batch_ratio, closed_form, low_rank_step, transport, bounded, low_rank, linear_solve
     )
@@ -665,6 +668,7 @@ def resolve_regime(
         average_iterates=defaults.average_iterates if average_iterates is None else bool(average_iterates),
         curvature_memory=defaults.curvature_memory if curvature_memory is None else int(curvature_memory),
         prox_weight=defaults.prox_weight if prox_weight is None else float(prox_weight),
+        prox_weight_growth=defaults.prox_weight_growth if prox_weight is None else 0.0,
     )
 
 
@@ -713,10 +717,14 @@ def resolve_inner_solver(
     noisier than the damped optimizer steps on rotated ill-conditioned ones (five seeds,
     docs/gaussian_study.md, "Diagonal guides"). With a subsampled plate the optimizer
     path keeps its measured mini-batch settings (docs/minibatch.md); the closed form
-    there is not measured. A guide with linear scores takes it with exact scores and
-    no ``inner_steps`` (docs/minibatch.md, "An exact inner solve": in place after 50-500
-    updates on the conjugate targets from a far start, where twenty Adam steps an
-    update left sds 1.04-8.5x too wide), and on request with a subsampled plate. A
+    there is not measured. A guide with linear scores takes it where the user set no
+    ``inner_steps``: with exact scores (docs/minibatch.md, "An exact inner solve": in place
+    after 50-500 updates on the conjugate targets from a far start, where twenty Adam
+    steps an update left sds 1.04-8.5x too wide) and with a subsampled plate at the weight
+    ``max(10, t)`` (:data:`LINEAR_SOLVE_PROX_WEIGHT_GROWTH`; "A weight that grows with the
+    updates": at any learning rate as close as twenty Adam(1e-2) steps after 3,000
+    updates, and in place after 1,000, where those steps are 1.1-1.2x wide and twenty
+    Adam(1e-3) steps 1.8-2.2x after 3,000). A
     ``"closed_form"`` request where it does not apply is a ``ValueError`` that names the
     reason.
     """
@@ -746,8 +754,6 @@ def resolve_inner_solver(
             "Pass inner_solver='optimizer' (or leave it None)."
         )
     if failed or (requested is None and (inner_steps is not None or not (full_covariance or linear_step))):
-        return "optimizer"
-    if requested is None and linear_step and batch_ratio > 1:
         return "optimizer"
     return "closed_form"
 

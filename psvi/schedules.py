@@ -22,6 +22,14 @@ def bam_schedule(kind: str, l0: float = 1.0, *, batch: int = 1, dim: int = 1) ->
     return schedules[kind]
 
 
+def growing_prox_weight(prox_weight: float, growth: float, update: Any) -> Any:
+    """The proximal weight at update ``update = 0, 1, ...``: ``max(prox_weight, growth *
+    update)`` (``prox_weight`` with ``growth = 0``), for a Python number, a JAX array or a
+    torch tensor."""
+    grown = growth * update
+    return 0.5 * (prox_weight + grown + abs(grown - prox_weight))  # the max, for any of the three
+
+
 def iterate_average_rate(num_averaged: Any) -> Any:
     """Weight of the next iterate in a running average of ``num_averaged`` iterates, such
     that iterate ``i`` (from 1) carries a weight in proportion to ``i (i+1) ... (i+4)``,

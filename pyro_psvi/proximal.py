@@ -55,6 +55,7 @@ from psvi.objective import (
 from psvi.schedules import (
     LossWindow,
     far_from_posterior,
+    growing_prox_weight,
     iterate_average_rate,
     progress_budget_scale,
     restarts_average,
@@ -631,8 +632,9 @@ class ProximalScoreVI(ScoreEngine):
             bounded=bounded, low_rank=self.density.loc_lowrank is not None,
             linear_solve=self.inner_solver == "closed_form" and self.density.linear_scores is not None,
         )  # fmt: skip
-        self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight = regime
+        self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)
+        self.prox_weight_growth = growth  # the exact solve's, with a subsampled plate
         if self.averages is None:  # else restored by load
             self._start_averages()
         self._vjps_found = False  # the guide params' transforms may be new
@@ -847,7 +849,9 @@ class ProximalScoreVI(ScoreEngine):
             if linear is not None and linear.write is not None and self.inner_solver == "closed_form":
                 with torch.no_grad():
                     max_kl = math.inf if self.trust_region is None else self._budget(scored.active_dim)
-                    solved = linear_score_solve(linear, self.objective.prox_weight, weighting, max_kl)
+                    update = self.num_score_calls // self.num_particles
+                    weight = growing_prox_weight(self.objective.prox_weight, self.prox_weight_growth, update)
+                    solved = linear_score_solve(linear, weight, weighting, max_kl)
                     solution = linear.write(*solved)
             elif linear is not None:
                 gradient = linear_score_gradient(linear, self.objective.prox_weight, weighting, scale)

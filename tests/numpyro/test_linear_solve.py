@@ -212,10 +212,11 @@ def test_conjugate_guides_reach_the_exact_posterior_at_a_small_learning_rate(sol
             assert float(jnp.max(sd / exact_sd)) > 2
 
 
-def test_which_guides_and_settings_take_the_solve():
+def test_which_guides_and_settings_take_the_solve(monkeypatch):
     """As Pyro's: a param shared by two args has no solve; with a subsampled plate the
-    optimizer is the default and the solve is taken on request, at the weight 10 N/B; a
-    guide without linear scores is refused by name (at init: no update compiled)."""
+    solve is the default, at the weight ``max(10, t)`` (a weight the user sets stays
+    constant), and the optimizer's steps on request; a guide without linear scores is
+    refused by name (at init: no update compiled)."""
 
     def shared_guide():
         a = numpyro.param("a", 3.0, constraint=constraints.positive)
@@ -238,9 +239,26 @@ def test_which_guides_and_settings_take_the_solve():
 
     assert engine_at_init(shared_guide).density.linear_scores is None
     engine = engine_at_init(beta_guide)
-    assert engine.density.linear_scores is not None and engine.inner_solver == "optimizer"
-    engine = engine_at_init(beta_guide, inner_solver="closed_form")
-    assert engine.inner_solver == "closed_form" and engine.objective.prox_weight == 50.0  # 10 N/B
+    assert engine.density.linear_scores is not None and engine.inner_solver == "closed_form"
+    assert (engine.objective.prox_weight, engine.prox_weight_growth) == (10.0, 1.0)
+    # Each update's solve at the weight max(10, t), t the updates before it (read in the
+    # jitted update, in order).
+    weights = []
+    solve = numpyro_psvi.proximal.linear_score_solve
+
+    def recorded(stats, weight, *args):
+        jax.debug.callback(lambda w: weights.append(float(w)), weight, ordered=True)
+        return solve(stats, weight, *args)
+
+    monkeypatch.setattr(numpyro_psvi.proximal, "linear_score_solve", recorded)
+    state, update = engine.init(jax.random.PRNGKey(0)), jax.jit(engine.update)
+    for _ in range(14):
+        state, _ = update(state)
+    jax.effects_barrier()
+    assert weights == [10.0] * 11 + [11.0, 12.0, 13.0]
+    engine = engine_at_init(beta_guide, prox_weight=50.0)
+    assert (engine.objective.prox_weight, engine.prox_weight_growth) == (50.0, 0.0)
+    assert engine_at_init(beta_guide, inner_solver="optimizer").inner_solver == "optimizer"
 
     def dirichlet_guide():
         numpyro.sample("q", dist.Dirichlet(numpyro.param("c", jnp.ones(3), constraint=constraints.positive)))

@@ -161,6 +161,18 @@ def test_the_solve_is_the_minimum_of_the_guide_run_objective(trust_region, monke
     assert trust_region is None or any(bound)  # the budget bound some update
 
 
+def test_with_a_subsampled_plate_the_weight_grows_with_the_updates(monkeypatch, fresh_pyro):
+    """With a subsampled plate and the default weight each update's solution is stationary
+    for ``F + w_t KL(q_t || q)`` at ``w_t = max(10, t)`` (read off the two gradients as
+    above, to 1%: from update 11 on a constant weight 10 is off by 10% or more)."""
+    engine, problems = _problems(monkeypatch, _subsampled_model, _beta_guide, 20, trust_region=None)
+    assert engine.inner_solver == "closed_form" and len(problems) == 20
+    for update, problem in enumerate(problems):
+        fisher, kl = _gradients(engine, problem, problem.solution)
+        weight = float(-(fisher @ kl) / (kl @ kl))
+        assert abs(weight / max(10.0, update) - 1.0) < 0.01, (update, weight)
+
+
 def _coin_model(data):
     p = pyro.sample("p", dist.Beta(2.0, 2.0))
     with pyro.plate("flips", len(data)):
@@ -245,15 +257,19 @@ def _beta_guide():
 def test_which_guides_and_settings_take_the_solve(monkeypatch, fresh_pyro):
     """The solve needs each free arg read from its own param entry: a param shared by two
     args takes the optimizer's steps (and the optimizer moves it); with a subsampled plate
-    the optimizer is the default (its weight and averaging were measured there) and the
-    solve is taken on request; a guide without linear scores is refused by name."""
+    the solve is the default too, at the weight ``max(10, t)`` (a weight the user sets
+    stays constant), and the optimizer's steps on request; a guide without linear scores
+    is refused by name."""
     engine, problems = _problems(monkeypatch, _shared_model, _shared_guide, 3)
     assert engine.inner_solver == "closed_form" and all(p.solution is None for p in problems)
     assert float(pyro.param("a").detach()) != 3.0
     engine, problems = _problems(monkeypatch, _subsampled_model, _beta_guide, 2)
-    assert engine.inner_solver == "optimizer"
-    engine, problems = _problems(monkeypatch, _subsampled_model, _beta_guide, 2, inner_solver="closed_form")
-    assert all(p.solution is not None for p in problems)
+    assert engine.inner_solver == "closed_form" and all(p.solution is not None for p in problems)
+    assert (engine.objective.prox_weight, engine.prox_weight_growth) == (10.0, 1.0)
+    engine, _ = _problems(monkeypatch, _subsampled_model, _beta_guide, 1, prox_weight=50.0)
+    assert (engine.objective.prox_weight, engine.prox_weight_growth) == (50.0, 0.0)
+    engine, problems = _problems(monkeypatch, _subsampled_model, _beta_guide, 2, inner_solver="optimizer")
+    assert engine.inner_solver == "optimizer" and all(p.solution is None for p in problems)
 
     def dirichlet_model():
         pyro.sample("p", dist.Dirichlet(torch.ones(3)))
