@@ -409,7 +409,10 @@ class ProximalScoreVI(ScoreEngine):
             fitted = self.inner_fit(problem.objective, state.optim_state, density, params_t, key_kl, stop)
         if density.at_indices is not None:  # a user guide's local latents
             fitted = self.hold_unread(density, particles, state.optim_state, fitted)
-        frac = self.pull_back(density, params_t, state.optim_state, fitted, scored.active_dim, key_kl)
+        if problem.solution is None:
+            frac = self.pull_back(density, params_t, state.optim_state, fitted, scored.active_dim, key_kl)
+        else:  # within the budget by construction (the solve's weight ladder), finite
+            frac = jnp.ones_like(problem.loss)
         return self.accept(state, fitted, frac, problem, scored, rng_key)
 
     def proximal_problem(

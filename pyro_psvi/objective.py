@@ -422,6 +422,13 @@ def linear_score_gradient(
     return gradient
 
 
+def _negligible(e_1: torch.Tensor, e_2: torch.Tensor, move_1: torch.Tensor, move_2: torch.Tensor) -> bool:
+    """Whether the move ``(move_1, move_2)`` from ``(e_1, e_2)`` is below ``1e-9`` of it in
+    every coordinate (the exact solve's stop; a host read)."""
+    tolerance = 1e-9 * (1 + torch.maximum(e_1.abs(), e_2.abs()))
+    return bool((move_1.abs() <= tolerance).all() and (move_2.abs() <= tolerance).all())
+
+
 def linear_score_solve(
     stats: LinearScoreStatistics,
     prox_weight: float,
@@ -483,6 +490,8 @@ def linear_score_solve(
             step_1, step_2, slope = linear_newton_step(
                 torch, sums, fisher, weight, (e_1, e_2), (grad_t1, grad_t2), derivatives, (free_1, free_2)
             )
+            if on_cpu and _negligible(e_1, e_2, step_1, step_2):  # converged: no line search
+                break
             # On a CPU the whole step first (Newton's near the solution), the fractions
             # where it does not decrease every coordinate; elsewhere all at once.
             point, step = (e_1, e_2), (step_1, step_2)
@@ -495,10 +504,8 @@ def linear_score_solve(
             moved_1, moved_2 = fraction * step_1, fraction * step_2
             e_1, e_2 = e_1 + moved_1, e_2 + moved_2
             current = torch.where(found, tried.gather(0, first).squeeze(0), current)
-            if on_cpu:  # read at once on a CPU only: no host sync elsewhere
-                tolerance = 1e-9 * (1 + torch.maximum(e_1.abs(), e_2.abs()))
-                if bool((moved_1.abs() <= tolerance).all() and (moved_2.abs() <= tolerance).all()):
-                    break
+            if on_cpu and _negligible(e_1, e_2, moved_1, moved_2):  # read at once on a CPU only
+                break
         return e_1, e_2
 
     def travelled(e_1: torch.Tensor, e_2: torch.Tensor) -> torch.Tensor:

@@ -767,7 +767,10 @@ class ProximalScoreVI(ScoreEngine):
                     if timed:
                         self._advise_inner_cost(time.perf_counter() - fit_at, scored_at - started)
                 self.hold(unread, start, leaves)
-                frac = self.pull_back(problem, start, leaves)
+                if problem.solution is None:
+                    frac = self.pull_back(problem, start, leaves)
+                else:  # within the budget by construction (the solve's weight ladder), finite
+                    frac = torch.ones_like(problem.loss)
                 accept = self.accept(problem, start, leaves, frac, saved_optimizer_state, moments)
             self.record(accept)
             self._advance_averages(problem, leaves, accept)
