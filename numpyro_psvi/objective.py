@@ -36,6 +36,7 @@ from psvi.objective import (
     diagonal_step_path,
     fisher_fade,
     linear_newton_step,
+    linear_solve_tolerance,
     linear_solve_value,
     path_elbo_weight,
 )
@@ -359,6 +360,7 @@ def linear_score_solve(
     grad_t1, grad_t2, *_ = stats.log_partition_derivatives(e_t1, e_t2)
     fractions = jnp.asarray(LINEAR_SOLVE_FRACTIONS, e_t1.dtype).reshape(-1, 1, 1)
     round_off = 100 * jnp.finfo(e_t1.dtype).eps
+    relative_tolerance = linear_solve_tolerance(float(jnp.finfo(e_t1.dtype).eps))
 
     def kl(x_1: jax.Array, x_2: jax.Array) -> jax.Array:
         return stats.log_partition(x_1, x_2) - grad_t1 * x_1 - grad_t2 * x_2  # + a constant
@@ -392,9 +394,12 @@ def linear_score_solve(
             whole = search(fractions[:1])
             fraction, current = jax.lax.cond(jnp.all(whole[0] == 1), lambda: whole, lambda: search(fractions))
             moved_1, moved_2 = fraction * step_1, fraction * step_2
-            tolerance = 1e-9 * (1 + jnp.maximum(jnp.abs(e_1), jnp.abs(e_2)))
-            still = jnp.any(jnp.abs(moved_1) > tolerance) | jnp.any(jnp.abs(moved_2) > tolerance)
-            return count + 1, e_1 + moved_1, e_2 + moved_2, current, still
+            # Go on while the Newton step is not negligible (converged) and the line search
+            # moved some coordinate by more than round-off (not stuck).
+            size = relative_tolerance * (1 + jnp.maximum(jnp.abs(e_1), jnp.abs(e_2)))
+            converged = jnp.all(jnp.abs(step_1) <= size) & jnp.all(jnp.abs(step_2) <= size)
+            stuck = jnp.all(jnp.abs(moved_1) <= size) & jnp.all(jnp.abs(moved_2) <= size)
+            return count + 1, e_1 + moved_1, e_2 + moved_2, current, ~(converged | stuck)
 
         e_1, e_2 = (jnp.broadcast_to(part, (weight.shape[0],) + part.shape) for part in (e_t1, e_t2))
         start = (jnp.asarray(0), e_1, e_2, value(e_1, e_2), jnp.asarray(True))

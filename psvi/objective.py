@@ -585,6 +585,18 @@ LINEAR_SOLVE_FRACTIONS = tuple(2.0**-k for k in range(20))
 LINEAR_SOLVE_WEIGHTS = tuple(2.0**k for k in range(31))
 
 
+def linear_solve_tolerance(eps: float) -> float:
+    """The exact solve's stop, relative to the natural parameters' size: Newton's
+    iterations end once the whole step, or the step the line search takes, moves no
+    coordinate by more than this, ``max(1e-9, 100 eps)`` for a dtype's ``eps``. Below ``100
+    eps`` a step is round-off (float32: the KL's gradient, a difference of digammas of
+    size ~7 at args ~1e3, is exact to ~1e-6 of itself), so a float32 solve stopped by
+    ``1e-9`` alone ran to :data:`LINEAR_SOLVE_ITERATIONS` on round-off at most updates
+    (NumPyro's coin and Poisson rates, docs/guides.md "The exact solve's step cost");
+    quadratic convergence leaves an error of about the square of the last step."""
+    return max(1e-9, 100.0 * eps)
+
+
 def linear_solve_value(xp: Any, sums: tuple, fisher: Any, weight: Any, point: tuple, kl: Any) -> Any:
     """The exact solve's objective ``fisher * sum_s (e . phi_s - g_s)^2 + weight * KL``
     at ``point = (e_1, e_2)`` (less a constant), from the particle sums of
@@ -724,8 +736,8 @@ def resolve_inner_solver(
     after 50-500 updates on the conjugate targets from a far start, where twenty Adam
     steps an update left sds 1.04-8.5x too wide) and with a subsampled plate at the weight
     ``max(10, t)`` (:data:`LINEAR_SOLVE_PROX_WEIGHT_GROWTH`; "A weight that grows with the
-    updates": sd ratios 0.97-1.04 after 3,000 updates at any learning rate, where twenty
-    Adam(1e-2) steps gave 0.91-0.99 and twenty Adam(1e-3) steps 1.8-2.2; 0.90-1.01 after
+    updates": sd ratios 0.95-1.04 after 3,000 updates at any learning rate, where twenty
+    Adam(1e-2) steps gave 0.91-0.99 and twenty Adam(1e-3) steps 1.8-2.2; 0.92-1.01 after
     1,000, Adam(1e-2)'s 1.06-1.20). A
     ``"closed_form"`` request where it does not apply is a ``ValueError`` that names the
     reason.

@@ -34,6 +34,7 @@ from psvi.objective import (
     diagonal_step_path,
     fisher_fade,
     linear_newton_step,
+    linear_solve_tolerance,
     linear_solve_value,
     path_elbo_weight,
 )
@@ -423,9 +424,11 @@ def linear_score_gradient(
 
 
 def _negligible(e_1: torch.Tensor, e_2: torch.Tensor, move_1: torch.Tensor, move_2: torch.Tensor) -> bool:
-    """Whether the move ``(move_1, move_2)`` from ``(e_1, e_2)`` is below ``1e-9`` of it in
-    every coordinate (the exact solve's stop; a host read)."""
-    tolerance = 1e-9 * (1 + torch.maximum(e_1.abs(), e_2.abs()))
+    """Whether the move ``(move_1, move_2)`` from ``(e_1, e_2)`` is below
+    :func:`psvi.objective.linear_solve_tolerance` of it in every coordinate (the exact
+    solve's stop; a host read)."""
+    relative = linear_solve_tolerance(torch.finfo(e_1.dtype).eps)
+    tolerance = relative * (1 + torch.maximum(e_1.abs(), e_2.abs()))
     return bool((move_1.abs() <= tolerance).all() and (move_2.abs() <= tolerance).all())
 
 
