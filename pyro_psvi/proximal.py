@@ -452,7 +452,10 @@ class ProximalScoreVI(ScoreEngine):
         ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
         of a full-covariance Gaussian guide, ``max(10, 5 N/B)`` with mini-batch scores for
         a guide that is neither a diagonal or full-covariance Gaussian nor a flow
-        (:func:`psvi.objective.generic_prox_weight`), else 10;
+        (:func:`psvi.objective.generic_prox_weight`), ``max(10, t)`` at update ``t`` for
+        the exact solve of a guide with linear scores with mini-batch scores
+        (:data:`psvi.objective.LINEAR_SOLVE_PROX_WEIGHT_GROWTH`), else 10; a weight given
+        here is constant;
         :func:`psvi.objective.regime_defaults`)
         and the residual weighting
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
