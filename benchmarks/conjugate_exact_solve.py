@@ -214,8 +214,8 @@ def fit(
         position += batch
         draws, weight_t = family.draw(rng, *args, particles), growing_prox_weight(weight, growth, update - 1)
         if ladder:
-            for power in range(len(LINEAR_SOLVE_WEIGHTS)):
-                solved = proximal_solve(family, args, draws, batch_args, weight_t * 2.0**power)
+            for factor in LINEAR_SOLVE_WEIGHTS:
+                solved = proximal_solve(family, args, draws, batch_args, weight_t * factor)
                 if family.kl(*args, *solved) <= budget:
                     break
             z = np.log(solved)
