@@ -4,10 +4,11 @@ trade off.
 
 The step's location moves ``2 / (2 + prox_weight)`` of the way to the one its particles
 fit (in ``q_t``'s whitened coordinates), so ``prox_weight`` damps every update. The
-settings: prox_weight 3 with ``average_iterates=True`` (the average restarted while the
-fit progresses, 2.5 times the 0.02 nats per dimension budget then: ``psvi.schedules``);
-the defaults (10, 0.02, the last iterate); and the last iterate at (3, 0.05) and (1,
-0.05). On
+settings: the defaults (prox_weight 3 with averaged iterates, the average restarted
+while the fit progresses, and then 2.5 times the 0.02 nats per dimension budget and the
+weight 0.5: ``psvi.schedules``); prox_weight 3 with ``average_iterates=True`` (the weight 3
+throughout, as a weight the user passes holds); the earlier defaults (10, 0.02, the last
+iterate); and the last iterate at (3, 0.05) and (1, 0.05). On
 
 - ``gaussian``: the Gaussian study's targets at D = 10, 50, 100 (benchmarks.gaussian_study,
   its budgets and S), score calls to the first KL < 0.01 with the KL checked after every
@@ -21,6 +22,8 @@ the defaults (10, 0.02, the last iterate); and the last iterate at (3, 0.05) and
 NumPyro, float32, CPU. Each part writes ``closed_form_damping_<part>.json``.
 
     python -m benchmarks.closed_form_damping [--parts gaussian posteriordb heldout] [--seeds 5]
+        [--configs defaults "(3, averaged)" ...] [--dims 10 50 100] [--gaussian-seeds 0 1 2]
+        [--out-suffix _name]
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from benchmarks.common import in_band, save
 from psvi.contrib.targets import ill_conditioned_gaussian
 
 CONFIGS = {
-    "(3, averaged)": {"prox_weight": 3.0, "average_iterates": True},
-    "(10, 0.02) last iterate": {"prox_weight": 10.0, "average_iterates": False},  # the defaults
+    "defaults": {},  # 3 averaged, the weight 0.5 while the fit progresses
+    "(3, averaged)": {"prox_weight": 3.0, "average_iterates": True},  # 3 throughout
+    "(10, 0.02) last iterate": {"prox_weight": 10.0, "average_iterates": False},
     "(3, 0.05) last iterate": {"prox_weight": 3.0, "trust_region": 0.05, "average_iterates": False},
     "(1, 0.05) last iterate": {"prox_weight": 1.0, "trust_region": 0.05, "average_iterates": False},
 }
@@ -45,11 +49,12 @@ BUDGETS = {10: 2000, 50: 8000, 100: 8000}
 EIGHT_SCHOOLS = ("eight_schools-eight_schools_noncentered", "eight_schools-eight_schools_centered")
 
 
-def gaussian_part() -> dict:
-    """Calls to KL < 0.01 (checked every update) and the final KL, per target and method."""
+def gaussian_part(dims: tuple[int, ...] = tuple(BUDGETS), seeds: tuple[int, ...] = (0,)) -> dict:
+    """Calls to KL < 0.01 (checked every update) and the final KL, per target and method
+    (with several ``seeds``, per seed: a list)."""
     results = {}
-    for dim, budget in BUDGETS.items():
-        num_particles = max(4, dim // 8)
+    for dim in dims:
+        budget, num_particles = BUDGETS[dim], max(4, dim // 8)
         checks = budget // num_particles
         for cond_name, condition in gaussian_study.CONDITIONS.items():
             mean, cov = ill_conditioned_gaussian(dim, condition, seed=0)
@@ -59,13 +64,18 @@ def gaussian_part() -> dict:
                 runs.update({"gsm": ("gsm", {}), "bam": ("bam", {})})
                 results[key] = {}
                 for label, (method, options) in runs.items():
-                    curve = gaussian_study.fit_curve(
-                        method, mean, cov, scale, num_particles, budget, checks, **options
-                    )
-                    jax.clear_caches()
-                    calls = gaussian_study.calls_to(curve, 0.01)
-                    results[key][label] = {"calls_to_0.01": calls, "final_kl": curve["kl"][-1]}
-                print(key, {k: v["calls_to_0.01"] for k, v in results[key].items()}, flush=True)
+                    fits = []
+                    for seed in seeds:
+                        curve = gaussian_study.fit_curve(
+                            method, mean, cov, scale, num_particles, budget, checks, seed=seed, **options
+                        )
+                        jax.clear_caches()
+                        calls = gaussian_study.calls_to(curve, 0.01)
+                        fits.append({"calls_to_0.01": calls, "final_kl": curve["kl"][-1]})
+                    results[key][label] = fits[0] if len(seeds) == 1 else fits
+                calls = {k: [f["calls_to_0.01"] for f in v] if len(seeds) > 1 else v["calls_to_0.01"]
+                         for k, v in results[key].items()}  # fmt: skip
+                print(key, calls, flush=True)
     return results
 
 
@@ -116,16 +126,22 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=("gaussian", "posteriordb", "heldout"),
                         default=["gaussian", "posteriordb", "heldout"])  # fmt: skip
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--dims", nargs="+", type=int, choices=list(BUDGETS), default=list(BUDGETS))
+    parser.add_argument("--gaussian-seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--out-suffix", default="", help="appended to each part's JSON name")
     args = parser.parse_args()
+    for name in set(CONFIGS) - set(args.configs):
+        del CONFIGS[name]
     parts = {
-        "gaussian": gaussian_part,
+        "gaussian": lambda: gaussian_part(tuple(args.dims), tuple(args.gaussian_seeds)),
         "posteriordb": lambda: posteriordb_part(args.seeds),
         "heldout": heldout_part,
     }
     for part in args.parts:
         result = parts[part]()
         payload = {"configs": {k: v or "defaults" for k, v in CONFIGS.items()}, "results": result}
-        print("wrote", save(f"closed_form_damping_{part}", payload))
+        print("wrote", save(f"closed_form_damping_{part}{args.out_suffix}", payload))
 
 
 if __name__ == "__main__":

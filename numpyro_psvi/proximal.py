@@ -73,6 +73,7 @@ from psvi.schedules import (
     growing_prox_weight,
     iterate_average_rate,
     progress_budget_scale,
+    progress_prox_weight,
     restarts_average,
 )
 
@@ -168,14 +169,15 @@ class ProximalScoreVI(ScoreEngine):
         low-rank Gaussian guide with mini-batch scores, else 20
         (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
-        Shorthands for the fields of ``loss`` (not together with it): the weight
-        ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
-        of a full-covariance Gaussian guide, ``max(10, 5 N/B)`` with mini-batch scores for
-        a guide that is neither a diagonal or full-covariance Gaussian nor a flow
-        (:func:`psvi.objective.generic_prox_weight`), ``max(10, t)`` at update ``t`` for
-        the exact solve of a guide with linear scores with mini-batch scores
-        (:data:`psvi.objective.LINEAR_SOLVE_PROX_WEIGHT_GROWTH`), else 10; a weight given
-        here is constant;
+        Shorthands for the fields of ``loss`` (not together with it): the weight ``1/eta``
+        of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step of a
+        full-covariance Gaussian guide, 0.5 while its fit progresses with at least ``D/4``
+        particles (:func:`psvi.schedules.progress_prox_weight`), ``max(10, 5 N/B)`` with
+        mini-batch scores for a guide that is neither a diagonal or full-covariance
+        Gaussian nor a flow (:func:`psvi.objective.generic_prox_weight`), ``max(10, t)``
+        at update ``t`` for the exact solve of a guide with linear scores with mini-batch
+        scores (:data:`psvi.objective.LINEAR_SOLVE_PROX_WEIGHT_GROWTH`), else 10; a weight
+        given here is constant;
         :func:`psvi.objective.regime_defaults`)
         and the residual weighting
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
@@ -337,10 +339,12 @@ class ProximalScoreVI(ScoreEngine):
             gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step, transport,
             bounded=bounded, low_rank=self.density.loc_lowrank is not None,
             linear_solve=self.inner_solver == "closed_form" and self.density.linear_scores is not None,
+            particles_per_dim=self.num_particles / max(self.density.latent_dim, 1),
         )  # fmt: skip
-        self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth = regime
+        self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)
         self.prox_weight_growth = growth  # the exact solve's, with a subsampled plate
+        self.progress_prox_weight = progress  # the closed-form step's, while its fit progresses
         zeros = jnp.zeros(self.density.latent_dim)
         curvature = CurvatureStatistics(zeros, zeros) if diagonal else None
         updates = zeros if curvature is not None else None
@@ -570,15 +574,17 @@ class ProximalScoreVI(ScoreEngine):
         finite = jnp.isfinite(problem.fisher) & jnp.all(jnp.isfinite(scored.log_joints))
         scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error, finite)
         loc_t, scale_t = self._loc_scale(params_t)
-        budget_scale = scale
+        budget_scale, prox_weight = scale, self.objective.prox_weight
         if state.averages.window is not None:  # a far fit's average restarts at every update
             budget_scale = progress_budget_scale(state.averages.params_updates, scale)
+            if self.progress_prox_weight is not None:  # a lighter weight while the fit progresses
+                updates = state.averages.params_updates
+                prox_weight = progress_prox_weight(updates, prox_weight, self.progress_prox_weight)
             count = jnp.where(far_from_posterior(scale), 0, problem.averages.params_updates)
             problem = problem._replace(averages=problem.averages._replace(params_updates=count))
         max_kl = jnp.inf
         if self.trust_region is not None:
             max_kl = self.trust_region * scored.active_dim * budget_scale
-        prox_weight = self.objective.prox_weight
         if density.loc_tril is not None:
             step = gaussian_proximal_step(loc_t, scale_t, particles, scored.scores, prox_weight, max_kl)
         elif density.loc_lowrank is not None:

@@ -58,6 +58,7 @@ from psvi.schedules import (
     growing_prox_weight,
     iterate_average_rate,
     progress_budget_scale,
+    progress_prox_weight,
     restarts_average,
 )
 from pyro_psvi._compat import FlatAdamSteps, flat_adam_state, torch_optimizer
@@ -448,14 +449,15 @@ class ProximalScoreVI(ScoreEngine):
         low-rank Gaussian guide with mini-batch scores, else 20
         (:func:`psvi.objective.regime_defaults`).
     prox_weight, weighting
-        Shorthands for the fields of ``loss`` (not together with it): the weight
-        ``1/eta`` of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step
-        of a full-covariance Gaussian guide, ``max(10, 5 N/B)`` with mini-batch scores for
-        a guide that is neither a diagonal or full-covariance Gaussian nor a flow
-        (:func:`psvi.objective.generic_prox_weight`), ``max(10, t)`` at update ``t`` for
-        the exact solve of a guide with linear scores with mini-batch scores
-        (:data:`psvi.objective.LINEAR_SOLVE_PROX_WEIGHT_GROWTH`), else 10; a weight given
-        here is constant;
+        Shorthands for the fields of ``loss`` (not together with it): the weight ``1/eta``
+        of ``KL(q_t || q)`` (``None``, the default: 3 for the closed-form step of a
+        full-covariance Gaussian guide, 0.5 while its fit progresses with at least ``D/4``
+        particles (:func:`psvi.schedules.progress_prox_weight`), ``max(10, 5 N/B)`` with
+        mini-batch scores for a guide that is neither a diagonal or full-covariance
+        Gaussian nor a flow (:func:`psvi.objective.generic_prox_weight`), ``max(10, t)``
+        at update ``t`` for the exact solve of a guide with linear scores with mini-batch
+        scores (:data:`psvi.objective.LINEAR_SOLVE_PROX_WEIGHT_GROWTH`), else 10; a weight
+        given here is constant;
         :func:`psvi.objective.regime_defaults`)
         and the residual weighting
         ``"covariance"`` (scale-free, the default) or ``"identity"``.
@@ -634,10 +636,12 @@ class ProximalScoreVI(ScoreEngine):
             gaussian, self.batch_ratio, *self._requested, closed_form, low_rank_step, transport,
             bounded=bounded, low_rank=self.density.loc_lowrank is not None,
             linear_solve=self.inner_solver == "closed_form" and self.density.linear_scores is not None,
+            particles_per_dim=self.num_particles / max(self.density.latent_dim, 1),
         )  # fmt: skip
-        self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth = regime
+        self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)
         self.prox_weight_growth = growth  # the exact solve's, with a subsampled plate
+        self.progress_prox_weight = progress  # the closed-form step's, while its fit progresses
         if self.averages is None:  # else restored by load
             self._start_averages()
         self._vjps_found = False  # the guide params' transforms may be new
@@ -1028,14 +1032,17 @@ class ProximalScoreVI(ScoreEngine):
         finite = problem.scores_ok & torch.isfinite(problem.fisher)
         budget_scale, undo = grow_trust_region(*growth[:4], problem.loss, problem.loss_error, finite)
         averages, step_scale = problem.averages, budget_scale
+        prox_weight = self.objective.prox_weight
         if averages.window is not None:  # a far fit's average restarts at every update
             step_scale = progress_budget_scale(averages.params_updates, budget_scale)
+            if self.progress_prox_weight is not None:  # a lighter weight while the fit progresses
+                updates = averages.params_updates
+                prox_weight = progress_prox_weight(updates, prox_weight, self.progress_prox_weight)
             count = torch.where(far_from_posterior(budget_scale), 0, averages.params_updates)
             averages = averages._replace(params_updates=count)
         max_kl = torch.inf
         if self.trust_region is not None:
             max_kl = self.trust_region * problem.active_dim * step_scale
-        prox_weight = self.objective.prox_weight
         with torch.no_grad():
             if density.loc_tril is not None:
                 step = gaussian_proximal_step(loc_t, scale_t, particles, scored.scores, prox_weight, max_kl)

@@ -5,6 +5,8 @@ import pytest
 from psvi import ProximalScoreMatching
 from psvi.families import GuideFamily, refused
 from psvi.objective import (
+    CLOSED_FORM_PROGRESS_MIN_PARTICLES_PER_DIM,
+    CLOSED_FORM_PROGRESS_PROX_WEIGHT,
     TRANSPORT_FISHER_WEIGHT,
     TRANSPORT_PATH_WEIGHT,
     fisher_fade,
@@ -17,7 +19,7 @@ from psvi.objective import (
     transport_fisher_weight,
     trust_region_scale,
 )
-from psvi.schedules import growing_prox_weight
+from psvi.schedules import SETTLED_AFTER, growing_prox_weight, progress_prox_weight
 
 
 def test_defaults_and_shorthands():
@@ -50,30 +52,30 @@ def test_a_refused_family_says_why():
 
 
 def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_only():
-    assert regime_defaults(gaussian=True, batch_ratio=20.0) == (5, True, 1, 10.0, 0.0)
+    assert regime_defaults(gaussian=True, batch_ratio=20.0) == (5, True, 1, 10.0, 0.0, None)
     for gaussian, ratio in ((True, 1.0), (False, 1.0)):
-        assert regime_defaults(gaussian, ratio) == (20, False, 100, 10.0, 0.0)
+        assert regime_defaults(gaussian, ratio) == (20, False, 100, 10.0, 0.0, None)
     # Other guides with a subsampled plate: the generic objective's (test_minibatch_families.py).
-    assert regime_defaults(False, 20.0) == (20, True, 100, 100.0, 0.0)
+    assert regime_defaults(False, 20.0) == (20, True, 100, 100.0, 0.0, None)
     # The exact solve of a guide with linear scores: the weight max(10, t) at update t with
     # a subsampled plate (docs/minibatch.md), 10 with exact scores; a weight the user sets
     # stays constant.
-    assert regime_defaults(False, 20.0, linear_solve=True) == (20, True, 100, 10.0, 1.0)
-    assert regime_defaults(False, 1.0, linear_solve=True) == (20, False, 100, 10.0, 0.0)
+    assert regime_defaults(False, 20.0, linear_solve=True) == (20, True, 100, 10.0, 1.0, None)
+    assert regime_defaults(False, 1.0, linear_solve=True) == (20, False, 100, 10.0, 0.0, None)
     user_weight = resolve_regime(False, 20.0, None, None, None, 50.0, linear_solve=True)
-    assert user_weight == (20, True, 100, 50.0, 0.0)
+    assert user_weight == (20, True, 100, 50.0, 0.0, None)
     assert [growing_prox_weight(10.0, 1.0, t) for t in (0, 9, 10, 11, 500)] == [10.0, 10.0, 10.0, 11.0, 500.0]
     assert growing_prox_weight(10.0, 0.0, 500) == 10.0
 
 
 def test_a_flow_steps_to_its_budget_and_averages_its_iterates():
     for ratio in (20.0, 1.0):  # mini-batch and exact scores
-        assert regime_defaults(False, ratio, transport=True) == (5, True, 100, 10.0, 0.0)
+        assert regime_defaults(False, ratio, transport=True) == (5, True, 100, 10.0, 0.0, None)
     # Without a trust region its steps cannot stop at the budget: one step with mini-batch
     # scores, twenty unaveraged with exact scores, as before the stop.
-    assert regime_defaults(False, 20.0, transport=True, bounded=False) == (1, True, 100, 10.0, 0.0)
-    assert regime_defaults(False, 1.0, transport=True, bounded=False) == (20, False, 100, 10.0, 0.0)
-    assert resolve_regime(False, 20.0, 2, None, None, None, transport=True) == (2, True, 100, 10.0, 0.0)
+    assert regime_defaults(False, 20.0, transport=True, bounded=False) == (1, True, 100, 10.0, 0.0, None)
+    assert regime_defaults(False, 1.0, transport=True, bounded=False) == (20, False, 100, 10.0, 0.0, None)
+    assert resolve_regime(False, 20.0, 2, None, None, None, transport=True) == (2, True, 100, 10.0, 0.0, None)
     # Its inner steps stop once past the trust region's budget; no other guide's do.
     assert stops_at_trust_region(True)
     assert not stops_at_trust_region(False) and not stops_at_trust_region(True, bounded=False)
@@ -93,11 +95,30 @@ def test_a_flows_fisher_term_fades_in_as_its_path_elbo_fades_out():
 
 
 def test_the_closed_form_step_of_a_full_covariance_averages_its_iterates_at_weight_3():
-    assert regime_defaults(gaussian=True, batch_ratio=1.0, closed_form=True) == (20, True, 100, 3.0, 0.0)
-    # What the user sets is kept; the rest comes from the regime.
-    assert resolve_regime(True, 1.0, None, False, None, 10.0, closed_form=True) == (20, False, 100, 10.0, 0.0)
-    assert resolve_regime(True, 1.0, None, None, None, None, closed_form=True) == (20, True, 100, 3.0, 0.0)
-    assert resolve_regime(True, 1.0, None, None, None, None) == (20, False, 100, 10.0, 0.0)
+    # The weight 3 once settled, 0.5 while the fit progresses where S >= D / 4 (S = 4 at
+    # D = 10 in the Gaussian study), 3 throughout with fewer particles (S = 62 at D = 500).
+    defaults = (20, True, 100, 3.0, 0.0, CLOSED_FORM_PROGRESS_PROX_WEIGHT)
+    assert (
+        regime_defaults(gaussian=True, batch_ratio=1.0, closed_form=True, particles_per_dim=0.4) == defaults
+    )
+    few = regime_defaults(gaussian=True, batch_ratio=1.0, closed_form=True, particles_per_dim=62 / 500)
+    assert few == (20, True, 100, 3.0, 0.0, None)
+    assert CLOSED_FORM_PROGRESS_PROX_WEIGHT == 0.5 and CLOSED_FORM_PROGRESS_MIN_PARTICLES_PER_DIM == 0.25
+    # What the user sets is kept (a weight the user sets holds throughout); the rest comes
+    # from the regime.
+    user_settings = resolve_regime(
+        True, 1.0, None, False, None, 10.0, closed_form=True, particles_per_dim=1.0
+    )
+    assert user_settings == (20, False, 100, 10.0, 0.0, None)
+    assert (
+        resolve_regime(True, 1.0, None, None, None, None, closed_form=True, particles_per_dim=1.0) == defaults
+    )
+    user_weight = resolve_regime(True, 1.0, None, None, None, 3.0, closed_form=True, particles_per_dim=1.0)
+    assert user_weight == (20, True, 100, 3.0, 0.0, None)
+    # The weight while the average has restarted in the last SETTLED_AFTER updates.
+    weights = [progress_prox_weight(n, 3.0, 0.5) for n in (0, SETTLED_AFTER, SETTLED_AFTER + 1, 100)]
+    assert weights == [0.5, 0.5, 3.0, 3.0]
+    assert resolve_regime(True, 1.0, None, None, None, None) == (20, False, 100, 10.0, 0.0, None)
 
 
 def test_the_trust_region_scale_by_regime():

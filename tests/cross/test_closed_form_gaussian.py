@@ -24,7 +24,7 @@ import pyro_psvi.contrib.models
 from numpyro_psvi.objective import gaussian_proximal_step
 from psvi.contrib.targets import ill_conditioned_gaussian
 from psvi.metrics import gaussian_kl
-from psvi.schedules import FAR_PHASE_GROWTH
+from psvi.schedules import FAR_PHASE_GROWTH, SETTLED_AFTER
 from pyro_psvi.objective import gaussian_proximal_step as pyro_step
 
 # One compilation per shape (eager dispatch of the step's ops costs seconds).
@@ -240,6 +240,44 @@ def test_both_engines_restart_the_closed_form_steps_average_while_the_fit_progre
     for counts in (n_counts, p_counts):
         assert counts[0] == 1 and 1 in counts[1:], counts  # restarted after the first update
     assert n_kl < 1e-3 and p_kl < 1e-3, (n_kl, p_kl)
+
+
+def test_both_engines_step_at_a_lighter_weight_while_the_fit_progresses(monkeypatch):
+    """The defaults: each update's closed-form step takes the weight 0.5 where the average
+    restarted in the last ``SETTLED_AFTER`` updates (the count of updates averaged before
+    the update at most that), 3 where it has settled (D = 3 Gaussian 30 sds from the
+    start, 80 updates: both occur); a weight the user passes, or fewer than ``D / 4``
+    particles, give 3 throughout. The weights are read where the engines call the step."""
+    mean, cov = np.array([30.0, -20.0, 10.0]), np.diag([1.0, 0.25, 4.0])
+    weights = []
+
+    def recording(step, record):
+        def wrapped(loc, scale, particles, scores, prox_weight, max_kl):
+            record(prox_weight)
+            return step(loc, scale, particles, scores, prox_weight, max_kl)
+
+        return wrapped
+
+    numpyro_record = recording(
+        gaussian_proximal_step, lambda w: jax.debug.callback(lambda v: weights.append(float(v)), w)
+    )
+    monkeypatch.setattr(numpyro_psvi.proximal, "gaussian_proximal_step", numpyro_record)
+    monkeypatch.setattr(
+        pyro_psvi.proximal, "gaussian_proximal_step", recording(pyro_step, lambda w: weights.append(float(w)))
+    )
+    for fit in (_numpyro_fit, _pyro_fit):
+        weights.clear()
+        _, kl, counts, _ = fit(mean, cov, 80)
+        expected = [0.5 if n <= SETTLED_AFTER else 3.0 for n in [0] + counts[:-1]]
+        assert weights == expected, (weights, counts)
+        assert 0.5 in weights and 3.0 in weights
+        assert kl < 1e-3, kl  # as above: the target is the step's fixed point
+        weights.clear()
+        fit(mean, cov, 20, prox_weight=3.0)
+        assert weights == [3.0] * 20
+        weights.clear()  # fewer than D / 4 particles: 3 throughout
+        fit(*ill_conditioned_gaussian(10, 10.0, seed=0), 20, num_particles=2)
+        assert weights == [3.0] * 20
 
 
 def test_both_engines_restart_the_average_at_every_update_of_a_far_start():

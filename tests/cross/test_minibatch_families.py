@@ -56,12 +56,12 @@ def check_fit(target: str, a: float, b: float) -> None:
 
 
 def test_the_generic_objectives_weight_grows_with_the_batch_ratio_only_with_mini_batch_scores():
-    assert regime_defaults(False, 1.0) == (20, False, 100, 10.0, 0.0)  # exact scores: unchanged
-    assert regime_defaults(False, 20.0) == (20, True, 100, 100.0, 0.0)
+    assert regime_defaults(False, 1.0) == (20, False, 100, 10.0, 0.0, None)  # exact scores: unchanged
+    assert regime_defaults(False, 20.0) == (20, True, 100, 100.0, 0.0, None)
     assert generic_prox_weight(1.5) == 10.0 and generic_prox_weight(80.0) == 400.0
     # A low-rank Gaussian takes the Gaussian guides' five steps with mini-batch scores only.
-    assert regime_defaults(False, 20.0, low_rank=True) == (5, True, 100, 100.0, 0.0)
-    assert regime_defaults(False, 1.0, low_rank=True) == (20, False, 100, 10.0, 0.0)
+    assert regime_defaults(False, 20.0, low_rank=True) == (5, True, 100, 100.0, 0.0, None)
+    assert regime_defaults(False, 1.0, low_rank=True) == (20, False, 100, 10.0, 0.0, None)
     # Gaussian guides and flows keep their own regimes.
     assert regime_defaults(True, 20.0).prox_weight == 10.0
     assert regime_defaults(False, 20.0, transport=True).prox_weight == 10.0
