@@ -5,10 +5,11 @@ trade off.
 The step's location moves ``2 / (2 + prox_weight)`` of the way to the one its particles
 fit (in ``q_t``'s whitened coordinates), so ``prox_weight`` damps every update. The
 settings: the defaults (prox_weight 3 with averaged iterates, the average restarted
-while the fit progresses, and then 2.5 times the 0.02 nats per dimension budget and the
-weight 0.5: ``psvi.schedules``); prox_weight 3 with ``average_iterates=True`` (the weight 3
-throughout, as a weight the user passes holds); the earlier defaults (10, 0.02, the last
-iterate); and the last iterate at (3, 0.05) and (1, 0.05). On
+while the fit progresses, and then 2.5 times the 0.02 nats per dimension budget and,
+with at least ``D / 4`` particles, the weight 0.5: ``psvi.schedules``); prox_weight 3
+with ``average_iterates=True`` (the weight 3 throughout, as a weight the user passes
+holds); the earlier defaults (10, 0.02, the last iterate); and the last iterate at (3,
+0.05) and (1, 0.05). On
 
 - ``gaussian``: the Gaussian study's targets at D = 10, 50, 100 (benchmarks.gaussian_study,
   its budgets and S), score calls to the first KL < 0.01 with the KL checked after every
@@ -39,7 +40,7 @@ from benchmarks.common import in_band, save
 from psvi.contrib.targets import ill_conditioned_gaussian
 
 CONFIGS = {
-    "defaults": {},  # 3 averaged, the weight 0.5 while the fit progresses
+    "defaults": {},  # 3 averaged; 0.5 while the fit progresses where S >= D / 4 (D = 10 here)
     "(3, averaged)": {"prox_weight": 3.0, "average_iterates": True},  # 3 throughout
     "(10, 0.02) last iterate": {"prox_weight": 10.0, "average_iterates": False},
     "(3, 0.05) last iterate": {"prox_weight": 3.0, "trust_region": 0.05, "average_iterates": False},
