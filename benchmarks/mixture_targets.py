@@ -15,7 +15,7 @@ KL(target || q), by Monte Carlo on 4000 target draws, against score calls (model
 gradient evaluations: S per step for both). NumPyro backend, CPU.
 
     python -m benchmarks.mixture_targets [--quick] [--guides iaf] [--methods psvi] [--seeds 3 4 5]
-        [--spreads 4] [--out NAME]
+        [--spreads 4] [--every 10] [--reach 0.5] [--out NAME]
 """
 
 from __future__ import annotations
@@ -78,10 +78,6 @@ def mixture_guide(order: int, dim: int, seed: int):
     return guide
 
 
-def forward_kl(target, log_q, draws) -> float:
-    return float(jnp.mean(target.log_prob(draws) - log_q(draws)))
-
-
 def run_one(
     case: dict, spread: float, guide_name: str, method: str, seed: int, steps: int, every: int, lr: float
 ):
@@ -105,9 +101,12 @@ def run_one(
     draws = target.sample(jax.random.PRNGKey(10_000 + seed), (4000,))
     density = guide_density(guide, model=model) if guide_name != "iaf" else guide_density(guide)
 
+    @jax.jit
+    def kl_of(params):  # compiled once: a check every few updates costs little
+        return jnp.mean(target.log_prob(draws) - jax.vmap(lambda u: density.log_prob(params, u))(draws))
+
     def kl_now(state) -> float:
-        params = engine.get_params(state)
-        return forward_kl(target, jax.vmap(lambda u: density.log_prob(params, u)), draws)
+        return float(kl_of(engine.get_params(state)))
 
     def chunk(state, _):
         return engine.update(state)
@@ -122,6 +121,30 @@ def run_one(
     return {"calls": calls, "forward_kl": kls, "seconds": time.perf_counter() - start}
 
 
+def calls_to_reach(run: dict, threshold: float) -> tuple[int | None, float]:
+    """Score calls to the first check with forward KL below ``threshold`` (``None`` if
+    none), and the share of the second half's checks below it."""
+    kls, calls = run["forward_kl"], run["calls"]
+    first = next((c for c, kl in zip(calls, kls, strict=True) if kl < threshold), None)
+    late = kls[len(kls) // 2 :]
+    return first, sum(kl < threshold for kl in late) / len(late)
+
+
+def print_calls_to_reach(results: list[dict], threshold: float) -> None:
+    """Per seed, calls to forward KL below ``threshold`` (late share in parentheses)."""
+    print(f"\n| spread | case | guide | method | calls to forward KL < {threshold} per seed (late share) |")
+    print("| --- | --- | --- | --- | --- |")
+    keys = dict.fromkeys((r["spread"], r["case"], r["guide"], r["method"]) for r in results)
+    for key in keys:
+        runs = sorted((r for r in results if (r["spread"], r["case"], r["guide"], r["method"]) == key),
+                      key=lambda r: r["seed"])  # fmt: skip
+        cells = []
+        for run in runs:
+            first, late = calls_to_reach(run, threshold)
+            cells.append(f"{'-' if first is None else first} ({late:.2f})")
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {', '.join(cells)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="case 1, one seed, 200 steps")
@@ -130,12 +153,15 @@ def main() -> None:
     parser.add_argument("--out", help="name of the JSON in benchmarks/results (default mixture_targets)")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2); no table or plots")
     parser.add_argument("--spreads", nargs="+", type=float, help=f"of {SPREADS}; no table or plots")
+    parser.add_argument("--every", type=int, help="updates between checks (default 100; 50 with --quick)")
+    parser.add_argument("--reach", type=float, default=0.5, help="forward KL of the calls-to-reach table")
     options = parser.parse_args()
     partial_run = options.quick or len(options.methods) < 2
     partial_run |= any(given is not None for given in (options.guides, options.seeds, options.spreads))
     cases = {"case1_order2_d2": CASES["case1_order2_d2"]} if options.quick else CASES
     seeds = (0,) if options.quick else tuple(options.seeds or (0, 1, 2))
     steps, every = (200, 50) if options.quick else (1500, 100)
+    every = options.every or every
     spreads = (1.0,) if options.quick else tuple(options.spreads or SPREADS)
     results = []
     for spread in spreads:
@@ -155,6 +181,7 @@ def main() -> None:
     name = options.out or ("mixture_targets_quick" if options.quick else "mixture_targets")
     path = save(name, {"num_particles": NUM_PARTICLES, "steps": steps, "results": results})
     print(f"wrote {path}")
+    print_calls_to_reach(results, options.reach)
     if partial_run:
         return
     print("\n| spread | case | guide | ProximalScoreVI | ADVI |\n|---|---|---|---|---|")

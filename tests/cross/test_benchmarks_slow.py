@@ -55,6 +55,15 @@ def test_mixture_targets_quick():
 
 
 @pytest.mark.slow
+def test_calls_to_reach_reads_the_first_check_below_and_the_late_share():
+    from benchmarks.mixture_targets import calls_to_reach
+
+    run = {"calls": [0, 40, 80, 120, 160], "forward_kl": [3.0, 0.4, 0.6, 0.3, 0.7]}
+    assert calls_to_reach(run, 0.5) == (40, 1 / 3)  # late checks: 0.6, 0.3, 0.7
+    assert calls_to_reach(run, 0.1) == (None, 0.0)
+
+
+@pytest.mark.slow
 def test_flow_cost_quick():
     subprocess.run([sys.executable, "-m", "benchmarks.flow_cost", "--quick"], cwd=ROOT, check=True)
     rows = json.loads((ROOT / "benchmarks/results/flow_cost_quick.json").read_text())["rows"]
