@@ -7,7 +7,7 @@ Guides: mixtures of diagonal Gaussians written as user guides (one
 ``MixtureSameFamily`` site), of the target's order and, in case 1, of order 3 too
 (model mismatch); and AutoIAFNormal (cases 1 and 2; at D=30 its sequential inverse
 costs ~0.2-1 s a step, docs/guides.md). ProximalScoreVI
-(defaults S=4, K=20, Adam) against ADVI with the same guide and particles:
+(its defaults, S=4, Adam) against ADVI with the same guide and particles:
 NumPyro's TraceGraph_ELBO for the mixture guides (their sampling is not
 reparameterizable, so the ELBO gradient needs score-function terms) and Trace_ELBO
 for the IAF (reparameterized). Both start from the same params. Recorded: forward
@@ -162,6 +162,8 @@ def main() -> None:
     seeds = (0,) if options.quick else tuple(options.seeds or (0, 1, 2))
     steps, every = (200, 50) if options.quick else (1500, 100)
     every = options.every or every
+    if every < 1 or steps % every:
+        parser.error(f"--every must be a positive divisor of the {steps} steps, got {every}")
     spreads = (1.0,) if options.quick else tuple(options.spreads or SPREADS)
     results = []
     for spread in spreads:
