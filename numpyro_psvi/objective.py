@@ -351,8 +351,10 @@ def linear_score_solve(
     * 2^k`` whose ``KL(q_t || q)`` is within it. The twin of Pyro's (docs there), in the
     params' dtype: a full Newton step whose predicted decrease is below the objective's
     round-off is taken without the line search (float32 values cannot compare it); the
-    ladder of weights solved only where the update's own weight leaves the trust region
-    (``lax.cond``)."""
+    ladder's weight found by bisection, one weight per solve, only where the update's own
+    weight leaves the trust region (a ``while_loop`` that runs no iteration otherwise: a
+    ``lax.cond`` over the whole ladder cost 0.1 ms an update untaken on a CPU,
+    docs/guides.md, "NumPyro's ladder of weights by bisection")."""
     sums = stats.sums
     fisher = (stats.variances if weighting == "covariance" else jnp.ones_like(stats.variances)) / stats.count
     free_1, free_2 = (jnp.asarray(mask) for mask in stats.free)
@@ -410,17 +412,24 @@ def linear_score_solve(
         """``KL(q_t || q)`` of each row's solution."""
         return jnp.sum(kl(e_1, e_2) - kl(e_t1, e_t2), axis=-1)
 
-    def ladder() -> tuple[jax.Array, jax.Array]:
-        e_1, e_2 = solve(prox_weight * jnp.asarray(LINEAR_SOLVE_WEIGHTS, e_t1.dtype)[:, None])
-        within = travelled(e_1, e_2) <= max_kl
-        row = jnp.where(jnp.any(within), jnp.argmax(within), len(LINEAR_SOLVE_WEIGHTS) - 1)
-        return e_1[row], e_2[row]
+    def bisect(carry: tuple) -> tuple:
+        """One step of the search for the smallest ladder weight within the budget."""
+        low, high, e_1, e_2, found = carry
+        rung = jnp.where(high - low > 1, (low + high) // 2, high)  # ``high`` itself once bracketed
+        weight = prox_weight * jnp.asarray(LINEAR_SOLVE_WEIGHTS, e_t1.dtype)[rung]
+        r_1, r_2 = solve(jnp.reshape(weight, (1, 1)))
+        within = (travelled(r_1, r_2)[0] <= max_kl) | (rung == high)
+        moved = (jnp.where(within, r_1[0], e_1), jnp.where(within, r_2[0], e_2))
+        return jnp.where(within, low, rung), jnp.where(within, rung, high), *moved, found | within
 
     e_1, e_2 = solve(jnp.full((1, 1), prox_weight, e_t1.dtype))
+    e_1, e_2 = e_1[0], e_2[0]
     if max_kl is not None:
-        e_1, e_2 = jax.lax.cond(travelled(e_1, e_2)[0] <= max_kl, lambda: (e_1[0], e_2[0]), ladder)
-    else:
-        e_1, e_2 = e_1[0], e_2[0]
+        inside = travelled(e_1[None], e_2[None])[0] <= max_kl
+        top = len(LINEAR_SOLVE_WEIGHTS) - 1
+        start = (jnp.asarray(0), jnp.where(inside, 0, top), e_1, e_2, inside)
+        searching = lambda carry: (carry[1] - carry[0] > 1) | ~carry[4]  # noqa: E731
+        e_1, e_2 = jax.lax.while_loop(searching, bisect, start)[2:4]
     return stats.from_natural(e_1, e_2)
 
 
