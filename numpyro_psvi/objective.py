@@ -412,6 +412,12 @@ def linear_score_solve(
         """``KL(q_t || q)`` of each row's solution."""
         return jnp.sum(kl(e_1, e_2) - kl(e_t1, e_t2), axis=-1)
 
+    def searching(carry: tuple) -> jax.Array:
+        """Whether the bracket ``(low, high]`` of the bisection is wider than one rung, or
+        no rung within the budget is found yet."""
+        low, high, _, _, found = carry
+        return (high - low > 1) | ~found
+
     def bisect(carry: tuple) -> tuple:
         """One step of the search for the smallest ladder weight within the budget."""
         low, high, e_1, e_2, found = carry
@@ -428,7 +434,6 @@ def linear_score_solve(
         inside = travelled(e_1[None], e_2[None])[0] <= max_kl
         top = len(LINEAR_SOLVE_WEIGHTS) - 1
         start = (jnp.asarray(0), jnp.where(inside, 0, top), e_1, e_2, inside)
-        searching = lambda carry: (carry[1] - carry[0] > 1) | ~carry[4]  # noqa: E731
         e_1, e_2 = jax.lax.while_loop(searching, bisect, start)[2:4]
     return stats.from_natural(e_1, e_2)
 
