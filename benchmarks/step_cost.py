@@ -41,9 +41,14 @@ RESNET_WIDTH = 16
 RESNET_TIMING = (5, 2)
 
 
-def _median_block_times(steppers: dict[str, Callable[[], None]], blocks: int, steps: int) -> dict:
-    for step in steppers.values():  # warm up (compilation, lazy set-up)
-        for _ in range(3):
+def _median_block_times(
+    steppers: dict[str, Callable[[], None]], blocks: int, steps: int, warm_up: int = 3
+) -> dict:
+    """Each stepper's median seconds per step over ``blocks`` interleaved blocks of
+    ``steps``, after ``warm_up`` untimed steps of each (compilation, lazy set-up; more to
+    time a fit's steady state rather than its start)."""
+    for step in steppers.values():
+        for _ in range(warm_up):
             step()
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(blocks):

@@ -523,6 +523,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--warm-up", type=int, default=3,
+        help="untimed steps of each engine first (e.g. 600: the fits' steady state, not their start)",
+    )  # fmt: skip
     parser.add_argument("--inner-steps", type=int, nargs="*", default=[5, 1])
     parser.add_argument("--backends", nargs="*", default=["pyro", "numpyro"])
     parser.add_argument("--quick", action="store_true", help="one block of 2 steps (a smoke run)")
@@ -574,7 +578,8 @@ def main() -> None:
         build = pyro_steppers if backend == "pyro" else numpyro_steppers
         for name, example in examples.items():
             steps = args.steps * (10 if backend == "numpyro" else 1)  # sub-millisecond steps
-            times = _median_block_times(build(example, tuple(args.inner_steps)), args.blocks, steps)
+            steppers = build(example, tuple(args.inner_steps))
+            times = _median_block_times(steppers, args.blocks, steps, args.warm_up)
             for label, seconds in times.items():
                 ratio = seconds / times["SVI"]
                 row = {"backend": backend, "example": name, "engine": label}
@@ -583,7 +588,7 @@ def main() -> None:
                     f"{backend:8s} {name:14s} {label:30s} {1e3 * seconds:8.3f} ms  {ratio:5.2f}x", flush=True
                 )
     name = "user_guide_cost_quick" if args.quick else "user_guide_cost"
-    save(name, {"particles": PARTICLES, "blocks": args.blocks, "rows": rows})
+    save(name, {"particles": PARTICLES, "blocks": args.blocks, "warm_up": args.warm_up, "rows": rows})
 
 
 if __name__ == "__main__":

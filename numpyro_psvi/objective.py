@@ -354,13 +354,15 @@ def linear_score_solve(
     ladder's weight found by bisection, one weight per solve, only where the update's own
     weight leaves the trust region (a ``while_loop`` that runs no iteration otherwise: a
     ``lax.cond`` over the whole ladder cost 0.1 ms an update untaken on a CPU,
-    docs/guides.md, "NumPyro's ladder of weights by bisection")."""
+    docs/guides.md, "NumPyro's ladder of weights by bisection"); likewise the line search,
+    a ``while_loop`` over the fractions that ends at the first to decrease every entry (the
+    whole step, near the solution)."""
     sums = stats.sums
     fisher = (stats.variances if weighting == "covariance" else jnp.ones_like(stats.variances)) / stats.count
     free_1, free_2 = (jnp.asarray(mask) for mask in stats.free)
     e_t1, e_t2 = stats.natural(*stats.args_t)
     grad_t1, grad_t2, *_ = stats.log_partition_derivatives(e_t1, e_t2)
-    fractions = jnp.asarray(LINEAR_SOLVE_FRACTIONS, e_t1.dtype).reshape(-1, 1, 1)
+    fractions = jnp.asarray(LINEAR_SOLVE_FRACTIONS, e_t1.dtype)
     round_off = 100 * jnp.finfo(e_t1.dtype).eps
     relative_tolerance = linear_solve_tolerance(float(jnp.finfo(e_t1.dtype).eps))
 
@@ -381,20 +383,26 @@ def linear_score_solve(
             )
             negligible = -slope <= round_off * (1 + jnp.abs(current))
 
-            def search(trials: jax.Array) -> tuple[jax.Array, jax.Array]:
-                """The largest of ``trials`` (F, 1, 1) that decreases each entry, and its value."""
-                tried = value(e_1 + trials * step_1, e_2 + trials * step_2)
-                decreases = (tried <= current + 1e-4 * trials * slope) & (slope < 0)
-                decreases = decreases.at[0].set(decreases[0] | (negligible & jnp.isfinite(tried[0])))
-                first = jnp.argmax(decreases, axis=0)
-                found = jnp.any(decreases, axis=0)
-                fraction = jnp.where(found, trials.reshape(-1)[first], 0.0)
-                return fraction, jnp.where(found, jnp.take_along_axis(tried, first[None], 0)[0], current)
+            def searching(search: tuple) -> jax.Array:
+                """Whether a fraction is left to try and some entry has none that decreases it."""
+                index, _, _, found = search
+                return (index < len(LINEAR_SOLVE_FRACTIONS)) & ~jnp.all(found)
 
-            # The whole step first (Newton's near the solution); the fractions where it
-            # does not decrease every entry.
-            whole = search(fractions[:1])
-            fraction, current = jax.lax.cond(jnp.all(whole[0] == 1), lambda: whole, lambda: search(fractions))
+            def try_fraction(search: tuple) -> tuple:
+                """The next fraction tried; kept where it is the first to decrease an entry."""
+                index, fraction, reached, found = search
+                trial = fractions[index]
+                tried = value(e_1 + trial * step_1, e_2 + trial * step_2)
+                decreases = (tried <= current + 1e-4 * trial * slope) & (slope < 0)
+                decreases = decreases | ((index == 0) & negligible & jnp.isfinite(tried))
+                kept = decreases & ~found
+                fraction, reached = jnp.where(kept, trial, fraction), jnp.where(kept, tried, reached)
+                return index + 1, fraction, reached, found | kept
+
+            # The whole step first (Newton's near the solution, where one try ends the
+            # search), then the halvings for the entries it does not decrease.
+            start = (jnp.asarray(0), jnp.zeros_like(current), current, jnp.zeros(current.shape, bool))
+            _, fraction, current, _ = jax.lax.while_loop(searching, try_fraction, start)
             moved_1, moved_2 = fraction * step_1, fraction * step_2
             # Go on while the Newton step is not negligible (converged) and the line search
             # moved some coordinate by more than round-off (not stuck).
