@@ -64,19 +64,25 @@ def _statistics(backend: str, particles: np.ndarray, scores: np.ndarray):
     return module.LinearScoreStatistics(**fields)
 
 
-@pytest.mark.parametrize("max_kl", [None, 0.05], ids=["no trust region", "a binding trust region"])
-def test_pyro_and_numpyro_solve_the_same_problem_alike(max_kl):
+@pytest.mark.parametrize(
+    "max_kl, target_scale",
+    [(None, 1.0), (0.05, 1.0), (None, 5.0)],
+    ids=["no trust region", "a binding trust region", "a far target"],
+)
+def test_pyro_and_numpyro_solve_the_same_problem_alike(max_kl, target_scale, monkeypatch):
     """Particles of ``q_t`` and the scores of a target of the same families (plus noise):
     the two solutions agree to 2e-3 relative (float32 round-off of sums of size ~100 in
     NumPyro's solve); with the budget they are within it and differ from the unbounded
-    solution (it binds)."""
+    solution (it binds). With the target's args five times as large, whole Newton steps
+    do not decrease every entry and both line searches run: with the whole step as the
+    only fraction NumPyro's solve ends elsewhere."""
     rng = np.random.default_rng(0)
     particles = rng.normal(0.0, 0.5, (8, 6)) + np.array([0.4, 0.4, 0.7, -0.9, 0.3, -0.7])
     scores = np.zeros_like(particles)
     for position, rule in enumerate(_rules("pyro")):
         mine = OWNER == position
         natural = rule.natural or (lambda a, b: (a, b))
-        e_1, e_2 = natural(*(torch.tensor(side[mine]) for side in TARGET))
+        e_1, e_2 = natural(*(torch.tensor(side[mine] * target_scale) for side in TARGET))
         one, two = rule.features(torch.tensor(particles[:, mine]))
         scores[:, mine] = (e_1 * one + e_2 * two).numpy()
     scores = scores + rng.normal(0.0, 0.3, scores.shape)
@@ -92,3 +98,7 @@ def test_pyro_and_numpyro_solve_the_same_problem_alike(max_kl):
     if max_kl is not None:
         unbounded = pyro_solve(pyro_stats, 10.0, "covariance")
         assert not np.allclose(unbounded[0].numpy(), got_pyro[0].numpy(), rtol=1e-2)
+    if target_scale != 1.0:
+        monkeypatch.setattr("numpyro_psvi.objective.LINEAR_SOLVE_FRACTIONS", (1.0,))
+        whole_steps = numpyro_solve(numpyro_stats, 10.0, "covariance", max_kl)
+        assert not all(np.allclose(a, b, rtol=1e-3) for a, b in zip(whole_steps, got_numpyro, strict=True))
