@@ -433,7 +433,8 @@ def vae_equal_steps(backend: str, protocol: str, inner_steps: tuple[int, ...], s
     ``K`` (the same score calls). ``"batch"``: on its one batch of 64 (256 particles),
     Adam(1e-2); ``"epochs"``: trained on 1,500 digits in batches of 64 passed as the
     model's arguments (examples/numpyro_vae.py), Adam(1e-3), and the held-out ``-ELBO`` per
-    image (64 particles) after 1, 5, 20 and 60 epochs."""
+    image (64 particles) after 1, 5, 20 and 60 epochs. ``seconds``: the updates' time to
+    each checkpoint (the first update, which compiles or sets up, included; the losses not)."""
     lr, checkpoints = EQUAL_STEPS[protocol]
     train, test = _digits_split()
     batches = [train[i : i + 64] for i in range(0, len(train) - 63, 64)] if protocol == "epochs" else None
@@ -441,16 +442,22 @@ def vae_equal_steps(backend: str, protocol: str, inner_steps: tuple[int, ...], s
     for inner in [-1, *inner_steps]:
         fit = _pyro_vae_fit if backend == "pyro" else _numpyro_vae_fit
         step, loss = fit(inner, lr, seed)
-        done, losses = 0, []
+        done, losses, seconds, elapsed = 0, [], [], 0.0
         for checkpoint in checkpoints:
+            start = time.perf_counter()
             for i in range(done, checkpoint):
                 step(None if batches is None else batches[i % len(batches)])
+            elapsed += time.perf_counter() - start
             done = checkpoint
+            seconds.append(elapsed)
             losses.append(loss(None) if batches is None else loss(test) / len(test))
         engine = "SVI" if inner == -1 else f"ProximalScoreVI, K = {inner}"
         rows.append({"backend": backend, "protocol": protocol, "engine": engine, "seed": seed,
-                     "updates": list(checkpoints), "neg_elbo": losses})  # fmt: skip
-        print(f"{backend:8s} {protocol:7s} seed {seed} {engine:26s}", " ".join(f"{x:8.2f}" for x in losses))
+                     "updates": list(checkpoints), "neg_elbo": losses, "seconds": seconds})  # fmt: skip
+        print(
+            f"{backend:8s} {protocol:7s} seed {seed} {engine:26s}",
+            " ".join(f"{x:8.2f} ({t:.1f} s)" for x, t in zip(losses, seconds, strict=True)),
+        )
     return rows
 
 
@@ -498,8 +505,8 @@ def _numpyro_vae_fit(inner: int, lr: float, seed: int) -> tuple[Callable, Callab
     state = [engine.init(jax.random.PRNGKey(seed), own)]
     update = jax.jit(engine.update)
 
-    def step(batch):
-        state[0] = update(state[0], own if batch is None else jnp.asarray(batch))[0]
+    def step(batch):  # synced: the checkpoints' seconds are the updates' own
+        state[0] = jax.block_until_ready(update(state[0], own if batch is None else jnp.asarray(batch))[0])
 
     def loss(batch):
         particles = 256 if batch is None else 64
@@ -543,6 +550,7 @@ def main() -> None:
         help="instead: the VAE's -ELBO at equal updates of SVI and each --inner-steps (batch, epochs)",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=2, help="--equal-steps only")
+    parser.add_argument("--tag", default="", help="a suffix to the JSON's name in benchmarks/results")
     args = parser.parse_args()
     import torch
 
@@ -551,7 +559,7 @@ def main() -> None:
         args.blocks, args.steps = 1, 2
     if args.guide_runs:
         rows = pyro_guide_run_floor(args.blocks, 2 * args.steps)
-        save("user_guide_floor", {"particles": PARTICLES, "blocks": args.blocks, "rows": rows})
+        save("user_guide_floor" + args.tag, {"particles": PARTICLES, "blocks": args.blocks, "rows": rows})
         return
     if args.equal_steps is not None:
         rows = [
@@ -561,7 +569,10 @@ def main() -> None:
             for seed in range(args.seeds)
             for row in vae_equal_steps(backend, protocol, tuple(args.inner_steps), seed)
         ]
-        save("user_guide_equal_steps", {"particles": PARTICLES, "protocols": EQUAL_STEPS, "rows": rows})
+        save(
+            "user_guide_equal_steps" + args.tag,
+            {"particles": PARTICLES, "protocols": EQUAL_STEPS, "rows": rows},
+        )
         return
     if args.equal_time is not None:
         inner = tuple(args.inner_steps)
@@ -570,7 +581,10 @@ def main() -> None:
             print(
                 f"{row['backend']:8s} {row['engine']:30s} {row['steps']:6d} steps -ELBO {row['neg_elbo']:.1f}"
             )
-        save("user_guide_equal_time", {"seconds": args.equal_time, "particles": PARTICLES, "rows": rows})
+        save(
+            "user_guide_equal_time" + args.tag,
+            {"seconds": args.equal_time, "particles": PARTICLES, "rows": rows},
+        )
         return
     rows = []
     for backend in args.backends:
@@ -588,7 +602,10 @@ def main() -> None:
                     f"{backend:8s} {name:14s} {label:30s} {1e3 * seconds:8.3f} ms  {ratio:5.2f}x", flush=True
                 )
     name = "user_guide_cost_quick" if args.quick else "user_guide_cost"
-    save(name, {"particles": PARTICLES, "blocks": args.blocks, "warm_up": args.warm_up, "rows": rows})
+    save(
+        name + args.tag,
+        {"particles": PARTICLES, "blocks": args.blocks, "warm_up": args.warm_up, "rows": rows},
+    )
 
 
 if __name__ == "__main__":
