@@ -402,14 +402,14 @@ def linear_score_solve(
             # The whole step first (Newton's near the solution, where one try ends the
             # search), then the halvings for the entries it does not decrease.
             start = (jnp.asarray(0), jnp.zeros_like(current), current, jnp.zeros(current.shape, bool))
-            _, fraction, current, _ = jax.lax.while_loop(searching, try_fraction, start)
+            _, fraction, reached, _ = jax.lax.while_loop(searching, try_fraction, start)
             moved_1, moved_2 = fraction * step_1, fraction * step_2
             # Go on while the Newton step is not negligible (converged) and the line search
             # moved some coordinate by more than round-off (not stuck).
             size = relative_tolerance * (1 + jnp.maximum(jnp.abs(e_1), jnp.abs(e_2)))
             converged = jnp.all(jnp.abs(step_1) <= size) & jnp.all(jnp.abs(step_2) <= size)
             stuck = jnp.all(jnp.abs(moved_1) <= size) & jnp.all(jnp.abs(moved_2) <= size)
-            return count + 1, e_1 + moved_1, e_2 + moved_2, current, ~(converged | stuck)
+            return count + 1, e_1 + moved_1, e_2 + moved_2, reached, ~(converged | stuck)
 
         e_1, e_2 = (jnp.broadcast_to(part, (weight.shape[0],) + part.shape) for part in (e_t1, e_t2))
         start = (jnp.asarray(0), e_1, e_2, value(e_1, e_2), jnp.asarray(True))
