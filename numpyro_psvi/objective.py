@@ -383,7 +383,7 @@ def linear_score_solve(
             )
             negligible = -slope <= round_off * (1 + jnp.abs(current))
 
-            def searching(search: tuple) -> jax.Array:
+            def line_searching(search: tuple) -> jax.Array:
                 """Whether a fraction is left to try and some entry has none that decreases it."""
                 index, _, _, found = search
                 return (index < len(LINEAR_SOLVE_FRACTIONS)) & ~jnp.all(found)
@@ -402,7 +402,7 @@ def linear_score_solve(
             # The whole step first (Newton's near the solution, where one try ends the
             # search), then the halvings for the entries it does not decrease.
             start = (jnp.asarray(0), jnp.zeros_like(current), current, jnp.zeros(current.shape, bool))
-            _, fraction, reached, _ = jax.lax.while_loop(searching, try_fraction, start)
+            _, fraction, reached, _ = jax.lax.while_loop(line_searching, try_fraction, start)
             moved_1, moved_2 = fraction * step_1, fraction * step_2
             # Go on while the Newton step is not negligible (converged) and the line search
             # moved some coordinate by more than round-off (not stuck).
