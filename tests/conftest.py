@@ -31,6 +31,11 @@ os.environ["XLA_FLAGS"] = " ".join(
     if flag
 )
 
+# One BLAS/OpenMP thread per process (torch's intra-op pool, NumPy's BLAS): the suite runs
+# in as many xdist workers as the machine has cores, and two workers with two threads each
+# oversubscribe a two-core machine (tests/cross: 239 s with torch's default, 211 s so).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
