@@ -23,6 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from numpyro.distributions import (
+    Distribution,
+    ExpandedDistribution,
+    Independent,
+    MaskedDistribution,
+    TransformedDistribution,
+)
 from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.initialization import init_to_uniform
@@ -359,7 +366,10 @@ def _check_density_on_support(name: str, site: dict, rng_key: jax.Array) -> None
     NaN at any of 64 points (:func:`psvi.checks.support_check_points`) of its declared
     support, uniform in (-2, 2) in the space of ``biject_to(support)``, the space its
     autoguide lives in; ``-inf`` (a density that underflows) passes. Skipped under a
-    caller's jit, where the values are not concrete."""
+    caller's jit, where the values are not concrete; and for NumPyro's own distributions
+    (:func:`_declares_its_domain`), whose compiled check costs seconds in a fresh process."""
+    if _declares_its_domain(site["fn"]):
+        return
     support = site["fn"].support
     try:
         transform = biject_to(support)
@@ -378,6 +388,19 @@ def _check_density_on_support(name: str, site: dict, rng_key: jax.Array) -> None
         raise ValueError(
             support_density_message(name, support, "biject_to(positive_ordered_vector) declares positive")
         )
+
+
+def _declares_its_domain(fn: Distribution) -> bool:
+    """Whether ``fn`` is one of NumPyro's distributions other than a bare
+    ``TransformedDistribution`` (judged through ``Independent``, ``ExpandedDistribution``
+    and ``MaskedDistribution``): its density is defined on all of the support it declares.
+    A bare ``TransformedDistribution`` declares its last transform's codomain, whatever
+    its base's values; a user's own distribution declares what its author wrote."""
+    while isinstance(fn, Independent | ExpandedDistribution | MaskedDistribution):
+        fn = fn.base_dist
+    return (
+        type(fn).__module__.startswith("numpyro.distributions.") and type(fn) is not TransformedDistribution
+    )
 
 
 def _check_data_arguments(model_trace, args: tuple, kwargs: dict) -> None:

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions import constraints
+from pyro.distributions import ExpandedDistribution, MaskedDistribution, TransformedDistribution, constraints
 from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample, init_to_uniform
@@ -525,7 +525,10 @@ def _check_density_on_support(name: str, site: dict) -> None:
     NaN (or its validation raises) at any of 64 points
     (:func:`psvi.checks.support_check_points`) of its declared support (uniform in
     (-2, 2) in the space of ``biject_to(support)``, the space its autoguide lives in);
-    ``-inf`` (a density that underflows) passes."""
+    ``-inf`` (a density that underflows) passes. Skipped for torch's and Pyro's own
+    distributions (:func:`_declares_its_domain`)."""
+    if _declares_its_domain(site["fn"]):
+        return
     support = site["fn"].support
     try:
         transform = biject_to(support)
@@ -547,6 +550,19 @@ def _check_density_on_support(name: str, site: dict) -> None:
         return
     if not finite:
         raise ValueError(support_density_message(name, support, "torch's biject_to(positive) declares real"))
+
+
+def _declares_its_domain(fn: torch.distributions.Distribution) -> bool:
+    """Whether ``fn`` is one of torch's or Pyro's distributions other than a bare
+    ``TransformedDistribution`` (judged through ``Independent``, ``ExpandedDistribution``
+    and ``MaskedDistribution``): its density is defined on all of the support it declares.
+    A bare ``TransformedDistribution`` declares its last transform's codomain, whatever
+    its base's values; a user's own distribution declares what its author wrote."""
+    while isinstance(fn, torch.distributions.Independent | ExpandedDistribution | MaskedDistribution):
+        fn = fn.base_dist
+    module = type(fn).__module__
+    library = module.startswith("torch.distributions.") or module.startswith("pyro.distributions.")
+    return library and type(fn) not in (torch.distributions.TransformedDistribution, TransformedDistribution)
 
 
 def _check_data_arguments(model_trace, args: tuple, kwargs: dict) -> None:
