@@ -47,6 +47,7 @@ from numpyro_psvi.scores import (
 )
 from psvi import checkpoint
 from psvi.checks import (
+    caller_stacklevel,
     check_checkpointing,
     check_global_batch,
     check_latents_match,
@@ -176,6 +177,7 @@ class ScoreEngine:
         self.mesh = resolve_mesh(data_parallel)
         self.reshuffle = bool(reshuffle)
         self._epoch_plates: dict[str, tuple[int, int]] = {}  # {plate: (size, global batch)}
+        self._warned_eager = False  # an update called outside jax.jit was warned of
 
     # ----------------------------------------------------------------- set-up
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
@@ -441,6 +443,20 @@ class ScoreEngine:
         """One update (pure, jittable): the next state and the update's loss (NaN when
         the update was rejected)."""
         raise NotImplementedError
+
+    def _warn_if_eager(self, state: EngineState) -> None:
+        """Warn once when an update runs outside a trace (``jax.jit``, ``lax.scan``): its
+        ``lax`` loops are traced and compiled again at every such call."""
+        if self._warned_eager or isinstance(state.rng_key, jax.core.Tracer):
+            return
+        self._warned_eager = True
+        warnings.warn(
+            f"{type(self).__name__}.update ran outside jax.jit: its inner loops are compiled "
+            "again at every such call (about half a second each on a small model). Compile it "
+            "once, as for SVI.update: update = jax.jit(svi.update), or use svi.run(...).",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
     def stable_update(
         self, state: EngineState, *args: Any, forward_mode_differentiation: bool = False, **kwargs: Any

@@ -397,6 +397,7 @@ class ProximalScoreVI(ScoreEngine):
             when the update was rejected. The weighted Fisher divergence the update
             minimizes is :meth:`~numpyro_psvi.ScoreEngine.fisher_divergence`.
         """
+        self._warn_if_eager(state)
         kwargs, density = self._prepare(args, kwargs)
         rng_key, key_particles, key_batch, key_kl = random.split(state.rng_key, 4)
         params_t = self._iterate_params(state)

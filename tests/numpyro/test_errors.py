@@ -230,3 +230,22 @@ def test_stable_update_is_the_update_under_svis_name():
         np.testing.assert_array_equal(svi.get_params(stable)[name], value)
     with pytest.raises(NotImplementedError, match="forward_mode_differentiation=True .* not supported"):
         svi.stable_update(state, forward_mode_differentiation=True)
+
+
+def test_an_update_outside_jit_is_warned_once_and_a_jitted_one_not():
+    """An eager update compiles its lax loops afresh at every call (~0.5 s on eight
+    schools against SVI's 0.09 s eager step, docs/step_cost.md): the warning names the fix."""
+
+    def model():
+        numpyro.sample("x", dist.Normal(0.0, 1.0))
+
+    svi = ProximalScoreVI(model, AutoNormal(model), adam())
+    state = svi.init(jax.random.PRNGKey(0))
+    with pytest.warns(UserWarning, match=r"update ran outside jax.jit.*jax.jit\(svi.update\)") as caught:
+        state, _ = svi.update(state)
+        state, _ = svi.update(state)
+    assert sum("outside jax.jit" in str(warning.message) for warning in caught) == 1
+    jitted = ProximalScoreVI(model, AutoNormal(model), adam())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        jax.jit(jitted.update)(jitted.init(jax.random.PRNGKey(0)))
