@@ -34,6 +34,17 @@ def test_user_guide_cost_quick():
 
 
 @pytest.mark.slow
+def test_cold_start_quick():
+    command = ["benchmarks.cold_start", "--repeats", "1", "--steps", "10", "--tag", "_quick"]
+    subprocess.run([sys.executable, "-m", *command], cwd=ROOT, check=True)
+    rows = json.loads((ROOT / "benchmarks/results/cold_start_quick.json").read_text())["rows"]
+    assert {(r["model"], r["method"]) for r in rows} == {
+        (m, e) for m in ("eight schools", "logistic regression") for e in ("SVI", "ProximalScoreVI")
+    }
+    assert all(len(r["seconds"]) == 1 and r["median"] > 0 for r in rows)
+
+
+@pytest.mark.slow
 def test_user_optimizers_quick():
     subprocess.run([sys.executable, "-m", "benchmarks.user_optimizers", "--quick"], cwd=ROOT, check=True)
     rows = json.loads((ROOT / "benchmarks/results/user_optimizers_quick.json").read_text())["rows"]
