@@ -554,6 +554,63 @@ def _auto_batched_mvn(
     )
 
 
+def _auto_batched_lowrank(
+    guide: autoguide.AutoBatchedLowRankMultivariateNormal, options: DensityOptions
+) -> GuideDensity:
+    """Independent low-rank-plus-diagonal blocks, parametrised as NumPyro's guide (block
+    ``b``: ``Cov = (F[b] s[b])(F[b] s[b])' + diag(s[b]^2)``); the closed forms sum over
+    blocks of ``_LowRank``."""
+    prefix = guide.prefix
+    dim = guide.latent_dim
+    size = batched_event_size(guide)
+
+    def pieces(params):
+        scale = params[f"{prefix}_scale"].reshape(-1, size)
+        factor = params[f"{prefix}_cov_factor"]
+        factor = factor.reshape(-1, size, factor.shape[-1]) * scale[..., None]
+        return params[f"{prefix}_loc"].reshape(-1, size), factor, scale
+
+    def get(params) -> _LowRank:
+        loc, factor, scale = pieces(params)
+        return jax.vmap(_LowRank.build)(loc, factor, scale**2)
+
+    def blocks(u):
+        return u.reshape(dim // size, size)
+
+    def sample(params, rng_key, num):
+        loc, factor, scale = pieces(params)
+        k1, k2 = jax.random.split(rng_key)
+        eps_w = jax.random.normal(k1, (num, *loc.shape[:-1], factor.shape[-1]), loc.dtype)
+        eps_d = jax.random.normal(k2, (num, *loc.shape), loc.dtype)
+        return (loc + jnp.einsum("bik,nbk->nbi", factor, eps_w) + eps_d * scale).reshape(num, dim)
+
+    def log_prob(params, u):
+        return jnp.sum(jax.vmap(_lowrank_log_prob)(get(params), blocks(u)))
+
+    def score(params, u):
+        q = get(params)
+        return jax.vmap(lambda q, r: -q.precision_matvec(r - q.loc))(q, blocks(u)).reshape(dim)
+
+    def kl(params0, params1, rng_key=None):
+        return jnp.sum(jax.vmap(_lowrank_kl)(get(params0), get(params1)))
+
+    def cov_quad(params, r):
+        _, factor, scale = pieces(params)
+        r = blocks(r)
+        return jnp.sum(jnp.einsum("bi,bik->bk", r, factor) ** 2) + jnp.sum((scale * r) ** 2)
+
+    return _finish(
+        latent_dim=dim,
+        sample=sample,
+        log_prob=log_prob,
+        score=score,
+        kl=kl,
+        cov_quad=cov_quad,
+        unpack=unpack_latent(guide),
+        score_method=options.score_method,
+    )
+
+
 def _monte_carlo_kl_and_cov(sample: Callable, log_prob: Callable, num_draws: int):
     """``kl`` and ``cov_quad`` of a guide without closed forms.
 
@@ -589,11 +646,22 @@ def _auto_continuous(guide: autoguide.AutoContinuous, options: DensityOptions) -
     """Any AutoContinuous guide whose ``get_posterior`` has a ``log_prob``."""
     dim = guide.latent_dim
 
+    def posterior(params):
+        try:
+            return guide.get_posterior(params)
+        except NotImplementedError as error:
+            raise TypeError(
+                f"ProximalScoreVI needs the density of {type(guide).__name__}, whose "
+                "get_posterior is not implemented. Use AutoMultivariateNormal or "
+                "AutoIAFNormal, or register a density for this guide with "
+                "numpyro_psvi.guide_family.register (docs/design.md)."
+            ) from error
+
     def sample(params, rng_key, num):
-        return guide.get_posterior(params).sample(rng_key, (num,))
+        return posterior(params).sample(rng_key, (num,))
 
     def log_prob(params, u):
-        return jnp.sum(guide.get_posterior(params).log_prob(u))
+        return jnp.sum(posterior(params).log_prob(u))
 
     kl, cov_quad = _monte_carlo_kl_and_cov(sample, log_prob, options.num_kl_draws)
 
@@ -1533,6 +1601,13 @@ _register(
     autoguide.AutoBatchedMultivariateNormal,
     GuideFamily("AutoBatchedMultivariateNormal", _autoguide_setup(_auto_batched_mvn)),
 )
+_register(
+    autoguide.AutoBatchedLowRankMultivariateNormal,
+    GuideFamily(
+        "AutoBatchedLowRankMultivariateNormal", _autoguide_setup(_auto_batched_lowrank),
+        init_params=_break_zero_cov_factor,
+    ),
+)  # fmt: skip
 _register(autoguide.AutoDelta, refused("AutoDelta", POINT_MASS))
 _register(autoguide.AutoLaplaceApproximation, refused("AutoLaplaceApproximation", LAPLACE))
 _register(
