@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Collection, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pyro.infer import autoguide
@@ -18,8 +18,10 @@ from pyro.poutine.subsample_messenger import _Subsample as Subsample
 from torch.distributions import Transform
 
 __all__ = [
+    "DenseGaussianLayout",
     "FlatAdamSteps",
     "apply",
+    "dense_gaussian_layout",
     "Subsample",
     "forget_optimizers",
     "inverse",
@@ -30,6 +32,32 @@ __all__ = [
     "tensor_version",
     "torch_optimizer",
 ]
+
+
+class DenseGaussianLayout(NamedTuple):
+    """How ``AutoGaussianDense`` assembles its joint Gaussian over the flat auxiliary
+    latent from per-factor params (read from its ``_setup_prototype``).
+
+    Attributes
+    ----------
+    site_shapes : dict
+        ``{latent site: (batch_shape, event_shape)}`` in flat-vector order.
+    size : int
+        Length of the flat latent.
+    scatter : dict
+        ``{factor site: (info_index, precision_index)}``: where each factor's
+        ``prec_sqrt @ white_vec`` and ``prec_sqrt @ prec_sqrt'`` entries add into the
+        flat information vector and the flattened ``(size, size)`` precision.
+    """
+
+    site_shapes: dict[str, tuple[torch.Size, torch.Size]]
+    size: int
+    scatter: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def dense_gaussian_layout(guide: autoguide.AutoGaussian) -> DenseGaussianLayout:
+    """The :class:`DenseGaussianLayout` of a set-up ``AutoGaussianDense``."""
+    return DenseGaussianLayout(dict(guide._dense_shapes), guide._dense_size, dict(guide._dense_scatter))
 
 
 def param_prefix(guide: autoguide.AutoGuide) -> str:

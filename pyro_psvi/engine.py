@@ -48,6 +48,7 @@ from pyro_psvi.parallel import ScoreReducer, ShardedPlates
 from pyro_psvi.scores import (
     ModelScores,
     at_random_values,
+    autoguide_latent_shapes,
     batch_ratio,
     check_model,
     guess_max_plate_nesting,
@@ -170,7 +171,7 @@ class ScoreEngine:
             prototype = getattr(self.guide, "prototype_trace", None)  # an autoguide's
             if prototype is not None:
                 check_latents_match(
-                    latent_shapes(prototype), self._latent_shapes,
+                    autoguide_latent_shapes(prototype, guide_trace), self._latent_shapes,
                     "The guide was built for another model: its latent sites differ from "
                     "this model's",
                     "Build the guide from the model you fit, e.g. AutoNormal(model).",

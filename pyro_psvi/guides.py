@@ -32,6 +32,7 @@ from pyro import poutine
 from pyro.distributions.transforms import AffineAutoregressive, SplineAutoregressive
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import autoguide
+from pyro.infer.autoguide.gaussian import AutoGaussianDense
 from pyro.params import user_param_name
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import ComposeTransform, IndependentTransform, biject_to, kl_divergence
@@ -60,7 +61,14 @@ from psvi.families import (
     holds_a_natural_pair_constant,
     refused,
 )
-from pyro_psvi._compat import apply, inverse, is_block_autoregressive, param_prefix, tensor_version
+from pyro_psvi._compat import (
+    apply,
+    dense_gaussian_layout,
+    inverse,
+    is_block_autoregressive,
+    param_prefix,
+    tensor_version,
+)
 from pyro_psvi.batches import SharedSubsample
 from pyro_psvi.jacobians import log_abs_det_jacobian
 
@@ -540,15 +548,9 @@ def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions)
     )
 
 
-def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) -> GuideDensity:
-    score_method = options.score_method
-    sites = _latent_sites(guide)
-    names = tuple(f"{param_prefix(guide)}.{p}" for p in ("loc", "scale", "scale_tril"))
-    dim = guide.latent_dim
-
-    def get(params):
-        # As Pyro's guide: L = diag(scale) @ scale_tril, scale_tril unit lower triangular.
-        return params[names[0]], params[names[1]][..., None] * params[names[2]]
+def _tril_gaussian(get: Callable[[Params], tuple[torch.Tensor, torch.Tensor]], dim: int) -> tuple:
+    """``sample, log_prob, score, kl, cov_quad`` of ``N(loc, L L')`` with
+    ``(loc, L) = get(params)``, ``L`` lower triangular."""
 
     def sample(params, num):
         loc, tril = get(params)
@@ -570,6 +572,21 @@ def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) 
     def cov_quad(params, r):
         return torch.sum((r @ get(params)[1]) ** 2, dim=-1)
 
+    return sample, log_prob, score, kl, cov_quad
+
+
+def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) -> GuideDensity:
+    score_method = options.score_method
+    sites = _latent_sites(guide)
+    names = tuple(f"{param_prefix(guide)}.{p}" for p in ("loc", "scale", "scale_tril"))
+    dim = guide.latent_dim
+
+    def get(params):
+        # As Pyro's guide: L = diag(scale) @ scale_tril, scale_tril unit lower triangular.
+        return params[names[0]], params[names[1]][..., None] * params[names[2]]
+
+    sample, log_prob, score, kl, cov_quad = _tril_gaussian(get, dim)
+
     def gaussian_params(loc, scale_tril):
         scale = torch.diagonal(scale_tril)
         return dict(zip(names, (loc, scale, scale_tril / scale[:, None]), strict=True))
@@ -581,6 +598,78 @@ def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) 
         closed_form=closed, loc_tril=get if closed else None,
         gaussian_params=gaussian_params if closed else None,
     )  # fmt: skip
+
+
+def _auto_gaussian_dense(guide: autoguide.AutoGaussian, options: DensityOptions) -> GuideDensity:
+    """Pyro's ``AutoGaussian`` (dense backend): per site ``u = loc + scale * a``, the
+    auxiliary ``a`` jointly Gaussian with the precision ``P = sum_f P_f`` and
+    information vector ``h = sum_f h_f`` its factors scatter into the flat latent (one
+    factor per model site, over the latents it depends on), so ``u ~ N(loc + scale *
+    P^-1 h, diag(scale) P^-1 diag(scale))``; the closed forms are the full-covariance
+    Gaussian's at that mean and Cholesky factor. The general inner steps fit it (the
+    closed-form step would leave the sparsity of ``P``)."""
+    prefix = param_prefix(guide)
+    layout = dense_gaussian_layout(guide)
+    sites = tuple(
+        LatentSite(name, batch + event, len(event)) for name, (batch, event) in layout.site_shapes.items()
+    )
+    loc_names = tuple(f"{prefix}.locs.{n}" for n in layout.site_shapes)
+    scale_names = tuple(f"{prefix}.scales.{n}" for n in layout.site_shapes)
+    factor_names = {f: (f"{prefix}.white_vecs.{f}", f"{prefix}.prec_sqrts.{f}") for f in layout.scatter}
+    size = layout.size
+
+    def get(params):
+        ref = params[loc_names[0]]
+        info = ref.new_zeros(size)
+        precision = ref.new_zeros(size * size)
+        for factor, (info_index, precision_index) in layout.scatter.items():
+            white_vec, prec_sqrt = (params[n] for n in factor_names[factor])
+            info = info.scatter_add(0, info_index, (prec_sqrt @ white_vec[..., None]).reshape(-1))
+            precision = precision.scatter_add(0, precision_index, (prec_sqrt @ prec_sqrt.mT).reshape(-1))
+        aux_tril = _precision_to_scale_tril(precision.reshape(size, size))
+        aux_mean = aux_tril @ (aux_tril.mT @ info)
+        loc = torch.cat([params[n].reshape(-1) for n in loc_names])
+        scale = torch.cat([params[n].reshape(-1) for n in scale_names])
+        return loc + scale * aux_mean, scale[:, None] * aux_tril
+
+    sample, log_prob, score, kl, cov_quad = _tril_gaussian(_remember_last(get), size)
+    closed = options.score_method == "closed_form"
+    names = loc_names + scale_names + tuple(itertools.chain.from_iterable(factor_names.values()))
+    return GuideDensity(
+        latent_dim=size, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
+        score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
+        closed_form=closed,
+    )  # fmt: skip
+
+
+def _remember_last(fn: Callable[[Params], Any]) -> Callable[[Params], Any]:
+    """``fn(params)``, remembered for the last params dict without an autograd graph (an
+    update's ``params_t``) and the last one with it (an inner step's params), each while
+    it holds the same tensors unchanged in place: an inner step's score, KL and
+    covariance weighting then share one evaluation at its params, and the update's steps
+    one at ``params_t``."""
+    last: dict[bool, tuple[Params, tuple, Any]] = {}
+
+    def remembered(params: Params) -> Any:
+        tracked = torch.is_grad_enabled() and any(v.requires_grad for v in params.values())
+        key = tuple((id(v), tensor_version(v)) for v in params.values())
+        held = last.get(tracked)
+        if held is None or held[0] is not params or held[1] != key:
+            held = last[tracked] = (params, key, fn(params))
+        return held[2]
+
+    return remembered
+
+
+def _precision_to_scale_tril(precision: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of ``precision``'s inverse, from the Cholesky factor of
+    ``precision`` with its rows and columns reversed (as Pyro's AutoGaussian takes it);
+    NaN where ``precision`` is not positive definite, which the engine rejects."""
+    flipped, info = torch.linalg.cholesky_ex(torch.flip(precision, (-2, -1)))
+    inverse_tril = torch.flip(flipped, (-2, -1)).mT
+    eye = torch.eye(precision.shape[-1], dtype=precision.dtype, device=precision.device)
+    tril = torch.linalg.solve_triangular(inverse_tril, eye, upper=False)
+    return torch.where(info == 0, tril, torch.nan)
 
 
 def _auto_lowrank(guide: autoguide.AutoLowRankMultivariateNormal, options: DensityOptions) -> GuideDensity:
@@ -2169,7 +2258,8 @@ _register(
         "AutoGuide",
         "ProximalScoreVI needs the guide's density. Supported: AutoNormal, "
         "AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal, "
-        "AutoIAFNormal, AutoNormalizingFlow and user-written guides (functions).",
+        "AutoGaussian (dense), AutoIAFNormal, AutoNormalizingFlow and user-written guides "
+        "(functions).",
     ),
 )
 _register(autoguide.AutoNormal, GuideFamily("AutoNormal", _autoguide_setup(_auto_normal), local_latents=True))
@@ -2184,6 +2274,15 @@ _register(
 _register(
     autoguide.AutoLowRankMultivariateNormal,
     GuideFamily("AutoLowRankMultivariateNormal", _autoguide_setup(_auto_lowrank), advice=lowrank_advice),
+)
+_register(AutoGaussianDense, GuideFamily("AutoGaussianDense", _autoguide_setup(_auto_gaussian_dense)))
+_register(
+    autoguide.AutoGaussian,
+    refused(
+        "AutoGaussian",
+        "its funsor backend's density is not read by ProximalScoreVI. Use "
+        "AutoGaussian(model, backend='dense') (the same Gaussian) or AutoMultivariateNormal.",
+    ),
 )
 _register(autoguide.AutoDelta, refused("AutoDelta", POINT_MASS))
 _register(autoguide.AutoLaplaceApproximation, refused("AutoLaplaceApproximation", LAPLACE))

@@ -406,6 +406,19 @@ def latent_shapes(model_trace) -> dict[str, tuple[int, ...]]:
     }
 
 
+def autoguide_latent_shapes(prototype, guide_trace) -> dict[str, tuple[int, ...]]:
+    """``{site name: shape}`` of the latents an autoguide was built for: those of its
+    prototype trace, or, where the prototype keeps only each site's support and batch
+    shape (``AutoGaussian``), of its run ``guide_trace`` (its auxiliary site excluded)."""
+    if all("value" in site for site in prototype.nodes.values()):
+        return latent_shapes(prototype)
+    return {
+        name: shape
+        for name, shape in latent_shapes(guide_trace).items()
+        if not guide_trace.nodes[name]["infer"].get("is_auxiliary")
+    }
+
+
 def local_latents(model_trace) -> dict[str, str]:
     """``{site name: plate name}`` of the latent sites inside a subsampled plate."""
     return {

@@ -8,6 +8,7 @@ import pytest
 import torch
 from pyro.distributions.transforms import affine_coupling, block_autoregressive, iterated
 from pyro.infer import autoguide as ag
+from pyro.infer.autoguide.gaussian import AutoGaussianFunsor
 
 from pyro_psvi import GSM, ProximalScoreVI, guide_family
 
@@ -81,6 +82,16 @@ def test_lowrank_advice_depends_on_the_dimension_and_the_particles():
 def test_refused_guides_name_the_reason(make, match):
     with pytest.raises(TypeError, match=match):
         ProximalScoreVI(model, make(), pyro.optim.Adam({"lr": 1e-2}))
+
+
+def test_autogaussian_is_fitted_with_the_dense_backend_and_refused_with_funsors():
+    """``AutoGaussian(model)`` builds ``AutoGaussianDense``, which has a density; the funsor
+    backend's guide (checked on its class: funsor is not a test dependency) is refused
+    with the fix."""
+    assert guide_family(ag.AutoGaussian(model)).refusal is None
+    funsor_guide = object.__new__(AutoGaussianFunsor)
+    with pytest.raises(TypeError, match="backend='dense'"):
+        guide_family(funsor_guide).check_supported()
 
 
 def test_a_subclass_inherits_its_family():
