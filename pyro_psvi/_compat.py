@@ -29,6 +29,8 @@ __all__ = [
     "load_optimizer_states",
     "optimizer_states",
     "param_prefix",
+    "StructuredLayout",
+    "structured_layout",
     "tensor_version",
     "torch_optimizer",
 ]
@@ -58,6 +60,22 @@ class DenseGaussianLayout(NamedTuple):
 def dense_gaussian_layout(guide: autoguide.AutoGaussian) -> DenseGaussianLayout:
     """The :class:`DenseGaussianLayout` of a set-up ``AutoGaussianDense``."""
     return DenseGaussianLayout(dict(guide._dense_shapes), guide._dense_size, dict(guide._dense_scatter))
+
+
+class StructuredLayout(NamedTuple):
+    """What ``AutoStructured`` fixed at set-up: its latent sites in sampling order, each
+    one's ``(batch_shape, unconstrained event_shape)``, conditional and upstream sites."""
+
+    site_shapes: dict[str, tuple[torch.Size, torch.Size]]
+    conditionals: dict[str, Any]
+    dependencies: dict[str, dict[str, Any]]
+
+
+def structured_layout(guide: autoguide.AutoStructured) -> StructuredLayout:
+    """The :class:`StructuredLayout` of a set-up ``AutoStructured``."""
+    order = [name for name, _ in guide._sorted_sites]
+    shapes = {name: (guide._batch_shapes[name], guide._unconstrained_event_shapes[name]) for name in order}
+    return StructuredLayout(shapes, dict(guide.conditionals), dict(guide.dependencies))
 
 
 def param_prefix(guide: autoguide.AutoGuide) -> str:

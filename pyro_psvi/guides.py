@@ -33,7 +33,7 @@ from pyro.distributions.transforms import AffineAutoregressive, SplineAutoregres
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import autoguide
 from pyro.infer.autoguide.gaussian import AutoGaussianDense
-from pyro.params import user_param_name
+from pyro.params import param_with_module_name, user_param_name
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import ComposeTransform, IndependentTransform, biject_to, kl_divergence
 from torch.distributions.transforms import (
@@ -67,6 +67,7 @@ from pyro_psvi._compat import (
     inverse,
     is_block_autoregressive,
     param_prefix,
+    structured_layout,
     tensor_version,
 )
 from pyro_psvi.batches import SharedSubsample
@@ -637,6 +638,69 @@ def _auto_gaussian_dense(guide: autoguide.AutoGaussian, options: DensityOptions)
     names = loc_names + scale_names + tuple(itertools.chain.from_iterable(factor_names.values()))
     return GuideDensity(
         latent_dim=size, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
+        score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
+        closed_form=closed,
+    )  # fmt: skip
+
+
+def _auto_structured(guide: autoguide.AutoStructured, options: DensityOptions) -> GuideDensity:
+    """Pyro's ``AutoStructured`` with ``"normal"`` or ``"mvn"`` conditionals and linear
+    dependencies: in its sampling order each site's ``u_d = loc_d + B_d e_d + sum_u W_du
+    (u_u - loc_u)``, ``e_d`` standard normal, ``B_d = diag(scale_d) L_d`` (``L_d = I`` for
+    ``"normal"``), so ``u ~ N(loc, M M')`` with ``M = (I - W)^-1 B`` lower triangular
+    (``W`` strictly block lower triangular, ``B`` block diagonal): the full-covariance
+    closed forms at ``(loc, M)``, evaluated once per params dict. Fitted by the
+    optimizer's inner steps (the closed-form step would leave the structure)."""
+    prefix = param_prefix(guide)
+    layout = structured_layout(guide)
+    order = list(layout.site_shapes)
+    sizes = {name: math.prod(batch + event) for name, (batch, event) in layout.site_shapes.items()}
+    sites = tuple(
+        LatentSite(name, batch + event, len(event)) for name, (batch, event) in layout.site_shapes.items()
+    )
+    mvn = {name for name in order if layout.conditionals[name] == "mvn"}
+    weight_names = {
+        (d, u): param_with_module_name(f"{prefix}.deps.{d}.{u}", "weight")
+        for d, upstreams in layout.dependencies.items()
+        for u in upstreams
+    }
+    dim = sum(sizes.values())
+
+    def get(params):
+        ref = params[f"{prefix}.locs.{order[0]}"]
+        blocks = []
+        for name in order:
+            scale = params[f"{prefix}.scales.{name}"]
+            blocks.append(
+                scale[:, None] * params[f"{prefix}.scale_trils.{name}"] if name in mvn else torch.diag(scale)
+            )
+        rows = []
+        for d in order:
+            row = []
+            for u in order:
+                if u == d:
+                    row.append(torch.eye(sizes[d], dtype=ref.dtype, device=ref.device))
+                elif (d, u) in weight_names:
+                    row.append(-params[weight_names[d, u]])
+                else:
+                    row.append(ref.new_zeros(sizes[d], sizes[u]))
+            rows.append(torch.cat(row, dim=1))
+        shear = torch.cat(rows, dim=0)  # I - W
+        tril = torch.linalg.solve_triangular(
+            shear, torch.block_diag(*blocks), upper=False, unitriangular=True
+        )
+        return torch.cat([params[f"{prefix}.locs.{name}"] for name in order]), tril
+
+    sample, log_prob, score, kl, cov_quad = _tril_gaussian(_remember_last(get), dim)
+    closed = options.score_method == "closed_form"
+    names = (
+        tuple(f"{prefix}.locs.{name}" for name in order)
+        + tuple(f"{prefix}.scales.{name}" for name in order)
+        + tuple(f"{prefix}.scale_trils.{name}" for name in order if name in mvn)
+        + tuple(weight_names.values())
+    )
+    return GuideDensity(
+        latent_dim=dim, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
         score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
         closed_form=closed,
     )  # fmt: skip
@@ -2252,14 +2316,38 @@ def _flow_family(guide: autoguide.AutoNormalizingFlow) -> GuideFamily:
     return GuideFamily(type(guide).__name__, _autoguide_setup(_flow), advice=advice)
 
 
+@guide_family.register(autoguide.AutoStructured)
+def _structured_family(guide: autoguide.AutoStructured) -> GuideFamily:
+    # Either a dict per site or one value for every site (until the guide is set up).
+    conditionals = (
+        guide.conditionals.values() if isinstance(guide.conditionals, dict) else [guide.conditionals]
+    )
+    dependencies = guide.dependencies
+    if any(not isinstance(c, str) or c not in ("normal", "mvn") for c in conditionals):
+        return refused(
+            type(guide).__name__,
+            "its conditionals must be 'normal' or 'mvn': a 'delta' site is a point mass and a "
+            "callable one has no density to evaluate. Use conditionals='mvn' or 'normal', or "
+            "AutoMultivariateNormal.",
+        )
+    deps = dependencies.values() if isinstance(dependencies, dict) else [{"": dependencies}]
+    if any(dep != "linear" for upstreams in deps for dep in upstreams.values()):
+        return refused(
+            type(guide).__name__,
+            "its dependencies must be 'linear' (a callable dependency's parameters are not read "
+            "by ProximalScoreVI). Use dependencies='linear', or AutoMultivariateNormal.",
+        )
+    return GuideFamily(type(guide).__name__, _autoguide_setup(_auto_structured))
+
+
 _register(
     autoguide.AutoGuide,
     refused(
         "AutoGuide",
         "ProximalScoreVI needs the guide's density. Supported: AutoNormal, "
         "AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal, "
-        "AutoGaussian (dense), AutoIAFNormal, AutoNormalizingFlow and user-written guides "
-        "(functions).",
+        "AutoGaussian (dense), AutoStructured ('normal' or 'mvn' conditionals, linear "
+        "dependencies), AutoIAFNormal, AutoNormalizingFlow and user-written guides (functions).",
     ),
 )
 _register(autoguide.AutoNormal, GuideFamily("AutoNormal", _autoguide_setup(_auto_normal), local_latents=True))

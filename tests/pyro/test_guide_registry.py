@@ -17,6 +17,11 @@ def model():
     pyro.sample("x", dist.Normal(torch.zeros(4), 1.0).to_event(1))
 
 
+def two_site_model():
+    x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    pyro.sample("y", dist.Normal(x, 1.0))
+
+
 @pytest.fixture(autouse=True)
 def fresh_pyro():
     pyro.clear_param_store()
@@ -71,7 +76,19 @@ def test_lowrank_advice_depends_on_the_dimension_and_the_particles():
     [
         (lambda: ag.AutoDelta(model), "AutoDelta: it is a point mass"),
         (lambda: ag.AutoLaplaceApproximation(model), "AutoLaplaceApproximation: it is a point mass"),
-        (lambda: ag.AutoStructured(model), "AutoStructured: ProximalScoreVI needs the guide's density"),
+        (lambda: ag.AutoStructured(model, conditionals="delta"), "AutoStructured: its conditionals must be"),
+        (
+            lambda: ag.AutoStructured(model, dependencies={"x": {}}, conditionals={"x": lambda: None}),
+            "a callable one has no density",
+        ),
+        (
+            lambda: ag.AutoStructured(
+                two_site_model,
+                conditionals={"x": "normal", "y": "normal"},
+                dependencies={"y": {"x": lambda aux: aux}},
+            ),
+            "dependencies must be 'linear'",
+        ),  # fmt: skip
         (
             lambda: ag.AutoNormalizingFlow(model, partial(iterated, 2, block_autoregressive)),
             "block-autoregressive flow has no inverse",
@@ -82,6 +99,14 @@ def test_lowrank_advice_depends_on_the_dimension_and_the_particles():
 def test_refused_guides_name_the_reason(make, match):
     with pytest.raises(TypeError, match=match):
         ProximalScoreVI(model, make(), pyro.optim.Adam({"lr": 1e-2}))
+
+
+def test_autostructured_with_normal_or_mvn_conditionals_and_linear_dependencies_is_fitted():
+    assert guide_family(ag.AutoStructured(model)).refusal is None
+    guide = ag.AutoStructured(
+        two_site_model, conditionals={"x": "normal", "y": "mvn"}, dependencies={"y": {"x": "linear"}}
+    )
+    assert guide_family(guide).refusal is None
 
 
 def test_autogaussian_is_fitted_with_the_dense_backend_and_refused_with_funsors():
