@@ -40,10 +40,13 @@ from numpyro_psvi.scores import (
     coordinate_weights,
     draw_plate_indices,
     latent_shapes,
+    local_latents,
     make_score_and_param_grad_fn,
     make_score_fn,
+    masked_latents,
     model_param_names,
     subsampled_plates,
+    unmodelled_scores,
 )
 from psvi import checkpoint
 from psvi.checks import (
@@ -178,6 +181,7 @@ class ScoreEngine:
         self.reshuffle = bool(reshuffle)
         self._epoch_plates: dict[str, tuple[int, int]] = {}  # {plate: (size, global batch)}
         self._warned_eager = False  # an update called outside jax.jit was warned of
+        self._masked_sites: tuple[str, ...] = ()  # latent sites whose density the model masks
 
     # ----------------------------------------------------------------- set-up
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
@@ -194,7 +198,9 @@ class ScoreEngine:
         """
         _, model_seed, guide_seed = random.split(rng_key, 3)  # the split SVI.init makes
         all_kwargs = {**kwargs, **self.static_kwargs}
-        local = check_model(self.model, model_seed, args, all_kwargs)
+        model_trace = check_model(self.model, model_seed, args, all_kwargs)
+        local = local_latents(model_trace)
+        self._masked_sites = masked_latents(model_trace)
         self._model_param_names = model_param_names(self.model, args, all_kwargs)
         self.batch_ratio = batch_ratio(self.model, args, all_kwargs)
         if self.mesh is not None:
@@ -329,7 +335,7 @@ class ScoreEngine:
             scored = self._model_scores(
                 self.model, density, particles, model_params, key_batch, indices, args, kwargs
             )
-            return particles, scored
+            return particles, self._where_unmodelled(density, params, particles, scored)
         axis = self.mesh.axis_names[0]
         model = ShardedPlates(self.model, axis_name=axis, world_size=self.mesh.size)
         static = {}
@@ -346,7 +352,23 @@ class ScoreEngine:
         arrays = shard_map(on_device, self.mesh, replicated, replicated)(
             particles, params, model_params, key_batch, indices
         )
-        return particles, _merge_static(arrays, static["rest"])
+        scored = _merge_static(arrays, static["rest"])
+        return particles, self._where_unmodelled(density, params, particles, scored)
+
+    def _where_unmodelled(
+        self, density: GuideDensity, params: dict, particles: jax.Array, scored: ModelScores
+    ) -> ModelScores:
+        """``scored`` with ``q_t``'s own scores where a masked site's entry has no density
+        in the model (:func:`~numpyro_psvi.scores.unmodelled_scores`); a diagonal guide's
+        reduced statistics (data parallel) are left as they are."""
+        if not self._masked_sites or scored.scores is None:
+            return scored
+        zeros = jnp.zeros(density.latent_dim, particles.dtype)
+        values, pull_back = jax.vjp(density.unpack, zeros)
+        masked = pull_back({name: jnp.full(jnp.shape(value), name in self._masked_sites, zeros.dtype)
+                            for name, value in values.items()})[0] > 0  # fmt: skip
+        guide_scores = jax.vmap(density.score, (None, 0))(params, particles)
+        return scored._replace(scores=unmodelled_scores(scored.scores, guide_scores, masked))
 
     def _model_scores(
         self,

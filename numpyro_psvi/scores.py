@@ -304,13 +304,13 @@ def make_score_and_param_grad_fn(
     return fn
 
 
-def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) -> dict[str, str]:
-    """Raise a clear error for models ProximalScoreVI cannot fit.
+def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) -> dict:
+    """Raise a clear error for models ProximalScoreVI cannot fit; return the model's trace
+    (at random values of its latents).
 
     Checks: at least one latent site; no discrete latent site; no plate whose
     ``subsample_size`` exceeds its size; finite observed data. (``numpyro.param``
-    sites in the model are learned jointly.) Returns ``{site name: plate name}`` of the
-    latent sites inside a subsampled plate (local latents).
+    sites in the model are learned jointly.)
     """
     model_trace = trace(at_random_values(model, rng_key)).get_trace(*args, **kwargs)
     for name, site in model_trace.items():
@@ -340,12 +340,6 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
             "The model has no latent sample sites: there is no posterior to fit. "
             "Check that the observed sites carry obs= and that some site has none."
         )
-    local = {}
-    for name in latents:
-        for frame in model_trace[name]["cond_indep_stack"]:
-            full_size = model_trace[frame.name]["args"][0] if frame.name in model_trace else None
-            if full_size is not None and frame.size != full_size:
-                local[name] = frame.name
     _check_data_arguments(model_trace, args, kwargs)
     for name, site in model_trace.items():
         if site["type"] == "sample" and site["is_observed"]:
@@ -358,7 +352,48 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
                     f"Observed site {name!r} holds non-finite values (NaN or inf); remove or "
                     "impute them before fitting (or mask them with numpyro.handlers.mask)."
                 )
+    return model_trace
+
+
+def _latents(model_trace: dict) -> dict[str, dict]:
+    return {n: s for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"]}
+
+
+def local_latents(model_trace: dict) -> dict[str, str]:
+    """``{site name: plate name}`` of the latent sites inside a subsampled plate."""
+    local = {}
+    for name, site in _latents(model_trace).items():
+        for frame in site["cond_indep_stack"]:
+            full_size = model_trace[frame.name]["args"][0] if frame.name in model_trace else None
+            if full_size is not None and frame.size != full_size:
+                local[name] = frame.name
     return local
+
+
+def masked_latents(model_trace: dict) -> tuple[str, ...]:
+    """The latent sites whose own log density the model masks (``handlers.mask``, a
+    ``MaskedDistribution``, and so ``obs=..., obs_mask=...``'s ``{name}_unobserved``):
+    some of their entries may have no density in the model at all
+    (:func:`unmodelled_scores`)."""
+    return tuple(
+        name
+        for name, site in _latents(model_trace).items()
+        if site.get("mask") is not None or has_masked_density(site["fn"])
+    )
+
+
+def unmodelled_scores(scores: jax.Array, guide_scores: jax.Array, masked: jax.Array | None) -> jax.Array:
+    """``scores`` ``(S, D)`` with each coordinate of a masked site (``masked``, ``(D,)``)
+    whose model score is exactly 0 at every particle, i.e. on which the model puts no
+    density, given ``q_t``'s own scores ``guide_scores`` instead: with no density the
+    score-matching target for it is a flat one, to which the guide's scale would grow
+    without bound (as the ELBO's entropy term grows it under SVI); with ``q_t``'s own
+    score it has no pull of its own and stays bounded, as the entries of ``obs_mask``'s
+    ``{name}_unobserved`` that are observed are never read."""
+    if masked is None:
+        return scores
+    unmodelled = masked & jnp.all(scores == 0, axis=0)
+    return jnp.where(unmodelled, guide_scores, scores)
 
 
 def _check_density_on_support(name: str, site: dict, rng_key: jax.Array) -> None:
@@ -388,6 +423,14 @@ def _check_density_on_support(name: str, site: dict, rng_key: jax.Array) -> None
         raise ValueError(
             support_density_message(name, support, "biject_to(positive_ordered_vector) declares positive")
         )
+
+
+def has_masked_density(fn: Distribution) -> bool:
+    """Whether ``fn`` is a ``MaskedDistribution`` (through ``Independent`` and
+    ``ExpandedDistribution``)."""
+    while isinstance(fn, Independent | ExpandedDistribution):
+        fn = fn.base_dist
+    return isinstance(fn, MaskedDistribution)
 
 
 def _declares_its_domain(fn: Distribution) -> bool:

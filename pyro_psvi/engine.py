@@ -12,6 +12,7 @@ Subclasses write :meth:`ScoreEngine.update`: :class:`~pyro_psvi.ProximalScoreVI`
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -55,8 +56,10 @@ from pyro_psvi.scores import (
     latent_shapes,
     local_latents,
     log_joints,
+    masked_latents,
     model_scores,
     same_log_joints,
+    unmodelled_scores,
 )
 
 
@@ -134,6 +137,7 @@ class ScoreEngine:
         self.data_parallel = data_parallel
         self.reducer: ScoreReducer | None = None  # set up on the first step
         self._shards: ShardedPlates | None = None  # draws the batches (rank's share, epochs)
+        self._masked_sites: tuple[str, ...] = ()  # latent sites whose density the model masks
         self.epoch_order = EpochOrder() if reshuffle else None
 
     @property
@@ -153,6 +157,7 @@ class ScoreEngine:
         self._latent_shapes = latent_shapes(model_trace)
         self.batch_ratio = batch_ratio(model_trace)
         local = local_latents(model_trace)
+        self._masked_sites = masked_latents(model_trace)
         if self.reducer is not None:
             self._check_data_parallel(model_trace, local)
             # The global batch is R ranks' batches: the global N/B is the rank's over R.
@@ -337,7 +342,22 @@ class ScoreEngine:
             if self.reducer is not None:  # the other ranks raise too, instead of waiting
                 self.reducer.mean(self._reduced_like(particles, model_params, statistics), failed=True)
             raise
-        return particles, self.reduce_scores(params, particles, scored, statistics)
+        scored = self.reduce_scores(params, particles, scored, statistics)
+        return particles, self._where_unmodelled(params, particles, scored)
+
+    def _where_unmodelled(self, params: Params, particles: torch.Tensor, scored: ModelScores) -> ModelScores:
+        """``scored`` with ``q_t``'s own scores where a masked site's entry has no density
+        in the model (:func:`~pyro_psvi.scores.unmodelled_scores`); a diagonal guide's
+        reduced statistics (data parallel) are left as they are."""
+        if not self._masked_sites or scored.scores is None:
+            return scored
+        masked = torch.cat([
+            torch.full((math.prod(site.shape),), site.name in self._masked_sites, device=particles.device)
+            for site in self.density.sites
+        ])  # fmt: skip
+        with torch.no_grad():
+            guide_scores = self.density.score(params, particles)
+        return scored._replace(scores=unmodelled_scores(scored.scores, guide_scores, masked))
 
     def reduce_scores(
         self, params: Params, particles: torch.Tensor, scored: ModelScores, statistics: bool = False

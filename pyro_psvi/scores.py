@@ -430,6 +430,43 @@ def local_latents(model_trace) -> dict[str, str]:
     }
 
 
+def has_masked_density(fn: torch.distributions.Distribution) -> bool:
+    """Whether ``fn`` is a ``MaskedDistribution`` (through ``Independent`` and
+    ``ExpandedDistribution``)."""
+    while isinstance(fn, torch.distributions.Independent | ExpandedDistribution):
+        fn = fn.base_dist
+    return isinstance(fn, MaskedDistribution)
+
+
+def masked_latents(model_trace) -> tuple[str, ...]:
+    """The latent sites whose own log density the model masks (``poutine.mask``, a
+    ``MaskedDistribution``, and so ``obs=..., obs_mask=...``'s ``{name}_unobserved``):
+    some of their entries may have no density in the model at all
+    (:func:`unmodelled_scores`)."""
+    return tuple(
+        name
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        and (site.get("mask") is not None or has_masked_density(site["fn"]))
+    )  # fmt: skip
+
+
+def unmodelled_scores(
+    scores: torch.Tensor, guide_scores: torch.Tensor, masked: torch.Tensor | None
+) -> torch.Tensor:
+    """``scores`` ``(S, D)`` with each coordinate of a masked site (``masked``, ``(D,)``)
+    whose model score is exactly 0 at every particle, i.e. on which the model puts no
+    density, given ``q_t``'s own scores ``guide_scores`` instead: with no density the
+    score-matching target for it is a flat one, to which the guide's scale would grow
+    without bound (as the ELBO's entropy term grows it under SVI); with ``q_t``'s own
+    score it has no pull of its own and stays bounded, as the entries of ``obs_mask``'s
+    ``{name}_unobserved`` that are observed are never read."""
+    if masked is None:
+        return scores
+    unmodelled = masked & torch.all(scores == 0, dim=0)
+    return torch.where(unmodelled, guide_scores, scores)
+
+
 def batch_ratio(model_trace) -> float:
     """The largest ``N/B`` (a plate's size over its subsample size) of a model trace; 1
     when nothing is subsampled."""

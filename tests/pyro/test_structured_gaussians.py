@@ -125,14 +125,14 @@ def test_draws_have_the_guides_moments():
 
 def test_fits_a_gaussian_hierarchy_exactly():
     """The exact posterior is in the family and, with exact scores, the fixed point:
-    after 200 updates (from the guide's start, 1-3 posterior sds away), means within
+    after 100 updates (from the guide's start, 1-3 posterior sds away), means within
     0.05 posterior sd and covariance entries within 5% of the largest variance (the
     200,000 draws' own error is ~0.01 of each; the rest is the last updates' particles
     and float32; no mini-batch noise)."""
     pyro.set_rng_seed(0)
     guide = AutoGaussian(model)
     svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
-    for _ in range(200):
+    for _ in range(100):
         svi.step()
     assert svi.num_rejected == 0
     density = guide_density(guide)
@@ -190,7 +190,7 @@ def test_structured_fits_a_gaussian_hierarchy_exactly():
     pyro.set_rng_seed(0)
     guide = AutoStructured(model)
     svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
-    for _ in range(200):
+    for _ in range(100):
         svi.step()
     assert svi.num_rejected == 0
     density = guide_density(guide)
