@@ -67,9 +67,9 @@ def unconstraining(fit_model):
     }
 
 
-def perturbed_guide(fit_model, seed=0):
+def perturbed(guide, seed=0):
+    """Set ``guide`` up and move every param off its start; its density and params."""
     pyro.set_rng_seed(seed)
-    guide = AutoGaussian(fit_model)
     guide()
     density = guide_density(guide)
     store = pyro.get_param_store()
@@ -78,15 +78,16 @@ def perturbed_guide(fit_model, seed=0):
             leaf = store.get_param(name).unconstrained()
             leaf.add_(0.3 * torch.randn_like(leaf))
     params = {name: store.get_param(name).detach() for name in density.param_names}
-    return guide, density, params
+    return density, params
 
 
-def test_density_equals_the_guides_own_draws():
+def test_autogaussian_density_equals_the_guides_own_draws():
     """Each draw of the guide: its auxiliary MVN value ``a`` (Pyro's site) and latent
     values; at their unconstrained flat ``u = loc + scale * a`` our log density is the
     auxiliary one minus ``sum(log scale)`` (the affine map's Jacobian), and our score is
     its autograd gradient (float32 round-off)."""
-    guide, density, params = perturbed_guide(scaled_model)
+    guide = AutoGaussian(scaled_model)
+    density, params = perturbed(guide)
     transforms = unconstraining(scaled_model)
     assert [site.name for site in density.sites] == ["mu", "s", "theta"] and density.latent_dim == 5
     log_scale = sum(
@@ -105,10 +106,11 @@ def test_density_equals_the_guides_own_draws():
         torch.testing.assert_close(density.score(params, u.detach()), grad, rtol=1e-4, atol=1e-5)
 
 
-def test_draws_have_the_guides_moments():
+def test_autogaussian_draws_have_the_guides_moments():
     """Our draws against the guide's own (20,000 each): means within 5 standard errors of
     their difference, variances within 5 relative sds (``sqrt(2 / n)`` each) of each other."""
-    guide, density, params = perturbed_guide(scaled_model, seed=1)
+    guide = AutoGaussian(scaled_model)
+    density, params = perturbed(guide, seed=1)
     transforms = unconstraining(scaled_model)
     n = 20_000
     ours = density.sample(params, n).double()
@@ -123,47 +125,18 @@ def test_draws_have_the_guides_moments():
     torch.testing.assert_close(ours.var(0), theirs.var(0), rtol=5 * (2 * 2 / n) ** 0.5, atol=0)
 
 
-def test_fits_a_gaussian_hierarchy_exactly():
-    """The exact posterior is in the family and, with exact scores, the fixed point:
-    after 100 updates (from the guide's start, 1-3 posterior sds away), means within
-    0.05 posterior sd and covariance entries within 5% of the largest variance (the
-    200,000 draws' own error is ~0.01 of each; the rest is the last updates' particles
-    and float32; no mini-batch noise)."""
-    pyro.set_rng_seed(0)
-    guide = AutoGaussian(model)
-    svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
-    for _ in range(100):
-        svi.step()
-    assert svi.num_rejected == 0
-    density = guide_density(guide)
-    params = {name: pyro.param(name).detach() for name in density.param_names}
-    draws = density.sample(params, 200_000).double()
-    mean, cov = exact_posterior()
-    sd = cov.diagonal().sqrt()
-    assert torch.all((draws.mean(0) - mean).abs() < 0.05 * sd)
-    assert torch.all((torch.cov(draws.T) - cov).abs() < 0.05 * cov.diagonal().max())
-
-
 def test_structured_density_equals_the_guides_own_draws():
     """AutoStructured ('mvn' and 'normal' conditionals, linear dependencies): at the
     unconstrained flat value of each of the guide's draws our log density is the
     standard normal density of its auxiliary draws plus its Delta sites' log densities
     (``-log|det B_d|`` and the constraining map's ``log|du/dx|``) minus that map's
     ``log|du/dx|``; our score is its autograd gradient (float32 round-off)."""
-    pyro.set_rng_seed(0)
     guide = AutoStructured(
         scaled_model,
         conditionals={"mu": "normal", "s": "normal", "theta": "mvn"},
         dependencies={"s": {"mu": "linear"}, "theta": {"mu": "linear", "s": "linear"}},
     )
-    guide()
-    density = guide_density(guide)
-    store = pyro.get_param_store()
-    with torch.no_grad():
-        for name in density.param_names:
-            leaf = store.get_param(name).unconstrained()
-            leaf.add_(0.3 * torch.randn_like(leaf))
-    params = {name: store.get_param(name).detach() for name in density.param_names}
+    density, params = perturbed(guide)
     assert [site.name for site in density.sites] == ["mu", "s", "theta"] and density.latent_dim == 5
     transforms = unconstraining(scaled_model)
     for _ in range(4):
@@ -182,13 +155,17 @@ def test_structured_density_equals_the_guides_own_draws():
         torch.testing.assert_close(density.score(params, u.detach()), grad, rtol=1e-4, atol=1e-5)
 
 
-def test_structured_fits_a_gaussian_hierarchy_exactly():
-    """AutoStructured's defaults ('mvn' conditionals, linear dependencies from the model's
-    posterior dependencies: ``theta`` on ``mu``) hold every Gaussian over ``(mu, theta)``
-    (``M = (I - W)^-1 B`` is a general lower-triangular factor here), so the exact
-    posterior is the fixed point; tolerances as for AutoGaussian above."""
+@pytest.mark.parametrize("guide_cls", [AutoGaussian, AutoStructured])
+def test_fits_a_gaussian_hierarchy_exactly(guide_cls):
+    """The exact posterior is in both families (AutoStructured's defaults, 'mvn'
+    conditionals and linear dependencies from the model's posterior dependencies,
+    ``theta`` on ``mu``, make ``M = (I - W)^-1 B`` a general lower-triangular factor
+    here) and, with exact scores, the fixed point: after 100 updates (from the guide's
+    start, 1-3 posterior sds away), means within 0.05 posterior sd and covariance
+    entries within 5% of the largest variance (the 200,000 draws' own error is ~0.01 of
+    each; the rest is the last updates' particles and float32; no mini-batch noise)."""
     pyro.set_rng_seed(0)
-    guide = AutoStructured(model)
+    guide = guide_cls(model)
     svi = ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 1e-2}))
     for _ in range(100):
         svi.step()
