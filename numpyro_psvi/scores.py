@@ -382,7 +382,7 @@ def masked_latents(model_trace: dict) -> tuple[str, ...]:
     )
 
 
-def unmodelled_scores(scores: jax.Array, guide_scores: jax.Array, masked: jax.Array | None) -> jax.Array:
+def unmodelled_scores(scores: jax.Array, guide_scores: jax.Array, masked: jax.Array) -> jax.Array:
     """``scores`` ``(S, D)`` with each coordinate of a masked site (``masked``, ``(D,)``)
     whose model score is exactly 0 at every particle, i.e. on which the model puts no
     density, given ``q_t``'s own scores ``guide_scores`` instead: with no density the
@@ -390,8 +390,6 @@ def unmodelled_scores(scores: jax.Array, guide_scores: jax.Array, masked: jax.Ar
     without bound (as the ELBO's entropy term grows it under SVI); with ``q_t``'s own
     score it has no pull of its own and stays bounded, as the entries of ``obs_mask``'s
     ``{name}_unobserved`` that are observed are never read."""
-    if masked is None:
-        return scores
     unmodelled = masked & jnp.all(scores == 0, axis=0)
     return jnp.where(unmodelled, guide_scores, scores)
 

@@ -451,9 +451,7 @@ def masked_latents(model_trace) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-def unmodelled_scores(
-    scores: torch.Tensor, guide_scores: torch.Tensor, masked: torch.Tensor | None
-) -> torch.Tensor:
+def unmodelled_scores(scores: torch.Tensor, guide_scores: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """``scores`` ``(S, D)`` with each coordinate of a masked site (``masked``, ``(D,)``)
     whose model score is exactly 0 at every particle, i.e. on which the model puts no
     density, given ``q_t``'s own scores ``guide_scores`` instead: with no density the
@@ -461,8 +459,6 @@ def unmodelled_scores(
     without bound (as the ELBO's entropy term grows it under SVI); with ``q_t``'s own
     score it has no pull of its own and stays bounded, as the entries of ``obs_mask``'s
     ``{name}_unobserved`` that are observed are never read."""
-    if masked is None:
-        return scores
     unmodelled = masked & torch.all(scores == 0, dim=0)
     return torch.where(unmodelled, guide_scores, scores)
 
