@@ -45,6 +45,19 @@ def test_cold_start_quick():
 
 
 @pytest.mark.slow
+def test_structured_guides_quick():
+    command = ["benchmarks.structured_guides", "--groups", "3", "--updates", "8", "--blocks", "1"]
+    subprocess.run([sys.executable, "-m", *command, "--tag", "_quick"], cwd=ROOT, check=True)
+    rows = json.loads((ROOT / "benchmarks/results/structured_guides_quick.json").read_text())["rows"]
+    assert {(r["guide"], r["method"]) for r in rows} == {
+        (g, m)
+        for g in ("AutoGaussian", "AutoStructured")
+        for m in ("SVI", "ProximalScoreVI", "ProximalScoreVI, inner_steps=5")
+    }
+    assert all([c["updates"] for c in r["checkpoints"]] == [2, 4, 8] and r["step_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
 def test_user_optimizers_quick():
     subprocess.run([sys.executable, "-m", "benchmarks.user_optimizers", "--quick"], cwd=ROOT, check=True)
     rows = json.loads((ROOT / "benchmarks/results/user_optimizers_quick.json").read_text())["rows"]
