@@ -1,8 +1,8 @@
 """Latent entries on which the model puts no density (``obs_mask``'s observed entries of
 ``{name}_unobserved``, ``handlers.mask``) have no posterior to fit: their model scores
 are 0, a flat target that grew a full-covariance guide's scale for them without bound
-(x1e8 in 350 updates, then every update rejected). With ``q_t``'s own scores in their
-place they stay bounded and the rest of the fit is exact; both packages."""
+(from 0.1 to 7e8 in 350 updates, then every update rejected). With ``q_t``'s own scores
+in their place they stay bounded and the rest of the fit is exact; both packages."""
 
 from __future__ import annotations
 
