@@ -549,9 +549,15 @@ def _auto_diagonal(guide: autoguide.AutoDiagonalNormal, options: DensityOptions)
     )
 
 
-def _tril_gaussian(get: Callable[[Params], tuple[torch.Tensor, torch.Tensor]], dim: int) -> tuple:
-    """``sample, log_prob, score, kl, cov_quad`` of ``N(loc, L L')`` with
-    ``(loc, L) = get(params)``, ``L`` lower triangular."""
+def _tril_density(
+    get: Callable[[Params], tuple[torch.Tensor, torch.Tensor]],
+    sites: tuple[LatentSite, ...],
+    names: tuple[str, ...],
+    score_method: str,
+) -> GuideDensity:
+    """The :class:`GuideDensity` of ``N(loc, L L')`` with ``(loc, L) = get(params)``, ``L``
+    lower triangular, over the flat latent laid out as ``sites``, its params ``names``."""
+    dim = sum(math.prod(site.shape) for site in sites)
 
     def sample(params, num):
         loc, tril = get(params)
@@ -573,32 +579,29 @@ def _tril_gaussian(get: Callable[[Params], tuple[torch.Tensor, torch.Tensor]], d
     def cov_quad(params, r):
         return torch.sum((r @ get(params)[1]) ** 2, dim=-1)
 
-    return sample, log_prob, score, kl, cov_quad
+    closed = score_method == "closed_form"
+    return GuideDensity(
+        latent_dim=dim, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
+        score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
+        closed_form=closed,
+    )  # fmt: skip
 
 
 def _auto_mvn(guide: autoguide.AutoMultivariateNormal, options: DensityOptions) -> GuideDensity:
-    score_method = options.score_method
-    sites = _latent_sites(guide)
     names = tuple(f"{param_prefix(guide)}.{p}" for p in ("loc", "scale", "scale_tril"))
-    dim = guide.latent_dim
 
     def get(params):
         # As Pyro's guide: L = diag(scale) @ scale_tril, scale_tril unit lower triangular.
         return params[names[0]], params[names[1]][..., None] * params[names[2]]
 
-    sample, log_prob, score, kl, cov_quad = _tril_gaussian(get, dim)
-
     def gaussian_params(loc, scale_tril):
         scale = torch.diagonal(scale_tril)
         return dict(zip(names, (loc, scale, scale_tril / scale[:, None]), strict=True))
 
-    closed = score_method == "closed_form"
-    return GuideDensity(
-        latent_dim=dim, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
-        score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
-        closed_form=closed, loc_tril=get if closed else None,
-        gaussian_params=gaussian_params if closed else None,
-    )  # fmt: skip
+    density = _tril_density(get, _latent_sites(guide), names, options.score_method)
+    if not density.closed_form:
+        return density
+    return density._replace(loc_tril=get, gaussian_params=gaussian_params)
 
 
 def _auto_gaussian_dense(guide: autoguide.AutoGaussian, options: DensityOptions) -> GuideDensity:
@@ -611,9 +614,6 @@ def _auto_gaussian_dense(guide: autoguide.AutoGaussian, options: DensityOptions)
     closed-form step would leave the sparsity of ``P``)."""
     prefix = param_prefix(guide)
     layout = dense_gaussian_layout(guide)
-    sites = tuple(
-        LatentSite(name, batch + event, len(event)) for name, (batch, event) in layout.site_shapes.items()
-    )
     loc_names = tuple(f"{prefix}.locs.{n}" for n in layout.site_shapes)
     scale_names = tuple(f"{prefix}.scales.{n}" for n in layout.site_shapes)
     factor_names = {f: (f"{prefix}.white_vecs.{f}", f"{prefix}.prec_sqrts.{f}") for f in layout.scatter}
@@ -633,14 +633,8 @@ def _auto_gaussian_dense(guide: autoguide.AutoGaussian, options: DensityOptions)
         scale = torch.cat([params[n].reshape(-1) for n in scale_names])
         return loc + scale * aux_mean, scale[:, None] * aux_tril
 
-    sample, log_prob, score, kl, cov_quad = _tril_gaussian(_remember_last(get), size)
-    closed = options.score_method == "closed_form"
     names = loc_names + scale_names + tuple(itertools.chain.from_iterable(factor_names.values()))
-    return GuideDensity(
-        latent_dim=size, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
-        score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
-        closed_form=closed,
-    )  # fmt: skip
+    return _tril_density(_remember_last(get), _layout_sites(layout.site_shapes), names, options.score_method)
 
 
 def _auto_structured(guide: autoguide.AutoStructured, options: DensityOptions) -> GuideDensity:
@@ -655,16 +649,12 @@ def _auto_structured(guide: autoguide.AutoStructured, options: DensityOptions) -
     layout = structured_layout(guide)
     order = list(layout.site_shapes)
     sizes = {name: math.prod(batch + event) for name, (batch, event) in layout.site_shapes.items()}
-    sites = tuple(
-        LatentSite(name, batch + event, len(event)) for name, (batch, event) in layout.site_shapes.items()
-    )
     mvn = {name for name in order if layout.conditionals[name] == "mvn"}
     weight_names = {
         (d, u): param_with_module_name(f"{prefix}.deps.{d}.{u}", "weight")
         for d, upstreams in layout.dependencies.items()
         for u in upstreams
     }
-    dim = sum(sizes.values())
 
     def get(params):
         ref = params[f"{prefix}.locs.{order[0]}"]
@@ -691,19 +681,19 @@ def _auto_structured(guide: autoguide.AutoStructured, options: DensityOptions) -
         )
         return torch.cat([params[f"{prefix}.locs.{name}"] for name in order]), tril
 
-    sample, log_prob, score, kl, cov_quad = _tril_gaussian(_remember_last(get), dim)
-    closed = options.score_method == "closed_form"
     names = (
         tuple(f"{prefix}.locs.{name}" for name in order)
         + tuple(f"{prefix}.scales.{name}" for name in order)
         + tuple(f"{prefix}.scale_trils.{name}" for name in order if name in mvn)
         + tuple(weight_names.values())
     )
-    return GuideDensity(
-        latent_dim=dim, sites=sites, param_names=names, sample=sample, log_prob=log_prob,
-        score=score if closed else _autodiff_score(log_prob), kl=kl, cov_quad=cov_quad,
-        closed_form=closed,
-    )  # fmt: skip
+    return _tril_density(_remember_last(get), _layout_sites(layout.site_shapes), names, options.score_method)
+
+
+def _layout_sites(site_shapes: dict[str, tuple[torch.Size, torch.Size]]) -> tuple[LatentSite, ...]:
+    """The :class:`LatentSite` of each ``{name: (batch_shape, unconstrained event_shape)}``,
+    in that order."""
+    return tuple(LatentSite(name, batch + event, len(event)) for name, (batch, event) in site_shapes.items())
 
 
 def _remember_last(fn: Callable[[Params], Any]) -> Callable[[Params], Any]:

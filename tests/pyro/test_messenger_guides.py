@@ -10,6 +10,8 @@ from pyro.infer import autoguide as ag
 
 from pyro_psvi import ProximalScoreVI
 
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
+
 Y = torch.tensor([1.5, -0.5, 3.0])
 NUM_DRAWS = 20_000
 
@@ -22,13 +24,6 @@ def model(y=Y):
     with pyro.plate("j", len(y)):
         theta = pyro.sample("theta", dist.Normal(0.0, 2.0))
         pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
-
-
-@pytest.fixture(autouse=True)
-def fresh_pyro():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ from torch.distributions import biject_to
 from pyro_psvi import ProximalScoreVI
 from pyro_psvi.guides import guide_density
 
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
+
 Y = torch.tensor([1.5, -0.5, 3.0])
 PRIOR_SD = 5.0
 
@@ -47,13 +49,6 @@ def exact_posterior():
     precision[1:, 1:] = 2 * torch.eye(n, dtype=torch.float64)
     cov = torch.linalg.inv(precision)
     return cov @ torch.cat([torch.zeros(1, dtype=torch.float64), Y.double()]), cov
-
-
-@pytest.fixture(autouse=True)
-def fresh_pyro():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 def unconstraining(fit_model):
