@@ -22,9 +22,11 @@ from numpyro.infer import Predictive
 from numpyro.infer.autoguide import AutoGuideList
 from numpyro.infer.util import log_likelihood
 
+from numpyro_psvi.enumeration import enumerated_sites
 from numpyro_psvi.guides import guide_density
 from numpyro_psvi.objective import weighted_fisher
 from numpyro_psvi.scores import at_random_values, make_log_joint, make_score_fn
+from psvi.checks import enumerated_export_message
 from psvi.inference_data import (
     add_fit_stats,
     dim_names,
@@ -34,6 +36,13 @@ from psvi.inference_data import (
     use_datatree,
 )
 from psvi.modes import ModeCoverage, search_modes, uncovered_message
+
+
+def _check_not_enumerated(model: Callable, args: tuple, kwargs: dict) -> None:
+    model_trace = trace(at_random_values(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+    enumerated = enumerated_sites(model_trace)
+    if enumerated:
+        raise NotImplementedError(enumerated_export_message(enumerated))
 
 
 def full_data(model: Callable) -> Callable:
@@ -133,6 +142,7 @@ def to_inference_data(
         ``sample_stats``; dims named after the model's plates.
     """
     datatree = use_datatree(datatree)  # before the draws: a missing ArviZ loses no work
+    _check_not_enumerated(model, args, kwargs)
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     key_draws, key_predict, key_trace, key_diagnostics = jax.random.split(rng_key, 4)
     # The fitted model params (numpyro.param sites learned with the guide) are in params.
@@ -204,6 +214,7 @@ def vi_diagnostics(
     """
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     key_draws, key_model = jax.random.split(rng_key)
+    _check_not_enumerated(model, args, kwargs)
     density = guide_density(guide, model=substitute(model, data=params), args=args, kwargs=kwargs)
     full_model = full_data(substitute(model, data=params))
     draws = density.sample(params, key_draws, num_samples)
@@ -240,6 +251,7 @@ def mode_coverage(
     """
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     key_draws, key_model = jax.random.split(rng_key)
+    _check_not_enumerated(model, args, kwargs)
     density = guide_density(guide, model=substitute(model, data=params), args=args, kwargs=kwargs)
     full_model = full_data(substitute(model, data=params))
     draws = density.sample(params, key_draws, num_draws)

@@ -30,6 +30,7 @@ from numpyro.infer.svi import SVIRunResult
 
 from numpyro_psvi._compat import device_varying, shard_map
 from numpyro_psvi.batches import advance_epoch_order, batch_indices, init_epoch_order
+from numpyro_psvi.enumeration import enumerated_sites
 from numpyro_psvi.guides import GuideDensity, guide_family
 from numpyro_psvi.objective import fisher_statistics, negative_elbo, weighted_fisher
 from numpyro_psvi.parallel import ShardedPlates, resolve_mesh
@@ -39,6 +40,7 @@ from numpyro_psvi.scores import (
     check_model,
     coordinate_weights,
     draw_plate_indices,
+    guess_max_plate_nesting,
     latent_shapes,
     local_latents,
     make_score_and_param_grad_fn,
@@ -182,6 +184,7 @@ class ScoreEngine:
         self._epoch_plates: dict[str, tuple[int, int]] = {}  # {plate: (size, global batch)}
         self._warned_eager = False  # an update called outside jax.jit was warned of
         self._masked_sites: tuple[str, ...] = ()  # latent sites whose density the model masks
+        self._enumerate_nesting: int | None = None  # the plate nesting of a model with enumerated sites
 
     # ----------------------------------------------------------------- set-up
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
@@ -201,6 +204,8 @@ class ScoreEngine:
         model_trace = check_model(self.model, model_seed, args, all_kwargs)
         local = local_latents(model_trace)
         self._masked_sites = masked_latents(model_trace)
+        if enumerated_sites(model_trace):  # summed out of the scores' log joint
+            self._enumerate_nesting = guess_max_plate_nesting(model_trace)
         self._model_param_names = model_param_names(self.model, args, all_kwargs)
         self.batch_ratio = batch_ratio(self.model, args, all_kwargs)
         if self.mesh is not None:
@@ -212,7 +217,11 @@ class ScoreEngine:
         self._build_density = self.family.setup(
             self.guide, self.model, args, all_kwargs, self.density_options
         )
-        svi_state = self._svi.init(rng_key, *args, init_params=init_params, **kwargs)
+        with warnings.catch_warnings():
+            # SVI's init (run only to set up the guide's params) warns of a discrete site;
+            # the engine sums such sites out of its scores.
+            warnings.filterwarnings("ignore", "Currently, SVI with Trace_ELBO loss does not support")
+            svi_state = self._svi.init(rng_key, *args, init_params=init_params, **kwargs)
         self.constrain_fn = self._svi.constrain_fn
         self._latent_shapes = latent_shapes(self.model, args, all_kwargs)
         check_latents_match(
@@ -389,14 +398,15 @@ class ScoreEngine:
             indices = draw_plate_indices(plates, key_batch) if plates else None
         if not model_params:
             score_fn = make_score_fn(
-                model, density.unpack, args, kwargs, local_plates, self.vectorize_particles
-            )
+                model, density.unpack, args, kwargs, local_plates, self.vectorize_particles,
+                self._enumerate_nesting,
+            )  # fmt: skip
             log_joints, scores = score_fn(particles, key_batch, indices)
             param_grads = {}
         else:
             score_fn = make_score_and_param_grad_fn(
                 model, density.unpack, self.constrain_fn, args, kwargs, local_plates,
-                self.vectorize_particles,
+                self.vectorize_particles, self._enumerate_nesting,
             )  # fmt: skip
             log_joints, scores, param_grads = score_fn(particles, model_params, key_batch, indices)
         weights, active_dim = None, density.latent_dim

@@ -47,6 +47,7 @@ from numpyro_psvi._compat import (
     is_jaxpr_literal,
     unpack_latent,
 )
+from numpyro_psvi.enumeration import is_continuous_latent
 from numpyro_psvi.jacobians import constrained_value, log_abs_det_jacobian
 from numpyro_psvi.scores import given_plate_indices, subsampled_plates_of
 from psvi.checks import (
@@ -723,7 +724,7 @@ def check_user_guide(guide: Callable, model: Callable, args: tuple, kwargs: dict
     sites, continuous, not point masses, each on its model site's support."""
     key = jax.random.PRNGKey(0)
     model_trace = trace(seed(model, key)).get_trace(*args, **kwargs)
-    latents = {n: s for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    latents = {n: s for n, s in model_trace.items() if is_continuous_latent(s)}
     guide_trace = trace(seed(guide, key)).get_trace(*args, **kwargs)
     sites = {n: s for n, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]}
     described = {}
@@ -1235,7 +1236,7 @@ def _user_guide(
     without local latents its density then has ``linear_scores``.
     """
     model_trace = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
-    latents = {n: s for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    latents = {n: s for n, s in model_trace.items() if is_continuous_latent(s)}
     subsampled = {name: size for name, (size, _) in subsampled_plates_of(model_trace).items()}
     transforms = {name: biject_to(site["fn"].support) for name, site in latents.items()}
     template, local_plates = {}, {}
@@ -1441,8 +1442,8 @@ def _user_guide_setup(guide, model, args, kwargs, options: DensityOptions):
         raise ValueError("A user-written guide's density needs the model (model=...).")
     check_user_guide(guide, model, args, kwargs)
     model_trace = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
-    transforms = {name: biject_to(site["fn"].support) for name, site in model_trace.items()
-                  if site["type"] == "sample" and not site["is_observed"]}  # fmt: skip
+    latents = {name: site for name, site in model_trace.items() if is_continuous_latent(site)}
+    transforms = {name: biject_to(site["fn"].support) for name, site in latents.items()}
     closed_forms = site_closed_forms(guide, args, kwargs, transforms)
     reads = None
     if closed_forms.linear and closed_forms.kl and closed_forms.variance:

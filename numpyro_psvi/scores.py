@@ -36,9 +36,12 @@ from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import log_density
 
 from numpyro_psvi._compat import unconstrain_reparam
+from numpyro_psvi.enumeration import enumerated_log_density, enumerated_sites, is_continuous_latent
 from psvi.checks import (
     argument_labels,
+    discrete_latent_message,
     half_precision_message,
+    no_latents_message,
     nonfinite_rows_message,
     support_check_points,
     support_density_message,
@@ -83,6 +86,7 @@ def make_log_joint(
     model_args: tuple,
     model_kwargs: dict[str, Any],
     local_plates: dict[str, tuple[tuple[str, int], ...]] | None = None,
+    enumerate_nesting: int | None = None,
 ) -> Callable[..., jax.Array]:
     """Return ``log_joint(u, batch_key, indices=None)``: the mini-batch log target in
     unconstrained space.
@@ -101,15 +105,27 @@ def make_log_joint(
         subsampled plates take ``indices`` (:func:`draw_plate_indices`), each local
         latent is sliced by its plates' indices before its transform, and its
         ``log|det J|`` gets the plate's ``N/B`` scale like its log density.
+    enumerate_nesting : int, optional
+        For a model with enumerated discrete sites: its plate nesting, left of which
+        they are enumerated and summed out (:mod:`numpyro_psvi.enumeration`).
     """
+    if enumerate_nesting is None:
+
+        def density(model: Callable) -> jax.Array:
+            return log_density(model, model_args, model_kwargs, {})[0]
+
+    else:
+
+        def density(model: Callable) -> jax.Array:
+            return enumerated_log_density(model, model_args, model_kwargs, enumerate_nesting)
+
     if not local_plates:
 
         def log_joint(u: jax.Array, batch_key: jax.Array, indices=None) -> jax.Array:
             seeded = seed(model, batch_key)
             if indices:
                 seeded = substitute(seeded, substitute_fn=partial(given_plate_indices, indices))
-            substituted = substitute(seeded, substitute_fn=partial(unconstrain_reparam, unpack(u)))
-            return log_density(substituted, model_args, model_kwargs, {})[0]
+            return density(substitute(seeded, substitute_fn=partial(unconstrain_reparam, unpack(u))))
 
         return log_joint
 
@@ -128,8 +144,7 @@ def make_log_joint(
                     value = jnp.take(value, indices[plate], axis=dim)
             return unconstrain_reparam({name: value}, site)
 
-        substituted = substitute(seed(model, batch_key), substitute_fn=unconstrain)
-        return log_density(substituted, model_args, model_kwargs, {})[0]
+        return density(substitute(seed(model, batch_key), substitute_fn=unconstrain))
 
     return log_joint_with_locals
 
@@ -217,6 +232,7 @@ def make_score_fn(
     model_kwargs: dict[str, Any],
     local_plates: dict[str, tuple[tuple[str, int], ...]] | None = None,
     vectorize: bool = True,
+    enumerate_nesting: int | None = None,
 ) -> ScoreFn:
     """Return ``scores(particles, batch_key, indices=None) -> (log_joints (S,), scores (S, D))``.
 
@@ -224,9 +240,10 @@ def make_score_fn(
     ``indices``, see :func:`make_log_joint`); one vectorized (``vmap``) pass computes
     the ``S`` score calls, or with ``vectorize=False`` one pass per particle
     (``lax.map``). The scores are those of the plate-scaled log joint: divide a
-    local latent's by its ``N/B`` (:func:`coordinate_weights`).
+    local latent's by its ``N/B`` (:func:`coordinate_weights`). ``enumerate_nesting``:
+    see :func:`make_log_joint`.
     """
-    log_joint = make_log_joint(model, unpack, model_args, model_kwargs, local_plates)
+    log_joint = make_log_joint(model, unpack, model_args, model_kwargs, local_plates, enumerate_nesting)
     value_and_scores = _over_particles(jax.value_and_grad(log_joint), vectorize)
 
     def scores(particles: jax.Array, batch_key: jax.Array, indices=None):
@@ -249,16 +266,12 @@ def at_random_values(model: Callable, rng_key: jax.Array) -> Callable:
 
 
 def latent_shapes(model: Callable, args: tuple, kwargs: dict) -> dict[str, tuple[int, ...]]:
-    """``{site name: shape}`` of the model's latent sample sites, traced abstractly
+    """``{site name: shape}`` of the model's continuous latent sites, traced abstractly
     (``jax.eval_shape``: nothing is computed)."""
 
     def latent_values():
         model_trace = trace(at_random_values(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
-        return {
-            name: site["value"]
-            for name, site in model_trace.items()
-            if site["type"] == "sample" and not site["is_observed"]
-        }
+        return {name: site["value"] for name, site in model_trace.items() if is_continuous_latent(site)}
 
     return {name: tuple(value.shape) for name, value in jax.eval_shape(latent_values).items()}
 
@@ -281,19 +294,21 @@ def make_score_and_param_grad_fn(
     model_kwargs: dict[str, Any],
     local_plates: dict[str, tuple[tuple[str, int], ...]] | None = None,
     vectorize: bool = True,
+    enumerate_nesting: int | None = None,
 ):
     """Return ``fn(particles, model_params, batch_key, indices=None) -> (log_joints,
     scores, grad)``.
 
     For a model with ``numpyro.param`` sites: ``model_params`` are their unconstrained
     values, and ``grad`` is the gradient in them of the mean over particles of the
-    mini-batch log joint, from the same pass as the scores (``vectorize`` as in
-    :func:`make_score_fn`).
+    mini-batch log joint, from the same pass as the scores (``vectorize`` and
+    ``enumerate_nesting`` as in :func:`make_score_fn`).
     """
 
     def log_joint(u, model_params, batch_key, indices):
         fixed = substitute(model, data=constrain_model_params(model_params))
-        return make_log_joint(fixed, unpack, model_args, model_kwargs, local_plates)(u, batch_key, indices)
+        log_joint = make_log_joint(fixed, unpack, model_args, model_kwargs, local_plates, enumerate_nesting)
+        return log_joint(u, batch_key, indices)
 
     value_and_grads = _over_particles(jax.value_and_grad(log_joint, argnums=(0, 1)), vectorize)
 
@@ -308,7 +323,8 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
     """Raise a clear error for models ProximalScoreVI cannot fit; return the model's trace
     (at random values of its latents).
 
-    Checks: at least one latent site; no discrete latent site; no plate whose
+    Checks: at least one continuous latent site; no discrete latent site that is not
+    marked for parallel enumeration (:mod:`numpyro_psvi.enumeration`); no plate whose
     ``subsample_size`` exceeds its size; finite observed data. (``numpyro.param``
     sites in the model are learned jointly.)
     """
@@ -322,24 +338,17 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
                     f"size {size}: the N/B scale would be wrong. Use subsample_size <= {size} "
                     "(or None for the full data)."
                 )
-    latents = []
+    latents, enumerated = [], enumerated_sites(model_trace)
     for name, site in model_trace.items():
-        if site["type"] != "sample" or site["is_observed"]:
+        if site["type"] != "sample" or site["is_observed"] or name in enumerated:
             continue
         if site["fn"].support.is_discrete:
-            raise ValueError(
-                f"Latent site {name!r} is discrete ({type(site['fn']).__name__}); score-based "
-                "VI needs a differentiable log density in every latent. Marginalize it out "
-                "in the model (e.g. a mixture via MixtureSameFamily) or use "
-                "numpyro.infer.TraceEnum_ELBO with SVI."
-            )
+            how = site["infer"].get("enumerate")
+            raise ValueError(discrete_latent_message(name, type(site["fn"]).__name__, how, "numpyro"))
         _check_density_on_support(name, site, rng_key)
         latents.append(name)
     if not latents:
-        raise ValueError(
-            "The model has no latent sample sites: there is no posterior to fit. "
-            "Check that the observed sites carry obs= and that some site has none."
-        )
+        raise ValueError(no_latents_message(enumerated))
     _check_data_arguments(model_trace, args, kwargs)
     for name, site in model_trace.items():
         if site["type"] == "sample" and site["is_observed"]:
@@ -355,12 +364,24 @@ def check_model(model: Callable, rng_key: jax.Array, args: tuple, kwargs: dict) 
     return model_trace
 
 
+def guess_max_plate_nesting(model_trace: dict) -> int:
+    """Deepest plate dim used by any sample site of a model trace."""
+    dims = [
+        -frame.dim
+        for site in model_trace.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.dim is not None
+    ]
+    return max(dims, default=0)
+
+
 def _latents(model_trace: dict) -> dict[str, dict]:
-    return {n: s for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    return {name: site for name, site in model_trace.items() if is_continuous_latent(site)}
 
 
 def local_latents(model_trace: dict) -> dict[str, str]:
-    """``{site name: plate name}`` of the latent sites inside a subsampled plate."""
+    """``{site name: plate name}`` of the continuous latent sites inside a subsampled plate."""
     local = {}
     for name, site in _latents(model_trace).items():
         for frame in site["cond_indep_stack"]:

@@ -284,6 +284,67 @@ def local_latent_message(name: str, plate: str, guide_name: str) -> str:
     )
 
 
+def discrete_latent_message(name: str, family: str, enumerate: object, ppl: str) -> str:
+    """The error for a discrete latent site that is not marked for parallel enumeration
+    (``enumerate``: its ``infer["enumerate"]``)."""
+    handlers = "poutine" if ppl == "pyro" else "handlers"
+    how = (
+        f"is marked infer={{'enumerate': {enumerate!r}}}; only 'parallel' enumeration is supported"
+        if enumerate is not None
+        else "is not marked for enumeration"
+    )
+    return (
+        f"Latent site {name!r} is discrete ({family}) and {how}. ProximalScoreVI sums "
+        "discrete latents out of the log joint exactly, as TraceEnum_ELBO does: mark the "
+        f"site infer={{'enumerate': 'parallel'}} (or decorate the model with "
+        f"{ppl}{'.contrib.funsor' if ppl == 'numpyro' else '.infer'}.config_enumerate) and "
+        f"leave it out of the guide (e.g. AutoNormal({handlers}.block(model, hide=[{name!r}]))); "
+        "or marginalize it in the model (a mixture via MixtureSameFamily)."
+    )
+
+
+def no_latents_message(enumerated: tuple[str, ...]) -> str:
+    """The error for a model without a continuous latent site (``enumerated``: its
+    discrete sites summed out)."""
+    if enumerated:
+        return (
+            f"The model has no continuous latent sites: its discrete sites {list(enumerated)} "
+            "are summed out exactly, so there is no guide to fit. Compute their posterior "
+            "with infer_discrete, or give the model continuous parameters as latent sites."
+        )
+    return (
+        "The model has no latent sample sites: there is no posterior to fit. "
+        "Check that the observed sites carry obs= and that some site has none."
+    )
+
+
+class EnumerationError(ValueError):
+    """A model's enumerated discrete sites cannot be summed out as the model is written."""
+
+
+def enumerated_export_message(names: tuple[str, ...]) -> str:
+    """The error for an ArviZ export or diagnostic of a model with enumerated sites."""
+    return (
+        f"The model's discrete sites {list(names)} are enumerated: the fit sums them out, but "
+        "the ArviZ export and the VI diagnostics evaluate the model with every latent drawn, "
+        "which they cannot do for these (their log-likelihoods would hold one draw of them, "
+        "not the sum). Draw the guide's latents with Predictive (and the discrete ones "
+        "with infer_discrete) instead."
+    )
+
+
+def enumeration_scale_message(names: list[str], ppl: str) -> str:
+    """The error for enumerated sites and their dependents under different scales."""
+    handlers = "poutine" if ppl == "pyro" else "handlers"
+    return (
+        f"The sites {names} are summed over the same enumerated latents but have different "
+        f"scales (a subsampled plate's N/B or {handlers}.scale): a plate's N/B must multiply "
+        "each data point's sum over its discrete latents, so every site in such a sum needs "
+        "one scale, as TraceEnum_ELBO requires. Put the discrete latent and the sites that "
+        "depend on it in the same plates, or do not subsample those plates."
+    )
+
+
 def unbatched_local_guide_message(name: str, plate: str) -> str:
     """The error for a user-written guide's local latent evaluated without a mini-batch
     (e.g. a full-data export)."""

@@ -27,7 +27,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
-from psvi.checks import unbatched_local_guide_message
+from psvi.checks import enumerated_export_message, unbatched_local_guide_message
 from psvi.families import DensityOptions
 from psvi.inference_data import (
     add_fit_stats,
@@ -39,6 +39,7 @@ from psvi.inference_data import (
 )
 from psvi.modes import ModeCoverage, search_modes, uncovered_message
 from pyro_psvi.batches import SharedSubsample
+from pyro_psvi.enumeration import enumerated_sites
 from pyro_psvi.guides import GuideDensity, guide_family
 from pyro_psvi.objective import weighted_fisher
 from pyro_psvi.scores import (
@@ -183,6 +184,9 @@ def _density(model: Callable, guide: Any, args: tuple, kwargs: dict) -> tuple[Gu
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
         model_trace = poutine.trace(at_random_values(model)).get_trace(*args, **kwargs)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    enumerated = enumerated_sites(model_trace)
+    if enumerated:
+        raise NotImplementedError(enumerated_export_message(enumerated))
     options = DensityOptions(max_plate_nesting=guess_max_plate_nesting(model_trace))
     density = family.setup(guide, model_trace, guide_trace, args, kwargs, options)(args, kwargs)
     local = next((site for site in density.sites if site.plates), None)

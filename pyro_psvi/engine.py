@@ -29,6 +29,7 @@ from torch.distributions.constraints import Constraint
 
 from psvi import checkpoint
 from psvi.checks import (
+    EnumerationError,
     caller_stacklevel,
     check_checkpointing,
     check_latents_match,
@@ -43,6 +44,7 @@ from psvi.checks import (
 from psvi.families import DensityOptions
 from pyro_psvi._compat import forget_optimizers, load_optimizer_states, optimizer_states
 from pyro_psvi.batches import EpochOrder
+from pyro_psvi.enumeration import enumerated_model, enumerated_sites
 from pyro_psvi.guides import GuideDensity, Params, guide_family
 from pyro_psvi.objective import fisher_statistics, negative_elbo, weighted_fisher
 from pyro_psvi.parallel import ScoreReducer, ShardedPlates
@@ -138,6 +140,7 @@ class ScoreEngine:
         self.reducer: ScoreReducer | None = None  # set up on the first step
         self._shards: ShardedPlates | None = None  # draws the batches (rank's share, epochs)
         self._masked_sites: tuple[str, ...] = ()  # latent sites whose density the model masks
+        self._scored_model = model  # the model the scores come from (enumerated, set up)
         self.epoch_order = EpochOrder() if reshuffle else None
 
     @property
@@ -166,6 +169,8 @@ class ScoreEngine:
         self._arg_signature = _signature(args, kwargs)
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(model_trace)
+        if enumerated_sites(model_trace):  # summed out of the scores' log joint
+            self._scored_model = enumerated_model(self.model, self.max_plate_nesting)
         options = self.density_options._replace(max_plate_nesting=self.max_plate_nesting)
         existing = set(pyro.get_param_store().keys())
         fresh_guide = getattr(self.guide, "prototype_trace", False) is None  # an autoguide never run
@@ -280,16 +285,18 @@ class ScoreEngine:
             common = dict(subsample=subsample, max_plate_nesting=self.max_plate_nesting)
             try:
                 vectorized = log_joints(
-                    self.model, self.density, particles, args, kwargs,
+                    self._scored_model, self.density, particles, args, kwargs,
                     vectorize=True, check_shapes=True, **common,
                 )  # fmt: skip
+            except EnumerationError:  # the model as written, not its vectorization
+                raise
             # Model code may fail in any way under the extra particle dimension; the
             # sequential pass below then runs the model as written.
             except Exception as error:  # noqa: BLE001
                 reason = f"{type(error).__name__}: {error}"
             else:
                 one_at_a_time = log_joints(
-                    self.model, self.density, particles, args, kwargs, vectorize=False, **common
+                    self._scored_model, self.density, particles, args, kwargs, vectorize=False, **common
                 )
                 if same_log_joints(vectorized, one_at_a_time):
                     return True
@@ -334,7 +341,7 @@ class ScoreEngine:
                 with torch.no_grad():  # a user guide's plates draw the step's batch
                     particles = self.density.sample(params, self.num_particles)
                 scored = model_scores(
-                    self.model, self.density, particles, args, kwargs,
+                    self._scored_model, self.density, particles, args, kwargs,
                     max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,
                     model_params=model_params,
                 )  # fmt: skip

@@ -71,6 +71,7 @@ from pyro_psvi._compat import (
     tensor_version,
 )
 from pyro_psvi.batches import SharedSubsample
+from pyro_psvi.enumeration import is_continuous_latent
 from pyro_psvi.jacobians import log_abs_det_jacobian
 
 Params = dict[str, torch.Tensor]
@@ -985,11 +986,7 @@ def check_user_guide(guide: Callable, model_trace, guide_trace) -> None:
     """Raise a clear error for a user-written guide whose density cannot be evaluated at
     the model's latent values: its sample sites must be exactly the model's latent
     sites, continuous, not point masses, each on its model site's support."""
-    latents = {
-        name: site
-        for name, site in model_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-    }
+    latents = {name: site for name, site in model_trace.nodes.items() if is_continuous_latent(site)}
     sites = {
         name: site
         for name, site in guide_trace.nodes.items()
@@ -1058,7 +1055,7 @@ def user_guide_layout(guide: Callable, model_trace, guide_trace) -> UserGuideLay
     check_user_guide(guide, model_trace, guide_trace)
     sites, supports = [], {}
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+        if not is_continuous_latent(site):
             continue
         support = site["fn"].support
         shape = list(biject_to(support).inverse_shape(site["value"].shape))

@@ -35,12 +35,15 @@ from pyro.poutine.util import site_is_subsample
 
 from psvi.checks import (
     argument_labels,
+    discrete_latent_message,
     half_precision_message,
+    no_latents_message,
     nonfinite_rows_message,
     support_check_points,
     support_density_message,
 )
 from pyro_psvi.batches import SharedSubsample
+from pyro_psvi.enumeration import enumerated_sites, is_continuous_latent, is_enumerated, sum_out_enumerated
 from pyro_psvi.guides import GuideDensity
 from pyro_psvi.jacobians import log_abs_det_jacobian
 
@@ -138,11 +141,12 @@ def _all_event(flags: torch.Tensor, event_dim: int) -> torch.Tensor:
     return flags.flatten(-event_dim).all(-1) if event_dim else flags
 
 
-def _site_log_probs(model_trace) -> dict[str, torch.Tensor]:
-    """Scaled and masked ``log_prob`` of every sample site (plate indices excluded)."""
+def _site_log_probs(model_trace, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Scaled and masked ``log_prob`` of every sample site but those in ``skip`` (plate
+    indices excluded)."""
     out = {}
     for name, site in model_trace.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site):
+        if site["type"] == "sample" and not site_is_subsample(site) and name not in skip:
             log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
             out[name] = scale_and_mask(log_prob, site["scale"], site["mask"])
     return out
@@ -222,8 +226,11 @@ def log_joints(
         with poutine.trace() as tracer, pyro.plate(PARTICLE_PLATE, num, dim=particle_dim):
             model(*args, **kwargs)
     model_trace = tracer.trace
-    total = u.new_zeros(num)
-    for name, term in _site_log_probs(model_trace).items():
+    total, covered = u.new_zeros(num), set()
+    if is_enumerated(model_trace):
+        total, covered = sum_out_enumerated(model_trace, PARTICLE_PLATE)
+        total = total.expand(num)
+    for name, term in _site_log_probs(model_trace, skip=covered).items():
         if check_shapes:
             _check_plate_shape(name, model_trace.nodes[name], term, particle_dim)
         total = total + per_particle(name, term, num, particle_dim)
@@ -264,7 +271,11 @@ def _log_joint_once(model, density, u, args, kwargs, subsample) -> torch.Tensor:
     handler = UnconstrainedValues(density.unpack(u), local_plates(density), subsample)
     with SharedSubsample(subsample), handler, poutine.trace() as tracer:
         model(*args, **kwargs)
-    terms = list(_site_log_probs(tracer.trace).values())
+    terms, covered = [], set()
+    if is_enumerated(tracer.trace):
+        marginal, covered = sum_out_enumerated(tracer.trace, None)
+        terms.append(marginal)
+    terms += list(_site_log_probs(tracer.trace, skip=covered).values())
     terms += list(handler.scaled_log_abs_det_jacobians().values())
     total = sum(torch.as_tensor(t).sum() for t in terms)
     return torch.where(handler.particles_outside(1)[0], torch.nan, total) if handler.outside else total
@@ -398,12 +409,9 @@ def _same_support(a, b) -> bool:
 
 
 def latent_shapes(model_trace) -> dict[str, tuple[int, ...]]:
-    """``{site name: shape}`` of the latent sample sites of a trace (plate indices excluded)."""
-    return {
-        name: tuple(site["value"].shape)
-        for name, site in model_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-    }
+    """``{site name: shape}`` of the continuous latent sites of a trace."""
+    sites = model_trace.nodes.items()
+    return {name: tuple(site["value"].shape) for name, site in sites if is_continuous_latent(site)}
 
 
 def autoguide_latent_shapes(prototype, guide_trace) -> dict[str, tuple[int, ...]]:
@@ -420,11 +428,11 @@ def autoguide_latent_shapes(prototype, guide_trace) -> dict[str, tuple[int, ...]
 
 
 def local_latents(model_trace) -> dict[str, str]:
-    """``{site name: plate name}`` of the latent sites inside a subsampled plate."""
+    """``{site name: plate name}`` of the continuous latent sites inside a subsampled plate."""
     return {
         name: frame.name
         for name, site in model_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        if is_continuous_latent(site)
         for frame in site["cond_indep_stack"]
         if frame.full_size is not None and frame.size != frame.full_size
     }
@@ -446,8 +454,7 @@ def masked_latents(model_trace) -> tuple[str, ...]:
     return tuple(
         name
         for name, site in model_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-        and (site.get("mask") is not None or has_masked_density(site["fn"]))
+        if is_continuous_latent(site) and (site.get("mask") is not None or has_masked_density(site["fn"]))
     )  # fmt: skip
 
 
@@ -511,7 +518,8 @@ def _uniform_or_prior(site):
 def check_model(model: Callable, args: tuple, kwargs: dict):
     """Raise a clear error for models ProximalScoreVI cannot fit; return a prior trace.
 
-    Checks: at least one latent site; no discrete latent site; no support that
+    Checks: at least one continuous latent site; no discrete latent site that is not
+    marked for parallel enumeration (:mod:`pyro_psvi.enumeration`); no support that
     depends on other latents (two draws are compared); no plate whose
     ``subsample_size`` exceeds its size; finite data.
     (``pyro.param`` sites in the model are learned jointly.)
@@ -528,17 +536,13 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
                     f"size {size}: the N/B scale would be wrong. Use subsample_size <= {size} "
                     "(or None for the full data)."
                 )
-    latents = []
+    latents, enumerated = [], enumerated_sites(model_trace)
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site) or name in enumerated:
             continue
         if site["fn"].support.is_discrete:
-            raise ValueError(
-                f"Latent site {name!r} is discrete ({type(site['fn']).__name__}); score-based "
-                "VI needs a differentiable log density in every latent. Marginalize it out "
-                "in the model (e.g. a mixture via MixtureSameFamily) or use "
-                "pyro.infer.TraceEnum_ELBO with SVI."
-            )
+            how = site["infer"].get("enumerate")
+            raise ValueError(discrete_latent_message(name, type(site["fn"]).__name__, how, "pyro"))
         if not _same_support(site["fn"].support, other_trace.nodes[name]["fn"].support):
             raise NotImplementedError(
                 f"Latent site {name!r} has a support that depends on other latents "
@@ -550,10 +554,7 @@ def check_model(model: Callable, args: tuple, kwargs: dict):
         _check_density_on_support(name, site)
         latents.append(name)
     if not latents:
-        raise ValueError(
-            "The model has no latent sample sites: there is no posterior to fit. "
-            "Check that the observed sites carry obs= and that some site has none."
-        )
+        raise ValueError(no_latents_message(enumerated))
     _check_data_arguments(model_trace, args, kwargs)
     for name, site in model_trace.nodes.items():
         if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
