@@ -30,12 +30,13 @@ from numpyro.infer.svi import SVIRunResult
 
 from numpyro_psvi._compat import device_varying, shard_map
 from numpyro_psvi.batches import advance_epoch_order, batch_indices, init_epoch_order
-from numpyro_psvi.enumeration import enumerated_sites
+from numpyro_psvi.enumeration import enumerated_log_density, enumerated_sites
 from numpyro_psvi.guides import GuideDensity, guide_family
 from numpyro_psvi.objective import fisher_statistics, negative_elbo, weighted_fisher
 from numpyro_psvi.parallel import ShardedPlates, resolve_mesh
 from numpyro_psvi.scores import (
     ModelScores,
+    at_random_values,
     batch_ratio,
     check_model,
     coordinate_weights,
@@ -206,6 +207,11 @@ class ScoreEngine:
         self._masked_sites = masked_latents(model_trace)
         if enumerated_sites(model_trace):  # summed out of the scores' log joint
             self._enumerate_nesting = guess_max_plate_nesting(model_trace)
+            # Traced once abstractly: a model that cannot be summed out says so now.
+            at_random = at_random_values(self.model, model_seed)
+            jax.eval_shape(
+                lambda: enumerated_log_density(at_random, args, all_kwargs, self._enumerate_nesting)
+            )
         self._model_param_names = model_param_names(self.model, args, all_kwargs)
         self.batch_ratio = batch_ratio(self.model, args, all_kwargs)
         if self.mesh is not None:

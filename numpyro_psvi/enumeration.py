@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from psvi.checks import EnumerationError, enumeration_scale_message
+from psvi.checks import EnumerationError, enumerated_scan_message, enumeration_scale_message
 
 
 def enumerated_sites(model_trace: dict) -> tuple[str, ...]:
@@ -79,6 +79,8 @@ def sum_out_enumerated(model_trace: dict, funsor: Any) -> tuple[jax.Array, set[s
         if site["type"] != "sample":
             continue
         dim_to_name = site["infer"]["dim_to_name"]
+        if any(name.startswith(("_time", "_PREV_")) for name in dim_to_name.values()):
+            raise EnumerationError(enumerated_scan_message(site["name"].removeprefix("_PREV_")))
         if enum_vars.isdisjoint(dim_to_name.values()):
             continue
         # Unscaled inside the sum over z (a mask is in the site's distribution), the
@@ -87,10 +89,12 @@ def sum_out_enumerated(model_trace: dict, funsor: Any) -> tuple[jax.Array, set[s
         plates.update(frame.name for frame in site["cond_indep_stack"])
         covered.add(name)
         scales.append(site["scale"])
-    eliminate = frozenset(enum_vars | plates)
-    contracted = funsor.sum_product.sum_product(
-        funsor.ops.logaddexp, funsor.ops.add, factors, eliminate=eliminate, plates=frozenset(plates)
-    )
+    with funsor.interpretations.lazy:  # contracted in an optimized order (a chain's too)
+        lazy = funsor.sum_product.sum_product(
+            funsor.ops.logaddexp, funsor.ops.add, factors, eliminate=frozenset(enum_vars | plates),
+            plates=frozenset(plates),
+        )  # fmt: skip
+    contracted = funsor.optimizer.apply_optimizer(lazy)
     return _common_scale(scales, sorted(covered)) * contracted.data, covered
 
 

@@ -333,6 +333,16 @@ def enumerated_export_message(names: tuple[str, ...]) -> str:
     )
 
 
+def enumerated_scan_message(name: str) -> str:
+    """The error for an enumerated site inside NumPyro's ``scan``."""
+    return (
+        f"Site {name!r} is inside numpyro.contrib.control_flow.scan with enumerated discrete "
+        "latents: summing those out over scan's time dim is not supported. Write the chain "
+        "as a Python loop, `for t in numpyro.contrib.funsor.markov(range(T)):`, whose "
+        "enumerated sites are summed out in an optimized order."
+    )
+
+
 def enumeration_scale_message(names: list[str], ppl: str) -> str:
     """The error for enumerated sites and their dependents under different scales."""
     handlers = "poutine" if ppl == "pyro" else "handlers"

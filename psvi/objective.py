@@ -824,10 +824,16 @@ def resolve_objective(
             if getattr(loss, name, None) not in (None, 1, False)
         )
         keywords = f" and pass {settings} to ProximalScoreVI" if settings else ""
+        enumeration = (
+            " The model's discrete sites marked for parallel enumeration are summed out of its "
+            "scores as TraceEnum_ELBO sums them."
+            if "Enum" in type(loss).__name__
+            else ""
+        )
         raise TypeError(
             f"ProximalScoreVI minimizes the proximal score-matching objective, not "
             f"{type(loss).__name__}: drop the loss argument{keywords}, or pass "
-            "psvi.ProximalScoreMatching(prox_weight=..., weighting=...)."
+            f"psvi.ProximalScoreMatching(prox_weight=..., weighting=...).{enumeration}"
         )
     elif prox_weight is not None or weighting is not None:
         raise ValueError(
