@@ -143,10 +143,13 @@ def _all_event(flags: torch.Tensor, event_dim: int) -> torch.Tensor:
 
 def _site_log_probs(model_trace, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Scaled and masked ``log_prob`` of every sample site but those in ``skip`` (plate
-    indices excluded)."""
+    indices excluded; the trace's own where ``Trace.compute_log_prob`` computed it)."""
     out = {}
     for name, site in model_trace.nodes.items():
         if site["type"] == "sample" and not site_is_subsample(site) and name not in skip:
+            if "log_prob" in site:
+                out[name] = site["log_prob"]
+                continue
             log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
             out[name] = scale_and_mask(log_prob, site["scale"], site["mask"])
     return out

@@ -91,15 +91,60 @@ def pyro_fit(model, updates: int, **engine_options) -> dict[str, np.ndarray]:
     return params
 
 
+def numpyro_local_mixture(enumerated: bool):
+    """Each point's own continuous latent ``u_i`` beside its discrete ``z_i``."""
+
+    def model(x):
+        mu = numpyro.sample("mu", ndist.Normal(0.0, 3.0))
+        with numpyro.plate("data", N, subsample_size=B) as i:
+            u = numpyro.sample("u", ndist.Normal(mu, 1.0))
+            if enumerated:
+                z = numpyro.sample("z", ndist.Bernoulli(0.3))
+                numpyro.sample("x", ndist.Normal(u + 4.0 * z, 0.5), obs=x[i])
+            else:
+                components = ndist.Normal(u[..., None] + jnp.array([0.0, 4.0]), 0.5)
+                mixture = ndist.MixtureSameFamily(ndist.Categorical(jnp.array([0.7, 0.3])), components)
+                numpyro.sample("x", mixture, obs=x[i])
+
+    return n_config_enumerate(model) if enumerated else model
+
+
+def pyro_local_mixture(enumerated: bool):
+    """Each point's own continuous latent ``u_i`` beside its discrete ``z_i``."""
+
+    def model(x):
+        mu = pyro.sample("mu", pdist.Normal(0.0, 3.0))
+        with pyro.plate("data", N, subsample_size=B) as i:
+            u = pyro.sample("u", pdist.Normal(mu, 1.0))
+            if enumerated:
+                z = pyro.sample("z", pdist.Bernoulli(0.3))
+                pyro.sample("x", pdist.Normal(u + 4.0 * z, 0.5), obs=x[i])
+            else:
+                components = pdist.Normal(u.unsqueeze(-1) + torch.tensor([0.0, 4.0]), 0.5)
+                mixture = pdist.MixtureSameFamily(pdist.Categorical(torch.tensor([0.7, 0.3])), components)
+                pyro.sample("x", mixture, obs=x[i])
+
+    return p_config_enumerate(model) if enumerated else model
+
+
 @pytest.mark.parametrize(
-    "fit, mixture", [(numpyro_fit, numpyro_mixture), (pyro_fit, pyro_mixture)], ids=["numpyro", "pyro"]
+    "fit, mixture",
+    [
+        (numpyro_fit, numpyro_mixture),
+        (pyro_fit, pyro_mixture),
+        (numpyro_fit, numpyro_local_mixture),
+        (pyro_fit, pyro_local_mixture),
+    ],
+    ids=["numpyro", "pyro", "numpyro-local", "pyro-local"],
 )
 def test_an_enumerated_mixture_is_fitted_as_its_marginalized_form(fit, mixture):
     """``log sum_z p(x_i, z | w, locs)`` is the ``MixtureSameFamily`` log density, so the
     two models have the same log joint, scores and updates: the same fit to float32
     round-off (the two sum in another order; 1e-4 after 60 updates, where an N/B scale
     applied inside the sum over z, ``log sum_z (w_z N_z)^(N/B)``, moves the first update's
-    scores by far more). With N/B = 6 and reshuffled batches, the batches match too."""
+    scores by far more). With N/B = 6 and reshuffled batches, the batches match too; with
+    a local continuous latent per point in the same subsampled plate (AutoNormal's
+    sliced params) as well."""
     enumerated, marginalized = fit(mixture(True), 60), fit(mixture(False), 60)
     assert enumerated.keys() == marginalized.keys()
     for name in enumerated:
