@@ -198,3 +198,18 @@ def test_conjugate_exact_solve_quick():
     # log tau is sqrt(trigamma(a)): a = 5 against about 1,000); after 100 updates the
     # averaged sds are within a factor of 2 (measured: 0.82 and 0.77).
     assert all(0.5 < r["average sd ratio"] < 2.0 for r in rows if r["updates"] == 100)
+
+
+@pytest.mark.slow
+def test_enumeration_quick():
+    command = ["benchmarks.enumeration", "--seeds", "0", "--updates", "250", "--blocks", "1", "--steps", "2"]
+    subprocess.run([sys.executable, "-m", *command, "--out", "enumeration_quick"], cwd=ROOT, check=True)
+    result = json.loads((ROOT / "benchmarks/results/enumeration_quick.json").read_text())
+    assert {(r["backend"], r["method"], r["batch"], r["lr"]) for r in result["fits"]} == {
+        (b, m, batch, lr) for b in ("numpyro", "pyro") for m in ("svi", "psvi") for batch in (None, 100)
+        for lr in (1e-2, 1e-3)
+    }  # fmt: skip
+    # Exact scores at Adam(1e-2): 250 updates bring the engine within 0.1 sd (measured 0.01-0.06).
+    exact = [r for r in result["fits"] if r["method"] == "psvi" and r["batch"] is None and r["lr"] == 1e-2]
+    assert all(r["250"]["mean_error_sd"] < 0.1 for r in exact)
+    assert all(r["ratio"] > 0 for r in result["step_times"])
