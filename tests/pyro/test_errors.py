@@ -50,7 +50,7 @@ def test_discrete_latent_is_refused():
         pyro.sample("mu", dist.Normal(0.0, 1.0))
 
     svi = ProximalScoreVI(model, AutoNormal(model), adam())
-    with pytest.raises(ValueError, match="'z' is discrete.*not marked for enumeration.*config_enumerate.*MixtureSameFamily"):
+    with pytest.raises(ValueError, match="'z' is discrete.*not marked for enumeration.*config_enumerate"):
         svi.step()
 
 
