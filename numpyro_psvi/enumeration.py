@@ -39,7 +39,9 @@ def is_continuous_latent(site: dict) -> bool:
     return site["type"] == "sample" and not site["is_observed"] and not site["fn"].support.is_discrete
 
 
-def _funsor() -> Any:
+def _funsor() -> tuple[Any, Any]:
+    """funsor (its JAX backend set) and ``numpyro.contrib.funsor``, imported when a model
+    enumerates."""
     try:
         import funsor
         import numpyro.contrib.funsor as contrib
@@ -58,11 +60,11 @@ def enumerated_log_density(
     """The log joint of one run of ``model`` (seeded, its continuous latents substituted)
     with its enumerated sites summed out; enumeration dims left of ``max_plate_nesting``
     plates."""
-    funsor, contrib = _funsor()
+    _, contrib = _funsor()
     enumerated = contrib.enum(model, first_available_dim=-(max_plate_nesting + 1))
     with contrib.plate_to_enum_plate():
         model_trace = contrib.trace(enumerated).get_trace(*args, **kwargs)
-    marginal, covered = sum_out_enumerated(model_trace, funsor)
+    marginal, covered = sum_out_enumerated(model_trace)
     total = marginal
     for name, site in model_trace.items():
         if site["type"] == "sample" and name not in covered:
@@ -70,16 +72,18 @@ def enumerated_log_density(
     return total
 
 
-def sum_out_enumerated(model_trace: dict, funsor: Any) -> tuple[jax.Array, set[str]]:
-    """The scaled ``log sum_z`` of the log factors of an enumerated run that depend on
-    an enumerated site, and the sites whose factors it holds."""
+def sum_out_enumerated(model_trace: dict) -> tuple[jax.Array, set[str]]:
+    """The scaled ``log sum_z`` of the log factors of an enumerated run (a trace of
+    ``numpyro.contrib.funsor.trace``) that depend on an enumerated site, and the sites
+    whose factors it holds."""
+    funsor, _ = _funsor()
     enum_vars = set(enumerated_sites(model_trace))
     factors, plates, covered, scales = [], set(), set(), []
     for name, site in model_trace.items():
         if site["type"] != "sample":
             continue
         dim_to_name = site["infer"]["dim_to_name"]
-        if any(name.startswith(("_time", "_PREV_")) for name in dim_to_name.values()):
+        if any(dim_name.startswith(("_time", "_PREV_")) for dim_name in dim_to_name.values()):
             raise EnumerationError(enumerated_scan_message(site["name"].removeprefix("_PREV_")))
         if enum_vars.isdisjoint(dim_to_name.values()):
             continue

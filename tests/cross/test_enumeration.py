@@ -132,8 +132,8 @@ def pyro_local_mixture(enumerated: bool):
     [
         (numpyro_fit, numpyro_mixture),
         (pyro_fit, pyro_mixture),
-        (numpyro_fit, numpyro_local_mixture),
-        (pyro_fit, pyro_local_mixture),
+        pytest.param(numpyro_fit, numpyro_local_mixture, marks=pytest.mark.slow),
+        pytest.param(pyro_fit, pyro_local_mixture, marks=pytest.mark.slow),
     ],
     ids=["numpyro", "pyro", "numpyro-local", "pyro-local"],
 )
@@ -216,7 +216,7 @@ def pyro_shift_fit(batch: int | None, updates: int) -> tuple[float, float]:
 
 @pytest.mark.parametrize(
     "batch, updates, mean_tol, sd_tol",
-    [(None, 150, 0.05, 0.03), (50, 400, 0.15, 0.1)],
+    [pytest.param(None, 150, 0.05, 0.03, marks=pytest.mark.slow), (50, 400, 0.15, 0.1)],
     ids=["exact", "mini-batch"],
 )
 @pytest.mark.parametrize("fit", [numpyro_shift_fit, pyro_shift_fit], ids=["numpyro", "pyro"])
