@@ -10,6 +10,8 @@ continuous latents ``theta``. The log factors that depend on an enumerated site 
 summed out unscaled, and their plates' common ``N/B`` scale is applied to the result (a
 subsampled plate's ``N/B`` multiplies each data point's ``log sum_z``, not the terms
 inside it); like ``TraceEnum_ELBO``, the sites summed out together must share one scale.
+A chain in ``scan`` goes through ``numpyro.contrib.funsor.log_density``, which handles
+scan's time dim and applies scales inside the sum: its sites must be unscaled.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def enumerated_log_density(
     enumerated = contrib.enum(model, first_available_dim=-(max_plate_nesting + 1))
     with contrib.plate_to_enum_plate():
         model_trace = contrib.trace(enumerated).get_trace(*args, **kwargs)
+    if any(_scanned(site) for site in model_trace.values() if site["type"] == "sample"):
+        # A chain in scan: its time dim needs NumPyro's own contraction, whose scales
+        # are applied inside the sum over z, which is right only where they are 1.
+        _check_unscaled(model_trace)
+        return contrib.log_density(enumerated, args, kwargs, {})[0]
     marginal, covered = sum_out_enumerated(model_trace)
     total = marginal
     for name, site in model_trace.items():
@@ -83,8 +90,6 @@ def sum_out_enumerated(model_trace: dict) -> tuple[jax.Array, set[str]]:
         if site["type"] != "sample":
             continue
         dim_to_name = site["infer"]["dim_to_name"]
-        if any(dim_name.startswith(("_time", "_PREV_")) for dim_name in dim_to_name.values()):
-            raise EnumerationError(enumerated_scan_message(site["name"].removeprefix("_PREV_")))
         if enum_vars.isdisjoint(dim_to_name.values()):
             continue
         # Unscaled inside the sum over z (a mask is in the site's distribution), the
@@ -100,6 +105,19 @@ def sum_out_enumerated(model_trace: dict) -> tuple[jax.Array, set[str]]:
         )  # fmt: skip
     contracted = funsor.optimizer.apply_optimizer(lazy)
     return _common_scale(scales, sorted(covered)) * contracted.data, covered
+
+
+def _scanned(site: dict) -> bool:
+    """Whether a site of an enumerated run is inside ``scan`` (has a time dim)."""
+    return any(name.startswith(("_time", "_PREV_")) for name in site["infer"]["dim_to_name"].values())
+
+
+def _check_unscaled(model_trace: dict) -> None:
+    """Refuse a scale other than 1 on a site of an enumerated ``scan``."""
+    for name, site in model_trace.items():
+        if site["type"] == "sample" and _scanned(site) and site["scale"] is not None:
+            if isinstance(site["scale"], jax.core.Tracer) or float(site["scale"]) != 1.0:
+                raise EnumerationError(enumerated_scan_message(name.removeprefix("_PREV_")))
 
 
 def _log_prob(site: dict) -> jax.Array:

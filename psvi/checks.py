@@ -334,12 +334,13 @@ def enumerated_export_message(names: tuple[str, ...]) -> str:
 
 
 def enumerated_scan_message(name: str) -> str:
-    """The error for an enumerated site inside NumPyro's ``scan``."""
+    """The error for a scaled site inside NumPyro's ``scan`` over enumerated latents."""
     return (
-        f"Site {name!r} is inside numpyro.contrib.control_flow.scan with enumerated discrete "
-        "latents: summing those out over scan's time dim is not supported. Write the chain "
-        "as a Python loop, `for t in numpyro.contrib.funsor.markov(range(T)):`, whose "
-        "enumerated sites are summed out in an optimized order."
+        f"Site {name!r} is inside numpyro.contrib.control_flow.scan over enumerated discrete "
+        "latents and has a scale (a subsampled plate's N/B or handlers.scale): scan's "
+        "contraction would apply it inside the sum over them. Write the chain as a Python "
+        "loop, `for t in numpyro.contrib.funsor.markov(range(T)):`, whose sums take the "
+        "scale outside, or do not subsample around the chain."
     )
 
 
