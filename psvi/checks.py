@@ -284,17 +284,17 @@ def local_latent_message(name: str, plate: str, guide_name: str) -> str:
     )
 
 
-def discrete_latent_message(name: str, family: str, enumerate: object, ppl: str) -> str:
+def discrete_latent_message(name: str, family: str, how: object, ppl: str) -> str:
     """The error for a discrete latent site that is not marked for parallel enumeration
-    (``enumerate``: its ``infer["enumerate"]``)."""
+    (``how``: its ``infer["enumerate"]``)."""
     handlers = "poutine" if ppl == "pyro" else "handlers"
-    how = (
-        f"is marked infer={{'enumerate': {enumerate!r}}}; only 'parallel' enumeration is supported"
-        if enumerate is not None
+    marked = (
+        f"is marked infer={{'enumerate': {how!r}}}; only 'parallel' enumeration is supported"
+        if how is not None
         else "is not marked for enumeration"
     )
     return (
-        f"Latent site {name!r} is discrete ({family}) and {how}. ProximalScoreVI sums "
+        f"Latent site {name!r} is discrete ({family}) and {marked}. ProximalScoreVI sums "
         "discrete latents out of the log joint exactly, as TraceEnum_ELBO does: mark the "
         f"site infer={{'enumerate': 'parallel'}} (or decorate the model with "
         f"{ppl}{'.contrib.funsor' if ppl == 'numpyro' else '.infer'}.config_enumerate) and "

@@ -397,9 +397,9 @@ def test_a_hidden_markov_chain_is_summed_out(fit):
     also in ``scan``), summed out in an optimized order (not the 2^16 joint): ``shift``'s
     posterior (forward algorithm: mean 3.44, sd 0.51, skewness -0.05, so the best
     Normal's moments are its own to ~0.03 sd) within 0.1 sd and 10% after 500 updates
-    (measured: 0.003-0.007 sd, 1-3%; NumPyro's scan as its loop to 1e-6). The start is 7 posterior sds away at AutoNormal's
-    initial scale 0.1, which the trust region lets move ~0.02 an update, as Adam(1e-2)
-    moves SVI: 300 updates get there."""
+    (measured: 0.003-0.007 sd, 1-3%; NumPyro's scan as its loop to 1e-6). The start is
+    7 posterior sds away at AutoNormal's initial scale 0.1, which the trust region lets
+    move ~0.02 an update, as Adam(1e-2) moves SVI: 300 updates get there."""
     y = chain_data()
     mean, sd = chain_posterior(y)
     loc, scale = fit(y, 500)

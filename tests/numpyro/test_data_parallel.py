@@ -50,6 +50,7 @@ def _compare(*options: str) -> dict:
         pytest.param("normal", 2, marks=pytest.mark.slow),
         pytest.param("normal", 4, marks=pytest.mark.slow),
         pytest.param("user", 2, marks=pytest.mark.slow),  # a hand-written guide
+        pytest.param("enum", 2, marks=pytest.mark.slow),  # an enumerated latent per point
     ],
 )
 def test_devices_take_the_one_device_updates(case, devices):

@@ -8,7 +8,8 @@ plate ``subsample_size`` of ``16 / DEVICES`` each) and the one-device fit (``16`
 in float64, the relative difference of ``evaluate`` and ``fisher_divergence`` after the
 fit, and the counters. Cases: ``normal`` (AutoNormal), ``mvn``
 (AutoMultivariateNormal), ``param`` (AutoNormal and a ``numpyro.param`` noise scale),
-``user`` (a hand-written mean-field guide).
+``user`` (a hand-written mean-field guide), ``enum`` (AutoNormal; each point's
+enumerated discrete latent summed out).
 With ``--checkpoint DIR`` the sharded fit is saved after ``STEPS // 2`` updates and
 resumed on one device for the rest.
 """
@@ -43,7 +44,7 @@ def data() -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(x), jnp.asarray(y)
 
 
-def make_model(batch: int, learn_noise: bool):
+def make_model(batch: int, learn_noise: bool, enumerated: bool = False):
     def model(x: jax.Array, y: jax.Array) -> None:
         w = numpyro.sample("w", dist.Normal(jnp.zeros(3), 1.0).to_event(1))
         b = numpyro.sample("b", dist.Normal(0.0, 1.0))
@@ -53,7 +54,10 @@ def make_model(batch: int, learn_noise: bool):
             noise = 0.3
         with numpyro.plate("data", NUM_DATA, subsample_size=batch):
             xb, yb = numpyro.subsample(x, event_dim=1), numpyro.subsample(y, event_dim=0)
-            numpyro.sample("y", dist.Normal(xb @ w + b, noise), obs=yb)
+            shift = 0.0
+            if enumerated:  # an outlier indicator per point, summed out
+                shift = 2.0 * numpyro.sample("z", dist.Bernoulli(0.3), infer={"enumerate": "parallel"})
+            numpyro.sample("y", dist.Normal(xb @ w + b + shift, noise), obs=yb)
 
     return model
 
@@ -69,9 +73,9 @@ def user_guide(x: jax.Array, y: jax.Array) -> None:
 
 
 def engine(case: str, devices: int) -> ProximalScoreVI:
-    model = make_model(GLOBAL_BATCH // devices, case == "param")
+    model = make_model(GLOBAL_BATCH // devices, case == "param", case == "enum")
     guides = {"user": user_guide, "mvn": AutoMultivariateNormal(model)}
-    guide = guides.get(case) or AutoNormal(model)
+    guide = guides.get(case) or AutoNormal(numpyro.handlers.block(model, hide=["z"]))
     mesh = jax.sharding.Mesh(jax.devices()[:devices], ("data",)) if devices > 1 else False
     return ProximalScoreVI(model, guide, numpyro.optim.Adam(0.05), data_parallel=mesh)
 
@@ -95,7 +99,7 @@ def fit(case: str, devices: int, steps: int, checkpoint: str | None = None) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("case", choices=["normal", "mvn", "param", "user"])
+    parser.add_argument("case", choices=["normal", "mvn", "param", "user", "enum"])
     parser.add_argument("devices", type=int)
     parser.add_argument("steps", type=int)
     parser.add_argument("--checkpoint")
