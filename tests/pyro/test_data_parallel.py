@@ -141,7 +141,8 @@ def test_two_ranks_take_the_one_process_steps(tmp_path, fresh_pyro, two_rank_fit
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "world"),
-    [("normal", 4), ("user", 2)],  # user: a hand-written guide, scores reduced
+    # user: a hand-written guide, scores reduced; enum: an enumerated latent per point
+    [("normal", 4), ("user", 2), ("enum", 2)],
 )
 def test_ranks_take_the_one_process_steps(tmp_path, fresh_pyro, case, world):
     _assert_same_steps(_fit(tmp_path, world, case), _fit(tmp_path, None, case))

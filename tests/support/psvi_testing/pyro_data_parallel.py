@@ -33,6 +33,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.distributed
+from pyro import poutine
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from pyro_psvi import GSM, ProximalScoreVI
@@ -51,7 +52,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def make_model(batch: int, learn_noise: bool, now: dict):
+def make_model(batch: int, learn_noise: bool, now: dict, enumerated: bool = False):
     """The regression; ``now`` says what this step does: ``fail`` (raise), ``non_finite``
     (an infinite log joint), ``indices`` (the rank's own batch, passed to the plate)."""
 
@@ -73,6 +74,9 @@ def make_model(batch: int, learn_noise: bool, now: dict):
         )
         with plate as index:
             mean = (x[index] * w).sum(-1) + b
+            if enumerated:  # an outlier indicator per point, summed out
+                outlier = dist.Bernoulli(torch.tensor(0.3, dtype=x.dtype))
+                mean = mean + 2.0 * pyro.sample("z", outlier, infer={"enumerate": "parallel"})
             pyro.sample("y", dist.Normal(mean, noise), obs=y[index])
 
     return model
@@ -90,7 +94,7 @@ def user_guide(x: torch.Tensor, y: torch.Tensor) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    parser.add_argument("case", choices=["normal", "mvn", "param", "user"])
+    parser.add_argument("case", choices=["normal", "mvn", "param", "user", "enum"])
     parser.add_argument("steps", type=int)
     parser.add_argument("out")
     parser.add_argument("--batch", type=int, default=16, help="the plate's subsample_size (per rank)")
@@ -113,13 +117,10 @@ def fit(options: argparse.Namespace, distributed: bool) -> None:
     pyro.clear_param_store()
     pyro.set_rng_seed(rank if options.seed_by_rank else 0)
     now = {"fail": False, "non_finite": False, "indices": None}
-    model = make_model(options.batch, options.case == "param", now)
+    model = make_model(options.batch, options.case == "param", now, options.case == "enum")
     world = torch.distributed.get_world_size() if distributed else 1
-    guide = (
-        user_guide
-        if options.case == "user"
-        else (AutoMultivariateNormal if options.case == "mvn" else AutoNormal)(model)
-    )
+    auto = AutoMultivariateNormal if options.case == "mvn" else AutoNormal
+    guide = user_guide if options.case == "user" else auto(poutine.block(model, hide=["z"]))
     reducer = ScoreReducer(timeout=options.timeout) if distributed else False
     if options.gsm:
         svi = GSM(model, guide, data_parallel=reducer)
