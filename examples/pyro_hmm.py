@@ -72,7 +72,8 @@ def main() -> None:
         if name == "ProximalScoreVI":
             engine = ProximalScoreVI(hmm, guide, optim)
         else:
-            engine = SVI(hmm, guide, optim, TraceEnum_ELBO(num_particles=4, max_plate_nesting=1))
+            elbo = TraceEnum_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+            engine = SVI(hmm, guide, optim, elbo)
         start = time.perf_counter()
         for _ in range(args.steps):
             engine.step(y)
