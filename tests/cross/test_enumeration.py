@@ -306,7 +306,7 @@ def test_discrete_latents_not_summed_out_are_refused_with_the_fix(ppl):
         pyro.clear_param_store()
 
 
-# A two-state hidden Markov chain: x_0 = 0, x_t ~ Categorical(P[x_{t-1}]), y_t ~ N(shift x_t, 1).
+# A two-state hidden Markov chain: x_{-1} = 0, x_t ~ Categorical(P[x_{t-1}]), y_t ~ N(shift x_t, 1).
 TRANSITIONS, CHAIN = [[0.9, 0.1], [0.1, 0.9]], 16
 
 
