@@ -51,7 +51,7 @@ def enumerated_model(model: Callable, max_plate_nesting: int) -> Callable:
     return poutine.enum(model, first_available_dim=-(max_plate_nesting + 2))
 
 
-def is_enumerated(model_trace) -> bool:
+def _is_enumerated(model_trace) -> bool:
     """Whether a trace holds enumerated values (a run of :func:`enumerated_model`)."""
     return any(
         site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None
@@ -59,13 +59,15 @@ def is_enumerated(model_trace) -> bool:
     )
 
 
-def sum_out_enumerated(model_trace, particle_plate: str | None) -> tuple[torch.Tensor, set[str]]:
-    """The enumerated sites summed out of an enumerated run's log joint.
+def sum_out_enumerated(model_trace, particle_plate: str | None) -> tuple[torch.Tensor | float, set[str]]:
+    """The enumerated sites summed out of a run's log joint (0 and no sites for a run
+    without enumerated values).
 
     Parameters
     ----------
     model_trace : pyro.poutine.Trace
-        A run of :func:`enumerated_model`, inside ``particle_plate`` when given.
+        A run of the model (of :func:`enumerated_model` for a model with enumerated
+        sites), inside ``particle_plate`` when given.
     particle_plate : str or None
         The vectorized particle plate's name (``None`` for one particle's run).
 
@@ -78,6 +80,8 @@ def sum_out_enumerated(model_trace, particle_plate: str | None) -> tuple[torch.T
     covered : set of str
         The sites whose log factors it holds (the rest enter the log joint as usual).
     """
+    if not _is_enumerated(model_trace):
+        return 0.0, set()
     model_trace.compute_log_prob(site_filter=lambda name, site: not site_is_subsample(site))
     model_trace.pack_tensors()
     plates = set(model_trace.plate_to_symbol.values())

@@ -43,7 +43,7 @@ from psvi.checks import (
     support_density_message,
 )
 from pyro_psvi.batches import SharedSubsample
-from pyro_psvi.enumeration import enumerated_sites, is_continuous_latent, is_enumerated, sum_out_enumerated
+from pyro_psvi.enumeration import enumerated_sites, is_continuous_latent, sum_out_enumerated
 from pyro_psvi.guides import GuideDensity
 from pyro_psvi.jacobians import log_abs_det_jacobian
 
@@ -229,10 +229,8 @@ def log_joints(
         with poutine.trace() as tracer, pyro.plate(PARTICLE_PLATE, num, dim=particle_dim):
             model(*args, **kwargs)
     model_trace = tracer.trace
-    total, covered = u.new_zeros(num), set()
-    if is_enumerated(model_trace):
-        total, covered = sum_out_enumerated(model_trace, PARTICLE_PLATE)
-        total = total.expand(num)
+    marginal, covered = sum_out_enumerated(model_trace, PARTICLE_PLATE)
+    total = u.new_zeros(num) + marginal
     for name, term in _site_log_probs(model_trace, skip=covered).items():
         if check_shapes:
             _check_plate_shape(name, model_trace.nodes[name], term, particle_dim)
@@ -274,11 +272,8 @@ def _log_joint_once(model, density, u, args, kwargs, subsample) -> torch.Tensor:
     handler = UnconstrainedValues(density.unpack(u), local_plates(density), subsample)
     with SharedSubsample(subsample), handler, poutine.trace() as tracer:
         model(*args, **kwargs)
-    terms, covered = [], set()
-    if is_enumerated(tracer.trace):
-        marginal, covered = sum_out_enumerated(tracer.trace, None)
-        terms.append(marginal)
-    terms += list(_site_log_probs(tracer.trace, skip=covered).values())
+    marginal, covered = sum_out_enumerated(tracer.trace, None)
+    terms = [marginal, *_site_log_probs(tracer.trace, skip=covered).values()]
     terms += list(handler.scaled_log_abs_det_jacobians().values())
     total = sum(torch.as_tensor(t).sum() for t in terms)
     return torch.where(handler.particles_outside(1)[0], torch.nan, total) if handler.outside else total
