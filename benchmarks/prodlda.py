@@ -9,9 +9,12 @@ proportions and a Flax decoder in the model, the plate subsampled 60 at a time, 
 ``-ELBO`` of the fitted guide and decoder on all 600 documents (10 particles x 5 keys), each
 true topic's best correlation with the decoder's, and seconds of ``run`` (compilation
 included). ``--prox-weights`` and ``--average`` set ProximalScoreVI's options instead of its
-defaults.
+defaults; ``--model-lr-scales`` runs every method with the decoder's (the model's params')
+step size scaled (optax's ``multi_transform`` of two Adams; docs/guides.md, "Model params:
+K optimizer steps per update").
 
     python -m benchmarks.prodlda [--steps 1000] [--seeds 3] [--prox-weights 10] [--average off]
+        [--model-lr-scales 1 0.05]
 
 needs the ``flax`` extra; writes ``benchmarks/results/prodlda.json`` (``--out``).
 """
@@ -19,6 +22,7 @@ needs the ``flax`` extra; writes ``benchmarks/results/prodlda.json`` (``--out``)
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import flax.linen as nn
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import optax
 from numpyro.contrib.module import flax_module
 from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
@@ -34,6 +39,7 @@ from benchmarks.common import add_engine_setting_arguments, engine_settings, row
 from numpyro_psvi import ProximalScoreVI
 
 VOCAB, TOPICS, HIDDEN, DOCS, BATCH, WORDS = 100, 5, 32, 600, 60, 80
+LR = 1e-2
 
 
 class Encoder(nn.Module):
@@ -74,10 +80,17 @@ def guide(docs, batch=BATCH):
         numpyro.sample("theta", dist.Dirichlet(encoder(docs[idx])))
 
 
-def fit(method: str, engine_options: dict, seed: int, steps: int) -> dict:
+def _decoder_or_rest(params: dict) -> dict:
+    return {name: "decoder" if name.startswith("decoder") else "rest" for name in params}
+
+
+def fit(method: str, engine_options: dict, seed: int, steps: int, model_lr_scale: float = 1.0) -> dict:
     docs, topics = corpus()
     docs = jnp.asarray(docs)
-    optim = numpyro.optim.Adam(1e-2)
+    optim = numpyro.optim.Adam(LR)
+    if model_lr_scale != 1.0:
+        adams = {"decoder": optax.adam(LR * model_lr_scale), "rest": optax.adam(LR)}
+        optim = optax.multi_transform(adams, _decoder_or_rest)
     if method == "svi":
         engine = SVI(model, guide, optim, TraceMeanField_ELBO())
     else:
@@ -102,23 +115,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=3)
     add_engine_setting_arguments(parser)
+    parser.add_argument("--model-lr-scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--out", default="prodlda")
     options = parser.parse_args()
     rows = []
-    for method in options.methods:
+    for method, scale in itertools.product(options.methods, options.model_lr_scales):
         for engine_options in engine_settings(options) if method == "psvi" else [{}]:
-            runs = [fit(method, engine_options, seed, options.steps) for seed in range(options.seeds)]
-            rows.append({"method": method, **engine_options, "runs": runs})
+            runs = [fit(method, engine_options, seed, options.steps, scale) for seed in range(options.seeds)]
+            rows.append({"method": method, **engine_options, "model_lr_scale": scale, "runs": runs})
             print(
                 method,
                 engine_options,
+                f"decoder lr x{scale:g}",
                 [(round(r["neg_elbo"], 1), round(np.mean(r["recovery"]), 3)) for r in runs],
             )
     save(options.out, {"steps": options.steps, "rows": rows})
     print("\n| method | -ELBO (all documents) per seed | mean topic recovery per seed | seconds |")
     print("| --- | --- | --- | --- |")
     for row in rows:
-        label = row_method_label(row)
+        label = row_method_label(row) + (
+            f", decoder lr x{row['model_lr_scale']:g}" if row["model_lr_scale"] != 1 else ""
+        )
         elbos = ", ".join(f"{run['neg_elbo']:,.0f}" for run in row["runs"])
         recovery = ", ".join(f"{np.mean(run['recovery']):.3f}" for run in row["runs"])
         seconds = ", ".join(f"{run['seconds']:.0f}" for run in row["runs"])

@@ -14,6 +14,7 @@ to SVI's. NumPyro steps are jitted; torch runs on one thread.
     python -m benchmarks.user_guide_cost [--blocks 5] [--steps 20] [--inner-steps 5 1] [--quick]
     python -m benchmarks.user_guide_cost --equal-time 20   # the VAE's -ELBO at equal wall time
     python -m benchmarks.user_guide_cost --equal-steps --inner-steps 20 5 3   # ... at equal updates
+    python -m benchmarks.user_guide_cost --equal-steps epochs --inner-steps 20 --decoder-lr-scale 1 20
     python -m benchmarks.user_guide_cost --guide-runs      # Pyro's floor: plain guide runs vs SVI
 """
 
@@ -428,20 +429,25 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray]:
 EQUAL_STEPS = {"batch": (1e-2, (250, 1000, 2000)), "epochs": (1e-3, (23, 115, 460, 1380))}
 
 
-def vae_equal_steps(backend: str, protocol: str, inner_steps: tuple[int, ...], seed: int) -> list[dict]:
+def vae_equal_steps(
+    backend: str, protocol: str, inner_steps: tuple[int, ...], seed: int, decoder_lr_scale: float = 1.0
+) -> list[dict]:
     """The VAE's ``-ELBO`` after each checkpoint's number of updates of SVI and of each
     ``K`` (the same score calls). ``"batch"``: on its one batch of 64 (256 particles),
     Adam(1e-2); ``"epochs"``: trained on 1,500 digits in batches of 64 passed as the
     model's arguments (examples/numpyro_vae.py), Adam(1e-3), and the held-out ``-ELBO`` per
     image (64 particles) after 1, 5, 20 and 60 epochs. ``seconds``: the updates' time to
-    each checkpoint (the first update, which compiles or sets up, included; the losses not)."""
+    each checkpoint (the first update, which compiles or sets up, included; the losses not).
+    ``decoder_lr_scale``: the decoder's (the model's params') step size over the
+    encoder's, for every engine (docs/guides.md, "Model params: K optimizer steps per
+    update")."""
     lr, checkpoints = EQUAL_STEPS[protocol]
     train, test = _digits_split()
     batches = [train[i : i + 64] for i in range(0, len(train) - 63, 64)] if protocol == "epochs" else None
     rows = []
     for inner in [-1, *inner_steps]:
         fit = _pyro_vae_fit if backend == "pyro" else _numpyro_vae_fit
-        step, loss = fit(inner, lr, seed)
+        step, loss = fit(inner, lr, seed, decoder_lr_scale)
         done, losses, seconds, elapsed = 0, [], [], 0.0
         for checkpoint in checkpoints:
             start = time.perf_counter()
@@ -453,15 +459,18 @@ def vae_equal_steps(backend: str, protocol: str, inner_steps: tuple[int, ...], s
             losses.append(loss(None) if batches is None else loss(test) / len(test))
         engine = "SVI" if inner == -1 else f"ProximalScoreVI, K = {inner}"
         rows.append({"backend": backend, "protocol": protocol, "engine": engine, "seed": seed,
-                     "updates": list(checkpoints), "neg_elbo": losses, "seconds": seconds})  # fmt: skip
+                     "decoder_lr_scale": decoder_lr_scale, "updates": list(checkpoints),
+                     "neg_elbo": losses, "seconds": seconds})  # fmt: skip
         print(
-            f"{backend:8s} {protocol:7s} seed {seed} {engine:26s}",
+            f"{backend:8s} {protocol:7s} seed {seed} decoder lr x{decoder_lr_scale:g} {engine:26s}",
             " ".join(f"{x:8.2f} ({t:.1f} s)" for x, t in zip(losses, seconds, strict=True)),
         )
     return rows
 
 
-def _pyro_vae_fit(inner: int, lr: float, seed: int) -> tuple[Callable, Callable]:
+def _pyro_vae_fit(
+    inner: int, lr: float, seed: int, decoder_lr_scale: float = 1.0
+) -> tuple[Callable, Callable]:
     """``step(batch)`` and ``loss(batch)`` of a fresh VAE (``None``: its own batch)."""
     import pyro
     import torch
@@ -472,7 +481,11 @@ def _pyro_vae_fit(inner: int, lr: float, seed: int) -> tuple[Callable, Callable]
     pyro.clear_param_store()
     torch.manual_seed(seed)
     model, guide, (own,) = pyro_examples()["VAE"]  # fresh networks
-    optim = pyro.optim.Adam({"lr": lr})
+    optim = pyro.optim.Adam(
+        {"lr": lr}
+        if decoder_lr_scale == 1.0
+        else lambda name: {"lr": lr * decoder_lr_scale if name.startswith("decoder") else lr}
+    )
     if inner == -1:
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True))
     else:
@@ -487,8 +500,11 @@ def _pyro_vae_fit(inner: int, lr: float, seed: int) -> tuple[Callable, Callable]
     return lambda batch: engine.step(own if batch is None else torch.as_tensor(batch)), loss
 
 
-def _numpyro_vae_fit(inner: int, lr: float, seed: int) -> tuple[Callable, Callable]:
-    """As :func:`_pyro_vae_fit`, jitted updates."""
+def _numpyro_vae_fit(
+    inner: int, lr: float, seed: int, decoder_lr_scale: float = 1.0
+) -> tuple[Callable, Callable]:
+    """As :func:`_pyro_vae_fit`, jitted updates (another decoder step size: optax's
+    ``multi_transform`` of two Adams)."""
     import jax
     import jax.numpy as jnp
     import numpyro
@@ -498,6 +514,15 @@ def _numpyro_vae_fit(inner: int, lr: float, seed: int) -> tuple[Callable, Callab
 
     model, guide, (own,) = numpyro_examples()["VAE"]
     optim = numpyro.optim.Adam(lr)
+    if decoder_lr_scale != 1.0:
+        import optax
+
+        def part(params):
+            return {name: "decoder" if name.startswith("decoder") else "rest" for name in params}
+
+        optim = optax.multi_transform(
+            {"decoder": optax.adam(lr * decoder_lr_scale), "rest": optax.adam(lr)}, part
+        )
     if inner == -1:
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES))
     else:
@@ -550,6 +575,10 @@ def main() -> None:
         help="instead: the VAE's -ELBO at equal updates of SVI and each --inner-steps (batch, epochs)",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=2, help="--equal-steps only")
+    parser.add_argument(
+        "--decoder-lr-scale", type=float, nargs="+", default=[1.0],
+        help="--equal-steps only: the decoder's step size over the encoder's, each a run of every engine",
+    )  # fmt: skip
     parser.add_argument("--tag", default="", help="a suffix to the JSON's name in benchmarks/results")
     args = parser.parse_args()
     import torch
@@ -566,8 +595,9 @@ def main() -> None:
             row
             for backend in args.backends
             for protocol in args.equal_steps or sorted(EQUAL_STEPS)
+            for scale in args.decoder_lr_scale
             for seed in range(args.seeds)
-            for row in vae_equal_steps(backend, protocol, tuple(args.inner_steps), seed)
+            for row in vae_equal_steps(backend, protocol, tuple(args.inner_steps), seed, scale)
         ]
         save(
             "user_guide_equal_steps" + args.tag,

@@ -6,7 +6,7 @@ that renames one of these breaks only this module.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -125,6 +125,49 @@ def with_params(optim_state: Any, params: dict[str, jax.Array]) -> Any:
         f"Cannot set the params of an optimizer state of type {type(inner).__name__}: a "
         "user-written guide with local latents needs it (the params its mini-batch does not "
         "read are held). Use a numpyro.optim optimizer or an optax transformation."
+    )
+
+
+def with_entries_of(optim_state: Any, source: Any, names: Collection[str]) -> Any:
+    """``optim_state`` with the params ``names`` and their optimizer state (moments,
+    traces) as they are in ``source``, a state of the same optimizer; its other entries
+    and its step count kept. jax.example_libraries' ``OptimizerState`` (each leaf's packed
+    state) and ``optax_to_numpyro``'s ``(params, optax state)``, whose per-param entries
+    are the dicts keyed by the params' names (masked ones included, as
+    ``optax.multi_transform`` keeps them)."""
+    step, inner = optim_state
+    _, source_inner = source
+    if isinstance(inner, OptimizerState):
+        numbered = inner.tree_def.unflatten(range(inner.tree_def.num_leaves))
+        chosen = inner.tree_def.flatten_up_to(
+            {
+                name: jax.tree.map(lambda _, name=name: name in names, value)
+                for name, value in numbered.items()
+            }
+        )
+        packed = type(inner.packed_state)(
+            theirs if take else own
+            for take, own, theirs in zip(chosen, inner.packed_state, source_inner.packed_state, strict=True)
+        )
+        return step, OptimizerState(packed, inner.tree_def, inner.subtree_defs)
+    if isinstance(inner, tuple) and len(inner) == 2 and isinstance(inner[0], dict):
+        keys = set(inner[0])
+
+        def per_param(node: Any) -> bool:
+            return isinstance(node, dict) and set(node) == keys
+
+        def select(own: Any, theirs: Any) -> Any:
+            return (
+                {key: theirs[key] if key in names else value for key, value in own.items()}
+                if per_param(own)
+                else own
+            )
+
+        return step, jax.tree.map(select, inner, source_inner, is_leaf=per_param)
+    raise NotImplementedError(
+        f"Cannot hold params in an optimizer state of type {type(inner).__name__}: a model "
+        "with numpyro.param sites needs it (they take one optimizer step per update). Use a "
+        "numpyro.optim optimizer or an optax transformation."
     )
 
 

@@ -5,7 +5,8 @@ One update is four phases, each a method (docs/algorithm.md):
 1. :meth:`~ScoreEngine.score_particles`: ``S`` particles from the current guide
    ``q_t`` and their mini-batch model scores (one vectorized pass);
 2. :meth:`ProximalScoreVI.inner_fit`: ``K`` optimizer steps on the proximal
-   score-matching objective (:meth:`ProximalScoreVI.proximal_problem`);
+   score-matching objective (:meth:`ProximalScoreVI.proximal_problem`), one on the
+   model's params;
 3. :meth:`ProximalScoreVI.pull_back`: the fraction of the step that keeps
    ``KL(q_t || q_new) <= trust_region * D`` (halving; times the regime's
    :func:`~psvi.objective.trust_region_scale` when the model subsamples a plate);
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax, random
 from jax.sharding import Mesh
 
-from numpyro_psvi._compat import param_transforms, with_params
+from numpyro_psvi._compat import param_transforms, with_entries_of, with_params
 from numpyro_psvi.engine import EngineState, ScoreEngine
 from numpyro_psvi.guides import GuideDensity
 from numpyro_psvi.objective import (
@@ -526,7 +527,11 @@ class ProximalScoreVI(ScoreEngine):
         """``K`` steps of the user's optimizer on ``objective`` (no host round trip); the
         optimizer state carries over between updates. With ``max_kl``, the steps stop
         after the first whose guide is more than ``max_kl`` from ``q_t`` (``density.kl``
-        from ``params_t``, a flow's displacement: :func:`psvi.objective.stops_at_trust_region`)."""
+        from ``params_t``, a flow's displacement: :func:`psvi.objective.stops_at_trust_region`).
+        Model params keep what the first step made of them (their values and optimizer
+        state): one step of the user's optimizer per update, as ``SVI`` takes; their
+        objective is linear, so ``K`` steps would move them ``K`` times the step size
+        (docs/guides.md, "Model params: one optimizer step per update")."""
 
         def value(unconstrained):  # no auxiliary output: numpyro.optim.Minimize refuses one
             return objective(unconstrained)[0], None
@@ -534,21 +539,27 @@ class ProximalScoreVI(ScoreEngine):
         def inner_step(optim_state):
             return self.optim.eval_and_update(value, optim_state)[1]
 
+        first = inner_step(optim_state)
         if max_kl is None:
-            return lax.fori_loop(0, self.inner_steps, lambda _, state: inner_step(state), optim_state)
+            fitted = lax.fori_loop(1, self.inner_steps, lambda _, state: inner_step(state), first)
+        else:
 
-        def within(carry):
-            step, _, kl = carry
-            return (step < self.inner_steps) & ~(kl > max_kl)
+            def distance(optim_state):
+                return density.kl(params_t, self.constrain_fn(self.optim.get_params(optim_state)), key_kl)
 
-        def body(carry):
-            step, optim_state, _ = carry
-            optim_state = inner_step(optim_state)
-            kl = density.kl(params_t, self.constrain_fn(self.optim.get_params(optim_state)), key_kl)
-            return step + 1, optim_state, kl
+            def within(carry):
+                step, _, kl = carry
+                return (step < self.inner_steps) & ~(kl > max_kl)
 
-        start = (jnp.asarray(0), optim_state, jnp.zeros(()))
-        return lax.while_loop(within, body, start)[1]
+            def body(carry):
+                step, optim_state, _ = carry
+                optim_state = inner_step(optim_state)
+                return step + 1, optim_state, distance(optim_state)
+
+            fitted = lax.while_loop(within, body, (jnp.asarray(1), first, distance(first)))[1]
+        if not self._model_param_names:
+            return fitted
+        return with_entries_of(fitted, first, self._model_param_names)
 
     def closed_form_update(
         self,

@@ -7,7 +7,8 @@ One step is four phases, each a method, as in ``numpyro_psvi.proximal``
    ``q_t`` and their mini-batch model scores (one vectorized pass, or one model call
    each);
 2. :meth:`ProximalScoreVI.inner_fit`: ``K`` steps of the Pyro optimizer on the
-   proximal score-matching objective (:meth:`ProximalScoreVI.proximal_problem`);
+   proximal score-matching objective (:meth:`ProximalScoreVI.proximal_problem`), one
+   on the model's params;
 3. :meth:`ProximalScoreVI.pull_back`: the fraction of the step that keeps
    ``KL(q_t || q_new) <= trust_region * D`` (halving; times the regime's
    :func:`~psvi.objective.trust_region_scale` when the model subsamples a plate);
@@ -284,9 +285,8 @@ class FlatGuideGradient(NamedTuple):
     (:func:`flat_sides`, from :attr:`~pyro_psvi.guides.GuideDensity.loc_scale_index`),
     applies each constraint kind to all the entries it covers in one op, takes the
     problem's closed-form gradient in ``(loc, scale)`` back by each kind's backward and
-    an index-add (a slice-add for a run), and gives the model params their constant
-    gradients (``base``, zero at the guide's entries), all that is left where the
-    guide's gradient is not finite. The numbers of
+    an index-add (a slice-add for a run), zero where the guide's gradient is not
+    finite. The numbers of
     :meth:`ProximalScoreVI._guide_gradients` (up to the order of a sum where the guide
     reads an entry twice), in a fixed handful of ops whatever the number of params.
 
@@ -294,15 +294,13 @@ class FlatGuideGradient(NamedTuple):
     ----------
     sides : list of _FlatSide
         The flat ``loc`` and ``scale``.
-    base : torch.Tensor
-        The flat gradient of the model params (zeros elsewhere; a 0-dim zero when there
-        are none).
     total : torch.Tensor
-        A buffer of ``base``'s size for the result (a fresh one costs more than the op).
+        A buffer of the flat vector's size for the result (a fresh one costs more than
+        the op).
     tiling : list of int or None
-        Where the parts' indices are runs that tile the whole flat vector (no model
-        params, each entry read once, as for AutoNormal and AutoDiagonalNormal): the
-        parts in the order of their runs, whose gradients are then concatenated.
+        Where the parts' indices are runs that tile the whole flat vector (each entry
+        read once, as for AutoNormal and AutoDiagonalNormal): the parts in the order of
+        their runs, whose gradients are then concatenated.
     flat : torch.Tensor
         The flat values, read at each call (the optimizer steps them in place).
     gradient : callable
@@ -310,7 +308,6 @@ class FlatGuideGradient(NamedTuple):
     """
 
     sides: list[_FlatSide]
-    base: torch.Tensor
     total: torch.Tensor
     tiling: list[int] | None
     flat: torch.Tensor
@@ -348,12 +345,12 @@ class FlatGuideGradient(NamedTuple):
             if self.tiling is not None:
                 total = torch.cat([pieces[i] for i in self.tiling], out=self.total)
             else:
-                total = self.total.copy_(self.base)
+                total = self.total.zero_()
                 for (part, _, _), grad in zip(read, pieces, strict=True):
                     _add_at(total, part.index, grad)
             finite = _all_finite(*grads)
             if finite.device.type != "cpu" or not finite:  # read at once on a CPU
-                total = torch.where(finite, total, self.base)
+                total = torch.where(finite, total, 0.0)
             return total
 
 
@@ -645,7 +642,7 @@ class ProximalScoreVI(ScoreEngine):
         if self.averages is None:  # else restored by load
             self._start_averages()
         self._vjps_found = False  # the guide params' transforms may be new
-        self._flat_sides = None  # (reads, layout, sides, tiling, base, total) of _flat_guide_gradient
+        self._flat_sides = None  # (reads, layout, sides, tiling, total) of _flat_guide_gradient
         # Guides without closed-form scores, and user-written guides, re-run their density
         # at every inner step: their second update is timed.
         timed = self.density.runs_guide or not self.density.closed_form
@@ -768,9 +765,9 @@ class ProximalScoreVI(ScoreEngine):
                     self._write_solution(problem.solution, leaves)
                     moments = ()
                 else:
-                    steps = self.inner_fit(problem, leaves)
-                    pending.append(steps)
-                    moments = steps.moments()
+                    stepped = self.inner_fit(problem, leaves)
+                    pending.extend(stepped)
+                    moments = [moment for steps in stepped for moment in steps.moments()]
                     if timed:
                         self._advise_inner_cost(time.perf_counter() - fit_at, scored_at - started)
                 self.hold(unread, start, leaves)
@@ -950,35 +947,39 @@ class ProximalScoreVI(ScoreEngine):
                 )
         self.averages, self._iterate = averages, iterate
 
-    def inner_fit(self, problem: ProximalProblem, leaves: dict[str, torch.Tensor]) -> FlatAdamSteps:
-        """``K`` steps of the user's Pyro optimizer on the problem, in place on the
-        param-store tensors. Model params ascend the expected log joint, linearized at
-        ``theta_t``: their gradient is the particles' mean gradient (no score calls).
-        Returns the steps, whose flat params' Adam moments are not yet written back
+    def inner_fit(self, problem: ProximalProblem, leaves: dict[str, torch.Tensor]) -> list[FlatAdamSteps]:
+        """``K`` steps of the user's Pyro optimizer on the guide's params, in place on the
+        param-store tensors, and one on the model params: they ascend the expected log
+        joint, linearized at ``theta_t``, whose gradient is the particles' mean gradient (no
+        score calls), one step of the user's optimizer per update as ``SVI`` takes (their
+        objective is linear: ``K`` steps would move them ``K`` times the step size;
+        docs/guides.md, "Model params: one optimizer step per update"). Returns the
+        steps, whose flat params' Adam moments are not yet written back
         (:meth:`~pyro_psvi._compat.FlatAdamSteps.write_moments`). Where the regime says so
         (:func:`psvi.objective.stops_at_trust_region`), the steps stop after the first whose
         guide is further from ``q_t`` than the trust region's budget (one read of a flag per
         step: a host sync off a CPU, for a flow guide only)."""
-        names = list(leaves)
-        guide_positions = [names.index(name) for name in self.density.param_names]
-        grads: list[torch.Tensor | None] = [None] * len(names)
-        for name, grad in zip(self._model_param_names, problem.param_grads, strict=True):
-            grads[names.index(name)] = torch.where(problem.scores_ok, -grad, 0.0)
+        stepped = []
+        if self._model_param_names:
+            model_leaves = [leaves[name] for name in self._model_param_names]
+            with FlatAdamSteps(self.optim, model_leaves, defer_moments=True) as steps:
+                steps.step([torch.where(problem.scores_ok, -grad, 0.0) for grad in problem.param_grads])
+            stepped.append(steps)
+        names = list(self.density.param_names)
         # pyro.module's parameters are read by the module's forward where they are.
         in_place = [names.index(name) for name in self.density.module_param_names]
-        with FlatAdamSteps(self.optim, list(leaves.values()), in_place, defer_moments=True) as steps:
-            flat_gradient = self._flat_guide_gradient(problem, steps, names, grads)
+        with FlatAdamSteps(
+            self.optim, [leaves[name] for name in names], in_place, defer_moments=True
+        ) as steps:
+            flat_gradient = self._flat_guide_gradient(problem, steps, names)
             for _ in range(self.inner_steps):
                 if flat_gradient is not None:
                     steps.step_flat(flat_gradient())
                     continue
-                guide_grads = self._guide_gradients(problem, dict(zip(names, steps.values, strict=True)))
-                for i, grad in zip(guide_positions, guide_grads, strict=True):
-                    grads[i] = grad
-                steps.step(grads)
+                steps.step(self._guide_gradients(problem, dict(zip(names, steps.values, strict=True))))
                 if self.stops_at_budget and self._past_budget(problem, names, steps.values):
                     break
-        return steps
+        return [*stepped, steps]
 
     def _past_budget(self, problem: ProximalProblem, names: list[str], values: list[torch.Tensor]) -> bool:
         """Whether the guide at the unconstrained ``values`` (of the params ``names``) is
@@ -1156,27 +1157,23 @@ class ProximalScoreVI(ScoreEngine):
             return grads, _all_finite(*loc_scale_grads)
 
     def _flat_guide_gradient(
-        self,
-        problem: ProximalProblem,
-        steps: FlatAdamSteps,
-        names: list[str],
-        grads: list[torch.Tensor | None],
+        self, problem: ProximalProblem, steps: FlatAdamSteps, names: list[str]
     ) -> FlatGuideGradient | None:
-        """The inner steps' gradient in the flat layout of ``steps``
-        (:class:`FlatGuideGradient`), where all params are stepped as one flat tensor, the
-        guide's ``(loc, scale)`` are a gather of them and its constraints elementwise
-        kinds; else ``None``. ``grads``: the model params' (``None`` for the guide's)."""
+        """The inner steps' gradient in the flat layout of ``steps`` (the guide's params
+        ``names``; :class:`FlatGuideGradient`), where all of them are stepped as one flat
+        tensor, the guide's ``(loc, scale)`` are a gather of them and its constraints
+        elementwise kinds; else ``None``."""
         density, layout = self.density, steps.flat_layout()
         if problem.gradient is None or density.loc_scale_index is None or layout is None:
             return None
         if self._constraint_vjps() is None:  # finds the kinds
             return None
-        kinds = {name: self._kinds[name] for name in density.param_names}
+        kinds = {name: self._kinds[name] for name in names}
         if any(kind not in ("identity", *_ELEMENTWISE_CONSTRAINTS) for kind in kinds.values()):
             return None
         flat, offsets = layout
         offset_of = dict(zip(names, offsets, strict=True))
-        reads = density.loc_scale_index({name: offset_of[name] for name in kinds}, flat.device)
+        reads = density.loc_scale_index(offset_of, flat.device)
         if reads is None:
             return None
         sizes = [value.numel() for value in steps.values]
@@ -1187,19 +1184,17 @@ class ProximalScoreVI(ScoreEngine):
                 in_order = dict.fromkeys(kinds.values())
                 masks = {kind: torch.zeros_like(flat, dtype=torch.bool) for kind in in_order}
                 for name, offset, size in zip(names, offsets, sizes, strict=True):
-                    if name in kinds:
-                        masks[kinds[name]][offset : offset + size] = True
+                    masks[kinds[name]][offset : offset + size] = True
                 sides = flat_sides(reads, masks)
-                tiling = _tiling(sides, flat.numel())
-                # No model params: their gradient is a 0-dim zero (broadcast), not a D-vector.
-                base = torch.zeros_like(flat) if set(names) - set(kinds) else flat.new_zeros(())
-                buffers = base, torch.empty_like(flat)
-                self._flat_sides = cached = (reads, layout_key, sides, tiling, *buffers)
-            _, _, sides, tiling, base, total = cached
-            for name, offset, size, grad in zip(names, offsets, sizes, grads, strict=True):
-                if name not in kinds:
-                    base[offset : offset + size] = 0.0 if grad is None else grad.reshape(-1)
-        return FlatGuideGradient(sides, base, total, tiling, flat, problem.gradient)
+                self._flat_sides = cached = (
+                    reads,
+                    layout_key,
+                    sides,
+                    _tiling(sides, flat.numel()),
+                    torch.empty_like(flat),
+                )
+            _, _, sides, tiling, total = cached
+        return FlatGuideGradient(sides, total, tiling, flat, problem.gradient)
 
     def _constraint_vjps(self) -> dict[str, Callable | None] | None:
         """By guide param, the vector-Jacobian product of its constraint transform
