@@ -11,7 +11,7 @@ true topic's best correlation with the decoder's, and seconds of ``run`` (compil
 included). ``--prox-weights`` and ``--average`` set ProximalScoreVI's options instead of its
 defaults; ``--model-lr-scales`` runs every method with the decoder's (the model's params')
 step size scaled (optax's ``multi_transform`` of two Adams; docs/guides.md, "Model params:
-K optimizer steps per update").
+one optimizer step per update").
 
     python -m benchmarks.prodlda [--steps 1000] [--seeds 3] [--prox-weights 10] [--average off]
         [--model-lr-scales 1 0.05]

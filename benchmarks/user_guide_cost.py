@@ -439,8 +439,8 @@ def vae_equal_steps(
     image (64 particles) after 1, 5, 20 and 60 epochs. ``seconds``: the updates' time to
     each checkpoint (the first update, which compiles or sets up, included; the losses not).
     ``decoder_lr_scale``: the decoder's (the model's params') step size over the
-    encoder's, for every engine (docs/guides.md, "Model params: K optimizer steps per
-    update")."""
+    encoder's, for every engine (docs/guides.md, "Model params: one optimizer step
+    per update")."""
     lr, checkpoints = EQUAL_STEPS[protocol]
     train, test = _digits_split()
     batches = [train[i : i + 64] for i in range(0, len(train) - 63, 64)] if protocol == "epochs" else None
