@@ -539,27 +539,29 @@ class ProximalScoreVI(ScoreEngine):
         def inner_step(optim_state):
             return self.optim.eval_and_update(value, optim_state)[1]
 
-        first = inner_step(optim_state)
-        if max_kl is None:
-            fitted = lax.fori_loop(1, self.inner_steps, lambda _, state: inner_step(state), first)
-        else:
+        def distance(optim_state):
+            return density.kl(params_t, self.constrain_fn(self.optim.get_params(optim_state)), key_kl)
 
-            def distance(optim_state):
-                return density.kl(params_t, self.constrain_fn(self.optim.get_params(optim_state)), key_kl)
+        def within(carry):
+            step, _, kl = carry
+            return (step < self.inner_steps) & ~(kl > max_kl)
 
-            def within(carry):
-                step, _, kl = carry
-                return (step < self.inner_steps) & ~(kl > max_kl)
+        def body(carry):
+            step, optim_state, _ = carry
+            optim_state = inner_step(optim_state)
+            return step + 1, optim_state, distance(optim_state)
 
-            def body(carry):
-                step, optim_state, _ = carry
-                optim_state = inner_step(optim_state)
-                return step + 1, optim_state, distance(optim_state)
+        def steps(optim_state, done: int):
+            """The steps after the first ``done`` (stopped past ``max_kl`` if given)."""
+            if max_kl is None:
+                return lax.fori_loop(done, self.inner_steps, lambda _, state: inner_step(state), optim_state)
+            kl = jnp.zeros(()) if done == 0 else distance(optim_state)
+            return lax.while_loop(within, body, (jnp.asarray(done), optim_state, kl))[1]
 
-            fitted = lax.while_loop(within, body, (jnp.asarray(1), first, distance(first)))[1]
         if not self._model_param_names:
-            return fitted
-        return with_entries_of(fitted, first, self._model_param_names)
+            return steps(optim_state, 0)
+        first = inner_step(optim_state)  # traced apart: the model params' step
+        return with_entries_of(steps(first, 1), first, self._model_param_names)
 
     def closed_form_update(
         self,
