@@ -108,6 +108,21 @@ def row_method_label(row: dict) -> str:
     return f"{row['method']} ({settings})" if settings else row["method"]
 
 
+def adam_with_decoder_scaled(lr: float, decoder_scale: float) -> object:
+    """NumPyro's ``Adam(lr)``, or with ``decoder_scale != 1`` optax's ``multi_transform``
+    of two Adams: ``lr * decoder_scale`` for the params named ``decoder...`` (a decoder
+    network in the model), ``lr`` for the rest (docs/guides.md, "Model params: one
+    optimizer step per update")."""
+    if decoder_scale == 1.0:
+        return numpyro.optim.Adam(lr)
+    import optax
+
+    def part(params: dict) -> dict:
+        return {name: "decoder" if name.startswith("decoder") else "rest" for name in params}
+
+    return optax.multi_transform({"decoder": optax.adam(lr * decoder_scale), "rest": optax.adam(lr)}, part)
+
+
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"

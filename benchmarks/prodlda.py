@@ -31,11 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import optax
 from numpyro.contrib.module import flax_module
 from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
-from benchmarks.common import add_engine_setting_arguments, engine_settings, row_method_label, save
+from benchmarks.common import (
+    adam_with_decoder_scaled,
+    add_engine_setting_arguments,
+    engine_settings,
+    row_method_label,
+    save,
+)
 from numpyro_psvi import ProximalScoreVI
 
 VOCAB, TOPICS, HIDDEN, DOCS, BATCH, WORDS = 100, 5, 32, 600, 60, 80
@@ -80,17 +85,10 @@ def guide(docs, batch=BATCH):
         numpyro.sample("theta", dist.Dirichlet(encoder(docs[idx])))
 
 
-def _decoder_or_rest(params: dict) -> dict:
-    return {name: "decoder" if name.startswith("decoder") else "rest" for name in params}
-
-
 def fit(method: str, engine_options: dict, seed: int, steps: int, model_lr_scale: float = 1.0) -> dict:
     docs, topics = corpus()
     docs = jnp.asarray(docs)
-    optim = numpyro.optim.Adam(LR)
-    if model_lr_scale != 1.0:
-        adams = {"decoder": optax.adam(LR * model_lr_scale), "rest": optax.adam(LR)}
-        optim = optax.multi_transform(adams, _decoder_or_rest)
+    optim = adam_with_decoder_scaled(LR, model_lr_scale)
     if method == "svi":
         engine = SVI(model, guide, optim, TraceMeanField_ELBO())
     else:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import sklearn.datasets
 
-from benchmarks.common import save
+from benchmarks.common import adam_with_decoder_scaled, save
 from benchmarks.step_cost import _median_block_times
 
 PARTICLES = 4
@@ -503,26 +503,16 @@ def _pyro_vae_fit(
 def _numpyro_vae_fit(
     inner: int, lr: float, seed: int, decoder_lr_scale: float = 1.0
 ) -> tuple[Callable, Callable]:
-    """As :func:`_pyro_vae_fit`, jitted updates (another decoder step size: optax's
-    ``multi_transform`` of two Adams)."""
+    """As :func:`_pyro_vae_fit`, jitted updates (another decoder step size:
+    :func:`~benchmarks.common.adam_with_decoder_scaled`)."""
     import jax
     import jax.numpy as jnp
-    import numpyro
     from numpyro.infer import SVI, Trace_ELBO
 
     from numpyro_psvi import ProximalScoreVI
 
     model, guide, (own,) = numpyro_examples()["VAE"]
-    optim = numpyro.optim.Adam(lr)
-    if decoder_lr_scale != 1.0:
-        import optax
-
-        def part(params):
-            return {name: "decoder" if name.startswith("decoder") else "rest" for name in params}
-
-        optim = optax.multi_transform(
-            {"decoder": optax.adam(lr * decoder_lr_scale), "rest": optax.adam(lr)}, part
-        )
+    optim = adam_with_decoder_scaled(lr, decoder_lr_scale)
     if inner == -1:
         engine = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES))
     else:
