@@ -171,6 +171,30 @@ def with_entries_of(optim_state: Any, source: Any, names: Collection[str]) -> An
     )
 
 
+def with_step_count(optim_state: Any, count: jax.Array | int) -> Any:
+    """``optim_state`` as if its optimizer had taken ``count`` steps: the step that
+    jax.example_libraries' optimizers pass to their update (Adam's bias correction, a
+    ``step_size`` schedule) and, in ``optax_to_numpyro``'s ``(params, optax state)``,
+    every optax state's ``count`` field (``scale_by_adam``'s, a schedule's,
+    ``inject_hyperparams``'); params and moments kept."""
+    step, inner = optim_state
+    if isinstance(inner, OptimizerState):
+        return jnp.asarray(count, dtype=jnp.result_type(step)), inner
+    if isinstance(inner, tuple) and len(inner) == 2 and isinstance(inner[0], dict):
+
+        def recount(path: tuple, leaf: Any) -> Any:
+            field = path[-1] if path else None
+            at_count = isinstance(field, jax.tree_util.GetAttrKey) and field.name == "count"
+            return jnp.full_like(leaf, count) if at_count else leaf
+
+        return step, (inner[0], jax.tree_util.tree_map_with_path(recount, inner[1]))
+    raise NotImplementedError(
+        f"Cannot set the step count of an optimizer state of type {type(inner).__name__}: a "
+        "model with numpyro.param sites needs it (their steps count one per update, as under "
+        "SVI). Use a numpyro.optim optimizer or an optax transformation."
+    )
+
+
 def is_jaxpr_literal(var: Any) -> bool:
     """Whether an input of a jaxpr equation is a literal constant (not a variable)."""
     return isinstance(var, JaxprLiteral)

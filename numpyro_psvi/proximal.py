@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax, random
 from jax.sharding import Mesh
 
-from numpyro_psvi._compat import param_transforms, with_entries_of, with_params
+from numpyro_psvi._compat import param_transforms, with_entries_of, with_params, with_step_count
 from numpyro_psvi.engine import EngineState, ScoreEngine
 from numpyro_psvi.guides import GuideDensity
 from numpyro_psvi.objective import (
@@ -415,7 +415,10 @@ class ProximalScoreVI(ScoreEngine):
             fitted = self._with_params(state.optim_state, problem.solution)
         else:
             stop = self._budget(scored.active_dim) if self.stops_at_budget else None
-            fitted = self.inner_fit(problem.objective, state.optim_state, density, params_t, key_kl, stop)
+            fitted = self.inner_fit(
+                problem.objective, state.optim_state, density, params_t, key_kl, stop,
+                model_steps=update - state.num_rejected,  # the updates that stepped the model params
+            )  # fmt: skip
         if density.at_indices is not None:  # a user guide's local latents
             fitted = self.hold_unread(density, particles, state.optim_state, fitted)
         if problem.solution is None:
@@ -523,15 +526,17 @@ class ProximalScoreVI(ScoreEngine):
         params_t: dict,
         key_kl: jax.Array,
         max_kl: jax.Array | float | None = None,
+        model_steps: jax.Array | int = 0,
     ) -> Any:
         """``K`` steps of the user's optimizer on ``objective`` (no host round trip); the
         optimizer state carries over between updates. With ``max_kl``, the steps stop
         after the first whose guide is more than ``max_kl`` from ``q_t`` (``density.kl``
         from ``params_t``, a flow's displacement: :func:`psvi.objective.stops_at_trust_region`).
-        Model params keep what the first step made of them (their values and optimizer
-        state): one step of the user's optimizer per update, as ``SVI`` takes; their
-        objective is linear, so ``K`` steps would move them ``K`` times the step size
-        (docs/guides.md, "Model params: one optimizer step per update")."""
+        Model params take one step of the user's optimizer per update, as ``SVI`` takes,
+        counted as their ``model_steps``-th (their objective is linear, so ``K`` steps
+        would move them ``K`` times the step size; docs/guides.md, "Model params: one
+        optimizer step per update"): their values and optimizer state are what that step
+        made of them."""
 
         def value(unconstrained):  # no auxiliary output: numpyro.optim.Minimize refuses one
             return objective(unconstrained)[0], None
@@ -560,8 +565,12 @@ class ProximalScoreVI(ScoreEngine):
 
         if not self._model_param_names:
             return steps(optim_state, 0)
-        first = inner_step(optim_state)  # traced apart: the model params' step
-        return with_entries_of(steps(first, 1), first, self._model_param_names)
+        # Traced apart: the model params' step, at their own step count (Adam's bias
+        # correction, a schedule), as SVI's; the guide's at the optimizer's (K per update).
+        loss, grads = jax.value_and_grad(lambda params: value(params)[0])(self.optim.get_params(optim_state))
+        first = self.optim.update(grads, optim_state, value=loss)
+        model_step = self.optim.update(grads, with_step_count(optim_state, model_steps), value=loss)
+        return with_entries_of(steps(first, 1), model_step, self._model_param_names)
 
     def closed_form_update(
         self,
