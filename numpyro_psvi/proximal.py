@@ -731,11 +731,12 @@ class ProximalScoreVI(ScoreEngine):
         scored: ModelScores,
         rng_key: jax.Array,
     ) -> tuple[EngineState, jax.Array]:
-        """Move the whole optimizer state (params and moments) the fraction ``frac`` toward
-        the fitted one and advance the running averages, or keep the old state exactly
-        when the step is rejected (no fraction qualified, or non-finite scores, loss,
-        params or optimizer moments); as ``SVI.stable_update`` does, a rejected step
-        reports a NaN loss."""
+        """Move the guide's optimizer state (params and moments) the fraction ``frac``
+        toward the fitted one, the model params' the whole way (their step is the user's
+        optimizer's, as ``SVI``'s: the guide's trust region does not bound it), and advance
+        the running averages; or keep the old state exactly when the step is rejected (no
+        fraction qualified, or non-finite scores, loss, params or optimizer moments); as
+        ``SVI.stable_update`` does, a rejected step reports a NaN loss."""
         loss = problem.loss
         accept = (frac > 0) & jnp.isfinite(problem.fisher) & jnp.isfinite(loss)
         accept &= jnp.all(jnp.isfinite(scored.log_joints))
@@ -743,6 +744,8 @@ class ProximalScoreVI(ScoreEngine):
         # (a gradient beyond 1.8e19 squared, float32), which would spoil every later step.
         accept &= _all_finite(fitted)
         candidate = lerp_tree(state.optim_state, fitted, frac)
+        if self._model_param_names:
+            candidate = with_entries_of(candidate, fitted, self._model_param_names)
         averages = problem.averages
         if averages.params is not None:
             count = averages.params_updates

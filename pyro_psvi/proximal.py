@@ -1287,11 +1287,13 @@ class ProximalScoreVI(ScoreEngine):
         saved_optimizer_state: list[dict[str, torch.Tensor] | None],
         pending_moments: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
-        """Move the params the fraction ``frac`` of their step, or restore them and the
-        optimizer's state exactly when the step is rejected (no fraction qualified, or
-        non-finite scores, loss, params or optimizer moments, ``pending_moments`` (those
-        not yet written back) included; state a first step created goes back to zeros,
-        i.e. a fresh optimizer). Returns the accept flag (device tensor)."""
+        """Move the guide's params the fraction ``frac`` of their step and the model params
+        the whole step (theirs is the user's optimizer's, as ``SVI``'s: the guide's trust
+        region does not bound it), or restore them and the optimizer's state exactly when
+        the step is rejected (no fraction qualified, or non-finite scores, loss, params or
+        optimizer moments, ``pending_moments`` (those not yet written back) included; state
+        a first step created goes back to zeros, i.e. a fresh optimizer). Returns the
+        accept flag (device tensor)."""
         with torch.no_grad():
             accept = (frac > 0) & problem.scores_ok
             accept &= torch.isfinite(problem.fisher) & torch.isfinite(problem.loss)
@@ -1307,7 +1309,8 @@ class ProximalScoreVI(ScoreEngine):
             if accept.device.type == "cpu" and accept and frac == 1:
                 return accept
             for name, leaf in leaves.items():
-                leaf.copy_(torch.where(accept, torch.lerp(start[name], leaf, frac), start[name]))
+                moved = leaf if name in self._model_param_names else torch.lerp(start[name], leaf, frac)
+                leaf.copy_(torch.where(accept, moved, start[name]))
             self._restore_optimizer_state(current, saved_optimizer_state, accept)
         return accept
 

@@ -11,7 +11,8 @@ gradient of the log joint in ``theta`` is ``sum_i (y_i - theta)`` at every parti
 (y_i - theta)`` (``theta_1 = 15 lr`` from 0, where ``K = 20`` steps made it ``20 * 15
 lr``); with Adam, ClippedAdam and a decaying schedule, each update's step at the update's
 count (the count of all inner steps, ``20 (t - 1) + 1``, gave Adam steps 0.7-3.7 times
-SVI's in the first few hundred updates). No trust region, whose pull-back could shorten a step."""
+SVI's in the first few hundred updates). Without a trust region, and with one that pulls
+the guide's step back, which must leave the model params' step whole."""
 
 import jax
 import jax.numpy as jnp
@@ -57,14 +58,19 @@ def numpyro_model(y):
         numpyro.sample("y", ndist.Normal(theta, 1.0), obs=y)
 
 
-def numpyro_thetas(make_engine) -> list[float]:
+def numpyro_fit(make_engine) -> tuple[list[float], float]:
+    """``theta`` after each update, and the guide's scale of ``z`` at the end."""
     engine = make_engine(numpyro_model, NumPyroAutoNormal(numpyro_model))
     y = jnp.asarray(Y)
     state, update, thetas = engine.init(jax.random.PRNGKey(0), y), jax.jit(engine.update), []
     for _ in range(UPDATES):
         state = update(state, y)[0]
         thetas.append(float(engine.get_params(state)["theta"]))
-    return thetas
+    return thetas, float(engine.get_params(state)["z_auto_scale"])
+
+
+def numpyro_thetas(make_engine) -> list[float]:
+    return numpyro_fit(make_engine)[0]
 
 
 def pyro_model(y):
@@ -74,13 +80,19 @@ def pyro_model(y):
         pyro.sample("y", pdist.Normal(theta, 1.0), obs=y)
 
 
-def pyro_thetas(make_engine) -> list[float]:
+def pyro_fit(make_engine) -> tuple[list[float], float]:
+    """``theta`` after each update, and the guide's scale of ``z`` at the end."""
     pyro.clear_param_store()
+    pyro.set_rng_seed(0)
     engine, thetas = make_engine(pyro_model, PyroAutoNormal(pyro_model)), []
     for _ in range(UPDATES):
         engine.step(torch.as_tensor(Y))
         thetas.append(pyro.param("theta").item())
-    return thetas
+    return thetas, pyro.param("AutoNormal.scales.z").item()
+
+
+def pyro_thetas(make_engine) -> list[float]:
+    return pyro_fit(make_engine)[0]
 
 
 @pytest.mark.parametrize("optimizer", NUMPYRO_OPTIMIZERS)
@@ -107,3 +119,108 @@ def test_pyro_model_params_take_svis_optimizer_steps(optimizer):
     )
     svi = pyro_thetas(lambda model, guide: PyroSVI(model, guide, make_optim(), PyroTraceELBO()))
     np.testing.assert_allclose(ours, svi, rtol=1e-5)  # as for NumPyro above
+
+
+# Each backend's fit, engine, SVI, ELBO and Adam(0.03).
+BACKENDS = {
+    "numpyro": (
+        numpyro_fit,
+        numpyro_psvi.ProximalScoreVI,
+        NumPyroSVI,
+        NumPyroTraceELBO,
+        lambda: numpyro.optim.Adam(0.03),
+    ),
+    "pyro": (
+        pyro_fit,
+        pyro_psvi.ProximalScoreVI,
+        PyroSVI,
+        PyroTraceELBO,
+        lambda: pyro.optim.Adam({"lr": 0.03}),
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_guides_trust_region_leaves_the_model_params_step_whole(backend):
+    # Adam(0.03): the guide's twenty inner steps leave the trust region's budget on these
+    # updates, so the guide's step is pulled back (its scale of z ends elsewhere than
+    # without a trust region); theta's step stays SVI's.
+    fit, engine, svi, elbo, optim = BACKENDS[backend]
+    bounded, bounded_scale = fit(lambda model, guide: engine(model, guide, optim(), inner_steps=INNER))
+    _, unbounded_scale = fit(
+        lambda model, guide: engine(model, guide, optim(), inner_steps=INNER, trust_region=None)
+    )
+    reference, _ = fit(lambda model, guide: svi(model, guide, optim(), elbo()))
+    assert abs(bounded_scale - unbounded_scale) > 0.01 * unbounded_scale  # the pull-back acted
+    np.testing.assert_allclose(bounded, reference, rtol=1e-5)  # as the tests above
+
+
+# A subsampled plate with the user's own batch indices (Pyro's ``subsample=``; NumPyro's
+# plate indices substituted, which the engine takes with ``reshuffle=False``): theta's
+# step is the N/B-scaled one, as SVI's. The last iterate (no averaging: with it the
+# params hold the average of the iterates, as the guide's do).
+NUM, BATCH = 20, 5
+Y_ALL = np.arange(NUM, dtype=np.float32) / 4.0
+BATCHES = [np.arange(i * BATCH, (i + 1) * BATCH) for i in range(UPDATES)]
+
+
+def numpyro_subsampled_model(y, idx):
+    theta = numpyro.param("theta", 0.0)
+    numpyro.sample("z", ndist.Normal(0.0, 1.0))
+    with (
+        numpyro.handlers.substitute(data={"data": idx}),
+        numpyro.plate("data", NUM, subsample_size=BATCH) as ind,
+    ):
+        numpyro.sample("y", ndist.Normal(theta, 1.0), obs=y[ind])
+
+
+def pyro_subsampled_model(y, idx):
+    theta = pyro.param("theta", torch.tensor(0.0))
+    pyro.sample("z", pdist.Normal(0.0, 1.0))
+    with pyro.plate("data", NUM, subsample=idx) as ind:
+        pyro.sample("y", pdist.Normal(theta, 1.0), obs=y[ind])
+
+
+def numpyro_subsampled_thetas(make_engine) -> list[float]:
+    engine = make_engine(numpyro_subsampled_model, NumPyroAutoNormal(numpyro_subsampled_model))
+    y, batches = jnp.asarray(Y_ALL), [jnp.asarray(idx) for idx in BATCHES]
+    state, update, thetas = engine.init(jax.random.PRNGKey(0), y, batches[0]), jax.jit(engine.update), []
+    for idx in batches:
+        state = update(state, y, idx)[0]
+        thetas.append(float(engine.get_params(state)["theta"]))
+    return thetas
+
+
+def pyro_subsampled_thetas(make_engine) -> list[float]:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    engine, thetas = make_engine(pyro_subsampled_model, PyroAutoNormal(pyro_subsampled_model)), []
+    for idx in BATCHES:
+        engine.step(torch.as_tensor(Y_ALL), torch.as_tensor(idx))
+        thetas.append(pyro.param("theta").item())
+    return thetas
+
+
+# Each backend's fit, engine options, engine, SVI, ELBO and Adam(LR).
+SUBSAMPLED = {
+    "numpyro": (
+        numpyro_subsampled_thetas, {"reshuffle": False}, numpyro_psvi.ProximalScoreVI, NumPyroSVI,
+        NumPyroTraceELBO, lambda: numpyro.optim.Adam(LR),
+    ),
+    "pyro": (
+        pyro_subsampled_thetas, {}, pyro_psvi.ProximalScoreVI, PyroSVI, PyroTraceELBO,
+        lambda: pyro.optim.Adam({"lr": LR}),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", SUBSAMPLED)
+def test_a_subsampled_plate_scales_the_model_params_step_as_svis(backend):
+    thetas, options, engine, svi, elbo, optim = SUBSAMPLED[backend]
+    ours = thetas(
+        lambda model, guide: engine(
+            model, guide, optim(), inner_steps=INNER, trust_region=None, average_iterates=False, **options
+        )
+    )
+    reference = thetas(lambda model, guide: svi(model, guide, optim(), elbo()))
+    np.testing.assert_allclose(ours, reference, rtol=1e-5)  # as the tests above
