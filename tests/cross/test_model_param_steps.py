@@ -224,3 +224,61 @@ def test_a_subsampled_plate_scales_the_model_params_step_as_svis(backend):
     )
     reference = thetas(lambda model, guide: svi(model, guide, optim(), elbo()))
     np.testing.assert_allclose(ours, reference, rtol=1e-5)  # as the tests above
+
+
+# A network in the model (``pyro.module``'s torch module, NumPyro's ``flax_module``): its
+# weights step as SVI's (the default trust region, Adam(0.03)).
+X_NET = np.linspace(-1.0, 1.0, 8, dtype=np.float32)[:, None]
+Y_NET = 2.0 * X_NET[:, 0] + 1.0
+
+
+def numpyro_network_weights(make_engine) -> np.ndarray:
+    import flax.linen as nn
+    from numpyro.contrib.module import flax_module
+
+    def model(x, y):
+        net = flax_module("net", nn.Dense(1), input_shape=(1, 1))
+        numpyro.sample("z", ndist.Normal(0.0, 1.0))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("y", ndist.Normal(net(x)[:, 0], 1.0), obs=y)
+
+    engine = make_engine(model, NumPyroAutoNormal(model))
+    x, y = jnp.asarray(X_NET), jnp.asarray(Y_NET)
+    state, update, weights = engine.init(jax.random.PRNGKey(0), x, y), jax.jit(engine.update), []
+    for _ in range(UPDATES):
+        state = update(state, x, y)[0]
+        net = engine.get_params(state)["net$params"]
+        weights.append([float(net["kernel"][0, 0]), float(net["bias"][0])])
+    return np.array(weights)
+
+
+def pyro_network_weights(make_engine) -> np.ndarray:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    net = torch.nn.Linear(1, 1)
+
+    def model(x, y):
+        pyro.module("net", net)
+        pyro.sample("z", pdist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", pdist.Normal(net(x).squeeze(-1), 1.0), obs=y)
+
+    engine, weights = make_engine(model, PyroAutoNormal(model)), []
+    for _ in range(UPDATES):
+        engine.step(torch.as_tensor(X_NET), torch.as_tensor(Y_NET))
+        weights.append([net.weight.item(), net.bias.item()])
+    return np.array(weights)
+
+
+NETWORKS = {
+    "numpyro": (numpyro_network_weights, *BACKENDS["numpyro"][1:]),
+    "pyro": (pyro_network_weights, *BACKENDS["pyro"][1:]),
+}
+
+
+@pytest.mark.parametrize("backend", NETWORKS)
+def test_a_networks_weights_in_the_model_step_as_svis(backend):
+    fit, engine, svi, elbo, optim = NETWORKS[backend]
+    ours = fit(lambda model, guide: engine(model, guide, optim(), inner_steps=INNER))
+    reference = fit(lambda model, guide: svi(model, guide, optim(), elbo()))
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-7)  # as the tests above
