@@ -95,30 +95,27 @@ def pyro_thetas(make_engine) -> list[float]:
     return pyro_fit(make_engine)[0]
 
 
-@pytest.mark.parametrize("optimizer", NUMPYRO_OPTIMIZERS)
-def test_numpyro_model_params_take_svis_optimizer_steps(optimizer):
-    make_optim = NUMPYRO_OPTIMIZERS[optimizer]
-    ours = numpyro_thetas(
-        lambda model, guide: numpyro_psvi.ProximalScoreVI(
-            model, guide, make_optim(), inner_steps=INNER, trust_region=None
-        )
+# Each backend's theta trajectory, engine, SVI and ELBO.
+ENGINES = {
+    "numpyro": (numpyro_thetas, numpyro_psvi.ProximalScoreVI, NumPyroSVI, NumPyroTraceELBO),
+    "pyro": (pyro_thetas, pyro_psvi.ProximalScoreVI, PyroSVI, PyroTraceELBO),
+}
+OPTIMIZERS = {"numpyro": NUMPYRO_OPTIMIZERS, "pyro": PYRO_OPTIMIZERS}
+
+
+@pytest.mark.parametrize(
+    ("backend", "name"), [(backend, name) for backend, named in OPTIMIZERS.items() for name in named]
+)
+def test_model_params_take_svis_optimizer_steps(backend, name):
+    make_optim = OPTIMIZERS[backend][name]
+    thetas, engine, svi, elbo = ENGINES[backend]
+    ours = thetas(
+        lambda model, guide: engine(model, guide, make_optim(), inner_steps=INNER, trust_region=None)
     )
-    svi = numpyro_thetas(lambda model, guide: NumPyroSVI(model, guide, make_optim(), NumPyroTraceELBO()))
+    reference = thetas(lambda model, guide: svi(model, guide, make_optim(), elbo()))
     # The same float32 gradient and optimizer arithmetic: agreement to round-off (values of
     # order 1e-3 to 5e-2); a step of the wrong size or count is off by a factor 0.5-20.
-    np.testing.assert_allclose(ours, svi, rtol=1e-5)
-
-
-@pytest.mark.parametrize("optimizer", PYRO_OPTIMIZERS)
-def test_pyro_model_params_take_svis_optimizer_steps(optimizer):
-    make_optim = PYRO_OPTIMIZERS[optimizer]
-    ours = pyro_thetas(
-        lambda model, guide: pyro_psvi.ProximalScoreVI(
-            model, guide, make_optim(), inner_steps=INNER, trust_region=None
-        )
-    )
-    svi = pyro_thetas(lambda model, guide: PyroSVI(model, guide, make_optim(), PyroTraceELBO()))
-    np.testing.assert_allclose(ours, svi, rtol=1e-5)  # as for NumPyro above
+    np.testing.assert_allclose(ours, reference, rtol=1e-5)
 
 
 # Each backend's fit, engine, SVI, ELBO and Adam(0.03).
