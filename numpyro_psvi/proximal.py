@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpyro
 from jax import lax, random
 from jax.sharding import Mesh
 
@@ -308,6 +309,13 @@ class ProximalScoreVI(ScoreEngine):
         """Return the initial :class:`EngineState` (see :meth:`ScoreEngine.init`), with a
         warning where the guide family advises against these settings."""
         state = super().init(rng_key, *args, init_params=init_params, **kwargs)
+        if self._model_param_names and isinstance(self.optim, numpyro.optim.Minimize):
+            raise ValueError(
+                "numpyro.optim.Minimize solves each update's proximal problem, but the model's "
+                f"params {list(self._model_param_names)} have no minimum there (their objective "
+                "in an update is linear: they take one optimizer step per update, as under SVI). "
+                "Use a stepping optimizer (numpyro.optim.Adam, an optax transformation)."
+            )
         diagonal = self.density.loc_scale is not None
         gaussian = diagonal or self.family.full_covariance
         transport = self.density.transport is not None

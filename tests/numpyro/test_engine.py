@@ -305,6 +305,17 @@ def test_minimize_solves_each_proximal_problem():
     np.testing.assert_allclose(result.params["x_auto_scale"], 2.0, atol=2e-3)
 
 
+def test_minimize_with_model_params_is_refused_at_init():
+    # The model params' objective in an update is linear: BFGS has no minimizer to find.
+    def model():
+        theta = numpyro.param("theta", 0.0)
+        numpyro.sample("x", dist.Normal(theta, 1.0))
+
+    svi = ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Minimize(), inner_steps=1)
+    with pytest.raises(ValueError, match=r"Minimize .*\['theta'\].*numpyro.optim.Adam"):
+        svi.init(jax.random.PRNGKey(0))
+
+
 @pytest.mark.slow  # 17-42 s on the 2-core CI machine: the default suite keeps its budget
 def test_lowrank_guide_fits_gaussian():
     mean, cov = ill_conditioned_gaussian(6, 10.0, seed=2)
