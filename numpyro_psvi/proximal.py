@@ -575,7 +575,8 @@ class ProximalScoreVI(ScoreEngine):
             return steps(optim_state, 0)
         # Traced apart: the model params' step, at their own step count (Adam's bias
         # correction, a schedule), as SVI's; the guide's at the optimizer's (K per update).
-        loss, grads = jax.value_and_grad(lambda params: value(params)[0])(self.optim.get_params(optim_state))
+        params = self.optim.get_params(optim_state)
+        loss, grads = jax.value_and_grad(lambda params: objective(params)[0])(params)
         first = self.optim.update(grads, optim_state, value=loss)
         model_step = self.optim.update(grads, with_step_count(optim_state, model_steps), value=loss)
         return with_entries_of(steps(first, 1), model_step, self._model_param_names)
