@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpyro
+import optax
 from jax import lax, random
 from jax.sharding import Mesh
 
@@ -307,8 +308,18 @@ class ProximalScoreVI(ScoreEngine):
 
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
         """Return the initial :class:`EngineState` (see :meth:`ScoreEngine.init`), with a
-        warning where the guide family advises against these settings."""
+        warning where the guide family advises against these settings; refuse an optimizer
+        that cannot do here what it does under ``SVI`` (``optax.MultiSteps``; ``Minimize``
+        with model params)."""
         state = super().init(rng_key, *args, init_params=init_params, **kwargs)
+        if _accumulates_gradients(state.optim_state):
+            raise ValueError(
+                "optax.MultiSteps accumulates gradients over optimizer steps, and the engine's "
+                "optimizer steps are each update's inner steps on one mini-batch (and a model "
+                "param's one step per update), not updates over mini-batches: it would not "
+                "accumulate what it does under SVI. For larger batches raise the plate's "
+                "subsample_size; pass the inner optimizer (e.g. optax.adam) itself."
+            )
         if self._model_param_names and isinstance(self.optim, numpyro.optim.Minimize):
             raise ValueError(
                 "numpyro.optim.Minimize solves each update's proximal problem, but the model's "
@@ -772,6 +783,15 @@ class ProximalScoreVI(ScoreEngine):
         averages = jax.tree.map(lambda old, new: jnp.where(accept, new, old), state.averages, averages)
         state = self.record(state, candidate, accept, rng_key)._replace(averages=averages)
         return state, jnp.where(accept, loss, jnp.nan)
+
+
+def _accumulates_gradients(optim_state: Any) -> bool:
+    """Whether an optimizer state holds an ``optax.MultiSteps`` accumulation."""
+
+    def is_accumulation(node: Any) -> bool:
+        return isinstance(node, optax.MultiStepsState)
+
+    return any(map(is_accumulation, jax.tree.leaves(optim_state, is_leaf=is_accumulation)))
 
 
 def _all_finite(tree: Any) -> jax.Array:

@@ -316,6 +316,17 @@ def test_minimize_with_model_params_is_refused_at_init():
         svi.init(jax.random.PRNGKey(0))
 
 
+def test_gradient_accumulation_is_refused_at_init():
+    # optax.MultiSteps would accumulate over the inner steps of one mini-batch, not over
+    # updates as under SVI (with model params it never stepped them: their one step per
+    # update always fell on an accumulating mini-step).
+    model = gaussian_target(np.zeros(2), np.eye(2))
+    optim = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2).gradient_transformation()
+    svi = ProximalScoreVI(model, AutoNormal(model), optim)
+    with pytest.raises(ValueError, match="optax.MultiSteps .* subsample_size"):
+        svi.init(jax.random.PRNGKey(0))
+
+
 @pytest.mark.slow  # 17-42 s on the 2-core CI machine: the default suite keeps its budget
 def test_lowrank_guide_fits_gaussian():
     mean, cov = ill_conditioned_gaussian(6, 10.0, seed=2)
