@@ -1265,8 +1265,11 @@ class ProximalScoreVI(ScoreEngine):
         device elsewhere (no host sync)."""
         with torch.no_grad():
 
-            def kl_at(frac: float) -> torch.Tensor:
-                moved = {name: torch.lerp(start[name], leaf.detach(), frac) for name, leaf in leaves.items()}
+            def kl_at(frac: float) -> torch.Tensor:  # the guide's params: the model's step is whole
+                moved = {
+                    name: torch.lerp(start[name], leaves[name].detach(), frac)
+                    for name in self.density.param_names
+                }
                 return self.density.kl(problem.params_t, self._constrain(moved), problem.kl_seed)
 
             loss = problem.loss
