@@ -128,6 +128,12 @@ def with_params(optim_state: Any, params: dict[str, jax.Array]) -> Any:
     )
 
 
+def _is_optax_state(inner: Any) -> bool:
+    """Whether a NumPyro optimizer's inner state is ``optax_to_numpyro``'s ``(params, optax
+    state)``, the params a dict by name."""
+    return isinstance(inner, tuple) and len(inner) == 2 and isinstance(inner[0], dict)
+
+
 def with_entries_of(optim_state: Any, source: Any, names: Collection[str]) -> Any:
     """``optim_state`` with the params ``names`` and their optimizer state (moments,
     traces) as they are in ``source``, a state of the same optimizer; its other entries
@@ -150,7 +156,7 @@ def with_entries_of(optim_state: Any, source: Any, names: Collection[str]) -> An
             for take, own, theirs in zip(chosen, inner.packed_state, source_inner.packed_state, strict=True)
         )
         return step, OptimizerState(packed, inner.tree_def, inner.subtree_defs)
-    if isinstance(inner, tuple) and len(inner) == 2 and isinstance(inner[0], dict):
+    if _is_optax_state(inner):
         keys = set(inner[0])
 
         def per_param(node: Any) -> bool:
@@ -180,7 +186,7 @@ def with_step_count(optim_state: Any, count: jax.Array | int) -> Any:
     step, inner = optim_state
     if isinstance(inner, OptimizerState):
         return jnp.asarray(count, dtype=jnp.result_type(step)), inner
-    if isinstance(inner, tuple) and len(inner) == 2 and isinstance(inner[0], dict):
+    if _is_optax_state(inner):
 
         def recount(path: tuple, leaf: Any) -> Any:
             field = path[-1] if path else None
