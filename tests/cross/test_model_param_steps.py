@@ -95,11 +95,13 @@ def pyro_thetas(make_engine) -> list[float]:
     return pyro_fit(make_engine)[0]
 
 
-# Each backend's theta trajectory, engine, SVI and ELBO.
-ENGINES = {
-    "numpyro": (numpyro_thetas, numpyro_psvi.ProximalScoreVI, NumPyroSVI, NumPyroTraceELBO),
-    "pyro": (pyro_thetas, pyro_psvi.ProximalScoreVI, PyroSVI, PyroTraceELBO),
+# Each backend's engine, SVI and ELBO, and its Adam at a step size.
+PPLS = {
+    "numpyro": (numpyro_psvi.ProximalScoreVI, NumPyroSVI, NumPyroTraceELBO),
+    "pyro": (pyro_psvi.ProximalScoreVI, PyroSVI, PyroTraceELBO),
 }
+ADAM = {"numpyro": lambda lr: numpyro.optim.Adam(lr), "pyro": lambda lr: pyro.optim.Adam({"lr": lr})}
+THETAS = {"numpyro": numpyro_thetas, "pyro": pyro_thetas}
 OPTIMIZERS = {"numpyro": NUMPYRO_OPTIMIZERS, "pyro": PYRO_OPTIMIZERS}
 
 
@@ -108,7 +110,7 @@ OPTIMIZERS = {"numpyro": NUMPYRO_OPTIMIZERS, "pyro": PYRO_OPTIMIZERS}
 )
 def test_model_params_take_svis_optimizer_steps(backend, name):
     make_optim = OPTIMIZERS[backend][name]
-    thetas, engine, svi, elbo = ENGINES[backend]
+    thetas, (engine, svi, elbo) = THETAS[backend], PPLS[backend]
     ours = thetas(
         lambda model, guide: engine(model, guide, make_optim(), inner_steps=INNER, trust_region=None)
     )
@@ -118,31 +120,19 @@ def test_model_params_take_svis_optimizer_steps(backend, name):
     np.testing.assert_allclose(ours, reference, rtol=1e-5)
 
 
-# Each backend's fit, engine, SVI, ELBO and Adam(0.03).
-BACKENDS = {
-    "numpyro": (
-        numpyro_fit,
-        numpyro_psvi.ProximalScoreVI,
-        NumPyroSVI,
-        NumPyroTraceELBO,
-        lambda: numpyro.optim.Adam(0.03),
-    ),
-    "pyro": (
-        pyro_fit,
-        pyro_psvi.ProximalScoreVI,
-        PyroSVI,
-        PyroTraceELBO,
-        lambda: pyro.optim.Adam({"lr": 0.03}),
-    ),
-}
+FITS = {"numpyro": numpyro_fit, "pyro": pyro_fit}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PPLS)
 def test_the_guides_trust_region_leaves_the_model_params_step_whole(backend):
     # Adam(0.03): the guide's twenty inner steps leave the trust region's budget on these
     # updates, so the guide's step is pulled back (its scale of z ends elsewhere than
     # without a trust region); theta's step stays SVI's.
-    fit, engine, svi, elbo, optim = BACKENDS[backend]
+    fit, (engine, svi, elbo) = FITS[backend], PPLS[backend]
+
+    def optim():
+        return ADAM[backend](0.03)
+
     bounded, bounded_scale = fit(lambda model, guide: engine(model, guide, optim(), inner_steps=INNER))
     _, unbounded_scale = fit(
         lambda model, guide: engine(model, guide, optim(), inner_steps=INNER, trust_region=None)
@@ -198,22 +188,17 @@ def pyro_subsampled_thetas(make_engine) -> list[float]:
     return thetas
 
 
-# Each backend's fit, engine options, engine, SVI, ELBO and Adam(LR).
-SUBSAMPLED = {
-    "numpyro": (
-        numpyro_subsampled_thetas, {"reshuffle": False}, numpyro_psvi.ProximalScoreVI, NumPyroSVI,
-        NumPyroTraceELBO, lambda: numpyro.optim.Adam(LR),
-    ),
-    "pyro": (
-        pyro_subsampled_thetas, {}, pyro_psvi.ProximalScoreVI, PyroSVI, PyroTraceELBO,
-        lambda: pyro.optim.Adam({"lr": LR}),
-    ),
-}  # fmt: skip
+SUBSAMPLED = {"numpyro": numpyro_subsampled_thetas, "pyro": pyro_subsampled_thetas}
 
 
 @pytest.mark.parametrize("backend", SUBSAMPLED)
 def test_a_subsampled_plate_scales_the_model_params_step_as_svis(backend):
-    thetas, options, engine, svi, elbo, optim = SUBSAMPLED[backend]
+    thetas, (engine, svi, elbo) = SUBSAMPLED[backend], PPLS[backend]
+    options = {"reshuffle": False} if backend == "numpyro" else {}
+
+    def optim():
+        return ADAM[backend](LR)
+
     ours = thetas(
         lambda model, guide: engine(
             model, guide, optim(), inner_steps=INNER, trust_region=None, average_iterates=False, **options
@@ -267,15 +252,16 @@ def pyro_network_weights(make_engine) -> np.ndarray:
     return np.array(weights)
 
 
-NETWORKS = {
-    "numpyro": (numpyro_network_weights, *BACKENDS["numpyro"][1:]),
-    "pyro": (pyro_network_weights, *BACKENDS["pyro"][1:]),
-}
+NETWORKS = {"numpyro": numpyro_network_weights, "pyro": pyro_network_weights}
 
 
 @pytest.mark.parametrize("backend", NETWORKS)
 def test_a_networks_weights_in_the_model_step_as_svis(backend):
-    fit, engine, svi, elbo, optim = NETWORKS[backend]
+    fit, (engine, svi, elbo) = NETWORKS[backend], PPLS[backend]
+
+    def optim():
+        return ADAM[backend](0.03)
+
     ours = fit(lambda model, guide: engine(model, guide, optim(), inner_steps=INNER))
     reference = fit(lambda model, guide: svi(model, guide, optim(), elbo()))
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-7)  # as the tests above
