@@ -225,6 +225,15 @@ class Transport(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
+def local_plate_sizes(density: GuideDensity) -> list[int]:
+    """The full size of each subsampled plate a local latent of ``density`` sits in (one
+    entry per site and plate)."""
+    if not density.local_plates:
+        return []
+    shapes = {name: jnp.shape(value) for name, value in density.unpack(jnp.zeros(density.latent_dim)).items()}
+    return [shapes[name][dim] for name, plates in density.local_plates.items() for _, dim in plates]
+
+
 def _diag_log_prob(loc: jax.Array, scale: jax.Array, u: jax.Array) -> jax.Array:
     z = (u - loc) / scale
     return jnp.sum(-0.5 * z**2 - jnp.log(scale)) - 0.5 * loc.size * jnp.log(2 * jnp.pi)

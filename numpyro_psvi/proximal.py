@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from numpyro_psvi._compat import param_transforms, with_entries_of, with_params, with_step_count
 from numpyro_psvi.engine import EngineState, ScoreEngine
-from numpyro_psvi.guides import GuideDensity
+from numpyro_psvi.guides import GuideDensity, local_plate_sizes
 from numpyro_psvi.objective import (
     CurvatureStatistics,
     FisherStatistics,
@@ -58,6 +58,7 @@ from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
     ProximalScoreMatching,
     TrustRegionGrowth,
+    amortizes_locals,
     check_inner_solver,
     discounted_updates,
     grow_trust_region,
@@ -191,7 +192,9 @@ class ProximalScoreVI(ScoreEngine):
         AutoDiagonalNormal (at most ``N/B``), whose averaged guide settles better when
         each update moves less than the batch's noise would carry it (docs/minibatch.md
         section 10), 1 for a flow guide (its returned average of network weights
-        needs small moves, docs/guides.md), and ``N/B`` (the largest ratio of a plate's
+        needs small moves, docs/guides.md), 1 for a guide that amortizes its local
+        latents (:func:`psvi.objective.amortizes_locals`: an update moves every member),
+        and ``N/B`` (the largest ratio of a plate's
         size to its subsample size) for other guides: mini-batch noise alone moves each
         update by a KL that grows like ``N/B``. With exact scores, the closed-form step
         of a full-covariance Gaussian guide grows its budget (up to 2^30 times) while
@@ -331,7 +334,14 @@ class ProximalScoreVI(ScoreEngine):
         gaussian = diagonal or self.family.full_covariance
         transport = self.density.transport is not None
         bounded = self.trust_region is not None  # a budget the steps can stop at
-        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport)
+        guide_shapes = [
+            jnp.shape(leaf)
+            for name, value in self.optim.get_params(state.optim_state).items()
+            if name not in self._model_param_names
+            for leaf in jax.tree.leaves(value)
+        ]
+        amortized = amortizes_locals(guide_shapes, local_plate_sizes(self.density))
+        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport, amortized)
         self.transport_fisher_weight = transport_fisher_weight(self.batch_ratio)
         self.stops_at_budget = stops_at_trust_region(transport, bounded)
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(

@@ -338,6 +338,12 @@ def unpack_sites(sites: tuple[LatentSite, ...], u: torch.Tensor) -> dict[str, to
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def local_plate_sizes(density: GuideDensity) -> list[int]:
+    """The full size of each subsampled plate a local latent of ``density`` sits in (one
+    entry per site and plate)."""
+    return [site.shape[dim] for site in density.sites for _, dim in site.plates]
+
+
 def _diag_kl(loc0, scale0, loc1, scale1) -> torch.Tensor:
     ratio = (scale0 / scale1) ** 2
     return 0.5 * torch.sum(ratio + ((loc1 - loc0) / scale1) ** 2 - 1.0 - torch.log(ratio), dim=-1)

@@ -41,6 +41,7 @@ from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
     ProximalScoreMatching,
     TrustRegionGrowth,
+    amortizes_locals,
     check_inner_solver,
     discounted_updates,
     grow_trust_region,
@@ -64,7 +65,7 @@ from psvi.schedules import (
 )
 from pyro_psvi._compat import FlatAdamSteps, flat_adam_state, torch_optimizer
 from pyro_psvi.engine import ScoreEngine
-from pyro_psvi.guides import FlatRead, Params
+from pyro_psvi.guides import FlatRead, Params, local_plate_sizes
 from pyro_psvi.objective import (
     CurvatureStatistics,
     FisherStatistics,
@@ -465,7 +466,9 @@ class ProximalScoreVI(ScoreEngine):
         AutoDiagonalNormal (at most ``N/B``), whose averaged guide settles better when
         each step moves less than the batch's noise would carry it (docs/minibatch.md
         section 10), 1 for a flow guide (its returned average of network weights
-        needs small moves, docs/guides.md), and ``N/B`` (the largest ratio of a plate's
+        needs small moves, docs/guides.md), 1 for a guide that amortizes its local
+        latents (:func:`psvi.objective.amortizes_locals`: a step moves every member),
+        and ``N/B`` (the largest ratio of a plate's
         size to its subsample size) for other guides: mini-batch noise alone moves each
         step by a KL that grows like ``N/B``. With exact scores, the closed-form step of
         a full-covariance Gaussian guide grows its budget (up to 2^30 times) while its
@@ -605,7 +608,9 @@ class ProximalScoreVI(ScoreEngine):
         gaussian = diagonal or self.family.full_covariance
         transport = self.density.transport is not None
         bounded = self.trust_region is not None  # a budget the steps can stop at
-        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport)
+        guide_shapes = [tuple(leaf.shape) for leaf in self._leaves().values()]
+        amortized = amortizes_locals(guide_shapes, local_plate_sizes(self.density))
+        self.trust_region_scale = trust_region_scale(diagonal, self.batch_ratio, transport, amortized)
         self.transport_fisher_weight = transport_fisher_weight(self.batch_ratio)
         self.stops_at_budget = stops_at_trust_region(transport, bounded)
         self.split_covariance = self.density.loc_tril is not None and splits_full_covariance(

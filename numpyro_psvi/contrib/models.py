@@ -118,6 +118,39 @@ CONJUGATE_TARGET_GUIDES = {
 }
 
 
+def factor_analysis_model(loadings: np.ndarray, subsample_size: int | None = None) -> Callable:
+    """``model(x)``: ``z_n ~ N(0, I_L)``, ``x_n ~ N(W z_n, I)`` with known loadings ``W``
+    (``dim x L``), the plate over the rows of ``x`` subsampled ``subsample_size`` at a time
+    (``None``: every row, as for batches passed as the model's arguments). Each ``z_n``'s
+    exact posterior: :func:`psvi.contrib.targets.factor_analysis_posterior`."""
+    loadings = jnp.asarray(loadings, jnp.float32)
+
+    def model(x: jax.Array) -> None:
+        with numpyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([loadings.shape[1]]).to_event(1))
+            numpyro.sample("x", dist.Normal(z @ loadings.T, 1.0).to_event(1), obs=x[idx])
+
+    return model
+
+
+def amortized_normal_guide(
+    network: tuple[Callable, Callable], latents: int, subsample_size: int | None = None
+) -> Callable:
+    """``guide(x)`` of :func:`factor_analysis_model` (the same ``subsample_size``): an encoder,
+    ``network`` (a stax ``(init, apply)`` pair with ``2 L`` outputs, registered by
+    ``numpyro.module("encoder", ...)``), maps each member ``x_n`` of the plate's batch to a
+    diagonal Normal's loc and log-scale. With a linear ``network`` the exact posterior is
+    in the family."""
+
+    def guide(x: jax.Array) -> None:
+        encode = numpyro.module("encoder", network, (subsample_size or x.shape[0], x.shape[-1]))
+        with numpyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
+            out = encode(x[idx])
+            numpyro.sample("z", dist.Normal(out[..., :latents], jnp.exp(out[..., latents:])).to_event(1))
+
+    return guide
+
+
 def earnings_regression(height: jax.Array, earn: jax.Array | None = None) -> None:
     """Earnings on height in dollars (:func:`psvi.contrib.targets.earnings_data`): Normal(0,
     1e6) priors on intercept ``b1`` and slope ``b2``, LogNormal(0, 10) on ``sigma``; a

@@ -96,6 +96,34 @@ def conjugate_unconstrained_moments(target: str, a: float, b: float) -> tuple[fl
     return float(digamma(a) - digamma(b)), float(np.sqrt(polygamma(1, a) + polygamma(1, b)))
 
 
+FACTOR_SCALES = (3.0, 1.0, 0.3)
+"""The loadings' column norms of :func:`factor_analysis`: posterior sds 0.32, 0.71, 0.96."""
+
+
+def factor_analysis(
+    num: int, dim: int = 10, scales: tuple[float, ...] = FACTOR_SCALES, seed: int = 0, loadings_seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The loadings ``W`` (``dim x L``, orthogonal columns of norms ``scales``) and ``num``
+    draws of ``x = W z + e``, ``z ~ N(0, I_L)``, ``e ~ N(0, I_dim)`` (float32): a linear
+    latent model whose posterior :func:`factor_analysis_posterior` is what an amortized
+    diagonal-Gaussian guide with a linear encoder can represent exactly."""
+    rng = np.random.default_rng(loadings_seed)
+    q, r = np.linalg.qr(rng.normal(size=(dim, len(scales))))
+    loadings = q * np.sign(np.diag(r)) * np.asarray(scales)
+    draws = np.random.default_rng(seed)
+    z = draws.normal(size=(num, len(scales)))
+    return loadings, (z @ loadings.T + draws.normal(size=(num, dim))).astype(np.float32)
+
+
+def factor_analysis_posterior(loadings: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact posterior of each ``z_n`` given ``x_n`` under :func:`factor_analysis`'s
+    model: means ``(n, L)`` and sds ``(L,)``. The columns are orthogonal, so the posterior
+    precision ``I + W^T W`` is diagonal: ``sd_j = (1 + |w_j|^2)^(-1/2)``, mean
+    ``sd^2 * W^T x``."""
+    variances = 1.0 / (1.0 + np.sum(loadings**2, axis=0))
+    return np.asarray(x, np.float64) @ loadings * variances, np.sqrt(variances)
+
+
 EARNINGS_ROWS = 1059
 
 

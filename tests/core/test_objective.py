@@ -9,6 +9,7 @@ from psvi.objective import (
     CLOSED_FORM_PROGRESS_PROX_WEIGHT,
     TRANSPORT_FISHER_WEIGHT,
     TRANSPORT_PATH_WEIGHT,
+    amortizes_locals,
     fisher_fade,
     path_elbo_weight,
     regime_defaults,
@@ -130,6 +131,17 @@ def test_the_trust_region_scale_by_regime():
     assert trust_region_scale(diagonal=False, batch_ratio=20.0) == 20.0
     assert trust_region_scale(diagonal=False, batch_ratio=1.0) == 1.0
     assert trust_region_scale(diagonal=False, batch_ratio=20.0, transport=True) == 1.0
+    assert trust_region_scale(diagonal=False, batch_ratio=20.0, amortized=True) == 1.0
+
+
+def test_amortized_locals_are_those_without_a_per_member_param():
+    """An encoder's weights have no axis of the plate's full size (2,000); AutoNormal's
+    locs, or a guide's own ``loc[idx]``, have one; no local latents, nothing amortized."""
+    encoder = [(10, 32), (32,), (32, 6), (6,)]
+    assert amortizes_locals(encoder, [2000])
+    assert not amortizes_locals([*encoder, (2000, 3)], [2000])
+    assert not amortizes_locals([(3, 2000)], [2000, 50])
+    assert not amortizes_locals(encoder, [])
 
 
 def test_the_full_covariance_split_by_regime():
