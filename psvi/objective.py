@@ -272,9 +272,9 @@ def trust_region_scale(
     too: the KL is measured on the batch's members, but the update moves every member's
     distribution, about ``N/B`` times that KL over the data set, so 1 holds it to the
     exact-score budget of the whole plate. With ``N/B`` (20) an MLP encoder that had
-    converged on the factor-analysis target moved each member by up to 1 nat per update
-    and ran away (15 posterior sds after 3,000 updates at Adam(1e-2); docs/guides.md,
-    "Amortized guides against an exact posterior").
+    converged on the factor-analysis target moved the members by up to 1 nat each per
+    update (the median over the data set) and ran away (15 posterior sds after 3,000
+    updates at Adam(1e-2); docs/guides.md, "Amortized guides against an exact posterior").
     """
     if batch_ratio <= 1 or transport or amortized:
         return 1.0

@@ -104,7 +104,7 @@ def factor_analysis(
     num: int, dim: int = 10, scales: tuple[float, ...] = FACTOR_SCALES, seed: int = 0, loadings_seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """The loadings ``W`` (``dim x L``, orthogonal columns of norms ``scales``) and ``num``
-    draws of ``x = W z + e``, ``z ~ N(0, I_L)``, ``e ~ N(0, I_dim)`` (float32): a linear
+    draws of ``x = W z + e``, ``z ~ N(0, I_L)``, ``e ~ N(0, I_dim)`` (the draws float32): a linear
     latent model whose posterior :func:`factor_analysis_posterior` is what an amortized
     diagonal-Gaussian guide with a linear encoder can represent exactly."""
     rng = np.random.default_rng(loadings_seed)
