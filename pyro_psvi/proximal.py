@@ -1105,7 +1105,8 @@ class ProximalScoreVI(ScoreEngine):
         """The objective's gradient in the guide's unconstrained values (of
         ``unconstrained``, by ``density.param_names``): by autograd, or in closed form in
         ``(loc, scale)`` and then by the guide's pullback (:attr:`GuideDensity.loc_scale_vjp`)
-        or by autograd through the map from the values to them. Zero where not finite."""
+        or by autograd through the map from the values to them. Zero where not finite (all
+        of it where the objective is not)."""
         values = [unconstrained[name] for name in self.density.param_names]
         pulled = self._pulled_back_gradients(problem, unconstrained)
         if pulled is not None:
@@ -1126,9 +1127,11 @@ class ProximalScoreVI(ScoreEngine):
                 allow_unused=True, materialize_grads=True,
             )  # fmt: skip
         # A non-finite gradient must not reach the optimizer's moments (read at once on
-        # a CPU, where that is free; elsewhere without waiting for the device).
-        if finite.device.type != "cpu" or not finite:
-            grads = [torch.where(finite, grad, 0.0) for grad in grads]
+        # a CPU, where that is free; elsewhere without waiting for the device): all of it
+        # when the objective (or its (loc, scale) gradient) is not finite, else the entries
+        # that overflowed in the backward pass (the others still step).
+        if finite.device.type != "cpu" or not (finite & _all_finite(*grads)):
+            grads = [torch.where(finite & torch.isfinite(grad), grad, 0.0) for grad in grads]
         return list(grads)
 
     def _pulled_back_gradients(
@@ -1269,12 +1272,16 @@ class ProximalScoreVI(ScoreEngine):
         a trust region, 1 when that KL is finite). Read lazily on a CPU, chosen on the
         device elsewhere (no host sync)."""
         with torch.no_grad():
+            fitted = {name: leaves[name].detach() for name in self.density.param_names}
+            finite = None
+            if self.density.runs_guide:
+                # A user's guide may validate its distributions' args: a non-finite fitted
+                # guide (an overflowing step) is rejected without running the guide at it.
+                finite = _all_finite(*fitted.values())
+                fitted = {name: torch.where(finite, value, start[name]) for name, value in fitted.items()}
 
             def kl_at(frac: float) -> torch.Tensor:  # the guide's params: the model's step is whole
-                moved = {
-                    name: torch.lerp(start[name], leaves[name].detach(), frac)
-                    for name in self.density.param_names
-                }
+                moved = {name: torch.lerp(start[name], value, frac) for name, value in fitted.items()}
                 return self.density.kl(problem.params_t, self._constrain(moved), problem.kl_seed)
 
             loss = problem.loss
@@ -1284,7 +1291,8 @@ class ProximalScoreVI(ScoreEngine):
                 frac = trust_region_fraction(
                     kl_at, self._budget(problem.active_dim), self.max_halvings, lazy=loss.device.type == "cpu"
                 )
-            return frac.to(loss.device)
+            frac = torch.as_tensor(frac, dtype=loss.dtype, device=loss.device)
+            return frac if finite is None else torch.where(finite.to(loss.device), frac, 0.0)
 
     def accept(
         self,

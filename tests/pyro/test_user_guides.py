@@ -809,3 +809,58 @@ def test_trust_region_kl_of_linear_score_steps_is_the_sites_kl(model, guide, mon
     assert all(float(want) > 1e-6 for _, want in checked)  # the candidates moved
     for got, want in checked:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+
+
+def _encoder_fit(net: torch.nn.Module, optim: pyro.optim.PyroOptim, **options) -> pyro_psvi.ProximalScoreVI:
+    """An encoder guide of ``z_i ~ N(0, 1), x_i ~ N(z_i, 1)`` (``net``: ``x_i`` to loc and
+    log-scale), its engine after one step on 20 points."""
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", net)
+        out = net(x[:, None])
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(out[:, 0], out[:, 1].exp()))
+
+    engine = pyro_psvi.ProximalScoreVI(model, guide, optim, **options)
+    engine.step(torch.randn(20))
+    return engine
+
+
+class _SqrtLoc(torch.nn.Module):
+    """``(sqrt(a) x, b)``: finite at ``a = 0``, where the derivative in ``a`` is infinite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.tensor(0.0)), torch.nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x):
+        return torch.cat([self.a.sqrt() * x, self.b.expand_as(x)], dim=-1)
+
+
+def test_pyro_guide_gradient_that_overflows_is_dropped_not_stepped():
+    """A guide whose objective is finite but whose gradient is not (``sqrt(a)`` at ``a =
+    0``: an encoder's backward can overflow the same way) steps without that entry, the
+    other params as they would; before, Adam took the infinite gradient,
+    the params became NaN and the next inner step's guide raised ("Expected parameter
+    loc ... to satisfy the constraint Real()")."""
+    net = _SqrtLoc()
+    engine = _encoder_fit(net, pyro.optim.Adam({"lr": 0.01}))
+    assert engine.num_rejected == 0
+    assert float(net.a) == 0.0  # its gradient is infinite: held
+    assert float(net.b) != 0.0 and np.isfinite(float(net.b))  # the other param moved
+
+
+def test_pyro_non_finite_fitted_guide_is_rejected_without_running_it():
+    """A step that leaves the guide's params non-finite (here an infinite learning rate)
+    is rejected and the params restored; the trust region does not evaluate the guide
+    there (a user's guide that validates its distributions' args would raise)."""
+    net = torch.nn.Linear(1, 2)
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    engine = _encoder_fit(net, pyro.optim.Adam({"lr": float("inf")}), inner_steps=1)
+    assert engine.num_rejected == 1
+    assert all(torch.equal(value, net.state_dict()[name]) for name, value in before.items())
