@@ -12,6 +12,7 @@ from psvi.contrib.targets import factor_analysis, factor_analysis_posterior
 
 NUM, BATCH = 2000, 100
 LOADINGS, TRAIN = factor_analysis(NUM, seed=1)
+_, TEST = factor_analysis(500, seed=2)  # held-out points
 LATENTS = LOADINGS.shape[1]
 
 
@@ -126,10 +127,7 @@ def _pyro_fit(updates: int):
     return fn.loc.numpy(), fn.scale.numpy()
 
 
-_, TEST = factor_analysis(500, seed=2)
-
-
-@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
+@pytest.mark.parametrize("backend", sorted(ENGINES))
 def test_an_amortized_guide_recovers_the_factor_analysis_posterior(backend):
     """An MLP encoder (one softplus layer of 32) fitted with the defaults and the user's
     Adam(1e-2) on the model's own mini-batches of 100 from 2,000 points: on 500 held-out
