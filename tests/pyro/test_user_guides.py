@@ -211,6 +211,24 @@ def test_inference_data_and_diagnostics_take_user_guides():
     assert diagnostics["khat"] < 0.5 and diagnostics["fisher"] < 1e-6
 
 
+def _encoder_model_and_guide(net: torch.nn.Module) -> tuple[Callable, Callable]:
+    """``z_i ~ N(0, 1), x_i ~ N(z_i, 1)`` and an amortized guide: ``net`` (``pyro.module``
+    "encoder") maps each ``x_i`` to its Normal's loc and log-scale."""
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", net)
+        out = net(x.unsqueeze(-1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
+
+    return model, guide
+
+
 def test_pyro_amortized_guide_with_pyro_module_fits_exactly():
     """An amortized guide (``pyro.module`` encoder) on ``z_i ~ N(0, 1), x_i ~ N(z_i, 1)``:
     the exact posterior ``N(x_i / 2, 1/2)`` is in the family (``loc = w x + b``,
@@ -222,18 +240,7 @@ def test_pyro_amortized_guide_with_pyro_module_fits_exactly():
     torch.manual_seed(0)
     x = torch.randn(50) * 2.0
     encoder = torch.nn.Linear(1, 2)
-
-    def model(x):
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-    def guide(x):
-        pyro.module("encoder", encoder)
-        out = encoder(x.unsqueeze(-1))
-        with pyro.plate("data", len(x)):
-            pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
-
+    model, guide = _encoder_model_and_guide(encoder)
     engine = pyro_psvi.ProximalScoreVI(model, guide, pyro.optim.Adam({"lr": 0.05}), num_particles=4)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="pyro.module data did not find params")
@@ -812,21 +819,9 @@ def test_trust_region_kl_of_linear_score_steps_is_the_sites_kl(model, guide, mon
 
 
 def _encoder_fit(net: torch.nn.Module, optim: pyro.optim.PyroOptim, **options) -> pyro_psvi.ProximalScoreVI:
-    """An encoder guide of ``z_i ~ N(0, 1), x_i ~ N(z_i, 1)`` (``net``: ``x_i`` to loc and
-    log-scale), its engine after one step on 20 points."""
-
-    def model(x):
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-    def guide(x):
-        pyro.module("encoder", net)
-        out = net(x[:, None])
-        with pyro.plate("data", len(x)):
-            pyro.sample("z", dist.Normal(out[:, 0], out[:, 1].exp()))
-
-    engine = pyro_psvi.ProximalScoreVI(model, guide, optim, **options)
+    """The engine of :func:`_encoder_model_and_guide` with ``net`` after one step on 20
+    points."""
+    engine = pyro_psvi.ProximalScoreVI(*_encoder_model_and_guide(net), optim, **options)
     engine.step(torch.randn(20))
     return engine
 
