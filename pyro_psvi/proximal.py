@@ -1277,8 +1277,10 @@ class ProximalScoreVI(ScoreEngine):
             if self.density.runs_guide:
                 # A user's guide may validate its distributions' args: a non-finite fitted
                 # guide (an overflowing step) is rejected without running the guide at it.
+                # (Read at once on a CPU, where that is free; elsewhere without waiting.)
                 finite = _all_finite(*fitted.values())
-                fitted = {name: torch.where(finite, value, start[name]) for name, value in fitted.items()}
+                if finite.device.type != "cpu" or not finite:
+                    fitted = {name: torch.where(finite, value, start[name]) for name, value in fitted.items()}
 
             def kl_at(frac: float) -> torch.Tensor:  # the guide's params: the model's step is whole
                 moved = {name: torch.lerp(start[name], value, frac) for name, value in fitted.items()}
