@@ -24,7 +24,6 @@ import numpyro
 import tqdm
 from jax import lax, random
 from jax.sharding import Mesh
-from numpyro.handlers import seed, trace
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.svi import SVIRunResult
 
@@ -230,11 +229,13 @@ class ScoreEngine:
             svi_state = self._svi.init(rng_key, *args, init_params=init_params, **kwargs)
         self.constrain_fn = self._svi.constrain_fn
         self._latent_shapes = latent_shapes(self.model, args, all_kwargs)
-        check_latents_match(
-            self._guide_latent_shapes(guide_seed, args, all_kwargs), self._latent_shapes,
-            "The guide was built for another model: its latent sites differ from this model's",
-            "Build the guide from the model you fit, e.g. AutoNormal(model).",
-        )  # fmt: skip
+        prototype = getattr(self.guide, "prototype_trace", None)
+        if prototype is not None:  # an autoguide (a user-written guide's setup checked its sites)
+            check_latents_match(
+                _sample_shapes(prototype), self._latent_shapes,
+                "The guide was built for another model: its latent sites differ from this model's",
+                "Build the guide from the model you fit, e.g. AutoNormal(model).",
+            )  # fmt: skip
         optim_state = svi_state.optim_state
         if self.family.init_params is not None:
             params = self.family.init_params(
@@ -263,16 +264,6 @@ class ScoreEngine:
         if state.epoch_order is None:
             return None
         return batch_indices(state.epoch_order, self._epoch_plates)
-
-    def _guide_latent_shapes(self, guide_seed: jax.Array, args: tuple, kwargs: dict) -> dict:
-        guide_trace = getattr(self.guide, "prototype_trace", None)
-        if guide_trace is None:  # a user-written guide
-            guide_trace = trace(seed(self.guide, guide_seed)).get_trace(*args, **kwargs)
-        return {
-            name: tuple(jnp.shape(site["value"]))
-            for name, site in guide_trace.items()
-            if site["type"] == "sample" and not site["is_observed"]
-        }
 
     def _check_data_parallel(self, local: dict[str, str], args: tuple, kwargs: dict) -> None:
         """Data parallelism needs a mini-batch to split, small enough, and no local latents."""
@@ -850,6 +841,15 @@ class ScoreEngine:
 RENAMED_STATE_FIELDS = {".averages.trust.scale_tril": ".averages.trust.guide_scale"}
 """Old state leaf paths and their names now (the growth's guide scale, named for a full
 covariance until the diagonal guides' closed-form step shared it)."""
+
+
+def _sample_shapes(guide_trace: dict) -> dict[str, tuple[int, ...]]:
+    """``{site name: shape}`` of a guide trace's latent sample sites."""
+    return {
+        name: tuple(jnp.shape(site["value"]))
+        for name, site in guide_trace.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
 
 
 def _renamed_state_fields(saved: dict) -> dict:

@@ -53,6 +53,7 @@ from numpyro_psvi.scores import given_plate_indices, subsampled_plates_of
 from psvi.checks import (
     GuideSite,
     check_user_guide_sites,
+    drop_leading_ones,
     full_covariance_advice,
     lowrank_advice,
     unbatched_local_guide_message,
@@ -752,6 +753,7 @@ def check_user_guide(guide: Callable, model: Callable, args: tuple, kwargs: dict
         described[name] = GuideSite(
             isinstance(fn, dist.Delta), site["fn"].support.is_discrete, agree,
             str(site["fn"].support), str(model_support),
+            jnp.shape(site["value"]), jnp.shape(latents[name]["value"]) if name in latents else (),
         )  # fmt: skip
     check_user_guide_sites(latents, described, "numpyro.distributions.MixtureSameFamily")
 
@@ -1077,12 +1079,18 @@ class _LinearReads(NamedTuple):
     shapes: list[tuple[int, ...]]
 
 
+def _broadcast_to_block(value: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """A site's ``value`` (a guide's loc, scale, args) broadcast to its block's ``shape``,
+    without size-1 dims left of it (:func:`psvi.checks.drop_leading_ones`)."""
+    return jnp.broadcast_to(jnp.reshape(value, drop_leading_ones(jnp.shape(value), len(shape))), shape)
+
+
 def _site_args(rules: dict[str, LinearScoreRule], fns: dict[str, Any], transforms, shapes) -> list:
     """Each site's flat args ``(a, b)`` (sites in sorted order, as the flat latent)."""
     pairs = []
     for name in sorted(rules):
         source = linear_score_rule(fns[name], transforms[name])[1]
-        pairs.append([jnp.broadcast_to(arg, shapes[name]).reshape(-1) for arg in rules[name].args(source)])
+        pairs.append([_broadcast_to_block(arg, shapes[name]).reshape(-1) for arg in rules[name].args(source)])
     return [jnp.concatenate(side) for side in zip(*pairs, strict=True)]
 
 
@@ -1141,7 +1149,7 @@ def _linear_reads(
     for one, two, direction in zip(first, second, moved, strict=True):
         one, two, direction = np.asarray(one), np.asarray(two), np.asarray(direction)
         constant = one == two
-        slot = np.rint(one - 0.5).astype(np.int64)
+        slot = np.rint(np.where(np.abs(one) < 2**23, one, -1.0) - 0.5).astype(np.int64)  # -2: none
         read = ~constant & (slot >= 0) & (slot < sum(sizes))
         slot = np.where(read, slot, 0)
         if not np.all(constant | (read & (one == slot + 0.5) & (two == 2 * slot + 1.5))):
@@ -1250,8 +1258,8 @@ def _user_guide(
     transforms = {name: biject_to(site["fn"].support) for name, site in latents.items()}
     template, local_plates = {}, {}
     for name, site in latents.items():
-        shape = list(transforms[name].inverse_shape(jnp.shape(site["value"])))
-        event_dim = site["fn"].event_dim + len(shape) - jnp.ndim(site["value"])
+        shape, event_dim = _block_shape(site, transforms[name])
+        shape = list(shape)
         plates = tuple(
             (frame.name, frame.dim - event_dim)
             for frame in site["cond_indep_stack"]
@@ -1335,7 +1343,7 @@ def _user_guide(
             variances = {}
             for name, (fn, _) in site_distributions(params).items():
                 variance = unconstrained_variance(fn, transforms[name])
-                batch = jnp.broadcast_to(variance, members(name, template[name]).shape)
+                batch = _broadcast_to_block(variance, members(name, template[name]).shape)
                 variances[name] = members(name, batch, template[name])
             return jnp.sum(ravel_pytree(variances)[0] * r**2)
 
@@ -1344,7 +1352,7 @@ def _user_guide(
             def get_loc_scale(params):
                 pairs = {
                     name: [
-                        jnp.broadcast_to(part, template[name].shape)
+                        _broadcast_to_block(part, template[name].shape)
                         for part in unconstrained_normal(fn, transforms[name])
                     ]
                     for name, (fn, _) in site_distributions(params).items()
@@ -1370,7 +1378,7 @@ def _user_guide(
             phi_a, phi_b = (jnp.concatenate(side, axis=-1) for side in zip(*features, strict=True))
             products = (phi_a * phi_a, phi_a * phi_b, phi_b * phi_b, phi_a * scores, phi_b * scores)
             variances = jnp.concatenate([
-                jnp.broadcast_to(unconstrained_variance(fns[name], transforms[name]), shape).reshape(-1)
+                _broadcast_to_block(unconstrained_variance(fns[name], transforms[name]), shape).reshape(-1)
                 for name, shape in sorted(shapes.items())
             ])  # fmt: skip
 
@@ -1444,6 +1452,16 @@ def _autoguide_setup(build: Callable[[Any, DensityOptions], GuideDensity]):
     return setup
 
 
+def _block_shape(site: dict, transform: Any) -> tuple[tuple[int, ...], int]:
+    """A model latent site's block in a user-written guide's flat latent, and its event
+    dims: its unconstrained shape without the size-1 dims left of its plates (a guide's
+    draws need not have them, :func:`psvi.checks.drop_leading_ones`)."""
+    shape = tuple(transform.inverse_shape(jnp.shape(site["value"])))
+    event_dim = site["fn"].event_dim + len(shape) - jnp.ndim(site["value"])
+    depth = max((-frame.dim for frame in site["cond_indep_stack"] if frame.dim is not None), default=0)
+    return drop_leading_ones(shape, event_dim + depth), event_dim
+
+
 def _user_guide_setup(guide, model, args, kwargs, options: DensityOptions):
     """``GuideFamily.setup`` of a user-written guide: checked once, its density built with
     each call's arguments (the guide is run with them)."""
@@ -1457,8 +1475,7 @@ def _user_guide_setup(guide, model, args, kwargs, options: DensityOptions):
     reads = None
     if closed_forms.linear and closed_forms.kl and closed_forms.variance:
         shapes = {
-            name: tuple(transform.inverse_shape(jnp.shape(model_trace[name]["value"])))
-            for name, transform in transforms.items()
+            name: _block_shape(model_trace[name], transform)[0] for name, transform in transforms.items()
         }
         reads = _linear_reads(guide, args, kwargs, transforms, shapes)
     return lambda args, kwargs: _user_guide(

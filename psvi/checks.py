@@ -409,6 +409,22 @@ class GuideSite(NamedTuple):
     supports_agree: bool
     support: str
     model_support: str
+    shape: tuple[int, ...] = ()
+    model_shape: tuple[int, ...] = ()
+
+
+def drop_leading_ones(shape: Iterable[int], keep: int = 0) -> tuple[int, ...]:
+    """``shape`` without its leading size-1 dims, keeping at least ``keep`` dims.
+
+    A model's arithmetic can give a latent site's own draws a size-1 dim left of its
+    plates (``z @ w.reshape(-1, k, m)`` makes ``(1, n, m)`` from ``(n, k)``), which a
+    user-written guide's draws need not have: ``SVI`` replays the guide's values into
+    the model, where they broadcast. Such shapes hold the same values."""
+    shape = tuple(shape)
+    start = 0
+    while len(shape) - start > keep and shape[start] == 1:
+        start += 1
+    return shape[start:]
 
 
 SUPPORT_CHECK_ENTRIES = 2**20
@@ -459,6 +475,13 @@ def check_user_guide_sites(
             )
         if site.discrete:
             raise ValueError(f"The guide's site {name!r} is discrete; score-based VI needs densities.")
+        if drop_leading_ones(site.shape) != drop_leading_ones(site.model_shape):
+            raise ValueError(
+                f"The guide's site {name!r} draws values of shape {site.shape}, the model's "
+                f"{site.model_shape}: each guide site must draw the model site's shape (leading "
+                "size-1 dims aside), as SVI replays the guide's values into the model. Expand "
+                "the guide's distribution (e.g. .expand(shape) or a plate) to the model's shape."
+            )
         if not site.supports_agree:
             raise ValueError(
                 f"The guide's site {name!r} has support {site.support}, the model's "

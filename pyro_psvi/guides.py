@@ -43,7 +43,13 @@ from torch.distributions.transforms import (
     StickBreakingTransform,
 )
 
-from psvi.checks import GuideSite, check_user_guide_sites, full_covariance_advice, lowrank_advice
+from psvi.checks import (
+    GuideSite,
+    check_user_guide_sites,
+    drop_leading_ones,
+    full_covariance_advice,
+    lowrank_advice,
+)
 from psvi.families import (
     GUIDE_LIST_FLOW,
     LAPLACE,
@@ -1021,6 +1027,7 @@ def check_user_guide(guide: Callable, model_trace, guide_trace) -> None:
         described[name] = GuideSite(
             isinstance(fn, dist.Delta), site["fn"].support.is_discrete, agree,
             str(site["fn"].support), str(model_support),
+            tuple(site["value"].shape), tuple(latents[name]["value"].shape) if name in latents else (),
         )  # fmt: skip
     check_user_guide_sites(latents, described, "pyro.distributions.MixtureSameFamily")
 
@@ -1029,6 +1036,12 @@ def _spread_points(support, shape: torch.Size) -> torch.Tensor:
     """64 points of ``support``: uniform in (-2, 2) in its unconstrained space."""
     transform = biject_to(support)
     return transform(4 * torch.rand((64, *transform.inverse_shape(shape))) - 2)
+
+
+def _broadcast_to_block(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A site's ``value`` (a guide's loc, scale, args) broadcast to its block's ``shape``,
+    without size-1 dims left of it (:func:`psvi.checks.drop_leading_ones`)."""
+    return torch.broadcast_to(value.reshape(drop_leading_ones(value.shape, len(shape))), shape)
 
 
 class _SiteDistribution(NamedTuple):
@@ -1064,8 +1077,11 @@ def user_guide_layout(guide: Callable, model_trace, guide_trace) -> UserGuideLay
         if not is_continuous_latent(site):
             continue
         support = site["fn"].support
-        shape = list(biject_to(support).inverse_shape(site["value"].shape))
+        shape = biject_to(support).inverse_shape(site["value"].shape)
         event_dim = site["fn"].event_dim + len(shape) - site["value"].dim()
+        frames = [frame for frame in site["cond_indep_stack"] if frame.vectorized and frame.dim is not None]
+        # The guide's draws need not have the model's size-1 dims left of its plates.
+        shape = list(drop_leading_ones(shape, event_dim + max((-frame.dim for frame in frames), default=0)))
         plates = []
         for frame in site["cond_indep_stack"]:
             if frame.vectorized and frame.dim is not None and frame.full_size not in (None, frame.size):
@@ -1324,7 +1340,7 @@ def user_guide_density(
         def flat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
             """The flat ``(loc, scale)`` from each site's (a site its plate broadcasts)."""
             blocks = [
-                [torch.broadcast_to(part, site.shape).reshape(-1) for part in pair]
+                [_broadcast_to_block(part, site.shape).reshape(-1) for part in pair]
                 for site, pair in zip(sites, parts, strict=True)
             ]
             return tuple(torch.cat(side) for side in zip(*blocks, strict=True))
@@ -1394,7 +1410,7 @@ def user_guide_density(
             ):
                 return None
             rule, source = found
-            pairs.append(tuple(torch.broadcast_to(arg, site.shape) for arg in rule.args(source)))
+            pairs.append(tuple(_broadcast_to_block(arg, site.shape) for arg in rule.args(source)))
         return pairs
 
     def flat_args(pairs) -> tuple[torch.Tensor, ...]:
