@@ -15,6 +15,9 @@ NumPyro, AutoDiagonalNormal, Adam 1e-2, float32, S = max(4, D/8), one seed. Targ
   max |mean error| in the diagonal optimum's sds and its sd ratios (the earnings
   optimum: :func:`~psvi.contrib.targets.earnings_diagonal_optimum`); updates to the band (errors
   <= 0.25 sd, ratios in [0.6, 1.5], as ``benchmarks.posteriordb``).
+- ``crossed effects``: ``y_ij ~ N(mu + a_i + b_j, 1)`` on 40 x 30 cells, a nearly
+  confounded direction (:func:`crossed_effects_case`); the same metric against the
+  diagonal optimum.
 
 Time per update: the mean over the run's jitted chunks after the first (compilation).
 
@@ -27,6 +30,10 @@ default would move.
 
     python -m benchmarks.diagonal_study [--updates 2000] [--existing] [--out diagonal_study]
     python -m benchmarks.diagonal_study --seeds 5 --out diagonal_study_seeds
+    python -m benchmarks.diagonal_study --seeds 5 --antithetic --out diagonal_study_antithetic
+
+``--antithetic``: ``--seeds`` and ``--existing`` compare the defaults with
+``antithetic_particles=True`` instead of the two solvers.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
+import numpyro.distributions as dist
 from numpyro.infer import SVI, Trace_ELBO, initialization
 from numpyro.infer.autoguide import AutoDiagonalNormal
 
@@ -56,20 +64,32 @@ METHODS = {
     "advi": None,
 }
 CHUNK = 10
+# Engine options compared by --seeds and --existing (--antithetic: the second pair).
+SOLVERS = {"optimizer": {"inner_solver": "optimizer"}, "closed_form": {"inner_solver": "closed_form"}}
+ANTITHETIC = {"defaults": {}, "antithetic": {"antithetic_particles": True}}
 
 
-def _engine(method: str, model, guide, num_particles: int):
-    options = METHODS[method]
-    if options is None:
+def _engine(method: str, model, guide, num_particles: int, **options):
+    if METHODS[method] is None:
         return SVI(model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO(num_particles))
+    options = {**METHODS[method], **options}
     return ProximalScoreVI(model, guide, numpyro.optim.Adam(1e-2), num_particles=num_particles, **options)
 
 
 def _fit(
-    method: str, model, guide, num_particles: int, updates: int, data: tuple, measure, seed: int = 0
+    method: str,
+    model,
+    guide,
+    num_particles: int,
+    updates: int,
+    data: tuple,
+    measure,
+    seed: int = 0,
+    **options,
 ) -> dict:
-    """Run ``updates`` updates in jitted chunks of ``CHUNK``; ``measure(loc, scale)`` after each."""
-    engine = _engine(method, model, guide, num_particles)
+    """Run ``updates`` updates in jitted chunks of ``CHUNK``; ``measure(loc, scale)`` after
+    each; ``options``: more engine options than ``method``'s."""
+    engine = _engine(method, model, guide, num_particles, **options)
     state = engine.init(jax.random.PRNGKey(seed), *data)
     chunk = jax.jit(lambda s: jax.lax.scan(lambda s, _: engine.update(s, *data), s, None, length=CHUNK)[0])
     values, seconds = [], []
@@ -86,7 +106,7 @@ def _fit(
     }
 
 
-def gaussian_case(dim: int, condition: float, method: str, updates: int, seed: int = 0) -> dict:
+def gaussian_case(dim: int, condition: float, method: str, updates: int, seed: int = 0, **options) -> dict:
     mean, cov = ill_conditioned_gaussian(dim, condition, seed=0)
     precision = np.linalg.inv(cov)
     logdet_precision = np.linalg.slogdet(precision)[1]
@@ -101,7 +121,7 @@ def gaussian_case(dim: int, condition: float, method: str, updates: int, seed: i
     num_particles = max(4, dim // 8)
     fit = _fit(
         method, model, AutoDiagonalNormal(model), num_particles, updates, (),
-        lambda loc, scale: reverse_kl(loc, scale) - best, seed,
+        lambda loc, scale: reverse_kl(loc, scale) - best, seed, **options,
     )  # fmt: skip
     below = [i for i, excess in enumerate(fit["values"]) if excess < 0.01]
     fit["calls_to_excess_0.01"] = (below[0] + 1) * CHUNK * num_particles if below else None
@@ -134,16 +154,46 @@ def earnings_case(method: str, updates: int, init: str) -> dict:
     )
 
 
-def existing_benchmarks() -> dict:
+def crossed_effects_case(method: str, updates: int, seed: int = 0, **options) -> dict:
+    """``y_ij ~ N(mu + a_i + b_j, 1)``, 40 x 30 cells, ``N(0, 1)`` priors, one flat site
+    ``x = (mu, a, b)``: the diagonal optimum is the posterior mean with sds ``1 /
+    sqrt(diag P)``, but ``mu`` and the effects' means are nearly confounded (only the
+    priors pin ``mu + c, a - c, b - c``), so the location fit moves slowly along that
+    direction and any common shift of the particles stays."""
+    rows, cols = 40, 30
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=rows)[:, None] + rng.normal(size=cols)[None, :] + 0.5 + rng.normal(size=(rows, cols))
+    design = np.zeros((rows, cols, 1 + rows + cols))
+    design[:, :, 0] = 1.0
+    design[np.arange(rows), :, 1 + np.arange(rows)] = 1.0
+    design[:, np.arange(cols), 1 + rows + np.arange(cols)] = 1.0
+    design = design.reshape(rows * cols, -1)
+    precision = np.eye(design.shape[1]) + design.T @ design
+    reference = (np.linalg.solve(precision, design.T @ y.ravel()), 1 / np.sqrt(np.diag(precision)))
+
+    def model(y):
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0).expand([1 + rows + cols]).to_event(1))
+        mean = x[..., 0, None, None] + x[..., 1 : 1 + rows, None] + x[..., None, 1 + rows :]
+        numpyro.sample("y", dist.Normal(mean, 1.0).to_event(2), obs=y)
+
+    guide = AutoDiagonalNormal(model)
+    fit = _fit(
+        method, model, guide, 4, updates, (jnp.asarray(y, jnp.float32),),
+        partial(band_errors, reference=reference), seed, **options,
+    )  # fmt: skip
+    return _reached(fit)
+
+
+def existing_benchmarks(variants: dict[str, dict]) -> dict:
     """The ``psvi_diag`` rows of ``benchmarks.posteriordb`` and ``benchmarks.lowrank_study``
-    with each solver."""
+    with each variant's engine options."""
     from benchmarks import lowrank_study, posteriordb
     from numpyro_psvi.contrib.posteriordb import MODELS
 
     rows = {}
-    for solver in ("optimizer", "closed_form"):
+    for solver, options in variants.items():
         for name in MODELS:
-            curve = posteriordb.run(name, "psvi_diag", 16_000, 20, 8, inner_solver=solver)
+            curve = posteriordb.run(name, "psvi_diag", 16_000, 20, 8, **options)
             rows[f"posteriordb {name} {solver}"] = curve
             print(
                 f"posteriordb {name:40s} {solver:11s} reached at {curve['calls_to_reach']}; final err "
@@ -153,7 +203,7 @@ def existing_benchmarks() -> dict:
             )
         for dim in (100, 1000, 10_000):
             updates = 2000 if dim < 10_000 else 400
-            curve = lowrank_study.fit("psvi_diag", dim, 10, 8, updates, inner_solver=solver)
+            curve = lowrank_study.fit("psvi_diag", dim, 10, 8, updates, **options)
             rows[f"lowrank D={dim} {solver}"] = curve
             kl = curve["kl"]
             print(
@@ -164,14 +214,15 @@ def existing_benchmarks() -> dict:
     return rows
 
 
-def seed_study(seeds: int, updates: int) -> dict:
-    """The two solvers (no averaging) over ``seeds`` engine seeds: the Gaussian targets'
-    final excess and PosteriorDB's final max error and calls to the band (three
-    posteriors: the ones where a diagonal guide reaches it, and arK)."""
+def seed_study(seeds: int, updates: int, variants: dict[str, dict]) -> dict:
+    """Each variant's engine options (no averaging) over ``seeds`` engine seeds: the
+    Gaussian targets' final excess, the crossed effects' final max error, and
+    PosteriorDB's final max error and calls to the band (three posteriors: the ones where
+    a diagonal guide reaches it, and arK)."""
     from benchmarks import posteriordb
 
     rows = {}
-    for solver in ("optimizer", "closed_form"):
+    for solver, options in variants.items():
         for dim, label, condition in (
             (10, "well", 10.0),
             (10, "ill", 1e4),
@@ -179,19 +230,31 @@ def seed_study(seeds: int, updates: int) -> dict:
             (50, "ill", 1e4),
         ):
             finals = [
-                gaussian_case(dim, condition, solver, updates, seed)["final_excess"] for seed in range(seeds)
+                gaussian_case(dim, condition, "optimizer", updates, seed, **options)["final_excess"]
+                for seed in range(seeds)
             ]
             rows[f"gauss D={dim} {label} {solver}"] = finals
             print(
                 f"seeds gauss D={dim} {label} {solver:11s} final excess", " ".join(f"{v:.3g}" for v in finals)
             )
+        crossed = [crossed_effects_case("optimizer", updates, seed, **options) for seed in range(seeds)]
+        rows[f"crossed effects {solver}"] = [
+            {"final": c["final"], "updates_to_band": c["updates_to_band"]} for c in crossed
+        ]
+        print(
+            f"seeds crossed effects {solver:11s} final err",
+            " ".join(f"{c['final'][0]:.3g}" for c in crossed),
+            "updates to band",
+            [c["updates_to_band"] for c in crossed],
+            flush=True,
+        )
         for name in (
             "eight_schools-eight_schools_noncentered",
             "arK-arK",
             "low_dim_gauss_mix-low_dim_gauss_mix",
         ):
             curves = [
-                posteriordb.run(name, "psvi_diag", 16_000, 20, 8, seed=seed, inner_solver=solver)
+                posteriordb.run(name, "psvi_diag", 16_000, 20, 8, seed=seed, **options)
                 for seed in range(seeds)
             ]
             rows[f"posteriordb {name} {solver}"] = [
@@ -214,10 +277,15 @@ def main() -> None:
     parser.add_argument("--existing", action="store_true")
     parser.add_argument("--seeds", type=int, default=0, help="only the seed study, over this many seeds")
     parser.add_argument("--out", default="diagonal_study")
+    parser.add_argument(
+        "--antithetic", action="store_true",
+        help="--seeds and --existing compare the defaults with antithetic_particles=True, not the solvers",
+    )  # fmt: skip
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
+    variants = ANTITHETIC if args.antithetic else SOLVERS
     if args.seeds:
-        rows = seed_study(args.seeds, args.updates)
+        rows = seed_study(args.seeds, args.updates, variants)
         print("wrote", save(args.out, {"updates": args.updates, "seeds": args.seeds, "results": rows}))
         return
     results = {}
@@ -236,6 +304,7 @@ def main() -> None:
         "far separable": far_separable_case,
         "earnings init_to_uniform": partial(earnings_case, init="init_to_uniform"),
         "earnings init_to_median": partial(earnings_case, init="init_to_median"),
+        "crossed effects": crossed_effects_case,
     }
     for name, case in cases.items():
         for method in METHODS:
@@ -248,7 +317,7 @@ def main() -> None:
                 flush=True,
             )
     if args.existing:
-        results["existing"] = existing_benchmarks()
+        results["existing"] = existing_benchmarks(variants)
     print("wrote", save(args.out, {"updates": args.updates, "results": results}))
 
 

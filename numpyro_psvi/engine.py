@@ -30,7 +30,7 @@ from numpyro.infer.svi import SVIRunResult
 from numpyro_psvi._compat import device_varying, shard_map
 from numpyro_psvi.batches import advance_epoch_order, batch_indices, init_epoch_order
 from numpyro_psvi.enumeration import enumerated_log_density, enumerated_sites
-from numpyro_psvi.guides import GuideDensity, guide_family
+from numpyro_psvi.guides import GuideDensity, antithetic, guide_family
 from numpyro_psvi.objective import fisher_statistics, negative_elbo, weighted_fisher
 from numpyro_psvi.parallel import ShardedPlates, resolve_mesh
 from numpyro_psvi.scores import (
@@ -169,6 +169,7 @@ class ScoreEngine:
         self._svi = SVI(model, guide, optim or numpyro.optim.SGD(0.0), Trace_ELBO(), **static_kwargs)
         self.optim = self._svi.optim
         self.num_particles = int(num_particles)
+        self.antithetic_particles = False  # a Gaussian guide's particles in reflected pairs
         self.vectorize_particles = bool(vectorize_particles)
         self.density_options = DensityOptions(score_method, int(num_kl_draws))
         self.max_consecutive_rejections = max_consecutive_rejections
@@ -336,7 +337,8 @@ class ScoreEngine:
         when ``None``, the plates' own draw from ``key_batch``; ``model_params`` are the
         model's unconstrained ``numpyro.param`` values (their mean gradient comes along).
         ``statistics``: see :meth:`reduce_scores`."""
-        particles = lax.stop_gradient(density.sample(params, key_particles, self.num_particles))
+        drawn = antithetic(density) if self.antithetic_particles else density
+        particles = lax.stop_gradient(drawn.sample(params, key_particles, self.num_particles))
         if self.mesh is None:
             scored = self._model_scores(
                 self.model, density, particles, model_params, key_batch, indices, args, kwargs

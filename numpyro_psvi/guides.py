@@ -235,6 +235,25 @@ def local_plate_sizes(density: GuideDensity) -> list[int]:
     return [shapes[name][dim] for name, plates in density.local_plates.items() for _, dim in plates]
 
 
+def antithetic(density: GuideDensity) -> GuideDensity | None:
+    """``density`` drawing antithetic particles: ``ceil(S / 2)`` draws, then the first
+    ``floor(S / 2)`` of them reflected about the Gaussian's mean (``2 loc - u``). Each
+    particle is still a draw of ``q``; for even ``S`` their mean is ``q``'s mean, so the
+    particles' common shift, which a weakly identified direction of the posterior does
+    not pull back, is gone. ``None`` for a density without a Gaussian mean (a user guide
+    with local latents in a subsampled plate has none: its draws fill only the batch)."""
+    gaussian = (density.loc_scale, density.loc_tril, density.loc_lowrank)
+    loc_of = next((fn for fn in gaussian if fn is not None), None)
+    if loc_of is None:
+        return None
+
+    def sample(params, rng_key, num):
+        draws = density.sample(params, rng_key, num - num // 2)
+        return jnp.concatenate([draws, 2 * loc_of(params)[0] - draws[: num // 2]])
+
+    return density._replace(sample=sample)
+
+
 def _diag_log_prob(loc: jax.Array, scale: jax.Array, u: jax.Array) -> jax.Array:
     z = (u - loc) / scale
     return jnp.sum(-0.5 * z**2 - jnp.log(scale)) - 0.5 * loc.size * jnp.log(2 * jnp.pi)

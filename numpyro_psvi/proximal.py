@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from numpyro_psvi._compat import param_transforms, with_entries_of, with_params, with_step_count
 from numpyro_psvi.engine import EngineState, ScoreEngine
-from numpyro_psvi.guides import GuideDensity, local_plate_sizes
+from numpyro_psvi.guides import GuideDensity, antithetic, local_plate_sizes
 from numpyro_psvi.objective import (
     CurvatureStatistics,
     FisherStatistics,
@@ -63,6 +63,7 @@ from psvi.objective import (
     discounted_updates,
     grow_trust_region,
     inner_objective_scale,
+    resolve_antithetic,
     resolve_inner_solver,
     resolve_objective,
     resolve_regime,
@@ -253,6 +254,12 @@ class ProximalScoreVI(ScoreEngine):
         ``"closed_form"`` is the exact solve of each update
         (:func:`~numpyro_psvi.objective.linear_score_solve`), the default with exact scores
         and the weight ``10 N/B`` on request with a subsampled plate.
+    antithetic_particles : bool or None
+        Draw the ``S`` particles of a Gaussian guide in antithetic pairs: ``ceil(S / 2)``
+        draws and the first ``floor(S / 2)`` reflected about the guide's mean (each still a
+        draw of ``q_t``, their mean ``q_t``'s for even ``S``), which removes the
+        particles' common shift from each update's location fit (:func:`~numpyro_psvi.guides.antithetic`;
+        docs/gaussian_study.md, "Antithetic particles"). ``None`` (the default): off.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`numpyro_psvi.batches`: every member once per epoch, as
@@ -283,6 +290,7 @@ class ProximalScoreVI(ScoreEngine):
         data_parallel: bool | Mesh | None = None,
         reshuffle: bool = True,
         inner_solver: str | None = None,
+        antithetic_particles: bool | None = None,
         **static_kwargs: Any,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
@@ -301,6 +309,7 @@ class ProximalScoreVI(ScoreEngine):
         self.transport_fisher_weight = TRANSPORT_FISHER_WEIGHT  # a flow's Fisher term's, likewise
         self.stops_at_budget = False  # whether the inner steps stop past the budget, likewise
         self._requested_solver = check_inner_solver(inner_solver)
+        self._requested_antithetic = antithetic_particles
         self.inner_solver = "optimizer"  # set up with the regime
         self.gaussian_step = False  # likewise
         self.inner_steps = inner_steps
@@ -358,6 +367,9 @@ class ProximalScoreVI(ScoreEngine):
         # The closed form of an autoguide Gaussian (closed_form_update) rather than a guide
         # with linear scores' exact solve (linear_score_solve, in update).
         self.gaussian_step = self.inner_solver == "closed_form" and self.density.gaussian_params is not None
+        self.antithetic_particles = resolve_antithetic(
+            self._requested_antithetic, antithetic(self.density) is not None
+        )
         # The families' advice measured the optimizer's inner steps (the closed forms do
         # not take the optimizer's step size, and converged where those diverged).
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)

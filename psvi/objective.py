@@ -751,6 +751,20 @@ def check_inner_solver(requested: str | None) -> str | None:
     return requested
 
 
+def resolve_antithetic(requested: bool | None, available: bool) -> bool:
+    """Whether an engine draws its particles in antithetic pairs (``guides.antithetic``):
+    the user's ``antithetic_particles``, off by default; ``available``: the guide's
+    density has a Gaussian mean. Raise naming the fix when requested where unavailable."""
+    if requested and not available:
+        raise ValueError(
+            "antithetic_particles=True reflects half the particles about a Gaussian guide's "
+            "mean: it needs AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, "
+            "AutoLowRankMultivariateNormal or a mean-field Normal user guide (without local "
+            "latents in a subsampled plate). Leave it unset for this guide."
+        )
+    return bool(requested)
+
+
 def resolve_inner_solver(
     requested: str | None,
     *,

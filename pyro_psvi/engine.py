@@ -45,7 +45,7 @@ from psvi.families import DensityOptions
 from pyro_psvi._compat import forget_optimizers, load_optimizer_states, optimizer_states
 from pyro_psvi.batches import EpochOrder
 from pyro_psvi.enumeration import enumerated_model, enumerated_sites
-from pyro_psvi.guides import GuideDensity, Params, guide_family
+from pyro_psvi.guides import GuideDensity, Params, antithetic, guide_family
 from pyro_psvi.objective import fisher_statistics, negative_elbo, weighted_fisher
 from pyro_psvi.parallel import ScoreReducer, ShardedPlates
 from pyro_psvi.scores import (
@@ -120,6 +120,7 @@ class ScoreEngine:
         self.model = model
         self.guide = guide
         self.num_particles = int(num_particles)
+        self.antithetic_particles = False  # a Gaussian guide's particles in reflected pairs
         self.vectorize_particles = bool(vectorize_particles)
         self.max_plate_nesting = max_plate_nesting
         self.density_options = DensityOptions(score_method, int(num_kl_draws))
@@ -339,7 +340,8 @@ class ScoreEngine:
         try:
             with self._sharded():
                 with torch.no_grad():  # a user guide's plates draw the step's batch
-                    particles = self.density.sample(params, self.num_particles)
+                    drawn = antithetic(self.density) if self.antithetic_particles else self.density
+                    particles = drawn.sample(params, self.num_particles)
                 scored = model_scores(
                     self._scored_model, self.density, particles, args, kwargs,
                     max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,

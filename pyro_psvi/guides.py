@@ -350,6 +350,25 @@ def local_plate_sizes(density: GuideDensity) -> list[int]:
     return [site.shape[dim] for site in density.sites for _, dim in site.plates]
 
 
+def antithetic(density: GuideDensity) -> GuideDensity | None:
+    """``density`` drawing antithetic particles: ``ceil(S / 2)`` draws, then the first
+    ``floor(S / 2)`` of them reflected about the Gaussian's mean (``2 loc - u``). Each
+    particle is still a draw of ``q``; for even ``S`` their mean is ``q``'s mean, so the
+    particles' common shift, which a weakly identified direction of the posterior does
+    not pull back, is gone. ``None`` for a density without a Gaussian mean (a user guide
+    with local latents in a subsampled plate has none: its draws fill only the batch)."""
+    gaussian = (density.loc_scale, density.loc_tril, density.loc_lowrank)
+    loc_of = next((fn for fn in gaussian if fn is not None), None)
+    if loc_of is None:
+        return None
+
+    def sample(params, num):
+        draws = density.sample(params, num - num // 2)
+        return torch.cat([draws, 2 * loc_of(params)[0] - draws[: num // 2]])
+
+    return density._replace(sample=sample)
+
+
 def _diag_kl(loc0, scale0, loc1, scale1) -> torch.Tensor:
     ratio = (scale0 / scale1) ** 2
     return 0.5 * torch.sum(ratio + ((loc1 - loc0) / scale1) ** 2 - 1.0 - torch.log(ratio), dim=-1)

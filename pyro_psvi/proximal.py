@@ -46,6 +46,7 @@ from psvi.objective import (
     discounted_updates,
     grow_trust_region,
     inner_objective_scale,
+    resolve_antithetic,
     resolve_inner_solver,
     resolve_objective,
     resolve_regime,
@@ -65,7 +66,7 @@ from psvi.schedules import (
 )
 from pyro_psvi._compat import FlatAdamSteps, flat_adam_state, torch_optimizer
 from pyro_psvi.engine import ScoreEngine
-from pyro_psvi.guides import FlatRead, Params, local_plate_sizes
+from pyro_psvi.guides import FlatRead, Params, antithetic, local_plate_sizes
 from pyro_psvi.objective import (
     CurvatureStatistics,
     FisherStatistics,
@@ -528,6 +529,12 @@ class ProximalScoreVI(ScoreEngine):
         (:func:`~pyro_psvi.objective.linear_score_solve`), the default with exact scores
         and the weight ``10 N/B`` on request with a subsampled plate; an update whose
         args are not read one to one from the params takes the optimizer's steps.
+    antithetic_particles : bool or None
+        Draw the ``S`` particles of a Gaussian guide in antithetic pairs: ``ceil(S / 2)``
+        draws and the first ``floor(S / 2)`` reflected about the guide's mean (each still a
+        draw of ``q_t``, their mean ``q_t``'s for even ``S``), which removes the
+        particles' common shift from each update's location fit (:func:`~pyro_psvi.guides.antithetic`;
+        docs/gaussian_study.md, "Antithetic particles"). ``None`` (the default): off.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`pyro_psvi.batches`: every member once per epoch, as
@@ -564,6 +571,7 @@ class ProximalScoreVI(ScoreEngine):
         data_parallel: bool | ScoreReducer | None = None,
         reshuffle: bool = True,
         inner_solver: str | None = None,
+        antithetic_particles: bool | None = None,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
         check_proximal_options(inner_steps, trust_region)
@@ -587,6 +595,7 @@ class ProximalScoreVI(ScoreEngine):
         self.stops_at_budget = False  # whether the inner steps stop past the budget, likewise
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self._requested_solver = check_inner_solver(inner_solver)
+        self._requested_antithetic = antithetic_particles
         self.inner_solver = "optimizer"  # set up with the regime
         self.inner_steps = inner_steps
         self.trust_region = trust_region
@@ -627,6 +636,9 @@ class ProximalScoreVI(ScoreEngine):
         # The closed form of an autoguide Gaussian (closed_form_step) rather than a guide
         # with linear scores' exact solve (inner_fit's).
         self.gaussian_step = self.inner_solver == "closed_form" and self.density.gaussian_params is not None
+        self.antithetic_particles = resolve_antithetic(
+            self._requested_antithetic, antithetic(self.density) is not None
+        )
         # The families' advice measured the optimizer's inner steps (the closed forms do
         # not take the optimizer's step size, and converged where those diverged).
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
