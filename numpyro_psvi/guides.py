@@ -773,6 +773,7 @@ def check_user_guide(guide: Callable, model: Callable, args: tuple, kwargs: dict
             isinstance(fn, dist.Delta), site["fn"].support.is_discrete, agree,
             str(site["fn"].support), str(model_support),
             jnp.shape(site["value"]), jnp.shape(latents[name]["value"]) if name in latents else (),
+            bool((site.get("infer") or {}).get("is_auxiliary")),
         )  # fmt: skip
     check_user_guide_sites(latents, described, "numpyro.distributions.MixtureSameFamily")
 

@@ -411,6 +411,7 @@ class GuideSite(NamedTuple):
     model_support: str
     shape: tuple[int, ...] = ()
     model_shape: tuple[int, ...] = ()
+    auxiliary: bool = False  # marked ``infer={"is_auxiliary": True}`` (EasyGuide's group.sample)
 
 
 def drop_leading_ones(shape: Iterable[int], keep: int = 0) -> tuple[int, ...]:
@@ -458,6 +459,15 @@ def check_user_guide_sites(
     each on its model site's support. ``mixture_class``: the PPL's MixtureSameFamily."""
     latents = set(latent_names)
     extra = sorted(set(sites) - latents)
+    auxiliary = [name for name in extra if sites[name].auxiliary]
+    if auxiliary:
+        raise ValueError(
+            f"The guide samples the auxiliary sites {auxiliary} and sets the model's latents "
+            "from them (as Pyro's EasyGuide group.sample does): its density over the model's "
+            "latents has no closed form to match scores with. Use AutoMultivariateNormal (a "
+            "joint Normal over all latents, what group.sample of a Normal fits) or "
+            "AutoLowRankMultivariateNormal, or sample each latent site of the model directly."
+        )
     if extra:
         raise ValueError(
             f"The guide samples {extra}, which are not latent sites of the model; its density "

@@ -1047,6 +1047,7 @@ def check_user_guide(guide: Callable, model_trace, guide_trace) -> None:
             isinstance(fn, dist.Delta), site["fn"].support.is_discrete, agree,
             str(site["fn"].support), str(model_support),
             tuple(site["value"].shape), tuple(latents[name]["value"].shape) if name in latents else (),
+            bool(site["infer"].get("is_auxiliary")),
         )  # fmt: skip
     check_user_guide_sites(latents, described, "pyro.distributions.MixtureSameFamily")
 

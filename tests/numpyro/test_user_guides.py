@@ -71,6 +71,7 @@ def test_numpyro_user_guide_density_is_auto_normal_density():
     ("site", "match"),
     [
         ("extra", r"samples \['k'\], which are not latent sites.*MixtureSameFamily"),
+        ("auxiliary", r"auxiliary sites \['z'\] .*EasyGuide.*AutoMultivariateNormal"),
         ("delta", "'x' is a point mass"),
         ("support", "'x' has support .*LogNormal for a positive site"),
         ("missing", r"no sample site for the model's latent sites \['x'\]"),
@@ -84,6 +85,9 @@ def test_numpyro_user_guide_errors(site, match):
         if site == "extra":
             numpyro.sample("k", ndist.Categorical(jnp.ones(2) / 2))
             numpyro.sample("x", ndist.LogNormal(0.0, 1.0))
+        elif site == "auxiliary":  # an EasyGuide's group.sample: the latents set from it
+            z = numpyro.sample("z", ndist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+            numpyro.sample("x", ndist.Delta(jnp.exp(z)))
         elif site == "delta":
             numpyro.sample("x", ndist.Delta(1.0))
         elif site == "support":

@@ -87,6 +87,7 @@ def test_pyro_user_guide_density_is_auto_normal_density():
     ("site", "match"),
     [
         ("extra", r"samples \['k'\], which are not latent sites.*MixtureSameFamily"),
+        ("auxiliary", r"auxiliary sites \['z'\] .*EasyGuide.*AutoMultivariateNormal"),
         ("delta", "'x' is a point mass"),
         ("support", "'x' has support .*LogNormal for a positive site"),
         ("missing", r"no sample site for the model's latent sites \['x'\]"),
@@ -100,6 +101,9 @@ def test_pyro_user_guide_errors(site, match):
         if site == "extra":
             pyro.sample("k", dist.Categorical(torch.ones(2)))
             pyro.sample("x", dist.LogNormal(0.0, 1.0))
+        elif site == "auxiliary":  # an EasyGuide's group.sample: the latents set from it
+            z = pyro.sample("z", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+            pyro.sample("x", dist.Delta(z.exp()))
         elif site == "delta":
             pyro.sample("x", dist.Delta(torch.tensor(1.0)))
         elif site == "support":
