@@ -186,6 +186,14 @@ GUIDE_LIST_FLOW = (
 )
 
 
+GUIDE_LIST_FUNCTION = (
+    "a function appended to an AutoGuideList (which wraps it so) has no density the engine "
+    "reads beside other parts. Write one guide function for the whole model (sampling the "
+    "other parts' sites too, e.g. a Normal per site for AutoDiagonalNormal's), or give this "
+    "part an autoguide."
+)
+
+
 def guide_list_part_refusal(index: int, name: str, why: str | None) -> str:
     """The refusal of an AutoGuideList's part ``index`` (``name``: its family) and why
     (``None``: it is not an autoguide)."""

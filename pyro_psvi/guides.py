@@ -52,6 +52,7 @@ from psvi.checks import (
 )
 from psvi.families import (
     GUIDE_LIST_FLOW,
+    GUIDE_LIST_FUNCTION,
     LAPLACE,
     LOG_VARIANCE_OF_SCALE_FAMILY,
     NO_CLOSED_FORMS,
@@ -2404,6 +2405,7 @@ _register(
 _register(autoguide.AutoDelta, refused("AutoDelta", POINT_MASS))
 _register(autoguide.AutoLaplaceApproximation, refused("AutoLaplaceApproximation", LAPLACE))
 _register(autoguide.AutoGuideList, GuideFamily("AutoGuideList", _guide_list_setup))
+_register(autoguide.AutoCallable, refused("AutoCallable", GUIDE_LIST_FUNCTION))
 
 
 def guide_density(

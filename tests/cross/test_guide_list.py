@@ -1,6 +1,6 @@
 """AutoGuideList: the product of its parts' densities over consecutive blocks of the flat
 latent, in both backends (each part an autoguide with a density; no flows, no point
-masses, no user-written parts)."""
+masses, no user-written parts: Pyro's AutoCallable is refused by name)."""
 
 import jax
 import numpy as np
@@ -122,6 +122,14 @@ def test_parts_without_a_density_of_their_own_are_refused_by_position():
         numpyro_engine(["AutoNormal", "AutoIAFNormal"]).init(jax.random.PRNGKey(0))
     with pytest.raises(TypeError, match="part 1 [(]AutoDelta[)]: it is a point mass"):
         pyro_engine(["AutoNormal", "AutoDelta"]).step()
+    pyro.clear_param_store()
+    guide = pag.AutoGuideList(pyro_model)
+    guide.append(pag.AutoNormal(pyro.poutine.block(pyro_model, expose=["a"])))
+    # Pyro wraps a function in AutoCallable; it returns its draws, as AutoGuideList needs.
+    guide.append(lambda: {"b": pyro.sample("b", pdist.Normal(torch.zeros(2), 1.0).to_event(1))})
+    engine = pyro_psvi.ProximalScoreVI(pyro_model, guide, pyro.optim.Adam({"lr": 1e-2}))
+    with pytest.raises(TypeError, match="part 1 [(]AutoCallable[)]: a function .* one guide function"):
+        engine.step()
 
 
 def test_the_numpyro_export_draws_each_part_with_its_own_key():
