@@ -47,14 +47,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-import numpyro.distributions as dist
 from numpyro.infer import SVI, Trace_ELBO, initialization
 from numpyro.infer.autoguide import AutoDiagonalNormal
 
 from benchmarks.common import band_errors, first_in_band, in_band, save
 from numpyro_psvi import ProximalScoreVI
-from numpyro_psvi.contrib.models import earnings_regression, gaussian_target
-from psvi.contrib.targets import earnings_data, earnings_diagonal_optimum, ill_conditioned_gaussian
+from numpyro_psvi.contrib.models import crossed_effects_model, earnings_regression, gaussian_target
+from psvi.contrib.targets import (
+    crossed_effects,
+    earnings_data,
+    earnings_diagonal_optimum,
+    ill_conditioned_gaussian,
+)
 
 METHODS = {
     "optimizer": {"inner_solver": "optimizer"},
@@ -156,31 +160,15 @@ def earnings_case(method: str, updates: int, init: str) -> dict:
 
 
 def crossed_effects_case(method: str, updates: int, seed: int = 0, **options) -> dict:
-    """``y_ij ~ N(mu + a_i + b_j, 1)``, 40 x 30 cells, ``N(0, 1)`` priors, one flat site
-    ``x = (mu, a, b)``: the diagonal optimum is the posterior mean with sds ``1 /
-    sqrt(diag P)``, but ``mu`` and the effects' means are nearly confounded (only the
-    priors pin ``mu + c, a - c, b - c``), so the location fit moves slowly along that
-    direction and any common shift of the particles stays."""
-    rows, cols = 40, 30
-    rng = np.random.default_rng(0)
-    y = rng.normal(size=rows)[:, None] + rng.normal(size=cols)[None, :] + 0.5 + rng.normal(size=(rows, cols))
-    design = np.zeros((rows, cols, 1 + rows + cols))
-    design[:, :, 0] = 1.0
-    design[np.arange(rows), :, 1 + np.arange(rows)] = 1.0
-    design[:, np.arange(cols), 1 + rows + np.arange(cols)] = 1.0
-    design = design.reshape(rows * cols, -1)
-    precision = np.eye(design.shape[1]) + design.T @ design
-    reference = (np.linalg.solve(precision, design.T @ y.ravel()), 1 / np.sqrt(np.diag(precision)))
-
-    def model(y):
-        x = numpyro.sample("x", dist.Normal(0.0, 1.0).expand([1 + rows + cols]).to_event(1))
-        mean = x[..., 0, None, None] + x[..., 1 : 1 + rows, None] + x[..., None, 1 + rows :]
-        numpyro.sample("y", dist.Normal(mean, 1.0).to_event(2), obs=y)
-
-    guide = AutoDiagonalNormal(model)
+    """Crossed effects on 40 x 30 cells (:func:`~psvi.contrib.targets.crossed_effects`):
+    the diagonal optimum is the posterior mean with sds ``1 / sqrt(diag P)``, but ``mu``
+    and the effects' means are nearly confounded, so the location fit moves slowly along
+    that direction and any common shift of the particles stays."""
+    y, mean, sd = crossed_effects(40, 30)
+    model = crossed_effects_model(40, 30)
     fit = _fit(
-        method, model, guide, 4, updates, (jnp.asarray(y, jnp.float32),),
-        partial(band_errors, reference=reference), seed, **options,
+        method, model, AutoDiagonalNormal(model), 4, updates, (jnp.asarray(y),),
+        partial(band_errors, reference=(mean, sd)), seed, **options,
     )  # fmt: skip
     return _reached(fit)
 

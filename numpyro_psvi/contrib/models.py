@@ -118,6 +118,19 @@ CONJUGATE_TARGET_GUIDES = {
 }
 
 
+def crossed_effects_model(rows: int, cols: int) -> Callable:
+    """``model(y)``: one flat site ``x = (mu, a, b)`` with ``N(0, 1)`` priors and ``y_ij ~
+    N(mu + a_i + b_j, 1)`` over ``rows x cols`` cells (vectorizable over particles); data
+    and the best diagonal Gaussian: :func:`psvi.contrib.targets.crossed_effects`."""
+
+    def model(y: jax.Array) -> None:
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0).expand([1 + rows + cols]).to_event(1))
+        mean = x[..., 0, None, None] + x[..., 1 : 1 + rows, None] + x[..., None, 1 + rows :]
+        numpyro.sample("y", dist.Normal(mean, 1.0).to_event(2), obs=y)
+
+    return model
+
+
 def factor_analysis_model(loadings: np.ndarray, subsample_size: int | None = None) -> Callable:
     """``model(x)``: ``z_n ~ N(0, I_L)``, ``x_n ~ N(W z_n, I)`` with known loadings ``W``
     (``dim x L``), the plate over the rows of ``x`` subsampled ``subsample_size`` at a time

@@ -124,6 +124,23 @@ def factor_analysis_posterior(loadings: np.ndarray, x: np.ndarray) -> tuple[np.n
     return np.asarray(x, np.float64) @ loadings * variances, np.sqrt(variances)
 
 
+def crossed_effects(rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Data ``y`` (``rows x cols``, float32) of ``y_ij ~ N(mu + a_i + b_j, 1)`` with ``N(0, 1)``
+    priors on ``x = (mu, a, b)``, and the best diagonal Gaussian of its posterior (reverse
+    KL to a Gaussian): the posterior mean and the sds ``1 / sqrt(diag P)``. Only the priors
+    pin the direction ``mu + c, a_i - c, b_j - c``: a weakly identified direction."""
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=rows)[:, None] + rng.normal(size=cols)[None, :] + 0.5 + rng.normal(size=(rows, cols))
+    design = np.zeros((rows, cols, 1 + rows + cols))
+    design[:, :, 0] = 1.0
+    design[np.arange(rows), :, 1 + np.arange(rows)] = 1.0
+    design[:, np.arange(cols), 1 + rows + np.arange(cols)] = 1.0
+    design = design.reshape(rows * cols, -1)
+    precision = np.eye(design.shape[1]) + design.T @ design
+    mean = np.linalg.solve(precision, design.T @ y.ravel())
+    return y.astype(np.float32), mean, 1 / np.sqrt(np.diag(precision))
+
+
 EARNINGS_ROWS = 1059
 
 

@@ -24,38 +24,18 @@ from pyro.infer.autoguide import AutoIAFNormal as PAutoIAFNormal
 
 import numpyro_psvi
 import pyro_psvi
+from numpyro_psvi.contrib.models import crossed_effects_model as n_crossed_effects_model
 from numpyro_psvi.guides import antithetic as n_antithetic
 from numpyro_psvi.guides import guide_density as n_guide_density
+from psvi.contrib.targets import crossed_effects
+from pyro_psvi.contrib.models import crossed_effects_model as p_crossed_effects_model
 from pyro_psvi.guides import antithetic as p_antithetic
 from pyro_psvi.guides import guide_density as p_guide_density
 
 ROWS, COLS, UPDATES = 20, 15, 2000
-_RNG = np.random.default_rng(0)
-Y = _RNG.normal(size=ROWS)[:, None] + _RNG.normal(size=COLS)[None, :] + 0.5 + _RNG.normal(size=(ROWS, COLS))
-
-
-def _diagonal_optimum() -> tuple[np.ndarray, np.ndarray]:
-    """The best diagonal Gaussian of the crossed-effects posterior: its mean, and sds
-    ``1 / sqrt(diag P)`` (reverse KL to a Gaussian)."""
-    design = np.zeros((ROWS, COLS, 1 + ROWS + COLS))
-    design[:, :, 0] = 1.0
-    design[np.arange(ROWS), :, 1 + np.arange(ROWS)] = 1.0
-    design[:, np.arange(COLS), 1 + ROWS + np.arange(COLS)] = 1.0
-    design = design.reshape(ROWS * COLS, -1)
-    precision = np.eye(design.shape[1]) + design.T @ design
-    return np.linalg.solve(precision, design.T @ Y.ravel()), 1 / np.sqrt(np.diag(precision))
-
-
-def n_model(y):
-    x = numpyro.sample("x", ndist.Normal(0.0, 1.0).expand([1 + ROWS + COLS]).to_event(1))
-    mean = x[..., 0, None, None] + x[..., 1 : 1 + ROWS, None] + x[..., None, 1 + ROWS :]
-    numpyro.sample("y", ndist.Normal(mean, 1.0).to_event(2), obs=y)
-
-
-def p_model(y):
-    x = pyro.sample("x", pdist.Normal(0.0, 1.0).expand([1 + ROWS + COLS]).to_event(1))
-    mean = x[..., 0, None, None] + x[..., 1 : 1 + ROWS, None] + x[..., None, 1 + ROWS :]
-    pyro.sample("y", pdist.Normal(mean, 1.0).to_event(2), obs=y)
+Y, OPTIMUM_MEAN, OPTIMUM_SD = crossed_effects(ROWS, COLS)
+n_model = n_crossed_effects_model(ROWS, COLS)
+p_model = p_crossed_effects_model(ROWS, COLS)
 
 
 def _numpyro_fit(antithetic: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +91,7 @@ def test_pairs_reflect_about_the_mean(num):
 
 @pytest.mark.parametrize("backend", ["numpyro", "pyro"])
 def test_crossed_effects_settle_with_the_pairs(backend):
-    mean, sd = _diagonal_optimum()
+    mean, sd = OPTIMUM_MEAN, OPTIMUM_SD
     fit = _numpyro_fit if backend == "numpyro" else _pyro_fit
     loc, scale = fit(True, 0)
     # The band of the exact-posterior tests (means within 0.2 sd, sds within 20%), against
