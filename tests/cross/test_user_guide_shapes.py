@@ -5,9 +5,10 @@ sparse gamma DEF example: ``z_top @ w_top.reshape(-1, k, m)`` makes ``(1, n, m)`
 ``(n, k)``), and a guide may draw ``loc[None]``; ``SVI`` replays the guide's values into
 the model, where they broadcast. Such a pair holds the same values as the pair without
 the size-1 dims, so the engine must fit it identically: same flat layout, same draws, same
-arithmetic (equal to float rounding). Before, Pyro crashed on three of the four layouts
-below (one of them unvectorized) and NumPyro refused two as "built for another model".
-A guide site of another shape is refused by name.
+arithmetic (equal to float rounding). Before, of the six pairs with size-1 dims below
+(three layouts, Normal and Gamma guides), Pyro crashed on four and ran two one particle
+at a time; NumPyro refused four as "built for another model". A guide site of another
+shape is refused by name.
 """
 
 import jax
