@@ -89,7 +89,10 @@ def test_pairs_reflect_about_the_mean(num):
             np.testing.assert_allclose(draws.mean(0), loc, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
+@pytest.mark.parametrize(
+    "backend",
+    ["numpyro", pytest.param("pyro", marks=pytest.mark.slow)],  # Pyro's: ~12 s of steps
+)
 def test_crossed_effects_settle_with_the_pairs(backend):
     mean, sd = OPTIMUM_MEAN, OPTIMUM_SD
     fit = _numpyro_fit if backend == "numpyro" else _pyro_fit
