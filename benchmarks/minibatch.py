@@ -16,13 +16,16 @@
    steps, Adam(1e-3), same protocol) for ProximalScoreVI's defaults and ADVI, written
    to benchmarks/results/mnist_minibatch.json (docs/mnist.md keeps the earlier rows).
 
-    python -m benchmarks.minibatch [--quick] [--mnist 20000 60000] [--moves] [--lowrank]
+    python -m benchmarks.minibatch [--quick] [--mnist 20000 60000] [--moves] [--lowrank] [--crossed]
 
 6. ``--moves``: the per-update move (K x lr) cut by 5, through the rate or through K, on
    the regression (3,000 updates, three seeds) and the digits MLP (20,000 score calls)
    against the defaults and ADVI; benchmarks/results/minibatch_moves.json.
 7. ``--lowrank``: AutoLowRankMultivariateNormal (rank 2) on the regression, the settings
    before and after docs/minibatch.md section 15; benchmarks/results/minibatch_lowrank.json.
+8. ``--crossed``: crossed effects with both plates subsampled, the defaults against a
+   curvature memory of 1 and SVI (docs/minibatch.md section 16);
+   benchmarks/results/minibatch_crossed.json.
 
 Writes benchmarks/results/minibatch.json; docs/minibatch.md reads it.
 """
@@ -39,18 +42,25 @@ import numpy as np
 import numpyro
 from jax.flatten_util import ravel_pytree
 from jax.scipy.optimize import minimize
+from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
 from numpyro.infer.initialization import init_to_value
 
 from benchmarks.common import digits_fit, make_engine, save
-from numpyro_psvi import ProximalScoreVI
-from numpyro_psvi.contrib.models import linear_regression, mlp_classifier, mlp_init_values
+from numpyro_psvi import ProximalScoreMatching, ProximalScoreVI
+from numpyro_psvi.contrib.models import (
+    crossed_effects_plates_model,
+    linear_regression,
+    mlp_classifier,
+    mlp_init_values,
+)
 from numpyro_psvi.objective import (
     curvature_statistics,
     fisher_statistics,
     proximal_objective,
 )
 from psvi.contrib.datasets import load_digits
+from psvi.contrib.targets import crossed_effects
 
 N, B, D = 2000, 100, 5
 
@@ -311,13 +321,92 @@ def move_fits(num_calls: int, num_steps: int, seeds: int) -> list[dict]:
     return rows
 
 
+CROSSED_ROWS, CROSSED_COLS, CROSSED_BATCH = 40, 30, 10
+
+
+def crossed_mechanism(num_draws: int) -> dict:
+    """At the best diagonal Gaussian of crossed effects (fixed), ``num_draws`` updates'
+    curvature estimates of ``mu`` over its precision (the target ratio of the split
+    objective), with both plates subsampled and with every member: their mean and sd,
+    the share not positive, and the mean of the positive ones (what fitting only where
+    the estimate is positive aims at)."""
+    y, mean, sd = crossed_effects(CROSSED_ROWS, CROSSED_COLS)
+    out = {}
+    for label, batch in ((f"B={CROSSED_BATCH} of each plate", CROSSED_BATCH), ("full batch", None)):
+        model = crossed_effects_plates_model(CROSSED_ROWS, CROSSED_COLS, batch)
+        engine = ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(1e-2))
+        engine.init(jax.random.PRNGKey(0), jnp.asarray(y))
+        layout = engine.density.unpack(jnp.arange(engine.density.latent_dim, dtype=jnp.float32))
+        index = int(layout["mu"])
+        sizes = {"mu": 1, "a": CROSSED_ROWS, "b": CROSSED_COLS}
+        offsets = {"mu": 0, "a": 1, "b": 1 + CROSSED_ROWS}
+        params = {
+            f"{name}_auto_{part}": jnp.asarray(
+                values[offsets[name] : offsets[name] + sizes[name]], jnp.float32
+            ).reshape(jnp.shape(layout[name]))
+            for name in sizes
+            for part, values in (("loc", mean), ("scale", sd))
+        }
+        particles, scores = draws(engine, params, (jnp.asarray(y),), num_draws, seed=1)
+        ratio = np.asarray(per_update_estimates(engine, params, particles, scores)[1][:, index], np.float64)
+        out[label] = {
+            "mu curvature / precision: mean": float(ratio.mean()),
+            "sd": float(ratio.std()),
+            "share not positive": float(np.mean(~(ratio > 0))),
+            "mean of the positive": float(ratio[ratio > 0].mean()),
+        }
+        print(label, out[label], flush=True)
+    return out
+
+
+def crossed_fits(num_steps: int, seeds: int) -> list[dict]:
+    """Crossed effects with both plates subsampled (docs/minibatch.md section 16): the
+    defaults (with local latents, a 100-update curvature memory), the memory of 1 that
+    models without local latents take, and SVI (``Trace_ELBO(4)``), at Adam(1e-2) and
+    Adam(1e-3): ``mu``'s and the locals' sds over the best diagonal Gaussian's, and the
+    largest mean error in its sds."""
+    y, mean, sd = crossed_effects(CROSSED_ROWS, CROSSED_COLS)
+    model = crossed_effects_plates_model(CROSSED_ROWS, CROSSED_COLS, CROSSED_BATCH)
+    engines = {
+        "defaults": lambda lr: ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(lr)),
+        "curvature_memory=1": lambda lr: ProximalScoreVI(
+            model, AutoNormal(model), numpyro.optim.Adam(lr), loss=ProximalScoreMatching(curvature_memory=1)
+        ),
+        "SVI": lambda lr: SVI(model, AutoNormal(model), numpyro.optim.Adam(lr), Trace_ELBO(4)),
+    }
+    rows = []
+    for lr, (label, make) in itertools.product((1e-2, 1e-3), engines.items()):
+        for seed in range(seeds):
+            fit = make(lr).run(jax.random.PRNGKey(seed), num_steps, jnp.asarray(y), progress_bar=False)
+            params = fit.params
+            loc, scale = (
+                np.concatenate([np.ravel(params[f"{name}_auto_{part}"]) for name in ("mu", "a", "b")])
+                for part in ("loc", "scale")
+            )
+            error, ratio = np.abs(loc - mean) / sd, scale / sd
+            rows.append({"lr": lr, "engine": label, "seed": seed, "updates": num_steps,
+                         "mu sd ratio": float(ratio[0]), "locals sd ratio range": [float(ratio[1:].min()),
+                         float(ratio[1:].max())], "mu mean error (sd)": float(error[0]),
+                         "max mean error (sd)": float(error.max())})  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mnist", type=int, nargs="*", help="MNIST training sizes (MLP rows only)")
     parser.add_argument("--moves", action="store_true", help="only the per-update move study")
     parser.add_argument("--lowrank", action="store_true", help="only AutoLowRankMultivariateNormal's fits")
+    parser.add_argument("--crossed", action="store_true", help="only the crossed effects' fits")
     args = parser.parse_args()
+    if args.crossed:
+        payload = {
+            "mechanism": crossed_mechanism(200 if args.quick else 4000),
+            "rows": crossed_fits(300 if args.quick else 3000, 1 if args.quick else 3),
+        }
+        print(save("minibatch_crossed_quick" if args.quick else "minibatch_crossed", payload))
+        return
     if args.lowrank:
         rows = lowrank_fits(300 if args.quick else 3000, 1 if args.quick else 3)
         print(save("minibatch_lowrank_quick" if args.quick else "minibatch_lowrank", {"rows": rows}))

@@ -382,6 +382,7 @@ class ProximalScoreVI(ScoreEngine):
             bounded=bounded, low_rank=self.density.loc_lowrank is not None,
             linear_solve=self.inner_solver == "closed_form" and self.density.linear_scores is not None,
             particles_per_dim=self.num_particles / max(self.density.latent_dim, 1),
+            local_latents=bool(local_plate_sizes(self.density)),
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
         self.objective = self.objective._replace(prox_weight=prox_weight)

@@ -131,6 +131,25 @@ def crossed_effects_model(rows: int, cols: int) -> Callable:
     return model
 
 
+def crossed_effects_plates_model(rows: int, cols: int, batch: int | None = None) -> Callable:
+    """``model(y)``: :func:`crossed_effects_model` with ``mu`` a global site and ``a_i``,
+    ``b_j`` local latents of the plates ``rows`` and ``cols``, each plate subsampled
+    ``batch`` at a time (``None``: every member). Data and the best diagonal Gaussian:
+    :func:`psvi.contrib.targets.crossed_effects`."""
+
+    def model(y: jax.Array) -> None:
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("rows", rows, subsample_size=batch, dim=-2) as row_idx:
+            a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        with numpyro.plate("cols", cols, subsample_size=batch, dim=-1) as col_idx:
+            b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        with numpyro.plate("rows", rows, subsample_size=batch, dim=-2):
+            with numpyro.plate("cols", cols, subsample_size=batch, dim=-1):
+                numpyro.sample("y", dist.Normal(mu + a + b, 1.0), obs=y[row_idx[:, None], col_idx])
+
+    return model
+
+
 def factor_analysis_model(loadings: np.ndarray, subsample_size: int | None = None) -> Callable:
     """``model(x)``: ``z_n ~ N(0, I_L)``, ``x_n ~ N(W z_n, I)`` with known loadings ``W``
     (``dim x L``), the plate over the rows of ``x`` subsampled ``subsample_size`` at a time
