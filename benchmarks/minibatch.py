@@ -16,16 +16,17 @@
    steps, Adam(1e-3), same protocol) for ProximalScoreVI's defaults and ADVI, written
    to benchmarks/results/mnist_minibatch.json (docs/mnist.md keeps the earlier rows).
 
-    python -m benchmarks.minibatch [--quick] [--mnist 20000 60000] [--moves] [--lowrank] [--crossed]
+    python -m benchmarks.minibatch [--quick] [--mnist 20000 60000] [--moves] [--lowrank] [--locals]
 
 6. ``--moves``: the per-update move (K x lr) cut by 5, through the rate or through K, on
    the regression (3,000 updates, three seeds) and the digits MLP (20,000 score calls)
    against the defaults and ADVI; benchmarks/results/minibatch_moves.json.
 7. ``--lowrank``: AutoLowRankMultivariateNormal (rank 2) on the regression, the settings
    before and after docs/minibatch.md section 15; benchmarks/results/minibatch_lowrank.json.
-8. ``--crossed``: crossed effects with both plates subsampled, the defaults against a
-   curvature memory of 1 and SVI (docs/minibatch.md section 16);
-   benchmarks/results/minibatch_crossed.json.
+8. ``--locals``: models with local latents in subsampled plates (crossed effects with
+   both plates subsampled: the mechanism and the fits; a random-intercept logistic
+   regression against its exact-score fit), the defaults against a curvature memory of 1
+   and SVI (docs/minibatch.md section 16); benchmarks/results/minibatch_locals.json.
 
 Writes benchmarks/results/minibatch.json; docs/minibatch.md reads it.
 """
@@ -53,6 +54,7 @@ from numpyro_psvi.contrib.models import (
     linear_regression,
     mlp_classifier,
     mlp_init_values,
+    random_intercept_logistic_model,
 )
 from numpyro_psvi.objective import (
     curvature_statistics,
@@ -60,7 +62,7 @@ from numpyro_psvi.objective import (
     proximal_objective,
 )
 from psvi.contrib.datasets import load_digits
-from psvi.contrib.targets import crossed_effects
+from psvi.contrib.targets import crossed_effects, random_intercept_logistic_data
 
 N, B, D = 2000, 100, 5
 
@@ -392,20 +394,80 @@ def crossed_fits(num_steps: int, seeds: int) -> list[dict]:
     return rows
 
 
+GLMM_GROUPS, GLMM_BATCH, GLMM_SITES = 100, 10, ("mu", "beta", "tau", "z")
+
+
+def glmm_flat(params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The random-intercept logistic regression's AutoNormal locs and scales, flat."""
+    return tuple(
+        np.concatenate([np.ravel(params[f"{name}_auto_{part}"]) for name in GLMM_SITES]).astype(np.float64)
+        for part in ("loc", "scale")
+    )
+
+
+def glmm_fits(num_steps: int, seeds: int, reference_steps: tuple[int, int]) -> dict:
+    """The random-intercept logistic regression (100 groups of 20, groups subsampled 10 at
+    a time), against the same guide's exact-score fit (every group; the defaults,
+    ``reference_steps[1]`` updates; its distance to the fit at ``reference_steps[0]`` is
+    reported as the reference's own error): the defaults, ``curvature_memory=1`` and SVI
+    (``Trace_ELBO(4)``) at Adam(1e-2) and Adam(1e-3), per global site and over the
+    intercepts, mean error in the reference's sds and sd over the reference's."""
+    x, y = (jnp.asarray(part) for part in random_intercept_logistic_data(GLMM_GROUPS))
+    exact = random_intercept_logistic_model(GLMM_GROUPS)
+    references = [
+        glmm_flat(
+            ProximalScoreVI(exact, AutoNormal(exact), numpyro.optim.Adam(1e-2))
+            .run(jax.random.PRNGKey(0), steps, x, y, progress_bar=False)
+            .params
+        )
+        for steps in reference_steps
+    ]
+    (loc_a, _), (ref_loc, ref_sd) = references
+    drift = np.abs(loc_a - ref_loc) / ref_sd
+    out = {"reference steps": list(reference_steps), "reference drift (sds)": np.round(drift[:3], 3).tolist(),
+           "reference intercepts drift (sds, max)": float(drift[3:].max())}  # fmt: skip
+    print(out, flush=True)
+    model = random_intercept_logistic_model(GLMM_GROUPS, GLMM_BATCH)
+    engines = {
+        "defaults": lambda lr: ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(lr)),
+        "curvature_memory=1": lambda lr: ProximalScoreVI(
+            model, AutoNormal(model), numpyro.optim.Adam(lr), loss=ProximalScoreMatching(curvature_memory=1)
+        ),
+        "SVI": lambda lr: SVI(model, AutoNormal(model), numpyro.optim.Adam(lr), Trace_ELBO(4)),
+    }
+    rows = []
+    for lr, (label, make) in itertools.product((1e-2, 1e-3), engines.items()):
+        for seed in range(seeds):
+            fit = make(lr).run(jax.random.PRNGKey(seed), num_steps, x, y, progress_bar=False)
+            loc, scale = glmm_flat(fit.params)
+            error, ratio = np.abs(loc - ref_loc) / ref_sd, scale / ref_sd
+            rows.append({"lr": lr, "engine": label, "seed": seed, "updates": num_steps,
+                         "globals mean error (sd)": np.round(error[:3], 3).tolist(),
+                         "globals sd ratio": np.round(ratio[:3], 3).tolist(),
+                         "intercepts max mean error (sd)": float(error[3:].max()),
+                         "intercepts sd ratio range": [float(ratio[3:].min()),
+                                                       float(ratio[3:].max())]})  # fmt: skip
+            print(rows[-1], flush=True)
+    return {**out, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mnist", type=int, nargs="*", help="MNIST training sizes (MLP rows only)")
     parser.add_argument("--moves", action="store_true", help="only the per-update move study")
     parser.add_argument("--lowrank", action="store_true", help="only AutoLowRankMultivariateNormal's fits")
-    parser.add_argument("--crossed", action="store_true", help="only the crossed effects' fits")
+    parser.add_argument("--locals", action="store_true", help="only the models with local latents")
     args = parser.parse_args()
-    if args.crossed:
+    if args.locals:
+        steps, seeds = (300, 1) if args.quick else (3000, 3)
+        reference_steps = (1000, 2000) if args.quick else (30000, 60000)
         payload = {
-            "mechanism": crossed_mechanism(200 if args.quick else 4000),
-            "rows": crossed_fits(300 if args.quick else 3000, 1 if args.quick else 3),
+            "crossed effects mechanism": crossed_mechanism(200 if args.quick else 4000),
+            "crossed effects": crossed_fits(steps, seeds),
+            "random-intercept logistic": glmm_fits(steps, seeds, reference_steps),
         }
-        print(save("minibatch_crossed_quick" if args.quick else "minibatch_crossed", payload))
+        print(save("minibatch_locals_quick" if args.quick else "minibatch_locals", payload))
         return
     if args.lowrank:
         rows = lowrank_fits(300 if args.quick else 3000, 1 if args.quick else 3)

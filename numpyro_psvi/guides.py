@@ -235,6 +235,18 @@ def local_plate_sizes(density: GuideDensity) -> list[int]:
     return [shapes[name][dim] for name, plates in density.local_plates.items() for _, dim in plates]
 
 
+def local_coordinates(density: GuideDensity) -> jax.Array | None:
+    """``(D,)`` bool: which coordinates of the flat latent belong to local latents of a
+    subsampled plate; ``None`` where there are none."""
+    if not density.local_plates:
+        return None
+    positions = density.unpack(jnp.arange(density.latent_dim, dtype=jnp.float32))
+    local = np.zeros(density.latent_dim, bool)
+    for name in density.local_plates:
+        local[np.asarray(positions[name]).ravel().astype(int)] = True
+    return jnp.asarray(local)
+
+
 def antithetic(density: GuideDensity) -> GuideDensity | None:
     """``density`` drawing antithetic particles: ``ceil(S / 2)`` draws, then the first
     ``floor(S / 2)`` of them reflected about the Gaussian's mean (``2 loc - u``). Each

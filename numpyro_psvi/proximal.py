@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from numpyro_psvi._compat import param_transforms, with_entries_of, with_params, with_step_count
 from numpyro_psvi.engine import EngineState, ScoreEngine
-from numpyro_psvi.guides import GuideDensity, antithetic, local_plate_sizes
+from numpyro_psvi.guides import GuideDensity, antithetic, local_coordinates, local_plate_sizes
 from numpyro_psvi.objective import (
     CurvatureStatistics,
     FisherStatistics,
@@ -91,7 +91,8 @@ class RunningAverages(NamedTuple):
     curvature : CurvatureStatistics or None
         Diagonal Gaussian guides: the statistics of the per-coordinate curvature
         (:class:`~numpyro_psvi.objective.CurvatureStatistics`) averaged over the last
-        ``curvature_memory`` updates (all of them while fewer).
+        ``curvature_memory`` updates (all of them while fewer); a local latent's are those of
+        the last update that saw it.
     curvature_updates : jax.Array or None
         How many updates saw each coordinate (a local latent only when its data are in
         the mini-batch); after closed-form steps, discounted by the KL they travelled
@@ -317,6 +318,7 @@ class ProximalScoreVI(ScoreEngine):
         self.max_halvings = int(max_halvings)
         self.average_iterates = average_iterates
         self.curvature_memory = objective.curvature_memory
+        self._local_coordinates: jax.Array | None = None  # set up with the regime
 
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
         """Return the initial :class:`EngineState` (see :meth:`ScoreEngine.init`), with a
@@ -385,6 +387,7 @@ class ProximalScoreVI(ScoreEngine):
             local_latents=bool(local_plate_sizes(self.density)),
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
+        self._local_coordinates = local_coordinates(self.density)
         self.objective = self.objective._replace(prox_weight=prox_weight)
         self.prox_weight_growth = growth  # the exact solve's, with a subsampled plate
         self.progress_prox_weight = progress  # the closed-form step's, while its fit progresses
@@ -551,12 +554,15 @@ class ProximalScoreVI(ScoreEngine):
     ) -> RunningAverages:
         """Fold this update's curvature statistics into the running averages of the
         coordinates it saw: a plain mean over the updates so far, then an exponential
-        average over the last ``curvature_memory``."""
+        average over the last ``curvature_memory``; a local latent's is this update's
+        alone (its curvature follows the globals, which move while it is out of the batch)."""
         seen = (
             jnp.ones_like(estimate.spread) if weights is None else (weights > 0).astype(estimate.spread.dtype)
         )
         updates = averages.curvature_updates + seen
         rate = seen * jnp.maximum(1.0 / jnp.maximum(updates, 1.0), 1.0 / self.curvature_memory)
+        if self._local_coordinates is not None:
+            rate = jnp.where(self._local_coordinates, seen, rate)
         curvature = jax.tree.map(lambda old, new: old + rate * (new - old), averages.curvature, estimate)
         return averages._replace(curvature=curvature, curvature_updates=updates)
 

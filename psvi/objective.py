@@ -33,8 +33,9 @@ class ProximalScoreMatching(NamedTuple):
         averaged over the last ``curvature_memory`` updates (1: this update's alone).
         Longer is less noisy but follows a changing curvature more slowly. ``None``: by
         regime (:func:`regime_defaults`), 1 with mini-batch scores (a network's
-        curvature moves while it learns: docs/minibatch.md section 8), 100 with exact
-        scores.
+        curvature moves while it learns: docs/minibatch.md section 8) unless the model
+        has local latents in a subsampled plate (then 100: section 16), 100 with exact
+        scores. A local latent's curvature is always that of the last update that saw it.
     """
 
     prox_weight: float | None = None
@@ -80,7 +81,10 @@ class RegimeDefaults(NamedTuple):
     update's estimate for a global mean coupled to two crossed subsampled plates has a
     noise 2.5 times its signal, and fitting the precision only where that estimate is
     positive biased it up 1.9-fold (sd 0.73 of the diagonal optimum's) where a 100-update
-    memory gives 1.00-1.05 (docs/minibatch.md section 16).
+    memory gives 0.97-1.05; each local latent's curvature is still that of the last
+    update that saw it (the engines' ``_fold_curvature``: it follows the globals, which
+    move while the local is out of the batch; a 100-update memory for the locals too
+    slowed a random-intercept logistic regression's fit; docs/minibatch.md section 16).
     The closed-form step of a full-covariance Gaussian guide (exact scores,
     :func:`resolve_inner_solver`), measured in docs/gaussian_study.md ("Averaged iterates
     ..."): the proximal weight 3 with the running average of its iterates, restarted while
@@ -169,7 +173,7 @@ def regime_defaults(
     full-covariance closed-form step's lighter weight while its fit progresses, from
     :data:`CLOSED_FORM_PROGRESS_MIN_PARTICLES_PER_DIM`), and whether the model has local
     latents in a subsampled plate (``local_latents``: a Gaussian guide's curvature
-    memory 100 with a subsampled plate, not 1)."""
+    memory 100 with a subsampled plate, not 1, for the globals)."""
     if gaussian and batch_ratio > 1:
         memory = 100 if local_latents else 1
         return RegimeDefaults(inner_steps=5, average_iterates=True, curvature_memory=memory, prox_weight=10.0)

@@ -351,6 +351,19 @@ def local_plate_sizes(density: GuideDensity) -> list[int]:
     return [site.shape[dim] for site in density.sites for _, dim in site.plates]
 
 
+def local_coordinates(density: GuideDensity) -> torch.Tensor | None:
+    """``(D,)`` bool: which coordinates of the flat latent belong to local latents of a
+    subsampled plate; ``None`` where there are none."""
+    if not any(site.plates for site in density.sites):
+        return None
+    positions = density.unpack(torch.arange(density.latent_dim))
+    local = torch.zeros(density.latent_dim, dtype=torch.bool)
+    for site in density.sites:
+        if site.plates:
+            local[positions[site.name].reshape(-1)] = True
+    return local
+
+
 def antithetic(density: GuideDensity) -> GuideDensity | None:
     """``density`` drawing antithetic particles: ``ceil(S / 2)`` draws, then the first
     ``floor(S / 2)`` of them reflected about the Gaussian's mean (``2 loc - u``). Each

@@ -66,7 +66,7 @@ from psvi.schedules import (
 )
 from pyro_psvi._compat import FlatAdamSteps, flat_adam_state, torch_optimizer
 from pyro_psvi.engine import ScoreEngine
-from pyro_psvi.guides import FlatRead, Params, antithetic, local_plate_sizes
+from pyro_psvi.guides import FlatRead, Params, antithetic, local_coordinates, local_plate_sizes
 from pyro_psvi.objective import (
     CurvatureStatistics,
     FisherStatistics,
@@ -99,7 +99,8 @@ class RunningAverages(NamedTuple):
     curvature : CurvatureStatistics or None
         Diagonal Gaussian guides: the statistics of the per-coordinate curvature
         (:class:`~pyro_psvi.objective.CurvatureStatistics`) averaged over the last
-        ``curvature_memory`` steps (all of them while fewer).
+        ``curvature_memory`` steps (all of them while fewer); a local latent's are those of
+        the last step that saw it.
     curvature_updates : torch.Tensor or None
         How many steps saw each coordinate (a local latent only when its data are in
         the mini-batch); after closed-form steps, discounted by the KL they travelled
@@ -602,6 +603,7 @@ class ProximalScoreVI(ScoreEngine):
         self.max_halvings = int(max_halvings)
         self.average_iterates = average_iterates
         self.curvature_memory = objective.curvature_memory
+        self._local_coordinates: torch.Tensor | None = None  # set up with the regime
         self.averages: RunningAverages | None = None
         self._iterate: dict[str, torch.Tensor] | None = None
         self._inner_cost_countdown = -1  # updates before the timed one (set up with the guide)
@@ -654,6 +656,7 @@ class ProximalScoreVI(ScoreEngine):
             local_latents=bool(local_plate_sizes(self.density)),
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
+        self._local_coordinates = local_coordinates(self.density)
         self.objective = self.objective._replace(prox_weight=prox_weight)
         self.prox_weight_growth = growth  # the exact solve's, with a subsampled plate
         self.progress_prox_weight = progress  # the closed-form step's, while its fit progresses
@@ -914,11 +917,15 @@ class ProximalScoreVI(ScoreEngine):
     ) -> RunningAverages:
         """Fold this step's curvature statistics into the running averages of the
         coordinates it saw: a plain mean over the steps so far, then an exponential
-        average over the last ``curvature_memory``."""
+        average over the last ``curvature_memory``; a local latent's is this step's alone
+        (its curvature follows the globals, which move while it is out of the batch)."""
         spread = estimate.spread
         seen = torch.ones_like(spread) if weights is None else (weights > 0).to(spread.dtype)
         updates = averages.curvature_updates + seen
         rate = seen * (1.0 / updates.clamp(min=1.0)).clamp(min=1.0 / self.curvature_memory)
+        if self._local_coordinates is not None:
+            self._local_coordinates = self._local_coordinates.to(spread.device)
+            rate = torch.where(self._local_coordinates, seen, rate)
         curvature = CurvatureStatistics(
             *(old + rate * (new - old) for old, new in zip(averages.curvature, estimate, strict=True))
         )

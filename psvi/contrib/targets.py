@@ -141,6 +141,20 @@ def crossed_effects(rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np
     return y.astype(np.float32), mean, 1 / np.sqrt(np.diag(precision))
 
 
+def random_intercept_logistic_data(
+    groups: int = 100, per_group: int = 20, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Covariate ``x`` and outcomes ``y`` (``groups x per_group``, float32) of a
+    random-intercept logistic regression, ``logit P(y_gj = 1) = 0.3 + 0.8 a_g + x_gj`` with
+    ``a_g ~ N(0, 1)``. No closed-form posterior: the reference for a guide is that guide's
+    exact-score fit (benchmarks/minibatch.py)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(groups, per_group))
+    logits = 0.3 + 0.8 * rng.normal(size=groups)[:, None] + x
+    y = rng.random((groups, per_group)) < 1 / (1 + np.exp(-logits))
+    return x.astype(np.float32), y.astype(np.float32)
+
+
 EARNINGS_ROWS = 1059
 
 

@@ -158,6 +158,24 @@ def crossed_effects_plates_model(rows: int, cols: int, batch: int | None = None)
     return model
 
 
+def random_intercept_logistic_model(groups: int, batch: int | None = None) -> Callable:
+    """``model(x, y)``: ``logit P(y_gj = 1) = mu + tau z_g + beta x_gj`` with ``mu, beta ~
+    N(0, 2)``, ``tau ~ HalfNormal(1)`` and non-centred group intercepts ``z_g ~ N(0, 1)``,
+    local latents of the plate ``groups`` (subsampled ``batch`` at a time; ``None``: every
+    group). Data: :func:`psvi.contrib.targets.random_intercept_logistic_data`."""
+
+    def model(x: torch.Tensor, y: torch.Tensor) -> None:
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        beta = pyro.sample("beta", dist.Normal(0.0, 2.0))
+        tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        with pyro.plate("groups", groups, subsample_size=batch, dim=-2) as idx:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("obs", x.shape[1], dim=-1):
+                pyro.sample("y", dist.Bernoulli(logits=mu + tau * z + beta * x[idx]), obs=y[idx])
+
+    return model
+
+
 def factor_analysis_model(loadings: np.ndarray, subsample_size: int | None = None) -> Callable:
     """``model(x)``: ``z_n ~ N(0, I_L)``, ``x_n ~ N(W z_n, I)`` with known loadings ``W``
     (``dim x L``), the plate over the rows of ``x`` subsampled ``subsample_size`` at a time

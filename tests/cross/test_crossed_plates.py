@@ -9,7 +9,9 @@ cells, weighted 12). The best diagonal Gaussian's sds are ``1 / sqrt(diag P)``
 update's estimate alone, only where it is positive (the mini-batch default without
 local latents, ``curvature_memory=1``), selects the upward draws: the precision ended
 1.9 times too high (sd 0.73 of the optimum's, both backends). With local latents the
-default memory is 100 updates.
+globals' default memory is 100 updates; each local latent's curvature is that of the
+last update that saw it (its curvature follows the globals, which move while it is
+out of the batch: docs/minibatch.md section 16).
 
 Tolerance: the band of the mission, sds within 20% of the optimum's. What is left of
 the noise at the end: the precision is an average over >= 100 updates of estimates
@@ -32,8 +34,10 @@ from pyro.infer.autoguide import AutoNormal as PAutoNormal
 import numpyro_psvi
 import pyro_psvi
 from numpyro_psvi.contrib.models import crossed_effects_plates_model as n_crossed_effects_plates_model
+from numpyro_psvi.objective import CurvatureStatistics as NCurvatureStatistics
 from psvi.contrib.targets import crossed_effects
 from pyro_psvi.contrib.models import crossed_effects_plates_model as p_crossed_effects_plates_model
+from pyro_psvi.objective import CurvatureStatistics as PCurvatureStatistics
 
 ROWS, COLS, BATCH, UPDATES = 40, 30, 10, 3000
 Y, _, OPTIMUM_SD = crossed_effects(ROWS, COLS)
@@ -69,3 +73,34 @@ def test_pyro_global_sd_with_two_subsampled_plates():
     ratios = _sd_ratios({name: pyro.param(f"AutoNormal.scales.{name}").detach() for name in ("mu", "a", "b")})
     assert abs(ratios[0] - 1) < 0.2, ratios[0]
     assert np.all(np.abs(ratios[1:] - 1) < 0.2), (ratios[1:].min(), ratios[1:].max())
+
+
+def _expected_fold(local: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The folded ``spread`` of :func:`_fold_cases`: a seen local takes this update's 2;
+    an unseen one keeps 1; a global (seen 51 times) moves ``max(1/51, 1/100)`` of the way."""
+    return np.where(local & (weights > 0), 2.0, np.where(local, 1.0, 1.0 + 1.0 / 51))
+
+
+def test_numpyro_a_local_latents_curvature_is_the_last_update_that_saw_it():
+    engine = numpyro_psvi.ProximalScoreVI(n_model, NAutoNormal(n_model), numpyro.optim.Adam(1e-2))
+    state = engine.init(jax.random.PRNGKey(0), jnp.asarray(Y))
+    local = np.asarray(engine._local_coordinates)
+    assert local.sum() == ROWS + COLS and local.size == 1 + ROWS + COLS  # all but mu
+    weights = np.where(local, np.where(np.arange(local.size) % 4 == 0, 4.0, 0.0), 1.0).astype(np.float32)
+    ones = jnp.ones(local.size)
+    old = state.averages._replace(curvature=NCurvatureStatistics(ones, ones), curvature_updates=50 * ones)
+    folded = engine._fold_curvature(old, NCurvatureStatistics(2 * ones, 3 * ones), jnp.asarray(weights))
+    np.testing.assert_allclose(folded.curvature.spread, _expected_fold(local, weights), rtol=1e-6)
+
+
+def test_pyro_a_local_latents_curvature_is_the_last_step_that_saw_it():
+    pyro.clear_param_store()
+    engine = pyro_psvi.ProximalScoreVI(p_model, PAutoNormal(p_model), pyro.optim.Adam({"lr": 1e-2}))
+    engine.step(torch.tensor(Y))
+    local = engine._local_coordinates.numpy()
+    assert local.sum() == ROWS + COLS and local.size == 1 + ROWS + COLS  # all but mu
+    weights = np.where(local, np.where(np.arange(local.size) % 4 == 0, 4.0, 0.0), 1.0)
+    ones = torch.ones(local.size)
+    old = engine.averages._replace(curvature=PCurvatureStatistics(ones, ones), curvature_updates=50 * ones)
+    folded = engine._fold_curvature(old, PCurvatureStatistics(2 * ones, 3 * ones), torch.tensor(weights))
+    np.testing.assert_allclose(folded.curvature.spread.numpy(), _expected_fold(local, weights), rtol=1e-6)
