@@ -25,8 +25,9 @@
    before and after docs/minibatch.md section 15; benchmarks/results/minibatch_lowrank.json.
 8. ``--locals``: models with local latents in subsampled plates (crossed effects with
    both plates subsampled: the mechanism and the fits; a random-intercept logistic
-   regression against its exact-score fit), the defaults against a curvature memory of 1
-   and SVI (docs/minibatch.md section 16); benchmarks/results/minibatch_locals.json.
+   regression against its exact-score fit; a robust BNN on UCI Boston), the defaults
+   against ``curvature_memory=100`` (and SVI) (docs/minibatch.md section 16);
+   benchmarks/results/minibatch_locals.json.
 
 Writes benchmarks/results/minibatch.json; docs/minibatch.md reads it.
 """
@@ -35,12 +36,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
+import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 from jax.scipy.optimize import minimize
 from numpyro.infer import SVI, Trace_ELBO
@@ -48,8 +51,10 @@ from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
 from numpyro.infer.initialization import init_to_value
 
 from benchmarks.common import digits_fit, make_engine, save
+from benchmarks.uci import BATCH, LEARNING_RATE, NUM_PARTICLES, glorot_init
 from numpyro_psvi import ProximalScoreMatching, ProximalScoreVI
 from numpyro_psvi.contrib.models import (
+    bnn_regression,
     crossed_effects_plates_model,
     linear_regression,
     mlp_classifier,
@@ -61,7 +66,7 @@ from numpyro_psvi.objective import (
     fisher_statistics,
     proximal_objective,
 )
-from psvi.contrib.datasets import load_digits
+from psvi.contrib.datasets import load_digits, load_uci, uci_info
 from psvi.contrib.targets import crossed_effects, random_intercept_logistic_data
 
 N, B, D = 2000, 100, 5
@@ -363,16 +368,16 @@ def crossed_mechanism(num_draws: int) -> dict:
 
 def crossed_fits(num_steps: int, seeds: int) -> list[dict]:
     """Crossed effects with both plates subsampled (docs/minibatch.md section 16): the
-    defaults (with local latents, a 100-update curvature memory), the memory of 1 that
-    models without local latents take, and SVI (``Trace_ELBO(4)``), at Adam(1e-2) and
+    defaults (a curvature memory of 1 with mini-batches), ``curvature_memory=100`` (for
+    the globals; a local's is always its last update's), and SVI (``Trace_ELBO(4)``), at Adam(1e-2) and
     Adam(1e-3): ``mu``'s and the locals' sds over the best diagonal Gaussian's, and the
     largest mean error in its sds."""
     y, mean, sd = crossed_effects(CROSSED_ROWS, CROSSED_COLS)
     model = crossed_effects_plates_model(CROSSED_ROWS, CROSSED_COLS, CROSSED_BATCH)
     engines = {
         "defaults": lambda lr: ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(lr)),
-        "curvature_memory=1": lambda lr: ProximalScoreVI(
-            model, AutoNormal(model), numpyro.optim.Adam(lr), loss=ProximalScoreMatching(curvature_memory=1)
+        "curvature_memory=100": lambda lr: ProximalScoreVI(
+            model, AutoNormal(model), numpyro.optim.Adam(lr), loss=ProximalScoreMatching(curvature_memory=100)
         ),
         "SVI": lambda lr: SVI(model, AutoNormal(model), numpyro.optim.Adam(lr), Trace_ELBO(4)),
     }
@@ -409,7 +414,7 @@ def glmm_fits(num_steps: int, seeds: int, reference_steps: tuple[int, int]) -> d
     """The random-intercept logistic regression (100 groups of 20, groups subsampled 10 at
     a time), against the same guide's exact-score fit (every group; the defaults,
     ``reference_steps[1]`` updates; its distance to the fit at ``reference_steps[0]`` is
-    reported as the reference's own error): the defaults, ``curvature_memory=1`` and SVI
+    reported as the reference's own error): the defaults, ``curvature_memory=100`` and SVI
     (``Trace_ELBO(4)``) at Adam(1e-2) and Adam(1e-3), per global site and over the
     intercepts, mean error in the reference's sds and sd over the reference's."""
     x, y = (jnp.asarray(part) for part in random_intercept_logistic_data(GLMM_GROUPS))
@@ -430,8 +435,8 @@ def glmm_fits(num_steps: int, seeds: int, reference_steps: tuple[int, int]) -> d
     model = random_intercept_logistic_model(GLMM_GROUPS, GLMM_BATCH)
     engines = {
         "defaults": lambda lr: ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(lr)),
-        "curvature_memory=1": lambda lr: ProximalScoreVI(
-            model, AutoNormal(model), numpyro.optim.Adam(lr), loss=ProximalScoreMatching(curvature_memory=1)
+        "curvature_memory=100": lambda lr: ProximalScoreVI(
+            model, AutoNormal(model), numpyro.optim.Adam(lr), loss=ProximalScoreMatching(curvature_memory=100)
         ),
         "SVI": lambda lr: SVI(model, AutoNormal(model), numpyro.optim.Adam(lr), Trace_ELBO(4)),
     }
@@ -451,6 +456,44 @@ def glmm_fits(num_steps: int, seeds: int, reference_steps: tuple[int, int]) -> d
     return {**out, "rows": rows}
 
 
+ROBUST_DF, ROBUST_DRAWS = 4.0, 100
+
+
+def robust_bnn_fits(splits: int) -> list[dict]:
+    """A network with local latents: the UCI BNN on Boston (the protocol of
+    benchmarks/uci.py: batches of 32, 40 epochs, S = 4, Adam(1e-2)) with a Student-t
+    likelihood as a scale mixture (``bnn_regression(student_df=4)``: one local ``lam`` per
+    training point), the defaults against ``curvature_memory=100``; test log-likelihood of
+    the Student-t predictive over 100 draws of the globals."""
+    rows = []
+    for split_id in range(splits):
+        split = load_uci("bostonHousing", split_id)
+        x, y, x_test = (jnp.asarray(part) for part in (split.x_train, split.y_train, split.x_test))
+        init = {name: jnp.asarray(value) for name, value in glorot_init(x.shape[1], 50, split_id).items()}
+        model = partial(bnn_regression, subsample_size=BATCH, student_df=ROBUST_DF)
+        steps = uci_info("bostonHousing")["epochs"] * math.ceil(len(split.y_train) / BATCH)
+        for label, memory in (("defaults", None), ("curvature_memory=100", 100)):
+            guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)
+            engine = ProximalScoreVI(
+                model, guide, numpyro.optim.Adam(LEARNING_RATE), num_particles=NUM_PARTICLES,
+                loss=ProximalScoreMatching(curvature_memory=memory),
+            )  # fmt: skip
+            params = engine.run(jax.random.PRNGKey(split_id), steps, x, y, progress_bar=False).params
+            draws = {}
+            for key, name in zip(jax.random.split(jax.random.PRNGKey(split_id + 1), 5), init, strict=True):
+                loc, scale = params[f"{name}_auto_loc"], params[f"{name}_auto_scale"]
+                draws[name] = loc + scale * jax.random.normal(key, (ROBUST_DRAWS, *jnp.shape(loc)))
+            hidden = jax.nn.relu(jnp.einsum("ni,sih->snh", x_test, draws["w1"]) + draws["b1"][:, None])
+            means = jnp.einsum("snh,sh->sn", hidden, draws["w2"]) + draws["b2"][:, None]
+            scales = jnp.exp(draws["precision"])[:, None] ** -0.5
+            log_density = dist.StudentT(ROBUST_DF, means, scales).log_prob(jnp.asarray(split.y_test))
+            test_ll = jax.scipy.special.logsumexp(log_density, 0) - math.log(ROBUST_DRAWS)
+            rows.append({"split": split_id, "engine": label,
+                         "test_ll": float(jnp.mean(test_ll)) - math.log(split.y_std)})  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -466,6 +509,7 @@ def main() -> None:
             "crossed effects mechanism": crossed_mechanism(200 if args.quick else 4000),
             "crossed effects": crossed_fits(steps, seeds),
             "random-intercept logistic": glmm_fits(steps, seeds, reference_steps),
+            "robust BNN, Boston": robust_bnn_fits(1 if args.quick else 5),
         }
         print(save("minibatch_locals_quick" if args.quick else "minibatch_locals", payload))
         return

@@ -384,7 +384,6 @@ class ProximalScoreVI(ScoreEngine):
             bounded=bounded, low_rank=self.density.loc_lowrank is not None,
             linear_solve=self.inner_solver == "closed_form" and self.density.linear_scores is not None,
             particles_per_dim=self.num_particles / max(self.density.latent_dim, 1),
-            local_latents=bool(local_plate_sizes(self.density)),
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
         self._local_coordinates = local_coordinates(self.density)
@@ -554,8 +553,9 @@ class ProximalScoreVI(ScoreEngine):
     ) -> RunningAverages:
         """Fold this update's curvature statistics into the running averages of the
         coordinates it saw: a plain mean over the updates so far, then an exponential
-        average over the last ``curvature_memory``; a local latent's is this update's
-        alone (its curvature follows the globals, which move while it is out of the batch)."""
+        average over the last ``curvature_memory``; a local latent in this update's batch
+        takes this update's alone (its curvature follows the globals, which move while it
+        is out of the batch)."""
         seen = (
             jnp.ones_like(estimate.spread) if weights is None else (weights > 0).astype(estimate.spread.dtype)
         )

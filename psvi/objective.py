@@ -33,9 +33,10 @@ class ProximalScoreMatching(NamedTuple):
         averaged over the last ``curvature_memory`` updates (1: this update's alone).
         Longer is less noisy but follows a changing curvature more slowly. ``None``: by
         regime (:func:`regime_defaults`), 1 with mini-batch scores (a network's
-        curvature moves while it learns: docs/minibatch.md section 8) unless the model
-        has local latents in a subsampled plate (then 100: section 16), 100 with exact
-        scores. A local latent's curvature is always that of the last update that saw it.
+        curvature moves while it learns: docs/minibatch.md section 8), 100 with exact
+        scores. A local latent's curvature is always that of the last update that saw
+        it; a global coupled to local latents in a subsampled plate (a GLMM's) wants 100
+        (section 16: with 1 its sd ends 22-33% short).
     """
 
     prox_weight: float | None = None
@@ -75,16 +76,7 @@ class RegimeDefaults(NamedTuple):
     shrink its sds further (0.54-0.70 of NUTS's with K = 20, 0.77-0.89 with K = 5);
     a diagonal guide's curvature is this update's alone, as a network's curvature
     moves while it learns (a 100-update memory left UCI networks and the MNIST MLP in a
-    worse basin: MNIST test NLL 0.246 against 0.161, UCI test LL 0.02-0.5 nats lower),
-    except in a model with local latents in a subsampled plate (``local_latents``), whose
-    globals' curvature estimates carry the batch's locals' particle cross-talk: one
-    update's estimate for a global mean coupled to two crossed subsampled plates has a
-    noise 2.5 times its signal, and fitting the precision only where that estimate is
-    positive biased it up 1.9-fold (sd 0.73 of the diagonal optimum's) where a 100-update
-    memory gives 0.97-1.05; each local latent's curvature is still that of the last
-    update that saw it (the engines' ``_fold_curvature``: it follows the globals, which
-    move while the local is out of the batch; a 100-update memory for the locals too
-    slowed a random-intercept logistic regression's fit; docs/minibatch.md section 16).
+    worse basin: MNIST test NLL 0.246 against 0.161, UCI test LL 0.02-0.5 nats lower).
     The closed-form step of a full-covariance Gaussian guide (exact scores,
     :func:`resolve_inner_solver`), measured in docs/gaussian_study.md ("Averaged iterates
     ..."): the proximal weight 3 with the running average of its iterates, restarted while
@@ -154,7 +146,6 @@ def regime_defaults(
     low_rank: bool = False,
     linear_solve: bool = False,
     particles_per_dim: float = 0.0,
-    local_latents: bool = False,
 ) -> RegimeDefaults:
     """:class:`RegimeDefaults` for a guide that is (or is not) a diagonal or
     full-covariance Gaussian, a model whose largest plate-to-subsample ratio is
@@ -171,12 +162,9 @@ def regime_defaults(
     (``linear_solve``: with mini-batch scores the weight ``max(10, t)`` at update ``t``,
     :data:`LINEAR_SOLVE_PROX_WEIGHT_GROWTH`), and ``particles_per_dim`` (``S / D``: the
     full-covariance closed-form step's lighter weight while its fit progresses, from
-    :data:`CLOSED_FORM_PROGRESS_MIN_PARTICLES_PER_DIM`), and whether the model has local
-    latents in a subsampled plate (``local_latents``: a Gaussian guide's curvature
-    memory 100 with a subsampled plate, not 1, for the globals)."""
+    :data:`CLOSED_FORM_PROGRESS_MIN_PARTICLES_PER_DIM`)."""
     if gaussian and batch_ratio > 1:
-        memory = 100 if local_latents else 1
-        return RegimeDefaults(inner_steps=5, average_iterates=True, curvature_memory=memory, prox_weight=10.0)
+        return RegimeDefaults(inner_steps=5, average_iterates=True, curvature_memory=1, prox_weight=10.0)
     if transport and (bounded or batch_ratio > 1):
         return RegimeDefaults(
             inner_steps=5 if stops_at_trust_region(transport, bounded) else 1,
@@ -736,7 +724,6 @@ def resolve_regime(
     low_rank: bool = False,
     linear_solve: bool = False,
     particles_per_dim: float = 0.0,
-    local_latents: bool = False,
 ) -> RegimeDefaults:
     """The engine's settings: the user's ``inner_steps``, ``average_iterates``,
     ``curvature_memory`` and ``prox_weight`` (a constant weight: no growth, the same while
@@ -744,7 +731,7 @@ def resolve_regime(
     :func:`regime_defaults` for those left ``None``."""
     defaults = regime_defaults(
         gaussian, batch_ratio, closed_form, low_rank_step, transport, bounded, low_rank, linear_solve,
-        particles_per_dim, local_latents,
+        particles_per_dim,
     )  # fmt: skip
     return RegimeDefaults(
         inner_steps=defaults.inner_steps if inner_steps is None else int(inner_steps),

@@ -653,7 +653,6 @@ class ProximalScoreVI(ScoreEngine):
             bounded=bounded, low_rank=self.density.loc_lowrank is not None,
             linear_solve=self.inner_solver == "closed_form" and self.density.linear_scores is not None,
             particles_per_dim=self.num_particles / max(self.density.latent_dim, 1),
-            local_latents=bool(local_plate_sizes(self.density)),
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
         self._local_coordinates = local_coordinates(self.density)
@@ -917,8 +916,9 @@ class ProximalScoreVI(ScoreEngine):
     ) -> RunningAverages:
         """Fold this step's curvature statistics into the running averages of the
         coordinates it saw: a plain mean over the steps so far, then an exponential
-        average over the last ``curvature_memory``; a local latent's is this step's alone
-        (its curvature follows the globals, which move while it is out of the batch)."""
+        average over the last ``curvature_memory``; a local latent in this step's batch
+        takes this step's alone (its curvature follows the globals, which move while it is
+        out of the batch)."""
         spread = estimate.spread
         seen = torch.ones_like(spread) if weights is None else (weights > 0).to(spread.dtype)
         updates = averages.curvature_updates + seen

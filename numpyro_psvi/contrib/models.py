@@ -247,11 +247,14 @@ def bnn_regression(
     hidden: int = 50,
     prior_scale: float = 1.0,
     subsample_size: int | None = None,
+    student_df: float | None = None,
 ) -> None:
     """The UCI protocol's BNN: one hidden layer of ReLU units, ``N(0, prior_scale^2)``
     priors on all weights, Gaussian likelihood with a ``Gamma(6, 6)`` prior on the noise
     precision (Hernandez-Lobato and Adams 2015), on standardized data. The network's
-    output is recorded as the deterministic site ``mean``."""
+    output is recorded as the deterministic site ``mean``. With ``student_df``: a robust
+    likelihood, each data point's precision scaled by a local latent ``lam ~
+    Gamma(df / 2, df / 2)`` (Student-t noise as a scale mixture)."""
     num_inputs = x.shape[1]
 
     def weight(name, shape):
@@ -264,6 +267,8 @@ def bnn_regression(
     with numpyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
         mean = jax.nn.relu(x[idx] @ w1 + b1) @ w2 + b2
         numpyro.deterministic("mean", mean)
+        if student_df is not None:
+            precision = precision * numpyro.sample("lam", dist.Gamma(student_df / 2, student_df / 2))
         numpyro.sample("y", dist.Normal(mean, precision**-0.5), obs=None if y is None else y[idx])
 
 

@@ -256,9 +256,11 @@ def bnn_regression(
     hidden: int = 50,
     prior_scale: float = 1.0,
     subsample_size: int | None = None,
+    student_df: float | None = None,
 ) -> None:
     """The twin of ``numpyro_psvi.contrib.models.bnn_regression`` (one hidden ReLU layer,
-    ``Gamma(6, 6)`` noise precision); broadcast-safe, so its particles vectorize."""
+    ``Gamma(6, 6)`` noise precision, with ``student_df`` a local ``lam ~ Gamma(df / 2,
+    df / 2)`` scaling each point's precision); broadcast-safe, so its particles vectorize."""
     num_inputs = x.shape[1]
 
     def weight(name, shape):
@@ -271,6 +273,9 @@ def bnn_regression(
     with pyro.plate("data", x.shape[0], subsample_size=subsample_size, device=x.device) as idx:
         mean = (_linear(torch.relu(_linear(x[idx], w1) + b1), w2) + b2).squeeze(-1)
         pyro.deterministic("mean", mean)
+        if student_df is not None:
+            half = x.new_tensor(student_df / 2)
+            precision = precision * pyro.sample("lam", dist.Gamma(half, half))
         pyro.sample("y", dist.Normal(mean, precision**-0.5), obs=None if y is None else y[idx])
 
 

@@ -54,9 +54,6 @@ def test_a_refused_family_says_why():
 
 def test_mini_batch_defaults_apply_to_gaussian_guides_with_a_subsampled_plate_only():
     assert regime_defaults(gaussian=True, batch_ratio=20.0) == (5, True, 1, 10.0, 0.0, None)
-    # Local latents in a subsampled plate: the globals' curvature averaged over 100 updates.
-    assert regime_defaults(True, 20.0, local_latents=True) == (5, True, 100, 10.0, 0.0, None)
-    assert regime_defaults(True, 1.0, local_latents=True) == regime_defaults(True, 1.0)
     for gaussian, ratio in ((True, 1.0), (False, 1.0)):
         assert regime_defaults(gaussian, ratio) == (20, False, 100, 10.0, 0.0, None)
     # Other guides with a subsampled plate: the generic objective's (test_minibatch_families.py).
