@@ -46,6 +46,7 @@ from psvi.objective import (
     discounted_updates,
     grow_trust_region,
     inner_objective_scale,
+    local_latent_memory_advice,
     resolve_antithetic,
     resolve_inner_solver,
     resolve_objective,
@@ -656,6 +657,11 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
         self._local_coordinates = local_coordinates(self.density)
+        memory_advice = local_latent_memory_advice(
+            diagonal, self.batch_ratio, self._local_coordinates is not None, self._requested[2]
+        )
+        if memory_advice:
+            warnings.warn(memory_advice, UserWarning, stacklevel=caller_stacklevel())
         self.objective = self.objective._replace(prox_weight=prox_weight)
         self.prox_weight_growth = growth  # the exact solve's, with a subsampled plate
         self.progress_prox_weight = progress  # the closed-form step's, while its fit progresses

@@ -22,11 +22,14 @@ NumPyro, one Pyro); the default's 0.69-0.73 is outside it. The locals' sds (each
 one update in four) come out 0.97-1.02 either way: checked at the same band.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import pyro
+import pytest
 import torch
 from numpyro.infer.autoguide import AutoNormal as NAutoNormal
 from pyro.infer.autoguide import AutoNormal as PAutoNormal
@@ -36,6 +39,7 @@ import pyro_psvi
 from numpyro_psvi.contrib.models import crossed_effects_plates_model as n_crossed_effects_plates_model
 from numpyro_psvi.objective import CurvatureStatistics as NCurvatureStatistics
 from psvi.contrib.targets import crossed_effects
+from psvi.objective import LOCAL_LATENT_MEMORY_ADVICE
 from pyro_psvi.contrib.models import crossed_effects_plates_model as p_crossed_effects_plates_model
 from pyro_psvi.objective import CurvatureStatistics as PCurvatureStatistics
 
@@ -109,3 +113,36 @@ def test_pyro_a_local_latents_curvature_is_the_last_step_that_saw_it():
     old = engine.averages._replace(curvature=PCurvatureStatistics(ones, ones), curvature_updates=50 * ones)
     folded = engine._fold_curvature(old, PCurvatureStatistics(2 * ones, 3 * ones), torch.tensor(weights))
     np.testing.assert_allclose(folded.curvature.spread.numpy(), _expected_fold(local, weights), rtol=1e-6)
+
+
+ADVICE = LOCAL_LATENT_MEMORY_ADVICE[:60]
+
+
+def test_numpyro_the_default_memory_with_local_latents_warns_and_a_given_one_does_not():
+    y = jnp.asarray(Y)
+    with pytest.warns(UserWarning, match=ADVICE) as caught:
+        engine = numpyro_psvi.ProximalScoreVI(n_model, NAutoNormal(n_model), numpyro.optim.Adam(1e-2))
+        engine.init(jax.random.PRNGKey(0), y)
+    assert caught[0].filename == __file__  # the user's line
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=ADVICE)
+        loss = numpyro_psvi.ProximalScoreMatching(curvature_memory=1)
+        engine = numpyro_psvi.ProximalScoreVI(
+            n_model, NAutoNormal(n_model), numpyro.optim.Adam(1e-2), loss=loss
+        )
+        engine.init(jax.random.PRNGKey(0), y)
+
+
+def test_pyro_the_default_memory_with_local_latents_warns_and_a_given_one_does_not():
+    pyro.clear_param_store()
+    y = torch.tensor(Y)
+    with pytest.warns(UserWarning, match=ADVICE) as caught:
+        pyro_psvi.ProximalScoreVI(p_model, PAutoNormal(p_model), pyro.optim.Adam({"lr": 1e-2})).step(y)
+    assert caught[0].filename == __file__  # the user's line
+    pyro.clear_param_store()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=ADVICE)
+        loss = pyro_psvi.ProximalScoreMatching(curvature_memory=1)
+        pyro_psvi.ProximalScoreVI(
+            p_model, PAutoNormal(p_model), pyro.optim.Adam({"lr": 1e-2}), loss=loss
+        ).step(y)
