@@ -366,23 +366,27 @@ def crossed_mechanism(num_draws: int) -> dict:
     return out
 
 
-def crossed_fits(num_steps: int, seeds: int) -> list[dict]:
-    """Crossed effects with both plates subsampled (docs/minibatch.md section 16): the
-    defaults (a curvature memory of 1 with mini-batches), ``curvature_memory=100`` (for
-    the globals; a local's is always its last update's), and SVI (``Trace_ELBO(4)``), at Adam(1e-2) and
-    Adam(1e-3): ``mu``'s and the locals' sds over the best diagonal Gaussian's, and the
-    largest mean error in its sds."""
-    y, mean, sd = crossed_effects(CROSSED_ROWS, CROSSED_COLS)
-    model = crossed_effects_plates_model(CROSSED_ROWS, CROSSED_COLS, CROSSED_BATCH)
-    engines = {
+def memory_engines(model) -> dict:
+    """By label, ``make(lr)`` of the engines the models with local latents compare: the
+    defaults, ``curvature_memory=100`` and SVI (``Trace_ELBO(4)``), AutoNormal and Adam."""
+    memory = ProximalScoreMatching(curvature_memory=100)
+    return {
         "defaults": lambda lr: ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(lr)),
         "curvature_memory=100": lambda lr: ProximalScoreVI(
-            model, AutoNormal(model), numpyro.optim.Adam(lr), loss=ProximalScoreMatching(curvature_memory=100)
+            model, AutoNormal(model), numpyro.optim.Adam(lr), loss=memory
         ),
         "SVI": lambda lr: SVI(model, AutoNormal(model), numpyro.optim.Adam(lr), Trace_ELBO(4)),
     }
+
+
+def crossed_fits(num_steps: int, seeds: int) -> list[dict]:
+    """Crossed effects with both plates subsampled (docs/minibatch.md section 16), the
+    :func:`memory_engines` at Adam(1e-2) and Adam(1e-3): ``mu``'s and the locals' sds over
+    the best diagonal Gaussian's, and the largest mean error in its sds."""
+    y, mean, sd = crossed_effects(CROSSED_ROWS, CROSSED_COLS)
+    model = crossed_effects_plates_model(CROSSED_ROWS, CROSSED_COLS, CROSSED_BATCH)
     rows = []
-    for lr, (label, make) in itertools.product((1e-2, 1e-3), engines.items()):
+    for lr, (label, make) in itertools.product((1e-2, 1e-3), memory_engines(model).items()):
         for seed in range(seeds):
             fit = make(lr).run(jax.random.PRNGKey(seed), num_steps, jnp.asarray(y), progress_bar=False)
             params = fit.params
@@ -414,9 +418,9 @@ def glmm_fits(num_steps: int, seeds: int, reference_steps: tuple[int, int]) -> d
     """The random-intercept logistic regression (100 groups of 20, groups subsampled 10 at
     a time), against the same guide's exact-score fit (every group; the defaults,
     ``reference_steps[1]`` updates; its distance to the fit at ``reference_steps[0]`` is
-    reported as the reference's own error): the defaults, ``curvature_memory=100`` and SVI
-    (``Trace_ELBO(4)``) at Adam(1e-2) and Adam(1e-3), per global site and over the
-    intercepts, mean error in the reference's sds and sd over the reference's."""
+    reported as the reference's own error): the :func:`memory_engines` at Adam(1e-2) and
+    Adam(1e-3), per global site and over the intercepts, mean error in the reference's sds
+    and sd over the reference's."""
     x, y = (jnp.asarray(part) for part in random_intercept_logistic_data(GLMM_GROUPS))
     exact = random_intercept_logistic_model(GLMM_GROUPS)
     references = [
@@ -433,15 +437,8 @@ def glmm_fits(num_steps: int, seeds: int, reference_steps: tuple[int, int]) -> d
            "reference intercepts drift (sds, max)": float(drift[3:].max())}  # fmt: skip
     print(out, flush=True)
     model = random_intercept_logistic_model(GLMM_GROUPS, GLMM_BATCH)
-    engines = {
-        "defaults": lambda lr: ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(lr)),
-        "curvature_memory=100": lambda lr: ProximalScoreVI(
-            model, AutoNormal(model), numpyro.optim.Adam(lr), loss=ProximalScoreMatching(curvature_memory=100)
-        ),
-        "SVI": lambda lr: SVI(model, AutoNormal(model), numpyro.optim.Adam(lr), Trace_ELBO(4)),
-    }
     rows = []
-    for lr, (label, make) in itertools.product((1e-2, 1e-3), engines.items()):
+    for lr, (label, make) in itertools.product((1e-2, 1e-3), memory_engines(model).items()):
         for seed in range(seeds):
             fit = make(lr).run(jax.random.PRNGKey(seed), num_steps, x, y, progress_bar=False)
             loc, scale = glmm_flat(fit.params)
