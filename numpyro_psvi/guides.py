@@ -240,10 +240,13 @@ def local_coordinates(density: GuideDensity) -> jax.Array | None:
     subsampled plate; ``None`` where there are none."""
     if not density.local_plates:
         return None
-    positions = density.unpack(jnp.arange(density.latent_dim, dtype=jnp.float32))
+    # Positions in two float32-exact parts (each below 2^20), past float32's 2^24 integers.
+    index = np.arange(density.latent_dim)
+    low, high = (density.unpack(jnp.asarray(part, jnp.float32)) for part in (index % 2**20, index >> 20))
     local = np.zeros(density.latent_dim, bool)
     for name in density.local_plates:
-        local[np.asarray(positions[name]).ravel().astype(int)] = True
+        low_part, high_part = (np.asarray(values[name]).ravel().astype(np.int64) for values in (low, high))
+        local[low_part + (high_part << 20)] = True
     return jnp.asarray(local)
 
 
