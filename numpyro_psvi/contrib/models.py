@@ -143,6 +143,8 @@ def crossed_effects_plates_model(rows: int, cols: int, batch: int | None = None)
             a = numpyro.sample("a", dist.Normal(0.0, 1.0))
         with numpyro.plate("cols", cols, subsample_size=batch, dim=-1) as col_idx:
             b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        # Re-entered for the likelihood's scale and dims only (a new plate draws new
+        # indices): the cells are those of the members sampled above.
         with numpyro.plate("rows", rows, subsample_size=batch, dim=-2):
             with numpyro.plate("cols", cols, subsample_size=batch, dim=-1):
                 numpyro.sample("y", dist.Normal(mu + a + b, 1.0), obs=y[row_idx[:, None], col_idx])
