@@ -1557,9 +1557,18 @@ def _product_density(parts: list[GuideDensity]) -> GuideDensity:
             for name, value in part.unpack(block).items()
         }
 
+    def elbo_log_prob(params, u, weights):  # a part without local latents weighs 1 throughout
+        terms = zip(parts, blocks(u), blocks(weights), strict=True)
+        return sum(
+            part.log_prob(params, u) if part.elbo_log_prob is None else part.elbo_log_prob(params, u, w)
+            for part, u, w in terms
+        )
+
+    local_plates = {name: plates for part in parts for name, plates in part.local_plates.items()}
     density = GuideDensity(
         latent_dim=bounds[-1], sample=sample, log_prob=log_prob, score=score, kl=kl, cov_quad=cov_quad,
-        unpack=unpack, closed_form=all(part.closed_form for part in parts),
+        unpack=unpack, closed_form=all(part.closed_form for part in parts), local_plates=local_plates,
+        elbo_log_prob=elbo_log_prob if local_plates else None,
     )  # fmt: skip
     if not all(part.loc_scale is not None and part.gaussian_params is not None for part in parts):
         return density
@@ -1581,8 +1590,9 @@ def _product_density(parts: list[GuideDensity]) -> GuideDensity:
 def _guide_list_setup(guide: autoguide.AutoGuideList, model, args, kwargs, options: DensityOptions):
     """``GuideFamily.setup`` of an AutoGuideList: each part's own setup, their densities
     multiplied (:func:`_product_density`). A part must be an autoguide with a density of
-    its own that is not a flow (a flow's proximal term is not a KL); local latents in a
-    subsampled plate are refused by the engine, as for every family without them."""
+    its own that is not a flow (a flow's proximal term is not a KL). Local latents in a
+    subsampled plate go in an AutoNormal part (NumPyro's other autoguides refuse them
+    themselves: "AutoContinuous guide does not support local latent variables")."""
     setups = []
     for index, part in enumerate(guide):
         family = guide_family(part)
@@ -1674,7 +1684,7 @@ _register(autoguide.AutoDelta, refused("AutoDelta", POINT_MASS))
 _register(autoguide.AutoLaplaceApproximation, refused("AutoLaplaceApproximation", LAPLACE))
 _register(
     autoguide.AutoGuideList,
-    GuideFamily("AutoGuideList", _guide_list_setup, init_params=_guide_list_init_params),
+    GuideFamily("AutoGuideList", _guide_list_setup, local_latents=True, init_params=_guide_list_init_params),
 )
 _register(
     autoguide.AutoBNAFNormal,

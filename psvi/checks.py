@@ -274,13 +274,14 @@ def baseline_local_latent_message(engine: str, name: str, plate: str) -> str:
 
 
 def local_latent_message(name: str, plate: str, guide_name: str) -> str:
-    """The error for a local latent in a subsampled plate under a guide other than
-    AutoNormal."""
+    """The error for a local latent in a subsampled plate under a guide (or an
+    AutoGuideList's part) other than AutoNormal."""
     return (
         f"Latent site {name!r} is local to the subsampled plate {plate!r}: {guide_name} would "
-        "reuse one set of values for every mini-batch. Use AutoNormal, whose params span the "
-        "plate's full size and are sliced by its indices, a guide function that indexes its "
-        "own params by its plate's indices, or the full plate (subsample_size=None)."
+        "reuse one set of values for every mini-batch. Use AutoNormal (the whole guide, or the "
+        "AutoGuideList's part for the local sites), whose params span the plate's full size and "
+        "are sliced by its indices, a guide function that indexes its own params by its plate's "
+        "indices, or the full plate (subsample_size=None)."
     )
 
 

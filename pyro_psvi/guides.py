@@ -48,6 +48,7 @@ from psvi.checks import (
     check_user_guide_sites,
     drop_leading_ones,
     full_covariance_advice,
+    local_latent_message,
     lowrank_advice,
 )
 from psvi.families import (
@@ -2273,11 +2274,19 @@ def _product_density(parts: list[GuideDensity]) -> GuideDensity:
     def cov_quad(params, r):
         return sum(part.cov_quad(params, block) for part, block in zip(parts, blocks(r), strict=True))
 
+    def elbo_log_prob(params, u, weights):  # a part without local latents weighs 1 throughout
+        terms = zip(parts, blocks(u), weights.split(sizes), strict=True)
+        return sum(
+            part.log_prob(params, u) if part.elbo_log_prob is None else part.elbo_log_prob(params, u, w)
+            for part, u, w in terms
+        )
+
+    local = any(site.plates for part in parts for site in part.sites)
     density = GuideDensity(
         latent_dim=sum(sizes), sites=tuple(site for part in parts for site in part.sites),
         param_names=tuple(name for part in parts for name in part.param_names), sample=sample,
         log_prob=log_prob, score=score, kl=kl, cov_quad=cov_quad,
-        closed_form=all(part.closed_form for part in parts),
+        closed_form=all(part.closed_form for part in parts), elbo_log_prob=elbo_log_prob if local else None,
     )  # fmt: skip
     if not all(part.loc_scale is not None and part.gaussian_params is not None for part in parts):
         return density
@@ -2301,7 +2310,9 @@ def _guide_list_setup(guide, model_trace, guide_trace, args, kwargs, options: De
     """``GuideFamily.setup`` of an AutoGuideList: each part's own setup, their densities
     multiplied (:func:`_product_density`). A part must be an autoguide with a density of
     its own that is not a flow (a flow's proximal term is not a KL); local latents in a
-    subsampled plate are refused by the engine, as for every family without them."""
+    subsampled plate only in a part whose family holds them (AutoNormal)."""
+    from pyro_psvi.scores import local_latents  # pyro_psvi.scores imports this module
+
     setups = []
     for index, part in enumerate(guide):
         family = guide_family(part)
@@ -2310,10 +2321,16 @@ def _guide_list_setup(guide, model_trace, guide_trace, args, kwargs, options: De
         setups.append(family.setup(part, model_trace, guide_trace, args, kwargs, options))
 
     def density(args, kwargs):
-        parts = [setup(args, kwargs) for setup in setups]
-        for index, part in enumerate(parts):
-            if part.transport is not None:
+        parts = [setup(args, kwargs) for setup in setups]  # each part traced by now
+        for index, (part, density) in enumerate(zip(guide, parts, strict=True)):
+            if density.transport is not None:
                 raise TypeError(guide_list_part_refusal(index, "a normalizing flow", GUIDE_LIST_FLOW))
+            family = guide_family(part)
+            local = {} if family.local_latents else local_latents(part.prototype_trace)
+            if local:
+                name, plate = next(iter(local.items()))
+                where = f"the AutoGuideList's part {index} ({family.name})"
+                raise NotImplementedError(local_latent_message(name, plate, where))
         return _product_density(parts)
 
     return density
@@ -2417,7 +2434,7 @@ _register(
 )
 _register(autoguide.AutoDelta, refused("AutoDelta", POINT_MASS))
 _register(autoguide.AutoLaplaceApproximation, refused("AutoLaplaceApproximation", LAPLACE))
-_register(autoguide.AutoGuideList, GuideFamily("AutoGuideList", _guide_list_setup))
+_register(autoguide.AutoGuideList, GuideFamily("AutoGuideList", _guide_list_setup, local_latents=True))
 _register(autoguide.AutoCallable, refused("AutoCallable", GUIDE_LIST_FUNCTION))
 
 
