@@ -2277,8 +2277,10 @@ def _product_density(parts: list[GuideDensity]) -> GuideDensity:
     def elbo_log_prob(params, u, weights):  # a part without local latents weighs 1 throughout
         terms = zip(parts, blocks(u), weights.split(sizes), strict=True)
         return sum(
-            part.log_prob(params, u) if part.elbo_log_prob is None else part.elbo_log_prob(params, u, w)
-            for part, u, w in terms
+            part.elbo_log_prob(params, block, block_weights)
+            if part.elbo_log_prob is not None
+            else part.log_prob(params, block)
+            for part, block, block_weights in terms
         )
 
     local = any(site.plates for part in parts for site in part.sites)
