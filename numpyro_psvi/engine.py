@@ -410,8 +410,9 @@ class ScoreEngine:
             log_joints, scores, param_grads = score_fn(particles, model_params, key_batch, indices)
         weights, active_dim = None, density.latent_dim
         if local_plates:
-            shapes = jax.eval_shape(density.unpack, particles[0])
-            shapes = {name: shape.shape for name, shape in shapes.items()}
+            # In the flat layout's order (unpack's; an AutoGuideList's is its parts'), which
+            # eval_shape's dict (sorted by name) would lose.
+            shapes = {name: jnp.shape(value) for name, value in density.unpack(particles[0]).items()}
             weights, active_dim = coordinate_weights(local_plates, shapes, indices or {})
         if weights is not None:
             # A local latent's own score came out N/B times too large (plate scale).

@@ -22,7 +22,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from numpyro.distributions import (
     Distribution,
     ExpandedDistribution,
@@ -200,7 +199,8 @@ def coordinate_weights(
 ) -> tuple[jax.Array | None, int]:
     """``(weights, active_dim)`` of the flat latent for this step's plate indices.
 
-    ``shapes``: the unconstrained site shapes, in the flat layout's (sorted) order. A
+    ``shapes``: the unconstrained site shapes, in the flat layout's order (``unpack``'s:
+    sorted by name for one autoguide, part by part for an AutoGuideList). A
     local latent's coordinate gets ``N/B`` (the product over its subsampled plates)
     when its plate members are in the mini-batch and 0 otherwise, a global one 1, so
     that ``sum_d weights_d f_d`` is unbiased for ``sum_d f_d``; ``active_dim`` counts
@@ -222,7 +222,7 @@ def coordinate_weights(
         active += size
     if not subsampled:
         return None, active
-    return ravel_pytree(blocks)[0], active
+    return jnp.concatenate([block.ravel() for block in blocks.values()]), active  # shapes' order
 
 
 def make_score_fn(
