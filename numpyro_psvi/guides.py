@@ -237,17 +237,14 @@ def local_plate_sizes(density: GuideDensity) -> list[int]:
 
 def local_coordinates(density: GuideDensity) -> jax.Array | None:
     """``(D,)`` bool: which coordinates of the flat latent belong to local latents of a
-    subsampled plate; ``None`` where there are none."""
+    subsampled plate (sites in ``unpack``'s order, the flat layout's); ``None`` where
+    there are none."""
     if not density.local_plates:
         return None
-    # Positions in two float32-exact parts (each below 2^20), past float32's 2^24 integers.
-    index = np.arange(density.latent_dim)
-    low, high = (density.unpack(jnp.asarray(part, jnp.float32)) for part in (index % 2**20, index >> 20))
-    local = np.zeros(density.latent_dim, bool)
-    for name in density.local_plates:
-        low_part, high_part = (np.asarray(values[name]).ravel().astype(np.int64) for values in (low, high))
-        local[low_part + (high_part << 20)] = True
-    return jnp.asarray(local)
+    sites = density.unpack(jnp.zeros(density.latent_dim))
+    return jnp.concatenate(
+        [jnp.full(jnp.size(value), name in density.local_plates) for name, value in sites.items()]
+    )
 
 
 def antithetic(density: GuideDensity) -> GuideDensity | None:

@@ -357,12 +357,7 @@ def local_coordinates(density: GuideDensity) -> torch.Tensor | None:
     subsampled plate; ``None`` where there are none."""
     if not any(site.plates for site in density.sites):
         return None
-    positions = density.unpack(torch.arange(density.latent_dim))
-    local = torch.zeros(density.latent_dim, dtype=torch.bool)
-    for site in density.sites:
-        if site.plates:
-            local[positions[site.name].reshape(-1)] = True
-    return local
+    return torch.cat([torch.full((math.prod(site.shape),), bool(site.plates)) for site in density.sites])
 
 
 def antithetic(density: GuideDensity) -> GuideDensity | None:
