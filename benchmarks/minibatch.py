@@ -25,8 +25,9 @@
    before and after docs/minibatch.md section 15; benchmarks/results/minibatch_lowrank.json.
 8. ``--locals``: models with local latents in subsampled plates (crossed effects with
    both plates subsampled: the mechanism and the fits; a random-intercept logistic
-   regression against its exact-score fit; a robust BNN on UCI Boston), the defaults
-   against ``curvature_memory=100`` (and SVI) (docs/minibatch.md section 16);
+   regression against its exact-score fit; a robust BNN on UCI Boston), the defaults (the
+   orthogonal particle design) against independent particles, with the default memory
+   and with ``curvature_memory=100`` (and SVI) (docs/minibatch.md sections 16-17);
    benchmarks/results/minibatch_locals.json.
 
 Writes benchmarks/results/minibatch.json; docs/minibatch.md reads it.
@@ -334,14 +335,21 @@ CROSSED_ROWS, CROSSED_COLS, CROSSED_BATCH = 40, 30, 10
 def crossed_mechanism(num_draws: int) -> dict:
     """At the best diagonal Gaussian of crossed effects (fixed), ``num_draws`` updates'
     curvature estimates of ``mu`` over its precision (the target ratio of the split
-    objective), with both plates subsampled and with every member: their mean and sd,
-    the share not positive, and the mean of the positive ones (what fitting only where
-    the estimate is positive aims at)."""
+    objective), with both plates subsampled (independent particles and the orthogonal
+    design) and with every member: their mean and sd, the share not positive, and the mean
+    of the positive ones (what fitting only where the estimate is positive aims at)."""
     y, mean, sd = crossed_effects(CROSSED_ROWS, CROSSED_COLS)
     out = {}
-    for label, batch in ((f"B={CROSSED_BATCH} of each plate", CROSSED_BATCH), ("full batch", None)):
+    cases = (
+        (f"B={CROSSED_BATCH} of each plate, independent particles", CROSSED_BATCH, False),
+        (f"B={CROSSED_BATCH} of each plate, orthogonal design (the default)", CROSSED_BATCH, None),
+        ("full batch", None, None),
+    )
+    for label, batch, orthogonal in cases:
         model = crossed_effects_plates_model(CROSSED_ROWS, CROSSED_COLS, batch)
-        engine = ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(1e-2))
+        engine = ProximalScoreVI(
+            model, AutoNormal(model), numpyro.optim.Adam(1e-2), orthogonal_particles=orthogonal
+        )
         engine.init(jax.random.PRNGKey(0), jnp.asarray(y))
         layout = engine.density.unpack(jnp.arange(engine.density.latent_dim, dtype=jnp.float32))
         index = int(layout["mu"])
@@ -368,13 +376,18 @@ def crossed_mechanism(num_draws: int) -> dict:
 
 def memory_engines(model) -> dict:
     """By label, ``make(lr)`` of the engines the models with local latents compare: the
-    defaults, ``curvature_memory=100`` and SVI (``Trace_ELBO(4)``), AutoNormal and Adam."""
-    memory = ProximalScoreMatching(curvature_memory=100)
+    defaults (the orthogonal particle design), independent particles with the default
+    memory and with ``curvature_memory=100``, and SVI (``Trace_ELBO(4)``), AutoNormal and
+    Adam."""
+    memory = {"loss": ProximalScoreMatching(curvature_memory=100), "orthogonal_particles": False}
+
+    def engine(lr: float, **options) -> ProximalScoreVI:
+        return ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(lr), **options)
+
     return {
-        "defaults": lambda lr: ProximalScoreVI(model, AutoNormal(model), numpyro.optim.Adam(lr)),
-        "curvature_memory=100": lambda lr: ProximalScoreVI(
-            model, AutoNormal(model), numpyro.optim.Adam(lr), loss=memory
-        ),
+        "defaults": engine,
+        "independent particles": partial(engine, orthogonal_particles=False),
+        "independent particles, curvature_memory=100": partial(engine, **memory),
         "SVI": lambda lr: SVI(model, AutoNormal(model), numpyro.optim.Adam(lr), Trace_ELBO(4)),
     }
 
@@ -460,8 +473,9 @@ def robust_bnn_fits(splits: int) -> list[dict]:
     """A network with local latents: the UCI BNN on Boston (the protocol of
     benchmarks/uci.py: batches of 32, 40 epochs, S = 4, Adam(1e-2)) with a Student-t
     likelihood as a scale mixture (``bnn_regression(student_df=4)``: one local ``lam`` per
-    training point), the defaults against ``curvature_memory=100``; test log-likelihood of
-    the Student-t predictive over 100 draws of the globals."""
+    training point), the defaults (the orthogonal particle design) against independent
+    particles with the default memory and with ``curvature_memory=100``; test
+    log-likelihood of the Student-t predictive over 100 draws of the globals."""
     rows = []
     for split_id in range(splits):
         split = load_uci("bostonHousing", split_id)
@@ -469,11 +483,16 @@ def robust_bnn_fits(splits: int) -> list[dict]:
         init = {name: jnp.asarray(value) for name, value in glorot_init(x.shape[1], 50, split_id).items()}
         model = partial(bnn_regression, subsample_size=BATCH, student_df=ROBUST_DF)
         steps = uci_info("bostonHousing")["epochs"] * math.ceil(len(split.y_train) / BATCH)
-        for label, memory in (("defaults", None), ("curvature_memory=100", 100)):
+        engines = (
+            ("defaults", None, None),
+            ("independent particles", False, None),
+            ("independent particles, curvature_memory=100", False, 100),
+        )
+        for label, orthogonal, memory in engines:
             guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)
             engine = ProximalScoreVI(
                 model, guide, numpyro.optim.Adam(LEARNING_RATE), num_particles=NUM_PARTICLES,
-                loss=ProximalScoreMatching(curvature_memory=memory),
+                loss=ProximalScoreMatching(curvature_memory=memory), orthogonal_particles=orthogonal,
             )  # fmt: skip
             params = engine.run(jax.random.PRNGKey(split_id), steps, x, y, progress_bar=False).params
             draws = {}

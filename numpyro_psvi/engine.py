@@ -30,7 +30,7 @@ from numpyro.infer.svi import SVIRunResult
 from numpyro_psvi._compat import device_varying, shard_map
 from numpyro_psvi.batches import advance_epoch_order, batch_indices, init_epoch_order
 from numpyro_psvi.enumeration import enumerated_log_density, enumerated_sites
-from numpyro_psvi.guides import GuideDensity, antithetic, guide_family
+from numpyro_psvi.guides import GuideDensity, antithetic, guide_family, orthogonal
 from numpyro_psvi.objective import fisher_statistics, negative_elbo, weighted_fisher
 from numpyro_psvi.parallel import ShardedPlates, resolve_mesh
 from numpyro_psvi.scores import (
@@ -64,6 +64,7 @@ from psvi.checks import (
     rejection_message,
     rising_loss_message,
 )
+from psvi.designs import OrthogonalDesign
 from psvi.families import DensityOptions
 
 # Folded into a key to draw the epochs' permutations: a stream of its own, so that the
@@ -170,6 +171,8 @@ class ScoreEngine:
         self.optim = self._svi.optim
         self.num_particles = int(num_particles)
         self.antithetic_particles = False  # a Gaussian guide's particles in reflected pairs
+        self.particle_design: OrthogonalDesign | None = None  # or from an orthogonal design
+        self._subsampled_plates: frozenset[str] = frozenset()  # those local latents sit in
         self.vectorize_particles = bool(vectorize_particles)
         self.density_options = DensityOptions(score_method, int(num_kl_draws))
         self.max_consecutive_rejections = max_consecutive_rejections
@@ -219,6 +222,7 @@ class ScoreEngine:
             # The global batch is R devices' batches: the global N/B is a device's over R.
             self.batch_ratio = self.batch_ratio / self.mesh.size
         self._check_local_latents(local)
+        self._subsampled_plates = frozenset(local.values())
         self._check_model_params()
         self._build_density = self.family.setup(
             self.guide, self.model, args, all_kwargs, self.density_options
@@ -337,7 +341,10 @@ class ScoreEngine:
         when ``None``, the plates' own draw from ``key_batch``; ``model_params`` are the
         model's unconstrained ``numpyro.param`` values (their mean gradient comes along).
         ``statistics``: see :meth:`reduce_scores`."""
-        drawn = antithetic(density) if self.antithetic_particles else density
+        if self.particle_design is not None:
+            drawn = orthogonal(density, self.particle_design)
+        else:
+            drawn = antithetic(density) if self.antithetic_particles else density
         particles = lax.stop_gradient(drawn.sample(params, key_particles, self.num_particles))
         if self.mesh is None:
             scored = self._model_scores(

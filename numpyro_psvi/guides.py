@@ -16,7 +16,7 @@ the model), uses nested autodiff for the score and a Monte Carlo KL on extra dra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial, singledispatch
 from typing import Any, NamedTuple
 
@@ -58,6 +58,7 @@ from psvi.checks import (
     lowrank_advice,
     unbatched_local_guide_message,
 )
+from psvi.designs import OrthogonalDesign, coordinate_blocks
 from psvi.families import (
     GUIDE_LIST_FLOW,
     LAPLACE,
@@ -245,6 +246,40 @@ def local_coordinates(density: GuideDensity) -> jax.Array | None:
     return jnp.concatenate(
         [jnp.full(jnp.size(value), name in density.local_plates) for name, value in sites.items()]
     )
+
+
+def particle_blocks(density: GuideDensity, subsampled: Collection[str]) -> np.ndarray | None:
+    """Each flat coordinate's block of :func:`psvi.designs.coordinate_blocks` (globals 0,
+    then one per slot of a local latent in one of the ``subsampled`` plates); ``None`` for a
+    density without a diagonal Gaussian mean or without such local latents."""
+    if density.loc_scale is None or not density.local_plates:
+        return None
+    sites = density.unpack(jnp.zeros(density.latent_dim))
+    layout = [
+        (
+            jnp.shape(value),
+            tuple(dim for plate, dim in density.local_plates.get(name, ()) if plate in subsampled),
+        )
+        for name, value in sites.items()
+    ]
+    blocks = coordinate_blocks(layout)
+    return blocks if blocks.max(initial=0) > 0 else None
+
+
+def orthogonal(density: GuideDensity, design: OrthogonalDesign) -> GuideDensity:
+    """``density`` (a diagonal Gaussian) drawing its particles from ``design``
+    (:class:`psvi.designs.OrthogonalDesign`): each particle a draw of ``q``, the blocks'
+    deviations orthogonal across the particles."""
+    columns = jnp.asarray(design.columns)
+    weights = jnp.asarray(design.weights)
+
+    def sample(params, rng_key, num):
+        loc, scale = density.loc_scale(params)
+        normals = jax.random.normal(rng_key, (num // design.group_size, *weights.shape), loc.dtype)
+        deviations = jnp.einsum("pc,gcd->gpd", columns.astype(loc.dtype), normals * weights.astype(loc.dtype))
+        return loc + scale * deviations.reshape(num, -1)
+
+    return density._replace(sample=sample)
 
 
 def antithetic(density: GuideDensity) -> GuideDensity | None:

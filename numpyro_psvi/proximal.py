@@ -30,7 +30,13 @@ from jax.sharding import Mesh
 
 from numpyro_psvi._compat import param_transforms, with_entries_of, with_params, with_step_count
 from numpyro_psvi.engine import EngineState, ScoreEngine
-from numpyro_psvi.guides import GuideDensity, antithetic, local_coordinates, local_plate_sizes
+from numpyro_psvi.guides import (
+    GuideDensity,
+    antithetic,
+    local_coordinates,
+    local_plate_sizes,
+    particle_blocks,
+)
 from numpyro_psvi.objective import (
     CurvatureStatistics,
     FisherStatistics,
@@ -54,6 +60,7 @@ from numpyro_psvi.objective import (
 from numpyro_psvi.scores import ModelScores
 from psvi.checkpoint import warn_if_inner_scale_changed
 from psvi.checks import caller_stacklevel, check_proximal_options
+from psvi.designs import orthogonal_design, resolve_orthogonal
 from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
     ProximalScoreMatching,
@@ -262,6 +269,17 @@ class ProximalScoreVI(ScoreEngine):
         draw of ``q_t``, their mean ``q_t``'s for even ``S``), which removes the
         particles' common shift from each update's location fit (:func:`~numpyro_psvi.guides.antithetic`;
         docs/gaussian_study.md, "Antithetic particles"). ``None`` (the default): off.
+    orthogonal_particles : bool or None
+        With local latents in a subsampled plate and a diagonal Gaussian guide (AutoNormal),
+        draw the ``S`` particles so that the deviations of the globals and of each local
+        slot (one coordinate of every member of the plate) are orthogonal across the
+        particles (:mod:`psvi.designs`; each particle still a draw of ``q_t``): a global's
+        curvature estimate then carries none of the batch's locals' particle noise, which
+        otherwise leaves a global coupled to them (a GLMM's mean or scale) with its sd
+        22-33% short (docs/minibatch.md section 17). ``None`` (the default): on wherever it
+        applies and ``num_particles`` is a multiple of the design's group size (4 for up to
+        three blocks, then 8, 16, ...); it replaces ``antithetic_particles`` (its blocks'
+        particles already average to ``q_t``'s mean).
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`numpyro_psvi.batches`: every member once per epoch, as
@@ -293,6 +311,7 @@ class ProximalScoreVI(ScoreEngine):
         reshuffle: bool = True,
         inner_solver: str | None = None,
         antithetic_particles: bool | None = None,
+        orthogonal_particles: bool | None = None,
         **static_kwargs: Any,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
@@ -312,6 +331,7 @@ class ProximalScoreVI(ScoreEngine):
         self.stops_at_budget = False  # whether the inner steps stop past the budget, likewise
         self._requested_solver = check_inner_solver(inner_solver)
         self._requested_antithetic = antithetic_particles
+        self._requested_orthogonal = orthogonal_particles
         self.inner_solver = "optimizer"  # set up with the regime
         self.gaussian_step = False  # likewise
         self.inner_steps = inner_steps
@@ -373,6 +393,9 @@ class ProximalScoreVI(ScoreEngine):
         self.antithetic_particles = resolve_antithetic(
             self._requested_antithetic, antithetic(self.density) is not None
         )
+        blocks = particle_blocks(self.density, self._subsampled_plates)
+        design = None if blocks is None else orthogonal_design(blocks, self.num_particles)
+        self.particle_design = resolve_orthogonal(self._requested_orthogonal, design)
         # The families' advice measured the optimizer's inner steps (the closed forms do
         # not take the optimizer's step size, and converged where those diverged).
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
@@ -389,7 +412,11 @@ class ProximalScoreVI(ScoreEngine):
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
         self._local_coordinates = local_coordinates(self.density)
         memory_advice = local_latent_memory_advice(
-            diagonal, self.batch_ratio, self._local_coordinates is not None, self._requested[2]
+            diagonal,
+            self.batch_ratio,
+            self._local_coordinates is not None,
+            self._requested[2],
+            orthogonal=self.particle_design is not None,
         )
         if memory_advice:
             warnings.warn(memory_advice, UserWarning, stacklevel=caller_stacklevel())

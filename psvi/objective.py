@@ -744,21 +744,25 @@ def resolve_regime(
 
 
 LOCAL_LATENT_MEMORY_ADVICE = (
-    "The model has local latents in a subsampled plate, and the default curvature_memory "
-    "with mini-batch scores is 1 (each update's curvature, what a network's weights want). A "
-    "global coupled to those locals (a GLMM's mean or scale, crossed random effects) then ends "
-    "with its sd 22-33% short of the posterior's: for such models pass "
-    "loss=ProximalScoreMatching(curvature_memory=100) (sds within 5%); pass curvature_memory=1 to "
-    "keep the default without this warning (docs/minibatch.md section 16)."
+    "The model has local latents in a subsampled plate and the particles are drawn "
+    "independently (orthogonal_particles=False, or num_particles not a multiple of the "
+    "orthogonal design's group size: 4 for up to three blocks of coordinates, then 8, 16, ...). "
+    "A global coupled to those locals (a GLMM's mean or scale, crossed random effects) then ends "
+    "with its sd 22-33% short of the posterior's at the default curvature_memory of 1: leave "
+    "orthogonal_particles on with num_particles a multiple of its group size, or pass "
+    "loss=ProximalScoreMatching(curvature_memory=100) (sds within 5%); pass curvature_memory=1 "
+    "to keep this without the warning (docs/minibatch.md sections 16-17)."
 )
 
 
 def local_latent_memory_advice(
-    diagonal: bool, batch_ratio: float, local_latents: bool, requested_memory: int | None
+    diagonal: bool, batch_ratio: float, local_latents: bool, requested_memory: int | None, orthogonal: bool
 ) -> str | None:
     """:data:`LOCAL_LATENT_MEMORY_ADVICE` for a diagonal Gaussian guide with local latents in
-    a subsampled plate whose curvature memory the user left to the default; else ``None``."""
-    if diagonal and batch_ratio > 1 and local_latents and requested_memory is None:
+    a subsampled plate whose particles are drawn independently (not ``orthogonal``,
+    :mod:`psvi.designs`) and whose curvature memory the user left to the default; else
+    ``None``."""
+    if diagonal and batch_ratio > 1 and local_latents and requested_memory is None and not orthogonal:
         return LOCAL_LATENT_MEMORY_ADVICE
     return None
 

@@ -41,11 +41,12 @@ from psvi.checks import (
     rejection_message,
     rising_loss_message,
 )
+from psvi.designs import OrthogonalDesign
 from psvi.families import DensityOptions
 from pyro_psvi._compat import forget_optimizers, load_optimizer_states, optimizer_states
 from pyro_psvi.batches import EpochOrder
 from pyro_psvi.enumeration import enumerated_model, enumerated_sites
-from pyro_psvi.guides import GuideDensity, Params, antithetic, guide_family
+from pyro_psvi.guides import GuideDensity, Params, antithetic, guide_family, orthogonal
 from pyro_psvi.objective import fisher_statistics, negative_elbo, weighted_fisher
 from pyro_psvi.parallel import ScoreReducer, ShardedPlates
 from pyro_psvi.scores import (
@@ -121,6 +122,9 @@ class ScoreEngine:
         self.guide = guide
         self.num_particles = int(num_particles)
         self.antithetic_particles = False  # a Gaussian guide's particles in reflected pairs
+        self.particle_design: OrthogonalDesign | None = None  # or from an orthogonal design
+        self._designed: tuple[GuideDensity, GuideDensity] | None = None  # (density, its design's)
+        self._subsampled_plates: frozenset[str] = frozenset()  # those local latents sit in
         self.vectorize_particles = bool(vectorize_particles)
         self.max_plate_nesting = max_plate_nesting
         self.density_options = DensityOptions(score_method, int(num_kl_draws))
@@ -167,6 +171,7 @@ class ScoreEngine:
             # The global batch is R ranks' batches: the global N/B is the rank's over R.
             self.batch_ratio = self.batch_ratio / self.reducer.world_size
         self._check_local_latents(local)
+        self._subsampled_plates = frozenset(local.values())
         self._arg_signature = _signature(args, kwargs)
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(model_trace)
@@ -330,6 +335,15 @@ class ScoreEngine:
         return {name: self._transforms[name](value) for name, value in unconstrained.items()}
 
     # ----------------------------------------------------------------- phases
+    def _drawing_density(self) -> GuideDensity:
+        """The density the particles are drawn from: the guide's, in the orthogonal design
+        or antithetic pairs where set up (the design's tensors kept while the density is)."""
+        if self.particle_design is None:
+            return antithetic(self.density) if self.antithetic_particles else self.density
+        if self._designed is None or self._designed[0] is not self.density:
+            self._designed = (self.density, orthogonal(self.density, self.particle_design))
+        return self._designed[1]
+
     def score_particles(
         self, params: Params, args: tuple, kwargs: dict, model_params=(), *, statistics: bool = False
     ) -> tuple[torch.Tensor, ModelScores]:
@@ -340,8 +354,7 @@ class ScoreEngine:
         try:
             with self._sharded():
                 with torch.no_grad():  # a user guide's plates draw the step's batch
-                    drawn = antithetic(self.density) if self.antithetic_particles else self.density
-                    particles = drawn.sample(params, self.num_particles)
+                    particles = self._drawing_density().sample(params, self.num_particles)
                 scored = model_scores(
                     self._scored_model, self.density, particles, args, kwargs,
                     max_plate_nesting=self.max_plate_nesting, vectorize=self.vectorize_particles,

@@ -20,11 +20,12 @@ import contextlib
 import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from functools import lru_cache, partial, singledispatch
 from operator import attrgetter
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -51,6 +52,7 @@ from psvi.checks import (
     local_latent_message,
     lowrank_advice,
 )
+from psvi.designs import OrthogonalDesign, coordinate_blocks
 from psvi.families import (
     GUIDE_LIST_FLOW,
     GUIDE_LIST_FUNCTION,
@@ -358,6 +360,42 @@ def local_coordinates(density: GuideDensity) -> torch.Tensor | None:
     if not any(site.plates for site in density.sites):
         return None
     return torch.cat([torch.full((math.prod(site.shape),), bool(site.plates)) for site in density.sites])
+
+
+def particle_blocks(density: GuideDensity, subsampled: Collection[str]) -> np.ndarray | None:
+    """Each flat coordinate's block of :func:`psvi.designs.coordinate_blocks` (globals 0,
+    then one per slot of a local latent in one of the ``subsampled`` plates); ``None`` for a
+    density without a diagonal Gaussian mean or without such local latents."""
+    if density.loc_scale is None or not any(site.plates for site in density.sites):
+        return None
+    layout = [
+        (tuple(site.shape), tuple(dim for plate, dim in site.plates if plate in subsampled))
+        for site in density.sites
+    ]
+    blocks = coordinate_blocks(layout)
+    return blocks if blocks.max(initial=0) > 0 else None
+
+
+def orthogonal(density: GuideDensity, design: OrthogonalDesign) -> GuideDensity:
+    """``density`` (a diagonal Gaussian) drawing its particles from ``design``
+    (:class:`psvi.designs.OrthogonalDesign`): each particle a draw of ``q``, the blocks'
+    deviations orthogonal across the particles."""
+    tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # the design's, by dtype and device
+
+    def sample(params, num):
+        loc, scale = density.loc_scale(params)
+        where = (loc.dtype, loc.device)
+        if where not in tensors:
+            tensors[where] = tuple(
+                torch.as_tensor(array, dtype=loc.dtype, device=loc.device)
+                for array in (design.columns, design.weights)
+            )
+        columns, weights = tensors[where]
+        normals = torch.randn((num // design.group_size, *weights.shape), dtype=loc.dtype, device=loc.device)
+        deviations = torch.einsum("pc,gcd->gpd", columns, normals * weights)
+        return loc + scale * deviations.reshape(num, -1)
+
+    return density._replace(sample=sample)
 
 
 def antithetic(density: GuideDensity) -> GuideDensity | None:

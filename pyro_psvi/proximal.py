@@ -37,6 +37,7 @@ from torch.distributions.transforms import AffineTransform, ComposeTransform, Ex
 
 from psvi.checkpoint import CheckpointMismatch, warn_if_inner_scale_changed
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
+from psvi.designs import orthogonal_design, resolve_orthogonal
 from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
     ProximalScoreMatching,
@@ -67,7 +68,14 @@ from psvi.schedules import (
 )
 from pyro_psvi._compat import FlatAdamSteps, flat_adam_state, torch_optimizer
 from pyro_psvi.engine import ScoreEngine
-from pyro_psvi.guides import FlatRead, Params, antithetic, local_coordinates, local_plate_sizes
+from pyro_psvi.guides import (
+    FlatRead,
+    Params,
+    antithetic,
+    local_coordinates,
+    local_plate_sizes,
+    particle_blocks,
+)
 from pyro_psvi.objective import (
     CurvatureStatistics,
     FisherStatistics,
@@ -537,6 +545,17 @@ class ProximalScoreVI(ScoreEngine):
         draw of ``q_t``, their mean ``q_t``'s for even ``S``), which removes the
         particles' common shift from each update's location fit (:func:`~pyro_psvi.guides.antithetic`;
         docs/gaussian_study.md, "Antithetic particles"). ``None`` (the default): off.
+    orthogonal_particles : bool or None
+        With local latents in a subsampled plate and a diagonal Gaussian guide (AutoNormal),
+        draw the ``S`` particles so that the deviations of the globals and of each local
+        slot (one coordinate of every member of the plate) are orthogonal across the
+        particles (:mod:`psvi.designs`; each particle still a draw of ``q_t``): a global's
+        curvature estimate then carries none of the batch's locals' particle noise, which
+        otherwise leaves a global coupled to them (a GLMM's mean or scale) with its sd
+        22-33% short (docs/minibatch.md section 17). ``None`` (the default): on wherever it
+        applies and ``num_particles`` is a multiple of the design's group size (4 for up to
+        three blocks, then 8, 16, ...); it replaces ``antithetic_particles`` (its blocks'
+        particles already average to ``q_t``'s mean).
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`pyro_psvi.batches`: every member once per epoch, as
@@ -574,6 +593,7 @@ class ProximalScoreVI(ScoreEngine):
         reshuffle: bool = True,
         inner_solver: str | None = None,
         antithetic_particles: bool | None = None,
+        orthogonal_particles: bool | None = None,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
         check_proximal_options(inner_steps, trust_region)
@@ -598,6 +618,7 @@ class ProximalScoreVI(ScoreEngine):
         self.split_covariance = False  # a full-covariance guide's split objective, likewise
         self._requested_solver = check_inner_solver(inner_solver)
         self._requested_antithetic = antithetic_particles
+        self._requested_orthogonal = orthogonal_particles
         self.inner_solver = "optimizer"  # set up with the regime
         self.inner_steps = inner_steps
         self.trust_region = trust_region
@@ -642,6 +663,9 @@ class ProximalScoreVI(ScoreEngine):
         self.antithetic_particles = resolve_antithetic(
             self._requested_antithetic, antithetic(self.density) is not None
         )
+        blocks = particle_blocks(self.density, self._subsampled_plates)
+        design = None if blocks is None else orthogonal_design(blocks, self.num_particles)
+        self.particle_design = resolve_orthogonal(self._requested_orthogonal, design)
         # The families' advice measured the optimizer's inner steps (the closed forms do
         # not take the optimizer's step size, and converged where those diverged).
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
@@ -658,7 +682,11 @@ class ProximalScoreVI(ScoreEngine):
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
         self._local_coordinates = local_coordinates(self.density)
         memory_advice = local_latent_memory_advice(
-            diagonal, self.batch_ratio, self._local_coordinates is not None, self._requested[2]
+            diagonal,
+            self.batch_ratio,
+            self._local_coordinates is not None,
+            self._requested[2],
+            orthogonal=self.particle_design is not None,
         )
         if memory_advice:
             warnings.warn(memory_advice, UserWarning, stacklevel=caller_stacklevel())

@@ -1,0 +1,130 @@
+"""The orthogonal particle design (:mod:`psvi.designs`), both backends.
+
+With local latents in a subsampled plate, a diagonal Gaussian guide's particles are drawn
+so that the deviations of the globals and of each local slot are orthogonal across the
+particles, each particle still a draw of ``q_t``. What is checked here is exact algebra
+(block structure, orthogonality, each block's particles averaging to the mean) and the
+draws' marginal law; the fits it gives are in ``test_crossed_plates.py``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import pyro
+import pytest
+import torch
+from numpyro.infer.autoguide import AutoNormal as NAutoNormal
+from pyro.infer.autoguide import AutoNormal as PAutoNormal
+
+import numpyro_psvi
+import pyro_psvi
+from numpyro_psvi.contrib.models import crossed_effects_model as n_crossed_effects_model
+from numpyro_psvi.contrib.models import crossed_effects_plates_model as n_crossed_effects_plates_model
+from numpyro_psvi.guides import orthogonal as n_orthogonal
+from psvi.contrib.targets import crossed_effects
+from psvi.designs import coordinate_blocks, design_group_size, orthogonal_design
+from pyro_psvi.contrib.models import crossed_effects_plates_model as p_crossed_effects_plates_model
+from pyro_psvi.guides import orthogonal as p_orthogonal
+
+ROWS, COLS, BATCH, DRAWS = 8, 6, 4, 4000
+Y, _, _ = crossed_effects(ROWS, COLS)
+
+
+def test_blocks_are_the_globals_then_one_per_local_slot():
+    # mu (global), a (rows, plate axis -2), z (members x 2 coordinates, plate axis -2)
+    layout = [((), ()), ((3, 1), (-2,)), ((5, 2), (-2,)), ((2,), ())]
+    blocks = coordinate_blocks(layout)
+    np.testing.assert_array_equal(blocks, [0, 1, 1, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 0, 0])
+    assert design_group_size(blocks) == 8  # three slots and two columns for the globals
+    assert design_group_size(coordinate_blocks([((), ()), ((3, 1), (-2,)), ((1, 4), (-1,))])) == 4
+    assert design_group_size(coordinate_blocks([((4,), ())])) is None  # one block
+    assert design_group_size(coordinate_blocks([((4,), (-1,))])) is None
+
+
+@pytest.mark.parametrize("blocks", [[0, 0, 0, 1, 1, 2, 2], [1, 2, 1, 2], [0, 1, 1], [0, 0, 1, 2, 3, 3]])
+def test_the_design_gives_unit_variance_and_disjoint_columns(blocks):
+    blocks = np.asarray(blocks)
+    size = design_group_size(blocks)
+    assert orthogonal_design(blocks, size + 2) is None  # not a multiple of the group size
+    design = orthogonal_design(blocks, 2 * size)
+    assert design.group_size == size
+    columns = design.columns
+    np.testing.assert_array_equal(columns.T @ columns, size * np.eye(size - 1))  # orthogonal
+    np.testing.assert_array_equal(columns.sum(0), 0)  # centred
+    np.testing.assert_allclose((design.weights**2).sum(0), 1.0)  # each particle: unit variance
+    support = design.weights > 0
+    for block in np.unique(blocks):
+        inside, outside = support[:, blocks == block], support[:, blocks != block]
+        assert (inside == inside[:, :1]).all()  # one set of columns per block
+        assert not (inside[:, :1] & outside).any()  # no column shared with another block
+
+
+def _numpyro_draws() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    model = n_crossed_effects_plates_model(ROWS, COLS, BATCH)
+    engine = numpyro_psvi.ProximalScoreVI(model, NAutoNormal(model), numpyro.optim.Adam(1e-2))
+    state = engine.init(jax.random.PRNGKey(0), jnp.asarray(Y))
+    params = engine.get_params(state)
+    density = n_orthogonal(engine.density, engine.particle_design)
+    keys = jax.random.split(jax.random.PRNGKey(1), DRAWS)
+    draws = jax.vmap(lambda key: density.sample(params, key, 4))(keys)
+    loc, scale = engine.density.loc_scale(params)
+    blocks = _blocks(engine.density.unpack(jnp.arange(engine.density.latent_dim)))
+    return np.asarray(draws), np.asarray(loc), np.asarray(scale), blocks
+
+
+def _pyro_draws() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = p_crossed_effects_plates_model(ROWS, COLS, BATCH)
+    engine = pyro_psvi.ProximalScoreVI(model, PAutoNormal(model), pyro.optim.Adam({"lr": 1e-2}))
+    engine.step(torch.tensor(Y))
+    params = {name: value.detach() for name, value in pyro.get_param_store().items()}
+    density = p_orthogonal(engine.density, engine.particle_design)
+    draws = torch.stack([density.sample(params, 4) for _ in range(DRAWS)])
+    loc, scale = engine.density.loc_scale(params)
+    sizes = [int(np.prod(site.shape)) for site in engine.density.sites]
+    names = [site.name for site in engine.density.sites]
+    index = np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1])
+    blocks = _blocks(dict(zip(names, index, strict=True)))
+    return draws.numpy(), loc.detach().numpy(), scale.detach().numpy(), blocks
+
+
+def _blocks(index_of: dict) -> np.ndarray:
+    """``mu`` 0, every ``a_i`` 1, every ``b_j`` 2, in the flat layout's order."""
+    blocks = np.zeros(1 + ROWS + COLS, np.int64)
+    blocks[np.ravel(np.asarray(index_of["a"]))] = 1
+    blocks[np.ravel(np.asarray(index_of["b"]))] = 2
+    return blocks
+
+
+@pytest.mark.parametrize("draw", [_numpyro_draws, _pyro_draws], ids=["numpyro", "pyro"])
+def test_the_particles_are_draws_of_q_with_orthogonal_blocks(draw):
+    draws, loc, scale, blocks = draw()
+    eps = (draws - loc) / scale  # (DRAWS, 4, D)
+    # Each block's four particles average to the mean, and another block's centred
+    # deviations are orthogonal to them (float32 round-off: |eps| < 5, sums of 4 terms).
+    np.testing.assert_allclose(eps.mean(1), 0.0, atol=1e-5)
+    for first, second in ((0, 1), (0, 2), (1, 2)):
+        cross = np.einsum("gpi,gpj->gij", eps[:, :, blocks == first], eps[:, :, blocks == second])
+        assert np.abs(cross).max() < 1e-4
+    # Marginally N(0, 1) per particle and coordinate: over 4,000 draws a variance has sd
+    # sqrt(2 / 4000) = 0.022 and a mean 0.016; 6 sds bound the largest of the 220 each.
+    assert np.abs(eps.var(0) - 1).max() < 6 * np.sqrt(2 / DRAWS)
+    assert np.abs(eps.mean(0)).max() < 6 / np.sqrt(DRAWS)
+
+
+def test_requesting_it_without_local_latents_is_refused_by_name():
+    model = n_crossed_effects_model(ROWS, COLS)  # no subsampled plate
+    engine = numpyro_psvi.ProximalScoreVI(
+        model, NAutoNormal(model), numpyro.optim.Adam(1e-2), orthogonal_particles=True
+    )
+    with pytest.raises(ValueError, match="orthogonal_particles=True .* local latents in a subsampled plate"):
+        engine.init(jax.random.PRNGKey(0), jnp.asarray(Y))
+    pyro.clear_param_store()
+    model = p_crossed_effects_plates_model(ROWS, COLS, BATCH)
+    engine = pyro_psvi.ProximalScoreVI(
+        model, PAutoNormal(model), pyro.optim.Adam({"lr": 1e-2}), num_particles=6, orthogonal_particles=True
+    )
+    with pytest.raises(ValueError, match="num_particles a multiple of the design's group size"):
+        engine.step(torch.tensor(Y))
