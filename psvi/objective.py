@@ -35,8 +35,10 @@ class ProximalScoreMatching(NamedTuple):
         regime (:func:`regime_defaults`), 1 with mini-batch scores (a network's
         curvature moves while it learns: docs/minibatch.md section 8), 100 with exact
         scores. A local latent's curvature is always that of the last update that saw
-        it; a global coupled to local latents in a subsampled plate (a GLMM's) wants 100
-        (section 16: with 1 its sd ends 22-33% short).
+        it; a global coupled to local latents in a subsampled plate (a GLMM's) is right
+        with 1 when the particles are drawn in the orthogonal design (the default where
+        ``num_particles`` allows, :mod:`psvi.designs`; section 17) and wants 100 with
+        independent particles (section 16: with 1 its sd ends 22-33% short).
     """
 
     prox_weight: float | None = None
