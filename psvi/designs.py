@@ -22,12 +22,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-GLOBAL_COLUMNS = 2
-"""Columns the globals ask for when there are two or more global coordinates (one suffices
-for one: it has no other global to hear from). Globals are coupled among themselves, and
-with one column their cross-talk is a ratio of two normals; two columns, as measured on the
-random-intercept GLMM and the robust BNN (docs/minibatch.md section 17), are enough."""
-
 
 class OrthogonalDesign(NamedTuple):
     """``S = groups * group_size`` particles' deviations, in units of the guide's sds:
@@ -73,13 +67,13 @@ def coordinate_blocks(layout: Sequence[tuple[tuple[int, ...], tuple[int, ...]]])
 
 def design_group_size(blocks: np.ndarray) -> int | None:
     """The smallest Sylvester order ``P >= 4`` whose ``P - 1`` centred columns give each
-    local slot one and the globals :data:`GLOBAL_COLUMNS` (one for a single global
-    coordinate); ``None`` with fewer than two blocks (nothing to keep apart)."""
+    local slot one and the globals at least one; ``None`` with fewer than two blocks
+    (nothing to keep apart). The smallest order leaves the most groups in ``S``
+    particles, and so the most columns per block over the groups."""
     num_slots = int(blocks.max(initial=0))
-    num_globals = int(np.sum(blocks == 0))
-    if num_slots + (num_globals > 0) < 2:
+    needed = num_slots + bool(np.any(blocks == 0))
+    if needed < 2:
         return None
-    needed = num_slots + min(GLOBAL_COLUMNS, num_globals)
     size = 4
     while size - 1 < needed:
         size *= 2
