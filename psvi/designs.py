@@ -68,8 +68,8 @@ def coordinate_blocks(layout: Sequence[tuple[tuple[int, ...], tuple[int, ...]]])
 def design_group_size(blocks: np.ndarray) -> int | None:
     """The smallest Sylvester order ``P >= 4`` whose ``P - 1`` centred columns give each
     local slot one and the globals at least one; ``None`` with fewer than two blocks
-    (nothing to keep apart). The smallest order leaves the most groups in ``S``
-    particles, and so the most columns per block over the groups."""
+    (nothing to keep apart). The smallest order gives each local slot the most columns
+    over ``S`` particles (one per group of ``P``)."""
     num_slots = int(blocks.max(initial=0))
     needed = num_slots + bool(np.any(blocks == 0))
     if needed < 2:
@@ -108,8 +108,8 @@ def resolve_orthogonal(requested: bool | None, design: OrthogonalDesign | None) 
         raise ValueError(
             "orthogonal_particles=True draws a diagonal Gaussian guide's particles so that its "
             "globals and each local slot of a subsampled plate move in orthogonal directions: it "
-            "needs AutoNormal (or a mean-field Normal guide with a Gaussian mean) on a model with "
-            "local latents in a subsampled plate, and num_particles a multiple of the design's "
+            "needs AutoNormal (or an AutoGuideList of AutoNormal parts) on a model with local "
+            "latents in a subsampled plate, and num_particles a multiple of the design's "
             "group size (4 for up to three blocks, then 8, 16, ...). Leave it unset otherwise."
         )
     return design if requested is not False else None
