@@ -24,8 +24,9 @@ import numpyro_psvi
 import pyro_psvi
 from numpyro_psvi.contrib.models import crossed_effects_model as n_crossed_effects_model
 from numpyro_psvi.contrib.models import crossed_effects_plates_model as n_crossed_effects_plates_model
+from numpyro_psvi.contrib.models import random_intercept_logistic_model
 from numpyro_psvi.guides import orthogonal as n_orthogonal
-from psvi.contrib.targets import crossed_effects
+from psvi.contrib.targets import crossed_effects, random_intercept_logistic_data
 from psvi.designs import coordinate_blocks, design_group_size, orthogonal_design
 from pyro_psvi.contrib.models import crossed_effects_plates_model as p_crossed_effects_plates_model
 from pyro_psvi.guides import orthogonal as p_orthogonal
@@ -184,3 +185,25 @@ def test_numpyro_two_local_slots_and_two_globals_fit_with_four_particles():
     )
     assert np.max(np.abs(loc - mean) / sd) < 0.2
     assert np.all(np.abs(scale / sd - 1) < 0.2)
+
+
+@pytest.mark.slow  # ~30 s: the exact-score reference takes 30,000 updates
+def test_numpyro_random_intercept_logistic_globals_sds_with_the_defaults():
+    # No closed form: the reference is the same guide's exact-score fit (every group; its
+    # fixed point is the best diagonal Gaussian's under the split objective), which moved
+    # <= 0.14 of its sds between 30,000 and 60,000 updates (benchmarks/results/
+    # minibatch_locals.json). The sds' band is the mission's 20%: against this reference,
+    # seed 0 measured 0.990 / 0.995 / 0.993 for mu / beta / tau with the design and 0.704 /
+    # 0.991 / 0.761 with independent particles, which it rules out (benchmark, seeds 0-2:
+    # 0.99-1.02 against 0.67-0.78).
+    x, y = (jnp.asarray(part) for part in random_intercept_logistic_data(100))
+    exact = random_intercept_logistic_model(100)
+    reference = numpyro_psvi.ProximalScoreVI(exact, NAutoNormal(exact), numpyro.optim.Adam(1e-2))
+    reference_params = reference.run(jax.random.PRNGKey(0), 30000, x, y, progress_bar=False).params
+    model = random_intercept_logistic_model(100, 10)
+    engine = numpyro_psvi.ProximalScoreVI(model, NAutoNormal(model), numpyro.optim.Adam(1e-2))
+    params = engine.run(jax.random.PRNGKey(0), 3000, x, y, progress_bar=False).params
+    assert engine.particle_design is not None
+    for name in ("mu", "beta", "tau"):
+        ratio = float(params[f"{name}_auto_scale"] / reference_params[f"{name}_auto_scale"])
+        assert abs(ratio - 1) < 0.2, (name, ratio)
