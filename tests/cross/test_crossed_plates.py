@@ -136,11 +136,14 @@ def test_pyro_a_local_latents_curvature_is_the_last_step_that_saw_it():
 
 
 ADVICE = LOCAL_LATENT_MEMORY_ADVICE[:60]
-
-
-@pytest.mark.parametrize(
+# The two ways a model with local latents gets independent particles: the design turned
+# off, or a particle count that is not a multiple of its group size.
+independent_particles = pytest.mark.parametrize(
     "options", [{"orthogonal_particles": False}, {"num_particles": 6}], ids=["design-off", "particles-not-4k"]
 )
+
+
+@independent_particles
 def test_numpyro_independent_particles_with_local_latents_warn_unless_a_memory_is_given(options):
     y = jnp.asarray(Y)
     with pytest.warns(UserWarning, match=ADVICE) as caught:
@@ -158,9 +161,7 @@ def test_numpyro_independent_particles_with_local_latents_warn_unless_a_memory_i
     assert engine.particle_design.group_size == 4
 
 
-@pytest.mark.parametrize(
-    "options", [{"orthogonal_particles": False}, {"num_particles": 6}], ids=["design-off", "particles-not-4k"]
-)
+@independent_particles
 def test_pyro_independent_particles_with_local_latents_warn_unless_a_memory_is_given(options):
     y = torch.tensor(Y)
     with pytest.warns(UserWarning, match=ADVICE) as caught:
