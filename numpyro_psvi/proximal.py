@@ -67,6 +67,7 @@ from psvi.objective import (
     TrustRegionGrowth,
     amortizes_locals,
     check_inner_solver,
+    curvature_fold_rates,
     discounted_updates,
     grow_trust_region,
     inner_objective_scale,
@@ -99,8 +100,8 @@ class RunningAverages(NamedTuple):
     curvature : CurvatureStatistics or None
         Diagonal Gaussian guides: the statistics of the per-coordinate curvature
         (:class:`~numpyro_psvi.objective.CurvatureStatistics`) averaged over the last
-        ``curvature_memory`` updates (all of them while fewer); a local latent's are those of
-        the last update that saw it.
+        ``curvature_memory`` updates (all of them while fewer); a local latent's over its
+        last :data:`psvi.objective.LOCAL_CURVATURE_VISITS` visits.
     curvature_updates : jax.Array or None
         How many updates saw each coordinate (a local latent only when its data are in
         the mini-batch); after closed-form steps, discounted by the KL they travelled
@@ -587,15 +588,12 @@ class ProximalScoreVI(ScoreEngine):
         """Fold this update's curvature statistics into the running averages of the
         coordinates it saw: a plain mean over the updates so far, then an exponential
         average over the last ``curvature_memory``; a local latent in this update's batch
-        takes this update's alone (its curvature follows the globals, which move while it
-        is out of the batch)."""
+        counts its visits instead (:func:`psvi.objective.curvature_fold_rates`)."""
         seen = (
             jnp.ones_like(estimate.spread) if weights is None else (weights > 0).astype(estimate.spread.dtype)
         )
         updates = averages.curvature_updates + seen
-        rate = seen * jnp.maximum(1.0 / jnp.maximum(updates, 1.0), 1.0 / self.curvature_memory)
-        if self._local_coordinates is not None:
-            rate = jnp.where(self._local_coordinates, seen, rate)
+        rate = curvature_fold_rates(jnp, seen, updates, self.curvature_memory, self._local_coordinates)
         curvature = jax.tree.map(lambda old, new: old + rate * (new - old), averages.curvature, estimate)
         return averages._replace(curvature=curvature, curvature_updates=updates)
 

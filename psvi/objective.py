@@ -34,9 +34,10 @@ class ProximalScoreMatching(NamedTuple):
         Longer is less noisy but follows a changing curvature more slowly. ``None``: by
         regime (:func:`regime_defaults`), 1 with mini-batch scores (a network's
         curvature moves while it learns: docs/minibatch.md section 8), 100 with exact
-        scores. A local latent's curvature is always that of the last update that saw
-        it; a global coupled to local latents in a subsampled plate (a GLMM's) is right
-        with 1 when the particles are drawn in the orthogonal design (the default where
+        scores. A local latent's curvature is always averaged over its last
+        :data:`LOCAL_CURVATURE_VISITS` visits (updates whose batch held it); a global
+        coupled to local latents in a subsampled plate (a GLMM's) is right with 1 when
+        the particles are drawn in the orthogonal design (the default where
         ``num_particles`` allows, :mod:`psvi.designs`; section 17) and wants 100 with
         independent particles (section 16: with 1 its sd ends 22-33% short).
     """
@@ -617,6 +618,29 @@ def diagonal_step_path(
         return xp.where(xp.isfinite(value), value, xp.inf)
 
     return DiagonalStepPath(step, kl)
+
+
+LOCAL_CURVATURE_VISITS = 8
+"""Visits (updates whose batch holds the member) over which a local latent's curvature
+statistics are averaged, whatever ``curvature_memory``: short, because a local's curvature
+follows the globals, which move while it is out of the batch (100 visits left a GLMM's
+scale 1.1-1.4 sds off), and more than one, because with the orthogonal particle design
+one update's spread of a local is a ``chi^2_1`` (docs/minibatch.md section 18: with one
+visit the locals' sds grew too slowly at Adam(1e-3); 2 to 16 visits measured, 32 worse)."""
+
+
+def curvature_fold_rates(xp: Any, seen: Any, updates: Any, memory: int, local_coordinates: Any) -> Any:
+    """Per coordinate, the share of the way from its running curvature average to this
+    update's statistics (``xp``: ``jax.numpy`` or ``torch``): 0 where not ``seen``; else
+    ``1 / updates`` (``updates`` counts this one) up to ``memory`` updates and ``1 /
+    memory`` after, a plain then an exponential mean; a coordinate of
+    ``local_coordinates`` (or ``None``: none) counts its visits against
+    :data:`LOCAL_CURVATURE_VISITS` instead."""
+    plain = 1.0 / xp.clip(updates, min=1.0)
+    rate = xp.clip(plain, min=1.0 / memory)
+    if local_coordinates is not None:
+        rate = xp.where(local_coordinates, xp.clip(plain, min=1.0 / LOCAL_CURVATURE_VISITS), rate)
+    return seen * rate
 
 
 def discounted_updates(xp: Any, updates: Any, loc_t: Any, scale_t: Any, loc: Any, scale: Any) -> Any:

@@ -44,6 +44,7 @@ from psvi.objective import (
     TrustRegionGrowth,
     amortizes_locals,
     check_inner_solver,
+    curvature_fold_rates,
     discounted_updates,
     grow_trust_region,
     inner_objective_scale,
@@ -108,8 +109,8 @@ class RunningAverages(NamedTuple):
     curvature : CurvatureStatistics or None
         Diagonal Gaussian guides: the statistics of the per-coordinate curvature
         (:class:`~pyro_psvi.objective.CurvatureStatistics`) averaged over the last
-        ``curvature_memory`` steps (all of them while fewer); a local latent's are those of
-        the last step that saw it.
+        ``curvature_memory`` steps (all of them while fewer); a local latent's over its
+        last :data:`psvi.objective.LOCAL_CURVATURE_VISITS` visits.
     curvature_updates : torch.Tensor or None
         How many steps saw each coordinate (a local latent only when its data are in
         the mini-batch); after closed-form steps, discounted by the KL they travelled
@@ -951,15 +952,13 @@ class ProximalScoreVI(ScoreEngine):
         """Fold this step's curvature statistics into the running averages of the
         coordinates it saw: a plain mean over the steps so far, then an exponential
         average over the last ``curvature_memory``; a local latent in this step's batch
-        takes this step's alone (its curvature follows the globals, which move while it is
-        out of the batch)."""
+        counts its visits instead (:func:`psvi.objective.curvature_fold_rates`)."""
         spread = estimate.spread
         seen = torch.ones_like(spread) if weights is None else (weights > 0).to(spread.dtype)
         updates = averages.curvature_updates + seen
-        rate = seen * (1.0 / updates.clamp(min=1.0)).clamp(min=1.0 / self.curvature_memory)
         if self._local_coordinates is not None:
             self._local_coordinates = self._local_coordinates.to(spread.device)
-            rate = torch.where(self._local_coordinates, seen, rate)
+        rate = curvature_fold_rates(torch, seen, updates, self.curvature_memory, self._local_coordinates)
         curvature = CurvatureStatistics(
             *(old + rate * (new - old) for old, new in zip(averages.curvature, estimate, strict=True))
         )

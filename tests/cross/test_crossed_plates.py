@@ -21,8 +21,9 @@ location's: the fitted sds are exact up to float32 round-off (measured 0.9993-1.
 averages the globals' estimates over 100 updates: a relative error <= 2.7 / sqrt(100) =
 0.27 on the precision, <= 0.14 on the sd, further averaged by the returned iterate
 average over the last ~500 updates (weights ``i^5``); measured 0.97-1.05, three seeds
-NumPyro, one Pyro. Each local latent's curvature stays that of the last update that saw
-it (its curvature follows the globals, which move while it is out of the batch).
+NumPyro, one Pyro. Each local latent's curvature is averaged over its own last 8 visits
+(updates whose batch held it), whatever the memory: its curvature follows the globals,
+which move while it is out of the batch.
 
 Tolerance: the band of the mission, sds within 20% of the optimum's, which the
 independent particles' default of 0.69-0.73 misses. The locals' sds (each seen one update
@@ -47,7 +48,7 @@ import pyro_psvi
 from numpyro_psvi.contrib.models import crossed_effects_plates_model as n_crossed_effects_plates_model
 from numpyro_psvi.objective import CurvatureStatistics as NCurvatureStatistics
 from psvi.contrib.targets import crossed_effects
-from psvi.objective import LOCAL_LATENT_MEMORY_ADVICE
+from psvi.objective import LOCAL_CURVATURE_VISITS, LOCAL_LATENT_MEMORY_ADVICE
 from pyro_psvi.contrib.models import crossed_effects_plates_model as p_crossed_effects_plates_model
 from pyro_psvi.objective import CurvatureStatistics as PCurvatureStatistics
 
@@ -100,27 +101,41 @@ def test_pyro_global_sd_with_two_subsampled_plates(options):
     assert np.all(np.abs(ratios[1:] - 1) < 0.2), (ratios[1:].min(), ratios[1:].max())
 
 
-def _expected_fold(local: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def _expected_fold(local: np.ndarray, weights: np.ndarray, visits: np.ndarray) -> np.ndarray:
     """The folded ``spread`` of the tests below (``curvature_memory=100``; old 1, new 2):
-    a seen local takes this update's 2; an unseen one keeps 1; a global (seen 51 times)
-    moves ``max(1/51, 1/100)`` of the way."""
-    return np.where(local & (weights > 0), 2.0, np.where(local, 1.0, 1.0 + 1.0 / 51))
+    a seen local on its first visit takes this update's 2, on a later one moves ``max(1 /
+    visits, 1 / 8)`` of the way (:data:`psvi.objective.LOCAL_CURVATURE_VISITS`, counting
+    this visit); an unseen one keeps 1; a global (seen 51 times) moves ``max(1/51, 1/100)``."""
+    local_rate = np.maximum(1.0 / visits, 1.0 / LOCAL_CURVATURE_VISITS)
+    return np.where(local & (weights > 0), 1.0 + local_rate, np.where(local, 1.0, 1.0 + 1.0 / 51))
 
 
-def test_numpyro_a_local_latents_curvature_is_the_last_update_that_saw_it():
+def _fold_case(local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinate weights (every fourth local in the batch, weighted 4; globals 1) and
+    the visits before this update (locals 0, 2, 4 or 50 in turn; globals 50)."""
+    weights = np.where(local, np.where(np.arange(local.size) % 4 == 0, 4.0, 0.0), 1.0)
+    before = np.where(local, np.array([0.0, 2.0, 4.0, 50.0])[np.arange(local.size) // 4 % 4], 50.0)
+    return weights, before
+
+
+def test_numpyro_a_local_latents_curvature_is_averaged_over_its_visits():
     loss = numpyro_psvi.ProximalScoreMatching(curvature_memory=100)
     engine = numpyro_psvi.ProximalScoreVI(n_model, NAutoNormal(n_model), numpyro.optim.Adam(1e-2), loss=loss)
     state = engine.init(jax.random.PRNGKey(0), jnp.asarray(Y))
     local = np.asarray(engine._local_coordinates)
     assert local.sum() == ROWS + COLS and local.size == 1 + ROWS + COLS  # all but mu
-    weights = np.where(local, np.where(np.arange(local.size) % 4 == 0, 4.0, 0.0), 1.0).astype(np.float32)
+    weights, before = _fold_case(local)
     ones = jnp.ones(local.size)
-    old = state.averages._replace(curvature=NCurvatureStatistics(ones, ones), curvature_updates=50 * ones)
-    folded = engine._fold_curvature(old, NCurvatureStatistics(2 * ones, 3 * ones), jnp.asarray(weights))
-    np.testing.assert_allclose(folded.curvature.spread, _expected_fold(local, weights), rtol=1e-6)
+    old = state.averages._replace(
+        curvature=NCurvatureStatistics(ones, ones), curvature_updates=jnp.asarray(before, jnp.float32)
+    )
+    new = NCurvatureStatistics(2 * ones, 3 * ones)
+    folded = engine._fold_curvature(old, new, jnp.asarray(weights, jnp.float32))
+    expected = _expected_fold(local, weights, before + 1)
+    np.testing.assert_allclose(folded.curvature.spread, expected, rtol=1e-6)
 
 
-def test_pyro_a_local_latents_curvature_is_the_last_step_that_saw_it():
+def test_pyro_a_local_latents_curvature_is_averaged_over_its_visits():
     pyro.clear_param_store()
     loss = pyro_psvi.ProximalScoreMatching(curvature_memory=100)
     optim = pyro.optim.Adam({"lr": 1e-2})
@@ -128,11 +143,14 @@ def test_pyro_a_local_latents_curvature_is_the_last_step_that_saw_it():
     engine.step(torch.tensor(Y))
     local = engine._local_coordinates.numpy()
     assert local.sum() == ROWS + COLS and local.size == 1 + ROWS + COLS  # all but mu
-    weights = np.where(local, np.where(np.arange(local.size) % 4 == 0, 4.0, 0.0), 1.0)
+    weights, before = _fold_case(local)
     ones = torch.ones(local.size)
-    old = engine.averages._replace(curvature=PCurvatureStatistics(ones, ones), curvature_updates=50 * ones)
+    old = engine.averages._replace(
+        curvature=PCurvatureStatistics(ones, ones), curvature_updates=torch.tensor(before).float()
+    )
     folded = engine._fold_curvature(old, PCurvatureStatistics(2 * ones, 3 * ones), torch.tensor(weights))
-    np.testing.assert_allclose(folded.curvature.spread.numpy(), _expected_fold(local, weights), rtol=1e-6)
+    expected = _expected_fold(local, weights, before + 1)
+    np.testing.assert_allclose(folded.curvature.spread.numpy(), expected, rtol=1e-6)
 
 
 ADVICE = LOCAL_LATENT_MEMORY_ADVICE[:60]
