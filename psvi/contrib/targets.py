@@ -155,6 +155,20 @@ def random_intercept_logistic_data(
     return x.astype(np.float32), y.astype(np.float32)
 
 
+def random_slope_logistic_data(
+    groups: int = 100, per_group: int = 20, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Covariate ``x`` and outcomes ``y`` (``groups x per_group``, float32) of a logistic
+    regression with a random intercept and a random slope per group, ``logit P(y_gj = 1) =
+    0.3 + 0.8 a_g + (1 + 0.6 b_g) x_gj`` with ``a_g, b_g ~ N(0, 1)``. No closed-form
+    posterior: the reference for a guide is that guide's exact-score fit."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(groups, per_group))
+    logits = 0.3 + 0.8 * rng.normal(size=groups)[:, None] + (1.0 + 0.6 * rng.normal(size=groups)[:, None]) * x
+    y = rng.random((groups, per_group)) < 1 / (1 + np.exp(-logits))
+    return x.astype(np.float32), y.astype(np.float32)
+
+
 EARNINGS_ROWS = 1059
 
 
