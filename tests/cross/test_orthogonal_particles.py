@@ -4,9 +4,10 @@ With local latents in a subsampled plate, a diagonal Gaussian guide's particles 
 so that the deviations of the globals and of each local slot are orthogonal across the
 particles, each particle still a draw of ``q_t``. What is checked here is exact algebra
 (block structure, orthogonality, each block's particles averaging to the mean) and the
-draws' marginal law, and one fit: two local slots per member and two globals with
-``S = 4`` (the globals then share one column); the crossed-effects fits are in
-``test_crossed_plates.py``.
+draws' marginal law, and fits: two local slots per member and two globals with
+``S = 4`` (the globals then share one column); the random-intercept GLMM's globals and,
+at Adam(1e-3), a random-intercept-and-slope GLMM's sds (slow); the crossed-effects fits
+are in ``test_crossed_plates.py``.
 """
 
 import jax
@@ -24,9 +25,9 @@ import numpyro_psvi
 import pyro_psvi
 from numpyro_psvi.contrib.models import crossed_effects_model as n_crossed_effects_model
 from numpyro_psvi.contrib.models import crossed_effects_plates_model as n_crossed_effects_plates_model
-from numpyro_psvi.contrib.models import random_intercept_logistic_model
+from numpyro_psvi.contrib.models import random_intercept_logistic_model, random_slope_logistic_model
 from numpyro_psvi.guides import orthogonal as n_orthogonal
-from psvi.contrib.targets import crossed_effects, random_intercept_logistic_data
+from psvi.contrib.targets import crossed_effects, random_intercept_logistic_data, random_slope_logistic_data
 from psvi.designs import coordinate_blocks, design_group_size, orthogonal_design
 from pyro_psvi.contrib.models import crossed_effects_plates_model as p_crossed_effects_plates_model
 from pyro_psvi.guides import orthogonal as p_orthogonal
@@ -207,3 +208,31 @@ def test_numpyro_random_intercept_logistic_globals_sds_with_the_defaults():
     for name in ("mu", "beta", "tau"):
         ratio = float(params[f"{name}_auto_scale"] / reference_params[f"{name}_auto_scale"])
         assert abs(ratio - 1) < 0.2, (name, ratio)
+
+
+@pytest.mark.slow  # ~30 s: the exact-score reference takes 20,000 updates
+def test_numpyro_random_slope_logistic_sds_at_adam_1e_3_with_the_defaults():
+    # Two local slots per group (intercept z, slope w) and four globals on the design's one
+    # remaining column, at the user's small rate: the locals' sds must arrive within a
+    # normal run. One update's spread of a local under the design is a chi^2_1; with only
+    # the last visit's statistics Adam's steps on it were small and after 3,000 updates the
+    # locals' sds were 0.65-0.95 of the reference's and tau_b's 0.77-0.80 (seeds 0-2);
+    # averaged over the last 8 visits (psvi.objective.LOCAL_CURVATURE_VISITS) seed 0
+    # measured globals 0.98-1.05, locals 0.94-1.02 (docs/minibatch.md section 18). Band:
+    # the mission's 20% on every sd. Reference: the same guide's exact-score fit, its
+    # particles in antithetic pairs and its iterates averaged (moved <= 0.02 of its sds
+    # between 20,000 and 30,000 updates).
+    x, y = (jnp.asarray(part) for part in random_slope_logistic_data(100))
+    exact = random_slope_logistic_model(100)
+    reference = numpyro_psvi.ProximalScoreVI(
+        exact, NAutoNormal(exact), numpyro.optim.Adam(1e-2),
+        num_particles=8, antithetic_particles=True, average_iterates=True,
+    )  # fmt: skip
+    reference_params = reference.run(jax.random.PRNGKey(0), 20000, x, y, progress_bar=False).params
+    model = random_slope_logistic_model(100, 10)
+    engine = numpyro_psvi.ProximalScoreVI(model, NAutoNormal(model), numpyro.optim.Adam(1e-3))
+    params = engine.run(jax.random.PRNGKey(0), 3000, x, y, progress_bar=False).params
+    assert engine.particle_design.group_size == 4
+    for name in ("mu", "beta", "tau_a", "tau_b", "z", "w"):
+        ratio = np.asarray(params[f"{name}_auto_scale"] / reference_params[f"{name}_auto_scale"])
+        assert np.all(np.abs(ratio - 1) < 0.2), (name, ratio.min(), ratio.max())
