@@ -236,16 +236,19 @@ def local_plate_sizes(density: GuideDensity) -> list[int]:
     return [shapes[name][dim] for name, plates in density.local_plates.items() for _, dim in plates]
 
 
-def local_coordinates(density: GuideDensity) -> jax.Array | None:
-    """``(D,)`` bool: which coordinates of the flat latent belong to local latents of a
-    subsampled plate (sites in ``unpack``'s order, the flat layout's); ``None`` where
-    there are none."""
-    if not density.local_plates:
+def local_coordinates(density: GuideDensity, subsampled: Collection[str]) -> jax.Array | None:
+    """``(D,)`` bool: which coordinates of the flat latent belong to local latents of one
+    of the ``subsampled`` plates (sites in ``unpack``'s order, the flat layout's); ``None``
+    where there are none (a plate seen whole each update holds no local latent here)."""
+    if not density.local_plates or not subsampled:
         return None
     sites = density.unpack(jnp.zeros(density.latent_dim))
-    return jnp.concatenate(
-        [jnp.full(jnp.size(value), name in density.local_plates) for name, value in sites.items()]
-    )
+    local = {
+        name: any(plate in subsampled for plate, _ in density.local_plates.get(name, ())) for name in sites
+    }
+    if not any(local.values()):
+        return None
+    return jnp.concatenate([jnp.full(jnp.size(value), local[name]) for name, value in sites.items()])
 
 
 def particle_blocks(density: GuideDensity, subsampled: Collection[str]) -> np.ndarray | None:

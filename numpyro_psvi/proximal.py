@@ -411,7 +411,7 @@ class ProximalScoreVI(ScoreEngine):
             particles_per_dim=self.num_particles / max(self.density.latent_dim, 1),
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
-        self._local_coordinates = local_coordinates(self.density)
+        self._local_coordinates = local_coordinates(self.density, self._subsampled_plates)
         memory_advice = local_latent_memory_advice(
             diagonal,
             self.batch_ratio,

@@ -354,12 +354,17 @@ def local_plate_sizes(density: GuideDensity) -> list[int]:
     return [site.shape[dim] for site in density.sites for _, dim in site.plates]
 
 
-def local_coordinates(density: GuideDensity) -> torch.Tensor | None:
-    """``(D,)`` bool: which coordinates of the flat latent belong to local latents of a
-    subsampled plate; ``None`` where there are none."""
-    if not any(site.plates for site in density.sites):
+def local_coordinates(density: GuideDensity, subsampled: Collection[str]) -> torch.Tensor | None:
+    """``(D,)`` bool: which coordinates of the flat latent belong to local latents of one
+    of the ``subsampled`` plates; ``None`` where there are none (a plate seen whole each
+    step holds no local latent here)."""
+    if not subsampled:
         return None
-    return torch.cat([torch.full((math.prod(site.shape),), bool(site.plates)) for site in density.sites])
+    local = [any(plate in subsampled for plate, _ in site.plates) for site in density.sites]
+    if not any(local):
+        return None
+    sizes = [math.prod(site.shape) for site in density.sites]
+    return torch.cat([torch.full((size,), is_local) for size, is_local in zip(sizes, local, strict=True)])
 
 
 def particle_blocks(density: GuideDensity, subsampled: Collection[str]) -> np.ndarray | None:

@@ -153,6 +153,21 @@ def test_pyro_a_local_latents_curvature_is_averaged_over_its_visits():
     np.testing.assert_allclose(folded.curvature.spread.numpy(), expected, rtol=1e-6)
 
 
+def test_a_plate_seen_whole_holds_no_local_latents():
+    # With every member in each update (exact scores) a plated site is seen as often as
+    # the globals: its curvature takes the regime's memory (100), as AutoDiagonalNormal's
+    # coordinates do, not the visit count of members of a subsampled plate.
+    exact_n = n_crossed_effects_plates_model(ROWS, COLS, None)
+    engine = numpyro_psvi.ProximalScoreVI(exact_n, NAutoNormal(exact_n), numpyro.optim.Adam(1e-2))
+    engine.init(jax.random.PRNGKey(0), jnp.asarray(Y))
+    assert engine._local_coordinates is None and engine.curvature_memory == 100
+    pyro.clear_param_store()
+    exact_p = p_crossed_effects_plates_model(ROWS, COLS, None)
+    engine = pyro_psvi.ProximalScoreVI(exact_p, PAutoNormal(exact_p), pyro.optim.Adam({"lr": 1e-2}))
+    engine.step(torch.tensor(Y))
+    assert engine._local_coordinates is None and engine.curvature_memory == 100
+
+
 ADVICE = LOCAL_LATENT_MEMORY_ADVICE[:60]
 # The two ways a model with local latents gets independent particles: the design turned
 # off, or a particle count that is not a multiple of its group size.
