@@ -176,6 +176,28 @@ def random_intercept_logistic_model(groups: int, batch: int | None = None) -> Ca
     return model
 
 
+def random_slope_logistic_model(groups: int, batch: int | None = None) -> Callable:
+    """``model(x, y)``: ``logit P(y_gj = 1) = mu + tau_a z_g + (beta + tau_b w_g) x_gj``
+    with ``mu, beta ~ N(0, 2)``, ``tau_a, tau_b ~ HalfNormal(1)`` and non-centred group
+    intercepts ``z_g`` and slopes ``w_g ~ N(0, 1)``: two local latents per member of the
+    plate ``groups`` (subsampled ``batch`` at a time; ``None``: every group), four globals
+    coupled through them. Data: :func:`psvi.contrib.targets.random_slope_logistic_data`."""
+
+    def model(x: torch.Tensor, y: torch.Tensor) -> None:
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        beta = pyro.sample("beta", dist.Normal(0.0, 2.0))
+        tau_a = pyro.sample("tau_a", dist.HalfNormal(1.0))
+        tau_b = pyro.sample("tau_b", dist.HalfNormal(1.0))
+        with pyro.plate("groups", groups, subsample_size=batch, dim=-2) as idx:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
+            with pyro.plate("obs", x.shape[1], dim=-1):
+                logits = mu + tau_a * z + (beta + tau_b * w) * x[idx]
+                pyro.sample("y", dist.Bernoulli(logits=logits), obs=y[idx])
+
+    return model
+
+
 def factor_analysis_model(loadings: np.ndarray, subsample_size: int | None = None) -> Callable:
     """``model(x)``: ``z_n ~ N(0, I_L)``, ``x_n ~ N(W z_n, I)`` with known loadings ``W``
     (``dim x L``), the plate over the rows of ``x`` subsampled ``subsample_size`` at a time
