@@ -71,6 +71,7 @@ from psvi.objective import (
     discounted_updates,
     grow_trust_region,
     inner_objective_scale,
+    local_curvature_visits,
     local_latent_memory_advice,
     resolve_antithetic,
     resolve_inner_solver,
@@ -101,7 +102,7 @@ class RunningAverages(NamedTuple):
         Diagonal Gaussian guides: the statistics of the per-coordinate curvature
         (:class:`~numpyro_psvi.objective.CurvatureStatistics`) averaged over the last
         ``curvature_memory`` updates (all of them while fewer); a local latent's over its
-        last :data:`psvi.objective.LOCAL_CURVATURE_VISITS` visits.
+        last few visits (:func:`psvi.objective.local_curvature_visits`).
     curvature_updates : jax.Array or None
         How many updates saw each coordinate (a local latent only when its data are in
         the mini-batch); after closed-form steps, discounted by the KL they travelled
@@ -341,6 +342,7 @@ class ProximalScoreVI(ScoreEngine):
         self.average_iterates = average_iterates
         self.curvature_memory = objective.curvature_memory
         self._local_coordinates: jax.Array | None = None  # set up with the regime
+        self._local_visits = 1  # likewise (psvi.objective.local_curvature_visits)
 
     def init(self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any):
         """Return the initial :class:`EngineState` (see :meth:`ScoreEngine.init`), with a
@@ -412,6 +414,7 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
         self._local_coordinates = local_coordinates(self.density, self._subsampled_plates)
+        self._local_visits = local_curvature_visits(self.batch_ratio)
         memory_advice = local_latent_memory_advice(
             diagonal,
             self.batch_ratio,
@@ -593,7 +596,9 @@ class ProximalScoreVI(ScoreEngine):
             jnp.ones_like(estimate.spread) if weights is None else (weights > 0).astype(estimate.spread.dtype)
         )
         updates = averages.curvature_updates + seen
-        rate = curvature_fold_rates(jnp, seen, updates, self.curvature_memory, self._local_coordinates)
+        rate = curvature_fold_rates(
+            jnp, seen, updates, self.curvature_memory, self._local_coordinates, self._local_visits
+        )
         curvature = jax.tree.map(lambda old, new: old + rate * (new - old), averages.curvature, estimate)
         return averages._replace(curvature=curvature, curvature_updates=updates)
 

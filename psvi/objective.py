@@ -34,8 +34,8 @@ class ProximalScoreMatching(NamedTuple):
         Longer is less noisy but follows a changing curvature more slowly. ``None``: by
         regime (:func:`regime_defaults`), 1 with mini-batch scores (a network's
         curvature moves while it learns: docs/minibatch.md section 8), 100 with exact
-        scores. A local latent's curvature is always averaged over its last
-        :data:`LOCAL_CURVATURE_VISITS` visits (updates whose batch held it); a global
+        scores. A local latent's curvature is always averaged over its last few visits
+        (updates whose batch held it; :func:`local_curvature_visits`); a global
         coupled to local latents in a subsampled plate (a GLMM's) is right with 1 when
         the particles are drawn in the orthogonal design (the default where
         ``num_particles`` allows, :mod:`psvi.designs`; section 17) and wants 100 with
@@ -622,24 +622,39 @@ def diagonal_step_path(
 
 LOCAL_CURVATURE_VISITS = 8
 """Visits (updates whose batch holds the member) over which a local latent's curvature
-statistics are averaged, whatever ``curvature_memory``: short, because a local's curvature
-follows the globals, which move while it is out of the batch (100 visits left a GLMM's
-scale 1.1-1.4 sds off), and more than one, because with the orthogonal particle design
-one update's spread of a local is a ``chi^2_1`` (docs/minibatch.md section 18: with one
-visit the locals' sds grew too slowly at Adam(1e-3); 2 to 16 visits measured, 32 worse)."""
+statistics are averaged, whatever ``curvature_memory``: more than one, because with the
+orthogonal particle design one update's spread of a local is a ``chi^2_1`` (with one visit
+the locals' sds grew too slowly at Adam(1e-3)), and few, because a local's curvature
+follows the globals, which move while it is out of the batch (docs/minibatch.md section
+18: 2 to 16 visits measured at ``N/B = 10``, 32 worse)."""
+
+LOCAL_CURVATURE_SPAN = 100
+"""Updates that a local latent's averaged visits may span, about: at ``N/B = 100``,
+visits spanning 400 or 800 updates lagged the globals (a GLMM's scale 4.5-7.7 sds off
+against 2.8 with one or two visits; docs/minibatch.md section 18)."""
 
 
-def curvature_fold_rates(xp: Any, seen: Any, updates: Any, memory: int, local_coordinates: Any) -> Any:
+def local_curvature_visits(batch_ratio: float) -> int:
+    """How many of its last visits a local latent's curvature averages:
+    :data:`LOCAL_CURVATURE_VISITS`, fewer where ``batch_ratio`` (``N/B``, one visit in that
+    many updates) would make them span more than :data:`LOCAL_CURVATURE_SPAN` updates, and
+    at least one."""
+    return int(min(LOCAL_CURVATURE_VISITS, max(1, LOCAL_CURVATURE_SPAN // batch_ratio)))
+
+
+def curvature_fold_rates(
+    xp: Any, seen: Any, updates: Any, memory: int, local_coordinates: Any, local_visits: int
+) -> Any:
     """Per coordinate, the share of the way from its running curvature average to this
     update's statistics (``xp``: ``jax.numpy`` or ``torch``): 0 where not ``seen``; else
     ``1 / updates`` (``updates`` counts this one) up to ``memory`` updates and ``1 /
     memory`` after, a plain then an exponential mean; a coordinate of
-    ``local_coordinates`` (or ``None``: none) counts its visits against
-    :data:`LOCAL_CURVATURE_VISITS` instead."""
+    ``local_coordinates`` (or ``None``: none) counts its visits against ``local_visits``
+    (:func:`local_curvature_visits`) instead."""
     plain = 1.0 / xp.clip(updates, min=1.0)
     rate = xp.clip(plain, min=1.0 / memory)
     if local_coordinates is not None:
-        rate = xp.where(local_coordinates, xp.clip(plain, min=1.0 / LOCAL_CURVATURE_VISITS), rate)
+        rate = xp.where(local_coordinates, xp.clip(plain, min=1.0 / local_visits), rate)
     return seen * rate
 
 

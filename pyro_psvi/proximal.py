@@ -48,6 +48,7 @@ from psvi.objective import (
     discounted_updates,
     grow_trust_region,
     inner_objective_scale,
+    local_curvature_visits,
     local_latent_memory_advice,
     resolve_antithetic,
     resolve_inner_solver,
@@ -110,7 +111,7 @@ class RunningAverages(NamedTuple):
         Diagonal Gaussian guides: the statistics of the per-coordinate curvature
         (:class:`~pyro_psvi.objective.CurvatureStatistics`) averaged over the last
         ``curvature_memory`` steps (all of them while fewer); a local latent's over its
-        last :data:`psvi.objective.LOCAL_CURVATURE_VISITS` visits.
+        last few visits (:func:`psvi.objective.local_curvature_visits`).
     curvature_updates : torch.Tensor or None
         How many steps saw each coordinate (a local latent only when its data are in
         the mini-batch); after closed-form steps, discounted by the KL they travelled
@@ -627,6 +628,7 @@ class ProximalScoreVI(ScoreEngine):
         self.average_iterates = average_iterates
         self.curvature_memory = objective.curvature_memory
         self._local_coordinates: torch.Tensor | None = None  # set up with the regime
+        self._local_visits = 1  # likewise (psvi.objective.local_curvature_visits)
         self.averages: RunningAverages | None = None
         self._iterate: dict[str, torch.Tensor] | None = None
         self._inner_cost_countdown = -1  # updates before the timed one (set up with the guide)
@@ -682,6 +684,7 @@ class ProximalScoreVI(ScoreEngine):
         )  # fmt: skip
         self.inner_steps, self.average_iterates, self.curvature_memory, prox_weight, growth, progress = regime
         self._local_coordinates = local_coordinates(self.density, self._subsampled_plates)
+        self._local_visits = local_curvature_visits(self.batch_ratio)
         memory_advice = local_latent_memory_advice(
             diagonal,
             self.batch_ratio,
@@ -958,7 +961,9 @@ class ProximalScoreVI(ScoreEngine):
         updates = averages.curvature_updates + seen
         if self._local_coordinates is not None:
             self._local_coordinates = self._local_coordinates.to(spread.device)
-        rate = curvature_fold_rates(torch, seen, updates, self.curvature_memory, self._local_coordinates)
+        rate = curvature_fold_rates(
+            torch, seen, updates, self.curvature_memory, self._local_coordinates, self._local_visits
+        )
         curvature = CurvatureStatistics(
             *(old + rate * (new - old) for old, new in zip(averages.curvature, estimate, strict=True))
         )

@@ -11,6 +11,7 @@ from psvi.objective import (
     TRANSPORT_PATH_WEIGHT,
     amortizes_locals,
     fisher_fade,
+    local_curvature_visits,
     path_elbo_weight,
     regime_defaults,
     resolve_objective,
@@ -187,3 +188,10 @@ def test_trust_region_growth_starts_at_the_default_and_is_capped():
 
     assert _grow(1.0, False, float("inf"), 0.0, 5.0, 1.0) == (1.0, False)  # the first update
     assert _grow(MAX_TRUST_REGION_GROWTH, True, 100.0, 0.0, 0.0, 0.0) == (MAX_TRUST_REGION_GROWTH, False)
+
+
+def test_a_local_latents_curvature_averages_at_most_eight_visits_spanning_about_100_updates():
+    # One visit in N/B updates: 8 visits while they span <= 100 updates, fewer beyond, and
+    # always at least the last one (the whole batch each update: no local latents to count).
+    ratios = (1.0, 4.0, 10.0, 12.5, 14.2, 34.0, 60.0, 100.0, 1e4)
+    assert [local_curvature_visits(ratio) for ratio in ratios] == [8, 8, 8, 8, 7, 2, 1, 1, 1]

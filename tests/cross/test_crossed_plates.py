@@ -48,7 +48,7 @@ import pyro_psvi
 from numpyro_psvi.contrib.models import crossed_effects_plates_model as n_crossed_effects_plates_model
 from numpyro_psvi.objective import CurvatureStatistics as NCurvatureStatistics
 from psvi.contrib.targets import crossed_effects
-from psvi.objective import LOCAL_CURVATURE_VISITS, LOCAL_LATENT_MEMORY_ADVICE
+from psvi.objective import LOCAL_LATENT_MEMORY_ADVICE
 from pyro_psvi.contrib.models import crossed_effects_plates_model as p_crossed_effects_plates_model
 from pyro_psvi.objective import CurvatureStatistics as PCurvatureStatistics
 
@@ -104,9 +104,10 @@ def test_pyro_global_sd_with_two_subsampled_plates(options):
 def _expected_fold(local: np.ndarray, weights: np.ndarray, visits: np.ndarray) -> np.ndarray:
     """The folded ``spread`` of the tests below (``curvature_memory=100``; old 1, new 2):
     a seen local on its first visit takes this update's 2, on a later one moves ``max(1 /
-    visits, 1 / 8)`` of the way (:data:`psvi.objective.LOCAL_CURVATURE_VISITS`, counting
-    this visit); an unseen one keeps 1; a global (seen 51 times) moves ``max(1/51, 1/100)``."""
-    local_rate = np.maximum(1.0 / visits, 1.0 / LOCAL_CURVATURE_VISITS)
+    visits, 1 / 8)`` of the way (counting this visit: ``N/B = 4`` here, so the eight visits
+    of :func:`psvi.objective.local_curvature_visits`); an unseen one keeps 1; a global
+    (seen 51 times) moves ``max(1/51, 1/100)``."""
+    local_rate = np.maximum(1.0 / visits, 1.0 / 8)
     return np.where(local & (weights > 0), 1.0 + local_rate, np.where(local, 1.0, 1.0 + 1.0 / 51))
 
 
