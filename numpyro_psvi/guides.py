@@ -236,27 +236,12 @@ def local_plate_sizes(density: GuideDensity) -> list[int]:
     return [shapes[name][dim] for name, plates in density.local_plates.items() for _, dim in plates]
 
 
-def local_coordinates(density: GuideDensity, subsampled: Collection[str]) -> jax.Array | None:
-    """``(D,)`` bool: which coordinates of the flat latent belong to local latents of one
-    of the ``subsampled`` plates (sites in ``unpack``'s order, the flat layout's); ``None``
-    where there are none (a plate seen whole each update holds no local latent here)."""
-    if not density.local_plates or not subsampled:
-        return None
-    sites = density.unpack(jnp.zeros(density.latent_dim))
-    local = {
-        name: any(plate in subsampled for plate, _ in density.local_plates.get(name, ())) for name in sites
-    }
-    if not any(local.values()):
-        return None
-    return jnp.concatenate([jnp.full(jnp.size(value), local[name]) for name, value in sites.items()])
-
-
-def particle_blocks(density: GuideDensity, subsampled: Collection[str]) -> np.ndarray | None:
-    """Each flat coordinate's block of :func:`psvi.designs.coordinate_blocks` (globals 0,
-    then one per slot of a local latent in one of the ``subsampled`` plates); ``None`` for a
-    density without a diagonal Gaussian mean or without such local latents."""
-    if density.loc_scale is None or not density.local_plates:
-        return None
+def _coordinate_blocks(density: GuideDensity, subsampled: Collection[str]) -> np.ndarray:
+    """:func:`psvi.designs.coordinate_blocks` of ``density``'s flat layout (sites in
+    ``unpack``'s order): 0 for the globals, one block per slot of a local latent in one of
+    the ``subsampled`` plates."""
+    if not density.local_plates:
+        return np.zeros(density.latent_dim, np.int64)
     sites = density.unpack(jnp.zeros(density.latent_dim))
     layout = [
         (
@@ -265,7 +250,24 @@ def particle_blocks(density: GuideDensity, subsampled: Collection[str]) -> np.nd
         )
         for name, value in sites.items()
     ]
-    blocks = coordinate_blocks(layout)
+    return coordinate_blocks(layout)
+
+
+def local_coordinates(density: GuideDensity, subsampled: Collection[str]) -> jax.Array | None:
+    """``(D,)`` bool: which coordinates of the flat latent belong to local latents of one
+    of the ``subsampled`` plates (sites in ``unpack``'s order, the flat layout's); ``None``
+    where there are none (a plate seen whole each update holds no local latent here)."""
+    blocks = _coordinate_blocks(density, subsampled)
+    return jnp.asarray(blocks > 0) if blocks.max(initial=0) > 0 else None
+
+
+def particle_blocks(density: GuideDensity, subsampled: Collection[str]) -> np.ndarray | None:
+    """Each flat coordinate's block of :func:`psvi.designs.coordinate_blocks` (globals 0,
+    then one per slot of a local latent in one of the ``subsampled`` plates); ``None`` for a
+    density without a diagonal Gaussian mean or without such local latents."""
+    if density.loc_scale is None:
+        return None
+    blocks = _coordinate_blocks(density, subsampled)
     return blocks if blocks.max(initial=0) > 0 else None
 
 

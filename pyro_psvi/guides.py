@@ -354,30 +354,31 @@ def local_plate_sizes(density: GuideDensity) -> list[int]:
     return [site.shape[dim] for site in density.sites for _, dim in site.plates]
 
 
+def _coordinate_blocks(density: GuideDensity, subsampled: Collection[str]) -> np.ndarray:
+    """:func:`psvi.designs.coordinate_blocks` of ``density``'s flat layout: 0 for the
+    globals, one block per slot of a local latent in one of the ``subsampled`` plates."""
+    layout = [
+        (tuple(site.shape), tuple(dim for plate, dim in site.plates if plate in subsampled))
+        for site in density.sites
+    ]
+    return coordinate_blocks(layout)
+
+
 def local_coordinates(density: GuideDensity, subsampled: Collection[str]) -> torch.Tensor | None:
     """``(D,)`` bool: which coordinates of the flat latent belong to local latents of one
     of the ``subsampled`` plates; ``None`` where there are none (a plate seen whole each
     step holds no local latent here)."""
-    if not subsampled:
-        return None
-    local = [any(plate in subsampled for plate, _ in site.plates) for site in density.sites]
-    if not any(local):
-        return None
-    sizes = [math.prod(site.shape) for site in density.sites]
-    return torch.cat([torch.full((size,), is_local) for size, is_local in zip(sizes, local, strict=True)])
+    blocks = _coordinate_blocks(density, subsampled)
+    return torch.as_tensor(blocks > 0) if blocks.max(initial=0) > 0 else None
 
 
 def particle_blocks(density: GuideDensity, subsampled: Collection[str]) -> np.ndarray | None:
     """Each flat coordinate's block of :func:`psvi.designs.coordinate_blocks` (globals 0,
     then one per slot of a local latent in one of the ``subsampled`` plates); ``None`` for a
     density without a diagonal Gaussian mean or without such local latents."""
-    if density.loc_scale is None or not any(site.plates for site in density.sites):
+    if density.loc_scale is None:
         return None
-    layout = [
-        (tuple(site.shape), tuple(dim for plate, dim in site.plates if plate in subsampled))
-        for site in density.sites
-    ]
-    blocks = coordinate_blocks(layout)
+    blocks = _coordinate_blocks(density, subsampled)
     return blocks if blocks.max(initial=0) > 0 else None
 
 
