@@ -26,9 +26,10 @@
 8. ``--locals``: models with local latents in subsampled plates (crossed effects with
    both plates subsampled: the mechanism and the fits; random-intercept and
    random-intercept-and-slope logistic regressions against their exact-score fits; a
-   robust BNN on UCI Boston), the defaults (the orthogonal particle design) against
-   independent particles, with the default memory and with ``curvature_memory=100`` (and
-   SVI) (docs/minibatch.md sections 16-18); benchmarks/results/minibatch_locals.json.
+   robust BNN on UCI Boston), the defaults (the orthogonal particle design and the coarse
+   correction) against the defaults without the coarse correction and independent
+   particles, with the default memory and with ``curvature_memory=100`` (and SVI)
+   (docs/minibatch.md sections 16-19); benchmarks/results/minibatch_locals.json.
 
 Writes benchmarks/results/minibatch.json; docs/minibatch.md reads it.
 """
@@ -379,9 +380,9 @@ def crossed_mechanism(num_draws: int) -> dict:
 
 def memory_engines(model) -> dict:
     """By label, ``make(lr)`` of the engines the models with local latents compare: the
-    defaults (the orthogonal particle design), independent particles with the default
-    memory and with ``curvature_memory=100``, and SVI (``Trace_ELBO(4)``), AutoNormal and
-    Adam."""
+    defaults (the orthogonal particle design and the coarse correction), the defaults
+    without the coarse correction, independent particles with the default memory and
+    with ``curvature_memory=100``, and SVI (``Trace_ELBO(4)``), AutoNormal and Adam."""
     memory = {"loss": ProximalScoreMatching(curvature_memory=100), "orthogonal_particles": False}
 
     def engine(lr: float, **options) -> ProximalScoreVI:
@@ -389,6 +390,7 @@ def memory_engines(model) -> dict:
 
     return {
         "defaults": engine,
+        "no coarse correction": partial(engine, coarse_correction=False),
         "independent particles": partial(engine, orthogonal_particles=False),
         "independent particles, curvature_memory=100": partial(engine, **memory),
         "SVI": lambda lr: SVI(model, AutoNormal(model), numpyro.optim.Adam(lr), Trace_ELBO(4)),
@@ -507,7 +509,8 @@ def robust_bnn_fits(splits: int) -> list[dict]:
     """A network with local latents: the UCI BNN on Boston (the protocol of
     benchmarks/uci.py: batches of 32, 40 epochs, S = 4, Adam(1e-2)) with a Student-t
     likelihood as a scale mixture (``bnn_regression(student_df=4)``: one local ``lam`` per
-    training point), the defaults (the orthogonal particle design) against independent
+    training point), the defaults (the orthogonal particle design and the coarse
+    correction) against the defaults without the coarse correction and independent
     particles with the default memory and with ``curvature_memory=100``; test
     log-likelihood of the Student-t predictive over 100 draws of the globals."""
     rows = []
@@ -518,15 +521,17 @@ def robust_bnn_fits(splits: int) -> list[dict]:
         model = partial(bnn_regression, subsample_size=BATCH, student_df=ROBUST_DF)
         steps = uci_info("bostonHousing")["epochs"] * math.ceil(len(split.y_train) / BATCH)
         engines = (
-            ("defaults", None, None),
-            ("independent particles", False, None),
-            ("independent particles, curvature_memory=100", False, 100),
+            ("defaults", None, None, None),
+            ("no coarse correction", None, None, False),
+            ("independent particles", False, None, None),
+            ("independent particles, curvature_memory=100", False, 100, None),
         )
-        for label, orthogonal, memory in engines:
+        for label, orthogonal, memory, coarse in engines:
             guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)
             engine = ProximalScoreVI(
                 model, guide, numpyro.optim.Adam(LEARNING_RATE), num_particles=NUM_PARTICLES,
                 loss=ProximalScoreMatching(curvature_memory=memory), orthogonal_particles=orthogonal,
+                coarse_correction=coarse,
             )  # fmt: skip
             params = engine.run(jax.random.PRNGKey(split_id), steps, x, y, progress_bar=False).params
             draws = {}

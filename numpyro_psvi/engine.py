@@ -828,11 +828,12 @@ class ScoreEngine:
             path, "iterate averaging settings", *averaged,
             "Build the engine with the saved run's average_iterates.",
         )  # fmt: skip
-        for fresh in (".epoch_order", ".averages.trust", ".averages.window"):
+        for fresh in (".epoch_order", ".averages.trust", ".averages.window", ".averages.coarse"):
             if not any(key.startswith(fresh) for key in saved["state"]):
-                # Saved without reshuffling, or before it, the trust region's growth or the
-                # averages' restarts existed: a fresh epoch starts, the budget at its
-                # default, the average restarting at the next update.
+                # Saved without reshuffling, or before it, the trust region's growth, the
+                # averages' restarts or the coarse correction existed: a fresh epoch
+                # starts, the budget at its default, the average restarting at the next
+                # update, the coarse curvature averaged afresh.
                 current_specs = {k: v for k, v in current_specs.items() if not k.startswith(fresh)}
         checkpoint.check_match(path, "state leaves (shape, dtype)", saved["state"], current_specs, fix)
         saved_leaves = {}
@@ -922,7 +923,7 @@ def _read_legacy_state(path: str | os.PathLike, template: EngineState) -> Engine
         state = state._replace(averages=template.averages)
     if state.epoch_order is None:  # saved before reshuffling: a fresh epoch starts
         state = state._replace(epoch_order=template.epoch_order)
-    for fresh in ("trust", "window"):  # saved before the budget grew, or the average restarted
+    for fresh in ("trust", "window", "coarse"):  # saved before these existed: fresh ones
         started = getattr(template.averages, fresh, None)
         if started is not None and getattr(state.averages, fresh) is None:
             state = state._replace(averages=state.averages._replace(**{fresh: started}))

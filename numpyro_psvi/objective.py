@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from numpyro_psvi.guides import GuideDensity, LinearScoreStatistics, Params
+from psvi.coarse import CoarseCurvature, CoarseGradient, CoarseLayout, coarse_estimate
 from psvi.objective import (
     LINEAR_SOLVE_FRACTIONS,
     LINEAR_SOLVE_ITERATIONS,
@@ -216,6 +217,36 @@ def curvature_statistics(stats: FisherStatistics, scale_t: jax.Array) -> Curvatu
         cross = cross - stats.offset * stats.score / stats.count
     variance = scale_t**2
     return CurvatureStatistics(spread / variance, -cross / variance)
+
+
+def coarse_statistics(
+    layout: CoarseLayout,
+    loc_t: jax.Array,
+    scale_t: jax.Array,
+    particles: jax.Array,
+    model_scores: jax.Array,
+    weights: jax.Array | None,
+) -> tuple[CoarseGradient, CoarseCurvature]:
+    """One update's :func:`psvi.coarse.coarse_estimate` from its particles and model
+    scores (a local latent's own, ``weights`` its ``N/B`` or 0); ``layout``'s index
+    arrays as ``jax.Array``."""
+    particles, model_scores = jax.lax.stop_gradient((particles, model_scores))
+    if weights is not None:
+        model_scores = model_scores * weights
+    seen = jnp.ones_like(loc_t) if weights is None else (weights > 0).astype(loc_t.dtype)
+    deviations = (particles - loc_t) / scale_t
+    summed = jnp.concatenate(
+        [model_scores * scale_t, model_scores * loc_t, deviations * seen, deviations * seen * loc_t / scale_t]
+    )
+    by_slot = jax.ops.segment_sum(summed.T, layout.slot_of, layout.num_slots + 1)[:-1].T
+    shift_scores, dilation_scores, shift_deviations, dilation_deviations = jnp.split(by_slot, 4)
+    return coarse_estimate(
+        jnp,
+        (model_scores * scale_t)[:, layout.global_coordinates],
+        deviations[:, layout.global_coordinates],
+        jnp.concatenate([shift_scores, dilation_scores], 1),
+        jnp.concatenate([shift_deviations, dilation_deviations], 1),
+    )
 
 
 def split_diagonal_objective(

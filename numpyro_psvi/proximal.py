@@ -40,6 +40,7 @@ from numpyro_psvi.guides import (
 from numpyro_psvi.objective import (
     CurvatureStatistics,
     FisherStatistics,
+    coarse_statistics,
     curvature_statistics,
     diagonal_proximal_step,
     diagonal_weighted_fisher,
@@ -60,6 +61,16 @@ from numpyro_psvi.objective import (
 from numpyro_psvi.scores import ModelScores
 from psvi.checkpoint import warn_if_inner_scale_changed
 from psvi.checks import caller_stacklevel, check_proximal_options
+from psvi.coarse import (
+    CoarseCurvature,
+    CoarseGradient,
+    CoarseLayout,
+    coarse_layout,
+    coarse_move,
+    coarse_newton_step,
+    fold_coarse_curvature,
+    resolve_coarse,
+)
 from psvi.designs import orthogonal_design, resolve_orthogonal
 from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
@@ -118,6 +129,9 @@ class RunningAverages(NamedTuple):
         The closed-form step with iterate averaging: the ``-ELBO`` estimates of the
         averaged iterates (:class:`psvi.schedules.LossWindow`), which restart the average
         while the fit progresses (:func:`psvi.schedules.restarts_average`).
+    coarse : CoarseCurvature or None
+        With the coarse correction: its curvature averaged over the last updates
+        (:class:`psvi.coarse.CoarseCurvature`).
     """
 
     curvature: CurvatureStatistics | None
@@ -126,6 +140,7 @@ class RunningAverages(NamedTuple):
     params_updates: jax.Array
     trust: TrustRegionGrowth | None = None
     window: LossWindow | None = None
+    coarse: CoarseCurvature | None = None
 
 
 class ProximalProblem(NamedTuple):
@@ -138,7 +153,8 @@ class ProximalProblem(NamedTuple):
     :class:`~numpyro_psvi.objective.FisherStatistics` (else ``None``); ``solution``, with
     the closed-form solver, the constrained guide params that solve the problem of a
     guide with linear scores exactly (:func:`~numpyro_psvi.objective.linear_score_solve`;
-    else ``None``)."""
+    else ``None``); ``coarse``, with the coarse correction, the update's projected
+    gradient (:class:`psvi.coarse.CoarseGradient`; else ``None``)."""
 
     objective: Callable[[dict], tuple[jax.Array, dict]]
     loss: jax.Array
@@ -147,6 +163,7 @@ class ProximalProblem(NamedTuple):
     averages: RunningAverages
     statistics: FisherStatistics | None = None
     solution: dict | None = None
+    coarse: CoarseGradient | None = None
 
 
 class ProximalScoreVI(ScoreEngine):
@@ -282,6 +299,14 @@ class ProximalScoreVI(ScoreEngine):
         applies and ``num_particles`` is a multiple of the design's group size (4 for up to
         three blocks, then 8, 16, ...); it replaces ``antithetic_particles`` (its blocks'
         particles already average to ``q_t``'s mean).
+    coarse_correction : bool or None
+        With local latents in a subsampled plate and a diagonal Gaussian autoguide, add
+        to each accepted update a tenth of a Newton step on a coarse space (each local
+        slot's shift and dilation, and the globals coupled to them), its curvature
+        estimated from the updates' own particles (:mod:`psvi.coarse`; no score call
+        more): a diagonal guide otherwise crawls along the directions only the priors pin
+        (a GLMM's mean against its intercepts' mean) at a small learning rate
+        (docs/minibatch.md section 19). ``None`` (the default): on wherever it applies.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`numpyro_psvi.batches`: every member once per epoch, as
@@ -314,6 +339,7 @@ class ProximalScoreVI(ScoreEngine):
         inner_solver: str | None = None,
         antithetic_particles: bool | None = None,
         orthogonal_particles: bool | None = None,
+        coarse_correction: bool | None = None,
         **static_kwargs: Any,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
@@ -334,6 +360,8 @@ class ProximalScoreVI(ScoreEngine):
         self._requested_solver = check_inner_solver(inner_solver)
         self._requested_antithetic = antithetic_particles
         self._requested_orthogonal = orthogonal_particles
+        self._requested_coarse = coarse_correction
+        self.coarse_layout: CoarseLayout | None = None  # set up with the regime
         self.inner_solver = "optimizer"  # set up with the regime
         self.gaussian_step = False  # likewise
         self.inner_steps = inner_steps
@@ -399,6 +427,11 @@ class ProximalScoreVI(ScoreEngine):
         blocks = particle_blocks(self.density, self._subsampled_plates)
         design = None if blocks is None else orthogonal_design(blocks, self.num_particles)
         self.particle_design = resolve_orthogonal(self._requested_orthogonal, design)
+        movable = blocks is not None and self.density.gaussian_params is not None
+        layout = resolve_coarse(self._requested_coarse, coarse_layout(blocks if movable else None))
+        self.coarse_layout = (
+            None if layout is None else CoarseLayout(*map(jnp.asarray, layout[:3]), *layout[3:])
+        )
         # The families' advice measured the optimizer's inner steps (the closed forms do
         # not take the optimizer's step size, and converged where those diverged).
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
@@ -439,7 +472,17 @@ class ProximalScoreVI(ScoreEngine):
             trust = TrustRegionGrowth(*start, jnp.zeros((), loc.dtype), loc, scale)
             if params is not None:
                 window = LossWindow(start[2], jnp.zeros((), loc.dtype))
-        averages = RunningAverages(curvature, updates, params, jnp.zeros((), jnp.int32), trust, window)
+        coarse = None
+        if self.coarse_layout is not None:
+            size = (self.coarse_layout.num_globals, 2 * self.coarse_layout.num_slots)
+            dtype = zeros.dtype
+            coarse = CoarseCurvature(
+                jnp.zeros(size[0], dtype), jnp.zeros(size, dtype), jnp.zeros(size[1:] * 2, dtype),
+                jnp.zeros((), jnp.int32),
+            )  # fmt: skip
+        averages = RunningAverages(
+            curvature, updates, params, jnp.zeros((), jnp.int32), trust, window, coarse
+        )
         return state._replace(averages=averages)
 
     def _checkpoint_header(self, state: EngineState) -> dict:
@@ -538,7 +581,7 @@ class ProximalScoreVI(ScoreEngine):
             stats = fisher_statistics(density, params_t, particles, scored.scores)
         terms = elbo_terms(density, params_t, particles, scored.log_joints, weights)
         loss, loss_error = -jnp.mean(terms), jnp.std(terms) / jnp.sqrt(terms.shape[0])
-        path = None
+        path = coarse = None
         if stats is None:
             residuals_t = jax.vmap(density.score, (None, 0))(params_t, particles) - scored.scores
             fisher = residual_fisher(density, params_t, residuals_t, weighting, weights)
@@ -546,8 +589,13 @@ class ProximalScoreVI(ScoreEngine):
                 path = transport_path(density, params_t, particles, residuals_t, fisher)
         else:
             fisher = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
-            estimate = curvature_statistics(stats, density.loc_scale(params_t)[1])
-            averages = self._fold_curvature(averages, estimate, weights)
+            loc_t, scale_t = density.loc_scale(params_t)
+            averages = self._fold_curvature(averages, curvature_statistics(stats, scale_t), weights)
+            if self.coarse_layout is not None:
+                coarse, estimate = coarse_statistics(
+                    self.coarse_layout, loc_t, scale_t, particles, scored.scores, weights
+                )
+                averages = averages._replace(coarse=fold_coarse_curvature(averages.coarse, estimate))
 
         def objective(unconstrained):
             params = self.constrain_fn(unconstrained)
@@ -583,7 +631,7 @@ class ProximalScoreVI(ScoreEngine):
             linear = density.linear_scores(params_t, particles, scored.scores)
             weight = growing_prox_weight(self.objective.prox_weight, self.prox_weight_growth, update)
             solution = linear.write(*linear_score_solve(linear, weight, weighting, budget))
-        return ProximalProblem(objective, loss, loss_error, fisher, averages, stats, solution)
+        return ProximalProblem(objective, loss, loss_error, fisher, averages, stats, solution, coarse)
 
     def _fold_curvature(
         self, averages: RunningAverages, estimate: CurvatureStatistics, weights: jax.Array | None
@@ -803,6 +851,17 @@ class ProximalScoreVI(ScoreEngine):
             return jnp.where(jnp.isfinite(kl_at(jnp.asarray(1.0))), 1.0, 0.0)
         return trust_region_fraction(kl_at, self._budget(active_dim), self.max_halvings)
 
+    def _coarse_corrected(
+        self, optim_state: Any, curvature: CoarseCurvature, gradient: CoarseGradient
+    ) -> Any:
+        """``optim_state`` with its guide's location moved along the coarse directions
+        (:func:`psvi.coarse.coarse_move`), the scales and the optimizer's moments kept."""
+        loc, scale = self._loc_scale(self.constrain_fn(self.optim.get_params(optim_state)))
+        step = coarse_newton_step(jnp, curvature, gradient)
+        return self._with_guide(
+            optim_state, loc + coarse_move(jnp, self.coarse_layout, loc, scale, step), scale
+        )
+
     def _budget(self, active_dim: int) -> float:
         """The trust region's KL budget of an update (``trust_region`` set)."""
         return self.trust_region * active_dim * self.trust_region_scale
@@ -832,6 +891,8 @@ class ProximalScoreVI(ScoreEngine):
         if self._model_param_names:
             candidate = with_entries_of(candidate, fitted, self._model_param_names)
         averages = problem.averages
+        if problem.coarse is not None:
+            candidate = self._coarse_corrected(candidate, averages.coarse, problem.coarse)
         if averages.params is not None:
             count = averages.params_updates
             if averages.window is not None:

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from psvi.coarse import CoarseCurvature, CoarseGradient, CoarseLayout, coarse_estimate
 from psvi.objective import (
     LINEAR_SOLVE_FRACTIONS,
     LINEAR_SOLVE_ITERATIONS,
@@ -258,6 +259,43 @@ class SplitDiagonalProblem(NamedTuple):
 
     objective: Callable[[Params], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     gradient: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def coarse_statistics(
+    layout: CoarseLayout,
+    loc_t: torch.Tensor,
+    scale_t: torch.Tensor,
+    particles: torch.Tensor,
+    model_scores: torch.Tensor,
+    weights: torch.Tensor | None,
+) -> tuple[CoarseGradient, CoarseCurvature]:
+    """One step's :func:`psvi.coarse.coarse_estimate` from its particles and model scores
+    (a local latent's own, ``weights`` its ``N/B`` or 0); ``layout``'s index arrays as
+    tensors on the particles' device."""
+    with torch.no_grad():
+        if weights is not None:
+            model_scores = model_scores * weights
+        seen = torch.ones_like(loc_t) if weights is None else (weights > 0).to(loc_t.dtype)
+        deviations = (particles - loc_t) / scale_t
+        summed = torch.cat(
+            [
+                model_scores * scale_t,
+                model_scores * loc_t,
+                deviations * seen,
+                deviations * seen * loc_t / scale_t,
+            ]
+        )
+        by_slot = summed.new_zeros(summed.shape[0], layout.num_slots + 1).index_add_(
+            1, layout.slot_of, summed
+        )
+        shift_scores, dilation_scores, shift_deviations, dilation_deviations = by_slot[:, :-1].chunk(4)
+        return coarse_estimate(
+            torch,
+            (model_scores * scale_t)[:, layout.global_coordinates],
+            deviations[:, layout.global_coordinates],
+            torch.cat([shift_scores, dilation_scores], 1),
+            torch.cat([shift_deviations, dilation_deviations], 1),
+        )
 
 
 def split_diagonal_problem(

@@ -37,6 +37,16 @@ from torch.distributions.transforms import AffineTransform, ComposeTransform, Ex
 
 from psvi.checkpoint import CheckpointMismatch, warn_if_inner_scale_changed
 from psvi.checks import caller_stacklevel, check_proximal_options, inner_cost_advice
+from psvi.coarse import (
+    CoarseCurvature,
+    CoarseGradient,
+    CoarseLayout,
+    coarse_layout,
+    coarse_move,
+    coarse_newton_step,
+    fold_coarse_curvature,
+    resolve_coarse,
+)
 from psvi.designs import orthogonal_design, resolve_orthogonal
 from psvi.objective import (
     TRANSPORT_FISHER_WEIGHT,
@@ -81,6 +91,7 @@ from pyro_psvi.guides import (
 from pyro_psvi.objective import (
     CurvatureStatistics,
     FisherStatistics,
+    coarse_statistics,
     curvature_statistics,
     diagonal_proximal_step,
     diagonal_weighted_fisher,
@@ -127,6 +138,9 @@ class RunningAverages(NamedTuple):
         The closed-form step with iterate averaging: the ``-ELBO`` estimates of the
         averaged iterates (:class:`psvi.schedules.LossWindow`), which restart the average
         while the fit progresses (:func:`psvi.schedules.restarts_average`).
+    coarse : CoarseCurvature or None
+        With the coarse correction: its curvature averaged over the last steps
+        (:class:`psvi.coarse.CoarseCurvature`).
     """
 
     curvature: CurvatureStatistics | None
@@ -135,6 +149,7 @@ class RunningAverages(NamedTuple):
     params_updates: torch.Tensor
     trust: TrustRegionGrowth | None = None
     window: LossWindow | None = None
+    coarse: CoarseCurvature | None = None
 
 
 # The elementwise constraints whose forward and backward an inner step applies to all
@@ -407,6 +422,9 @@ class ProximalProblem(NamedTuple):
         With the closed-form solver, the constrained guide params that solve the problem
         of a guide with linear scores exactly
         (:func:`~pyro_psvi.objective.linear_score_solve`); ``None`` otherwise.
+    coarse : CoarseGradient or None
+        With the coarse correction, the step's projected gradient
+        (:class:`psvi.coarse.CoarseGradient`); ``None`` otherwise.
     """
 
     objective: Callable[[Params], torch.Tensor]
@@ -422,6 +440,7 @@ class ProximalProblem(NamedTuple):
     gradient: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
     statistics: FisherStatistics | None = None
     solution: Params | None = None
+    coarse: CoarseGradient | None = None
 
 
 class ProximalScoreVI(ScoreEngine):
@@ -558,6 +577,14 @@ class ProximalScoreVI(ScoreEngine):
         applies and ``num_particles`` is a multiple of the design's group size (4 for up to
         three blocks, then 8, 16, ...); it replaces ``antithetic_particles`` (its blocks'
         particles already average to ``q_t``'s mean).
+    coarse_correction : bool or None
+        With local latents in a subsampled plate and a diagonal Gaussian autoguide, add
+        to each accepted step a tenth of a Newton step on a coarse space (each local
+        slot's shift and dilation, and the globals coupled to them), its curvature
+        estimated from the steps' own particles (:mod:`psvi.coarse`; no score call
+        more): a diagonal guide otherwise crawls along the directions only the priors pin
+        (a GLMM's mean against its intercepts' mean) at a small learning rate
+        (docs/minibatch.md section 19). ``None`` (the default): on wherever it applies.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`pyro_psvi.batches`: every member once per epoch, as
@@ -596,6 +623,7 @@ class ProximalScoreVI(ScoreEngine):
         inner_solver: str | None = None,
         antithetic_particles: bool | None = None,
         orthogonal_particles: bool | None = None,
+        coarse_correction: bool | None = None,
     ) -> None:
         objective = resolve_objective(loss, prox_weight, weighting)
         check_proximal_options(inner_steps, trust_region)
@@ -621,6 +649,8 @@ class ProximalScoreVI(ScoreEngine):
         self._requested_solver = check_inner_solver(inner_solver)
         self._requested_antithetic = antithetic_particles
         self._requested_orthogonal = orthogonal_particles
+        self._requested_coarse = coarse_correction
+        self.coarse_layout: CoarseLayout | None = None  # set up with the regime
         self.inner_solver = "optimizer"  # set up with the regime
         self.inner_steps = inner_steps
         self.trust_region = trust_region
@@ -669,6 +699,13 @@ class ProximalScoreVI(ScoreEngine):
         blocks = particle_blocks(self.density, self._subsampled_plates)
         design = None if blocks is None else orthogonal_design(blocks, self.num_particles)
         self.particle_design = resolve_orthogonal(self._requested_orthogonal, design)
+        movable = blocks is not None and self.density.gaussian_params is not None
+        layout = resolve_coarse(self._requested_coarse, coarse_layout(blocks if movable else None))
+        self.coarse_layout = None
+        if layout is not None:
+            device = next(iter(self._leaves().values())).device
+            indices = (torch.as_tensor(index, device=device) for index in layout[:3])
+            self.coarse_layout = CoarseLayout(*indices, *layout[3:])
         # The families' advice measured the optimizer's inner steps (the closed forms do
         # not take the optimizer's step size, and converged where those diverged).
         advice = self.family.advice and self.family.advice(self.density.latent_dim, self.num_particles)
@@ -721,7 +758,18 @@ class ProximalScoreVI(ScoreEngine):
             params = {name: leaf.detach().clone() for name, leaf in leaves.items()}
             window = self._fresh_window(device)
         count = torch.zeros((), device=device)
-        self.averages = RunningAverages(curvature, updates, params, count, window=window)
+        self.averages = RunningAverages(
+            curvature, updates, params, count, window=window, coarse=self._fresh_coarse(device)
+        )
+
+    def _fresh_coarse(self, device: torch.device) -> CoarseCurvature | None:
+        """An empty :class:`~psvi.coarse.CoarseCurvature` with the coarse correction, else ``None``."""
+        layout = self.coarse_layout
+        if layout is None:
+            return None
+        size = (layout.num_globals, 2 * layout.num_slots)
+        zeros = partial(torch.zeros, device=device)
+        return CoarseCurvature(zeros(size[0]), zeros(size), zeros(size[1:] * 2), zeros(()))
 
     def _fresh_window(self, device: torch.device) -> LossWindow | None:
         """An empty :class:`~psvi.schedules.LossWindow` for the closed-form step with iterate
@@ -757,6 +805,10 @@ class ProximalScoreVI(ScoreEngine):
             )
         if averages.curvature is not None:
             averages = averages._replace(curvature=CurvatureStatistics(*averages.curvature))
+        if averages.coarse is not None:
+            averages = averages._replace(coarse=CoarseCurvature(*averages.coarse))
+        elif self.coarse_layout is not None:  # saved before the coarse correction: a fresh one
+            averages = averages._replace(coarse=self._fresh_coarse(averages.params_updates.device))
         if averages.trust is not None:  # a checkpoint without one starts at the default budget
             averages = averages._replace(trust=TrustRegionGrowth(*averages.trust))
         if averages.window is not None:
@@ -834,6 +886,8 @@ class ProximalScoreVI(ScoreEngine):
                 else:  # within the budget by construction (the solve's weight ladder), finite
                     frac = torch.ones_like(problem.loss)
                 accept = self.accept(problem, start, leaves, frac, saved_optimizer_state, moments)
+                if problem.coarse is not None:
+                    self._coarse_correct(problem, leaves, accept)
             self.record(accept)
             self._advance_averages(problem, leaves, accept)
             for steps in pending:  # last (an interrupt inside it: restore undoes it)
@@ -883,7 +937,7 @@ class ProximalScoreVI(ScoreEngine):
             if scores_ok.device.type != "cpu" or not scores_ok:  # read at once on a CPU
                 scores = torch.where(scores_ok, scores, torch.zeros_like(scores))
             stats = fisher_statistics(density, params_t, particles, scores)
-        averages = self.averages
+        averages, coarse = self.averages, None
         terms = elbo_terms(density, params_t, particles, scored.log_joints, weights)
         loss, loss_error = -terms.mean(), terms.std(correction=0) / terms.shape[0] ** 0.5
         with torch.no_grad():
@@ -892,10 +946,14 @@ class ProximalScoreVI(ScoreEngine):
                 fisher = residual_fisher(density, params_t, residuals_t, weighting, weights)
             else:
                 fisher = diagonal_weighted_fisher(density, params_t, params_t, stats, weighting, weights)
+                loc_t, scale_t = density.loc_scale(params_t)
+                if self.coarse_layout is not None:
+                    coarse, estimate = coarse_statistics(
+                        self.coarse_layout, loc_t, scale_t, particles, scores, weights
+                    )
+                    averages = averages._replace(coarse=fold_coarse_curvature(averages.coarse, estimate))
                 particles = scores = None
-                estimate = curvature_statistics(stats, density.loc_scale(params_t)[1])
-                averages = self._fold_curvature(averages, estimate, weights)
-                del estimate  # folded in: 2 D-vectors less while the rest of the problem is built
+                averages = self._fold_curvature(averages, curvature_statistics(stats, scale_t), weights)
         # Monte Carlo KLs (user guides) and flows' displacements use common random numbers
         # within the step.
         kl_seed = None if density.closed_form else int(torch.randint(0, 2**62, ()))
@@ -946,7 +1004,7 @@ class ProximalScoreVI(ScoreEngine):
         return ProximalProblem(
             objective, params_t, loss, loss_error, fisher, scored.param_grads, scores_ok, scored.active_dim,
             kl_seed, averages, gradient,
-            stats if self.inner_solver == "closed_form" else None, solution,
+            stats if self.inner_solver == "closed_form" else None, solution, coarse,
         )  # fmt: skip
 
     def _fold_curvature(
@@ -987,6 +1045,10 @@ class ProximalScoreVI(ScoreEngine):
                     curvature=CurvatureStatistics(*map(keep, averages.curvature, self.averages.curvature)),
                     curvature_updates=keep(averages.curvature_updates, self.averages.curvature_updates),
                 )
+                if averages.coarse is not None:
+                    averages = averages._replace(
+                        coarse=CoarseCurvature(*map(keep, averages.coarse, self.averages.coarse))
+                    )
             iterate = self._iterate
             if iterate is not None:  # out of place: an interrupt restores the old ones
                 count, window = averages.params_updates, averages.window
@@ -1141,6 +1203,18 @@ class ProximalScoreVI(ScoreEngine):
                 updates = discounted_updates(torch, averages.curvature_updates, loc_t, scale_t, loc, scale)
                 averages = averages._replace(curvature_updates=updates)
             return accept | undo, averages
+
+    def _coarse_correct(
+        self, problem: ProximalProblem, leaves: dict[str, torch.Tensor], accept: torch.Tensor
+    ) -> None:
+        """Move the accepted step's guide location along the coarse directions
+        (:func:`psvi.coarse.coarse_move`), the scales and the optimizer's moments kept."""
+        with torch.no_grad():
+            loc, scale = self._loc_scale(self._constrain(leaves))
+            step = coarse_newton_step(torch, problem.averages.coarse, problem.coarse)
+            moved = loc + coarse_move(torch, self.coarse_layout, loc, scale, step)
+            for name, value in self._guide_leaves(moved, scale).items():
+                leaves[name].copy_(torch.where(accept, value, leaves[name]))
 
     def _loc_scale(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """An autoguide Gaussian's loc and scale, detached: its sds (diagonal), Cholesky

@@ -1,0 +1,150 @@
+"""The coarse location correction's algebra (:mod:`psvi.coarse`), backend-free (NumPy).
+
+On a quadratic log joint ``log p(u) = -(u - m)' H (u - m) / 2`` the model scores are
+``-H (u - m)``, so with particles whose deviations (in sds) have an exactly orthonormal
+design over the ``S`` particles (``sum_s xi_s xi_s' = S I``) Stein's estimate of the
+projected curvature is exact, not just unbiased: these checks hold to round-off.
+"""
+
+import numpy as np
+import pytest
+
+from psvi.coarse import (
+    COARSE_KL,
+    COARSE_STEP,
+    CoarseCurvature,
+    CoarseGradient,
+    coarse_estimate,
+    coarse_layout,
+    coarse_move,
+    coarse_newton_step,
+    fold_coarse_curvature,
+    resolve_coarse,
+)
+
+# Two globals (coordinates 0 and 5), slot 0 (coordinates 1-3), slot 1 (coordinates 4, 6).
+BLOCKS = np.array([0, 1, 1, 1, 2, 0, 2])
+
+
+def _directions(loc: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``(D, G + 2 n)``: each global by its sd, then each slot's shift (its members by
+    their sds) and dilation (its members along their locations)."""
+    layout = coarse_layout(BLOCKS)
+    columns = [np.where(layout.global_of == g, scale, 0.0) for g in range(layout.num_globals)]
+    columns += [np.where(layout.slot_of == k, scale, 0.0) for k in range(layout.num_slots)]
+    columns += [np.where(layout.slot_of == k, loc, 0.0) for k in range(layout.num_slots)]
+    return np.stack(columns, 1)
+
+
+def _aggregates(loc, scale, particles, scores):
+    """What each backend's ``coarse_statistics`` sums (every member seen, weight 1)."""
+    layout = coarse_layout(BLOCKS)
+    deviations = (particles - loc) / scale
+    slots = [layout.slot_of == k for k in range(layout.num_slots)]
+    slot_scores = [(scores * scale)[:, member].sum(1) for member in slots]
+    slot_scores += [(scores * loc)[:, member].sum(1) for member in slots]
+    slot_deviations = [deviations[:, member].sum(1) for member in slots]
+    slot_deviations += [(deviations * loc / scale)[:, member].sum(1) for member in slots]
+    glob = layout.global_coordinates
+    return (scores * scale)[:, glob], deviations[:, glob], np.stack(slot_scores, 1), np.stack(slot_deviations, 1)
+
+
+def _quadratic(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    dim = BLOCKS.size
+    root = rng.normal(size=(dim, dim))
+    hessian = root @ root.T / dim + np.eye(dim)
+    mode, loc, scale = rng.normal(size=dim), rng.normal(size=dim), rng.uniform(0.5, 2.0, dim)
+    # 8 particles whose deviations in sds are 7 orthogonal +-1 columns (Hadamard, centred):
+    # sum_s xi_s xi_s' = 8 I exactly.
+    hadamard = np.array([[1.0]])
+    while hadamard.shape[0] < 8:
+        hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
+    particles = loc + scale * hadamard[:, 1:]
+    scores = -(particles - mode) @ hessian
+    return hessian, mode, loc, scale, particles, scores
+
+
+def test_the_layout_numbers_globals_and_slots():
+    layout = coarse_layout(BLOCKS)
+    np.testing.assert_array_equal(layout.global_coordinates, [0, 5])
+    np.testing.assert_array_equal(layout.global_of, [0, 2, 2, 2, 2, 1, 2])
+    np.testing.assert_array_equal(layout.slot_of, [2, 0, 0, 0, 1, 2, 1])
+    assert (layout.num_globals, layout.num_slots) == (2, 2)
+    assert coarse_layout(np.zeros(4, np.int64)) is None  # no local slot: nothing coarse
+    assert coarse_layout(None) is None
+
+
+def test_steins_estimate_is_the_projected_curvature_and_gradient_on_a_quadratic():
+    hessian, mode, loc, scale, particles, scores = _quadratic()
+    gradient, curvature = coarse_estimate(np, *_aggregates(loc, scale, particles, scores))
+    directions = _directions(loc, scale)
+    projected = directions.T @ hessian @ directions
+    np.testing.assert_allclose(curvature.globals, np.diag(projected)[:2], rtol=1e-10)
+    np.testing.assert_allclose(curvature.coupling, projected[:2, 2:], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(curvature.slots, projected[2:, 2:], rtol=1e-10, atol=1e-12)
+    # The particles average to loc, so their mean score is the gradient there.
+    np.testing.assert_allclose(gradient.globals, (-(loc - mode) @ hessian @ directions)[:2], rtol=1e-10)
+    np.testing.assert_allclose(gradient.slots, (-(loc - mode) @ hessian @ directions)[2:], rtol=1e-10)
+
+
+def _curvature(projected: np.ndarray) -> CoarseCurvature:
+    return CoarseCurvature(np.diag(projected)[:2], projected[:2, 2:], projected[2:, 2:], 0)
+
+
+def test_the_newton_step_solves_the_coarse_system_of_the_strongly_coupled_globals():
+    # Global 0 coupled to slot 0's shift at 0.9 (joins), global 1 at most 0.1 (does not).
+    projected = np.eye(6)
+    projected[0, 2] = projected[2, 0] = 0.9
+    projected[1, 3:] = projected[3:, 1] = 0.1
+    gradient = CoarseGradient(np.array([1.0, 2.0]), np.array([0.5, -1.0, 0.3, 0.2]))
+    step = coarse_newton_step(np, _curvature(projected), gradient)
+    kept = [0, 2, 3, 4, 5]  # the coarse system without global 1, its couplings dropped
+    system = projected[np.ix_(kept, kept)]
+    expected = np.linalg.solve(system, np.r_[gradient.globals, gradient.slots][kept])
+    np.testing.assert_allclose(step.globals, [expected[0], 0.0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(step.slots, expected[1:], rtol=1e-10)
+
+
+def test_no_step_where_the_coarse_curvature_is_not_positive_definite():
+    projected = np.eye(6)
+    projected[0, 2] = projected[2, 0] = 1.5  # global 0 and slot 0: an indefinite pair
+    gradient = CoarseGradient(np.ones(2), np.ones(4))
+    step = coarse_newton_step(np, _curvature(projected), gradient)
+    assert not np.any(step.globals) and not np.any(step.slots)
+    empty = CoarseCurvature(np.zeros(2), np.zeros((2, 4)), np.zeros((4, 4)), 0)  # nothing averaged yet
+    step = coarse_newton_step(np, empty, gradient)
+    assert not np.any(step.globals) and not np.any(step.slots)
+
+
+def test_the_move_takes_a_tenth_of_the_step_within_the_kl_cap():
+    layout = coarse_layout(BLOCKS)
+    loc, scale = np.linspace(-1.0, 1.0, BLOCKS.size), np.full(BLOCKS.size, 0.5)
+    step = CoarseGradient(np.array([0.1, 0.0]), np.array([0.2, 0.0, 0.0, -0.1]))
+    move = coarse_move(np, layout, loc, scale, step)
+    expected = COARSE_STEP * (_directions(loc, scale) @ np.r_[step.globals, step.slots])
+    np.testing.assert_allclose(move, expected, rtol=1e-12)
+    far = coarse_move(np, layout, loc, scale, CoarseGradient(100 * step.globals, 100 * step.slots))
+    np.testing.assert_allclose(0.5 * np.mean((far / scale) ** 2), COARSE_KL, rtol=1e-10)
+    np.testing.assert_allclose(far / np.linalg.norm(far), expected / np.linalg.norm(expected), rtol=1e-10)
+
+
+def test_the_curvature_is_a_plain_mean_then_an_average_over_the_last_hundred():
+    folded = CoarseCurvature(np.zeros(1), np.zeros((1, 2)), np.zeros((2, 2)), np.zeros(()))
+    for value in (1.0, 2.0, 3.0):
+        new = CoarseCurvature(np.full(1, value), np.full((1, 2), value), np.full((2, 2), value), None)
+        folded = fold_coarse_curvature(folded, new)
+    np.testing.assert_allclose(folded.globals, 2.0)  # the mean of 1, 2, 3
+    late = folded._replace(updates=np.array(500.0))
+    folded = fold_coarse_curvature(late, new._replace(globals=np.full(1, 102.0)))
+    np.testing.assert_allclose(folded.globals, 2.0 + (102.0 - 2.0) / 100)
+    assert folded.updates == 501
+
+
+def test_requesting_it_where_it_cannot_apply_is_refused_by_name():
+    with pytest.raises(ValueError, match="coarse_correction=True .* local latents in a subsampled plate"):
+        resolve_coarse(True, None)
+    layout = coarse_layout(BLOCKS)
+    assert resolve_coarse(None, layout) is layout
+    assert resolve_coarse(False, layout) is None
+    assert resolve_coarse(None, None) is None
