@@ -26,8 +26,8 @@
 8. ``--locals``: models with local latents in subsampled plates (crossed effects with
    both plates subsampled: the mechanism and the fits; random-intercept and
    random-intercept-and-slope logistic regressions against their exact-score fits; a
-   robust BNN on UCI Boston), the defaults (the orthogonal particle design and the coarse
-   correction) against the defaults without the coarse correction and independent
+   robust BNN on UCI Boston), the defaults (the orthogonal particle design) against the
+   defaults with the coarse correction (``coarse_correction=True``) and independent
    particles, with the default memory and with ``curvature_memory=100`` (and SVI)
    (docs/minibatch.md sections 16-19); benchmarks/results/minibatch_locals.json.
 
@@ -380,8 +380,8 @@ def crossed_mechanism(num_draws: int) -> dict:
 
 def memory_engines(model) -> dict:
     """By label, ``make(lr)`` of the engines the models with local latents compare: the
-    defaults (the orthogonal particle design and the coarse correction), the defaults
-    without the coarse correction, independent particles with the default memory and
+    defaults (the orthogonal particle design), the defaults with the coarse correction
+    (``coarse_correction=True``), independent particles with the default memory and
     with ``curvature_memory=100``, and SVI (``Trace_ELBO(4)``), AutoNormal and Adam."""
     memory = {"loss": ProximalScoreMatching(curvature_memory=100), "orthogonal_particles": False}
 
@@ -390,7 +390,7 @@ def memory_engines(model) -> dict:
 
     return {
         "defaults": engine,
-        "no coarse correction": partial(engine, coarse_correction=False),
+        "coarse correction": partial(engine, coarse_correction=True),
         "independent particles": partial(engine, orthogonal_particles=False),
         "independent particles, curvature_memory=100": partial(engine, **memory),
         "SVI": lambda lr: SVI(model, AutoNormal(model), numpyro.optim.Adam(lr), Trace_ELBO(4)),
@@ -509,9 +509,9 @@ def robust_bnn_fits(splits: int) -> list[dict]:
     """A network with local latents: the UCI BNN on Boston (the protocol of
     benchmarks/uci.py: batches of 32, 40 epochs, S = 4, Adam(1e-2)) with a Student-t
     likelihood as a scale mixture (``bnn_regression(student_df=4)``: one local ``lam`` per
-    training point), the defaults (the orthogonal particle design and the coarse
-    correction) against the defaults without the coarse correction and independent
-    particles with the default memory and with ``curvature_memory=100``; test
+    training point), the defaults (the orthogonal particle design) against the defaults
+    with the coarse correction and independent particles with the default memory and
+    with ``curvature_memory=100``; test
     log-likelihood of the Student-t predictive over 100 draws of the globals."""
     rows = []
     for split_id in range(splits):
@@ -521,10 +521,10 @@ def robust_bnn_fits(splits: int) -> list[dict]:
         model = partial(bnn_regression, subsample_size=BATCH, student_df=ROBUST_DF)
         steps = uci_info("bostonHousing")["epochs"] * math.ceil(len(split.y_train) / BATCH)
         engines = (
-            ("defaults", None, None, None),
-            ("no coarse correction", None, None, False),
-            ("independent particles", False, None, None),
-            ("independent particles, curvature_memory=100", False, 100, None),
+            ("defaults", None, None, False),
+            ("coarse correction", None, None, True),
+            ("independent particles", False, None, False),
+            ("independent particles, curvature_memory=100", False, 100, False),
         )
         for label, orthogonal, memory, coarse in engines:
             guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)

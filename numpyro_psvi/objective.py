@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from numpyro_psvi.guides import GuideDensity, LinearScoreStatistics, Params
-from psvi.coarse import CoarseCurvature, CoarseGradient, CoarseLayout, coarse_estimate
+from psvi.coarse import CoarseLayout, CoarseStatistics, coarse_estimate
 from psvi.objective import (
     LINEAR_SOLVE_FRACTIONS,
     LINEAR_SOLVE_ITERATIONS,
@@ -226,7 +226,7 @@ def coarse_statistics(
     particles: jax.Array,
     model_scores: jax.Array,
     weights: jax.Array | None,
-) -> tuple[CoarseGradient, CoarseCurvature]:
+) -> CoarseStatistics:
     """One update's :func:`psvi.coarse.coarse_estimate` from its particles and model
     scores (a local latent's own, ``weights`` its ``N/B`` or 0); ``layout``'s index
     arrays as ``jax.Array``."""

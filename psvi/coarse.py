@@ -5,16 +5,17 @@ the posterior is pinned only by the priors (a global mean against the mean of it
 effects; a random effects' scale against their spread) is crossed at a small fraction of
 a step per update, and at a small learning rate it crawls: crossed random effects end 5-11
 optimum sds from ``mu``'s mean after 3,000 updates at Adam(1e-3) (docs/minibatch.md,
-sections 18 and 19). As a two-level method does, the engines add one Newton step on a
-small *coarse* space per update: each global coordinate that a local slot couples to
+sections 18 and 19). As a two-level method does, the engines can add (``coarse_correction=True``;
+off by default, section 19 says why) a fraction of a Newton step on a small *coarse* space
+per update: each global coordinate that a local slot couples to
 strongly, and per local slot (one coordinate of every member of a subsampled plate) a
 *shift* direction (every member by its sd) and a *dilation* direction (every member along
 its own location). What that step needs comes from the update's own particles and scores
 (no score call more): with ``q`` Gaussian, Stein's identity gives ``E_q[-grad^2 log p]``
 projected on the coarse directions ``U`` as ``-E[(U' g)(U' diag(scale)^-2 (u - loc))']``,
-and the projected gradient is the particles' mean ``U' g``. The curvature is averaged over
-the last :data:`COARSE_MEMORY` updates; at the variational optimum the projected gradient
-is zero, so the correction keeps the fixed point.
+and the projected gradient is the particles' mean ``U' g``. Both are averaged over the
+last :data:`COARSE_MEMORY` updates; at the variational optimum the projected gradient is
+zero, so the correction keeps the fixed point.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 COARSE_MEMORY = 100
-"""Updates over which the coarse curvature is averaged (a plain mean while fewer)."""
+"""Updates over which the coarse gradient and curvature are averaged (a plain mean while
+fewer)."""
 
 COARSE_COUPLING = 0.5
 """A global joins the coarse space when its coupling to some slot direction,
@@ -33,9 +35,12 @@ multigrid's strength of connection). Measured: a GLMM's mean against its interce
 shift 0.85-0.92, crossed effects' ``mu`` against either slot 0.97-1.00, the other globals
 0.02-0.35; with every global in the space the GLMM's scale ``tau`` ended 1.9 sds off."""
 
-COARSE_STEP = 0.1
-"""The fraction of the coarse Newton step taken per update (the batch's noise enters it
-undamped; 0.1 and 0.3 did equally well in an oracle probe, docs/minibatch.md section 18)."""
+COARSE_STEP = 0.01
+"""The fraction of the averaged gradient's coarse Newton step taken per update: about one
+over :data:`COARSE_MEMORY`, so that the average's lag does not make the loop oscillate.
+With each update's own gradient (and 0.1, 0.03 or 0.01 of its step) the batch's noise,
+amplified along the weakly pinned directions, left a quadratic target's globals 0.35-1.0
+optimum sds off at Adam(1e-2), where the uncorrected engine ends within 0.03."""
 
 COARSE_KL = 0.02
 """The largest move of a correction, in nats per coordinate of ``KL(q || q_moved)``
@@ -77,12 +82,16 @@ def coarse_layout(blocks: np.ndarray | None) -> CoarseLayout | None:
     return CoarseLayout(np.flatnonzero(is_global), global_of, slot_of, num_globals, num_slots)
 
 
-class CoarseCurvature(NamedTuple):
-    """The coarse space's curvature, ``U' E_q[-grad^2 log p] U`` in blocks, averaged over
-    ``updates`` (:func:`fold_coarse_curvature`).
+class CoarseStatistics(NamedTuple):
+    """The coarse space's projected gradient ``U' E_q[grad log p]`` and curvature
+    ``U' E_q[-grad^2 log p] U`` (in blocks), averaged over ``updates``
+    (:func:`fold_coarse_statistics`).
 
     Attributes
     ----------
+    gradient_globals, gradient_slots : array
+        ``(G,)`` and ``(2 n,)``: the gradient along each global, then along each slot's
+        shift and dilation.
     globals : array
         ``(G,)``: each global's own (the globals' couplings among themselves are left to
         the per-coordinate step, which sees them).
@@ -94,14 +103,17 @@ class CoarseCurvature(NamedTuple):
         ``()``: the updates averaged so far.
     """
 
+    gradient_globals: Any
+    gradient_slots: Any
     globals: Any
     coupling: Any
     slots: Any
     updates: Any
 
 
-class CoarseGradient(NamedTuple):
-    """One update's ``U' E_q[grad log p]``: ``globals`` ``(G,)`` and ``slots`` ``(2 n,)``."""
+class CoarseStep(NamedTuple):
+    """A step's coefficients along the coarse directions: ``globals`` ``(G,)`` and
+    ``slots`` ``(2 n,)`` (each slot's shift, then each slot's dilation)."""
 
     globals: Any
     slots: Any
@@ -109,7 +121,7 @@ class CoarseGradient(NamedTuple):
 
 def coarse_estimate(
     xp: Any, global_scores: Any, global_deviations: Any, slot_scores: Any, slot_deviations: Any
-) -> tuple[CoarseGradient, CoarseCurvature]:
+) -> CoarseStatistics:
     """One update's projected gradient and curvature from its ``S`` particles.
 
     ``global_scores`` ``(S, G)``: each global's model score times its sd;
@@ -127,37 +139,36 @@ def coarse_estimate(
     coupling = -(centred_global.T @ slot_deviations + (centred_slot.T @ global_deviations).T) / (2 * count)
     slots = -(centred_slot.T @ slot_deviations) / count
     slots = (slots + slots.T) / 2
-    return CoarseGradient(mean_global, mean_slot), CoarseCurvature(globals_, coupling, slots, None)
+    return CoarseStatistics(mean_global, mean_slot, globals_, coupling, slots, None)
 
 
-def fold_coarse_curvature(old: CoarseCurvature, new: CoarseCurvature) -> CoarseCurvature:
+def fold_coarse_statistics(old: CoarseStatistics, new: CoarseStatistics) -> CoarseStatistics:
     """``old`` with ``new`` folded in: a plain mean over the first :data:`COARSE_MEMORY`
     updates, then an exponential average over that many."""
     updates = old.updates + 1
     rate = 1 / ((updates < COARSE_MEMORY) * updates + (updates >= COARSE_MEMORY) * COARSE_MEMORY)
-    return CoarseCurvature(
-        *(before + rate * (after - before) for before, after in zip(old[:3], new[:3], strict=True)), updates
-    )
+    folded = (before + rate * (after - before) for before, after in zip(old[:5], new[:5], strict=True))
+    return CoarseStatistics(*folded, updates)
 
 
-def coarse_newton_step(xp: Any, curvature: CoarseCurvature, gradient: CoarseGradient) -> CoarseGradient:
-    """The Newton step ``C^-1 U' g`` on the coarse space, in the coarse directions'
-    coefficients (zero for a global outside it, :data:`COARSE_COUPLING`; all zero where
+def coarse_newton_step(xp: Any, averages: CoarseStatistics) -> CoarseStep:
+    """The Newton step ``C^-1 U' g`` on the coarse space of the averaged statistics, in
+    the coarse directions' coefficients (zero for a global outside it, :data:`COARSE_COUPLING`; all zero where
     the curvature is not positive definite or the step not finite).
 
     The globals' own block is diagonal, so the step eliminates them (a Schur complement
     onto the ``2 n`` slot directions) and needs no ``G x G`` matrix."""
-    diag_globals = curvature.globals
-    diag_slots = xp.diagonal(curvature.slots)
-    strength = xp.abs(curvature.coupling) / xp.sqrt(
+    diag_globals = averages.globals
+    diag_slots = xp.diagonal(averages.slots)
+    strength = xp.abs(averages.coupling) / xp.sqrt(
         xp.abs(diag_globals)[:, None] * xp.abs(diag_slots)[None, :] + 1e-30
     )
     joins = (xp.amax(strength, 1) >= COARSE_COUPLING) & (diag_globals > 0)
-    coupling = curvature.coupling * joins[:, None]
+    coupling = averages.coupling * joins[:, None]
     inverse = joins / xp.where(joins, diag_globals, xp.ones_like(diag_globals))
-    gradient_globals = gradient.globals * joins
-    schur = curvature.slots - coupling.T @ (coupling * inverse[:, None])
-    rhs = gradient.slots - coupling.T @ (gradient_globals * inverse)
+    gradient_globals = averages.gradient_globals * joins
+    schur = averages.slots - coupling.T @ (coupling * inverse[:, None])
+    rhs = averages.gradient_slots - coupling.T @ (gradient_globals * inverse)
     values, vectors = xp.linalg.eigh(schur)
     positive = values.min() > 1e-12 * xp.abs(values).max()
     step_slots = vectors @ ((vectors.T @ rhs) / xp.where(values > 0, values, xp.ones_like(values)))
@@ -165,10 +176,10 @@ def coarse_newton_step(xp: Any, curvature: CoarseCurvature, gradient: CoarseGrad
     finite = xp.all(xp.isfinite(step_slots)) & xp.all(xp.isfinite(step_globals))
     keep = positive & finite
     zero_slots, zero_globals = xp.zeros_like(step_slots), xp.zeros_like(step_globals)
-    return CoarseGradient(xp.where(keep, step_globals, zero_globals), xp.where(keep, step_slots, zero_slots))
+    return CoarseStep(xp.where(keep, step_globals, zero_globals), xp.where(keep, step_slots, zero_slots))
 
 
-def coarse_move(xp: Any, layout: Any, loc: Any, scale: Any, step: CoarseGradient) -> Any:
+def coarse_move(xp: Any, layout: Any, loc: Any, scale: Any, step: CoarseStep) -> Any:
     """The ``(D,)`` move of the guide's location: :data:`COARSE_STEP` of ``step`` along
     the coarse directions, shortened to at most :data:`COARSE_KL` nats per coordinate.
     ``layout``'s index arrays in the backend's type."""
@@ -182,10 +193,10 @@ def coarse_move(xp: Any, layout: Any, loc: Any, scale: Any, step: CoarseGradient
     return move * xp.where(kl > COARSE_KL, (COARSE_KL / xp.where(kl > 0, kl, 1.0)) ** 0.5, 1.0)
 
 
-def resolve_coarse(requested: bool | None, layout: CoarseLayout | None) -> CoarseLayout | None:
-    """The layout an engine corrects along: ``layout`` unless the user's
-    ``coarse_correction`` is ``False`` (``None``: on wherever there is one). Raise naming
-    the fix when it is requested where there is none."""
+def resolve_coarse(requested: bool, layout: CoarseLayout | None) -> CoarseLayout | None:
+    """The layout an engine corrects along: ``layout`` where the user's
+    ``coarse_correction`` asks for it, else ``None``. Raise naming the fix when it is
+    requested where there is none."""
     if requested and layout is None:
         raise ValueError(
             "coarse_correction=True moves a diagonal Gaussian guide's globals and local slots "
@@ -193,4 +204,4 @@ def resolve_coarse(requested: bool | None, layout: CoarseLayout | None) -> Coars
             "AutoGuideList of AutoNormal parts) on a model with local latents in a subsampled "
             "plate. Leave it unset otherwise."
         )
-    return layout if requested is not False else None
+    return layout if requested else None

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from psvi.coarse import CoarseCurvature, CoarseGradient, CoarseLayout, coarse_estimate
+from psvi.coarse import CoarseLayout, CoarseStatistics, coarse_estimate
 from psvi.objective import (
     LINEAR_SOLVE_FRACTIONS,
     LINEAR_SOLVE_ITERATIONS,
@@ -268,7 +268,7 @@ def coarse_statistics(
     particles: torch.Tensor,
     model_scores: torch.Tensor,
     weights: torch.Tensor | None,
-) -> tuple[CoarseGradient, CoarseCurvature]:
+) -> CoarseStatistics:
     """One step's :func:`psvi.coarse.coarse_estimate` from its particles and model scores
     (a local latent's own, ``weights`` its ``N/B`` or 0); ``layout``'s index arrays as
     tensors on the particles' device."""

@@ -12,13 +12,13 @@ import pytest
 from psvi.coarse import (
     COARSE_KL,
     COARSE_STEP,
-    CoarseCurvature,
-    CoarseGradient,
+    CoarseStatistics,
+    CoarseStep,
     coarse_estimate,
     coarse_layout,
     coarse_move,
     coarse_newton_step,
-    fold_coarse_curvature,
+    fold_coarse_statistics,
     resolve_coarse,
 )
 
@@ -46,7 +46,12 @@ def _aggregates(loc, scale, particles, scores):
     slot_deviations = [deviations[:, member].sum(1) for member in slots]
     slot_deviations += [(deviations * loc / scale)[:, member].sum(1) for member in slots]
     glob = layout.global_coordinates
-    return (scores * scale)[:, glob], deviations[:, glob], np.stack(slot_scores, 1), np.stack(slot_deviations, 1)
+    return (
+        (scores * scale)[:, glob],
+        deviations[:, glob],
+        np.stack(slot_scores, 1),
+        np.stack(slot_deviations, 1),
+    )
 
 
 def _quadratic(seed: int = 0):
@@ -77,19 +82,22 @@ def test_the_layout_numbers_globals_and_slots():
 
 def test_steins_estimate_is_the_projected_curvature_and_gradient_on_a_quadratic():
     hessian, mode, loc, scale, particles, scores = _quadratic()
-    gradient, curvature = coarse_estimate(np, *_aggregates(loc, scale, particles, scores))
+    estimate = coarse_estimate(np, *_aggregates(loc, scale, particles, scores))
     directions = _directions(loc, scale)
     projected = directions.T @ hessian @ directions
-    np.testing.assert_allclose(curvature.globals, np.diag(projected)[:2], rtol=1e-10)
-    np.testing.assert_allclose(curvature.coupling, projected[:2, 2:], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(curvature.slots, projected[2:, 2:], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(estimate.globals, np.diag(projected)[:2], rtol=1e-10)
+    np.testing.assert_allclose(estimate.coupling, projected[:2, 2:], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(estimate.slots, projected[2:, 2:], rtol=1e-10, atol=1e-12)
     # The particles average to loc, so their mean score is the gradient there.
-    np.testing.assert_allclose(gradient.globals, (-(loc - mode) @ hessian @ directions)[:2], rtol=1e-10)
-    np.testing.assert_allclose(gradient.slots, (-(loc - mode) @ hessian @ directions)[2:], rtol=1e-10)
+    gradient = -(loc - mode) @ hessian @ directions
+    np.testing.assert_allclose(estimate.gradient_globals, gradient[:2], rtol=1e-10)
+    np.testing.assert_allclose(estimate.gradient_slots, gradient[2:], rtol=1e-10)
 
 
-def _curvature(projected: np.ndarray) -> CoarseCurvature:
-    return CoarseCurvature(np.diag(projected)[:2], projected[:2, 2:], projected[2:, 2:], 0)
+def _averages(projected: np.ndarray, gradient: np.ndarray) -> CoarseStatistics:
+    return CoarseStatistics(
+        gradient[:2], gradient[2:], np.diag(projected)[:2], projected[:2, 2:], projected[2:, 2:], 0
+    )
 
 
 def test_the_newton_step_solves_the_coarse_system_of_the_strongly_coupled_globals():
@@ -97,11 +105,11 @@ def test_the_newton_step_solves_the_coarse_system_of_the_strongly_coupled_global
     projected = np.eye(6)
     projected[0, 2] = projected[2, 0] = 0.9
     projected[1, 3:] = projected[3:, 1] = 0.1
-    gradient = CoarseGradient(np.array([1.0, 2.0]), np.array([0.5, -1.0, 0.3, 0.2]))
-    step = coarse_newton_step(np, _curvature(projected), gradient)
+    gradient = np.array([1.0, 2.0, 0.5, -1.0, 0.3, 0.2])
+    step = coarse_newton_step(np, _averages(projected, gradient))
     kept = [0, 2, 3, 4, 5]  # the coarse system without global 1, its couplings dropped
     system = projected[np.ix_(kept, kept)]
-    expected = np.linalg.solve(system, np.r_[gradient.globals, gradient.slots][kept])
+    expected = np.linalg.solve(system, gradient[kept])
     np.testing.assert_allclose(step.globals, [expected[0], 0.0], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(step.slots, expected[1:], rtol=1e-10)
 
@@ -109,35 +117,39 @@ def test_the_newton_step_solves_the_coarse_system_of_the_strongly_coupled_global
 def test_no_step_where_the_coarse_curvature_is_not_positive_definite():
     projected = np.eye(6)
     projected[0, 2] = projected[2, 0] = 1.5  # global 0 and slot 0: an indefinite pair
-    gradient = CoarseGradient(np.ones(2), np.ones(4))
-    step = coarse_newton_step(np, _curvature(projected), gradient)
+    step = coarse_newton_step(np, _averages(projected, np.ones(6)))
     assert not np.any(step.globals) and not np.any(step.slots)
-    empty = CoarseCurvature(np.zeros(2), np.zeros((2, 4)), np.zeros((4, 4)), 0)  # nothing averaged yet
-    step = coarse_newton_step(np, empty, gradient)
+    empty = _averages(np.zeros((6, 6)), np.zeros(6))  # nothing averaged yet
+    step = coarse_newton_step(np, empty)
     assert not np.any(step.globals) and not np.any(step.slots)
 
 
-def test_the_move_takes_a_tenth_of_the_step_within_the_kl_cap():
+def test_the_move_takes_its_fraction_of_the_step_within_the_kl_cap():
     layout = coarse_layout(BLOCKS)
     loc, scale = np.linspace(-1.0, 1.0, BLOCKS.size), np.full(BLOCKS.size, 0.5)
-    step = CoarseGradient(np.array([0.1, 0.0]), np.array([0.2, 0.0, 0.0, -0.1]))
+    step = CoarseStep(np.array([0.1, 0.0]), np.array([0.2, 0.0, 0.0, -0.1]))
     move = coarse_move(np, layout, loc, scale, step)
     expected = COARSE_STEP * (_directions(loc, scale) @ np.r_[step.globals, step.slots])
     np.testing.assert_allclose(move, expected, rtol=1e-12)
-    far = coarse_move(np, layout, loc, scale, CoarseGradient(100 * step.globals, 100 * step.slots))
+    far = coarse_move(np, layout, loc, scale, CoarseStep(1e4 * step.globals, 1e4 * step.slots))
     np.testing.assert_allclose(0.5 * np.mean((far / scale) ** 2), COARSE_KL, rtol=1e-10)
     np.testing.assert_allclose(far / np.linalg.norm(far), expected / np.linalg.norm(expected), rtol=1e-10)
 
 
-def test_the_curvature_is_a_plain_mean_then_an_average_over_the_last_hundred():
-    folded = CoarseCurvature(np.zeros(1), np.zeros((1, 2)), np.zeros((2, 2)), np.zeros(()))
+def test_the_statistics_are_a_plain_mean_then_an_average_over_the_last_hundred():
+    def filled(value: float) -> CoarseStatistics:
+        shapes = ((1,), (2,), (1,), (1, 2), (2, 2))
+        return CoarseStatistics(*(np.full(shape, value) for shape in shapes), None)
+
+    folded = filled(0.0)._replace(updates=np.zeros(()))
     for value in (1.0, 2.0, 3.0):
-        new = CoarseCurvature(np.full(1, value), np.full((1, 2), value), np.full((2, 2), value), None)
-        folded = fold_coarse_curvature(folded, new)
-    np.testing.assert_allclose(folded.globals, 2.0)  # the mean of 1, 2, 3
+        folded = fold_coarse_statistics(folded, filled(value))
+    for part in folded[:5]:
+        np.testing.assert_allclose(part, 2.0)  # the mean of 1, 2, 3
     late = folded._replace(updates=np.array(500.0))
-    folded = fold_coarse_curvature(late, new._replace(globals=np.full(1, 102.0)))
-    np.testing.assert_allclose(folded.globals, 2.0 + (102.0 - 2.0) / 100)
+    folded = fold_coarse_statistics(late, filled(102.0))
+    for part in folded[:5]:
+        np.testing.assert_allclose(part, 2.0 + (102.0 - 2.0) / 100)
     assert folded.updates == 501
 
 
@@ -145,6 +157,6 @@ def test_requesting_it_where_it_cannot_apply_is_refused_by_name():
     with pytest.raises(ValueError, match="coarse_correction=True .* local latents in a subsampled plate"):
         resolve_coarse(True, None)
     layout = coarse_layout(BLOCKS)
-    assert resolve_coarse(None, layout) is layout
-    assert resolve_coarse(False, layout) is None
-    assert resolve_coarse(None, None) is None
+    assert resolve_coarse(True, layout) is layout
+    assert resolve_coarse(False, layout) is None  # off by default
+    assert resolve_coarse(False, None) is None
