@@ -1,19 +1,20 @@
-"""The coarse location correction (:mod:`psvi.coarse`) in both engines.
+"""The coarse location correction (:mod:`psvi.coarse`, ``coarse_correction=True``) in both engines.
 
 Crossed effects ``y_ij ~ N(mu + a_i + b_j, 1)`` on 40 x 30 cells, ``N(0, 1)`` priors,
 AutoNormal, both plates subsampled 10 at a time: the posterior is Gaussian and known
 (:func:`psvi.contrib.targets.crossed_effects`), and only the priors pin the direction
 ``mu + 2c, a_i - c, b_j - c`` (the Jacobi-preconditioned precision's smallest eigenvalue
 is 0.0098). A diagonal guide's location crosses it at about 1% of a coordinate-wise step
-per update, so at the user's Adam(1e-3) ``mu`` crawled: 5-11 of the diagonal optimum's sds
-(0.6-1.3 of its marginal posterior sd) off after 3,000 updates, seeds 0-2, NumPyro
-(docs/minibatch.md section 18). With the correction, measured: 0.18 / 0.11 / 0.27
-optimum sds (0.013-0.034 marginal sds); every latent within 0.14-0.20 marginal sds.
+per update, so at the user's Adam(1e-3) ``mu`` crawls: 5-11 of the diagonal optimum's sds
+(0.6-1.3 of its marginal posterior sd) off after 3,000 updates, seeds 0-2, NumPyro, with
+the defaults (docs/minibatch.md section 18). With the correction, measured: 0.10-0.13
+optimum sds (0.012-0.016 marginal sds), every latent within 0.12-0.19 marginal sds
+(section 19).
 
 Tolerance: the mission's band, means within 0.2 posterior sd, on ``mu`` (the coarse
 direction), which the crawl misses three to six times over. The locals' errors sit at
-the mini-batch noise floor of the averaged iterates (the same 0.2-0.27 optimum sds at
-Adam(1e-2), with or without the correction), so they are not what this checks.
+the mini-batch noise floor of the averaged iterates (0.2-0.27 optimum sds at Adam(1e-2)
+too, with or without the correction), so they are not what this checks.
 """
 
 import jax
