@@ -305,7 +305,8 @@ class ProximalScoreVI(ScoreEngine):
         priors pin (a GLMM's mean against its intercepts' mean) at a small learning rate:
         on crossed random effects at Adam(1e-3) it brings ``mu`` from 5-11 to within 0.2
         of the optimum's sds in 3,000 updates; at Adam(1e-2), where the fits had arrived,
-        its noise costs some accuracy (docs/minibatch.md section 19). Off by default.
+        its noise costs some accuracy, the random effects' scales arrive more slowly
+        and a robust BNN predicted worse (docs/minibatch.md section 19). Off by default.
     reshuffle : bool
         Draw the mini-batches of the model's subsampled plates by random reshuffling
         (:mod:`numpyro_psvi.batches`: every member once per epoch, as
