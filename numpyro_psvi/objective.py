@@ -227,26 +227,14 @@ def coarse_statistics(
     model_scores: jax.Array,
     weights: jax.Array | None,
 ) -> CoarseStatistics:
-    """One update's :func:`psvi.coarse.coarse_estimate` from its particles and model
-    scores (a local latent's own, ``weights`` its ``N/B`` or 0); ``layout``'s index
-    arrays as ``jax.Array``."""
+    """One update's :func:`psvi.coarse.coarse_estimate` (its sums over each slot by
+    ``jax.ops.segment_sum``); ``layout``'s index arrays as ``jax.Array``."""
+
+    def sum_by_slot(values: jax.Array) -> jax.Array:
+        return jax.ops.segment_sum(values.T, layout.slot_of, layout.num_slots + 1)[:-1].T
+
     particles, model_scores = jax.lax.stop_gradient((particles, model_scores))
-    if weights is not None:
-        model_scores = model_scores * weights
-    seen = jnp.ones_like(loc_t) if weights is None else (weights > 0).astype(loc_t.dtype)
-    deviations = (particles - loc_t) / scale_t
-    summed = jnp.concatenate(
-        [model_scores * scale_t, model_scores * loc_t, deviations * seen, deviations * seen * loc_t / scale_t]
-    )
-    by_slot = jax.ops.segment_sum(summed.T, layout.slot_of, layout.num_slots + 1)[:-1].T
-    shift_scores, dilation_scores, shift_deviations, dilation_deviations = jnp.split(by_slot, 4)
-    return coarse_estimate(
-        jnp,
-        (model_scores * scale_t)[:, layout.global_coordinates],
-        deviations[:, layout.global_coordinates],
-        jnp.concatenate([shift_scores, dilation_scores], 1),
-        jnp.concatenate([shift_deviations, dilation_deviations], 1),
-    )
+    return coarse_estimate(jnp, sum_by_slot, layout, loc_t, scale_t, particles, model_scores, weights)
 
 
 def split_diagonal_objective(

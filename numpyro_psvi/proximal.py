@@ -595,7 +595,7 @@ class ProximalScoreVI(ScoreEngine):
                 estimate = coarse_statistics(
                     self.coarse_layout, loc_t, scale_t, particles, scored.scores, weights
                 )
-                averages = averages._replace(coarse=fold_coarse_statistics(averages.coarse, estimate))
+                averages = averages._replace(coarse=fold_coarse_statistics(jnp, averages.coarse, estimate))
 
         def objective(unconstrained):
             params = self.constrain_fn(unconstrained)

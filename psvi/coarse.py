@@ -20,9 +20,12 @@ zero, so the correction keeps the fixed point.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from psvi.objective import curvature_fold_rates
 
 COARSE_MEMORY = 100
 """Updates over which the coarse gradient and curvature are averaged (a plain mean while
@@ -120,19 +123,39 @@ class CoarseStep(NamedTuple):
 
 
 def coarse_estimate(
-    xp: Any, global_scores: Any, global_deviations: Any, slot_scores: Any, slot_deviations: Any
+    xp: Any,
+    sum_by_slot: Callable[[Any], Any],
+    layout: Any,
+    loc_t: Any,
+    scale_t: Any,
+    particles: Any,
+    model_scores: Any,
+    weights: Any | None,
 ) -> CoarseStatistics:
-    """One update's projected gradient and curvature from its ``S`` particles.
+    """One update's projected gradient and curvature from its ``S`` particles and their
+    model scores (``xp``: ``jax.numpy`` or ``torch``; ``layout``'s index arrays in its type).
 
-    ``global_scores`` ``(S, G)``: each global's model score times its sd;
-    ``global_deviations`` ``(S, G)``: its deviation in sds; ``slot_scores`` ``(S, 2 n)``:
-    the model scores summed over a slot's members weighted by their sds (shift) and by
-    their locations (dilation); ``slot_deviations`` ``(S, 2 n)``: the deviations in sds
-    summed over the members seen by the update's batch, unweighted (shift) and weighted by
-    location over sd (dilation). Each local latent's score counts ``N/B`` times (unbiased
-    over the batches). Centring the scores removes the mean's contribution exactly.
+    ``model_scores`` are a local latent's own, ``weights`` its ``N/B`` in the batch and 0
+    outside it (``None``: no subsampled plate), so each local's score counts ``N/B`` times
+    (unbiased over the batches) and only the batch's members' deviations enter;
+    ``sum_by_slot(values)``, ``(R, D) -> (R, n)``: each row's sums over each slot's
+    coordinates (the backend's segment sum). Centring the scores removes the mean's
+    contribution exactly.
     """
-    count = global_scores.shape[0]
+    if weights is not None:
+        model_scores = model_scores * weights
+    deviations = (particles - loc_t) / scale_t  # in sds
+    seen = deviations if weights is None else deviations * (weights > 0)
+    count = particles.shape[0]
+    summed = sum_by_slot(
+        xp.concatenate([model_scores * scale_t, model_scores * loc_t, seen, seen * loc_t / scale_t])
+    )
+    # The slots' shift directions (members by their sds), then their dilations (members
+    # along their locations); the deviations weighted by direction over variance.
+    slot_scores = xp.concatenate([summed[:count], summed[count : 2 * count]], 1)
+    slot_deviations = xp.concatenate([summed[2 * count : 3 * count], summed[3 * count :]], 1)
+    global_scores = (model_scores * scale_t)[:, layout.global_coordinates]
+    global_deviations = deviations[:, layout.global_coordinates]
     mean_global, mean_slot = global_scores.mean(0), slot_scores.mean(0)
     centred_global, centred_slot = global_scores - mean_global, slot_scores - mean_slot
     globals_ = -(centred_global * global_deviations).sum(0) / count
@@ -142,11 +165,12 @@ def coarse_estimate(
     return CoarseStatistics(mean_global, mean_slot, globals_, coupling, slots, None)
 
 
-def fold_coarse_statistics(old: CoarseStatistics, new: CoarseStatistics) -> CoarseStatistics:
+def fold_coarse_statistics(xp: Any, old: CoarseStatistics, new: CoarseStatistics) -> CoarseStatistics:
     """``old`` with ``new`` folded in: a plain mean over the first :data:`COARSE_MEMORY`
-    updates, then an exponential average over that many."""
+    updates, then an exponential average over that many (the globals' curvature fold,
+    :func:`psvi.objective.curvature_fold_rates`)."""
     updates = old.updates + 1
-    rate = 1 / ((updates < COARSE_MEMORY) * updates + (updates >= COARSE_MEMORY) * COARSE_MEMORY)
+    rate = curvature_fold_rates(xp, 1.0, updates, COARSE_MEMORY, None, 1)
     folded = (before + rate * (after - before) for before, after in zip(old[:5], new[:5], strict=True))
     return CoarseStatistics(*folded, updates)
 

@@ -269,33 +269,15 @@ def coarse_statistics(
     model_scores: torch.Tensor,
     weights: torch.Tensor | None,
 ) -> CoarseStatistics:
-    """One step's :func:`psvi.coarse.coarse_estimate` from its particles and model scores
-    (a local latent's own, ``weights`` its ``N/B`` or 0); ``layout``'s index arrays as
-    tensors on the particles' device."""
+    """One step's :func:`psvi.coarse.coarse_estimate` (its sums over each slot by
+    ``index_add_``); ``layout``'s index arrays as tensors on the particles' device."""
+
+    def sum_by_slot(values: torch.Tensor) -> torch.Tensor:
+        sums = values.new_zeros(values.shape[0], layout.num_slots + 1)
+        return sums.index_add_(1, layout.slot_of, values)[:, :-1]
+
     with torch.no_grad():
-        if weights is not None:
-            model_scores = model_scores * weights
-        seen = torch.ones_like(loc_t) if weights is None else (weights > 0).to(loc_t.dtype)
-        deviations = (particles - loc_t) / scale_t
-        summed = torch.cat(
-            [
-                model_scores * scale_t,
-                model_scores * loc_t,
-                deviations * seen,
-                deviations * seen * loc_t / scale_t,
-            ]
-        )
-        by_slot = summed.new_zeros(summed.shape[0], layout.num_slots + 1).index_add_(
-            1, layout.slot_of, summed
-        )
-        shift_scores, dilation_scores, shift_deviations, dilation_deviations = by_slot[:, :-1].chunk(4)
-        return coarse_estimate(
-            torch,
-            (model_scores * scale_t)[:, layout.global_coordinates],
-            deviations[:, layout.global_coordinates],
-            torch.cat([shift_scores, dilation_scores], 1),
-            torch.cat([shift_deviations, dilation_deviations], 1),
-        )
+        return coarse_estimate(torch, sum_by_slot, layout, loc_t, scale_t, particles, model_scores, weights)
 
 
 def split_diagonal_problem(

@@ -951,7 +951,9 @@ class ProximalScoreVI(ScoreEngine):
                     estimate = coarse_statistics(
                         self.coarse_layout, loc_t, scale_t, particles, scores, weights
                     )
-                    averages = averages._replace(coarse=fold_coarse_statistics(averages.coarse, estimate))
+                    averages = averages._replace(
+                        coarse=fold_coarse_statistics(torch, averages.coarse, estimate)
+                    )
                 particles = scores = None
                 averages = self._fold_curvature(averages, curvature_statistics(stats, scale_t), weights)
         # Monte Carlo KLs (user guides) and flows' displacements use common random numbers
