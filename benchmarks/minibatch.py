@@ -17,6 +17,7 @@
    to benchmarks/results/mnist_minibatch.json (docs/mnist.md keeps the earlier rows).
 
     python -m benchmarks.minibatch [--quick] [--mnist 20000 60000] [--moves] [--lowrank] [--locals]
+        [--run-length]
 
 6. ``--moves``: the per-update move (K x lr) cut by 5, through the rate or through K, on
    the regression (3,000 updates, three seeds) and the digits MLP (20,000 score calls)
@@ -30,6 +31,10 @@
    defaults with the coarse correction (``coarse_correction=True``) and independent
    particles, with the default memory and with ``curvature_memory=100`` (and SVI)
    (docs/minibatch.md sections 16-19); benchmarks/results/minibatch_locals.json.
+9. ``--run-length``: crossed effects (against the exact posterior) and both logistic GLMMs
+   (against exact-score fits with antithetic pairs and averaged iterates) at the user's
+   Adam(1e-3), the defaults and SVI after 3,000 to 48,000 updates of one run
+   (docs/minibatch.md section 20); benchmarks/results/minibatch_run_length.json.
 
 Writes benchmarks/results/minibatch.json; docs/minibatch.md reads it.
 """
@@ -39,7 +44,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import NamedTuple
 
@@ -72,7 +77,12 @@ from numpyro_psvi.objective import (
     proximal_objective,
 )
 from psvi.contrib.datasets import load_digits, load_uci, uci_info
-from psvi.contrib.targets import crossed_effects, random_intercept_logistic_data, random_slope_logistic_data
+from psvi.contrib.targets import (
+    crossed_effects,
+    crossed_effects_marginal_sds,
+    random_intercept_logistic_data,
+    random_slope_logistic_data,
+)
 
 N, B, D = 2000, 100, 5
 
@@ -460,6 +470,103 @@ def glmm_flat(params: dict, sites: tuple[str, ...]) -> tuple[np.ndarray, np.ndar
     )
 
 
+def glmm_reference(
+    glmm: GLMM, reference_steps: tuple[int, int], options: dict
+) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """A GLMM's exact-score reference (every group, AutoNormal, Adam(1e-2), the engine
+    ``options``): its flat locs and scales after ``reference_steps[1]`` updates, and a
+    record of the run with its drift from ``reference_steps[0]`` updates in its sds (the
+    reference's own error)."""
+    x, y = (jnp.asarray(part) for part in glmm.data)
+    exact = glmm.make(GLMM_GROUPS)
+    (loc_a, _), (ref_loc, ref_sd) = (
+        glmm_flat(
+            ProximalScoreVI(exact, AutoNormal(exact), numpyro.optim.Adam(1e-2), **options)
+            .run(jax.random.PRNGKey(0), steps, x, y, progress_bar=False)
+            .params,
+            glmm.sites,
+        )
+        for steps in reference_steps
+    )
+    drift, g = np.abs(loc_a - ref_loc) / ref_sd, glmm.num_globals
+    record = {"globals": list(glmm.sites[:g]), "reference steps": list(reference_steps),
+              "reference options": options, "reference drift (sds)": np.round(drift[:g], 3).tolist(),
+              "reference locals drift (sds, max)": float(drift[g:].max())}  # fmt: skip
+    print(record, flush=True)
+    return (ref_loc, ref_sd), record
+
+
+RUN_LENGTHS = (3000, 6000, 12000, 24000, 48000)
+
+
+def params_along_run(engine, run_lengths: tuple[int, ...], seed: int, *args) -> Iterator[tuple[int, dict]]:
+    """``(updates, params)`` of one run of ``engine`` (``ProximalScoreVI`` or ``SVI``: the
+    same ``init / update / get_params``) after each of ``run_lengths`` updates."""
+    state, update = engine.init(jax.random.PRNGKey(seed), *args), jax.jit(engine.update)
+    for done in range(1, run_lengths[-1] + 1):
+        state, _ = update(state, *args)
+        if done in run_lengths:
+            yield done, engine.get_params(state)
+
+
+def crossed_run_length_fits(run_lengths: tuple[int, ...], seeds: int) -> list[dict]:
+    """Crossed effects (docs/minibatch.md section 16) at the user's Adam(1e-3): the
+    defaults and SVI (``Trace_ELBO(4)``) after each of ``run_lengths`` updates of one run;
+    ``mu``'s and the largest mean error in the best diagonal Gaussian's sds and in the
+    exact posterior's marginal sds (the mission's unit), the sds over the optimum's."""
+    y, mean, sd = crossed_effects(CROSSED_ROWS, CROSSED_COLS)
+    marginal = crossed_effects_marginal_sds(CROSSED_ROWS, CROSSED_COLS)
+    engines = memory_engines(crossed_effects_plates_model(CROSSED_ROWS, CROSSED_COLS, CROSSED_BATCH))
+    rows = []
+    for label, seed in itertools.product(("defaults", "SVI"), range(seeds)):
+        for done, params in params_along_run(engines[label](1e-3), run_lengths, seed, jnp.asarray(y)):
+            loc, scale = (
+                np.concatenate([np.ravel(params[f"{name}_auto_{part}"]) for name in ("mu", "a", "b")])
+                for part in ("loc", "scale")
+            )
+            error, ratio = np.abs(loc - mean), scale / sd
+            rows.append({"engine": label, "seed": seed, "updates": done,
+                         "mu mean error (optimum sd)": float(error[0] / sd[0]),
+                         "max mean error (optimum sd)": float((error / sd).max()),
+                         "mu mean error (marginal sd)": float(error[0] / marginal[0]),
+                         "max mean error (marginal sd)": float((error / marginal).max()),
+                         "sd ratio range": [float(ratio.min()), float(ratio.max())]})  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
+STEADY_REFERENCE = {"num_particles": 8, "antithetic_particles": True, "average_iterates": True}
+
+
+def run_length_fits(
+    glmm: GLMM, run_lengths: tuple[int, ...], seeds: int, reference_steps: tuple[int, int]
+) -> dict:
+    """A logistic GLMM at the user's Adam(1e-3): the defaults and SVI (``Trace_ELBO(4)``,
+    the same score calls per update) after each of ``run_lengths`` updates of one run,
+    against the exact-score reference with antithetic pairs and averaged iterates (both
+    GLMMs; the defaults' own exact-score fit wanders 0.2 sds along the intercept model's
+    ``tau``): per global, mean error in the reference's sds and sd over the reference's,
+    and over the locals."""
+    x, y = (jnp.asarray(part) for part in glmm.data)
+    (ref_loc, ref_sd), out = glmm_reference(glmm, reference_steps, STEADY_REFERENCE)
+    g = glmm.num_globals
+    model = glmm.make(GLMM_GROUPS, GLMM_BATCH)
+    engines = {key: value for key, value in memory_engines(model).items() if key in ("defaults", "SVI")}
+    rows = []
+    for (label, make), seed in itertools.product(engines.items(), range(seeds)):
+        for done, params in params_along_run(make(1e-3), run_lengths, seed, x, y):
+            loc, scale = glmm_flat(params, glmm.sites)
+            error, ratio = np.abs(loc - ref_loc) / ref_sd, scale / ref_sd
+            rows.append({"engine": label, "seed": seed, "updates": done,
+                         "globals mean error (sd)": np.round(error[:g], 3).tolist(),
+                         "globals sd ratio": np.round(ratio[:g], 3).tolist(),
+                         "locals max mean error (sd)": float(error[g:].max()),
+                         "locals sd ratio range": [float(ratio[g:].min()),
+                                                   float(ratio[g:].max())]})  # fmt: skip
+            print(rows[-1], flush=True)
+    return {**out, "rows": rows}
+
+
 def glmm_fits(glmm: GLMM, num_steps: int, seeds: int, reference_steps: tuple[int, int]) -> dict:
     """A logistic GLMM (100 groups of 20, groups subsampled 10 at a time), against the
     same guide's exact-score fit (every group, ``glmm.reference_options``,
@@ -468,23 +575,8 @@ def glmm_fits(glmm: GLMM, num_steps: int, seeds: int, reference_steps: tuple[int
     Adam(1e-3), per global site and over the locals, mean error in the reference's sds and
     sd over the reference's."""
     x, y = (jnp.asarray(part) for part in glmm.data)
-    exact = glmm.make(GLMM_GROUPS)
-    references = [
-        glmm_flat(
-            ProximalScoreVI(exact, AutoNormal(exact), numpyro.optim.Adam(1e-2), **glmm.reference_options)
-            .run(jax.random.PRNGKey(0), steps, x, y, progress_bar=False)
-            .params,
-            glmm.sites,
-        )
-        for steps in reference_steps
-    ]
-    (loc_a, _), (ref_loc, ref_sd) = references
-    drift, g = np.abs(loc_a - ref_loc) / ref_sd, glmm.num_globals
-    out = {"globals": list(glmm.sites[:g]), "reference steps": list(reference_steps),
-           "reference options": glmm.reference_options,
-           "reference drift (sds)": np.round(drift[:g], 3).tolist(),
-           "reference locals drift (sds, max)": float(drift[g:].max())}  # fmt: skip
-    print(out, flush=True)
+    (ref_loc, ref_sd), out = glmm_reference(glmm, reference_steps, glmm.reference_options)
+    g = glmm.num_globals
     model = glmm.make(GLMM_GROUPS, GLMM_BATCH)
     rows = []
     for lr, (label, make) in itertools.product((1e-2, 1e-3), memory_engines(model).items()):
@@ -556,7 +648,19 @@ def main() -> None:
     parser.add_argument("--moves", action="store_true", help="only the per-update move study")
     parser.add_argument("--lowrank", action="store_true", help="only AutoLowRankMultivariateNormal's fits")
     parser.add_argument("--locals", action="store_true", help="only the models with local latents")
+    parser.add_argument(
+        "--run-length", action="store_true", help="only the GLMMs at Adam(1e-3), over run lengths"
+    )
     args = parser.parse_args()
+    if args.run_length:
+        lengths, seeds = ((300, 600), 1) if args.quick else (RUN_LENGTHS, 3)
+        reference_steps = (1000, 2000) if args.quick else (30000, 60000)
+        payload = {
+            "crossed effects": crossed_run_length_fits(lengths, seeds),
+            **{name: run_length_fits(glmm, lengths, seeds, reference_steps) for name, glmm in GLMMS.items()},
+        }
+        print(save("minibatch_run_length_quick" if args.quick else "minibatch_run_length", payload))
+        return
     if args.locals:
         steps, seeds = (300, 1) if args.quick else (3000, 3)
         reference_steps = (1000, 2000) if args.quick else (30000, 60000)

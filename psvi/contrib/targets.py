@@ -131,14 +131,27 @@ def crossed_effects(rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np
     pin the direction ``mu + c, a_i - c, b_j - c``: a weakly identified direction."""
     rng = np.random.default_rng(seed)
     y = rng.normal(size=rows)[:, None] + rng.normal(size=cols)[None, :] + 0.5 + rng.normal(size=(rows, cols))
+    design = _crossed_design(rows, cols)
+    precision = np.eye(design.shape[1]) + design.T @ design
+    mean = np.linalg.solve(precision, design.T @ y.ravel())
+    return y.astype(np.float32), mean, 1 / np.sqrt(np.diag(precision))
+
+
+def crossed_effects_marginal_sds(rows: int, cols: int) -> np.ndarray:
+    """The marginal posterior sds of ``x = (mu, a, b)`` in :func:`crossed_effects`'s model
+    (the diagonal of ``P^-1``; the data do not enter): the mission's unit, larger than the
+    best diagonal Gaussian's sds along the weakly identified direction."""
+    design = _crossed_design(rows, cols)
+    return np.sqrt(np.diag(np.linalg.inv(np.eye(design.shape[1]) + design.T @ design)))
+
+
+def _crossed_design(rows: int, cols: int) -> np.ndarray:
+    """The ``(rows * cols, 1 + rows + cols)`` design of ``y_ij ~ N(mu + a_i + b_j, 1)``."""
     design = np.zeros((rows, cols, 1 + rows + cols))
     design[:, :, 0] = 1.0
     design[np.arange(rows), :, 1 + np.arange(rows)] = 1.0
     design[:, np.arange(cols), 1 + rows + np.arange(cols)] = 1.0
-    design = design.reshape(rows * cols, -1)
-    precision = np.eye(design.shape[1]) + design.T @ design
-    mean = np.linalg.solve(precision, design.T @ y.ravel())
-    return y.astype(np.float32), mean, 1 / np.sqrt(np.diag(precision))
+    return design.reshape(rows * cols, -1)
 
 
 def random_intercept_logistic_data(

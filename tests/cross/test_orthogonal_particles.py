@@ -6,8 +6,9 @@ particles, each particle still a draw of ``q_t``. What is checked here is exact 
 (block structure, orthogonality, each block's particles averaging to the mean) and the
 draws' marginal law, and fits: two local slots per member and two globals with
 ``S = 4`` (the globals then share one column); the random-intercept GLMM's globals and,
-at Adam(1e-3), a random-intercept-and-slope GLMM's sds (slow); the crossed-effects fits
-are in ``test_crossed_plates.py``.
+at Adam(1e-3), a random-intercept-and-slope GLMM's sds (slow), and both GLMMs' means at
+Adam(1e-3) after SVI's own run length at that rate (slow); the crossed-effects fits are
+in ``test_crossed_plates.py``.
 """
 
 import functools
@@ -32,6 +33,7 @@ from numpyro_psvi.guides import orthogonal as n_orthogonal
 from psvi.contrib.targets import crossed_effects, random_intercept_logistic_data, random_slope_logistic_data
 from psvi.designs import coordinate_blocks, design_group_size, orthogonal_design
 from pyro_psvi.contrib.models import crossed_effects_plates_model as p_crossed_effects_plates_model
+from pyro_psvi.contrib.models import random_intercept_logistic_model as p_random_intercept_logistic_model
 from pyro_psvi.contrib.models import random_slope_logistic_model as p_random_slope_logistic_model
 from pyro_psvi.guides import orthogonal as p_orthogonal
 
@@ -233,22 +235,32 @@ def test_numpyro_random_intercept_logistic_globals_sds_with_the_defaults():
 
 
 SLOPE_SITES = ("mu", "beta", "tau_a", "tau_b", "z", "w")
+INTERCEPT_SITES = ("mu", "beta", "tau", "z")
 
 
 @functools.cache
-def _random_slope_reference_scales() -> dict[str, np.ndarray]:
-    """The random-slope model's exact-score reference, AutoNormal's scales by site: the same
-    guide's exact-score fit (NumPyro, 20,000 updates), its particles in antithetic pairs and
-    its iterates averaged (moved <= 0.03 of its sds between 30,000 and 60,000 updates,
-    benchmarks/results/minibatch_locals.json)."""
-    x, y = (jnp.asarray(part) for part in random_slope_logistic_data(100))
-    exact = random_slope_logistic_model(100)
+def _glmm_reference(slopes: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A GLMM's exact-score reference, AutoNormal's ``(loc, scale)`` by site: the same guide's
+    exact-score fit (NumPyro, every group, 20,000 updates), its particles in antithetic
+    pairs and its iterates averaged (moved <= 0.03 of its sds between 30,000 and 60,000
+    updates, benchmarks/results/minibatch_run_length.json); the random-slope model with
+    ``slopes``, else the random-intercept one."""
+    make, data, sites = (
+        (random_slope_logistic_model, random_slope_logistic_data, SLOPE_SITES)
+        if slopes
+        else (random_intercept_logistic_model, random_intercept_logistic_data, INTERCEPT_SITES)
+    )
+    x, y = (jnp.asarray(part) for part in data(100))
+    exact = make(100)
     reference = numpyro_psvi.ProximalScoreVI(
         exact, NAutoNormal(exact), numpyro.optim.Adam(1e-2),
         num_particles=8, antithetic_particles=True, average_iterates=True,
     )  # fmt: skip
     params = reference.run(jax.random.PRNGKey(0), 20000, x, y, progress_bar=False).params
-    return {name: np.asarray(params[f"{name}_auto_scale"]) for name in SLOPE_SITES}
+    return {
+        name: (np.asarray(params[f"{name}_auto_loc"]), np.asarray(params[f"{name}_auto_scale"]))
+        for name in sites
+    }
 
 
 # Two local slots per group (intercept z, slope w) and four globals on the design's one
@@ -269,7 +281,7 @@ def test_numpyro_random_slope_logistic_sds_at_adam_1e_3_with_the_defaults():
     engine = numpyro_psvi.ProximalScoreVI(model, NAutoNormal(model), numpyro.optim.Adam(1e-3))
     params = engine.run(jax.random.PRNGKey(0), 3000, x, y, progress_bar=False).params
     assert engine.particle_design.group_size == 4
-    for name, reference in _random_slope_reference_scales().items():
+    for name, (_, reference) in _glmm_reference(True).items():
         ratio = np.asarray(params[f"{name}_auto_scale"]) / reference
         assert np.all(np.abs(ratio - 1) < 0.2), (name, ratio.min(), ratio.max())
 
@@ -284,6 +296,56 @@ def test_pyro_random_slope_logistic_sds_at_adam_1e_3_with_the_defaults():
     for _ in range(3000):
         engine.step(x, y)
     assert engine.particle_design.group_size == 4
-    for name, reference in _random_slope_reference_scales().items():
+    for name, (_, reference) in _glmm_reference(True).items():
         ratio = pyro.param(f"AutoNormal.scales.{name}").detach().numpy() / reference
         assert np.all(np.abs(ratio - 1) < 0.2), (name, ratio.min(), ratio.max())
+
+
+# At the user's Adam(1e-3) the means need a longer run than 3,000 updates: the globals
+# arrive along the directions the priors pin after 4,000-6,000 updates, and a scale's
+# averaged iterate then wanders 0.1-0.27 of its sd for a few thousand more (its raw
+# iterate +-0.8 at Adam(1e-3)). SVI needs longer still at that rate: with Trace_ELBO(4)
+# (the same score calls) it is 2-14 sds off after 6,000 updates and 0.16-0.31 off after
+# 24,000 and 48,000 (benchmarks/results/minibatch_run_length.json, seeds 0-2). The check:
+# after 24,000 updates (SVI's own run length at this rate) every latent's mean within
+# 0.2 of the reference's sds and every sd within 20% (the mission's band; the reference's
+# own error <= 0.03 sds). Measured, seeds 0 / 1 / 2: NumPyro's random-slope model, largest
+# global error 0.094 / 0.122 / 0.057, locals <= 0.01, sds 0.946-1.01; Pyro's random-intercept
+# model, tau 0.15 / 0.07 / 0.08, the rest <= 0.02, sds 0.99-1.00.
+RUN_LENGTH = 24000
+
+
+def _check_against_reference(reference: dict, locs: dict, scales: dict) -> None:
+    for name, (ref_loc, ref_scale) in reference.items():
+        error = np.abs(locs[name] - ref_loc) / ref_scale
+        ratio = scales[name] / ref_scale
+        assert np.all(error < 0.2), (name, error.max())
+        assert np.all(np.abs(ratio - 1) < 0.2), (name, ratio.min(), ratio.max())
+
+
+@pytest.mark.slow  # ~45 s: 24,000 updates and the reference
+def test_numpyro_random_slope_logistic_means_at_adam_1e_3_over_svi_run_length():
+    x, y = (jnp.asarray(part) for part in random_slope_logistic_data(100))
+    model = random_slope_logistic_model(100, 10)
+    engine = numpyro_psvi.ProximalScoreVI(model, NAutoNormal(model), numpyro.optim.Adam(1e-3))
+    params = engine.run(jax.random.PRNGKey(0), RUN_LENGTH, x, y, progress_bar=False).params
+    locs, scales = (
+        {name: np.asarray(params[f"{name}_auto_{part}"]) for name in SLOPE_SITES} for part in ("loc", "scale")
+    )
+    _check_against_reference(_glmm_reference(True), locs, scales)
+
+
+@pytest.mark.slow  # ~3 min: 24,000 Pyro steps and NumPyro's reference
+def test_pyro_random_intercept_logistic_means_at_adam_1e_3_over_svi_run_length():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    x, y = (torch.tensor(part) for part in random_intercept_logistic_data(100))
+    model = p_random_intercept_logistic_model(100, 10)
+    engine = pyro_psvi.ProximalScoreVI(model, PAutoNormal(model), pyro.optim.Adam({"lr": 1e-3}))
+    for _ in range(RUN_LENGTH):
+        engine.step(x, y)
+    locs, scales = (
+        {name: pyro.param(f"AutoNormal.{part}.{name}").detach().numpy() for name in INTERCEPT_SITES}
+        for part in ("locs", "scales")
+    )
+    _check_against_reference(_glmm_reference(False), locs, scales)
