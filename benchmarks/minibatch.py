@@ -33,7 +33,7 @@
    (docs/minibatch.md sections 16-19); benchmarks/results/minibatch_locals.json.
 9. ``--run-length``: crossed effects (against the exact posterior) and both logistic GLMMs
    (against exact-score fits with antithetic pairs and averaged iterates) at the user's
-   Adam(1e-3), the defaults and SVI after 3,000 to 48,000 updates of one run
+   Adam(1e-2) and Adam(1e-3), the defaults and SVI after 3,000 to 48,000 updates of one run
    (docs/minibatch.md section 20); benchmarks/results/minibatch_run_length.json.
 
 Writes benchmarks/results/minibatch.json; docs/minibatch.md reads it.
@@ -510,22 +510,22 @@ def params_along_run(engine, run_lengths: tuple[int, ...], seed: int, *args) -> 
 
 
 def crossed_run_length_fits(run_lengths: tuple[int, ...], seeds: int) -> list[dict]:
-    """Crossed effects (docs/minibatch.md section 16) at the user's Adam(1e-3): the
-    defaults and SVI (``Trace_ELBO(4)``) after each of ``run_lengths`` updates of one run;
-    ``mu``'s and the largest mean error in the best diagonal Gaussian's sds and in the
+    """Crossed effects (docs/minibatch.md section 16) at the user's Adam(1e-2) and
+    Adam(1e-3): the defaults and SVI (``Trace_ELBO(4)``) after each of ``run_lengths``
+    updates of one run; ``mu``'s and the largest mean error in the best diagonal Gaussian's sds and in the
     exact posterior's marginal sds (the mission's unit), the sds over the optimum's."""
     y, mean, sd = crossed_effects(CROSSED_ROWS, CROSSED_COLS)
     marginal = crossed_effects_marginal_sds(CROSSED_ROWS, CROSSED_COLS)
     engines = memory_engines(crossed_effects_plates_model(CROSSED_ROWS, CROSSED_COLS, CROSSED_BATCH))
     rows = []
-    for label, seed in itertools.product(("defaults", "SVI"), range(seeds)):
-        for done, params in params_along_run(engines[label](1e-3), run_lengths, seed, jnp.asarray(y)):
+    for lr, label, seed in itertools.product((1e-2, 1e-3), ("defaults", "SVI"), range(seeds)):
+        for done, params in params_along_run(engines[label](lr), run_lengths, seed, jnp.asarray(y)):
             loc, scale = (
                 np.concatenate([np.ravel(params[f"{name}_auto_{part}"]) for name in ("mu", "a", "b")])
                 for part in ("loc", "scale")
             )
             error, ratio = np.abs(loc - mean), scale / sd
-            rows.append({"engine": label, "seed": seed, "updates": done,
+            rows.append({"lr": lr, "engine": label, "seed": seed, "updates": done,
                          "mu mean error (optimum sd)": float(error[0] / sd[0]),
                          "max mean error (optimum sd)": float((error / sd).max()),
                          "mu mean error (marginal sd)": float(error[0] / marginal[0]),
@@ -541,8 +541,9 @@ STEADY_REFERENCE = {"num_particles": 8, "antithetic_particles": True, "average_i
 def run_length_fits(
     glmm: GLMM, run_lengths: tuple[int, ...], seeds: int, reference_steps: tuple[int, int]
 ) -> dict:
-    """A logistic GLMM at the user's Adam(1e-3): the defaults and SVI (``Trace_ELBO(4)``,
-    the same score calls per update) after each of ``run_lengths`` updates of one run,
+    """A logistic GLMM at the user's Adam(1e-2) and Adam(1e-3): the defaults and SVI
+    (``Trace_ELBO(4)``, the same score calls per update) after each of ``run_lengths``
+    updates of one run,
     against the exact-score reference with antithetic pairs and averaged iterates (both
     GLMMs; the defaults' own exact-score fit wanders 0.2 sds along the intercept model's
     ``tau``): per global, mean error in the reference's sds and sd over the reference's,
@@ -553,11 +554,11 @@ def run_length_fits(
     model = glmm.make(GLMM_GROUPS, GLMM_BATCH)
     engines = {key: value for key, value in memory_engines(model).items() if key in ("defaults", "SVI")}
     rows = []
-    for (label, make), seed in itertools.product(engines.items(), range(seeds)):
-        for done, params in params_along_run(make(1e-3), run_lengths, seed, x, y):
+    for lr, (label, make), seed in itertools.product((1e-2, 1e-3), engines.items(), range(seeds)):
+        for done, params in params_along_run(make(lr), run_lengths, seed, x, y):
             loc, scale = glmm_flat(params, glmm.sites)
             error, ratio = np.abs(loc - ref_loc) / ref_sd, scale / ref_sd
-            rows.append({"engine": label, "seed": seed, "updates": done,
+            rows.append({"lr": lr, "engine": label, "seed": seed, "updates": done,
                          "globals mean error (sd)": np.round(error[:g], 3).tolist(),
                          "globals sd ratio": np.round(ratio[:g], 3).tolist(),
                          "locals max mean error (sd)": float(error[g:].max()),
@@ -649,7 +650,7 @@ def main() -> None:
     parser.add_argument("--lowrank", action="store_true", help="only AutoLowRankMultivariateNormal's fits")
     parser.add_argument("--locals", action="store_true", help="only the models with local latents")
     parser.add_argument(
-        "--run-length", action="store_true", help="only the GLMMs at Adam(1e-3), over run lengths"
+        "--run-length", action="store_true", help="only the local-latent models over run lengths"
     )
     args = parser.parse_args()
     if args.run_length:
