@@ -11,6 +11,9 @@ the defaults (docs/minibatch.md section 18). With the correction, measured: 0.10
 optimum sds (0.012-0.016 marginal sds), every latent within 0.12-0.19 marginal sds
 (section 19).
 
+Without the correction the crawl ends by itself at the length SVI needs at this rate
+(24,000 updates; section 20), checked there too (slow).
+
 Tolerance: the mission's band, means within 0.2 posterior sd, on ``mu`` (the coarse
 direction), which the crawl misses three to six times over. The locals' errors sit at
 the mini-batch noise floor of the averaged iterates (0.2-0.27 optimum sds at Adam(1e-2)
