@@ -532,8 +532,9 @@ def params_along_run(
 def crossed_run_length_fits(run_lengths: tuple[int, ...], seeds: int) -> list[dict]:
     """Crossed effects (docs/minibatch.md section 16) at the user's Adam(1e-2) and
     Adam(1e-3): the defaults and SVI (``Trace_ELBO(4)``) after each of ``run_lengths``
-    updates of one run; ``mu``'s and the largest mean error in the best diagonal Gaussian's sds and in the
-    exact posterior's marginal sds (the mission's unit), the sds over the optimum's."""
+    updates of one run; ``mu``'s and the largest mean error in the best diagonal
+    Gaussian's sds and in the exact posterior's marginal sds (the mission's unit), the sds
+    over the optimum's."""
     y, mean, sd = crossed_effects(CROSSED_ROWS, CROSSED_COLS)
     marginal = crossed_effects_marginal_sds(CROSSED_ROWS, CROSSED_COLS)
     engines = memory_engines(crossed_effects_plates_model(CROSSED_ROWS, CROSSED_COLS, CROSSED_BATCH))
@@ -560,11 +561,9 @@ def run_length_fits(
 ) -> dict:
     """A logistic GLMM at the user's Adam(1e-2) and Adam(1e-3): the defaults and SVI
     (``Trace_ELBO(4)``, the same score calls per update) after each of ``run_lengths``
-    updates of one run,
-    against the exact-score reference with antithetic pairs and averaged iterates (both
-    GLMMs; the defaults' own exact-score fit wanders 0.2 sds along the intercept model's
-    ``tau``): per global, mean error in the reference's sds and sd over the reference's,
-    and over the locals."""
+    updates of one run, against the exact-score reference with :data:`STEADY_REFERENCE`
+    (both GLMMs; the defaults' own exact-score fit wanders 0.2 sds along the intercept
+    model's ``tau``): :func:`glmm_errors`."""
     x, y = (jnp.asarray(part) for part in glmm.data)
     (ref_loc, ref_sd), out = glmm_reference(glmm, reference_steps, STEADY_REFERENCE)
     model = glmm.make(GLMM_GROUPS, GLMM_BATCH)
