@@ -67,6 +67,7 @@ from psvi.coarse import (
     coarse_layout,
     coarse_move,
     coarse_newton_step,
+    empty_coarse_statistics,
     fold_coarse_statistics,
     resolve_coarse,
 )
@@ -474,12 +475,9 @@ class ProximalScoreVI(ScoreEngine):
                 window = LossWindow(start[2], jnp.zeros((), loc.dtype))
         coarse = None
         if self.coarse_layout is not None:
-            size = (self.coarse_layout.num_globals, 2 * self.coarse_layout.num_slots)
-            dtype = zeros.dtype
-            coarse = CoarseStatistics(
-                jnp.zeros(size[0], dtype), jnp.zeros(size[1], dtype), jnp.zeros(size[0], dtype),
-                jnp.zeros(size, dtype), jnp.zeros(size[1:] * 2, dtype), jnp.zeros((), jnp.int32),
-            )  # fmt: skip
+            coarse = empty_coarse_statistics(
+                lambda shape: jnp.zeros(shape, zeros.dtype), self.coarse_layout, jnp.zeros((), jnp.int32)
+            )
         averages = RunningAverages(
             curvature, updates, params, jnp.zeros((), jnp.int32), trust, window, coarse
         )

@@ -114,6 +114,19 @@ class CoarseStatistics(NamedTuple):
     updates: Any
 
 
+def empty_coarse_statistics(
+    zeros: Callable[[tuple[int, ...]], Any], layout: Any, updates: Any
+) -> CoarseStatistics:
+    """:class:`CoarseStatistics` of ``layout``'s coarse space before any update: every
+    average ``zeros(shape)`` (the backend's zeros in its dtype and device), the count
+    ``updates`` (a zero of the backend's counter type)."""
+    num_globals, num_directions = layout.num_globals, 2 * layout.num_slots
+    return CoarseStatistics(
+        zeros((num_globals,)), zeros((num_directions,)), zeros((num_globals,)),
+        zeros((num_globals, num_directions)), zeros((num_directions, num_directions)), updates,
+    )  # fmt: skip
+
+
 class CoarseStep(NamedTuple):
     """A step's coefficients along the coarse directions: ``globals`` ``(G,)`` and
     ``slots`` ``(2 n,)`` (each slot's shift, then each slot's dilation)."""

@@ -43,6 +43,7 @@ from psvi.coarse import (
     coarse_layout,
     coarse_move,
     coarse_newton_step,
+    empty_coarse_statistics,
     fold_coarse_statistics,
     resolve_coarse,
 )
@@ -762,14 +763,10 @@ class ProximalScoreVI(ScoreEngine):
 
     def _fresh_coarse(self, device: torch.device) -> CoarseStatistics | None:
         """Empty :class:`~psvi.coarse.CoarseStatistics` with the coarse correction, else ``None``."""
-        layout = self.coarse_layout
-        if layout is None:
+        if self.coarse_layout is None:
             return None
-        size = (layout.num_globals, 2 * layout.num_slots)
         zeros = partial(torch.zeros, device=device)
-        return CoarseStatistics(
-            zeros(size[0]), zeros(size[1]), zeros(size[0]), zeros(size), zeros(size[1:] * 2), zeros(())
-        )
+        return empty_coarse_statistics(zeros, self.coarse_layout, zeros(()))
 
     def _fresh_window(self, device: torch.device) -> LossWindow | None:
         """An empty :class:`~psvi.schedules.LossWindow` for the closed-form step with iterate
